@@ -1,0 +1,47 @@
+#include "fedng/blas.h"
+#include "fedng/dispatch.h"
+#include "fedng/ops.h"
+#include "fedng/parallel.h"
+
+namespace fedng::cpu {
+
+void kron_accumulate(DType dt, const Ptrs& factors, const Ptrs& inputs, const Sizes& n,
+                     const Sizes& k, double decay, const std::vector<double>& scale, int nthreads) {
+  const char* op = "kron_accumulate";
+  const std::size_t count = factors.size();
+  check_count(op, "inputs", inputs.size(), count);
+  check_count(op, "n", n.size(), count);
+  check_count(op, "k", k.size(), count);
+  check_count(op, "scale", scale.size(), count);
+  check_sizes(op, "n", n);
+  check_sizes(op, "k", k);
+  std::vector<double> cost(count);
+  Sizes fnumel(count), xnumel(count);
+  for (std::size_t i = 0; i < count; ++i) {
+    cost[i] = static_cast<double>(n[i]) * n[i] * (k[i] + 1);
+    fnumel[i] = n[i] * n[i];
+    xnumel[i] = n[i] * k[i];
+    blas_int(op, fnumel[i]);
+    blas_int(op, xnumel[i]);
+  }
+  check_ptrs(op, "factors", factors, fnumel);
+  check_ptrs(op, "inputs", inputs, xnumel);
+  dispatch_float(dt, [&](auto zero) {
+    using T = decltype(zero);
+    run_ragged(cost, nthreads, [&](std::int64_t i) {
+      const int ni = static_cast<int>(n[i]), ki = static_cast<int>(k[i]);
+      if (ni == 0) return;
+      T* f = as<T>(factors[i]);
+      if (ki == 0) {
+        for (std::int64_t e = 0; e < fnumel[i]; ++e) f[e] = static_cast<T>(decay) * f[e];
+        return;
+      }
+      // SYRK writes the upper triangle (half the flops of GEMM); the lower one is mirrored.
+      blas::syrk_upper_ata(ni, ki, static_cast<T>(scale[i]), as<const T>(inputs[i]),
+                           static_cast<T>(decay), f);
+      mirror_upper_to_lower(f, ni);
+    });
+  });
+}
+
+}  // namespace fedng::cpu

@@ -1,0 +1,38 @@
+// Dtype dispatch and small helpers shared by the CPU kernels.
+#pragma once
+#include <cstdint>
+#include <utility>
+
+#include "fedng/errors.h"
+#include "fedng/tensor_ref.h"
+
+namespace fedng {
+
+// Calls f(T{}) with T = float or double according to the dtype code.
+template <class F>
+decltype(auto) dispatch_float(DType dt, F&& f) {
+  if (dt == DType::Float64) return std::forward<F>(f)(double{});
+  return std::forward<F>(f)(float{});
+}
+
+// Copies the upper triangle of a row-major n x n matrix onto its lower triangle.
+template <class T>
+void mirror_upper_to_lower(T* a, std::int64_t n) {
+  for (std::int64_t i = 1; i < n; ++i)
+    for (std::int64_t j = 0; j < i; ++j) a[i * n + j] = a[j * n + i];
+}
+
+// Copies the lower triangle onto the upper one.
+template <class T>
+void mirror_lower_to_upper(T* a, std::int64_t n) {
+  for (std::int64_t i = 1; i < n; ++i)
+    for (std::int64_t j = 0; j < i; ++j) a[j * n + i] = a[i * n + j];
+}
+
+// BLAS takes 32-bit sizes (scipy-openblas32): refuse what would overflow them.
+inline int blas_int(const char* op, std::int64_t v) {
+  if (v > 0x7fffffffLL) fail(op, "a dimension exceeds the 32-bit BLAS limit");
+  return static_cast<int>(v);
+}
+
+}  // namespace fedng

@@ -1,0 +1,21 @@
+"""Loads the native extension and decides how many threads a call may use."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+# Importing scipy_openblas32 first loads libscipy_openblas with RTLD_GLOBAL, so the extension
+# resolves it even when installed somewhere its RPATH does not point to.
+importlib.import_module("scipy_openblas32")
+
+from fedng import _C  # noqa: E402
+
+native: ModuleType = _C
+
+
+def num_threads() -> int:
+    """Threads a native call may use: exactly what torch is told to use (no oversubscription)."""
+    return max(1, torch.get_num_threads())

@@ -1,0 +1,15 @@
+"""Exceptions raised by fedng."""
+
+from __future__ import annotations
+
+
+class FedngError(Exception):
+    """Base class of every fedng-specific error."""
+
+
+class BackendUnavailable(FedngError, RuntimeError):
+    """The requested device has no compiled kernels in this build (e.g. CUDA on a CPU-only wheel)."""
+
+
+class NumericalError(FedngError, ArithmeticError):
+    """A numerical operation failed and the caller asked for an exception instead of a status."""

@@ -1,0 +1,124 @@
+"""Input validation shared by every op in `fedng.ops`.
+
+Every message names the op, the argument, what was expected and what was got, so a user can fix
+the call without reading the source. Nothing here takes a pointer: validation happens first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fedng.errors import BackendUnavailable
+
+FLOAT_DTYPES: dict[torch.dtype, int] = {torch.float32: 0, torch.float64: 1}
+"""Dtypes the native kernels accept, mapped to the code `fedng._C` expects."""
+
+
+def tensor_list(op: str, name: str, value: object, length: int | None = None) -> list[torch.Tensor]:
+    """Checks that `value` is a sequence of tensors (of `length` items, if given)."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+        raise TypeError(
+            f"{op}: '{name}' must be a list of tensors, got {type(value).__name__}"
+        )
+    items = list(value)
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: '{name}[{i}]' must be a torch.Tensor, got {type(t).__name__}")
+    if length is not None and len(items) != length:
+        raise ValueError(
+            f"{op}: '{name}' must have {length} tensors (one per matrix), got {len(items)}"
+        )
+    return items
+
+
+def dtype_code(op: str, groups: dict[str, list[torch.Tensor]]) -> int:
+    """Checks that all tensors share one float32/float64 dtype, lives on the CPU and is contiguous.
+
+    Returns:
+        The dtype code for `fedng._C` (0 = float32, 1 = float64).
+    """
+    dtype: torch.dtype | None = None
+    first = ""
+    for name, items in groups.items():
+        for i, t in enumerate(items):
+            where = f"'{name}[{i}]'"
+            if t.device.type != "cpu":
+                raise BackendUnavailable(
+                    f"{op}: {where} is on {t.device}, but this build of fedng has CPU kernels only;"
+                    " move the tensors to the CPU or install a CUDA build of fedng"
+                )
+            if t.dtype not in FLOAT_DTYPES:
+                raise TypeError(
+                    f"{op}: {where} must be float32 or float64, got {t.dtype}"
+                )
+            if dtype is None:
+                dtype, first = t.dtype, where
+            elif t.dtype != dtype:
+                raise TypeError(
+                    f"{op}: all tensors must share one dtype; {first} is {dtype} but {where} is"
+                    f" {t.dtype}"
+                )
+            if not t.is_contiguous():
+                raise ValueError(
+                    f"{op}: {where} must be contiguous (row-major), got strides {t.stride()}"
+                    f" for shape {tuple(t.shape)}; call .contiguous() first"
+                )
+    return FLOAT_DTYPES[dtype] if dtype is not None else 0
+
+
+def shape(op: str, name: str, i: int, t: torch.Tensor, expected: tuple[int | None, ...]) -> None:
+    """Checks `t.shape` against `expected`, where None matches any size."""
+    ok = t.dim() == len(expected) and all(
+        e is None or e == s for e, s in zip(expected, t.shape, strict=True)
+    )
+    if not ok:
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{op}: '{name}[{i}]' must have shape {want}, got {list(t.shape)}")
+
+
+def per_item(op: str, name: str, value: float | Sequence[float], n: int, *, positive: bool = False,
+             nonnegative: bool = False) -> list[float]:
+    """Broadcasts a scalar or checks a per-matrix sequence of finite floats."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().double().reshape(-1).tolist() if value.dim() else value.item()
+    if isinstance(value, (int, float)):
+        values = [float(value)] * n
+    elif isinstance(value, Sequence):
+        values = [float(v) for v in value]
+        if len(values) != n:
+            raise ValueError(f"{op}: '{name}' must be a scalar or have {n} values, got {len(values)}")
+    else:
+        raise TypeError(f"{op}: '{name}' must be a float or a list of floats, got {type(value).__name__}")
+    for v in values:
+        if not math.isfinite(v):
+            raise ValueError(f"{op}: '{name}' must be finite, got {v}")
+        if positive and v <= 0:
+            raise ValueError(f"{op}: '{name}' must be > 0, got {v}")
+        if nonnegative and v < 0:
+            raise ValueError(f"{op}: '{name}' must be >= 0, got {v}")
+    return values
+
+
+def finite_scalar(op: str, name: str, value: float) -> float:
+    """Checks a finite float scalar."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: '{name}' must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: '{name}' must be finite, got {value}")
+    return float(value)
+
+
+def ptrs(items: list[torch.Tensor]) -> list[int]:
+    """Raw data pointers, taken only after validation."""
+    return [t.data_ptr() for t in items]
+
+
+def no_alias(op: str, a_name: str, a: list[torch.Tensor], b_name: str, b: list[torch.Tensor]) -> None:
+    """Outputs written in place must not share memory with read-only inputs."""
+    written = {t.data_ptr() for t in a if t.numel()}
+    for i, t in enumerate(b):
+        if t.numel() and t.data_ptr() in written:
+            raise ValueError(f"{op}: '{b_name}[{i}]' shares memory with '{a_name}', which is written in place")

@@ -1,0 +1,102 @@
+"""`damped_cholesky_inverse`: `(M_i + lambda_i I)^-1` for a ragged list, with per-matrix status."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import torch
+
+from fedng import _backend
+from fedng.errors import NumericalError
+from fedng.ops import _validate as v
+
+OP = "damped_cholesky_inverse"
+
+
+class CholeskyStatus(enum.IntEnum):
+    """Outcome of one matrix's inversion."""
+
+    OK = 0
+    """Inverted with the requested damping."""
+    JITTER = 1
+    """Not positive definite at the requested damping; inverted after escalating it."""
+    FAILED = 2
+    """NaN/Inf input, or not positive definite even after every escalation: output is NaN."""
+
+
+class DampedInverse(NamedTuple):
+    """Result of `damped_cholesky_inverse`.
+
+    Attributes:
+        inverses: N tensors, `inverses[i]` of shape [n_i, n_i], exactly symmetric.
+        status: int8 tensor [N] of `CholeskyStatus` codes.
+        damping: float64 tensor [N], the damping actually used (NaN where status is FAILED).
+    """
+
+    inverses: list[torch.Tensor]
+    status: torch.Tensor
+    damping: torch.Tensor
+
+
+def damped_cholesky_inverse(
+    mats: Sequence[torch.Tensor],
+    damping: float | Sequence[float],
+    *,
+    max_tries: int = 6,
+    jitter_factor: float = 10.0,
+    errors: Literal["status", "raise"] = "status",
+) -> DampedInverse:
+    """Inverts damped symmetric positive-definite matrices via Cholesky.
+
+    For each matrix, `(M_i + lambda_i I)` is factorized; if it is not positive definite (or float32
+    loses it), the float32 attempt is retried in float64, then the damping is multiplied by
+    `jitter_factor` up to `max_tries - 1` times. Inputs with NaN/Inf are reported as FAILED and
+    their outputs filled with NaN: a NaN in the output always comes with status FAILED.
+
+    Only the lower triangle of each input is read (the matrix is taken as symmetric).
+
+    Args:
+        mats: N tensors, `mats[i]` of shape [n_i, n_i]; not modified.
+        damping: lambda >= 0, one float or one per matrix. With lambda = 0 the first escalation
+            starts at 1e-6 x mean(diag).
+        max_tries: total damping levels tried per matrix (>= 1).
+        jitter_factor: growth of lambda between tries (> 1).
+        errors: "status" reports failures in `status`; "raise" raises `NumericalError` if any
+            matrix failed.
+
+    Returns:
+        `DampedInverse(inverses, status, damping)`.
+    """
+    ms = v.tensor_list(OP, "mats", mats)
+    lambdas = v.per_item(OP, "damping", damping, len(ms), nonnegative=True)
+    if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
+        raise ValueError(f"{OP}: 'max_tries' must be an int >= 1, got {max_tries!r}")
+    jitter_factor = v.finite_scalar(OP, "jitter_factor", jitter_factor)
+    if jitter_factor <= 1.0:
+        raise ValueError(f"{OP}: 'jitter_factor' must be > 1, got {jitter_factor}")
+    if errors not in ("status", "raise"):
+        raise ValueError(f"{OP}: 'errors' must be 'status' or 'raise', got {errors!r}")
+    status = torch.zeros(len(ms), dtype=torch.int8)
+    used = torch.zeros(len(ms), dtype=torch.float64)
+    if not ms:
+        return DampedInverse([], status, used)
+    code = v.dtype_code(OP, {"mats": ms})
+    for i, m in enumerate(ms):
+        v.shape(OP, "mats", i, m, (None, None))
+        if m.shape[0] != m.shape[1]:
+            raise ValueError(f"{OP}: 'mats[{i}]' must be square, got {list(m.shape)}")
+    outs = [torch.empty_like(m) for m in ms]
+    _backend.native.damped_cholesky_inverse(
+        code, v.ptrs(ms), v.ptrs(outs), [m.shape[0] for m in ms], lambdas, max_tries,
+        jitter_factor, status.data_ptr(), used.data_ptr(), _backend.num_threads(),
+    )
+    if errors == "raise":
+        failed = (status == CholeskyStatus.FAILED).nonzero().flatten().tolist()
+        if failed:
+            raise NumericalError(
+                f"{OP}: {len(failed)} of {len(ms)} matrices are not positive definite or not finite"
+                f" (indices {failed[:10]}{'...' if len(failed) > 10 else ''})"
+            )
+    return DampedInverse(outs, status, used)

@@ -1,0 +1,45 @@
+"""`gaussian_sketch_matrix`: the shared-seed Gaussian test matrix Omega, reproducible anywhere."""
+
+from __future__ import annotations
+
+import torch
+
+from fedng import _backend
+from fedng.ops import _validate as v
+
+OP = "gaussian_sketch_matrix"
+_U64 = 1 << 64
+
+
+def gaussian_sketch_matrix(
+    d: int, r: int, seed: int, stream_id: int = 0, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Standard normal matrix from a counter-based RNG (Philox-4x32-10 + inverse normal CDF).
+
+    Entry (i, j) depends only on (seed, stream_id, i, j): the same bits on every call, process,
+    thread count and machine, so clients that share a seed build the same Omega without sending
+    it, and the leading columns do not change when r grows.
+
+    Args:
+        d: rows (>= 0).
+        r: columns (>= 0).
+        seed: 64-bit seed shared by all clients.
+        stream_id: 64-bit stream (e.g. the layer index), so layers get independent matrices.
+        dtype: float32 or float64.
+
+    Returns:
+        Tensor [d, r].
+    """
+    for name, val in (("d", d), ("r", r)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 0:
+            raise ValueError(f"{OP}: '{name}' must be an int >= 0, got {val!r}")
+    for name, val in (("seed", seed), ("stream_id", stream_id)):
+        if isinstance(val, bool) or not isinstance(val, int) or not 0 <= val < _U64:
+            raise ValueError(f"{OP}: '{name}' must be an int in [0, 2**64), got {val!r}")
+    if dtype not in v.FLOAT_DTYPES:
+        raise TypeError(f"{OP}: 'dtype' must be torch.float32 or torch.float64, got {dtype}")
+    out = torch.empty((d, r), dtype=dtype)
+    if out.numel():
+        _backend.native.gaussian_sketch_matrix(
+            v.FLOAT_DTYPES[dtype], out.data_ptr(), d, r, seed, stream_id, _backend.num_threads())
+    return out

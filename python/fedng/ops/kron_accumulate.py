@@ -1,0 +1,50 @@
+"""`kron_accumulate`: the K-FAC factor update `F_i <- decay*F_i + scale_i * X_i^T X_i`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedng import _backend
+from fedng.ops import _validate as v
+
+OP = "kron_accumulate"
+
+
+def kron_accumulate(
+    factors: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    decay: float = 1.0,
+    scale: float | Sequence[float] = 1.0,
+) -> list[torch.Tensor]:
+    """Accumulates Kronecker factors in place, one SYRK per matrix, all matrices in one call.
+
+    `F_i <- decay * F_i + scale_i * X_i^T X_i` with the exponential moving average fused. Only half
+    the product is computed (SYRK) and mirrored, so the result is exactly symmetric.
+
+    Args:
+        factors: N symmetric tensors, `factors[i]` of shape [n_i, n_i]; updated in place.
+        inputs: N tensors, `inputs[i]` of shape [k_i, n_i] (rows are samples; k_i may be 0).
+        decay: multiplies the old factor (1.0 = plain sum, 0.0 = overwrite).
+        scale: a float, or one float per matrix (e.g. 1 / k_i for a mean).
+
+    Returns:
+        `factors`, updated in place.
+    """
+    fs = v.tensor_list(OP, "factors", factors)
+    xs = v.tensor_list(OP, "inputs", inputs, length=len(fs))
+    decay = v.finite_scalar(OP, "decay", decay)
+    scales = v.per_item(OP, "scale", scale, len(fs))
+    if not fs:
+        return fs
+    code = v.dtype_code(OP, {"factors": fs, "inputs": xs})
+    for i, (f, x) in enumerate(zip(fs, xs, strict=True)):
+        v.shape(OP, "inputs", i, x, (None, None))
+        v.shape(OP, "factors", i, f, (x.shape[1], x.shape[1]))
+    v.no_alias(OP, "factors", fs, "inputs", xs)
+    _backend.native.kron_accumulate(
+        code, v.ptrs(fs), v.ptrs(xs), [x.shape[1] for x in xs], [x.shape[0] for x in xs],
+        decay, scales, _backend.num_threads(),
+    )
+    return fs
