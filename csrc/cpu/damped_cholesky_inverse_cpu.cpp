@@ -1,5 +1,9 @@
-// Damped SPD inversion: Cholesky, then the inverse from the factor. Small matrices use an
-// in-cache kernel (LAPACK's call overhead dominates below ~100); larger ones potrf + potri.
+// Damped SPD inversion. Small matrices: an in-cache vectorized kernel (small_spd_inverse.cpp;
+// LAPACK's per-call overhead dominates below ~64). Larger: recursive block inversion by Schur
+// complements, which puts all O(n^3) work in GEMM/GEMMT (LAPACK's potri runs at half of GEMM
+// speed below n ~ 512): inv([A B^T; B C]) with W = B A^-1, S = C - W B^T,
+//   [A^-1 + W^T S^-1 W,  -(S^-1 W)^T;  -S^-1 W,  S^-1],  n^3 flops in all, like potrf + potri.
+// For SPD input every Schur complement is SPD, so a failed base-case Cholesky means "not PD".
 // Failures escalate: float32 -> float64 at the same damping -> damping x jitter_factor.
 #include <cmath>
 #include <limits>
@@ -9,89 +13,70 @@
 #include "fedng/dispatch.h"
 #include "fedng/ops.h"
 #include "fedng/parallel.h"
+#include "fedng/small_spd_inverse.h"
 
 namespace fedng::cpu {
 namespace {
 
-constexpr std::int64_t kSmallKernelMax = 96;
+constexpr int kBaseCase = 64;
 
-// In place on a row-major n x n buffer holding A (lower triangle used): A^-1, full and
-// symmetric. Returns false if A is not numerically positive definite.
+// Copies the lower triangle of a diagonal block onto its upper triangle.
 template <class T>
-bool small_spd_inverse(T* a, std::int64_t n) {
-  // Cholesky A = L L^T, row by row (L in the lower triangle).
-  for (std::int64_t i = 0; i < n; ++i) {
-    T* li = a + i * n;
-    for (std::int64_t j = 0; j <= i; ++j) {
-      const T* lj = a + j * n;
-      T s = li[j];
-#pragma omp simd reduction(- : s)
-      for (std::int64_t p = 0; p < j; ++p) s -= li[p] * lj[p];
-      if (j < i) {
-        li[j] = s / lj[j];
-      } else {
-        if (!(s > T(0)) || !std::isfinite(s)) return false;
-        li[i] = std::sqrt(s);
-      }
-    }
-  }
-  // X = L^-1 (lower), row i: X[i,:] = (e_i - sum_{p<i} L[i,p] X[p,:]) / L[i,i], in the upper
-  // triangle's storage transposed: keep X in a separate scratch to avoid aliasing L.
-  thread_local std::vector<T> xbuf;
-  xbuf.assign(static_cast<std::size_t>(n * n), T(0));
-  T* x = xbuf.data();
-  for (std::int64_t i = 0; i < n; ++i) {
-    const T* li = a + i * n;
-    T* xi = x + i * n;
-    for (std::int64_t p = 0; p < i; ++p) {
-      const T c = li[p];
-      const T* xp = x + p * n;
-#pragma omp simd
-      for (std::int64_t q = 0; q <= p; ++q) xi[q] -= c * xp[q];
-    }
-    const T inv = T(1) / li[i];
-#pragma omp simd
-    for (std::int64_t q = 0; q < i; ++q) xi[q] *= inv;
-    xi[i] = inv;
-  }
-  // A^-1 = X^T X: accumulate rank-1 updates row by row into the lower triangle.
-  for (std::int64_t i = 0; i < n * n; ++i) a[i] = T(0);
-  for (std::int64_t p = 0; p < n; ++p) {
-    const T* xp = x + p * n;
-    for (std::int64_t r = 0; r <= p; ++r) {
-      const T c = xp[r];
-      T* ar = a + r * n;
-#pragma omp simd
-      for (std::int64_t q = 0; q <= r; ++q) ar[q] += c * xp[q];
-    }
-  }
-  mirror_lower_to_upper(a, n);
+void mirror_block(T* a, int n, int lda) {
+  for (int i = 1; i < n; ++i)
+    for (int j = 0; j < i; ++j)
+      a[static_cast<std::int64_t>(j) * lda + i] = a[static_cast<std::int64_t>(i) * lda + j];
+}
+
+// Recursive Schur-complement inverse; only lower triangles are read and written.
+// `scratch` holds at least n*n/2 elements for this level and the ones below it.
+template <class T>
+bool spd_inverse_lower(T* a, int n, int lda, T* scratch) {
+  if (n <= kBaseCase) return small_spd_inverse(a, lda, a, lda, n, T(0), false);
+  const int n1 = ((n / 2) + 7) / 8 * 8;  // keep the leading block a multiple of 8 wide
+  const int n2 = n - n1;
+  T* a11 = a;
+  T* a21 = a + static_cast<std::int64_t>(n1) * lda;  // B [n2, n1]
+  T* a22 = a21 + n1;                                 // C [n2, n2]
+  T* w = scratch;                                    // W = B A^-1 [n2, n1]
+  T* deeper = scratch + static_cast<std::int64_t>(n2) * n1;
+  if (!spd_inverse_lower(a11, n1, lda, deeper)) return false;
+  mirror_block(a11, n1, lda);
+  blas::gemm(false, false, n2, n1, n1, T(1), a21, lda, a11, lda, T(0), w, n1);
+  blas::gemmt_lower(false, true, n2, n1, T(-1), w, n1, a21, lda, T(1), a22, lda);  // S
+  if (!spd_inverse_lower(a22, n2, lda, deeper)) return false;
+  mirror_block(a22, n2, lda);
+  blas::gemm(false, false, n2, n1, n2, T(-1), a22, lda, w, n1, T(0), a21, lda);  // -S^-1 W
+  blas::gemmt_lower(true, false, n1, n2, T(-1), w, n1, a21, lda, T(1), a11, lda);
   return true;
 }
 
+// True when every element of the lower triangle is finite (x * 0 is NaN exactly otherwise).
 template <class T>
-bool all_finite(const T* a, std::int64_t count) {
-  for (std::int64_t i = 0; i < count; ++i)
-    if (!std::isfinite(a[i])) return false;
-  return true;
+bool lower_finite(const T* a, std::int64_t n) {
+  T acc = T(0);
+  for (std::int64_t i = 0; i < n; ++i) {
+    const T* ai = a + i * n;
+#pragma omp simd reduction(+ : acc)
+    for (std::int64_t j = 0; j <= i; ++j) acc += ai[j] * T(0);
+  }
+  return acc == T(0);
 }
 
 // out <- (sym(in) + lambda I)^-1 in precision T; false if not positive definite or not finite.
 template <class T>
 bool try_invert(const T* in, T* out, std::int64_t n, double lambda) {
+  const int ni = static_cast<int>(n);
+  if (n <= kBaseCase) return small_spd_inverse(in, ni, out, ni, ni, static_cast<T>(lambda), true);
   const std::int64_t nn = n * n;
   for (std::int64_t i = 0; i < nn; ++i) out[i] = in[i];
   for (std::int64_t i = 0; i < n; ++i) out[i * n + i] = static_cast<T>(in[i * n + i] + lambda);
-  if (n <= kSmallKernelMax) {
-    if (!small_spd_inverse(out, n)) return false;
-  } else {
-    // Row-major lower == column-major upper.
-    const int ni = static_cast<int>(n);
-    if (blas::potrf_upper(ni, out) != 0) return false;
-    if (blas::potri_upper(ni, out) != 0) return false;
-    mirror_lower_to_upper(out, n);
-  }
-  return all_finite(out, nn);
+  thread_local std::vector<T> scratch;
+  scratch.resize(static_cast<std::size_t>(nn / 2 + n + 8));
+  if (!spd_inverse_lower(out, ni, ni, scratch.data())) return false;
+  if (!lower_finite(out, n)) return false;
+  mirror_lower_to_upper(out, n);
+  return true;
 }
 
 // The float32 path retries in float64 before escalating the damping.
@@ -105,23 +90,22 @@ bool try_invert_with_retry(const T* in, T* out, std::int64_t n, double lambda) {
     dout.resize(nn);
     if (!try_invert(din.data(), dout.data(), n, lambda)) return false;
     for (std::size_t i = 0; i < nn; ++i) out[i] = static_cast<float>(dout[i]);
-    return all_finite(out, static_cast<std::int64_t>(nn));
+    return lower_finite(out, n);  // finite in float64 may still overflow float32
   }
   return false;
 }
 
 template <class T>
+double mean_abs_diag(const T* a, std::int64_t n) {
+  double sum = 0.0;
+  for (std::int64_t i = 0; i < n; ++i) sum += std::fabs(static_cast<double>(a[i * n + i]));
+  return n && sum > 0.0 ? sum / n : 1.0;
+}
+
+template <class T>
 std::int8_t invert_one(const T* in, T* out, std::int64_t n, double lambda, int max_tries,
                        double jitter, double* used) {
-  const std::int64_t nn = n * n;
-  bool finite = true;
-  double mean_diag = 0.0;
-  for (std::int64_t i = 0; i < n && finite; ++i) {
-    for (std::int64_t j = 0; j <= i; ++j) finite = finite && std::isfinite(in[i * n + j]);
-    mean_diag += std::fabs(static_cast<double>(in[i * n + i]));
-  }
-  if (finite) {
-    mean_diag = n ? mean_diag / n : 0.0;
+  if (lower_finite(in, n)) {
     double lam = lambda;
     for (int t = 0; t < max_tries; ++t) {
       if (try_invert_with_retry(in, out, n, lam)) {
@@ -129,9 +113,10 @@ std::int8_t invert_one(const T* in, T* out, std::int64_t n, double lambda, int m
         return t == 0 ? 0 : 1;
       }
       // Zero damping escalates from a scale-aware jitter instead of staying at zero.
-      lam = lam > 0.0 ? lam * jitter : 1e-6 * (mean_diag > 0.0 ? mean_diag : 1.0);
+      lam = lam > 0.0 ? lam * jitter : 1e-6 * mean_abs_diag(in, n);
     }
   }
+  const std::int64_t nn = n * n;
   const T nan = std::numeric_limits<T>::quiet_NaN();
   for (std::int64_t i = 0; i < nn; ++i) out[i] = nan;
   *used = std::numeric_limits<double>::quiet_NaN();

@@ -8,7 +8,7 @@ class FedngError(Exception):
 
 
 class BackendUnavailable(FedngError, RuntimeError):
-    """The requested device has no compiled kernels in this build (e.g. CUDA on a CPU-only wheel)."""
+    """The requested device has no kernels in this build (e.g. CUDA tensors on a CPU-only wheel)."""
 
 
 class NumericalError(FedngError, ArithmeticError):

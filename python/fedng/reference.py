@@ -28,15 +28,20 @@ def symmetric_from_lower(m: torch.Tensor) -> torch.Tensor:
     return low + torch.tril(low, -1).T
 
 
-def kron_accumulate_ref(factors: Tensors, inputs: Tensors, decay: float = 1.0,
-                        scale: float | Sequence[float] = 1.0) -> list[torch.Tensor]:
+def kron_accumulate_ref(
+    factors: Tensors, inputs: Tensors, decay: float = 1.0, scale: float | Sequence[float] = 1.0
+) -> list[torch.Tensor]:
     """`decay * F_i + scale_i * X_i^T X_i` for F_i [n, n], X_i [k, n]."""
     s = _scales(scale, len(factors))
-    return [decay * _f64(f) + s[i] * _f64(x).T @ _f64(x) for i, (f, x) in
-            enumerate(zip(factors, inputs, strict=True))]
+    return [
+        decay * _f64(f) + s[i] * _f64(x).T @ _f64(x)
+        for i, (f, x) in enumerate(zip(factors, inputs, strict=True))
+    ]
 
 
-def damped_cholesky_inverse_ref(mats: Tensors, damping: float | Sequence[float]) -> list[torch.Tensor]:
+def damped_cholesky_inverse_ref(
+    mats: Tensors, damping: float | Sequence[float]
+) -> list[torch.Tensor]:
     """`(M_i + lambda_i I)^-1` for the symmetric M_i [n, n] read from its lower triangle."""
     lam = _scales(damping, len(mats))
     out = []
@@ -46,9 +51,14 @@ def damped_cholesky_inverse_ref(mats: Tensors, damping: float | Sequence[float])
     return out
 
 
-def kron_precondition_ref(grads: Tensors | None, a_inv: Tensors, g_inv: Tensors, *,
-                          inputs: Tensors | None = None,
-                          output_grads: Tensors | None = None) -> list[torch.Tensor]:
+def kron_precondition_ref(
+    grads: Tensors | None,
+    a_inv: Tensors,
+    g_inv: Tensors,
+    *,
+    inputs: Tensors | None = None,
+    output_grads: Tensors | None = None,
+) -> list[torch.Tensor]:
     """`g_inv_i @ grads_i @ a_inv_i`, where `grads_i = output_grads_i^T inputs_i` if not given."""
     out = []
     for i, (a, g) in enumerate(zip(a_inv, g_inv, strict=True)):
@@ -62,17 +72,24 @@ def kron_precondition_ref(grads: Tensors | None, a_inv: Tensors, g_inv: Tensors,
     return out
 
 
-def sketch_accumulate_ref(sketches: Tensors, jacobians: Tensors, omegas: Tensors,
-                          decay: float = 1.0, scale: float | Sequence[float] = 1.0
-                          ) -> list[torch.Tensor]:
+def sketch_accumulate_ref(
+    sketches: Tensors,
+    jacobians: Tensors,
+    omegas: Tensors,
+    decay: float = 1.0,
+    scale: float | Sequence[float] = 1.0,
+) -> list[torch.Tensor]:
     """`decay * Y_i + scale_i * (J_i^T J_i) Omega_i`, forming the Fisher explicitly."""
     s = _scales(scale, len(sketches))
-    return [decay * _f64(y) + s[i] * (_f64(j).T @ _f64(j)) @ _f64(om)
-            for i, (y, j, om) in enumerate(zip(sketches, jacobians, omegas, strict=True))]
+    return [
+        decay * _f64(y) + s[i] * (_f64(j).T @ _f64(j)) @ _f64(om)
+        for i, (y, j, om) in enumerate(zip(sketches, jacobians, omegas, strict=True))
+    ]
 
 
-def nystrom_ref(sketches: Tensors, omegas: Tensors, shift: float | Sequence[float] = 0.0
-                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def nystrom_ref(
+    sketches: Tensors, omegas: Tensors, shift: float | Sequence[float] = 0.0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Stable Nystrom in float64: returns (U [d, r], S [r]) per matrix, S decreasing.
 
     With shift 0 this is `Y (Omega^T Y)^-1 Y^T`, the Nystrom approximation of F.
@@ -89,14 +106,17 @@ def nystrom_ref(sketches: Tensors, omegas: Tensors, shift: float | Sequence[floa
     return out
 
 
-def lowrank_precondition_ref(U: Tensors, S: Tensors, damping: float | Sequence[float],
-                             V: Tensors) -> list[torch.Tensor]:
+def lowrank_precondition_ref(
+    U: Tensors, S: Tensors, damping: float | Sequence[float], V: Tensors
+) -> list[torch.Tensor]:
     """Solves `(U diag(S) U^T + lambda I) X = V` densely."""
     lam = _scales(damping, len(U))
     out = []
     for u, s, x, lam_i in zip(U, S, V, lam, strict=True):
         u64 = _f64(u)
-        dense = u64 @ torch.diag(_f64(s)) @ u64.T + lam_i * torch.eye(u.shape[0], dtype=torch.float64)
+        dense = u64 @ torch.diag(_f64(s)) @ u64.T + lam_i * torch.eye(
+            u.shape[0], dtype=torch.float64
+        )
         out.append(torch.linalg.solve(dense, _f64(x)))
     return out
 
@@ -148,24 +168,66 @@ def det_log_ref(x: torch.Tensor) -> torch.Tensor:
     return e * _LN2_HI + (e * _LN2_LO + 2.0 * s * series)
 
 
-_A = (3.3871328727963666080e0, 1.3314166789178437745e2, 1.9715909503065514427e3,
-      1.3731693765509461125e4, 4.5921953931549871457e4, 6.7265770927008700853e4,
-      3.3430575583588128105e4, 2.5090809287301226727e3)
-_B = (1.0, 4.2313330701600911252e1, 6.8718700749205790830e2, 5.3941960214247511077e3,
-      2.1213794301586595867e4, 3.9307895800092710610e4, 2.8729085735721942674e4,
-      5.2264952788528545610e3)
-_C = (1.42343711074968357734e0, 4.63033784615654529590e0, 5.76949722146069140550e0,
-      3.64784832476320460504e0, 1.27045825245236838258e0, 2.41780725177450611770e-1,
-      2.27238449892691845833e-2, 7.74545014278341407640e-4)
-_D = (1.0, 2.05319162663775882187e0, 1.67638483018380384940e0, 6.89767334985100004550e-1,
-      1.48103976427480074590e-1, 1.51986665636164571966e-2, 5.47593808499534494600e-4,
-      1.05075007164441684324e-9)
-_E = (6.65790464350110377720e0, 5.46378491116411436990e0, 1.78482653991729133580e0,
-      2.96560571828504891230e-1, 2.65321895265761230930e-2, 1.24266094738807843860e-3,
-      2.71155556874348757815e-5, 2.01033439929228813265e-7)
-_F = (1.0, 5.99832206555887937690e-1, 1.36929880922735805310e-1, 1.48753612908506148525e-2,
-      7.86869131145613259100e-4, 1.84631831751005468180e-5, 1.42151175831644588870e-7,
-      2.04426310338993978564e-15)
+_A = (
+    3.3871328727963666080e0,
+    1.3314166789178437745e2,
+    1.9715909503065514427e3,
+    1.3731693765509461125e4,
+    4.5921953931549871457e4,
+    6.7265770927008700853e4,
+    3.3430575583588128105e4,
+    2.5090809287301226727e3,
+)
+_B = (
+    1.0,
+    4.2313330701600911252e1,
+    6.8718700749205790830e2,
+    5.3941960214247511077e3,
+    2.1213794301586595867e4,
+    3.9307895800092710610e4,
+    2.8729085735721942674e4,
+    5.2264952788528545610e3,
+)
+_C = (
+    1.42343711074968357734e0,
+    4.63033784615654529590e0,
+    5.76949722146069140550e0,
+    3.64784832476320460504e0,
+    1.27045825245236838258e0,
+    2.41780725177450611770e-1,
+    2.27238449892691845833e-2,
+    7.74545014278341407640e-4,
+)
+_D = (
+    1.0,
+    2.05319162663775882187e0,
+    1.67638483018380384940e0,
+    6.89767334985100004550e-1,
+    1.48103976427480074590e-1,
+    1.51986665636164571966e-2,
+    5.47593808499534494600e-4,
+    1.05075007164441684324e-9,
+)
+_E = (
+    6.65790464350110377720e0,
+    5.46378491116411436990e0,
+    1.78482653991729133580e0,
+    2.96560571828504891230e-1,
+    2.65321895265761230930e-2,
+    1.24266094738807843860e-3,
+    2.71155556874348757815e-5,
+    2.01033439929228813265e-7,
+)
+_F = (
+    1.0,
+    5.99832206555887937690e-1,
+    1.36929880922735805310e-1,
+    1.48753612908506148525e-2,
+    7.86869131145613259100e-4,
+    1.84631831751005468180e-5,
+    1.42151175831644588870e-7,
+    2.04426310338993978564e-15,
+)
 
 
 def ndtri_ref(p: torch.Tensor) -> torch.Tensor:
@@ -187,8 +249,12 @@ def gaussian_sketch_matrix_ref(d: int, r: int, seed: int, stream_id: int = 0) ->
     """The exact float64 values of `fedng.ops.gaussian_sketch_matrix` (cast for float32)."""
     i = torch.arange(d, dtype=torch.int64).repeat_interleave(r)
     j = torch.arange(r, dtype=torch.int64).repeat(d)
-    c = [i & _MASK, j & _MASK, torch.full_like(i, stream_id & _MASK),
-         torch.full_like(i, (stream_id >> 32) & _MASK)]
+    c = [
+        i & _MASK,
+        j & _MASK,
+        torch.full_like(i, stream_id & _MASK),
+        torch.full_like(i, (stream_id >> 32) & _MASK),
+    ]
     w = philox4x32_ref(c, (seed & _MASK, (seed >> 32) & _MASK))
     bits52 = ((w[1] << 32) | w[0]) >> 12 & ((1 << 52) - 1)
     u = (bits52.to(torch.float64) + 0.5) * 2.0**-52

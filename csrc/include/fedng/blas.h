@@ -15,6 +15,10 @@ void scipy_cblas_sgemm(int, int, int, int, int, int, float, const float*, int, c
                        float, float*, int);
 void scipy_cblas_dgemm(int, int, int, int, int, int, double, const double*, int, const double*,
                        int, double, double*, int);
+void scipy_cblas_sgemmt(int, int, int, int, int, int, float, const float*, int, const float*, int,
+                        float, float*, int);
+void scipy_cblas_dgemmt(int, int, int, int, int, int, double, const double*, int, const double*,
+                        int, double, double*, int);
 void scipy_cblas_ssyrk(int, int, int, int, int, float, const float*, int, float, float*, int);
 void scipy_cblas_dsyrk(int, int, int, int, int, double, const double*, int, double, double*, int);
 void scipy_cblas_strsm(int, int, int, int, int, int, int, float, const float*, int, float*, int);
@@ -48,6 +52,17 @@ inline void gemm(bool ta, bool tb, int m, int n, int k, double alpha, const doub
                  const double* b, int ldb, double beta, double* c, int ldc) {
   scipy_cblas_dgemm(FedngRowMajor, ta ? FedngTrans : FedngNoTrans, tb ? FedngTrans : FedngNoTrans,
                     m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+// Row-major lower triangle of C [n, n] = alpha * op(A) op(B) + beta * C (inner dimension k).
+inline void gemmt_lower(bool ta, bool tb, int n, int k, float alpha, const float* a, int lda,
+                        const float* b, int ldb, float beta, float* c, int ldc) {
+  scipy_cblas_sgemmt(FedngRowMajor, FedngLower, ta ? FedngTrans : FedngNoTrans,
+                     tb ? FedngTrans : FedngNoTrans, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void gemmt_lower(bool ta, bool tb, int n, int k, double alpha, const double* a, int lda,
+                        const double* b, int ldb, double beta, double* c, int ldc) {
+  scipy_cblas_dgemmt(FedngRowMajor, FedngLower, ta ? FedngTrans : FedngNoTrans,
+                     tb ? FedngTrans : FedngNoTrans, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 // Row-major upper triangle of C = alpha * A^T A + beta * C, A [k, n].
 inline void syrk_upper_ata(int n, int k, float alpha, const float* a, float beta, float* c) {

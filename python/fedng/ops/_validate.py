@@ -20,9 +20,7 @@ FLOAT_DTYPES: dict[torch.dtype, int] = {torch.float32: 0, torch.float64: 1}
 def tensor_list(op: str, name: str, value: object, length: int | None = None) -> list[torch.Tensor]:
     """Checks that `value` is a sequence of tensors (of `length` items, if given)."""
     if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
-        raise TypeError(
-            f"{op}: '{name}' must be a list of tensors, got {type(value).__name__}"
-        )
+        raise TypeError(f"{op}: '{name}' must be a list of tensors, got {type(value).__name__}")
     items = list(value)
     for i, t in enumerate(items):
         if not isinstance(t, torch.Tensor):
@@ -35,25 +33,39 @@ def tensor_list(op: str, name: str, value: object, length: int | None = None) ->
 
 
 def dtype_code(op: str, groups: dict[str, list[torch.Tensor]]) -> int:
-    """Checks that all tensors share one float32/float64 dtype, lives on the CPU and is contiguous.
+    """Checks that all tensors share one float32/float64 dtype, live on the CPU and are contiguous.
+
+    A fast set-based pass covers the common case (thousands of tiny matrices in one call); only
+    when it fails does a per-tensor pass find the first offender for the error message.
 
     Returns:
         The dtype code for `fedng._C` (0 = float32, 1 = float64).
     """
+    dtypes: set[torch.dtype] = set()
+    ok = True
+    for items in groups.values():
+        dtypes.update({t.dtype for t in items})
+        ok = ok and all(t.is_cpu for t in items) and all(t.is_contiguous() for t in items)
+    if ok and len(dtypes) <= 1 and dtypes <= FLOAT_DTYPES.keys():
+        return FLOAT_DTYPES[dtypes.pop()] if dtypes else 0
+    _diagnose(op, groups)
+    raise AssertionError("unreachable: _diagnose raises")  # pragma: no cover
+
+
+def _diagnose(op: str, groups: dict[str, list[torch.Tensor]]) -> None:
+    """Raises the error for the first tensor that breaks the dtype/device/layout rules."""
     dtype: torch.dtype | None = None
     first = ""
     for name, items in groups.items():
         for i, t in enumerate(items):
             where = f"'{name}[{i}]'"
-            if t.device.type != "cpu":
+            if not t.is_cpu:
                 raise BackendUnavailable(
                     f"{op}: {where} is on {t.device}, but this build of fedng has CPU kernels only;"
                     " move the tensors to the CPU or install a CUDA build of fedng"
                 )
             if t.dtype not in FLOAT_DTYPES:
-                raise TypeError(
-                    f"{op}: {where} must be float32 or float64, got {t.dtype}"
-                )
+                raise TypeError(f"{op}: {where} must be float32 or float64, got {t.dtype}")
             if dtype is None:
                 dtype, first = t.dtype, where
             elif t.dtype != dtype:
@@ -66,7 +78,42 @@ def dtype_code(op: str, groups: dict[str, list[torch.Tensor]]) -> int:
                     f"{op}: {where} must be contiguous (row-major), got strides {t.stride()}"
                     f" for shape {tuple(t.shape)}; call .contiguous() first"
                 )
-    return FLOAT_DTYPES[dtype] if dtype is not None else 0
+
+
+def square_sizes(op: str, name: str, items: list[torch.Tensor]) -> list[int]:
+    """Checks that every tensor is a square matrix; returns the sizes n_i."""
+    shapes = [t.shape for t in items]
+    if not all(len(s) == 2 and s[0] == s[1] for s in shapes):
+        for i, s in enumerate(shapes):
+            if len(s) != 2 or s[0] != s[1]:
+                raise ValueError(
+                    f"{op}: '{name}[{i}]' must be a square matrix [n, n], got {list(s)}"
+                )
+    return [s[0] for s in shapes]
+
+
+def out_list(
+    op: str,
+    out: object,
+    like: list[torch.Tensor],
+    like_name: str,
+    shapes: list[tuple[int, ...]] | None = None,
+) -> list[torch.Tensor]:
+    """Validates a caller-provided `out` list (or allocates one): shapes, dtype, no aliasing."""
+    want = shapes if shapes is not None else [tuple(t.shape) for t in like]
+    dtype = like[0].dtype if like else torch.float32
+    if out is None:
+        return [torch.empty(s, dtype=dtype) for s in want]
+    outs = tensor_list(op, "out", out, length=len(want))
+    dtype_code(op, {"out": outs})
+    for i, (o, s) in enumerate(zip(outs, want, strict=True)):
+        if tuple(o.shape) != tuple(s) or o.dtype != dtype:
+            raise ValueError(
+                f"{op}: 'out[{i}]' must be {dtype} of shape {list(s)},"
+                f" got {o.dtype} of shape {list(o.shape)}"
+            )
+    no_alias(op, "out", outs, like_name, like)
+    return outs
 
 
 def shape(op: str, name: str, i: int, t: torch.Tensor, expected: tuple[int | None, ...]) -> None:
@@ -79,8 +126,15 @@ def shape(op: str, name: str, i: int, t: torch.Tensor, expected: tuple[int | Non
         raise ValueError(f"{op}: '{name}[{i}]' must have shape {want}, got {list(t.shape)}")
 
 
-def per_item(op: str, name: str, value: float | Sequence[float], n: int, *, positive: bool = False,
-             nonnegative: bool = False) -> list[float]:
+def per_item(
+    op: str,
+    name: str,
+    value: float | Sequence[float],
+    n: int,
+    *,
+    positive: bool = False,
+    nonnegative: bool = False,
+) -> list[float]:
     """Broadcasts a scalar or checks a per-matrix sequence of finite floats."""
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().double().reshape(-1).tolist() if value.dim() else value.item()
@@ -89,9 +143,13 @@ def per_item(op: str, name: str, value: float | Sequence[float], n: int, *, posi
     elif isinstance(value, Sequence):
         values = [float(v) for v in value]
         if len(values) != n:
-            raise ValueError(f"{op}: '{name}' must be a scalar or have {n} values, got {len(values)}")
+            raise ValueError(
+                f"{op}: '{name}' must be a scalar or have {n} values, got {len(values)}"
+            )
     else:
-        raise TypeError(f"{op}: '{name}' must be a float or a list of floats, got {type(value).__name__}")
+        raise TypeError(
+            f"{op}: '{name}' must be a float or a list of floats, got {type(value).__name__}"
+        )
     for v in values:
         if not math.isfinite(v):
             raise ValueError(f"{op}: '{name}' must be finite, got {v}")
@@ -116,9 +174,13 @@ def ptrs(items: list[torch.Tensor]) -> list[int]:
     return [t.data_ptr() for t in items]
 
 
-def no_alias(op: str, a_name: str, a: list[torch.Tensor], b_name: str, b: list[torch.Tensor]) -> None:
+def no_alias(
+    op: str, a_name: str, a: list[torch.Tensor], b_name: str, b: list[torch.Tensor]
+) -> None:
     """Outputs written in place must not share memory with read-only inputs."""
     written = {t.data_ptr() for t in a if t.numel()}
     for i, t in enumerate(b):
         if t.numel() and t.data_ptr() in written:
-            raise ValueError(f"{op}: '{b_name}[{i}]' shares memory with '{a_name}', which is written in place")
+            raise ValueError(
+                f"{op}: '{b_name}[{i}]' shares memory with '{a_name}', which is written in place"
+            )

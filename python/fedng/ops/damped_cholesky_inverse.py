@@ -47,6 +47,7 @@ def damped_cholesky_inverse(
     max_tries: int = 6,
     jitter_factor: float = 10.0,
     errors: Literal["status", "raise"] = "status",
+    out: Sequence[torch.Tensor] | None = None,
 ) -> DampedInverse:
     """Inverts damped symmetric positive-definite matrices via Cholesky.
 
@@ -65,6 +66,8 @@ def damped_cholesky_inverse(
         jitter_factor: growth of lambda between tries (> 1).
         errors: "status" reports failures in `status`; "raise" raises `NumericalError` if any
             matrix failed.
+        out: optional N tensors [n_i, n_i] to write the inverses into (e.g. reused every K-FAC
+            inverse update); must not share memory with `mats`.
 
     Returns:
         `DampedInverse(inverses, status, damping)`.
@@ -83,14 +86,19 @@ def damped_cholesky_inverse(
     if not ms:
         return DampedInverse([], status, used)
     code = v.dtype_code(OP, {"mats": ms})
-    for i, m in enumerate(ms):
-        v.shape(OP, "mats", i, m, (None, None))
-        if m.shape[0] != m.shape[1]:
-            raise ValueError(f"{OP}: 'mats[{i}]' must be square, got {list(m.shape)}")
-    outs = [torch.empty_like(m) for m in ms]
+    sizes = v.square_sizes(OP, "mats", ms)
+    outs = v.out_list(OP, out, ms, "mats")
     _backend.native.damped_cholesky_inverse(
-        code, v.ptrs(ms), v.ptrs(outs), [m.shape[0] for m in ms], lambdas, max_tries,
-        jitter_factor, status.data_ptr(), used.data_ptr(), _backend.num_threads(),
+        code,
+        v.ptrs(ms),
+        v.ptrs(outs),
+        sizes,
+        lambdas,
+        max_tries,
+        jitter_factor,
+        status.data_ptr(),
+        used.data_ptr(),
+        _backend.num_threads(),
     )
     if errors == "raise":
         failed = (status == CholeskyStatus.FAILED).nonzero().flatten().tolist()

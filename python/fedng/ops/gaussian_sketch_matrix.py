@@ -41,5 +41,6 @@ def gaussian_sketch_matrix(
     out = torch.empty((d, r), dtype=dtype)
     if out.numel():
         _backend.native.gaussian_sketch_matrix(
-            v.FLOAT_DTYPES[dtype], out.data_ptr(), d, r, seed, stream_id, _backend.num_threads())
+            v.FLOAT_DTYPES[dtype], out.data_ptr(), d, r, seed, stream_id, _backend.num_threads()
+        )
     return out

@@ -39,12 +39,20 @@ def kron_accumulate(
     if not fs:
         return fs
     code = v.dtype_code(OP, {"factors": fs, "inputs": xs})
-    for i, (f, x) in enumerate(zip(fs, xs, strict=True)):
-        v.shape(OP, "inputs", i, x, (None, None))
-        v.shape(OP, "factors", i, f, (x.shape[1], x.shape[1]))
+    ns = v.square_sizes(OP, "factors", fs)
+    xshapes = [x.shape for x in xs]
+    if not all(len(s) == 2 and s[1] == n for s, n in zip(xshapes, ns, strict=True)):
+        for i, x in enumerate(xs):
+            v.shape(OP, "inputs", i, x, (None, ns[i]))
     v.no_alias(OP, "factors", fs, "inputs", xs)
     _backend.native.kron_accumulate(
-        code, v.ptrs(fs), v.ptrs(xs), [x.shape[1] for x in xs], [x.shape[0] for x in xs],
-        decay, scales, _backend.num_threads(),
+        code,
+        v.ptrs(fs),
+        v.ptrs(xs),
+        ns,
+        [s[0] for s in xshapes],
+        decay,
+        scales,
+        _backend.num_threads(),
     )
     return fs

@@ -45,7 +45,11 @@ def kron_precondition(
     if (inputs is None) != (output_grads is None):
         raise ValueError(f"{OP}: 'inputs' and 'output_grads' must be given together")
     abs_ = v.tensor_list(OP, "inputs", inputs, length=n) if inputs is not None else None
-    gbs = v.tensor_list(OP, "output_grads", output_grads, length=n) if output_grads is not None else None
+    gbs = (
+        v.tensor_list(OP, "output_grads", output_grads, length=n)
+        if output_grads is not None
+        else None
+    )
     if gs is None and abs_ is None:
         raise ValueError(f"{OP}: give 'grads', or 'inputs' and 'output_grads'")
     if n == 0:
@@ -75,10 +79,14 @@ def kron_precondition(
     _backend.native.kron_precondition(
         code,
         v.ptrs(gs) if gs is not None else zeros,
-        v.ptrs(ais), v.ptrs(gis),
+        v.ptrs(ais),
+        v.ptrs(gis),
         v.ptrs(abs_) if abs_ is not None else zeros,
         v.ptrs(gbs) if gbs is not None else zeros,
         [a.shape[0] for a in abs_] if abs_ is not None else [-1] * n,
-        v.ptrs(outs), ms, ns, _backend.num_threads(),
+        v.ptrs(outs),
+        ms,
+        ns,
+        _backend.num_threads(),
     )
     return outs

@@ -49,8 +49,11 @@ def nystrom(
     """
     ys = v.tensor_list(OP, "sketches", sketches)
     oms = v.tensor_list(OP, "omegas", omegas, length=len(ys))
-    shifts = [-1.0] * len(ys) if shift is None else v.per_item(
-        OP, "shift", shift, len(ys), nonnegative=True)
+    shifts = (
+        [-1.0] * len(ys)
+        if shift is None
+        else v.per_item(OP, "shift", shift, len(ys), nonnegative=True)
+    )
     used = torch.zeros(len(ys), dtype=torch.float64)
     if not ys:
         return NystromApprox([], [], used)
@@ -60,13 +63,23 @@ def nystrom(
         v.shape(OP, "omegas", i, om, tuple(y.shape))
         if y.shape[1] > y.shape[0]:
             raise ValueError(
-                f"{OP}: 'sketches[{i}]' must have rank r <= d, got shape {list(y.shape)}")
+                f"{OP}: 'sketches[{i}]' must have rank r <= d, got shape {list(y.shape)}"
+            )
     us = [torch.empty_like(y) for y in ys]
     ss = [torch.empty(y.shape[1], dtype=y.dtype) for y in ys]
     status = torch.zeros(len(ys), dtype=torch.int8)
     _backend.native.nystrom(
-        code, v.ptrs(ys), v.ptrs(oms), v.ptrs(us), v.ptrs(ss), [y.shape[0] for y in ys],
-        [y.shape[1] for y in ys], shifts, used.data_ptr(), status.data_ptr(), _backend.num_threads(),
+        code,
+        v.ptrs(ys),
+        v.ptrs(oms),
+        v.ptrs(us),
+        v.ptrs(ss),
+        [y.shape[0] for y in ys],
+        [y.shape[1] for y in ys],
+        shifts,
+        used.data_ptr(),
+        status.data_ptr(),
+        _backend.num_threads(),
     )
     bad = status.nonzero().flatten().tolist()
     if bad:

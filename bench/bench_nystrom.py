@@ -1,0 +1,98 @@
+"""Benchmark `nystrom` (stable Nystrom from a sketch) against the same algorithm in a torch loop.
+
+Baseline choice: `torch.linalg.eigh` of the dense Fisher is out of reach at these sizes (one
+d x d matrix per layer, d up to ~1M parameters), so the torch way is the same stable Nystrom a user
+would write per layer: `nu = sqrt(d) eps ||Y||_F`, `C = cholesky(Omega^T (Y + nu Omega))`,
+`B = solve_triangular(C, Y + nu Omega)`, `U, s = svd(B)`, `S = max(s^2 - nu, 0)`.
+Workloads: one low-rank Fisher per layer, d = the layer's parameter count (tiny: each matrix size),
+rank r = min(32, d // 4). Work: 8 d r^2 flops per matrix (Omega^T Y 2dr^2, triangular solve dr^2,
+thin SVD ~5dr^2, an effective count).
+Run: `python bench/bench_nystrom.py [--quick] [--workloads mlp lora]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Any
+
+import _harness as H
+import torch
+import workloads as W
+
+from fedng import reference
+from fedng.ops import nystrom
+
+OP = "nystrom"
+TOL = {torch.float32: 1e-3, torch.float64: 1e-9}
+REF_MAX_D = 300_000  # float64 reference SVDs only up to this size
+
+
+def torch_way(ys: list[torch.Tensor], oms: list[torch.Tensor]
+              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Stable Nystrom per matrix in plain torch (the op's algorithm, same default shift)."""
+    out = []
+    for y, om in zip(ys, oms, strict=True):
+        eps = torch.finfo(y.dtype).eps
+        nu = math.sqrt(y.shape[0]) * eps * torch.linalg.vector_norm(y).item()
+        y_nu = y + nu * om
+        small = om.T @ y_nu
+        c, _ = torch.linalg.cholesky_ex((small + small.T) / 2, upper=True)
+        b = torch.linalg.solve_triangular(c, y_nu, upper=True, left=False)
+        u, sv, _ = torch.linalg.svd(b, full_matrices=False)
+        out.append((u, (sv * sv - nu).clamp_(min=0.0)))
+    return out
+
+
+def _applied(u: torch.Tensor, s: torch.Tensor, om: torch.Tensor) -> torch.Tensor:
+    """`U diag(S) U^T Omega` in float64: compares approximations independently of eigenvector
+    signs and rotations within clusters."""
+    u64 = u.double()
+    return u64 @ (s.double()[:, None] * (u64.T @ om.double()))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Checks, times and reports every selected workload."""
+    dtype = H.dtype_of(args)
+    rep = H.Report(OP, args, flops_note="8 d r^2 per matrix (effective)")
+    rep.notes.append("torch baseline = the same stable Nystrom per layer in torch (dense eigh of "
+                     "the d x d Fisher does not fit at these sizes)")
+    for wl in W.select(args.workloads, args.quick):
+        dims = W.lowrank_dims(wl)
+        ys, oms = W.psd_sketches(wl, dtype)
+        res = nystrom(ys, oms)
+        base = torch_way(ys, oms)
+        idx = [i for i in H.spread(len(ys), 64) if dims[i][0] <= REF_MAX_D][:8]
+        refs = reference.nystrom_ref([ys[i] for i in idx], [oms[i] for i in idx],
+                                     [float(res.shift[i]) for i in idx])
+        corr = H.check(
+            OP, wl.name, [_applied(res.U[i], res.S[i], oms[i]) for i in idx],
+            [_applied(u, s, oms[i]) for i, (u, s) in zip(idx, refs, strict=True)], TOL[dtype],
+            baseline=[_applied(base[i][0], base[i][1], oms[i]) for i in idx])
+        corr["max_rel_err_eigenvalues"] = H.max_rel_err([res.S[i] for i in idx],
+                                                        [s for _, s in refs])
+        orth = max(H.rel_err(res.U[i].double().T @ res.U[i].double(),
+                             torch.eye(dims[i][1], dtype=torch.float64)) for i in idx)
+        corr["max_orthonormality_err"] = orth
+        if not orth <= 100 * TOL[dtype]:
+            raise H.CorrectnessError(f"{OP} on {wl.name}: U is not orthonormal ({orth:.2e})")
+        del res, base, refs
+        t = H.measure({"ours": lambda y=ys, o=oms: nystrom(y, o),
+                       "torch": lambda y=ys, o=oms: torch_way(y, o)}, repeats=H.repeats_of(args))
+        flops = float(sum(8 * d * r * r for d, r in dims))
+        d_all = [d for d, _ in dims]
+        rep.add(wl.name, f"{len(dims)} x d {min(d_all)}..{max(d_all)}", flops, t["ours"],
+                t["torch"], corr, extra={"items": len(dims), "ranks": sorted({r for _, r in dims}),
+                                         "description": wl.description})
+    return rep.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    args = H.parser(__doc__.splitlines()[0]).parse_args(argv)
+    return H.run_main(run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The one tolerance table of the suite and the comparison every numerical test goes through.
+
+Tolerances are normwise: an entry may differ from the float64 reference by
+`atol + rtol * scale`, where `scale` is the largest |entry| of the reference (or a scale the
+test passes, e.g. |V| / lambda for a Woodbury solve). That is how BLAS/LAPACK errors behave:
+they are bounded relative to the size of the operands, not to each (possibly tiny) entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+"""The dtypes every op is tested in."""
+
+
+@dataclass(frozen=True)
+class Tol:
+    """Allowed error: `atol + rtol * scale`."""
+
+    rtol: float
+    atol: float
+
+
+_F32, _F64 = torch.float32, torch.float64
+
+TOLERANCES: dict[str, dict[torch.dtype, Tol]] = {
+    # Products and sums of well-scaled data (SYRK, GEMM, the Woodbury update).
+    "default": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-12, 1e-14)},
+    "kron_accumulate": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-12, 1e-14)},
+    "kron_precondition": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-12, 1e-14)},
+    "sketch_accumulate": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-12, 1e-14)},
+    "lowrank_precondition": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-12, 1e-14)},
+    # Inverses of SPD matrices with condition number <= ~100 (what the tests generate).
+    "damped_cholesky_inverse": {_F32: Tol(1e-4, 1e-6), _F64: Tol(1e-11, 1e-14)},
+    # Inverses with condition number up to 1e8 (float64) or ~1e10 solved by the float64 retry and
+    # rounded to float32: a Cholesky-based inverse errs by about cond * n * eps64 <= 1e-6.
+    "damped_cholesky_inverse[ill]": {_F32: Tol(1e-5, 0.0), _F64: Tol(1e-6, 0.0)},
+    # Low-rank reconstructions U S U^T from a sketch: the shift and an SVD add a little error.
+    "nystrom": {_F32: Tol(1e-4, 1e-6), _F64: Tol(1e-9, 1e-12)},
+    # Orthonormality / reconstruction identities checked in the op's own precision.
+    "orthonormal": {_F32: Tol(1e-5, 1e-5), _F64: Tol(1e-12, 1e-12)},
+}
+
+
+def tol(dtype: torch.dtype, op: str) -> Tol:
+    """The tolerance for `op` in `dtype` (the default row where the op has none of its own)."""
+    return TOLERANCES.get(op, TOLERANCES["default"])[dtype]
+
+
+def assert_close(
+    out: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype,
+    op: str,
+    *,
+    scale: float | None = None,
+) -> None:
+    """Asserts that an op's output matches the float64 reference within the table's tolerance.
+
+    Also checks that `out` has the op's dtype and the reference's shape, and that it is finite
+    wherever the reference is.
+
+    Args:
+        out: the op's output (float32 or float64).
+        expected: the float64 reference.
+        dtype: the dtype the op ran in (selects the row of the table).
+        op: the op name (selects the column of the table).
+        scale: the magnitude errors are relative to; the largest |expected| by default.
+    """
+    assert out.dtype == dtype, f"{op}: output dtype {out.dtype}, expected {dtype}"
+    assert tuple(out.shape) == tuple(expected.shape), (
+        f"{op}: output shape {tuple(out.shape)}, expected {tuple(expected.shape)}"
+    )
+    if expected.numel() == 0:
+        return
+    exp = expected.to(torch.float64)
+    got = out.detach().to(torch.float64)
+    assert torch.isfinite(exp).all(), f"{op}: the reference itself is not finite"
+    assert torch.isfinite(got).all(), f"{op}: output has NaN/Inf where the reference is finite"
+    t = tol(dtype, op)
+    mag = float(exp.abs().max()) if scale is None else float(scale)
+    bound = t.atol + t.rtol * mag
+    err = (got - exp).abs()
+    worst = float(err.max())
+    if worst > bound:
+        idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+        raise AssertionError(
+            f"{op} ({dtype}): max |out - expected| = {worst:.3e} at {idx} exceeds "
+            f"{bound:.3e} (rtol {t.rtol:g} x scale {mag:.3e} + atol {t.atol:g}); "
+            f"out = {float(got[idx]):.17g}, expected = {float(exp[idx]):.17g}"
+        )
