@@ -40,6 +40,10 @@ TOLERANCES: dict[str, dict[torch.dtype, Tol]] = {
     "damped_cholesky_inverse[ill]": {_F32: Tol(1e-5, 0.0), _F64: Tol(1e-6, 0.0)},
     # Low-rank reconstructions U S U^T from a sketch: the shift and an SVD add a little error.
     "nystrom": {_F32: Tol(1e-4, 1e-6), _F64: Tol(1e-9, 1e-12)},
+    # Recovering an exact low-rank F from a float32 sketch: the automatic shift sqrt(d) eps ||Y||
+    # and the rounding of Y itself bound the recovery (the same error appears when the float32
+    # sketch is decomposed in float64), about 1e-2 of ||F||_max for d = 500, r = 32.
+    "nystrom[recovery]": {_F32: Tol(3e-2, 0.0), _F64: Tol(1e-8, 0.0)},
     # Orthonormality / reconstruction identities checked in the op's own precision.
     "orthonormal": {_F32: Tol(1e-5, 1e-5), _F64: Tol(1e-12, 1e-12)},
 }

@@ -1,0 +1,155 @@
+"""nystrom: stable Nystrom F ~ U diag(S) U^T from a sketch Y = F Omega (with sketch_accumulate)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _tols import DTYPES, assert_close
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fedng import reference
+from fedng.ops import gaussian_sketch_matrix, nystrom, sketch_accumulate
+
+OP = "nystrom"
+EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
+
+
+def _rand(gen: torch.Generator, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64, generator=gen).to(dtype)
+
+
+def _recon(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """U diag(S) U^T in the dtype of U."""
+    return (u * s) @ u.T
+
+
+def _check_structure(u: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> None:
+    """U has orthonormal columns; S is finite, >= 0 and non-increasing."""
+    r = u.shape[1]
+    assert u.dtype == dtype and s.dtype == dtype and tuple(s.shape) == (r,)
+    assert torch.isfinite(u).all() and torch.isfinite(s).all()
+    assert_close(u.T @ u, torch.eye(r, dtype=torch.float64), dtype, "orthonormal")
+    assert (s >= 0).all()
+    assert (s[:-1] >= s[1:]).all(), f"S must be non-increasing, got {s.tolist()}"
+
+
+def _sketch_of_rank(
+    d: int, k: int, r: int, dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A PSD F = J^T J of exact rank k (J [k, d]), its Omega [d, r] and Y = F Omega by streaming."""
+    gen = torch.Generator().manual_seed(seed)
+    j = _rand(gen, dtype, k, d)
+    om = gaussian_sketch_matrix(d, r, seed=seed, stream_id=0, dtype=dtype)
+    y = torch.zeros(d, r, dtype=dtype)
+    half = k // 2
+    sketch_accumulate([y], [j[:half]], [om])  # two batches: the sketch adds up
+    sketch_accumulate([y], [j[half:]], [om])
+    f = j.double().T @ j.double()
+    return f, om, y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("d", "k", "r"), [(20, 3, 5), (50, 8, 8), (200, 10, 16), (64, 1, 4),
+                                          (7, 7, 7), (500, 20, 32)])
+def test_recovers_exact_low_rank(dtype: torch.dtype, d: int, k: int, r: int) -> None:
+    """A PSD matrix of exact rank k <= r is recovered: U S U^T = F, orthonormal U, sorted S."""
+    f, om, y = _sketch_of_rank(d, k, r, dtype, seed=d + k + r)
+    (u,), (s,), shift = nystrom([y], [om])
+    _check_structure(u, s, dtype)
+    assert_close(_recon(u, s), f, dtype, f"{OP}[recovery]")
+    # The top-k eigenvalues are F's; the rest vanish up to the shift's error.
+    true = torch.linalg.eigvalsh(f).flip(0)[:r]
+    assert_close(s, true, dtype, f"{OP}[recovery]")
+    assert shift.dtype == torch.float64 and shift.shape == (1,)
+    assert shift.item() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_default_shift_is_reported(dtype: torch.dtype) -> None:
+    """The automatic shift is sqrt(d) * eps(dtype) * ||Y||_F and is returned as used."""
+    _, om, y = _sketch_of_rank(40, 10, 6, dtype, seed=1)
+    _, _, shift = nystrom([y], [om])
+    expected = math.sqrt(40) * EPS[dtype] * float(torch.linalg.norm(y.double()))
+    assert shift.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(shapes=st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), max_size=4),
+       seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_ragged_matches_reference_with_explicit_shift(
+    dtype: torch.dtype, shapes: list[tuple[int, int]], seed: int, data: st.DataObject
+) -> None:
+    """Ragged (d_i, r_i <= d_i, incl. 0 and 1) with a given shift: reported as given, and
+    U S U^T and S equal the float64 reference made with the same shift.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    dr = [(max(a, b), min(a, b)) for a, b in shapes]
+    shifts = data.draw(st.one_of(
+        st.sampled_from([0.5, 1.0]),
+        st.lists(st.sampled_from([0.25, 0.5, 2.0]), min_size=len(dr), max_size=len(dr))))
+    ys, oms = [], []
+    for i, (d, r) in enumerate(dr):
+        a = torch.randn(d, d, dtype=torch.float64, generator=gen)
+        f = a @ a.T / max(d, 1)
+        om = gaussian_sketch_matrix(d, r, seed=seed, stream_id=i, dtype=dtype)
+        oms.append(om)
+        ys.append((f @ om.double()).to(dtype))
+    us, ss, used = nystrom(ys, oms, shift=shifts)
+    shift_list = shifts if isinstance(shifts, list) else [shifts] * len(dr)
+    nonempty = [s if d * r else 0.0 for s, (d, r) in zip(shift_list, dr, strict=True)]
+    assert used.tolist() == nonempty
+    expected = reference.nystrom_ref(ys, oms, shift_list)
+    for (d, r), u, s, (u_ref, s_ref) in zip(dr, us, ss, expected, strict=True):
+        assert tuple(u.shape) == (d, r) and tuple(s.shape) == (r,)
+        if d * r == 0:
+            continue
+        _check_structure(u, s, dtype)
+        assert_close(s, s_ref, dtype, OP)
+        assert_close(_recon(u, s), _recon(u_ref, s_ref), dtype, OP)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_sketch_gives_zero_eigenvalues(dtype: torch.dtype) -> None:
+    """The sketch of F = 0 is handled (the shift keeps Omega^T Y_nu invertible): S = 0."""
+    om = gaussian_sketch_matrix(10, 3, seed=2, dtype=dtype)
+    (u,), (s,), shift = nystrom([torch.zeros(10, 3, dtype=dtype)], [om])
+    _check_structure(u, s, dtype)
+    assert float(s.abs().max()) <= 10 * EPS[dtype]
+    assert shift.item() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("where", ["sketches", "omegas"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_raises(dtype: torch.dtype, where: str, value: float) -> None:
+    """A NaN/Inf sketch or omega raises ValueError naming the op and the bad index."""
+    _, om, y = _sketch_of_rank(12, 3, 4, dtype, seed=3)
+    _, om2, y2 = _sketch_of_rank(12, 3, 4, dtype, seed=4)
+    (y2 if where == "sketches" else om2)[5, 1] = value
+    with pytest.raises(ValueError, match=rf"{OP}.*sketches \[1\]"):
+        nystrom([y, y2], [om, om2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sketch_of_negative_definite_raises(dtype: torch.dtype) -> None:
+    """Y = -Omega (the sketch of -I, not PSD) raises ValueError instead of returning garbage."""
+    om = gaussian_sketch_matrix(10, 3, seed=5, dtype=dtype)
+    with pytest.raises(ValueError, match=OP):
+        nystrom([-om], [om])
+
+
+def test_inputs_not_modified() -> None:
+    """Sketches and omegas are read only."""
+    _, om, y = _sketch_of_rank(30, 5, 6, torch.float64, seed=6)
+    y0, om0 = y.clone(), om.clone()
+    nystrom([y], [om])
+    assert torch.equal(y, y0) and torch.equal(om, om0)
+
+
+def test_empty_list() -> None:
+    """An empty list gives empty results."""
+    u, s, shift = nystrom([], [])
+    assert u == [] and s == [] and shift.shape == (0,) and shift.dtype == torch.float64
