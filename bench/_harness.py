@@ -21,9 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import fedng
+import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -281,7 +280,7 @@ def parser(description: str, default_repeats: int = 7) -> argparse.ArgumentParse
                    help=f"timed samples per method (default {default_repeats}; 3 with --quick)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--quick", action="store_true",
-                   help="smoke mode: smaller ResNet/LoRA/tiny workloads, fewer repeats")
+                   help="smoke mode: smaller workloads (MLP kept), fewer repeats")
     p.add_argument("--no-json", action="store_true", help="do not write bench/results/<op>.json")
     p.set_defaults(default_repeats=default_repeats)
     return p
@@ -297,6 +296,11 @@ def repeats_of(args: argparse.Namespace) -> int:
 def dtype_of(args: argparse.Namespace) -> torch.dtype:
     """torch dtype from --dtype."""
     return torch.float32 if args.dtype == "float32" else torch.float64
+
+
+def timeit(args: argparse.Namespace, fns: dict[str, Callable[[], object]]) -> dict[str, Timing]:
+    """`measure` with the mode's repeats (and shorter samples in quick mode)."""
+    return measure(fns, repeats=repeats_of(args), min_sample_s=0.005 if args.quick else 0.02)
 
 
 def fmt_time(s: float) -> str:
@@ -349,8 +353,8 @@ class Report:
         row["targets"] = evaluate(self.op, target_key or workload, row, self.args.dtype)
         self.rows.append(row)
         print(f"   {workload:<14} ours {fmt_time(ours.median):>10}  torch"
-              f" {fmt_time(torch_t.median):>10}  ratio {row['ratio']:6.2f}x  {verdicts(row['targets'])}",
-              flush=True)
+              f" {fmt_time(torch_t.median):>10}  ratio {row['ratio']:6.2f}x"
+              f"  {verdicts(row['targets'])}", flush=True)
         return row
 
     def table(self) -> str:
@@ -364,7 +368,8 @@ class Report:
                  f" (torch.mm {self.peak['n']}^3, median of {self.peak['repeats']})", head,
                  "-" * len(head)]
         for r in self.rows:
-            line = (f"{r['workload']:<14} {r['detail'][:22]:>22} {fmt_time(r['ours']['median']):>10}"
+            line = (f"{r['workload']:<14} {r['detail'][:22]:>22}"
+                    f" {fmt_time(r['ours']['median']):>10}"
                     f" {fmt_time(r['ours']['iqr']):>9} {fmt_time(r['torch']['median']):>10}"
                     f" {fmt_time(r['torch']['iqr']):>9} {r['ratio']:6.2f}x"
                     f" {r['rate_ours']:15.2f} {r['rate_torch']:8.2f}")

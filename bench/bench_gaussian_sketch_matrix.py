@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from typing import Any
 
 import _harness as H
 import torch
 import workloads as W
-
 from fedng import reference
 from fedng.ops import gaussian_sketch_matrix
 
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "machines or thread counts, ours is bit-identical everywhere")
     gen = torch.Generator().manual_seed(SEED)
     for wl in W.select(args.workloads, args.quick):
-        dims = W.lowrank_dims(wl)
+        dims = W.lowrank_dims(wl, max_d=W.QUICK_MAX_D if args.quick else None)
         om = ours_way(dims, dtype)
         flat = torch.cat([o.reshape(-1) for o in om]).double()
         mean, std = flat.mean().item(), flat.std().item()
@@ -71,9 +71,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      f" {n} samples: not standard normal")
         corr = dict(corr0, mean=mean, std=std)
         del om, flat
-        t = H.measure({"ours": lambda dm=dims: ours_way(dm, dtype),
-                       "torch": lambda dm=dims: torch_way(dm, dtype, gen)},
-                      repeats=H.repeats_of(args))
+        t = H.timeit(args, {"ours": partial(ours_way, dims, dtype),
+                            "torch": partial(torch_way, dims, dtype, gen)})
         d_all = [d for d, _ in dims]
         rep.add(wl.name, f"{len(dims)} x d {min(d_all)}..{max(d_all)}", float(n), t["ours"],
                 t["torch"], corr, extra={"items": len(dims), "description": wl.description})
@@ -82,7 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
-    args = H.parser(__doc__.splitlines()[0]).parse_args(argv)
+    args = H.parser(__doc__.splitlines()[0], default_repeats=5).parse_args(argv)
     return H.run_main(run, args)
 
 

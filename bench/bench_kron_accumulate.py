@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from typing import Any
 
 import _harness as H
 import torch
 import workloads as W
-
 from fedng import reference
 from fedng.ops import kron_accumulate
 
@@ -49,12 +49,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         corr = H.check(OP, wl.name, ours_f, refs, TOL[dtype], baseline=torch_f)
         asym = max((f - f.T).abs().max().item() for f in ours_f)
         if asym != 0.0:
-            raise H.CorrectnessError(f"{OP} on {wl.name}: result not exactly symmetric ({asym:.2e})")
+            raise H.CorrectnessError(f"{OP} on {wl.name}: result not exactly symmetric"
+                                     f" ({asym:.2e})")
         del refs, init
         # Timed calls keep updating the same factors: an EMA with decay < 1 stays bounded.
-        t = H.measure({"ours": lambda: kron_accumulate(ours_f, xs, DECAY, scales),
-                       "torch": lambda: torch_way(torch_f, xs, DECAY, scales)},
-                      repeats=H.repeats_of(args))
+        t = H.timeit(args, {"ours": partial(kron_accumulate, ours_f, xs, DECAY, scales),
+                            "torch": partial(torch_way, torch_f, xs, DECAY, scales)})
         flops = float(sum(x.shape[1] ** 2 * x.shape[0] for x in xs))
         dims = wl.factor_dims
         rep.add(wl.name, f"{len(xs)} x {min(dims)}..{max(dims)}", flops, t["ours"], t["torch"],

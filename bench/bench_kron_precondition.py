@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from typing import Any
 
 import _harness as H
 import torch
 import workloads as W
-
 from fedng import reference
 from fedng.ops import kron_precondition
 
@@ -40,7 +40,6 @@ def torch_way_batch(inputs: list[torch.Tensor], output_grads: list[torch.Tensor]
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Checks, times and reports every selected workload (dense form, then the batch form)."""
     dtype = H.dtype_of(args)
-    reps = H.repeats_of(args)
     rep = H.Report(OP, args, flops_note="dense 2mn(m+n) per layer; batch form 2B(m^2+n^2+mn)")
     for wl in W.select(args.workloads, args.quick):
         factors = W.spd_factors(wl, dtype)
@@ -55,9 +54,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        baseline=[base[i] for i in idx])
         corr["max_rel_diff_vs_torch_all"] = H.max_rel_err(ours, base)
         del ours, base, refs
-        t = H.measure({"ours": lambda g=grads, a=a_inv, gi=g_inv: kron_precondition(g, a, gi),
-                       "torch": lambda g=grads, a=a_inv, gi=g_inv: torch_way(g, a, gi)},
-                      repeats=reps)
+        t = H.timeit(args, {"ours": partial(kron_precondition, grads, a_inv, g_inv),
+                            "torch": partial(torch_way, grads, a_inv, g_inv)})
         flops = float(sum(2 * la.n_out * la.n_in * (la.n_out + la.n_in) for la in wl.layers))
         ms = [la.n_out for la in wl.layers]
         ns = [la.n_in for la in wl.layers]
@@ -73,9 +71,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         refs = reference.kron_precondition_ref(None, a_inv, g_inv, inputs=xs, output_grads=gbs)
         corr = H.check(OP, wl.name + ":batch", ours, refs, TOL[dtype], baseline=base)
         del ours, base, refs
-        t = H.measure({
-            "ours": lambda: kron_precondition(None, a_inv, g_inv, inputs=xs, output_grads=gbs),
-            "torch": lambda: torch_way_batch(xs, gbs, a_inv, g_inv)}, repeats=reps)
+        t = H.timeit(args, {
+            "ours": partial(kron_precondition, None, a_inv, g_inv, inputs=xs, output_grads=gbs),
+            "torch": partial(torch_way_batch, xs, gbs, a_inv, g_inv)})
         flops = float(sum(2 * la.rows * (la.n_out**2 + la.n_in**2 + la.n_out * la.n_in)
                           for la in wl.layers))
         rep.add(wl.name + ":batch", f"B={wl.layers[0].rows}, " + detail, flops, t["ours"],

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from typing import Any
 
 import _harness as H
 import torch
 import workloads as W
-
 from fedng import reference
 from fedng.ops import lowrank_precondition
 
@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = H.dtype_of(args)
     rep = H.Report(OP, args, flops_note="4 d r c per layer")
     for wl in W.select(args.workloads, args.quick):
-        dims = W.lowrank_dims(wl)
-        us, ss, vs = W.lowrank_factors(wl, dtype, cols=args.cols)
+        dims = W.lowrank_dims(wl, max_d=W.QUICK_MAX_D if args.quick else None)
+        us, ss, vs = W.lowrank_factors(dims, dtype, cols=args.cols)
         lams = [1e-2 * float(s[0]) for s in ss]
         ours = lowrank_precondition(us, ss, lams, vs)
         base = torch_way(us, ss, lams, vs)
@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not corr["max_residual_all"] <= 100 * TOL[dtype]:
             raise H.CorrectnessError(f"{OP} on {wl.name}: residual {corr['max_residual_all']:.2e}")
         del ours, base, refs
-        t = H.measure({"ours": lambda: lowrank_precondition(us, ss, lams, vs),
-                       "torch": lambda: torch_way(us, ss, lams, vs)}, repeats=H.repeats_of(args))
+        t = H.timeit(args, {"ours": partial(lowrank_precondition, us, ss, lams, vs),
+                            "torch": partial(torch_way, us, ss, lams, vs)})
         flops = float(sum(4 * d * r * args.cols for d, r in dims))
         d_all = [d for d, _ in dims]
         rep.add(wl.name, f"{len(dims)} x d {min(d_all)}..{max(d_all)}", flops, t["ours"],

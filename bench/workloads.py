@@ -1,8 +1,9 @@
 """Kernel-benchmark workloads (DESIGN §6): layer shapes as plain data, plus seeded tensor builders.
 
-A workload is a list of layers. Each layer has a K-FAC input factor A of size `n_in` (input features,
-+1 when the bias is folded in; `C_in * 9 + 1` for a 3x3 conv) and an output-gradient factor G of
-size `n_out`, both estimated from `rows` rows per batch (samples, tokens or spatial positions).
+A workload is a list of layers. Each layer has a K-FAC input factor A of size `n_in` (input
+features, +1 when the bias is folded in; `C_in * 9 + 1` for a 3x3 conv) and an output-gradient
+factor G of size `n_out`, both estimated from `rows` rows per batch (samples, tokens or spatial
+positions).
 The factor list of a workload is `[A_0, G_0, A_1, G_1, ...]`.
 
 Every builder is deterministic: the same (workload, dtype, seed) gives the same bits.
@@ -138,21 +139,21 @@ WORKLOAD_NAMES: tuple[str, ...] = ("mlp", "transformer", "resnet", "lora", "tiny
 
 
 def get(name: str, quick: bool = False) -> Workload:
-    """The workload `name`; `quick` shrinks the expensive ones (ResNet, LoRA, tiny) for smoke runs.
+    """The workload `name`; `quick` shrinks all but the MLP for smoke runs.
 
-    The MLP and transformer keep their full sizes in quick mode (they are cheap), so their targets
-    stay meaningful.
+    Quick sizes: transformer 1 block, ResNet widths 8-16-32-64 on 1 image, 10 LoRA adapters,
+    512 tiny matrices. The MLP keeps its full size, so its targets stay meaningful.
     """
     if name == "mlp":
         return mlp()
     if name == "transformer":
-        return transformer()
+        return transformer(blocks=1) if quick else transformer()
     if name == "resnet":
-        return resnet(widths=(16, 32, 64, 128), images=2) if quick else resnet()
+        return resnet(widths=(8, 16, 32, 64), images=1) if quick else resnet()
     if name == "lora":
-        return lora(adapters=20) if quick else lora()
+        return lora(adapters=10) if quick else lora()
     if name == "tiny":
-        return tiny(count=1024) if quick else tiny()
+        return tiny(count=512) if quick else tiny()
     raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOAD_NAMES)}")
 
 
@@ -237,10 +238,16 @@ def batch_factors(wl: Workload, dtype: torch.dtype = torch.float32, seed: int = 
     return xs[0::2], xs[1::2]
 
 
-def lowrank_dims(wl: Workload, rank: int = 32) -> list[tuple[int, int]]:
+QUICK_MAX_D = 32_768
+"""Quick mode caps the low-rank dimension d (parameters per layer) at this."""
+
+
+def lowrank_dims(wl: Workload, rank: int = 32, max_d: int | None = None) -> list[tuple[int, int]]:
     """(d, r) per low-rank Fisher: d = the layer's parameter count (tiny: each matrix size),
-    r = min(rank, d // 4) (at least 1)."""
+    capped at `max_d` if given; r = min(rank, d // 4) (at least 1)."""
     ds = wl.factor_dims if wl.tiny else [la.n_in * la.n_out for la in wl.layers]
+    if max_d is not None:
+        ds = [min(d, max_d) for d in ds]
     return [(d, min(rank, max(1, d // 4))) for d in ds]
 
 
@@ -269,23 +276,23 @@ def psd_sketch(d: int, r: int, *, seed: int, salt: int = 0, samples: int = 64,
     return y.to(dtype), om.to(dtype)
 
 
-def psd_sketches(wl: Workload, dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED,
-                 rank: int = 32) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Sketches and test matrices for every (d, r) of `lowrank_dims(wl, rank)`."""
+def psd_sketches(dims: Sequence[tuple[int, int]], dtype: torch.dtype = torch.float32,
+                 seed: int = DEFAULT_SEED) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Sketches and test matrices for every (d, r) of `dims` (see `lowrank_dims`)."""
     ys, oms = [], []
-    for i, (d, r) in enumerate(lowrank_dims(wl, rank)):
+    for i, (d, r) in enumerate(dims):
         y, om = psd_sketch(d, r, seed=seed, salt=i, samples=max(2 * r, 8), dtype=dtype)
         ys.append(y)
         oms.append(om)
     return ys, oms
 
 
-def lowrank_factors(wl: Workload, dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED,
-                    rank: int = 32, cols: int = 1
+def lowrank_factors(dims: Sequence[tuple[int, int]], dtype: torch.dtype = torch.float32,
+                    seed: int = DEFAULT_SEED, cols: int = 1
                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """(U [d, r] orthonormal, S [r] decaying > 0, V [d] or [d, cols]) per low-rank Fisher."""
+    """(U [d, r] orthonormal, S [r] decaying > 0, V [d] or [d, cols]) per (d, r) of `dims`."""
     us, ss, vs = [], [], []
-    for i, (d, r) in enumerate(lowrank_dims(wl, rank)):
+    for i, (d, r) in enumerate(dims):
         gen = _gen(seed, 17, i, d, r)
         u, _ = torch.linalg.qr(torch.randn(d, r, generator=gen))
         us.append(u.contiguous().to(dtype))

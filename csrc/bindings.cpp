@@ -8,6 +8,7 @@
 #include "fedng/blas.h"
 #include "fedng/errors.h"
 #include "fedng/ops.h"
+#include "fedng/small_spd_inverse.h"
 
 namespace py = pybind11;
 using fedng::DType;
@@ -30,6 +31,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("blas_config", [] { return std::string(scipy_openblas_get_config()); },
         "OpenBLAS build configuration string.");
   m.def("blas_num_threads", [] { return scipy_openblas_get_num_threads(); });
+  m.def("small_kernel_isa", [] { return std::string(fedng::cpu::small_kernel_isa()); },
+        "Instruction set of the small-matrix kernels chosen for this CPU.");
   py::call_guard<py::gil_scoped_release> nogil;
 
   m.def(

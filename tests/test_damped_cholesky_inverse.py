@@ -242,3 +242,20 @@ def test_empty_list() -> None:
     inverses, status, used = damped_cholesky_inverse([], 0.1)
     assert inverses == [] and status.shape == (0,) and used.shape == (0,)
     assert status.dtype == torch.int8 and used.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_is_written_and_returned(dtype: torch.dtype) -> None:
+    """out= receives the inverses in place (the same tensors are returned), incl. a failed NaN."""
+    gen = torch.Generator().manual_seed(12)
+    mats = [_spd(n, dtype, gen) for n in (1, 5, 70)] + [-1e10 * torch.eye(3, dtype=dtype)]
+    outs = [torch.zeros_like(m) for m in mats]
+    ptrs = [o.data_ptr() for o in outs]
+    inverses, status, _ = damped_cholesky_inverse(mats, 0.1, out=outs)
+    assert [o.data_ptr() for o in inverses] == ptrs
+    assert all(a is b for a, b in zip(inverses, outs, strict=True))
+    assert status.tolist() == [OK, OK, OK, FAILED]
+    expected = reference.damped_cholesky_inverse_ref(mats[:3], 0.1)
+    for o, e in zip(outs[:3], expected, strict=True):
+        assert_close(o, e, dtype, OP)
+    assert torch.isnan(outs[3]).all()

@@ -6,7 +6,11 @@
 // For SPD input every Schur complement is SPD, so a failed base-case Cholesky means "not PD".
 // Failures escalate: float32 -> float64 at the same damping -> damping x jitter_factor.
 #include <cmath>
+#include <algorithm>
 #include <limits>
+#include <numeric>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "fedng/blas.h"
@@ -123,6 +127,43 @@ std::int8_t invert_one(const T* in, T* out, std::int64_t n, double lambda, int m
   return 2;
 }
 
+// Matrices of one size n <= kBaseCase are inverted together in SIMD lanes; anything else, and any
+// lane that fails, goes through invert_one (with its float64 retry and damping escalation).
+template <class T>
+void invert_lanes(const Ptrs& mats, const Ptrs& outs, const Sizes& n, const std::vector<double>& damping,
+                  int max_tries, double jitter, std::int8_t* status, double* used,
+                  const std::int64_t* items, int count) {
+  constexpr int L = std::is_same_v<T, float> ? kLanesFloat : kLanesDouble;
+  const T* in[L];
+  T* out[L];
+  double lam[L];
+  std::int64_t idx[L];
+  int live = 0;
+  for (int c = 0; c < count; ++c) {
+    const std::int64_t i = items[c];
+    if (!lower_finite(as<const T>(mats[i]), n[i])) {  // fails fast, with the usual NaN output
+      status[i] = invert_one(as<const T>(mats[i]), as<T>(outs[i]), n[i], damping[i], max_tries,
+                             jitter, &used[i]);
+      continue;
+    }
+    in[live] = as<const T>(mats[i]);
+    out[live] = as<T>(outs[i]);
+    lam[live] = damping[i];
+    idx[live++] = i;
+  }
+  if (!live) return;
+  const unsigned bad = lane_spd_inverse(in, out, lam, live, static_cast<int>(n[idx[0]]));
+  for (int l = 0; l < live; ++l) {
+    const std::int64_t i = idx[l];
+    if (bad & (1u << l)) {
+      status[i] = invert_one(in[l], out[l], n[i], damping[i], max_tries, jitter, &used[i]);
+    } else {
+      status[i] = 0;
+      used[i] = damping[i];
+    }
+  }
+}
+
 }  // namespace
 
 void damped_cholesky_inverse(DType dt, const Ptrs& mats, const Ptrs& outs, const Sizes& n,
@@ -137,18 +178,40 @@ void damped_cholesky_inverse(DType dt, const Ptrs& mats, const Ptrs& outs, const
   check_sizes(op, "n", n);
   if (max_tries < 1) fail(op, "max_tries must be >= 1");
   if (count && (!status || !damping_used)) fail(op, "status and damping_used must not be null");
-  std::vector<double> cost(count);
   Sizes numel(count);
   for (std::size_t i = 0; i < count; ++i) {
     numel[i] = n[i] * n[i];
     blas_int(op, numel[i]);
-    cost[i] = static_cast<double>(n[i]) * n[i] * n[i] + 1.0;
   }
   check_ptrs(op, "mats", mats, numel);
   check_ptrs(op, "outs", outs, numel);
   dispatch_float(dt, [&](auto zero) {
     using T = decltype(zero);
-    run_ragged(cost, nthreads, [&](std::int64_t i) {
+    constexpr int L = std::is_same_v<T, float> ? kLanesFloat : kLanesDouble;
+    // Tasks: runs of up to L same-size small matrices (lane-batched), or one matrix each.
+    std::vector<std::int64_t> order(count);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](std::int64_t a, std::int64_t b) { return n[a] < n[b]; });
+    std::vector<std::pair<std::size_t, int>> tasks;  // (first position in order, count)
+    std::vector<double> cost;
+    for (std::size_t p = 0; p < count;) {
+      const std::int64_t size = n[order[p]];
+      int run = 1;
+      if (size >= 1 && size <= kBaseCase)
+        while (run < L && p + run < count && n[order[p + run]] == size) ++run;
+      tasks.emplace_back(p, run);
+      cost.push_back(static_cast<double>(size) * size * size * (run > 1 ? L : 1) + 1.0);
+      p += run;
+    }
+    run_ragged(cost, nthreads, [&](std::int64_t t) {
+      const auto [first, run] = tasks[t];
+      if (run > 1) {
+        invert_lanes<T>(mats, outs, n, damping, max_tries, jitter_factor, status, damping_used,
+                        order.data() + first, run);
+        return;
+      }
+      const std::int64_t i = order[first];
       status[i] = invert_one(as<const T>(mats[i]), as<T>(outs[i]), n[i], damping[i], max_tries,
                              jitter_factor, &damping_used[i]);
     });

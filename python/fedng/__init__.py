@@ -23,6 +23,7 @@ def show_config() -> str:
         f"fedng {__version__}",
         f"  extension: {_native.__file__}",
         f"  BLAS/LAPACK: scipy-openblas32 ({_native.blas_config().strip()})",
+        f"  small-matrix kernels: {_native.small_kernel_isa()}",
         f"  CUDA kernels built: {'yes' if _native.cuda_built else 'no'}",
         f"  threads: {num_threads()} (torch.get_num_threads()); torch {torch.__version__}",
     ]

@@ -13,3 +13,27 @@ bool small_spd_inverse(const double* in, int ldin, double* out, int ldout, int n
                        bool full);
 
 }  // namespace fedng::cpu
+
+namespace fedng::cpu {
+
+// Matrices inverted together, one per SIMD lane (same n), by lane_spd_inverse.
+constexpr int kLanesFloat = 8;
+constexpr int kLanesDouble = 4;
+
+// Inverts `count` <= kLanes* SPD matrices of the same size n in SIMD lanes: out[l] <- full,
+// exactly symmetric (sym(in[l]) + lambda[l] I)^-1 (lower triangles read, row-major, contiguous).
+// Returns a bit mask of the lanes that failed (not PD, or not finite); their outputs are garbage
+// and the caller redoes them one by one.
+unsigned lane_spd_inverse(const float* const* in, float* const* out, const double* lambda,
+                          int count, int n);
+unsigned lane_spd_inverse(const double* const* in, double* const* out, const double* lambda,
+                          int count, int n);
+
+}  // namespace fedng::cpu
+
+namespace fedng::cpu {
+
+// "avx2+fma" or "baseline": which build of the small-matrix kernels this CPU runs.
+const char* small_kernel_isa();
+
+}  // namespace fedng::cpu

@@ -1,0 +1,89 @@
+"""`Block`: one curvature block bound to the parameters of a model, and its gradient matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedng.curvature.spec import BlockSpec
+
+
+@dataclass(eq=False)
+class Block:
+    """A curvature block: (part of) a weight, with its bias folded in as the last column.
+
+    The block's gradient matrix is `[m, n]` in the Linear orientation: `weight.grad[w_rows]`
+    flattened to `[m, n_w]`, with `bias.grad[b_rows]` appended as a column. Embeddings use the
+    transpose of their `[V, d]` weight (`transpose=True`); elementwise blocks a single row holding
+    the flattened weight and bias.
+
+    Attributes:
+        spec: the model-free description.
+        weight: the weight parameter.
+        bias: the bias parameter, or None.
+        w_rows: the rows of `weight` the block owns (None: all).
+        b_rows: the entries of `bias` the block owns (None: all).
+        transpose: the gradient matrix is `weight.grad.T` (embeddings).
+    """
+
+    spec: BlockSpec
+    weight: nn.Parameter
+    bias: nn.Parameter | None = None
+    w_rows: slice | None = None
+    b_rows: slice | None = None
+    transpose: bool = False
+
+    @property
+    def name(self) -> str:
+        """The block's name."""
+        return self.spec.name
+
+    def _w(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.w_rows is None else t[self.w_rows]
+
+    def _b(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.b_rows is None else t[self.b_rows]
+
+    def has_grad(self) -> bool:
+        """Whether the weight (and bias, if any) hold gradients."""
+        return self.weight.grad is not None and (self.bias is None or self.bias.grad is not None)
+
+    def grad_matrix(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The block's gradient as a contiguous [m, n] tensor in `dtype`, or None without grads."""
+        if not self.has_grad():
+            return None
+        m, n = self.spec.m, self.spec.n
+        wg = self._w(self.weight.grad)
+        if self.spec.kind == "elementwise":
+            parts = [wg.reshape(-1)]
+            if self.bias is not None:
+                parts.append(self._b(self.bias.grad).reshape(-1))
+            return torch.cat(parts).to(dtype).view(1, n)
+        if self.transpose:
+            return wg.T.to(dtype).contiguous()
+        if self.bias is None:
+            return wg.reshape(m, n).to(dtype).contiguous()
+        out = torch.empty(m, n, dtype=dtype)
+        out[:, :-1].copy_(wg.reshape(m, n - 1))
+        out[:, -1].copy_(self._b(self.bias.grad))
+        return out
+
+    def write_grad(self, p: torch.Tensor) -> None:
+        """Overwrites the block's gradients with the [m, n] matrix `p` (cast to their dtype)."""
+        wg = self._w(self.weight.grad)
+        if self.spec.kind == "elementwise":
+            k = wg.numel()
+            wg.copy_(p[0, :k].view_as(wg))
+            if self.bias is not None:
+                self._b(self.bias.grad).copy_(p[0, k:].view_as(self._b(self.bias.grad)))
+            return
+        if self.transpose:
+            wg.copy_(p.T)
+            return
+        if self.bias is None:
+            wg.copy_(p.view_as(wg))
+            return
+        wg.copy_(p[:, :-1].reshape(wg.shape))
+        self._b(self.bias.grad).copy_(p[:, -1])
