@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <exception>
 #include <mutex>
 #include <numeric>
@@ -15,6 +14,24 @@
 
 namespace fedng {
 namespace {
+
+// pthread condition variable: std::condition_variable::wait carries a GLIBCXX_3.4.30 symbol
+// version (GCC 12), which would lift the wheel's manylinux tag above 2_34.
+class CondVar {
+ public:
+  CondVar() { pthread_cond_init(&cv_, nullptr); }
+  CondVar(const CondVar&) = delete;
+  CondVar& operator=(const CondVar&) = delete;
+  template <class Pred>
+  void wait(std::unique_lock<std::mutex>& lk, Pred ready) {
+    while (!ready()) pthread_cond_wait(&cv_, lk.mutex()->native_handle());
+  }
+  void notify_one() { pthread_cond_signal(&cv_); }
+  void notify_all() { pthread_cond_broadcast(&cv_); }
+
+ private:
+  pthread_cond_t cv_;
+};
 
 // A persistent pool: waking sleeping workers costs microseconds, creating threads does not pay
 // for the 4096-tiny-matrix case. Workers sleep on a condition variable (no spinning against
@@ -81,7 +98,7 @@ class Pool {
   }
 
   std::mutex run_mu_, mu_;
-  std::condition_variable cv_, done_cv_;
+  CondVar cv_, done_cv_;
   std::vector<std::thread> threads_;
   const std::function<void(std::int64_t)>* fn_ = nullptr;
   std::int64_t n_ = 0;
