@@ -1,12 +1,16 @@
-// Damped SPD inversion. Small matrices: an in-cache vectorized kernel (small_spd_inverse.cpp;
-// LAPACK's per-call overhead dominates below ~64). Larger: recursive block inversion by Schur
-// complements, which puts all O(n^3) work in GEMM/GEMMT (LAPACK's potri runs at half of GEMM
-// speed below n ~ 512): inv([A B^T; B C]) with W = B A^-1, S = C - W B^T,
-//   [A^-1 + W^T S^-1 W,  -(S^-1 W)^T;  -S^-1 W,  S^-1],  n^3 flops in all, like potrf + potri.
-// For SPD input every Schur complement is SPD, so a failed base-case Cholesky means "not PD".
+// Damped SPD inversion.
+// - n <= kBaseCase: in-cache kernels (small_spd_inverse.cpp): same-size matrices together in SIMD
+//   lanes, others one by one; LAPACK's per-call overhead dominates at these sizes.
+// - larger: Cholesky (OpenBLAS potrf), then the inverse from the factor by a recursion whose
+//   O(n^3) work is TRSM/GEMM/GEMMT (LAPACK's potri runs at half of GEMM speed below n ~ 512):
+//   with L = [L11 0; L21 L22] and Y = L21 L11^-1,
+//     A^-1 = [inv(L11) + Y^T inv(L22) Y,  (-inv(L22) Y)^T;  -inv(L22) Y,  inv(L22)],
+//   where inv(Lkk) means (Lkk Lkk^T)^-1. Every step is a triangular solve or a product with
+//   already-computed blocks of the inverse, as in potri: no explicit inverse of an unfactored
+//   block (that squares the conditioning). 2n^3/3 flops after potrf's n^3/3.
 // Failures escalate: float32 -> float64 at the same damping -> damping x jitter_factor.
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <numeric>
 #include <type_traits>
@@ -32,27 +36,30 @@ void mirror_block(T* a, int n, int lda) {
       a[static_cast<std::int64_t>(j) * lda + i] = a[static_cast<std::int64_t>(i) * lda + j];
 }
 
-// Recursive Schur-complement inverse; only lower triangles are read and written.
-// `scratch` holds at least n*n/2 elements for this level and the ones below it.
+// Lower triangle of (L L^T)^-1 over L (row-major lower, leading dimension lda). `scratch` holds
+// at least n * n / 2 elements for this level and the ones below it.
 template <class T>
-bool spd_inverse_lower(T* a, int n, int lda, T* scratch) {
-  if (n <= kBaseCase) return small_spd_inverse(a, lda, a, lda, n, T(0), false);
+void inverse_from_cholesky(T* a, int n, int lda, T* scratch) {
+  if (n <= kBaseCase) {
+    blas::potri_upper(n, a, lda);  // cannot fail: L has a positive diagonal
+    return;
+  }
   const int n1 = ((n / 2) + 7) / 8 * 8;  // keep the leading block a multiple of 8 wide
   const int n2 = n - n1;
   T* a11 = a;
-  T* a21 = a + static_cast<std::int64_t>(n1) * lda;  // B [n2, n1]
-  T* a22 = a21 + n1;                                 // C [n2, n2]
-  T* w = scratch;                                    // W = B A^-1 [n2, n1]
+  T* a21 = a + static_cast<std::int64_t>(n1) * lda;  // L21, then Y, then the inverse's block
+  T* a22 = a21 + n1;
+  T* w = scratch;  // -inv(L22) Y [n2, n1]
   T* deeper = scratch + static_cast<std::int64_t>(n2) * n1;
-  if (!spd_inverse_lower(a11, n1, lda, deeper)) return false;
-  mirror_block(a11, n1, lda);
-  blas::gemm(false, false, n2, n1, n1, T(1), a21, lda, a11, lda, T(0), w, n1);
-  blas::gemmt_lower(false, true, n2, n1, T(-1), w, n1, a21, lda, T(1), a22, lda);  // S
-  if (!spd_inverse_lower(a22, n2, lda, deeper)) return false;
+  blas::trsm_right_lower(n2, n1, a11, lda, a21, lda);  // Y = L21 L11^-1
+  inverse_from_cholesky(a22, n2, lda, deeper);
   mirror_block(a22, n2, lda);
-  blas::gemm(false, false, n2, n1, n2, T(-1), a22, lda, w, n1, T(0), a21, lda);  // -S^-1 W
-  blas::gemmt_lower(true, false, n1, n2, T(-1), w, n1, a21, lda, T(1), a11, lda);
-  return true;
+  blas::gemm(false, false, n2, n1, n2, T(-1), a22, lda, a21, lda, T(0), w, n1);
+  inverse_from_cholesky(a11, n1, lda, deeper);
+  blas::gemmt_lower(true, false, n1, n2, T(-1), a21, lda, w, n1, T(1), a11, lda);
+  for (int i = 0; i < n2; ++i)
+    std::copy(w + static_cast<std::int64_t>(i) * n1, w + static_cast<std::int64_t>(i + 1) * n1,
+              a21 + static_cast<std::int64_t>(i) * lda);
 }
 
 // True when every element of the lower triangle is finite (x * 0 is NaN exactly otherwise).
@@ -75,9 +82,10 @@ bool try_invert(const T* in, T* out, std::int64_t n, double lambda) {
   const std::int64_t nn = n * n;
   for (std::int64_t i = 0; i < nn; ++i) out[i] = in[i];
   for (std::int64_t i = 0; i < n; ++i) out[i * n + i] = static_cast<T>(in[i * n + i] + lambda);
+  if (blas::potrf_upper(ni, out) != 0) return false;
   thread_local std::vector<T> scratch;
   scratch.resize(static_cast<std::size_t>(nn / 2 + n + 8));
-  if (!spd_inverse_lower(out, ni, ni, scratch.data())) return false;
+  inverse_from_cholesky(out, ni, ni, scratch.data());
   if (!lower_finite(out, n)) return false;
   mirror_lower_to_upper(out, n);
   return true;

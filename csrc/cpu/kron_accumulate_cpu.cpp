@@ -33,7 +33,8 @@ void kron_accumulate(DType dt, const Ptrs& factors, const Ptrs& inputs, const Si
       if (ni == 0) return;
       T* f = as<T>(factors[i]);
       if (ki == 0) {
-        for (std::int64_t e = 0; e < fnumel[i]; ++e) f[e] = static_cast<T>(decay) * f[e];
+        // decay 0 overwrites (as BLAS's beta = 0), so stale NaNs do not survive.
+        for (std::int64_t e = 0; e < fnumel[i]; ++e) f[e] = decay == 0.0 ? T(0) : static_cast<T>(decay) * f[e];
         return;
       }
       // SYRK writes the upper triangle (half the flops of GEMM); the lower one is mirrored.

@@ -42,7 +42,8 @@ void sketch_accumulate(DType dt, const Ptrs& sketches, const Ptrs& jacobians, co
       T* y = as<T>(sketches[i]);
       if (dr[i] == 0) return;
       if (bi == 0) {
-        for (std::int64_t e = 0; e < dr[i]; ++e) y[e] = static_cast<T>(decay) * y[e];
+        // decay 0 overwrites (as BLAS's beta = 0), so stale NaNs do not survive.
+        for (std::int64_t e = 0; e < dr[i]; ++e) y[e] = decay == 0.0 ? T(0) : static_cast<T>(decay) * y[e];
         return;
       }
       // T = J Omega [b, r]; Y = decay Y + scale J^T T. F = J^T J is never formed.

@@ -22,6 +22,11 @@ def _scales(value: float | Sequence[float], n: int) -> list[float]:
     return [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
 
 
+def _decayed(t: torch.Tensor, decay: float) -> torch.Tensor:
+    """`decay * t`, where decay 0 means overwrite (as BLAS's beta = 0: old NaNs do not survive)."""
+    return decay * _f64(t) if decay != 0 else torch.zeros_like(_f64(t))
+
+
 def symmetric_from_lower(m: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix whose lower triangle is that of `m` [n, n]."""
     low = torch.tril(_f64(m))
@@ -79,7 +84,8 @@ def sketch_accumulate_ref(
     decay: float = 1.0,
     scale: float | Sequence[float] = 1.0,
 ) -> list[torch.Tensor]:
-    """`decay * Y_i + scale_i * (J_i^T J_i) Omega_i`, forming the Fisher explicitly."""
+    """`decay * Y_i + scale_i * (J_i^T J_i) Omega_i`, forming the Fisher explicitly (decay 0
+    overwrites Y_i)."""
     s = _scales(scale, len(sketches))
     return [
         decay * _f64(y) + s[i] * (_f64(j).T @ _f64(j)) @ _f64(om)

@@ -71,6 +71,15 @@ inline void syrk_upper_ata(int n, int k, float alpha, const float* a, float beta
 inline void syrk_upper_ata(int n, int k, double alpha, const double* a, double beta, double* c) {
   scipy_cblas_dsyrk(FedngRowMajor, FedngUpper, FedngTrans, n, k, alpha, a, n, beta, c, n);
 }
+// Row-major B [m, n] <- B L^-1 with L [n, n] lower triangular (leading dimensions ldl, ldb).
+inline void trsm_right_lower(int m, int n, const float* l, int ldl, float* b, int ldb) {
+  scipy_cblas_strsm(FedngRowMajor, FedngRight, FedngLower, FedngNoTrans, FedngNonUnit, m, n, 1.0f,
+                    l, ldl, b, ldb);
+}
+inline void trsm_right_lower(int m, int n, const double* l, int ldl, double* b, int ldb) {
+  scipy_cblas_dtrsm(FedngRowMajor, FedngRight, FedngLower, FedngNoTrans, FedngNonUnit, m, n, 1.0,
+                    l, ldl, b, ldb);
+}
 // Row-major B [m, n] <- B L^-T with L [n, n] lower triangular.
 inline void trsm_right_lower_trans(int m, int n, const float* l, float* b) {
   scipy_cblas_strsm(FedngRowMajor, FedngRight, FedngLower, FedngTrans, FedngNonUnit, m, n, 1.0f,
@@ -80,25 +89,30 @@ inline void trsm_right_lower_trans(int m, int n, const double* l, double* b) {
   scipy_cblas_dtrsm(FedngRowMajor, FedngRight, FedngLower, FedngTrans, FedngNonUnit, m, n, 1.0,
                     l, n, b, n);
 }
-// Column-major Cholesky / inverse from Cholesky, upper triangle ('U').
-inline int potrf_upper(int n, float* a) {
+// Column-major Cholesky / inverse from Cholesky, upper triangle ('U'), i.e. the row-major lower
+// triangle: potrf leaves L with A = L L^T there, potri then A^-1's lower triangle.
+inline int potrf_upper(int n, float* a, int lda = 0) {
   int info = 0;
-  scipy_spotrf_("U", &n, a, &n, &info, 1);
+  lda = lda ? lda : n;
+  scipy_spotrf_("U", &n, a, &lda, &info, 1);
   return info;
 }
-inline int potrf_upper(int n, double* a) {
+inline int potrf_upper(int n, double* a, int lda = 0) {
   int info = 0;
-  scipy_dpotrf_("U", &n, a, &n, &info, 1);
+  lda = lda ? lda : n;
+  scipy_dpotrf_("U", &n, a, &lda, &info, 1);
   return info;
 }
-inline int potri_upper(int n, float* a) {
+inline int potri_upper(int n, float* a, int lda = 0) {
   int info = 0;
-  scipy_spotri_("U", &n, a, &n, &info, 1);
+  lda = lda ? lda : n;
+  scipy_spotri_("U", &n, a, &lda, &info, 1);
   return info;
 }
-inline int potri_upper(int n, double* a) {
+inline int potri_upper(int n, double* a, int lda = 0) {
   int info = 0;
-  scipy_dpotri_("U", &n, a, &n, &info, 1);
+  lda = lda ? lda : n;
+  scipy_dpotri_("U", &n, a, &lda, &info, 1);
   return info;
 }
 // Column-major SVD with thin factors ('S'); lwork = -1 queries the workspace size.

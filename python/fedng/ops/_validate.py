@@ -137,7 +137,15 @@ def per_item(
 ) -> list[float]:
     """Broadcasts a scalar or checks a per-matrix sequence of finite floats."""
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().double().reshape(-1).tolist() if value.dim() else value.item()
+        if not value.is_cpu:
+            raise TypeError(
+                f"{op}: '{name}' must be a float or a CPU tensor, got a {value.device} tensor"
+            )
+        value = value.detach().double().reshape(-1).tolist() if value.dim() else value.item()
+    if isinstance(value, (str, bytes)):
+        raise TypeError(
+            f"{op}: '{name}' must be a float or a list of floats, got {type(value).__name__}"
+        )
     if isinstance(value, (int, float)):
         values = [float(value)] * n
     elif isinstance(value, Sequence):
@@ -177,10 +185,25 @@ def ptrs(items: list[torch.Tensor]) -> list[int]:
 def no_alias(
     op: str, a_name: str, a: list[torch.Tensor], b_name: str, b: list[torch.Tensor]
 ) -> None:
-    """Outputs written in place must not share memory with read-only inputs."""
-    written = {t.data_ptr() for t in a if t.numel()}
-    for i, t in enumerate(b):
-        if t.numel() and t.data_ptr() in written:
+    """Tensors written in place (`a`) must not overlap each other or the inputs `b` in memory.
+
+    Byte ranges are compared, so partial overlaps (slices of one storage) are caught too.
+    """
+    spans = []  # (start, end, written, name, index)
+    for written, name, items in ((True, a_name, a), (False, b_name, b)):
+        for i, t in enumerate(items):
+            if t.numel():
+                start = t.data_ptr()
+                spans.append((start, start + t.numel() * t.element_size(), written, name, i))
+    spans.sort()
+    # Sweep by start address, remembering the open span that reaches furthest.
+    reach: tuple[int, int, bool, str, int] | None = None
+    for span in spans:
+        if reach is not None and span[0] < reach[1] and (span[2] or reach[2]):
+            w, o = (span, reach) if span[2] else (reach, span)
             raise ValueError(
-                f"{op}: '{b_name}[{i}]' shares memory with '{a_name}', which is written in place"
+                f"{op}: '{o[3]}[{o[4]}]' overlaps in memory with '{w[3]}[{w[4]}]', which is"
+                " written in place; pass separate tensors (e.g. .clone())"
             )
+        if reach is None or span[1] > reach[1] or (span[1] == reach[1] and span[2]):
+            reach = span
