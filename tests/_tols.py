@@ -28,24 +28,24 @@ _F32, _F64 = torch.float32, torch.float64
 
 TOLERANCES: dict[str, dict[torch.dtype, Tol]] = {
     # Products and sums of well-scaled data (SYRK, GEMM, the Woodbury update).
-    "default": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-12, 1e-14)},
-    "kron_accumulate": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-12, 1e-14)},
-    "kron_precondition": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-12, 1e-14)},
-    "sketch_accumulate": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-12, 1e-14)},
-    "lowrank_precondition": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-12, 1e-14)},
+    "default": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-13, 1e-15)},
+    "kron_accumulate": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-13, 1e-15)},
+    "kron_precondition": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-13, 1e-15)},
+    "sketch_accumulate": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-13, 1e-15)},
+    "lowrank_precondition": {_F32: Tol(2e-5, 1e-6), _F64: Tol(1e-13, 1e-15)},
     # Inverses of SPD matrices with condition number <= ~100 (what the tests generate).
-    "damped_cholesky_inverse": {_F32: Tol(1e-4, 1e-6), _F64: Tol(1e-11, 1e-14)},
+    "damped_cholesky_inverse": {_F32: Tol(1e-4, 1e-6), _F64: Tol(1e-12, 1e-15)},
     # Inverses with condition number up to 1e8 (float64) or ~1e10 solved by the float64 retry and
     # rounded to float32: a Cholesky-based inverse errs by about cond * n * eps64 <= 1e-6.
     "damped_cholesky_inverse[ill]": {_F32: Tol(1e-5, 0.0), _F64: Tol(1e-6, 0.0)},
     # Low-rank reconstructions U S U^T from a sketch: the shift and an SVD add a little error.
-    "nystrom": {_F32: Tol(1e-4, 1e-6), _F64: Tol(1e-9, 1e-12)},
+    "nystrom": {_F32: Tol(1e-4, 1e-6), _F64: Tol(1e-10, 1e-13)},
     # Recovering an exact low-rank F from a float32 sketch: the automatic shift sqrt(d) eps ||Y||
     # and the rounding of Y itself bound the recovery (the same error appears when the float32
     # sketch is decomposed in float64), about 1e-2 of ||F||_max for d = 500, r = 32.
     "nystrom[recovery]": {_F32: Tol(3e-2, 0.0), _F64: Tol(1e-8, 0.0)},
     # Orthonormality / reconstruction identities checked in the op's own precision.
-    "orthonormal": {_F32: Tol(1e-5, 1e-5), _F64: Tol(1e-12, 1e-12)},
+    "orthonormal": {_F32: Tol(1e-5, 1e-5), _F64: Tol(1e-13, 1e-13)},
 }
 
 

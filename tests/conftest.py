@@ -1,4 +1,4 @@
-"""Shared test setup: deterministic seeds, a fast derandomized hypothesis profile, thread hygiene."""
+"""Shared test setup: deterministic seeds, a fast derandomized hypothesis profile, threads."""
 
 from __future__ import annotations
 

@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 from _tols import DTYPES, assert_close
-from hypothesis import given
-from hypothesis import strategies as st
-
 from fedng import reference
 from fedng.errors import NumericalError
 from fedng.ops import CholeskyStatus, damped_cholesky_inverse
+from hypothesis import given
+from hypothesis import strategies as st
 
 OP = "damped_cholesky_inverse"
 OK, JITTER, FAILED = CholeskyStatus.OK, CholeskyStatus.JITTER, CholeskyStatus.FAILED
@@ -33,8 +32,9 @@ def _spd_with_spectrum(spectrum: torch.Tensor, gen: torch.Generator) -> torch.Te
     return (m + m.T) / 2
 
 
-def _check_ok(result: object, mats: list[torch.Tensor], damping: list[float],
-              dtype: torch.dtype, op: str = OP) -> None:
+def _check_ok(
+    result: object, mats: list[torch.Tensor], damping: list[float], dtype: torch.dtype, op: str = OP
+) -> None:
     inverses, status, used = result  # type: ignore[misc]
     expected = reference.damped_cholesky_inverse_ref(mats, damping)
     assert status.dtype == torch.int8 and used.dtype == torch.float64
@@ -46,8 +46,9 @@ def _check_ok(result: object, mats: list[torch.Tensor], damping: list[float],
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@given(sizes=st.lists(st.integers(0, 12), max_size=5), seed=st.integers(0, 2**31 - 1),
-       data=st.data())
+@given(
+    sizes=st.lists(st.integers(0, 12), max_size=5), seed=st.integers(0, 2**31 - 1), data=st.data()
+)
 def test_ragged_spd_matches_reference(
     dtype: torch.dtype, sizes: list[int], seed: int, data: st.DataObject
 ) -> None:
@@ -57,8 +58,11 @@ def test_ragged_spd_matches_reference(
     per_matrix = data.draw(st.booleans())
     damping: float | list[float]
     if per_matrix:
-        damping = data.draw(st.lists(st.sampled_from([0.1, 0.5, 1.0, 3.0]),
-                                     min_size=len(sizes), max_size=len(sizes)))
+        damping = data.draw(
+            st.lists(
+                st.sampled_from([0.1, 0.5, 1.0, 3.0]), min_size=len(sizes), max_size=len(sizes)
+            )
+        )
     else:
         damping = data.draw(st.sampled_from([0.1, 1.0]))
     result = damped_cholesky_inverse(mats, damping)
@@ -122,8 +126,9 @@ def test_singular_psd_with_tiny_damping_gets_jitter(dtype: torch.dtype, n: int) 
     assert used.item() == pytest.approx(1.0)
     assert torch.isfinite(inverses[0]).all()
     assert torch.equal(inverses[0], inverses[0].T)
-    assert_close(inverses[0], reference.damped_cholesky_inverse_ref([ones], used.item())[0],
-                 dtype, OP)
+    assert_close(
+        inverses[0], reference.damped_cholesky_inverse_ref([ones], used.item())[0], dtype, OP
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -139,16 +144,21 @@ def test_zero_damping_escalates_from_scaled_jitter(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize(
     "bad",
     [
-        pytest.param(lambda m: m.index_put_((torch.tensor([2]), torch.tensor([1])),
-                                            torch.tensor(float("nan"), dtype=m.dtype)), id="nan"),
+        pytest.param(
+            lambda m: m.index_put_(
+                (torch.tensor([2]), torch.tensor([1])), torch.tensor(float("nan"), dtype=m.dtype)
+            ),
+            id="nan",
+        ),
         pytest.param(lambda m: m.fill_diagonal_(float("inf")), id="inf"),
-        pytest.param(lambda m: m.copy_(-1e10 * torch.eye(m.shape[0], dtype=m.dtype)),
-                     id="negative-definite"),
+        pytest.param(
+            lambda m: m.copy_(-1e10 * torch.eye(m.shape[0], dtype=m.dtype)), id="negative-definite"
+        ),
     ],
 )
 @pytest.mark.parametrize("n", [4, 100])
 def test_failed_is_nan_with_nan_damping(dtype: torch.dtype, bad: object, n: int) -> None:
-    """NaN/Inf or hopelessly indefinite input: status FAILED, all-NaN output, NaN damping, others OK."""
+    """NaN/Inf or hopelessly indefinite input: FAILED, all-NaN output, NaN damping; others OK."""
     gen = torch.Generator().manual_seed(6)
     good = _spd(n, dtype, gen)
     broken = _spd(n, dtype, gen)
@@ -175,10 +185,12 @@ def test_errors_raise(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@given(sizes=st.lists(st.integers(1, 10), min_size=1, max_size=4),
-       seed=st.integers(0, 2**31 - 1),
-       damping=st.sampled_from([0.0, 1e-8, 1e-3, 0.1, 1.0]),
-       max_tries=st.integers(1, 6))
+@given(
+    sizes=st.lists(st.integers(1, 10), min_size=1, max_size=4),
+    seed=st.integers(0, 2**31 - 1),
+    damping=st.sampled_from([0.0, 1e-8, 1e-3, 0.1, 1.0]),
+    max_tries=st.integers(1, 6),
+)
 def test_never_nan_unless_failed(
     dtype: torch.dtype, sizes: list[int], seed: int, damping: float, max_tries: int
 ) -> None:
@@ -232,8 +244,9 @@ def test_float32_uses_float64_retry(n: int) -> None:
 
 def test_max_tries_one_never_escalates() -> None:
     """max_tries=1 tries only the requested damping: a singular matrix is FAILED, not JITTER."""
-    _, status, used = damped_cholesky_inverse([torch.ones(3, 3, dtype=torch.float64)], 0.0,
-                                              max_tries=1)
+    _, status, used = damped_cholesky_inverse(
+        [torch.ones(3, 3, dtype=torch.float64)], 0.0, max_tries=1
+    )
     assert status.tolist() == [FAILED] and math.isnan(used.item())
 
 

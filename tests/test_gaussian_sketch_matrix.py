@@ -9,11 +9,10 @@ import sys
 import pytest
 import torch
 from _tols import DTYPES
-from hypothesis import given
-from hypothesis import strategies as st
-
 from fedng import reference
 from fedng.ops import gaussian_sketch_matrix
+from hypothesis import given
+from hypothesis import strategies as st
 
 OP = "gaussian_sketch_matrix"
 U64 = 2**64
@@ -23,8 +22,12 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
-@given(d=st.integers(0, 40), r=st.integers(0, 12), seed=st.integers(0, U64 - 1),
-       stream=st.integers(0, U64 - 1))
+@given(
+    d=st.integers(0, 40),
+    r=st.integers(0, 12),
+    seed=st.integers(0, U64 - 1),
+    stream=st.integers(0, U64 - 1),
+)
 def test_bit_identical_to_reference(d: int, r: int, seed: int, stream: int) -> None:
     """float64 equals the reference bit for bit; float32 equals the reference cast to float32."""
     expected = reference.gaussian_sketch_matrix_ref(d, r, seed, stream)
@@ -74,8 +77,9 @@ def test_identical_in_a_fresh_process() -> None:
         "    t = g(700, 40, seed=2**63 + 5, stream_id=11, dtype=dt)\n"
         "    print(hashlib.sha256(t.numpy().tobytes()).hexdigest())\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     assert proc.stdout.split() == [_digest(here64), _digest(here32)]
 
 

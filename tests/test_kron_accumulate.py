@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from _tols import DTYPES, assert_close
-from hypothesis import given
-from hypothesis import strategies as st
-
 from fedng import reference
 from fedng.ops import kron_accumulate
+from hypothesis import given
+from hypothesis import strategies as st
 
 OP = "kron_accumulate"
 
@@ -55,8 +54,11 @@ def test_matches_reference_per_matrix_scale(
     dtype: torch.dtype, kn: list[tuple[int, int]], decay: float, seed: int, data: st.DataObject
 ) -> None:
     """A per-matrix scale list (e.g. 1/k_i) applies each scale to its own matrix."""
-    scales = data.draw(st.lists(st.sampled_from([0.0, 1.0, 0.5, 2.0, -1.0, 1 / 3]),
-                                min_size=len(kn), max_size=len(kn)))
+    scales = data.draw(
+        st.lists(
+            st.sampled_from([0.0, 1.0, 0.5, 2.0, -1.0, 1 / 3]), min_size=len(kn), max_size=len(kn)
+        )
+    )
     factors, inputs = _problem(kn, dtype, seed)
     expected = reference.kron_accumulate_ref(factors, inputs, decay, scales)
     kron_accumulate(factors, inputs, decay, scales)

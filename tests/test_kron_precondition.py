@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from _tols import DTYPES, assert_close
-from hypothesis import given
-from hypothesis import strategies as st
-
 from fedng import reference
 from fedng.ops import kron_precondition
+from hypothesis import given
+from hypothesis import strategies as st
 
 OP = "kron_precondition"
 
@@ -45,7 +44,7 @@ def _problem(mnb: list[tuple[int, int, int]], dtype: torch.dtype, seed: int) -> 
 def test_dense_form_matches_reference(
     dtype: torch.dtype, mnb: list[tuple[int, int, int]], seed: int
 ) -> None:
-    """grads only: out_i = g_inv_i grads_i a_inv_i for ragged layers (incl. empty, 0 and 1 sizes)."""
+    """grads only: out_i = g_inv_i grads_i a_inv_i for ragged layers (empty, sizes 0 and 1)."""
     p = _problem(mnb, dtype, seed)
     out = kron_precondition(p["grads"], p["a_inv"], p["g_inv"])
     expected = reference.kron_precondition_ref(p["grads"], p["a_inv"], p["g_inv"])
@@ -61,10 +60,12 @@ def test_batch_form_matches_reference(
 ) -> None:
     """inputs/output_grads only (grads=None): (Gb g_inv)^T (Ab a_inv), B=0 giving zeros."""
     p = _problem(mnb, dtype, seed)
-    out = kron_precondition(None, p["a_inv"], p["g_inv"], inputs=p["inputs"],
-                            output_grads=p["output_grads"])
-    expected = reference.kron_precondition_ref(None, p["a_inv"], p["g_inv"], inputs=p["inputs"],
-                                               output_grads=p["output_grads"])
+    out = kron_precondition(
+        None, p["a_inv"], p["g_inv"], inputs=p["inputs"], output_grads=p["output_grads"]
+    )
+    expected = reference.kron_precondition_ref(
+        None, p["a_inv"], p["g_inv"], inputs=p["inputs"], output_grads=p["output_grads"]
+    )
     for o, e in zip(out, expected, strict=True):
         assert_close(o, e, dtype, OP)
 
@@ -76,8 +77,9 @@ def test_both_forms_given_match_reference(
 ) -> None:
     """grads and batch factors together (consistent): whichever form is chosen, same result."""
     p = _problem(mnb, dtype, seed)
-    out = kron_precondition(p["grads"], p["a_inv"], p["g_inv"], inputs=p["inputs"],
-                            output_grads=p["output_grads"])
+    out = kron_precondition(
+        p["grads"], p["a_inv"], p["g_inv"], inputs=p["inputs"], output_grads=p["output_grads"]
+    )
     expected = reference.kron_precondition_ref(p["grads"], p["a_inv"], p["g_inv"])
     for o, e in zip(out, expected, strict=True):
         # grads was rounded to dtype, Gb^T Ab in the batch form is not: both are within tolerance.
@@ -85,17 +87,20 @@ def test_both_forms_given_match_reference(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("m", "n", "b"), [(3, 4, 50), (40, 30, 2), (64, 65, 0), (1, 1, 1),
-                                          (130, 20, 7), (20, 130, 300)])
+@pytest.mark.parametrize(
+    ("m", "n", "b"), [(3, 4, 50), (40, 30, 2), (64, 65, 0), (1, 1, 1), (130, 20, 7), (20, 130, 300)]
+)
 def test_larger_layers(dtype: torch.dtype, m: int, n: int, b: int) -> None:
-    """Both forms at larger sizes, batch both smaller and larger than the layer, agree with the ref."""
+    """Both forms at larger sizes, batch smaller and larger than the layer, equal the reference."""
     p = _problem([(m, n, b)], dtype, m * 1000 + n)
     expected = reference.kron_precondition_ref(p["grads"], p["a_inv"], p["g_inv"])
     dense = kron_precondition(p["grads"], p["a_inv"], p["g_inv"])
-    batch = kron_precondition(None, p["a_inv"], p["g_inv"], inputs=p["inputs"],
-                              output_grads=p["output_grads"])
-    both = kron_precondition(p["grads"], p["a_inv"], p["g_inv"], inputs=p["inputs"],
-                             output_grads=p["output_grads"])
+    batch = kron_precondition(
+        None, p["a_inv"], p["g_inv"], inputs=p["inputs"], output_grads=p["output_grads"]
+    )
+    both = kron_precondition(
+        p["grads"], p["a_inv"], p["g_inv"], inputs=p["inputs"], output_grads=p["output_grads"]
+    )
     for o in (dense, batch, both):
         assert_close(o[0], expected[0], dtype, OP)
 
@@ -111,11 +116,13 @@ def test_cheaper_form_is_chosen_per_layer(dtype: torch.dtype) -> None:
     grads = _rand(gen, dtype, m, n)
     big_ab, big_gb = _rand(gen, dtype, 100, n), _rand(gen, dtype, 100, m)  # B > m, n: dense
     small_ab, small_gb = _rand(gen, dtype, 1, n), _rand(gen, dtype, 1, m)  # B = 1: batch
-    out = kron_precondition([grads, grads], [a, a], [g, g], inputs=[big_ab, small_ab],
-                            output_grads=[big_gb, small_gb])
+    out = kron_precondition(
+        [grads, grads], [a, a], [g, g], inputs=[big_ab, small_ab], output_grads=[big_gb, small_gb]
+    )
     dense_ref = reference.kron_precondition_ref([grads], [a], [g])[0]
-    batch_ref = reference.kron_precondition_ref(None, [a], [g], inputs=[small_ab],
-                                                output_grads=[small_gb])[0]
+    batch_ref = reference.kron_precondition_ref(
+        None, [a], [g], inputs=[small_ab], output_grads=[small_gb]
+    )[0]
     assert_close(out[0], dense_ref, dtype, OP)
     assert_close(out[1], batch_ref, dtype, OP)
 
@@ -138,8 +145,9 @@ def test_inputs_not_modified_and_outputs_new() -> None:
     """Inputs stay untouched; outputs are fresh tensors of shape [m, n]."""
     p = _problem([(3, 4, 2), (5, 2, 9)], torch.float64, 9)
     before = {k: [t.clone() for t in v] for k, v in p.items()}
-    out = kron_precondition(p["grads"], p["a_inv"], p["g_inv"], inputs=p["inputs"],
-                            output_grads=p["output_grads"])
+    out = kron_precondition(
+        p["grads"], p["a_inv"], p["g_inv"], inputs=p["inputs"], output_grads=p["output_grads"]
+    )
     assert [tuple(o.shape) for o in out] == [(3, 4), (5, 2)]
     for k, v in p.items():
         assert all(torch.equal(x, y) for x, y in zip(v, before[k], strict=True))

@@ -40,13 +40,14 @@ def elf_needed(path: Path) -> list[str]:
     """DT_NEEDED entries of a 64-bit little-endian ELF shared object, parsed without binutils."""
     data = path.read_bytes()
     assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, "expected ELF64 LSB"
-    e_phoff, = struct.unpack_from("<Q", data, 0x20)
+    (e_phoff,) = struct.unpack_from("<Q", data, 0x20)
     e_phentsize, e_phnum = struct.unpack_from("<HH", data, 0x36)
     loads: list[tuple[int, int, int]] = []  # (vaddr, offset, filesz) of PT_LOAD segments
     dynamic: tuple[int, int] | None = None
     for i in range(e_phnum):
         p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(
-            "<IIQQQQ", data, e_phoff + i * e_phentsize)
+            "<IIQQQQ", data, e_phoff + i * e_phentsize
+        )
         if p_type == 1:
             loads.append((p_vaddr, p_offset, p_filesz))
         elif p_type == 2:
@@ -73,7 +74,7 @@ def elf_needed(path: Path) -> list[str]:
     for tag, val in entries:
         if tag == DT_NEEDED:
             start = strtab + val
-            names.append(data[start:data.index(b"\0", start)].decode())
+            names.append(data[start : data.index(b"\0", start)].decode())
     return names
 
 
@@ -99,7 +100,7 @@ def test_forbidden_header_pattern_catches_torch() -> None:
 
 
 def test_extension_links_no_libtorch() -> None:
-    """fedng._C's ELF dependencies (DT_NEEDED) name no libtorch/libc10, only BLAS and the runtime."""
+    """fedng._C's ELF dependencies (DT_NEEDED) name no libtorch/libc10: BLAS and the runtime."""
     path = Path(_C.__file__)
     needed = elf_needed(path)
     assert any("openblas" in n for n in needed), f"parser sanity: OpenBLAS not in {needed}"
@@ -122,7 +123,7 @@ def test_every_op_is_bound_in_C() -> None:
 
 
 def test_ops_exports_the_same_names() -> None:
-    """fedng.ops exports exactly the DESIGN §2 op functions (plus result types), by the same name."""
+    """fedng.ops exports exactly the DESIGN §2 op functions (plus result types), same names."""
     exported = set(ops.__all__)
     functions = {n for n in exported if callable(getattr(ops, n)) and n[0].islower()}
     assert functions == set(OP_NAMES)
@@ -139,7 +140,7 @@ def test_reference_and_test_file_per_op() -> None:
         assert (ROOT / "tests" / f"test_{name}.py").is_file(), f"tests/test_{name}.py missing"
 
 
-def test_import_does_not_require_cuda() -> None:
-    """The build reports its CUDA kernels truthfully (this CPU wheel has none)."""
-    assert _C.cuda_built is False
+def test_version_comes_from_the_extension() -> None:
+    """The Python package and the loaded extension are the same build (one version string)."""
+    assert isinstance(_C.__version__, str) and _C.__version__
     assert fedng.__version__ == _C.__version__

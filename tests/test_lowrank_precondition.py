@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from _tols import DTYPES, assert_close
-from hypothesis import given
-from hypothesis import strategies as st
-
 from fedng import reference
 from fedng.ops import lowrank_precondition
+from hypothesis import given
+from hypothesis import strategies as st
 
 OP = "lowrank_precondition"
 
@@ -39,8 +38,14 @@ def _problem(
     return us, ss, vs
 
 
-def _check(out: list[torch.Tensor], us: list[torch.Tensor], ss: list[torch.Tensor],
-           vs: list[torch.Tensor], damping: float | list[float], dtype: torch.dtype) -> None:
+def _check(
+    out: list[torch.Tensor],
+    us: list[torch.Tensor],
+    ss: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    damping: float | list[float],
+    dtype: torch.dtype,
+) -> None:
     lams = damping if isinstance(damping, list) else [damping] * len(us)
     expected = reference.lowrank_precondition_ref(us, ss, damping, vs)
     assert len(out) == len(vs)
@@ -60,8 +65,9 @@ def test_matches_dense_solve(
     us, ss, vs = _problem(spec, dtype, seed)
     damping: float | list[float]
     if data.draw(st.booleans()):
-        damping = data.draw(st.lists(st.sampled_from([0.1, 1.0, 5.0]), min_size=len(spec),
-                                     max_size=len(spec)))
+        damping = data.draw(
+            st.lists(st.sampled_from([0.1, 1.0, 5.0]), min_size=len(spec), max_size=len(spec))
+        )
     else:
         damping = data.draw(st.sampled_from([0.5, 2.0]))
     out = lowrank_precondition(us, ss, damping, vs)
@@ -101,8 +107,9 @@ def test_inverts_the_damped_matrix(dtype: torch.dtype) -> None:
 def test_zero_rank_is_scaling() -> None:
     """r = 0: the result is V / lambda exactly."""
     v = torch.randn(6, 2, dtype=torch.float64)
-    out = lowrank_precondition([torch.empty(6, 0, dtype=torch.float64)],
-                               [torch.empty(0, dtype=torch.float64)], 4.0, [v])[0]
+    out = lowrank_precondition(
+        [torch.empty(6, 0, dtype=torch.float64)], [torch.empty(0, dtype=torch.float64)], 4.0, [v]
+    )[0]
     assert torch.equal(out, v / 4.0)
 
 

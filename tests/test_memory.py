@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import gc
+import mmap
 import os
 from collections.abc import Callable
 
 import pytest
 import torch
-
 from fedng import ops
 
 CALLS = 10_000
@@ -31,16 +31,20 @@ def _kron_accumulate() -> Callable[[], object]:
 
 def _damped_cholesky_inverse() -> Callable[[], object]:
     # One OK, one JITTER (singular) and one FAILED (NaN) matrix: every status path runs.
-    mats = [torch.eye(3, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64),
-            torch.full((2, 2), float("nan"), dtype=torch.float64)]
+    mats = [
+        torch.eye(3, dtype=torch.float64),
+        torch.ones(2, 2, dtype=torch.float64),
+        torch.full((2, 2), float("nan"), dtype=torch.float64),
+    ]
     return lambda: ops.damped_cholesky_inverse(mats, [0.1, 0.0, 0.1])
 
 
 def _kron_precondition() -> Callable[[], object]:
     a, g = torch.eye(3), torch.eye(2)
     grads, ab, gb = torch.randn(2, 3), torch.randn(1, 3), torch.randn(1, 2)
-    return lambda: ops.kron_precondition([grads, grads], [a, a], [g, g], inputs=[ab, ab],
-                                         output_grads=[gb, gb])
+    return lambda: ops.kron_precondition(
+        [grads, grads], [a, a], [g, g], inputs=[ab, ab], output_grads=[gb, gb]
+    )
 
 
 def _sketch_accumulate() -> Callable[[], object]:
@@ -102,9 +106,12 @@ def test_rss_flat_over_10000_calls(op: str) -> None:
 
 
 def test_rss_probe_sees_a_leak() -> None:
-    """The RSS probe itself works: holding 16 MiB of touched memory shows up as growth."""
+    """The RSS probe itself works: 16 MiB of freshly mapped, touched pages show up as growth."""
     before = rss_bytes()
-    hold = torch.ones(4 * 2**20, dtype=torch.float32)  # 16 MiB, written so it is resident
+    # A new anonymous mapping: the allocator cannot satisfy it with pages already resident.
+    hold = mmap.mmap(-1, 16 * 2**20)
+    for offset in range(0, len(hold), 4096):
+        hold[offset] = 1
     grown = rss_bytes() - before
+    hold.close()
     assert grown >= 12 * 2**20, f"probe saw only {grown / 2**20:.1f} MiB"
-    del hold

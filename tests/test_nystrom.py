@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 from _tols import DTYPES, assert_close
-from hypothesis import given
-from hypothesis import strategies as st
-
 from fedng import reference
 from fedng.ops import gaussian_sketch_matrix, nystrom, sketch_accumulate
+from hypothesis import given
+from hypothesis import strategies as st
 
 OP = "nystrom"
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
@@ -52,8 +51,9 @@ def _sketch_of_rank(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("d", "k", "r"), [(20, 3, 5), (50, 8, 8), (200, 10, 16), (64, 1, 4),
-                                          (7, 7, 7), (500, 20, 32)])
+@pytest.mark.parametrize(
+    ("d", "k", "r"), [(20, 3, 5), (50, 8, 8), (200, 10, 16), (64, 1, 4), (7, 7, 7), (500, 20, 32)]
+)
 def test_recovers_exact_low_rank(dtype: torch.dtype, d: int, k: int, r: int) -> None:
     """A PSD matrix of exact rank k <= r is recovered: U S U^T = F, orthonormal U, sorted S."""
     f, om, y = _sketch_of_rank(d, k, r, dtype, seed=d + k + r)
@@ -77,8 +77,11 @@ def test_default_shift_is_reported(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@given(shapes=st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), max_size=4),
-       seed=st.integers(0, 2**31 - 1), data=st.data())
+@given(
+    shapes=st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), max_size=4),
+    seed=st.integers(0, 2**31 - 1),
+    data=st.data(),
+)
 def test_ragged_matches_reference_with_explicit_shift(
     dtype: torch.dtype, shapes: list[tuple[int, int]], seed: int, data: st.DataObject
 ) -> None:
@@ -87,9 +90,12 @@ def test_ragged_matches_reference_with_explicit_shift(
     """
     gen = torch.Generator().manual_seed(seed)
     dr = [(max(a, b), min(a, b)) for a, b in shapes]
-    shifts = data.draw(st.one_of(
-        st.sampled_from([0.5, 1.0]),
-        st.lists(st.sampled_from([0.25, 0.5, 2.0]), min_size=len(dr), max_size=len(dr))))
+    shifts = data.draw(
+        st.one_of(
+            st.sampled_from([0.5, 1.0]),
+            st.lists(st.sampled_from([0.25, 0.5, 2.0]), min_size=len(dr), max_size=len(dr)),
+        )
+    )
     ys, oms = [], []
     for i, (d, r) in enumerate(dr):
         a = torch.randn(d, d, dtype=torch.float64, generator=gen)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from _tols import DTYPES, assert_close
-from hypothesis import given
-from hypothesis import strategies as st
-
 from fedng import reference
 from fedng.ops import gaussian_sketch_matrix, sketch_accumulate
+from hypothesis import given
+from hypothesis import strategies as st
 
 OP = "sketch_accumulate"
 
@@ -28,23 +27,29 @@ def _problem(
     gen = torch.Generator().manual_seed(seed)
     ys = [_rand(gen, dtype, d, r) for d, r, _ in drb]
     js = [_rand(gen, dtype, b, d) for d, _, b in drb]
-    oms = [gaussian_sketch_matrix(d, r, seed=seed, stream_id=i, dtype=dtype)
-           for i, (d, r, _) in enumerate(drb)]
+    oms = [
+        gaussian_sketch_matrix(d, r, seed=seed, stream_id=i, dtype=dtype)
+        for i, (d, r, _) in enumerate(drb)
+    ]
     return ys, js, oms
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @given(drb=layers, decay=decays, seed=st.integers(0, 2**31 - 1), data=st.data())
 def test_matches_reference(
-    dtype: torch.dtype, drb: list[tuple[int, int, int]], decay: float, seed: int,
+    dtype: torch.dtype,
+    drb: list[tuple[int, int, int]],
+    decay: float,
+    seed: int,
     data: st.DataObject,
 ) -> None:
     """Ragged sketches with scalar or per-matrix scale match the reference, updated in place."""
     ys, js, oms = _problem(drb, dtype, seed)
     scale: float | list[float]
     if data.draw(st.booleans()):
-        scale = data.draw(st.lists(st.sampled_from([0.0, 1.0, 0.5, -2.0]),
-                                   min_size=len(drb), max_size=len(drb)))
+        scale = data.draw(
+            st.lists(st.sampled_from([0.0, 1.0, 0.5, -2.0]), min_size=len(drb), max_size=len(drb))
+        )
     else:
         scale = data.draw(st.sampled_from([1.0, 0.125]))
     expected = reference.sketch_accumulate_ref(ys, js, oms, decay, scale)

@@ -202,8 +202,8 @@ def no_alias(
         if reach is not None and span[0] < reach[1] and (span[2] or reach[2]):
             w, o = (span, reach) if span[2] else (reach, span)
             raise ValueError(
-                f"{op}: '{o[3]}[{o[4]}]' overlaps in memory with '{w[3]}[{w[4]}]', which is"
-                " written in place; pass separate tensors (e.g. .clone())"
+                f"{op}: '{o[3]}[{o[4]}]' overlaps in memory with '{w[3]}[{w[4]}]', and"
+                f" '{w[3]}' is written in place; pass separate tensors (e.g. .clone())"
             )
         if reach is None or span[1] > reach[1] or (span[1] == reach[1] and span[2]):
             reach = span
