@@ -4,10 +4,10 @@ seven op names of DESIGN §2 are the same in `fedng._C`, `fedng.ops` and `fedng.
 from __future__ import annotations
 
 import re
-import struct
 from pathlib import Path
 
 import fedng
+from elf_deps import elf_needed
 from fedng import _C, ops, reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,55 +27,12 @@ OP_NAMES = (
 INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.MULTILINE)
 FORBIDDEN_HEADER = re.compile(r"^(torch|ATen|c10|caffe2)/|^(torch|ATen)\.h$", re.IGNORECASE)
 FORBIDDEN_LIB = re.compile(r"torch|c10", re.IGNORECASE)
-DT_NEEDED = 1
 
 
 def native_sources() -> list[Path]:
     """Every C/C++/CUDA source and header under csrc/."""
     exts = {".c", ".cc", ".cpp", ".cxx", ".h", ".hh", ".hpp", ".cu", ".cuh", ".inl"}
     return sorted(p for p in CSRC.rglob("*") if p.suffix in exts)
-
-
-def elf_needed(path: Path) -> list[str]:
-    """DT_NEEDED entries of a 64-bit little-endian ELF shared object, parsed without binutils."""
-    data = path.read_bytes()
-    assert data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1, "expected ELF64 LSB"
-    (e_phoff,) = struct.unpack_from("<Q", data, 0x20)
-    e_phentsize, e_phnum = struct.unpack_from("<HH", data, 0x36)
-    loads: list[tuple[int, int, int]] = []  # (vaddr, offset, filesz) of PT_LOAD segments
-    dynamic: tuple[int, int] | None = None
-    for i in range(e_phnum):
-        p_type, _, p_offset, p_vaddr, _, p_filesz = struct.unpack_from(
-            "<IIQQQQ", data, e_phoff + i * e_phentsize
-        )
-        if p_type == 1:
-            loads.append((p_vaddr, p_offset, p_filesz))
-        elif p_type == 2:
-            dynamic = (p_offset, p_filesz)
-    assert dynamic is not None, "no PT_DYNAMIC segment"
-    entries: list[tuple[int, int]] = []
-    off, end = dynamic[0], dynamic[0] + dynamic[1]
-    while off < end:
-        tag, val = struct.unpack_from("<qQ", data, off)
-        if tag == 0:
-            break
-        entries.append((tag, val))
-        off += 16
-    strtab_vaddr = next(val for tag, val in entries if tag == 5)  # DT_STRTAB
-
-    def file_offset(vaddr: int) -> int:
-        for seg_vaddr, seg_off, seg_size in loads:
-            if seg_vaddr <= vaddr < seg_vaddr + seg_size:
-                return vaddr - seg_vaddr + seg_off
-        raise AssertionError(f"address {vaddr:#x} is in no PT_LOAD segment")
-
-    strtab = file_offset(strtab_vaddr)
-    names = []
-    for tag, val in entries:
-        if tag == DT_NEEDED:
-            start = strtab + val
-            names.append(data[start : data.index(b"\0", start)].decode())
-    return names
 
 
 def test_csrc_includes_no_torch_header() -> None:
