@@ -3,6 +3,10 @@
 Submodules:
     fedng.ops: the native ops (K-FAC factors, damped Cholesky inverses, low-rank Fisher sketches).
     fedng.reference: pure-torch float64 references of every op.
+    fedng.curvature: hooks capturing layer inputs/output-grads; K-FAC, diagonal, low-rank Fisher.
+    fedng.optim: `NaturalGradient`, a preconditioner for any torch.optim optimizer.
+    fedng.federated: federated training (FedNG, baselines, offline tasks, simulator);
+        CLI `fedng simulate`.
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ class _Config:
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"{cls.__name__}: unknown keys {unknown}; expected some of {sorted(names)}")
+            raise ValueError(
+                f"{cls.__name__}: unknown keys {unknown}; expected some of {sorted(names)}"
+            )
         return cls(**d)
 
     def replace(self: _C, **changes: Any) -> _C:
@@ -64,6 +66,13 @@ def _check(cond: bool, cls: str, name: str, expected: str, got: object) -> None:
 
 def _choice(cls: str, name: str, value: str, options: tuple[str, ...]) -> None:
     _check(value in options, cls, name, f"one of {list(options)}", value)
+
+
+def curvature_mapping(spec: str) -> dict[str, str]:
+    """A curvature spec as the mapping `NaturalGradient(curvature=...)` takes:
+    `"kfac,fc2=diag"` -> `{"default": "kfac", "fc2": "diag"}`."""
+    default, overrides = parse_curvature(spec)
+    return {"default": default, **overrides}
 
 
 def parse_curvature(spec: str) -> tuple[str, dict[str, str]]:
@@ -120,6 +129,7 @@ class ClientConfig(_Config):
         upload_every: upload curvature every R rounds (R >= 1).
         rank: sketch rank of low-rank curvature.
         sketch_seed: shared seed of the Gaussian sketch matrices.
+        kl_clip: bound on the local natural-gradient step's KL estimate `lr^2 p.g` (0 = off).
         local_epochs: FedFisher only: local epochs of its one-shot local training (0 = use
             `local_steps`).
     """
@@ -145,6 +155,7 @@ class ClientConfig(_Config):
     upload_every: int = 1
     rank: int = 16
     sketch_seed: int = 1234
+    kl_clip: float = 0.0
     local_epochs: float = 0.0
 
     def __post_init__(self) -> None:
@@ -164,11 +175,13 @@ class ClientConfig(_Config):
         _choice(c, "fisher_type", self.fisher_type, ("empirical", "mc"))
         _check(0 <= self.local_mix <= 1, c, "local_mix", "in [0, 1]", self.local_mix)
         _check(self.inverse_every >= 1, c, "inverse_every", ">= 1", self.inverse_every)
-        _check(0 <= self.curvature_decay < 1, c, "curvature_decay", "in [0, 1)",
-               self.curvature_decay)
+        _check(
+            0 <= self.curvature_decay < 1, c, "curvature_decay", "in [0, 1)", self.curvature_decay
+        )
         _choice(c, "payload_dtype", self.payload_dtype, FLOAT_WIRE)
         _check(self.upload_every >= 1, c, "upload_every", ">= 1", self.upload_every)
         _check(self.rank >= 1, c, "rank", ">= 1", self.rank)
+        _check(self.kl_clip >= 0, c, "kl_clip", ">= 0", self.kl_clip)
         _check(self.local_epochs >= 0, c, "local_epochs", ">= 0", self.local_epochs)
 
 
@@ -187,8 +200,14 @@ class ServerConfig(_Config):
         aggregation: FedNG / FedFisher: "mean" or "fisher" (Fisher-weighted).
         fisher_damping: lambda of the Fisher-weighted aggregation, relative to the mean
             eigenvalue scale of each layer's aggregated curvature.
+        fisher_center: the prior center of the Fisher-weighted aggregation's damping: "zero"
+            (`(sum p F + lambda I)^-1 sum p F delta`) or "mean" (adds `lambda * mean delta` to
+            the right-hand side: FedAvg where no curvature is seen).
         curvature_ema: decay of the global curvature EMA across rounds (0 = last round only).
         damping: Tikhonov damping of the broadcast global preconditioner.
+        broadcast: FedNG: what the server sends with theta: "inverse" (the damped inverses of
+            the global curvature; for clients with precond="global"), "factors" (the global
+            curvature itself; for "global_local"), or "none".
         broadcast_dtype: wire dtype of the broadcast preconditioner.
         cg_iters: max conjugate-gradient iterations (K-FAC Fisher-weighted aggregation).
         cg_tol: relative residual at which CG stops.
@@ -206,8 +225,10 @@ class ServerConfig(_Config):
     num_clients: int = 1
     aggregation: str = "mean"
     fisher_damping: float = 1e-3
+    fisher_center: str = "zero"
     curvature_ema: float = 0.5
     damping: float = 1e-2
+    broadcast: str = "inverse"
     broadcast_dtype: str = "fp32"
     cg_iters: int = 100
     cg_tol: float = 1e-6
@@ -218,16 +239,19 @@ class ServerConfig(_Config):
         c = "ServerConfig"
         _choice(c, "algorithm", self.algorithm, ALGORITHMS)
         _check(self.server_lr > 0, c, "server_lr", "> 0", self.server_lr)
-        _check(0 <= self.server_momentum < 1, c, "server_momentum", "in [0, 1)",
-               self.server_momentum)
+        _check(
+            0 <= self.server_momentum < 1, c, "server_momentum", "in [0, 1)", self.server_momentum
+        )
         _check(0 <= self.beta1 < 1, c, "beta1", "in [0, 1)", self.beta1)
         _check(0 <= self.beta2 < 1, c, "beta2", "in [0, 1)", self.beta2)
         _check(self.tau > 0, c, "tau", "> 0", self.tau)
         _check(self.num_clients >= 1, c, "num_clients", ">= 1", self.num_clients)
         _choice(c, "aggregation", self.aggregation, AGGREGATIONS)
         _check(self.fisher_damping > 0, c, "fisher_damping", "> 0", self.fisher_damping)
+        _choice(c, "fisher_center", self.fisher_center, ("zero", "mean"))
         _check(0 <= self.curvature_ema < 1, c, "curvature_ema", "in [0, 1)", self.curvature_ema)
         _check(self.damping > 0, c, "damping", "> 0", self.damping)
+        _choice(c, "broadcast", self.broadcast, ("inverse", "factors", "none"))
         _choice(c, "broadcast_dtype", self.broadcast_dtype, FLOAT_WIRE)
         _check(self.cg_iters >= 1, c, "cg_iters", ">= 1", self.cg_iters)
         _check(self.cg_tol > 0, c, "cg_tol", "> 0", self.cg_tol)

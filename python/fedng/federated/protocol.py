@@ -146,18 +146,26 @@ class ServerMessage:
 
     def to_bytes(self) -> bytes:
         """The message's wire bytes."""
-        extras = {k: v.to(serialize.wire_dtype(self.dtype)) if v.is_floating_point() else v
-                  for k, v in self.extras.items()}
+        extras = {
+            k: v.to(serialize.wire_dtype(self.dtype)) if v.is_floating_point() else v
+            for k, v in self.extras.items()
+        }
         arrays = {**_prefixed("param", self.params), **_prefixed("extra", extras)}
-        meta = {"type": "server_message", "round": self.round, "algorithm": self.algorithm,
-                "dtype": self.dtype, "meta": self.meta}
+        meta = {
+            "type": "server_message",
+            "round": self.round,
+            "algorithm": self.algorithm,
+            "dtype": self.dtype,
+            "meta": self.meta,
+        }
         return serialize.pack(arrays, meta=meta, symmetric=[f"extra/{s}" for s in self.symmetric])
 
     def seal(self) -> ServerMessage:
         """Casts `extras` to the wire dtype (what clients will see), sets `nbytes`; returns self."""
         wd = serialize.wire_dtype(self.dtype)
-        self.extras = {k: v.to(wd).float() if v.is_floating_point() else v
-                       for k, v in self.extras.items()}
+        self.extras = {
+            k: v.to(wd).float() if v.is_floating_point() else v for k, v in self.extras.items()
+        }
         self.nbytes = len(self.to_bytes())
         return self
 
@@ -226,7 +234,7 @@ def server_init(params: Arrays, config: ServerConfig) -> tuple[ServerState, Serv
     Returns:
         (state, message for round 0).
     """
-    from fedng.federated.algorithms import get_algorithm
+    from fedng.federated.algorithms.registry import get_algorithm
 
     algo = get_algorithm(config.algorithm)
     state = ServerState(0, {k: v.detach().float().clone() for k, v in params.items()}, config)
@@ -257,18 +265,16 @@ def client_step(
     Raises:
         ValueError: the config's algorithm is not the message's.
     """
-    from fedng.federated.algorithms import get_algorithm
+    from fedng.federated.algorithms.registry import get_algorithm
 
     if config.algorithm != server_message.algorithm:
         raise ValueError(
             f"client_step: 'config.algorithm' must match the server message's algorithm"
             f" {server_message.algorithm!r}, got {config.algorithm!r}"
         )
-    t0 = time.perf_counter()
     upd = get_algorithm(config.algorithm).client_step(
         model, data, server_message, config, dict(client_state or {})
     )
-    upd.metrics["client_time_s"] = time.perf_counter() - t0
     return upd.seal()
 
 
@@ -288,7 +294,7 @@ def server_step(
     Returns:
         (new state, message for the next round).
     """
-    from fedng.federated.algorithms import get_algorithm
+    from fedng.federated.algorithms.registry import get_algorithm
     from fedng.federated.validate import validate_updates
 
     t0 = time.perf_counter()
@@ -298,12 +304,18 @@ def server_step(
     new.log = {"accepted": [u.client_id for u in accepted], "rejected": rejected}
     if accepted:
         new = algo.aggregate(new, accepted)
-        bad = [k for k, v in {**new.params, **new.buffers}.items()
-               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = [
+            k
+            for k, v in {**new.params, **new.buffers}.items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ]
         if bad:
             rolled = state.copy()
-            rolled.log = {"accepted": [], "rejected": rejected,
-                          "rolled_back": f"aggregation produced non-finite {bad[:5]}"}
+            rolled.log = {
+                "accepted": [],
+                "rejected": rejected,
+                "rolled_back": f"aggregation produced non-finite {bad[:5]}",
+            }
             new = rolled
     else:
         new.log["skipped"] = "no valid update this round"

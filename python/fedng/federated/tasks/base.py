@@ -67,8 +67,10 @@ class FederatedTask:
 
     def validation_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All clients' validation data (federated evaluation weighted by example count)."""
-        return (torch.cat([c.x_val for c in self.clients]),
-                torch.cat([c.y_val for c in self.clients]))
+        return (
+            torch.cat([c.x_val for c in self.clients]),
+            torch.cat([c.y_val for c in self.clients]),
+        )
 
 
 def seeded_model(builder: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -88,8 +90,9 @@ def mlp(sizes: list[int], act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, metric: str
-             ) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str, metric: str
+) -> dict[str, float]:
     """Loss and metric of `model` on (x, y), in one no-grad pass.
 
     Returns:

@@ -1,0 +1,7 @@
+"""Federated algorithms on one protocol: FedAvg(M), FedProx, SCAFFOLD, FedAdam / FedYogi /
+FedAdagrad, FedNG and one-shot Fisher merging (FedFisher)."""
+
+from fedng.federated.algorithms.base import Algorithm
+from fedng.federated.algorithms.registry import get_algorithm
+
+__all__ = ["Algorithm", "get_algorithm"]

@@ -1,0 +1,146 @@
+"""Client-side building blocks shared by every algorithm: parameters as named arrays, the seeded
+batch order, the loss, and the local SGD loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from fedng.federated.config import ClientConfig
+from fedng.federated.tasks.base import ClientData
+
+Arrays = dict[str, torch.Tensor]
+
+
+def get_params(model: nn.Module) -> Arrays:
+    """The model's trainable parameters as named fp32 arrays (detached clones)."""
+    return {k: p.detach().float().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def set_params(model: nn.Module, params: Arrays) -> None:
+    """Loads named arrays into the model's parameters.
+
+    Raises:
+        ValueError: a missing or extra name, or a shape mismatch (named).
+    """
+    own = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if set(own) != set(params):
+        raise ValueError(
+            f"set_params: parameter names differ: missing {sorted(set(own) - set(params))},"
+            f" unexpected {sorted(set(params) - set(own))}"
+        )
+    with torch.no_grad():
+        for k, p in own.items():
+            if tuple(p.shape) != tuple(params[k].shape):
+                raise ValueError(
+                    f"set_params: '{k}' must have shape {list(p.shape)},"
+                    f" got {list(params[k].shape)}"
+                )
+            p.copy_(params[k])
+
+
+def sub(a: Arrays, b: Arrays) -> Arrays:
+    """a - b per name."""
+    return {k: a[k] - b[k] for k in a}
+
+
+def round_seed(seed: int, round_: int, client_id: int) -> int:
+    """A 63-bit seed from (config seed, round, client): the same on every run and machine."""
+    return (seed * 1_000_003 + round_ * 10_007 + client_id * 101 + 17) % (2**63 - 1)
+
+
+def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """`steps` minibatches of indices into n examples: epochs of seeded shuffles, drop-last free.
+
+    Each epoch is a fresh permutation; a batch never straddles two epochs (the last batch of an
+    epoch may be smaller). With batch_size >= n every batch is the whole (shuffled) data.
+
+    Args:
+        n: examples (>= 1).
+        batch_size: examples per batch.
+        steps: batches to yield.
+        seed: the generator seed (see `round_seed`).
+
+    Yields:
+        int64 index tensors.
+    """
+    if n < 1:
+        raise ValueError(f"batch_indices: 'n' must be >= 1, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < steps:
+        perm = torch.randperm(n, generator=gen)
+        for lo in range(0, n, batch_size):
+            if done == steps:
+                return
+            yield perm[lo : lo + batch_size]
+            done += 1
+
+
+def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Mean-reduced cross-entropy ("ce") or MSE ("mse")."""
+    if kind == "ce":
+        return nn.functional.cross_entropy
+    if kind == "mse":
+        return nn.functional.mse_loss
+    raise ValueError(f"loss_fn: 'kind' must be 'ce' or 'mse', got {kind!r}")
+
+
+GradHook = Callable[[int], None]
+"""Called after `loss.backward()` with the step index; may rewrite `.grad` in place."""
+
+
+def local_sgd(
+    model: nn.Module,
+    data: ClientData,
+    config: ClientConfig,
+    round_: int,
+    *,
+    grad_hook: GradHook | None = None,
+    steps: int | None = None,
+    before_backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+) -> dict[str, float]:
+    """Runs the local SGD loop every algorithm shares (equal local work).
+
+    `config.local_steps` steps (or `steps`) of `torch.optim.SGD(lr, momentum, weight_decay)` on
+    minibatches from `batch_indices(..., round_seed(config.seed, round_, data.client_id))`.
+
+    Args:
+        model: the model, already holding the starting parameters.
+        data: the client's data.
+        config: the client config.
+        round_: the server round (seeds the batch order).
+        grad_hook: rewrites gradients between backward and the optimizer step (FedProx's
+            proximal gradient, SCAFFOLD's correction, natural-gradient preconditioning).
+        steps: overrides `config.local_steps`.
+        before_backward: called with (inputs, targets, outputs) before backward (e.g. to record
+            curvature).
+
+    Returns:
+        {"train_loss": mean minibatch loss, "steps": steps taken}.
+    """
+    crit = loss_fn(config.loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    k = config.local_steps if steps is None else steps
+    total = 0.0
+    seed = round_seed(config.seed, round_, data.client_id)
+    model.train()
+    for step, idx in enumerate(batch_indices(data.num_examples, config.batch_size, k, seed)):
+        x, y = data.x[idx], data.y[idx]
+        opt.zero_grad(set_to_none=False)
+        out = model(x)
+        loss = crit(out, y)
+        if before_backward is not None:
+            before_backward(x, y, out)
+        loss.backward()
+        if grad_hook is not None:
+            grad_hook(step)
+        opt.step()
+        total += float(loss.detach())
+    return {"train_loss": total / max(1, k), "steps": float(k)}

@@ -1,0 +1,165 @@
+"""In-process federated simulation: seeded, deterministic, partial participation, real bytes.
+
+Every round the server's message is serialized once and decoded by the clients; every client
+update is serialized and decoded by the server, so the byte counts in the log are the lengths of
+the actual payloads.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from fedng.federated.algorithms.registry import get_algorithm
+from fedng.federated.config import ClientConfig, ServerConfig
+from fedng.federated.history import History, RoundRecord
+from fedng.federated.local import get_params, set_params
+from fedng.federated.protocol import (
+    Arrays,
+    ClientUpdate,
+    ServerMessage,
+    client_step,
+    server_init,
+    server_step,
+)
+from fedng.federated.tasks.base import FederatedTask, evaluate
+
+Tamper = Callable[[int, ClientUpdate], ClientUpdate]
+"""Test hook: (round, update) -> the update actually sent (e.g. a corrupted one)."""
+
+
+def sample_clients(rng: np.random.Generator, num_clients: int, participation: float) -> list[int]:
+    """max(1, round(participation * K)) distinct client ids, sorted."""
+    m = max(1, min(num_clients, round(participation * num_clients)))
+    return sorted(rng.choice(num_clients, size=m, replace=False).tolist())
+
+
+def simulate(
+    task: FederatedTask,
+    client_config: ClientConfig,
+    server_config: ServerConfig,
+    *,
+    rounds: int,
+    participation: float = 1.0,
+    seed: int = 0,
+    progress: bool = False,
+    tamper: Tamper | None = None,
+    desc: str | None = None,
+) -> History:
+    """Runs one federated training and returns its history.
+
+    Args:
+        task: the task (clients' data, test set, model).
+        client_config: the clients' config (its `algorithm` must be the server's).
+        server_config: the server's config.
+        rounds: communication rounds.
+        participation: fraction of clients sampled per round, in (0, 1].
+        seed: seeds the model initialization, the client sampling and the clients' batch order
+            (combined with `client_config.seed`).
+        progress: show a tqdm progress bar.
+        tamper: a test hook that may replace an update before it is sent.
+        desc: progress-bar label.
+
+    Returns:
+        The `History` (round 0 = the initial model).
+
+    Raises:
+        ValueError: mismatched algorithms, or bad rounds / participation.
+    """
+    if client_config.algorithm != server_config.algorithm:
+        raise ValueError(
+            f"simulate: client and server algorithms differ: {client_config.algorithm!r} vs"
+            f" {server_config.algorithm!r}"
+        )
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"simulate: 'rounds' must be an int >= 0, got {rounds!r}")
+    if not 0 < participation <= 1:
+        raise ValueError(f"simulate: 'participation' must be in (0, 1], got {participation!r}")
+    k = len(task.clients)
+    if server_config.num_clients != k:
+        server_config = server_config.replace(num_clients=k)
+    client_config = client_config.replace(loss=task.loss, seed=client_config.seed + 7919 * seed)
+    algo = get_algorithm(client_config.algorithm)
+    if algo.max_rounds is not None:
+        rounds = min(rounds, algo.max_rounds)
+    torch.manual_seed(seed)
+    model = task.model_fn(seed)
+    eval_model = task.model_fn(seed)
+    state, message = server_init(get_params(model), server_config)
+    rng = np.random.default_rng(seed)
+    x_val, y_val = task.validation_set()
+    hist = History(
+        task.name,
+        client_config.algorithm,
+        task.metric,
+        task.higher_is_better,
+        seed,
+        client_config.to_dict(),
+        server_config.to_dict(),
+        {"rounds": rounds, "participation": participation, "num_clients": k},
+    )
+
+    def record(r: int, params: Arrays) -> RoundRecord:
+        set_params(eval_model, params)
+        eval_model.eval()
+        te = evaluate(eval_model, task.x_test, task.y_test, task.loss, task.metric)
+        va = evaluate(eval_model, x_val, y_val, task.loss, task.metric)
+        return RoundRecord(r, te[task.metric], te["loss"], va[task.metric], va["loss"])
+
+    hist.rounds.append(record(0, state.params))
+    client_states: dict[int, Arrays] = {}
+    cum = 0
+    bar = _progress(rounds, progress, desc or f"{task.name} {client_config.algorithm}")
+    for r in range(rounds):
+        ids = sample_clients(rng, k, participation)
+        blob = message.to_bytes()
+        received = ServerMessage.from_bytes(blob)
+        updates, times, losses, up = [], [], [], 0
+        for cid in ids:
+            t0 = time.perf_counter()
+            upd = client_step(
+                model, task.clients[cid], received, client_config, client_states.get(cid)
+            )
+            times.append(time.perf_counter() - t0)
+            client_states[cid] = upd.client_state
+            if tamper is not None:
+                upd = tamper(r, upd)
+            wire = upd.to_bytes()
+            up += len(wire)
+            updates.append(ClientUpdate.from_bytes(wire))
+            losses.append(upd.metrics.get("train_loss", math.nan))
+        state, message = server_step(state, updates)
+        down = len(blob) * len(ids)
+        cum += up + down
+        rec = record(r + 1, state.params)
+        log = dict(state.log)
+        rec.rejected = {str(c): why for c, why in log.pop("rejected", {}).items()}
+        accepted = set(log.pop("accepted", []))
+        rec.server_time_s = float(log.pop("server_time_s", 0.0))
+        rec.server_log = log
+        kept = [ls for cid, ls in zip(ids, losses, strict=True) if cid in accepted]
+        rec.train_loss = float(np.mean(kept)) if kept else math.nan
+        rec.bytes_up, rec.bytes_down, rec.cum_bytes = up, down, cum
+        rec.client_time_s = float(np.mean(times)) if times else 0.0
+        rec.participants = ids
+        hist.rounds.append(rec)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({task.metric: f"{rec.metric:.4f}"})
+    if bar is not None:
+        bar.close()
+    return hist
+
+
+def _progress(total: int, enabled: bool, desc: str):  # type: ignore[no-untyped-def]
+    """A tqdm bar, or None when disabled."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    # disable=None: drawn on a terminal, skipped when output goes to a file or CI log.
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)

@@ -1,0 +1,38 @@
+"""Small shared helpers of the federated tests."""
+
+from __future__ import annotations
+
+import torch
+from fedng.federated.tasks.base import ClientData, FederatedTask, mlp, seeded_model
+from torch import nn
+
+
+def blobs_task(num_clients: int = 4, n: int = 60, dim: int = 5, classes: int = 3,
+               seed: int = 0) -> FederatedTask:
+    """A tiny separable classification task (Gaussian blobs), IID over clients."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = 3.0 * torch.randn(classes, dim, generator=gen)
+
+    def draw(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, classes, (k,), generator=gen)
+        return centers[y] + torch.randn(k, dim, generator=gen), y
+
+    clients = []
+    for c in range(num_clients):
+        x, y = draw(n)
+        xv, yv = draw(10)
+        clients.append(ClientData(c, x, y, xv, yv))
+    xt, yt = draw(200)
+    return FederatedTask("blobs", clients, xt, yt,
+                         lambda s: seeded_model(lambda: mlp([dim, 8, classes]), s),
+                         "ce", "accuracy", classes)
+
+
+def linear_task(n: int = 24, dim: int = 3, seed: int = 0) -> FederatedTask:
+    """One client, a linear regression (MSE), model nn.Linear(dim, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=gen)
+    y = x @ torch.randn(dim, 1, generator=gen) + 0.1 * torch.randn(n, 1, generator=gen)
+    c = ClientData(0, x, y, x[:4], y[:4])
+    return FederatedTask("linear", [c], x, y, lambda s: seeded_model(lambda: nn.Linear(dim, 1), s),
+                         "mse", "rel_l2", 0)

@@ -1,0 +1,152 @@
+"""Every payload is validated on arrival; a bad one is rejected with a reason, the round goes on,
+and the server state is never corrupted."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from _fed import blobs_task
+from fedng.federated.algorithms.fedng import attach_curvature, decoded_curvature
+from fedng.federated.local import get_params
+from fedng.federated.presets import make_configs
+from fedng.federated.protocol import ClientUpdate, client_step, server_init, server_step
+from fedng.federated.simulator import simulate
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _round(algo: str, extra: dict | None = None, n: int = 5):  # type: ignore[no-untyped-def]
+    task = blobs_task(num_clients=n, n=30)
+    cc, sc = make_configs(algo, {"local_steps": 3, **(extra or {})})
+    model = task.model_fn(0)
+    state, msg = server_init(get_params(model), sc)
+    ups = [ClientUpdate.from_bytes(client_step(model, c, msg, cc).to_bytes())
+           for c in task.clients]
+    return state, ups
+
+
+def _nan_delta(u: ClientUpdate) -> None:
+    k = next(iter(u.delta))
+    u.delta[k] = u.delta[k].clone()
+    u.delta[k].view(-1)[0] = float("nan")
+
+
+def _wrong_shape(u: ClientUpdate) -> None:
+    k = next(iter(u.delta))
+    u.delta[k] = torch.zeros(3)
+
+
+def _missing(u: ClientUpdate) -> None:
+    u.delta.pop(next(iter(u.delta)))
+
+
+def _huge(u: ClientUpdate) -> None:
+    u.delta = {k: v * 1e4 for k, v in u.delta.items()}
+
+
+def _stale(u: ClientUpdate) -> None:
+    u.round = 7
+
+
+def _no_examples(u: ClientUpdate) -> None:
+    u.num_examples = 0
+
+
+CORRUPTIONS: dict[str, tuple[Callable[[ClientUpdate], None], str]] = {
+    "nan": (_nan_delta, "NaN"),
+    "shape": (_wrong_shape, "shape"),
+    "missing": (_missing, "missing"),
+    "norm": (_huge, "median"),
+    "stale": (_stale, "round"),
+    "examples": (_no_examples, "num_examples"),
+}
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_bad_delta_rejected_round_continues(name: str) -> None:
+    state, ups = _round("fedavg")
+    before = {k: v.clone() for k, v in state.params.items()}
+    fn, word = CORRUPTIONS[name]
+    fn(ups[1])
+    new, _ = server_step(state, ups)
+    assert list(new.log["rejected"]) == [1]
+    assert word in new.log["rejected"][1]
+    assert new.log["accepted"] == [0, 2, 3, 4]
+    assert all(torch.isfinite(v).all() for v in new.params.values())
+    assert any(not torch.equal(new.params[k], before[k]) for k in before)
+    for k in before:  # the input state is never modified
+        assert torch.equal(state.params[k], before[k])
+
+
+def _offdiag(g: torch.Tensor) -> torch.Tensor:
+    """A symmetric off-diagonal pair large enough to make g indefinite (the wire keeps only the
+    lower triangle, so an asymmetric attack cannot even be expressed)."""
+    e = torch.zeros_like(g)
+    e[1, 0] = e[0, 1] = 10 * float(g.abs().max())
+    return e
+
+
+def _curv(u: ClientUpdate, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    cs = decoded_curvature(u)
+    rep = cs.reps["kfac"]
+    rep.G[0] = fn(rep.G[0])
+    attach_curvature(u, cs, "fp32")
+    delattr(u, "_fedng_curvature")
+
+
+@pytest.mark.parametrize("fn,word", [
+    (lambda g: -g, "positive semi-definite"),
+    (lambda g: g + _offdiag(g), "positive semi-definite"),
+    (lambda g: g * float("inf"), "NaN/Inf"),
+    (lambda g: g * 1e25, "overflow"),
+    (lambda g: g * 1e6, "median"),
+])
+def test_bad_curvature_rejected(fn: Callable[[torch.Tensor], torch.Tensor], word: str) -> None:
+    state, ups = _round("fedng", {"aggregation": "fisher", "precond": "global"})
+    _curv(ups[2], fn)
+    new, msg = server_step(state, ups)
+    assert list(new.log["rejected"]) == [2], new.log
+    assert word in new.log["rejected"][2]
+    assert new.log["aggregation"] == "fisher"
+    assert all(torch.isfinite(v).all() for v in {**new.params, **new.buffers}.values())
+    assert any(k.startswith("inv/") for k in msg.extras)
+
+
+def test_corrupt_layout_and_dtype_rejected() -> None:
+    state, ups = _round("fedng")
+    ups[0].meta["curv"]["layouts"][0][2] = 999
+    ups[1].curvature = {k: v.double() for k, v in ups[1].curvature.items()}
+    new, _ = server_step(state, ups)
+    assert set(new.log["rejected"]) == {0, 1}
+
+
+def test_all_rejected_keeps_state() -> None:
+    state, ups = _round("fedavg", n=3)
+    for u in ups:
+        _nan_delta(u)
+    new, msg = server_step(state, ups)
+    assert new.log["skipped"]
+    assert new.round == state.round + 1
+    for k in state.params:
+        assert torch.equal(new.params[k], state.params[k])
+        assert torch.equal(msg.params[k], state.params[k])
+
+
+def test_simulation_logs_rejections_and_keeps_learning() -> None:
+    task = blobs_task(num_clients=4, n=40)
+    cc, sc = make_configs("fedng", {"local_steps": 4, "lr": 0.1})
+
+    def attack(r: int, u: ClientUpdate) -> ClientUpdate:
+        if u.client_id == 0:
+            _nan_delta(u)
+        return u
+
+    h = simulate(task, cc, sc, rounds=4, participation=1.0, seed=0, tamper=attack)
+    assert all(set(r.rejected) == {"0"} for r in h.rounds[1:])
+    assert "NaN" in h.rounds[1].rejected["0"]
+    assert h.final() > 0.8
