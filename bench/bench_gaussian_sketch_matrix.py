@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "machines or thread counts, ours is bit-identical everywhere")
     gen = torch.Generator().manual_seed(SEED)
     for wl in W.select(args.workloads, args.quick):
-        dims = W.lowrank_dims(wl, max_d=W.QUICK_MAX_D if args.quick else None)
+        dims = W.lowrank_dims(wl, max_d=H.max_d_of(args))
         om = ours_way(dims, dtype)
         flat = torch.cat([o.reshape(-1) for o in om]).double()
         mean, std = flat.mean().item(), flat.std().item()

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = H.dtype_of(args)
     rep = H.Report(OP, args, flops_note="4 d r c per layer")
     for wl in W.select(args.workloads, args.quick):
-        dims = W.lowrank_dims(wl, max_d=W.QUICK_MAX_D if args.quick else None)
+        dims = W.lowrank_dims(wl, max_d=H.max_d_of(args))
         us, ss, vs = W.lowrank_factors(dims, dtype, cols=args.cols)
         lams = [1e-2 * float(s[0]) for s in ss]
         ours = lowrank_precondition(us, ss, lams, vs)

@@ -5,8 +5,9 @@ d x d matrix per layer, d up to ~1M parameters), so the torch way is the same st
 would write per layer: `nu = sqrt(d) eps ||Y||_F`, `C = cholesky(Omega^T (Y + nu Omega))`,
 `B = solve_triangular(C, Y + nu Omega)`, `U, s = svd(B)`, `S = max(s^2 - nu, 0)`.
 Workloads: one low-rank Fisher per layer, d = the layer's parameter count (tiny: each matrix size),
-rank r = min(32, d // 4). Work: 8 d r^2 flops per matrix (Omega^T Y 2dr^2, triangular solve dr^2,
-thin SVD ~5dr^2, an effective count).
+rank r = min(32, d // 4); d is capped at 2^18 in full mode to bound the run (`--max-d 0`: no cap).
+Work: 8 d r^2 flops per matrix (Omega^T Y 2dr^2, triangular solve dr^2, thin SVD ~5dr^2, an
+effective count).
 Run: `python bench/bench_nystrom.py [--quick] [--workloads mlp lora]`.
 """
 
@@ -27,6 +28,7 @@ from fedng.ops import nystrom
 OP = "nystrom"
 TOL = {torch.float32: 1e-3, torch.float64: 1e-9}
 REF_MAX_D = 100_000  # float64 reference SVDs only up to this size
+FULL_MAX_D = 262_144  # d cap in full mode (MLP/ResNet layers are larger), to bound the run time
 
 
 def torch_way(ys: list[torch.Tensor], oms: list[torch.Tensor]
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rep.notes.append("torch baseline = the same stable Nystrom per layer in torch (dense eigh of "
                      "the d x d Fisher does not fit at these sizes)")
     for wl in W.select(args.workloads, args.quick):
-        dims = W.lowrank_dims(wl, max_d=W.QUICK_MAX_D if args.quick else None)
+        dims = W.lowrank_dims(wl, max_d=H.max_d_of(args, FULL_MAX_D))
         ys, oms = W.psd_sketches(dims, dtype)
         res = nystrom(ys, oms)
         base = torch_way(ys, oms)

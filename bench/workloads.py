@@ -238,7 +238,7 @@ def batch_factors(wl: Workload, dtype: torch.dtype = torch.float32, seed: int = 
     return xs[0::2], xs[1::2]
 
 
-QUICK_MAX_D = 32_768
+QUICK_MAX_D = 8_192
 """Quick mode caps the low-rank dimension d (parameters per layer) at this."""
 
 

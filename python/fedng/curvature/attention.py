@@ -45,9 +45,13 @@ class AttentionRule(Rule):
                 weight, w_rows = getattr(m, f"{tag}_proj_weight"), None
             spec = BlockSpec(f"{name}.{tag}", "kron", e, dim + (in_bias is not None))
             self.blocks.append(Block(spec, weight, in_bias, w_rows, rows))
-        self.blocks.append(Block(BlockSpec(f"{name}.out_proj", "kron", e,
-                                           e + (out_bias is not None)), m.out_proj.weight,
-                                 out_bias))
+        self.blocks.append(
+            Block(
+                BlockSpec(f"{name}.out_proj", "kron", e, e + (out_bias is not None)),
+                m.out_proj.weight,
+                out_bias,
+            )
+        )
         self.sites = [LinearSite(in_bias is not None, batch_dim=1) for _ in range(3)]
         self.sites.append(LinearSite(out_bias is not None, batch_dim=1))
         self.site_blocks = [[0], [1], [2], [3]]
@@ -63,11 +67,20 @@ class AttentionRule(Rule):
         blk = self.blocks[i]
         w = blk.weight if blk.w_rows is None else blk.weight[blk.w_rows]
         m = self.module
-        b = None if m.in_proj_bias is None else m.in_proj_bias[i * m.embed_dim:(i + 1) * m.embed_dim]
+        b = (
+            None
+            if m.in_proj_bias is None
+            else m.in_proj_bias[i * m.embed_dim : (i + 1) * m.embed_dim]
+        )
         return w, b
 
-    def recompute(self, observer: Observer, site_ids: list[int], args: tuple[object, ...],
-                  kwargs: dict[str, object]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def recompute(
+        self,
+        observer: Observer,
+        site_ids: list[int],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The module's forward with explicit, observed projections.
 
         Args:
@@ -96,12 +109,30 @@ class AttentionRule(Rule):
         q, k, v = projected
         eye = self._identity(q.dtype, q.device)
         core, weights = F.multi_head_attention_forward(
-            q, k, v, m.embed_dim, m.num_heads, None, None, m.bias_k, m.bias_v, m.add_zero_attn,
-            m.dropout, eye, None, training=m.training, key_padding_mask=a["key_padding_mask"],
-            need_weights=a["need_weights"], attn_mask=a["attn_mask"],
-            use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye,
-            v_proj_weight=eye, average_attn_weights=a["average_attn_weights"],
-            is_causal=a["is_causal"])
+            q,
+            k,
+            v,
+            m.embed_dim,
+            m.num_heads,
+            None,
+            None,
+            m.bias_k,
+            m.bias_v,
+            m.add_zero_attn,
+            m.dropout,
+            eye,
+            None,
+            training=m.training,
+            key_padding_mask=a["key_padding_mask"],
+            need_weights=a["need_weights"],
+            attn_mask=a["attn_mask"],
+            use_separate_proj_weight=True,
+            q_proj_weight=eye,
+            k_proj_weight=eye,
+            v_proj_weight=eye,
+            average_attn_weights=a["average_attn_weights"],
+            is_causal=a["is_causal"],
+        )
         out = F.linear(core, m.out_proj.weight, m.out_proj.bias)
         observer.observe(site_ids[3], core, out)
         if m.batch_first and batched:
@@ -111,8 +142,9 @@ class AttentionRule(Rule):
     def install(self, observer: Observer, site_ids: list[int]) -> list[RemovableHandle]:
         """A forward hook that, when recording, replaces the output by the observed recompute."""
 
-        def hook(module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object],
-                 output: object) -> object:
+        def hook(
+            module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object
+        ) -> object:
             if not (observer.recording and torch.is_grad_enabled()):
                 return None
             return self.recompute(observer, site_ids, args, kwargs)

@@ -26,6 +26,8 @@ class Block:
         w_rows: the rows of `weight` the block owns (None: all).
         b_rows: the entries of `bias` the block owns (None: all).
         transpose: the gradient matrix is `weight.grad.T` (embeddings).
+        owner: qualified name of the module the block belongs to.
+        owner_type: that module's class.
     """
 
     spec: BlockSpec
@@ -34,6 +36,8 @@ class Block:
     w_rows: slice | None = None
     b_rows: slice | None = None
     transpose: bool = False
+    owner: str = ""
+    owner_type: type[nn.Module] | None = None
 
     @property
     def name(self) -> str:
@@ -52,10 +56,14 @@ class Block:
 
     def grad_matrix(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The block's gradient as a contiguous [m, n] tensor in `dtype`, or None without grads."""
-        if not self.has_grad():
+        wg = self.weight.grad
+        if wg is None:
+            return None
+        if self.bias is not None and self.bias.grad is None:
             return None
         m, n = self.spec.m, self.spec.n
-        wg = self._w(self.weight.grad)
+        if self.w_rows is not None:
+            wg = wg[self.w_rows]
         if self.spec.kind == "elementwise":
             parts = [wg.reshape(-1)]
             if self.bias is not None:
@@ -65,10 +73,32 @@ class Block:
             return wg.T.to(dtype).contiguous()
         if self.bias is None:
             return wg.reshape(m, n).to(dtype).contiguous()
-        out = torch.empty(m, n, dtype=dtype)
-        out[:, :-1].copy_(wg.reshape(m, n - 1))
-        out[:, -1].copy_(self._b(self.bias.grad))
-        return out
+        bg = self._b(self.bias.grad)
+        out = torch.cat([wg.reshape(m, n - 1), bg.unsqueeze(1)], 1)
+        return out if out.dtype == dtype else out.to(dtype)
+
+    def grad_pairs(self, p: torch.Tensor, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        """Appends (gradient view, matching view of `p` [m, n]) pairs: `write_grad` in bulk."""
+        wg = self._w(self.weight.grad)
+        if self.spec.kind == "elementwise":
+            k = wg.numel()
+            dst.append(wg)
+            src.append(p[0, :k].view(wg.shape))
+            if self.bias is not None:
+                bg = self._b(self.bias.grad)
+                dst.append(bg)
+                src.append(p[0, k:].view(bg.shape))
+        elif self.transpose:
+            dst.append(wg)
+            src.append(p.T)
+        elif self.bias is None:
+            dst.append(wg)
+            src.append(p.view(wg.shape))
+        else:
+            dst.append(wg)
+            src.append(p[:, :-1] if wg.dim() == 2 else p[:, :-1].reshape(wg.shape))
+            dst.append(self._b(self.bias.grad))
+            src.append(p[:, -1])
 
     def write_grad(self, p: torch.Tensor) -> None:
         """Overwrites the block's gradients with the [m, n] matrix `p` (cast to their dtype)."""
@@ -87,3 +117,21 @@ class Block:
             return
         wg.copy_(p[:, :-1].reshape(wg.shape))
         self._b(self.bias.grad).copy_(p[:, -1])
+
+    def add_to_params(self, delta: torch.Tensor) -> None:
+        """Adds the [m, n] matrix `delta` to the block's parameters (weight and bias), in place."""
+        with torch.no_grad():
+            w = self._w(self.weight)
+            if self.spec.kind == "elementwise":
+                k = w.numel()
+                w.add_(delta[0, :k].view_as(w).to(w.dtype))
+                if self.bias is not None:
+                    b = self._b(self.bias)
+                    b.add_(delta[0, k:].view_as(b).to(b.dtype))
+            elif self.transpose:
+                w.add_(delta.T.to(w.dtype))
+            elif self.bias is None:
+                w.add_(delta.reshape(w.shape).to(w.dtype))
+            else:
+                w.add_(delta[:, :-1].reshape(w.shape).to(w.dtype))
+                self._b(self.bias).add_(delta[:, -1].to(self.bias.dtype))

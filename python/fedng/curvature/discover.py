@@ -31,8 +31,14 @@ class Discovery:
 
 
 def _block_key(b: Block) -> tuple[object, ...]:
-    return (id(b.weight), id(b.bias), b.spec.kind, b.spec.m, b.spec.n,
-            None if b.w_rows is None else (b.w_rows.start, b.w_rows.stop))
+    return (
+        id(b.weight),
+        id(b.bias),
+        b.spec.kind,
+        b.spec.m,
+        b.spec.n,
+        None if b.w_rows is None else (b.w_rows.start, b.w_rows.stop),
+    )
 
 
 def _candidates(model: nn.Module, unsupported: list[str]) -> list[Rule]:
@@ -55,7 +61,15 @@ def _candidates(model: nn.Module, unsupported: list[str]) -> list[Rule]:
         if not direct:
             continue
         rule = rule_for(name, m)
-        reason = unsupported_reason(m) if rule is not None else "unsupported layer type"
+        reason = (
+            unsupported_reason(m)
+            if rule is not None
+            else (
+                "unsupported layer type (parameters: "
+                + ", ".join(k for k, p in m.named_parameters(recurse=False) if p.requires_grad)
+                + ")"
+            )
+        )
         if rule is None or reason:
             unsupported.append(f"{name or '<root>'} ({type(m).__name__}): {reason}")
             continue
@@ -82,14 +96,20 @@ def discover(model: nn.Module) -> Discovery:
     keys: dict[tuple[object, ...], int] = {}
     for r in rules:
         shared = [o for p in r.params() for o in users[id(p)] if o is not r]
-        clash = [o for o in shared if {_block_key(b) for b in o.blocks}
-                 != {_block_key(b) for b in r.blocks} or type(o) is not type(r)]
+        clash = [
+            o
+            for o in shared
+            if {_block_key(b) for b in o.blocks} != {_block_key(b) for b in r.blocks}
+            or type(o) is not type(r)
+        ]
         if clash:
             found.unsupported.append(
-                f"{r.label}: shares parameters with {clash[0].label} in a different role")
+                f"{r.label}: shares parameters with {clash[0].label} in a different role"
+            )
             continue
         local = []
         for b in r.blocks:
+            b.owner, b.owner_type = r.name, type(r.module)
             k = _block_key(b)
             if k not in keys:
                 keys[k] = len(found.blocks)
@@ -105,7 +125,10 @@ def discover(model: nn.Module) -> Discovery:
     covered = {id(b.weight) for b in found.blocks} | {id(b.bias) for b in found.blocks}
     for name, p in model.named_parameters():
         owner = name.rsplit(".", 1)[0] if "." in name else "<root>"
-        if p.requires_grad and id(p) not in covered and not any(
-                u.startswith(owner + " ") for u in found.unsupported):
+        if (
+            p.requires_grad
+            and id(p) not in covered
+            and not any(u.startswith(owner + " ") for u in found.unsupported)
+        ):
             found.unsupported.append(f"{name}: parameter not covered by any supported layer")
     return found

@@ -1,4 +1,5 @@
-"""Fisher types: the empirical Fisher (real labels) and the Monte-Carlo true Fisher (sampled labels).
+"""Fisher types: the empirical Fisher (real labels) and the Monte-Carlo true Fisher (sampled
+labels).
 
 The empirical Fisher uses the gradients of the loss being trained. The true Fisher
 `E_x E_{y ~ p(y|x)} [grad log p(y|x) grad log p(y|x)^T]` is estimated with labels drawn from the
@@ -36,8 +37,9 @@ def check_choice(where: str, name: str, value: object, choices: tuple[str, ...])
     return value
 
 
-def sample_targets(outputs: torch.Tensor, loss: LossType, generator: torch.Generator | None = None
-                   ) -> torch.Tensor:
+def sample_targets(
+    outputs: torch.Tensor, loss: LossType, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Labels drawn from the model's predictive distribution (no gradient flows through them).
 
     Args:
@@ -56,8 +58,12 @@ def sample_targets(outputs: torch.Tensor, loss: LossType, generator: torch.Gener
     return out + noise
 
 
-def sampled_loss(outputs: torch.Tensor, loss: LossType, reduction: Reduction = "mean",
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def sampled_loss(
+    outputs: torch.Tensor,
+    loss: LossType,
+    reduction: Reduction = "mean",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """The loss of `outputs` against labels sampled from the model itself (see module docstring).
 
     Args:
@@ -73,13 +79,13 @@ def sampled_loss(outputs: torch.Tensor, loss: LossType, reduction: Reduction = "
     check_choice(where, "loss", loss, LOSS_TYPES)
     check_choice(where, "reduction", reduction, REDUCTIONS)
     if not isinstance(outputs, torch.Tensor) or not outputs.is_floating_point():
-        raise TypeError(f"{where}: 'outputs' must be a floating-point tensor, got"
-                        f" {type(outputs).__name__}")
+        raise TypeError(
+            f"{where}: 'outputs' must be a floating-point tensor, got {type(outputs).__name__}"
+        )
     target = sample_targets(outputs, loss, generator)
     out = outputs.float()
     if loss == "cross_entropy":
-        total = F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1),
-                                reduction="sum")
+        total = F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1), reduction="sum")
     else:
         total = 0.5 * (out - target).square().sum()
     batch = outputs.shape[0] if outputs.dim() > 1 else 1

@@ -25,7 +25,11 @@ from fedng.curvature.spec import BlockSpec
 from fedng.curvature.stats import BlockStats
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.modules.batchnorm._BatchNorm,
+)
 
 
 class Observer(Protocol):
@@ -47,8 +51,15 @@ class Site:
     def __init__(self) -> None:
         self.blocks: list[int] = []
 
-    def stats(self, x: torch.Tensor, gf: torch.Tensor, gl: torch.Tensor, extra: object,
-              dtype: torch.dtype, reduction: str) -> list[BlockStats]:
+    def stats(
+        self,
+        x: torch.Tensor,
+        gf: torch.Tensor,
+        gl: torch.Tensor,
+        extra: object,
+        dtype: torch.dtype,
+        reduction: str,
+    ) -> list[BlockStats]:
         """Stats for each of `self.blocks` from a recorded input and output gradients.
 
         Args:
@@ -67,20 +78,33 @@ def fisher_scale(batch: int, reduction: str) -> float:
     return float(batch) if reduction == "mean" else 1.0 / batch
 
 
-def _grads(gf: torch.Tensor, gl: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    f = gf.reshape(shape).to(dtype)
-    return f, (f if gl is gf else gl.reshape(shape).to(dtype))
+def _grads(
+    gf: torch.Tensor, gl: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    f = gf.reshape(shape)
+    f = f if f.dtype == dtype else f.to(dtype)
+    if gl is gf:
+        return f, f
+    lo = gl.reshape(shape)
+    return f, (lo if lo.dtype == dtype else lo.to(dtype))
+
+
+_ONES: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
 
 
 def with_ones(x: torch.Tensor, bias: bool, dtype: torch.dtype) -> torch.Tensor:
-    """`x` [B, T, k] in `dtype`, with a column of ones appended when `bias`."""
+    """`x` [B, T, k] in `dtype` (contiguous), with a column of ones appended when `bias`."""
+    if x.dtype != dtype:
+        x = x.to(dtype)
     if not bias:
-        return x.to(dtype).contiguous()
-    out = torch.empty(*x.shape[:-1], x.shape[-1] + 1, dtype=dtype)
-    out[..., :-1].copy_(x)
-    out[..., -1] = 1.0
-    return out
+        return x.contiguous()
+    key = (tuple(x.shape[:-1]), dtype)
+    ones = _ONES.get(key)
+    if ones is None:
+        if len(_ONES) > 64:
+            _ONES.clear()
+        ones = _ONES[key] = torch.ones(*key[0], 1, dtype=dtype)
+    return torch.cat([x, ones], -1)
 
 
 class LinearSite(Site):
@@ -90,8 +114,15 @@ class LinearSite(Site):
         super().__init__()
         self.bias, self.batch_dim = bias, batch_dim
 
-    def stats(self, x: torch.Tensor, gf: torch.Tensor, gl: torch.Tensor, extra: object,
-              dtype: torch.dtype, reduction: str) -> list[BlockStats]:
+    def stats(
+        self,
+        x: torch.Tensor,
+        gf: torch.Tensor,
+        gl: torch.Tensor,
+        extra: object,
+        dtype: torch.dtype,
+        reduction: str,
+    ) -> list[BlockStats]:
         b = 1  # an unbatched input is one sample
         if x.dim() >= self.batch_dim + 2:
             if self.batch_dim:
@@ -122,11 +153,21 @@ class Conv2dSite(Site):
         cols = F.unfold(x, c.kernel_size, dilation=c.dilation, padding=pad, stride=c.stride)
         return cols.transpose(1, 2)
 
-    def stats(self, x: torch.Tensor, gf: torch.Tensor, gl: torch.Tensor, extra: object,
-              dtype: torch.dtype, reduction: str) -> list[BlockStats]:
+    def stats(
+        self,
+        x: torch.Tensor,
+        gf: torch.Tensor,
+        gl: torch.Tensor,
+        extra: object,
+        dtype: torch.dtype,
+        reduction: str,
+    ) -> list[BlockStats]:
         if x.dim() == 3:
-            x, gf, gl = x.unsqueeze(0), gf.unsqueeze(0), (gf.unsqueeze(0) if gl is gf
-                                                          else gl.unsqueeze(0))
+            x, gf, gl = (
+                x.unsqueeze(0),
+                gf.unsqueeze(0),
+                (gf.unsqueeze(0) if gl is gf else gl.unsqueeze(0)),
+            )
         b = x.shape[0]
         cols = self.patches(x.to(dtype))
         groups, bias = self.conv.groups, self.conv.bias is not None
@@ -136,12 +177,11 @@ class Conv2dSite(Site):
         lo = f if gl is gf else gl.to(dtype).flatten(2).transpose(1, 2)
         stats = []
         for grp in range(groups):
-            a = with_ones(cols[:, :, grp * k:(grp + 1) * k], bias, dtype)
+            a = with_ones(cols[:, :, grp * k : (grp + 1) * k], bias, dtype)
             gs = slice(grp * out, (grp + 1) * out)
             g = f[:, :, gs].contiguous()
             g_loss = g if lo is f else lo[:, :, gs].contiguous()
-            stats.append(BlockStats("kron", b, fisher_scale(b, reduction), g=g, g_loss=g_loss,
-                                    a=a))
+            stats.append(BlockStats("kron", b, fisher_scale(b, reduction), g=g, g_loss=g_loss, a=a))
         return stats
 
 
@@ -152,8 +192,15 @@ class EmbeddingSite(Site):
         super().__init__()
         self.padding_idx = padding_idx
 
-    def stats(self, x: torch.Tensor, gf: torch.Tensor, gl: torch.Tensor, extra: object,
-              dtype: torch.dtype, reduction: str) -> list[BlockStats]:
+    def stats(
+        self,
+        x: torch.Tensor,
+        gf: torch.Tensor,
+        gl: torch.Tensor,
+        extra: object,
+        dtype: torch.dtype,
+        reduction: str,
+    ) -> list[BlockStats]:
         b = x.shape[0] if x.dim() > 1 else 1
         ids = x.reshape(b, -1)
         g, g_loss = _grads(gf, gl, (b, ids.shape[1], gf.shape[-1]), dtype)
@@ -161,8 +208,7 @@ class EmbeddingSite(Site):
             keep = (ids != self.padding_idx).unsqueeze(-1).to(dtype)
             g = g * keep
             g_loss = g if g_loss is g else g_loss * keep
-        return [BlockStats("embedding", b, fisher_scale(b, reduction), g=g, g_loss=g_loss,
-                           ids=ids)]
+        return [BlockStats("embedding", b, fisher_scale(b, reduction), g=g, g_loss=g_loss, ids=ids)]
 
 
 class NormSite(Site):
@@ -177,8 +223,11 @@ class NormSite(Site):
         m = self.norm
         if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
             shape = tuple(m.normalized_shape)
-            xh = (F.layer_norm(x, shape, None, None, m.eps) if isinstance(m, nn.LayerNorm)
-                  else F.rms_norm(x, shape, None, m.eps))
+            xh = (
+                F.layer_norm(x, shape, None, None, m.eps)
+                if isinstance(m, nn.LayerNorm)
+                else F.rms_norm(x, shape, None, m.eps)
+            )
             c = math.prod(shape)
             b = x.shape[0] if x.dim() > len(shape) else 1
             return xh.reshape(b, -1, c), c
@@ -186,14 +235,28 @@ class NormSite(Site):
             xh = F.group_norm(x, m.num_groups, None, None, m.eps)
         else:
             assert isinstance(m, nn.modules.batchnorm._BatchNorm)
-            xh = F.batch_norm(x, None if batch_stats else m.running_mean,
-                              None if batch_stats else m.running_var, None, None,
-                              batch_stats, 0.0, m.eps)
+            xh = F.batch_norm(
+                x,
+                None if batch_stats else m.running_mean,
+                None if batch_stats else m.running_var,
+                None,
+                None,
+                batch_stats,
+                0.0,
+                m.eps,
+            )
         c = x.shape[1]
         return xh.reshape(x.shape[0], c, -1).transpose(1, 2), c
 
-    def stats(self, x: torch.Tensor, gf: torch.Tensor, gl: torch.Tensor, extra: object,
-              dtype: torch.dtype, reduction: str) -> list[BlockStats]:
+    def stats(
+        self,
+        x: torch.Tensor,
+        gf: torch.Tensor,
+        gl: torch.Tensor,
+        extra: object,
+        dtype: torch.dtype,
+        reduction: str,
+    ) -> list[BlockStats]:
         xh, c = self.normalized(x.to(dtype), bool(extra))
         b = xh.shape[0]
         if isinstance(self.norm, (nn.LayerNorm, nn.RMSNorm)):
@@ -209,8 +272,10 @@ class NormSite(Site):
 
 def _batch_stats(m: nn.Module) -> bool:
     """Whether a batch norm normalizes with the batch's own statistics in this forward."""
-    return bool(m.training or (getattr(m, "running_mean", None) is None
-                               and getattr(m, "running_var", None) is None))
+    return bool(
+        m.training
+        or (getattr(m, "running_mean", None) is None and getattr(m, "running_var", None) is None)
+    )
 
 
 class Rule:
@@ -247,8 +312,10 @@ class Rule:
         """Registers a forward hook that reports the module's input and output when recording."""
         sid = site_ids[0]
         extra: Callable[[nn.Module], object] = (
-            _batch_stats if isinstance(self.module, nn.modules.batchnorm._BatchNorm)
-            else lambda _m: None)
+            _batch_stats
+            if isinstance(self.module, nn.modules.batchnorm._BatchNorm)
+            else lambda _m: None
+        )
 
         def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
             if observer.recording and torch.is_grad_enabled() and args:
@@ -267,8 +334,13 @@ def linear_rule(name: str, m: nn.Linear) -> Rule:
     """`nn.Linear`: one block [out, in (+1)]."""
     r = Rule(name, m)
     bias = _trainable(m.bias)
-    r.blocks = [Block(BlockSpec(name, "kron", m.out_features,
-                                m.in_features + (bias is not None)), m.weight, bias)]
+    r.blocks = [
+        Block(
+            BlockSpec(name, "kron", m.out_features, m.in_features + (bias is not None)),
+            m.weight,
+            bias,
+        )
+    ]
     r.sites, r.site_blocks = [LinearSite(bias is not None)], [[0]]
     return r
 
@@ -282,8 +354,15 @@ def conv2d_rule(name: str, m: nn.Conv2d) -> Rule:
     for g in range(m.groups):
         rows = slice(g * og, (g + 1) * og) if m.groups > 1 else None
         suffix = f".g{g}" if m.groups > 1 else ""
-        r.blocks.append(Block(BlockSpec(name + suffix, "kron", og, k + (bias is not None)),
-                              m.weight, bias, rows, rows))
+        r.blocks.append(
+            Block(
+                BlockSpec(name + suffix, "kron", og, k + (bias is not None)),
+                m.weight,
+                bias,
+                rows,
+                rows,
+            )
+        )
     r.sites, r.site_blocks = [Conv2dSite(m)], [list(range(m.groups))]
     return r
 
@@ -291,8 +370,13 @@ def conv2d_rule(name: str, m: nn.Conv2d) -> Rule:
 def embedding_rule(name: str, m: nn.Embedding) -> Rule:
     """`nn.Embedding`: one block [dim, vocabulary] with a diagonal A."""
     r = Rule(name, m)
-    r.blocks = [Block(BlockSpec(name, "embedding", m.embedding_dim, m.num_embeddings), m.weight,
-                      transpose=True)]
+    r.blocks = [
+        Block(
+            BlockSpec(name, "embedding", m.embedding_dim, m.num_embeddings),
+            m.weight,
+            transpose=True,
+        )
+    ]
     r.sites, r.site_blocks = [EmbeddingSite(m.padding_idx)], [[0]]
     return r
 
@@ -317,8 +401,11 @@ def unsupported_reason(m: nn.Module) -> str | None:
         return "uninitialized lazy module"
     if weight is None:
         return "no weight"
-    if isinstance(m, NORM_TYPES) and getattr(m, "bias", None) is not None \
-            and m.bias.requires_grad != weight.requires_grad:
+    if (
+        isinstance(m, NORM_TYPES)
+        and getattr(m, "bias", None) is not None
+        and m.bias.requires_grad != weight.requires_grad
+    ):
         return "weight and bias differ in requires_grad"
     return None
 

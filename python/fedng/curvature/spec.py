@@ -45,10 +45,12 @@ class BlockSpec:
         if self.kind not in ("kron", "embedding", "elementwise"):
             raise ValueError(
                 f"BlockSpec '{self.name}': 'kind' must be 'kron', 'embedding' or 'elementwise',"
-                f" got {self.kind!r}")
+                f" got {self.kind!r}"
+            )
         if self.m < 1 or self.n < 1:
-            raise ValueError(f"BlockSpec '{self.name}': 'm' and 'n' must be >= 1, got"
-                             f" m={self.m}, n={self.n}")
+            raise ValueError(
+                f"BlockSpec '{self.name}': 'm' and 'n' must be >= 1, got m={self.m}, n={self.n}"
+            )
 
     @property
     def numel(self) -> int:
@@ -143,16 +145,19 @@ class PayloadReader:
         if not isinstance(payload, Payload):
             raise TypeError(f"{where}: 'payload' must be a Payload, got {type(payload).__name__}")
         if payload.kind != expected_kind:
-            raise ValueError(f"{where}: 'payload.kind' must be {expected_kind!r}, got"
-                             f" {payload.kind!r}")
+            raise ValueError(
+                f"{where}: 'payload.kind' must be {expected_kind!r}, got {payload.kind!r}"
+            )
         if payload.data.dim() != 1 or payload.data.numel() != total:
-            raise ValueError(f"{where}: 'payload.data' must be 1-D with {total} entries for these"
-                             f" blocks, got shape {list(payload.data.shape)}")
+            raise ValueError(
+                f"{where}: 'payload.data' must be 1-D with {total} entries for these"
+                f" blocks, got shape {list(payload.data.shape)}"
+            )
         self.data = payload.data
         self.offset = 0
 
     def take(self, count: int) -> torch.Tensor:
         """The next `count` entries."""
-        out = self.data[self.offset:self.offset + count]
+        out = self.data[self.offset : self.offset + count]
         self.offset += count
         return out

@@ -1,0 +1,403 @@
+"""K-FAC: each block's Fisher approximated as `A ⊗ G` (inputs ⊗ output gradients).
+
+For a block with inputs a (bias folded in as a last 1) and output gradients g,
+`A = E[a a^T]` [n, n] and `G = E[g g^T]` [m, m] (per-sample-loss scale, see `stats.py`); the
+natural gradient of its gradient matrix W' [m, n] is `(G + γ_G I)^-1 W' (A + γ_A I)^-1`.
+Embedding blocks have a diagonal A (token frequencies), kept as a vector.
+
+Every heavy step is one ragged native call for all blocks: `kron_accumulate` (all A and G
+factors), `damped_cholesky_inverse` (all factors), `kron_precondition` (all gradients; the batch
+form `(Gb G^-1)^T (Ab A^-1)` where the batch has fewer rows than the layer is wide).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fedng import ops
+from fedng.curvature.base import (
+    FisherRepresentation,
+    InverseReport,
+    check_aggregate,
+    check_damping,
+    check_decay,
+    check_dtype,
+    check_grads,
+    check_stats,
+    check_tensor,
+    clone_list,
+    decay_groups,
+    ema_weights,
+)
+from fedng.curvature.spec import (
+    BlockSpec,
+    Payload,
+    PayloadReader,
+    check_wire_dtype,
+    pack_triangle,
+    triangle_size,
+    unpack_triangle,
+)
+from fedng.curvature.stats import BlockStats
+
+_PROBE_SEED = 0x5EED
+"""Seed of the fixed random vectors that check the batch form's precondition applies."""
+
+
+def batch_form_cheaper(rows: int, m: int, n: int) -> bool:
+    """Whether `(Gb G^-1)^T (Ab A^-1)` (2 rows (m^2+n^2+mn) flops) beats 2 m n (m+n)."""
+    return rows * (m * m + n * n + m * n) < m * n * (m + n)
+
+
+def psd_tolerance(mat: torch.Tensor) -> float:
+    """Shift below which a negative eigenvalue counts as rounding: 16 n eps max|M| (+ tiny)."""
+    scale = float(mat.abs().max()) if mat.numel() else 0.0
+    return 16.0 * mat.shape[0] * torch.finfo(mat.dtype).eps * scale + 1e-30
+
+
+class KFAC(FisherRepresentation):
+    """Kronecker-factored Fisher of `kron` and `embedding` blocks.
+
+    Args:
+        specs: the blocks (kinds "kron" or "embedding").
+        dtype: float32 or float64.
+
+    Attributes:
+        A: per block, [n, n] (or [n] for embeddings).
+        G: per block, [m, m].
+        a_inv, g_inv: the damped inverses from the last `inverse` (None before).
+    """
+
+    kind = "kfac"
+
+    def __init__(self, specs: Sequence[BlockSpec], dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(specs, dtype)
+        for s in self.specs:
+            if s.kind == "elementwise":
+                raise ValueError(
+                    f"KFAC: block '{s.name}' is elementwise (a normalization layer);"
+                    " use DiagonalFisher for it"
+                )
+        self.A: list[torch.Tensor] = [
+            torch.zeros((s.n, s.n) if s.kind == "kron" else (s.n,), dtype=dtype) for s in self.specs
+        ]
+        self.G: list[torch.Tensor] = [torch.zeros(s.m, s.m, dtype=dtype) for s in self.specs]
+        self.a_inv: list[torch.Tensor | None] = [None] * len(self.specs)
+        self.g_inv: list[torch.Tensor | None] = [None] * len(self.specs)
+        self._probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def ready(self) -> list[bool]:
+        """Per block: whether it has inverses."""
+        return [a is not None for a in self.a_inv]
+
+    # --- accumulation -----------------------------------------------------------------------
+
+    def update(self, stats: Sequence[BlockStats | None], decay: float | None = 0.95) -> None:
+        """Folds a batch in: `F <- decay F + (1 - decay) F_batch` per factor.
+
+        Args:
+            stats: one `BlockStats` (or None: unchanged) per block.
+            decay: EMA decay in [0, 1), or None for a running mean over updates. A block's first
+                update takes the batch value.
+        """
+        where = "KFAC.update"
+        check_stats(where, stats, self.specs)
+        decay = check_decay(where, decay)
+        seen = [i for i, st in enumerate(stats) if st is not None]
+        old, new = ema_weights(self.counts, decay)
+        for d, members in decay_groups(old, seen).items():
+            factors: list[torch.Tensor] = []
+            inputs: list[torch.Tensor] = []
+            scales: list[float] = []
+            for i in members:
+                st = stats[i]
+                assert st is not None
+                if self.specs[i].kind == "kron":
+                    factors.append(self.A[i])
+                    inputs.append(st.a_rows().to(self.dtype))
+                    scales.append(new[i] / st.rows)
+                else:
+                    assert st.ids is not None
+                    freq = torch.bincount(st.ids.reshape(-1), minlength=self.specs[i].n)
+                    self.A[i].mul_(d).add_(freq.to(self.dtype), alpha=new[i] / st.rows)
+            for i in members:
+                st = stats[i]
+                assert st is not None
+                factors.append(self.G[i])
+                inputs.append(st.g_rows().to(self.dtype))
+                scales.append(new[i] * st.fisher_scale)
+            ops.kron_accumulate(factors, inputs, d, scales)
+        for i in seen:
+            self.counts[i] += 1
+
+    @classmethod
+    def aggregate(cls, reps: Sequence[KFAC], weights: Sequence[float]) -> KFAC:
+        """`A = sum_k w_k A_k`, `G = sum_k w_k G_k` per block: the factors of the pooled data when
+        the weights are the clients' data fractions. Inverses are not carried over."""
+        w = check_aggregate("KFAC.aggregate", cls, reps, weights)
+        out = cls(reps[0].specs, reps[0].dtype)
+        for i in range(len(out.specs)):
+            for r, wk in zip(reps, w, strict=True):
+                out.A[i].add_(r.A[i], alpha=wk)
+                out.G[i].add_(r.G[i], alpha=wk)
+            out.counts[i] = max(r.counts[i] for r in reps)
+        return out
+
+    # --- inversion --------------------------------------------------------------------------
+
+    def pi(self, i: int) -> float:
+        """Factored-damping ratio `sqrt((tr(A)/n) / (tr(G)/m))` of block i (1 if degenerate)."""
+        a, g = self.A[i], self.G[i]
+        ta = float(a.sum() if a.dim() == 1 else a.diagonal().sum()) / a.shape[0]
+        tg = float(g.diagonal().sum()) / g.shape[0]
+        p = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
+        return p if math.isfinite(p) and p > 0 else 1.0
+
+    def inverse(self, damping: float | Sequence[float], *, factored: bool = False) -> InverseReport:
+        """`(A + π sqrt(λ) I)^-1` and `(G + sqrt(λ)/π I)^-1` for every block with curvature.
+
+        Args:
+            damping: λ > 0, one float or one per block.
+            factored: π from the factors' traces (Martens & Grosse), else π = 1 (Tikhonov on
+                each factor).
+
+        Returns:
+            Per factor (`<block>.A`, `<block>.G`): status and the damping actually used. A factor
+            that fails to invert keeps its previous inverse (or leaves the block unpreconditioned).
+        """
+        lam = check_damping("KFAC.inverse", damping, len(self.specs))
+        live = [i for i, c in enumerate(self.counts) if c > 0]
+        da, dg = {}, {}
+        for i in live:
+            p = self.pi(i) if factored else 1.0
+            root = math.sqrt(lam[i])
+            da[i], dg[i] = p * root, root / p
+        dense = [i for i in live if self.specs[i].kind == "kron"]
+        mats = [self.A[i] for i in dense] + [self.G[i] for i in live]
+        res = ops.damped_cholesky_inverse(mats, [da[i] for i in dense] + [dg[i] for i in live])
+        a_new = dict(zip(dense, res.inverses[: len(dense)], strict=True))
+        a_status = dict(zip(dense, res.status[: len(dense)].tolist(), strict=True))
+        a_used = dict(zip(dense, res.damping[: len(dense)].tolist(), strict=True))
+        names, status, used = [], [], []
+        for k, i in enumerate(live):
+            spec = self.specs[i]
+            if spec.kind == "embedding":
+                a_new[i] = 1.0 / (self.A[i] + da[i])
+                a_status[i], a_used[i] = 0, da[i]
+            g_status = int(res.status[len(dense) + k])
+            names += [f"{spec.name}.A", f"{spec.name}.G"]
+            status += [a_status[i], g_status]
+            used += [a_used[i], float(res.damping[len(dense) + k])]
+            if a_status[i] != 2 and g_status != 2:
+                self.a_inv[i], self.g_inv[i] = a_new[i], res.inverses[len(dense) + k]
+        return InverseReport(
+            names, torch.tensor(status, dtype=torch.int8), torch.tensor(used, dtype=torch.float64)
+        )
+
+    # --- application ------------------------------------------------------------------------
+
+    def _probe(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i not in self._probes:
+            gen = torch.Generator().manual_seed(_PROBE_SEED + i)
+            s = self.specs[i]
+            self._probes[i] = (
+                torch.randn(s.m, generator=gen, dtype=self.dtype),
+                torch.randn(s.n, generator=gen, dtype=self.dtype),
+            )
+        return self._probes[i]
+
+    def _batch_rows(
+        self, i: int, grad: torch.Tensor, st: BlockStats | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The batch's (inputs, output grads) if the batch form is cheaper and reproduces `grad`.
+
+        `grad = Gb^T Ab` is checked against fixed random vectors: `u^T grad v` must equal
+        `(Gb u) . (Ab v)`. It fails when something else changed `.grad` (a penalty term, clipping,
+        a backward pass that was not recorded); the dense form is used then.
+        """
+        s = self.specs[i]
+        if (
+            st is None
+            or st.g_loss is None
+            or st.a is None
+            or not batch_form_cheaper(st.rows, s.m, s.n)
+        ):
+            return None
+        a, g = st.a_rows().to(self.dtype), st.g_rows(loss_pass=True).to(self.dtype)
+        u, v = self._probe(i)
+        gu, av = g @ u, a @ v
+        lhs, rhs = float(u @ (grad @ v)), float(gu @ av)
+        tol = 1e-3 * float(torch.linalg.vector_norm(grad)) + 1e-5 * float((gu * av).abs().sum())
+        return (a, g) if abs(lhs - rhs) <= tol else None
+
+    def precondition(
+        self, grads: Sequence[torch.Tensor | None], stats: Sequence[BlockStats | None] | None = None
+    ) -> list[torch.Tensor | None]:
+        """`G^-1 grad A^-1` for every block with a gradient and an inverse.
+
+        Args:
+            grads: [m, n] per block (None: skipped).
+            stats: optional, the batch that produced `grads`; enables the batch form per block.
+
+        Returns:
+            New [m, n] tensors (None where skipped).
+        """
+        check_grads("KFAC.precondition", grads, self.specs)
+        if stats is not None:
+            check_stats("KFAC.precondition", stats, self.specs)
+        out: list[torch.Tensor | None] = [None] * len(self.specs)
+        batch: list[int] = []
+        dense: list[int] = []
+        rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, g in enumerate(grads):
+            if g is None or self.a_inv[i] is None:
+                continue
+            if self.specs[i].kind == "embedding":
+                out[i] = self.g_inv[i] @ (g.to(self.dtype) * self.a_inv[i])
+                continue
+            r = self._batch_rows(i, g, stats[i]) if stats is not None else None
+            if r is None:
+                dense.append(i)
+            else:
+                rows[i] = r
+                batch.append(i)
+        if batch:
+            res = ops.kron_precondition(
+                [grads[i].to(self.dtype) for i in batch],
+                [self.a_inv[i] for i in batch],
+                [self.g_inv[i] for i in batch],
+                inputs=[rows[i][0] for i in batch],
+                output_grads=[rows[i][1] for i in batch],
+            )
+            for i, p in zip(batch, res, strict=True):
+                out[i] = p
+        if dense:
+            res = ops.kron_precondition(
+                [grads[i].to(self.dtype).contiguous() for i in dense],
+                [self.a_inv[i] for i in dense],
+                [self.g_inv[i] for i in dense],
+            )
+            for i, p in zip(dense, res, strict=True):
+                out[i] = p
+        return out
+
+    def quadratic(self, vectors: Sequence[torch.Tensor | None]) -> float:
+        """`sum_i <G_i V_i A_i, V_i>` over blocks with curvature: `vec(V)^T (A ⊗ G) vec(V)`."""
+        check_grads("KFAC.quadratic", vectors, self.specs)
+        live = [i for i, v in enumerate(vectors) if v is not None and self.counts[i] > 0]
+        dense = [i for i in live if self.specs[i].kind == "kron"]
+        total = 0.0
+        if dense:
+            vs = [vectors[i].to(self.dtype).contiguous() for i in dense]
+            fv = ops.kron_precondition(vs, [self.A[i] for i in dense], [self.G[i] for i in dense])
+            total += sum(float((f * v).sum()) for f, v in zip(fv, vs, strict=True))
+        for i in live:
+            if self.specs[i].kind == "embedding":
+                v = vectors[i].to(self.dtype)
+                total += float(((self.G[i] @ (v * self.A[i])) * v).sum())
+        return total
+
+    # --- wire format ------------------------------------------------------------------------
+
+    def _a_size(self, s: BlockSpec) -> int:
+        return triangle_size(s.n) if s.kind == "kron" else s.n
+
+    @property
+    def nbytes(self) -> int:
+        """Exact payload bytes in `self.dtype`: A and G triangles (A diagonals for embeddings)."""
+        per = torch.finfo(self.dtype).bits // 8
+        return per * sum(self._a_size(s) + triangle_size(s.m) for s in self.specs)
+
+    def to_payload(self, dtype: torch.dtype = torch.float32) -> Payload:
+        """`[tri(A_0), tri(G_0), tri(A_1), ...]` in `dtype`."""
+        check_wire_dtype("KFAC.to_payload", dtype)
+        parts = []
+        for s, a, g in zip(self.specs, self.A, self.G, strict=True):
+            parts.append(pack_triangle(a) if s.kind == "kron" else a)
+            parts.append(pack_triangle(g))
+        data = torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)
+        return Payload(self.kind, self.specs, data)
+
+    @classmethod
+    def from_payload(cls, payload: Payload, dtype: torch.dtype = torch.float32) -> KFAC:
+        """Factors from a payload (blocks whose factors are all zero count as never updated)."""
+        check_dtype("KFAC.from_payload", dtype)
+        out = cls(payload.specs, dtype)
+        rd = PayloadReader(
+            "KFAC.from_payload",
+            payload,
+            cls.kind,
+            sum(out._a_size(s) + triangle_size(s.m) for s in out.specs),
+        )
+        for i, s in enumerate(out.specs):
+            va = rd.take(out._a_size(s))
+            out.A[i] = unpack_triangle(va, s.n, dtype) if s.kind == "kron" else va.to(dtype)
+            out.G[i] = unpack_triangle(rd.take(triangle_size(s.m)), s.m, dtype)
+            out.counts[i] = int(bool(out.A[i].any() or out.G[i].any()))
+        return out
+
+    def validate(self) -> None:
+        """Checks every factor: finite, symmetric, positive semi-definite within rounding.
+
+        Raises:
+            ValueError: naming the block and factor.
+        """
+        mats, names, shifts = [], [], []
+        for s, a, g in zip(self.specs, self.A, self.G, strict=True):
+            for tag, f in (("A", a), ("G", g)):
+                label = f"KFAC.validate: block '{s.name}' factor {tag}"
+                if not bool(torch.isfinite(f).all()):
+                    raise ValueError(f"{label} has NaN/Inf entries")
+                tol = psd_tolerance(f if f.dim() == 2 else f.diag())
+                if f.dim() == 1:
+                    if float(f.min()) < -tol:
+                        raise ValueError(
+                            f"{label} (a diagonal) has a negative entry {float(f.min()):.3e}"
+                        )
+                    continue
+                asym = float((f - f.T).abs().max())
+                if asym > tol:
+                    raise ValueError(f"{label} is not symmetric (max |F - F^T| = {asym:.3e})")
+                mats.append(f)
+                names.append(label)
+                shifts.append(tol)
+        res = ops.damped_cholesky_inverse(mats, shifts, max_tries=1)
+        for label, st in zip(names, res.status.tolist(), strict=True):
+            if st != 0:
+                raise ValueError(f"{label} is not positive semi-definite")
+
+    # --- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Factors, counts and inverses (copies)."""
+        return {
+            "kind": self.kind,
+            "specs": [s.to_dict() for s in self.specs],
+            "counts": list(self.counts),
+            "A": clone_list(self.A),
+            "G": clone_list(self.G),
+            "a_inv": clone_list(self.a_inv),
+            "g_inv": clone_list(self.g_inv),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores `state_dict()`'s output."""
+        self._check_state(state)
+        w = "KFAC.load_state_dict"
+        for i, s in enumerate(self.specs):
+            a_shape = (s.n, s.n) if s.kind == "kron" else (s.n,)
+            self.A[i] = check_tensor(w, f"A[{i}]", state["A"][i], a_shape, self.dtype)
+            self.G[i] = check_tensor(w, f"G[{i}]", state["G"][i], (s.m, s.m), self.dtype)
+            ai, gi = state["a_inv"][i], state["g_inv"][i]
+            self.a_inv[i] = (
+                None if ai is None else check_tensor(w, f"a_inv[{i}]", ai, a_shape, self.dtype)
+            )
+            self.g_inv[i] = (
+                None if gi is None else check_tensor(w, f"g_inv[{i}]", gi, (s.m, s.m), self.dtype)
+            )
+        self.counts = [int(c) for c in state["counts"]]
