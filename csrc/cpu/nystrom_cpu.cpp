@@ -1,7 +1,11 @@
 // Stable Nystrom approximation (Tropp, Yurtsever, Udell, Cevher 2017, Alg. 3) from a sketch.
+// The O(d r^2) core always runs in float64: the stabilizing shift is proportional to the working
+// precision's epsilon, and a float32 shift (~1e-4 of the top eigenvalue for d = 50,000) would
+// swamp the smaller of the top-r eigenvalues. The sketch itself (the O(B d r) part) stays float32.
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "fedng/blas.h"
@@ -12,7 +16,12 @@
 namespace fedng::cpu {
 namespace {
 
-constexpr int kShiftTries = 6;
+// float64 shifts start near 1e-16 of ||Y||; float32 sketches of rank-deficient matrices can need
+// ~1e-7 (their rounding), so the shift may grow x10 per try up to kMaxRelShift (relative to the
+// automatic shift's sqrt(d) ||Y||_F), and no further: a larger one would hide a sketch that is
+// not of a PSD matrix.
+constexpr int kShiftTries = 16;
+constexpr double kMaxRelShift = 1e-5;
 
 template <class T>
 bool nystrom_one(const T* y, const T* om, T* u, T* s, int d, int r, double shift, double* used) {
@@ -25,6 +34,7 @@ bool nystrom_one(const T* y, const T* om, T* u, T* s, int d, int r, double shift
   const double eps = std::numeric_limits<T>::epsilon();
   double nu = shift >= 0.0 ? shift : std::sqrt(static_cast<double>(d)) * eps * std::sqrt(norm2);
   if (nu == 0.0 && norm2 == 0.0) nu = eps;  // a zero sketch: the shift alone keeps C invertible
+  const double max_nu = std::max(nu, kMaxRelShift * std::sqrt(static_cast<double>(d) * norm2));
   thread_local std::vector<T> ynu, small, work, ucm;
   ynu.resize(static_cast<std::size_t>(dr));
   small.resize(static_cast<std::size_t>(r) * r);
@@ -40,7 +50,7 @@ bool nystrom_one(const T* y, const T* om, T* u, T* s, int d, int r, double shift
       }
     if (blas::potrf_upper(r, small.data()) == 0) break;  // row-major lower L
     nu = nu > 0.0 ? nu * 10.0 : eps;
-    if (t == kShiftTries - 1) return false;
+    if (t == kShiftTries - 1 || nu > max_nu) return false;
   }
   // B = Y_nu L^-T [d, r]; its left singular vectors and values give U and S.
   blas::trsm_right_lower_trans(d, r, small.data(), ynu.data());
@@ -94,9 +104,24 @@ void nystrom(DType dt, const Ptrs& sketches, const Ptrs& omegas, const Ptrs& U, 
       status[i] = 0;
       shift_used[i] = 0.0;
       if (dr[i] == 0) return;
-      const bool ok = nystrom_one(as<const T>(sketches[i]), as<const T>(omegas[i]), as<T>(U[i]),
-                                  as<T>(S[i]), static_cast<int>(d[i]), static_cast<int>(r[i]),
-                                  shift[i], &shift_used[i]);
+      const int di = static_cast<int>(d[i]), ri = static_cast<int>(r[i]);
+      bool ok = false;
+      if constexpr (std::is_same_v<T, double>) {
+        ok = nystrom_one(as<const double>(sketches[i]), as<const double>(omegas[i]),
+                         as<double>(U[i]), as<double>(S[i]), di, ri, shift[i], &shift_used[i]);
+      } else {
+        thread_local std::vector<double> y64, om64, u64, s64;
+        const T* y = as<const T>(sketches[i]);
+        const T* om = as<const T>(omegas[i]);
+        y64.assign(y, y + dr[i]);
+        om64.assign(om, om + dr[i]);
+        u64.resize(static_cast<std::size_t>(dr[i]));
+        s64.resize(static_cast<std::size_t>(ri));
+        ok = nystrom_one(y64.data(), om64.data(), u64.data(), s64.data(), di, ri, shift[i],
+                         &shift_used[i]);
+        std::copy(u64.begin(), u64.end(), as<T>(U[i]));
+        std::copy(s64.begin(), s64.end(), as<T>(S[i]));
+      }
       if (!ok) {
         status[i] = 1;
         shift_used[i] = std::numeric_limits<double>::quiet_NaN();
