@@ -7,8 +7,9 @@ from fedng.federated.tasks.base import ClientData, FederatedTask, mlp, seeded_mo
 from torch import nn
 
 
-def blobs_task(num_clients: int = 4, n: int = 60, dim: int = 5, classes: int = 3,
-               seed: int = 0) -> FederatedTask:
+def blobs_task(
+    num_clients: int = 4, n: int = 60, dim: int = 5, classes: int = 3, seed: int = 0
+) -> FederatedTask:
     """A tiny separable classification task (Gaussian blobs), IID over clients."""
     gen = torch.Generator().manual_seed(seed)
     centers = 3.0 * torch.randn(classes, dim, generator=gen)
@@ -23,9 +24,16 @@ def blobs_task(num_clients: int = 4, n: int = 60, dim: int = 5, classes: int = 3
         xv, yv = draw(10)
         clients.append(ClientData(c, x, y, xv, yv))
     xt, yt = draw(200)
-    return FederatedTask("blobs", clients, xt, yt,
-                         lambda s: seeded_model(lambda: mlp([dim, 8, classes]), s),
-                         "ce", "accuracy", classes)
+    return FederatedTask(
+        "blobs",
+        clients,
+        xt,
+        yt,
+        lambda s: seeded_model(lambda: mlp([dim, 8, classes]), s),
+        "ce",
+        "accuracy",
+        classes,
+    )
 
 
 def linear_task(n: int = 24, dim: int = 3, seed: int = 0) -> FederatedTask:
@@ -34,5 +42,13 @@ def linear_task(n: int = 24, dim: int = 3, seed: int = 0) -> FederatedTask:
     x = torch.randn(n, dim, generator=gen)
     y = x @ torch.randn(dim, 1, generator=gen) + 0.1 * torch.randn(n, 1, generator=gen)
     c = ClientData(0, x, y, x[:4], y[:4])
-    return FederatedTask("linear", [c], x, y, lambda s: seeded_model(lambda: nn.Linear(dim, 1), s),
-                         "mse", "rel_l2", 0)
+    return FederatedTask(
+        "linear",
+        [c],
+        x,
+        y,
+        lambda s: seeded_model(lambda: nn.Linear(dim, 1), s),
+        "mse",
+        "rel_l2",
+        0,
+    )

@@ -37,8 +37,9 @@ def test_fedavg_one_client_equals_centralized_sgd() -> None:
     opt = torch.optim.SGD(ref.parameters(), lr=cfg.lr)
     data = task.clients[0]
     for r in range(rounds):
-        for idx in batch_indices(data.num_examples, cfg.batch_size, cfg.local_steps,
-                                 round_seed(cfg.seed, r, 0)):
+        for idx in batch_indices(
+            data.num_examples, cfg.batch_size, cfg.local_steps, round_seed(cfg.seed, r, 0)
+        ):
             opt.zero_grad()
             nn.functional.mse_loss(ref(data.x[idx]), data.y[idx]).backward()
             opt.step()
@@ -48,8 +49,9 @@ def test_fedavg_one_client_equals_centralized_sgd() -> None:
 def test_fedprox_matches_hand_computed_steps() -> None:
     task = linear_task()
     mu, lr, k = 0.7, 0.1, 3
-    cfg = ClientConfig(algorithm="fedprox", lr=lr, batch_size=6, local_steps=k, loss="mse",
-                       prox_mu=mu)
+    cfg = ClientConfig(
+        algorithm="fedprox", lr=lr, batch_size=6, local_steps=k, loss="mse", prox_mu=mu
+    )
     model = task.model_fn(0)
     _, msg = server_init(get_params(model), ServerConfig(algorithm="fedprox"))
     upd = client_step(model, task.clients[0], msg, cfg)
@@ -73,8 +75,7 @@ def test_scaffold_control_variates_by_hand() -> None:
     lr, k = 0.1, 4
     cfg = ClientConfig(algorithm="scaffold", lr=lr, batch_size=8, local_steps=k)
     model = task.model_fn(0)
-    state, msg = server_init(get_params(model), ServerConfig(algorithm="scaffold",
-                                                             num_clients=3))
+    state, msg = server_init(get_params(model), ServerConfig(algorithm="scaffold", num_clients=3))
     ups = [client_step(model, task.clients[i], msg, cfg) for i in (0, 1)]
     for u in ups:  # round 0: c = c_i = 0, so c_i+ = (x - y) / (K lr) = -delta / (K lr)
         for name, d in u.delta.items():
@@ -132,13 +133,14 @@ def test_every_algorithm_learns(algo: str) -> None:
 
 def test_same_seed_same_history() -> None:
     task = blobs_task()
-    cc, sc = make_configs("fedng", {"fisher_type": "mc", "local_steps": 3,
-                                    "aggregation": "fisher"})
+    cc, sc = make_configs("fedng", {"fisher_type": "mc", "local_steps": 3, "aggregation": "fisher"})
 
     def run(seed: int) -> list:
         h = simulate(task, cc, sc, rounds=3, participation=0.5, seed=seed)
-        return [(r.metric, r.test_loss, r.bytes_up, r.bytes_down, r.participants,
-                 repr(r.train_loss)) for r in h.rounds]
+        return [
+            (r.metric, r.test_loss, r.bytes_up, r.bytes_down, r.participants, repr(r.train_loss))
+            for r in h.rounds
+        ]
 
     assert run(3) == run(3)
     assert run(3) != run(4)

@@ -10,9 +10,27 @@ from fedng.cli import main
 
 
 def test_simulate_writes_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["simulate", "--task", "regression", "--algorithms", "fedavg,fedng",
-               "--rounds", "2", "--seeds", "0,1", "--local-steps", "3", "--no-progress",
-               "--set", "fedng.curvature=diag", "lr=0.02", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "simulate",
+            "--task",
+            "regression",
+            "--algorithms",
+            "fedavg,fedng",
+            "--rounds",
+            "2",
+            "--seeds",
+            "0,1",
+            "--local-steps",
+            "3",
+            "--no-progress",
+            "--set",
+            "fedng.curvature=diag",
+            "lr=0.02",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "fedavg" in out and "fedng" in out and "rel_l2" in out
@@ -27,6 +45,7 @@ def test_simulate_writes_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_simulate_rejects_unknown_setting(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["simulate", "--algorithms", "fedavg", "--set", "fedavg.nope=1",
-                 "--no-progress"]) == 2
+    assert (
+        main(["simulate", "--algorithms", "fedavg", "--set", "fedavg.nope=1", "--no-progress"]) == 2
+    )
     assert "unknown setting" in capsys.readouterr().err

@@ -21,10 +21,20 @@ def _one_thread() -> None:
 @pytest.mark.parametrize("curvature", ["kfac", "diag", "lowrank", "kfac,2=lowrank"])
 def test_variants_run_and_learn(precond: str, curvature: str) -> None:
     task = blobs_task(num_clients=3, n=40)
-    cc, sc = make_configs("fedng", {"precond": precond, "curvature": curvature, "rank": 4,
-                                    "local_steps": 4, "lr": 0.1, "damping": 0.1,
-                                    "aggregation": "fisher" if precond != "local" else "mean",
-                                    "fisher_center": "mean", "fisher_damping": 0.1})
+    cc, sc = make_configs(
+        "fedng",
+        {
+            "precond": precond,
+            "curvature": curvature,
+            "rank": 4,
+            "local_steps": 4,
+            "lr": 0.1,
+            "damping": 0.1,
+            "aggregation": "fisher" if precond != "local" else "mean",
+            "fisher_center": "mean",
+            "fisher_damping": 0.1,
+        },
+    )
     h = simulate(task, cc, sc, rounds=3, seed=0)
     assert h.final() > 0.7, h.series("metric")
     assert all(not r.rejected for r in h.rounds)

@@ -39,10 +39,13 @@ def test_diag_closed_form() -> None:
     out = merge_diag(diags, deltas, W, lam)
     for i in range(len(shapes)):
         f = [torch.diag(d[i].reshape(-1).double()) for d in diags]
-        x = torch.linalg.solve(sum(w * fk for w, fk in zip(W, f, strict=True))
-                               + lam[i] * torch.eye(f[0].shape[0], dtype=torch.float64),
-                               sum(w * fk @ dl[i].reshape(-1).double()
-                                   for w, fk, dl in zip(W, f, deltas, strict=True)))
+        x = torch.linalg.solve(
+            sum(w * fk for w, fk in zip(W, f, strict=True))
+            + lam[i] * torch.eye(f[0].shape[0], dtype=torch.float64),
+            sum(
+                w * fk @ dl[i].reshape(-1).double() for w, fk, dl in zip(W, f, deltas, strict=True)
+            ),
+        )
         torch.testing.assert_close(out[i].reshape(-1).double(), x, rtol=1e-5, atol=1e-6)
 
 
@@ -57,10 +60,11 @@ def test_lowrank_closed_form(dims: list[int]) -> None:
     out = merge_lowrank(us, ss, deltas, W, lam)
     for i, d in enumerate(dims):
         f = [(u[i] * s[i]).double() @ u[i].T.double() for u, s in zip(us, ss, strict=True)]
-        x = torch.linalg.solve(sum(w * fk for w, fk in zip(W, f, strict=True))
-                               + lam[i] * torch.eye(d, dtype=torch.float64),
-                               sum(w * fk @ dl[i].double()
-                                   for w, fk, dl in zip(W, f, deltas, strict=True)))
+        x = torch.linalg.solve(
+            sum(w * fk for w, fk in zip(W, f, strict=True))
+            + lam[i] * torch.eye(d, dtype=torch.float64),
+            sum(w * fk @ dl[i].double() for w, fk, dl in zip(W, f, deltas, strict=True)),
+        )
         torch.testing.assert_close(out[i].double(), x, rtol=1e-4, atol=1e-5)
 
 
@@ -96,10 +100,14 @@ def test_kfac_cg_closed_form() -> None:
     for i, (m, n) in enumerate(shapes):
         # vec by columns: vec(G X A) = (A ⊗ G) vec(X) for symmetric A
         f = [torch.kron(ak[i].double(), gk[i].double()) for ak, gk in zip(a, g, strict=True)]
-        b = sum(w * fk @ dl[i].double().T.reshape(-1)
-                for w, fk, dl in zip(W, f, deltas, strict=True))
-        x = torch.linalg.solve(sum(w * fk for w, fk in zip(W, f, strict=True))
-                               + lam[i] * torch.eye(m * n, dtype=torch.float64), b)
+        b = sum(
+            w * fk @ dl[i].double().T.reshape(-1) for w, fk, dl in zip(W, f, deltas, strict=True)
+        )
+        x = torch.linalg.solve(
+            sum(w * fk for w, fk in zip(W, f, strict=True))
+            + lam[i] * torch.eye(m * n, dtype=torch.float64),
+            b,
+        )
         torch.testing.assert_close(out[i].double(), x.reshape(n, m).T, rtol=1e-4, atol=1e-5)
 
 
@@ -107,12 +115,13 @@ def test_kfac_cg_closed_form() -> None:
 def test_fisher_weighted_step_on_real_payloads(curvature: str) -> None:
     """End to end: clients' decoded payloads -> the dense closed form on every block."""
     task = blobs_task(num_clients=3, n=30)
-    cc, sc = make_configs("fedng", {"curvature": curvature, "local_steps": 3,
-                                    "aggregation": "fisher", "precond": "none"})
+    cc, sc = make_configs(
+        "fedng",
+        {"curvature": curvature, "local_steps": 3, "aggregation": "fisher", "precond": "none"},
+    )
     model = task.model_fn(0)
     _, msg = server_init(get_params(model), sc)
-    ups = [ClientUpdate.from_bytes(client_step(model, c, msg, cc).to_bytes())
-           for c in task.clients]
+    ups = [ClientUpdate.from_bytes(client_step(model, c, msg, cc).to_bytes()) for c in task.clients]
     sets = [decoded_curvature(u) for u in ups]
     step, _ = fisher_weighted_step(ups, sets, 1e-2, 500, 1e-10)
     ws = weights_of(ups)
@@ -130,9 +139,9 @@ def test_fisher_weighted_step_on_real_payloads(curvature: str) -> None:
                     dense.append(torch.diag(rep.diag[j].double().T.reshape(-1)))
             vecs = [to_matrix(u.delta, lay).double().T.reshape(-1) for u in ups]
             lhs = sum(w * f for w, f in zip(ws, dense, strict=True))
-            x = torch.linalg.solve(lhs + lams[kind][j] * torch.eye(lhs.shape[0],
-                                                                    dtype=torch.float64),
-                                   sum(w * f @ v for w, f, v in zip(ws, dense, vecs,
-                                                                    strict=True)))
+            x = torch.linalg.solve(
+                lhs + lams[kind][j] * torch.eye(lhs.shape[0], dtype=torch.float64),
+                sum(w * f @ v for w, f, v in zip(ws, dense, vecs, strict=True)),
+            )
             got = to_matrix(step, lay).double().T.reshape(-1)
             torch.testing.assert_close(got, x, rtol=2e-3, atol=1e-5)

@@ -41,7 +41,7 @@ def test_sizes_are_exact() -> None:
     s = s + s.T
     data = pack({"s": s, "v": torch.randn(10)}, dtype="bf16", symmetric=["s"])
     hlen = struct.unpack_from("<I", data, 5)[0]
-    header = json.loads(data[9:9 + hlen])
+    header = json.loads(data[9 : 9 + hlen])
     assert [e[4] for e in header["arrays"]] == [21 * 2, 10 * 2]  # triangle of 6x6, bf16
     assert len(data) == 9 + hlen + 21 * 2 + 10 * 2
 
@@ -73,9 +73,16 @@ def test_pack_rejects_bad_input() -> None:
 
 
 def test_update_and_message_round_trip() -> None:
-    upd = ClientUpdate(3, 1, {"w": torch.randn(2, 2)}, 17, curvature={"kfac": torch.randn(5)},
-                       extras={"dc/w": torch.randn(2, 2)}, metrics={"loss": 0.5},
-                       meta={"curv": {"k": 1}}).seal()
+    upd = ClientUpdate(
+        3,
+        1,
+        {"w": torch.randn(2, 2)},
+        17,
+        curvature={"kfac": torch.randn(5)},
+        extras={"dc/w": torch.randn(2, 2)},
+        metrics={"loss": 0.5},
+        meta={"curv": {"k": 1}},
+    ).seal()
     wire = upd.to_bytes()
     assert upd.nbytes == len(wire)
     back = ClientUpdate.from_bytes(wire)
@@ -85,16 +92,23 @@ def test_update_and_message_round_trip() -> None:
     assert torch.equal(back.extras["dc/w"], upd.extras["dc/w"])
     assert back.meta == {"curv": {"k": 1}}
     s = torch.randn(3, 3)
-    msg = ServerMessage(2, "fedng", {"w": torch.randn(2)}, {"inv/x": s + s.T},
-                        symmetric=frozenset({"inv/x"}), dtype="bf16").seal()
+    msg = ServerMessage(
+        2,
+        "fedng",
+        {"w": torch.randn(2)},
+        {"inv/x": s + s.T},
+        symmetric=frozenset({"inv/x"}),
+        dtype="bf16",
+    ).seal()
     got = ServerMessage.from_bytes(msg.to_bytes())
     assert msg.nbytes == len(msg.to_bytes())
     assert torch.equal(got.extras["inv/x"], msg.extras["inv/x"])  # sealed = what clients see
     assert got.extras["inv/x"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("algo,extra", [("fedavg", {}), ("scaffold", {}),
-                                        ("fedng", {"payload_dtype": "bf16"})])
+@pytest.mark.parametrize(
+    "algo,extra", [("fedavg", {}), ("scaffold", {}), ("fedng", {"payload_dtype": "bf16"})]
+)
 def test_simulator_bytes_equal_serialized_lengths(algo: str, extra: dict) -> None:
     task = blobs_task()
     sent: dict[int, list[int]] = {}
@@ -103,8 +117,15 @@ def test_simulator_bytes_equal_serialized_lengths(algo: str, extra: dict) -> Non
         sent.setdefault(r, []).append(len(u.to_bytes()))
         return u
 
-    h = simulate(task, ClientConfig(algorithm=algo, local_steps=3, **extra),
-                 ServerConfig(algorithm=algo), rounds=3, participation=0.5, seed=1, tamper=spy)
+    h = simulate(
+        task,
+        ClientConfig(algorithm=algo, local_steps=3, **extra),
+        ServerConfig(algorithm=algo),
+        rounds=3,
+        participation=0.5,
+        seed=1,
+        tamper=spy,
+    )
     cum = 0
     for rec in h.rounds[1:]:
         assert rec.bytes_up == sum(sent[rec.round - 1])

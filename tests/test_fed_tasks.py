@@ -34,8 +34,8 @@ def test_synthetic_matches_its_definition() -> None:
     # x ~ N(v_k, diag(j^-1.2)): pooled within-client deviations
     dev = np.concatenate([x - v for x, v in zip(d.xs, d.v, strict=True)])
     j = np.arange(1, 61)
-    np.testing.assert_allclose(dev.var(0), j ** -1.2, rtol=0.05)
-    assert np.abs(dev.mean(0) / np.sqrt(j ** -1.2)).max() < 0.02
+    np.testing.assert_allclose(dev.var(0), j**-1.2, rtol=0.05)
+    assert np.abs(dev.mean(0) / np.sqrt(j**-1.2)).max() < 0.02
     # y = argmax(W^T x + b)
     for x, y, w, b in zip(d.xs[:20], d.ys[:20], d.W, d.b, strict=False):
         assert np.array_equal(y, np.argmax(x @ w + b, 1))
@@ -58,10 +58,14 @@ def test_synthetic_task_split() -> None:
     assert torch.equal(t.model_fn(1).weight, t.model_fn(1).weight)
 
 
-@pytest.mark.parametrize("builder", [lambda: digits_task(num_clients=20, alpha=0.1),
-                                     lambda: mnist1d_task(num_clients=10, alpha=1.0,
-                                                          num_samples=1000),
-                                     lambda: regression_task()])
+@pytest.mark.parametrize(
+    "builder",
+    [
+        lambda: digits_task(num_clients=20, alpha=0.1),
+        lambda: mnist1d_task(num_clients=10, alpha=1.0, num_samples=1000),
+        lambda: regression_task(),
+    ],
+)
 def test_tasks_build(builder) -> None:  # type: ignore[no-untyped-def]
     t = builder()
     model = t.model_fn(0)

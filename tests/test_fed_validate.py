@@ -25,8 +25,7 @@ def _round(algo: str, extra: dict | None = None, n: int = 5):  # type: ignore[no
     cc, sc = make_configs(algo, {"local_steps": 3, **(extra or {})})
     model = task.model_fn(0)
     state, msg = server_init(get_params(model), sc)
-    ups = [ClientUpdate.from_bytes(client_step(model, c, msg, cc).to_bytes())
-           for c in task.clients]
+    ups = [ClientUpdate.from_bytes(client_step(model, c, msg, cc).to_bytes()) for c in task.clients]
     return state, ups
 
 
@@ -99,13 +98,16 @@ def _curv(u: ClientUpdate, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     delattr(u, "_fedng_curvature")
 
 
-@pytest.mark.parametrize("fn,word", [
-    (lambda g: -g, "positive semi-definite"),
-    (lambda g: g + _offdiag(g), "positive semi-definite"),
-    (lambda g: g * float("inf"), "NaN/Inf"),
-    (lambda g: g * 1e25, "overflow"),
-    (lambda g: g * 1e6, "median"),
-])
+@pytest.mark.parametrize(
+    "fn,word",
+    [
+        (lambda g: -g, "positive semi-definite"),
+        (lambda g: g + _offdiag(g), "positive semi-definite"),
+        (lambda g: g * float("inf"), "NaN/Inf"),
+        (lambda g: g * 1e25, "overflow"),
+        (lambda g: g * 1e6, "median"),
+    ],
+)
 def test_bad_curvature_rejected(fn: Callable[[torch.Tensor], torch.Tensor], word: str) -> None:
     state, ups = _round("fedng", {"aggregation": "fisher", "precond": "global"})
     _curv(ups[2], fn)

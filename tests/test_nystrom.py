@@ -69,8 +69,8 @@ def test_recovers_exact_low_rank(dtype: torch.dtype, d: int, k: int, r: int) -> 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_default_shift_is_reported(dtype: torch.dtype) -> None:
-    """The automatic shift is sqrt(d) * eps(float64) * ||Y||_F (the core runs in float64 for
-    every input dtype), escalated x10 only if needed, and is returned as used."""
+    """The automatic shift is sqrt(d) * eps(float64) * ||Y||_F for every dtype (escalated x10
+    only if float32 rounding needs it; not for this well-conditioned sketch), returned as used."""
     _, om, y = _sketch_of_rank(40, 10, 10, dtype, seed=1)
     _, _, shift = nystrom([y], [om])
     expected = math.sqrt(40) * EPS[torch.float64] * float(torch.linalg.norm(y.double()))

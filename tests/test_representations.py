@@ -282,6 +282,7 @@ def test_gradient_accumulation_equals_the_full_batch(kind: str) -> None:
         (F.cross_entropy(model(x[part]), y[part]) / 2).backward()
     merged = acc.collect()
     assert merged[0].batch_size == B
-    for a, b in zip(state_tensors(fit(kind, cap, merged)), state_tensors(fit(kind, cap, full)),
-                    strict=True):
+    for a, b in zip(
+        state_tensors(fit(kind, cap, merged)), state_tensors(fit(kind, cap, full)), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=TOL["f64"], atol=TOL["f64"])

@@ -1,7 +1,9 @@
 // Stable Nystrom approximation (Tropp, Yurtsever, Udell, Cevher 2017, Alg. 3) from a sketch.
-// The O(d r^2) core always runs in float64: the stabilizing shift is proportional to the working
-// precision's epsilon, and a float32 shift (~1e-4 of the top eigenvalue for d = 50,000) would
-// swamp the smaller of the top-r eigenvalues. The sketch itself (the O(B d r) part) stays float32.
+// The automatic shift starts from float64's epsilon whatever the dtype: a float32-epsilon shift
+// (~1e-4 of the top eigenvalue for d = 50,000) swamps the smaller of the top-r eigenvalues. When
+// float32 rounding makes Omega^T Y_nu indefinite, the shift escalates x10 until it is not, so it
+// only ever grows as far as the data's own precision requires. No float64 copies: the d x r
+// buffers dominate this op's memory.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -31,7 +33,7 @@ bool nystrom_one(const T* y, const T* om, T* u, T* s, int d, int r, double shift
     if (!std::isfinite(y[e]) || !std::isfinite(om[e])) return false;
     norm2 += static_cast<double>(y[e]) * y[e];
   }
-  const double eps = std::numeric_limits<T>::epsilon();
+  const double eps = std::numeric_limits<double>::epsilon();
   double nu = shift >= 0.0 ? shift : std::sqrt(static_cast<double>(d)) * eps * std::sqrt(norm2);
   if (nu == 0.0 && norm2 == 0.0) nu = eps;  // a zero sketch: the shift alone keeps C invertible
   const double max_nu = std::max(nu, kMaxRelShift * std::sqrt(static_cast<double>(d) * norm2));
@@ -104,24 +106,9 @@ void nystrom(DType dt, const Ptrs& sketches, const Ptrs& omegas, const Ptrs& U, 
       status[i] = 0;
       shift_used[i] = 0.0;
       if (dr[i] == 0) return;
-      const int di = static_cast<int>(d[i]), ri = static_cast<int>(r[i]);
-      bool ok = false;
-      if constexpr (std::is_same_v<T, double>) {
-        ok = nystrom_one(as<const double>(sketches[i]), as<const double>(omegas[i]),
-                         as<double>(U[i]), as<double>(S[i]), di, ri, shift[i], &shift_used[i]);
-      } else {
-        thread_local std::vector<double> y64, om64, u64, s64;
-        const T* y = as<const T>(sketches[i]);
-        const T* om = as<const T>(omegas[i]);
-        y64.assign(y, y + dr[i]);
-        om64.assign(om, om + dr[i]);
-        u64.resize(static_cast<std::size_t>(dr[i]));
-        s64.resize(static_cast<std::size_t>(ri));
-        ok = nystrom_one(y64.data(), om64.data(), u64.data(), s64.data(), di, ri, shift[i],
-                         &shift_used[i]);
-        std::copy(u64.begin(), u64.end(), as<T>(U[i]));
-        std::copy(s64.begin(), s64.end(), as<T>(S[i]));
-      }
+      const bool ok = nystrom_one(as<const T>(sketches[i]), as<const T>(omegas[i]), as<T>(U[i]),
+                                  as<T>(S[i]), static_cast<int>(d[i]), static_cast<int>(r[i]),
+                                  shift[i], &shift_used[i]);
       if (!ok) {
         status[i] = 1;
         shift_used[i] = std::numeric_limits<double>::quiet_NaN();

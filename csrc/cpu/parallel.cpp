@@ -139,7 +139,9 @@ double lpt_makespan(const std::vector<double>& sorted, std::size_t first, int p)
   return worst;
 }
 
-constexpr double kSerialBelowFlops = 2e5;  // waking threads costs more than this much work
+// Waking a worker and splitting the work costs tens of microseconds: below this much work (a few
+// hundred microseconds of one core) a call runs serially.
+constexpr double kSerialBelowFlops = 2e7;
 
 }  // namespace
 
@@ -169,7 +171,12 @@ void run_ragged(const std::vector<double>& cost, int nthreads,
   std::stable_sort(order.begin(), order.end(),
                    [&](std::int64_t a, std::int64_t b) { return cost[a] > cost[b]; });
   const double total = std::accumulate(cost.begin(), cost.end(), 0.0);
-  if (nthreads <= 1 || n == 1 || total < kSerialBelowFlops) {
+  if (total < kSerialBelowFlops) {  // too little work to share: one thread, serial BLAS too
+    set_blas_threads(1);
+    for (std::int64_t i : order) fn(i);
+    return;
+  }
+  if (nthreads <= 1 || n == 1) {
     set_blas_threads(nthreads);
     for (std::int64_t i : order) fn(i);
     return;

@@ -11,10 +11,11 @@ Submodules:
 
 from __future__ import annotations
 
-from fedng import ops, reference
+from fedng import curvature, ops, optim, reference
 from fedng._backend import native as _native
 from fedng._backend import num_threads
 from fedng.errors import BackendUnavailable, FedngError, NumericalError
+from fedng.optim import NaturalGradient
 
 __version__: str = _native.__version__
 
@@ -39,9 +40,12 @@ def show_config() -> str:
 __all__ = [
     "BackendUnavailable",
     "FedngError",
+    "NaturalGradient",
     "NumericalError",
     "__version__",
+    "curvature",
     "ops",
+    "optim",
     "reference",
     "show_config",
 ]

@@ -28,7 +28,8 @@ def _settings(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
         key, sep, value = p.partition("=")
         if not sep:
             raise SystemExit(
-                f"fedng simulate: --set expects KEY=VALUE or ALGO.KEY=VALUE, got {p!r}")
+                f"fedng simulate: --set expects KEY=VALUE or ALGO.KEY=VALUE, got {p!r}"
+            )
         algo, dot, field = key.rpartition(".")
         out.setdefault(algo if dot else "*", {})[field] = parse_value(value)
     return out
@@ -42,12 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("simulate", help="simulate federated training on an offline task")
     s.add_argument("--task", choices=TASKS, default="digits")
-    s.add_argument("--algorithms", default="fedavg,fedng",
-                   help="comma-separated: fedavg,fedavgm,fedprox,scaffold,fedadam,fedyogi,"
-                        "fedadagrad,fedng,fedfisher")
+    s.add_argument(
+        "--algorithms",
+        default="fedavg,fedng",
+        help="comma-separated: fedavg,fedavgm,fedprox,scaffold,fedadam,fedyogi,"
+        "fedadagrad,fedng,fedfisher",
+    )
     s.add_argument("--clients", type=int, default=None, help="number of clients (task default)")
-    s.add_argument("--alpha", type=float, default=None,
-                   help="Dirichlet alpha (digits, mnist1d) or Synthetic alpha")
+    s.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="Dirichlet alpha (digits, mnist1d) or Synthetic alpha",
+    )
     s.add_argument("--beta", type=float, default=None, help="Synthetic beta (default: alpha)")
     s.add_argument("--rounds", type=int, default=30)
     s.add_argument("--participation", type=float, default=1.0)
@@ -55,8 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--local-steps", type=int, default=10)
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=0.05, help="local learning rate")
-    s.add_argument("--set", nargs="*", default=[], metavar="[ALGO.]KEY=VALUE",
-                   help="config overrides, e.g. fedng.curvature=diag fedprox.prox_mu=0.1")
+    s.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="[ALGO.]KEY=VALUE",
+        help="config overrides, e.g. fedng.curvature=diag fedprox.prox_mu=0.1",
+    )
     s.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1)")
     s.add_argument("--out", default=None, help="folder for JSON histories, summary and plots")
     s.add_argument("--no-progress", action="store_true")
@@ -82,8 +95,7 @@ def simulate_command(args: argparse.Namespace) -> int:
     configs = {}
     for a in algos:
         try:
-            configs[a] = make_configs(a, {**base, **overrides.get("*", {}),
-                                          **overrides.get(a, {})})
+            configs[a] = make_configs(a, {**base, **overrides.get("*", {}), **overrides.get(a, {})})
         except ValueError as err:
             print(f"fedng simulate: {err}", file=sys.stderr)
             return 2
@@ -93,12 +105,21 @@ def simulate_command(args: argparse.Namespace) -> int:
     groups: dict[str, list[History]] = {a: [] for a in algos}
     t0 = time.perf_counter()
     for seed in seeds:
-        task = make_task(args.task, num_clients=args.clients, alpha=args.alpha, beta=args.beta,
-                         seed=seed)
+        task = make_task(
+            args.task, num_clients=args.clients, alpha=args.alpha, beta=args.beta, seed=seed
+        )
         for a in algos:
             cc, sc = configs[a]
-            h = simulate(task, cc, sc, rounds=args.rounds, participation=args.participation,
-                         seed=seed, progress=not args.no_progress, desc=f"{a} seed {seed}")
+            h = simulate(
+                task,
+                cc,
+                sc,
+                rounds=args.rounds,
+                participation=args.participation,
+                seed=seed,
+                progress=not args.no_progress,
+                desc=f"{a} seed {seed}",
+            )
             groups[a].append(h)
             if out is not None:
                 h.to_json(out / f"history_{a}_seed{seed}.json")
@@ -110,16 +131,24 @@ def simulate_command(args: argparse.Namespace) -> int:
         target = statistics.median(h.final() for h in ref)
     rows = [summarize(a, hs, target) for a, hs in groups.items()]
     first = next(iter(groups.values()))[0]
-    print(f"\n{first.task}: {len(task.clients)} clients, {args.rounds} rounds, participation"
-          f" {args.participation}, seeds {seeds} ({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"\n{first.task}: {len(task.clients)} clients, {args.rounds} rounds, participation"
+        f" {args.participation}, seeds {seeds} ({time.perf_counter() - t0:.1f} s)"
+    )
     print(table(rows, first.metric, target))
     if out is not None:
-        summary = {"task": first.task, "args": vars(args), "target": target,
-                   "rows": [r.to_dict() for r in rows]}
+        summary = {
+            "task": first.task,
+            "args": vars(args),
+            "target": target,
+            "rows": [r.to_dict() for r in rows],
+        }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         paths = plot_histories(groups, out, title=first.task)
-        print(f"wrote {out}/summary.json, {len(seeds) * len(algos)} histories, "
-              + ", ".join(p.name for p in paths))
+        print(
+            f"wrote {out}/summary.json, {len(seeds) * len(algos)} histories, "
+            + ", ".join(p.name for p in paths)
+        )
     return 0
 
 

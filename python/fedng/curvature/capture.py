@@ -86,8 +86,11 @@ def _rows_as_samples(p: BlockStats) -> BlockStats:
     """[B, T, *] -> [B*T, 1, *]: each row its own sample."""
     g = p.g.reshape(-1, 1, p.g.shape[-1])
     out = BlockStats(p.kind, g.shape[0], p.fisher_scale, g=g)
-    out.g_loss = g if p.g_loss is p.g else (
-        None if p.g_loss is None else p.g_loss.reshape(-1, 1, p.g_loss.shape[-1]))
+    out.g_loss = (
+        g
+        if p.g_loss is p.g
+        else (None if p.g_loss is None else p.g_loss.reshape(-1, 1, p.g_loss.shape[-1]))
+    )
     if p.a is not None:
         out.a = p.a.reshape(-1, 1, p.a.shape[-1])
     if p.ids is not None:

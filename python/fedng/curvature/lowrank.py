@@ -118,8 +118,8 @@ class LowRankFisher(FisherRepresentation):
                     js,
                     [self.omega[i] for i in part],
                     d if lo == 0 else 1.0,
-                    [new[i] * stats[i].fisher_scale for i in part],
-                )  # type: ignore[union-attr]
+                    [new[i] * stats[i].fisher_scale for i in part],  # type: ignore[union-attr]
+                )
         for i in seen:
             self.counts[i] += 1
 

@@ -25,8 +25,7 @@ _MAX_ABS = 1e18
 KINDS: tuple[str, ...] = ("kfac", "diag", "lowrank")
 
 
-def _new_rep(kind: str, layouts: list[BlockLayout], rank: int, seed: int
-             ) -> FisherRepresentation:
+def _new_rep(kind: str, layouts: list[BlockLayout], rank: int, seed: int) -> FisherRepresentation:
     specs = [lay.spec for lay in layouts]
     if kind == "kfac":
         return KFAC(specs)
@@ -52,8 +51,9 @@ class CurvatureSet:
     reps: dict[str, FisherRepresentation] = field(default_factory=dict)
 
     @staticmethod
-    def empty(layouts: list[BlockLayout], kinds: list[str], rank: int = 16, seed: int = 0
-              ) -> CurvatureSet:
+    def empty(
+        layouts: list[BlockLayout], kinds: list[str], rank: int = 16, seed: int = 0
+    ) -> CurvatureSet:
         """Zero curvature for these blocks."""
         cs = CurvatureSet(list(layouts), list(kinds))
         for kind in KINDS:
@@ -78,14 +78,15 @@ class CurvatureSet:
             failed += rep.inverse(damping).failed
         return failed
 
-    def precondition(self, grads: Sequence[torch.Tensor | None],
-                     stats: Sequence[BlockStats | None] | None = None
-                     ) -> list[torch.Tensor | None]:
+    def precondition(
+        self, grads: Sequence[torch.Tensor | None], stats: Sequence[BlockStats | None] | None = None
+    ) -> list[torch.Tensor | None]:
         """Preconditioned block gradients (None where a block has no inverse or no gradient)."""
         out: list[torch.Tensor | None] = [None] * len(self.layouts)
         for kind, rep in self.reps.items():
-            res = rep.precondition(self._split(grads, kind),
-                                   None if stats is None else self._split(stats, kind))
+            res = rep.precondition(
+                self._split(grads, kind), None if stats is None else self._split(stats, kind)
+            )
             for i, p in zip(self.groups[kind], res, strict=True):
                 out[i] = p
         return out
@@ -99,8 +100,9 @@ class CurvatureSet:
         """`sum_k w_k F_k` per kind (exact; sets must share blocks and kinds)."""
         first = sets[0]
         for s in sets[1:]:
-            if s.kinds != first.kinds or [x.spec for x in s.layouts] != \
-                    [x.spec for x in first.layouts]:
+            if s.kinds != first.kinds or [x.spec for x in s.layouts] != [
+                x.spec for x in first.layouts
+            ]:
                 raise ValueError("CurvatureSet.combine: sets have different blocks or kinds")
         out = CurvatureSet(first.layouts, first.kinds, dict(first.groups))
         for kind, rep in first.reps.items():
@@ -143,12 +145,15 @@ class CurvatureSet:
                         raise ValueError(f"{label} {tag} has NaN/Inf entries")
                     big = float(t.abs().max()) if t.numel() else 0.0
                     if big > _MAX_ABS:
-                        raise ValueError(f"{label} {tag} has entries of size {big:.3g}"
-                                         f" (> {_MAX_ABS:g}: its products overflow float32)")
+                        raise ValueError(
+                            f"{label} {tag} has entries of size {big:.3g}"
+                            f" (> {_MAX_ABS:g}: its products overflow float32)"
+                        )
                     if t.dim() == 1 or tag == "diag":
                         if t.numel() and float(t.min()) < -tol * big:
-                            raise ValueError(f"{label} {tag} has a negative entry"
-                                             f" {float(t.min()):.3e}")
+                            raise ValueError(
+                                f"{label} {tag} has a negative entry {float(t.min()):.3e}"
+                            )
                         continue
                     if tag == "sketch":
                         assert isinstance(rep, LowRankFisher)
@@ -157,8 +162,9 @@ class CurvatureSet:
                     rel = max(tol, t.shape[0] * wire_eps)
                     asym = float((t - t.T).abs().max()) if t.numel() else 0.0
                     if asym > rel * big:
-                        raise ValueError(f"{label} {tag} is not symmetric (max |M - M^T| ="
-                                         f" {asym:.3e})")
+                        raise ValueError(
+                            f"{label} {tag} is not symmetric (max |M - M^T| = {asym:.3e})"
+                        )
                     mats.append(((t + t.T) / 2).float().contiguous())
                     shifts.append(rel * big + 1e-30)
                     labels.append(f"{label} {tag}")
@@ -166,8 +172,7 @@ class CurvatureSet:
             res = ops.damped_cholesky_inverse(mats, shifts, max_tries=1)
             for label, st in zip(labels, res.status.tolist(), strict=True):
                 if st != 0:
-                    raise ValueError(f"{label} is not positive semi-definite within"
-                                     " tolerance")
+                    raise ValueError(f"{label} is not positive semi-definite within tolerance")
 
     def trace(self) -> float:
         """tr(F) summed over blocks (a Hutchinson estimate for sketches), for sanity checks."""
@@ -195,8 +200,11 @@ class CurvatureSet:
             p = rep.to_payload(dtype)
             arrays[kind] = p.data
             rmeta[kind] = dict(p.meta)
-        meta = {"kinds": self.kinds, "layouts": [x.to_json() for x in self.layouts],
-                "rep_meta": rmeta}
+        meta = {
+            "kinds": self.kinds,
+            "layouts": [x.to_json() for x in self.layouts],
+            "rep_meta": rmeta,
+        }
         return arrays, meta
 
     @staticmethod
@@ -219,8 +227,9 @@ class CurvatureSet:
             idx = [i for i, k in enumerate(kinds) if k == kind]
             cs.groups[kind] = idx
             rm = {str(a): int(b) for a, b in meta.get("rep_meta", {}).get(kind, {}).items()}
-            payload = Payload(kind, tuple(layouts[i].spec for i in idx), arrays[kind].reshape(-1),
-                              rm)
+            payload = Payload(
+                kind, tuple(layouts[i].spec for i in idx), arrays[kind].reshape(-1), rm
+            )
             cs.reps[kind] = cls_of[kind].from_payload(payload, torch.float32)
         return cs
 

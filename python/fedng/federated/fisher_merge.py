@@ -30,8 +30,13 @@ from fedng import ops
 Mats = list[torch.Tensor]
 
 
-def merge_diag(diags: Sequence[Mats], deltas: Sequence[Mats], weights: Sequence[float],
-               damping: Sequence[float], prior: Mats | None = None) -> Mats:
+def merge_diag(
+    diags: Sequence[Mats],
+    deltas: Sequence[Mats],
+    weights: Sequence[float],
+    damping: Sequence[float],
+    prior: Mats | None = None,
+) -> Mats:
     """Diagonal Fisher merge.
 
     Args:
@@ -54,9 +59,14 @@ def merge_diag(diags: Sequence[Mats], deltas: Sequence[Mats], weights: Sequence[
     return out
 
 
-def merge_lowrank(Us: Sequence[Mats], Ss: Sequence[Mats], deltas: Sequence[Mats],
-                  weights: Sequence[float], damping: Sequence[float],
-                  prior: Mats | None = None) -> Mats:
+def merge_lowrank(
+    Us: Sequence[Mats],
+    Ss: Sequence[Mats],
+    deltas: Sequence[Mats],
+    weights: Sequence[float],
+    damping: Sequence[float],
+    prior: Mats | None = None,
+) -> Mats:
     """Low-rank Fisher merge, exact for `F_k = U_k diag(S_k) U_k^T`.
 
     Args:
@@ -87,14 +97,20 @@ def merge_lowrank(Us: Sequence[Mats], Ss: Sequence[Mats], deltas: Sequence[Mats]
     if wood:
         u_all, s_all = [], []
         for i in wood:
-            stacked = torch.cat([u[i] * torch.sqrt(w * s[i].clamp_min(0))
-                                 for w, u, s in zip(weights, Us, Ss, strict=True)], 1)
+            stacked = torch.cat(
+                [
+                    u[i] * torch.sqrt(w * s[i].clamp_min(0))
+                    for w, u, s in zip(weights, Us, Ss, strict=True)
+                ],
+                1,
+            )
             q, r = torch.linalg.qr(stacked.double())
             evals, evecs = torch.linalg.eigh(r @ r.T)
             u_all.append((q @ evecs).float().contiguous())
             s_all.append(evals.clamp_min(0).float().contiguous())
-        res = ops.lowrank_precondition(u_all, s_all, [damping[i] for i in wood],
-                                       [rhs[i].contiguous() for i in wood])
+        res = ops.lowrank_precondition(
+            u_all, s_all, [damping[i] for i in wood], [rhs[i].contiguous() for i in wood]
+        )
         for i, x in zip(wood, res, strict=True):
             out[i] = x
     if dense:
@@ -108,15 +124,17 @@ def merge_lowrank(Us: Sequence[Mats], Ss: Sequence[Mats], deltas: Sequence[Mats]
     return [x for x in out if x is not None]
 
 
-def _kron_matvec(As: Sequence[Mats], Gs: Sequence[Mats], weights: Sequence[float],
-                 xs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+def _kron_matvec(
+    As: Sequence[Mats], Gs: Sequence[Mats], weights: Sequence[float], xs: dict[int, torch.Tensor]
+) -> dict[int, torch.Tensor]:
     """`sum_k p_k G_ki X_i A_ki` for the blocks in `xs`: one ragged native call (dense A)."""
     keys = list(xs)
     dense = [(k, i) for k in range(len(weights)) for i in keys if As[k][i].dim() == 2]
     out = {i: torch.zeros_like(xs[i]) for i in keys}
     if dense:
-        res = ops.kron_precondition([xs[i] for _, i in dense], [As[k][i] for k, i in dense],
-                                    [Gs[k][i] for k, i in dense])
+        res = ops.kron_precondition(
+            [xs[i] for _, i in dense], [As[k][i] for k, i in dense], [Gs[k][i] for k, i in dense]
+        )
         for (k, i), y in zip(dense, res, strict=True):
             out[i].add_(y, alpha=weights[k])
     for k in range(len(weights)):
@@ -126,9 +144,17 @@ def _kron_matvec(As: Sequence[Mats], Gs: Sequence[Mats], weights: Sequence[float
     return out
 
 
-def merge_kfac(As: Sequence[Mats], Gs: Sequence[Mats], deltas: Sequence[Mats],
-               weights: Sequence[float], damping: Sequence[float], *, iters: int = 100,
-               tol: float = 1e-6, prior: Mats | None = None) -> tuple[Mats, dict[str, float]]:
+def merge_kfac(
+    As: Sequence[Mats],
+    Gs: Sequence[Mats],
+    deltas: Sequence[Mats],
+    weights: Sequence[float],
+    damping: Sequence[float],
+    *,
+    iters: int = 100,
+    tol: float = 1e-6,
+    prior: Mats | None = None,
+) -> tuple[Mats, dict[str, float]]:
     """K-FAC Fisher merge by preconditioned CG on `(sum p_k A_k ⊗ G_k + lambda I) x = b`.
 
     In matrix form the operator is `X -> sum_k p_k G_k X A_k + lambda X` on each block [m, n].
@@ -149,8 +175,9 @@ def merge_kfac(As: Sequence[Mats], Gs: Sequence[Mats], deltas: Sequence[Mats],
     nb = len(damping)
     bs: dict[int, torch.Tensor] = {}
     for k, w in enumerate(weights):
-        part = _kron_matvec([As[k]], [Gs[k]], [w], {i: deltas[k][i].float().contiguous()
-                                                      for i in range(nb)})
+        part = _kron_matvec(
+            [As[k]], [Gs[k]], [w], {i: deltas[k][i].float().contiguous() for i in range(nb)}
+        )
         for i, v in part.items():
             bs[i] = bs[i] + v if i in bs else v
     if prior is not None:
@@ -161,11 +188,12 @@ def merge_kfac(As: Sequence[Mats], Gs: Sequence[Mats], deltas: Sequence[Mats],
     g_bar = [sum(w * g[i] for w, g in zip(weights, Gs, strict=True)) for i in range(nb)]
     roots = [math.sqrt(d) for d in damping]
     dense = [i for i in range(nb) if a_bar[i].dim() == 2]
-    inv = ops.damped_cholesky_inverse([a_bar[i].contiguous() for i in dense]
-                                      + [g.contiguous() for g in g_bar],
-                                      [roots[i] for i in dense] + roots)
-    a_inv: dict[int, torch.Tensor] = dict(zip(dense, inv.inverses[:len(dense)], strict=True))
-    g_inv = inv.inverses[len(dense):]
+    inv = ops.damped_cholesky_inverse(
+        [a_bar[i].contiguous() for i in dense] + [g.contiguous() for g in g_bar],
+        [roots[i] for i in dense] + roots,
+    )
+    a_inv: dict[int, torch.Tensor] = dict(zip(dense, inv.inverses[: len(dense)], strict=True))
+    g_inv = inv.inverses[len(dense) :]
     for i in range(nb):
         if i not in a_inv:
             a_inv[i] = 1.0 / (a_bar[i] + roots[i])
@@ -174,8 +202,9 @@ def merge_kfac(As: Sequence[Mats], Gs: Sequence[Mats], deltas: Sequence[Mats],
         keys = [i for i in rs if i in dense]
         out = {}
         if keys:
-            res = ops.kron_precondition([rs[i] for i in keys], [a_inv[i] for i in keys],
-                                        [g_inv[i] for i in keys])
+            res = ops.kron_precondition(
+                [rs[i] for i in keys], [a_inv[i] for i in keys], [g_inv[i] for i in keys]
+            )
             out = dict(zip(keys, res, strict=True))
         for i in rs:
             if i not in out:
@@ -206,8 +235,11 @@ def merge_kfac(As: Sequence[Mats], Gs: Sequence[Mats], deltas: Sequence[Mats],
             alpha = rz[i] / curv
             xs[i].add_(ps[i], alpha=alpha)
             rs[i].sub_(aps[i], alpha=alpha)
-        active = [i for i in active if i not in stalled
-                  and float(torch.linalg.vector_norm(rs[i])) > tol * bnorm[i]]
+        active = [
+            i
+            for i in active
+            if i not in stalled and float(torch.linalg.vector_norm(rs[i])) > tol * bnorm[i]
+        ]
         if not active:
             break
         zs = precond({i: rs[i] for i in active})
@@ -215,6 +247,8 @@ def merge_kfac(As: Sequence[Mats], Gs: Sequence[Mats], deltas: Sequence[Mats],
             rz_new = float((rs[i] * zs[i]).sum())
             ps[i] = zs[i] + (rz_new / rz[i]) * ps[i]
             rz[i] = rz_new
-    worst = max((float(torch.linalg.vector_norm(rs[i])) / bnorm[i]
-                 for i in range(nb) if bnorm[i] > 0), default=0.0)
+    worst = max(
+        (float(torch.linalg.vector_norm(rs[i])) / bnorm[i] for i in range(nb) if bnorm[i] > 0),
+        default=0.0,
+    )
     return [xs[i] for i in range(nb)], {"cg_iters": float(it), "cg_rel_residual": worst}

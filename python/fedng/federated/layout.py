@@ -54,8 +54,10 @@ class BlockLayout:
     def to_json(self) -> list[Any]:
         """Compact JSON form."""
         d = asdict(self)
-        return [d[k] for k in ("name", "kind", "m", "n", "weight", "bias", "w_rows", "b_rows",
-                               "transpose")]
+        return [
+            d[k]
+            for k in ("name", "kind", "m", "n", "weight", "bias", "w_rows", "b_rows", "transpose")
+        ]
 
     @staticmethod
     def from_json(x: list[Any]) -> BlockLayout:
@@ -67,10 +69,17 @@ class BlockLayout:
         if not isinstance(x, list) or len(x) != 9:
             raise ValueError(f"block layout must be a list of 9 fields, got {x!r}")
         name, kind, m, n, w, b, wr, br, tr = x
-        return BlockLayout(str(name), str(kind), int(m), int(n), str(w),
-                           None if b is None else str(b),
-                           None if wr is None else (int(wr[0]), int(wr[1])),
-                           None if br is None else (int(br[0]), int(br[1])), bool(tr))
+        return BlockLayout(
+            str(name),
+            str(kind),
+            int(m),
+            int(n),
+            str(w),
+            None if b is None else str(b),
+            None if wr is None else (int(wr[0]), int(wr[1])),
+            None if br is None else (int(br[0]), int(br[1])),
+            bool(tr),
+        )
 
 
 def _rows(s: slice | None) -> tuple[int, int] | None:
@@ -82,10 +91,19 @@ def layouts_of(model: nn.Module, blocks: list[Block]) -> list[BlockLayout]:
     names = {id(p): k for k, p in model.named_parameters()}
     out = []
     for b in blocks:
-        out.append(BlockLayout(
-            b.spec.name, b.spec.kind, b.spec.m, b.spec.n, names[id(b.weight)],
-            None if b.bias is None else names[id(b.bias)], _rows(b.w_rows), _rows(b.b_rows),
-            bool(b.transpose)))
+        out.append(
+            BlockLayout(
+                b.spec.name,
+                b.spec.kind,
+                b.spec.m,
+                b.spec.n,
+                names[id(b.weight)],
+                None if b.bias is None else names[id(b.bias)],
+                _rows(b.w_rows),
+                _rows(b.b_rows),
+                bool(b.transpose),
+            )
+        )
     return out
 
 
@@ -102,8 +120,10 @@ def check_layouts(layouts: list[BlockLayout], shapes: dict[str, tuple[int, ...]]
             b = shapes[lay.bias]
             bnum = b[0] if lay.b_rows is None else lay.b_rows[1] - lay.b_rows[0]
         if lay.m * lay.n != wnum + bnum:
-            return (f"block {lay.name!r} is [{lay.m}, {lay.n}] but its parameters hold"
-                    f" {wnum + bnum} values")
+            return (
+                f"block {lay.name!r} is [{lay.m}, {lay.n}] but its parameters hold"
+                f" {wnum + bnum} values"
+            )
     return None
 
 

@@ -44,8 +44,9 @@ class LocalResult:
     curvature: CurvatureSet
 
 
-def global_curvature(message: ServerMessage, local: CurvatureSet) -> tuple[CurvatureSet | None,
-                                                                            bool]:
+def global_curvature(
+    message: ServerMessage, local: CurvatureSet
+) -> tuple[CurvatureSet | None, bool]:
     """The server's curvature from a message: (set, has factors). None when it sent none.
 
     Inverses (`inv/...` extras) are installed into an empty set shaped like `local`; factors
@@ -114,8 +115,9 @@ def natural_gradient_local(
         if mode == "global" and glob is not None and has_factors:
             glob.inverse(config.damping)
         state: dict[str, CurvatureSet | None] = {"p": glob if mode == "global" else None}
-        gen = torch.Generator().manual_seed(round_seed(config.sketch_seed, message.round,
-                                                       data.client_id))
+        gen = torch.Generator().manual_seed(
+            round_seed(config.sketch_seed, message.round, data.client_id)
+        )
         clipped = [0]
 
         def fisher_pass(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> None:
@@ -133,8 +135,9 @@ def natural_gradient_local(
                     state["p"] = local
                 else:
                     assert glob is not None
-                    mixed = CurvatureSet.combine([glob, local],
-                                                 [1.0 - config.local_mix, config.local_mix])
+                    mixed = CurvatureSet.combine(
+                        [glob, local], [1.0 - config.local_mix, config.local_mix]
+                    )
                     mixed.inverse(config.damping)
                     state["p"] = mixed
             pset = state["p"]
@@ -144,18 +147,28 @@ def natural_gradient_local(
             pre = pset.precondition(grads, stats)
             scale = 1.0
             if config.kl_clip > 0:
-                gp = sum(float((p * g).sum()) for p, g in zip(pre, grads, strict=True)
-                         if p is not None and g is not None)
+                gp = sum(
+                    float((p * g).sum())
+                    for p, g in zip(pre, grads, strict=True)
+                    if p is not None and g is not None
+                )
                 if gp > 0:
-                    scale = min(1.0, math.sqrt(config.kl_clip / (config.lr ** 2 * gp)))
+                    scale = min(1.0, math.sqrt(config.kl_clip / (config.lr**2 * gp)))
                     clipped[0] += scale < 1.0
             for b, p in zip(blocks, pre, strict=True):
                 if p is not None:
                     b.write_grad(p if scale == 1.0 else p * scale)
 
         with cap.record(True):
-            metrics = local_sgd(model, data, config, message.round, grad_hook=precondition,
-                                steps=steps, before_backward=fisher_pass)
+            metrics = local_sgd(
+                model,
+                data,
+                config,
+                message.round,
+                grad_hook=precondition,
+                steps=steps,
+                before_backward=fisher_pass,
+            )
         metrics["precond_mode"] = float(("none", "local", "global", "global_local").index(mode))
         metrics["kl_clipped_steps"] = float(clipped[0])
         return LocalResult(metrics, local)
@@ -177,8 +190,8 @@ def fisher_at(model: nn.Module, data: ClientData, config: ClientConfig) -> Curva
         gen = torch.Generator().manual_seed(round_seed(config.sketch_seed, 0, data.client_id))
         with cap.record(True):
             for lo in range(0, data.num_examples, config.batch_size):
-                x = data.x[lo:lo + config.batch_size]
-                y = data.y[lo:lo + config.batch_size]
+                x = data.x[lo : lo + config.batch_size]
+                y = data.y[lo : lo + config.batch_size]
                 model.zero_grad(set_to_none=True)
                 out = model(x)
                 if config.fisher_type == "mc":

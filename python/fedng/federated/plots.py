@@ -14,8 +14,9 @@ def _stack(hs: list[History], key: str) -> np.ndarray:
     return np.array([[getattr(r, key) for r in h.rounds[:n]] for h in hs], dtype=float)
 
 
-def plot_histories(groups: dict[str, list[History]], out_dir: str | Path, title: str = ""
-                   ) -> list[Path]:
+def plot_histories(
+    groups: dict[str, list[History]], out_dir: str | Path, title: str = ""
+) -> list[Path]:
     """Writes `metric_vs_rounds.png` and `metric_vs_bytes.png` (median over seeds, min-max band).
 
     Args:
@@ -36,8 +37,10 @@ def plot_histories(groups: dict[str, list[History]], out_dir: str | Path, title:
     first = next(iter(groups.values()))[0]
     ylabel = f"test {first.metric}"
     paths = []
-    for xkey, fname, xlabel in (("round", "metric_vs_rounds.png", "round"),
-                                ("cum_bytes", "metric_vs_bytes.png", "MB (uplink + downlink)")):
+    for xkey, fname, xlabel in (
+        ("round", "metric_vs_rounds.png", "round"),
+        ("cum_bytes", "metric_vs_bytes.png", "MB (uplink + downlink)"),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
         for label, hs in groups.items():
             y = _stack(hs, "metric")

@@ -15,8 +15,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fedadam": {"server_lr": 0.03},
     "fedyogi": {"server_lr": 0.03},
     "fedadagrad": {"server_lr": 0.1},
-    "fedng": {"precond": "global_local", "curvature": "kfac", "damping": 0.01,
-              "aggregation": "fisher", "fisher_center": "mean", "fisher_damping": 0.1},
+    "fedng": {
+        "precond": "global_local",
+        "curvature": "kfac",
+        "damping": 0.01,
+        "aggregation": "fisher",
+        "fisher_center": "mean",
+        "fisher_damping": 0.1,
+    },
     "fedfisher": {"curvature": "diag", "local_epochs": 5.0, "aggregation": "fisher"},
 }
 """Per-algorithm defaults (keys of ClientConfig and/or ServerConfig; `damping` sets both).
@@ -43,8 +49,9 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def make_configs(algorithm: str, settings: dict[str, Any] | None = None
-                 ) -> tuple[ClientConfig, ServerConfig]:
+def make_configs(
+    algorithm: str, settings: dict[str, Any] | None = None
+) -> tuple[ClientConfig, ServerConfig]:
     """Client and server configs of `algorithm`: its preset, then `settings` on top.
 
     A key goes to whichever config has it (both, for shared names such as `damping`).
@@ -57,13 +64,19 @@ def make_configs(algorithm: str, settings: dict[str, Any] | None = None
     merged = {**PRESETS.get(algorithm, {}), **(settings or {})}
     unknown = sorted(k for k in merged if k not in _CLIENT | _SERVER)
     if unknown:
-        raise ValueError(f"unknown setting(s) {unknown} for {algorithm}; expected fields of"
-                         " ClientConfig or ServerConfig")
+        raise ValueError(
+            f"unknown setting(s) {unknown} for {algorithm}; expected fields of"
+            " ClientConfig or ServerConfig"
+        )
     if algorithm == "fedng" and "broadcast" not in (settings or {}):
         precond = merged.get("precond", "global")
         merged["broadcast"] = {"global": "inverse", "global_local": "factors"}.get(precond, "none")
-    client = ClientConfig(algorithm=algorithm,
-                          **{k: v for k, v in merged.items() if k in _CLIENT and k != "algorithm"})
-    server = ServerConfig(algorithm=algorithm,
-                          **{k: v for k, v in merged.items() if k in _SERVER and k != "algorithm"})
+    client = ClientConfig(
+        algorithm=algorithm,
+        **{k: v for k, v in merged.items() if k in _CLIENT and k != "algorithm"},
+    )
+    server = ServerConfig(
+        algorithm=algorithm,
+        **{k: v for k, v in merged.items() if k in _SERVER and k != "algorithm"},
+    )
     return client, server

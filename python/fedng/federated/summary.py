@@ -47,8 +47,10 @@ class Summary:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (inf and NaN as None)."""
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in asdict(self).items()}
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in asdict(self).items()
+        }
 
 
 def summarize(label: str, hs: list[History], target: float | None) -> Summary:
@@ -85,21 +87,35 @@ def _fmt(x: float, spec: str) -> str:
 
 def table(rows: list[Summary], metric: str, target: float | None, markdown: bool = False) -> str:
     """The summary table (plain text, or markdown)."""
-    head = ["method", f"final {metric} (median [min, max])", "best", "rounds→target",
-            "MB→target", "MB total", "client s", "server s"]
+    head = [
+        "method",
+        f"final {metric} (median [min, max])",
+        "best",
+        "rounds→target",
+        "MB→target",
+        "MB total",
+        "client s",
+        "server s",
+    ]
     body = []
     for r in rows:
-        body.append([
-            r.label,
-            f"{r.final_median:.4f} [{r.final_min:.4f}, {r.final_max:.4f}]",
-            f"{r.best_median:.4f}",
-            _fmt(r.rounds_to_target, ".0f"),
-            _fmt(r.bytes_to_target / 1e6 if math.isfinite(r.bytes_to_target) else
-                 r.bytes_to_target, ".2f"),
-            f"{r.total_mb:.2f}",
-            f"{r.client_s * 1e3:.1f}ms",
-            f"{r.server_s * 1e3:.1f}ms",
-        ])
+        body.append(
+            [
+                r.label,
+                f"{r.final_median:.4f} [{r.final_min:.4f}, {r.final_max:.4f}]",
+                f"{r.best_median:.4f}",
+                _fmt(r.rounds_to_target, ".0f"),
+                _fmt(
+                    r.bytes_to_target / 1e6
+                    if math.isfinite(r.bytes_to_target)
+                    else r.bytes_to_target,
+                    ".2f",
+                ),
+                f"{r.total_mb:.2f}",
+                f"{r.client_s * 1e3:.1f}ms",
+                f"{r.server_s * 1e3:.1f}ms",
+            ]
+        )
     note = f"target {metric} = {target:.4f}" if target is not None else "no target"
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

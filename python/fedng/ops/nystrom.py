@@ -36,9 +36,9 @@ def nystrom(
 
     Stable Nystrom (Tropp, Yurtsever, Udell, Cevher 2017): `Y_nu = Y + nu Omega`,
     `C = chol(Omega^T Y_nu)`, `B = Y_nu C^-1`, `U S' V^T = svd(B)`, `S = max(S'^2 - nu, 0)`.
-    The O(d r^2) core runs in float64 whatever the input dtype, so the shift `nu` defaults to
-    `sqrt(d) * eps(float64) * ||Y||_F`; if the small Cholesky still fails, `nu` is multiplied by
-    10 while it stays below `1e-5 * sqrt(d) * ||Y||_F`. Outputs have the input dtype.
+    The shift `nu` defaults to `sqrt(d) * eps(float64) * ||Y||_F` whatever the dtype (a
+    float32-epsilon shift would swamp the smaller eigenvalues); if the small Cholesky fails (float32
+    rounding), `nu` is multiplied by 10 while it stays below `1e-5 * sqrt(d) * ||Y||_F`.
 
     Args:
         sketches: N tensors `Y_i` [d_i, r_i] with r_i <= d_i.

@@ -28,12 +28,21 @@ class FedFisher(FedNG):
     name = "fedfisher"
     max_rounds = 1
 
-    def client_step(self, model: nn.Module, data: ClientData, message: ServerMessage,
-                    config: ClientConfig, client_state: Arrays) -> ClientUpdate:
+    def client_step(
+        self,
+        model: nn.Module,
+        data: ClientData,
+        message: ServerMessage,
+        config: ClientConfig,
+        client_state: Arrays,
+    ) -> ClientUpdate:
         """Local SGD for `local_epochs` epochs (or `local_steps`), then the Fisher there."""
         set_params(model, message.params)
-        steps = (math.ceil(config.local_epochs * data.num_examples / config.batch_size)
-                 if config.local_epochs > 0 else config.local_steps)
+        steps = (
+            math.ceil(config.local_epochs * data.num_examples / config.batch_size)
+            if config.local_epochs > 0
+            else config.local_steps
+        )
         metrics = local_sgd(model, data, config, message.round, steps=steps)
         cs = fisher_at(model, data, config)
         upd = self.make_update(model, data, message, config, metrics, client_state)
@@ -51,9 +60,14 @@ class FedFisher(FedNG):
         if any(not u.curvature for u in updates):
             return super().aggregate(state, updates)
         sets = [decoded_curvature(u) for u in updates]
-        step, log = fisher_weighted_step(updates, sets, state.config.fisher_damping,  # type: ignore[arg-type]
-                                         state.config.cg_iters, state.config.cg_tol,
-                                         state.config.fisher_center)
+        step, log = fisher_weighted_step(
+            updates,
+            sets,
+            state.config.fisher_damping,  # type: ignore[arg-type]
+            state.config.cg_iters,
+            state.config.cg_tol,
+            state.config.fisher_center,
+        )
         state.log.update(log)
         apply_server_step(state, step)
         return state

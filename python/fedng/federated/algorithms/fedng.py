@@ -41,7 +41,8 @@ def decoded_curvature(update: ClientUpdate) -> CurvatureSet | None:
     cached = getattr(update, _CACHE_ATTR, None)
     if cached is None:
         cached = CurvatureSet.from_arrays(
-            {k: v.float() for k, v in update.curvature.items()}, update.meta["curv"])
+            {k: v.float() for k, v in update.curvature.items()}, update.meta["curv"]
+        )
         setattr(update, _CACHE_ATTR, cached)
     return cached
 
@@ -80,9 +81,14 @@ def _or_zero(u: torch.Tensor | None, d: int) -> torch.Tensor:
     return torch.zeros(d, 1) if u is None else u
 
 
-def fisher_weighted_step(updates: list[ClientUpdate], sets: list[CurvatureSet], rel: float,
-                         cg_iters: int, cg_tol: float, center: str = "zero"
-                         ) -> tuple[Arrays, dict[str, Any]]:
+def fisher_weighted_step(
+    updates: list[ClientUpdate],
+    sets: list[CurvatureSet],
+    rel: float,
+    cg_iters: int,
+    cg_tol: float,
+    center: str = "zero",
+) -> tuple[Arrays, dict[str, Any]]:
     """`(sum p_k F_k + lambda I)^-1 sum p_k F_k delta_k` on every block; the weighted mean on
     parameters no block covers and on blocks without curvature.
 
@@ -115,23 +121,49 @@ def fisher_weighted_step(updates: list[ClientUpdate], sets: list[CurvatureSet], 
         reps = [s.reps[kind] for s in sets]
         damp = [lams[kind][j] for j in live]
         if kind == "diag":
-            merged = merge_diag([[r.diag[j] for j in live] for r in reps],  # type: ignore[attr-defined]
-                                mats, ws, damp, prior)
+            merged = merge_diag(
+                [[r.diag[j] for j in live] for r in reps],  # type: ignore[attr-defined]
+                mats,
+                ws,
+                damp,
+                prior,
+            )
         elif kind == "kfac":
-            merged, info = merge_kfac([[r.A[j] for j in live] for r in reps],  # type: ignore[attr-defined]
-                                      [[r.G[j] for j in live] for r in reps],  # type: ignore[attr-defined]
-                                      mats, ws, damp, iters=cg_iters, tol=cg_tol, prior=prior)
+            merged, info = merge_kfac(
+                [[r.A[j] for j in live] for r in reps],  # type: ignore[attr-defined]
+                [[r.G[j] for j in live] for r in reps],  # type: ignore[attr-defined]
+                mats,
+                ws,
+                damp,
+                iters=cg_iters,
+                tol=cg_tol,
+                prior=prior,
+            )
             log.update(info)
         else:
             us, ss = [], []
             for r in reps:
                 r.inverse(1.0)  # the damping is unused here: only U, S are read
-                us.append([_or_zero(r.U[j], lays[n].m * lays[n].n)  # type: ignore[attr-defined]
-                           for n, j in enumerate(live)])
-                ss.append([torch.zeros(1) if r.S[j] is None else r.S[j]  # type: ignore[attr-defined]
-                           for j in live])
-            flat = merge_lowrank(us, ss, [[m.reshape(-1) for m in ms] for ms in mats], ws, damp,
-                                 None if prior is None else [p.reshape(-1) for p in prior])
+                us.append(
+                    [
+                        _or_zero(r.U[j], lays[n].m * lays[n].n)  # type: ignore[attr-defined]
+                        for n, j in enumerate(live)
+                    ]
+                )
+                ss.append(
+                    [
+                        torch.zeros(1) if r.S[j] is None else r.S[j]  # type: ignore[attr-defined]
+                        for j in live
+                    ]
+                )
+            flat = merge_lowrank(
+                us,
+                ss,
+                [[m.reshape(-1) for m in ms] for ms in mats],
+                ws,
+                damp,
+                None if prior is None else [p.reshape(-1) for p in prior],
+            )
             merged = [f.view(lay.m, lay.n) for f, lay in zip(flat, lays, strict=True)]
         for lay, m in zip(lays, merged, strict=True):
             write_matrix(step, lay, m.float())
@@ -175,8 +207,14 @@ class FedNG(Algorithm):
             msg.meta["inverse_failed"] = failed
         return msg
 
-    def client_step(self, model: nn.Module, data: ClientData, message: ServerMessage,
-                    config: ClientConfig, client_state: Arrays) -> ClientUpdate:
+    def client_step(
+        self,
+        model: nn.Module,
+        data: ClientData,
+        message: ServerMessage,
+        config: ClientConfig,
+        client_state: Arrays,
+    ) -> ClientUpdate:
         """Local natural-gradient steps; uploads delta (+ curvature every `upload_every`)."""
         set_params(model, message.params)
         res = natural_gradient_local(model, data, message, config)
@@ -218,8 +256,14 @@ class FedNG(Algorithm):
         with_curv = [u for u in updates if u.curvature]
         sets = [decoded_curvature(u) for u in with_curv]
         if cfg.aggregation == "fisher" and with_curv and len(with_curv) == len(updates):
-            step, log = fisher_weighted_step(updates, sets, cfg.fisher_damping,  # type: ignore[arg-type]
-                                             cfg.cg_iters, cfg.cg_tol, cfg.fisher_center)
+            step, log = fisher_weighted_step(
+                updates,
+                sets,
+                cfg.fisher_damping,  # type: ignore[arg-type]
+                cfg.cg_iters,
+                cfg.cg_tol,
+                cfg.fisher_center,
+            )
             state.log.update(log)
             state.log["aggregation"] = "fisher"
         else:
@@ -230,8 +274,11 @@ class FedNG(Algorithm):
             fresh = CurvatureSet.combine(sets, weights_of(with_curv))  # type: ignore[arg-type]
             prev = self.global_set(state)
             beta = cfg.curvature_ema
-            glob = fresh if prev is None or beta == 0 else CurvatureSet.combine(
-                [prev, fresh], [beta, 1.0 - beta])
+            glob = (
+                fresh
+                if prev is None or beta == 0
+                else CurvatureSet.combine([prev, fresh], [beta, 1.0 - beta])
+            )
             arrays, meta = glob.to_arrays(torch.float32)
             for k in [k for k in state.buffers if k.startswith("curv/")]:
                 del state.buffers[k]
