@@ -13,15 +13,23 @@ defaults otherwise. Target per data set: 97% of the better baseline's (SGD or Ad
 test accuracy. Reported per method: median (over seeds) steps and training wall time until the
 test accuracy first reaches the target, and the median final test accuracy; a table and a PNG.
 
-Run: `python bench/bench_convergence.py [--quick] [--datasets mnist1d digits]`.
+Threads: fedng's native ops are much slower with 2 torch threads than with 1 on small layers
+(thread hand-offs; see the report), which distorts wall times: `--threads 1` compares the
+methods without that effect.
+
+Run: `python bench/bench_convergence.py [--quick] [--datasets mnist1d digits] [--threads 1]`.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")  # as bench_step.py: see its docstring
+
 import argparse
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -335,12 +343,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "table": table,
     }
     if not args.no_json:
-        png = str(H.RESULTS_DIR / "bench_convergence.png")
+        png = str(H.RESULTS_DIR / f"{args.json_name}.png")
         H.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         plot(summaries, results, png)
         payload["plot"] = png
         payload["wall_s"] = time.perf_counter() - started
-        print(f"wrote {H.write_json('bench_convergence', payload)} and {png}")
+        print(f"wrote {H.write_json(args.json_name, payload)} and {png}")
     print(f"({time.perf_counter() - started:.1f} s)")
     return payload
 
@@ -352,6 +360,11 @@ def main() -> int:
         "--datasets", nargs="*", default=["mnist1d", "digits"], choices=["mnist1d", "digits"]
     )
     p.add_argument("--quick", action="store_true", help="fewer epochs, 3 learning rates each")
+    p.add_argument(
+        "--json-name",
+        default="bench_convergence",
+        help="results file name under bench/results/ (.json and .png)",
+    )
     p.add_argument(
         "--threads",
         type=int,

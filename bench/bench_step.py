@@ -341,8 +341,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fn()
             if time.perf_counter() - t0 > SLOW_S:
                 slow[name] = fns[name]
-        times = H.measure({k: f for k, f in fns.items() if k not in slow}, repeats=repeats,
-                          warmup=0, min_sample_s=0.0)
+        times = H.measure(
+            {k: f for k, f in fns.items() if k not in slow},
+            repeats=repeats,
+            warmup=0,
+            min_sample_s=0.0,
+        )
         if slow:  # seconds per step: one more sample each keeps the run within minutes
             times.update(H.measure(slow, repeats=1, warmup=0, min_sample_s=0.0))
         times = {k: times[k] for k in fns}
