@@ -65,7 +65,8 @@ class DiagonalFisher(FisherRepresentation):
         fresh = []
         for i in seen:
             st = stats[i]
-            assert st is not None
+            if st is None:
+                raise RuntimeError("fedng internal invariant broken: st is not None")
             s = self.specs[i]
             fresh.append(st.squared_sum(s.m, s.n).to(self.dtype))
         targets = [self.diag[i] for i in seen]

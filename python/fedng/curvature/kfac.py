@@ -116,18 +116,21 @@ class KFAC(FisherRepresentation):
             scales: list[float] = []
             for i in members:
                 st = stats[i]
-                assert st is not None
+                if st is None:
+                    raise RuntimeError("fedng internal invariant broken: st is not None")
                 if self.specs[i].kind == "kron":
                     factors.append(self.A[i])
                     inputs.append(st.a_rows().to(self.dtype))
                     scales.append(new[i] / st.rows)
                 else:
-                    assert st.ids is not None
+                    if st.ids is None:
+                        raise RuntimeError("fedng internal invariant broken: st.ids is not None")
                     freq = torch.bincount(st.ids.reshape(-1), minlength=self.specs[i].n)
                     self.A[i].mul_(d).add_(freq.to(self.dtype), alpha=new[i] / st.rows)
             for i in members:
                 st = stats[i]
-                assert st is not None
+                if st is None:
+                    raise RuntimeError("fedng internal invariant broken: st is not None")
                 factors.append(self.G[i])
                 inputs.append(st.g_rows().to(self.dtype))
                 scales.append(new[i] * st.fisher_scale)

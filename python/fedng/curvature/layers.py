@@ -234,7 +234,10 @@ class NormSite(Site):
         if isinstance(m, nn.GroupNorm):
             xh = F.group_norm(x, m.num_groups, None, None, m.eps)
         else:
-            assert isinstance(m, nn.modules.batchnorm._BatchNorm)
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+                raise RuntimeError(
+                    f"fedng internal invariant broken: {type(m).__name__} is not BatchNorm"
+                )
             xh = F.batch_norm(
                 x,
                 None if batch_stats else m.running_mean,

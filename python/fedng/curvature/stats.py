@@ -57,18 +57,21 @@ class BlockStats:
         """B * T."""
         if self.psg is not None:
             return self.psg.shape[0]
-        assert self.g is not None
+        if self.g is None:
+            raise RuntimeError("fedng internal invariant broken: self.g is not None")
         return self.g.shape[0] * self.g.shape[1]
 
     def a_rows(self) -> torch.Tensor:
         """`a` as a contiguous [B*T, n] matrix (`kron`)."""
-        assert self.a is not None
+        if self.a is None:
+            raise RuntimeError("fedng internal invariant broken: self.a is not None")
         return self.a.reshape(-1, self.a.shape[-1]).contiguous()
 
     def g_rows(self, loss_pass: bool = False) -> torch.Tensor:
         """`g` (or `g_loss`) as a contiguous [B*T, m] matrix."""
         g = self.g_loss if loss_pass else self.g
-        assert g is not None
+        if g is None:
+            raise RuntimeError("fedng internal invariant broken: g is not None")
         return g.reshape(-1, g.shape[-1]).contiguous()
 
     def per_sample(self, lo: int, hi: int, n: int) -> torch.Tensor:
@@ -80,14 +83,18 @@ class BlockStats:
             n: columns of the block's gradient matrix (the vocabulary size for `embedding`).
         """
         if self.kind == "elementwise":
-            assert self.psg is not None
+            if self.psg is None:
+                raise RuntimeError("fedng internal invariant broken: self.psg is not None")
             return self.psg[lo:hi, 0].contiguous()
-        assert self.g is not None
+        if self.g is None:
+            raise RuntimeError("fedng internal invariant broken: self.g is not None")
         g = self.g[lo:hi]
         if self.kind == "kron":
-            assert self.a is not None
+            if self.a is None:
+                raise RuntimeError("fedng internal invariant broken: self.a is not None")
             return torch.bmm(g.transpose(1, 2), self.a[lo:hi]).reshape(hi - lo, -1)
-        assert self.ids is not None
+        if self.ids is None:
+            raise RuntimeError("fedng internal invariant broken: self.ids is not None")
         k, t, m = g.shape
         out = torch.zeros(k, n, m, dtype=g.dtype)
         sample = torch.arange(k).repeat_interleave(t)
@@ -103,7 +110,8 @@ class BlockStats:
     def dtype(self) -> torch.dtype:
         """The float dtype of the statistics."""
         t = self.psg if self.psg is not None else self.g
-        assert t is not None
+        if t is None:
+            raise RuntimeError("fedng internal invariant broken: t is not None")
         return t.dtype
 
     def squared_sum(self, m: int, n: int) -> torch.Tensor:
@@ -113,15 +121,19 @@ class BlockStats:
         bounded chunks; for embeddings, the squares of per-(sample, id) sums.
         """
         if self.kind == "elementwise":
-            assert self.psg is not None
+            if self.psg is None:
+                raise RuntimeError("fedng internal invariant broken: self.psg is not None")
             return self.psg.square().sum(0)
-        assert self.g is not None
+        if self.g is None:
+            raise RuntimeError("fedng internal invariant broken: self.g is not None")
         b, t, _ = self.g.shape
         if self.kind == "kron" and t == 1:
-            assert self.a is not None
+            if self.a is None:
+                raise RuntimeError("fedng internal invariant broken: self.a is not None")
             return self.g[:, 0].square().T @ self.a[:, 0].square()
         if self.kind == "embedding":
-            assert self.ids is not None
+            if self.ids is None:
+                raise RuntimeError("fedng internal invariant broken: self.ids is not None")
             keys = torch.arange(b).repeat_interleave(t) * n + self.ids.reshape(-1)
             uniq, inverse = torch.unique(keys, return_inverse=True)
             sums = torch.zeros(uniq.numel(), m, dtype=self.g.dtype)

@@ -138,7 +138,8 @@ class CurvatureSet:
                 elif isinstance(rep, DiagonalFisher):
                     items = [("diag", rep.diag[j])]
                 else:
-                    assert isinstance(rep, LowRankFisher)
+                    if not isinstance(rep, LowRankFisher):
+                        raise TypeError(f"expected a LowRankFisher block, got {type(rep).__name__}")
                     items = [("sketch", rep.Y[j])]
                 for tag, t in items:
                     if not bool(torch.isfinite(t).all()):
@@ -156,7 +157,10 @@ class CurvatureSet:
                             )
                         continue
                     if tag == "sketch":
-                        assert isinstance(rep, LowRankFisher)
+                        if not isinstance(rep, LowRankFisher):
+                            raise TypeError(
+                                f"expected a LowRankFisher block, got {type(rep).__name__}"
+                            )
                         t = rep.omega[j].T @ t
                         big = float(t.abs().max()) if t.numel() else 0.0
                     rel = max(tol, t.shape[0] * wire_eps)

@@ -134,7 +134,8 @@ def natural_gradient_local(
                     local.inverse(config.damping)
                     state["p"] = local
                 else:
-                    assert glob is not None
+                    if glob is None:
+                        raise ValueError("global preconditioner missing from the server message")
                     mixed = CurvatureSet.combine(
                         [glob, local], [1.0 - config.local_mix, config.local_mix]
                     )

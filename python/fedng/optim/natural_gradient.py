@@ -244,7 +244,10 @@ class NaturalGradient:
                 nu = min(1.0, math.sqrt(self.kl_clip / (lr * lr * g_dot_p)))
         rho = None
         if self.damping_mode == "adaptive" and inverse_step and t > 0 and live:
-            assert closure is not None
+            if closure is None:
+                raise ValueError(
+                    "NaturalGradient.step: damping_mode='adaptive' needs step(closure=...)"
+                )
             rho = self._adapt(closure, grads, precond, live, lr * nu)
         out = [precond[i] for i in live]
         if nu != 1.0:

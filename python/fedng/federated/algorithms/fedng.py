@@ -233,7 +233,8 @@ class FedNG(Algorithm):
         if "curv" not in update.meta:
             return "curvature payload without its layout metadata"
         cs = decoded_curvature(update)
-        assert cs is not None
+        if cs is None:
+            raise RuntimeError("fedng internal invariant broken: cs is not None")
         reason = check_layouts(cs.layouts, {k: tuple(v.shape) for k, v in state.params.items()})
         if reason:
             return f"curvature: {reason}"
