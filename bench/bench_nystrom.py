@@ -2,8 +2,9 @@
 
 Baseline choice: `torch.linalg.eigh` of the dense Fisher is out of reach at these sizes (one
 d x d matrix per layer, d up to ~1M parameters), so the torch way is the same stable Nystrom a user
-would write per layer: `nu = sqrt(d) eps ||Y||_F`, `C = cholesky(Omega^T (Y + nu Omega))`,
-`B = solve_triangular(C, Y + nu Omega)`, `U, s = svd(B)`, `S = max(s^2 - nu, 0)`.
+would write per layer: `C = cholesky(Omega^T (Y + nu Omega))` (nu x10 until it succeeds),
+`B = solve_triangular(C, Y + nu Omega)`, `U, s = svd(B)`, `S = max(s^2 - nu, 0)`, starting from the
+shift our op reports having used (so both compute the same approximation).
 Workloads: one low-rank Fisher per layer, d = the layer's parameter count (tiny: each matrix size),
 rank r = min(32, d // 4); d is capped at 2^18 in full mode to bound the run (`--max-d 0`: no cap).
 Work: 8 d r^2 flops per matrix (Omega^T Y 2dr^2, triangular solve dr^2, thin SVD ~5dr^2, an
@@ -14,7 +15,6 @@ Run: `python bench/bench_nystrom.py [--quick] [--workloads mlp lora]`.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from functools import partial
 from typing import Any
@@ -31,16 +31,18 @@ REF_MAX_D = 100_000  # float64 reference SVDs only up to this size
 FULL_MAX_D = 262_144  # d cap in full mode (MLP/ResNet layers are larger), to bound the run time
 
 
-def torch_way(ys: list[torch.Tensor], oms: list[torch.Tensor]
+def torch_way(ys: list[torch.Tensor], oms: list[torch.Tensor], shifts: list[float]
               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Stable Nystrom per matrix in plain torch (the op's algorithm, same default shift)."""
+    """Stable Nystrom per matrix in plain torch (the op's algorithm, from the given shifts)."""
     out = []
-    for y, om in zip(ys, oms, strict=True):
-        eps = torch.finfo(y.dtype).eps
-        nu = math.sqrt(y.shape[0]) * eps * torch.linalg.vector_norm(y).item()
-        y_nu = y + nu * om
-        small = om.T @ y_nu
-        c, _ = torch.linalg.cholesky_ex((small + small.T) / 2, upper=True)
+    for y, om, nu in zip(ys, oms, shifts, strict=True):
+        for _ in range(16):
+            y_nu = y + nu * om
+            small = om.T @ y_nu
+            c, info = torch.linalg.cholesky_ex((small + small.T) / 2, upper=True)
+            if info.item() == 0:
+                break
+            nu *= 10.0
         b = torch.linalg.solve_triangular(c, y_nu, upper=True, left=False)
         u, sv, _ = torch.linalg.svd(b, full_matrices=False)
         out.append((u, (sv * sv - nu).clamp_(min=0.0)))
@@ -64,7 +66,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dims = W.lowrank_dims(wl, max_d=H.max_d_of(args, FULL_MAX_D))
         ys, oms = W.psd_sketches(dims, dtype)
         res = nystrom(ys, oms)
-        base = torch_way(ys, oms)
+        shifts = res.shift.tolist()
+        base = torch_way(ys, oms, shifts)
         idx = [i for i in H.spread(len(ys), 64) if dims[i][0] <= REF_MAX_D][:4]
         refs = reference.nystrom_ref([ys[i] for i in idx], [oms[i] for i in idx],
                                      [float(res.shift[i]) for i in idx])
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise H.CorrectnessError(f"{OP} on {wl.name}: U is not orthonormal ({orth:.2e})")
         del res, base, refs
         t = H.timeit(args, {"ours": partial(nystrom, ys, oms),
-                            "torch": partial(torch_way, ys, oms)})
+                            "torch": partial(torch_way, ys, oms, shifts)})
         flops = float(sum(8 * d * r * r for d, r in dims))
         d_all = [d for d, _ in dims]
         rep.add(wl.name, f"{len(dims)} x d {min(d_all)}..{max(d_all)}", flops, t["ours"],
