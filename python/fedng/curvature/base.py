@@ -44,6 +44,22 @@ class InverseReport:
     status: torch.Tensor
     damping: torch.Tensor
 
+    @classmethod
+    def per_block(
+        cls,
+        specs: Sequence[BlockSpec],
+        live: Sequence[int],
+        ok: Sequence[int],
+        lam: Sequence[float],
+    ) -> InverseReport:
+        """One matrix per live block: OK with damping `lam[i]` when `i` is in `ok`, else FAILED."""
+        good = set(ok)
+        return cls(
+            [specs[i].name for i in live],
+            torch.tensor([0 if i in good else 2 for i in live], dtype=torch.int8),
+            torch.tensor([lam[i] if i in good else math.nan for i in live], dtype=torch.float64),
+        )
+
     @property
     def failed(self) -> list[str]:
         """Names of the matrices that could not be inverted."""

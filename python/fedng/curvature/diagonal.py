@@ -100,11 +100,7 @@ class DiagonalFisher(FisherRepresentation):
             shifted = torch._foreach_add([self.diag[i] for i in ok], [lam[i] for i in ok])
             for i, v in zip(ok, torch._foreach_reciprocal(shifted), strict=True):
                 self.inv[i] = v
-        return InverseReport(
-            [self.specs[i].name for i in live],
-            torch.tensor([0 if i in ok else 2 for i in live], dtype=torch.int8),
-            torch.tensor([lam[i] if i in ok else math.nan for i in live], dtype=torch.float64),
-        )
+        return InverseReport.per_block(self.specs, live, ok, lam)
 
     def precondition(
         self, grads: Sequence[torch.Tensor | None], stats: Sequence[BlockStats | None] | None = None

@@ -161,11 +161,7 @@ class LowRankFisher(FisherRepresentation):
             res = ops.nystrom([self.Y[i] for i in ok], [self.omega[i] for i in ok], shifts)
             for k, i in enumerate(ok):
                 self.U[i], self.S[i], self.damping[i] = res.U[k], res.S[k], lam[i]
-        return InverseReport(
-            [self.specs[i].name for i in live],
-            torch.tensor([0 if i in ok else 2 for i in live], dtype=torch.int8),
-            torch.tensor([lam[i] if i in ok else math.nan for i in live], dtype=torch.float64),
-        )
+        return InverseReport.per_block(self.specs, live, ok, lam)
 
     def precondition(
         self, grads: Sequence[torch.Tensor | None], stats: Sequence[BlockStats | None] | None = None
