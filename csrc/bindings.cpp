@@ -1,5 +1,10 @@
-// pybind11 module fedng._C: raw pointers and sizes in, nothing torch-specific. Each op releases
-// the GIL while it runs. Arguments are converted before the GIL is released.
+// pybind11 module fedng._C: raw pointers and sizes in, nothing torch-specific. Typed by
+// python/fedng/_C.pyi (tests/test_native_boundary.py holds the two together).
+//
+// Every op takes keyword arguments only, named as in csrc/include/fedng/ops.h and in the one
+// order documented there (dtype, inputs, outputs, sizes, parameters, reports, nthreads): an
+// address passed under the wrong name is a TypeError, not doubles written into an int8 buffer.
+// Each op releases the GIL while it runs; arguments are converted before it is released.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -14,6 +19,9 @@ namespace py = pybind11;
 using fedng::DType;
 using fedng::Ptrs;
 using fedng::Sizes;
+using fedng::Status;
+using Floats = std::vector<double>;
+using Address = std::uintptr_t;
 
 namespace {
 
@@ -28,72 +36,104 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fedng native kernels (CPU). Called through fedng.ops, which validates inputs.";
   m.attr("__version__") = FEDNG_VERSION;
   m.attr("cuda_built") = false;
+  py::dict dtype_codes;
+  dtype_codes["float32"] = static_cast<int>(DType::Float32);
+  dtype_codes["float64"] = static_cast<int>(DType::Float64);
+  m.attr("dtype_codes") = dtype_codes;
+  py::dict status_codes;
+  status_codes["OK"] = static_cast<int>(Status::Ok);
+  status_codes["JITTER"] = static_cast<int>(Status::Jitter);
+  status_codes["FAILED"] = static_cast<int>(Status::Failed);
+  m.attr("status_codes") = status_codes;
   m.def("blas_config", [] { return std::string(scipy_openblas_get_config()); },
         "OpenBLAS build configuration string.");
-  m.def("blas_num_threads", [] { return scipy_openblas_get_num_threads(); });
+  m.def("blas_num_threads", [] { return scipy_openblas_get_num_threads(); },
+        "Threads OpenBLAS is set to use.");
   m.def("small_kernel_isa", [] { return std::string(fedng::cpu::small_kernel_isa()); },
         "Instruction set of the small-matrix kernels chosen for this CPU.");
+
   py::call_guard<py::gil_scoped_release> nogil;
+  py::kw_only kw;
 
   m.def(
       "kron_accumulate",
-      [](int code, const Ptrs& f, const Ptrs& x, const Sizes& n, const Sizes& k, double decay,
-         const std::vector<double>& scale, int nthreads) {
-        fedng::cpu::kron_accumulate(dtype_of("kron_accumulate", code), f, x, n, k, decay, scale,
-                                    nthreads);
+      [](int dtype, const Ptrs& inputs, const Ptrs& factors, const Sizes& n, const Sizes& k,
+         double decay, const Floats& scale, int nthreads) {
+        fedng::cpu::kron_accumulate(dtype_of("kron_accumulate", dtype), inputs, factors, n, k,
+                                    decay, scale, nthreads);
       },
-      nogil);
+      nogil, kw, py::arg("dtype"), py::arg("inputs"), py::arg("factors"), py::arg("n"),
+      py::arg("k"), py::arg("decay"), py::arg("scale"), py::arg("nthreads"),
+      "factors[i] <- decay factors[i] + scale[i] inputs[i]^T inputs[i], in place.");
   m.def(
       "damped_cholesky_inverse",
-      [](int code, const Ptrs& mats, const Ptrs& outs, const Sizes& n,
-         const std::vector<double>& damping, int max_tries, double jitter, std::uintptr_t status,
-         std::uintptr_t used, int nthreads) {
+      [](int dtype, const Ptrs& mats, const Ptrs& outs, const Sizes& n, const Floats& damping,
+         int max_tries, double jitter_factor, Address status, Address damping_used,
+         int nthreads) {
         fedng::cpu::damped_cholesky_inverse(
-            dtype_of("damped_cholesky_inverse", code), mats, outs, n, damping, max_tries, jitter,
-            reinterpret_cast<std::int8_t*>(status), reinterpret_cast<double*>(used), nthreads);
+            dtype_of("damped_cholesky_inverse", dtype), mats, outs, n, damping, max_tries,
+            jitter_factor, reinterpret_cast<std::int8_t*>(status),
+            reinterpret_cast<double*>(damping_used), nthreads);
       },
-      nogil);
+      nogil, kw, py::arg("dtype"), py::arg("mats"), py::arg("outs"), py::arg("n"),
+      py::arg("damping"), py::arg("max_tries"), py::arg("jitter_factor"), py::arg("status"),
+      py::arg("damping_used"), py::arg("nthreads"),
+      "outs[i] <- (mats[i] + damping[i] I)^-1; status: int8 [N], damping_used: float64 [N].");
   m.def(
       "kron_precondition",
-      [](int code, const Ptrs& grads, const Ptrs& a_inv, const Ptrs& g_inv, const Ptrs& inputs,
-         const Ptrs& output_grads, const Sizes& batch, const Ptrs& outs, const Sizes& mm,
-         const Sizes& nn, int nthreads) {
-        fedng::cpu::kron_precondition(dtype_of("kron_precondition", code), grads, a_inv, g_inv,
-                                      inputs, output_grads, batch, outs, mm, nn, nthreads);
+      [](int dtype, const Ptrs& grads, const Ptrs& a_inv, const Ptrs& g_inv, const Ptrs& inputs,
+         const Ptrs& output_grads, const Ptrs& outs, const Sizes& m, const Sizes& n,
+         const Sizes& batch, int nthreads) {
+        fedng::cpu::kron_precondition(dtype_of("kron_precondition", dtype), grads, a_inv, g_inv,
+                                      inputs, output_grads, outs, m, n, batch, nthreads);
       },
-      nogil);
+      nogil, kw, py::arg("dtype"), py::arg("grads"), py::arg("a_inv"), py::arg("g_inv"),
+      py::arg("inputs"), py::arg("output_grads"), py::arg("outs"), py::arg("m"), py::arg("n"),
+      py::arg("batch"), py::arg("nthreads"),
+      "outs[i] <- g_inv[i] grads[i] a_inv[i] (batch[i] >= 0: from inputs, output_grads).");
   m.def(
       "sketch_accumulate",
-      [](int code, const Ptrs& y, const Ptrs& j, const Ptrs& om, const Sizes& d, const Sizes& r,
-         const Sizes& b, double decay, const std::vector<double>& scale, int nthreads) {
-        fedng::cpu::sketch_accumulate(dtype_of("sketch_accumulate", code), y, j, om, d, r, b,
-                                      decay, scale, nthreads);
+      [](int dtype, const Ptrs& jacobians, const Ptrs& omegas, const Ptrs& sketches,
+         const Sizes& d, const Sizes& r, const Sizes& b, double decay, const Floats& scale,
+         int nthreads) {
+        fedng::cpu::sketch_accumulate(dtype_of("sketch_accumulate", dtype), jacobians, omegas,
+                                      sketches, d, r, b, decay, scale, nthreads);
       },
-      nogil);
+      nogil, kw, py::arg("dtype"), py::arg("jacobians"), py::arg("omegas"), py::arg("sketches"),
+      py::arg("d"), py::arg("r"), py::arg("b"), py::arg("decay"), py::arg("scale"),
+      py::arg("nthreads"),
+      "sketches[i] <- decay sketches[i] + scale[i] J^T (J omegas[i]), J = jacobians[i].");
   m.def(
       "nystrom",
-      [](int code, const Ptrs& y, const Ptrs& om, const Ptrs& u, const Ptrs& s, const Sizes& d,
-         const Sizes& r, const std::vector<double>& shift, std::uintptr_t used,
-         std::uintptr_t status, int nthreads) {
-        fedng::cpu::nystrom(dtype_of("nystrom", code), y, om, u, s, d, r, shift,
-                            reinterpret_cast<double*>(used), reinterpret_cast<std::int8_t*>(status),
-                            nthreads);
+      [](int dtype, const Ptrs& sketches, const Ptrs& omegas, const Ptrs& U, const Ptrs& S,
+         const Sizes& d, const Sizes& r, const Floats& shift, Address status, Address shift_used,
+         int nthreads) {
+        fedng::cpu::nystrom(dtype_of("nystrom", dtype), sketches, omegas, U, S, d, r, shift,
+                            reinterpret_cast<std::int8_t*>(status),
+                            reinterpret_cast<double*>(shift_used), nthreads);
       },
-      nogil);
+      nogil, kw, py::arg("dtype"), py::arg("sketches"), py::arg("omegas"), py::arg("U"),
+      py::arg("S"), py::arg("d"), py::arg("r"), py::arg("shift"), py::arg("status"),
+      py::arg("shift_used"), py::arg("nthreads"),
+      "U[i], S[i] <- stable Nystrom of sketches[i]; status: int8 [N], shift_used: float64 [N].");
   m.def(
       "lowrank_precondition",
-      [](int code, const Ptrs& u, const Ptrs& s, const Ptrs& v, const Ptrs& out, const Sizes& d,
-         const Sizes& r, const Sizes& c, const std::vector<double>& damping, int nthreads) {
-        fedng::cpu::lowrank_precondition(dtype_of("lowrank_precondition", code), u, s, v, out, d,
-                                         r, c, damping, nthreads);
+      [](int dtype, const Ptrs& U, const Ptrs& S, const Ptrs& V, const Ptrs& outs,
+         const Sizes& d, const Sizes& r, const Sizes& c, const Floats& damping, int nthreads) {
+        fedng::cpu::lowrank_precondition(dtype_of("lowrank_precondition", dtype), U, S, V, outs,
+                                         d, r, c, damping, nthreads);
       },
-      nogil);
+      nogil, kw, py::arg("dtype"), py::arg("U"), py::arg("S"), py::arg("V"), py::arg("outs"),
+      py::arg("d"), py::arg("r"), py::arg("c"), py::arg("damping"), py::arg("nthreads"),
+      "outs[i] <- (U[i] diag(S[i]) U[i]^T + damping[i] I)^-1 V[i].");
   m.def(
       "gaussian_sketch_matrix",
-      [](int code, std::uintptr_t out, std::int64_t d, std::int64_t r, std::uint64_t seed,
-         std::uint64_t stream, int nthreads) {
-        fedng::cpu::gaussian_sketch_matrix(dtype_of("gaussian_sketch_matrix", code), out, d, r,
-                                           seed, stream, nthreads);
+      [](int dtype, Address out, std::int64_t d, std::int64_t r, std::uint64_t seed,
+         std::uint64_t stream_id, int nthreads) {
+        fedng::cpu::gaussian_sketch_matrix(dtype_of("gaussian_sketch_matrix", dtype), out, d, r,
+                                           seed, stream_id, nthreads);
       },
-      nogil);
+      nogil, kw, py::arg("dtype"), py::arg("out"), py::arg("d"), py::arg("r"), py::arg("seed"),
+      py::arg("stream_id"), py::arg("nthreads"),
+      "out [d, r] <- the Philox Gaussian matrix of (seed, stream_id).");
 }

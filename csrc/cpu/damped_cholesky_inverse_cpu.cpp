@@ -122,7 +122,7 @@ std::int8_t invert_one(const T* in, T* out, std::int64_t n, double lambda, int m
     for (int t = 0; t < max_tries; ++t) {
       if (try_invert_with_retry(in, out, n, lam)) {
         *used = lam;
-        return t == 0 ? 0 : 1;
+        return code(t == 0 ? Status::Ok : Status::Jitter);
       }
       // Zero damping escalates from a scale-aware jitter instead of staying at zero.
       lam = lam > 0.0 ? lam * jitter : 1e-6 * mean_abs_diag(in, n);
@@ -132,7 +132,7 @@ std::int8_t invert_one(const T* in, T* out, std::int64_t n, double lambda, int m
   const T nan = std::numeric_limits<T>::quiet_NaN();
   for (std::int64_t i = 0; i < nn; ++i) out[i] = nan;
   *used = std::numeric_limits<double>::quiet_NaN();
-  return 2;
+  return code(Status::Failed);
 }
 
 // Matrices of one size n <= kBaseCase are inverted together in SIMD lanes; anything else, and any
@@ -166,7 +166,7 @@ void invert_lanes(const Ptrs& mats, const Ptrs& outs, const Sizes& n, const std:
     if (bad & (1u << l)) {
       status[i] = invert_one(in[l], out[l], n[i], damping[i], max_tries, jitter, &used[i]);
     } else {
-      status[i] = 0;
+      status[i] = code(Status::Ok);
       used[i] = damping[i];
     }
   }
@@ -174,7 +174,7 @@ void invert_lanes(const Ptrs& mats, const Ptrs& outs, const Sizes& n, const std:
 
 }  // namespace
 
-void damped_cholesky_inverse(DType dt, const Ptrs& mats, const Ptrs& outs, const Sizes& n,
+void damped_cholesky_inverse(DType dtype, const Ptrs& mats, const Ptrs& outs, const Sizes& n,
                              const std::vector<double>& damping, int max_tries,
                              double jitter_factor, std::int8_t* status, double* damping_used,
                              int nthreads) {
@@ -193,7 +193,7 @@ void damped_cholesky_inverse(DType dt, const Ptrs& mats, const Ptrs& outs, const
   }
   check_ptrs(op, "mats", mats, numel);
   check_ptrs(op, "outs", outs, numel);
-  dispatch_float(dt, [&](auto zero) {
+  dispatch_float(dtype, [&](auto zero) {
     using T = decltype(zero);
     constexpr int L = std::is_same_v<T, float> ? kLanesFloat : kLanesDouble;
     // Tasks: runs of up to L same-size small matrices (lane-batched), or one matrix each.

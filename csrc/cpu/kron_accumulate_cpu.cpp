@@ -5,7 +5,7 @@
 
 namespace fedng::cpu {
 
-void kron_accumulate(DType dt, const Ptrs& factors, const Ptrs& inputs, const Sizes& n,
+void kron_accumulate(DType dtype, const Ptrs& inputs, const Ptrs& factors, const Sizes& n,
                      const Sizes& k, double decay, const std::vector<double>& scale, int nthreads) {
   const char* op = "kron_accumulate";
   const std::size_t count = factors.size();
@@ -26,7 +26,7 @@ void kron_accumulate(DType dt, const Ptrs& factors, const Ptrs& inputs, const Si
   }
   check_ptrs(op, "factors", factors, fnumel);
   check_ptrs(op, "inputs", inputs, xnumel);
-  dispatch_float(dt, [&](auto zero) {
+  dispatch_float(dtype, [&](auto zero) {
     using T = decltype(zero);
     run_ragged(cost, nthreads, [&](std::int64_t i) {
       const int ni = static_cast<int>(n[i]), ki = static_cast<int>(k[i]);

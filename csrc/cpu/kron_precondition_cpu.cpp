@@ -13,9 +13,9 @@ double batch_flops(double m, double n, double b) { return 2.0 * b * (m * m + n *
 
 }  // namespace
 
-void kron_precondition(DType dt, const Ptrs& grads, const Ptrs& a_inv, const Ptrs& g_inv,
-                       const Ptrs& inputs, const Ptrs& output_grads, const Sizes& batch,
-                       const Ptrs& outs, const Sizes& m, const Sizes& n, int nthreads) {
+void kron_precondition(DType dtype, const Ptrs& grads, const Ptrs& a_inv, const Ptrs& g_inv,
+                       const Ptrs& inputs, const Ptrs& output_grads, const Ptrs& outs,
+                       const Sizes& m, const Sizes& n, const Sizes& batch, int nthreads) {
   const char* op = "kron_precondition";
   const std::size_t count = outs.size();
   for (auto [name, size] : {std::pair{"grads", grads.size()}, {"a_inv", a_inv.size()},
@@ -51,7 +51,7 @@ void kron_precondition(DType dt, const Ptrs& grads, const Ptrs& a_inv, const Ptr
   check_ptrs(op, "g_inv", g_inv, mm);
   check_ptrs(op, "inputs", inputs, bn);
   check_ptrs(op, "output_grads", output_grads, bm);
-  dispatch_float(dt, [&](auto zero) {
+  dispatch_float(dtype, [&](auto zero) {
     using T = decltype(zero);
     run_ragged(cost, nthreads, [&](std::int64_t i) {
       const int mi = static_cast<int>(m[i]), ni = static_cast<int>(n[i]);

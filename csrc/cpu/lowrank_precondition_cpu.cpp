@@ -7,8 +7,8 @@
 
 namespace fedng::cpu {
 
-void lowrank_precondition(DType dt, const Ptrs& U, const Ptrs& S, const Ptrs& V, const Ptrs& outs,
-                          const Sizes& d, const Sizes& r, const Sizes& c,
+void lowrank_precondition(DType dtype, const Ptrs& U, const Ptrs& S, const Ptrs& V,
+                          const Ptrs& outs, const Sizes& d, const Sizes& r, const Sizes& c,
                           const std::vector<double>& damping, int nthreads) {
   const char* op = "lowrank_precondition";
   const std::size_t count = U.size();
@@ -37,7 +37,7 @@ void lowrank_precondition(DType dt, const Ptrs& U, const Ptrs& S, const Ptrs& V,
   check_ptrs(op, "S", S, rs);
   check_ptrs(op, "V", V, dc);
   check_ptrs(op, "outs", outs, dc);
-  dispatch_float(dt, [&](auto zero) {
+  dispatch_float(dtype, [&](auto zero) {
     using T = decltype(zero);
     run_ragged(cost, nthreads, [&](std::int64_t i) {
       const int di = static_cast<int>(d[i]), ri = static_cast<int>(r[i]),

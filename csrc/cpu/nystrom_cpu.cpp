@@ -74,9 +74,9 @@ bool nystrom_one(const T* y, const T* om, T* u, T* s, int d, int r, double shift
 
 }  // namespace
 
-void nystrom(DType dt, const Ptrs& sketches, const Ptrs& omegas, const Ptrs& U, const Ptrs& S,
-             const Sizes& d, const Sizes& r, const std::vector<double>& shift, double* shift_used,
-             std::int8_t* status, int nthreads) {
+void nystrom(DType dtype, const Ptrs& sketches, const Ptrs& omegas, const Ptrs& U, const Ptrs& S,
+             const Sizes& d, const Sizes& r, const std::vector<double>& shift,
+             std::int8_t* status, double* shift_used, int nthreads) {
   const char* op = "nystrom";
   const std::size_t count = sketches.size();
   check_count(op, "omegas", omegas.size(), count);
@@ -87,7 +87,7 @@ void nystrom(DType dt, const Ptrs& sketches, const Ptrs& omegas, const Ptrs& U, 
   check_count(op, "shift", shift.size(), count);
   check_sizes(op, "d", d);
   check_sizes(op, "r", r);
-  if (count && (!shift_used || !status)) fail(op, "shift_used and status must not be null");
+  if (count && (!status || !shift_used)) fail(op, "status and shift_used must not be null");
   std::vector<double> cost(count);
   Sizes dr(count);
   for (std::size_t i = 0; i < count; ++i) {
@@ -100,17 +100,17 @@ void nystrom(DType dt, const Ptrs& sketches, const Ptrs& omegas, const Ptrs& U, 
   check_ptrs(op, "omegas", omegas, dr);
   check_ptrs(op, "U", U, dr);
   check_ptrs(op, "S", S, r);
-  dispatch_float(dt, [&](auto zero) {
+  dispatch_float(dtype, [&](auto zero) {
     using T = decltype(zero);
     run_ragged(cost, nthreads, [&](std::int64_t i) {
-      status[i] = 0;
+      status[i] = code(Status::Ok);
       shift_used[i] = 0.0;
       if (dr[i] == 0) return;
       const bool ok = nystrom_one(as<const T>(sketches[i]), as<const T>(omegas[i]), as<T>(U[i]),
                                   as<T>(S[i]), static_cast<int>(d[i]), static_cast<int>(r[i]),
                                   shift[i], &shift_used[i]);
       if (!ok) {
-        status[i] = 1;
+        status[i] = code(Status::Failed);
         shift_used[i] = std::numeric_limits<double>::quiet_NaN();
       }
     });

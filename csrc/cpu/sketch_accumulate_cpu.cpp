@@ -22,9 +22,9 @@ struct Chunk {
 
 }  // namespace
 
-void sketch_accumulate(DType dt, const Ptrs& sketches, const Ptrs& jacobians, const Ptrs& omegas,
-                       const Sizes& d, const Sizes& r, const Sizes& b, double decay,
-                       const std::vector<double>& scale, int nthreads) {
+void sketch_accumulate(DType dtype, const Ptrs& jacobians, const Ptrs& omegas,
+                       const Ptrs& sketches, const Sizes& d, const Sizes& r, const Sizes& b,
+                       double decay, const std::vector<double>& scale, int nthreads) {
   const char* op = "sketch_accumulate";
   const std::size_t count = sketches.size();
   check_count(op, "jacobians", jacobians.size(), count);
@@ -49,7 +49,7 @@ void sketch_accumulate(DType dt, const Ptrs& sketches, const Ptrs& jacobians, co
   check_ptrs(op, "sketches", sketches, dr);
   check_ptrs(op, "omegas", omegas, dr);
   check_ptrs(op, "jacobians", jacobians, bd);
-  dispatch_float(dt, [&](auto zero) {
+  dispatch_float(dtype, [&](auto zero) {
     using T = decltype(zero);
     // Rows [row0, row0 + rows) of item i: T_part = J[:, c] Omega[c, :] (accumulate = false), or
     // Y[c, :] = decay Y[c, :] + scale J[:, c]^T T (the second product).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType
 
 import torch
 
@@ -19,7 +18,8 @@ importlib.import_module("scipy_openblas32")
 
 from fedng import _C  # noqa: E402
 
-native: ModuleType = _C
+native = _C
+"""The extension module, typed by `fedng/_C.pyi`: ops call it with keyword arguments only."""
 
 
 def num_threads() -> int:

@@ -81,7 +81,7 @@ def damped_cholesky_inverse(
         raise ValueError(f"{OP}: 'jitter_factor' must be > 1, got {jitter_factor}")
     if errors not in ("status", "raise"):
         raise ValueError(f"{OP}: 'errors' must be 'status' or 'raise', got {errors!r}")
-    status = torch.zeros(len(ms), dtype=torch.int8)
+    status = torch.full((len(ms),), CholeskyStatus.OK, dtype=torch.int8)
     used = torch.zeros(len(ms), dtype=torch.float64)
     if not ms:
         return DampedInverse([], status, used)
@@ -89,16 +89,16 @@ def damped_cholesky_inverse(
     sizes = v.square_sizes(OP, "mats", ms)
     outs = v.out_list(OP, out, ms, "mats")
     _backend.native.damped_cholesky_inverse(
-        code,
-        v.ptrs(ms),
-        v.ptrs(outs),
-        sizes,
-        lambdas,
-        max_tries,
-        jitter_factor,
-        status.data_ptr(),
-        used.data_ptr(),
-        _backend.num_threads(),
+        dtype=code,
+        mats=v.ptrs(ms),
+        outs=v.ptrs(outs),
+        n=sizes,
+        damping=lambdas,
+        max_tries=max_tries,
+        jitter_factor=jitter_factor,
+        status=status.data_ptr(),
+        damping_used=used.data_ptr(),
+        nthreads=_backend.num_threads(),
     )
     if errors == "raise":
         failed = (status == CholeskyStatus.FAILED).nonzero().flatten().tolist()

@@ -41,6 +41,12 @@ def gaussian_sketch_matrix(
     out = torch.empty((d, r), dtype=dtype)
     if out.numel():
         _backend.native.gaussian_sketch_matrix(
-            v.FLOAT_DTYPES[dtype], out.data_ptr(), d, r, seed, stream_id, _backend.num_threads()
+            dtype=v.FLOAT_DTYPES[dtype],
+            out=out.data_ptr(),
+            d=d,
+            r=r,
+            seed=seed,
+            stream_id=stream_id,
+            nthreads=_backend.num_threads(),
         )
     return out

@@ -46,13 +46,13 @@ def kron_accumulate(
             v.shape(OP, "inputs", i, x, (None, ns[i]))
     v.no_alias(OP, "factors", fs, "inputs", xs)
     _backend.native.kron_accumulate(
-        code,
-        v.ptrs(fs),
-        v.ptrs(xs),
-        ns,
-        [s[0] for s in xshapes],
-        decay,
-        scales,
-        _backend.num_threads(),
+        dtype=code,
+        inputs=v.ptrs(xs),
+        factors=v.ptrs(fs),
+        n=ns,
+        k=[s[0] for s in xshapes],
+        decay=decay,
+        scale=scales,
+        nthreads=_backend.num_threads(),
     )
     return fs

@@ -77,16 +77,16 @@ def kron_precondition(
     outs = [torch.empty((m, k), dtype=dtype) for m, k in zip(ms, ns, strict=True)]
     zeros = [0] * n
     _backend.native.kron_precondition(
-        code,
-        v.ptrs(gs) if gs is not None else zeros,
-        v.ptrs(ais),
-        v.ptrs(gis),
-        v.ptrs(abs_) if abs_ is not None else zeros,
-        v.ptrs(gbs) if gbs is not None else zeros,
-        [a.shape[0] for a in abs_] if abs_ is not None else [-1] * n,
-        v.ptrs(outs),
-        ms,
-        ns,
-        _backend.num_threads(),
+        dtype=code,
+        grads=v.ptrs(gs) if gs is not None else zeros,
+        a_inv=v.ptrs(ais),
+        g_inv=v.ptrs(gis),
+        inputs=v.ptrs(abs_) if abs_ is not None else zeros,
+        output_grads=v.ptrs(gbs) if gbs is not None else zeros,
+        outs=v.ptrs(outs),
+        m=ms,
+        n=ns,
+        batch=[a.shape[0] for a in abs_] if abs_ is not None else [-1] * n,
+        nthreads=_backend.num_threads(),
     )
     return outs

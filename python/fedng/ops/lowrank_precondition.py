@@ -51,15 +51,15 @@ def lowrank_precondition(
             cols.append(x.shape[1])
     outs = [torch.empty_like(x) for x in vs]
     _backend.native.lowrank_precondition(
-        code,
-        v.ptrs(us),
-        v.ptrs(ss),
-        v.ptrs(vs),
-        v.ptrs(outs),
-        [u.shape[0] for u in us],
-        [u.shape[1] for u in us],
-        cols,
-        lambdas,
-        _backend.num_threads(),
+        dtype=code,
+        U=v.ptrs(us),
+        S=v.ptrs(ss),
+        V=v.ptrs(vs),
+        outs=v.ptrs(outs),
+        d=[u.shape[0] for u in us],
+        r=[u.shape[1] for u in us],
+        c=cols,
+        damping=lambdas,
+        nthreads=_backend.num_threads(),
     )
     return outs

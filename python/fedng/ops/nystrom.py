@@ -9,6 +9,7 @@ import torch
 
 from fedng import _backend
 from fedng.ops import _validate as v
+from fedng.ops.damped_cholesky_inverse import CholeskyStatus
 
 OP = "nystrom"
 
@@ -68,21 +69,21 @@ def nystrom(
             )
     us = [torch.empty_like(y) for y in ys]
     ss = [torch.empty(y.shape[1], dtype=y.dtype) for y in ys]
-    status = torch.zeros(len(ys), dtype=torch.int8)
+    status = torch.full((len(ys),), CholeskyStatus.OK, dtype=torch.int8)
     _backend.native.nystrom(
-        code,
-        v.ptrs(ys),
-        v.ptrs(oms),
-        v.ptrs(us),
-        v.ptrs(ss),
-        [y.shape[0] for y in ys],
-        [y.shape[1] for y in ys],
-        shifts,
-        used.data_ptr(),
-        status.data_ptr(),
-        _backend.num_threads(),
+        dtype=code,
+        sketches=v.ptrs(ys),
+        omegas=v.ptrs(oms),
+        U=v.ptrs(us),
+        S=v.ptrs(ss),
+        d=[y.shape[0] for y in ys],
+        r=[y.shape[1] for y in ys],
+        shift=shifts,
+        status=status.data_ptr(),
+        shift_used=used.data_ptr(),
+        nthreads=_backend.num_threads(),
     )
-    bad = status.nonzero().flatten().tolist()
+    bad = (status == CholeskyStatus.FAILED).nonzero().flatten().tolist()
     if bad:
         raise ValueError(
             f"{OP}: sketches {bad[:10]} are not finite or not sketches of a PSD matrix"

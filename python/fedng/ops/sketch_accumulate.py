@@ -50,15 +50,15 @@ def sketch_accumulate(
     v.no_alias(OP, "sketches", ys, "jacobians", js)
     v.no_alias(OP, "sketches", ys, "omegas", oms)
     _backend.native.sketch_accumulate(
-        code,
-        v.ptrs(ys),
-        v.ptrs(js),
-        v.ptrs(oms),
-        [y.shape[0] for y in ys],
-        [y.shape[1] for y in ys],
-        [j.shape[0] for j in js],
-        decay,
-        scales,
-        _backend.num_threads(),
+        dtype=code,
+        jacobians=v.ptrs(js),
+        omegas=v.ptrs(oms),
+        sketches=v.ptrs(ys),
+        d=[y.shape[0] for y in ys],
+        r=[y.shape[1] for y in ys],
+        b=[j.shape[0] for j in js],
+        decay=decay,
+        scale=scales,
+        nthreads=_backend.num_threads(),
     )
     return ys
