@@ -1,0 +1,149 @@
+"""Type stub of the native extension `fedng._C` (csrc/bindings.cpp).
+
+Raw addresses (`int`, from `Tensor.data_ptr()`) and sizes in, nothing torch-specific. Every op
+takes keyword arguments only, in the one order of csrc/include/fedng/ops.h: `dtype`, buffers
+only read, buffers written, sizes, parameters, per-matrix reports (`status` then
+`<parameter>_used`), `nthreads`. Inputs are validated by `fedng.ops` first; the extension
+re-checks only what would corrupt memory (ValueError). tests/test_native_boundary.py checks
+that this stub and the built module agree.
+"""
+
+from collections.abc import Sequence
+
+__version__: str
+cuda_built: bool
+dtype_codes: dict[str, int]
+"""`{"float32": 0, "float64": 1}`: the `dtype` argument of every op."""
+status_codes: dict[str, int]
+"""`{"OK": 0, "JITTER": 1, "FAILED": 2}`: the int8 `status` reports (`CholeskyStatus`)."""
+
+def blas_config() -> str:
+    """OpenBLAS build configuration string."""
+
+def blas_num_threads() -> int:
+    """Threads OpenBLAS is set to use."""
+
+def small_kernel_isa() -> str:
+    """Instruction set of the small-matrix kernels chosen for this CPU."""
+
+def kron_accumulate(
+    *,
+    dtype: int,
+    inputs: Sequence[int],
+    factors: Sequence[int],
+    n: Sequence[int],
+    k: Sequence[int],
+    decay: float,
+    scale: Sequence[float],
+    nthreads: int,
+) -> None:
+    """`factors[i] <- decay factors[i] + scale[i] inputs[i]^T inputs[i]`, in place.
+
+    factors[i] is [n_i, n_i], inputs[i] is [k_i, n_i].
+    """
+
+def damped_cholesky_inverse(
+    *,
+    dtype: int,
+    mats: Sequence[int],
+    outs: Sequence[int],
+    n: Sequence[int],
+    damping: Sequence[float],
+    max_tries: int,
+    jitter_factor: float,
+    status: int,
+    damping_used: int,
+    nthreads: int,
+) -> None:
+    """`outs[i] <- (mats[i] + damping[i] I)^-1`, all [n_i, n_i].
+
+    `status` is the address of an int8 [N] buffer, `damping_used` of a float64 [N] buffer.
+    """
+
+def kron_precondition(
+    *,
+    dtype: int,
+    grads: Sequence[int],
+    a_inv: Sequence[int],
+    g_inv: Sequence[int],
+    inputs: Sequence[int],
+    output_grads: Sequence[int],
+    outs: Sequence[int],
+    m: Sequence[int],
+    n: Sequence[int],
+    batch: Sequence[int],
+    nthreads: int,
+) -> None:
+    """`outs[i] [m_i, n_i] <- g_inv[i] grads[i] a_inv[i]`.
+
+    `batch[i] >= 0` gives the rows B_i of inputs[i] [B_i, n_i] and output_grads[i] [B_i, m_i],
+    used instead of grads[i] (address 0) when cheaper; `batch[i] = -1` when there are none.
+    """
+
+def sketch_accumulate(
+    *,
+    dtype: int,
+    jacobians: Sequence[int],
+    omegas: Sequence[int],
+    sketches: Sequence[int],
+    d: Sequence[int],
+    r: Sequence[int],
+    b: Sequence[int],
+    decay: float,
+    scale: Sequence[float],
+    nthreads: int,
+) -> None:
+    """`sketches[i] <- decay sketches[i] + scale[i] J^T (J omegas[i])`, J = jacobians[i].
+
+    sketches[i] and omegas[i] are [d_i, r_i], jacobians[i] is [b_i, d_i].
+    """
+
+def nystrom(
+    *,
+    dtype: int,
+    sketches: Sequence[int],
+    omegas: Sequence[int],
+    U: Sequence[int],
+    S: Sequence[int],
+    d: Sequence[int],
+    r: Sequence[int],
+    shift: Sequence[float],
+    status: int,
+    shift_used: int,
+    nthreads: int,
+) -> None:
+    """`U[i]` [d_i, r_i], `S[i]` [r_i] <- stable Nystrom of `sketches[i]` [d_i, r_i].
+
+    `shift[i] < 0` means automatic. `status` is the address of an int8 [N] buffer, `shift_used`
+    of a float64 [N] buffer.
+    """
+
+def lowrank_precondition(
+    *,
+    dtype: int,
+    U: Sequence[int],
+    S: Sequence[int],
+    V: Sequence[int],
+    outs: Sequence[int],
+    d: Sequence[int],
+    r: Sequence[int],
+    c: Sequence[int],
+    damping: Sequence[float],
+    nthreads: int,
+) -> None:
+    """`outs[i] <- (U[i] diag(S[i]) U[i]^T + damping[i] I)^-1 V[i]`.
+
+    U[i] is [d_i, r_i], S[i] is [r_i], V[i] and outs[i] are [d_i, c_i].
+    """
+
+def gaussian_sketch_matrix(
+    *,
+    dtype: int,
+    out: int,
+    d: int,
+    r: int,
+    seed: int,
+    stream_id: int,
+    nthreads: int,
+) -> None:
+    """`out` [d, r] <- the Philox Gaussian matrix of `(seed, stream_id)`."""
