@@ -129,13 +129,17 @@ def shape(op: str, name: str, i: int, t: torch.Tensor, expected: tuple[int | Non
 def per_item(
     op: str,
     name: str,
-    value: float | Sequence[float],
+    value: object,
     n: int,
     *,
     positive: bool = False,
     nonnegative: bool = False,
 ) -> list[float]:
-    """Broadcasts a scalar or checks a per-matrix sequence of finite floats."""
+    """Broadcasts a scalar or checks a per-matrix sequence of finite floats.
+
+    `value` is typed `object`: callers declare `float | Sequence[float]`, but a user may pass
+    anything (a CPU tensor is accepted too), and every case is checked here at run time.
+    """
     if isinstance(value, torch.Tensor):
         if not value.is_cpu:
             raise TypeError(
