@@ -5,4 +5,4 @@ from __future__ import annotations
 import torch
 
 Arrays = dict[str, torch.Tensor]
-"""Named arrays: parameter names (or payload keys) to tensors; the unit of everything on the wire."""
+"""Named arrays: parameter (or payload) names to tensors; the unit of everything on the wire."""

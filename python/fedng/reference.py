@@ -22,11 +22,6 @@ def _scales(value: float | Sequence[float], n: int) -> list[float]:
     return [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
 
 
-def _decayed(t: torch.Tensor, decay: float) -> torch.Tensor:
-    """`decay * t`, where decay 0 means overwrite (as BLAS's beta = 0: old NaNs do not survive)."""
-    return decay * _f64(t) if decay != 0 else torch.zeros_like(_f64(t))
-
-
 def symmetric_from_lower(m: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix whose lower triangle is that of `m` [n, n]."""
     low = torch.tril(_f64(m))
@@ -84,8 +79,10 @@ def sketch_accumulate_ref(
     decay: float = 1.0,
     scale: float | Sequence[float] = 1.0,
 ) -> list[torch.Tensor]:
-    """`decay * Y_i + scale_i * (J_i^T J_i) Omega_i`, forming the Fisher explicitly (decay 0
-    overwrites Y_i)."""
+    """`decay * Y_i + scale_i * (J_i^T J_i) Omega_i`, forming the Fisher explicitly.
+
+    For finite Y_i only: the kernel's decay 0 also overwrites NaN/Inf, which `0 * Y_i` keeps.
+    """
     s = _scales(scale, len(sketches))
     return [
         decay * _f64(y) + s[i] * (_f64(j).T @ _f64(j)) @ _f64(om)
