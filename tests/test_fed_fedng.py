@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from _fed import blobs_task
-from fedng.federated.local import get_params
-from fedng.federated.presets import make_configs
-from fedng.federated.protocol import client_step, server_init, server_step
+from fedng.federated.client import get_params
+from fedng.federated.config import make_configs
+from fedng.federated.round import client_step, server_init, server_step
 from fedng.federated.simulator import simulate
 from fedng.federated.tasks.digits import digits_task
 
