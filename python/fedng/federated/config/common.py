@@ -109,7 +109,7 @@ def _moved_into_options(
         f"{where}({names}) is deprecated: {sorted(moved)} moved to {kind.__name__}; pass"
         f" options={kind.__name__}({names}) or use make_configs({algorithm!r}, {{...}})",
         DeprecationWarning,
-        stacklevel=4,
+        stacklevel=3,
     )
     base = kind() if options is None or type(options) is AlgorithmConfig else options
     if not isinstance(base, kind):
@@ -216,5 +216,7 @@ class ServerConfig(_Common):
         check(self.psd_tol > 0, c, "psd_tol", "> 0", self.psd_tol)
 
 
-COMMON_KEYS: frozenset[str] = frozenset(ClientConfig.common_names() + ServerConfig.common_names())
-"""Every common knob of the two configs (with "algorithm")."""
+COMMON_KEYS: frozenset[str] = frozenset(
+    ClientConfig.common_names() + ServerConfig.common_names()
+) - {"algorithm"}
+"""Every common knob of the two configs."""

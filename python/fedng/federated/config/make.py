@@ -52,8 +52,7 @@ def make_configs(
         elsewhere = [f"'{k}' is a setting of {', '.join(owners(k))}" for k in unknown if owners(k)]
         hint = f" ({'; '.join(elsewhere)})" if elsewhere else ""
         raise ValueError(
-            f"unknown setting(s) {unknown} for {algorithm}{hint}; valid keys:"
-            f" {sorted(valid - {'algorithm'})}"
+            f"unknown setting(s) {unknown} for {algorithm}{hint}; valid keys: {sorted(valid)}"
         )
     kind = config_type(algorithm, "make_configs")
     options = kind(**{k: v for k, v in given.items() if k in kind.field_names()})
