@@ -86,9 +86,14 @@ class _Common(Scalars):
 
 
 def _moved_into_options(
-    where: str, common: tuple[str, ...], algorithm: str, options: Any, moved: dict[str, Any]
+    where: str,
+    common: tuple[str, ...],
+    algorithm: str,
+    options: AlgorithmConfig | None,
+    moved: dict[str, Any],
 ) -> AlgorithmConfig:
-    """The options with the pre-0.2 flat keys `moved` applied (deprecated), or why they cannot be.
+    """`options` with `moved` applied: keys that were flat fields of the configs before each
+    algorithm owned its config (deprecated), or why they cannot be.
 
     Raises:
         ValueError: a key owned by another algorithm (naming it).
@@ -118,8 +123,9 @@ def _moved_into_options(
 
 
 def _accepts_moved_keys(cls: type[_C]) -> type[_C]:
-    """Lets the constructor (and `replace`) take an algorithm's knobs as flat keywords, as the 0.1
-    configs did: they go into `options`, with a DeprecationWarning."""
+    """Lets the constructor (and `replace`) take an algorithm's knobs as flat keywords, as the
+    configs did before each algorithm owned its config: they go into `options`, with a
+    DeprecationWarning."""
     init = cls.__init__
     common = cls.common_names()
     fields = cls.field_names()
