@@ -1,7 +1,7 @@
 """FedNG's client: local natural-gradient steps under a chosen preconditioner, and the local
 curvature it accumulates on the way (what it uploads).
 
-Preconditioner modes (`ClientConfig.precond`):
+Preconditioner modes (`FedNGConfig.precond`):
 - "global": the server's damped inverses, fixed for the round (every client moves in the same
   metric: no preconditioner drift). Until the server has curvature (round 0), "local".
 - "local": the client's own running curvature, re-inverted every `inverse_every` steps.
@@ -20,15 +20,14 @@ import torch
 from torch import nn
 
 from fedng.curvature import CurvatureCapture, sampled_loss
-from fedng.federated.config import ClientConfig, curvature_mapping
+from fedng.federated.client.sgd import local_sgd, round_seed
+from fedng.federated.config.common import ClientConfig
+from fedng.federated.config.curvature import FedNGConfig, curvature_mapping
 from fedng.federated.curvature_set import CurvatureSet
 from fedng.federated.layout import layouts_of
-from fedng.federated.local import local_sgd, round_seed
-from fedng.federated.protocol import ServerMessage
+from fedng.federated.messages import ServerMessage
 from fedng.federated.tasks.base import ClientData
 from fedng.optim.config import assign
-
-_LOSS_NAMES = {"ce": "cross_entropy", "mse": "mse"}
 
 
 @dataclass
@@ -78,6 +77,7 @@ def natural_gradient_local(
     data: ClientData,
     message: ServerMessage,
     config: ClientConfig,
+    options: FedNGConfig,
     *,
     steps: int | None = None,
 ) -> LocalResult:
@@ -93,6 +93,7 @@ def natural_gradient_local(
         data: the client's data.
         message: the round's broadcast (theta_t and possibly the global curvature).
         config: the client config.
+        options: FedNG's config.
         steps: overrides `config.local_steps`.
 
     Returns:
@@ -102,44 +103,44 @@ def natural_gradient_local(
     try:
         blocks = cap.blocks
         layouts = layouts_of(model, blocks)
-        kinds = assign(blocks, curvature_mapping(config.curvature))
-        local = CurvatureSet.empty(layouts, kinds, config.rank, config.sketch_seed)
+        kinds = assign(blocks, curvature_mapping(options.curvature))
+        local = CurvatureSet.empty(layouts, kinds, options.rank, options.sketch_seed)
         glob, has_factors = (None, False)
-        if config.precond in ("global", "global_local"):
+        if options.precond in ("global", "global_local"):
             glob, has_factors = global_curvature(message, local)
-        mode = config.precond
+        mode = options.precond
         if mode in ("global", "global_local") and glob is None:
             mode = "local"
         if mode == "global_local" and not has_factors:
             mode = "global"
         if mode == "global" and glob is not None and has_factors:
-            glob.inverse(config.damping)
+            glob.inverse(options.damping)
         state: dict[str, CurvatureSet | None] = {"p": glob if mode == "global" else None}
         gen = torch.Generator().manual_seed(
-            round_seed(config.sketch_seed, message.round, data.client_id)
+            round_seed(options.sketch_seed, message.round, data.client_id)
         )
         clipped = [0]
 
         def fisher_pass(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> None:
-            if config.fisher_type == "mc":
-                cap.fisher_backward(sampled_loss(out, _LOSS_NAMES[config.loss], "mean", gen))
+            if options.fisher_type == "mc":
+                cap.fisher_backward(sampled_loss(out, config.loss, "mean", gen))
 
         def precondition(step: int) -> None:
-            stats = cap.collect(config.fisher_type)
-            local.update(stats, config.curvature_decay)
+            stats = cap.collect(options.fisher_type)
+            local.update(stats, options.curvature_decay)
             if mode == "none":
                 return
-            if step % config.inverse_every == 0 and mode in ("local", "global_local"):
+            if step % options.inverse_every == 0 and mode in ("local", "global_local"):
                 if mode == "local":
-                    local.inverse(config.damping)
+                    local.inverse(options.damping)
                     state["p"] = local
                 else:
                     if glob is None:
                         raise ValueError("global preconditioner missing from the server message")
                     mixed = CurvatureSet.combine(
-                        [glob, local], [1.0 - config.local_mix, config.local_mix]
+                        [glob, local], [1.0 - options.local_mix, options.local_mix]
                     )
-                    mixed.inverse(config.damping)
+                    mixed.inverse(options.damping)
                     state["p"] = mixed
             pset = state["p"]
             if pset is None:
@@ -147,14 +148,14 @@ def natural_gradient_local(
             grads = [b.grad_matrix(torch.float32) for b in blocks]
             pre = pset.precondition(grads, stats)
             scale = 1.0
-            if config.kl_clip > 0:
+            if options.kl_clip > 0:
                 gp = sum(
                     float((p * g).sum())
                     for p, g in zip(pre, grads, strict=True)
                     if p is not None and g is not None
                 )
                 if gp > 0:
-                    scale = min(1.0, math.sqrt(config.kl_clip / (config.lr**2 * gp)))
+                    scale = min(1.0, math.sqrt(options.kl_clip / (config.lr**2 * gp)))
                     clipped[0] += scale < 1.0
             for b, p in zip(blocks, pre, strict=True):
                 if p is not None:
@@ -173,33 +174,5 @@ def natural_gradient_local(
         metrics["precond_mode"] = float(("none", "local", "global", "global_local").index(mode))
         metrics["kl_clipped_steps"] = float(clipped[0])
         return LocalResult(metrics, local)
-    finally:
-        cap.remove()
-
-
-def fisher_at(model: nn.Module, data: ClientData, config: ClientConfig) -> CurvatureSet:
-    """The Fisher of `model` on all of the client's training data (a running mean over batches).
-
-    Used by one-shot Fisher merging: one recorded forward/backward pass per batch, no update.
-    """
-    cap = CurvatureCapture(model, warn=False)
-    try:
-        layouts = layouts_of(model, cap.blocks)
-        kinds = assign(cap.blocks, curvature_mapping(config.curvature))
-        cs = CurvatureSet.empty(layouts, kinds, config.rank, config.sketch_seed)
-        crit = nn.functional.cross_entropy if config.loss == "ce" else nn.functional.mse_loss
-        gen = torch.Generator().manual_seed(round_seed(config.sketch_seed, 0, data.client_id))
-        with cap.record(True):
-            for lo in range(0, data.num_examples, config.batch_size):
-                x = data.x[lo : lo + config.batch_size]
-                y = data.y[lo : lo + config.batch_size]
-                model.zero_grad(set_to_none=True)
-                out = model(x)
-                if config.fisher_type == "mc":
-                    cap.fisher_backward(sampled_loss(out, _LOSS_NAMES[config.loss], "mean", gen))
-                crit(out, y).backward()
-                cs.update(cap.collect(config.fisher_type), None)
-        model.zero_grad(set_to_none=True)
-        return cs
     finally:
         cap.remove()
