@@ -8,14 +8,18 @@
 - Representations with one protocol (`FisherRepresentation`), found by kind through the
   registry (`kinds`, `representation`, `register`): `KFAC` ("kfac"), `DiagonalFisher` ("diag"),
   `LowRankFisher` ("lowrank").
+- `CurvatureSet`: a model's block-diagonal curvature, one representation per kind, with its wire
+  form; `BlockLayout` places each block among named parameters.
 """
 
 from fedng.curvature.base import FisherRepresentation, InverseReport
+from fedng.curvature.block_diagonal import CurvatureSet
 from fedng.curvature.blocks import Block
 from fedng.curvature.capture import CurvatureCapture, UnsupportedLayerWarning
 from fedng.curvature.diagonal import DiagonalFisher
 from fedng.curvature.fisher import FisherType, LossType, sample_targets, sampled_loss
 from fedng.curvature.kfac import KFAC
+from fedng.curvature.layout import BlockLayout, check_layouts, layouts_of, to_matrix, write_matrix
 from fedng.curvature.lowrank import LowRankFisher
 from fedng.curvature.registry import from_payload, kinds, register, representation
 from fedng.curvature.spec import BlockSpec, Payload, pack_triangle, unpack_triangle
@@ -24,9 +28,11 @@ from fedng.curvature.stats import BlockStats, ElementwiseStats, EmbeddingStats, 
 __all__ = [
     "KFAC",
     "Block",
+    "BlockLayout",
     "BlockSpec",
     "BlockStats",
     "CurvatureCapture",
+    "CurvatureSet",
     "DiagonalFisher",
     "ElementwiseStats",
     "EmbeddingStats",
@@ -38,12 +44,16 @@ __all__ = [
     "LowRankFisher",
     "Payload",
     "UnsupportedLayerWarning",
+    "check_layouts",
     "from_payload",
     "kinds",
+    "layouts_of",
     "pack_triangle",
     "register",
     "representation",
     "sample_targets",
     "sampled_loss",
+    "to_matrix",
     "unpack_triangle",
+    "write_matrix",
 ]
