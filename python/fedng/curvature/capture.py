@@ -127,7 +127,7 @@ class CurvatureCapture:
             )
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{where}: 'dtype' must be torch.float32 or torch.float64, got {dtype}")
-        self.reduction: str = check_choice(where, "reduction", reduction, REDUCTIONS)
+        self.reduction: Reduction = check_choice(where, "reduction", reduction, REDUCTIONS)
         self.dtype = dtype
         found = discover(model)
         self.blocks: list[Block] = found.blocks

@@ -19,14 +19,17 @@ sum-reduced loss, `fisher_scale = 1 / B`.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 
 from fedng.curvature.spec import BlockKind
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 CHUNK_BYTES = 64 << 20
 """Per-sample gradients are materialized in chunks of about this many bytes."""
@@ -37,7 +40,7 @@ def fisher_scale(batch: int, reduction: str) -> float:
     return float(batch) if reduction == "mean" else 1.0 / batch
 
 
-@dataclass(kw_only=True)
+@dataclasses.dataclass(kw_only=True)
 class _Stats(ABC):
     """Fields and helpers every kind shares.
 
@@ -61,7 +64,7 @@ class _Stats(ABC):
         return max(1, min(self.batch_size, CHUNK_BYTES // max(1, numel * itemsize)))
 
 
-@dataclass(kw_only=True)
+@dataclasses.dataclass(kw_only=True)
 class _OutputGradStats(_Stats):
     """Stats of a layer seen through its output gradients (`kron` and `embedding`).
 
@@ -94,25 +97,54 @@ class _OutputGradStats(_Stats):
         g = self.g_loss
         return None if g is None else g.reshape(-1, g.shape[-1]).contiguous()
 
-    def _joined_grads(
-        self, pieces: Sequence[_OutputGradStats], dim: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        g = torch.cat([p.g for p in pieces], dim)
-        if all(p.g_loss is p.g for p in pieces):
-            return g, g
-        losses = [p.g_loss for p in pieces]
+    input_field: ClassVar[str]
+    """The name of the inputs field."""
+
+    @property
+    @abstractmethod
+    def inputs(self) -> torch.Tensor:
+        """The layer inputs, [B, T, ...] (the `input_field`)."""
+
+    def _with(
+        self,
+        batch_size: int,
+        scale: float,
+        g: torch.Tensor,
+        g_loss: torch.Tensor | None,
+        inputs: torch.Tensor,
+    ) -> Self:
+        """Stats of the same class built from these parts."""
+        parts: dict[str, Any] = {"g": g, "g_loss": g_loss, self.input_field: inputs}
+        return dataclasses.replace(self, batch_size=batch_size, fisher_scale=scale, **parts)
+
+    def join(
+        self, pieces: Sequence[Self], same_samples: bool, batch_size: int, scale: float
+    ) -> Self:
+        """`self` and `pieces` (self first): rows joined per sample when they are the same samples
+        (tied or repeated uses), else samples stacked."""
+        everything = [self, *pieces]
+        dim = 1 if same_samples else 0
+        g = torch.cat([p.g for p in everything], dim)
+        losses = [p.g_loss for p in everything]
         known = [t for t in losses if t is not None]
-        return g, (torch.cat(known, dim) if len(known) == len(losses) else None)
+        if all(p.g_loss is p.g for p in everything):
+            g_loss: torch.Tensor | None = g
+        else:
+            g_loss = torch.cat(known, dim) if len(known) == len(losses) else None
+        inputs = torch.cat([p.inputs for p in everything], dim)
+        return self._with(batch_size, scale, g, g_loss, inputs)
 
-    def _rows_as_sample_grads(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def rows_as_samples(self) -> Self:
+        """[B, T, *] -> [B*T, 1, *]: each row its own sample."""
         g = self.g.reshape(-1, 1, self.g.shape[-1])
-        if self.g_loss is self.g:
-            return g, g
         gl = self.g_loss
-        return g, (None if gl is None else gl.reshape(-1, 1, gl.shape[-1]))
+        g_loss = g if gl is self.g else (None if gl is None else gl.reshape(-1, 1, gl.shape[-1]))
+        x = self.inputs
+        inputs = x.reshape(-1, 1, *x.shape[2:])
+        return self._with(g.shape[0], self.fisher_scale, g, g_loss, inputs)
 
 
-@dataclass(kw_only=True)
+@dataclasses.dataclass(kw_only=True)
 class KronStats(_OutputGradStats):
     """Stats of a `kron` block (Linear, Conv2d patches, attention projections).
 
@@ -121,6 +153,7 @@ class KronStats(_OutputGradStats):
     """
 
     kind: ClassVar[BlockKind] = "kron"
+    input_field: ClassVar[str] = "a"
     a: torch.Tensor
 
     def a_rows(self) -> torch.Tensor:
@@ -146,27 +179,13 @@ class KronStats(_OutputGradStats):
             out += self.per_sample(lo, min(b, lo + step), n).square().sum(0)
         return out.view(m, n)
 
-    def join(
-        self, pieces: Sequence[KronStats], same_samples: bool, batch_size: int, scale: float
-    ) -> KronStats:
-        """`self` and `pieces` (self first): rows joined per sample when they are the same samples
-        (tied or repeated uses), else samples stacked."""
-        everything = [self, *pieces]
-        dim = 1 if same_samples else 0
-        g, g_loss = self._joined_grads(everything, dim)
-        a = torch.cat([p.a for p in everything], dim)
-        return KronStats(batch_size=batch_size, fisher_scale=scale, g=g, g_loss=g_loss, a=a)
-
-    def rows_as_samples(self) -> KronStats:
-        """[B, T, *] -> [B*T, 1, *]: each row its own sample."""
-        g, g_loss = self._rows_as_sample_grads()
-        a = self.a.reshape(-1, 1, self.a.shape[-1])
-        return KronStats(
-            batch_size=g.shape[0], fisher_scale=self.fisher_scale, g=g, g_loss=g_loss, a=a
-        )
+    @property
+    def inputs(self) -> torch.Tensor:
+        """`a`."""
+        return self.a
 
 
-@dataclass(kw_only=True)
+@dataclasses.dataclass(kw_only=True)
 class EmbeddingStats(_OutputGradStats):
     """Stats of an `embedding` block.
 
@@ -175,6 +194,7 @@ class EmbeddingStats(_OutputGradStats):
     """
 
     kind: ClassVar[BlockKind] = "embedding"
+    input_field: ClassVar[str] = "ids"
     ids: torch.Tensor
 
     def frequencies(self, n: int) -> torch.Tensor:
@@ -201,32 +221,13 @@ class EmbeddingStats(_OutputGradStats):
         out.index_add_(0, uniq % n, sums.square())
         return out.T.contiguous()
 
-    def join(
-        self, pieces: Sequence[EmbeddingStats], same_samples: bool, batch_size: int, scale: float
-    ) -> EmbeddingStats:
-        """`self` and `pieces` (self first): rows joined per sample when they are the same samples
-        (tied or repeated uses), else samples stacked."""
-        everything = [self, *pieces]
-        dim = 1 if same_samples else 0
-        g, g_loss = self._joined_grads(everything, dim)
-        ids = torch.cat([p.ids for p in everything], dim)
-        return EmbeddingStats(
-            batch_size=batch_size, fisher_scale=scale, g=g, g_loss=g_loss, ids=ids
-        )
-
-    def rows_as_samples(self) -> EmbeddingStats:
-        """[B, T, *] -> [B*T, 1, *]: each row its own sample."""
-        g, g_loss = self._rows_as_sample_grads()
-        return EmbeddingStats(
-            batch_size=g.shape[0],
-            fisher_scale=self.fisher_scale,
-            g=g,
-            g_loss=g_loss,
-            ids=self.ids.reshape(-1, 1),
-        )
+    @property
+    def inputs(self) -> torch.Tensor:
+        """`ids`."""
+        return self.ids
 
 
-@dataclass(kw_only=True)
+@dataclasses.dataclass(kw_only=True)
 class ElementwiseStats(_Stats):
     """Stats of an `elementwise` block (normalization layers).
 

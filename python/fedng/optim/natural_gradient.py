@@ -157,8 +157,8 @@ class NaturalGradient:
         self.fisher_type = check_choice(
             WHERE, "fisher_type", renamed.get("fisher_type", fisher_type), FISHER_TYPES
         )
-        self.loss: LossType = _loss(loss)
-        reduction = _reduction(loss_reduction)
+        self.loss = check_choice(WHERE, "loss", loss, LOSS_TYPES)
+        reduction = check_choice(WHERE, "loss_reduction", loss_reduction, REDUCTIONS)
         self.rank = positive_int("rank", rank)
         self.sketch_seed = nonnegative_int("sketch_seed", renamed.get("sketch_seed", sketch_seed))
         mode = check_choice(WHERE, "source", source, INITIAL_SOURCES)
@@ -239,9 +239,7 @@ class NaturalGradient:
         if self.steps % self.factor_every:
             return
         gen = self._generator if generator is None else generator
-        self.capture.fisher_backward(
-            sampled_loss(outputs, self.loss, _reduction(self.capture.reduction), gen)
-        )
+        self.capture.fisher_backward(sampled_loss(outputs, self.loss, self.capture.reduction, gen))
 
     def step(self, closure: Callable[[], torch.Tensor | float] | None = None) -> None:
         """Rewrites the gradients of every block with a preconditioner into natural gradients.
@@ -448,19 +446,3 @@ class NaturalGradient:
     def remove(self) -> None:
         """Removes the hooks from the model."""
         self.capture.remove()
-
-
-def _loss(value: object) -> LossType:
-    if value == "cross_entropy":
-        return "cross_entropy"
-    if value == "mse":
-        return "mse"
-    raise ValueError(f"{WHERE}: 'loss' must be one of {list(LOSS_TYPES)}, got {value!r}")
-
-
-def _reduction(value: object) -> Reduction:
-    if value == "mean":
-        return "mean"
-    if value == "sum":
-        return "sum"
-    raise ValueError(f"{WHERE}: 'loss_reduction' must be one of {list(REDUCTIONS)}, got {value!r}")
