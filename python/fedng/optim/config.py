@@ -11,12 +11,15 @@ from torch import nn
 
 from fedng.curvature.blocks import Block
 from fedng.curvature.diagonal import DiagonalFisher
+from fedng.curvature.kfac import KFAC
 from fedng.curvature.registry import kinds, representation
 from fedng.curvature.spec import BlockKind
 
 WHERE = "NaturalGradient"
 
-CurvatureSpec = str | Mapping[str | type[nn.Module], str]
+CurvatureSpec = (
+    str | Mapping[str, str] | Mapping[type[nn.Module], str] | Mapping[str | type[nn.Module], str]
+)
 """A representation name for every layer, or a mapping from a block name, a module name, a module
 class (or its name) or "default" to a representation name."""
 
@@ -173,7 +176,7 @@ def assign(blocks: Sequence[Block], curvature: CurvatureSpec) -> list[str]:
             f"{WHERE}: 'curvature' must be a str or a mapping, got {type(curvature).__name__}"
         )
     table = {k: _check_value(k, v) for k, v in curvature.items()}
-    fallback = table.get("default", "kfac")
+    fallback = table.get("default", KFAC.kind)
     used: set[object] = {"default"}
     out = []
     for b in blocks:

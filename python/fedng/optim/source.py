@@ -13,16 +13,18 @@ An optimizer starts "local" or "none"; `set_global` turns a "local" one "global"
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fedng.curvature.base import InverseReport
 from fedng.curvature.block_diagonal import CurvatureSet
 from fedng.optim.config import WHERE, unit_interval
 
-SOURCES: tuple[str, ...] = ("local", "global", "mixed", "none")
+Source = Literal["local", "global", "mixed", "none"]
+
+SOURCES: tuple[Source, ...] = ("local", "global", "mixed", "none")
 """Every source; an optimizer is created with one of `INITIAL_SOURCES`."""
 
-INITIAL_SOURCES: tuple[str, ...] = ("local", "none")
+INITIAL_SOURCES: tuple[Source, ...] = ("local", "none")
 
 
 class PreconditionerSource:
@@ -40,8 +42,8 @@ class PreconditionerSource:
         mixed: the last combination `(1 - w) F_global + w F_local`, with its inverses.
     """
 
-    def __init__(self, mode: str, local: CurvatureSet) -> None:
-        self.mode = mode
+    def __init__(self, mode: Source, local: CurvatureSet) -> None:
+        self.mode: Source = mode
         self.local = local
         self.given: CurvatureSet | None = None
         self.mix = 0.0
