@@ -279,7 +279,7 @@ class NaturalGradient:
         ]
         lr = float(self._lr())
         nu = 1.0
-        if self.kl_clip is not None:
+        if self.kl_clip is not None:  # the FedNG client's formula, float op for float op
             g_dot_p = sum(float((p * g).sum()) for _, g, p in live)
             if g_dot_p > 0:
                 nu = min(1.0, math.sqrt(self.kl_clip / (lr**2 * g_dot_p)))
