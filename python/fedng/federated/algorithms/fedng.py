@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fedng._typing import Arrays
+from fedng.curvature import CurvatureSet
 from fedng.federated.aggregation.fisher_weighted import fisher_weighted_step
 from fedng.federated.aggregation.mean import apply_server_step, mean_delta, weights_of
 from fedng.federated.algorithms.base import Algorithm, State
@@ -32,7 +33,6 @@ from fedng.federated.client.natural_gradient import natural_gradient_local
 from fedng.federated.client.params import set_params
 from fedng.federated.config.common import ClientConfig
 from fedng.federated.config.curvature import FedNGConfig
-from fedng.federated.curvature_set import CurvatureSet
 from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.tasks.base import ClientData
 
@@ -67,7 +67,7 @@ class FedNG(Algorithm[FedNGConfig]):
             msg.extras = {f"curv/{k}": v for k, v in arrays.items()}
             msg.meta["curv"] = meta
             return msg
-        failed = glob.inverse(opts.damping)
+        failed = glob.inverse(opts.damping).failed
         arrays, sym = glob.inverse_arrays()
         msg.extras = {f"inv/{k}": v for k, v in arrays.items()}
         msg.symmetric = frozenset(f"inv/{s}" for s in sym)
