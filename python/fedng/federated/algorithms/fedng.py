@@ -29,6 +29,7 @@ from fedng.federated.algorithms.curvature_payload import (
     curvature_trace,
     decoded_all,
 )
+from fedng.federated.client.layers import warn_unsupported_layers
 from fedng.federated.client.natural_gradient import natural_gradient_local
 from fedng.federated.client.params import set_params
 from fedng.federated.config.common import ClientConfig
@@ -53,6 +54,10 @@ class FedNG(Algorithm[FedNGConfig]):
     """
 
     config_type = FedNGConfig
+
+    def check_model(self, model: nn.Module) -> None:
+        """Warns once about layers that get no curvature (they are updated first-order)."""
+        warn_unsupported_layers(model)
 
     def broadcast(self, state: State) -> ServerMessage:
         """theta_t plus the global preconditioner (inverses or factors) per config."""

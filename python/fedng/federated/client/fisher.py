@@ -31,7 +31,7 @@ def fisher_at(
         rank=options.rank,
         sketch_seed=options.sketch_seed,
         source="none",
-        warn_unsupported=False,  # as before: a capture per client and round
+        warn_unsupported=False,  # the simulator warns once per run (`Algorithm.check_model`)
     )
     try:
         crit = loss_fn(config.loss)

@@ -127,7 +127,7 @@ def natural_gradient_local(
         rank=options.rank,
         sketch_seed=options.sketch_seed,
         source="none" if options.precond == "none" else "local",
-        warn_unsupported=False,  # as before: a capture per client and round
+        warn_unsupported=False,  # the simulator warns once per run (`Algorithm.check_model`)
     )
     try:
         mode = use_preconditioner(ng, message, options)
