@@ -93,6 +93,7 @@ class CurvatureConfig(AlgorithmConfig):
         parse_curvature(self.curvature)
         check_choice(c, "fisher_type", self.fisher_type, FISHER_TYPES)
         check(self.rank >= 1, c, "rank", ">= 1", self.rank)
+        check(self.sketch_seed >= 0, c, "sketch_seed", ">= 0", self.sketch_seed)
         check_choice(c, "payload_dtype", self.payload_dtype, FLOAT_WIRE)
         check(self.fisher_damping > 0, c, "fisher_damping", "> 0", self.fisher_damping)
         check_choice(c, "fisher_center", self.fisher_center, FISHER_CENTERS)
