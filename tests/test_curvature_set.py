@@ -63,6 +63,18 @@ def test_blocks_are_grouped_by_kind_in_registry_order() -> None:
         CurvatureSet.empty(cs.layouts, ["kfac", "diag", "dense"])
 
 
+def test_inverse_pending_inverts_only_kinds_with_uninverted_curvature() -> None:
+    cs, _, _ = fitted(0)
+    assert CurvatureSet.empty(cs.layouts, cs.kinds).inverse_pending(0.1) is None  # no curvature
+    cs.inverse(0.1)
+    assert cs.inverse_pending(0.1) is None  # everything with curvature has an inverse
+    fresh, _, _ = fitted(1)
+    fresh.reps["kfac"].inverse(0.1)
+    report = fresh.inverse_pending(0.1)
+    assert report is not None and all(fresh.ready)
+    assert report.names == ["1", "2"]  # the diagonal and low-rank kinds, not K-FAC again
+
+
 def test_combine_is_the_exact_weighted_sum() -> None:
     (a, _, _), (b, _, _) = fitted(0), fitted(1)
     out = CurvatureSet.combine([a, b], [0.25, 0.75])

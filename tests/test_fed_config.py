@@ -101,6 +101,8 @@ def test_range_errors_name_the_argument() -> None:
         FedNGConfig(precond="sideways")
     with pytest.raises(ValueError, match="'curvature'"):
         FedNGConfig(curvature="kfac,fc1=dense")
+    with pytest.raises(ValueError, match="'sketch_seed' must be >= 0"):
+        FedNGConfig(sketch_seed=-1)
     with pytest.raises(ValueError, match="'beta2'"):
         FedOptConfig(beta2=1.0)
     with pytest.raises(ValueError, match="'options' must be a FedProxConfig"):

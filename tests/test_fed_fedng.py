@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import pytest
 import torch
 from _fed import blobs_task
+from fedng.curvature import UnsupportedLayerWarning
 from fedng.federated.client import get_params
 from fedng.federated.config import make_configs
 from fedng.federated.round import client_step, server_init, server_step
 from fedng.federated.simulator import simulate
+from fedng.federated.tasks.base import mlp, seeded_model
+from torch import nn
 
 
 @pytest.fixture(autouse=True)
@@ -103,3 +109,29 @@ def test_fedfisher_is_one_shot() -> None:
     h = simulate(task, cc, sc, rounds=5, seed=0)
     assert len(h.rounds) == 2
     assert h.final() > 0.7
+
+
+class Scaled(nn.Module):
+    """The blobs MLP with a learned output scale: a parameter no supported layer covers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp([5, 8, 3])
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) * self.scale
+
+
+@pytest.mark.parametrize("algorithm", ["fedng", "fedfisher"])
+def test_unsupported_layers_warn_once_per_run(algorithm: str) -> None:
+    """Clients rebuild their curvature capture every round, silently; the run warns once."""
+    task = dataclasses.replace(
+        blobs_task(num_clients=3, n=20), model_fn=lambda s: seeded_model(Scaled, s)
+    )
+    cc, sc = make_configs(algorithm, {"local_steps": 2})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        simulate(task, cc, sc, rounds=2, seed=0)
+    assert [w.category for w in caught] == [UnsupportedLayerWarning]
+    assert "scale" in str(caught[0].message)

@@ -5,19 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 from _fed import blobs_task
+from fedng.curvature import CurvatureSet, to_matrix
 from fedng.federated.aggregation import (
     fisher_weighted_step,
     merge_diag,
     merge_kfac,
     merge_lowrank,
-    relative_damping,
     weights_of,
 )
 from fedng.federated.algorithms.curvature_payload import decoded_all
 from fedng.federated.client import get_params
 from fedng.federated.config import make_configs
-from fedng.federated.curvature_set import CurvatureSet
-from fedng.federated.layout import to_matrix
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.round import client_step, server_init
 
@@ -130,7 +128,7 @@ def test_fisher_weighted_step_on_real_payloads(curvature: str) -> None:
     step, _ = fisher_weighted_step(ups, sets, 1e-2, 500, 1e-10)
     ws = weights_of(ups)
     pooled = CurvatureSet.combine(sets, ws)
-    lams = relative_damping(pooled, 1e-2)
+    lams = pooled.relative_damping(1e-2)
     for kind, idx in sets[0].groups.items():
         for j, i in enumerate(idx):
             lay = sets[0].layouts[i]

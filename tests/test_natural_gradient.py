@@ -112,6 +112,49 @@ def test_factor_and_inverse_schedule() -> None:
     assert recording == [True, False, True, False, True, False, True]
 
 
+class LateBranch(nn.Module):
+    """`b` joins the forward pass only once `use_b` is set (a branch first seen mid-schedule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.b = nn.Linear(6, 4)
+        self.use_b = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x) if self.use_b else self.a(x)
+
+
+def test_a_block_is_preconditioned_from_its_first_curvature() -> None:
+    """With the own curvature, a block first seen between inverse steps is inverted at once (its
+    representation, off schedule); the schedule then goes on as before."""
+    torch.manual_seed(3)
+    model = LateBranch().double()
+    ng = NaturalGradient(model, inverse_every=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    inverted, preconditioned = [], []
+    for t, (x, y) in enumerate(batches(4)):
+        model.use_b = t >= 2
+        train(model, ng, opt, [(x, y)])
+        inverted.append(ng.last["inverse"] is not None)
+        preconditioned.append(ng.last["preconditioned"])
+    assert inverted == [True, False, True, False]
+    assert preconditioned == [["a"], ["a"], ["a", "b"], ["a", "b"]]
+
+
+def test_warn_unsupported_false_is_silent() -> None:
+    torch.manual_seed(10)
+    model = WithFunctional().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ng = NaturalGradient(model, warn_unsupported=False)
+        model(torch.randn(6, 4, dtype=F64)).square().mean().backward()
+        ng.step()
+    assert ng.capture.unsupported and ng.last["preconditioned"] == ["a"]
+    with pytest.raises(TypeError, match="'warn_unsupported' must be a bool"):
+        NaturalGradient(mlp(), warn_unsupported=1)  # type: ignore[arg-type]
+
+
 def test_kl_clip_scales_the_step() -> None:
     model = mlp()
     x, y = batches(1)[0]

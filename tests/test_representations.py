@@ -136,6 +136,20 @@ def test_lowrank_truncated_matches_nystrom_reference() -> None:
         )
 
 
+def test_lowrank_eigendecompositions_are_those_of_inverse_and_leave_it_alone() -> None:
+    model, x, y = model_and_data()
+    cap, stats, _ = capture(model, x, y)
+    rep = LowRankFisher([b.spec for b in cap.blocks], rank=3, sketch_seed=5, dtype=F64)
+    assert rep.eigendecompositions() == [None] * 3  # no curvature yet
+    rep.update([stats[0], None, stats[2]])
+    eig = rep.eigendecompositions()
+    assert eig[1] is None and not any(rep.ready)
+    rep.inverse(0.1)
+    for k in (0, 2):
+        e = eig[k]
+        assert e is not None and torch.equal(e[0], rep.U[k]) and torch.equal(e[1], rep.S[k])
+
+
 def build(kind: str, cap: CurvatureCapture) -> FisherRepresentation:
     specs = [b.spec for b in cap.blocks]
     if kind == "kfac":

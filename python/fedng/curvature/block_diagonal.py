@@ -186,6 +186,23 @@ class CurvatureSet:
             [rep.inverse(damping, factored=factored) for rep in self.reps.values()]
         )
 
+    def inverse_pending(self, damping: float, *, factored: bool = False) -> InverseReport | None:
+        """Inverts the representations holding a block that has curvature but no inverse yet (seen
+        for the first time, or never inverted successfully), so that it is preconditioned from the
+        step it first has curvature on; each such representation is inverted as a whole.
+
+        Returns:
+            The report over the kinds inverted, or None when no block was pending.
+        """
+        due = [
+            rep
+            for rep in self.reps.values()
+            if any(c > 0 and not r for c, r in zip(rep.counts, rep.ready, strict=True))
+        ]
+        if not due:
+            return None
+        return InverseReport.concat([rep.inverse(damping, factored=factored) for rep in due])
+
     def precondition(
         self, grads: Sequence[torch.Tensor | None], stats: Sequence[BlockStats | None] | None = None
     ) -> list[torch.Tensor | None]:

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from fedng.curvature.spec import BlockSpec, check_specs
 from fedng.curvature.stats import STATS_TYPES, BlockStats
 
-if TYPE_CHECKING:
-    from fedng.curvature.base import FisherRepresentation
+
+class Blocks(Protocol):
+    """What the shared checks read of a representation (`FisherRepresentation` has both); a
+    protocol, so that these checks need not import the base class that imports them."""
+
+    @property
+    def specs(self) -> tuple[BlockSpec, ...]:
+        """The blocks, in order."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """float32 or float64."""
+
 
 CURVATURE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
 
@@ -82,7 +93,7 @@ def check_grads(
 
 
 def check_aggregate(
-    where: str, cls: type, reps: Sequence[FisherRepresentation], weights: Sequence[float]
+    where: str, cls: type[Blocks], reps: Sequence[Blocks], weights: Sequence[float]
 ) -> list[float]:
     """Same class, same blocks, same dtype, one finite weight >= 0 each."""
     if not reps:

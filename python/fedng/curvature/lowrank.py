@@ -176,18 +176,31 @@ class LowRankFisher(FisherRepresentation):
         decomposition (or stays unpreconditioned): never a crash, never a NaN step.
         """
         lam = check_damping("LowRankFisher.inverse", damping, len(self.specs))
+        live, found = self._nystrom()
+        for i, (u, sv) in found.items():
+            self.U[i], self.S[i], self.damping[i] = u, sv, lam[i]
+        return InverseReport.per_block(self.specs, live, list(found), lam)
+
+    def eigendecompositions(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per block, `(U [d, r], S [r])` with `F ≈ U diag(S) U^T` (orthonormal U, S >= 0) from
+        its current sketch, as `inverse` computes them (one ragged call), leaving the inverses
+        alone; None for a block without curvature or with a non-finite sketch."""
+        _, found = self._nystrom()
+        return [found.get(i) for i in range(len(self.specs))]
+
+    def _nystrom(self) -> tuple[list[int], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """The blocks with curvature, and (U, S) of those among them whose sketch is finite."""
         live = [i for i, c in enumerate(self.counts) if c > 0]
         norms = [float(v) for v in torch._foreach_norm([self.Y[i] for i in live])] if live else []
         finite = [(i, nm) for i, nm in zip(live, norms, strict=True) if math.isfinite(nm)]
-        if finite:
-            eps = torch.finfo(self.dtype).eps
-            shifts = [max(math.sqrt(self.specs[i].numel) * eps * nm, 1e-30) for i, nm in finite]
-            res = ops.nystrom(
-                [self.Y[i] for i, _ in finite], [self.omega[i] for i, _ in finite], shifts
-            )
-            for k, (i, _) in enumerate(finite):
-                self.U[i], self.S[i], self.damping[i] = res.U[k], res.S[k], lam[i]
-        return InverseReport.per_block(self.specs, live, [i for i, _ in finite], lam)
+        if not finite:
+            return live, {}
+        eps = torch.finfo(self.dtype).eps
+        shifts = [max(math.sqrt(self.specs[i].numel) * eps * nm, 1e-30) for i, nm in finite]
+        res = ops.nystrom(
+            [self.Y[i] for i, _ in finite], [self.omega[i] for i, _ in finite], shifts
+        )
+        return live, {i: (res.U[k], res.S[k]) for k, (i, _) in enumerate(finite)}
 
     def precondition(
         self, grads: Sequence[torch.Tensor | None], stats: Sequence[BlockStats | None] | None = None

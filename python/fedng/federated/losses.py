@@ -1,32 +1,25 @@
-"""Loss names and functions, one table for configs, tasks and local training.
-
-The names are those of `fedng.curvature.sampled_loss`: "cross_entropy" and "mse".
+"""Loss functions for configs, tasks and local training, by the loss names of
+`fedng.curvature.fisher` (`LOSS_TYPES`: "cross_entropy" and "mse", what `sampled_loss` samples
+from), the one list of loss names.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Literal, TypeGuard
 
 import torch
 from torch import nn
 
-LossName = Literal["cross_entropy", "mse"]
-LOSSES: tuple[LossName, ...] = ("cross_entropy", "mse")
-"""Loss names understood everywhere in `fedng.federated`."""
+from fedng.curvature.fisher import LOSS_TYPES, LossType
 
-_ALIASES: dict[str, LossName] = {"ce": "cross_entropy"}
+_ALIASES: dict[str, LossType] = {"ce": "cross_entropy"}
 """Deprecated spellings (the 0.1 configs and tasks said "ce")."""
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _is_loss(name: str) -> TypeGuard[LossName]:
-    return name in LOSSES
-
-
-def canonical_loss(name: str, where: str, stacklevel: int = 3) -> LossName:
+def canonical_loss(name: str, where: str, stacklevel: int = 3) -> LossType:
     """The loss name `name` stands for: "ce" is accepted (with a DeprecationWarning) for
     "cross_entropy".
 
@@ -38,8 +31,9 @@ def canonical_loss(name: str, where: str, stacklevel: int = 3) -> LossName:
     Raises:
         ValueError: an unknown name.
     """
-    if _is_loss(name):
-        return name
+    for loss in LOSS_TYPES:
+        if name == loss:
+            return loss
     if name in _ALIASES:
         new = _ALIASES[name]
         warnings.warn(
@@ -48,9 +42,9 @@ def canonical_loss(name: str, where: str, stacklevel: int = 3) -> LossName:
             stacklevel=stacklevel,
         )
         return new
-    raise ValueError(f"{where}: 'loss' must be one of {list(LOSSES)}, got {name!r}")
+    raise ValueError(f"{where}: 'loss' must be one of {list(LOSS_TYPES)}, got {name!r}")
 
 
-def loss_fn(name: LossName) -> LossFn:
+def loss_fn(name: LossType) -> LossFn:
     """The mean-reduced loss function called `name`."""
     return nn.functional.cross_entropy if name == "cross_entropy" else nn.functional.mse_loss

@@ -84,6 +84,7 @@ def simulate(
         rounds = min(rounds, algo.max_rounds)
     torch.manual_seed(seed)
     model = task.model_fn(seed)
+    algo.check_model(model)
     eval_model = task.model_fn(seed)
     state, message = server_init(get_params(model), server_config)
     rng = np.random.default_rng(seed)

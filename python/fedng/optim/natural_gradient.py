@@ -93,7 +93,8 @@ class NaturalGradient:
             get the diagonal Fisher unless mapped explicitly.
         damping: λ > 0 (the initial λ in adaptive mode).
         factor_every: update the own curvature every this many steps.
-        inverse_every: recompute the damped inverses every this many steps.
+        inverse_every: recompute the damped inverses every this many steps (with the own
+            curvature, a block that first gets curvature in between is inverted at once).
         curvature_decay: EMA decay of the own curvature in [0, 1), or None for a running mean.
         damping_mode: "tikhonov", "factored" or "adaptive" (see `fedng.optim.damping`;
             "adaptive" needs the own curvature, source "local").
@@ -109,6 +110,11 @@ class NaturalGradient:
             summed); it also seeds the Monte-Carlo labels unless `mc_backward` gets a generator.
         damping_bounds: (min, max) of λ in adaptive mode.
         source: "local" or "none" (`set_global` turns a "local" optimizer "global" or "mixed").
+        warn_unsupported: warn about layers whose gradients stay plain: an
+            `UnsupportedLayerWarning` for unsupported layers on construction, a RuntimeWarning for
+            blocks never seen in a recorded forward pass on their first step. False for callers
+            that build many optimizers over one model and warn once themselves (a federated
+            client per round).
         **deprecated: `factor_decay` (now `curvature_decay`), `fisher` (now `fisher_type`),
             `seed` (now `sketch_seed`), each with a DeprecationWarning.
 
@@ -138,6 +144,7 @@ class NaturalGradient:
         sketch_seed: int = 0,
         damping_bounds: tuple[float, float] = (1e-8, 1e3),
         source: str = "local",
+        warn_unsupported: bool = True,
         **deprecated: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -162,6 +169,10 @@ class NaturalGradient:
         self.rank = positive_int("rank", rank)
         self.sketch_seed = nonnegative_int("sketch_seed", renamed.get("sketch_seed", sketch_seed))
         mode = check_choice(WHERE, "source", source, INITIAL_SOURCES)
+        if not isinstance(warn_unsupported, bool):
+            raise TypeError(
+                f"{WHERE}: 'warn_unsupported' must be a bool, got {type(warn_unsupported).__name__}"
+            )
         self._lm = LevenbergMarquardt.for_interval(
             self.inverse_every, *check_damping_bounds(damping_bounds)
         )
@@ -172,7 +183,9 @@ class NaturalGradient:
             if params and all(p.dtype == torch.float64 for p in params)
             else torch.float32
         )
-        self.capture = CurvatureCapture(model, dtype=self.dtype, reduction=reduction)
+        self.capture = CurvatureCapture(
+            model, dtype=self.dtype, reduction=reduction, warn=warn_unsupported
+        )
         blocks = self.capture.blocks
         self.local_curvature = CurvatureSet.empty(
             layouts_of(model, blocks),
@@ -185,6 +198,7 @@ class NaturalGradient:
         self.steps = 0
         self._generator = torch.Generator().manual_seed(self.sketch_seed)
         self._batch_form = False
+        self._warn_unseen_blocks = warn_unsupported
         self._warned: set[str] = set()
         self.last: dict[str, Any] = {}
         self.capture.recording = True
@@ -270,7 +284,7 @@ class NaturalGradient:
         precond: list[torch.Tensor | None] = (
             [None] * len(blocks) if pre is None else pre.precondition(grads, stats)
         )
-        if self.source.mode == "local":
+        if self.source.mode == "local" and self._warn_unseen_blocks:
             self._warn_unseen(grads, precond)
         live = [
             (i, g, p)

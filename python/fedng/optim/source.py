@@ -1,6 +1,8 @@
 """Where `NaturalGradient`'s preconditioner comes from: its own curvature, a given one, or a mix.
 
-- "local": the optimizer's own running curvature, re-inverted every `inverse_every` steps.
+- "local": the optimizer's own running curvature, re-inverted every `inverse_every` steps; a block
+  with curvature but no inverse yet (e.g. first seen between two inverse steps) gets its
+  representation inverted at once, so that it is preconditioned from its first step.
 - "global": a curvature given from outside (`set_global(curvature)`, e.g. a federated server's),
   used with exactly the inverses it holds; it is never re-inverted (the own curvature still
   accumulates).
@@ -94,8 +96,9 @@ class PreconditionerSource:
         if self.mode == "none":
             return None, None
         if self.mode == "local":
-            report = self.local.inverse(damping, factored=factored) if inverse_step else None
-            return self.local, report
+            if inverse_step:
+                return self.local, self.local.inverse(damping, factored=factored)
+            return self.local, self.local.inverse_pending(damping, factored=factored)
         if self.given is None:
             raise ValueError(
                 f"{WHERE}.step: source={self.mode!r} needs set_global(curvature) before stepping"

@@ -2,7 +2,7 @@
 Fisher-weighted merge `(sum p_k F_k + lambda I)^-1 sum p_k F_k delta_k`."""
 
 from fedng.federated.aggregation.fisher_merge import merge_diag, merge_kfac, merge_lowrank
-from fedng.federated.aggregation.fisher_weighted import fisher_weighted_step, relative_damping
+from fedng.federated.aggregation.fisher_weighted import fisher_weighted_step
 from fedng.federated.aggregation.mean import apply_server_step, mean_delta, weights_of
 
 __all__ = [
@@ -12,6 +12,5 @@ __all__ = [
     "merge_diag",
     "merge_kfac",
     "merge_lowrank",
-    "relative_damping",
     "weights_of",
 ]

@@ -1,75 +1,137 @@
 """The Fisher-weighted step of decoded client curvature: per block
 `(sum p_k F_k + lambda I)^-1 sum p_k F_k delta_k` (`fisher_merge`), lambda relative to the block's
-curvature scale; the weighted mean wherever no curvature applies."""
+curvature scale (`CurvatureSet.relative_damping`); the weighted mean wherever no curvature applies.
+
+A sum of curvatures of one kind is solved its own way (a sum of diagonals, of low-rank terms, of
+Kronecker products), so the merges are found per representation class; the kinds come from the
+curvature registry, in its order. A kind without a merge here keeps the weighted mean.
+"""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import torch
 
 from fedng._typing import Arrays
-from fedng.curvature import KFAC, DiagonalFisher, LowRankFisher
-from fedng.federated.aggregation.fisher_merge import merge_diag, merge_kfac, merge_lowrank
+from fedng.curvature import (
+    KFAC,
+    CurvatureSet,
+    DiagonalFisher,
+    FisherRepresentation,
+    LowRankFisher,
+    kinds,
+    to_matrix,
+    write_matrix,
+)
+from fedng.federated.aggregation.fisher_merge import Mats, merge_diag, merge_kfac, merge_lowrank
 from fedng.federated.aggregation.mean import mean_delta, weights_of
-from fedng.federated.curvature_set import CurvatureSet
-from fedng.federated.layout import BlockLayout, to_matrix, write_matrix
 from fedng.federated.messages import ClientUpdate
 
-_R = TypeVar("_R", KFAC, DiagonalFisher, LowRankFisher)
+R = TypeVar("R", bound=FisherRepresentation)
 
 
-def _rep(cs: CurvatureSet, kind: str, cls: type[_R]) -> _R:
-    """The representation of `kind` in `cs`, typed."""
-    rep = cs.reps[kind]
-    if not isinstance(rep, cls):
-        raise TypeError(f"curvature kind {kind!r} holds a {type(rep).__name__}, not {cls.__name__}")
-    return rep
+@dataclass(frozen=True)
+class MergeInputs:
+    """One kind's merge problem over its blocks with positive damping (the live blocks).
+
+    Attributes:
+        live: indices of the live blocks within the kind's representation.
+        deltas: per client, per live block: its delta as the block matrix [m, n].
+        weights: p_k per client.
+        damping: lambda per live block (> 0).
+        prior: per live block, the prior center [m, n] (None: zero).
+        cg_iters: max conjugate-gradient iterations (K-FAC).
+        cg_tol: relative residual at which CG stops.
+    """
+
+    live: list[int]
+    deltas: list[Mats]
+    weights: list[float]
+    damping: list[float]
+    prior: Mats | None
+    cg_iters: int
+    cg_tol: float
 
 
-def _block_trace(cs: CurvatureSet, kind: str, j: int) -> float:
-    """tr(F) of block j of `kind` (a Hutchinson estimate for sketches)."""
-    if kind == "kfac":
-        k = _rep(cs, kind, KFAC)
-        a, g = k.A[j], k.G[j]
-        ta = float(a.sum()) if a.dim() == 1 else float(a.diagonal().sum())
-        return ta * float(g.diagonal().sum())
-    if kind == "diag":
-        return float(_rep(cs, kind, DiagonalFisher).diag[j].sum())
-    lr = _rep(cs, kind, LowRankFisher)
-    y, om = lr.Y[j], lr.omega[j]
-    return float((y * om).sum()) / max(1, y.shape[1])
+MergeResult = tuple[Mats, dict[str, float]]
+"""Per live block the merged delta [m, n], and what to log."""
 
 
-def relative_damping(cs: CurvatureSet, rel: float) -> dict[str, list[float]]:
-    """Per kind, per block: `rel` x the mean eigenvalue of the block's curvature (0 if none)."""
-    out: dict[str, list[float]] = {}
-    for kind in cs.reps:
-        lams = []
-        for j, i in enumerate(cs.groups[kind]):
-            lay = cs.layouts[i]
-            lams.append(rel * max(_block_trace(cs, kind, j), 0.0) / (lay.m * lay.n))
-        out[kind] = lams
-    return out
+@dataclass(frozen=True)
+class Merger(Generic[R]):
+    """The merge of one representation class.
+
+    Attributes:
+        rep: the representation class (its `kind` is the key).
+        merge: (the clients' representations, the problem) -> `MergeResult`.
+    """
+
+    rep: type[R]
+    merge: Callable[[list[R], MergeInputs], MergeResult]
+
+    def __call__(self, reps: Sequence[FisherRepresentation], inputs: MergeInputs) -> MergeResult:
+        """Runs the merge on the clients' representations of this kind.
+
+        Raises:
+            TypeError: a representation of another class (a set decoded with another kind).
+        """
+        typed = [r for r in reps if isinstance(r, self.rep)]
+        if len(typed) != len(reps):
+            raise TypeError(f"fisher-weighted merge: expected {self.rep.__name__} curvature")
+        return self.merge(typed, inputs)
 
 
-def _lowrank_factors(
-    sets: list[CurvatureSet], live: list[int], lays: list[BlockLayout]
-) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-    """Per client, per live block: U [d, r] and S [r] of its low-rank Fisher; a block a client
-    has no curvature for (F_k = 0) gets one zero column."""
-    us, ss = [], []
-    for cs in sets:
-        r = _rep(cs, "lowrank", LowRankFisher)
-        r.inverse(1.0)  # the damping is unused here: only U, S are read
+def _diag(reps: list[DiagonalFisher], p: MergeInputs) -> MergeResult:
+    diags = [[r.diag[j] for j in p.live] for r in reps]
+    return merge_diag(diags, p.deltas, p.weights, p.damping, p.prior), {}
+
+
+def _kfac(reps: list[KFAC], p: MergeInputs) -> MergeResult:
+    return merge_kfac(
+        [[r.A[j] for j in p.live] for r in reps],
+        [[r.G[j] for j in p.live] for r in reps],
+        p.deltas,
+        p.weights,
+        p.damping,
+        iters=p.cg_iters,
+        tol=p.cg_tol,
+        prior=p.prior,
+    )
+
+
+def _lowrank(reps: list[LowRankFisher], p: MergeInputs) -> MergeResult:
+    """Woodbury / dense merge of `U_k diag(S_k) U_k^T`; a block a client has no curvature for
+    (F_k = 0) gets one zero column."""
+    us: list[Mats] = []
+    ss: list[Mats] = []
+    for r in reps:
+        eig = r.eigendecompositions()
         u_blocks, s_blocks = [], []
-        for n, j in enumerate(live):
-            u, s = r.U[j], r.S[j]
-            u_blocks.append(torch.zeros(lays[n].m * lays[n].n, 1) if u is None else u)
-            s_blocks.append(torch.zeros(1) if s is None else s)
+        for j in p.live:
+            e = eig[j]
+            u_blocks.append(torch.zeros(r.specs[j].numel, 1) if e is None else e[0])
+            s_blocks.append(torch.zeros(1) if e is None else e[1])
         us.append(u_blocks)
         ss.append(s_blocks)
-    return us, ss
+    flat = merge_lowrank(
+        us,
+        ss,
+        [[m.reshape(-1) for m in ms] for ms in p.deltas],
+        p.weights,
+        p.damping,
+        None if p.prior is None else [x.reshape(-1) for x in p.prior],
+    )
+    return [f.view(m.shape) for f, m in zip(flat, p.deltas[0], strict=True)], {}
+
+
+MERGERS: dict[str, Merger[Any]] = {
+    m.rep.kind: m
+    for m in (Merger(KFAC, _kfac), Merger(DiagonalFisher, _diag), Merger(LowRankFisher, _lowrank))
+}
+"""The merge of each curvature kind, by its registry name."""
 
 
 def fisher_weighted_step(
@@ -98,45 +160,28 @@ def fisher_weighted_step(
     ws = weights_of(updates)
     step = mean_delta(updates)
     pooled = CurvatureSet.combine(sets, ws)
-    lams = relative_damping(pooled, rel)
+    lams = pooled.relative_damping(rel)
     deltas = [{k: v.float() for k, v in u.delta.items()} for u in updates]
     log: dict[str, Any] = {}
-    layouts = sets[0].layouts
-    for kind, idx in sets[0].groups.items():
+    for kind in kinds():
+        merger = MERGERS.get(kind)
+        if kind not in pooled.groups or merger is None:
+            continue
         live = [j for j, lam in enumerate(lams[kind]) if lam > 0]
         if not live:
             continue
-        lays: list[BlockLayout] = [layouts[idx[j]] for j in live]
-        mats = [[to_matrix(d, lay) for lay in lays] for d in deltas]
-        prior = [to_matrix(step, lay) for lay in lays] if center == "mean" else None
-        damp = [lams[kind][j] for j in live]
-        if kind == "diag":
-            diags = [_rep(s, kind, DiagonalFisher).diag for s in sets]
-            merged = merge_diag([[d[j] for j in live] for d in diags], mats, ws, damp, prior)
-        elif kind == "kfac":
-            kfacs = [_rep(s, kind, KFAC) for s in sets]
-            merged, info = merge_kfac(
-                [[r.A[j] for j in live] for r in kfacs],
-                [[r.G[j] for j in live] for r in kfacs],
-                mats,
-                ws,
-                damp,
-                iters=cg_iters,
-                tol=cg_tol,
-                prior=prior,
-            )
-            log.update(info)
-        else:
-            us, ss = _lowrank_factors(sets, live, lays)
-            flat = merge_lowrank(
-                us,
-                ss,
-                [[m.reshape(-1) for m in ms] for ms in mats],
-                ws,
-                damp,
-                None if prior is None else [p.reshape(-1) for p in prior],
-            )
-            merged = [f.view(lay.m, lay.n) for f, lay in zip(flat, lays, strict=True)]
+        lays = [pooled.layouts[pooled.groups[kind][j]] for j in live]
+        inputs = MergeInputs(
+            live,
+            [[to_matrix(d, lay) for lay in lays] for d in deltas],
+            ws,
+            [lams[kind][j] for j in live],
+            [to_matrix(step, lay) for lay in lays] if center == "mean" else None,
+            cg_iters,
+            cg_tol,
+        )
+        merged, info = merger([s.reps[kind] for s in sets], inputs)
+        log.update(info)
         for lay, m in zip(lays, merged, strict=True):
             write_matrix(step, lay, m.float())
     return step, log

@@ -44,6 +44,10 @@ class Algorithm(Generic[OptionsT]):
         """The algorithm's own config inside `config`."""
         return config.options_as(self.config_type)
 
+    def check_model(self, model: nn.Module) -> None:
+        """Warns about what the algorithm cannot serve in the task's model (nothing here); called
+        once per run, before round 0, so that clients can build their machinery silently."""
+
     def init_state(self, state: State) -> State:
         """Adds the algorithm's buffers to a fresh state."""
         return state

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from fedng.curvature import CurvatureSet, check_layouts
 from fedng.federated.algorithms.base import State
-from fedng.federated.curvature_set import CurvatureSet
-from fedng.federated.layout import check_layouts
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.wire import FLOAT_DTYPES, wire_dtype
 

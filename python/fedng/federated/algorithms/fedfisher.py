@@ -24,6 +24,7 @@ from fedng.federated.algorithms.curvature_payload import (
     decoded_all,
 )
 from fedng.federated.client.fisher import fisher_at
+from fedng.federated.client.layers import warn_unsupported_layers
 from fedng.federated.client.params import set_params
 from fedng.federated.client.sgd import local_sgd
 from fedng.federated.config.common import ClientConfig
@@ -37,6 +38,10 @@ class FedFisher(Algorithm[FedFisherConfig]):
 
     config_type = FedFisherConfig
     max_rounds = 1
+
+    def check_model(self, model: nn.Module) -> None:
+        """Warns once about layers that get no curvature (they are merged by the plain mean)."""
+        warn_unsupported_layers(model)
 
     def client_step(
         self,

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fedng._typing import Arrays
+from fedng.curvature import CurvatureSet
 from fedng.federated.aggregation.fisher_weighted import fisher_weighted_step
 from fedng.federated.aggregation.mean import apply_server_step, mean_delta, weights_of
 from fedng.federated.algorithms.base import Algorithm, State
@@ -28,11 +29,11 @@ from fedng.federated.algorithms.curvature_payload import (
     curvature_trace,
     decoded_all,
 )
+from fedng.federated.client.layers import warn_unsupported_layers
 from fedng.federated.client.natural_gradient import natural_gradient_local
 from fedng.federated.client.params import set_params
 from fedng.federated.config.common import ClientConfig
 from fedng.federated.config.curvature import FedNGConfig
-from fedng.federated.curvature_set import CurvatureSet
 from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.tasks.base import ClientData
 
@@ -54,6 +55,10 @@ class FedNG(Algorithm[FedNGConfig]):
 
     config_type = FedNGConfig
 
+    def check_model(self, model: nn.Module) -> None:
+        """Warns once about layers that get no curvature (they are updated first-order)."""
+        warn_unsupported_layers(model)
+
     def broadcast(self, state: State) -> ServerMessage:
         """theta_t plus the global preconditioner (inverses or factors) per config."""
         opts = self.options(state.config)
@@ -67,7 +72,7 @@ class FedNG(Algorithm[FedNGConfig]):
             msg.extras = {f"curv/{k}": v for k, v in arrays.items()}
             msg.meta["curv"] = meta
             return msg
-        failed = glob.inverse(opts.damping)
+        failed = glob.inverse(opts.damping).failed
         arrays, sym = glob.inverse_arrays()
         msg.extras = {f"inv/{k}": v for k, v in arrays.items()}
         msg.symmetric = frozenset(f"inv/{s}" for s in sym)

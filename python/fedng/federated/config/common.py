@@ -12,9 +12,10 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from fedng.curvature.fisher import LossType
 from fedng.federated.config.base import AlgorithmConfig, Scalars, check, check_choice
 from fedng.federated.config.catalog import config_type, owners
-from fedng.federated.losses import LossName, canonical_loss
+from fedng.federated.losses import canonical_loss
 from fedng.federated.wire import FLOAT_WIRE
 
 DEFAULT_OPTIONS = AlgorithmConfig()
@@ -169,7 +170,7 @@ class ClientConfig(_Common):
     local_steps: int = 10
     momentum: float = 0.0
     weight_decay: float = 0.0
-    loss: LossName = "cross_entropy"
+    loss: LossType = "cross_entropy"
     seed: int = 0
     update_dtype: str = "fp32"
     options: AlgorithmConfig = DEFAULT_OPTIONS

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from fedng.curvature import kinds
+from fedng.curvature.fisher import FISHER_TYPES
 from fedng.federated.config.base import AlgorithmConfig, check, check_choice
 from fedng.federated.wire import FLOAT_WIRE
 
 PRECONDITIONERS: tuple[str, ...] = ("global", "local", "global_local", "none")
-CURVATURES: tuple[str, ...] = ("kfac", "diag", "lowrank")
 AGGREGATIONS: tuple[str, ...] = ("mean", "fisher")
 BROADCASTS: tuple[str, ...] = ("auto", "inverse", "factors", "none")
-FISHER_TYPES: tuple[str, ...] = ("empirical", "mc")
 FISHER_CENTERS: tuple[str, ...] = ("zero", "mean")
 
 _BROADCAST_FOR = {"global": "inverse", "global_local": "factors"}
@@ -21,7 +21,8 @@ _BROADCAST_FOR = {"global": "inverse", "global_local": "factors"}
 
 
 def parse_curvature(spec: str) -> tuple[str, dict[str, str]]:
-    """Parses a curvature spec: a default kind, then optional per-layer overrides.
+    """Parses a curvature spec: a default kind, then optional per-layer overrides; the kinds are
+    those of the curvature registry (`fedng.curvature.kinds()`).
 
     `"kfac"` uses K-FAC everywhere; `"kfac,fc2=diag,fc1=lowrank"` uses K-FAC except for the named
     modules.
@@ -32,9 +33,10 @@ def parse_curvature(spec: str) -> tuple[str, dict[str, str]]:
     Raises:
         ValueError: an unknown kind or a malformed entry.
     """
+    known = kinds()
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts or "=" in parts[0]:
-        raise ValueError(f"'curvature' must start with a kind in {list(CURVATURES)}, got {spec!r}")
+        raise ValueError(f"'curvature' must start with a kind in {list(known)}, got {spec!r}")
     default, overrides = parts[0], {}
     for p in parts[1:]:
         name, sep, kind = p.partition("=")
@@ -42,8 +44,8 @@ def parse_curvature(spec: str) -> tuple[str, dict[str, str]]:
             raise ValueError(f"'curvature' entry must be MODULE=KIND, got {p!r} in {spec!r}")
         overrides[name.strip()] = kind.strip()
     for k in [default, *overrides.values()]:
-        if k not in CURVATURES:
-            raise ValueError(f"'curvature' kinds must be in {list(CURVATURES)}, got {k!r}")
+        if k not in known:
+            raise ValueError(f"'curvature' kinds must be in {list(known)}, got {k!r}")
     return default, overrides
 
 
@@ -91,6 +93,7 @@ class CurvatureConfig(AlgorithmConfig):
         parse_curvature(self.curvature)
         check_choice(c, "fisher_type", self.fisher_type, FISHER_TYPES)
         check(self.rank >= 1, c, "rank", ">= 1", self.rank)
+        check(self.sketch_seed >= 0, c, "sketch_seed", ">= 0", self.sketch_seed)
         check_choice(c, "payload_dtype", self.payload_dtype, FLOAT_WIRE)
         check(self.fisher_damping > 0, c, "fisher_damping", "> 0", self.fisher_damping)
         check_choice(c, "fisher_center", self.fisher_center, FISHER_CENTERS)

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedng.federated.losses import LossName, canonical_loss, loss_fn
+from fedng.curvature.fisher import LossType
+from fedng.federated.losses import canonical_loss, loss_fn
 
 
 @dataclass
@@ -57,7 +58,7 @@ class FederatedTask:
     x_test: torch.Tensor
     y_test: torch.Tensor
     model_fn: Callable[[int], nn.Module]
-    loss: LossName
+    loss: LossType
     metric: str
     num_classes: int
     info: dict[str, Any] = field(default_factory=dict)
