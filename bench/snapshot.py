@@ -52,11 +52,15 @@ def git_commit() -> str:
     try:
         rev = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -68,7 +72,10 @@ def machine_lines(machine: dict[str, Any]) -> list[str]:
     rows = [
         ("CPU", machine.get("cpu")),
         ("cores", machine.get("cpu_count")),
-        ("torch / fedng threads", f"{machine.get('torch_threads')} / {machine.get('fedng_threads')}"),
+        (
+            "torch / fedng threads",
+            f"{machine.get('torch_threads')} / {machine.get('fedng_threads')}",
+        ),
         ("platform", machine.get("platform")),
         ("Python", machine.get("python")),
         ("torch", machine.get("torch")),
@@ -93,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = p.parse_args(argv)
-    found = {n: json.loads((RESULTS / f"{n}.json").read_text())
-             for n in SOURCES if (RESULTS / f"{n}.json").exists()}
+    found = {
+        n: json.loads((RESULTS / f"{n}.json").read_text())
+        for n in SOURCES
+        if (RESULTS / f"{n}.json").exists()
+    }
     if not found:
         print(f"no results in {RESULTS}: run the benchmarks first", file=sys.stderr)
         return 2
@@ -105,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Measured at commit `{git_commit()}`, snapshot taken"
         f" {_dt.datetime.now(_dt.timezone.utc).date().isoformat()} by `python bench/snapshot.py`.",
-        "Every ratio compares fedng with the plain-torch way (or FedAvg) **measured in the same run**;",
-        "absolute times depend on the machine and its load, ratios much less.",
+        "Every ratio compares fedng with the plain-torch way (or FedAvg) **measured in the same",
+        "run**; absolute times depend on the machine and its load, ratios much less.",
         "",
         "## Machine",
         "",

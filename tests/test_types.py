@@ -5,10 +5,10 @@ names its error code."""
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "python" / "fedng"
@@ -26,7 +26,9 @@ def test_mypy_config_is_strict_without_blanket_ignores() -> None:
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
     assert cfg.get("strict") is True
     for override in cfg.get("overrides", []):
-        modules = override["module"] if isinstance(override["module"], list) else [override["module"]]
+        modules = (
+            override["module"] if isinstance(override["module"], list) else [override["module"]]
+        )
         assert not any(m.startswith("fedng") for m in modules), f"override for fedng: {override}"
         assert "ignore_errors" not in override, f"blanket ignore_errors: {override}"
 
