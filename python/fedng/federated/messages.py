@@ -28,9 +28,38 @@ def _split(arrays: Arrays, prefixes: tuple[str, ...]) -> dict[str, Arrays]:
     for k, v in arrays.items():
         head, sep, tail = k.partition("/")
         if not sep or head not in out:
-            raise ValueError(f"payload array {k!r} has no known prefix (expected {prefixes})")
+            raise wire.PayloadError(f"payload array {k!r:.60} has no known prefix ({prefixes})")
         out[head][tail] = v
     return out
+
+
+def _int(meta: dict[str, Any], key: str, low: int) -> int:
+    """`meta[key]`, which must be a JSON integer >= `low` (not a float, not a bool)."""
+    v = meta.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise wire.PayloadError(f"payload '{key}' must be an integer >= {low}, got {v!r:.40}")
+    return v
+
+
+def _obj(meta: dict[str, Any], key: str) -> dict[str, Any]:
+    """`meta[key]`, which must be a JSON object."""
+    v = meta.get(key)
+    if not isinstance(v, dict):
+        raise wire.PayloadError(f"payload '{key}' must be an object, got {type(v).__name__}")
+    return v
+
+
+def _metrics(meta: dict[str, Any]) -> dict[str, float]:
+    """`meta["metrics"]`: an object of numbers (not bools)."""
+    m = _obj(meta, "metrics")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in m.values()):
+        raise wire.PayloadError("payload 'metrics' must map names to numbers")
+    return {k: float(v) for k, v in m.items()}
+
+
+def _check_type(meta: dict[str, Any], expected: str) -> None:
+    if meta.get("type") != expected:
+        raise wire.PayloadError(f"expected a {expected} payload, got type {meta.get('type')!r:.40}")
 
 
 @dataclass
@@ -89,23 +118,29 @@ class ClientUpdate:
     def from_bytes(data: bytes) -> ClientUpdate:
         """Decodes `to_bytes()` (the server's side of the wire).
 
+        Integers must be JSON integers (`num_examples` 2.7, 1e9 or `true` is rejected); the
+        server's own bounds (e.g. `ServerConfig.max_num_examples`) are checked by
+        `fedng.federated.validate`.
+
         Raises:
-            ValueError: corrupt bytes or not a client update.
+            PayloadError: corrupt bytes or not a well-formed client update (the only exception
+                this raises).
         """
         p = wire.unpack(data)
-        if p.meta.get("type") != "client_update":
-            raise ValueError(f"expected a client_update payload, got type {p.meta.get('type')!r}")
+        _check_type(p.meta, "client_update")
         parts = _split(p.arrays, ("delta", "curv", "extra"))
         sym = frozenset(s.partition("/")[2] for s in p.symmetric)
+        if any(not s.startswith("curv/") for s in p.symmetric):
+            raise wire.PayloadError("only curvature arrays may travel as packed triangles")
         return ClientUpdate(
-            client_id=int(p.meta["client_id"]),
-            round=int(p.meta["round"]),
+            client_id=_int(p.meta, "client_id", 0),
+            round=_int(p.meta, "round", 0),
             delta=parts["delta"],
-            num_examples=int(p.meta["num_examples"]),
+            num_examples=_int(p.meta, "num_examples", 1),
             curvature=parts["curv"],
             extras=parts["extra"],
-            metrics={k: float(v) for k, v in p.meta["metrics"].items()},
-            meta=dict(p.meta["meta"]),
+            metrics=_metrics(p.meta),
+            meta=dict(_obj(p.meta, "meta")),
             symmetric=sym,
             nbytes=len(data),
         )
@@ -163,20 +198,27 @@ class ServerMessage:
 
     @staticmethod
     def from_bytes(data: bytes) -> ServerMessage:
-        """Decodes `to_bytes()` (the client's side of the wire); float extras come back fp32."""
+        """Decodes `to_bytes()` (the client's side of the wire); float extras come back fp32.
+
+        Raises:
+            PayloadError: corrupt bytes or not a well-formed server message (the only exception
+                this raises).
+        """
         p = wire.unpack(data)
-        if p.meta.get("type") != "server_message":
-            raise ValueError(f"expected a server_message payload, got type {p.meta.get('type')!r}")
+        _check_type(p.meta, "server_message")
         parts = _split(p.arrays, ("param", "extra"))
         extras = {k: v.float() if v.is_floating_point() else v for k, v in parts["extra"].items()}
+        algorithm, dtype = p.meta.get("algorithm"), p.meta.get("dtype")
+        if not isinstance(algorithm, str) or dtype not in wire.FLOAT_WIRE:
+            raise wire.PayloadError("server message: bad 'algorithm' or 'dtype'")
         return ServerMessage(
-            round=int(p.meta["round"]),
-            algorithm=str(p.meta["algorithm"]),
+            round=_int(p.meta, "round", 0),
+            algorithm=algorithm,
             params=parts["param"],
             extras=extras,
-            meta=dict(p.meta["meta"]),
+            meta=dict(_obj(p.meta, "meta")),
             symmetric=frozenset(s.partition("/")[2] for s in p.symmetric),
-            dtype=str(p.meta["dtype"]),
+            dtype=str(dtype),
             nbytes=len(data),
         )
 

@@ -12,17 +12,18 @@ next broadcast, never mutating the state it was given.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 from torch import nn
 
 from fedng._typing import Arrays
-from fedng.federated.algorithms.base import State
+from fedng.federated.algorithms.base import Algorithm, State
 from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.config.common import ClientConfig, ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
 from fedng.federated.tasks.base import ClientData
-from fedng.federated.validate import validate_updates
+from fedng.federated.validate import REFERENCE_KEY, delta_norm, reference_of, validate_updates
 
 
 def server_init(params: Arrays, config: ServerConfig) -> tuple[State, ServerMessage]:
@@ -84,12 +85,47 @@ def _non_finite(state: State) -> list[str]:
     ]
 
 
+def _aggregate(state: State, accepted: list[ClientUpdate], algo: Algorithm[Any]) -> State | str:
+    """The aggregated copy of `state`, or why aggregation failed (non-finite result, error)."""
+    work = state.copy()
+    work.log = {}
+    try:
+        new = algo.aggregate(work, accepted)
+    except Exception as err:  # a payload that breaks aggregation is dropped
+        return f"aggregation failed ({type(err).__name__}: {str(err)[:120]})"
+    bad = _non_finite(new)
+    return f"aggregation produced non-finite {bad[:5]}" if bad else new
+
+
+def _without_culprit(
+    state: State, accepted: list[ClientUpdate], algo: Algorithm[Any], why: str
+) -> tuple[State, list[ClientUpdate], dict[int, str]] | None:
+    """Leaves out one update at a time (largest delta first) until aggregation succeeds;
+    None if no set of at least one update aggregates."""
+    dropped: dict[int, str] = {}
+    rest = list(accepted)
+    while len(rest) > 1:
+        order = sorted(rest, key=delta_norm, reverse=True)
+        for cand in order:
+            trial = [u for u in rest if u is not cand]
+            res = _aggregate(state, trial, algo)
+            if not isinstance(res, str):
+                dropped[cand.client_id] = f"{why} with this update; left out"
+                return res, trial, dropped
+        dropped[order[0].client_id] = f"{why} with this update; left out"
+        rest = order[1:]
+    return None
+
+
 def server_step(state: State, updates: list[ClientUpdate]) -> tuple[State, ServerMessage]:
     """Validates every update, aggregates the accepted ones, and builds the next message.
 
-    A payload that fails validation is rejected with a reason in `state.log["rejected"]`; the
-    round goes on with the rest. If aggregation produces a non-finite model, the round is
-    rolled back (the returned state keeps the previous parameters) and logged.
+    A payload that fails validation is rejected with its reasons in `state.log["rejected"]`
+    (client id -> list of reasons); the round goes on with the rest, and the result is exactly
+    that of the round without it. If aggregation fails or produces a non-finite model, the
+    updates are left out one at a time (largest delta first) until it succeeds, each with a
+    reason; if none can be aggregated the round is rolled back (the returned state keeps the
+    previous parameters) and logged.
 
     Args:
         state: the current server state (not modified).
@@ -102,19 +138,26 @@ def server_step(state: State, updates: list[ClientUpdate]) -> tuple[State, Serve
     algo = get_algorithm(state.config.algorithm)
     accepted, rejected = validate_updates(state, updates, algo)
     new = state.copy()
-    new.log = {"accepted": [u.client_id for u in accepted], "rejected": rejected}
+    new.log = {}
+    log: dict[str, Any] = {"rejected": rejected}
     if accepted:
-        new = algo.aggregate(new, accepted)
-        bad = _non_finite(new)
-        if bad:
-            new = state.copy()
-            new.log = {
-                "accepted": [],
-                "rejected": rejected,
-                "rolled_back": f"aggregation produced non-finite {bad[:5]}",
-            }
+        res = _aggregate(state, accepted, algo)
+        if isinstance(res, str):
+            retry = _without_culprit(state, accepted, algo, res)
+            if retry is None:
+                log["rolled_back"] = res
+                accepted = []
+            else:
+                new, accepted, dropped = retry
+                for cid, why in dropped.items():
+                    rejected.setdefault(cid, []).append(why)
+        else:
+            new = res
+        if accepted:
+            new.meta[REFERENCE_KEY] = reference_of(state, accepted)
     else:
-        new.log["skipped"] = "no valid update this round"
+        log["skipped"] = "no valid update this round"
+    new.log = {"accepted": [u.client_id for u in accepted], **log, **new.log}
     new.round = state.round + 1
     message = algo.broadcast(new).seal()
     new.log["server_time_s"] = time.perf_counter() - t0

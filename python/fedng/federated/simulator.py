@@ -23,9 +23,13 @@ from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.report.history import History, RoundRecord
 from fedng.federated.round import client_step, server_init, server_step
 from fedng.federated.tasks.base import FederatedTask, evaluate
+from fedng.federated.wire import PayloadError
 
 Tamper = Callable[[int, ClientUpdate], ClientUpdate]
 """Test hook: (round, update) -> the update actually sent (e.g. a corrupted one)."""
+
+TamperBytes = Callable[[int, int, bytes], bytes]
+"""Test hook: (round, client id, wire bytes) -> the bytes actually received."""
 
 
 def sample_clients(rng: np.random.Generator, num_clients: int, participation: float) -> list[int]:
@@ -45,6 +49,7 @@ def simulate(
     progress: bool = False,
     tamper: Tamper | None = None,
     desc: str | None = None,
+    tamper_bytes: TamperBytes | None = None,
 ) -> History:
     """Runs one federated training and returns its history.
 
@@ -59,6 +64,8 @@ def simulate(
         progress: show a tqdm progress bar.
         tamper: a test hook that may replace an update before it is sent.
         desc: progress-bar label.
+        tamper_bytes: a test hook that may replace an update's bytes on the wire; bytes that do
+            not decode are logged as that client's rejection and the round goes on.
 
     Returns:
         The `History` (round 0 = the initial model).
@@ -116,6 +123,7 @@ def simulate(
         blob = message.to_bytes()
         received = ServerMessage.from_bytes(blob)
         updates, times, losses, up = [], [], [], 0
+        undecodable: dict[int, str] = {}
         for cid in ids:
             t0 = time.perf_counter()
             upd = client_step(
@@ -126,15 +134,23 @@ def simulate(
             if tamper is not None:
                 upd = tamper(r, upd)
             wire = upd.to_bytes()
+            if tamper_bytes is not None:
+                wire = tamper_bytes(r, cid, wire)
             up += len(wire)
-            updates.append(ClientUpdate.from_bytes(wire))
+            try:
+                updates.append(ClientUpdate.from_bytes(wire))
+            except PayloadError as err:
+                undecodable[cid] = f"does not decode: {err}"
             losses.append(upd.metrics.get("train_loss", math.nan))
         state, message = server_step(state, updates)
         down = len(blob) * len(ids)
         cum += up + down
         rec = record(r + 1, state.params)
         log = dict(state.log)
-        rec.rejected = {str(c): why for c, why in log.pop("rejected", {}).items()}
+        reasons = {c: [why] for c, why in undecodable.items()}
+        for c, whys in log.pop("rejected", {}).items():
+            reasons.setdefault(c, []).extend(whys)
+        rec.rejected = {str(c): "; ".join(whys) for c, whys in sorted(reasons.items())}
         accepted = set(log.pop("accepted", []))
         rec.server_time_s = float(log.pop("server_time_s", 0.0))
         rec.server_log = log

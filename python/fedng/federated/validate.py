@@ -1,31 +1,62 @@
 """Validation of every client payload on arrival: a bad one is rejected with a reason.
 
-Checks, in order: the round it answers, `num_examples`, the delta's names / shapes / dtypes and
-finiteness, the algorithm's extras, the curvature payload (the algorithm's own structural and
-numerical checks: shapes, symmetry, PSD within tolerance, finiteness), and finally sanity
-against the round: a delta norm or curvature trace more than `max_norm_ratio` times the round's
-median is rejected (with at least 3 updates, so that a median means something).
+Checks, in order:
+
+1. Client ids: every update of an id sent more than once in a round is rejected (an impersonator
+   cannot block the real client silently, and neither is chosen over the other).
+2. Each update on its own: the round it answers, `num_examples` (an int in
+   [1, `max_num_examples`]), the delta's names / shapes / dtypes and finiteness, the algorithm's
+   extras, the curvature payload (metadata structure, layouts against the model and the server's,
+   finite / symmetric / PSD within tolerance). Any exception a check raises on a malformed
+   payload is a rejection with its reason, never an error of the round.
+3. Consistency: the round's curvature payloads must share kinds, block layouts and
+   representation metadata (they are summed); the most common signature (the first on a tie)
+   wins, the others are rejected.
+4. Scale against the round: a delta norm, or a curvature scale (per block, and per K-FAC factor
+   `tr(A)/n`, `tr(G)/m`), above `max_norm_ratio` times its reference is rejected. The reference
+   is the round's median with at least 3 values; otherwise the previous round's median delta
+   norm (`state.meta["reference"]`) or the server's own curvature, else the smaller of two values,
+   else for a lone delta the norm of the model itself.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from fedng.federated.algorithms.base import Algorithm, State
+from fedng.federated.algorithms.curvature_payload import (
+    curvature_scales,
+    decoded_curvature,
+    signature,
+)
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.wire import FLOAT_DTYPES
 
 _MIN_FOR_MEDIAN = 3
+REFERENCE_KEY = "reference"
+"""`state.meta` key of the previous rounds' reference scales (`{"delta_norm": float}`)."""
+
+Rejected = dict[int, list[str]]
+"""Client id -> every reason its updates were rejected for, in order."""
+
+
+def _is_a(x: object, kind: type[object]) -> bool:
+    """isinstance, for values whose declared type a malformed payload may not honour."""
+    return isinstance(x, kind)
 
 
 def check_arrays(
     what: str, got: Mapping[str, object], expected: dict[str, tuple[int, ...]]
 ) -> str | None:
     """Why named arrays do not match `expected` names/shapes or are not finite floats, or None."""
+    if not _is_a(got, Mapping):
+        return f"{what}: expected named arrays, got {type(got).__name__}"
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
     if missing or extra:
@@ -43,40 +74,141 @@ def check_arrays(
     return None
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def check_update(state: State, update: ClientUpdate, algo: Algorithm[Any]) -> str | None:
     """The reason to reject one update on its own (None if it passes)."""
-    if update.round != state.round:
-        return f"answers round {update.round}, the server is at round {state.round}"
-    if (
-        isinstance(update.num_examples, bool)
-        or not isinstance(update.num_examples, int)
-        or update.num_examples < 1
-    ):
-        return f"num_examples must be an int >= 1, got {update.num_examples!r}"
+    if not _is_int(update.round) or update.round != state.round:
+        return f"answers round {update.round!r}, the server is at round {state.round}"
+    cap = state.config.max_num_examples
+    if not _is_int(update.num_examples) or not 1 <= update.num_examples <= cap:
+        return f"num_examples must be an int in [1, {cap}], got {update.num_examples!r:.40}"
+    if not _is_a(update.meta, dict):
+        return f"meta must be an object, got {type(update.meta).__name__}"
     shapes = {k: tuple(v.shape) for k, v in state.params.items()}
     reason = check_arrays("delta", update.delta, shapes)
     if reason is None:
         reason = check_arrays("extras", update.extras, algo.expected_extras(state))
+    if reason is None and not _is_a(update.curvature, Mapping):
+        reason = f"curvature: expected named arrays, got {type(update.curvature).__name__}"
     if reason is None:
-        try:
-            reason = algo.check_curvature(state, update)
-        except (ValueError, TypeError, RuntimeError) as err:
-            reason = f"curvature: {err}"
+        reason = algo.check_curvature(state, update)
     return reason
 
 
+def safe_check(state: State, update: ClientUpdate, algo: Algorithm[Any]) -> str | None:
+    """`check_update`, with any exception a malformed payload provokes turned into its reason."""
+    try:
+        return check_update(state, update, algo)
+    except Exception as err:  # whatever a payload provokes is its rejection
+        return f"invalid payload ({type(err).__name__}: {str(err)[:160]})"
+
+
 def delta_norm(update: ClientUpdate) -> float:
-    """||delta||_2 over all parameters."""
-    total = torch.zeros(())
+    """||delta||_2 over all parameters, accumulated in float64 (no overflow for fp32 deltas)."""
+    total = torch.zeros((), dtype=torch.float64)
     for v in update.delta.values():
-        total = total + (v.float() ** 2).sum()
+        total = total + (v.double() ** 2).sum()
     return float(torch.sqrt(total))
+
+
+def _reference(values: list[float], fallback: float | None) -> float | None:
+    """The round's median (>= 3 values), else `fallback`, else the smaller of two values."""
+    if len(values) >= _MIN_FOR_MEDIAN:
+        return statistics.median(values)
+    if fallback is not None:
+        return fallback
+    return min(values) if len(values) == 2 else None
+
+
+def _too_large(value: float, ref: float | None, ratio: float) -> bool:
+    return not math.isfinite(value) or (ref is not None and ref > 0 and value > ratio * ref)
+
+
+def _param_norm(state: State) -> float:
+    total = sum(float((v.double() ** 2).sum()) for v in state.params.values())
+    return math.sqrt(total)
+
+
+def _consistent(ok: list[ClientUpdate], rejected: Rejected) -> list[ClientUpdate]:
+    """Keeps the updates whose curvature signature is the round's most common one."""
+    sigs = [signature(u) for u in ok]
+    counts = Counter(s for s in sigs if s is not None)
+    if len(counts) <= 1:
+        return ok
+    winner, n = counts.most_common(1)[0]
+    keep = []
+    for u, s in zip(ok, sigs, strict=True):
+        if s is None or s == winner:
+            keep.append(u)
+        else:
+            rejected.setdefault(u.client_id, []).append(
+                f"curvature: kinds/layouts differ from {n} other update(s) of this round"
+            )
+    return keep
+
+
+def _measure(
+    ok: list[ClientUpdate], rejected: Rejected
+) -> tuple[list[ClientUpdate], list[float], list[dict[str, float]]]:
+    """Each update's delta norm and curvature scales (an update they fail on is rejected)."""
+    kept, norms, scales = [], [], []
+    for u in ok:
+        try:
+            nrm = delta_norm(u)
+            cs = decoded_curvature(u)
+            sc = {} if cs is None else curvature_scales(cs)
+        except Exception as err:  # whatever a payload provokes is its rejection
+            rejected.setdefault(u.client_id, []).append(f"scale check failed ({err})"[:200])
+            continue
+        kept.append(u)
+        norms.append(nrm)
+        scales.append(sc)
+    return kept, norms, scales
+
+
+def _sane(
+    state: State, ok: list[ClientUpdate], algo: Algorithm[Any], rejected: Rejected
+) -> list[ClientUpdate]:
+    """Keeps the updates whose delta norm and curvature scales are within `max_norm_ratio` of
+    their reference."""
+    ratio = state.config.max_norm_ratio
+    ok, norms, scales = _measure(ok, rejected)
+    prev = state.meta.get(REFERENCE_KEY, {}).get("delta_norm")
+    fallback = prev if prev is not None or len(ok) != 1 else _param_norm(state)
+    nref = _reference(norms, fallback)
+    glob = algo.reference_curvature(state)
+    gscales = {} if glob is None else curvature_scales(glob)
+    refs = {
+        key: _reference([s[key] for s in scales if key in s], gscales.get(key))
+        for key in {k for s in scales for k in s}
+    }
+    keep = []
+    for u, nrm, sc in zip(ok, norms, scales, strict=True):
+        bad = [k for k in sorted(sc) if _too_large(sc[k], refs[k], ratio)]
+        if _too_large(nrm, nref, ratio):
+            rejected.setdefault(u.client_id, []).append(
+                f"delta norm {nrm:.3g} exceeds {ratio:g} x the reference {nref or 0:.3g}"
+            )
+        elif bad:
+            k = bad[0]
+            rejected.setdefault(u.client_id, []).append(
+                f"curvature scale {k} = {sc[k]:.3g} exceeds {ratio:g} x the reference"
+                f" {refs[k] or 0:.3g}"
+            )
+        else:
+            keep.append(u)
+    return keep
 
 
 def validate_updates(
     state: State, updates: list[ClientUpdate], algo: Algorithm[Any]
-) -> tuple[list[ClientUpdate], dict[int, str]]:
-    """Splits a round's updates into accepted ones and rejected ones (client id -> reason).
+) -> tuple[list[ClientUpdate], Rejected]:
+    """Splits a round's updates into accepted ones and rejected ones (client id -> reasons).
+
+    Never raises on a malformed update: whatever it provokes is its rejection.
 
     Args:
         state: the server state the updates answer.
@@ -84,39 +216,31 @@ def validate_updates(
         algo: the algorithm (its extras and curvature checks).
 
     Returns:
-        (accepted, {client_id: reason}).
+        (accepted, {client_id: [reasons]}).
     """
-    rejected: dict[int, str] = {}
+    rejected: Rejected = {}
+    counts = Counter(u.client_id for u in updates)
     ok: list[ClientUpdate] = []
-    seen: set[int] = set()
     for u in updates:
-        if u.client_id in seen:
-            rejected[u.client_id] = "duplicate update from the same client this round"
-            continue
-        seen.add(u.client_id)
-        reason = check_update(state, u, algo)
-        if reason is None:
+        cid = u.client_id
+        if not _is_int(cid):
+            continue  # no id to report it under; it is dropped
+        if counts[cid] > 1:
+            why = f"{counts[cid]} updates with this client id this round; all are rejected"
+            if why not in rejected.get(cid, []):
+                rejected.setdefault(cid, []).append(why)
+        reason = safe_check(state, u, algo)
+        if reason is not None:
+            rejected.setdefault(cid, []).append(reason)
+        elif counts[cid] == 1:
             ok.append(u)
-        else:
-            rejected[u.client_id] = reason
-    ratio = state.config.max_norm_ratio
-    if len(ok) >= _MIN_FOR_MEDIAN:
-        norms = [delta_norm(u) for u in ok]
-        med = statistics.median(norms)
-        scales = [algo.curvature_scale(state, u) for u in ok]
-        known = [s for s in scales if s is not None]
-        smed = statistics.median(known) if len(known) >= _MIN_FOR_MEDIAN else None
-        keep = []
-        for u, nrm, sc in zip(ok, norms, scales, strict=True):
-            if med > 0 and nrm > ratio * med:
-                rejected[u.client_id] = (
-                    f"delta norm {nrm:.3g} exceeds {ratio:g} x the round median {med:.3g}"
-                )
-            elif smed is not None and sc is not None and smed > 0 and sc > ratio * smed:
-                rejected[u.client_id] = (
-                    f"curvature trace {sc:.3g} exceeds {ratio:g} x the round median {smed:.3g}"
-                )
-            else:
-                keep.append(u)
-        ok = keep
+    ok = _sane(state, _consistent(ok, rejected), algo, rejected)
     return ok, rejected
+
+
+def reference_of(state: State, accepted: list[ClientUpdate]) -> dict[str, float]:
+    """The reference scales to keep for the next round: the accepted updates' median delta norm
+    when there are at least 3 of them, else the previous reference (empty without one)."""
+    if len(accepted) >= _MIN_FOR_MEDIAN:
+        return {"delta_norm": statistics.median(delta_norm(u) for u in accepted)}
+    return dict(state.meta.get(REFERENCE_KEY, {}))

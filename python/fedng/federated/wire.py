@@ -1,8 +1,13 @@
 """A real byte serialization of named arrays: what a client or server would put on the wire.
 
-Wire format (little-endian):
+Wire format, version 2 (little-endian):
 
-    b"FNGB" | version: u8 | header length: u32 | header: UTF-8 JSON | blob
+    b"FNGB" | version: u8 | header length: u32 | header: UTF-8 JSON | blob | crc32: u32
+
+The trailing CRC-32 covers every byte before it (prefix, header and blob): any 1-, 2- or 3-bit
+error and any burst of up to 32 bits is detected on decode. It guards against corruption, not
+against a malicious sender (who can recompute it); `fedng.federated.validate` handles those.
+Version 1 (no checksum) is no longer accepted.
 
 The header holds `meta` (JSON scalars, lists and dicts of scalars) and one entry per array:
 `[name, dtype, layout, shape, nbytes]`. The blob is the arrays' raw bytes in header order.
@@ -11,12 +16,16 @@ symmetric matrix [n, n] stored as its packed lower triangle (n (n + 1) / 2 value
 `fedng.curvature.spec.pack_triangle`).
 
 Byte accounting everywhere in `fedng.federated` is `len(pack(...))`: the real size of these bytes.
+
+Every decoding failure, whatever its cause, is raised as one exception type, `PayloadError`
+(a `ValueError`), with a one-line reason.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,8 +36,16 @@ from fedng._typing import Arrays
 from fedng.curvature.spec import pack_triangle, unpack_triangle
 
 MAGIC = b"FNGB"
-VERSION = 1
+VERSION = 2
 _PREFIX = struct.Struct("<4sBI")
+_CRC = struct.Struct("<I")
+MAX_HEADER_BYTES = 1 << 24
+"""The largest JSON header a payload may declare (16 MiB)."""
+
+
+class PayloadError(ValueError):
+    """Bytes that do not decode to a valid payload; the message is the one-line reason."""
+
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -136,11 +153,12 @@ def pack(
     header = json.dumps(
         {"meta": dict(meta or {}), "arrays": entries}, separators=(",", ":"), allow_nan=True
     ).encode("utf-8")
-    return b"".join([_PREFIX.pack(MAGIC, VERSION, len(header)), header, *chunks])
+    body = b"".join([_PREFIX.pack(MAGIC, VERSION, len(header)), header, *chunks])
+    return body + _CRC.pack(zlib.crc32(body))
 
 
 def unpack(data: bytes) -> Packed:
-    """Decodes bytes made by `pack`, checking every size before reading.
+    """Decodes bytes made by `pack`, checking the checksum and every size before reading.
 
     Args:
         data: the bytes.
@@ -149,43 +167,83 @@ def unpack(data: bytes) -> Packed:
         `Packed(arrays, meta, symmetric)`; arrays keep their wire dtype.
 
     Raises:
-        ValueError: the bytes are truncated, corrupt, or not a fedng payload.
+        PayloadError: the bytes are truncated, corrupt, or not a fedng payload (the only
+            exception this raises).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"unpack: 'data' must be bytes, got {type(data).__name__}")
+        raise PayloadError(f"unpack: 'data' must be bytes, got {type(data).__name__}")
     buf = bytes(data)
-    if len(buf) < _PREFIX.size:
-        raise ValueError(f"unpack: {len(buf)} bytes is shorter than the {_PREFIX.size}-byte prefix")
+    if len(buf) < _PREFIX.size + _CRC.size:
+        raise PayloadError(
+            f"unpack: {len(buf)} bytes is shorter than the {_PREFIX.size + _CRC.size}-byte frame"
+        )
     magic, version, hlen = _PREFIX.unpack_from(buf)
-    if magic != MAGIC or version != VERSION:
-        raise ValueError(f"unpack: not a fedng payload (magic {magic!r}, version {version})")
+    if magic != MAGIC:
+        raise PayloadError(f"unpack: not a fedng payload (magic {magic!r})")
+    if version != VERSION:
+        raise PayloadError(f"unpack: wire format version {version}, expected {VERSION}")
+    body = buf[: -_CRC.size]
+    (crc,) = _CRC.unpack_from(buf, len(body))
+    if zlib.crc32(body) != crc:
+        raise PayloadError("unpack: checksum mismatch (corrupt or truncated payload)")
+    try:
+        return _decode(body, hlen)
+    except PayloadError:
+        raise
+    except Exception as err:  # any other failure is a malformed payload
+        raise PayloadError(f"unpack: malformed payload ({type(err).__name__}: {err})") from err
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _entry(entry: object) -> tuple[str, torch.dtype, str, list[int], int]:
+    """One header entry `[name, dtype, layout, shape, nbytes]`, type-checked."""
+    if not isinstance(entry, list) or len(entry) != 5:
+        raise PayloadError(f"unpack: array entry must be a list of 5 items, got {entry!r:.80}")
+    name, dname, layout, shape, nbytes = entry
+    if not isinstance(name, str) or not isinstance(dname, str) or dname not in WIRE_DTYPES:
+        raise PayloadError(f"unpack: bad array name or dtype in entry {entry!r:.80}")
+    if layout not in ("dense", "sym"):
+        raise PayloadError(f"unpack: {name!r} has unknown layout {layout!r:.40}")
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        raise PayloadError(f"unpack: {name!r} has a bad shape {shape!r:.80}")
+    if not _is_int(nbytes) or nbytes < 0:
+        raise PayloadError(f"unpack: {name!r} has a bad byte count {nbytes!r:.40}")
+    if layout == "sym" and (len(shape) != 2 or shape[0] != shape[1]):
+        raise PayloadError(f"unpack: symmetric {name!r} has non-square shape {shape}")
+    return name, WIRE_DTYPES[dname], layout, shape, nbytes
+
+
+def _decode(buf: bytes, hlen: int) -> Packed:
+    """The header and arrays of a checksummed frame (without its checksum)."""
     start = _PREFIX.size + hlen
-    if start > len(buf):
-        raise ValueError(f"unpack: header of {hlen} bytes runs past the end ({len(buf)} bytes)")
+    if hlen > MAX_HEADER_BYTES or start > len(buf):
+        raise PayloadError(f"unpack: header of {hlen} bytes runs past the end ({len(buf)} bytes)")
     try:
         header = json.loads(buf[_PREFIX.size : start].decode("utf-8"))
-        entries = header["arrays"]
-        meta = header["meta"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"unpack: corrupt header ({err})") from err
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise PayloadError(f"unpack: corrupt header ({type(err).__name__})") from err
+    if not isinstance(header, dict) or set(header) != {"meta", "arrays"}:
+        raise PayloadError("unpack: the header must be an object with 'meta' and 'arrays'")
+    entries, meta = header["arrays"], header["meta"]
+    if not isinstance(entries, list) or not isinstance(meta, dict):
+        raise PayloadError("unpack: header 'arrays' must be a list and 'meta' an object")
     arrays: Arrays = {}
     sym: set[str] = set()
     pos = start
     for entry in entries:
-        name, dname, layout, shape, nbytes = entry
-        dt = wire_dtype(dname, f"dtype of {name!r}")
-        n_items = 1
-        for s in shape:
-            n_items *= int(s)
-        if layout == "sym":
-            if len(shape) != 2 or shape[0] != shape[1]:
-                raise ValueError(f"unpack: symmetric {name!r} has non-square shape {shape}")
-            n_items = shape[0] * (shape[0] + 1) // 2
-        elif layout != "dense":
-            raise ValueError(f"unpack: {name!r} has unknown layout {layout!r}")
+        name, dt, layout, shape, nbytes = _entry(entry)
+        if name in arrays:
+            raise PayloadError(f"unpack: array {name!r} appears twice")
+        n_items = shape[0] * (shape[0] + 1) // 2 if layout == "sym" else 1
+        if layout == "dense":
+            for s in shape:
+                n_items *= s
         want = n_items * torch.empty((), dtype=dt).element_size()
         if nbytes != want or pos + nbytes > len(buf):
-            raise ValueError(
+            raise PayloadError(
                 f"unpack: {name!r} declares {nbytes} bytes, expected {want}, with"
                 f" {len(buf) - pos} bytes left"
             )
@@ -202,5 +260,5 @@ def unpack(data: bytes) -> Packed:
         else:
             arrays[name] = flat.reshape(shape)
     if pos != len(buf):
-        raise ValueError(f"unpack: {len(buf) - pos} trailing bytes after the last array")
+        raise PayloadError(f"unpack: {len(buf) - pos} trailing bytes after the last array")
     return Packed(arrays, meta, frozenset(sym))

@@ -7,6 +7,7 @@ from typing import Generic, TypeVar
 from torch import nn
 
 from fedng._typing import Arrays
+from fedng.curvature import CurvatureSet
 from fedng.federated.aggregation.mean import apply_server_step, mean_delta
 from fedng.federated.client.params import get_params, set_params, sub
 from fedng.federated.client.sgd import local_sgd
@@ -102,6 +103,11 @@ class Algorithm(Generic[OptionsT]):
 
     def curvature_scale(self, state: State, update: ClientUpdate) -> float | None:
         """A scalar size of the update's curvature (its trace), for the round-median check."""
+        return None
+
+    def reference_curvature(self, state: State) -> CurvatureSet | None:
+        """The server's own curvature, the reference scale of a round with fewer than 3
+        curvature payloads (None: the algorithm keeps none)."""
         return None
 
     def aggregate(self, state: State, updates: list[ClientUpdate]) -> State:

@@ -106,6 +106,10 @@ class FedNG(Algorithm[FedNGConfig]):
         """tr(F_k), for the round-median sanity check."""
         return curvature_trace(update)
 
+    def reference_curvature(self, state: State) -> CurvatureSet | None:
+        """The global curvature (None before the first upload)."""
+        return global_set(state)
+
     def aggregate(self, state: State, updates: list[ClientUpdate]) -> State:
         """Aggregates deltas (mean or Fisher-weighted), server step, global curvature EMA."""
         opts = self.options(state.config)

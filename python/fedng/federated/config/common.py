@@ -197,8 +197,10 @@ class ServerConfig(_Common):
         server_lr: server learning rate eta_s (FedOpt: the Adam/Yogi/Adagrad step size).
         server_momentum: heavy-ball momentum on the aggregated update (FedAvgM, FedNG).
         num_clients: total number of clients N (SCAFFOLD's control-variate update).
-        max_norm_ratio: a payload whose delta norm (or curvature trace) exceeds this multiple of
-            the round's median is rejected.
+        max_norm_ratio: a payload whose delta norm (or curvature scale: per block and K-FAC
+            factor) exceeds this multiple of the round's median is rejected; with fewer than 3
+            updates the reference is the previous round's median (or the server's curvature).
+        max_num_examples: the largest `num_examples` (the aggregation weight) a client may claim.
         psd_tol: relative tolerance of the PSD / symmetry checks of curvature payloads.
         options: the algorithm's own config (e.g. `FedOptConfig`); left out, its defaults.
     """
@@ -208,6 +210,7 @@ class ServerConfig(_Common):
     server_momentum: float = 0.0
     num_clients: int = 1
     max_norm_ratio: float = 100.0
+    max_num_examples: int = 1_000_000
     psd_tol: float = 1e-3
     options: AlgorithmConfig = DEFAULT_OPTIONS
 
@@ -220,6 +223,15 @@ class ServerConfig(_Common):
         )
         check(self.num_clients >= 1, c, "num_clients", ">= 1", self.num_clients)
         check(self.max_norm_ratio > 1, c, "max_norm_ratio", "> 1", self.max_norm_ratio)
+        check(
+            not isinstance(self.max_num_examples, bool)
+            and isinstance(self.max_num_examples, int)
+            and self.max_num_examples >= 1,
+            c,
+            "max_num_examples",
+            "an int >= 1",
+            self.max_num_examples,
+        )
         check(self.psd_tol > 0, c, "psd_tol", "> 0", self.psd_tol)
 
 
