@@ -6,6 +6,10 @@ Example::
         --clients 20 --alpha 0.1 --rounds 30 --participation 0.5 --seeds 0,1 --out runs/digits
 
 (`python -m fedng.cli simulate ...` does the same without the console script.)
+`fedng settings [ALGO ...]` lists every `--set` key of each algorithm with its default.
+
+Every bad argument is one line on stderr naming the argument, and exit code 2 (never a
+traceback).
 
 The fedng imports are deferred into the functions that need them, so that `fedng --help` starts
 without loading torch and the federated stack (the layering test allows this in cli.py only).
@@ -20,10 +24,76 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:  # annotations only: nothing federated is imported at start-up
     from fedng.federated.config import ClientConfig, ServerConfig
+    from fedng.federated.tasks.base import FederatedTask
+
+ALPHA_TASKS = {"digits": "> 0", "mnist1d": "> 0", "synthetic": ">= 0"}
+"""The tasks `--alpha` applies to, and what it must be there."""
+BETA_TASKS = ("synthetic",)
+"""The tasks `--beta` applies to."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (`fedng simulate: error: ...`), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Prints one line and exits with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    """The installed fedng version (without importing the native module)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedng")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def _number(kind: type[int] | type[float], low: float, *, strict: bool) -> Any:
+    """An argparse type: a `kind` > `low` (`strict`) or >= `low`, with a one-line error."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not (value > low if strict else value >= low) or value != value:
+            op = ">" if strict else ">="
+            raise argparse.ArgumentTypeError(f"must be {op} {low:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a float in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _seeds(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 0, at least one."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        seeds = [int(t) for t in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected integers >= 0, got {text!r}")
+    return seeds
 
 
 def _settings(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -46,41 +116,136 @@ def build_parser() -> argparse.ArgumentParser:
     """The `fedng` argument parser."""
     from fedng.federated.tasks.registry import TASKS
 
-    p = argparse.ArgumentParser(prog="fedng", description="Federated Natural Gradient tools")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("simulate", help="simulate federated training on an offline task")
-    s.add_argument("--task", choices=TASKS, default="digits")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = _Parser(prog="fedng", description="Federated Natural Gradient tools")
+    p.add_argument("--version", action="version", version=f"fedng {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    s = sub.add_parser(
+        "simulate",
+        help="simulate federated training on an offline task",
+        formatter_class=fmt,
+        epilog="`fedng settings [ALGO ...]` lists every --set key with its default.",
+    )
+    s.add_argument("--task", choices=TASKS, default="digits", help="the offline task")
     s.add_argument(
         "--algorithms",
         default="fedavg,fedng",
         help="comma-separated: fedavg,fedavgm,fedprox,scaffold,fedadam,fedyogi,"
         "fedadagrad,fedng,fedfisher",
     )
-    s.add_argument("--clients", type=int, default=None, help="number of clients (task default)")
+    s.add_argument(
+        "--clients",
+        type=_number(int, 1, strict=False),
+        default=None,
+        help="number of clients (None: the task's default)",
+    )
     s.add_argument(
         "--alpha",
         type=float,
         default=None,
-        help="Dirichlet alpha (digits, mnist1d) or Synthetic alpha",
+        help="Dirichlet alpha > 0 (digits, mnist1d) or Synthetic alpha >= 0 (None: task default)",
     )
-    s.add_argument("--beta", type=float, default=None, help="Synthetic beta (default: alpha)")
-    s.add_argument("--rounds", type=int, default=30)
-    s.add_argument("--participation", type=float, default=1.0)
-    s.add_argument("--seeds", default="0", help="comma-separated seeds")
-    s.add_argument("--local-steps", type=int, default=10)
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--lr", type=float, default=0.05, help="local learning rate")
+    s.add_argument(
+        "--beta", type=float, default=None, help="Synthetic beta >= 0 (None: equal to alpha)"
+    )
+    s.add_argument(
+        "--rounds", type=_number(int, 1, strict=False), default=30, help="communication rounds"
+    )
+    s.add_argument(
+        "--participation",
+        type=_fraction,
+        default=1.0,
+        help="fraction of clients per round, in (0, 1]",
+    )
+    s.add_argument("--seeds", type=_seeds, default="0", help="comma-separated seeds")
+    s.add_argument(
+        "--local-steps", type=_number(int, 1, strict=False), default=10, help="local steps"
+    )
+    s.add_argument(
+        "--batch-size", type=_number(int, 1, strict=False), default=32, help="local batch size"
+    )
+    s.add_argument(
+        "--lr", type=_number(float, 0, strict=True), default=0.05, help="local learning rate"
+    )
     s.add_argument(
         "--set",
         nargs="*",
         default=[],
         metavar="[ALGO.]KEY=VALUE",
-        help="config overrides, e.g. fedng.curvature=diag fedprox.prox_mu=0.1",
+        help="config overrides, e.g. fedng.curvature=diag fedprox.prox_mu=0.1 (keys: fedng"
+        " settings ALGO)",
     )
-    s.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1)")
+    s.add_argument(
+        "--threads",
+        type=_number(int, 1, strict=False),
+        default=1,
+        help="torch threads (tiny models: 1)",
+    )
     s.add_argument("--out", default=None, help="folder for JSON histories, summary and plots")
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    st = sub.add_parser(
+        "settings",
+        help="list each algorithm's --set keys with their defaults",
+        formatter_class=fmt,
+    )
+    st.add_argument("algorithms", nargs="*", help="algorithms (none: all)")
     return p
+
+
+def settings_command(args: argparse.Namespace) -> int:
+    """Runs `fedng settings`: every key `--set` takes, per algorithm, with its default."""
+    from fedng.federated.config import ALGORITHMS, make_configs
+
+    algos = args.algorithms or list(ALGORITHMS)
+    unknown = [a for a in algos if a not in ALGORITHMS]
+    if unknown:
+        print(
+            f"fedng settings: unknown algorithm(s) {unknown}; one of {list(ALGORITHMS)}",
+            file=sys.stderr,
+        )
+        return 2
+    for a in algos:
+        cc, sc = make_configs(a, {})
+        values = {**sc.to_dict(), **cc.to_dict()}
+        print(f"{a}:")
+        for key in sorted(values):
+            if key != "algorithm":
+                print(f"  {key} = {values[key]!r}")
+    return 0
+
+
+def _check_task_args(args: argparse.Namespace) -> str | None:
+    """Why `--alpha` / `--beta` / `--out` do not fit (one line, naming the argument), or None."""
+    if args.alpha is not None:
+        need = ALPHA_TASKS.get(args.task)
+        if need is None:
+            return f"--alpha does not apply to --task {args.task} (only {sorted(ALPHA_TASKS)})"
+        ok = args.alpha > 0 if need == "> 0" else args.alpha >= 0
+        if not ok or args.alpha != args.alpha or args.alpha == float("inf"):
+            return f"--alpha must be {need} for --task {args.task}, got {args.alpha}"
+    if args.beta is not None:
+        if args.task not in BETA_TASKS:
+            return f"--beta does not apply to --task {args.task} (only {list(BETA_TASKS)})"
+        if not 0 <= args.beta < float("inf"):
+            return f"--beta must be >= 0, got {args.beta}"
+    if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"--out {args.out!r} is a file, not a folder"
+    return None
+
+
+def _tasks(args: argparse.Namespace) -> dict[int, FederatedTask] | str:
+    """The task of every seed, or why it cannot be built (e.g. more clients than examples)."""
+    from fedng.federated.tasks.registry import make_task
+
+    out = {}
+    for seed in args.seeds:
+        try:
+            out[seed] = make_task(
+                args.task, num_clients=args.clients, alpha=args.alpha, beta=args.beta, seed=seed
+            )
+        except ValueError as err:
+            return f"cannot build --task {args.task} with --clients {args.clients}: {err}"
+    return out
 
 
 def _configs(
@@ -115,26 +280,35 @@ def simulate_command(args: argparse.Namespace) -> int:
 
     from fedng.federated.report import History, plot_histories, summarize, table
     from fedng.federated.simulator import simulate
-    from fedng.federated.tasks.registry import make_task
 
-    torch.set_num_threads(max(1, args.threads))
     algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds: list[int] = args.seeds
     base = {"lr": args.lr, "local_steps": args.local_steps, "batch_size": args.batch_size}
+    problem = _check_task_args(args) or (None if algos else "--algorithms is empty")
+    if problem:
+        print(f"fedng simulate: error: {problem}", file=sys.stderr)
+        return 2
     try:
         configs = _configs(algos, base, _settings(args.set))
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         print(f"fedng simulate: {err}", file=sys.stderr)
+        return 2
+    tasks = _tasks(args)
+    if isinstance(tasks, str):
+        print(f"fedng simulate: error: {tasks}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            print(f"fedng simulate: error: --out {args.out!r}: {err.strerror}", file=sys.stderr)
+            return 2
+    torch.set_num_threads(args.threads)
     groups: dict[str, list[History]] = {a: [] for a in algos}
     t0 = time.perf_counter()
     for seed in seeds:
-        task = make_task(
-            args.task, num_clients=args.clients, alpha=args.alpha, beta=args.beta, seed=seed
-        )
+        task = tasks[seed]
         for a in algos:
             cc, sc = configs[a]
             h = simulate(
@@ -178,10 +352,20 @@ def simulate_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `fedng` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `fedng` console script.
+
+    Returns:
+        The exit status: 0, or 2 for a bad argument (one line on stderr); `--help` and
+        `--version` return 0.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse: --help, --version, or a one-line error
+        return stop.code if isinstance(stop.code, int) else 2
     if args.command == "simulate":
         return simulate_command(args)
+    if args.command == "settings":
+        return settings_command(args)
     return 2  # pragma: no cover - argparse rejects other commands
 
 

@@ -181,6 +181,9 @@ def merge_kfac(
 
     Returns:
         (per block the merged delta [m, n], {"cg_iters": iterations, "cg_rel_residual": worst}).
+
+    Raises:
+        ValueError: `sum_k p_k G_k delta_k A_k` is not finite (a payload overflowed float32).
     """
     nb = len(damping)
     bs: dict[int, torch.Tensor] = {}
@@ -226,6 +229,9 @@ def merge_kfac(
         return {i: y[i] + damping[i] * ps[i] for i in ps}
 
     bnorm = {i: float(torch.linalg.vector_norm(bs[i])) for i in range(nb)}
+    overflow = [i for i in range(nb) if not math.isfinite(bnorm[i])]
+    if overflow:  # CG would skip these blocks and return 0: never a silent wrong answer
+        raise ValueError(f"merge_kfac: the right-hand side of blocks {overflow[:5]} overflowed")
     xs = {i: torch.zeros_like(bs[i]) for i in range(nb)}
     rs = {i: bs[i].clone() for i in range(nb)}
     active = [i for i in range(nb) if bnorm[i] > 0]

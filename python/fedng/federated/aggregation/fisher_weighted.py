@@ -156,6 +156,9 @@ def fisher_weighted_step(
 
     Returns:
         (the aggregated step as named arrays, a log).
+
+    Raises:
+        ValueError: the merged step is not finite (the server leaves the offender out).
     """
     ws = weights_of(updates)
     step = mean_delta(updates)
@@ -184,4 +187,7 @@ def fisher_weighted_step(
         log.update(info)
         for lay, m in zip(lays, merged, strict=True):
             write_matrix(step, lay, m.float())
+    bad = [k for k, v in step.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"fisher-weighted merge: the step of {bad[:5]} is not finite")
     return step, log
