@@ -74,3 +74,68 @@ def test_shared_setting_goes_to_the_algorithms_that_have_it(
     assert "'damping' is a setting of fedng" in capsys.readouterr().err
     assert main([*args, "--algorithms", "fedavg", "--set", "dampng=0.2"]) == 2
     assert "valid keys" in capsys.readouterr().err
+
+
+BAD_ARGS = {
+    "alpha zero": (["--alpha", "0"], "--alpha"),
+    "alpha not a number": (["--alpha", "x"], "--alpha"),
+    "too many clients": (["--clients", "100000"], "--clients"),
+    "zero clients": (["--clients", "0"], "--clients"),
+    "zero rounds": (["--rounds", "0"], "--rounds"),
+    "negative rounds": (["--rounds", "-3"], "--rounds"),
+    "participation zero": (["--participation", "0"], "--participation"),
+    "participation above one": (["--participation", "1.5"], "--participation"),
+    "seeds not integers": (["--seeds", "0,1.5"], "--seeds"),
+    "seeds empty": (["--seeds", ","], "--seeds"),
+    "threads zero": (["--threads", "0"], "--threads"),
+    "lr zero": (["--lr", "0"], "--lr"),
+    "beta on digits": (["--beta", "0.5"], "--beta"),
+    "alpha on regression": (["--task", "regression", "--alpha", "1"], "--alpha"),
+    "unknown task": (["--task", "nope"], "--task"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_ARGS))
+def test_bad_argument_is_one_line_and_exit_2(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args, word = BAD_ARGS[name]
+    assert main(["simulate", "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert word in err
+
+
+def test_out_that_is_a_file_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["simulate", "--task", "regression", "--rounds", "1", "--out", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out" in err and "file" in err
+
+
+def test_synthetic_takes_alpha_zero_and_beta(tmp_path: Path) -> None:
+    args = ["simulate", "--task", "synthetic", "--clients", "3", "--alpha", "0", "--beta", "0.5"]
+    assert main([*args, "--rounds", "1", "--algorithms", "fedavg", "--no-progress"]) == 0
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("fedng ")
+
+
+def test_help_shows_defaults_and_where_settings_are(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # no line wrapping inside the help texts
+    assert main(["simulate", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "(default: 30)" in out and "(default: fedavg,fedng)" in out
+    assert "fedng settings" in out
+
+
+def test_settings_lists_knobs_with_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["settings", "fedprox", "fedng"]) == 0
+    out = capsys.readouterr().out
+    assert "fedprox:" in out and "prox_mu = " in out
+    assert "fedng:" in out and "damping = " in out and "max_num_examples = 1000000" in out
+    assert main(["settings", "nope"]) == 2
+    assert "unknown algorithm" in capsys.readouterr().err

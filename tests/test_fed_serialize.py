@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from fedng.curvature.spec import pack_triangle, unpack_triangle
 from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.simulator import simulate
-from fedng.federated.wire import pack, unpack
+from fedng.federated.wire import PayloadError, pack, unpack
 
 
 @pytest.fixture(autouse=True)
@@ -141,3 +142,52 @@ def test_simulator_bytes_equal_serialized_lengths(algo: str, extra: dict) -> Non
         assert rec.cum_bytes == cum
     if algo == "fedng":
         assert h.rounds[2].bytes_down > h.rounds[1].bytes_down  # the preconditioner after round 0
+
+
+def _frame(header: bytes, body: bytes = b"", version: int = 2) -> bytes:
+    """A frame with a valid checksum around any header and body."""
+    data = struct.pack("<4sBI", b"FNGB", version, len(header)) + header + body
+    return data + struct.pack("<I", zlib.crc32(data))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"[]",
+        b'{"meta":{},"arrays":{}}',
+        b'{"meta":[],"arrays":[]}',
+        b'{"meta":{},"arrays":[],"x":1}',
+        b'{"meta":{},"arrays":[["a","fp32","dense",[2],8,9]]}',
+        b'{"meta":{},"arrays":[[1,"fp32","dense",[2],8]]}',
+        b'{"meta":{},"arrays":[["a","fp99","dense",[2],8]]}',
+        b'{"meta":{},"arrays":[["a","fp32","weird",[2],8]]}',
+        b'{"meta":{},"arrays":[["a","fp32","dense",[true],4]]}',
+        b'{"meta":{},"arrays":[["a","fp32","dense",[2.0],8]]}',
+        b'{"meta":{},"arrays":[["a","fp32","dense",[-2],-8]]}',
+        b'{"meta":{},"arrays":[["a","fp32","dense",[2],"8"]]}',
+        b'{"meta":{},"arrays":[["a","fp32","sym",[2,3],24]]}',
+        b'{"meta":{},"arrays":[["a","fp32","dense",[100000000000],400000000000]]}',
+        b'{"meta":{},"arrays":[["a","fp32","dense",[1],4],["a","fp32","dense",[1],4]]}',
+        b"[" * 100000 + b"]" * 100000,
+        b"\xff\xfe",
+    ],
+)
+def test_malformed_header_raises_payload_error(header: bytes) -> None:
+    with pytest.raises(PayloadError):
+        unpack(_frame(header, bytes(8)))
+
+
+def test_checksum_and_frame_errors_are_payload_errors() -> None:
+    good = pack({"x": torch.arange(3.0)}, meta={"k": 1})
+    assert unpack(good).meta == {"k": 1}
+    with pytest.raises(PayloadError, match="checksum"):
+        unpack(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(PayloadError, match="version"):
+        unpack(_frame(b'{"meta":{},"arrays":[]}', version=1))
+    with pytest.raises(PayloadError, match="bytes"):
+        unpack(b"1234")
+    with pytest.raises(PayloadError):
+        unpack("not bytes")  # type: ignore[arg-type]
+    short = struct.pack("<4sBI", b"FNGB", 2, 1000) + b"{}"
+    with pytest.raises(PayloadError, match="header"):
+        unpack(short + struct.pack("<I", zlib.crc32(short)))
