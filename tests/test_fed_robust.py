@@ -170,12 +170,13 @@ def test_num_examples_cap_is_configurable() -> None:
 # --- 4: K-FAC factor rescaling -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rounds", [0, 1])
-def test_kfac_factor_rescaling_is_rejected(rounds: int) -> None:
+@pytest.mark.parametrize("rounds,n", [(0, 4), (1, 4), (0, 2), (1, 2)])
+def test_kfac_factor_rescaling_is_rejected(rounds: int, n: int) -> None:
     """A * 1e6 with G * 1e-6 keeps tr(A) tr(G) but moves the global tr(A); each factor is checked
-    against the round (and, with the server's curvature, its own)."""
-    state, ups = make_round(extra={"aggregation": "fisher"}, rounds=rounds)
-    bad = fresh(ups[3])
+    against the round's median, or with 2 updates the server's curvature (round 1) or the other
+    update (round 0)."""
+    state, ups = make_round(extra={"aggregation": "fisher"}, n=n, rounds=rounds)
+    bad = fresh(ups[-1])
     cs = decoded_curvature(bad)
     assert cs is not None
     rep = cs.reps["kfac"]
@@ -183,7 +184,14 @@ def test_kfac_factor_rescaling_is_rejected(rounds: int) -> None:
     rep.G[0] = rep.G[0] * 1e-6
     attach_curvature(bad, cs, "fp32")
     bad = fresh(bad)
-    assert_rejected_cleanly(state, ups[:3], bad, "/A")
+    if (rounds, n) != (0, 2):
+        assert_rejected_cleanly(state, ups[:-1], bad, "/A")
+        return
+    # Round 0, two updates, no reference: the honest G is now "too large" against the planted
+    # one, so both are rejected and the round is skipped, not steered.
+    new, _ = server_step(state, [*ups[:-1], bad])
+    assert new.log["accepted"] == [] and "/A" in " ".join(new.log["rejected"][1])
+    assert_same(new, server_step(state, [])[0])
 
 
 # --- 5: decode errors ------------------------------------------------------------------------
@@ -300,6 +308,13 @@ def test_overflowing_merge_drops_only_the_offender() -> None:
 
 
 # --- 7: duplicate client ids ------------------------------------------------------------------
+
+
+def test_entries_that_are_not_updates_are_dropped() -> None:
+    state, ups = make_round("fedavg", n=3)
+    junk: list[Any] = [None, "x", 3]
+    new, _ = server_step(state, [*ups, *junk])
+    assert_same(new, server_step(state, ups)[0])
 
 
 def test_duplicate_client_ids_are_all_rejected_with_every_reason() -> None:

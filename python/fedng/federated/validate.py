@@ -16,7 +16,9 @@ Checks, in order:
    `tr(A)/n`, `tr(G)/m`), above `max_norm_ratio` times its reference is rejected. The reference
    is the round's median with at least 3 values; otherwise the previous round's median delta
    norm (`state.meta["reference"]`) or the server's own curvature, else the smaller of two values,
-   else for a lone delta the norm of the model itself.
+   else for a lone delta the norm of the model itself. (Two updates with no other reference that
+   disagree beyond the ratio cannot be told apart: the larger one on each measure is rejected,
+   which may be both; the round is then skipped rather than steered.)
 """
 
 from __future__ import annotations
@@ -208,7 +210,9 @@ def validate_updates(
 ) -> tuple[list[ClientUpdate], Rejected]:
     """Splits a round's updates into accepted ones and rejected ones (client id -> reasons).
 
-    Never raises on a malformed update: whatever it provokes is its rejection.
+    Never raises on a malformed update: whatever it provokes is its rejection. An entry that is
+    not a `ClientUpdate` with an integer `client_id` has no id to be rejected under and is
+    dropped.
 
     Args:
         state: the server state the updates answer.
@@ -219,12 +223,11 @@ def validate_updates(
         (accepted, {client_id: [reasons]}).
     """
     rejected: Rejected = {}
-    counts = Counter(u.client_id for u in updates)
+    valid = [u for u in updates if _is_a(u, ClientUpdate) and _is_int(u.client_id)]
+    counts = Counter(u.client_id for u in valid)
     ok: list[ClientUpdate] = []
-    for u in updates:
+    for u in valid:  # the others have no id to be rejected under: not an update of any client
         cid = u.client_id
-        if not _is_int(cid):
-            continue  # no id to report it under; it is dropped
         if counts[cid] > 1:
             why = f"{counts[cid]} updates with this client id this round; all are rejected"
             if why not in rejected.get(cid, []):
