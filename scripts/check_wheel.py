@@ -17,6 +17,8 @@ from elf_deps import elf_needed
 ALLOWED_TOP = ("fedng/", "fedng-")  # the package and its .dist-info
 FORBIDDEN_PARTS = ("tests/", "bench/", "csrc/", "build/", "__pycache__", ".cpp", ".h")
 FORBIDDEN_LIBS = ("torch", "c10", "cudart", "cublas")
+# The stub types the extension for users' type checkers; tests/test_native_boundary.py checks it.
+REQUIRED = ("fedng/__init__.py", "fedng/py.typed", "fedng/ops/__init__.py", "fedng/_C.pyi")
 
 
 def check(wheel: Path) -> list[str]:
@@ -32,7 +34,7 @@ def check(wheel: Path) -> list[str]:
         exts = [n for n in names if n.startswith("fedng/_C") and n.endswith(".so")]
         if len(exts) != 1:
             problems.append(f"expected one fedng/_C*.so, found {exts}")
-        for required in ("fedng/__init__.py", "fedng/py.typed", "fedng/ops/__init__.py"):
+        for required in REQUIRED:
             if required not in names:
                 problems.append(f"missing {required}")
         with tempfile.TemporaryDirectory() as tmp:

@@ -23,6 +23,7 @@ OP_TESTS = [
     "test_lowrank_precondition.py",
     "test_gaussian_sketch_matrix.py",
     "test_validation.py",
+    "test_native_boundary.py",
 ]
 SUPPORT = ["conftest.py", "_tols.py", "elf_deps.py"]
 
