@@ -16,7 +16,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 # LAPACK symbols resolve from the library of the installed scipy-openblas32 package, loaded here
 # into the global namespace before `_C` (the preloading scipy-openblas32 documents; importing it
 # already does this, done explicitly so `_C` does not depend on that side effect).
-import scipy_openblas32  # noqa: E402
+import scipy_openblas32
 
 _openblas = ctypes.CDLL(
     os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(True)),
