@@ -33,11 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fedng.federated.history import History
-from fedng.federated.plots import plot_histories
-from fedng.federated.presets import make_configs
+from fedng.federated.config import make_configs
+from fedng.federated.report import History, plot_histories, summarize, table
 from fedng.federated.simulator import simulate
-from fedng.federated.summary import summarize, table
 from fedng.federated.tasks.registry import make_task
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -276,7 +276,7 @@ def methods(
                 model,
                 curvature=name[3:],
                 damping=DAMPING,
-                factor_decay=DECAY,
+                curvature_decay=DECAY,
                 inverse_every=STEPS,
                 rank=wl.rank,
             )
@@ -295,7 +295,7 @@ def check_same_step(wl: Workload, batch: tuple[torch.Tensor, torch.Tensor]) -> f
     for name in ("ours", "loop"):
         model = copy.deepcopy(base)
         pre: Any = (
-            NaturalGradient(model, damping=DAMPING, factor_decay=DECAY, inverse_every=STEPS)
+            NaturalGradient(model, damping=DAMPING, curvature_decay=DECAY, inverse_every=STEPS)
             if name == "ours"
             else TorchLoopKFAC(model, DAMPING, DECAY, STEPS)
         )
@@ -403,7 +403,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "steps_per_sample": STEPS,
         "damping": DAMPING,
-        "factor_decay": DECAY,
+        "curvature_decay": DECAY,
         "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
         "gemm_peak": {"start": peak, "end": end_peak},
         "machine": H.machine_info(),

@@ -30,7 +30,7 @@ def blobs_task(
         xt,
         yt,
         lambda s: seeded_model(lambda: mlp([dim, 8, classes]), s),
-        "ce",
+        "cross_entropy",
         "accuracy",
         classes,
     )

@@ -5,10 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from _fed import blobs_task, linear_task
-from fedng.federated.config import ALGORITHMS, ClientConfig, ServerConfig
-from fedng.federated.local import batch_indices, get_params, round_seed, set_params
-from fedng.federated.presets import make_configs
-from fedng.federated.protocol import client_step, server_init, server_step
+from fedng.federated.client import batch_indices, get_params, round_seed, set_params
+from fedng.federated.config import (
+    ALGORITHMS,
+    ClientConfig,
+    FedOptConfig,
+    FedProxConfig,
+    ServerConfig,
+    make_configs,
+)
+from fedng.federated.round import client_step, server_init, server_step
 from fedng.federated.simulator import simulate
 from torch import nn
 
@@ -50,7 +56,12 @@ def test_fedprox_matches_hand_computed_steps() -> None:
     task = linear_task()
     mu, lr, k = 0.7, 0.1, 3
     cfg = ClientConfig(
-        algorithm="fedprox", lr=lr, batch_size=6, local_steps=k, loss="mse", prox_mu=mu
+        algorithm="fedprox",
+        lr=lr,
+        batch_size=6,
+        local_steps=k,
+        loss="mse",
+        options=FedProxConfig(prox_mu=mu),
     )
     model = task.model_fn(0)
     _, msg = server_init(get_params(model), ServerConfig(algorithm="fedprox"))
@@ -66,7 +77,7 @@ def test_fedprox_matches_hand_computed_steps() -> None:
         gb = 2 * err.sum(0) / len(idx)
         w, b = w - lr * (gw + mu * (w - w0)), b - lr * (gb + mu * (b - b0))
     _close(upd.delta, {"weight": w - w0, "bias": b - b0}, 1e-5)
-    plain = client_step(task.model_fn(0), data, msg, cfg.replace(prox_mu=0.0))
+    plain = client_step(task.model_fn(0), data, msg, cfg.replace(options=FedProxConfig(0.0)))
     assert not torch.allclose(plain.delta["weight"], upd.delta["weight"])
 
 
@@ -102,6 +113,7 @@ def test_scaffold_control_variates_by_hand() -> None:
 def test_fedopt_server_step_by_hand(rule: str) -> None:
     task = blobs_task(num_clients=2, n=16)
     _, sc = make_configs(rule, {"server_lr": 0.1})
+    opt = sc.options_as(FedOptConfig)
     model = task.model_fn(0)
     state, msg = server_init(get_params(model), sc)
     cfg = ClientConfig(algorithm=rule, local_steps=2)
@@ -110,15 +122,15 @@ def test_fedopt_server_step_by_hand(rule: str) -> None:
     n = [u.num_examples for u in ups]
     for name, p0 in state.params.items():
         d = sum(ni * u.delta[name] for ni, u in zip(n, ups, strict=True)) / sum(n)
-        m = (1 - sc.beta1) * d
-        v0 = torch.full_like(d, sc.tau**2)
+        m = (1 - opt.beta1) * d
+        v0 = torch.full_like(d, opt.tau**2)
         if rule == "fedadam":
-            v = sc.beta2 * v0 + (1 - sc.beta2) * d * d
+            v = opt.beta2 * v0 + (1 - opt.beta2) * d * d
         elif rule == "fedyogi":
-            v = v0 - (1 - sc.beta2) * d * d * torch.sign(v0 - d * d)
+            v = v0 - (1 - opt.beta2) * d * d * torch.sign(v0 - d * d)
         else:
             v = v0 + d * d
-        torch.testing.assert_close(new.params[name], p0 + sc.server_lr * m / (v.sqrt() + sc.tau))
+        torch.testing.assert_close(new.params[name], p0 + sc.server_lr * m / (v.sqrt() + opt.tau))
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
@@ -146,19 +158,8 @@ def test_same_seed_same_history() -> None:
     assert run(3) != run(4)
 
 
-def test_config_errors_name_the_argument() -> None:
-    with pytest.raises(ValueError, match="'lr'"):
-        ClientConfig(lr=-1.0)
-    with pytest.raises(ValueError, match="'precond'"):
-        ClientConfig(precond="sideways")
-    with pytest.raises(ValueError, match="'curvature'"):
-        ClientConfig(curvature="kfac,fc1=dense")
-    with pytest.raises(ValueError, match="unknown keys"):
-        ServerConfig.from_dict({"server_lr": 1.0, "nope": 2})
-    with pytest.raises(ValueError, match="unknown setting"):
-        make_configs("fedavg", {"nope": 1})
+def test_client_config_must_match_the_message() -> None:
+    task = blobs_task()
+    _, msg = server_init(get_params(task.model_fn(0)), ServerConfig(algorithm="fedavg"))
     with pytest.raises(ValueError, match="must match"):
-        task = blobs_task()
-        _, msg = server_init(get_params(task.model_fn(0)), ServerConfig(algorithm="fedavg"))
         client_step(task.model_fn(0), task.clients[0], msg, ClientConfig(algorithm="fedprox"))
-    assert ServerConfig.from_dict(ServerConfig(server_lr=0.5).to_dict()).server_lr == 0.5

@@ -49,3 +49,28 @@ def test_simulate_rejects_unknown_setting(capsys: pytest.CaptureFixture[str]) ->
         main(["simulate", "--algorithms", "fedavg", "--set", "fedavg.nope=1", "--no-progress"]) == 2
     )
     assert "unknown setting" in capsys.readouterr().err
+
+
+def test_shared_setting_goes_to_the_algorithms_that_have_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--set damping=...` configures FedNG and is skipped by FedAvg; `ALGO.key` is strict, and a
+    shared key no algorithm has is an error naming the valid keys."""
+    args = ["simulate", "--task", "regression", "--rounds", "1", "--no-progress"]
+    rc = main(
+        [*args, "--algorithms", "fedavg,fedng", "--set", "damping=0.2", "--out", str(tmp_path)]
+    )
+    assert rc == 0
+    assert (
+        json.loads((tmp_path / "history_fedng_seed0.json").read_text())["client_config"]["damping"]
+        == 0.2
+    )
+    assert (
+        "damping"
+        not in json.loads((tmp_path / "history_fedavg_seed0.json").read_text())["client_config"]
+    )
+    capsys.readouterr()
+    assert main([*args, "--algorithms", "fedavg", "--set", "fedavg.damping=0.2"]) == 2
+    assert "'damping' is a setting of fedng" in capsys.readouterr().err
+    assert main([*args, "--algorithms", "fedavg", "--set", "dampng=0.2"]) == 2
+    assert "valid keys" in capsys.readouterr().err

@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 from _fed import blobs_task
-from fedng.federated.algorithms.fedng import (
-    decoded_curvature,
+from fedng.curvature import CurvatureSet, to_matrix
+from fedng.federated.aggregation import (
     fisher_weighted_step,
-    relative_damping,
+    merge_diag,
+    merge_kfac,
+    merge_lowrank,
+    weights_of,
 )
-from fedng.federated.curvature_set import CurvatureSet
-from fedng.federated.fisher_merge import merge_diag, merge_kfac, merge_lowrank
-from fedng.federated.layout import to_matrix
-from fedng.federated.local import get_params
-from fedng.federated.presets import make_configs
-from fedng.federated.protocol import ClientUpdate, client_step, server_init, weights_of
+from fedng.federated.algorithms.curvature_payload import decoded_all
+from fedng.federated.client import get_params
+from fedng.federated.config import make_configs
+from fedng.federated.messages import ClientUpdate
+from fedng.federated.round import client_step, server_init
 
 W = [0.2, 0.5, 0.3]
 
@@ -122,11 +124,11 @@ def test_fisher_weighted_step_on_real_payloads(curvature: str) -> None:
     model = task.model_fn(0)
     _, msg = server_init(get_params(model), sc)
     ups = [ClientUpdate.from_bytes(client_step(model, c, msg, cc).to_bytes()) for c in task.clients]
-    sets = [decoded_curvature(u) for u in ups]
+    sets = decoded_all(ups)
     step, _ = fisher_weighted_step(ups, sets, 1e-2, 500, 1e-10)
     ws = weights_of(ups)
     pooled = CurvatureSet.combine(sets, ws)
-    lams = relative_damping(pooled, 1e-2)
+    lams = pooled.relative_damping(1e-2)
     for kind, idx in sets[0].groups.items():
         for j, i in enumerate(idx):
             lay = sets[0].layouts[i]

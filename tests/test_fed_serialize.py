@@ -8,10 +8,11 @@ import struct
 import pytest
 import torch
 from _fed import blobs_task
-from fedng.federated.config import ClientConfig, ServerConfig
-from fedng.federated.protocol import ClientUpdate, ServerMessage
-from fedng.federated.serialize import pack, pack_triangle, unpack, unpack_triangle
+from fedng.curvature.spec import pack_triangle, unpack_triangle
+from fedng.federated.config import make_configs
+from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.simulator import simulate
+from fedng.federated.wire import pack, unpack
 
 
 @pytest.fixture(autouse=True)
@@ -46,12 +47,17 @@ def test_sizes_are_exact() -> None:
     assert len(data) == 9 + hlen + 21 * 2 + 10 * 2
 
 
-def test_triangle_helpers() -> None:
+def test_triangle_layout_is_the_curvature_one() -> None:
+    """`sym` arrays travel as `fedng.curvature.spec.pack_triangle` (row by row) and come back
+    whole."""
     s = torch.randn(4, 4)
     s = s + s.T
     v = pack_triangle(s)
     assert v.shape == (10,)
-    assert torch.equal(unpack_triangle(v, 4), s)
+    assert torch.equal(unpack_triangle(v, 4, v.dtype), s)
+    data = pack({"s": s}, symmetric=["s"])
+    assert data.endswith(v.numpy().tobytes())
+    assert torch.equal(unpack(data).arrays["s"], s)
 
 
 @pytest.mark.parametrize("cut", [3, 20, -1])
@@ -117,10 +123,11 @@ def test_simulator_bytes_equal_serialized_lengths(algo: str, extra: dict) -> Non
         sent.setdefault(r, []).append(len(u.to_bytes()))
         return u
 
+    cc, sc = make_configs(algo, {"local_steps": 3, **extra})
     h = simulate(
         task,
-        ClientConfig(algorithm=algo, local_steps=3, **extra),
-        ServerConfig(algorithm=algo),
+        cc,
+        sc,
         rounds=3,
         participation=0.5,
         seed=1,

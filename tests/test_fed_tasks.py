@@ -8,9 +8,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from fedng.federated.partition import dirichlet_label_skew, domain_split, holdout, quantity_skew
 from fedng.federated.tasks.digits import digits_task
 from fedng.federated.tasks.mnist1d import mnist1d_task
+from fedng.federated.tasks.partition import (
+    dirichlet_label_skew,
+    domain_split,
+    holdout,
+    quantity_skew,
+)
 from fedng.federated.tasks.registry import make_task
 from fedng.federated.tasks.regression import regression_task
 from fedng.federated.tasks.synthetic import draw_synthetic, synthetic_task

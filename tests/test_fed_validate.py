@@ -8,10 +8,11 @@ from collections.abc import Callable
 import pytest
 import torch
 from _fed import blobs_task
-from fedng.federated.algorithms.fedng import attach_curvature, decoded_curvature
-from fedng.federated.local import get_params
-from fedng.federated.presets import make_configs
-from fedng.federated.protocol import ClientUpdate, client_step, server_init, server_step
+from fedng.federated.algorithms.curvature_payload import attach_curvature, decoded_curvature
+from fedng.federated.client import get_params
+from fedng.federated.config import make_configs
+from fedng.federated.messages import ClientUpdate
+from fedng.federated.round import client_step, server_init, server_step
 from fedng.federated.simulator import simulate
 
 

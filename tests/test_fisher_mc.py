@@ -45,7 +45,7 @@ def exact_fisher(model: nn.Linear, xs: torch.Tensor) -> torch.Tensor:
 
 
 def mc_estimate(model: nn.Linear, xs: torch.Tensor, repeats: int, curvature: str) -> torch.Tensor:
-    ng = NaturalGradient(model, curvature=curvature, fisher="mc", seed=repeats)
+    ng = NaturalGradient(model, curvature=curvature, fisher_type="mc", sketch_seed=repeats)
     x = xs.repeat(repeats, 1)
     out = model(x)
     ng.mc_backward(out)
@@ -84,7 +84,7 @@ def test_mc_kfac_at_one_input_converges_to_the_exact_fisher() -> None:
 def test_empirical_fisher_differs_from_the_true_one() -> None:
     model, xs = softmax_model()
     exact = exact_fisher(model, xs[:1])
-    ng = NaturalGradient(model, fisher="empirical")
+    ng = NaturalGradient(model, fisher_type="empirical")
     x = xs[:1].repeat(64, 1)
     F.cross_entropy(model(x), torch.zeros(64, dtype=torch.long)).backward()
     ng.step()
@@ -95,7 +95,7 @@ def test_empirical_fisher_differs_from_the_true_one() -> None:
 def test_mse_mc_fisher_is_the_gaussian_identity() -> None:
     torch.manual_seed(31)
     model = nn.Linear(3, 2).double()
-    ng = NaturalGradient(model, fisher="mc", loss="mse", seed=4)
+    ng = NaturalGradient(model, fisher_type="mc", loss="mse", sketch_seed=4)
     x = torch.randn(4096, 3, dtype=F64)
     out = model(x)
     ng.mc_backward(out)

@@ -230,14 +230,14 @@ def test_failed_inverse_keeps_previous_and_validate_names_block() -> None:
     rep = k.inverse(1e-3)
     assert rep.failed == ["2.A"]
     torch.testing.assert_close(k.a_inv[1], before)
-    with pytest.raises(ValueError, match="block '2' factor A has NaN"):
+    with pytest.raises(ValueError, match="kfac block '2' A has NaN"):
         k.validate()
     k.A[1] = torch.eye(5, dtype=F64)
     k.A[1][0, 1] = 0.5
-    with pytest.raises(ValueError, match="block '2' factor A is not symmetric"):
+    with pytest.raises(ValueError, match="kfac block '2' A is not symmetric"):
         k.validate()
     k.A[1] = -torch.eye(5, dtype=F64)
-    with pytest.raises(ValueError, match="block '2' factor A is not positive semi-definite"):
+    with pytest.raises(ValueError, match="kfac block '2' A is not positive semi-definite"):
         k.validate()
     k.A[1] = torch.eye(5, dtype=F64)
     k.validate()

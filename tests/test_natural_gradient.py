@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from fedng.curvature.block_diagonal import CurvatureSet
 from fedng.curvature.capture import UnsupportedLayerWarning
 from fedng.curvature.diagonal import DiagonalFisher
 from fedng.curvature.kfac import KFAC
@@ -43,7 +44,7 @@ def train(
     for x, y in data:
         opt.zero_grad()
         out = model(x)
-        if ng.fisher == "mc":
+        if ng.fisher_type == "mc":
             ng.mc_backward(out)
         loss = F.cross_entropy(out, y)
         loss.backward()
@@ -95,21 +96,63 @@ def test_composes_with_optimizers_and_trains(optimizer: str, curvature: str) -> 
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_factor_and_inverse_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_factor_and_inverse_schedule() -> None:
     model = mlp()
     ng = NaturalGradient(model, factor_every=2, inverse_every=3)
-    inverted = []
-    real = ng._invert
-    monkeypatch.setattr(ng, "_invert", lambda rep: inverted.append(ng.steps) or real(rep))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    recording = []
+    recording, inverted = [], []
     for x, y in batches(7):
         recording.append(ng.capture.recording)
         train(model, ng, opt, [(x, y)])
+        if ng.last["inverse"] is not None:
+            inverted.append(ng.last["step"])
     kfac = ng.representations["kfac"]
     assert kfac.counts == [4, 4]  # steps 0, 2, 4, 6
-    assert sorted(set(inverted)) == [0, 3, 6]
+    assert inverted == [0, 3, 6]
     assert recording == [True, False, True, False, True, False, True]
+
+
+class LateBranch(nn.Module):
+    """`b` joins the forward pass only once `use_b` is set (a branch first seen mid-schedule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.b = nn.Linear(6, 4)
+        self.use_b = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x) if self.use_b else self.a(x)
+
+
+def test_a_block_is_preconditioned_from_its_first_curvature() -> None:
+    """With the own curvature, a block first seen between inverse steps is inverted at once (its
+    representation, off schedule); the schedule then goes on as before."""
+    torch.manual_seed(3)
+    model = LateBranch().double()
+    ng = NaturalGradient(model, inverse_every=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    inverted, preconditioned = [], []
+    for t, (x, y) in enumerate(batches(4)):
+        model.use_b = t >= 2
+        train(model, ng, opt, [(x, y)])
+        inverted.append(ng.last["inverse"] is not None)
+        preconditioned.append(ng.last["preconditioned"])
+    assert inverted == [True, False, True, False]
+    assert preconditioned == [["a"], ["a"], ["a", "b"], ["a", "b"]]
+
+
+def test_warn_unsupported_false_is_silent() -> None:
+    torch.manual_seed(10)
+    model = WithFunctional().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ng = NaturalGradient(model, warn_unsupported=False)
+        model(torch.randn(6, 4, dtype=F64)).square().mean().backward()
+        ng.step()
+    assert ng.capture.unsupported and ng.last["preconditioned"] == ["a"]
+    with pytest.raises(TypeError, match="'warn_unsupported' must be a bool"):
+        NaturalGradient(mlp(), warn_unsupported=1)  # type: ignore[arg-type]
 
 
 def test_kl_clip_scales_the_step() -> None:
@@ -177,7 +220,12 @@ def test_adaptive_leaves_parameters_and_buffers_untouched() -> None:
 def test_resume_gives_the_identical_next_step(curvature: str, fisher: str, mode: str) -> None:
     data = batches(8, seed=6)
     kw = dict(
-        curvature=curvature, fisher=fisher, damping_mode=mode, damping=1e-2, inverse_every=3, rank=6
+        curvature=curvature,
+        fisher_type=fisher,
+        damping_mode=mode,
+        damping=1e-2,
+        inverse_every=3,
+        rank=6,
     )
     closure = mode == "adaptive"
     model = mlp(7)
@@ -247,10 +295,10 @@ def test_per_layer_curvature_mapping() -> None:
         ({"damping": -1.0}, "'damping' must be a finite float > 0, got -1.0"),
         ({"factor_every": 0}, "'factor_every' must be an int >= 1, got 0"),
         ({"inverse_every": 2.5}, "'inverse_every' must be an int >= 1, got 2.5"),
-        ({"factor_decay": 1.0}, "'factor_decay' must be None or a float in"),
+        ({"curvature_decay": 1.0}, "'curvature_decay' must be None or a float in"),
         ({"curvature": "dense"}, "'curvature' must be one of"),
         ({"damping_mode": "lm"}, "'damping_mode' must be one of"),
-        ({"fisher": "true"}, "'fisher' must be one of"),
+        ({"fisher_type": "true"}, "'fisher_type' must be one of"),
         ({"loss": "nll"}, "'loss' must be one of"),
         ({"kl_clip": 0.0}, "'kl_clip' must be None or a finite float > 0"),
         ({"damping_bounds": (1.0, 0.1)}, "'damping_bounds'"),
@@ -263,19 +311,19 @@ def test_argument_errors_name_the_argument(kwargs: dict[str, object], match: str
 
 def test_mc_requires_the_fisher_pass() -> None:
     model = mlp()
-    ng = NaturalGradient(model, fisher="mc")
+    ng = NaturalGradient(model, fisher_type="mc")
     x, y = batches(1)[0]
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match="mc_backward"):
         ng.step()
     empirical = NaturalGradient(mlp())
-    with pytest.raises(ValueError, match="fisher='mc'"):
+    with pytest.raises(ValueError, match="fisher_type='mc'"):
         empirical.mc_backward(mlp()(x))
 
 
 def test_mc_backward_leaves_grads_alone() -> None:
     model = mlp()
-    ng = NaturalGradient(model, fisher="mc")
+    ng = NaturalGradient(model, fisher_type="mc")
     x, y = batches(1)[0]
     out = model(x)
     ng.mc_backward(out)
@@ -374,3 +422,156 @@ def test_every_layer_type_is_preconditioned_and_trains(curvature: str) -> None:
     assert sorted(ng.last["preconditioned"]) == sorted(expected)
     assert not ng.capture.unsupported
     assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.8 * losses[0], losses
+
+
+# --- preconditioner sources ---------------------------------------------------------------
+
+
+def first_step_grads(
+    ng: NaturalGradient, x: torch.Tensor, y: torch.Tensor
+) -> list[torch.Tensor | None]:
+    """Runs one recorded backward; returns the raw block gradients."""
+    F.cross_entropy(ng.model(x), y).backward()
+    return [b.grad_matrix(F64) for b in ng.capture.blocks]
+
+
+def server_curvature(seed: int = 11) -> CurvatureSet:
+    """Curvature of the same architecture fitted on other data (a stand-in for a server's)."""
+    other = NaturalGradient(mlp(), damping=1e-2)
+    opt = torch.optim.SGD(other.model.parameters(), lr=0.0)
+    train(other.model, other, opt, batches(3, seed=seed))
+    other.remove()
+    return other.local_curvature
+
+
+def test_global_source_uses_exactly_the_given_inverses() -> None:
+    glob = server_curvature()
+    glob.inverse(0.05)
+    kfac = glob.reps["kfac"]
+    a_inv = list(kfac.a_inv)  # type: ignore[attr-defined]
+    ng = NaturalGradient(mlp(), inverse_every=1)
+    ng.set_global(glob)
+    assert ng.source.mode == "global"
+    for x, y in batches(3, seed=5):
+        ng.model.zero_grad()
+        raw = first_step_grads(ng, x, y)
+        expected = glob.precondition(raw)  # batch form off: these layers are narrow
+        ng.step()
+        for blk, want in zip(ng.capture.blocks, expected, strict=True):
+            assert torch.equal(blk.grad_matrix(F64), want)
+        assert ng.last["inverse"] is None  # never re-inverted ...
+    assert all(a is b for a, b in zip(kfac.a_inv, a_inv, strict=True))  # type: ignore[attr-defined]
+    assert ng.local_curvature.reps["kfac"].counts == [3, 3]  # ... while the own one accumulates
+
+
+def test_mixed_source_equals_the_explicit_combination() -> None:
+    glob = server_curvature()
+    ng = NaturalGradient(mlp(), damping=0.03, inverse_every=2, curvature_decay=0.8)
+    ng.set_global(glob, mix=0.25)
+    assert ng.source.mode == "mixed"
+    for t, (x, y) in enumerate(batches(3, seed=5)):
+        ng.model.zero_grad()
+        raw = first_step_grads(ng, x, y)
+        ng.step()
+        if t % 2 == 0:  # re-inverted on inverse steps, from the own curvature updated this step
+            mixed = CurvatureSet.combine([glob, ng.local_curvature], [0.75, 0.25])
+            mixed.inverse(0.03)
+            assert ng.last["inverse"] is not None
+        else:
+            assert ng.last["inverse"] is None
+        for blk, want in zip(ng.capture.blocks, mixed.precondition(raw), strict=True):
+            assert torch.equal(blk.grad_matrix(F64), want)
+
+
+def test_none_source_accumulates_and_leaves_grads_alone() -> None:
+    ng = NaturalGradient(mlp(), source="none")
+    for x, y in batches(2):
+        ng.model.zero_grad()
+        raw = first_step_grads(ng, x, y)
+        ng.step()
+        for blk, want in zip(ng.capture.blocks, raw, strict=True):
+            assert torch.equal(blk.grad_matrix(F64), want)
+    assert ng.last["preconditioned"] == [] and ng.last["inverse"] is None
+    assert ng.local_curvature.reps["kfac"].counts == [2, 2]
+    assert not any(ng.local_curvature.ready)
+    with pytest.raises(ValueError, match="source='none'"):
+        ng.set_global(server_curvature())
+
+
+def test_set_global_checks_its_curvature() -> None:
+    ng = NaturalGradient(mlp())
+    diag_only = NaturalGradient(mlp(), curvature="diag").local_curvature
+    with pytest.raises(ValueError, match="same kinds"):
+        ng.set_global(diag_only)
+    with pytest.raises(TypeError, match="must be a CurvatureSet"):
+        ng.set_global({"kfac": 1})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dtype"):
+        ng.set_global(NaturalGradient(mlp(dtype=torch.float32)).local_curvature, mix=0.5)
+    with pytest.raises(ValueError, match=r"'mix' must be a float in \[0, 1\]"):
+        ng.set_global(server_curvature(), mix=1.5)
+    adaptive = NaturalGradient(mlp(), damping_mode="adaptive")
+    with pytest.raises(ValueError, match="adaptive"):
+        adaptive.set_global(server_curvature())
+    with pytest.raises(ValueError, match="'source' must be one of"):
+        NaturalGradient(mlp(), source="global")
+    fresh = NaturalGradient(mlp())
+    fresh.source.mode = "global"  # a global source without its curvature cannot step
+    x, y = batches(1)[0]
+    F.cross_entropy(fresh.model(x), y).backward()
+    with pytest.raises(ValueError, match="set_global"):
+        fresh.step()
+
+
+def test_resume_with_mixed_source_gives_the_identical_next_step() -> None:
+    glob = server_curvature()
+    data = batches(6, seed=8)
+    model = mlp(3)
+    ng = NaturalGradient(model, inverse_every=4)
+    ng.set_global(glob, mix=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train(model, ng, opt, data[:3])
+    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(ng.state_dict())
+    train(model, ng, opt, data[3:])
+    clone = mlp(4)
+    clone.load_state_dict(saved[0])
+    ng2 = NaturalGradient(clone, inverse_every=4)
+    ng2.set_global(glob, mix=0.5)
+    ng2.load_state_dict(saved[1])
+    train(clone, ng2, torch.optim.SGD(clone.parameters(), lr=0.1), data[3:])
+    for a, b in zip(model.parameters(), clone.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_deprecated_keywords_warn_and_still_apply() -> None:
+    with pytest.warns(
+        DeprecationWarning, match="'factor_decay' is deprecated, use 'curvature_decay'"
+    ):
+        ng = NaturalGradient(mlp(), factor_decay=0.5)
+    assert ng.curvature_decay == 0.5
+    with pytest.warns(DeprecationWarning, match="'fisher' is deprecated, use 'fisher_type'"):
+        assert NaturalGradient(mlp(), fisher="mc").fisher_type == "mc"
+    with pytest.warns(DeprecationWarning, match="'seed' is deprecated, use 'sketch_seed'"):
+        assert NaturalGradient(mlp(), seed=3).sketch_seed == 3
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['decay'\]"):
+        NaturalGradient(mlp(), decay=0.5)
+
+
+def test_defaults() -> None:
+    ng = NaturalGradient(mlp(), curvature="lowrank")
+    assert ng.damping == 1e-2 and ng.rank == 16 and ng.curvature_decay == 0.95
+    assert ng.fisher_type == "empirical" and ng.source.mode == "local"
+    assert ng.representations["lowrank"].rank == 16  # type: ignore[attr-defined]
+
+
+def test_mc_backward_with_an_external_generator() -> None:
+    x, y = batches(1)[0]
+    results = []
+    for own in (True, False):
+        model = mlp()
+        ng = NaturalGradient(model, fisher_type="mc", sketch_seed=3)
+        out = model(x)
+        ng.mc_backward(out, None if own else torch.Generator().manual_seed(3))
+        F.cross_entropy(out, y).backward()
+        ng.step()
+        results.append(ng.representations["kfac"].G[0])  # type: ignore[attr-defined]
+    assert torch.equal(results[0], results[1])  # the own stream is seeded by sketch_seed

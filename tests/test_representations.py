@@ -105,10 +105,10 @@ def test_diagonal_with_sequence_rows_uses_per_sample_sums() -> None:
 
 
 def test_lowrank_full_rank_is_the_dense_fisher(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lowrank_mod, "_CHUNK_BYTES", 200 * 8)  # several sketch calls per update
+    monkeypatch.setattr(lowrank_mod, "CHUNK_BYTES", 200 * 8)  # several sketch calls per update
     model, x, y = model_and_data()
     cap, stats, grads = capture(model, x, y)
-    rep = LowRankFisher([b.spec for b in cap.blocks], rank=64, seed=3, dtype=F64)
+    rep = LowRankFisher([b.spec for b in cap.blocks], rank=64, sketch_seed=3, dtype=F64)
     rep.update(stats)
     fishers = explicit_fishers(model, x, y)
     for yk, om, fisher in zip(rep.Y, rep.omega, fishers, strict=True):
@@ -124,7 +124,7 @@ def test_lowrank_full_rank_is_the_dense_fisher(monkeypatch: pytest.MonkeyPatch) 
 def test_lowrank_truncated_matches_nystrom_reference() -> None:
     model, x, y = model_and_data()
     cap, stats, grads = capture(model, x, y)
-    rep = LowRankFisher([b.spec for b in cap.blocks], rank=3, seed=5, dtype=F64)
+    rep = LowRankFisher([b.spec for b in cap.blocks], rank=3, sketch_seed=5, dtype=F64)
     rep.update(stats)
     lam = 1e-2
     rep.inverse(lam)
@@ -136,13 +136,27 @@ def test_lowrank_truncated_matches_nystrom_reference() -> None:
         )
 
 
+def test_lowrank_eigendecompositions_are_those_of_inverse_and_leave_it_alone() -> None:
+    model, x, y = model_and_data()
+    cap, stats, _ = capture(model, x, y)
+    rep = LowRankFisher([b.spec for b in cap.blocks], rank=3, sketch_seed=5, dtype=F64)
+    assert rep.eigendecompositions() == [None] * 3  # no curvature yet
+    rep.update([stats[0], None, stats[2]])
+    eig = rep.eigendecompositions()
+    assert eig[1] is None and not any(rep.ready)
+    rep.inverse(0.1)
+    for k in (0, 2):
+        e = eig[k]
+        assert e is not None and torch.equal(e[0], rep.U[k]) and torch.equal(e[1], rep.S[k])
+
+
 def build(kind: str, cap: CurvatureCapture) -> FisherRepresentation:
     specs = [b.spec for b in cap.blocks]
     if kind == "kfac":
         return KFAC([s for s in specs if s.kind != "elementwise"], F64)
     if kind == "diag":
         return DiagonalFisher(specs, F64)
-    return LowRankFisher(specs, rank=4, seed=9, dtype=F64)
+    return LowRankFisher(specs, rank=4, sketch_seed=9, dtype=F64)
 
 
 def fit(kind: str, cap: CurvatureCapture, stats: list[BlockStats | None]) -> FisherRepresentation:
@@ -177,8 +191,11 @@ def test_lowrank_aggregate_needs_the_same_seed() -> None:
     model, x, y = model_and_data()
     cap, _, _ = capture(model, x, y)
     specs = [b.spec for b in cap.blocks]
-    a, b = LowRankFisher(specs, 4, seed=1, dtype=F64), LowRankFisher(specs, 4, seed=2, dtype=F64)
-    with pytest.raises(ValueError, match="seed, rank"):
+    a, b = (
+        LowRankFisher(specs, 4, sketch_seed=1, dtype=F64),
+        LowRankFisher(specs, 4, sketch_seed=2, dtype=F64),
+    )
+    with pytest.raises(ValueError, match="sketch_seed, rank"):
         LowRankFisher.aggregate([a, b], [0.5, 0.5])
 
 
@@ -234,7 +251,7 @@ def test_validate_names_the_bad_block() -> None:
     diag = fit("diag", cap, stats)
     diag.validate()
     diag.diag[1][0, 2] = -1.0
-    with pytest.raises(ValueError, match="block '1' has a negative entry"):
+    with pytest.raises(ValueError, match="diag block '1' diag has a negative entry"):
         diag.validate()
     low = fit("lowrank", cap, stats)
     low.validate()
@@ -242,7 +259,7 @@ def test_validate_names_the_bad_block() -> None:
     with pytest.raises(ValueError, match="block '3'"):
         low.validate()
     low.Y[2][0, 0] = float("nan")
-    with pytest.raises(ValueError, match="block '3' has NaN"):
+    with pytest.raises(ValueError, match="lowrank block '3' sketch has NaN"):
         low.validate()
 
 

@@ -6,22 +6,29 @@ Example::
         --clients 20 --alpha 0.1 --rounds 30 --participation 0.5 --seeds 0,1 --out runs/digits
 
 (`python -m fedng.cli simulate ...` does the same without the console script.)
+
+The fedng imports are deferred into the functions that need them, so that `fedng --help` starts
+without loading torch and the federated stack (the layering test allows this in cli.py only).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: nothing federated is imported at start-up
+    from fedng.federated.config import ClientConfig, ServerConfig
 
 
 def _settings(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
     """`ALGO.key=value` (or `key=value` for every algorithm) -> {algo or "*": {key: value}}."""
-    from fedng.federated.presets import parse_value
+    from fedng.federated.config import parse_value
 
     out: dict[str, dict[str, Any]] = {}
     for p in pairs:
@@ -76,29 +83,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _configs(
+    algos: list[str], base: dict[str, Any], overrides: dict[str, dict[str, Any]]
+) -> dict[str, tuple[ClientConfig, ServerConfig]]:
+    """Each algorithm's configs: `base`, the `*` overrides it has a knob for, its own overrides.
+
+    A `*` key (`--set damping=0.1`) applies to the algorithms that have it and is skipped by the
+    others; an `ALGO.key` must be a setting of ALGO.
+
+    Raises:
+        ValueError: an unknown algorithm, an `ALGO.key` ALGO lacks, or a `*` key no algorithm has
+            (one line, naming the valid keys).
+    """
+    from fedng.federated.config import ALGORITHMS, make_configs, setting_names
+
+    shared = overrides.get("*", {})
+    known = set().union(*(setting_names(a) for a in ALGORITHMS))
+    unknown = sorted(set(shared) - known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; valid keys: {sorted(known)}")
+    configs = {}
+    for a in algos:
+        mine = {k: v for k, v in shared.items() if a not in ALGORITHMS or k in setting_names(a)}
+        configs[a] = make_configs(a, {**base, **mine, **overrides.get(a, {})})
+    return configs
+
+
 def simulate_command(args: argparse.Namespace) -> int:
     """Runs `fedng simulate`."""
     import torch
 
-    from fedng.federated.history import History
-    from fedng.federated.plots import plot_histories
-    from fedng.federated.presets import make_configs
+    from fedng.federated.report import History, plot_histories, summarize, table
     from fedng.federated.simulator import simulate
-    from fedng.federated.summary import summarize, table
     from fedng.federated.tasks.registry import make_task
 
     torch.set_num_threads(max(1, args.threads))
     algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    overrides = _settings(args.set)
     base = {"lr": args.lr, "local_steps": args.local_steps, "batch_size": args.batch_size}
-    configs = {}
-    for a in algos:
-        try:
-            configs[a] = make_configs(a, {**base, **overrides.get("*", {}), **overrides.get(a, {})})
-        except ValueError as err:
-            print(f"fedng simulate: {err}", file=sys.stderr)
-            return 2
+    try:
+        configs = _configs(algos, base, _settings(args.set))
+    except ValueError as err:
+        print(f"fedng simulate: {err}", file=sys.stderr)
+        return 2
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -126,8 +153,6 @@ def simulate_command(args: argparse.Namespace) -> int:
     ref = groups.get("fedavg")
     target = None
     if ref:
-        import statistics
-
         target = statistics.median(h.final() for h in ref)
     rows = [summarize(a, hs, target) for a, hs in groups.items()]
     first = next(iter(groups.values()))[0]

@@ -34,6 +34,7 @@ class AttentionRule(Rule):
 
     def __init__(self, name: str, m: nn.MultiheadAttention) -> None:
         super().__init__(name, m)
+        self.mha = m
         e = m.embed_dim
         in_bias = _trainable(m.in_proj_bias)
         out_bias = _trainable(m.out_proj.bias)
@@ -58,15 +59,15 @@ class AttentionRule(Rule):
         self._eye: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
     def _identity(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (self.module.embed_dim, dtype)
+        key = (self.mha.embed_dim, dtype)
         if key not in self._eye or self._eye[key].device != device:
-            self._eye[key] = torch.eye(self.module.embed_dim, dtype=dtype, device=device)
+            self._eye[key] = torch.eye(self.mha.embed_dim, dtype=dtype, device=device)
         return self._eye[key]
 
     def _projection(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         blk = self.blocks[i]
         w = blk.weight if blk.w_rows is None else blk.weight[blk.w_rows]
-        m = self.module
+        m = self.mha
         b = (
             None
             if m.in_proj_bias is None
@@ -92,7 +93,7 @@ class AttentionRule(Rule):
         Returns:
             `(attn_output, attn_weights)` exactly as `nn.MultiheadAttention.forward` returns them.
         """
-        m = self.module
+        m = self.mha
         bound = _SIGNATURE.bind(m, *args, **kwargs)
         bound.apply_defaults()
         a = bound.arguments
@@ -149,7 +150,7 @@ class AttentionRule(Rule):
                 return None
             return self.recompute(observer, site_ids, args, kwargs)
 
-        return [self.module.register_forward_hook(hook, with_kwargs=True)]
+        return [self.mha.register_forward_hook(hook, with_kwargs=True)]
 
 
 def attention_reason(m: nn.MultiheadAttention) -> str | None:

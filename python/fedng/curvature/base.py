@@ -1,4 +1,4 @@
-"""The one protocol every Fisher representation follows, and the checks they share.
+"""The one protocol every Fisher representation follows.
 
 A representation holds the curvature of a list of blocks (one `BlockSpec` each) and does all its
 heavy work for all blocks in one ragged `fedng.ops` call per operation:
@@ -7,9 +7,13 @@ heavy work for all blocks in one ragged `fedng.ops` call per operation:
   mean with `decay=None`);
 - `aggregate(reps, weights)`: `sum_k w_k F_k`, exact (what a federated server sums);
 - `inverse(damping)`: prepare `(F + damping)^-1`; `precondition(grads)`: apply it;
+- `block_traces()` / `trace()`: `tr(F)` per block / summed;
+- `validate(tol, wire_eps)`: finite, bounded, symmetric, PSD within a relative tolerance;
 - `to_payload(dtype)` / `from_payload(payload)`: the wire format, symmetric matrices as their
   triangle; `nbytes`: the exact payload size in the representation's own dtype;
-- `validate()`: finiteness, symmetry, positive semi-definiteness within tolerance.
+- `inverse_arrays()` / `load_inverse_arrays()`: the damped inverses as named arrays.
+
+Representations are found by name through `fedng.curvature.registry`.
 """
 
 from __future__ import annotations
@@ -18,16 +22,19 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from fedng.curvature.spec import BlockSpec, Payload, check_specs
+from fedng import ops
+from fedng._typing import Arrays
+from fedng.curvature.checks import check_dtype
+from fedng.curvature.spec import BLOCK_KINDS, BlockKind, BlockSpec, Payload, check_specs
 from fedng.curvature.stats import BlockStats
+from fedng.curvature.validation import PsdCheck, run_psd_checks
 
-R = TypeVar("R", bound="FisherRepresentation")
-
-CURVATURE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 @dataclass
@@ -36,8 +43,8 @@ class InverseReport:
 
     Attributes:
         names: one label per matrix (e.g. `fc1.A`).
-        status: int8 [k], `fedng.ops.CholeskyStatus` codes (0 ok, 1 damping escalated, 2 failed).
-        damping: float64 [k], the damping actually used per matrix.
+        status: int8 [k], `fedng.ops.CholeskyStatus` codes.
+        damping: float64 [k], the damping actually used per matrix (NaN where it failed).
     """
 
     names: list[str]
@@ -54,139 +61,46 @@ class InverseReport:
     ) -> InverseReport:
         """One matrix per live block: OK with damping `lam[i]` when `i` is in `ok`, else FAILED."""
         good = set(ok)
+        status = [ops.CholeskyStatus.OK if i in good else ops.CholeskyStatus.FAILED for i in live]
         return cls(
             [specs[i].name for i in live],
-            torch.tensor([0 if i in good else 2 for i in live], dtype=torch.int8),
+            torch.tensor([int(s) for s in status], dtype=torch.int8),
             torch.tensor([lam[i] if i in good else math.nan for i in live], dtype=torch.float64),
+        )
+
+    @classmethod
+    def concat(cls, reports: Sequence[InverseReport]) -> InverseReport:
+        """The reports one after another (e.g. every representation of a `CurvatureSet`)."""
+        return cls(
+            [n for r in reports for n in r.names],
+            torch.cat([r.status for r in reports]) if reports else torch.zeros(0, dtype=torch.int8),
+            (
+                torch.cat([r.damping for r in reports])
+                if reports
+                else torch.zeros(0, dtype=torch.float64)
+            ),
         )
 
     @property
     def failed(self) -> list[str]:
         """Names of the matrices that could not be inverted."""
-        return [n for n, s in zip(self.names, self.status.tolist(), strict=True) if s == 2]
-
-
-def check_dtype(where: str, dtype: object) -> torch.dtype:
-    """float32 or float64, else TypeError naming the argument."""
-    if dtype not in CURVATURE_DTYPES:
-        raise TypeError(f"{where}: 'dtype' must be torch.float32 or torch.float64, got {dtype}")
-    return dtype  # type: ignore[return-value]
-
-
-def check_decay(where: str, decay: float | None) -> float | None:
-    """None (running mean) or a float in [0, 1)."""
-    if decay is None:
-        return None
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-        raise ValueError(f"{where}: 'decay' must be None or a float in [0, 1), got {decay!r}")
-    return float(decay)
-
-
-def check_damping(where: str, damping: float | Sequence[float], n: int) -> list[float]:
-    """A float > 0 or one per block."""
-    values = [damping] * n if isinstance(damping, (int, float)) else list(damping)
-    if len(values) != n:
-        raise ValueError(
-            f"{where}: 'damping' must be a float or have {n} values, got {len(values)}"
-        )
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{where}: 'damping' must be finite and > 0, got {v!r}")
-    return [float(v) for v in values]
-
-
-def check_stats(where: str, stats: Sequence[BlockStats | None], specs: Sequence[BlockSpec]) -> None:
-    """One entry per block, each None or BlockStats of the block's kind."""
-    if len(stats) != len(specs):
-        raise ValueError(
-            f"{where}: 'stats' must have {len(specs)} entries (one per block), got {len(stats)}"
-        )
-    for spec, st in zip(specs, stats, strict=True):
-        if st is not None and (not isinstance(st, BlockStats) or st.kind != spec.kind):
-            raise TypeError(
-                f"{where}: stats for block '{spec.name}' must be BlockStats of kind"
-                f" {spec.kind!r}, got {getattr(st, 'kind', type(st).__name__)!r}"
-            )
-
-
-def check_grads(
-    where: str, grads: Sequence[torch.Tensor | None], specs: Sequence[BlockSpec]
-) -> None:
-    """One [m, n] tensor (or None) per block."""
-    if len(grads) != len(specs):
-        raise ValueError(
-            f"{where}: 'grads' must have {len(specs)} entries (one per block), got {len(grads)}"
-        )
-    for spec, g in zip(specs, grads, strict=True):
-        if g is not None and (
-            not isinstance(g, torch.Tensor) or tuple(g.shape) != (spec.m, spec.n)
-        ):
-            got = list(g.shape) if isinstance(g, torch.Tensor) else type(g).__name__
-            raise ValueError(
-                f"{where}: grads for block '{spec.name}' must have shape"
-                f" [{spec.m}, {spec.n}], got {got}"
-            )
-
-
-def ema_weights(counts: Sequence[int], decay: float | None) -> tuple[list[float], list[float]]:
-    """Per block (decay of the old value, weight of the new one).
-
-    A float decay is an exponential moving average; None a running mean (weights 1/(k+1)).
-    A block's first update takes the new value as is (its old value is zero, so its decay may be
-    anything: it is reported as the decay of the other blocks, letting one call do them all).
-    """
-    old: list[float | None] = []
-    new: list[float] = []
-    for k in counts:
-        if k == 0:
-            old.append(None)
-            new.append(1.0)
-        elif decay is None:
-            old.append(k / (k + 1))
-            new.append(1.0 / (k + 1))
-        else:
-            old.append(decay)
-            new.append(1.0 - decay)
-    known = [d for d in old if d is not None]
-    fill = known[0] if known else 0.0
-    return [fill if d is None else d for d in old], new
-
-
-def decay_groups(decays: Sequence[float], members: Sequence[int]) -> dict[float, list[int]]:
-    """Block indices grouped by decay (kron_accumulate takes one decay per call)."""
-    groups: dict[float, list[int]] = {}
-    for i in members:
-        groups.setdefault(decays[i], []).append(i)
-    return groups
-
-
-def check_aggregate(
-    where: str, cls: type, reps: Sequence[Any], weights: Sequence[float]
-) -> list[float]:
-    """Same class, same blocks, same dtype, one finite weight >= 0 each."""
-    if isinstance(reps, (str, bytes)) or not isinstance(reps, Sequence) or not reps:
-        raise ValueError(
-            f"{where}: 'reps' must be a non-empty list of {cls.__name__}, got {reps!r}"
-        )
-    for i, r in enumerate(reps):
-        if not isinstance(r, cls):
-            raise TypeError(f"{where}: 'reps[{i}]' must be {cls.__name__}, got {type(r).__name__}")
-        check_specs(f"{where}: reps[{i}]", r.specs, reps[0].specs)
-        if r.dtype != reps[0].dtype:
-            raise TypeError(
-                f"{where}: 'reps[{i}]' has dtype {r.dtype}, reps[0] has {reps[0].dtype}"
-            )
-    w = list(weights)
-    if len(w) != len(reps):
-        raise ValueError(f"{where}: 'weights' must have {len(reps)} values, got {len(w)}")
-    for v in w:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{where}: 'weights' must be finite and >= 0, got {v!r}")
-    return [float(v) for v in w]
+        return [
+            n
+            for n, s in zip(self.names, self.status.tolist(), strict=True)
+            if s == ops.CholeskyStatus.FAILED
+        ]
 
 
 class FisherRepresentation(ABC):
-    """Base class of `KFAC`, `DiagonalFisher` and `LowRankFisher`.
+    """Base class of `KFAC`, `DiagonalFisher`, `LowRankFisher` (and any registered kind).
+
+    Class attributes:
+        kind: the registry name ("kfac", "diag", "lowrank").
+        order: where the kind goes among a `CurvatureSet`'s kinds (iteration, wire and summation
+            order; unique across the registry).
+        block_kinds: the block kinds it can hold.
+        default_block_kinds: the block kinds it takes when chosen for a whole model (the others
+            get the diagonal Fisher).
 
     Attributes:
         specs: the blocks, in order.
@@ -195,6 +109,9 @@ class FisherRepresentation(ABC):
     """
 
     kind: ClassVar[str]
+    order: ClassVar[int]
+    block_kinds: ClassVar[frozenset[BlockKind]] = frozenset(BLOCK_KINDS)
+    default_block_kinds: ClassVar[frozenset[BlockKind]] = frozenset(BLOCK_KINDS)
 
     def __init__(self, specs: Sequence[BlockSpec], dtype: torch.dtype) -> None:
         name = type(self).__name__
@@ -202,16 +119,33 @@ class FisherRepresentation(ABC):
         for i, s in enumerate(self.specs):
             if not isinstance(s, BlockSpec):
                 raise TypeError(f"{name}: 'specs[{i}]' must be a BlockSpec, got {type(s).__name__}")
+            if s.kind not in self.block_kinds:
+                raise ValueError(
+                    f"{name}: block '{s.name}' is {s.kind!r}; {name} holds only"
+                    f" {sorted(self.block_kinds)} blocks"
+                )
         self.dtype = check_dtype(name, dtype)
         self.counts: list[int] = [0] * len(self.specs)
+
+    @classmethod
+    def create(
+        cls,
+        specs: Sequence[BlockSpec],
+        *,
+        dtype: torch.dtype = torch.float32,
+        rank: int = 16,
+        sketch_seed: int = 0,
+    ) -> Self:
+        """Zero curvature over `specs`; `rank` and `sketch_seed` serve the kinds that sketch."""
+        return cls(specs, dtype)
 
     def __len__(self) -> int:
         return len(self.specs)
 
     @property
+    @abstractmethod
     def ready(self) -> list[bool]:
         """Per block: whether it has an inverse to precondition with."""
-        raise NotImplementedError
 
     @abstractmethod
     def update(self, stats: Sequence[BlockStats | None], decay: float | None = 0.95) -> None:
@@ -219,12 +153,18 @@ class FisherRepresentation(ABC):
 
     @classmethod
     @abstractmethod
-    def aggregate(cls: type[R], reps: Sequence[R], weights: Sequence[float]) -> R:
+    def aggregate(cls, reps: Sequence[Self], weights: Sequence[float]) -> Self:
         """`sum_k weights[k] * reps[k]`, exact."""
 
     @abstractmethod
-    def inverse(self, damping: float | Sequence[float]) -> InverseReport:
-        """Prepares the damped inverse of every block that has curvature."""
+    def inverse(self, damping: float | Sequence[float], *, factored: bool = False) -> InverseReport:
+        """Prepares the damped inverse of every block that has curvature.
+
+        Args:
+            damping: λ > 0, one float or one per block.
+            factored: split the damping between Kronecker factors by their traces (K-FAC only;
+                other kinds add λ as is).
+        """
 
     @abstractmethod
     def precondition(
@@ -237,12 +177,42 @@ class FisherRepresentation(ABC):
         """`sum_i v_i^T F_i v_i` (undamped) over blocks with curvature."""
 
     @abstractmethod
+    def block_traces(self) -> list[float]:
+        """`tr(F_i)` per block (an unbiased estimate for sketches)."""
+
+    def trace(self, start: float = 0.0) -> float:
+        """`start + sum_i tr(F_i)`, adding block by block (a container sums its kinds in one
+        fixed order by passing its running total)."""
+        for t in self.block_traces():
+            start += t
+        return start
+
+    @abstractmethod
+    def psd_checks(self, tol: float, wire_eps: float) -> list[PsdCheck]:
+        """Checks finiteness, bounds, symmetry and signs; returns the PSD tests still to run.
+
+        Error labels read `<kind> block '<name>' <matrix>`.
+
+        Raises:
+            ValueError: naming the block and matrix.
+        """
+
+    def validate(self, tol: float = 1e-3, wire_eps: float = 0.0) -> None:
+        """Raises ValueError naming the first block whose curvature is not a Fisher.
+
+        Args:
+            tol: relative tolerance (see `fedng.curvature.validation`).
+            wire_eps: machine epsilon of the dtype the curvature travelled in (0: none).
+        """
+        run_psd_checks(self.psd_checks(tol, wire_eps))
+
+    @abstractmethod
     def to_payload(self, dtype: torch.dtype = torch.float32) -> Payload:
         """The curvature packed for the wire in `dtype`."""
 
     @classmethod
     @abstractmethod
-    def from_payload(cls: type[R], payload: Payload, dtype: torch.dtype = torch.float32) -> R:
+    def from_payload(cls, payload: Payload, dtype: torch.dtype = torch.float32) -> Self:
         """Rebuilds a representation (without inverses) from `to_payload`'s output."""
 
     @property
@@ -251,8 +221,17 @@ class FisherRepresentation(ABC):
         """Exact bytes of `to_payload(self.dtype)`."""
 
     @abstractmethod
-    def validate(self) -> None:
-        """Raises ValueError naming the first block whose curvature is not finite/symmetric/PSD."""
+    def inverse_arrays(self) -> tuple[Arrays, set[str]]:
+        """The damped inverses as named arrays `<kind>/<block>/<part>`, and which are symmetric
+        matrices (to travel as triangles). Blocks without an inverse are left out."""
+
+    @abstractmethod
+    def load_inverse_arrays(self, arrays: Arrays) -> None:
+        """Installs inverses made by `inverse_arrays` (blocks absent there are left as they are).
+
+        Raises:
+            ValueError: a block with some of its parts missing or of the wrong shape.
+        """
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
@@ -261,6 +240,34 @@ class FisherRepresentation(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores `state_dict()`'s output (checked against this representation's blocks)."""
+
+    def _label(self, i: int) -> str:
+        """`<kind> block '<name>'`: how errors name block i."""
+        return f"{self.kind} block '{self.specs[i].name}'"
+
+    def _inverse_key(self, i: int, part: str) -> str:
+        return f"{self.kind}/{self.specs[i].name}/{part}"
+
+    def _inverse_parts(
+        self, arrays: Arrays, i: int, parts: Sequence[str], shapes: Sequence[tuple[int, ...]]
+    ) -> list[torch.Tensor] | None:
+        """Block i's inverse parts from `arrays` in this dtype (None when none are there)."""
+        keys = [self._inverse_key(i, p) for p in parts]
+        present = [k in arrays for k in keys]
+        if not any(present):
+            return None
+        where = f"{type(self).__name__}.load_inverse_arrays"
+        if not all(present):
+            raise ValueError(f"{where}: {self._label(i)} needs {keys}, got only some of them")
+        out = []
+        for k, shape in zip(keys, shapes, strict=True):
+            t = arrays[k]
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"{where}: '{k}' must have shape {list(shape)}, got {list(t.shape)}"
+                )
+            out.append(t.to(self.dtype).contiguous())
+        return out
 
     def _check_state(self, state: dict[str, Any]) -> None:
         where = f"{type(self).__name__}.load_state_dict"
@@ -275,14 +282,3 @@ class FisherRepresentation(ABC):
 def clone_list(ts: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """Deep copies (None kept)."""
     return [None if t is None else t.detach().clone() for t in ts]
-
-
-def check_tensor(
-    where: str, name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype
-) -> torch.Tensor:
-    """A tensor of exactly `shape`, cast to `dtype` (ValueError/TypeError naming it otherwise)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{where}: '{name}' must be a tensor, got {type(t).__name__}")
-    if tuple(t.shape) != shape:
-        raise ValueError(f"{where}: '{name}' must have shape {list(shape)}, got {list(t.shape)}")
-    return t.detach().to(dtype).clone()

@@ -31,8 +31,8 @@ class Block:
     """
 
     spec: BlockSpec
-    weight: nn.Parameter
-    bias: nn.Parameter | None = None
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
     w_rows: slice | None = None
     b_rows: slice | None = None
     transpose: bool = False
@@ -50,88 +50,84 @@ class Block:
     def _b(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.b_rows is None else t[self.b_rows]
 
-    def has_grad(self) -> bool:
-        """Whether the weight (and bias, if any) hold gradients."""
-        return self.weight.grad is not None and (self.bias is None or self.bias.grad is not None)
-
-    def grad_matrix(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The block's gradient as a contiguous [m, n] tensor in `dtype`, or None without grads."""
+    def _grads(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Views of the block's part of `weight.grad` and `bias.grad` (None without a bias);
+        None when a gradient is missing."""
         wg = self.weight.grad
         if wg is None:
             return None
-        if self.bias is not None and self.bias.grad is None:
+        if self.bias is None:
+            return self._w(wg), None
+        bg = self.bias.grad
+        return None if bg is None else (self._w(wg), self._b(bg))
+
+    def _grads_to_write(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        grads = self._grads()
+        if grads is None:
+            raise ValueError(f"Block '{self.name}': its parameters have no gradients to write")
+        return grads
+
+    def grad_matrix(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The block's gradient as a contiguous [m, n] tensor in `dtype`, or None without grads."""
+        grads = self._grads()
+        if grads is None:
             return None
+        wg, bg = grads
         m, n = self.spec.m, self.spec.n
-        if self.w_rows is not None:
-            wg = wg[self.w_rows]
         if self.spec.kind == "elementwise":
-            parts = [wg.reshape(-1)]
-            if self.bias is not None:
-                parts.append(self._b(self.bias.grad).reshape(-1))
+            parts = [wg.reshape(-1)] if bg is None else [wg.reshape(-1), bg.reshape(-1)]
             return torch.cat(parts).to(dtype).view(1, n)
         if self.transpose:
             return wg.T.to(dtype).contiguous()
-        if self.bias is None:
+        if bg is None:
             return wg.reshape(m, n).to(dtype).contiguous()
-        bg = self._b(self.bias.grad)
         out = torch.cat([wg.reshape(m, n - 1), bg.unsqueeze(1)], 1)
         return out if out.dtype == dtype else out.to(dtype)
 
     def grad_pairs(self, p: torch.Tensor, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         """Appends (gradient view, matching view of `p` [m, n]) pairs: `write_grad` in bulk."""
-        wg = self._w(self.weight.grad)
+        wg, bg = self._grads_to_write()
         if self.spec.kind == "elementwise":
             k = wg.numel()
             dst.append(wg)
             src.append(p[0, :k].view(wg.shape))
-            if self.bias is not None:
-                bg = self._b(self.bias.grad)
+            if bg is not None:
                 dst.append(bg)
                 src.append(p[0, k:].view(bg.shape))
         elif self.transpose:
             dst.append(wg)
             src.append(p.T)
-        elif self.bias is None:
+        elif bg is None:
             dst.append(wg)
             src.append(p.view(wg.shape))
         else:
             dst.append(wg)
             src.append(p[:, :-1] if wg.dim() == 2 else p[:, :-1].reshape(wg.shape))
-            dst.append(self._b(self.bias.grad))
+            dst.append(bg)
             src.append(p[:, -1])
 
     def write_grad(self, p: torch.Tensor) -> None:
         """Overwrites the block's gradients with the [m, n] matrix `p` (cast to their dtype)."""
-        wg = self._w(self.weight.grad)
-        if self.spec.kind == "elementwise":
-            k = wg.numel()
-            wg.copy_(p[0, :k].view_as(wg))
-            if self.bias is not None:
-                self._b(self.bias.grad).copy_(p[0, k:].view_as(self._b(self.bias.grad)))
-            return
-        if self.transpose:
-            wg.copy_(p.T)
-            return
-        if self.bias is None:
-            wg.copy_(p.view_as(wg))
-            return
-        wg.copy_(p[:, :-1].reshape(wg.shape))
-        self._b(self.bias.grad).copy_(p[:, -1])
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        self.grad_pairs(p, dst, src)
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
 
     def add_to_params(self, delta: torch.Tensor) -> None:
         """Adds the [m, n] matrix `delta` to the block's parameters (weight and bias), in place."""
         with torch.no_grad():
             w = self._w(self.weight)
+            b = None if self.bias is None else self._b(self.bias)
             if self.spec.kind == "elementwise":
                 k = w.numel()
                 w.add_(delta[0, :k].view_as(w).to(w.dtype))
-                if self.bias is not None:
-                    b = self._b(self.bias)
+                if b is not None:
                     b.add_(delta[0, k:].view_as(b).to(b.dtype))
             elif self.transpose:
                 w.add_(delta.T.to(w.dtype))
-            elif self.bias is None:
+            elif b is None:
                 w.add_(delta.reshape(w.shape).to(w.dtype))
             else:
                 w.add_(delta[:, :-1].reshape(w.shape).to(w.dtype))
-                self._b(self.bias).add_(delta[:, -1].to(self.bias.dtype))
+                b.add_(delta[:, -1].to(b.dtype))

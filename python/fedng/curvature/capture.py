@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -21,8 +21,15 @@ from torch import nn
 from fedng.curvature.blocks import Block
 from fedng.curvature.discover import discover
 from fedng.curvature.fisher import REDUCTIONS, Reduction, check_choice
-from fedng.curvature.layers import Site, fisher_scale
-from fedng.curvature.stats import BlockStats
+from fedng.curvature.layers import Site
+from fedng.curvature.stats import (
+    BlockStats,
+    ElementwiseStats,
+    EmbeddingStats,
+    KronStats,
+    fisher_scale,
+    of_type,
+)
 
 
 class UnsupportedLayerWarning(UserWarning):
@@ -59,43 +66,26 @@ def _join(pieces: list[BlockStats], same_samples: bool, reduction: str) -> Block
         return pieces[0]
     first = pieces[0]
     same = same_samples and all(p.batch_size == first.batch_size for p in pieces)
-    dim = 1 if same else 0
     b = first.batch_size if same else sum(p.batch_size for p in pieces)
-    out = BlockStats(first.kind, b, fisher_scale(b, reduction))
-    if first.kind == "elementwise":
-        psg = [p.psg for p in pieces]
-        out.psg = torch.stack(psg).sum(0) if same else torch.cat(psg, 0)
-        return out
-    if not same and any(p.g.shape[1] != first.g.shape[1] for p in pieces):
-        pieces = [_rows_as_samples(p) for p in pieces]  # unequal lengths: rows become samples
-        out = BlockStats(first.kind, sum(p.batch_size for p in pieces), 0.0)
-        out.fisher_scale = fisher_scale(out.batch_size, reduction)
-    out.g = torch.cat([p.g for p in pieces], dim)
-    if all(p.g_loss is p.g for p in pieces):
-        out.g_loss = out.g
-    elif all(p.g_loss is not None for p in pieces):
-        out.g_loss = torch.cat([p.g_loss for p in pieces], dim)
-    if first.kind == "kron":
-        out.a = torch.cat([p.a for p in pieces], dim)
-    else:
-        out.ids = torch.cat([p.ids for p in pieces], dim)
-    return out
+    if isinstance(first, ElementwiseStats):
+        rest_e = of_type(ElementwiseStats, pieces[1:])
+        return first.join(rest_e, same, b, fisher_scale(b, reduction))
+    if isinstance(first, KronStats):
+        kron = of_type(KronStats, pieces)
+        if not same and _unequal_rows(kron):  # unequal lengths: rows become samples
+            kron = [p.rows_as_samples() for p in kron]
+            b = sum(p.batch_size for p in kron)
+        return kron[0].join(kron[1:], same, b, fisher_scale(b, reduction))
+    emb = of_type(EmbeddingStats, pieces)
+    if not same and _unequal_rows(emb):
+        emb = [p.rows_as_samples() for p in emb]
+        b = sum(p.batch_size for p in emb)
+    return emb[0].join(emb[1:], same, b, fisher_scale(b, reduction))
 
 
-def _rows_as_samples(p: BlockStats) -> BlockStats:
-    """[B, T, *] -> [B*T, 1, *]: each row its own sample."""
-    g = p.g.reshape(-1, 1, p.g.shape[-1])
-    out = BlockStats(p.kind, g.shape[0], p.fisher_scale, g=g)
-    out.g_loss = (
-        g
-        if p.g_loss is p.g
-        else (None if p.g_loss is None else p.g_loss.reshape(-1, 1, p.g_loss.shape[-1]))
-    )
-    if p.a is not None:
-        out.a = p.a.reshape(-1, 1, p.a.shape[-1])
-    if p.ids is not None:
-        out.ids = p.ids.reshape(-1, 1)
-    return out
+def _unequal_rows(pieces: Sequence[KronStats | EmbeddingStats]) -> bool:
+    """Whether the pieces have different numbers of rows per sample (T)."""
+    return any(p.g.shape[1] != pieces[0].g.shape[1] for p in pieces)
 
 
 class CurvatureCapture:
@@ -137,7 +127,7 @@ class CurvatureCapture:
             )
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{where}: 'dtype' must be torch.float32 or torch.float64, got {dtype}")
-        self.reduction: str = check_choice(where, "reduction", reduction, REDUCTIONS)
+        self.reduction: Reduction = check_choice(where, "reduction", reduction, REDUCTIONS)
         self.dtype = dtype
         found = discover(model)
         self.blocks: list[Block] = found.blocks
@@ -173,7 +163,8 @@ class CurvatureCapture:
             return
         rec = _Record(site, x, extra, self._forward)  # `collect` reads x under no_grad
         self._records.append(rec)
-        y.register_hook(functools.partial(self._on_grad, rec))
+        # torch declares Tensor.register_hook without annotations
+        y.register_hook(functools.partial(self._on_grad, rec))  # type: ignore[no-untyped-call]
 
     def _on_grad(self, rec: _Record, grad: torch.Tensor) -> None:
         g = grad.detach() if grad.requires_grad else grad
@@ -272,8 +263,8 @@ class CurvatureCapture:
                 site.stats(rec.x, gf, gl, rec.extra, self.dtype, self.reduction),
                 strict=True,
             ):
-                if rec.g_loss is None:
-                    st.g_loss = None
+                if rec.g_loss is None and not isinstance(st, ElementwiseStats):
+                    st.g_loss = None  # no loss pass: the batch cannot explain `.grad`
                 pieces.setdefault(blk, []).append((rec.forward, st))
         return [
             _merge(pieces[i], self.reduction) if i in pieces else None

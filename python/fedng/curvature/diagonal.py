@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from fedng.curvature.base import (
-    FisherRepresentation,
-    InverseReport,
+from fedng._typing import Arrays
+from fedng.curvature.base import FisherRepresentation, InverseReport, clone_list
+from fedng.curvature.checks import (
     check_aggregate,
     check_damping,
     check_decay,
@@ -23,13 +23,15 @@ from fedng.curvature.base import (
     check_grads,
     check_stats,
     check_tensor,
-    clone_list,
-    ema_weights,
 )
+from fedng.curvature.ema import ema_weights
+from fedng.curvature.registry import register
 from fedng.curvature.spec import BlockSpec, Payload, PayloadReader, check_wire_dtype
 from fedng.curvature.stats import BlockStats
+from fedng.curvature.validation import PsdCheck, check_nonnegative, finite_scale
 
 
+@register
 class DiagonalFisher(FisherRepresentation):
     """The diagonal of the empirical (or Monte-Carlo) Fisher, per block.
 
@@ -43,6 +45,7 @@ class DiagonalFisher(FisherRepresentation):
     """
 
     kind = "diag"
+    order = 1
 
     def __init__(self, specs: Sequence[BlockSpec], dtype: torch.dtype = torch.float32) -> None:
         super().__init__(specs, dtype)
@@ -58,22 +61,16 @@ class DiagonalFisher(FisherRepresentation):
         """`diag <- decay diag + (1 - decay) fisher_scale * sum_b psg_b^2` per block seen."""
         check_stats("DiagonalFisher.update", stats, self.specs)
         decay = check_decay("DiagonalFisher.update", decay)
-        seen = [i for i, st in enumerate(stats) if st is not None]
+        seen = [(i, st) for i, st in enumerate(stats) if st is not None]
         if not seen:
             return
         old, new = ema_weights(self.counts, decay)
-        fresh = []
-        for i in seen:
-            st = stats[i]
-            if st is None:
-                raise RuntimeError("fedng internal invariant broken: st is not None")
-            s = self.specs[i]
-            fresh.append(st.squared_sum(s.m, s.n).to(self.dtype))
-        targets = [self.diag[i] for i in seen]
-        torch._foreach_mul_(targets, [old[i] for i in seen])
-        torch._foreach_mul_(fresh, [new[i] * stats[i].fisher_scale for i in seen])  # type: ignore[union-attr]
+        fresh = [st.squared_sum(self.specs[i].m, self.specs[i].n).to(self.dtype) for i, st in seen]
+        targets = [self.diag[i] for i, _ in seen]
+        torch._foreach_mul_(targets, [old[i] for i, _ in seen])
+        torch._foreach_mul_(fresh, [new[i] * st.fisher_scale for i, st in seen])
         torch._foreach_add_(targets, fresh)
-        for i in seen:
+        for i, _ in seen:
             self.counts[i] += 1
 
     @classmethod
@@ -86,8 +83,9 @@ class DiagonalFisher(FisherRepresentation):
         out.counts = [max(r.counts[i] for r in reps) for i in range(len(out.specs))]
         return out
 
-    def inverse(self, damping: float | Sequence[float]) -> InverseReport:
-        """`1 / (diag + λ)` for every block with curvature (λ > 0 keeps it finite).
+    def inverse(self, damping: float | Sequence[float], *, factored: bool = False) -> InverseReport:
+        """`1 / (diag + λ)` for every block with curvature (λ > 0 keeps it finite; `factored`
+        does not apply to a diagonal).
 
         A block with NaN/Inf curvature is reported FAILED (status 2) and keeps its previous
         inverse (or stays unpreconditioned).
@@ -107,13 +105,15 @@ class DiagonalFisher(FisherRepresentation):
     ) -> list[torch.Tensor | None]:
         """`grad / (diag + λ)` for every block with a gradient and an inverse."""
         check_grads("DiagonalFisher.precondition", grads, self.specs)
-        live = [i for i, g in enumerate(grads) if g is not None and self.inv[i] is not None]
+        live = [
+            (i, g.to(self.dtype), inv)
+            for i, (g, inv) in enumerate(zip(grads, self.inv, strict=True))
+            if g is not None and inv is not None
+        ]
         out: list[torch.Tensor | None] = [None] * len(self.specs)
         if live:
-            res = torch._foreach_mul(
-                [grads[i].to(self.dtype) for i in live], [self.inv[i] for i in live]
-            )
-            for i, p in zip(live, res, strict=True):
+            res = torch._foreach_mul([g for _, g, _ in live], [inv for _, _, inv in live])
+            for (i, _, _), p in zip(live, res, strict=True):
                 out[i] = p
         return out
 
@@ -154,17 +154,35 @@ class DiagonalFisher(FisherRepresentation):
             out.counts[i] = int(bool(out.diag[i].any()))
         return out
 
-    def validate(self) -> None:
-        """Finite and >= 0 (within rounding) everywhere; ValueError naming the block otherwise."""
-        for s, d in zip(self.specs, self.diag, strict=True):
-            if not bool(torch.isfinite(d).all()):
-                raise ValueError(f"DiagonalFisher.validate: block '{s.name}' has NaN/Inf entries")
-            tol = 16 * torch.finfo(self.dtype).eps * float(d.abs().max())
-            if float(d.min()) < -tol:
-                raise ValueError(
-                    f"DiagonalFisher.validate: block '{s.name}' has a negative entry"
-                    f" {float(d.min()):.3e} (a Fisher diagonal is >= 0)"
-                )
+    def block_traces(self) -> list[float]:
+        """`sum(diag_i)` per block."""
+        return [float(d.sum()) for d in self.diag]
+
+    def trace(self, start: float = 0.0) -> float:
+        """`start + sum_i tr(F_i)`, the blocks summed first (the order the federated trace check
+        has always used; kept so that its results do not move by an ulp)."""
+        return start + sum(self.block_traces())
+
+    def psd_checks(self, tol: float, wire_eps: float) -> list[PsdCheck]:
+        """Every diagonal finite, bounded and >= -tol max|diag| (nothing left to factorize)."""
+        for i, d in enumerate(self.diag):
+            label = f"{self._label(i)} diag"
+            check_nonnegative(label, d, tol, finite_scale(label, d))
+        return []
+
+    def inverse_arrays(self) -> tuple[Arrays, set[str]]:
+        """`<block>/inv` [m, n] per inverted block (none symmetric)."""
+        arrays = {
+            self._inverse_key(i, "inv"): inv for i, inv in enumerate(self.inv) if inv is not None
+        }
+        return arrays, set()
+
+    def load_inverse_arrays(self, arrays: Arrays) -> None:
+        """Installs `inv` of the blocks `arrays` holds."""
+        for i, s in enumerate(self.specs):
+            parts = self._inverse_parts(arrays, i, ("inv",), ((s.m, s.n),))
+            if parts is not None:
+                self.inv[i] = parts[0]
 
     def state_dict(self) -> dict[str, Any]:
         """Diagonals, counts and inverses (copies)."""

@@ -16,7 +16,7 @@ B = outputs.shape[0]), so both passes give gradients on the same scale.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +25,20 @@ FisherType = Literal["empirical", "mc"]
 LossType = Literal["cross_entropy", "mse"]
 Reduction = Literal["mean", "sum"]
 
-FISHER_TYPES: tuple[str, ...] = ("empirical", "mc")
-LOSS_TYPES: tuple[str, ...] = ("cross_entropy", "mse")
-REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+FISHER_TYPES: tuple[FisherType, ...] = ("empirical", "mc")
+LOSS_TYPES: tuple[LossType, ...] = ("cross_entropy", "mse")
+REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum")
+
+C = TypeVar("C", bound=str)
 
 
-def check_choice(where: str, name: str, value: object, choices: tuple[str, ...]) -> str:
-    """Returns `value` if it is one of `choices`, else raises ValueError naming the argument."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{where}: '{name}' must be one of {list(choices)}, got {value!r}")
-    return value
+def check_choice(where: str, name: str, value: object, choices: tuple[C, ...]) -> C:
+    """The one of `choices` that `value` is (typed as the choices are), else ValueError naming
+    the argument."""
+    for c in choices:
+        if value == c:
+            return c
+    raise ValueError(f"{where}: '{name}' must be one of {list(choices)}, got {value!r}")
 
 
 def sample_targets(

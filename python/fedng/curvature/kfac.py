@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from fedng import ops
-from fedng.curvature.base import (
-    FisherRepresentation,
-    InverseReport,
+from fedng._typing import Arrays
+from fedng.curvature.base import FisherRepresentation, InverseReport, clone_list
+from fedng.curvature.checks import (
     check_aggregate,
     check_damping,
     check_decay,
@@ -29,11 +29,11 @@ from fedng.curvature.base import (
     check_grads,
     check_stats,
     check_tensor,
-    clone_list,
-    decay_groups,
-    ema_weights,
 )
+from fedng.curvature.ema import decay_groups, ema_weights
+from fedng.curvature.registry import register
 from fedng.curvature.spec import (
+    BlockKind,
     BlockSpec,
     Payload,
     PayloadReader,
@@ -42,10 +42,13 @@ from fedng.curvature.spec import (
     triangle_size,
     unpack_triangle,
 )
-from fedng.curvature.stats import BlockStats
+from fedng.curvature.stats import BlockStats, EmbeddingStats, KronStats
+from fedng.curvature.validation import PsdCheck, check_nonnegative, finite_scale, symmetric_check
 
 _PROBE_SEED = 0x5EED
 """Seed of the fixed random vectors that check the batch form's precondition applies."""
+
+_FAILED = ops.CholeskyStatus.FAILED
 
 
 def batch_form_cheaper(rows: int, m: int, n: int) -> bool:
@@ -53,12 +56,15 @@ def batch_form_cheaper(rows: int, m: int, n: int) -> bool:
     return rows * (m * m + n * n + m * n) < m * n * (m + n)
 
 
-def psd_tolerance(mat: torch.Tensor) -> float:
-    """Shift below which a negative eigenvalue counts as rounding: 16 n eps max|M| (+ tiny)."""
-    scale = float(mat.abs().max()) if mat.numel() else 0.0
-    return 16.0 * mat.shape[0] * torch.finfo(mat.dtype).eps * scale + 1e-30
+def _kfac_stats(
+    where: str, stats: Sequence[BlockStats | None], specs: Sequence[BlockSpec]
+) -> dict[int, KronStats | EmbeddingStats]:
+    """The blocks seen (index -> stats), after checking each entry matches its block's kind."""
+    check_stats(where, stats, specs)
+    return {i: st for i, st in enumerate(stats) if isinstance(st, (KronStats, EmbeddingStats))}
 
 
+@register
 class KFAC(FisherRepresentation):
     """Kronecker-factored Fisher of `kron` and `embedding` blocks.
 
@@ -73,15 +79,12 @@ class KFAC(FisherRepresentation):
     """
 
     kind = "kfac"
+    order = 0
+    block_kinds: ClassVar[frozenset[BlockKind]] = frozenset({"kron", "embedding"})
+    default_block_kinds: ClassVar[frozenset[BlockKind]] = frozenset({"kron", "embedding"})
 
     def __init__(self, specs: Sequence[BlockSpec], dtype: torch.dtype = torch.float32) -> None:
         super().__init__(specs, dtype)
-        for s in self.specs:
-            if s.kind == "elementwise":
-                raise ValueError(
-                    f"KFAC: block '{s.name}' is elementwise (a normalization layer);"
-                    " use DiagonalFisher for it"
-                )
         self.A: list[torch.Tensor] = [
             torch.zeros((s.n, s.n) if s.kind == "kron" else (s.n,), dtype=dtype) for s in self.specs
         ]
@@ -93,7 +96,12 @@ class KFAC(FisherRepresentation):
     @property
     def ready(self) -> list[bool]:
         """Per block: whether it has inverses."""
-        return [a is not None for a in self.a_inv]
+        return [
+            a is not None and g is not None for a, g in zip(self.a_inv, self.g_inv, strict=True)
+        ]
+
+    def _a_shape(self, s: BlockSpec) -> tuple[int, ...]:
+        return (s.n, s.n) if s.kind == "kron" else (s.n,)
 
     # --- accumulation -----------------------------------------------------------------------
 
@@ -101,39 +109,31 @@ class KFAC(FisherRepresentation):
         """Folds a batch in: `F <- decay F + (1 - decay) F_batch` per factor.
 
         Args:
-            stats: one `BlockStats` (or None: unchanged) per block.
+            stats: per block, its `KronStats` / `EmbeddingStats` (or None: unchanged).
             decay: EMA decay in [0, 1), or None for a running mean over updates. A block's first
                 update takes the batch value.
         """
         where = "KFAC.update"
-        check_stats(where, stats, self.specs)
+        seen = _kfac_stats(where, stats, self.specs)
         decay = check_decay(where, decay)
-        seen = [i for i, st in enumerate(stats) if st is not None]
         old, new = ema_weights(self.counts, decay)
-        for d, members in decay_groups(old, seen).items():
+        for d, members in decay_groups(old, list(seen)).items():
             factors: list[torch.Tensor] = []
             inputs: list[torch.Tensor] = []
             scales: list[float] = []
             for i in members:
-                st = stats[i]
-                if st is None:
-                    raise RuntimeError("fedng internal invariant broken: st is not None")
-                if self.specs[i].kind == "kron":
+                st = seen[i]
+                if isinstance(st, KronStats):
                     factors.append(self.A[i])
                     inputs.append(st.a_rows().to(self.dtype))
                     scales.append(new[i] / st.rows)
-                else:
-                    if st.ids is None:
-                        raise RuntimeError("fedng internal invariant broken: st.ids is not None")
-                    freq = torch.bincount(st.ids.reshape(-1), minlength=self.specs[i].n)
+                else:  # one-hot inputs: A is the diagonal of token frequencies
+                    freq = st.frequencies(self.specs[i].n)
                     self.A[i].mul_(d).add_(freq.to(self.dtype), alpha=new[i] / st.rows)
             for i in members:
-                st = stats[i]
-                if st is None:
-                    raise RuntimeError("fedng internal invariant broken: st is not None")
                 factors.append(self.G[i])
-                inputs.append(st.g_rows().to(self.dtype))
-                scales.append(new[i] * st.fisher_scale)
+                inputs.append(seen[i].g_rows().to(self.dtype))
+                scales.append(new[i] * seen[i].fisher_scale)
             ops.kron_accumulate(factors, inputs, d, scales)
         for i in seen:
             self.counts[i] += 1
@@ -191,12 +191,12 @@ class KFAC(FisherRepresentation):
             spec = self.specs[i]
             if spec.kind == "embedding":
                 a_new[i] = 1.0 / (self.A[i] + da[i])
-                a_status[i], a_used[i] = 0, da[i]
+                a_status[i], a_used[i] = int(ops.CholeskyStatus.OK), da[i]
             g_status = int(res.status[len(dense) + k])
             names += [f"{spec.name}.A", f"{spec.name}.G"]
             status += [a_status[i], g_status]
             used += [a_used[i], float(res.damping[len(dense) + k])]
-            if a_status[i] != 2 and g_status != 2:
+            if a_status[i] != _FAILED and g_status != _FAILED:
                 self.a_inv[i], self.g_inv[i] = a_new[i], res.inverses[len(dense) + k]
         return InverseReport(
             names, torch.tensor(status, dtype=torch.int8), torch.tensor(used, dtype=torch.float64)
@@ -224,14 +224,12 @@ class KFAC(FisherRepresentation):
         a backward pass that was not recorded); the dense form is used then.
         """
         s = self.specs[i]
-        if (
-            st is None
-            or st.g_loss is None
-            or st.a is None
-            or not batch_form_cheaper(st.rows, s.m, s.n)
-        ):
+        if not isinstance(st, KronStats) or not batch_form_cheaper(st.rows, s.m, s.n):
             return None
-        a, g = st.a_rows().to(self.dtype), st.g_rows(loss_pass=True).to(self.dtype)
+        g_loss = st.g_loss_rows()
+        if g_loss is None:
+            return None
+        a, g = st.a_rows().to(self.dtype), g_loss.to(self.dtype)
         u, v = self._probe(i)
         gu, av = g @ u, a @ v
         lhs, rhs = float(u @ (grad @ v)), float(gu @ av)
@@ -254,56 +252,85 @@ class KFAC(FisherRepresentation):
         if stats is not None:
             check_stats("KFAC.precondition", stats, self.specs)
         out: list[torch.Tensor | None] = [None] * len(self.specs)
-        batch: list[int] = []
-        dense: list[int] = []
-        rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # (block, gradient, A^-1, G^-1) of the blocks to precondition with each form
+        batch: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        dense: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, g in enumerate(grads):
-            if g is None or self.a_inv[i] is None:
+            a_inv, g_inv = self.a_inv[i], self.g_inv[i]
+            if g is None or a_inv is None or g_inv is None:
                 continue
             if self.specs[i].kind == "embedding":
-                out[i] = self.g_inv[i] @ (g.to(self.dtype) * self.a_inv[i])
+                out[i] = g_inv @ (g.to(self.dtype) * a_inv)
                 continue
             r = self._batch_rows(i, g, stats[i]) if stats is not None else None
             if r is None:
-                dense.append(i)
+                dense.append((i, g.to(self.dtype).contiguous(), a_inv, g_inv))
             else:
-                rows[i] = r
-                batch.append(i)
+                rows.append(r)
+                batch.append((i, g.to(self.dtype), a_inv, g_inv))
         if batch:
             res = ops.kron_precondition(
-                [grads[i].to(self.dtype) for i in batch],
-                [self.a_inv[i] for i in batch],
-                [self.g_inv[i] for i in batch],
-                inputs=[rows[i][0] for i in batch],
-                output_grads=[rows[i][1] for i in batch],
+                [b[1] for b in batch],
+                [b[2] for b in batch],
+                [b[3] for b in batch],
+                inputs=[r[0] for r in rows],
+                output_grads=[r[1] for r in rows],
             )
-            for i, p in zip(batch, res, strict=True):
-                out[i] = p
+            for b, p in zip(batch, res, strict=True):
+                out[b[0]] = p
         if dense:
             res = ops.kron_precondition(
-                [grads[i].to(self.dtype).contiguous() for i in dense],
-                [self.a_inv[i] for i in dense],
-                [self.g_inv[i] for i in dense],
+                [d[1] for d in dense], [d[2] for d in dense], [d[3] for d in dense]
             )
-            for i, p in zip(dense, res, strict=True):
-                out[i] = p
+            for d, p in zip(dense, res, strict=True):
+                out[d[0]] = p
         return out
 
     def quadratic(self, vectors: Sequence[torch.Tensor | None]) -> float:
         """`sum_i <G_i V_i A_i, V_i>` over blocks with curvature: `vec(V)^T (A ⊗ G) vec(V)`."""
         check_grads("KFAC.quadratic", vectors, self.specs)
-        live = [i for i, v in enumerate(vectors) if v is not None and self.counts[i] > 0]
-        dense = [i for i in live if self.specs[i].kind == "kron"]
+        live = [
+            (i, v.to(self.dtype))
+            for i, v in enumerate(vectors)
+            if v is not None and self.counts[i] > 0
+        ]
+        dense = [(i, v.contiguous()) for i, v in live if self.specs[i].kind == "kron"]
         total = 0.0
         if dense:
-            vs = [vectors[i].to(self.dtype).contiguous() for i in dense]
-            fv = ops.kron_precondition(vs, [self.A[i] for i in dense], [self.G[i] for i in dense])
+            vs = [v for _, v in dense]
+            fv = ops.kron_precondition(
+                vs, [self.A[i] for i, _ in dense], [self.G[i] for i, _ in dense]
+            )
             total += sum(float((f * v).sum()) for f, v in zip(fv, vs, strict=True))
-        for i in live:
+        for i, v in live:
             if self.specs[i].kind == "embedding":
-                v = vectors[i].to(self.dtype)
                 total += float(((self.G[i] @ (v * self.A[i])) * v).sum())
         return total
+
+    def block_traces(self) -> list[float]:
+        """`tr(A_i) tr(G_i)` per block: the trace of `A ⊗ G`."""
+        out = []
+        for a, g in zip(self.A, self.G, strict=True):
+            ta = float(a.sum()) if a.dim() == 1 else float(a.diagonal().sum())
+            out.append(ta * float(g.diagonal().sum()))
+        return out
+
+    # --- checks -----------------------------------------------------------------------------
+
+    def psd_checks(self, tol: float, wire_eps: float) -> list[PsdCheck]:
+        """Both factors of every block: finite, bounded; a diagonal A non-negative, dense
+        factors symmetric (their PSD tests returned)."""
+        checks = []
+        for i in range(len(self.specs)):
+            for tag, f in (("A", self.A[i]), ("G", self.G[i])):
+                label = f"{self._label(i)} {tag}"
+                big = finite_scale(label, f)
+                if f.dim() == 1:
+                    check_nonnegative(label, f, tol, big)
+                else:
+                    checks.append(symmetric_check(label, f, tol, wire_eps))
+        return checks
 
     # --- wire format ------------------------------------------------------------------------
 
@@ -344,35 +371,28 @@ class KFAC(FisherRepresentation):
             out.counts[i] = int(bool(out.A[i].any() or out.G[i].any()))
         return out
 
-    def validate(self) -> None:
-        """Checks every factor: finite, symmetric, positive semi-definite within rounding.
+    def inverse_arrays(self) -> tuple[Arrays, set[str]]:
+        """`<block>/A_inv` (a vector for embeddings) and `<block>/G_inv` per inverted block."""
+        arrays: Arrays = {}
+        sym: set[str] = set()
+        for i, (a_inv, g_inv) in enumerate(zip(self.a_inv, self.g_inv, strict=True)):
+            if a_inv is None or g_inv is None:
+                continue
+            ka, kg = self._inverse_key(i, "A_inv"), self._inverse_key(i, "G_inv")
+            arrays[ka], arrays[kg] = a_inv, g_inv
+            if a_inv.dim() == 2:
+                sym.add(ka)
+            sym.add(kg)
+        return arrays, sym
 
-        Raises:
-            ValueError: naming the block and factor.
-        """
-        mats, names, shifts = [], [], []
-        for s, a, g in zip(self.specs, self.A, self.G, strict=True):
-            for tag, f in (("A", a), ("G", g)):
-                label = f"KFAC.validate: block '{s.name}' factor {tag}"
-                if not bool(torch.isfinite(f).all()):
-                    raise ValueError(f"{label} has NaN/Inf entries")
-                tol = psd_tolerance(f if f.dim() == 2 else f.diag())
-                if f.dim() == 1:
-                    if float(f.min()) < -tol:
-                        raise ValueError(
-                            f"{label} (a diagonal) has a negative entry {float(f.min()):.3e}"
-                        )
-                    continue
-                asym = float((f - f.T).abs().max())
-                if asym > tol:
-                    raise ValueError(f"{label} is not symmetric (max |F - F^T| = {asym:.3e})")
-                mats.append(f)
-                names.append(label)
-                shifts.append(tol)
-        res = ops.damped_cholesky_inverse(mats, shifts, max_tries=1)
-        for label, st in zip(names, res.status.tolist(), strict=True):
-            if st != 0:
-                raise ValueError(f"{label} is not positive semi-definite")
+    def load_inverse_arrays(self, arrays: Arrays) -> None:
+        """Installs `A_inv`/`G_inv` of the blocks `arrays` holds."""
+        for i, s in enumerate(self.specs):
+            parts = self._inverse_parts(
+                arrays, i, ("A_inv", "G_inv"), (self._a_shape(s), (s.m, s.m))
+            )
+            if parts is not None:
+                self.a_inv[i], self.g_inv[i] = parts
 
     # --- state ------------------------------------------------------------------------------
 
@@ -393,7 +413,7 @@ class KFAC(FisherRepresentation):
         self._check_state(state)
         w = "KFAC.load_state_dict"
         for i, s in enumerate(self.specs):
-            a_shape = (s.n, s.n) if s.kind == "kron" else (s.n,)
+            a_shape = self._a_shape(s)
             self.A[i] = check_tensor(w, f"A[{i}]", state["A"][i], a_shape, self.dtype)
             self.G[i] = check_tensor(w, f"G[{i}]", state["G"][i], (s.m, s.m), self.dtype)
             ai, gi = state["a_inv"][i], state["g_inv"][i]

@@ -2,7 +2,8 @@
 
 A `Rule` owns one module. It declares its curvature blocks (bound to the module's parameters) and
 its capture sites (a site is one (input, output) pair the hooks observe), installs the hooks, and
-turns what a site recorded into `BlockStats`. Attention lives in `attention.py`.
+turns what a site recorded into per-block statistics (`fedng.curvature.stats`). Attention lives
+in `attention.py`.
 
 Supported here: `nn.Linear` (bias folded into A), `nn.Conv2d` (patches via unfold: KFC; any
 stride, dilation, padding mode and groups, one block per group), `nn.Embedding` (diagonal A),
@@ -22,14 +23,18 @@ from torch.utils.hooks import RemovableHandle
 
 from fedng.curvature.blocks import Block
 from fedng.curvature.spec import BlockSpec
-from fedng.curvature.stats import BlockStats
-
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.RMSNorm,
-    nn.modules.batchnorm._BatchNorm,
+from fedng.curvature.stats import (
+    BlockStats,
+    ElementwiseStats,
+    EmbeddingStats,
+    KronStats,
+    fisher_scale,
 )
+
+NormLayer = nn.LayerNorm | nn.GroupNorm | nn.RMSNorm | nn.modules.batchnorm._BatchNorm
+"""The normalization layers (elementwise blocks)."""
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
 
 
 class Observer(Protocol):
@@ -71,11 +76,6 @@ class Site:
             reduction: "mean" or "sum", how the loss reduced over the batch.
         """
         raise NotImplementedError
-
-
-def fisher_scale(batch: int, reduction: str) -> float:
-    """B for a mean-reduced loss, 1/B for a sum (see `stats.py`)."""
-    return float(batch) if reduction == "mean" else 1.0 / batch
 
 
 def _grads(
@@ -132,7 +132,11 @@ class LinearSite(Site):
             b = x.shape[0]
         a = with_ones(x.reshape(b, -1, x.shape[-1]), self.bias, dtype)
         g, g_loss = _grads(gf, gl, (b, a.shape[1], gf.shape[-1]), dtype)
-        return [BlockStats("kron", b, fisher_scale(b, reduction), g=g, g_loss=g_loss, a=a)]
+        return [
+            KronStats(
+                batch_size=b, fisher_scale=fisher_scale(b, reduction), g=g, g_loss=g_loss, a=a
+            )
+        ]
 
 
 class Conv2dSite(Site):
@@ -145,11 +149,14 @@ class Conv2dSite(Site):
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """Unfolded input patches [B, L, C*kh*kw] (channel-major, like `weight.view(out, -1)`)."""
         c = self.conv
-        pad = c.padding
-        if isinstance(c.padding, str) or c.padding_mode != "zeros":
+        padding = c.padding
+        pad: tuple[int, ...]
+        if isinstance(padding, str) or c.padding_mode != "zeros":
             mode = "constant" if c.padding_mode == "zeros" else c.padding_mode
             x = F.pad(x, c._reversed_padding_repeated_twice, mode=mode)
             pad = (0, 0)
+        else:
+            pad = padding
         cols = F.unfold(x, c.kernel_size, dilation=c.dilation, padding=pad, stride=c.stride)
         return cols.transpose(1, 2)
 
@@ -175,13 +182,14 @@ class Conv2dSite(Site):
         out = gf.shape[1] // groups
         f = gf.to(dtype).flatten(2).transpose(1, 2)
         lo = f if gl is gf else gl.to(dtype).flatten(2).transpose(1, 2)
-        stats = []
+        stats: list[BlockStats] = []
         for grp in range(groups):
             a = with_ones(cols[:, :, grp * k : (grp + 1) * k], bias, dtype)
             gs = slice(grp * out, (grp + 1) * out)
             g = f[:, :, gs].contiguous()
             g_loss = g if lo is f else lo[:, :, gs].contiguous()
-            stats.append(BlockStats("kron", b, fisher_scale(b, reduction), g=g, g_loss=g_loss, a=a))
+            scale = fisher_scale(b, reduction)
+            stats.append(KronStats(batch_size=b, fisher_scale=scale, g=g, g_loss=g_loss, a=a))
         return stats
 
 
@@ -208,13 +216,14 @@ class EmbeddingSite(Site):
             keep = (ids != self.padding_idx).unsqueeze(-1).to(dtype)
             g = g * keep
             g_loss = g if g_loss is g else g_loss * keep
-        return [BlockStats("embedding", b, fisher_scale(b, reduction), g=g, g_loss=g_loss, ids=ids)]
+        scale = fisher_scale(b, reduction)
+        return [EmbeddingStats(batch_size=b, fisher_scale=scale, g=g, g_loss=g_loss, ids=ids)]
 
 
 class NormSite(Site):
     """Normalization layers: per-sample gradients of the affine weight and bias, elementwise."""
 
-    def __init__(self, norm: nn.Module) -> None:
+    def __init__(self, norm: NormLayer) -> None:
         super().__init__()
         self.norm = norm
 
@@ -234,10 +243,6 @@ class NormSite(Site):
         if isinstance(m, nn.GroupNorm):
             xh = F.group_norm(x, m.num_groups, None, None, m.eps)
         else:
-            if not isinstance(m, nn.modules.batchnorm._BatchNorm):
-                raise RuntimeError(
-                    f"fedng internal invariant broken: {type(m).__name__} is not BatchNorm"
-                )
             xh = F.batch_norm(
                 x,
                 None if batch_stats else m.running_mean,
@@ -270,7 +275,7 @@ class NormSite(Site):
         if getattr(self.norm, "bias", None) is not None:
             parts.append(g.sum(1))
         psg = torch.cat(parts, 1).unsqueeze(1)
-        return [BlockStats("elementwise", b, fisher_scale(b, reduction), psg=psg)]
+        return [ElementwiseStats(batch_size=b, fisher_scale=fisher_scale(b, reduction), psg=psg)]
 
 
 def _batch_stats(m: nn.Module) -> bool:
@@ -302,9 +307,9 @@ class Rule:
         """`name (ClassName)` for messages."""
         return f"{self.name or '<root>'} ({type(self.module).__name__})"
 
-    def params(self) -> list[nn.Parameter]:
+    def params(self) -> list[torch.Tensor]:
         """The parameters the blocks cover."""
-        out: list[nn.Parameter] = []
+        out: list[torch.Tensor] = []
         for blk in self.blocks:
             for p in (blk.weight, blk.bias):
                 if p is not None and all(p is not q for q in out):
@@ -329,8 +334,9 @@ class Rule:
         return [self.module.register_forward_hook(hook)]
 
 
-def _trainable(p: nn.Parameter | None) -> nn.Parameter | None:
-    return p if p is not None and p.requires_grad else None
+def _trainable(p: object) -> torch.Tensor | None:
+    """`p` if it is a parameter that requires grad, else None."""
+    return p if isinstance(p, torch.Tensor) and p.requires_grad else None
 
 
 def linear_rule(name: str, m: nn.Linear) -> Rule:
@@ -384,10 +390,12 @@ def embedding_rule(name: str, m: nn.Embedding) -> Rule:
     return r
 
 
-def norm_rule(name: str, m: nn.Module) -> Rule:
+def norm_rule(name: str, m: NormLayer) -> Rule:
     """Normalization layers: one elementwise block holding the weight (and bias)."""
     r = Rule(name, m)
     weight = m.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{r.label}: 'weight' must be a parameter, got {type(weight).__name__}")
     bias = _trainable(getattr(m, "bias", None))
     n = weight.numel() + (bias.numel() if bias is not None else 0)
     r.blocks = [Block(BlockSpec(name, "elementwise", 1, n), weight, bias)]

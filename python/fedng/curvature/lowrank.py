@@ -12,16 +12,17 @@ sketches into eigendecompositions (`nystrom`), `precondition` applies
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from fedng import ops
-from fedng.curvature.base import (
-    FisherRepresentation,
-    InverseReport,
+from fedng._typing import Arrays
+from fedng.curvature.base import FisherRepresentation, InverseReport, clone_list
+from fedng.curvature.checks import (
     check_aggregate,
     check_damping,
     check_decay,
@@ -29,12 +30,12 @@ from fedng.curvature.base import (
     check_grads,
     check_stats,
     check_tensor,
-    clone_list,
-    decay_groups,
-    ema_weights,
 )
-from fedng.curvature.spec import BlockSpec, Payload, PayloadReader, check_wire_dtype
-from fedng.curvature.stats import _CHUNK_BYTES, BlockStats
+from fedng.curvature.ema import decay_groups, ema_weights
+from fedng.curvature.registry import register
+from fedng.curvature.spec import BlockKind, BlockSpec, Payload, PayloadReader, check_wire_dtype
+from fedng.curvature.stats import CHUNK_BYTES, BlockStats
+from fedng.curvature.validation import PsdCheck, finite_scale, symmetric_check
 
 
 def stream_id(name: str) -> int:
@@ -48,14 +49,17 @@ def _check_int(where: str, name: str, value: object, low: int) -> int:
     return value
 
 
+@register
 class LowRankFisher(FisherRepresentation):
     """Nyström-sketched Fisher per block.
 
     Args:
-        specs: the blocks (any kind; the sketch has d = m n rows, so mind large embeddings).
+        specs: the blocks (any kind; the sketch has d = m n rows, so mind large embeddings: chosen
+            for a whole model, it leaves embeddings and normalization layers to the diagonal).
         rank: sketch columns r (capped at d per block).
-        seed: the shared sketch seed (all clients must use the same).
+        sketch_seed: the shared sketch seed (all clients must use the same).
         dtype: float32 or float64.
+        seed: deprecated name of `sketch_seed`.
 
     Attributes:
         Y: per block, the sketch [d, r].
@@ -64,20 +68,31 @@ class LowRankFisher(FisherRepresentation):
     """
 
     kind = "lowrank"
+    order = 2
+    default_block_kinds: ClassVar[frozenset[BlockKind]] = frozenset({"kron"})
 
     def __init__(
         self,
         specs: Sequence[BlockSpec],
-        rank: int = 32,
-        seed: int = 0,
+        rank: int = 16,
+        sketch_seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        *,
+        seed: int | None = None,
     ) -> None:
         super().__init__(specs, dtype)
+        if seed is not None:
+            warnings.warn(
+                "LowRankFisher: 'seed' is deprecated, use 'sketch_seed'",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            sketch_seed = seed
         self.rank = _check_int("LowRankFisher", "rank", rank, 1)
-        self.seed = _check_int("LowRankFisher", "seed", seed, 0)
+        self.sketch_seed = _check_int("LowRankFisher", "sketch_seed", sketch_seed, 0)
         self.ranks = [min(rank, s.numel) for s in self.specs]
         self.omega = [
-            ops.gaussian_sketch_matrix(s.numel, r, self.seed, stream_id(s.name), dtype=dtype)
+            ops.gaussian_sketch_matrix(s.numel, r, self.sketch_seed, stream_id(s.name), dtype=dtype)
             for s, r in zip(self.specs, self.ranks, strict=True)
         ]
         self.Y: list[torch.Tensor] = [torch.zeros_like(o) for o in self.omega]
@@ -90,27 +105,38 @@ class LowRankFisher(FisherRepresentation):
         """Per block: whether it has an eigendecomposition."""
         return [u is not None for u in self.U]
 
+    @classmethod
+    def create(
+        cls,
+        specs: Sequence[BlockSpec],
+        *,
+        dtype: torch.dtype = torch.float32,
+        rank: int = 16,
+        sketch_seed: int = 0,
+    ) -> LowRankFisher:
+        """Zero sketches over `specs` with this rank and sketch seed."""
+        return cls(specs, rank, sketch_seed, dtype)
+
+    def _decomposition(self, i: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(U, S, λ) of block i, or None before its first successful `inverse`."""
+        u, sv, lam = self.U[i], self.S[i], self.damping[i]
+        return None if u is None or sv is None or lam is None else (u, sv, lam)
+
     def update(self, stats: Sequence[BlockStats | None], decay: float | None = 0.95) -> None:
         """`Y <- decay Y + (1 - decay) fisher_scale J^T (J Ω)`, J in bounded chunks of samples."""
         check_stats("LowRankFisher.update", stats, self.specs)
         decay = check_decay("LowRankFisher.update", decay)
-        seen = [i for i, st in enumerate(stats) if st is not None]
+        seen = {i: st for i, st in enumerate(stats) if st is not None}
         old, new = ema_weights(self.counts, decay)
         itemsize = torch.finfo(self.dtype).bits // 8
-        for d, members in decay_groups(old, seen).items():
+        for d, members in decay_groups(old, list(seen)).items():
             width = sum(self.specs[i].numel for i in members)
-            step = max(1, _CHUNK_BYTES // (itemsize * width))
-            batch = {i: stats[i].batch_size for i in members}  # type: ignore[union-attr]
+            step = max(1, CHUNK_BYTES // (itemsize * width))
+            batch = {i: seen[i].batch_size for i in members}
             for lo in range(0, max(batch.values()), step):
                 part = [i for i in members if lo < batch[i]]
                 js = [
-                    stats[i]
-                    .per_sample(
-                        lo,
-                        min(batch[i], lo + step),  # type: ignore[union-attr]
-                        self.specs[i].n,
-                    )
-                    .to(self.dtype)
+                    seen[i].per_sample(lo, min(batch[i], lo + step), self.specs[i].n).to(self.dtype)
                     for i in part
                 ]
                 ops.sketch_accumulate(
@@ -118,7 +144,7 @@ class LowRankFisher(FisherRepresentation):
                     js,
                     [self.omega[i] for i in part],
                     d if lo == 0 else 1.0,
-                    [new[i] * stats[i].fisher_scale for i in part],  # type: ignore[union-attr]
+                    [new[i] * seen[i].fisher_scale for i in part],
                 )
         for i in seen:
             self.counts[i] += 1
@@ -128,56 +154,73 @@ class LowRankFisher(FisherRepresentation):
         """`sum_k w_k Y_k`: exactly the sketch of `sum_k w_k F_k` (same seed and rank needed)."""
         where = "LowRankFisher.aggregate"
         w = check_aggregate(where, cls, reps, weights)
+        first = reps[0]
         for k, r in enumerate(reps):
-            if (r.seed, r.rank) != (reps[0].seed, reps[0].rank):
+            if (r.sketch_seed, r.rank) != (first.sketch_seed, first.rank):
                 raise ValueError(
-                    f"{where}: 'reps[{k}]' has (seed, rank) = ({r.seed}, {r.rank}),"
-                    f" reps[0] has ({reps[0].seed}, {reps[0].rank}); sketches with"
+                    f"{where}: 'reps[{k}]' has (sketch_seed, rank) = ({r.sketch_seed}, {r.rank}),"
+                    f" reps[0] has ({first.sketch_seed}, {first.rank}); sketches with"
                     " different test matrices do not add up"
                 )
-        out = cls(reps[0].specs, reps[0].rank, reps[0].seed, reps[0].dtype)
+        out = cls(first.specs, first.rank, first.sketch_seed, first.dtype)
         for r, wk in zip(reps, w, strict=True):
             torch._foreach_add_(out.Y, r.Y, alpha=wk)
         out.counts = [max(r.counts[i] for r in reps) for i in range(len(out.specs))]
         return out
 
-    def inverse(self, damping: float | Sequence[float]) -> InverseReport:
-        """Nyström eigendecompositions of every sketched block; λ kept for `precondition`.
+    def inverse(self, damping: float | Sequence[float], *, factored: bool = False) -> InverseReport:
+        """Nyström eigendecompositions of every sketched block; λ kept for `precondition`
+        (`factored` does not apply to a sketch).
 
-        A block whose sketch is not finite is reported FAILED (status 2) and keeps its previous
+        A block whose sketch is not finite is reported FAILED and keeps its previous
         decomposition (or stays unpreconditioned): never a crash, never a NaN step.
         """
         lam = check_damping("LowRankFisher.inverse", damping, len(self.specs))
+        live, found = self._nystrom()
+        for i, (u, sv) in found.items():
+            self.U[i], self.S[i], self.damping[i] = u, sv, lam[i]
+        return InverseReport.per_block(self.specs, live, list(found), lam)
+
+    def eigendecompositions(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per block, `(U [d, r], S [r])` with `F ≈ U diag(S) U^T` (orthonormal U, S >= 0) from
+        its current sketch, as `inverse` computes them (one ragged call), leaving the inverses
+        alone; None for a block without curvature or with a non-finite sketch."""
+        _, found = self._nystrom()
+        return [found.get(i) for i in range(len(self.specs))]
+
+    def _nystrom(self) -> tuple[list[int], dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """The blocks with curvature, and (U, S) of those among them whose sketch is finite."""
         live = [i for i, c in enumerate(self.counts) if c > 0]
         norms = [float(v) for v in torch._foreach_norm([self.Y[i] for i in live])] if live else []
-        ok = [i for i, nm in zip(live, norms, strict=True) if math.isfinite(nm)]
-        if ok:
-            eps = torch.finfo(self.dtype).eps
-            shifts = [
-                max(math.sqrt(self.specs[i].numel) * eps * nm, 1e-30)
-                for i, nm in zip(live, norms, strict=True)
-                if math.isfinite(nm)
-            ]
-            res = ops.nystrom([self.Y[i] for i in ok], [self.omega[i] for i in ok], shifts)
-            for k, i in enumerate(ok):
-                self.U[i], self.S[i], self.damping[i] = res.U[k], res.S[k], lam[i]
-        return InverseReport.per_block(self.specs, live, ok, lam)
+        finite = [(i, nm) for i, nm in zip(live, norms, strict=True) if math.isfinite(nm)]
+        if not finite:
+            return live, {}
+        eps = torch.finfo(self.dtype).eps
+        shifts = [max(math.sqrt(self.specs[i].numel) * eps * nm, 1e-30) for i, nm in finite]
+        res = ops.nystrom(
+            [self.Y[i] for i, _ in finite], [self.omega[i] for i, _ in finite], shifts
+        )
+        return live, {i: (res.U[k], res.S[k]) for k, (i, _) in enumerate(finite)}
 
     def precondition(
         self, grads: Sequence[torch.Tensor | None], stats: Sequence[BlockStats | None] | None = None
     ) -> list[torch.Tensor | None]:
         """`(U S U^T + λ I)^-1 vec(grad)` for every block with a gradient and a decomposition."""
         check_grads("LowRankFisher.precondition", grads, self.specs)
-        live = [i for i, g in enumerate(grads) if g is not None and self.U[i] is not None]
+        live = []
+        for i, g in enumerate(grads):
+            dec = self._decomposition(i)
+            if g is not None and dec is not None:
+                live.append((i, g, dec))
         out: list[torch.Tensor | None] = [None] * len(self.specs)
         if live:
             res = ops.lowrank_precondition(
-                [self.U[i] for i in live],
-                [self.S[i] for i in live],
-                [self.damping[i] for i in live],
-                [grads[i].to(self.dtype).reshape(-1).contiguous() for i in live],
+                [dec[0] for _, _, dec in live],
+                [dec[1] for _, _, dec in live],
+                [dec[2] for _, _, dec in live],
+                [g.to(self.dtype).reshape(-1).contiguous() for _, g, _ in live],
             )
-            for i, p in zip(live, res, strict=True):
+            for (i, _, _), p in zip(live, res, strict=True):
                 out[i] = p.view(self.specs[i].m, self.specs[i].n)
         return out
 
@@ -186,10 +229,28 @@ class LowRankFisher(FisherRepresentation):
         check_grads("LowRankFisher.quadratic", vectors, self.specs)
         total = 0.0
         for i, v in enumerate(vectors):
-            if v is not None and self.U[i] is not None:
-                c = self.U[i].T @ v.to(self.dtype).reshape(-1)
-                total += float((self.S[i] * c.square()).sum())
+            dec = self._decomposition(i)
+            if v is not None and dec is not None:
+                c = dec[0].T @ v.to(self.dtype).reshape(-1)
+                total += float((dec[1] * c.square()).sum())
         return total
+
+    def block_traces(self) -> list[float]:
+        """Per block, the estimate `tr(Ω^T Y) / r` of `tr(F)` (Ω has unit-variance entries)."""
+        return [
+            float((y * om).sum()) / max(1, y.shape[1])
+            for y, om in zip(self.Y, self.omega, strict=True)
+        ]
+
+    def psd_checks(self, tol: float, wire_eps: float) -> list[PsdCheck]:
+        """Finite, bounded sketches whose core `Ω^T Y` [r, r] is symmetric (its PSD test
+        returned): otherwise Y is not `F Ω` for a Fisher F and this seed."""
+        checks = []
+        for i, (y, om) in enumerate(zip(self.Y, self.omega, strict=True)):
+            label = f"{self._label(i)} sketch"
+            finite_scale(label, y)
+            checks.append(symmetric_check(label, om.T @ y, tol, wire_eps))
+        return checks
 
     @property
     def nbytes(self) -> int:
@@ -198,14 +259,15 @@ class LowRankFisher(FisherRepresentation):
         return per * sum(s.numel * r for s, r in zip(self.specs, self.ranks, strict=True))
 
     def to_payload(self, dtype: torch.dtype = torch.float32) -> Payload:
-        """All sketches, concatenated, in `dtype`; meta carries rank and seed."""
+        """All sketches, concatenated, in `dtype`; meta carries the rank and the sketch seed (as
+        "rank" and "seed")."""
         check_wire_dtype("LowRankFisher.to_payload", dtype)
         data = (
             torch.cat([y.reshape(-1) for y in self.Y]).to(dtype)
             if self.Y
             else torch.zeros(0, dtype=dtype)
         )
-        return Payload(self.kind, self.specs, data, {"rank": self.rank, "seed": self.seed})
+        return Payload(self.kind, self.specs, data, {"rank": self.rank, "seed": self.sketch_seed})
 
     @classmethod
     def from_payload(cls, payload: Payload, dtype: torch.dtype = torch.float32) -> LowRankFisher:
@@ -233,44 +295,36 @@ class LowRankFisher(FisherRepresentation):
             out.counts[i] = int(bool(out.Y[i].any()))
         return out
 
-    def validate(self) -> None:
-        """Finite sketches whose core `Ω^T Y` is symmetric PSD within rounding.
+    def inverse_arrays(self) -> tuple[Arrays, set[str]]:
+        """`<block>/U` [d, r], `<block>/S` [r] and `<block>/lambda` [1] (float32: λ travels
+        rounded to float32) per decomposed block."""
+        arrays: Arrays = {}
+        for i in range(len(self.specs)):
+            dec = self._decomposition(i)
+            if dec is not None:
+                arrays[self._inverse_key(i, "U")] = dec[0]
+                arrays[self._inverse_key(i, "S")] = dec[1]
+                arrays[self._inverse_key(i, "lambda")] = torch.tensor(
+                    [float(dec[2])], dtype=torch.float32
+                )
+        return arrays, set()
 
-        Raises:
-            ValueError: naming the block.
-        """
-        cores, names, shifts = [], [], []
-        for s, y, om in zip(self.specs, self.Y, self.omega, strict=True):
-            label = f"LowRankFisher.validate: block '{s.name}'"
-            if not bool(torch.isfinite(y).all()):
-                raise ValueError(f"{label} has NaN/Inf sketch entries")
-            core = om.T @ y
-            scale = float(core.abs().max()) if core.numel() else 0.0
-            tol = max(64 * math.sqrt(s.numel) * torch.finfo(self.dtype).eps, 1e-6) * scale
-            asym = float((core - core.T).abs().max()) if core.numel() else 0.0
-            if asym > tol:
-                raise ValueError(
-                    f"{label}: Ω^T Y is not symmetric (max asymmetry {asym:.3e}),"
-                    " so Y is not a sketch of a symmetric matrix with this seed"
-                )
-            cores.append(((core + core.T) / 2).contiguous())
-            names.append(label)
-            shifts.append(tol + 1e-30)
-        res = ops.damped_cholesky_inverse(cores, shifts, max_tries=1)
-        for label, st in zip(names, res.status.tolist(), strict=True):
-            if st != 0:
-                raise ValueError(
-                    f"{label}: Ω^T Y is not positive semi-definite, so Y is not a"
-                    " sketch of a Fisher"
-                )
+    def load_inverse_arrays(self, arrays: Arrays) -> None:
+        """Installs `U`, `S` and `lambda` of the blocks `arrays` holds."""
+        for i, (s, r) in enumerate(zip(self.specs, self.ranks, strict=True)):
+            shapes = ((s.numel, r), (r,), (1,))
+            parts = self._inverse_parts(arrays, i, ("U", "S", "lambda"), shapes)
+            if parts is not None:
+                self.U[i], self.S[i], self.damping[i] = parts[0], parts[1], float(parts[2][0])
 
     def state_dict(self) -> dict[str, Any]:
-        """Sketches, counts, decompositions, damping, rank and seed (copies; Ω is regenerated)."""
+        """Sketches, counts, decompositions, damping, rank and sketch seed (copies; Ω is
+        regenerated)."""
         return {
             "kind": self.kind,
             "specs": [s.to_dict() for s in self.specs],
             "rank": self.rank,
-            "seed": self.seed,
+            "sketch_seed": self.sketch_seed,
             "counts": list(self.counts),
             "Y": clone_list(self.Y),
             "U": clone_list(self.U),
@@ -279,13 +333,13 @@ class LowRankFisher(FisherRepresentation):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores `state_dict()`'s output (rank and seed must match)."""
+        """Restores `state_dict()`'s output (rank and sketch seed must match)."""
         self._check_state(state)
         w = "LowRankFisher.load_state_dict"
-        if (state["rank"], state["seed"]) != (self.rank, self.seed):
+        if (state["rank"], state["sketch_seed"]) != (self.rank, self.sketch_seed):
             raise ValueError(
-                f"{w}: (rank, seed) must be ({self.rank}, {self.seed}), got"
-                f" ({state['rank']}, {state['seed']})"
+                f"{w}: (rank, sketch_seed) must be ({self.rank}, {self.sketch_seed}), got"
+                f" ({state['rank']}, {state['sketch_seed']})"
             )
         for i, (s, r) in enumerate(zip(self.specs, self.ranks, strict=True)):
             self.Y[i] = check_tensor(w, f"Y[{i}]", state["Y"][i], (s.numel, r), self.dtype)

@@ -11,14 +11,25 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 BlockKind = Literal["kron", "embedding", "elementwise"]
 """`kron`: Linear-like (Linear, Conv2d, attention projections): K-FAC with dense A and G.
 `embedding`: K-FAC with a diagonal A (one-hot inputs). `elementwise`: normalization layers, whose
-parameters act elementwise: only a diagonal Fisher makes sense."""
+parameters act elementwise: no Kronecker structure."""
+
+BLOCK_KINDS: tuple[BlockKind, ...] = ("kron", "embedding", "elementwise")
+
+
+def check_block_kind(where: str, kind: object) -> BlockKind:
+    """`kind` as a `BlockKind`, else ValueError naming `where`."""
+    for k in BLOCK_KINDS:
+        if kind == k:
+            return k
+    raise ValueError(f"{where}: 'kind' must be 'kron', 'embedding' or 'elementwise', got {kind!r}")
+
 
 WIRE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 """Dtypes a payload may be sent in."""
@@ -42,11 +53,7 @@ class BlockSpec:
     n: int
 
     def __post_init__(self) -> None:
-        if self.kind not in ("kron", "embedding", "elementwise"):
-            raise ValueError(
-                f"BlockSpec '{self.name}': 'kind' must be 'kron', 'embedding' or 'elementwise',"
-                f" got {self.kind!r}"
-            )
+        check_block_kind(f"BlockSpec '{self.name}'", self.kind)
         if self.m < 1 or self.n < 1:
             raise ValueError(
                 f"BlockSpec '{self.name}': 'm' and 'n' must be >= 1, got m={self.m}, n={self.n}"
@@ -62,9 +69,11 @@ class BlockSpec:
         return {"name": self.name, "kind": self.kind, "m": self.m, "n": self.n}
 
     @staticmethod
-    def from_dict(d: dict[str, object]) -> BlockSpec:
+    def from_dict(d: dict[str, Any]) -> BlockSpec:
         """Inverse of `to_dict`."""
-        return BlockSpec(str(d["name"]), d["kind"], int(d["m"]), int(d["n"]))  # type: ignore[arg-type]
+        name = str(d["name"])
+        kind = check_block_kind(f"BlockSpec '{name}'", d["kind"])
+        return BlockSpec(name, kind, int(d["m"]), int(d["n"]))
 
 
 def check_specs(where: str, got: Sequence[BlockSpec], expected: Sequence[BlockSpec]) -> None:
@@ -118,24 +127,56 @@ def triangle_size(n: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _tril_flat_index(n: int) -> torch.Tensor:
-    """Flat row-major indices of the lower triangle of an n x n matrix, int64 [n(n+1)/2]."""
+def _tril_index(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and columns of the lower triangle of an n x n matrix, row by row (int64 each)."""
     rows, cols = torch.tril_indices(n, n)
-    return rows * n + cols
+    return rows, cols
 
 
 def pack_triangle(mat: torch.Tensor) -> torch.Tensor:
-    """Lower triangle of a symmetric [n, n] matrix as a 1-D tensor [n(n+1)/2], row by row."""
-    return mat.reshape(-1)[_tril_flat_index(mat.shape[0])]
+    """The lower triangle (with diagonal) of a square matrix, row by row.
+
+    Args:
+        mat: [n, n], symmetric in every use here (the upper triangle is not read).
+
+    Returns:
+        [n (n + 1) / 2], same dtype.
+
+    Raises:
+        ValueError: `mat` is not square.
+    """
+    if mat.dim() != 2 or mat.shape[0] != mat.shape[1]:
+        raise ValueError(f"pack_triangle: expected a square matrix [n, n], got {list(mat.shape)}")
+    rows, cols = _tril_index(mat.shape[0])
+    return mat[rows, cols]
 
 
-def unpack_triangle(vec: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """The symmetric [n, n] matrix (in `dtype`) whose lower triangle is `vec` [n(n+1)/2]."""
-    idx = _tril_flat_index(n)
-    out = torch.zeros(n * n, dtype=dtype)
-    out[idx] = vec.to(dtype)
-    out = out.view(n, n)
-    return out + torch.tril(out, -1).T
+def unpack_triangle(vec: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The symmetric matrix whose packed lower triangle is `vec` (inverse of `pack_triangle`).
+
+    Both triangles are written from `vec`, so every entry (signed zeros included) is a copy.
+
+    Args:
+        vec: [n (n + 1) / 2].
+        n: the matrix size.
+        dtype: the result's dtype (None: `vec`'s).
+
+    Returns:
+        [n, n].
+
+    Raises:
+        ValueError: `vec` is not 1-D with n (n + 1) / 2 entries.
+    """
+    if vec.dim() != 1 or vec.numel() != triangle_size(n):
+        raise ValueError(
+            f"unpack_triangle: expected {triangle_size(n)} values for n = {n}, got {vec.numel()}"
+        )
+    values = vec if dtype is None else vec.to(dtype)
+    rows, cols = _tril_index(n)
+    out = torch.zeros((n, n), dtype=values.dtype)
+    out[rows, cols] = values
+    out[cols, rows] = values
+    return out
 
 
 class PayloadReader:

@@ -4,37 +4,57 @@
     server_step(state, updates) -> (state, server_message)
 
 Algorithms (`ClientConfig.algorithm` / `ServerConfig.algorithm`): fedavg, fedavgm, fedprox,
-scaffold, fedadam, fedyogi, fedadagrad, fedng, fedfisher. Run them with `simulate` or
-`fedng simulate` (see `fedng.cli`).
+scaffold, fedadam, fedyogi, fedadagrad, fedng, fedfisher; each owns a typed config
+(`ClientConfig.options`, e.g. `FedNGConfig`). Run them with `simulate` or `fedng simulate` (see
+`fedng.cli`).
+
+Sub-layers, lowest first (a module imports only from its own layer or lower ones; enforced by
+tests/test_layering.py): wire, losses < messages < config, tasks < aggregation, client <
+algorithms < validate < round < report < simulator.
 """
 
-from fedng.federated.config import ClientConfig, ServerConfig
-from fedng.federated.history import History, RoundRecord
-from fedng.federated.presets import make_configs
-from fedng.federated.protocol import (
-    ClientUpdate,
-    ServerMessage,
-    ServerState,
-    client_step,
-    server_init,
-    server_step,
+from fedng.federated.algorithms.registry import get_algorithm
+from fedng.federated.config import (
+    ALGORITHMS,
+    AlgorithmConfig,
+    ClientConfig,
+    FedAvgConfig,
+    FedFisherConfig,
+    FedNGConfig,
+    FedOptConfig,
+    FedProxConfig,
+    ScaffoldConfig,
+    ServerConfig,
+    make_configs,
 )
+from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
+from fedng.federated.report.history import History, RoundRecord
+from fedng.federated.round import client_step, server_init, server_step
 from fedng.federated.simulator import simulate
 from fedng.federated.tasks.base import ClientData, FederatedTask
 from fedng.federated.tasks.registry import TASKS, make_task
 
 __all__ = [
+    "ALGORITHMS",
     "TASKS",
+    "AlgorithmConfig",
     "ClientConfig",
     "ClientData",
     "ClientUpdate",
+    "FedAvgConfig",
+    "FedFisherConfig",
+    "FedNGConfig",
+    "FedOptConfig",
+    "FedProxConfig",
     "FederatedTask",
     "History",
     "RoundRecord",
+    "ScaffoldConfig",
     "ServerConfig",
     "ServerMessage",
     "ServerState",
     "client_step",
+    "get_algorithm",
     "make_configs",
     "make_task",
     "server_init",

@@ -10,22 +10,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from fedng._typing import Arrays
 from fedng.federated.algorithms.registry import get_algorithm
-from fedng.federated.config import ClientConfig, ServerConfig
-from fedng.federated.history import History, RoundRecord
-from fedng.federated.local import get_params, set_params
-from fedng.federated.protocol import (
-    Arrays,
-    ClientUpdate,
-    ServerMessage,
-    client_step,
-    server_init,
-    server_step,
-)
+from fedng.federated.client.params import get_params, set_params
+from fedng.federated.config.common import ClientConfig, ServerConfig
+from fedng.federated.messages import ClientUpdate, ServerMessage
+from fedng.federated.report.history import History, RoundRecord
+from fedng.federated.round import client_step, server_init, server_step
 from fedng.federated.tasks.base import FederatedTask, evaluate
 
 Tamper = Callable[[int, ClientUpdate], ClientUpdate]
@@ -88,6 +84,7 @@ def simulate(
         rounds = min(rounds, algo.max_rounds)
     torch.manual_seed(seed)
     model = task.model_fn(seed)
+    algo.check_model(model)
     eval_model = task.model_fn(seed)
     state, message = server_init(get_params(model), server_config)
     rng = np.random.default_rng(seed)
@@ -155,11 +152,11 @@ def simulate(
     return hist
 
 
-def _progress(total: int, enabled: bool, desc: str):  # type: ignore[no-untyped-def]
-    """A tqdm bar, or None when disabled."""
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    """A tqdm bar (untyped), or None when disabled."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # only when a bar is drawn: tqdm.auto probes for notebooks
 
     # disable=None: drawn on a terminal, skipped when output goes to a file or CI log.
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)

@@ -10,20 +10,21 @@ median is rejected (with at least 3 updates, so that a median means something).
 from __future__ import annotations
 
 import statistics
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from fedng.federated.protocol import Arrays, ClientUpdate, ServerState
+from fedng.federated.algorithms.base import Algorithm, State
+from fedng.federated.messages import ClientUpdate
+from fedng.federated.wire import FLOAT_DTYPES
 
-if TYPE_CHECKING:
-    from fedng.federated.algorithms.base import Algorithm
-
-_WIRE_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_FOR_MEDIAN = 3
 
 
-def check_arrays(what: str, got: Arrays, expected: dict[str, tuple[int, ...]]) -> str | None:
+def check_arrays(
+    what: str, got: Mapping[str, object], expected: dict[str, tuple[int, ...]]
+) -> str | None:
     """Why named arrays do not match `expected` names/shapes or are not finite floats, or None."""
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
@@ -35,14 +36,14 @@ def check_arrays(what: str, got: Arrays, expected: dict[str, tuple[int, ...]]) -
             return f"{what}: {k!r} is a {type(t).__name__}, not a tensor"
         if tuple(t.shape) != tuple(shape):
             return f"{what}: {k!r} has shape {list(t.shape)}, expected {list(shape)}"
-        if t.dtype not in _WIRE_FLOATS:
+        if t.dtype not in FLOAT_DTYPES:
             return f"{what}: {k!r} has dtype {t.dtype}, expected fp32/bf16/fp16"
         if not bool(torch.isfinite(t).all()):
             return f"{what}: {k!r} has NaN/Inf"
     return None
 
 
-def check_update(state: ServerState, update: ClientUpdate, algo: Algorithm) -> str | None:
+def check_update(state: State, update: ClientUpdate, algo: Algorithm[Any]) -> str | None:
     """The reason to reject one update on its own (None if it passes)."""
     if update.round != state.round:
         return f"answers round {update.round}, the server is at round {state.round}"
@@ -66,11 +67,14 @@ def check_update(state: ServerState, update: ClientUpdate, algo: Algorithm) -> s
 
 def delta_norm(update: ClientUpdate) -> float:
     """||delta||_2 over all parameters."""
-    return float(torch.sqrt(sum((v.float() ** 2).sum() for v in update.delta.values())))
+    total = torch.zeros(())
+    for v in update.delta.values():
+        total = total + (v.float() ** 2).sum()
+    return float(torch.sqrt(total))
 
 
 def validate_updates(
-    state: ServerState, updates: list[ClientUpdate], algo: Algorithm
+    state: State, updates: list[ClientUpdate], algo: Algorithm[Any]
 ) -> tuple[list[ClientUpdate], dict[int, str]]:
     """Splits a round's updates into accepted ones and rejected ones (client id -> reason).
 

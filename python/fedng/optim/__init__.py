@@ -2,5 +2,12 @@
 
 from fedng.optim.damping import DAMPING_MODES, LevenbergMarquardt
 from fedng.optim.natural_gradient import NaturalGradient
+from fedng.optim.source import SOURCES, PreconditionerSource
 
-__all__ = ["DAMPING_MODES", "LevenbergMarquardt", "NaturalGradient"]
+__all__ = [
+    "DAMPING_MODES",
+    "SOURCES",
+    "LevenbergMarquardt",
+    "NaturalGradient",
+    "PreconditionerSource",
+]

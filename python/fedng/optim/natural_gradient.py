@@ -2,7 +2,7 @@
 
 Usage::
 
-    ng = NaturalGradient(model, curvature="kfac", damping=1e-3)
+    ng = NaturalGradient(model, curvature="kfac", damping=1e-2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for x, y in data:
         opt.zero_grad()
@@ -11,15 +11,28 @@ Usage::
         ng.step()        # .grad <- natural gradient
         opt.step()
 
-With `fisher="mc"` call `ng.mc_backward(outputs)` between the forward pass and `loss.backward()`
-(one extra backward pass with labels sampled from the model). With `damping_mode="adaptive"` pass
-`closure` to `step` (a function returning the current batch's loss; it is evaluated without
-gradients at θ and at θ + δ every `inverse_every` steps).
+With `fisher_type="mc"` call `ng.mc_backward(outputs)` between the forward pass and
+`loss.backward()` (one extra backward pass with labels sampled from the model). With
+`damping_mode="adaptive"` pass `closure` to `step` (a function returning the current batch's loss;
+it is evaluated without gradients at θ and at θ + δ every `inverse_every` steps).
 
-Per step: the recorded batch's statistics update the curvature (every `factor_every` steps, one
-ragged native call per representation), the damped inverses are refreshed every `inverse_every`
-steps (one call), and all gradients are preconditioned in one call, K-FAC using the batch's own
-inputs and output gradients wherever that is cheaper than the dense product.
+Per step: the recorded batch's statistics update the optimizer's own curvature (every
+`factor_every` steps, one ragged native call per representation), the preconditioner's damped
+inverses are refreshed every `inverse_every` steps (one call), and all gradients are
+preconditioned in one call, K-FAC using the batch's own inputs and output gradients wherever that
+is cheaper than the dense product.
+
+The preconditioner comes from a source (see `fedng.optim.source`): "local" (the own curvature,
+the default), "none" (gradients untouched; the own curvature still accumulates), and, after
+`set_global(curvature)`, "global" (that curvature, e.g. a federated server's, with exactly its
+inverses) or, after `set_global(curvature, mix=w)`, "mixed" (`(1 - w) F_global + w F_local`,
+re-inverted every `inverse_every` steps). A federated client::
+
+    ng = NaturalGradient(model, curvature="kfac", inverse_every=5)
+    ng.set_global(server_curvature, mix=0.5)     # a CurvatureSet over ng.local_curvature's blocks
+    for x, y in batches:                         # then the loop above, with any optimizer
+        ...
+    upload = ng.local_curvature                  # what the client accumulated
 """
 
 from __future__ import annotations
@@ -32,20 +45,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedng.curvature.base import FisherRepresentation, InverseReport
+from fedng.curvature.base import FisherRepresentation
+from fedng.curvature.block_diagonal import CurvatureSet
 from fedng.curvature.capture import CurvatureCapture
-from fedng.curvature.diagonal import DiagonalFisher
-from fedng.curvature.fisher import FISHER_TYPES, LOSS_TYPES, REDUCTIONS, check_choice, sampled_loss
+from fedng.curvature.fisher import (
+    FISHER_TYPES,
+    LOSS_TYPES,
+    REDUCTIONS,
+    LossType,
+    Reduction,
+    check_choice,
+    sampled_loss,
+)
 from fedng.curvature.kfac import KFAC, batch_form_cheaper
-from fedng.curvature.lowrank import LowRankFisher
-from fedng.curvature.stats import BlockStats
+from fedng.curvature.layout import layouts_of
+from fedng.curvature.stats import BlockStats, KronStats
 from fedng.optim.config import (
     WHERE,
     CurvatureSpec,
     assign,
+    check_damping_bounds,
+    ema_decay,
     learning_rate,
+    nonnegative_int,
+    optional_positive_float,
     positive_float,
     positive_int,
+    renamed_keywords,
 )
 from fedng.optim.damping import (
     DAMPING_MODES,
@@ -53,6 +79,7 @@ from fedng.optim.damping import (
     predicted_reduction,
     reduction_ratio,
 )
+from fedng.optim.source import INITIAL_SOURCES, PreconditionerSource
 
 
 class NaturalGradient:
@@ -63,126 +90,159 @@ class NaturalGradient:
             `fedng.curvature`), unsupported ones keep their plain gradients (one warning).
         curvature: "kfac", "diag", "lowrank", or a per-layer mapping (block name, module name,
             module class or class name, or "default" -> representation). Normalization layers
-            are always diagonal.
+            get the diagonal Fisher unless mapped explicitly.
         damping: λ > 0 (the initial λ in adaptive mode).
-        factor_every: update the curvature every this many steps.
-        inverse_every: recompute the damped inverses every this many steps.
-        factor_decay: EMA decay of the curvature in [0, 1), or None for a running mean.
-        damping_mode: "tikhonov", "factored" or "adaptive" (see `fedng.optim.damping`).
+        factor_every: update the own curvature every this many steps.
+        inverse_every: recompute the damped inverses every this many steps (with the own
+            curvature, a block that first gets curvature in between is inverted at once).
+        curvature_decay: EMA decay of the own curvature in [0, 1), or None for a running mean.
+        damping_mode: "tikhonov", "factored" or "adaptive" (see `fedng.optim.damping`;
+            "adaptive" needs the own curvature, source "local").
         kl_clip: None, or bound the step's KL estimate `lr^2 sum p^T g` (p the preconditioned, g
             the raw gradient) by scaling the preconditioned gradients.
         lr: the learning rate the optimizer applies (a float or a callable returning it); used
             by `kl_clip` and by the adaptive damping's trial step.
-        fisher: "empirical" (the loss's own gradients) or "mc" (sampled labels).
-        loss: "cross_entropy" or "mse", the likelihood `fisher="mc"` samples from.
+        fisher_type: "empirical" (the loss's own gradients) or "mc" (sampled labels).
+        loss: "cross_entropy" or "mse", the likelihood `fisher_type="mc"` samples from.
         loss_reduction: "mean" or "sum": how the training loss reduces over the batch.
         rank: sketch rank of low-rank blocks.
-        seed: seed of the sketches and of the Monte-Carlo labels.
+        sketch_seed: seed of the low-rank sketches (shared by every party whose sketches are
+            summed); it also seeds the Monte-Carlo labels unless `mc_backward` gets a generator.
         damping_bounds: (min, max) of λ in adaptive mode.
+        source: "local" or "none" (`set_global` turns a "local" optimizer "global" or "mixed").
+        warn_unsupported: warn about layers whose gradients stay plain: an
+            `UnsupportedLayerWarning` for unsupported layers on construction, a RuntimeWarning for
+            blocks never seen in a recorded forward pass on their first step. False for callers
+            that build many optimizers over one model and warn once themselves (a federated
+            client per round).
+        **deprecated: `factor_decay` (now `curvature_decay`), `fisher` (now `fisher_type`),
+            `seed` (now `sketch_seed`), each with a DeprecationWarning.
 
     Attributes:
         capture: the `CurvatureCapture` (its `blocks` and `unsupported`).
-        representations: representation name -> the object holding those blocks' curvature.
+        local_curvature: the own curvature (a `CurvatureSet` over `capture.blocks`).
+        source: the preconditioner source (`source.mode` is the current one).
         damping: the current λ.
-        last: what the last `step` did (kl scale, damping, reduction ratio, inverse reports).
+        last: what the last `step` did (kl scale, damping, reduction ratio, inverse report).
     """
 
     def __init__(
         self,
         model: nn.Module,
         curvature: CurvatureSpec = "kfac",
-        damping: float = 1e-3,
+        damping: float = 1e-2,
         factor_every: int = 1,
         inverse_every: int = 10,
-        factor_decay: float | None = 0.95,
+        curvature_decay: float | None = 0.95,
         damping_mode: str = "tikhonov",
         kl_clip: float | None = None,
         lr: float | Callable[[], float] = 1.0,
-        fisher: str = "empirical",
-        loss: str = "cross_entropy",
-        loss_reduction: str = "mean",
-        rank: int = 32,
-        seed: int = 0,
+        fisher_type: str = "empirical",
+        loss: LossType = "cross_entropy",
+        loss_reduction: Reduction = "mean",
+        rank: int = 16,
+        sketch_seed: int = 0,
         damping_bounds: tuple[float, float] = (1e-8, 1e3),
+        source: str = "local",
+        warn_unsupported: bool = True,
+        **deprecated: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{WHERE}: 'model' must be a torch.nn.Module, got {type(model).__name__}"
             )
+        renamed = renamed_keywords(deprecated)
         self.damping = positive_float("damping", damping)
         self.factor_every = positive_int("factor_every", factor_every)
         self.inverse_every = positive_int("inverse_every", inverse_every)
-        if factor_decay is not None and (
-            isinstance(factor_decay, bool)
-            or not isinstance(factor_decay, (int, float))
-            or not 0.0 <= factor_decay < 1.0
-        ):
-            raise ValueError(
-                f"{WHERE}: 'factor_decay' must be None or a float in [0, 1), got {factor_decay!r}"
-            )
-        self.factor_decay = None if factor_decay is None else float(factor_decay)
+        self.curvature_decay = ema_decay(
+            "curvature_decay", renamed.get("curvature_decay", curvature_decay)
+        )
         self.damping_mode = check_choice(WHERE, "damping_mode", damping_mode, DAMPING_MODES)
-        self.kl_clip = positive_float("kl_clip", kl_clip, allow_none=True)
+        self.kl_clip = optional_positive_float("kl_clip", kl_clip)
         self._lr = learning_rate(lr)
-        self.fisher = check_choice(WHERE, "fisher", fisher, FISHER_TYPES)
+        self.fisher_type = check_choice(
+            WHERE, "fisher_type", renamed.get("fisher_type", fisher_type), FISHER_TYPES
+        )
         self.loss = check_choice(WHERE, "loss", loss, LOSS_TYPES)
         reduction = check_choice(WHERE, "loss_reduction", loss_reduction, REDUCTIONS)
-        positive_int("rank", rank)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"{WHERE}: 'seed' must be an int >= 0, got {seed!r}")
-        if (
-            not isinstance(damping_bounds, tuple)
-            or len(damping_bounds) != 2
-            or not 0 < damping_bounds[0] <= damping_bounds[1]
-        ):
-            raise ValueError(
-                f"{WHERE}: 'damping_bounds' must be a tuple (min, max) with"
-                f" 0 < min <= max, got {damping_bounds!r}"
+        self.rank = positive_int("rank", rank)
+        self.sketch_seed = nonnegative_int("sketch_seed", renamed.get("sketch_seed", sketch_seed))
+        mode = check_choice(WHERE, "source", source, INITIAL_SOURCES)
+        if not isinstance(warn_unsupported, bool):
+            raise TypeError(
+                f"{WHERE}: 'warn_unsupported' must be a bool, got {type(warn_unsupported).__name__}"
             )
-        self._lm = LevenbergMarquardt.for_interval(self.inverse_every, *map(float, damping_bounds))
+        self._lm = LevenbergMarquardt.for_interval(
+            self.inverse_every, *check_damping_bounds(damping_bounds)
+        )
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
-        dtype = (
+        self.dtype = (
             torch.float64
             if params and all(p.dtype == torch.float64 for p in params)
             else torch.float32
         )
-        self.dtype = dtype
-        self.capture = CurvatureCapture(model, dtype=dtype, reduction=reduction)  # type: ignore[arg-type]
-        kinds = assign(self.capture.blocks, curvature)
-        self._members: dict[str, list[int]] = {}
-        for i, k in enumerate(kinds):
-            self._members.setdefault(k, []).append(i)
-        self.representations: dict[str, FisherRepresentation] = {}
-        for k, idx in self._members.items():
-            specs = [self.capture.blocks[i].spec for i in idx]
-            if k == "kfac":
-                self.representations[k] = KFAC(specs, dtype)
-            elif k == "diag":
-                self.representations[k] = DiagonalFisher(specs, dtype)
-            else:
-                self.representations[k] = LowRankFisher(specs, rank, seed, dtype)
+        self.capture = CurvatureCapture(
+            model, dtype=self.dtype, reduction=reduction, warn=warn_unsupported
+        )
+        blocks = self.capture.blocks
+        self.local_curvature = CurvatureSet.empty(
+            layouts_of(model, blocks),
+            assign(blocks, curvature),
+            self.rank,
+            self.sketch_seed,
+            self.dtype,
+        )
+        self.source = PreconditionerSource(mode, self.local_curvature)
         self.steps = 0
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(self.sketch_seed)
         self._batch_form = False
+        self._warn_unseen_blocks = warn_unsupported
         self._warned: set[str] = set()
         self.last: dict[str, Any] = {}
         self.capture.recording = True
 
+    @property
+    def representations(self) -> dict[str, FisherRepresentation]:
+        """The own curvature's representations by kind (`local_curvature.reps`)."""
+        return dict(self.local_curvature.reps)
+
+    def set_global(self, curvature: CurvatureSet, mix: float | None = None) -> None:
+        """Preconditions with a given curvature from now on (e.g. a federated server's).
+
+        Args:
+            curvature: a `CurvatureSet` over the same blocks and kinds as `local_curvature`.
+                Without `mix` (source "global") its inverses are used as they are: call its
+                `inverse` or `load_inverse_arrays` first; blocks without one keep their plain
+                gradients.
+            mix: the weight w of the own curvature: source "mixed", `(1 - w) F_global + w F_local`
+                re-inverted on the next step and every `inverse_every` steps (same dtype needed).
+
+        Raises:
+            ValueError: source "none", adaptive damping, or a curvature over other blocks.
+        """
+        if self.damping_mode == "adaptive":
+            raise ValueError(f"{WHERE}.set_global: damping_mode='adaptive' needs source='local'")
+        self.source.set_global(curvature, mix)
+
     # --- the two calls of a training step -------------------------------------------------
 
-    def mc_backward(self, outputs: torch.Tensor) -> None:
-        """The Monte-Carlo Fisher pass (fisher="mc"): backpropagates a loss on sampled labels.
+    def mc_backward(self, outputs: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """The Monte-Carlo Fisher pass (fisher_type="mc"): backpropagates a loss on sampled labels.
 
         Call it after the forward pass that produced `outputs` and before `loss.backward()`. It
         does nothing on steps that do not update the curvature, and never touches `.grad`.
 
         Args:
             outputs: the model outputs [B, ..., C] (logits, or means for "mse").
+            generator: the labels' random stream (None: the optimizer's own, seeded by
+                `sketch_seed` and saved by `state_dict`).
         """
-        if self.fisher != "mc":
+        if self.fisher_type != "mc":
             raise ValueError(
-                f"{WHERE}.mc_backward: needs fisher='mc', this one has fisher={self.fisher!r}"
+                f"{WHERE}.mc_backward: needs fisher_type='mc', this one has"
+                f" fisher_type={self.fisher_type!r}"
             )
         if not isinstance(outputs, torch.Tensor) or not outputs.requires_grad:
             raise ValueError(
@@ -192,70 +252,61 @@ class NaturalGradient:
             )
         if self.steps % self.factor_every:
             return
-        self.capture.fisher_backward(
-            sampled_loss(
-                outputs,
-                self.loss,
-                self.capture.reduction,  # type: ignore[arg-type]
-                self._generator,
-            )
-        )
+        gen = self._generator if generator is None else generator
+        self.capture.fisher_backward(sampled_loss(outputs, self.loss, self.capture.reduction, gen))
 
     def step(self, closure: Callable[[], torch.Tensor | float] | None = None) -> None:
-        """Rewrites the gradients of every block with curvature into natural gradients.
+        """Rewrites the gradients of every block with a preconditioner into natural gradients.
 
         Args:
-            closure: required by damping_mode="adaptive" (on inverse steps): returns the loss of
-                the current batch at the current parameters (called under `torch.no_grad`).
+            closure: required by damping_mode="adaptive" (on inverse steps after the first):
+                returns the loss of the current batch at the current parameters (called under
+                `torch.no_grad`).
         """
         t = self.steps
         factor_step = t % self.factor_every == 0
         inverse_step = t % self.inverse_every == 0
-        if self.damping_mode == "adaptive" and inverse_step and t > 0 and closure is None:
+        adapt = self.damping_mode == "adaptive" and inverse_step and t > 0
+        if adapt and closure is None:
             raise ValueError(
                 f"{WHERE}.step: damping_mode='adaptive' needs 'closure' (a function"
                 " returning the current batch's loss) on inverse steps"
             )
-        stats = self.capture.collect(self.fisher if factor_step else None)
+        stats = self.capture.collect(self.fisher_type if factor_step else None)
         blocks = self.capture.blocks
         grads = [b.grad_matrix(self.dtype) for b in blocks]
         self._note_batch(stats)
-        reports: dict[str, InverseReport] = {}
-        precond: list[torch.Tensor | None] = [None] * len(blocks)
-        for name, rep in self.representations.items():
-            idx = self._members[name]
-            sub = [stats[i] for i in idx]
-            if factor_step and any(s is not None for s in sub):
-                rep.update(sub, self.factor_decay)
-            if inverse_step or any(
-                c > 0 and not r for c, r in zip(rep.counts, rep.ready, strict=True)
-            ):
-                reports[name] = self._invert(rep)
-            out = rep.precondition([grads[i] for i in idx], sub)
-            for i, p in zip(idx, out, strict=True):
-                precond[i] = p
-        self._warn_unseen(grads, precond)
-        live = [i for i, p in enumerate(precond) if p is not None]
+        if factor_step:
+            self.local_curvature.update(stats, self.curvature_decay)
+        pre, report = self.source.current(
+            inverse_step, self.damping, self.damping_mode != "tikhonov"
+        )
+        precond: list[torch.Tensor | None] = (
+            [None] * len(blocks) if pre is None else pre.precondition(grads, stats)
+        )
+        if self.source.mode == "local" and self._warn_unseen_blocks:
+            self._warn_unseen(grads, precond)
+        live = [
+            (i, g, p)
+            for i, (g, p) in enumerate(zip(grads, precond, strict=True))
+            if g is not None and p is not None
+        ]
         lr = float(self._lr())
         nu = 1.0
-        if self.kl_clip is not None:
-            g_dot_p = sum(float((precond[i] * grads[i]).sum()) for i in live)  # type: ignore[operator]
+        if self.kl_clip is not None:  # the FedNG client's formula, float op for float op
+            g_dot_p = sum(float((p * g).sum()) for _, g, p in live)
             if g_dot_p > 0:
-                nu = min(1.0, math.sqrt(self.kl_clip / (lr * lr * g_dot_p)))
+                nu = min(1.0, math.sqrt(self.kl_clip / (lr**2 * g_dot_p)))
         rho = None
-        if self.damping_mode == "adaptive" and inverse_step and t > 0 and live:
-            if closure is None:
-                raise ValueError(
-                    "NaturalGradient.step: damping_mode='adaptive' needs step(closure=...)"
-                )
-            rho = self._adapt(closure, grads, precond, live, lr * nu)
-        out = [precond[i] for i in live]
+        if adapt and closure is not None and live:
+            rho = self._adapt(closure, live, lr * nu)
+        out = [p for _, _, p in live]
         if nu != 1.0:
-            torch._foreach_mul_(out, nu)  # type: ignore[arg-type]
+            torch._foreach_mul_(out, nu)
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
-        for i, p in zip(live, out, strict=True):
-            blocks[i].grad_pairs(p, dst, src)  # type: ignore[arg-type]
+        for (i, _, _), p in zip(live, out, strict=True):
+            blocks[i].grad_pairs(p, dst, src)
         if dst:
             torch._foreach_copy_(dst, src)
         self.last = {
@@ -263,34 +314,24 @@ class NaturalGradient:
             "kl_scale": nu,
             "damping": self.damping,
             "rho": rho,
-            "inverse": reports,
-            "preconditioned": [blocks[i].name for i in live],
+            "inverse": report,
+            "preconditioned": [blocks[i].name for i, _, _ in live],
         }
         self.steps += 1
         self.capture.recording = self._batch_form or self.steps % self.factor_every == 0
 
     # --- internals ------------------------------------------------------------------------
 
-    def _invert(self, rep: FisherRepresentation) -> InverseReport:
-        if isinstance(rep, KFAC):
-            return rep.inverse(self.damping, factored=self.damping_mode != "tikhonov")
-        return rep.inverse(self.damping)
-
     def _note_batch(self, stats: list[BlockStats | None]) -> None:
         """Keeps recording on every step when K-FAC's batch form is cheaper for some block."""
-        idx = self._members.get("kfac", [])
+        idx = self.local_curvature.groups.get(KFAC.kind, [])
         if all(stats[i] is None for i in idx):
             return
-        self._batch_form = any(
-            stats[i] is not None
-            and self.capture.blocks[i].spec.kind == "kron"
-            and batch_form_cheaper(
-                stats[i].rows,
-                self.capture.blocks[i].spec.m,  # type: ignore[union-attr]
-                self.capture.blocks[i].spec.n,
-            )
-            for i in idx
-        )
+        self._batch_form = False
+        for i in idx:
+            st, spec = stats[i], self.capture.blocks[i].spec
+            if isinstance(st, KronStats) and batch_form_cheaper(st.rows, spec.m, spec.n):
+                self._batch_form = True
 
     def _warn_unseen(
         self, grads: list[torch.Tensor | None], precond: list[torch.Tensor | None]
@@ -314,35 +355,34 @@ class NaturalGradient:
     def _adapt(
         self,
         closure: Callable[[], torch.Tensor | float],
-        grads: list[torch.Tensor | None],
-        precond: list[torch.Tensor | None],
-        live: list[int],
+        live: list[tuple[int, torch.Tensor, torch.Tensor]],
         step_size: float,
     ) -> float:
         """Levenberg–Marquardt: evaluates the proposed step δ = -step_size p, adjusts λ."""
         blocks = self.capture.blocks
         deltas: list[torch.Tensor | None] = [None] * len(blocks)
-        for i in live:
-            deltas[i] = precond[i] * (-step_size)  # type: ignore[operator]
-        g_dot_d = sum(float((grads[i] * deltas[i]).sum()) for i in live)  # type: ignore[operator]
-        d_sq = sum(float(deltas[i].square().sum()) for i in live)  # type: ignore[union-attr]
-        d_f_d = sum(
-            rep.quadratic([deltas[i] for i in self._members[name]])
-            for name, rep in self.representations.items()
-        )
+        moves = [(i, g, p * (-step_size)) for i, g, p in live]
+        for i, _, d in moves:
+            deltas[i] = d
+        g_dot_d = sum(float((g * d).sum()) for _, g, d in moves)
+        d_sq = sum(float(d.square().sum()) for _, _, d in moves)
+        d_f_d = self.local_curvature.quadratic(deltas)
         before = self._evaluate(closure)
         params = {
-            id(p): p for i in live for p in (blocks[i].weight, blocks[i].bias) if p is not None
+            id(q): q
+            for i, _, _ in live
+            for q in (blocks[i].weight, blocks[i].bias)
+            if q is not None
         }
-        saved = {k: p.detach().clone() for k, p in params.items()}
-        for i in live:
-            blocks[i].add_to_params(deltas[i])  # type: ignore[arg-type]
+        saved = {k: q.detach().clone() for k, q in params.items()}
+        for i, _, d in moves:
+            blocks[i].add_to_params(d)
         try:
             after = self._evaluate(closure)
         finally:
             with torch.no_grad():
-                for k, p in params.items():
-                    p.copy_(saved[k])
+                for k, q in params.items():
+                    q.copy_(saved[k])
         rho = reduction_ratio(
             after - before, predicted_reduction(g_dot_d, d_f_d, d_sq, self.damping)
         )
@@ -374,17 +414,20 @@ class NaturalGradient:
     # --- state ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Step counter, damping, curvature with inverses, and the sampling RNG state."""
+        """Step counter, damping, own curvature with inverses, the mixed preconditioner (source
+        "mixed"), and the sampling RNG state. A given global curvature is not included."""
         return {
             "steps": self.steps,
             "damping": self.damping,
             "batch_form": self._batch_form,
             "generator": self._generator.get_state(),
-            "representations": {k: r.state_dict() for k, r in self.representations.items()},
+            "representations": {k: r.state_dict() for k, r in self.local_curvature.reps.items()},
+            "source": self.source.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restores `state_dict()`'s output; the next `step` is then identical to the original's.
+        """Restores `state_dict()`'s output; the next `step` is then identical to the original's
+        (for source "global"/"mixed", call `set_global` first).
 
         Raises:
             ValueError: if the state belongs to a different model or configuration.
@@ -401,13 +444,12 @@ class NaturalGradient:
                 f" {sorted(state) if isinstance(state, dict) else type(state)}"
             )
         reps = state["representations"]
-        if set(reps) != set(self.representations):
-            raise ValueError(
-                f"{where}: representations must be {sorted(self.representations)},"
-                f" got {sorted(reps)}"
-            )
-        for k, r in self.representations.items():
+        own = self.local_curvature.reps
+        if set(reps) != set(own):
+            raise ValueError(f"{where}: representations must be {sorted(own)}, got {sorted(reps)}")
+        for k, r in own.items():
             r.load_state_dict(reps[k])
+        self.source.load_state_dict(state.get("source", {}))
         self.steps = int(state["steps"])
         self.damping = float(state["damping"])
         self._batch_form = bool(state.get("batch_form", False))

@@ -2,6 +2,6 @@
 FedAdagrad, FedNG and one-shot Fisher merging (FedFisher)."""
 
 from fedng.federated.algorithms.base import Algorithm
-from fedng.federated.algorithms.registry import get_algorithm
+from fedng.federated.algorithms.registry import REGISTRY, get_algorithm
 
-__all__ = ["Algorithm", "get_algorithm"]
+__all__ = ["REGISTRY", "Algorithm", "get_algorithm"]

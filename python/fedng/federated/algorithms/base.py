@@ -1,32 +1,58 @@
-"""The interface every federated algorithm implements, and helpers they share."""
+"""The interface every federated algorithm implements."""
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from torch import nn
 
-from fedng.federated.config import ClientConfig
-from fedng.federated.local import get_params, local_sgd, set_params, sub
-from fedng.federated.protocol import Arrays, ClientUpdate, ServerMessage, ServerState, weights_of
-from fedng.federated.serialize import wire_dtype
+from fedng._typing import Arrays
+from fedng.federated.aggregation.mean import apply_server_step, mean_delta
+from fedng.federated.client.params import get_params, set_params, sub
+from fedng.federated.client.sgd import local_sgd
+from fedng.federated.config.base import AlgorithmConfig
+from fedng.federated.config.common import ClientConfig, ServerConfig
+from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
 from fedng.federated.tasks.base import ClientData
+from fedng.federated.wire import wire_dtype
+
+State = ServerState[ServerConfig]
+"""The server state of every algorithm."""
+
+OptionsT = TypeVar("OptionsT", bound=AlgorithmConfig)
 
 
-class Algorithm:
+class Algorithm(Generic[OptionsT]):
     """A federated algorithm: client step, server aggregation and broadcast.
 
     Subclasses override what differs from FedAvg. Every method is a pure function of its
     arguments; `aggregate` receives a state it may modify (the caller passes a copy).
+
+    Attributes:
+        name: the name it is registered (and broadcast) under.
+        config_type: the type of its own config (`ClientConfig.options` / `ServerConfig.options`).
+        max_rounds: rounds after which it stops communicating (None: no limit).
     """
 
-    name: str = "base"
+    config_type: type[OptionsT]
     max_rounds: int | None = None
-    """Rounds after which the algorithm stops communicating (None: no limit)."""
 
-    def init_state(self, state: ServerState) -> ServerState:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def options(self, config: ClientConfig | ServerConfig) -> OptionsT:
+        """The algorithm's own config inside `config`."""
+        return config.options_as(self.config_type)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Warns about what the algorithm cannot serve in the task's model (nothing here); called
+        once per run, before round 0, so that clients can build their machinery silently."""
+
+    def init_state(self, state: State) -> State:
         """Adds the algorithm's buffers to a fresh state."""
         return state
 
-    def broadcast(self, state: ServerState) -> ServerMessage:
+    def broadcast(self, state: State) -> ServerMessage:
         """The message for the round `state.round`."""
         return ServerMessage(state.round, self.name, state.params)
 
@@ -64,46 +90,21 @@ class Algorithm:
             client_state=client_state,
         )
 
-    def expected_extras(self, state: ServerState) -> dict[str, tuple[int, ...]]:
+    def expected_extras(self, state: State) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the `extras` a client must send (validated on arrival)."""
         return {}
 
-    def check_curvature(self, state: ServerState, update: ClientUpdate) -> str | None:
+    def check_curvature(self, state: State, update: ClientUpdate) -> str | None:
         """Why an update's curvature payload is unacceptable (None when it is fine)."""
         if update.curvature:
             return f"unexpected curvature payload for {self.name}"
         return None
 
-    def curvature_scale(self, state: ServerState, update: ClientUpdate) -> float | None:
+    def curvature_scale(self, state: State, update: ClientUpdate) -> float | None:
         """A scalar size of the update's curvature (its trace), for the round-median check."""
         return None
 
-    def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
+    def aggregate(self, state: State, updates: list[ClientUpdate]) -> State:
         """FedAvg: theta += server_lr * sum_k p_k delta_k (with server momentum if configured)."""
-        step = mean_delta(updates)
-        apply_server_step(state, step)
+        apply_server_step(state, mean_delta(updates))
         return state
-
-
-def mean_delta(updates: list[ClientUpdate], key: str = "delta") -> Arrays:
-    """sum_k p_k x_k in fp32 with p_k = n_k / sum n, for x = update.delta or update.extras."""
-    ws = weights_of(updates)
-    out: Arrays = {}
-    for w, u in zip(ws, updates, strict=True):
-        src = u.delta if key == "delta" else u.extras
-        for k, v in src.items():
-            out[k] = out[k] + w * v.float() if k in out else w * v.float()
-    return out
-
-
-def apply_server_step(state: ServerState, step: Arrays) -> None:
-    """theta += server_lr * (momentum buffer or step), heavy-ball momentum `server_momentum`."""
-    cfg = state.config
-    for k, d in step.items():
-        if cfg.server_momentum > 0:
-            key = f"m/{k}"
-            m = state.buffers.get(key)
-            m = d.clone() if m is None else cfg.server_momentum * m + d
-            state.buffers[key] = m
-            d = m
-        state.params[k] = state.params[k] + cfg.server_lr * d

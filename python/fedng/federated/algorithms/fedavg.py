@@ -1,17 +1,13 @@
-"""FedAvg (McMahan et al. 2017) and FedAvgM (server momentum, Hsu et al. 2019)."""
+"""FedAvg (McMahan et al. 2017); FedAvgM (Hsu et al. 2019) is FedAvg with server momentum."""
 
 from __future__ import annotations
 
 from fedng.federated.algorithms.base import Algorithm
+from fedng.federated.config.first_order import FedAvgConfig
 
 
-class FedAvg(Algorithm):
-    """Local SGD, weighted mean of deltas, server learning rate (and momentum if configured)."""
+class FedAvg(Algorithm[FedAvgConfig]):
+    """Local SGD, weighted mean of deltas, server learning rate and heavy-ball momentum
+    (`ServerConfig.server_momentum`; "fedavgm" presets it to 0.9)."""
 
-    name = "fedavg"
-
-
-class FedAvgM(Algorithm):
-    """FedAvg with server heavy-ball momentum (`ServerConfig.server_momentum`)."""
-
-    name = "fedavgm"
+    config_type = FedAvgConfig

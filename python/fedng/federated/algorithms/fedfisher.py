@@ -13,20 +13,35 @@ import math
 
 from torch import nn
 
-from fedng.federated.algorithms.base import apply_server_step
-from fedng.federated.algorithms.fedng import FedNG, attach_curvature, fisher_weighted_step
-from fedng.federated.config import ClientConfig
-from fedng.federated.local import local_sgd, set_params
-from fedng.federated.ng_client import fisher_at
-from fedng.federated.protocol import Arrays, ClientUpdate, ServerMessage, ServerState
+from fedng._typing import Arrays
+from fedng.federated.aggregation.fisher_weighted import fisher_weighted_step
+from fedng.federated.aggregation.mean import apply_server_step, mean_delta
+from fedng.federated.algorithms.base import Algorithm, State
+from fedng.federated.algorithms.curvature_payload import (
+    attach_curvature,
+    check_curvature_payload,
+    curvature_trace,
+    decoded_all,
+)
+from fedng.federated.client.fisher import fisher_at
+from fedng.federated.client.layers import warn_unsupported_layers
+from fedng.federated.client.params import set_params
+from fedng.federated.client.sgd import local_sgd
+from fedng.federated.config.common import ClientConfig
+from fedng.federated.config.curvature import FedFisherConfig
+from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.tasks.base import ClientData
 
 
-class FedFisher(FedNG):
-    """One-shot Fisher merging on the FedNG machinery (one round of communication)."""
+class FedFisher(Algorithm[FedFisherConfig]):
+    """One-shot Fisher merging (one round of communication; the broadcast is theta only)."""
 
-    name = "fedfisher"
+    config_type = FedFisherConfig
     max_rounds = 1
+
+    def check_model(self, model: nn.Module) -> None:
+        """Warns once about layers that get no curvature (they are merged by the plain mean)."""
+        warn_unsupported_layers(model)
 
     def client_step(
         self,
@@ -37,36 +52,41 @@ class FedFisher(FedNG):
         client_state: Arrays,
     ) -> ClientUpdate:
         """Local SGD for `local_epochs` epochs (or `local_steps`), then the Fisher there."""
+        opts = self.options(config)
         set_params(model, message.params)
         steps = (
-            math.ceil(config.local_epochs * data.num_examples / config.batch_size)
-            if config.local_epochs > 0
+            math.ceil(opts.local_epochs * data.num_examples / config.batch_size)
+            if opts.local_epochs > 0
             else config.local_steps
         )
         metrics = local_sgd(model, data, config, message.round, steps=steps)
-        cs = fisher_at(model, data, config)
+        cs = fisher_at(model, data, config, opts)
         upd = self.make_update(model, data, message, config, metrics, client_state)
-        attach_curvature(upd, cs, config.payload_dtype)
+        attach_curvature(upd, cs, opts.payload_dtype)
         return upd
 
-    def broadcast(self, state: ServerState) -> ServerMessage:
-        """theta only."""
-        return ServerMessage(state.round, self.name, state.params)
+    def check_curvature(self, state: State, update: ClientUpdate) -> str | None:
+        """Decodes and checks a curvature payload: layout vs the model, finite/symmetric/PSD."""
+        return check_curvature_payload(state, update)
 
-    def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
-        """Fisher merge of the deltas (always Fisher-weighted)."""
-        from fedng.federated.algorithms.fedng import decoded_curvature
+    def curvature_scale(self, state: State, update: ClientUpdate) -> float | None:
+        """tr(F_k), for the round-median sanity check."""
+        return curvature_trace(update)
 
+    def aggregate(self, state: State, updates: list[ClientUpdate]) -> State:
+        """Fisher merge of the deltas; the weighted mean if an update came without curvature."""
         if any(not u.curvature for u in updates):
-            return super().aggregate(state, updates)
-        sets = [decoded_curvature(u) for u in updates]
+            apply_server_step(state, mean_delta(updates))
+            state.log["aggregation"] = "mean"
+            return state
+        opts = self.options(state.config)
         step, log = fisher_weighted_step(
             updates,
-            sets,
-            state.config.fisher_damping,  # type: ignore[arg-type]
-            state.config.cg_iters,
-            state.config.cg_tol,
-            state.config.fisher_center,
+            decoded_all(updates),
+            opts.fisher_damping,
+            opts.cg_iters,
+            opts.cg_tol,
+            opts.fisher_center,
         )
         state.log.update(log)
         apply_server_step(state, step)

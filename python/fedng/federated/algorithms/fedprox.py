@@ -5,17 +5,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedng._typing import Arrays
 from fedng.federated.algorithms.base import Algorithm
-from fedng.federated.config import ClientConfig
-from fedng.federated.local import local_sgd, set_params
-from fedng.federated.protocol import Arrays, ClientUpdate, ServerMessage
+from fedng.federated.client.params import set_params
+from fedng.federated.client.sgd import local_sgd
+from fedng.federated.config.common import ClientConfig
+from fedng.federated.config.first_order import FedProxConfig
+from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.tasks.base import ClientData
 
 
-class FedProx(Algorithm):
+class FedProx(Algorithm[FedProxConfig]):
     """FedAvg whose local gradients get the proximal term `mu (w - w_t)` added."""
 
-    name = "fedprox"
+    config_type = FedProxConfig
 
     def client_step(
         self,
@@ -29,7 +32,7 @@ class FedProx(Algorithm):
         set_params(model, message.params)
         named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
         anchor = {k: message.params[k] for k, _ in named}
-        mu = config.prox_mu
+        mu = self.options(config).prox_mu
 
         def prox(_step: int) -> None:
             if mu == 0:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedng.federated.algorithms.base import Algorithm, apply_server_step, mean_delta
-from fedng.federated.config import ClientConfig
-from fedng.federated.local import get_params, local_sgd, set_params
-from fedng.federated.protocol import Arrays, ClientUpdate, ServerMessage, ServerState
+from fedng._typing import Arrays
+from fedng.federated.aggregation.mean import apply_server_step, mean_delta
+from fedng.federated.algorithms.base import Algorithm, State
+from fedng.federated.client.params import get_params, set_params
+from fedng.federated.client.sgd import local_sgd
+from fedng.federated.config.common import ClientConfig
+from fedng.federated.config.first_order import ScaffoldConfig
+from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.tasks.base import ClientData
 
 
-class Scaffold(Algorithm):
+class Scaffold(Algorithm[ScaffoldConfig]):
     """Local steps `y <- y - lr (g(y) + c - c_k)`; afterwards
     `c_k+ = c_k - c + (x - y) / (K lr)`; uploads `y - x` and `c_k+ - c_k`; the server sets
     `x += server_lr * sum_k p_k (y_k - x)` and `c += (1/N) sum_{k in S} (c_k+ - c_k)`.
@@ -21,20 +25,20 @@ class Scaffold(Algorithm):
     broadcast: `c/<param>`.
     """
 
-    name = "scaffold"
+    config_type = ScaffoldConfig
 
-    def init_state(self, state: ServerState) -> ServerState:
+    def init_state(self, state: State) -> State:
         """c = 0."""
         for k, v in state.params.items():
             state.buffers[f"c/{k}"] = torch.zeros_like(v)
         return state
 
-    def broadcast(self, state: ServerState) -> ServerMessage:
+    def broadcast(self, state: State) -> ServerMessage:
         """theta and the server control variate c."""
         extras = {k: v for k, v in state.buffers.items() if k.startswith("c/")}
         return ServerMessage(state.round, self.name, state.params, extras)
 
-    def expected_extras(self, state: ServerState) -> dict[str, tuple[int, ...]]:
+    def expected_extras(self, state: State) -> dict[str, tuple[int, ...]]:
         """One `dc/<param>` per parameter."""
         return {f"d{k}": tuple(v.shape) for k, v in state.buffers.items() if k.startswith("c/")}
 
@@ -69,7 +73,7 @@ class Scaffold(Algorithm):
         upd.extras = {f"dc/{k}": ck_new[k] - ck[k] for k, _ in named}
         return upd
 
-    def aggregate(self, state: ServerState, updates: list[ClientUpdate]) -> ServerState:
+    def aggregate(self, state: State, updates: list[ClientUpdate]) -> State:
         """x += server_lr * weighted mean delta; c += (|S|/N) * mean dc."""
         apply_server_step(state, mean_delta(updates))
         n = state.config.num_clients

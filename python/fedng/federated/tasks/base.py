@@ -9,6 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedng.curvature.fisher import LossType
+from fedng.federated.losses import canonical_loss, loss_fn
+
 
 @dataclass
 class ClientData:
@@ -44,7 +47,7 @@ class FederatedTask:
         x_test: global test inputs [n_test, ...].
         y_test: global test targets.
         model_fn: builds the model from a seed (same seed, same initial weights).
-        loss: "ce" or "mse".
+        loss: "cross_entropy" or "mse" ("ce" is accepted, deprecated).
         metric: "accuracy" (higher is better) or "rel_l2" (lower is better).
         num_classes: classes (0 for regression).
         info: generator details (for tests and reports).
@@ -55,10 +58,13 @@ class FederatedTask:
     x_test: torch.Tensor
     y_test: torch.Tensor
     model_fn: Callable[[int], nn.Module]
-    loss: str
+    loss: LossType
     metric: str
     num_classes: int
     info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.loss = canonical_loss(self.loss, "FederatedTask", stacklevel=4)
 
     @property
     def higher_is_better(self) -> bool:
@@ -95,15 +101,19 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss and metric of `model` on (x, y), in one no-grad pass.
 
+    Args:
+        model: the model.
+        x: inputs [n, ...].
+        y: targets [n] (class indices) or [n, k].
+        loss: "cross_entropy" or "mse".
+        metric: "accuracy" or "rel_l2".
+
     Returns:
         {"loss": mean loss, metric: accuracy in [0, 1] or relative L2 error}.
     """
     with torch.no_grad():
         out = model(x)
-        if loss == "ce":
-            val = float(nn.functional.cross_entropy(out, y))
-        else:
-            val = float(nn.functional.mse_loss(out, y))
+        val = float(loss_fn(canonical_loss(loss, "evaluate"))(out, y))
         if metric == "accuracy":
             m = float((out.argmax(1) == y).float().mean())
         else:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedng.federated.partition import dirichlet_label_skew, holdout
 from fedng.federated.tasks.base import ClientData, FederatedTask, mlp, seeded_model
+from fedng.federated.tasks.partition import dirichlet_label_skew, holdout
 
 
 def digits_task(
@@ -41,7 +41,7 @@ def digits_task(
         x_test=x[test],
         y_test=y[test],
         model_fn=lambda s: seeded_model(lambda: mlp([64, 64, 10]), s),
-        loss="ce",
+        loss="cross_entropy",
         metric="accuracy",
         num_classes=10,
         info={"alpha": alpha, "sizes": [c.num_examples for c in clients]},

@@ -10,8 +10,8 @@ import functools
 import numpy as np
 import torch
 
-from fedng.federated.partition import dirichlet_label_skew, holdout
 from fedng.federated.tasks.base import ClientData, FederatedTask, mlp, seeded_model
+from fedng.federated.tasks.partition import dirichlet_label_skew, holdout
 
 
 @functools.lru_cache(maxsize=4)
@@ -64,7 +64,7 @@ def mnist1d_task(
         x_test=torch.from_numpy(xte),
         y_test=torch.from_numpy(yte),
         model_fn=lambda s: seeded_model(lambda: mlp([40, 100, 100, 10]), s),
-        loss="ce",
+        loss="cross_entropy",
         metric="accuracy",
         num_classes=10,
         info={"alpha": alpha, "sizes": [c.num_examples for c in clients]},

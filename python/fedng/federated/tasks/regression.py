@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedng.federated.partition import domain_split, holdout
 from fedng.federated.tasks.base import ClientData, FederatedTask, mlp, seeded_model
+from fedng.federated.tasks.partition import domain_split, holdout
 
 
 def target_function(x: np.ndarray) -> np.ndarray:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedng.federated.partition import holdout
 from fedng.federated.tasks.base import ClientData, FederatedTask, seeded_model
+from fedng.federated.tasks.partition import holdout
 
 DIM = 60
 CLASSES = 10
@@ -133,7 +133,7 @@ def synthetic_task(
         x_test=torch.cat(tx),
         y_test=torch.cat(ty),
         model_fn=lambda s: seeded_model(lambda: nn.Linear(DIM, CLASSES), s),
-        loss="ce",
+        loss="cross_entropy",
         metric="accuracy",
         num_classes=CLASSES,
         info={"alpha": alpha, "beta": beta, "iid": iid, "sizes": d.sizes.tolist()},

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedng.federated.history import History
+from fedng.federated.report.history import History
 
 
 def _stack(hs: list[History], key: str) -> np.ndarray:

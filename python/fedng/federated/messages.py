@@ -1,30 +1,22 @@
-"""The one federated protocol every algorithm speaks.
+"""The messages of the one federated protocol: what a client sends, what the server broadcasts,
+and the server's state.
 
-    client_step(model, data, server_message, config) -> ClientUpdate
-    server_step(state, updates) -> (state, server_message)
-
-Both are pure functions of tensors and configs: the client's result depends only on the message,
-its data, its config (and its own persistent `client_state`, the analogue of a Flower ClientApp's
-`context.state`); the server never mutates the state it was given. Updates and messages are named
-arrays plus JSON scalars, and each knows its exact serialized size: `len(update.to_bytes())`.
+Updates and messages are named arrays plus JSON scalars, and each knows its exact serialized size
+(`len(update.to_bytes())`, the `fedng.federated.wire` format).
 """
 
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-import torch
-from torch import nn
+from fedng._typing import Arrays
+from fedng.federated import wire
 
-from fedng.federated import serialize
-from fedng.federated.config import ClientConfig, ServerConfig
-from fedng.federated.tasks.base import ClientData
-
-Arrays = dict[str, torch.Tensor]
-"""Named arrays (the unit of everything on the wire)."""
+ConfigT = TypeVar("ConfigT")
+"""The type of the config a `ServerState` carries (`ServerConfig`; kept generic so that message
+types do not depend on the config layer)."""
 
 
 def _prefixed(prefix: str, arrays: Arrays) -> Arrays:
@@ -72,7 +64,7 @@ class ClientUpdate:
     nbytes: int = -1
 
     def to_bytes(self) -> bytes:
-        """The update's wire bytes (`fedng.federated.serialize` format)."""
+        """The update's wire bytes (`fedng.federated.wire` format)."""
         arrays = {
             **_prefixed("delta", self.delta),
             **_prefixed("curv", self.curvature),
@@ -86,7 +78,7 @@ class ClientUpdate:
             "metrics": self.metrics,
             "meta": self.meta,
         }
-        return serialize.pack(arrays, meta=meta, symmetric=[f"curv/{s}" for s in self.symmetric])
+        return wire.pack(arrays, meta=meta, symmetric=[f"curv/{s}" for s in self.symmetric])
 
     def seal(self) -> ClientUpdate:
         """Sets `nbytes` to the exact serialized size; returns self."""
@@ -100,7 +92,7 @@ class ClientUpdate:
         Raises:
             ValueError: corrupt bytes or not a client update.
         """
-        p = serialize.unpack(data)
+        p = wire.unpack(data)
         if p.meta.get("type") != "client_update":
             raise ValueError(f"expected a client_update payload, got type {p.meta.get('type')!r}")
         parts = _split(p.arrays, ("delta", "curv", "extra"))
@@ -147,7 +139,7 @@ class ServerMessage:
     def to_bytes(self) -> bytes:
         """The message's wire bytes."""
         extras = {
-            k: v.to(serialize.wire_dtype(self.dtype)) if v.is_floating_point() else v
+            k: v.to(wire.wire_dtype(self.dtype)) if v.is_floating_point() else v
             for k, v in self.extras.items()
         }
         arrays = {**_prefixed("param", self.params), **_prefixed("extra", extras)}
@@ -158,11 +150,11 @@ class ServerMessage:
             "dtype": self.dtype,
             "meta": self.meta,
         }
-        return serialize.pack(arrays, meta=meta, symmetric=[f"extra/{s}" for s in self.symmetric])
+        return wire.pack(arrays, meta=meta, symmetric=[f"extra/{s}" for s in self.symmetric])
 
     def seal(self) -> ServerMessage:
         """Casts `extras` to the wire dtype (what clients will see), sets `nbytes`; returns self."""
-        wd = serialize.wire_dtype(self.dtype)
+        wd = wire.wire_dtype(self.dtype)
         self.extras = {
             k: v.to(wd).float() if v.is_floating_point() else v for k, v in self.extras.items()
         }
@@ -172,7 +164,7 @@ class ServerMessage:
     @staticmethod
     def from_bytes(data: bytes) -> ServerMessage:
         """Decodes `to_bytes()` (the client's side of the wire); float extras come back fp32."""
-        p = serialize.unpack(data)
+        p = wire.unpack(data)
         if p.meta.get("type") != "server_message":
             raise ValueError(f"expected a server_message payload, got type {p.meta.get('type')!r}")
         parts = _split(p.arrays, ("param", "extra"))
@@ -190,26 +182,26 @@ class ServerMessage:
 
 
 @dataclass
-class ServerState:
+class ServerState(Generic[ConfigT]):
     """The server's whole state; `server_step` returns a new one and never mutates its input.
 
     Attributes:
         round: rounds completed.
         params: the global model theta_t (fp32 named arrays).
+        config: the server config (a `fedng.federated.config.ServerConfig`).
         buffers: algorithm state as named arrays (momentum, moments, control variates, curvature).
-        config: the server config.
         meta: JSON scalars of the algorithm state.
         log: the last round's server log (accepted / rejected clients with reasons, timings).
     """
 
     round: int
     params: Arrays
-    config: ServerConfig
+    config: ConfigT
     buffers: Arrays = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     log: dict[str, Any] = field(default_factory=dict)
 
-    def copy(self) -> ServerState:
+    def copy(self) -> ServerState[ConfigT]:
         """A deep copy (tensors cloned)."""
         return ServerState(
             round=self.round,
@@ -219,115 +211,3 @@ class ServerState:
             meta=copy.deepcopy(self.meta),
             log=copy.deepcopy(self.log),
         )
-
-
-# --- dispatch ----------------------------------------------------------------------------------
-
-
-def server_init(params: Arrays, config: ServerConfig) -> tuple[ServerState, ServerMessage]:
-    """The initial server state and the first round's message.
-
-    Args:
-        params: the initial global model (named arrays; cloned to fp32).
-        config: the server config; `config.algorithm` picks the algorithm.
-
-    Returns:
-        (state, message for round 0).
-    """
-    from fedng.federated.algorithms.registry import get_algorithm
-
-    algo = get_algorithm(config.algorithm)
-    state = ServerState(0, {k: v.detach().float().clone() for k, v in params.items()}, config)
-    state = algo.init_state(state)
-    return state, algo.broadcast(state).seal()
-
-
-def client_step(
-    model: nn.Module,
-    data: ClientData,
-    server_message: ServerMessage,
-    config: ClientConfig,
-    client_state: Arrays | None = None,
-) -> ClientUpdate:
-    """Runs one client's local step.
-
-    Args:
-        model: a module of the task's architecture, used as workspace (its parameters are
-            overwritten with `server_message.params`).
-        data: the client's local data.
-        server_message: the round's broadcast.
-        config: the client config; `config.algorithm` must match the message's algorithm.
-        client_state: what this client kept from its previous round (None the first time).
-
-    Returns:
-        The sealed `ClientUpdate` (its `client_state` is what to pass next time).
-
-    Raises:
-        ValueError: the config's algorithm is not the message's.
-    """
-    from fedng.federated.algorithms.registry import get_algorithm
-
-    if config.algorithm != server_message.algorithm:
-        raise ValueError(
-            f"client_step: 'config.algorithm' must match the server message's algorithm"
-            f" {server_message.algorithm!r}, got {config.algorithm!r}"
-        )
-    upd = get_algorithm(config.algorithm).client_step(
-        model, data, server_message, config, dict(client_state or {})
-    )
-    return upd.seal()
-
-
-def server_step(
-    state: ServerState, updates: list[ClientUpdate]
-) -> tuple[ServerState, ServerMessage]:
-    """Validates every update, aggregates the accepted ones, and builds the next message.
-
-    A payload that fails validation is rejected with a reason in `state.log["rejected"]`; the
-    round goes on with the rest. If aggregation produces a non-finite model, the round is
-    rolled back (the returned state keeps the previous parameters) and logged.
-
-    Args:
-        state: the current server state (not modified).
-        updates: the round's client updates (decoded from the wire).
-
-    Returns:
-        (new state, message for the next round).
-    """
-    from fedng.federated.algorithms.registry import get_algorithm
-    from fedng.federated.validate import validate_updates
-
-    t0 = time.perf_counter()
-    algo = get_algorithm(state.config.algorithm)
-    accepted, rejected = validate_updates(state, updates, algo)
-    new = state.copy()
-    new.log = {"accepted": [u.client_id for u in accepted], "rejected": rejected}
-    if accepted:
-        new = algo.aggregate(new, accepted)
-        bad = [
-            k
-            for k, v in {**new.params, **new.buffers}.items()
-            if v.is_floating_point() and not bool(torch.isfinite(v).all())
-        ]
-        if bad:
-            rolled = state.copy()
-            rolled.log = {
-                "accepted": [],
-                "rejected": rejected,
-                "rolled_back": f"aggregation produced non-finite {bad[:5]}",
-            }
-            new = rolled
-    else:
-        new.log["skipped"] = "no valid update this round"
-    new.round = state.round + 1
-    message = algo.broadcast(new).seal()
-    new.log["server_time_s"] = time.perf_counter() - t0
-    return new, message
-
-
-def weights_of(updates: list[ClientUpdate]) -> list[float]:
-    """Aggregation weights p_k = n_k / sum n (uniform if every n_k is 0)."""
-    total = sum(u.num_examples for u in updates)
-    if total <= 0:
-        return [1.0 / len(updates)] * len(updates)
-    return [u.num_examples / total for u in updates]

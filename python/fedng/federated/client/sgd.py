@@ -1,6 +1,4 @@
-"""Client-side building blocks shared by every algorithm: parameters as named arrays, the seeded
-batch order, the loss, and the local SGD loop.
-"""
+"""The local SGD loop every algorithm shares (equal local work), and its seeded batch order."""
 
 from __future__ import annotations
 
@@ -9,42 +7,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from fedng.federated.config import ClientConfig
+from fedng.federated.config.common import ClientConfig
+from fedng.federated.losses import loss_fn
 from fedng.federated.tasks.base import ClientData
-
-Arrays = dict[str, torch.Tensor]
-
-
-def get_params(model: nn.Module) -> Arrays:
-    """The model's trainable parameters as named fp32 arrays (detached clones)."""
-    return {k: p.detach().float().clone() for k, p in model.named_parameters() if p.requires_grad}
-
-
-def set_params(model: nn.Module, params: Arrays) -> None:
-    """Loads named arrays into the model's parameters.
-
-    Raises:
-        ValueError: a missing or extra name, or a shape mismatch (named).
-    """
-    own = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    if set(own) != set(params):
-        raise ValueError(
-            f"set_params: parameter names differ: missing {sorted(set(own) - set(params))},"
-            f" unexpected {sorted(set(params) - set(own))}"
-        )
-    with torch.no_grad():
-        for k, p in own.items():
-            if tuple(p.shape) != tuple(params[k].shape):
-                raise ValueError(
-                    f"set_params: '{k}' must have shape {list(p.shape)},"
-                    f" got {list(params[k].shape)}"
-                )
-            p.copy_(params[k])
-
-
-def sub(a: Arrays, b: Arrays) -> Arrays:
-    """a - b per name."""
-    return {k: a[k] - b[k] for k in a}
 
 
 def round_seed(seed: int, round_: int, client_id: int) -> int:
@@ -78,15 +43,6 @@ def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterator[to
                 return
             yield perm[lo : lo + batch_size]
             done += 1
-
-
-def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Mean-reduced cross-entropy ("ce") or MSE ("mse")."""
-    if kind == "ce":
-        return nn.functional.cross_entropy
-    if kind == "mse":
-        return nn.functional.mse_loss
-    raise ValueError(f"loss_fn: 'kind' must be 'ce' or 'mse', got {kind!r}")
 
 
 GradHook = Callable[[int], None]
@@ -138,7 +94,7 @@ def local_sgd(
         loss = crit(out, y)
         if before_backward is not None:
             before_backward(x, y, out)
-        loss.backward()
+        torch.autograd.backward(loss)
         if grad_hook is not None:
             grad_hook(step)
         opt.step()

@@ -7,7 +7,8 @@ Wire format (little-endian):
 The header holds `meta` (JSON scalars, lists and dicts of scalars) and one entry per array:
 `[name, dtype, layout, shape, nbytes]`. The blob is the arrays' raw bytes in header order.
 `dtype` is one of `fp32`, `fp64`, `bf16`, `fp16`, `i64`; `layout` is `dense`, or `sym` for a
-symmetric matrix [n, n] stored as its packed lower triangle (n (n + 1) / 2 values).
+symmetric matrix [n, n] stored as its packed lower triangle (n (n + 1) / 2 values, row by row;
+`fedng.curvature.spec.pack_triangle`).
 
 Byte accounting everywhere in `fedng.federated` is `len(pack(...))`: the real size of these bytes.
 """
@@ -21,6 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from fedng._typing import Arrays
+from fedng.curvature.spec import pack_triangle, unpack_triangle
 
 MAGIC = b"FNGB"
 VERSION = 1
@@ -37,6 +41,9 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 
 FLOAT_WIRE: tuple[str, ...] = ("fp32", "bf16", "fp16")
 """The float wire dtypes a payload may be sent in (configs choose among these)."""
+
+FLOAT_DTYPES: tuple[torch.dtype, ...] = tuple(WIRE_DTYPES[n] for n in FLOAT_WIRE)
+"""The torch dtypes of `FLOAT_WIRE` (what a received float payload may hold)."""
 
 _NAME_OF = {v: k for k, v in WIRE_DTYPES.items()}
 
@@ -62,35 +69,9 @@ class Packed:
         symmetric: names that travelled as packed triangles.
     """
 
-    arrays: dict[str, torch.Tensor]
+    arrays: Arrays
     meta: dict[str, Any]
     symmetric: frozenset[str]
-
-
-def _tril_index(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = torch.tril_indices(n, n)
-    return idx[0], idx[1]
-
-
-def pack_triangle(m: torch.Tensor) -> torch.Tensor:
-    """The lower triangle of a square matrix [n, n] as a vector [n (n + 1) / 2], row by row."""
-    if m.dim() != 2 or m.shape[0] != m.shape[1]:
-        raise ValueError(f"pack_triangle: expected a square matrix [n, n], got {list(m.shape)}")
-    r, c = _tril_index(m.shape[0])
-    return m[r, c]
-
-
-def unpack_triangle(v: torch.Tensor, n: int) -> torch.Tensor:
-    """The symmetric matrix [n, n] whose packed lower triangle is `v` [n (n + 1) / 2]."""
-    if v.dim() != 1 or v.numel() != n * (n + 1) // 2:
-        raise ValueError(
-            f"unpack_triangle: expected {n * (n + 1) // 2} values for n = {n}, got {v.numel()}"
-        )
-    r, c = _tril_index(n)
-    out = torch.zeros((n, n), dtype=v.dtype)
-    out[r, c] = v
-    out[c, r] = v
-    return out
 
 
 def _to_bytes(t: torch.Tensor) -> bytes:
@@ -187,7 +168,7 @@ def unpack(data: bytes) -> Packed:
         meta = header["meta"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"unpack: corrupt header ({err})") from err
-    arrays: dict[str, torch.Tensor] = {}
+    arrays: Arrays = {}
     sym: set[str] = set()
     pos = start
     for entry in entries:
@@ -216,7 +197,7 @@ def unpack(data: bytes) -> Packed:
             else torch.empty(0, dtype=dt)
         )
         if layout == "sym":
-            arrays[name] = unpack_triangle(flat, shape[0])
+            arrays[name] = unpack_triangle(flat, shape[0], dt)
             sym.add(name)
         else:
             arrays[name] = flat.reshape(shape)

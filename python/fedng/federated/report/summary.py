@@ -7,7 +7,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fedng.federated.history import History
+from fedng.federated.report.history import History
 
 
 def _median(xs: list[float]) -> float:

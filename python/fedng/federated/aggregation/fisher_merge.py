@@ -21,13 +21,21 @@ lambda grows. Per representation:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from fedng import ops
 
 Mats = list[torch.Tensor]
+
+
+def _total(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of tensors, accumulated from 0 in order, as the builtin `sum` does."""
+    total = torch.zeros(())
+    for t in terms:
+        total = total + t
+    return total
 
 
 def merge_diag(
@@ -51,10 +59,10 @@ def merge_diag(
     """
     out = []
     for i in range(len(damping)):
-        num = sum(w * d[i] * x[i] for w, d, x in zip(weights, diags, deltas, strict=True))
+        num = _total(w * d[i] * x[i] for w, d, x in zip(weights, diags, deltas, strict=True))
         if prior is not None:
             num = num + damping[i] * prior[i]
-        den = sum(w * d[i] for w, d in zip(weights, diags, strict=True)) + damping[i]
+        den = _total(w * d[i] for w, d in zip(weights, diags, strict=True)) + damping[i]
         out.append(num / den)
     return out
 
@@ -83,13 +91,15 @@ def merge_lowrank(
     nb = len(damping)
     rhs = []
     for i in range(nb):
-        b = 0.0
-        for w, u, s, x in zip(weights, Us, Ss, deltas, strict=True):
-            b = b + w * (u[i] @ (s[i] * (u[i].T @ x[i])))
+        b = _total(
+            w * (u[i] @ (s[i] * (u[i].T @ x[i])))
+            for w, u, s, x in zip(weights, Us, Ss, deltas, strict=True)
+        )
         b = torch.as_tensor(b, dtype=torch.float32).reshape(-1)
         rhs.append(b if prior is None else b + damping[i] * prior[i].reshape(-1))
     out: list[torch.Tensor | None] = [None] * nb
-    wood, dense = [], []
+    wood: list[int] = []
+    dense: list[int] = []
     for i in range(nb):
         d = rhs[i].numel()
         total_rank = sum(u[i].shape[1] for u in Us)
@@ -111,12 +121,12 @@ def merge_lowrank(
         res = ops.lowrank_precondition(
             u_all, s_all, [damping[i] for i in wood], [rhs[i].contiguous() for i in wood]
         )
-        for i, x in zip(wood, res, strict=True):
-            out[i] = x
+        for i, sol in zip(wood, res, strict=True):
+            out[i] = sol
     if dense:
         mats = []
         for i in dense:
-            f = sum(w * (u[i] * s[i]) @ u[i].T for w, u, s in zip(weights, Us, Ss, strict=True))
+            f = _total(w * (u[i] * s[i]) @ u[i].T for w, u, s in zip(weights, Us, Ss, strict=True))
             mats.append(((f + f.T) / 2).float().contiguous())
         inv = ops.damped_cholesky_inverse(mats, [damping[i] for i in dense], errors="raise")
         for i, m in zip(dense, inv.inverses, strict=True):
@@ -184,8 +194,8 @@ def merge_kfac(
         for i in range(nb):
             bs[i] = bs[i] + damping[i] * prior[i].float()
     # Preconditioner: Kronecker inverse of the averaged factors, damped by sqrt(lambda) each.
-    a_bar = [sum(w * a[i] for w, a in zip(weights, As, strict=True)) for i in range(nb)]
-    g_bar = [sum(w * g[i] for w, g in zip(weights, Gs, strict=True)) for i in range(nb)]
+    a_bar = [_total(w * a[i] for w, a in zip(weights, As, strict=True)) for i in range(nb)]
+    g_bar = [_total(w * g[i] for w, g in zip(weights, Gs, strict=True)) for i in range(nb)]
     roots = [math.sqrt(d) for d in damping]
     dense = [i for i in range(nb) if a_bar[i].dim() == 2]
     inv = ops.damped_cholesky_inverse(

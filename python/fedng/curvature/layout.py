@@ -1,23 +1,25 @@
 """Where each curvature block lives among a model's named parameters, in plain JSON.
 
-The server never sees the model. To apply a block's curvature to a client's delta it needs the
-block's gradient-matrix layout ([m, n], bias folded in as the last column, see
-`fedng.curvature.blocks.Block`) in terms of parameter *names*. Clients send that layout once per
-update (a few hundred bytes of JSON, counted in the payload size).
+A holder of curvature without the model (a federated server) applies a block's curvature to
+named arrays (a delta, a gradient) through the block's gradient-matrix layout ([m, n], bias folded
+in as the last column, see `fedng.curvature.blocks.Block`) in terms of parameter *names*. It is a
+few hundred bytes of JSON per model.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from fedng._typing import Arrays
 from fedng.curvature.blocks import Block
-from fedng.curvature.spec import BlockSpec
+from fedng.curvature.spec import BlockSpec, check_block_kind
 
-Arrays = dict[str, torch.Tensor]
+_FIELDS = ("name", "kind", "m", "n", "weight", "bias", "w_rows", "b_rows", "transpose")
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class BlockLayout:
 
     Attributes:
         name: the block's name (its `BlockSpec.name`).
-        kind: "kron", "embedding" or "elementwise".
+        kind: "kron", "embedding" or "elementwise" (checked when `spec` is built).
         m: rows of the block matrix.
         n: columns.
         weight: the weight parameter's name.
@@ -48,16 +50,17 @@ class BlockLayout:
 
     @property
     def spec(self) -> BlockSpec:
-        """The `BlockSpec` of this block."""
-        return BlockSpec(self.name, self.kind, self.m, self.n)  # type: ignore[arg-type]
+        """The `BlockSpec` of this block.
+
+        Raises:
+            ValueError: an unknown kind or a non-positive size.
+        """
+        kind = check_block_kind(f"BlockSpec '{self.name}'", self.kind)
+        return BlockSpec(self.name, kind, self.m, self.n)
 
     def to_json(self) -> list[Any]:
-        """Compact JSON form."""
-        d = asdict(self)
-        return [
-            d[k]
-            for k in ("name", "kind", "m", "n", "weight", "bias", "w_rows", "b_rows", "transpose")
-        ]
+        """Compact JSON form: the fields in declaration order."""
+        return [getattr(self, k) for k in _FIELDS]
 
     @staticmethod
     def from_json(x: list[Any]) -> BlockLayout:
@@ -66,8 +69,8 @@ class BlockLayout:
         Raises:
             ValueError: a malformed entry.
         """
-        if not isinstance(x, list) or len(x) != 9:
-            raise ValueError(f"block layout must be a list of 9 fields, got {x!r}")
+        if not isinstance(x, list) or len(x) != len(_FIELDS):
+            raise ValueError(f"block layout must be a list of {len(_FIELDS)} fields, got {x!r}")
         name, kind, m, n, w, b, wr, br, tr = x
         return BlockLayout(
             str(name),
@@ -89,22 +92,20 @@ def _rows(s: slice | None) -> tuple[int, int] | None:
 def layouts_of(model: nn.Module, blocks: list[Block]) -> list[BlockLayout]:
     """The layouts of a capture's blocks, naming parameters as `model.named_parameters()` does."""
     names = {id(p): k for k, p in model.named_parameters()}
-    out = []
-    for b in blocks:
-        out.append(
-            BlockLayout(
-                b.spec.name,
-                b.spec.kind,
-                b.spec.m,
-                b.spec.n,
-                names[id(b.weight)],
-                None if b.bias is None else names[id(b.bias)],
-                _rows(b.w_rows),
-                _rows(b.b_rows),
-                bool(b.transpose),
-            )
+    return [
+        BlockLayout(
+            b.spec.name,
+            b.spec.kind,
+            b.spec.m,
+            b.spec.n,
+            names[id(b.weight)],
+            None if b.bias is None else names[id(b.bias)],
+            _rows(b.w_rows),
+            _rows(b.b_rows),
+            bool(b.transpose),
         )
-    return out
+        for b in blocks
+    ]
 
 
 def check_layouts(layouts: list[BlockLayout], shapes: dict[str, tuple[int, ...]]) -> str | None:
@@ -114,7 +115,7 @@ def check_layouts(layouts: list[BlockLayout], shapes: dict[str, tuple[int, ...]]
             return f"block {lay.name!r} names unknown parameters {lay.weight!r}/{lay.bias!r}"
         w = shapes[lay.weight]
         rows = w[0] if lay.w_rows is None else lay.w_rows[1] - lay.w_rows[0]
-        wnum = rows * (int(torch.tensor(w[1:]).prod()) if len(w) > 1 else 1)
+        wnum = rows * (math.prod(w[1:]) if len(w) > 1 else 1)
         bnum = 0
         if lay.bias is not None:
             b = shapes[lay.bias]
@@ -165,13 +166,3 @@ def write_matrix(arrays: Arrays, lay: BlockLayout, mat: torch.Tensor) -> None:
         return
     w.copy_(mat[:, :-1].reshape(w.shape))
     arrays[lay.bias][_sl(lay.b_rows)].copy_(mat[:, -1])
-
-
-def covered(layouts: list[BlockLayout]) -> set[str]:
-    """Parameter names some block covers."""
-    out = set()
-    for lay in layouts:
-        out.add(lay.weight)
-        if lay.bias is not None:
-            out.add(lay.bias)
-    return out

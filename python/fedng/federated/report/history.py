@@ -86,10 +86,10 @@ class History:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> History:
         """Inverse of `to_dict` (null floats come back as NaN)."""
-        rounds = [
-            RoundRecord(**{k: (math.nan if v is None else v) for k, v in r.items()})
-            for r in d["rounds"]
+        records: list[dict[str, Any]] = [
+            {k: (math.nan if v is None else v) for k, v in r.items()} for r in d["rounds"]
         ]
+        rounds = [RoundRecord(**r) for r in records]
         return History(**{**d, "rounds": rounds})
 
     def series(self, key: str) -> list[float]:

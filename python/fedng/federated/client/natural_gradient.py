@@ -1,0 +1,161 @@
+"""FedNG's client: local natural-gradient steps under a chosen preconditioner, and the local
+curvature it accumulates on the way (what it uploads).
+
+The steps are `fedng.optim.NaturalGradient` over the shared local SGD loop; the preconditioner
+mode (`FedNGConfig.precond`) picks its source:
+- "global": the server's damped inverses, fixed for the round (every client moves in the same
+  metric: no preconditioner drift): `set_global` with the broadcast inverses, or with the
+  broadcast curvature inverted under the client's damping. Until the server has curvature
+  (round 0), "local".
+- "local": the client's own running curvature, re-inverted every `inverse_every` steps.
+- "global_local": `(1 - w) F_global + w F_local` (w = `local_mix`), re-inverted every
+  `inverse_every` steps (`set_global(..., mix=w)`); needs the server to broadcast factors (falls
+  back to "global" when it sent inverses only).
+- "none": plain SGD (curvature is still accumulated for the upload).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedng.curvature import CurvatureSet
+from fedng.federated.client.sgd import local_sgd, round_seed
+from fedng.federated.config.common import ClientConfig
+from fedng.federated.config.curvature import FedNGConfig, curvature_mapping
+from fedng.federated.messages import ServerMessage
+from fedng.federated.tasks.base import ClientData
+from fedng.optim import NaturalGradient
+
+PRECOND_MODES: tuple[str, ...] = ("none", "local", "global", "global_local")
+"""The modes a client can end up in; `metrics["precond_mode"]` is the index of the one used."""
+
+
+@dataclass
+class LocalResult:
+    """What the local natural-gradient loop produced.
+
+    Attributes:
+        metrics: training loss, steps, the preconditioner mode actually used, KL-clipped steps.
+        curvature: the client's curvature accumulated over its local steps.
+    """
+
+    metrics: dict[str, float]
+    curvature: CurvatureSet
+
+
+def global_curvature(
+    message: ServerMessage, local: CurvatureSet, options: FedNGConfig
+) -> tuple[CurvatureSet | None, bool]:
+    """The server's curvature from a message: (set, has factors). None when it sent none.
+
+    Inverses (`inv/...` extras) are installed into an empty set over `local`'s blocks; factors
+    (`curv/...` extras with `meta["curv"]`) are decoded as a full set in `local`'s dtype.
+    """
+    inv = {k[4:]: v for k, v in message.extras.items() if k.startswith("inv/")}
+    fac = {k[5:]: v for k, v in message.extras.items() if k.startswith("curv/")}
+    if fac and "curv" in message.meta:
+        return CurvatureSet.from_arrays(fac, message.meta["curv"], local.dtype), True
+    if inv:
+        glob = CurvatureSet.empty(
+            local.layouts, local.kinds, options.rank, options.sketch_seed, local.dtype
+        )
+        glob.load_inverse_arrays(inv)
+        return glob, False
+    return None, False
+
+
+def use_preconditioner(ng: NaturalGradient, message: ServerMessage, options: FedNGConfig) -> str:
+    """Points `ng` at the preconditioner `options.precond` asks for, as far as the message allows.
+
+    Returns:
+        The mode actually used (one of `PRECOND_MODES`).
+    """
+    mode = options.precond
+    if mode not in ("global", "global_local"):
+        return mode
+    glob, has_factors = global_curvature(message, ng.local_curvature, options)
+    if glob is None:
+        return "local"
+    if mode == "global_local" and has_factors:
+        ng.set_global(glob, mix=options.local_mix)
+        return mode
+    if has_factors:
+        glob.inverse(options.damping)
+    ng.set_global(glob)
+    return "global"
+
+
+def natural_gradient_local(
+    model: nn.Module,
+    data: ClientData,
+    message: ServerMessage,
+    config: ClientConfig,
+    options: FedNGConfig,
+    *,
+    steps: int | None = None,
+) -> LocalResult:
+    """Runs FedNG's local loop on `model` (already holding theta_t).
+
+    Per step of `local_sgd`: forward (recorded), an optional Monte-Carlo Fisher pass, backward,
+    then `NaturalGradient.step` (the batch folded into the local curvature, the gradients
+    preconditioned and optionally KL-clipped) before `torch.optim.SGD` steps.
+
+    Args:
+        model: the model (its parameters are trained in place).
+        data: the client's data.
+        message: the round's broadcast (theta_t and possibly the global curvature).
+        config: the client config.
+        options: FedNG's config.
+        steps: overrides `config.local_steps`.
+
+    Returns:
+        `LocalResult`.
+    """
+    ng = NaturalGradient(
+        model,
+        curvature=curvature_mapping(options.curvature),
+        damping=options.damping,
+        inverse_every=options.inverse_every,
+        curvature_decay=options.curvature_decay,
+        kl_clip=options.kl_clip if options.kl_clip > 0 else None,
+        lr=config.lr,
+        fisher_type=options.fisher_type,
+        loss=config.loss,
+        rank=options.rank,
+        sketch_seed=options.sketch_seed,
+        source="none" if options.precond == "none" else "local",
+        warn_unsupported=False,  # the simulator warns once per run (`Algorithm.check_model`)
+    )
+    try:
+        mode = use_preconditioner(ng, message, options)
+        gen = torch.Generator().manual_seed(
+            round_seed(options.sketch_seed, message.round, data.client_id)
+        )
+        clipped = 0
+
+        def fisher_pass(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> None:
+            if options.fisher_type == "mc":
+                ng.mc_backward(out, gen)
+
+        def precondition(step: int) -> None:
+            nonlocal clipped
+            ng.step()
+            clipped += ng.last["kl_scale"] < 1.0
+
+        metrics = local_sgd(
+            model,
+            data,
+            config,
+            message.round,
+            grad_hook=precondition,
+            steps=steps,
+            before_backward=fisher_pass,
+        )
+        metrics["precond_mode"] = float(PRECOND_MODES.index(mode))
+        metrics["kl_clipped_steps"] = float(clipped)
+        return LocalResult(metrics, ng.local_curvature)
+    finally:
+        ng.remove()

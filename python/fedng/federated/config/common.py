@@ -1,0 +1,229 @@
+"""Client and server configs: the knobs every algorithm shares, plus the algorithm's own config.
+
+Both round-trip through a flat dict of scalars (a Flower ConfigRecord): `to_dict()` writes the
+common knobs and the algorithm's knobs side by side (every knob has one name), `from_dict()`
+splits them again by the algorithm's config type.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fedng.curvature.fisher import LossType
+from fedng.federated.config.base import AlgorithmConfig, Scalars, check, check_choice
+from fedng.federated.config.catalog import config_type, owners
+from fedng.federated.losses import canonical_loss
+from fedng.federated.wire import FLOAT_WIRE
+
+DEFAULT_OPTIONS = AlgorithmConfig()
+"""`options` left out: the algorithm's own config with its defaults."""
+
+_O = TypeVar("_O", bound=AlgorithmConfig)
+_C = TypeVar("_C", bound="_Common")
+
+
+class _Common(Scalars):
+    """The flat-dict round trip and the typed access to `options` of both configs."""
+
+    algorithm: str
+    options: AlgorithmConfig
+
+    @classmethod
+    def common_names(cls) -> tuple[str, ...]:
+        """The field names but `options`."""
+        return tuple(n for n in cls.field_names() if n != "options")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The common knobs and the algorithm's knobs as one flat dict of scalars."""
+        return {**{n: getattr(self, n) for n in self.common_names()}, **self.options.to_dict()}
+
+    @classmethod
+    def from_dict(cls: type[_C], d: dict[str, Any]) -> _C:
+        """Inverse of `to_dict`: the algorithm (key "algorithm", default "fedavg") decides which
+        other keys are its own.
+
+        Raises:
+            ValueError: an unknown algorithm or key (named, with the valid ones).
+        """
+        kind = config_type(str(d.get("algorithm", "fedavg")), cls.__name__)
+        common, own = set(cls.common_names()), set(kind.field_names())
+        unknown = sorted(set(d) - common - own)
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__}: unknown keys {unknown}; expected some of {sorted(common | own)}"
+            )
+        kwargs: dict[str, Any] = {k: v for k, v in d.items() if k in common}
+        kwargs["options"] = kind(**{k: v for k, v in d.items() if k in own})
+        return cls(**kwargs)
+
+    def options_as(self, kind: type[_O]) -> _O:
+        """`options`, checked to be a `kind`.
+
+        Raises:
+            TypeError: `options` is another algorithm's config.
+        """
+        if not isinstance(self.options, kind):
+            raise TypeError(
+                f"{type(self).__name__}: the options of {self.algorithm!r} are a"
+                f" {type(self.options).__name__}, not a {kind.__name__}"
+            )
+        return self.options
+
+    def _resolve_options(self) -> None:
+        """Checks `algorithm`; replaces `DEFAULT_OPTIONS` by the algorithm's defaults; checks the
+        options' type."""
+        where = type(self).__name__
+        kind = config_type(self.algorithm, where)
+        if type(self.options) is AlgorithmConfig:
+            object.__setattr__(self, "options", kind())
+        elif not isinstance(self.options, kind):
+            raise ValueError(
+                f"{where}: 'options' must be a {kind.__name__} for {self.algorithm!r}, got"
+                f" {type(self.options).__name__}"
+            )
+
+
+def _moved_into_options(
+    where: str,
+    common: tuple[str, ...],
+    algorithm: str,
+    options: AlgorithmConfig | None,
+    moved: dict[str, Any],
+) -> AlgorithmConfig:
+    """`options` with `moved` applied: keys that were flat fields of the configs before each
+    algorithm owned its config (deprecated), or why they cannot be.
+
+    Raises:
+        ValueError: a key owned by another algorithm (naming it).
+        TypeError: a key no config knows (naming the valid ones).
+    """
+    kind = config_type(algorithm, where)
+    own = kind.field_names()
+    for key in sorted(moved):
+        if key in own:
+            continue
+        if owners(key):
+            raise ValueError(
+                f"{where}: '{key}' is a setting of {', '.join(owners(key))}, not of {algorithm}"
+            )
+        raise TypeError(f"{where}: unknown key '{key}'; expected one of {sorted({*common, *own})}")
+    names = ", ".join(f"{k}=..." for k in sorted(moved))
+    warnings.warn(
+        f"{where}({names}) is deprecated: {sorted(moved)} moved to {kind.__name__}; pass"
+        f" options={kind.__name__}({names}) or use make_configs({algorithm!r}, {{...}})",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    base = kind() if options is None or type(options) is AlgorithmConfig else options
+    if not isinstance(base, kind):
+        raise ValueError(f"{where}: 'options' must be a {kind.__name__} for {algorithm!r}")
+    return base.replace(**moved)
+
+
+def _accepts_moved_keys(cls: type[_C]) -> type[_C]:
+    """Lets the constructor (and `replace`) take an algorithm's knobs as flat keywords, as the
+    configs did before each algorithm owned its config: they go into `options`, with a
+    DeprecationWarning."""
+    init = cls.__init__
+    common = cls.common_names()
+    fields = cls.field_names()
+    at = fields.index("options")
+
+    @functools.wraps(init)
+    def __init__(self: _C, *args: Any, **kwargs: Any) -> None:
+        moved = {k: kwargs.pop(k) for k in [k for k in kwargs if k not in fields]}
+        if moved:
+            options = args[at] if len(args) > at else kwargs.get("options")
+            algorithm = kwargs.get("algorithm", args[0] if args else "fedavg")
+            kwargs["options"] = _moved_into_options(cls.__name__, common, algorithm, options, moved)
+            args = args[:at]
+        init(self, *args, **kwargs)
+
+    setattr(cls, "__init__", __init__)  # noqa: B010 - mypy rejects assigning a method directly
+    return cls
+
+
+@_accepts_moved_keys
+@dataclass(frozen=True)
+class ClientConfig(_Common):
+    """What a client needs to run its local step.
+
+    Attributes:
+        algorithm: one of `ALGORITHMS`.
+        lr: local learning rate.
+        batch_size: local minibatch size.
+        local_steps: local optimizer steps per round (equal local work across methods).
+        momentum: local SGD momentum (reset every round).
+        weight_decay: local L2 weight decay.
+        loss: "cross_entropy" or "mse" ("ce" is accepted, deprecated).
+        seed: root seed of the batch order (combined with round and client id).
+        update_dtype: wire dtype of the model delta ("fp32", "bf16", "fp16").
+        options: the algorithm's own config (e.g. `FedProxConfig`); left out, its defaults.
+    """
+
+    algorithm: str = "fedavg"
+    lr: float = 0.05
+    batch_size: int = 32
+    local_steps: int = 10
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    loss: LossType = "cross_entropy"
+    seed: int = 0
+    update_dtype: str = "fp32"
+    options: AlgorithmConfig = DEFAULT_OPTIONS
+
+    def __post_init__(self) -> None:
+        c = "ClientConfig"
+        self._resolve_options()
+        check(self.lr > 0, c, "lr", "> 0", self.lr)
+        check(self.batch_size >= 1, c, "batch_size", ">= 1", self.batch_size)
+        check(self.local_steps >= 1, c, "local_steps", ">= 1", self.local_steps)
+        check(0 <= self.momentum < 1, c, "momentum", "in [0, 1)", self.momentum)
+        check(self.weight_decay >= 0, c, "weight_decay", ">= 0", self.weight_decay)
+        object.__setattr__(self, "loss", canonical_loss(self.loss, c, stacklevel=5))
+        check_choice(c, "update_dtype", self.update_dtype, FLOAT_WIRE)
+
+
+@_accepts_moved_keys
+@dataclass(frozen=True)
+class ServerConfig(_Common):
+    """What the server needs to aggregate.
+
+    Attributes:
+        algorithm: one of `ALGORITHMS`.
+        server_lr: server learning rate eta_s (FedOpt: the Adam/Yogi/Adagrad step size).
+        server_momentum: heavy-ball momentum on the aggregated update (FedAvgM, FedNG).
+        num_clients: total number of clients N (SCAFFOLD's control-variate update).
+        max_norm_ratio: a payload whose delta norm (or curvature trace) exceeds this multiple of
+            the round's median is rejected.
+        psd_tol: relative tolerance of the PSD / symmetry checks of curvature payloads.
+        options: the algorithm's own config (e.g. `FedOptConfig`); left out, its defaults.
+    """
+
+    algorithm: str = "fedavg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    num_clients: int = 1
+    max_norm_ratio: float = 100.0
+    psd_tol: float = 1e-3
+    options: AlgorithmConfig = DEFAULT_OPTIONS
+
+    def __post_init__(self) -> None:
+        c = "ServerConfig"
+        self._resolve_options()
+        check(self.server_lr > 0, c, "server_lr", "> 0", self.server_lr)
+        check(
+            0 <= self.server_momentum < 1, c, "server_momentum", "in [0, 1)", self.server_momentum
+        )
+        check(self.num_clients >= 1, c, "num_clients", ">= 1", self.num_clients)
+        check(self.max_norm_ratio > 1, c, "max_norm_ratio", "> 1", self.max_norm_ratio)
+        check(self.psd_tol > 0, c, "psd_tol", "> 0", self.psd_tol)
+
+
+COMMON_KEYS: frozenset[str] = frozenset(
+    ClientConfig.common_names() + ServerConfig.common_names()
+) - {"algorithm"}
+"""Every common knob of the two configs."""

@@ -1,0 +1,180 @@
+"""The configs of the curvature algorithms: FedNG and one-shot Fisher merging (FedFisher)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from fedng.curvature import kinds
+from fedng.curvature.fisher import FISHER_TYPES
+from fedng.federated.config.base import AlgorithmConfig, check, check_choice
+from fedng.federated.wire import FLOAT_WIRE
+
+PRECONDITIONERS: tuple[str, ...] = ("global", "local", "global_local", "none")
+AGGREGATIONS: tuple[str, ...] = ("mean", "fisher")
+BROADCASTS: tuple[str, ...] = ("auto", "inverse", "factors", "none")
+FISHER_CENTERS: tuple[str, ...] = ("zero", "mean")
+
+_BROADCAST_FOR = {"global": "inverse", "global_local": "factors"}
+"""What the server must send for a client preconditioner ("auto" broadcast)."""
+
+
+def parse_curvature(spec: str) -> tuple[str, dict[str, str]]:
+    """Parses a curvature spec: a default kind, then optional per-layer overrides; the kinds are
+    those of the curvature registry (`fedng.curvature.kinds()`).
+
+    `"kfac"` uses K-FAC everywhere; `"kfac,fc2=diag,fc1=lowrank"` uses K-FAC except for the named
+    modules.
+
+    Returns:
+        (default kind, {module name: kind}).
+
+    Raises:
+        ValueError: an unknown kind or a malformed entry.
+    """
+    known = kinds()
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts or "=" in parts[0]:
+        raise ValueError(f"'curvature' must start with a kind in {list(known)}, got {spec!r}")
+    default, overrides = parts[0], {}
+    for p in parts[1:]:
+        name, sep, kind = p.partition("=")
+        if not sep or not name:
+            raise ValueError(f"'curvature' entry must be MODULE=KIND, got {p!r} in {spec!r}")
+        overrides[name.strip()] = kind.strip()
+    for k in [default, *overrides.values()]:
+        if k not in known:
+            raise ValueError(f"'curvature' kinds must be in {list(known)}, got {k!r}")
+    return default, overrides
+
+
+def curvature_mapping(spec: str) -> dict[str | type[nn.Module], str]:
+    """A curvature spec as the mapping `NaturalGradient(curvature=...)` takes:
+    `"kfac,fc2=diag"` -> `{"default": "kfac", "fc2": "diag"}`."""
+    default, overrides = parse_curvature(spec)
+    mapping: dict[str | type[nn.Module], str] = {"default": default}
+    mapping.update(overrides)
+    return mapping
+
+
+@dataclass(frozen=True)
+class CurvatureConfig(AlgorithmConfig):
+    """The knobs FedNG and FedFisher share: the curvature a client uploads, and the server's
+    Fisher-weighted merge.
+
+    Attributes:
+        curvature: curvature spec, e.g. "kfac" or "kfac,fc2=diag" (see `parse_curvature`).
+        fisher_type: "empirical" (real labels) or "mc" (sampled labels).
+        rank: sketch rank of low-rank curvature.
+        sketch_seed: shared seed of the Gaussian sketch matrices (and of the MC label draws).
+        payload_dtype: wire dtype of the curvature payload ("fp32", "bf16", "fp16").
+        fisher_damping: lambda of the Fisher-weighted merge, relative to the mean eigenvalue
+            scale of each layer's aggregated curvature.
+        fisher_center: the prior center of the merge's damping: "zero"
+            (`(sum p F + lambda I)^-1 sum p F delta`) or "mean" (adds `lambda * mean delta` to
+            the right-hand side: FedAvg where no curvature is seen).
+        cg_iters: max conjugate-gradient iterations (K-FAC merge).
+        cg_tol: relative residual at which CG stops.
+    """
+
+    curvature: str = "kfac"
+    fisher_type: str = "empirical"
+    rank: int = 16
+    sketch_seed: int = 1234
+    payload_dtype: str = "fp32"
+    fisher_damping: float = 0.1
+    fisher_center: str = "mean"
+    cg_iters: int = 100
+    cg_tol: float = 1e-6
+
+    def __post_init__(self) -> None:
+        c = type(self).__name__
+        parse_curvature(self.curvature)
+        check_choice(c, "fisher_type", self.fisher_type, FISHER_TYPES)
+        check(self.rank >= 1, c, "rank", ">= 1", self.rank)
+        check(self.sketch_seed >= 0, c, "sketch_seed", ">= 0", self.sketch_seed)
+        check_choice(c, "payload_dtype", self.payload_dtype, FLOAT_WIRE)
+        check(self.fisher_damping > 0, c, "fisher_damping", "> 0", self.fisher_damping)
+        check_choice(c, "fisher_center", self.fisher_center, FISHER_CENTERS)
+        check(self.cg_iters >= 1, c, "cg_iters", ">= 1", self.cg_iters)
+        check(self.cg_tol > 0, c, "cg_tol", "> 0", self.cg_tol)
+
+
+@dataclass(frozen=True)
+class FedNGConfig(CurvatureConfig):
+    """FedNG (federated natural gradient); the defaults are the tuned configuration.
+
+    The defaults are what the tuning of `bench/bench_fl.py` picked on both benchmark tasks (see
+    bench/results/bench_fl.md): the server's K-FAC curvature refreshed by the client's own, and
+    the K-FAC Fisher-weighted merge with its damping centered on the mean delta.
+
+    Attributes:
+        precond: the client's preconditioner: "global" (the server's), "local" (its own running
+            curvature), "global_local" (the server's refreshed by the client's own), "none".
+        damping: Tikhonov damping of the client's preconditioner and of the broadcast inverses.
+        local_mix: weight of the client's own curvature in "global_local" (0..1).
+        inverse_every: local steps between re-inversions of a local / mixed preconditioner.
+        curvature_decay: EMA decay of the client's running curvature across its local steps.
+        upload_every: upload curvature every R rounds (R >= 1).
+        kl_clip: bound on the local natural-gradient step's KL estimate `lr^2 p.g` (0 = off).
+        aggregation: "mean" or "fisher" (Fisher-weighted, when every update carries curvature).
+        curvature_ema: decay of the global curvature EMA across rounds (0 = last round only).
+        broadcast: what the server sends with theta: "inverse" (the damped inverses of the
+            global curvature), "factors" (the curvature itself), "none", or "auto" (what
+            `precond` needs: "inverse" for "global", "factors" for "global_local", else "none").
+        broadcast_dtype: wire dtype of the broadcast preconditioner.
+    """
+
+    precond: str = "global_local"
+    damping: float = 1e-2
+    local_mix: float = 0.5
+    inverse_every: int = 5
+    curvature_decay: float = 0.9
+    upload_every: int = 1
+    kl_clip: float = 0.0
+    aggregation: str = "fisher"
+    curvature_ema: float = 0.5
+    broadcast: str = "auto"
+    broadcast_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        c = "FedNGConfig"
+        check_choice(c, "precond", self.precond, PRECONDITIONERS)
+        check(self.damping > 0, c, "damping", "> 0", self.damping)
+        check(0 <= self.local_mix <= 1, c, "local_mix", "in [0, 1]", self.local_mix)
+        check(self.inverse_every >= 1, c, "inverse_every", ">= 1", self.inverse_every)
+        check(
+            0 <= self.curvature_decay < 1, c, "curvature_decay", "in [0, 1)", self.curvature_decay
+        )
+        check(self.upload_every >= 1, c, "upload_every", ">= 1", self.upload_every)
+        check(self.kl_clip >= 0, c, "kl_clip", ">= 0", self.kl_clip)
+        check_choice(c, "aggregation", self.aggregation, AGGREGATIONS)
+        check(0 <= self.curvature_ema < 1, c, "curvature_ema", "in [0, 1)", self.curvature_ema)
+        check_choice(c, "broadcast", self.broadcast, BROADCASTS)
+        check_choice(c, "broadcast_dtype", self.broadcast_dtype, FLOAT_WIRE)
+
+    def broadcast_mode(self) -> str:
+        """`broadcast` with "auto" resolved: "inverse", "factors" or "none"."""
+        if self.broadcast != "auto":
+            return self.broadcast
+        return _BROADCAST_FOR.get(self.precond, "none")
+
+
+@dataclass(frozen=True)
+class FedFisherConfig(CurvatureConfig):
+    """One-shot Fisher merging: local training to (near) convergence, one Fisher upload.
+
+    Attributes:
+        local_epochs: local epochs of the one-shot local training (0 = `local_steps` steps).
+    """
+
+    curvature: str = "diag"
+    fisher_damping: float = 1e-3
+    fisher_center: str = "zero"
+    local_epochs: float = 5.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.local_epochs >= 0, "FedFisherConfig", "local_epochs", ">= 0", self.local_epochs)
