@@ -17,7 +17,7 @@ import _harness as H
 import torch
 import workloads as W
 from fedng import reference
-from fedng.ops import damped_cholesky_inverse
+from fedng.ops import CholeskyStatus, damped_cholesky_inverse
 
 OP = "damped_cholesky_inverse"
 TOL = {torch.float32: 2e-3, torch.float64: 1e-9}
@@ -42,11 +42,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mats = W.spd_factors(wl, dtype)
         damping = W.damping_for(mats)
         res = damped_cholesky_inverse(mats, damping)
-        bad = (res.status != 0).nonzero().flatten().tolist()
+        bad = (res.status != CholeskyStatus.OK).nonzero().flatten().tolist()
         if bad:
+            statuses = res.status[bad[:5]].tolist()
             raise H.CorrectnessError(
-                f"{OP} on {wl.name}: statuses {res.status[bad[:5]].tolist()} (not OK) for matrices"
-                f" {bad[:5]} that are SPD with damping 1e-3 x mean(diag)")
+                f"{OP} on {wl.name}: statuses {[CholeskyStatus(s).name for s in statuses]}"
+                f" (not OK) for matrices {bad[:5]} that are SPD with damping 1e-3 x mean(diag)")
         base = torch_way(mats, damping)
         idx = H.spread(len(mats), 12)
         refs = reference.damped_cholesky_inverse_ref([mats[i] for i in idx],

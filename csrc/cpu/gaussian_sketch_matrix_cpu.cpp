@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include "fedng/dispatch.h"
 #include "fedng/ops.h"
 #include "fedng/parallel.h"
@@ -20,10 +22,19 @@ void gaussian_sketch_matrix(DType dtype, std::uintptr_t out, std::int64_t d, std
     using T = decltype(zero);
     T* o = as<T>(out);
     parallel_for(tasks, threads, [&](std::int64_t t) {
+      // Entry by entry this is ndtri(uniform_entry(...)) = gaussian_entry; done in two passes
+      // over a block (the integer Philox rounds, then the branchy inverse CDF) so that each loop
+      // pipelines on its own: clang was 1.7x slower on the fused loop, GCC gains 15%. Same bits.
+      constexpr std::int64_t kBlock = 64;
+      double u[kBlock];
       const std::int64_t end = std::min(d, (t + 1) * kRowsPerTask);
       for (std::int64_t i = t * kRowsPerTask; i < end; ++i)
-        for (std::int64_t j = 0; j < r; ++j)
-          o[i * r + j] = static_cast<T>(rng::gaussian_entry(seed, stream_id, i, j));
+        for (std::int64_t j0 = 0; j0 < r; j0 += kBlock) {
+          const std::int64_t n = std::min(kBlock, r - j0);
+          for (std::int64_t b = 0; b < n; ++b)
+            u[b] = rng::uniform_entry(seed, stream_id, i, j0 + b);
+          for (std::int64_t b = 0; b < n; ++b) o[i * r + j0 + b] = static_cast<T>(rng::ndtri(u[b]));
+        }
     });
   });
 }

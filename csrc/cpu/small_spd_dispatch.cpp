@@ -1,6 +1,10 @@
 // Chooses the AVX2+FMA or the baseline build of small_spd_inverse.cpp once, at first use.
 #include "fedng/small_spd_inverse.h"
 
+#if defined(FEDNG_HAVE_AVX2)
+#include <cpuid.h>
+#endif
+
 #define FEDNG_DECLARE_ISA(ns)                                                                 \
   namespace fedng::cpu::ns {                                                                  \
   bool small_spd_inverse(const float*, int, float*, int, int, float, bool);                  \
@@ -17,9 +21,31 @@ FEDNG_DECLARE_ISA(avx2)
 namespace fedng::cpu {
 namespace {
 
+#if defined(FEDNG_HAVE_AVX2)
+// Whether this CPU and OS run code built with -march=x86-64-v3: AVX, AVX2, FMA, BMI1/2, F16C,
+// LZCNT, MOVBE, and the OS saving the YMM state (XCR0). Read with CPUID directly rather than
+// __builtin_cpu_supports, whose runtime support (__cpu_indicator_init) is a stub answering
+// "no" in some toolchains' compiler-rt (zig's, used for the manylinux wheel).
+bool cpu_has_x86_64_v3() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+  const bool fma = c & (1u << 12), movbe = c & (1u << 22), osxsave = c & (1u << 27),
+             avx = c & (1u << 28), f16c = c & (1u << 29);
+  if (!(fma && movbe && osxsave && avx && f16c)) return false;
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & 0x6u) != 0x6u) return false;  // XMM and YMM state enabled by the OS
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool bmi1 = b & (1u << 3), avx2 = b & (1u << 5), bmi2 = b & (1u << 8);
+  if (!(bmi1 && avx2 && bmi2)) return false;
+  if (!__get_cpuid(0x80000001u, &a, &b, &c, &d)) return false;
+  return c & (1u << 5);  // LZCNT (ABM)
+}
+#endif
+
 bool use_avx2() {
 #if defined(FEDNG_HAVE_AVX2)
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool yes = cpu_has_x86_64_v3();
   return yes;
 #else
   return false;

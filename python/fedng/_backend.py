@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+import ctypes
 import os
 
 import torch
@@ -12,9 +12,16 @@ import torch
 # Must be set before the library loads; a value the user set is kept.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
-# Importing scipy_openblas32 first loads libscipy_openblas with RTLD_GLOBAL, so the extension
-# resolves it even when installed somewhere its RPATH does not point to.
-importlib.import_module("scipy_openblas32")
+# `_C` is not linked to OpenBLAS (no DT_NEEDED, no RPATH: CMakeLists.txt): its `scipy_*` BLAS and
+# LAPACK symbols resolve from the library of the installed scipy-openblas32 package, loaded here
+# into the global namespace before `_C` (the preloading scipy-openblas32 documents; importing it
+# already does this, done explicitly so `_C` does not depend on that side effect).
+import scipy_openblas32
+
+_openblas = ctypes.CDLL(
+    os.path.join(scipy_openblas32.get_lib_dir(), scipy_openblas32.get_library(True)),
+    mode=ctypes.RTLD_GLOBAL,
+)
 
 from fedng import _C  # noqa: E402
 

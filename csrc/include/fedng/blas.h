@@ -2,6 +2,7 @@
 // Declared here rather than via cblas.h so the prefix is explicit. LAPACK is column-major: a
 // row-major symmetric matrix's lower triangle is the column-major upper triangle ('U').
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 extern "C" {

@@ -102,16 +102,21 @@ FEDNG_HD double ndtri(double p) {
   return q < 0 ? -v : v;
 }
 
-// Entry (i, j) of the shared-seed Gaussian matrix for (seed, stream).
-FEDNG_HD double gaussian_entry(std::uint64_t seed, std::uint64_t stream, std::uint64_t i,
-                               std::uint64_t j) {
+// Uniform (0, 1) of entry (i, j) for (seed, stream): 52 Philox bits, exactly representable.
+FEDNG_HD double uniform_entry(std::uint64_t seed, std::uint64_t stream, std::uint64_t i,
+                              std::uint64_t j) {
   const U32x4 c = {{static_cast<std::uint32_t>(i), static_cast<std::uint32_t>(j),
                     static_cast<std::uint32_t>(stream), static_cast<std::uint32_t>(stream >> 32)}};
   const U32x4 w = philox4x32_10(c, static_cast<std::uint32_t>(seed),
                                 static_cast<std::uint32_t>(seed >> 32));
   const std::uint64_t bits = ((static_cast<std::uint64_t>(w.v[1]) << 32) | w.v[0]) >> 12;
-  const double u = (static_cast<double>(bits) + 0.5) * 0x1p-52;  // exact, in (0, 1)
-  return ndtri(u);
+  return (static_cast<double>(bits) + 0.5) * 0x1p-52;  // exact, in (0, 1)
+}
+
+// Entry (i, j) of the shared-seed Gaussian matrix for (seed, stream).
+FEDNG_HD double gaussian_entry(std::uint64_t seed, std::uint64_t stream, std::uint64_t i,
+                               std::uint64_t j) {
+  return ndtri(uniform_entry(seed, stream, i, j));
 }
 
 }  // namespace fedng::rng
