@@ -20,7 +20,7 @@ WHERE = "NaturalGradient"
 DEFAULT_DAMPING = 1e-2
 """λ when `damping_scale="absolute"` and no `damping` is given."""
 
-DEFAULT_RELATIVE_DAMPING = 1e-2
+DEFAULT_RELATIVE_DAMPING = 1e-1
 """The factor of each block's mean curvature eigenvalue when `damping_scale="relative"` (the
 default) and no `damping` is given."""
 
