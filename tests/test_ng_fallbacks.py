@@ -1,4 +1,4 @@
-"""NaturalGradient's safe defaults and fallback chain: every path ends finite, warned once, counted."""
+"""NaturalGradient's safe defaults and fallback chain: every path ends finite, warned, counted."""
 
 from __future__ import annotations
 

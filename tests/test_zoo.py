@@ -11,9 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from fedng.optim import NaturalGradient  # noqa: E402
-from fedng.optim.natural_gradient import DEFAULT_LR  # noqa: E402
-from zoo import ZOO, Entry, train  # noqa: E402
+from fedng.optim import NaturalGradient
+from fedng.optim.natural_gradient import DEFAULT_LR
+from zoo import ZOO, Entry, train
 
 
 @pytest.mark.parametrize("name", list(ZOO))
