@@ -507,10 +507,17 @@ class NaturalGradient:
                 for k, q in params.items():
                     q.copy_(saved[k])
         rho = reduction_ratio(
-            after - before, predicted_reduction(g_dot_d, d_f_d, d_sq, self.damping)
+            after - before, predicted_reduction(g_dot_d, d_f_d, d_sq, self._model_damping())
         )
         self.damping = self._lm.adjust(self.damping, rho)
         return rho
+
+    def _model_damping(self) -> float:
+        """λ of the quadratic model: the damping, or (relative) damping x tr(F) / d overall."""
+        if not self._relative:
+            return self.damping
+        dims = sum(lay.spec.numel for lay in self.local_curvature.layouts)
+        return self.damping * max(self.local_curvature.trace(), 0.0) / max(dims, 1)
 
     def _evaluate(self, closure: Callable[[], torch.Tensor | float]) -> float:
         """The closure's loss without gradients, recording, or changes to buffers (BN stats)."""
