@@ -376,3 +376,67 @@ def test_remove_detaches_hooks() -> None:
     cap.remove()
     model(torch.randn(2, 3)).sum().backward()
     assert cap.num_records == 0
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"stride": 1, "padding": 1, "dilation": 1, "groups": 1, "bias": True},
+        {"stride": 2, "padding": 0, "dilation": 2, "groups": 1, "bias": False},
+        {"stride": 1, "padding": 2, "dilation": 1, "groups": 2, "bias": True},
+        {"padding": "same", "bias": True},
+        {"padding": 1, "padding_mode": "reflect", "bias": True},
+    ],
+)
+def test_conv1d_kfac_factors_match_torch_func(cfg: dict[str, object]) -> None:
+    """Conv1d (KFC): per-sample gradients G_b^T A_b from the captured rows equal torch.func's,
+    and the K-FAC factor A is the mean outer product of the explicitly sliced patches."""
+    conv = nn.Conv1d(4, 6, 3, **cfg).double()  # type: ignore[arg-type]
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
+    x = torch.randn(3, 4, 9, dtype=F64)
+    model(x)  # materialize the lazy layer
+    target = torch.randn(3, dtype=F64)
+
+    def loss_fn(out: torch.Tensor) -> torch.Tensor:  # a sum over samples: per-sample grads add up
+        return (out.sum(-1) - target[: out.shape[0]]).square().sum() / 2
+
+    stats = run(model, x, loss_fn=loss_fn)
+    cap = run.cap
+    groups = conv.groups
+    assert len([b for b in cap.blocks if b.owner == "0"]) == groups
+    assert_rows_match_grads(cap, stats)
+    # torch.func per-sample gradients of the conv's weight and bias (one sample at a time)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p: dict[str, torch.Tensor], xb: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(model, p, (xb.unsqueeze(0),))
+        return (out.sum(-1) - tb).square().sum() / 2
+
+    psg = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, x, target)
+    # explicit patches [B, L_out, C*k]: the (mode-)padded input sliced position by position
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        xp = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+    else:
+        xp = F.pad(x, (conv.padding[0], conv.padding[0]))
+    (k,), (s,), (d,) = conv.kernel_size, conv.stride, conv.dilation
+    lout = (xp.shape[2] - d * (k - 1) - 1) // s + 1
+    patches = torch.stack(
+        [xp[:, :, i * s : i * s + d * (k - 1) + 1 : d].reshape(3, -1) for i in range(lout)], 1
+    )
+    kk, og = patches.shape[-1] // groups, conv.out_channels // groups
+    for g in range(groups):
+        st = stats[g]
+        a = patches[..., g * kk : (g + 1) * kk]
+        if conv.bias is not None:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], -1)
+        torch.testing.assert_close(st.a, a)
+        kfac_a = st.a_rows().T @ st.a_rows() / st.rows
+        torch.testing.assert_close(kfac_a, torch.einsum("bli,blj->ij", a, a) / (3 * lout))
+        rows = slice(g * og, (g + 1) * og)
+        want = psg["0.weight"][:, rows].reshape(3, og, -1)
+        if conv.bias is not None:
+            want = torch.cat([want, psg["0.bias"][:, rows].unsqueeze(-1)], -1)
+        got = torch.einsum("blm,bln->bmn", st.g_loss, st.a)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -60,7 +60,7 @@ def raw_grads(model: nn.Module) -> list[torch.Tensor]:
 
 def test_step_rewrites_grad_with_the_representation() -> None:
     model = mlp()
-    ng = NaturalGradient(model, damping=1e-2)
+    ng = NaturalGradient(model, damping=1e-2, kl_clip=None)
     x, y = batches(1)[0]
     F.cross_entropy(model(x), y).backward()
     before = [b.grad_matrix(F64) for b in ng.capture.blocks]
@@ -84,7 +84,9 @@ def test_composes_with_optimizers_and_trains(optimizer: str, curvature: str) -> 
     model = mlp(2)
     # low rank: directions outside the sketch are scaled by 1/damping, so damp more
     damping = 0.3 if curvature == "lowrank" else 1e-2
-    ng = NaturalGradient(model, curvature=curvature, damping=damping, inverse_every=3, rank=8)
+    ng = NaturalGradient(
+        model, curvature=curvature, damping=damping, inverse_every=3, rank=8, kl_clip=None
+    )
     opt = (
         torch.optim.SGD(model.parameters(), lr=0.2)
         if optimizer == "sgd"
@@ -159,7 +161,7 @@ def test_kl_clip_scales_the_step() -> None:
     model = mlp()
     x, y = batches(1)[0]
     ref = copy.deepcopy(model)
-    ng_ref = NaturalGradient(ref, damping=1e-2)
+    ng_ref = NaturalGradient(ref, damping=1e-2, kl_clip=None)
     F.cross_entropy(ref(x), y).backward()
     raw = raw_grads(ref)
     ng_ref.step()
@@ -178,7 +180,7 @@ def test_kl_clip_scales_the_step() -> None:
 
 def test_adaptive_damping_follows_the_reduction_ratio() -> None:
     x, y = batches(1, seed=4)[0]
-    kw = dict(damping=1.0, damping_mode="adaptive", inverse_every=1)
+    kw = dict(damping=1.0, damping_mode="adaptive", inverse_every=1, kl_clip=None)
     careful = NaturalGradient(mlp(), lr=1e-3, **kw)  # tiny step: the model is accurate, ρ ~ 1
     wild = NaturalGradient(mlp(), lr=1e3, **kw)  # huge step: the loss goes up, ρ < 0
     for ng in (careful, wild):
@@ -391,7 +393,9 @@ class Everything(nn.Module):
 def test_every_layer_type_is_preconditioned_and_trains(curvature: str) -> None:
     torch.manual_seed(13)
     model = Everything().double()
-    ng = NaturalGradient(model, curvature=curvature, damping=0.1, inverse_every=2, rank=4)
+    ng = NaturalGradient(
+        model, curvature=curvature, damping=0.1, inverse_every=2, rank=4, kl_clip=None
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(14)
     ids = torch.randint(0, 20, (16, 5), generator=g)
@@ -449,7 +453,7 @@ def test_global_source_uses_exactly_the_given_inverses() -> None:
     glob.inverse(0.05)
     kfac = glob.reps["kfac"]
     a_inv = list(kfac.a_inv)  # type: ignore[attr-defined]
-    ng = NaturalGradient(mlp(), inverse_every=1)
+    ng = NaturalGradient(mlp(), inverse_every=1, kl_clip=None)
     ng.set_global(glob)
     assert ng.source.mode == "global"
     for x, y in batches(3, seed=5):
@@ -466,7 +470,7 @@ def test_global_source_uses_exactly_the_given_inverses() -> None:
 
 def test_mixed_source_equals_the_explicit_combination() -> None:
     glob = server_curvature()
-    ng = NaturalGradient(mlp(), damping=0.03, inverse_every=2, curvature_decay=0.8)
+    ng = NaturalGradient(mlp(), damping=0.03, inverse_every=2, curvature_decay=0.8, kl_clip=None)
     ng.set_global(glob, mix=0.25)
     assert ng.source.mode == "mixed"
     for t, (x, y) in enumerate(batches(3, seed=5)):
@@ -558,7 +562,9 @@ def test_deprecated_keywords_warn_and_still_apply() -> None:
 
 def test_defaults() -> None:
     ng = NaturalGradient(mlp(), curvature="lowrank")
-    assert ng.damping == 1e-2 and ng.rank == 16 and ng.curvature_decay == 0.95
+    assert ng.damping == 0.1 and ng.damping_scale == "relative" and ng.kl_clip == 1e-3
+    assert NaturalGradient(mlp(), damping_scale="absolute").damping == 1e-2
+    assert ng.rank == 16 and ng.curvature_decay == 0.95
     assert ng.fisher_type == "empirical" and ng.source.mode == "local"
     assert ng.representations["lowrank"].rank == 16  # type: ignore[attr-defined]
 

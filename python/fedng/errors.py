@@ -13,3 +13,9 @@ class BackendUnavailable(FedngError, RuntimeError):
 
 class NumericalError(FedngError, ArithmeticError):
     """A numerical operation failed and the caller asked for an exception instead of a status."""
+
+
+class CurvatureWarning(RuntimeWarning):
+    """A natural-gradient step fell back to something safer: an inverse needed more damping,
+    a block was preconditioned with its diagonal or not at all, or a step was skipped because a
+    gradient was not finite. Each kind is warned once per optimizer and counted in its `stats`."""

@@ -172,6 +172,20 @@ class FisherRepresentation(ABC):
     ) -> list[torch.Tensor | None]:
         """`(F_i + damping)^-1 grads_i` per block; None where there is no grad or no inverse."""
 
+    def block_diagonal(self, i: int) -> torch.Tensor | None:
+        """The diagonal of block i's (undamped) curvature as an [m, n] matrix shaped like its
+        gradient, or None when this kind cannot give it (callers then use the identity).
+
+        The fallback preconditioner of a block whose inverse failed: `grad / (diag + λ)`.
+        """
+        return None
+
+    def reset(self, indices: Sequence[int]) -> None:
+        """Forgets the curvature and inverse of these blocks (their count goes back to 0), e.g.
+        after it became non-finite or indefinite; the next batch starts them afresh."""
+        for i in indices:
+            self.counts[i] = 0
+
     @abstractmethod
     def quadratic(self, vectors: Sequence[torch.Tensor | None]) -> float:
         """`sum_i v_i^T F_i v_i` (undamped) over blocks with curvature."""

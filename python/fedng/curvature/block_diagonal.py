@@ -9,7 +9,7 @@ from named arrays for the wire: the curvature payloads (`to_arrays`) and the dam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 T = TypeVar("T")
+
+Damping = float | Mapping[str, Sequence[float]]
+"""λ for every block, or per kind one λ per block of that kind."""
 
 
 @dataclass
@@ -176,17 +179,53 @@ class CurvatureSet:
 
     # --- preconditioning --------------------------------------------------------------------
 
-    def inverse(self, damping: float, *, factored: bool = False) -> InverseReport:
+    def inverse(self, damping: Damping, *, factored: bool = False) -> InverseReport:
         """Damped inverses of every representation (see their `inverse`).
+
+        Args:
+            damping: λ > 0 for every block, or per kind one λ per block of that kind (e.g.
+                from `relative_damping`).
+            factored: split K-FAC's damping between its factors by their traces.
 
         Returns:
             One report over all kinds; `.failed` names the matrices that could not be inverted.
         """
         return InverseReport.concat(
-            [rep.inverse(damping, factored=factored) for rep in self.reps.values()]
+            [
+                rep.inverse(self._damping_of(damping, k), factored=factored)
+                for k, rep in self.reps.items()
+            ]
         )
 
-    def inverse_pending(self, damping: float, *, factored: bool = False) -> InverseReport | None:
+    def _pending_kinds(self) -> list[str]:
+        return [
+            k
+            for k, rep in self.reps.items()
+            if any(c > 0 and not r for c, r in zip(rep.counts, rep.ready, strict=True))
+        ]
+
+    @property
+    def pending(self) -> bool:
+        """Whether some block has curvature but no inverse yet (`inverse_pending` would work)."""
+        return bool(self._pending_kinds())
+
+    @staticmethod
+    def _damping_of(damping: Damping, kind: str) -> float | Sequence[float]:
+        if isinstance(damping, Mapping):
+            if kind not in damping:
+                raise ValueError(
+                    f"CurvatureSet.inverse: 'damping' has no entry for kind {kind!r}"
+                    f" (got {sorted(damping)})"
+                )
+            return damping[kind]
+        return damping
+
+    def block_rep(self, i: int) -> tuple[FisherRepresentation, int]:
+        """Block i's representation and its index there."""
+        kind = self.kinds[i]
+        return self.reps[kind], self.groups[kind].index(i)
+
+    def inverse_pending(self, damping: Damping, *, factored: bool = False) -> InverseReport | None:
         """Inverts the representations holding a block that has curvature but no inverse yet (seen
         for the first time, or never inverted successfully), so that it is preconditioned from the
         step it first has curvature on; each such representation is inverted as a whole.
@@ -194,14 +233,12 @@ class CurvatureSet:
         Returns:
             The report over the kinds inverted, or None when no block was pending.
         """
-        due = [
-            rep
-            for rep in self.reps.values()
-            if any(c > 0 and not r for c, r in zip(rep.counts, rep.ready, strict=True))
-        ]
+        due = self._pending_kinds()
         if not due:
             return None
-        return InverseReport.concat([rep.inverse(damping, factored=factored) for rep in due])
+        return InverseReport.concat(
+            [self.reps[k].inverse(self._damping_of(damping, k), factored=factored) for k in due]
+        )
 
     def precondition(
         self, grads: Sequence[torch.Tensor | None], stats: Sequence[BlockStats | None] | None = None

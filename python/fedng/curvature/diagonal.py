@@ -117,6 +117,17 @@ class DiagonalFisher(FisherRepresentation):
                 out[i] = p
         return out
 
+    def block_diagonal(self, i: int) -> torch.Tensor | None:
+        """The diagonal itself [m, n]."""
+        return self.diag[i]
+
+    def reset(self, indices: Sequence[int]) -> None:
+        """Zero diagonal, no inverse, count 0 for these blocks."""
+        for i in indices:
+            self.diag[i].zero_()
+            self.inv[i] = None
+            self.counts[i] = 0
+
     def quadratic(self, vectors: Sequence[torch.Tensor | None]) -> float:
         """`sum_i sum diag_i * v_i^2`."""
         check_grads("DiagonalFisher.quadratic", vectors, self.specs)

@@ -287,6 +287,19 @@ class KFAC(FisherRepresentation):
                 out[d[0]] = p
         return out
 
+    def block_diagonal(self, i: int) -> torch.Tensor | None:
+        """`diag(G) diag(A)^T` [m, n]: the diagonal of `A ⊗ G`."""
+        a = self.A[i]
+        return torch.outer(self.G[i].diagonal(), a if a.dim() == 1 else a.diagonal())
+
+    def reset(self, indices: Sequence[int]) -> None:
+        """Zero factors, no inverses, count 0 for these blocks."""
+        for i in indices:
+            self.A[i].zero_()
+            self.G[i].zero_()
+            self.a_inv[i] = self.g_inv[i] = None
+            self.counts[i] = 0
+
     def quadratic(self, vectors: Sequence[torch.Tensor | None]) -> float:
         """`sum_i <G_i V_i A_i, V_i>` over blocks with curvature: `vec(V)^T (A ⊗ G) vec(V)`."""
         check_grads("KFAC.quadratic", vectors, self.specs)

@@ -5,8 +5,9 @@ its capture sites (a site is one (input, output) pair the hooks observe), instal
 turns what a site recorded into per-block statistics (`fedng.curvature.stats`). Attention lives
 in `attention.py`.
 
-Supported here: `nn.Linear` (bias folded into A), `nn.Conv2d` (patches via unfold: KFC; any
-stride, dilation, padding mode and groups, one block per group), `nn.Embedding` (diagonal A),
+Supported here: `nn.Linear` (bias folded into A), `nn.Conv1d` and `nn.Conv2d` (patches via
+unfold: KFC; any stride, dilation, padding mode and groups, one block per group; a Conv1d is a
+Conv2d of height 1), `nn.Embedding` (diagonal A),
 `nn.LayerNorm`, `nn.RMSNorm`, `nn.GroupNorm` and batch norms (diagonal).
 """
 
@@ -142,7 +143,10 @@ class LinearSite(Site):
 class Conv2dSite(Site):
     """KFC: a convolution is a Linear layer applied to every patch of its (padded) input."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    unbatched_dim = 3
+    """The input's dim without a batch dimension ([C, H, W])."""
+
+    def __init__(self, conv: nn.Conv2d | nn.Conv1d) -> None:
         super().__init__()
         self.conv = conv
 
@@ -169,7 +173,7 @@ class Conv2dSite(Site):
         dtype: torch.dtype,
         reduction: str,
     ) -> list[BlockStats]:
-        if x.dim() == 3:
+        if x.dim() == self.unbatched_dim:
             x, gf, gl = (
                 x.unsqueeze(0),
                 gf.unsqueeze(0),
@@ -191,6 +195,31 @@ class Conv2dSite(Site):
             scale = fisher_scale(b, reduction)
             stats.append(KronStats(batch_size=b, fisher_scale=scale, g=g, g_loss=g_loss, a=a))
         return stats
+
+
+class Conv1dSite(Conv2dSite):
+    """KFC for `nn.Conv1d`: its input [B, C, L] as a [B, C, 1, L] image, kernel (1, k)."""
+
+    unbatched_dim = 2
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Unfolded input patches [B, L_out, C*k] (channel-major, like `weight.view(out, -1)`)."""
+        c = self.conv
+        pad: tuple[int, ...]
+        if isinstance(c.padding, str) or c.padding_mode != "zeros":
+            mode = "constant" if c.padding_mode == "zeros" else c.padding_mode
+            x = F.pad(x, c._reversed_padding_repeated_twice, mode=mode)
+            pad = (0,)
+        else:
+            pad = c.padding
+        cols = F.unfold(
+            x.unsqueeze(2),
+            (1, c.kernel_size[0]),
+            dilation=(1, c.dilation[0]),
+            padding=(0, pad[0]),
+            stride=(1, c.stride[0]),
+        )
+        return cols.transpose(1, 2)
 
 
 class EmbeddingSite(Site):
@@ -354,12 +383,12 @@ def linear_rule(name: str, m: nn.Linear) -> Rule:
     return r
 
 
-def conv2d_rule(name: str, m: nn.Conv2d) -> Rule:
-    """`nn.Conv2d`: one block per group, [out/groups, in/groups*kh*kw (+1)]."""
+def conv2d_rule(name: str, m: nn.Conv2d | nn.Conv1d) -> Rule:
+    """`nn.Conv2d` / `nn.Conv1d`: one block per group, [out/groups, in/groups*kh*kw (+1)]."""
     r = Rule(name, m)
     bias = _trainable(m.bias)
     og = m.out_channels // m.groups
-    k = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+    k = (m.in_channels // m.groups) * math.prod(m.kernel_size)
     for g in range(m.groups):
         rows = slice(g * og, (g + 1) * og) if m.groups > 1 else None
         suffix = f".g{g}" if m.groups > 1 else ""
@@ -372,7 +401,8 @@ def conv2d_rule(name: str, m: nn.Conv2d) -> Rule:
                 rows,
             )
         )
-    r.sites, r.site_blocks = [Conv2dSite(m)], [list(range(m.groups))]
+    site = Conv1dSite(m) if isinstance(m, nn.Conv1d) else Conv2dSite(m)
+    r.sites, r.site_blocks = [site], [list(range(m.groups))]
     return r
 
 
@@ -425,7 +455,7 @@ def rule_for(name: str, m: nn.Module) -> Rule | None:
     """The rule of a supported module, or None for an unsupported type."""
     if isinstance(m, nn.Linear):
         return linear_rule(name, m)
-    if isinstance(m, nn.Conv2d):
+    if isinstance(m, (nn.Conv2d, nn.Conv1d)):
         return conv2d_rule(name, m)
     if isinstance(m, nn.Embedding):
         return embedding_rule(name, m)

@@ -224,6 +224,21 @@ class LowRankFisher(FisherRepresentation):
                 out[i] = p.view(self.specs[i].m, self.specs[i].n)
         return out
 
+    def block_diagonal(self, i: int) -> torch.Tensor | None:
+        """`diag(U S U^T)` [m, n] of the last decomposition (None before one)."""
+        dec = self._decomposition(i)
+        if dec is None:
+            return None
+        return (dec[0].square() @ dec[1]).view(self.specs[i].m, self.specs[i].n)
+
+    def reset(self, indices: Sequence[int]) -> None:
+        """Zero sketch, no decomposition, count 0 for these blocks."""
+        for i in indices:
+            self.Y[i].zero_()
+            self.U[i] = self.S[i] = None
+            self.damping[i] = None
+            self.counts[i] = 0
+
     def quadratic(self, vectors: Sequence[torch.Tensor | None]) -> float:
         """`sum_i v_i^T U_i S_i U_i^T v_i` over blocks with a decomposition."""
         check_grads("LowRankFisher.quadratic", vectors, self.specs)

@@ -17,6 +17,19 @@ from fedng.curvature.spec import BlockKind
 
 WHERE = "NaturalGradient"
 
+DEFAULT_DAMPING = 1e-2
+"""λ when `damping_scale="absolute"` and no `damping` is given."""
+
+DEFAULT_RELATIVE_DAMPING = 1e-1
+"""The factor of each block's mean curvature eigenvalue when `damping_scale="relative"` (the
+default) and no `damping` is given."""
+
+DEFAULT_KL_CLIP = 1e-3
+"""The default bound on a step's KL estimate `lr^2 p^T g` (`kl_clip`)."""
+
+DAMPING_SCALES: tuple[str, ...] = ("absolute", "relative")
+"""How `damping` is read: λ itself, or a factor of each block's curvature scale."""
+
 CurvatureSpec = (
     str | Mapping[str, str] | Mapping[type[nn.Module], str] | Mapping[str | type[nn.Module], str]
 )
@@ -117,6 +130,24 @@ def learning_rate(value: float | Callable[[], float]) -> Callable[[], float]:
         return value
     lr = positive_float("lr", value)
     return lambda: lr
+
+
+def resolve_damping(damping: object, scale: object) -> tuple[str, float]:
+    """(scale, value) from the `damping` and `damping_scale` arguments.
+
+    `damping_scale=None` means "relative" when `damping` is None too (the defaults) and
+    "absolute" when `damping` is given (a λ passed explicitly keeps its old meaning); a missing
+    `damping` takes the scale's default (`DEFAULT_RELATIVE_DAMPING` or `DEFAULT_DAMPING`).
+    """
+    if scale is None:
+        scale = "relative" if damping is None else "absolute"
+    if not isinstance(scale, str) or scale not in DAMPING_SCALES:
+        raise ValueError(
+            f"{WHERE}: 'damping_scale' must be None or one of {list(DAMPING_SCALES)}, got {scale!r}"
+        )
+    if damping is None:
+        damping = DEFAULT_RELATIVE_DAMPING if scale == "relative" else DEFAULT_DAMPING
+    return scale, positive_float("damping", damping)
 
 
 def check_damping_bounds(value: object) -> tuple[float, float]:

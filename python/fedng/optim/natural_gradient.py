@@ -2,8 +2,8 @@
 
 Usage::
 
-    ng = NaturalGradient(model, curvature="kfac", damping=1e-2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ng = NaturalGradient(model)                  # K-FAC, relative damping, KL-clipped steps
+    opt = torch.optim.SGD(model.parameters(), lr=DEFAULT_LR)
     for x, y in data:
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
@@ -22,6 +22,13 @@ inverses are refreshed every `inverse_every` steps (one call), and all gradients
 preconditioned in one call, K-FAC using the batch's own inputs and output gradients wherever that
 is cheaper than the dense product.
 
+Safe by default: `damping` is relative to each block's curvature scale (λ_i = damping x
+tr(F_i) / d_i, `damping_scale="relative"`), every step's KL estimate is bounded (`kl_clip`), a
+block whose inverse fails falls back (escalated damping -> damped diagonal -> plain gradient, see
+`fedng.optim.safety`), and a step with a non-finite gradient is skipped. Each fallback warns once
+(`fedng.errors.CurvatureWarning`) and is counted in `stats` (and `state_dict`). An explicit
+`damping=λ` (absolute, as before) and `kl_clip=None` (unbounded) give the old behaviour.
+
 The preconditioner comes from a source (see `fedng.optim.source`): "local" (the own curvature,
 the default), "none" (gradients untouched; the own curvature still accumulates), and, after
 `set_global(curvature)`, "global" (that curvature, e.g. a federated server's, with exactly its
@@ -37,6 +44,7 @@ re-inverted every `inverse_every` steps). A federated client::
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -45,7 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedng.curvature.base import FisherRepresentation
+from fedng.curvature.base import FisherRepresentation, InverseReport
 from fedng.curvature.block_diagonal import CurvatureSet
 from fedng.curvature.capture import CurvatureCapture
 from fedng.curvature.fisher import (
@@ -61,6 +69,7 @@ from fedng.curvature.kfac import KFAC, batch_form_cheaper
 from fedng.curvature.layout import layouts_of
 from fedng.curvature.stats import BlockStats, KronStats
 from fedng.optim.config import (
+    DEFAULT_KL_CLIP,
     WHERE,
     CurvatureSpec,
     assign,
@@ -69,9 +78,9 @@ from fedng.optim.config import (
     learning_rate,
     nonnegative_int,
     optional_positive_float,
-    positive_float,
     positive_int,
     renamed_keywords,
+    resolve_damping,
 )
 from fedng.optim.damping import (
     DAMPING_MODES,
@@ -79,7 +88,19 @@ from fedng.optim.damping import (
     predicted_reduction,
     reduction_ratio,
 )
-from fedng.optim.source import INITIAL_SOURCES, PreconditionerSource
+from fedng.optim.safety import (
+    Safety,
+    all_finite,
+    failed_blocks,
+    fall_back,
+    jittered,
+    nonfinite_outputs,
+)
+from fedng.optim.source import INITIAL_SOURCES, DampingRule, PreconditionerSource
+
+DEFAULT_LR = 0.3
+"""The learning rate of `torch.optim.SGD` that the defaults (relative damping, `kl_clip`) were
+measured good with on the model zoo (`bench/bench_zoo.py`, `docs/natural_gradient.md`)."""
 
 
 class NaturalGradient:
@@ -91,15 +112,23 @@ class NaturalGradient:
         curvature: "kfac", "diag", "lowrank", or a per-layer mapping (block name, module name,
             module class or class name, or "default" -> representation). Normalization layers
             get the diagonal Fisher unless mapped explicitly.
-        damping: λ > 0 (the initial λ in adaptive mode).
+        damping: > 0: λ itself (`damping_scale="absolute"`) or its factor per block
+            (`"relative"`): λ_i = damping x tr(F_i) / d_i, the block's mean eigenvalue (the initial
+            value in adaptive mode). None: the scale's default (`DEFAULT_RELATIVE_DAMPING` or
+            `DEFAULT_DAMPING`).
+        damping_scale: "relative", "absolute", or None: "relative" when `damping` is None too,
+            "absolute" when `damping` is given (an explicit λ keeps its old meaning). Relative
+            damping splits each K-FAC block's λ between its factors by their traces (each factor
+            gets sqrt(damping) x its mean eigenvalue).
         factor_every: update the own curvature every this many steps.
         inverse_every: recompute the damped inverses every this many steps (with the own
             curvature, a block that first gets curvature in between is inverted at once).
         curvature_decay: EMA decay of the own curvature in [0, 1), or None for a running mean.
         damping_mode: "tikhonov", "factored" or "adaptive" (see `fedng.optim.damping`;
             "adaptive" needs the own curvature, source "local").
-        kl_clip: None, or bound the step's KL estimate `lr^2 sum p^T g` (p the preconditioned, g
-            the raw gradient) by scaling the preconditioned gradients.
+        kl_clip: bound the step's KL estimate `lr^2 sum p^T g` (p the preconditioned, g the raw
+            gradient) by scaling the preconditioned gradients (default `DEFAULT_KL_CLIP`); None:
+            unbounded.
         lr: the learning rate the optimizer applies (a float or a callable returning it); used
             by `kl_clip` and by the adaptive damping's trial step.
         fisher_type: "empirical" (the loss's own gradients) or "mc" (sampled labels).
@@ -122,20 +151,25 @@ class NaturalGradient:
         capture: the `CurvatureCapture` (its `blocks` and `unsupported`).
         local_curvature: the own curvature (a `CurvatureSet` over `capture.blocks`).
         source: the preconditioner source (`source.mode` is the current one).
-        damping: the current λ.
-        last: what the last `step` did (kl scale, damping, reduction ratio, inverse report).
+        damping: the current λ (or relative factor, see `damping_scale`).
+        damping_scale: "absolute" or "relative".
+        last: what the last `step` did (kl scale, damping, reduction ratio, inverse report,
+            `skipped`, `fallbacks`: block name -> fallback stage).
+        stats: counters since construction: `inverse_fallbacks` per stage ("jitter",
+            "diagonal", "identity"), `skipped_steps`, `clipped_steps` (KL-clipped),
+            `reset_blocks` (saved by `state_dict`).
     """
 
     def __init__(
         self,
         model: nn.Module,
         curvature: CurvatureSpec = "kfac",
-        damping: float = 1e-2,
+        damping: float | None = None,
         factor_every: int = 1,
         inverse_every: int = 10,
         curvature_decay: float | None = 0.95,
         damping_mode: str = "tikhonov",
-        kl_clip: float | None = None,
+        kl_clip: float | None = DEFAULT_KL_CLIP,
         lr: float | Callable[[], float] = 1.0,
         fisher_type: str = "empirical",
         loss: LossType = "cross_entropy",
@@ -145,6 +179,7 @@ class NaturalGradient:
         damping_bounds: tuple[float, float] = (1e-8, 1e3),
         source: str = "local",
         warn_unsupported: bool = True,
+        damping_scale: str | None = None,
         **deprecated: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -152,7 +187,7 @@ class NaturalGradient:
                 f"{WHERE}: 'model' must be a torch.nn.Module, got {type(model).__name__}"
             )
         renamed = renamed_keywords(deprecated)
-        self.damping = positive_float("damping", damping)
+        self.damping_scale, self.damping = resolve_damping(damping, damping_scale)
         self.factor_every = positive_int("factor_every", factor_every)
         self.inverse_every = positive_int("inverse_every", inverse_every)
         self.curvature_decay = ema_decay(
@@ -201,7 +236,14 @@ class NaturalGradient:
         self._warn_unseen_blocks = warn_unsupported
         self._warned: set[str] = set()
         self.last: dict[str, Any] = {}
+        self._safety = Safety()
+        self._reset_names: set[str] = set()
         self.capture.recording = True
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The fallback and clipping counters (see the class docstring)."""
+        return self._safety.stats
 
     @property
     def representations(self) -> dict[str, FisherRepresentation]:
@@ -258,6 +300,11 @@ class NaturalGradient:
     def step(self, closure: Callable[[], torch.Tensor | float] | None = None) -> None:
         """Rewrites the gradients of every block with a preconditioner into natural gradients.
 
+        A step whose gradients (of any parameter of the model) are not all finite is skipped:
+        the curvature is not updated, every parameter's `.grad` is set to None (so that a
+        `torch.optim` optimizer leaves the parameters alone, momentum included), `last["skipped"]`
+        is True and `stats["skipped_steps"]` counts it (one `CurvatureWarning`).
+
         Args:
             closure: required by damping_mode="adaptive" (on inverse steps after the first):
                 returns the loss of the current batch at the current parameters (called under
@@ -273,17 +320,21 @@ class NaturalGradient:
                 " returning the current batch's loss) on inverse steps"
             )
         stats = self.capture.collect(self.fisher_type if factor_step else None)
+        if not all_finite([p.grad for p in self.model.parameters() if p.grad is not None]):
+            self._skip(t)
+            return
         blocks = self.capture.blocks
         grads = [b.grad_matrix(self.dtype) for b in blocks]
         self._note_batch(stats)
         if factor_step:
             self.local_curvature.update(stats, self.curvature_decay)
         pre, report = self.source.current(
-            inverse_step, self.damping, self.damping_mode != "tikhonov"
+            inverse_step, self._damping_rule(), self.damping_mode != "tikhonov" or self._relative
         )
         precond: list[torch.Tensor | None] = (
             [None] * len(blocks) if pre is None else pre.precondition(grads, stats)
         )
+        fallbacks = self._fall_back(pre, report, grads, precond)
         if self.source.mode == "local" and self._warn_unseen_blocks:
             self._warn_unseen(grads, precond)
         live = [
@@ -297,6 +348,7 @@ class NaturalGradient:
             g_dot_p = sum(float((p * g).sum()) for _, g, p in live)
             if g_dot_p > 0:
                 nu = min(1.0, math.sqrt(self.kl_clip / (lr**2 * g_dot_p)))
+        self.stats["clipped_steps"] += nu < 1.0
         rho = None
         if adapt and closure is not None and live:
             rho = self._adapt(closure, live, lr * nu)
@@ -316,11 +368,79 @@ class NaturalGradient:
             "rho": rho,
             "inverse": report,
             "preconditioned": [blocks[i].name for i, _, _ in live],
+            "skipped": False,
+            "fallbacks": fallbacks,
         }
         self.steps += 1
         self.capture.recording = self._batch_form or self.steps % self.factor_every == 0
 
     # --- internals ------------------------------------------------------------------------
+
+    @property
+    def _relative(self) -> bool:
+        return self.damping_scale == "relative"
+
+    def _damping_rule(self) -> DampingRule:
+        """λ, or (relative) a function of the curvature about to be inverted giving per block
+        `damping x tr(F_i) / d_i`, at least `damping_bounds[0]`."""
+        if not self._relative:
+            return self.damping
+        rel, floor = self.damping, self._lm.min_damping
+
+        def per_block(curvature: CurvatureSet) -> dict[str, list[float]]:
+            return {
+                k: [max(v, floor) if math.isfinite(v) else floor for v in lams]
+                for k, lams in curvature.relative_damping(rel).items()
+            }
+
+        return per_block
+
+    def _skip(self, t: int) -> None:
+        """Skips step t: no curvature update, every `.grad` None, counted and warned once."""
+        for p in self.model.parameters():
+            p.grad = None
+        self._safety.note("skipped")
+        self.last = {
+            "step": t,
+            "kl_scale": 0.0,
+            "damping": self.damping,
+            "rho": None,
+            "inverse": None,
+            "preconditioned": [],
+            "skipped": True,
+            "fallbacks": {},
+        }
+        self.steps += 1
+        self.capture.recording = self._batch_form or self.steps % self.factor_every == 0
+
+    def _fall_back(
+        self,
+        pre: CurvatureSet | None,
+        report: InverseReport | None,
+        grads: list[torch.Tensor | None],
+        precond: list[torch.Tensor | None],
+    ) -> dict[str, str]:
+        """The fallback chain (`fedng.optim.safety`) for this step's failed or non-finite blocks;
+        block name -> stage used. Failed blocks of the own curvature are reset."""
+        self._safety.note("jitter", jittered(report))
+        if pre is None:
+            return {}
+        blocks = self.capture.blocks
+        failed = failed_blocks(report, [b.name for b in blocks])
+        bad = failed | nonfinite_outputs(precond)
+        if not bad:
+            return {}
+        used = fall_back(pre, grads, precond, bad, self.damping, self._relative)
+        for stage in ("diagonal", "identity"):
+            names = sorted(blocks[i].name for i, s in used.items() if s == stage)
+            self._safety.note(stage, len(names), f": {names}")
+        if pre is self.local_curvature:
+            for i in sorted(bad):
+                rep, j = pre.block_rep(i)
+                rep.reset([j])
+                self._reset_names.add(blocks[i].name)
+            self.stats["reset_blocks"] += len(bad)
+        return {blocks[i].name: s for i, s in used.items()}
 
     def _note_batch(self, stats: list[BlockStats | None]) -> None:
         """Keeps recording on every step when K-FAC's batch form is cheaper for some block."""
@@ -339,7 +459,10 @@ class NaturalGradient:
         names = [
             b.name
             for b, g, p in zip(self.capture.blocks, grads, precond, strict=True)
-            if g is not None and p is None and b.name not in self._warned
+            if g is not None
+            and p is None
+            and b.name not in self._warned
+            and b.name not in self._reset_names
         ]
         if names:
             self._warned.update(names)
@@ -384,10 +507,17 @@ class NaturalGradient:
                 for k, q in params.items():
                     q.copy_(saved[k])
         rho = reduction_ratio(
-            after - before, predicted_reduction(g_dot_d, d_f_d, d_sq, self.damping)
+            after - before, predicted_reduction(g_dot_d, d_f_d, d_sq, self._model_damping())
         )
         self.damping = self._lm.adjust(self.damping, rho)
         return rho
+
+    def _model_damping(self) -> float:
+        """λ of the quadratic model: the damping, or (relative) damping x tr(F) / d overall."""
+        if not self._relative:
+            return self.damping
+        dims = sum(lay.spec.numel for lay in self.local_curvature.layouts)
+        return self.damping * max(self.local_curvature.trace(), 0.0) / max(dims, 1)
 
     def _evaluate(self, closure: Callable[[], torch.Tensor | float]) -> float:
         """The closure's loss without gradients, recording, or changes to buffers (BN stats)."""
@@ -423,6 +553,8 @@ class NaturalGradient:
             "generator": self._generator.get_state(),
             "representations": {k: r.state_dict() for k, r in self.local_curvature.reps.items()},
             "source": self.source.state_dict(),
+            "damping_scale": self.damping_scale,
+            "stats": copy.deepcopy(self.stats),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -454,6 +586,7 @@ class NaturalGradient:
         self.damping = float(state["damping"])
         self._batch_form = bool(state.get("batch_form", False))
         self._generator.set_state(state["generator"])
+        self._safety.load(state.get("stats"))
         self.capture.clear()
         self.capture.recording = self._batch_form or self.steps % self.factor_every == 0
 

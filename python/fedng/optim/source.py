@@ -15,10 +15,11 @@ An optimizer starts "local" or "none"; `set_global` turns a "local" one "global"
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fedng.curvature.base import InverseReport
-from fedng.curvature.block_diagonal import CurvatureSet
+from fedng.curvature.block_diagonal import CurvatureSet, Damping
 from fedng.optim.config import WHERE, unit_interval
 
 Source = Literal["local", "global", "mixed", "none"]
@@ -27,6 +28,9 @@ SOURCES: tuple[Source, ...] = ("local", "global", "mixed", "none")
 """Every source; an optimizer is created with one of `INITIAL_SOURCES`."""
 
 INITIAL_SOURCES: tuple[Source, ...] = ("local", "none")
+
+DampingRule = Damping | Callable[[CurvatureSet], Damping]
+"""λ, or a function of the curvature about to be inverted returning λ (per kind, per block)."""
 
 
 class PreconditionerSource:
@@ -85,10 +89,12 @@ class PreconditionerSource:
         self._stale = True
 
     def current(
-        self, inverse_step: bool, damping: float, factored: bool
+        self, inverse_step: bool, damping: DampingRule, factored: bool
     ) -> tuple[CurvatureSet | None, InverseReport | None]:
         """The curvature to precondition this step with (None: leave the gradients alone), after
         inverting whatever is due, and the report of that inversion (None if none was due).
+
+        `damping` is λ, or a function of the set about to be inverted (called only then).
 
         Raises:
             ValueError: "global" or "mixed" before `set_global`.
@@ -96,9 +102,12 @@ class PreconditionerSource:
         if self.mode == "none":
             return None, None
         if self.mode == "local":
+            if not inverse_step and not self.local.pending:
+                return self.local, None
+            lam = damping(self.local) if callable(damping) else damping
             if inverse_step:
-                return self.local, self.local.inverse(damping, factored=factored)
-            return self.local, self.local.inverse_pending(damping, factored=factored)
+                return self.local, self.local.inverse(lam, factored=factored)
+            return self.local, self.local.inverse_pending(lam, factored=factored)
         if self.given is None:
             raise ValueError(
                 f"{WHERE}.step: source={self.mode!r} needs set_global(curvature) before stepping"
@@ -109,7 +118,8 @@ class PreconditionerSource:
         if inverse_step or self._stale or self.mixed is None:
             w = self.mix
             self.mixed = CurvatureSet.combine([self.given, self.local], [1.0 - w, w])
-            report = self.mixed.inverse(damping, factored=factored)
+            lam = damping(self.mixed) if callable(damping) else damping
+            report = self.mixed.inverse(lam, factored=factored)
             self._stale = False
         return self.mixed, report
 
