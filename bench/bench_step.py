@@ -279,6 +279,7 @@ def methods(
                 curvature_decay=DECAY,
                 inverse_every=STEPS,
                 rank=wl.rank,
+                kl_clip=None,  # the same math as the torch loop (the default clips the step)
             )
             extra = ng.step
         elif name == "kfac-torch-loop":
@@ -295,7 +296,9 @@ def check_same_step(wl: Workload, batch: tuple[torch.Tensor, torch.Tensor]) -> f
     for name in ("ours", "loop"):
         model = copy.deepcopy(base)
         pre: Any = (
-            NaturalGradient(model, damping=DAMPING, curvature_decay=DECAY, inverse_every=STEPS)
+            NaturalGradient(
+                model, damping=DAMPING, curvature_decay=DECAY, inverse_every=STEPS, kl_clip=None
+            )
             if name == "ours"
             else TorchLoopKFAC(model, DAMPING, DECAY, STEPS)
         )
