@@ -212,10 +212,11 @@ class NaturalGradient:
             self.inverse_every, *check_damping_bounds(damping_bounds)
         )
         self.model = model
-        params = [p for p in model.parameters() if p.requires_grad]
+        # Checked for finite gradients every step; listed once (iterating modules costs ~20 us).
+        self._params = [p for p in model.parameters() if p.requires_grad]
         self.dtype = (
             torch.float64
-            if params and all(p.dtype == torch.float64 for p in params)
+            if self._params and all(p.dtype == torch.float64 for p in self._params)
             else torch.float32
         )
         self.capture = CurvatureCapture(
@@ -320,7 +321,7 @@ class NaturalGradient:
                 " returning the current batch's loss) on inverse steps"
             )
         stats = self.capture.collect(self.fisher_type if factor_step else None)
-        if not all_finite([p.grad for p in self.model.parameters() if p.grad is not None]):
+        if not all_finite([p.grad for p in self._params if p.grad is not None]):
             self._skip(t)
             return
         blocks = self.capture.blocks
