@@ -101,7 +101,7 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """
     if not tensors:
         return True
-    norms = torch._foreach_norm(list(tensors))
+    norms = list(torch._foreach_norm(list(tensors)))
     if len({n.dtype for n in norms}) > 1:
         norms = [n.float() for n in norms]
     if math.isfinite(float(torch.stack(norms).sum())):
