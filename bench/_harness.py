@@ -1,8 +1,8 @@
 """Shared benchmark machinery: timing, the same-run GEMM peak, correctness gates, targets, output.
 
-Protocol (DESIGN §6): correctness first (abort on a wrong result), then our op and the plain torch
-way are timed interleaved in the same process (`time.perf_counter`, warm-up, N repeats, median and
-IQR), next to a float32 `torch.mm` peak measured in the same run (at its start and end; the higher
+Protocol (docs/architecture.md, "Benchmark protocols"): correctness first (abort on a wrong
+result), then our op and the plain torch way are timed interleaved in the same process
+(`time.perf_counter`, warm-up, N repeats, median and IQR), next to a float32 `torch.mm` peak measured in the same run (at its start and end; the higher
 median is the peak). Ratios are torch time / our time.
 """
 

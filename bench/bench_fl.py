@@ -1,6 +1,6 @@
-"""Federated benchmark (DESIGN §5): FedNG against tuned first-order baselines.
+"""Federated benchmark: FedNG against tuned first-order baselines.
 
-Protocol:
+Protocol (summarized in docs/architecture.md, "Benchmark protocols"):
 - Equal local work: every method runs the same `local_steps` minibatch steps of the same batch
   size per round (curvature work shows up as client time).
 - Equal tuning budget: every method gets the same number of configurations (its grid below),

@@ -1,4 +1,6 @@
-"""Kernel-benchmark workloads (DESIGN §6): layer shapes as plain data, plus seeded tensor builders.
+"""Kernel-benchmark workloads: layer shapes as plain data, plus seeded tensor builders.
+
+Protocol: docs/architecture.md, "Benchmark protocols".
 
 A workload is a list of layers. Each layer has a K-FAC input factor A of size `n_in` (input
 features, +1 when the bias is folded in; `C_in * 9 + 1` for a 3x3 conv) and an output-gradient
@@ -62,7 +64,7 @@ class Workload:
                 f" {self.n_params / 1e6:.2f}M params")
 
 
-# --- the DESIGN §6 workloads ------------------------------------------------------------------
+# --- the kernel benchmark workloads ------------------------------------------------------------
 
 
 def mlp(batch: int = 256) -> Workload:

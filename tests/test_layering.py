@@ -1,5 +1,6 @@
-"""The layering rules of DESIGN §1: csrc/ knows nothing of torch, _C links no libtorch, the seven
-op names of DESIGN §2 are the same in `fedng._C`, `fedng.ops` and `fedng.reference`, and the Python
+"""The layering rules of docs/architecture.md: csrc/ knows nothing of torch, _C links no libtorch,
+the seven op names (its table "Where each op lives") are the same in `fedng._C`, `fedng.ops` and
+`fedng.reference`, and the Python
 modules import only downward, without cycles (read statically with `ast`, imports inside
 functions included).
 
@@ -55,7 +56,7 @@ FEDERATED_LAYERS: tuple[frozenset[str], ...] = (
 LAZY_IMPORTS_ALLOWED = frozenset({"fedng.cli"})
 """Modules that may import fedng inside functions (cli.py, for start-up speed)."""
 
-# DESIGN §2, in table order.
+# The ops, in the order of docs/architecture.md's table.
 OP_NAMES = (
     "kron_accumulate",
     "damped_cholesky_inverse",
@@ -117,13 +118,13 @@ def test_extension_has_no_torch_symbols() -> None:
 
 
 def test_every_op_is_bound_in_C() -> None:
-    """fedng._C exposes every op of DESIGN §2 as a callable."""
+    """fedng._C exposes every op as a callable."""
     missing = [n for n in OP_NAMES if not callable(getattr(_C, n, None))]
     assert not missing, f"fedng._C lacks {missing}"
 
 
 def test_ops_exports_the_same_names() -> None:
-    """fedng.ops exports exactly the DESIGN §2 op functions (plus result types), same names."""
+    """fedng.ops exports exactly the op functions (plus result types), same names."""
     exported = set(ops.__all__)
     functions = {n for n in exported if callable(getattr(ops, n)) and n[0].islower()}
     assert functions == set(OP_NAMES)

@@ -20,7 +20,7 @@ from fedng.ops._validate import FLOAT_DTYPES
 PACKAGE = Path(fedng.__file__).resolve().parent
 STUB = PACKAGE / "_C.pyi"
 
-# The op functions of fedng.ops (test_layering holds them to DESIGN §2 and to _C's names).
+# The op functions of fedng.ops (test_layering holds them to the docs' op table and to _C's names).
 OP_NAMES = tuple(sorted(n for n in ops.__all__ if n[0].islower()))
 
 # Per-matrix reports, in their one order; each op that has them writes `status` first.

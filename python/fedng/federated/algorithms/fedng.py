@@ -1,4 +1,4 @@
-"""FedNG: federated natural gradient (DESIGN §4), every variant a configuration.
+"""FedNG: federated natural gradient (docs/architecture.md), every variant a configuration.
 
 Round t:
 1. The server broadcasts theta_t and, per `FedNGConfig.broadcast`, the damped inverses of its

@@ -1,4 +1,4 @@
-"""Offline federated tasks (DESIGN §5): every data set is generated or ships inside a package."""
+"""Offline federated tasks: every data set is generated or ships inside a package."""
 
 from fedng.federated.tasks.base import ClientData, FederatedTask, evaluate, mlp, seeded_model
 from fedng.federated.tasks.digits import digits_task

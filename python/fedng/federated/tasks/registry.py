@@ -22,7 +22,7 @@ def make_task(
     beta: float | None = None,
     seed: int = 0,
 ) -> FederatedTask:
-    """Builds a task by name with DESIGN §5 defaults.
+    """Builds a task by name with the benchmark protocol's defaults.
 
     Args:
         name: one of `TASKS`.
