@@ -3,7 +3,8 @@
 Protocol (docs/architecture.md, "Benchmark protocols"): correctness first (abort on a wrong
 result), then our op and the plain torch way are timed interleaved in the same process
 (`time.perf_counter`, warm-up, N repeats, median and IQR), next to a float32 `torch.mm` peak
-measured in the same run (at its start and end; the higher median is the peak). Ratios are torch time / our time.
+measured in the same run (at its start and end; the higher median is the peak). Ratios are
+torch time / our time.
 """
 
 from __future__ import annotations
