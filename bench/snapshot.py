@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,7 @@ def machine_lines(machine: dict[str, Any]) -> list[str]:
     rows = [
         ("CPU", machine.get("cpu")),
         ("cores", machine.get("cpu_count")),
+        ("memory", memory()),
         (
             "torch / fedng threads",
             f"{machine.get('torch_threads')} / {machine.get('fedng_threads')}",
@@ -84,6 +86,14 @@ def machine_lines(machine: dict[str, Any]) -> list[str]:
         ("environment", ", ".join(f"{k}={v}" for k, v in machine.get("env", {}).items()) or "-"),
     ]
     return ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+
+
+def memory() -> str:
+    """Physical memory of this machine (the snapshot is taken where the benchmarks ran)."""
+    try:
+        return f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+    except (ValueError, OSError):
+        return "unknown"
 
 
 def load_share(data: dict[str, Any]) -> str:
