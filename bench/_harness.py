@@ -68,8 +68,13 @@ def _quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[2]
 
 
-def measure(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 1,
-            min_sample_s: float = 0.02, budget_s: float | None = None) -> dict[str, Timing]:
+def measure(
+    fns: dict[str, Callable[[], object]],
+    repeats: int = 7,
+    warmup: int = 1,
+    min_sample_s: float = 0.02,
+    budget_s: float | None = None,
+) -> dict[str, Timing]:
     """Times every callable, interleaved (one sample of each per round, rotating the order).
 
     Each sample loops a callable `number` times (calibrated in the warm-up so one sample lasts at
@@ -85,14 +90,13 @@ def measure(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int 
         one = time.perf_counter() - t0
         for _ in range(max(0, warmup - 1)):
             fns[name]()
-        number[name] = max(1, math.ceil(min_sample_s / max(one, 1e-9))) if one < min_sample_s \
-            else 1
+        number[name] = max(1, math.ceil(min_sample_s / max(one, 1e-9))) if one < min_sample_s else 1
         round_s += one * number[name]
     if budget_s is not None:
         repeats = min(repeats, max(3, int(budget_s / max(round_s, 1e-9))))
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             fn, k = fns[name], number[name]
             t0 = time.perf_counter()
@@ -124,9 +128,16 @@ def _openblas_sgemm() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], No
     except (ImportError, OSError, AttributeError):
         return None
     gemm.restype = None
-    gemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
-                                          ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
-                                          ctypes.c_void_p, ctypes.c_int]
+    gemm.argtypes = [ctypes.c_int] * 6 + [
+        ctypes.c_float,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_float,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
 
     def run(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> None:
         m, k = a.shape
@@ -134,8 +145,9 @@ def _openblas_sgemm() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], No
         before = get_threads()
         set_threads(torch.get_num_threads())
         try:  # row-major (101), no transposes (111)
-            gemm(101, 111, 111, m, n, k, 1.0, a.data_ptr(), k, b.data_ptr(), n, 0.0,
-                 c.data_ptr(), n)
+            gemm(
+                101, 111, 111, m, n, k, 1.0, a.data_ptr(), k, b.data_ptr(), n, 0.0, c.data_ptr(), n
+            )
         finally:
             set_threads(before)
 
@@ -159,9 +171,13 @@ def gemm_peak(n: int = 2048, repeats: int = 10) -> dict[str, Any]:
     flop = 2.0 * n**3
     out: dict[str, Any] = {"n": n, "dtype": "float32", "repeats": repeats}
     for name, t in times.items():
-        out[name] = {"median_s": t.median, "gflops": flop / t.median / 1e9,
-                     "gflops_q1": flop / t.q3 / 1e9, "gflops_q3": flop / t.q1 / 1e9,
-                     "gflops_best": flop / t.min / 1e9}
+        out[name] = {
+            "median_s": t.median,
+            "gflops": flop / t.median / 1e9,
+            "gflops_q1": flop / t.q3 / 1e9,
+            "gflops_q3": flop / t.q1 / 1e9,
+            "gflops_best": flop / t.min / 1e9,
+        }
     best = max(times, key=lambda k: flop / times[k].median)
     out["source"] = best
     out["gflops"] = out[best]["gflops"]
@@ -196,9 +212,15 @@ def max_rel_err(outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> f
     return max((rel_err(o, r) for o, r in zip(outs, refs, strict=True)), default=0.0)
 
 
-def check(op: str, workload: str, ours: Sequence[torch.Tensor], refs: Sequence[torch.Tensor],
-          tol: float, baseline: Sequence[torch.Tensor] | None = None,
-          slack: float = 4.0) -> dict[str, float]:
+def check(
+    op: str,
+    workload: str,
+    ours: Sequence[torch.Tensor],
+    refs: Sequence[torch.Tensor],
+    tol: float,
+    baseline: Sequence[torch.Tensor] | None = None,
+    slack: float = 4.0,
+) -> dict[str, float]:
     """Gates a benchmark on correctness against `fedng.reference`.
 
     Ours passes when its worst relative error is <= `tol`, or (for ill-conditioned problems) within
@@ -265,10 +287,14 @@ class Target:
 _RATIO = "ratio"
 _PCT = "pct_peak_ours"
 TARGETS: dict[tuple[str, str], tuple[Target, ...]] = {
-    ("damped_cholesky_inverse", "mlp"): (Target(_RATIO, 2.5, label=">=2.5x"),
-                                         Target(_PCT, 45.0, label=">=45% peak")),
-    ("damped_cholesky_inverse", "transformer"): (Target(_RATIO, 2.5, label=">=2.5x"),
-                                                 Target(_PCT, 45.0, label=">=45% peak")),
+    ("damped_cholesky_inverse", "mlp"): (
+        Target(_RATIO, 2.5, label=">=2.5x"),
+        Target(_PCT, 45.0, label=">=45% peak"),
+    ),
+    ("damped_cholesky_inverse", "transformer"): (
+        Target(_RATIO, 2.5, label=">=2.5x"),
+        Target(_PCT, 45.0, label=">=45% peak"),
+    ),
     ("damped_cholesky_inverse", "tiny"): (Target(_RATIO, 10.0, label=">=10x"),),
     ("kron_accumulate", "mlp"): (Target(_RATIO, 1.5, label=">=1.5x"),),
     ("kron_accumulate", "transformer"): (Target(_RATIO, 1.5, label=">=1.5x"),),
@@ -288,8 +314,15 @@ def evaluate(op: str, workload: str, values: dict[str, float], dtype: str) -> li
     for t in TARGETS.get((op, workload), ()):
         v = values.get(t.metric, math.nan)
         ok: bool | None = t.passed(v) if dtype == "float32" else None
-        out.append({"metric": t.metric, "target": t.describe(), "threshold": t.threshold,
-                    "value": v, "pass": ok})
+        out.append(
+            {
+                "metric": t.metric,
+                "target": t.describe(),
+                "threshold": t.threshold,
+                "value": v,
+                "pass": ok,
+            }
+        )
     return out
 
 
@@ -346,8 +379,10 @@ class CpuMonitor:
 def busy_warning(usage: dict[str, float] | None) -> str | None:
     """A warning when other processes used a noticeable share of the CPU during the run."""
     if usage and usage["others"] > 0.1:
-        return (f"machine busy: other processes used {100 * usage['others']:.0f}% of the CPU"
-                " during this run; absolute timings are unreliable, same-run ratios less so")
+        return (
+            f"machine busy: other processes used {100 * usage['others']:.0f}% of the CPU"
+            " during this run; absolute timings are unreliable, same-run ratios less so"
+        )
     return None
 
 
@@ -378,9 +413,19 @@ def machine_info() -> dict[str, Any]:
         "numpy": numpy.__version__,
         "platform": platform.platform(),
         "loadavg": _loadavg(),
-        "env": {k: os.environ[k] for k in (
-            "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",
-            "OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ},
+        "env": {
+            k: os.environ[k]
+            for k in (
+                "OMP_NUM_THREADS",
+                "OPENBLAS_NUM_THREADS",
+                "MKL_NUM_THREADS",
+                "OPENBLAS_CORETYPE",
+                "OPENBLAS_THREAD_TIMEOUT",
+                "OMP_WAIT_POLICY",
+                "GOMP_SPINCOUNT",
+            )
+            if k in os.environ
+        },
     }
 
 
@@ -389,18 +434,39 @@ def parser(description: str, default_repeats: int = 7) -> argparse.ArgumentParse
     from workloads import WORKLOAD_NAMES
 
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--workloads", nargs="*", default=None, choices=WORKLOAD_NAMES,
-                   metavar="NAME", help=f"subset of {', '.join(WORKLOAD_NAMES)} (default: all)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help=f"timed samples per method (default {default_repeats}; 3 with --quick)")
+    p.add_argument(
+        "--workloads",
+        nargs="*",
+        default=None,
+        choices=WORKLOAD_NAMES,
+        metavar="NAME",
+        help=f"subset of {', '.join(WORKLOAD_NAMES)} (default: all)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"timed samples per method (default {default_repeats}; 3 with --quick)",
+    )
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke mode: smaller workloads (MLP kept), fewer repeats")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke mode: smaller workloads (MLP kept), fewer repeats",
+    )
     p.add_argument("--no-json", action="store_true", help="do not write bench/results/<op>.json")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads(N) before running (fedng follows torch)")
-    p.add_argument("--max-d", type=int, default=None,
-                   help="low-rank ops: cap on d per matrix (0 = no cap; default depends on mode)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads(N) before running (fedng follows torch)",
+    )
+    p.add_argument(
+        "--max-d",
+        type=int,
+        default=None,
+        help="low-rank ops: cap on d per matrix (0 = no cap; default depends on mode)",
+    )
     p.set_defaults(default_repeats=default_repeats)
     return p
 
@@ -427,8 +493,9 @@ def timeit(args: argparse.Namespace, fns: dict[str, Callable[[], object]]) -> di
     """`measure` with the mode's repeats, sample length and time budget per workload (unless
     --repeats was given explicitly)."""
     budget = None if args.repeats is not None else (1.5 if args.quick else 12.0)
-    return measure(fns, repeats=repeats_of(args), min_sample_s=0.005 if args.quick else 0.02,
-                   budget_s=budget)
+    return measure(
+        fns, repeats=repeats_of(args), min_sample_s=0.005 if args.quick else 0.02, budget_s=budget
+    )
 
 
 def max_d_of(args: argparse.Namespace, full_default: int | None = None) -> int | None:
@@ -454,8 +521,14 @@ def fmt_time(s: float) -> str:
 class Report:
     """Collects one op's rows, prints its table and writes its JSON."""
 
-    def __init__(self, op: str, args: argparse.Namespace, unit: str = "GFLOP/s",
-                 peak: dict[str, Any] | None = None, flops_note: str = "") -> None:
+    def __init__(
+        self,
+        op: str,
+        args: argparse.Namespace,
+        unit: str = "GFLOP/s",
+        peak: dict[str, Any] | None = None,
+        flops_note: str = "",
+    ) -> None:
         self.op, self.args, self.unit, self.flops_note = op, args, unit, flops_note
         self.started = time.perf_counter()
         self.cpu = CpuMonitor()
@@ -463,12 +536,22 @@ class Report:
         self.rows: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.appendix: list[str] = []
-        print(f"== {op}  ({args.dtype}{', quick' if args.quick else ''}; torch threads"
-              f" {torch.get_num_threads()}; float32 GEMM {peak_text(self.peak)})")
+        print(
+            f"== {op}  ({args.dtype}{', quick' if args.quick else ''}; torch threads"
+            f" {torch.get_num_threads()}; float32 GEMM {peak_text(self.peak)})"
+        )
 
-    def add(self, workload: str, detail: str, work: float, ours: Timing, torch_t: Timing,
-            correctness: dict[str, float], extra: dict[str, Any] | None = None,
-            target_key: str | None = None) -> dict[str, Any]:
+    def add(
+        self,
+        workload: str,
+        detail: str,
+        work: float,
+        ours: Timing,
+        torch_t: Timing,
+        correctness: dict[str, float],
+        extra: dict[str, Any] | None = None,
+        target_key: str | None = None,
+    ) -> dict[str, Any]:
         """Adds a row; `work` is the flop count (or samples for a throughput unit) per call."""
         rate_ours = work / ours.median / 1e9
         rate_torch = work / torch_t.median / 1e9
@@ -493,28 +576,39 @@ class Report:
         row["target_key"] = target_key or workload
         row["targets"] = evaluate(self.op, row["target_key"], row, self.args.dtype)
         self.rows.append(row)
-        print(f"   {workload:<14} ours {fmt_time(ours.median):>10}  torch"
-              f" {fmt_time(torch_t.median):>10}  ratio {row['ratio']:6.2f}x"
-              f"  {verdicts(row['targets'])}", flush=True)
+        print(
+            f"   {workload:<14} ours {fmt_time(ours.median):>10}  torch"
+            f" {fmt_time(torch_t.median):>10}  ratio {row['ratio']:6.2f}x"
+            f"  {verdicts(row['targets'])}",
+            flush=True,
+        )
         return row
 
     def table(self) -> str:
         """The per-workload table."""
         peak = self.peak["gflops"]
         pct = self.unit == "GFLOP/s"
-        head = (f"{'workload':<14} {'items':>22} {'ours':>10} {'(IQR)':>9} {'torch':>10}"
-                f" {'(IQR)':>9} {'ratio':>7} {self.unit + ' ours':>15} {'torch':>8}"
-                + (f" {'%peak ours':>10} {'torch':>6}" if pct else "") + "  target")
-        lines = [f"{self.op}: {self.args.dtype}, float32 GEMM peak {peak:.1f} GFLOP/s"
-                 f" (faster of torch.mm and OpenBLAS sgemm {self.peak['n']}^3; higher median of"
-                 " the run's start and end)", head,
-                 "-" * len(head)]
+        head = (
+            f"{'workload':<14} {'items':>22} {'ours':>10} {'(IQR)':>9} {'torch':>10}"
+            f" {'(IQR)':>9} {'ratio':>7} {self.unit + ' ours':>15} {'torch':>8}"
+            + (f" {'%peak ours':>10} {'torch':>6}" if pct else "")
+            + "  target"
+        )
+        lines = [
+            f"{self.op}: {self.args.dtype}, float32 GEMM peak {peak:.1f} GFLOP/s"
+            f" (faster of torch.mm and OpenBLAS sgemm {self.peak['n']}^3; higher median of"
+            " the run's start and end)",
+            head,
+            "-" * len(head),
+        ]
         for r in self.rows:
-            line = (f"{r['workload']:<14} {r['detail'][:22]:>22}"
-                    f" {fmt_time(r['ours']['median']):>10}"
-                    f" {fmt_time(r['ours']['iqr']):>9} {fmt_time(r['torch']['median']):>10}"
-                    f" {fmt_time(r['torch']['iqr']):>9} {r['ratio']:6.2f}x"
-                    f" {r['rate_ours']:15.2f} {r['rate_torch']:8.2f}")
+            line = (
+                f"{r['workload']:<14} {r['detail'][:22]:>22}"
+                f" {fmt_time(r['ours']['median']):>10}"
+                f" {fmt_time(r['ours']['iqr']):>9} {fmt_time(r['torch']['median']):>10}"
+                f" {fmt_time(r['torch']['iqr']):>9} {r['ratio']:6.2f}x"
+                f" {r['rate_ours']:15.2f} {r['rate_torch']:8.2f}"
+            )
             if pct:
                 line += f" {r['pct_peak_ours']:9.1f}% {r['pct_peak_torch']:5.1f}%"
             lines.append(line + "  " + verdicts(r["targets"]))
@@ -528,15 +622,21 @@ class Report:
         """Prints the table, writes `bench/results/<op>.json` (unless --no-json); returns it."""
         start_peak = self.peak
         end_peak = gemm_peak(start_peak["n"], 3 if self.args.quick else 5)
-        self.peak = {"n": start_peak["n"], "dtype": "float32", "start": start_peak,
-                     "end": end_peak, "gflops": max(start_peak["gflops"], end_peak["gflops"])}
+        self.peak = {
+            "n": start_peak["n"],
+            "dtype": "float32",
+            "start": start_peak,
+            "end": end_peak,
+            "gflops": max(start_peak["gflops"], end_peak["gflops"]),
+        }
         if end_peak["gflops"] > start_peak["gflops"]:  # the less disturbed of the two
             for r in self.rows:
                 if r["unit"] == "GFLOP/s":
                     r["pct_peak_ours"] = 100.0 * r["rate_ours"] / end_peak["gflops"]
                     r["pct_peak_torch"] = 100.0 * r["rate_torch"] / end_peak["gflops"]
-                    r["targets"] = evaluate(self.op, r.get("target_key", r["workload"]), r,
-                                            self.args.dtype)
+                    r["targets"] = evaluate(
+                        self.op, r.get("target_key", r["workload"]), r, self.args.dtype
+                    )
         usage = self.cpu.stop()
         busy = busy_warning(usage)
         if busy:
@@ -585,8 +685,7 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def run_main(run: Callable[[argparse.Namespace], dict[str, Any]],
-             args: argparse.Namespace) -> int:
+def run_main(run: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace) -> int:
     """Runs a benchmark, turning a correctness failure into a clear message and exit status 2."""
     apply_threads(args)
     try:

@@ -47,28 +47,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             statuses = res.status[bad[:5]].tolist()
             raise H.CorrectnessError(
                 f"{OP} on {wl.name}: statuses {[CholeskyStatus(s).name for s in statuses]}"
-                f" (not OK) for matrices {bad[:5]} that are SPD with damping 1e-3 x mean(diag)")
+                f" (not OK) for matrices {bad[:5]} that are SPD with damping 1e-3 x mean(diag)"
+            )
         base = torch_way(mats, damping)
         idx = H.spread(len(mats), 12)
-        refs = reference.damped_cholesky_inverse_ref([mats[i] for i in idx],
-                                                     [damping[i] for i in idx])
-        corr = H.check(OP, wl.name, [res.inverses[i] for i in idx], refs, TOL[dtype],
-                       baseline=[base[i] for i in idx])
+        refs = reference.damped_cholesky_inverse_ref(
+            [mats[i] for i in idx], [damping[i] for i in idx]
+        )
+        corr = H.check(
+            OP,
+            wl.name,
+            [res.inverses[i] for i in idx],
+            refs,
+            TOL[dtype],
+            baseline=[base[i] for i in idx],
+        )
         # Every matrix, not just the subset: ours and the torch loop must agree.
         corr["max_rel_diff_vs_torch_all"] = H.max_rel_err(res.inverses, base)
-        if not corr["max_rel_diff_vs_torch_all"] <= max(50 * TOL[dtype],
-                                                        10 * corr["max_rel_err_torch"]):
+        if not corr["max_rel_diff_vs_torch_all"] <= max(
+            50 * TOL[dtype], 10 * corr["max_rel_err_torch"]
+        ):
             raise H.CorrectnessError(
                 f"{OP} on {wl.name}: fedng and torch differ by"
-                f" {corr['max_rel_diff_vs_torch_all']:.2e} outside the reference subset")
+                f" {corr['max_rel_diff_vs_torch_all']:.2e} outside the reference subset"
+            )
         del res, base, refs
-        t = H.timeit(args, {"ours": partial(damped_cholesky_inverse, mats, damping),
-                            "torch": partial(torch_way, mats, damping)})
+        t = H.timeit(
+            args,
+            {
+                "ours": partial(damped_cholesky_inverse, mats, damping),
+                "torch": partial(torch_way, mats, damping),
+            },
+        )
         flops = float(sum(m.shape[0] ** 3 for m in mats))
         dims = wl.factor_dims
-        rep.add(wl.name, f"{len(mats)} x {min(dims)}..{max(dims)}", flops, t["ours"], t["torch"],
-                corr, extra={"items": len(mats), "sizes": dims if not wl.tiny else None,
-                             "description": wl.description})
+        rep.add(
+            wl.name,
+            f"{len(mats)} x {min(dims)}..{max(dims)}",
+            flops,
+            t["ours"],
+            t["torch"],
+            corr,
+            extra={
+                "items": len(mats),
+                "sizes": dims if not wl.tiny else None,
+                "description": wl.description,
+            },
+        )
     return rep.finish()
 
 

@@ -29,8 +29,9 @@ def ours_way(dims: list[tuple[int, int]], dtype: torch.dtype) -> list[torch.Tens
     return [gaussian_sketch_matrix(d, r, SEED, i, dtype=dtype) for i, (d, r) in enumerate(dims)]
 
 
-def torch_way(dims: list[tuple[int, int]], dtype: torch.dtype, gen: torch.Generator
-              ) -> list[torch.Tensor]:
+def torch_way(
+    dims: list[tuple[int, int]], dtype: torch.dtype, gen: torch.Generator
+) -> list[torch.Tensor]:
     """`torch.randn` per layer."""
     return [torch.randn(d, r, generator=gen, dtype=dtype) for d, r in dims]
 
@@ -42,8 +43,10 @@ def check_bits(dtype: torch.dtype) -> dict[str, float]:
     got = gaussian_sketch_matrix(d, r, SEED, 3, dtype=dtype)
     if not torch.equal(got, ref):
         bad = (got != ref).sum().item()
-        raise H.CorrectnessError(f"{OP}: {bad} of {d * r} entries differ from the bit-exact"
-                                 " reference gaussian_sketch_matrix_ref")
+        raise H.CorrectnessError(
+            f"{OP}: {bad} of {d * r} entries differ from the bit-exact"
+            " reference gaussian_sketch_matrix_ref"
+        )
     wide = gaussian_sketch_matrix(2 * d, 3 * r, SEED, 3, dtype=dtype)
     if not torch.equal(wide[:d, :r], got):
         raise H.CorrectnessError(f"{OP}: entries change when d or r grows")
@@ -57,8 +60,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dtype = H.dtype_of(args)
     corr0 = check_bits(dtype)
     rep = H.Report(OP, args, unit="Gsample/s", flops_note="samples generated (d r per layer)")
-    rep.notes.append("torch.randn is the throughput reference; it is not reproducible across "
-                     "machines or thread counts, ours is bit-identical everywhere")
+    rep.notes.append(
+        "torch.randn is the throughput reference; it is not reproducible across "
+        "machines or thread counts, ours is bit-identical everywhere"
+    )
     gen = torch.Generator().manual_seed(SEED)
     for wl in W.select(args.workloads, args.quick):
         dims = W.lowrank_dims(wl, max_d=H.max_d_of(args))
@@ -67,15 +72,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mean, std = flat.mean().item(), flat.std().item()
         n = flat.numel()
         if not (abs(mean) < 6 / n**0.5 and abs(std - 1) < 6 / n**0.5 + 1e-3):
-            raise H.CorrectnessError(f"{OP} on {wl.name}: mean {mean:.2e}, std {std:.4f} over"
-                                     f" {n} samples: not standard normal")
+            raise H.CorrectnessError(
+                f"{OP} on {wl.name}: mean {mean:.2e}, std {std:.4f} over"
+                f" {n} samples: not standard normal"
+            )
         corr = dict(corr0, mean=mean, std=std)
         del om, flat
-        t = H.timeit(args, {"ours": partial(ours_way, dims, dtype),
-                            "torch": partial(torch_way, dims, dtype, gen)})
+        t = H.timeit(
+            args,
+            {"ours": partial(ours_way, dims, dtype), "torch": partial(torch_way, dims, dtype, gen)},
+        )
         d_all = [d for d, _ in dims]
-        rep.add(wl.name, f"{len(dims)} x d {min(d_all)}..{max(d_all)}", float(n), t["ours"],
-                t["torch"], corr, extra={"items": len(dims), "description": wl.description})
+        rep.add(
+            wl.name,
+            f"{len(dims)} x d {min(d_all)}..{max(d_all)}",
+            float(n),
+            t["ours"],
+            t["torch"],
+            corr,
+            extra={"items": len(dims), "description": wl.description},
+        )
     return rep.finish()
 
 

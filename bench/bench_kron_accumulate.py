@@ -24,8 +24,9 @@ DECAY = 0.95
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
-def torch_way(factors: list[torch.Tensor], inputs: list[torch.Tensor], decay: float,
-              scales: list[float]) -> list[torch.Tensor]:
+def torch_way(
+    factors: list[torch.Tensor], inputs: list[torch.Tensor], decay: float, scales: list[float]
+) -> list[torch.Tensor]:
     """The plain torch loop: in-place EMA plus a GEMM per factor."""
     for f, x, s in zip(factors, inputs, scales, strict=True):
         f.mul_(decay).addmm_(x.T, x, alpha=s)
@@ -39,8 +40,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for wl in W.select(args.workloads, args.quick):
         xs = W.kfac_inputs(wl, dtype)
         scales = [1.0 / max(x.shape[0], 1) for x in xs]
-        init = W.spd_factors(wl, dtype) if not wl.tiny else [
-            torch.eye(n, dtype=dtype) for n in wl.factor_dims]
+        init = (
+            W.spd_factors(wl, dtype)
+            if not wl.tiny
+            else [torch.eye(n, dtype=dtype) for n in wl.factor_dims]
+        )
         ours_f = [f.clone() for f in init]
         torch_f = [f.clone() for f in init]
         kron_accumulate(ours_f, xs, DECAY, scales)
@@ -49,17 +53,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         corr = H.check(OP, wl.name, ours_f, refs, TOL[dtype], baseline=torch_f)
         asym = max((f - f.T).abs().max().item() for f in ours_f)
         if asym != 0.0:
-            raise H.CorrectnessError(f"{OP} on {wl.name}: result not exactly symmetric"
-                                     f" ({asym:.2e})")
+            raise H.CorrectnessError(
+                f"{OP} on {wl.name}: result not exactly symmetric ({asym:.2e})"
+            )
         del refs, init
         # Timed calls keep updating the same factors: an EMA with decay < 1 stays bounded.
-        t = H.timeit(args, {"ours": partial(kron_accumulate, ours_f, xs, DECAY, scales),
-                            "torch": partial(torch_way, torch_f, xs, DECAY, scales)})
+        t = H.timeit(
+            args,
+            {
+                "ours": partial(kron_accumulate, ours_f, xs, DECAY, scales),
+                "torch": partial(torch_way, torch_f, xs, DECAY, scales),
+            },
+        )
         flops = float(sum(x.shape[1] ** 2 * x.shape[0] for x in xs))
         dims = wl.factor_dims
-        rep.add(wl.name, f"{len(xs)} x {min(dims)}..{max(dims)}", flops, t["ours"], t["torch"],
-                corr, extra={"items": len(xs), "rows": sorted(set(wl.factor_rows)),
-                             "description": wl.description})
+        rep.add(
+            wl.name,
+            f"{len(xs)} x {min(dims)}..{max(dims)}",
+            flops,
+            t["ours"],
+            t["torch"],
+            corr,
+            extra={
+                "items": len(xs),
+                "rows": sorted(set(wl.factor_rows)),
+                "description": wl.description,
+            },
+        )
     return rep.finish()
 
 

@@ -24,17 +24,24 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 BATCH_FORM = ("mlp",)  # workloads whose batch (256) is below the layer widths
 
 
-def torch_way(grads: list[torch.Tensor], a_inv: list[torch.Tensor], g_inv: list[torch.Tensor]
-              ) -> list[torch.Tensor]:
+def torch_way(
+    grads: list[torch.Tensor], a_inv: list[torch.Tensor], g_inv: list[torch.Tensor]
+) -> list[torch.Tensor]:
     """The plain torch loop, dense form."""
     return [g @ w @ a for w, a, g in zip(grads, a_inv, g_inv, strict=True)]
 
 
-def torch_way_batch(inputs: list[torch.Tensor], output_grads: list[torch.Tensor],
-                    a_inv: list[torch.Tensor], g_inv: list[torch.Tensor]) -> list[torch.Tensor]:
+def torch_way_batch(
+    inputs: list[torch.Tensor],
+    output_grads: list[torch.Tensor],
+    a_inv: list[torch.Tensor],
+    g_inv: list[torch.Tensor],
+) -> list[torch.Tensor]:
     """The plain torch loop, batch form (g_inv symmetric)."""
-    return [(gb @ g).T @ (ab @ a)
-            for ab, gb, a, g in zip(inputs, output_grads, a_inv, g_inv, strict=True)]
+    return [
+        (gb @ g).T @ (ab @ a)
+        for ab, gb, a, g in zip(inputs, output_grads, a_inv, g_inv, strict=True)
+    ]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -48,20 +55,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ours = kron_precondition(grads, a_inv, g_inv)
         base = torch_way(grads, a_inv, g_inv)
         idx = H.spread(len(grads), 16)
-        refs = reference.kron_precondition_ref([grads[i] for i in idx], [a_inv[i] for i in idx],
-                                               [g_inv[i] for i in idx])
-        corr = H.check(OP, wl.name, [ours[i] for i in idx], refs, TOL[dtype],
-                       baseline=[base[i] for i in idx])
+        refs = reference.kron_precondition_ref(
+            [grads[i] for i in idx], [a_inv[i] for i in idx], [g_inv[i] for i in idx]
+        )
+        corr = H.check(
+            OP, wl.name, [ours[i] for i in idx], refs, TOL[dtype], baseline=[base[i] for i in idx]
+        )
         corr["max_rel_diff_vs_torch_all"] = H.max_rel_err(ours, base)
         del ours, base, refs
-        t = H.timeit(args, {"ours": partial(kron_precondition, grads, a_inv, g_inv),
-                            "torch": partial(torch_way, grads, a_inv, g_inv)})
+        t = H.timeit(
+            args,
+            {
+                "ours": partial(kron_precondition, grads, a_inv, g_inv),
+                "torch": partial(torch_way, grads, a_inv, g_inv),
+            },
+        )
         flops = float(sum(2 * la.n_out * la.n_in * (la.n_out + la.n_in) for la in wl.layers))
         ms = [la.n_out for la in wl.layers]
         ns = [la.n_in for la in wl.layers]
         detail = f"{len(grads)} x [{min(ms)}..{max(ms)}, {min(ns)}..{max(ns)}]"
-        rep.add(wl.name, detail, flops, t["ours"], t["torch"], corr,
-                extra={"form": "dense", "items": len(grads), "description": wl.description})
+        rep.add(
+            wl.name,
+            detail,
+            flops,
+            t["ours"],
+            t["torch"],
+            corr,
+            extra={"form": "dense", "items": len(grads), "description": wl.description},
+        )
 
         if wl.name not in BATCH_FORM:
             continue
@@ -71,14 +92,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         refs = reference.kron_precondition_ref(None, a_inv, g_inv, inputs=xs, output_grads=gbs)
         corr = H.check(OP, wl.name + ":batch", ours, refs, TOL[dtype], baseline=base)
         del ours, base, refs
-        t = H.timeit(args, {
-            "ours": partial(kron_precondition, None, a_inv, g_inv, inputs=xs, output_grads=gbs),
-            "torch": partial(torch_way_batch, xs, gbs, a_inv, g_inv)})
-        flops = float(sum(2 * la.rows * (la.n_out**2 + la.n_in**2 + la.n_out * la.n_in)
-                          for la in wl.layers))
-        rep.add(wl.name + ":batch", f"B={wl.layers[0].rows}, " + detail, flops, t["ours"],
-                t["torch"], corr, extra={"form": "batch", "items": len(grads),
-                                         "description": wl.description})
+        t = H.timeit(
+            args,
+            {
+                "ours": partial(kron_precondition, None, a_inv, g_inv, inputs=xs, output_grads=gbs),
+                "torch": partial(torch_way_batch, xs, gbs, a_inv, g_inv),
+            },
+        )
+        flops = float(
+            sum(2 * la.rows * (la.n_out**2 + la.n_in**2 + la.n_out * la.n_in) for la in wl.layers)
+        )
+        rep.add(
+            wl.name + ":batch",
+            f"B={wl.layers[0].rows}, " + detail,
+            flops,
+            t["ours"],
+            t["torch"],
+            corr,
+            extra={"form": "batch", "items": len(grads), "description": wl.description},
+        )
     return rep.finish()
 
 

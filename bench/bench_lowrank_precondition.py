@@ -25,8 +25,9 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 REF_MAX_D = 4096  # the reference solves a dense d x d system
 
 
-def torch_way(us: list[torch.Tensor], ss: list[torch.Tensor], lams: list[float],
-              vs: list[torch.Tensor]) -> list[torch.Tensor]:
+def torch_way(
+    us: list[torch.Tensor], ss: list[torch.Tensor], lams: list[float], vs: list[torch.Tensor]
+) -> list[torch.Tensor]:
     """The plain torch loop (Woodbury with orthonormal U)."""
     out = []
     for u, s, lam, v in zip(us, ss, lams, vs, strict=True):
@@ -36,8 +37,9 @@ def torch_way(us: list[torch.Tensor], ss: list[torch.Tensor], lams: list[float],
     return out
 
 
-def residual(u: torch.Tensor, s: torch.Tensor, lam: float, x: torch.Tensor, v: torch.Tensor
-             ) -> float:
+def residual(
+    u: torch.Tensor, s: torch.Tensor, lam: float, x: torch.Tensor, v: torch.Tensor
+) -> float:
     """`||(U S U^T + lam I) x - v|| / ||v||` in float64, O(d r)."""
     u64, x64 = u.double(), x.double()
     sx = u64.T @ x64
@@ -56,22 +58,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ours = lowrank_precondition(us, ss, lams, vs)
         base = torch_way(us, ss, lams, vs)
         idx = [i for i in H.spread(len(us), 64) if dims[i][0] <= REF_MAX_D][:8]
-        refs = reference.lowrank_precondition_ref([us[i] for i in idx], [ss[i] for i in idx],
-                                                  [lams[i] for i in idx], [vs[i] for i in idx])
-        corr = H.check(OP, wl.name, [ours[i] for i in idx], refs, TOL[dtype],
-                       baseline=[base[i] for i in idx])
-        corr["max_residual_all"] = max(residual(u, s, lam, x, v) for u, s, lam, x, v in
-                                       zip(us, ss, lams, ours, vs, strict=True))
+        refs = reference.lowrank_precondition_ref(
+            [us[i] for i in idx], [ss[i] for i in idx], [lams[i] for i in idx], [vs[i] for i in idx]
+        )
+        corr = H.check(
+            OP, wl.name, [ours[i] for i in idx], refs, TOL[dtype], baseline=[base[i] for i in idx]
+        )
+        corr["max_residual_all"] = max(
+            residual(u, s, lam, x, v)
+            for u, s, lam, x, v in zip(us, ss, lams, ours, vs, strict=True)
+        )
         if not corr["max_residual_all"] <= 100 * TOL[dtype]:
             raise H.CorrectnessError(f"{OP} on {wl.name}: residual {corr['max_residual_all']:.2e}")
         del ours, base, refs
-        t = H.timeit(args, {"ours": partial(lowrank_precondition, us, ss, lams, vs),
-                            "torch": partial(torch_way, us, ss, lams, vs)})
+        t = H.timeit(
+            args,
+            {
+                "ours": partial(lowrank_precondition, us, ss, lams, vs),
+                "torch": partial(torch_way, us, ss, lams, vs),
+            },
+        )
         flops = float(sum(4 * d * r * args.cols for d, r in dims))
         d_all = [d for d, _ in dims]
-        rep.add(wl.name, f"{len(dims)} x d {min(d_all)}..{max(d_all)}", flops, t["ours"],
-                t["torch"], corr, extra={"items": len(dims), "cols": args.cols,
-                                         "description": wl.description})
+        rep.add(
+            wl.name,
+            f"{len(dims)} x d {min(d_all)}..{max(d_all)}",
+            flops,
+            t["ours"],
+            t["torch"],
+            corr,
+            extra={"items": len(dims), "cols": args.cols, "description": wl.description},
+        )
     return rep.finish()
 
 

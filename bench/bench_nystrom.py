@@ -31,8 +31,9 @@ REF_MAX_D = 100_000  # float64 reference SVDs only up to this size
 FULL_MAX_D = 262_144  # d cap in full mode (MLP/ResNet layers are larger), to bound the run time
 
 
-def torch_way(ys: list[torch.Tensor], oms: list[torch.Tensor], shifts: list[float]
-              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def torch_way(
+    ys: list[torch.Tensor], oms: list[torch.Tensor], shifts: list[float]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Stable Nystrom per matrix in plain torch (the op's algorithm, from the given shifts)."""
     out = []
     for y, om, nu in zip(ys, oms, shifts, strict=True):
@@ -60,8 +61,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Checks, times and reports every selected workload."""
     dtype = H.dtype_of(args)
     rep = H.Report(OP, args, flops_note="8 d r^2 per matrix (effective)")
-    rep.notes.append("torch baseline = the same stable Nystrom per layer in torch (dense eigh of "
-                     "the d x d Fisher does not fit at these sizes)")
+    rep.notes.append(
+        "torch baseline = the same stable Nystrom per layer in torch (dense eigh of "
+        "the d x d Fisher does not fit at these sizes)"
+    )
     for wl in W.select(args.workloads, args.quick):
         dims = W.lowrank_dims(wl, max_d=H.max_d_of(args, FULL_MAX_D))
         ys, oms = W.psd_sketches(dims, dtype)
@@ -69,27 +72,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shifts = res.shift.tolist()
         base = torch_way(ys, oms, shifts)
         idx = [i for i in H.spread(len(ys), 64) if dims[i][0] <= REF_MAX_D][:4]
-        refs = reference.nystrom_ref([ys[i] for i in idx], [oms[i] for i in idx],
-                                     [float(res.shift[i]) for i in idx])
+        refs = reference.nystrom_ref(
+            [ys[i] for i in idx], [oms[i] for i in idx], [float(res.shift[i]) for i in idx]
+        )
         corr = H.check(
-            OP, wl.name, [_applied(res.U[i], res.S[i], oms[i]) for i in idx],
-            [_applied(u, s, oms[i]) for i, (u, s) in zip(idx, refs, strict=True)], TOL[dtype],
-            baseline=[_applied(base[i][0], base[i][1], oms[i]) for i in idx])
-        corr["max_rel_err_eigenvalues"] = H.max_rel_err([res.S[i] for i in idx],
-                                                        [s for _, s in refs])
-        orth = max(H.rel_err(res.U[i].double().T @ res.U[i].double(),
-                             torch.eye(dims[i][1], dtype=torch.float64)) for i in idx)
+            OP,
+            wl.name,
+            [_applied(res.U[i], res.S[i], oms[i]) for i in idx],
+            [_applied(u, s, oms[i]) for i, (u, s) in zip(idx, refs, strict=True)],
+            TOL[dtype],
+            baseline=[_applied(base[i][0], base[i][1], oms[i]) for i in idx],
+        )
+        corr["max_rel_err_eigenvalues"] = H.max_rel_err(
+            [res.S[i] for i in idx], [s for _, s in refs]
+        )
+        orth = max(
+            H.rel_err(
+                res.U[i].double().T @ res.U[i].double(), torch.eye(dims[i][1], dtype=torch.float64)
+            )
+            for i in idx
+        )
         corr["max_orthonormality_err"] = orth
         if not orth <= 100 * TOL[dtype]:
             raise H.CorrectnessError(f"{OP} on {wl.name}: U is not orthonormal ({orth:.2e})")
         del res, base, refs
-        t = H.timeit(args, {"ours": partial(nystrom, ys, oms),
-                            "torch": partial(torch_way, ys, oms, shifts)})
+        t = H.timeit(
+            args, {"ours": partial(nystrom, ys, oms), "torch": partial(torch_way, ys, oms, shifts)}
+        )
         flops = float(sum(8 * d * r * r for d, r in dims))
         d_all = [d for d, _ in dims]
-        rep.add(wl.name, f"{len(dims)} x d {min(d_all)}..{max(d_all)}", flops, t["ours"],
-                t["torch"], corr, extra={"items": len(dims), "ranks": sorted({r for _, r in dims}),
-                                         "description": wl.description})
+        rep.add(
+            wl.name,
+            f"{len(dims)} x d {min(d_all)}..{max(d_all)}",
+            flops,
+            t["ours"],
+            t["torch"],
+            corr,
+            extra={
+                "items": len(dims),
+                "ranks": sorted({r for _, r in dims}),
+                "description": wl.description,
+            },
+        )
     return rep.finish()
 
 

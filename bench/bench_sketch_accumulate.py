@@ -42,10 +42,16 @@ SPEC = {"d": 50_000, "batches": 20, "batch_size": 128, "rank": 32}  # the issue'
 CHILD_TAG = "CHILD_RESULT "
 
 
-def ours(batch: Callable[[int], torch.Tensor], n_batches: int, d: int, s: int, rank: int,
-         dtype: torch.dtype, shift: float | None = None) -> torch.Tensor:
-    """Streams `batch(i)`, i < n_batches, into a sketch, then Nystrom: the top `rank` eigenvalues.
-    """
+def ours(
+    batch: Callable[[int], torch.Tensor],
+    n_batches: int,
+    d: int,
+    s: int,
+    rank: int,
+    dtype: torch.dtype,
+    shift: float | None = None,
+) -> torch.Tensor:
+    """Streams `batch(i)`, i < n_batches, into a sketch, then Nystrom: the top `rank` eigenvalues."""
     om = gaussian_sketch_matrix(d, s, SEED, 0, dtype=dtype)
     y = torch.zeros(d, s, dtype=dtype)
     for i in range(n_batches):
@@ -63,7 +69,7 @@ def exact_top(j: torch.Tensor, rank: int, chunk: int = 4096) -> torch.Tensor:
     """Top `rank` eigenvalues of J^T J from the float64 Gram J J^T (columns in chunks)."""
     gram = torch.zeros(j.shape[0], j.shape[0], dtype=torch.float64)
     for lo in range(0, j.shape[1], chunk):
-        c = j[:, lo:lo + chunk].double()
+        c = j[:, lo : lo + chunk].double()
         gram.addmm_(c, c.T)
     return torch.linalg.eigvalsh(gram).flip(0)[:rank]
 
@@ -71,8 +77,10 @@ def exact_top(j: torch.Tensor, rank: int, chunk: int = 4096) -> torch.Tensor:
 def eig_err(est: torch.Tensor, exact: torch.Tensor) -> dict[str, float]:
     """Relative 2-norm error and worst elementwise relative error of the top eigenvalues."""
     e = est.double()
-    return {"rel_err": ((e - exact).norm() / exact.norm()).item(),
-            "max_rel_err": ((e - exact).abs() / exact).max().item()}
+    return {
+        "rel_err": ((e - exact).norm() / exact.norm()).item(),
+        "max_rel_err": ((e - exact).abs() / exact).max().item(),
+    }
 
 
 def _maxrss_mb() -> float:
@@ -127,8 +135,14 @@ def child(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.child == "ours":
         buf = torch.empty(args.batch_size, args.d, dtype=dtype)
-        eig = ours(lambda i: gen.batch(i, args.batch_size, out=buf), args.batches, args.d,
-                   args.sketch, args.rank, dtype)
+        eig = ours(
+            lambda i: gen.batch(i, args.batch_size, out=buf),
+            args.batches,
+            args.d,
+            args.sketch,
+            args.rank,
+            dtype,
+        )
     else:
         j = gen.stacked(args.batches, args.batch_size)
         eig = svd_way(j, args.sketch, args.rank, int(args.child[3:]))
@@ -136,60 +150,99 @@ def child(args: argparse.Namespace) -> int:
     peak, peak_ru = _vm_hwm_mb(), _maxrss_mb()
     if base is None or peak is None:
         base, peak = base_ru, peak_ru
-    print(CHILD_TAG + json.dumps({
-        "method": args.child, "measure": "VmHWM" if reset else "ru_maxrss-like",
-        "hwm_reset": reset, "baseline_mb": base, "peak_mb": peak, "delta_mb": peak - base,
-        "ru_maxrss_baseline_mb": base_ru, "ru_maxrss_delta_mb": peak_ru - base_ru,
-        "wall_s": wall, "top": float(eig[0])}), flush=True)
+    print(
+        CHILD_TAG
+        + json.dumps(
+            {
+                "method": args.child,
+                "measure": "VmHWM" if reset else "ru_maxrss-like",
+                "hwm_reset": reset,
+                "baseline_mb": base,
+                "peak_mb": peak,
+                "delta_mb": peak - base,
+                "ru_maxrss_baseline_mb": base_ru,
+                "ru_maxrss_delta_mb": peak_ru - base_ru,
+                "wall_s": wall,
+                "top": float(eig[0]),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
 def peak_memory(args: argparse.Namespace, method: str) -> dict[str, Any]:
     """Peak-memory delta of `method` measured in a fresh subprocess."""
-    cmd = [sys.executable, __file__, "--child", method, "--d", str(args.d), "--batches",
-           str(args.batches), "--batch-size", str(args.batch_size), "--rank", str(args.rank),
-           "--sketch", str(args.sketch), "--dtype", args.dtype]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        method,
+        "--d",
+        str(args.d),
+        "--batches",
+        str(args.batches),
+        "--batch-size",
+        str(args.batch_size),
+        "--rank",
+        str(args.rank),
+        "--sketch",
+        str(args.sketch),
+        "--dtype",
+        args.dtype,
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith(CHILD_TAG):
-            return json.loads(line[len(CHILD_TAG):])
-    raise RuntimeError(f"memory subprocess for {method} failed (rc {proc.returncode}):\n"
-                       f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+            return json.loads(line[len(CHILD_TAG) :])
+    raise RuntimeError(
+        f"memory subprocess for {method} failed (rc {proc.returncode}):\n"
+        f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Checks accuracy, measures memory (subprocesses) and time, and reports."""
     dtype = H.dtype_of(args)
     d, nb, bs, rank, s = args.d, args.batches, args.batch_size, args.rank, args.sketch
-    rep = H.Report(OP, args, flops_note=f"ours: 4 B d s per batch + 8 d s^2 (Nystrom), s = {s};"
-                   " the same count for svd_lowrank, so GFLOP/s ratios are time ratios")
+    rep = H.Report(
+        OP,
+        args,
+        flops_note=f"ours: 4 B d s per batch + 8 d s^2 (Nystrom), s = {s};"
+        " the same count for svd_lowrank, so GFLOP/s ratios are time ratios",
+    )
     spec = (d, nb, bs, rank) == tuple(SPEC.values())
-    rep.notes.append(f"sketch size s = rank {rank} + oversample {args.oversample} = {s} columns,"
-                     f" given to svd_lowrank as q={s}; {nb} batches of {bs}, d = {d}")
+    rep.notes.append(
+        f"sketch size s = rank {rank} + oversample {args.oversample} = {s} columns,"
+        f" given to svd_lowrank as q={s}; {nb} batches of {bs}, d = {d}"
+    )
     if not spec:
-        rep.notes.append("not the issue's scenario (d=50,000, 20x128, rank 32): targets not"
-                         " evaluated")
+        rep.notes.append(
+            "not the issue's scenario (d=50,000, 20x128, rank 32): targets not evaluated"
+        )
 
     gen = W.LowRankJacobian(d, seed=SEED, dtype=dtype)
     j = gen.stacked(nb, bs)
     exact = exact_top(j, rank)
 
     def batch(i: int) -> torch.Tensor:
-        return j[i * bs:(i + 1) * bs]
+        return j[i * bs : (i + 1) * bs]
 
     # Correctness first: the streamed sketch equals the one-shot sketch of the stacked J.
     om = gaussian_sketch_matrix(d, s, SEED, 0, dtype=dtype)
     y = torch.zeros(d, s, dtype=dtype)
     for i in range(nb):
         sketch_accumulate([y], [batch(i)], [om])
-    y_ref = (j.double().T @ (j.double() @ om.double()))
+    y_ref = j.double().T @ (j.double() @ om.double())
     corr = {"sketch_rel_err": H.rel_err(y, y_ref)}
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     if not corr["sketch_rel_err"] <= tol:
-        raise H.CorrectnessError(f"{OP}: streamed sketch differs from J^T (J Omega) by"
-                                 f" {corr['sketch_rel_err']:.2e} (tol {tol:.0e})")
+        raise H.CorrectnessError(
+            f"{OP}: streamed sketch differs from J^T (J Omega) by"
+            f" {corr['sketch_rel_err']:.2e} (tol {tol:.0e})"
+        )
     del y_ref
     eig_ours = ours(batch, nb, d, s, rank, dtype)
     errs = {"ours": eig_err(eig_ours, exact)}
@@ -199,8 +252,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         errs[f"svd{n}"] = eig_err(svd_way(j, s, rank, n), exact)
     for name, e in errs.items():
         if not e["rel_err"] < 1.0:
-            raise H.CorrectnessError(f"{OP}: {name} top-{rank} eigenvalues are off by"
-                                     f" {e['rel_err']:.2f} (relative)")
+            raise H.CorrectnessError(
+                f"{OP}: {name} top-{rank} eigenvalues are off by {e['rel_err']:.2f} (relative)"
+            )
 
     mem = {m: peak_memory(args, m) for m in ("ours", *(f"svd{n}" for n in niters))}
 
@@ -213,26 +267,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         key = f"svd{n}"
         extra = {
             "speedup": t[key].median / t["ours"].median,
-            "mem_ours_mb": mem["ours"]["delta_mb"], "mem_torch_mb": mem[key]["delta_mb"],
+            "mem_ours_mb": mem["ours"]["delta_mb"],
+            "mem_torch_mb": mem[key]["delta_mb"],
             "mem_ratio": mem[key]["delta_mb"] / max(mem["ours"]["delta_mb"], 1e-9),
-            "err_ours": errs["ours"]["rel_err"], "err_torch": errs[key]["rel_err"],
-            "max_err_ours": errs["ours"]["max_rel_err"], "max_err_torch": errs[key]["max_rel_err"],
+            "err_ours": errs["ours"]["rel_err"],
+            "err_torch": errs[key]["rel_err"],
+            "max_err_ours": errs["ours"]["max_rel_err"],
+            "max_err_torch": errs[key]["max_rel_err"],
             "err_ratio": errs["ours"]["rel_err"] / max(errs[key]["rel_err"], 1e-300),
             "baseline": f"torch.svd_lowrank(J, q={s}, niter={n})",
             "memory_children": {"ours": mem["ours"], "torch": mem[key]},
-            "sketch": s, "d": d, "batches": nb, "batch_size": bs, "rank": rank,
+            "sketch": s,
+            "d": d,
+            "batches": nb,
+            "batch_size": bs,
+            "rank": rank,
         }
         label = f"d{d // 1000}k niter={n}"
-        rep.add(label, f"{nb}x{bs}x{d}, s={s}", flops, t["ours"], t[key], corr, extra=extra,
-                target_key="d50k" if spec else "none")
-    head = (f"{'vs svd_lowrank':<16} {'speedup':>8} {'mem ours':>10} {'mem torch':>10}"
-            f" {'mem ratio':>9} {'err ours':>9} {'err torch':>9} {'err ratio':>9}")
+        rep.add(
+            label,
+            f"{nb}x{bs}x{d}, s={s}",
+            flops,
+            t["ours"],
+            t[key],
+            corr,
+            extra=extra,
+            target_key="d50k" if spec else "none",
+        )
+    head = (
+        f"{'vs svd_lowrank':<16} {'speedup':>8} {'mem ours':>10} {'mem torch':>10}"
+        f" {'mem ratio':>9} {'err ours':>9} {'err torch':>9} {'err ratio':>9}"
+    )
     rep.appendix += ["", head, "-" * len(head)]
     for r in rep.rows:
         rep.appendix.append(
             f"{r['baseline'].split(', ', 1)[1][:-1]:<16} {r['speedup']:7.2f}x"
             f" {r['mem_ours_mb']:8.1f}MB {r['mem_torch_mb']:8.1f}MB {r['mem_ratio']:8.1f}x"
-            f" {r['err_ours']:9.2e} {r['err_torch']:9.2e} {r['err_ratio']:8.2f}x")
+            f" {r['err_ours']:9.2e} {r['err_torch']:9.2e} {r['err_ratio']:8.2f}x"
+        )
     return rep.finish()
 
 
@@ -245,8 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--oversample", type=int, default=8, help="extra sketch columns (default 8)")
     p.add_argument("--sketch", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--child", choices=("ours", "svd0", "svd2"), default=None,
-                   help=argparse.SUPPRESS)
+    p.add_argument(
+        "--child", choices=("ours", "svd0", "svd2"), default=None, help=argparse.SUPPRESS
+    )
     args = p.parse_args(argv)
     if args.d is None:
         args.d = 8_000 if args.quick else SPEC["d"]

@@ -46,8 +46,11 @@ def run_one(op: str, flags: list[str]) -> dict[str, Any]:
 
 
 def _num(x: Any, fmt: str, suffix: str = "") -> str:
-    return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else \
-        f"{x:{fmt}}{suffix}"
+    return (
+        "-"
+        if x is None or (isinstance(x, float) and not math.isfinite(x))
+        else f"{x:{fmt}}{suffix}"
+    )
 
 
 def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,27 +59,40 @@ def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     for op, res in results.items():
         data = res["json"]
         if data is None:
-            rows.append({"op": op, "workload": "FAILED" if res["rc"] else "no result",
-                         "targets": []})
+            rows.append(
+                {"op": op, "workload": "FAILED" if res["rc"] else "no result", "targets": []}
+            )
             continue
         peak = data["gemm_peak"]["gflops"]
         others = (data.get("cpu_share") or {}).get("others")
         for r in data["rows"]:
-            rows.append({
-                "op": op, "workload": r["workload"], "unit": r["unit"],
-                "ours_s": r["ours"]["median"], "torch_s": r["torch"]["median"],
-                "ratio": r["ratio"], "rate_ours": r["rate_ours"], "rate_torch": r["rate_torch"],
-                "pct_peak_ours": r.get("pct_peak_ours"), "pct_peak_torch": r.get("pct_peak_torch"),
-                "gemm_peak": peak, "others_cpu": others, "targets": r["targets"],
-                **{k: r[k] for k in ("mem_ratio", "err_ratio") if k in r},
-            })
+            rows.append(
+                {
+                    "op": op,
+                    "workload": r["workload"],
+                    "unit": r["unit"],
+                    "ours_s": r["ours"]["median"],
+                    "torch_s": r["torch"]["median"],
+                    "ratio": r["ratio"],
+                    "rate_ours": r["rate_ours"],
+                    "rate_torch": r["rate_torch"],
+                    "pct_peak_ours": r.get("pct_peak_ours"),
+                    "pct_peak_torch": r.get("pct_peak_torch"),
+                    "gemm_peak": peak,
+                    "others_cpu": others,
+                    "targets": r["targets"],
+                    **{k: r[k] for k in ("mem_ratio", "err_ratio") if k in r},
+                }
+            )
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The combined summary table."""
-    head = (f"{'op':<24} {'workload':<15} {'ours':>10} {'torch':>10} {'ratio':>7}"
-            f" {'rate ours':>10} {'torch':>8} {'%peak':>6} {'torch':>6} {'busy':>5}  target")
+    head = (
+        f"{'op':<24} {'workload':<15} {'ours':>10} {'torch':>10} {'ratio':>7}"
+        f" {'rate ours':>10} {'torch':>8} {'%peak':>6} {'torch':>6} {'busy':>5}  target"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if "ratio" not in r:
@@ -90,14 +106,19 @@ def table(rows: list[dict[str, Any]]) -> str:
             f" {_num(r['pct_peak_ours'], '5.1f', '%'):>6}"
             f" {_num(r['pct_peak_torch'], '5.1f', '%'):>6}"
             f" {_num(None if r['others_cpu'] is None else 100 * r['others_cpu'], '4.0f', '%'):>5}"
-            f"  {H.verdicts(r['targets'])}{unit}")
+            f"  {H.verdicts(r['targets'])}{unit}"
+        )
     peaks = [r["gemm_peak"] for r in rows if r.get("gemm_peak")]
     if peaks:
-        lines.append(f"float32 GEMM peak in the runs: {min(peaks):.1f}..{max(peaks):.1f} GFLOP/s"
-                     " (faster of torch.mm and OpenBLAS sgemm 2048^3)")
-    lines.append("rate: GFLOP/s (Gs/s: Gsample/s); ratio = torch time / ours; %peak = of that"
-                 " same-run peak; busy = CPU share other processes took during that benchmark"
-                 " (>10%: timings disturbed)")
+        lines.append(
+            f"float32 GEMM peak in the runs: {min(peaks):.1f}..{max(peaks):.1f} GFLOP/s"
+            " (faster of torch.mm and OpenBLAS sgemm 2048^3)"
+        )
+    lines.append(
+        "rate: GFLOP/s (Gs/s: Gsample/s); ratio = torch time / ours; %peak = of that"
+        " same-run peak; busy = CPU share other processes took during that benchmark"
+        " (>10%: timings disturbed)"
+    )
     return "\n".join(lines)
 
 
@@ -108,10 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     p.add_argument("--repeats", type=int, default=None, help="override every benchmark's repeats")
     p.add_argument("--threads", type=int, default=None, help="torch (and fedng) threads")
-    p.add_argument("--only", nargs="*", choices=OPS, default=None, metavar="OP",
-                   help=f"subset of {', '.join(OPS)}")
-    p.add_argument("--summary-only", action="store_true",
-                   help="run nothing: rebuild the summary from the existing bench/results/*.json")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        choices=OPS,
+        default=None,
+        metavar="OP",
+        help=f"subset of {', '.join(OPS)}",
+    )
+    p.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="run nothing: rebuild the summary from the existing bench/results/*.json",
+    )
     args = p.parse_args(argv)
     flags = ["--dtype", args.dtype] + (["--quick"] if args.quick else [])
     if args.repeats is not None:
@@ -139,14 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     checked = [t for r in rows for t in r["targets"] if t["pass"] is not None]
     passed = sum(bool(t["pass"]) for t in checked)
     failed_ops = [op for op, res in results.items() if res["rc"] != 0]
-    print(f"targets: {passed}/{len(checked)} met; benchmarks failed: {failed_ops or 'none'};"
-          f" total {time.time() - t0:.0f} s")
+    print(
+        f"targets: {passed}/{len(checked)} met; benchmarks failed: {failed_ops or 'none'};"
+        f" total {time.time() - t0:.0f} s"
+    )
     summary = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "quick": args.quick, "dtype": args.dtype, "wall_s": time.time() - t0,
-        "cpu_share": usage, "machine": H.machine_info(),
+        "quick": args.quick,
+        "dtype": args.dtype,
+        "wall_s": time.time() - t0,
+        "cpu_share": usage,
+        "machine": H.machine_info(),
         "scripts": {op: {"rc": res["rc"], "wall_s": res["wall_s"]} for op, res in results.items()},
-        "targets_met": passed, "targets_checked": len(checked), "rows": rows,
+        "targets_met": passed,
+        "targets_checked": len(checked),
+        "rows": rows,
     }
     print(f"wrote {H.write_json('summary', summary)}")
     return 2 if failed_ops else 0

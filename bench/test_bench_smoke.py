@@ -22,8 +22,9 @@ from fedng.ops import (
     sketch_accumulate,
 )
 
-SMALL = W.Workload("small", "two small layers", (W.Layer("fc0", 65, 48, 32),
-                                                  W.Layer("fc1", 49, 10, 32)))
+SMALL = W.Workload(
+    "small", "two small layers", (W.Layer("fc0", 65, 48, 32), W.Layer("fc1", 49, 10, 32))
+)
 TINY = W.tiny(count=64)
 
 
@@ -69,8 +70,9 @@ def test_kron_precondition_batch_form(benchmark: Any) -> None:
     a_inv, g_inv = factors[0::2], factors[1::2]
     xs, gbs = W.batch_factors(SMALL)
     out = benchmark(kron_precondition, None, a_inv, g_inv, inputs=xs, output_grads=gbs)
-    close(out, reference.kron_precondition_ref(None, a_inv, g_inv, inputs=xs, output_grads=gbs),
-          1e-5)
+    close(
+        out, reference.kron_precondition_ref(None, a_inv, g_inv, inputs=xs, output_grads=gbs), 1e-5
+    )
 
 
 def test_sketch_accumulate(benchmark: Any) -> None:

@@ -60,8 +60,10 @@ class Workload:
     def summary(self) -> str:
         """One line: layer count, factor count and the factor size range."""
         dims = self.factor_dims
-        return (f"{len(self.layers)} layers, {len(dims)} factors of sizes {min(dims)}..{max(dims)},"
-                f" {self.n_params / 1e6:.2f}M params")
+        return (
+            f"{len(self.layers)} layers, {len(dims)} factors of sizes {min(dims)}..{max(dims)},"
+            f" {self.n_params / 1e6:.2f}M params"
+        )
 
 
 # --- the kernel benchmark workloads ------------------------------------------------------------
@@ -87,8 +89,9 @@ def transformer(d: int = 256, blocks: int = 4, tokens: int = 512) -> Workload:
             Layer(f"block{b}.mlp.fc1", d + 1, 4 * d, tokens),
             Layer(f"block{b}.mlp.fc2", 4 * d + 1, d, tokens),
         ]
-    return Workload("transformer", f"transformer d={d}, {blocks} blocks, {tokens} tokens",
-                    tuple(layers))
+    return Workload(
+        "transformer", f"transformer d={d}, {blocks} blocks, {tokens} tokens", tuple(layers)
+    )
 
 
 def resnet(widths: Sequence[int] = (32, 64, 128, 256), images: int = 8, side: int = 32) -> Workload:
@@ -114,8 +117,9 @@ def resnet(widths: Sequence[int] = (32, 64, 128, 256), images: int = 8, side: in
             c_in = c
     layers.append(Layer("fc", widths[-1] + 1, 10, images))
     name = "-".join(str(w) for w in widths)
-    return Workload("resnet", f"ResNet-18-like conv net, widths {name}, {images} images 32x32",
-                    tuple(layers))
+    return Workload(
+        "resnet", f"ResNet-18-like conv net, widths {name}, {images} images 32x32", tuple(layers)
+    )
 
 
 def lora(adapters: int = 100, rank: int = 8, d: int = 768, tokens: int = 256) -> Workload:
@@ -127,13 +131,16 @@ def lora(adapters: int = 100, rank: int = 8, d: int = 768, tokens: int = 256) ->
     return Workload("lora", f"{adapters} LoRA adapters, rank {rank}, d={d}", tuple(layers))
 
 
-def tiny(count: int = 4096, low: int = 8, high: int = 64, rows: int = 32,
-         seed: int = DEFAULT_SEED) -> Workload:
+def tiny(
+    count: int = 4096, low: int = 8, high: int = 64, rows: int = 32, seed: int = DEFAULT_SEED
+) -> Workload:
     """`count` tiny ragged matrices of seeded sizes in [low, high], as `count // 2` layers."""
     gen = torch.Generator().manual_seed(seed)
     sizes = torch.randint(low, high + 1, (count,), generator=gen).tolist()
-    layers = tuple(Layer(f"tiny{i}", sizes[2 * i], sizes[2 * i + 1], rows, bias=False)
-                   for i in range(count // 2))
+    layers = tuple(
+        Layer(f"tiny{i}", sizes[2 * i], sizes[2 * i + 1], rows, bias=False)
+        for i in range(count // 2)
+    )
     return Workload("tiny", f"{count} tiny ragged matrices, sizes {low}..{high}", layers, tiny=True)
 
 
@@ -174,8 +181,9 @@ def _gen(seed: int, *salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(s)
 
 
-def activations(rows: int, n: int, *, bias: bool, seed: int, salt: int = 0,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def activations(
+    rows: int, n: int, *, bias: bool, seed: int, salt: int = 0, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Activation-like rows [rows, n]: decaying feature scales, a few shared latent directions
     (correlated features), and a constant-1 last column when `bias`."""
     gen = _gen(seed, salt, rows, n)
@@ -188,20 +196,25 @@ def activations(rows: int, n: int, *, bias: bool, seed: int, salt: int = 0,
     return x.to(dtype)
 
 
-def kfac_inputs(wl: Workload, dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED
-                ) -> list[torch.Tensor]:
+def kfac_inputs(
+    wl: Workload, dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED
+) -> list[torch.Tensor]:
     """One batch of SYRK inputs [rows, n] per factor: layer inputs (A) and output grads (G)."""
     out = []
     for i, layer in enumerate(wl.layers):
-        out.append(activations(layer.rows, layer.n_in, bias=layer.bias,
-                               seed=seed, salt=2 * i, dtype=dtype))
-        out.append(activations(layer.rows, layer.n_out, bias=False, seed=seed, salt=2 * i + 1,
-                               dtype=dtype) * 1e-2)
+        out.append(
+            activations(layer.rows, layer.n_in, bias=layer.bias, seed=seed, salt=2 * i, dtype=dtype)
+        )
+        out.append(
+            activations(layer.rows, layer.n_out, bias=False, seed=seed, salt=2 * i + 1, dtype=dtype)
+            * 1e-2
+        )
     return out
 
 
-def spd_factor(n: int, *, seed: int, salt: int = 0, dtype: torch.dtype = torch.float32,
-               ridge: float = 1e-4) -> torch.Tensor:
+def spd_factor(
+    n: int, *, seed: int, salt: int = 0, dtype: torch.dtype = torch.float32, ridge: float = 1e-4
+) -> torch.Tensor:
     """A realistic K-FAC factor: `X^T X / k + ridge * mean(diag) * I` over k activation rows.
 
     k = clamp(n, 64, 256) rows (a factor of a few batches: rank-deficient above 256, hence the
@@ -215,8 +228,9 @@ def spd_factor(n: int, *, seed: int, salt: int = 0, dtype: torch.dtype = torch.f
     return f.to(dtype)
 
 
-def spd_factors(wl: Workload, dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED
-                ) -> list[torch.Tensor]:
+def spd_factors(
+    wl: Workload, dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED
+) -> list[torch.Tensor]:
     """SPD factors of every size in `wl.factor_dims` (A_0, G_0, A_1, ...)."""
     return [spd_factor(n, seed=seed, salt=i, dtype=dtype) for i, n in enumerate(wl.factor_dims)]
 
@@ -226,15 +240,19 @@ def damping_for(mats: Sequence[torch.Tensor], rel: float = 1e-3) -> list[float]:
     return [rel * float(m.diagonal().double().mean()) if m.numel() else rel for m in mats]
 
 
-def gradients(wl: Workload, dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED
-              ) -> list[torch.Tensor]:
+def gradients(
+    wl: Workload, dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED
+) -> list[torch.Tensor]:
     """Weight gradients [n_out, n_in] per layer (bias folded in as the last column)."""
-    return [torch.randn(la.n_out, la.n_in, generator=_gen(seed, 7, i)).mul_(1e-2).to(dtype)
-            for i, la in enumerate(wl.layers)]
+    return [
+        torch.randn(la.n_out, la.n_in, generator=_gen(seed, 7, i)).mul_(1e-2).to(dtype)
+        for i, la in enumerate(wl.layers)
+    ]
 
 
-def batch_factors(wl: Workload, dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def batch_factors(
+    wl: Workload, dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The batch's layer inputs [rows, n_in] and output gradients [rows, n_out] per layer."""
     xs = kfac_inputs(wl, dtype, seed)
     return xs[0::2], xs[1::2]
@@ -253,9 +271,16 @@ def lowrank_dims(wl: Workload, rank: int = 32, max_d: int | None = None) -> list
     return [(d, min(rank, max(1, d // 4))) for d in ds]
 
 
-def psd_sketch(d: int, r: int, *, seed: int, salt: int = 0, samples: int = 64,
-               dtype: torch.dtype = torch.float32, chunk: int = 1 << 16
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def psd_sketch(
+    d: int,
+    r: int,
+    *,
+    seed: int,
+    salt: int = 0,
+    samples: int = 64,
+    dtype: torch.dtype = torch.float32,
+    chunk: int = 1 << 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Y, Omega) with `Y = F Omega`, F = J^T J for `samples` per-sample gradients J [samples, d]
     whose rows decay as 1/(i+1) (a realistic eigenvalue decay); Omega is Gaussian [d, r].
 
@@ -278,8 +303,9 @@ def psd_sketch(d: int, r: int, *, seed: int, salt: int = 0, samples: int = 64,
     return y.to(dtype), om.to(dtype)
 
 
-def psd_sketches(dims: Sequence[tuple[int, int]], dtype: torch.dtype = torch.float32,
-                 seed: int = DEFAULT_SEED) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def psd_sketches(
+    dims: Sequence[tuple[int, int]], dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Sketches and test matrices for every (d, r) of `dims` (see `lowrank_dims`)."""
     ys, oms = [], []
     for i, (d, r) in enumerate(dims):
@@ -289,9 +315,12 @@ def psd_sketches(dims: Sequence[tuple[int, int]], dtype: torch.dtype = torch.flo
     return ys, oms
 
 
-def lowrank_factors(dims: Sequence[tuple[int, int]], dtype: torch.dtype = torch.float32,
-                    seed: int = DEFAULT_SEED, cols: int = 1
-                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+def lowrank_factors(
+    dims: Sequence[tuple[int, int]],
+    dtype: torch.dtype = torch.float32,
+    seed: int = DEFAULT_SEED,
+    cols: int = 1,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """(U [d, r] orthonormal, S [r] decaying > 0, V [d] or [d, cols]) per (d, r) of `dims`."""
     us, ss, vs = [], [], []
     for i, (d, r) in enumerate(dims):
@@ -313,8 +342,14 @@ class LowRankJacobian:
     the same rows of the stacked matrix are bit-identical.
     """
 
-    def __init__(self, d: int, latent: int = 128, sigma: float = 2e-3, seed: int = DEFAULT_SEED,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        d: int,
+        latent: int = 128,
+        sigma: float = 2e-3,
+        seed: int = DEFAULT_SEED,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.d, self.latent, self.sigma, self.seed, self.dtype = d, latent, sigma, seed, dtype
         sv = 1.0 / torch.arange(1, latent + 1, dtype=torch.float32)
         qt = torch.randn(latent, d, generator=_gen(seed, 19, d)).div_(math.sqrt(d))
@@ -334,5 +369,5 @@ class LowRankJacobian:
         """All `batches` batches stacked [batches * rows, d], filled in place."""
         j = torch.empty(batches * rows, self.d, dtype=self.dtype)
         for i in range(batches):
-            self.batch(i, rows, out=j[i * rows:(i + 1) * rows])
+            self.batch(i, rows, out=j[i * rows : (i + 1) * rows])
         return j
