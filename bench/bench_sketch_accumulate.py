@@ -51,8 +51,7 @@ def ours(
     dtype: torch.dtype,
     shift: float | None = None,
 ) -> torch.Tensor:
-    """Streams `batch(i)`, i < n_batches, into a sketch, then Nystrom: the top `rank` eigenvalues.
-    """
+    """Streams `batch(i)` (i < n_batches) into a sketch, then Nystrom: the top `rank` values."""
     om = gaussian_sketch_matrix(d, s, SEED, 0, dtype=dtype)
     y = torch.zeros(d, s, dtype=dtype)
     for i in range(n_batches):
