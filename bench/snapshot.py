@@ -101,8 +101,11 @@ def load_share(data: dict[str, Any]) -> str:
     share = data.get("cpu_share") or data.get("cpu_usage")
     if isinstance(share, dict) and "others" in share:
         return f"{100 * share['others']:.0f}% of the CPU used by other processes"
-    notes = data.get("notes") or []
-    return "; ".join(notes) if notes else "not recorded"
+    notes = data.get("notes")
+    if notes is None:
+        return "not recorded"
+    # The harness adds a note only when other processes took more than 10% of the CPU.
+    return "; ".join(notes) if notes else "other processes under 10% of the CPU"
 
 
 def main(argv: list[str] | None = None) -> int:
