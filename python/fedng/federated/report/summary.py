@@ -246,6 +246,6 @@ def table(rows: list[Summary], metric: str, target: float | None, markdown: bool
         return "\n".join(lines) + f"\n\n{note}\n" + (f"\n{extra}" if extra else "")
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*head), "-" * (sum(widths) + 2 * (len(widths) - 1))]
+    lines = [fmt.format(*head).rstrip(), "-" * (sum(widths) + 2 * (len(widths) - 1))]
     lines += [fmt.format(*row).rstrip() for row in body]
     return "\n".join([*lines, note, *notes])
