@@ -3,7 +3,8 @@
 from fedng.federated.report.flags import RunFlags, divergence, flags_of, reason_kind
 from fedng.federated.report.history import History, RoundRecord
 from fedng.federated.report.plots import describe, figure, plot_histories
-from fedng.federated.report.summary import FLAG_DEFINITIONS, Summary, summarize, table
+from fedng.federated.report.summary import Summary, summarize
+from fedng.federated.report.table import FLAG_DEFINITIONS, table
 
 __all__ = [
     "FLAG_DEFINITIONS",
