@@ -16,6 +16,7 @@ Protocol (summarized in docs/architecture.md, "Benchmark protocols"):
   first-order baseline.
 
 Usage: python bench/bench_fl.py [--quick] [--tasks digits,synthetic] [--seeds 5] [--rounds 50]
+(tasks: digits, synthetic, digits-cnn, mnist1d-cnn; the default is digits,synthetic).
 Writes bench/results/bench_fl[_final].{json,md} and
 bench/results/bench_fl[_final]_<task>/metric_vs_{rounds,bytes}.png.
 """
@@ -45,6 +46,9 @@ FIRST_ORDER = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadam", "fedyogi")
 TASKS: dict[str, dict[str, Any]] = {
     "digits": {"name": "digits", "alpha": 0.1, "num_clients": 20},
     "synthetic": {"name": "synthetic", "alpha": 1.0, "beta": 1.0, "num_clients": 30},
+    # The bench zoo's CNNs (fedng.federated.tasks.models) on the same data and partitions.
+    "digits-cnn": {"name": "digits-cnn", "alpha": 0.1, "num_clients": 20},
+    "mnist1d-cnn": {"name": "mnist1d-cnn", "alpha": 0.1, "num_clients": 50},
 }
 
 # Same budget (4 configurations) for every method; `lr` is the local learning rate.
@@ -56,25 +60,55 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
     "fedadam": [{"lr": lr, "server_lr": s} for lr in (0.1, 0.3) for s in (0.01, 0.03)],
     "fedyogi": [{"lr": lr, "server_lr": s} for lr in (0.1, 0.3) for s in (0.01, 0.03)],
     "fedng": [
-        {"lr": 0.05, "precond": "global_local", "curvature": "kfac", "damping": 0.01,
-         "aggregation": "fisher", "fisher_center": "mean", "fisher_damping": 0.1},
-        {"lr": 0.05, "precond": "global_local", "curvature": "kfac", "damping": 0.01,
-         "aggregation": "mean"},
-        {"lr": 0.1, "precond": "global_local", "curvature": "kfac", "damping": 0.01,
-         "aggregation": "mean"},
-        {"lr": 0.1, "precond": "global", "curvature": "kfac", "damping": 0.01,
-         "aggregation": "mean"},
+        {
+            "lr": 0.05,
+            "precond": "global_local",
+            "curvature": "kfac",
+            "damping": 0.01,
+            "aggregation": "fisher",
+            "fisher_center": "mean",
+            "fisher_damping": 0.1,
+        },
+        {
+            "lr": 0.05,
+            "precond": "global_local",
+            "curvature": "kfac",
+            "damping": 0.01,
+            "aggregation": "mean",
+        },
+        {
+            "lr": 0.1,
+            "precond": "global_local",
+            "curvature": "kfac",
+            "damping": 0.01,
+            "aggregation": "mean",
+        },
+        {
+            "lr": 0.1,
+            "precond": "global",
+            "curvature": "kfac",
+            "damping": 0.01,
+            "aggregation": "mean",
+        },
     ],
 }
 QUICK_GRIDS = {k: v[:2] for k, v in GRIDS.items()}
 
 
-def run(task_key: str, algo: str, settings: dict[str, Any], seed: int, rounds: int,
-        participation: float, base: dict[str, Any]) -> History:
+def run(
+    task_key: str,
+    algo: str,
+    settings: dict[str, Any],
+    seed: int,
+    rounds: int,
+    participation: float,
+    base: dict[str, Any],
+) -> History:
     """One simulation."""
     t = TASKS[task_key]
-    task = make_task(t["name"], num_clients=t["num_clients"], alpha=t.get("alpha"),
-                     beta=t.get("beta"), seed=seed)
+    task = make_task(
+        t["name"], num_clients=t["num_clients"], alpha=t.get("alpha"), beta=t.get("beta"), seed=seed
+    )
     cc, sc = make_configs(algo, {**base, **settings})
     return simulate(task, cc, sc, rounds=rounds, participation=participation, seed=seed)
 
@@ -110,25 +144,30 @@ def bench_task(task_key: str, args: argparse.Namespace) -> dict[str, Any]:
     base = {"local_steps": args.local_steps, "batch_size": args.batch_size}
     tuned: dict[str, dict[str, Any]] = {}
     tuning_log: dict[str, list[dict[str, Any]]] = {}
-    print(f"\n== {task_key}: tuning ({len(grids[methods[0]])} configs per method, seed"
-          f" {TUNE_SEED}, {args.rounds} rounds, selection '{args.select}')", flush=True)
+    print(
+        f"\n== {task_key}: tuning ({len(grids[methods[0]])} configs per method, seed"
+        f" {TUNE_SEED}, {args.rounds} rounds, selection '{args.select}')",
+        flush=True,
+    )
     for algo in methods:
         scores = []
         for cfg in grids[algo]:
             t0 = time.perf_counter()
             h = run(task_key, algo, cfg, TUNE_SEED, args.rounds, args.participation, base)
-            scores.append({"config": cfg, "val": val_score(h, args.select),
-                           "s": time.perf_counter() - t0})
+            scores.append(
+                {"config": cfg, "val": val_score(h, args.select), "s": time.perf_counter() - t0}
+            )
         best = max(scores, key=lambda s: s["val"])
         tuned[algo] = best["config"]
         tuning_log[algo] = scores
         print(f"   {algo:<9} best {best['config']}  val {best['val']:.4f}", flush=True)
     groups: dict[str, list[History]] = {}
     for algo in methods:
-        groups[algo] = [run(task_key, algo, tuned[algo], s, args.rounds, args.participation, base)
-                        for s in range(args.seeds)]
-        print(f"   eval {algo:<9} final {[round(h.final(), 4) for h in groups[algo]]}",
-              flush=True)
+        groups[algo] = [
+            run(task_key, algo, tuned[algo], s, args.rounds, args.participation, base)
+            for s in range(args.seeds)
+        ]
+        print(f"   eval {algo:<9} final {[round(h.final(), 4) for h in groups[algo]]}", flush=True)
     target = statistics.median(h.final() for h in groups["fedavg"])
     rows = [summarize(a, hs, target) for a, hs in groups.items()]
     r_fixed = [max(1, args.rounds // 4), max(1, args.rounds // 2), args.rounds]
@@ -138,21 +177,34 @@ def bench_task(task_key: str, args: argparse.Namespace) -> dict[str, Any]:
     for a, hs in groups.items():
         extra[a] = {
             "tuned": tuned[a],
-            "metric_at_rounds": {str(r): statistics.median(metric_at(h, round_=r) for h in hs)
-                                 for r in r_fixed},
-            "metric_at_bytes": {f"{b / 1e6:.2f}MB": statistics.median(
-                metric_at(h, nbytes=b) for h in hs) for b in b_fixed},
+            "metric_at_rounds": {
+                str(r): statistics.median(metric_at(h, round_=r) for h in hs) for r in r_fixed
+            },
+            "metric_at_bytes": {
+                f"{b / 1e6:.2f}MB": statistics.median(metric_at(h, nbytes=b) for h in hs)
+                for b in b_fixed
+            },
         }
     first_order = [r for r in rows if r.label in FIRST_ORDER]
     best_fo = min(first_order, key=lambda r: r.rounds_to_target)
     ng = next((r for r in rows if r.label == "fedng"), None)
-    verdict: dict[str, Any] = {"best_first_order": best_fo.label,
-                               "best_first_order_rounds": best_fo.rounds_to_target}
+    verdict: dict[str, Any] = {
+        "best_first_order": best_fo.label,
+        "best_first_order_rounds": best_fo.rounds_to_target,
+    }
     if ng is not None:
-        ratio = ng.rounds_to_target / best_fo.rounds_to_target \
-            if best_fo.rounds_to_target not in (0, math.inf) else math.nan
-        verdict.update({"fedng_rounds": ng.rounds_to_target, "ratio": ratio,
-                        "target_met": bool(ratio <= 0.5) if math.isfinite(ratio) else False})
+        ratio = (
+            ng.rounds_to_target / best_fo.rounds_to_target
+            if best_fo.rounds_to_target not in (0, math.inf)
+            else math.nan
+        )
+        verdict.update(
+            {
+                "fedng_rounds": ng.rounds_to_target,
+                "ratio": ratio,
+                "target_met": bool(ratio <= 0.5) if math.isfinite(ratio) else False,
+            }
+        )
     out_dir = Path(args.out).parent / f"{Path(args.out).name}_{task_key}"
     plot_histories(groups, out_dir, title=f"{groups['fedavg'][0].task}")
     print(table(rows, groups["fedavg"][0].metric, target))
@@ -162,8 +214,10 @@ def bench_task(task_key: str, args: argparse.Namespace) -> dict[str, Any]:
         "target": target,
         "rows": [r.to_dict() for r in rows],
         "extra": extra,
-        "verdict": {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                    for k, v in verdict.items()},
+        "verdict": {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in verdict.items()
+        },
         "tuning": tuning_log,
         "table_md": table(rows, groups["fedavg"][0].metric, target, markdown=True),
         "fixed_rounds": r_fixed,
@@ -172,20 +226,28 @@ def bench_task(task_key: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """The results as markdown."""
-    lines = [f"# bench_fl ({'quick' if args.quick else 'full'}, tuning criterion"
-             f" '{args.select}'): {args.rounds} rounds,"
-             f" participation {args.participation}, {args.local_steps} local steps x batch"
-             f" {args.batch_size}, {args.seeds} seeds, tuning budget"
-             f" {len((QUICK_GRIDS if args.quick else GRIDS)['fedavg'])} configs/method", ""]
+    lines = [
+        f"# bench_fl ({'quick' if args.quick else 'full'}, tuning criterion"
+        f" '{args.select}'): {args.rounds} rounds,"
+        f" participation {args.participation}, {args.local_steps} local steps x batch"
+        f" {args.batch_size}, {args.seeds} seeds, tuning budget"
+        f" {len((QUICK_GRIDS if args.quick else GRIDS)['fedavg'])} configs/method",
+        "",
+    ]
     for res in results:
         v = res["verdict"]
-        lines += [f"## {res['task']}", "", res["table_md"],
-                  f"Target check (FedNG rounds-to-target <= 0.5 x best first-order): best"
-                  f" first-order = {v['best_first_order']} ({v['best_first_order_rounds']}"
-                  f" rounds), FedNG = {v.get('fedng_rounds')} rounds, ratio ="
-                  f" {v.get('ratio')}, met = {v.get('target_met')}", "",
-                  "| method | tuned config | metric at rounds | metric at bytes |",
-                  "|---|---|---|---|"]
+        lines += [
+            f"## {res['task']}",
+            "",
+            res["table_md"],
+            f"Target check (FedNG rounds-to-target <= 0.5 x best first-order): best"
+            f" first-order = {v['best_first_order']} ({v['best_first_order_rounds']}"
+            f" rounds), FedNG = {v.get('fedng_rounds')} rounds, ratio ="
+            f" {v.get('ratio')}, met = {v.get('target_met')}",
+            "",
+            "| method | tuned config | metric at rounds | metric at bytes |",
+            "|---|---|---|---|",
+        ]
         for a, e in res["extra"].items():
             at_r = ", ".join(f"r{k}: {x:.4f}" for k, x in e["metric_at_rounds"].items())
             at_b = ", ".join(f"{k}: {x:.4f}" for k, x in e["metric_at_bytes"].items())
@@ -198,23 +260,33 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the benchmark."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 configs/method, 2 seeds, 15 rounds")
-    p.add_argument("--tasks", default="digits,synthetic")
+    p.add_argument("--tasks", default="digits,synthetic", help=f"comma-separated, of {list(TASKS)}")
     p.add_argument("--methods", default="fedavg,fedavgm,fedprox,scaffold,fedadam,fedyogi,fedng")
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--participation", type=float, default=0.5)
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--select", choices=("auc", "final"), default="auc",
-                   help="tuning criterion on validation data: mean over rounds, or last rounds")
-    p.add_argument("--out", default=None,
-                   help="output stem (default bench/results/bench_fl, _final for --select final)")
+    p.add_argument(
+        "--select",
+        choices=("auc", "final"),
+        default="auc",
+        help="tuning criterion on validation data: mean over rounds, or last rounds",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output stem (default bench/results/bench_fl, _final for --select final)",
+    )
     args = p.parse_args(argv)
     args.seeds = args.seeds or (2 if args.quick else 5)
     args.rounds = args.rounds or (15 if args.quick else 50)
     if args.out is None:
-        stem = "bench_fl" + ("_quick" if args.quick else "") + \
-            ("" if args.select == "auc" else "_final")
+        stem = (
+            "bench_fl"
+            + ("_quick" if args.quick else "")
+            + ("" if args.select == "auc" else "_final")
+        )
         args.out = str(RESULTS / stem)
     if "fedavg" not in args.methods.split(","):
         print("bench_fl: --methods must include fedavg (it defines the target)", file=sys.stderr)
@@ -234,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     out.with_suffix(".md").write_text(markdown(results, args))
-    print(f"\nwrote {out.with_suffix('.json')}, {out.with_suffix('.md')}"
-          f" ({payload['wall_s']:.0f} s)")
+    print(
+        f"\nwrote {out.with_suffix('.json')}, {out.with_suffix('.md')} ({payload['wall_s']:.0f} s)"
+    )
     return 0
 
 

@@ -14,6 +14,9 @@ reports the losses and whether anything became non-finite. `bench/bench_zoo.py` 
 | cnn1d_mnist1d | Conv1d 1-16 (k5 s2) / Conv1d 16-32 (k3 s2) / Linear 320-10 | MNIST-1D |
 | transformer_mode | Embedding + MultiheadAttention + LayerNorm + MLP | mode token |
 | mlp_regression | MLP 8-64-64-2 (tanh), MSE | a smooth seeded function of x |
+
+The two CNNs are defined once, in `fedng.federated.tasks.models` (the federated tasks
+"digits-cnn" and "mnist1d-cnn" train them too), and imported here.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from fedng.federated.tasks.models import cnn1d_mnist1d, cnn_digits
 from torch import nn
 
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -156,37 +160,6 @@ def mlp(widths: list[int], act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
         if i < len(widths) - 2:
             layers.append(act())
     return nn.Sequential(*layers)
-
-
-def cnn_digits(batch_norm: bool = False) -> nn.Sequential:
-    """Two Conv2d (the second with stride 2) and a Linear head for [B, 1, 8, 8] images."""
-
-    def norm(c: int) -> list[nn.Module]:
-        return [nn.BatchNorm2d(c)] if batch_norm else []
-
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        *norm(16),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1, stride=2),
-        *norm(32),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 10),
-    )
-
-
-def cnn1d_mnist1d() -> nn.Sequential:
-    """Two Conv1d (stride 2) and a Linear head for MNIST-1D's [B, 40] signals."""
-    return nn.Sequential(
-        nn.Unflatten(1, (1, 40)),
-        nn.Conv1d(1, 16, 5, padding=2, stride=2),
-        nn.ReLU(),
-        nn.Conv1d(16, 32, 3, padding=1, stride=2),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 10, 10),
-    )
 
 
 class TinyTransformer(nn.Module):

@@ -36,6 +36,15 @@ def test_simulate_writes_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "fedavg" in out and "fedng" in out and "rel_l2" in out
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [r["label"] for r in summary["rows"]] == ["fedavg", "fedng"]
+    assert "flags" in out.splitlines()[2] and "DIVERGED =" in summary["flag_definitions"]
+    for row in summary["rows"]:
+        assert {
+            "final_median",
+            "best_median",
+            "flags",
+            "rejected_updates",
+            "diverged_seeds",
+        } <= set(row)
     hist = json.loads((tmp_path / "history_fedng_seed1.json").read_text())
     assert hist["client_config"]["curvature"] == "diag"
     assert hist["client_config"]["lr"] == 0.02

@@ -46,7 +46,7 @@ def test_presets_are_the_algorithm_defaults() -> None:
         damping=0.01,
     )
     assert cc.options_as(FedNGConfig).broadcast_mode() == "factors"
-    assert make_configs("fedprox")[0].options == FedProxConfig(prox_mu=0.01)
+    assert make_configs("fedprox")[0].options == FedProxConfig(prox_mu=0.1)
     assert make_configs("fedfisher")[0].options == FedFisherConfig(curvature="diag")
     assert make_configs("fedfisher")[0].options_as(FedFisherConfig).local_epochs == 5.0
     assert make_configs("fedadam")[1].server_lr == 0.03

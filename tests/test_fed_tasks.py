@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fedng.federated.config import make_configs
+from fedng.federated.simulator import simulate
 from fedng.federated.tasks.digits import digits_task
 from fedng.federated.tasks.mnist1d import mnist1d_task
+from fedng.federated.tasks.models import cnn1d_mnist1d, cnn_digits
 from fedng.federated.tasks.partition import (
     dirichlet_label_skew,
     domain_split,
     holdout,
     quantity_skew,
 )
-from fedng.federated.tasks.registry import make_task
+from fedng.federated.tasks.registry import TASKS, make_task
 from fedng.federated.tasks.regression import regression_task
 from fedng.federated.tasks.synthetic import draw_synthetic, synthetic_task
 
@@ -124,3 +130,56 @@ def test_quantity_skew_domain_split_holdout() -> None:
     with pytest.raises(ValueError, match="'alpha'"):
         dirichlet_label_skew(np.zeros(10, dtype=int), 2, 0.0, np.random.default_rng(0))
     assert math.isfinite(float(keys.sum()))
+
+
+CNN_TASKS = {
+    # name: (default clients, input shape of one example, conv layer type)
+    "digits-cnn": (20, (1, 8, 8), torch.nn.Conv2d),
+    "mnist1d-cnn": (50, (40,), torch.nn.Conv1d),
+}
+
+
+@pytest.mark.parametrize("name", list(CNN_TASKS))
+def test_cnn_tasks_build_with_their_defaults(name: str) -> None:
+    clients, shape, conv = CNN_TASKS[name]
+    assert name in TASKS
+    t = make_task(name)
+    plain = make_task(name.removesuffix("-cnn"))
+    assert t.name == f"{name}(alpha=0.1)" and t.info["alpha"] == 0.1
+    assert len(t.clients) == clients == len(plain.clients)
+    # the same data and partition as the MLP task, only shaped for the CNN
+    for c, p in zip(t.clients, plain.clients, strict=True):
+        assert tuple(c.x.shape[1:]) == shape and torch.equal(c.x.flatten(1), p.x)
+        assert torch.equal(c.y, p.y) and tuple(c.x_val.shape[1:]) == shape
+    assert tuple(t.x_test.shape[1:]) == shape
+    model = t.model_fn(0)
+    assert any(isinstance(m, conv) for m in model.modules())
+    assert model(t.clients[0].x).shape == (t.clients[0].num_examples, 10)
+    for p, q in zip(model.parameters(), t.model_fn(0).parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_cnn_models_are_shared_with_the_bench_zoo() -> None:
+    """The zoo imports the tasks' definitions (one definition of each model)."""
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    zoo = importlib.import_module("zoo")
+    assert zoo.cnn_digits is cnn_digits and zoo.cnn1d_mnist1d is cnn1d_mnist1d
+
+
+@pytest.mark.parametrize("name", list(CNN_TASKS))
+@pytest.mark.parametrize("algo", ["fedavg", "fedng"])
+def test_one_round_on_cnn_tasks(name: str, algo: str) -> None:
+    task = make_task(name, num_clients=6)
+    cc, sc = make_configs(algo, {"local_steps": 2, "batch_size": 16})
+    h = simulate(task, cc, sc, rounds=1, participation=0.5, seed=0)
+    assert len(h.rounds) == 2 and h.rounds[1].participants
+    assert h.rounds[1].rejected == {}, h.rounds[1].rejected
+    assert math.isfinite(h.rounds[1].train_loss) and math.isfinite(h.final())
+    assert h.rounds[1].bytes_up > 0
+
+
+def test_task_model_must_be_known() -> None:
+    with pytest.raises(ValueError, match="'model'"):
+        digits_task(model="resnet")  # type: ignore[arg-type]

@@ -30,7 +30,13 @@ if TYPE_CHECKING:  # annotations only: nothing federated is imported at start-up
     from fedng.federated.config import ClientConfig, ServerConfig
     from fedng.federated.tasks.base import FederatedTask
 
-ALPHA_TASKS = {"digits": "> 0", "mnist1d": "> 0", "synthetic": ">= 0"}
+ALPHA_TASKS = {
+    "digits": "> 0",
+    "digits-cnn": "> 0",
+    "mnist1d": "> 0",
+    "mnist1d-cnn": "> 0",
+    "synthetic": ">= 0",
+}
 """The tasks `--alpha` applies to, and what it must be there."""
 BETA_TASKS = ("synthetic",)
 """The tasks `--beta` applies to."""
@@ -143,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--alpha",
         type=float,
         default=None,
-        help="Dirichlet alpha > 0 (digits, mnist1d) or Synthetic alpha >= 0 (None: task default)",
+        help="Dirichlet alpha > 0 (digits, mnist1d and their -cnn variants) or Synthetic alpha"
+        " >= 0 (None: task default)",
     )
     s.add_argument(
         "--beta", type=float, default=None, help="Synthetic beta >= 0 (None: equal to alpha)"
@@ -278,7 +285,7 @@ def simulate_command(args: argparse.Namespace) -> int:
     """Runs `fedng simulate`."""
     import torch
 
-    from fedng.federated.report import History, plot_histories, summarize, table
+    from fedng.federated.report import FLAG_DEFINITIONS, History, plot_histories, summarize, table
     from fedng.federated.simulator import simulate
 
     algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
@@ -341,6 +348,7 @@ def simulate_command(args: argparse.Namespace) -> int:
             "args": vars(args),
             "target": target,
             "rows": [r.to_dict() for r in rows],
+            "flag_definitions": FLAG_DEFINITIONS,
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         paths = plot_histories(groups, out, title=first.task)

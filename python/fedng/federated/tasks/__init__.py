@@ -3,6 +3,7 @@
 from fedng.federated.tasks.base import ClientData, FederatedTask, evaluate, mlp, seeded_model
 from fedng.federated.tasks.digits import digits_task
 from fedng.federated.tasks.mnist1d import generate_mnist1d, mnist1d_task
+from fedng.federated.tasks.models import cnn1d_mnist1d, cnn_digits
 from fedng.federated.tasks.registry import TASKS, make_task
 from fedng.federated.tasks.regression import regression_task, target_function
 from fedng.federated.tasks.synthetic import SyntheticDraw, draw_synthetic, synthetic_task
@@ -12,6 +13,8 @@ __all__ = [
     "ClientData",
     "FederatedTask",
     "SyntheticDraw",
+    "cnn1d_mnist1d",
+    "cnn_digits",
     "digits_task",
     "draw_synthetic",
     "evaluate",

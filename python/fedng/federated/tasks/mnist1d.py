@@ -1,17 +1,30 @@
 """MNIST-1D regenerated procedurally with the `mnist1d` package (never downloaded).
 
-Model: MLP 40-100-100-10.
+Two models: an MLP 40-100-100-10 (task "mnist1d") or the 1-D CNN of `tasks.models.cnn1d_mnist1d`
+(task "mnist1d-cnn"); the data and its partition are the same for both.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedng.federated.tasks.base import ClientData, FederatedTask, mlp, seeded_model
+from fedng.federated.tasks.models import cnn1d_mnist1d
 from fedng.federated.tasks.partition import dirichlet_label_skew, holdout
+
+Mnist1dModel = Literal["mlp", "cnn"]
+"""The MNIST-1D tasks' models: "mlp" or "cnn" (both take signals [n, 40])."""
+
+_BUILDERS: dict[str, Callable[[], nn.Module]] = {
+    "mlp": lambda: mlp([40, 100, 100, 10]),
+    "cnn": cnn1d_mnist1d,
+}
 
 
 @functools.lru_cache(maxsize=4)
@@ -48,8 +61,27 @@ def mnist1d_task(
     seed: int = 0,
     num_samples: int = 5000,
     val_fraction: float = 0.1,
+    model: Mnist1dModel = "mlp",
 ) -> FederatedTask:
-    """MNIST-1D with Dirichlet(alpha) label skew; the generator's test split is the test set."""
+    """MNIST-1D with Dirichlet(alpha) label skew; the generator's test split is the test set.
+
+    Args:
+        num_clients: clients.
+        alpha: Dirichlet concentration of the label skew.
+        seed: partition seed.
+        num_samples: examples generated (80% train, 20% test).
+        val_fraction: share of each client's part held out for validation.
+        model: "mlp" (task "mnist1d") or "cnn" (task "mnist1d-cnn"); the data does not depend
+            on it.
+
+    Returns:
+        The task.
+
+    Raises:
+        ValueError: an unknown `model`.
+    """
+    if model not in _BUILDERS:
+        raise ValueError(f"mnist1d_task: 'model' must be one of {list(_BUILDERS)}, got {model!r}")
     xtr, ytr, xte, yte = generate_mnist1d(num_samples)
     rng = np.random.default_rng(seed)
     parts = dirichlet_label_skew(ytr, num_clients, alpha, rng)
@@ -59,11 +91,11 @@ def mnist1d_task(
         keep, val = holdout(p, val_fraction, rng)
         clients.append(ClientData(k, x[keep], y[keep], x[val], y[val]))
     return FederatedTask(
-        name=f"mnist1d(alpha={alpha:g})",
+        name=f"{'mnist1d' if model == 'mlp' else 'mnist1d-cnn'}(alpha={alpha:g})",
         clients=clients,
         x_test=torch.from_numpy(xte),
         y_test=torch.from_numpy(yte),
-        model_fn=lambda s: seeded_model(lambda: mlp([40, 100, 100, 10]), s),
+        model_fn=lambda s: seeded_model(_BUILDERS[model], s),
         loss="cross_entropy",
         metric="accuracy",
         num_classes=10,

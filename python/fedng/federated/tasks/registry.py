@@ -10,7 +10,15 @@ from fedng.federated.tasks.mnist1d import mnist1d_task
 from fedng.federated.tasks.regression import regression_task
 from fedng.federated.tasks.synthetic import synthetic_task
 
-TASKS: tuple[str, ...] = ("synthetic", "synthetic_iid", "digits", "mnist1d", "regression")
+TASKS: tuple[str, ...] = (
+    "synthetic",
+    "synthetic_iid",
+    "digits",
+    "digits-cnn",
+    "mnist1d",
+    "mnist1d-cnn",
+    "regression",
+)
 """Task names for `make_task` and `fedng simulate --task`."""
 
 
@@ -26,9 +34,10 @@ def make_task(
 
     Args:
         name: one of `TASKS`.
-        num_clients: clients (default: 30 synthetic, 20 digits, 50 mnist1d, 10 regression).
-        alpha: synthetic: model heterogeneity (default 1); digits / mnist1d: Dirichlet
-            concentration (default 0.1). Ignored by the regression task.
+        num_clients: clients (default: 30 synthetic, 20 digits and digits-cnn, 50 mnist1d and
+            mnist1d-cnn, 10 regression).
+        alpha: synthetic: model heterogeneity (default 1); digits / mnist1d and their -cnn
+            variants: Dirichlet concentration (default 0.1). Ignored by the regression task.
         beta: synthetic: feature heterogeneity (default: equal to alpha).
         seed: data seed.
 
@@ -46,10 +55,12 @@ def make_task(
         return synthetic_task(a, a if beta is None else beta, **kw)
     if name == "synthetic_iid":
         return synthetic_task(0.0, 0.0, iid=True, **kw)
-    if name == "digits":
-        return digits_task(alpha=0.1 if alpha is None else alpha, **kw)
-    if name == "mnist1d":
-        return mnist1d_task(alpha=0.1 if alpha is None else alpha, **kw)
+    if name in ("digits", "digits-cnn"):
+        a = 0.1 if alpha is None else alpha
+        return digits_task(alpha=a, model="cnn" if name == "digits-cnn" else "mlp", **kw)
+    if name in ("mnist1d", "mnist1d-cnn"):
+        a = 0.1 if alpha is None else alpha
+        return mnist1d_task(alpha=a, model="cnn" if name == "mnist1d-cnn" else "mlp", **kw)
     if name == "regression":
         return regression_task(**kw)
     raise ValueError(f"make_task: 'name' must be one of {list(TASKS)}, got {name!r}")
