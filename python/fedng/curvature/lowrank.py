@@ -264,7 +264,7 @@ class LowRankFisher(FisherRepresentation):
         for i, (y, om) in enumerate(zip(self.Y, self.omega, strict=True)):
             label = f"{self._label(i)} sketch"
             finite_scale(label, y)
-            checks.append(symmetric_check(label, om.T @ y, tol, wire_eps))
+            checks.append(symmetric_check(label, om.T @ y, tol, wire_eps, rounded_entries=False))
         return checks
 
     @property
@@ -298,13 +298,12 @@ class LowRankFisher(FisherRepresentation):
                 f"{where}: 'payload.meta' must hold 'rank' and 'seed', got"
                 f" {getattr(payload, 'meta', None)!r}"
             )
-        out = cls(payload.specs, payload.meta["rank"], payload.meta["seed"], dtype)
-        rd = PayloadReader(
-            where,
-            payload,
-            cls.kind,
-            sum(s.numel * r for s, r in zip(out.specs, out.ranks, strict=True)),
-        )
+        rank = payload.meta["rank"]
+        total = sum(s.numel * min(rank, s.numel) for s in payload.specs)
+        # Sizes first: building the representation draws Ω (d x r per block), which a rank the
+        # data does not back would make arbitrarily large.
+        rd = PayloadReader(where, payload, cls.kind, total)
+        out = cls(payload.specs, rank, payload.meta["seed"], dtype)
         for i, (s, r) in enumerate(zip(out.specs, out.ranks, strict=True)):
             out.Y[i] = rd.take(s.numel * r).to(dtype).reshape(s.numel, r).clone()
             out.counts[i] = int(bool(out.Y[i].any()))

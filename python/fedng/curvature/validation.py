@@ -57,18 +57,33 @@ def check_nonnegative(label: str, t: torch.Tensor, tol: float, big: float) -> No
         raise ValueError(f"{label} has a negative entry {float(t.min()):.3e}")
 
 
-def symmetric_check(label: str, t: torch.Tensor, tol: float, wire_eps: float) -> PsdCheck:
+def symmetric_check(
+    label: str, t: torch.Tensor, tol: float, wire_eps: float, *, rounded_entries: bool = True
+) -> PsdCheck:
     """The PSD test of a square matrix `t` [n, n], after checking its symmetry.
+
+    The shift that the PSD test allows is `max(tol * max|t|, e)`, where `e` bounds how far the
+    wire's rounding can have moved the eigenvalues of a PSD matrix:
+    - `rounded_entries` (the matrix itself travelled, e.g. a K-FAC factor): each entry is rounded
+      to `wire_eps` relative precision, so the error matrix has Frobenius norm at most
+      `wire_eps * ||t||_F`, which bounds every eigenvalue's move (Weyl). A client cannot pass
+      `-I` off as rounding: the bound is a fraction of `||t||_F`, not of `n * max|t|`.
+    - otherwise (a matrix derived from a rounded one, e.g. a sketch's `Omega^T Y`): the looser
+      `n * wire_eps * max|t|`.
 
     Raises:
         ValueError: `max|t - t^T|` exceeds the tolerance.
     """
     big = float(t.abs().max()) if t.numel() else 0.0
-    rel = max(tol, t.shape[0] * wire_eps)
+    if rounded_entries:
+        err = wire_eps * float(torch.linalg.matrix_norm(t.float())) if t.numel() else 0.0
+    else:
+        err = t.shape[0] * wire_eps * big
+    allowed = max(tol * big, err)
     asym = float((t - t.T).abs().max()) if t.numel() else 0.0
-    if asym > rel * big:
+    if asym > allowed:
         raise ValueError(f"{label} is not symmetric (max |M - M^T| = {asym:.3e})")
-    return PsdCheck(label, ((t + t.T) / 2).float().contiguous(), rel * big + 1e-30)
+    return PsdCheck(label, ((t + t.T) / 2).float().contiguous(), allowed + 1e-30)
 
 
 def run_psd_checks(checks: Sequence[PsdCheck]) -> None:

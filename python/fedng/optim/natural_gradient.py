@@ -347,7 +347,7 @@ class NaturalGradient:
         nu = 1.0
         if self.kl_clip is not None:  # the FedNG client's formula, float op for float op
             g_dot_p = sum(float((p * g).sum()) for _, g, p in live)
-            if g_dot_p > 0:
+            if g_dot_p > 0 and lr > 0:  # lr 0 (warm-up, a schedule's end): no step to bound
                 nu = min(1.0, math.sqrt(self.kl_clip / (lr**2 * g_dot_p)))
         self.stats["clipped_steps"] += nu < 1.0
         rho = None
@@ -584,6 +584,13 @@ class NaturalGradient:
             r.load_state_dict(reps[k])
         self.source.load_state_dict(state.get("source", {}))
         self.steps = int(state["steps"])
+        # The scale gives the damping its meaning; checkpoints from before it existed were absolute.
+        scale = state.get("damping_scale", "absolute")
+        if scale != self.damping_scale:
+            raise ValueError(
+                f"{where}: the state's damping is {scale}, this NaturalGradient's is"
+                f" {self.damping_scale}; build it with damping_scale={scale!r}"
+            )
         self.damping = float(state["damping"])
         self._batch_form = bool(state.get("batch_form", False))
         self._generator.set_state(state["generator"])

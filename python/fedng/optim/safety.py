@@ -159,7 +159,8 @@ def fall_back(
         rep, j = curvature.block_rep(i)
         d = rep.block_diagonal(j)
         p: torch.Tensor | None = None
-        if d is not None and all_finite([d]) and float(d.min()) >= 0:
+        # An all-zero diagonal is no curvature (e.g. a set built from inverses only): identity.
+        if d is not None and all_finite([d]) and float(d.min()) >= 0 and float(d.sum()) > 0:
             d = d.to(g.dtype)
             lam = damping * float(d.mean()) if relative else damping
             if lam > 0:

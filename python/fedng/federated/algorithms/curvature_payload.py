@@ -14,6 +14,7 @@ import torch
 
 from fedng.curvature import KFAC, BlockLayout, CurvatureSet, check_layouts
 from fedng.federated.algorithms.base import State
+from fedng.federated.config.curvature import CurvatureConfig
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.wire import FLOAT_DTYPES, wire_dtype
 
@@ -114,6 +115,12 @@ def check_curvature_payload(state: State, update: ClientUpdate) -> str | None:
     reason = check_layouts(lays, {k: tuple(v.shape) for k, v in state.params.items()})
     if reason:
         return f"curvature: {reason}"
+    sketch = meta.get("rep_meta", {}).get("lowrank")
+    opts = state.config.options
+    if sketch is not None and isinstance(opts, CurvatureConfig):
+        want = {"rank": opts.rank, "seed": opts.sketch_seed}
+        if {k: sketch.get(k) for k in want} != want:
+            return f"curvature: low-rank sketch {sketch} differs from the server's {want}"
     if "curv" in state.meta and state.meta["curv"]["layouts"] != meta["layouts"]:
         return "curvature: block layout differs from the server's"
     if "curv" in state.meta and state.meta["curv"]["kinds"] != meta["kinds"]:

@@ -143,7 +143,7 @@ def natural_gradient_local(
         def precondition(step: int) -> None:
             nonlocal clipped
             ng.step()
-            clipped += ng.last["kl_scale"] < 1.0
+            clipped += 0.0 < ng.last["kl_scale"] < 1.0  # 0: a skipped step, not a clip
 
         metrics = local_sgd(
             model,
