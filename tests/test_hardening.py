@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from fedng.curvature import LowRankFisher, Payload
+from fedng.curvature import CurvatureSet, LowRankFisher, Payload
 from fedng.curvature.spec import BlockSpec
 from fedng.curvature.validation import run_psd_checks, symmetric_check
 from fedng.optim import NaturalGradient
@@ -101,3 +101,30 @@ def test_all_zero_diagonal_falls_back_to_the_identity() -> None:
     used = fall_back(cs, grads, precond, {0, 1}, 1e-2, False)
     assert used == {0: "identity", 1: "identity"}
     assert all(torch.equal(p, g) for p, g in zip(precond, grads, strict=True))  # type: ignore[arg-type]
+
+
+def test_weight_zero_rep_does_not_make_a_block_seen() -> None:
+    """combine([F], [0]) has no curvature: its blocks are not 'seen' (count 0), so nothing inverts
+    zero factors at the damping floor."""
+    model = _model()
+    ng = NaturalGradient(model)
+    _backward(model)
+    ng.step()
+    zero = CurvatureSet.combine([ng.local_curvature], [0.0])
+    assert all(c == 0 for rep in zero.reps.values() for c in rep.counts)
+
+
+def test_block_without_curvature_keeps_its_plain_gradient() -> None:
+    """Zero output gradients (all curvature 0) but a gradient from an L2 term: relative damping
+    would invert at the 1e-8 floor (a ~1e8 amplification); the block keeps its plain gradient."""
+    model = _model()
+    ng = NaturalGradient(model, kl_clip=None)
+    for _ in range(2):
+        model.zero_grad()
+        out = model(torch.randn(16, 6))
+        loss = (out * 0.0).sum() + sum((p**2).sum() for p in model.parameters())
+        loss.backward()
+        plain = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        ng.step()
+    got = [p.grad for p in model.parameters() if p.grad is not None]
+    assert all(torch.allclose(g, w) for g, w in zip(got, plain, strict=True))

@@ -80,7 +80,10 @@ class DiagonalFisher(FisherRepresentation):
         out = cls(reps[0].specs, reps[0].dtype)
         for r, wk in zip(reps, w, strict=True):
             torch._foreach_add_(out.diag, r.diag, alpha=wk)
-        out.counts = [max(r.counts[i] for r in reps) for i in range(len(out.specs))]
+        out.counts = [  # only reps that contribute (weight > 0) make a block 'seen'
+            max((r.counts[i] for r, wk in zip(reps, w, strict=True) if wk > 0), default=0)
+            for i in range(len(out.specs))
+        ]
         return out
 
     def inverse(self, damping: float | Sequence[float], *, factored: bool = False) -> InverseReport:

@@ -148,7 +148,10 @@ class KFAC(FisherRepresentation):
             for r, wk in zip(reps, w, strict=True):
                 out.A[i].add_(r.A[i], alpha=wk)
                 out.G[i].add_(r.G[i], alpha=wk)
-            out.counts[i] = max(r.counts[i] for r in reps)
+            # Only reps that contribute make a block 'seen' (a weight-0 rep adds no curvature).
+            out.counts[i] = max(
+                (r.counts[i] for r, wk in zip(reps, w, strict=True) if wk > 0), default=0
+            )
         return out
 
     # --- inversion --------------------------------------------------------------------------

@@ -239,6 +239,7 @@ class NaturalGradient:
         self.last: dict[str, Any] = {}
         self._safety = Safety()
         self._reset_names: set[str] = set()
+        self._no_curvature: set[int] = set()  # blocks whose relative damping found no curvature
         self.capture.recording = True
 
     @property
@@ -336,6 +337,9 @@ class NaturalGradient:
             [None] * len(blocks) if pre is None else pre.precondition(grads, stats)
         )
         fallbacks = self._fall_back(pre, report, grads, precond)
+        for i in self._no_curvature:
+            if precond[i] is not None:
+                precond[i] = grads[i]
         if self.source.mode == "local" and self._warn_unseen_blocks:
             self._warn_unseen(grads, precond)
         live = [
@@ -389,9 +393,19 @@ class NaturalGradient:
         rel, floor = self.damping, self._lm.min_damping
 
         def per_block(curvature: CurvatureSet) -> dict[str, list[float]]:
+            lams = curvature.relative_damping(rel)
+            # A block with no curvature (trace 0, e.g. zero output gradients while an L2 term
+            # still gives it a gradient) would be inverted at the floor λ and amplify its gradient
+            # ~1/floor: it keeps its plain gradient until it has curvature (see `step`).
+            self._no_curvature = {
+                curvature.groups[k][j]
+                for k, values in lams.items()
+                for j, v in enumerate(values)
+                if not (math.isfinite(v) and v > 0)
+            }
             return {
-                k: [max(v, floor) if math.isfinite(v) else floor for v in lams]
-                for k, lams in curvature.relative_damping(rel).items()
+                k: [max(v, floor) if math.isfinite(v) else floor for v in values]
+                for k, values in lams.items()
             }
 
         return per_block
