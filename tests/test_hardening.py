@@ -1,8 +1,11 @@
 """Regression tests of defects a review found: a negative-definite factor passed off as bf16
 rounding, a zero learning rate, a checkpoint whose damping meant something else, a sketch rank the
-payload does not back, and an all-zero diagonal taken for curvature."""
+payload does not back, an all-zero diagonal taken for curvature, zero curvature inverted at the
+damping floor, and an overflowed own curvature that a mixed preconditioner kept inheriting."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -128,3 +131,23 @@ def test_block_without_curvature_keeps_its_plain_gradient() -> None:
         ng.step()
     got = [p.grad for p in model.parameters() if p.grad is not None]
     assert all(torch.allclose(g, w) for g, w in zip(got, plain, strict=True))
+
+
+def test_overflowed_own_curvature_is_reset_under_a_mixed_preconditioner() -> None:
+    """With source "mixed", an own factor that overflowed fails every mixed inversion; the block
+    falls back for that step and its own curvature is reset, so the next steps recover."""
+    model = _model()
+    ng = NaturalGradient(model, inverse_every=1, kl_clip=None)
+    _backward(model)
+    ng.step()
+    ng.set_global(CurvatureSet.combine([ng.local_curvature], [1.0]), mix=0.5)
+    ng.local_curvature.reps["kfac"].A[0].fill_(float("inf"))  # type: ignore[attr-defined]
+    with pytest.warns(RuntimeWarning):
+        _backward(model)
+        ng.step()
+    assert ng.stats["reset_blocks"] >= 1
+    assert all(math.isfinite(t) for t in ng.local_curvature.reps["kfac"].block_traces())
+    _backward(model)
+    ng.step()
+    assert not ng.last["fallbacks"]
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

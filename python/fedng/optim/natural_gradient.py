@@ -450,12 +450,22 @@ class NaturalGradient:
             names = sorted(blocks[i].name for i, s in used.items() if s == stage)
             self._safety.note(stage, len(names), f": {names}")
         if pre is self.local_curvature:
-            for i in sorted(bad):
-                rep, j = pre.block_rep(i)
-                rep.reset([j])
-                self._reset_names.add(blocks[i].name)
-            self.stats["reset_blocks"] += len(bad)
+            reset = sorted(bad)
+        else:
+            # A mixed preconditioner inherits an overflow of the own curvature at every later
+            # inversion (and the client would upload it): reset the own blocks that are not finite.
+            reset = [i for i in sorted(bad) if not self._own_block_finite(i)]
+        for i in reset:
+            rep, j = self.local_curvature.block_rep(i)
+            rep.reset([j])
+            self._reset_names.add(blocks[i].name)
+        self.stats["reset_blocks"] += len(reset)
         return {blocks[i].name: s for i, s in used.items()}
+
+    def _own_block_finite(self, i: int) -> bool:
+        """Whether block i of the own curvature has a finite trace (an overflow makes it inf)."""
+        rep, j = self.local_curvature.block_rep(i)
+        return math.isfinite(rep.block_traces()[j])
 
     def _note_batch(self, stats: list[BlockStats | None]) -> None:
         """Keeps recording on every step when K-FAC's batch form is cheaper for some block."""
