@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fedng.federated.tasks.base import ClientData, FederatedTask, mlp, seeded_model
-from fedng.federated.tasks.models import cnn_digits
+from fedng.federated.tasks.models import cnn_digits, pick_builder
 from fedng.federated.tasks.partition import dirichlet_label_skew, holdout
 
 DigitsModel = Literal["mlp", "cnn"]
@@ -55,8 +55,7 @@ def digits_task(
     Raises:
         ValueError: an unknown `model`.
     """
-    if model not in _BUILDERS:
-        raise ValueError(f"digits_task: 'model' must be one of {list(_BUILDERS)}, got {model!r}")
+    build = pick_builder("digits_task", model, _BUILDERS)
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment
@@ -78,7 +77,7 @@ def digits_task(
         clients=clients,
         x_test=x[test],
         y_test=y[test],
-        model_fn=lambda s: seeded_model(_BUILDERS[model], s),
+        model_fn=lambda s: seeded_model(build, s),
         loss="cross_entropy",
         metric="accuracy",
         num_classes=10,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fedng.federated.tasks.base import ClientData, FederatedTask, mlp, seeded_model
-from fedng.federated.tasks.models import cnn1d_mnist1d
+from fedng.federated.tasks.models import cnn1d_mnist1d, pick_builder
 from fedng.federated.tasks.partition import dirichlet_label_skew, holdout
 
 Mnist1dModel = Literal["mlp", "cnn"]
@@ -80,8 +80,7 @@ def mnist1d_task(
     Raises:
         ValueError: an unknown `model`.
     """
-    if model not in _BUILDERS:
-        raise ValueError(f"mnist1d_task: 'model' must be one of {list(_BUILDERS)}, got {model!r}")
+    build = pick_builder("mnist1d_task", model, _BUILDERS)
     xtr, ytr, xte, yte = generate_mnist1d(num_samples)
     rng = np.random.default_rng(seed)
     parts = dirichlet_label_skew(ytr, num_clients, alpha, rng)
@@ -95,7 +94,7 @@ def mnist1d_task(
         clients=clients,
         x_test=torch.from_numpy(xte),
         y_test=torch.from_numpy(yte),
-        model_fn=lambda s: seeded_model(_BUILDERS[model], s),
+        model_fn=lambda s: seeded_model(build, s),
         loss="cross_entropy",
         metric="accuracy",
         num_classes=10,

@@ -7,6 +7,8 @@ them in `tasks.base.seeded_model` for a reproducible initialization.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 from torch import nn
 
 
@@ -50,3 +52,16 @@ def cnn1d_mnist1d() -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(32 * 10, 10),
     )
+
+
+def pick_builder(
+    where: str, model: str, builders: Mapping[str, Callable[[], nn.Module]]
+) -> Callable[[], nn.Module]:
+    """The builder a task's `model` argument names.
+
+    Raises:
+        ValueError: an unknown `model` (naming `where` and the choices).
+    """
+    if model not in builders:
+        raise ValueError(f"{where}: 'model' must be one of {list(builders)}, got {model!r}")
+    return builders[model]
