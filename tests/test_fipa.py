@@ -77,9 +77,7 @@ def test_eigenpair_step_uses_only_the_top_eigenpairs() -> None:
     hs, deltas, p = _problem(3, 10, 4, seed=7)
     pairs = [_eig(h, 2) for h in hs]
     truncated = [u @ torch.diag(s) @ u.T for u, s in pairs]
-    step, _ = eigenpair_step(
-        deltas, [u for u, _ in pairs], [s for _, s in pairs], p, cutoff=1e-12
-    )
+    step, _ = eigenpair_step(deltas, [u for u, _ in pairs], [s for _, s in pairs], p, cutoff=1e-12)
     torch.testing.assert_close(step, _dense(truncated, deltas, p, "mean"), rtol=1e-7, atol=1e-9)
 
 

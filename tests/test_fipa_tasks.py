@@ -3,6 +3,7 @@ and peft's) send only adapter parameters and are captured by the curvature hooks
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -74,7 +75,7 @@ def test_pinn_clients_own_disjoint_sub_intervals() -> None:
         (float(torch.cat([c.x, c.x_val])[:, 0].min()), float(torch.cat([c.x, c.x_val])[:, 0].max()))
         for c in task.clients
     )
-    for (_, hi), (lo, _) in zip(spans, spans[1:]):
+    for (_, hi), (lo, _) in itertools.pairwise(spans):
         assert hi < lo
     assert "pinn" in TASKS and make_task("pinn", num_clients=3).name == "pinn-poisson1d"
 
@@ -131,6 +132,7 @@ def test_lora_adapters_are_captured_like_any_linear() -> None:
     assert blocks == ["0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]
 
 
+@pytest.mark.slow  # importing peft (and transformers) takes 10-30 s
 def test_peft_lora_model_trains_only_adapters_and_is_captured() -> None:
     pytest.importorskip("peft")
     model = add_lora(seeded_model(lambda: mlp([6, 5, 3]), 0), rank=2, backend="peft")
@@ -163,7 +165,7 @@ def test_lora_task_is_registered_and_shifted() -> None:
 
 
 def test_add_lora_rejects_bad_targets() -> None:
-    with pytest.raises(ValueError, match="add_lora: target 'nope' is not an nn.Linear"):
+    with pytest.raises(ValueError, match=r"add_lora: target 'nope' is not an nn\.Linear"):
         add_lora(mlp([3, 2]), targets=["nope"])
     with pytest.raises(ValueError, match="LoRALinear: 'rank' must be >= 1"):
         add_lora(mlp([3, 2]), rank=0)

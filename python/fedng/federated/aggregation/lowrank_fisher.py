@@ -35,6 +35,7 @@ from fedng import ops
 from fedng._typing import Arrays
 from fedng.federated.config.fipa import FIPA_NULL_SPACES
 
+
 def flatten(arrays: Arrays, names: list[str]) -> torch.Tensor:
     """The arrays `names` concatenated into one flat float64 vector [d]."""
     return torch.cat([arrays[k].double().reshape(-1) for k in names])

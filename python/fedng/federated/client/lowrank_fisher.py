@@ -24,6 +24,8 @@ from fedng.federated.losses import loss_fn
 FIPA_STREAM = zlib.crc32(b"fipa")
 """The sketch stream of FIPA's test matrices (the same on every client and the server)."""
 
+Params = dict[str, torch.Tensor]
+
 _CHUNK = 64
 """Samples per vectorized per-sample-gradient call (bounds memory at CHUNK x outputs x d)."""
 
@@ -56,14 +58,15 @@ def fisher_rows(
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     crit = loss_fn(loss)
 
-    def out(pv: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, {**fixed, **pv}, (xi.unsqueeze(0),)).squeeze(0)
+    def out(pv: Params, xi: torch.Tensor) -> torch.Tensor:
+        o: torch.Tensor = functional_call(model, {**fixed, **pv}, (xi.unsqueeze(0),))
+        return o.squeeze(0)
 
-    def out_aux(pv: dict[str, torch.Tensor], xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def out_aux(pv: Params, xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         o = out(pv, xi)
         return o, o
 
-    def sample_loss(pv: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+    def sample_loss(pv: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         return crit(out(pv, xi).unsqueeze(0), yi.unsqueeze(0))
 
     def flat(g: dict[str, torch.Tensor], lead: int) -> torch.Tensor:

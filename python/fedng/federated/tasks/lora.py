@@ -83,8 +83,10 @@ def add_lora(
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError as err:  # pragma: no cover - depends on the environment
-            raise ImportError("add_lora: backend 'peft' needs peft: pip install fedng[lora]") from err
-        cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0)
+            raise ImportError(
+                "add_lora: backend 'peft' needs peft: pip install fedng[lora]"
+            ) from err
+        cfg = LoraConfig(r=rank, lora_alpha=int(alpha), target_modules=names, lora_dropout=0.0)
         out: nn.Module = get_peft_model(model, cfg)
         return out
     if backend != "fedng":

@@ -45,7 +45,8 @@ def pretrained_base(seed: int, pretrain_fraction: float) -> dict[str, torch.Tens
         torch.manual_seed(seed)
         for _ in range(_PRETRAIN_STEPS):
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x[src]), y[src]).backward()
+            loss = nn.functional.cross_entropy(model(x[src]), y[src])
+            torch.autograd.backward(loss)
             opt.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

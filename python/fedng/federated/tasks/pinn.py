@@ -16,6 +16,7 @@ against u*).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -51,7 +52,7 @@ class PoissonPINN(nn.Module):
     def __init__(self, width: int = 32, depth: int = 2) -> None:
         super().__init__()
         sizes = [1] + [width] * depth + [1]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
         """u or the scaled residual per row (see the class docstring)."""
