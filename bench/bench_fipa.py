@@ -50,9 +50,9 @@ TASKS: dict[str, dict[str, Any]] = {
 }
 
 LRS: dict[str, tuple[float, float, float, float]] = {
-    "regression": (0.03, 0.1, 0.3, 1.0),
+    "regression": (0.01, 0.03, 0.1, 0.15),  # 0.2 diverges in round 1 for every method
     "pinn": (0.003, 0.01, 0.03, 0.1),
-    "lora-digits": (0.03, 0.1, 0.3, 1.0),
+    "lora-digits": (0.003, 0.01, 0.03, 0.1),  # 0.1 loses the pre-trained accuracy
 }
 """Per task, the four local learning rates the grids draw from (FedAvg tries all four)."""
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {list(TASKS)}")
     p.add_argument("--methods", default="fipa,fipa_sketch,fedng,fedfisher,fedavg,fedadam")
     p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--participation", type=float, default=0.5)
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)

@@ -267,3 +267,20 @@ def test_config_rejects_bad_values() -> None:
         eigenpair_step([torch.zeros(2)], [torch.eye(2)], [torch.ones(2)], [1.0], null_space="x")
     assert ClientConfig(algorithm="fipa").options_as(FIPAConfig).rank == 8
     assert ServerConfig(algorithm="fipa_sketch").options_as(FIPAConfig).warmup_rounds == 0
+
+
+def test_no_curvature_at_all_gives_the_mean_delta() -> None:
+    """Zero Fishers (e.g. a LoRA B still at zero sees no curvature in A): no eigenvalue is
+    inverted, the step is the weighted mean delta (or zero with null_space "drop")."""
+    d = 5
+    deltas = [torch.ones(d, dtype=torch.float64), 3 * torch.ones(d, dtype=torch.float64)]
+    omega = fipa_omega(d, 2, 0)
+    zeros = [torch.zeros(d, 2, dtype=torch.float64)] * 2
+    step, log = sketch_step(deltas, zeros, [torch.zeros(d)] * 2, omega, [1.0, 1.0])
+    torch.testing.assert_close(step, 2 * torch.ones(d, dtype=torch.float64))
+    assert log["fipa_rank"] == 0
+    u = [torch.zeros(d, 2, dtype=torch.float64)] * 2
+    step, _ = eigenpair_step(deltas, u, [torch.zeros(2)] * 2, [1.0, 1.0], null_space="drop")
+    assert float(step.abs().max()) == 0.0
+    with pytest.raises(ValueError, match="one entry per client"):
+        eigenpair_step(deltas, u[:1], [torch.zeros(2)] * 2, [1.0, 1.0])

@@ -26,7 +26,7 @@ Two ways to get H:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -51,7 +51,15 @@ def unflatten(flat: torch.Tensor, like: Arrays, names: list[str]) -> Arrays:
     return out
 
 
-def _weights(weights: Sequence[float], n: int, where: str) -> list[float]:
+def _checked(
+    where: str, null_space: str, weights: Sequence[float], *per_client: Sequence[object]
+) -> list[float]:
+    """The normalized weights, after checking `null_space` and one entry per client."""
+    if null_space not in FIPA_NULL_SPACES:
+        raise ValueError(f"{where}: 'null_space' must be one of {list(FIPA_NULL_SPACES)}")
+    n = len(per_client[0])
+    if any(len(x) != n for x in per_client):
+        raise ValueError(f"{where}: every per-client argument must have one entry per client")
     if len(weights) != n or n == 0:
         raise ValueError(f"{where}: need one weight per client (>= 1 client), got {len(weights)}")
     total = float(sum(weights))
@@ -60,11 +68,20 @@ def _weights(weights: Sequence[float], n: int, where: str) -> list[float]:
     return [float(w) / total for w in weights]
 
 
-def _mean(deltas: Sequence[torch.Tensor], p: Sequence[float]) -> torch.Tensor:
-    out = torch.zeros_like(deltas[0], dtype=torch.float64)
+def _with_null_space(
+    step: torch.Tensor,
+    deltas: Sequence[torch.Tensor],
+    p: Sequence[float],
+    project: Callable[[torch.Tensor], torch.Tensor],
+    null_space: str,
+) -> torch.Tensor:
+    """`step + (I - P) mean` for null_space "mean" (P = `project`, onto the kept range of H)."""
+    if null_space == "drop":
+        return step
+    mean = torch.zeros_like(deltas[0], dtype=torch.float64)
     for d, w in zip(deltas, p, strict=True):
-        out.add_(d.double(), alpha=w)
-    return out
+        mean.add_(d.double(), alpha=w)
+    return step + mean - project(mean)
 
 
 def _kept(lam: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -95,10 +112,7 @@ def eigenpair_step(
     Returns:
         (step [d] float64, log with the rank of H that was kept).
     """
-    where = "eigenpair_step"
-    p = _weights(weights, len(deltas), where)
-    if not len(eigvecs) == len(eigvals) == len(deltas):
-        raise ValueError(f"{where}: deltas, eigvecs and eigvals must have one entry per client")
+    p = _checked("eigenpair_step", null_space, weights, deltas, eigvecs, eigvals)
     cols, zs = [], []
     for d, u, s, w in zip(deltas, eigvecs, eigvals, p, strict=True):
         scale = (w * s.double().clamp_min(0)).sqrt()
@@ -111,11 +125,10 @@ def eigenpair_step(
     keep = _kept(lam, cutoff)
     v, lam = vec[:, keep], lam[keep]
     step = big_w @ (v @ ((v.T @ z) / lam))  # H^+ W z = W K^+ z
-    if null_space == "mean":  # + (I - P) mean, P = W K^+ W^T the projector onto range(H)
-        mean = _mean(deltas, p)
-        step += mean - big_w @ (v @ ((v.T @ (big_w.T @ mean)) / lam))
-    elif null_space != "drop":
-        raise ValueError(f"{where}: 'null_space' must be one of {list(FIPA_NULL_SPACES)}")
+    # P = W K^+ W^T is the projector onto the kept range of H
+    step = _with_null_space(
+        step, deltas, p, lambda x: big_w @ (v @ ((v.T @ (big_w.T @ x)) / lam)), null_space
+    )
     return step, {"fipa_rank": int(keep.sum()), "fipa_cols": int(big_w.shape[1])}
 
 
@@ -143,26 +156,23 @@ def sketch_step(
     Returns:
         (step [d] float64, log with the kept rank).
     """
-    where = "sketch_step"
-    p = _weights(weights, len(deltas), where)
-    if not len(sketches) == len(products) == len(deltas):
-        raise ValueError(f"{where}: deltas, sketches and products must have one entry per client")
+    p = _checked("sketch_step", null_space, weights, deltas, sketches, products)
     y = torch.zeros_like(omega, dtype=torch.float64)
     c = torch.zeros_like(deltas[0], dtype=torch.float64)
     for ym, cm, w in zip(sketches, products, p, strict=True):
         y.add_(ym.double(), alpha=w)
         c.add_(cm.double(), alpha=w)
     om = omega.double().contiguous()
-    eps = torch.finfo(torch.float64).eps
-    shift = max(float(y.shape[0]) ** 0.5 * eps * float(torch.linalg.matrix_norm(y)), 1e-300)
-    res = ops.nystrom([y.contiguous()], [om], [shift])
-    u, s = res.U[0], res.S[0]
+    norm = float(torch.linalg.matrix_norm(y))
+    if norm > 0:
+        shift = max(y.shape[0] ** 0.5 * torch.finfo(torch.float64).eps * norm, 1e-300)
+        res = ops.nystrom([y.contiguous()], [om], [shift])
+        u, s = res.U[0], res.S[0]
+    else:  # no client has curvature: nothing to invert
+        u, s = om[:, :0], om.new_zeros(0)
     keep = _kept(s, cutoff)
     uk = u[:, keep]
-    step = uk @ ((uk.T @ c) / s[keep])
-    if null_space == "mean":
-        mean = _mean(deltas, p)
-        step += mean - uk @ (uk.T @ mean)
-    elif null_space != "drop":
-        raise ValueError(f"{where}: 'null_space' must be one of {list(FIPA_NULL_SPACES)}")
+    step = _with_null_space(
+        uk @ ((uk.T @ c) / s[keep]), deltas, p, lambda x: uk @ (uk.T @ x), null_space
+    )
     return step, {"fipa_rank": int(keep.sum()), "fipa_cols": int(om.shape[1])}

@@ -46,7 +46,7 @@ class FIPAConfig(AlgorithmConfig):
 
     rank: int = 8
     fisher_type: str = "true"
-    eig: str = "exact"
+    eig: str = "sketch"
     oversample: int = 8
     sketch_seed: int = 1234
     fisher_samples: int = 0
