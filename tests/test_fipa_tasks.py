@@ -102,7 +102,8 @@ def test_lora_model_trains_only_adapters() -> None:
 @pytest.mark.parametrize("algo", ["fipa", "fedavg", "fedng"])
 def test_lora_clients_send_only_adapter_params(algo: str) -> None:
     task = lora_task(num_clients=3, rank=4)
-    cc, sc = make_configs(algo, {"lr": 0.1, "local_steps": 2, "batch_size": 16})
+    own = {"fisher_samples": 32} if algo == "fipa" else {}
+    cc, sc = make_configs(algo, {"lr": 0.1, "local_steps": 2, "batch_size": 16, **own})
     model = task.model_fn(0)
     frozen = {k: p.detach().clone() for k, p in model.named_parameters() if not p.requires_grad}
     state, msg = server_init(get_params(model), sc)
@@ -145,7 +146,8 @@ def test_peft_lora_model_trains_only_adapters_and_is_captured() -> None:
         cap.remove()
     assert len(blocks) == 4 and all("lora_" in b for b in blocks)
     task = lora_task(num_clients=2, rank=4, backend="peft")
-    cc, sc = make_configs("fipa", {"lr": 0.1, "local_steps": 2, "batch_size": 16, "rank": 4})
+    flat = {"lr": 0.1, "local_steps": 2, "batch_size": 16, "rank": 4, "fisher_samples": 32}
+    cc, sc = make_configs("fipa", flat)
     model = task.model_fn(0)
     state, msg = server_init(get_params(model), sc)
     upd = client_step(model, task.clients[0], msg, cc)
