@@ -90,7 +90,7 @@ def decode_message(content: RecordDict) -> ServerMessage:
 def encode_update(update: ClientUpdate) -> RecordDict:
     """A client update as Flower records: the wire bytes, and its metrics for Flower's tooling
     (non-finite ones left out: Flower's MetricRecord is for aggregation)."""
-    metrics: dict[str, int | float] = {NUM_EXAMPLES: update.num_examples}
+    metrics: dict[str, int | float | list[int] | list[float]] = {NUM_EXAMPLES: update.num_examples}
     metrics.update({k: v for k, v in update.metrics.items() if math.isfinite(v)})
     return RecordDict(
         {WIRE_RECORD: wire_record(update.to_bytes()), METRICS_RECORD: MetricRecord(metrics)}

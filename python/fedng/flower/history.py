@@ -15,8 +15,8 @@ from collections.abc import Callable
 import numpy as np
 
 from fedng._typing import Arrays
+from fedng.federated.algorithms.base import State
 from fedng.federated.client.params import set_params
-from fedng.federated.messages import ServerState
 from fedng.federated.report.history import RoundRecord
 from fedng.federated.tasks.base import FederatedTask, evaluate
 
@@ -47,7 +47,7 @@ def no_evaluation(r: int, params: Arrays) -> RoundRecord:
 
 def fill_round(
     rec: RoundRecord,
-    state: ServerState[object],
+    state: State,
     failed: dict[int, str],
     losses: dict[int, float],
     participants: list[int],

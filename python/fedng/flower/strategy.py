@@ -163,7 +163,9 @@ class FedNGStrategy(Strategy):
         `Strategy.start`; `start` below streams instead)."""
         if self.state is None:
             raise RuntimeError("FedNGStrategy: call start() (it initializes the server state)")
-        rnd, failed, losses = begin_round(self.state), {}, {}
+        rnd = begin_round(self.state)
+        failed: dict[int, str] = {}
+        losses: dict[int, float] = {}
         for reply in replies:
             cid = self.client_of.get(reply.metadata.src_node_id, -1)
             self._fold(rnd, cid, reply, failed, losses)

@@ -27,8 +27,8 @@ CLIENT_APP_RAISED_EXCEPTION = 2
 
 
 def node_ids(num_nodes: int) -> list[int]:
-    """Node ids that are not in partition order (as Flower's random ones are not)."""
-    return [10_000 + 7919 * ((i * 5 + 3) % (num_nodes + 7)) for i in range(num_nodes)]
+    """Distinct node ids in reverse partition order (Flower's random ones are in no order)."""
+    return [10_000 + 7919 * (num_nodes - i) for i in range(num_nodes)]
 
 
 class LocalGrid(Grid):
