@@ -9,12 +9,14 @@ global model.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedng.federated.algorithms.base import State
 from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.client.params import get_params
 from fedng.federated.report.history import History
@@ -26,6 +28,17 @@ from fedng.flower.strategy import FedNGStrategy, RoundHook, arrays_to_record
 
 HISTORY_FILE = "history.json"
 MODEL_FILE = "model.pt"
+PROGRESS_FILE = "progress.json"
+"""The history so far, rewritten (atomically) after every round of a run with a checkpoint-dir."""
+
+
+def _write_progress(folder: Path) -> RoundHook:
+    def hook(state: State, history: History) -> None:
+        tmp = folder / f".{PROGRESS_FILE}.tmp"
+        history.to_json(tmp)
+        os.replace(tmp, folder / PROGRESS_FILE)
+
+    return hook
 
 
 def build_strategy(
@@ -70,11 +83,12 @@ def run_server(grid: Grid, spec: RunSpec, task: FederatedTask) -> FedNGStrategy:
     Returns:
         The strategy after the run (`.state`, `.history`).
     """
-    strategy, initial = build_strategy(spec, task)
-    strategy.start(grid, initial, num_rounds=spec.rounds, timeout=spec.timeout)
-    if spec.checkpoint_dir and strategy.state is not None:
-        out = Path(spec.checkpoint_dir)
+    out = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+    strategy, initial = build_strategy(spec, task, None if out is None else _write_progress(out))
+    strategy.start(grid, initial, num_rounds=spec.rounds, timeout=spec.timeout)
+    if out is not None and strategy.state is not None:
         strategy.history.to_json(out / HISTORY_FILE)
         torch.save(strategy.state.params, out / MODEL_FILE)
     return strategy

@@ -57,7 +57,8 @@ RoundHook = Callable[[State, History], None]
 class _BatchRound:
     """`fedng.federated.round.server_step` behind the per-reply interface (`add`, `finish`):
     replies are decoded and checked for transport failures as they arrive, then validated and
-    aggregated together."""
+    aggregated together in client-id order (the simulator's), so that the float sums do not depend
+    on the order replies arrive in."""
 
     def __init__(self, state: State) -> None:
         self.state = state
@@ -67,7 +68,7 @@ class _BatchRound:
         self.updates.append(update)
 
     def finish(self) -> tuple[State, ServerMessage]:
-        return server_step(self.state, self.updates)
+        return server_step(self.state, sorted(self.updates, key=lambda u: u.client_id))
 
 
 def begin_round(state: State) -> _BatchRound:

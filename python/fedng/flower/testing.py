@@ -40,6 +40,7 @@ class LocalGrid(Grid):
         run_config: the run config every node sees (`RunSpec.to_run_config()`, or Flower's
             flattened `[tool.flwr.app.config]`).
         on_reply: a test hook that may replace or lose a reply.
+        last_first: deliver the newest waiting reply first (replies out of send order).
         run_id: the run id.
     """
 
@@ -50,6 +51,7 @@ class LocalGrid(Grid):
         run_config: dict[str, bool | float | int | str],
         *,
         on_reply: ReplyHook | None = None,
+        last_first: bool = False,
         run_id: int = 1,
     ) -> None:
         TaskIdentity.run_id = run_id
@@ -57,6 +59,7 @@ class LocalGrid(Grid):
         TaskIdentity.task_id = 1
         self.client_app = client_app
         self.on_reply = on_reply
+        self.last_first = last_first
         self._run = Run.create_empty(run_id)
         self.nodes = node_ids(num_nodes)
         self.contexts = {
@@ -121,7 +124,8 @@ class LocalGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """At most one waiting reply (replies arrive one by one)."""
-        for mid in message_ids:
+        ids = list(message_ids)
+        for mid in reversed(ids) if self.last_first else ids:
             if mid in self.replies:
                 return [self.replies.pop(mid)]
         return []
