@@ -34,8 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -213,12 +212,9 @@ class Processes:
         return self.tagged()
 
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    try:
-        yield
-    except (ProcessLookupError, PermissionError):
-        pass
+def _quiet() -> suppress:
+    """Ignores a process that is already gone (or not ours to signal)."""
+    return suppress(ProcessLookupError, PermissionError)
 
 
 def flwr(
@@ -398,10 +394,8 @@ def _rounds_done(ckpt: Path) -> int:
 def _intruder_verdict(procs: Processes) -> dict[str, Any]:
     """Whether the unregistered SuperNode was refused: it never got a node id and gave up."""
     proc = procs.procs["intruder"]
-    try:
+    with suppress(subprocess.TimeoutExpired):
         proc.wait(30.0)
-    except subprocess.TimeoutExpired:
-        pass
     text = procs.log("intruder")
     lines = [ln for ln in text.splitlines() if "ERROR" in ln or "denied" in ln.lower()]
     return {"exit_code": proc.poll(), "errors": lines[-5:]}

@@ -3,14 +3,14 @@ built-in strategy of the same name give the same new global model, round after r
 
 Config mapping (Flower 1.41 -> fedng):
 
-| Flower                                     | fedng                                               |
-|--------------------------------------------|-----------------------------------------------------|
-| FedAvg()                                   | fedavg                                              |
-| FedAvgM(server_learning_rate, server_momentum) | fedavgm: server_lr, server_momentum             |
-| FedProx(proximal_mu) (server = FedAvg; mu sent as config "proximal-mu") | fedprox: prox_mu (in the clients' config) |
-| FedAdam(eta, beta_1, beta_2, tau)          | fedadam: server_lr, beta1, beta2, tau               |
-| FedYogi(eta, beta_1, beta_2, tau)          | fedyogi: server_lr, beta1, beta2, tau               |
-| FedAdagrad(eta, tau)                       | fedadagrad: server_lr, tau                          |
+    FedAvg()                                       fedavg
+    FedAvgM(server_learning_rate, server_momentum) fedavgm: server_lr, server_momentum
+    FedProx(proximal_mu)                           fedprox: prox_mu (Flower's server step is
+                                                   FedAvg's; it sends mu as config "proximal-mu",
+                                                   fedng's clients read it from their config)
+    FedAdam(eta, beta_1, beta_2, tau)              fedadam: server_lr, beta1, beta2, tau
+    FedYogi(eta, beta_1, beta_2, tau)              fedyogi: server_lr, beta1, beta2, tau
+    FedAdagrad(eta, tau)                           fedadagrad: server_lr, tau (beta1 = 0)
 
 Two documented differences, compensated here so that the rest is checked exactly: Flower starts
 the second moment at v = 0 where fedng (Reddi et al. 2021, Alg. 2) starts at tau^2, and Flower's
@@ -28,12 +28,12 @@ import pytest
 
 pytest.importorskip("flwr", reason="needs the flower extra (Python >= 3.11)")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from _tols import assert_close  # noqa: E402
-from fedng.federated import ClientUpdate, make_configs, server_init, server_step  # noqa: E402
-from fedng.flower.testing import LocalGrid  # noqa: E402
-from flwr.app import (  # noqa: E402
+import numpy as np
+import torch
+from _tols import assert_close
+from fedng.federated import ClientUpdate, make_configs, server_init, server_step
+from fedng.flower.testing import LocalGrid
+from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
@@ -41,8 +41,8 @@ from flwr.app import (  # noqa: E402
     MetricRecord,
     RecordDict,
 )
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.serverapp import strategy as fl  # noqa: E402
+from flwr.clientapp import ClientApp
+from flwr.serverapp import strategy as fl
 
 SHAPES = {"fc.weight": (4, 3), "fc.bias": (4,), "out.weight": (2, 4)}
 NUM_EXAMPLES = (30, 50, 20)
