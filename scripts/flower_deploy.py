@@ -392,13 +392,18 @@ def _rounds_done(ckpt: Path) -> int:
 
 
 def _intruder_verdict(procs: Processes) -> dict[str, Any]:
-    """Whether the unregistered SuperNode was refused: it never got a node id and gave up."""
+    """Whether the unregistered SuperNode was refused: the SuperLink denied its activation (no
+    registered key) and it exited with an error."""
     proc = procs.procs["intruder"]
     with suppress(subprocess.TimeoutExpired):
         proc.wait(30.0)
-    text = procs.log("intruder")
-    lines = [ln for ln in text.splitlines() if "ERROR" in ln or "denied" in ln.lower()]
-    return {"exit_code": proc.poll(), "errors": lines[-5:]}
+    denied = [
+        ln.split("exception:")[-1].strip()
+        for ln in procs.log("superlink").splitlines()
+        if "activate-node" in ln and "ApiError" in ln
+    ]
+    code = proc.poll()
+    return {"refused": bool(denied) and code not in (None, 0), "exit_code": code, "denied": denied}
 
 
 def main(argv: list[str] | None = None) -> int:
