@@ -3,20 +3,37 @@
 Every round the server's message is serialized once and decoded by the clients; every client
 update is serialized and decoded by the server, so the byte counts in the log are the lengths of
 the actual payloads.
+
+With `checkpoint_dir`, the whole run state is checkpointed after every round
+(`fedng.federated.checkpoint`, atomic) and the final global model is saved as `model.pt`;
+`resume=True` continues from the last complete round and ends bit-identical to an uninterrupted
+run (see `RunCheckpoint`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedng._typing import Arrays
+from fedng.federated.algorithms.base import State
 from fedng.federated.algorithms.registry import get_algorithm
+from fedng.federated.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    save_model,
+    server_state_from_dict,
+    server_state_to_dict,
+)
 from fedng.federated.client.params import get_params, set_params
 from fedng.federated.config.common import ClientConfig, ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
@@ -50,6 +67,8 @@ def simulate(
     tamper: Tamper | None = None,
     desc: str | None = None,
     tamper_bytes: TamperBytes | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> History:
     """Runs one federated training and returns its history.
 
@@ -66,12 +85,22 @@ def simulate(
         desc: progress-bar label.
         tamper_bytes: a test hook that may replace an update's bytes on the wire; bytes that do
             not decode are logged as that client's rejection and the round goes on.
+        checkpoint_dir: a folder; the run's state is written to `checkpoint.pt` there after
+            every round (atomically: a crash leaves the previous round's), and the final global
+            model to `model.pt` (`model.load_state_dict(torch.load(path))` on a model from
+            `task.model_fn`). None: nothing is written.
+        resume: continue from `checkpoint_dir/checkpoint.pt` when it exists (the same task,
+            configs, seed and participation; `rounds` may be larger than the checkpoint's). The
+            result is bit-identical to an uninterrupted run. Without a checkpoint the run starts
+            from round 0.
 
     Returns:
         The `History` (round 0 = the initial model).
 
     Raises:
-        ValueError: mismatched algorithms, or bad rounds / participation.
+        ValueError: mismatched algorithms, bad rounds / participation, `resume` without
+            `checkpoint_dir`, or a checkpoint of another run or with more rounds than `rounds`.
+        CheckpointError: the checkpoint to resume from is corrupt or truncated (one line).
     """
     if client_config.algorithm != server_config.algorithm:
         raise ValueError(
@@ -82,6 +111,8 @@ def simulate(
         raise ValueError(f"simulate: 'rounds' must be an int >= 0, got {rounds!r}")
     if not 0 < participation <= 1:
         raise ValueError(f"simulate: 'participation' must be in (0, 1], got {participation!r}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("simulate: 'resume=True' needs 'checkpoint_dir'")
     k = len(task.clients)
     if server_config.num_clients != k:
         server_config = server_config.replace(num_clients=k)
@@ -114,11 +145,18 @@ def simulate(
         va = evaluate(eval_model, x_val, y_val, task.loss, task.metric)
         return RoundRecord(r, te[task.metric], te["loss"], va[task.metric], va["loss"])
 
-    hist.rounds.append(record(0, state.params))
     client_states: dict[int, Arrays] = {}
-    cum = 0
+    ckpt = RunCheckpoint(checkpoint_dir, hist, num_examples=[c.num_examples for c in task.clients])
+    if resume and ckpt.exists():
+        state, message = ckpt.restore(rounds, rng, client_states, model)
+    else:
+        hist.rounds.append(record(0, state.params))
+    cum = hist.rounds[-1].cum_bytes
+    start = hist.rounds[-1].round
     bar = _progress(rounds, progress, desc or f"{task.name} {client_config.algorithm}")
-    for r in range(rounds):
+    if bar is not None and start:
+        bar.update(start)
+    for r in range(start, rounds):
         ids = sample_clients(rng, k, participation)
         blob = message.to_bytes()
         received = ServerMessage.from_bytes(blob)
@@ -160,12 +198,143 @@ def simulate(
         rec.client_time_s = float(np.mean(times)) if times else 0.0
         rec.participants = ids
         hist.rounds.append(rec)
+        ckpt.save(state, message, rng, client_states, model)
         if bar is not None:
             bar.update(1)
             bar.set_postfix({task.metric: f"{rec.metric:.4f}"})
     if bar is not None:
         bar.close()
+    if ckpt.folder is not None:
+        set_params(eval_model, state.params)
+        save_model(ckpt.folder / MODEL_FILE, eval_model)
     return hist
+
+
+CHECKPOINT_FILE = "checkpoint.pt"
+"""The run checkpoint's name inside `checkpoint_dir`."""
+MODEL_FILE = "model.pt"
+"""The final global model's `state_dict` inside `checkpoint_dir`."""
+
+
+class RunCheckpoint:
+    """Saves and restores everything a simulation's next round depends on.
+
+    That is: the server state (parameters, algorithm buffers and meta, config), the next
+    broadcast, the client-sampling generator, every client's persistent `client_state`, torch's
+    global RNG (dropout and other model randomness draw from it), the clients' workspace model
+    (its buffers, e.g. BatchNorm statistics, carry over between clients), and the history so far.
+    Batch orders and sketches are seeded from (seed, round, client) and need nothing more.
+
+    Args:
+        folder: `checkpoint_dir` (None: `save` does nothing).
+        hist: the run's history (its identity fields and, on restore, its rounds).
+        num_examples: every client's training examples (a cheap fingerprint of the data).
+    """
+
+    def __init__(self, folder: str | Path | None, hist: History, num_examples: list[int]) -> None:
+        self.folder = None if folder is None else Path(folder)
+        self.hist = hist
+        self.identity = {
+            "task": hist.task,
+            "algorithm": hist.algorithm,
+            "seed": hist.seed,
+            "participation": hist.sim["participation"],
+            "num_clients": hist.sim["num_clients"],
+            "num_examples": num_examples,
+            "client_config": hist.client_config,
+            "server_config": hist.server_config,
+        }
+
+    @property
+    def path(self) -> Path:
+        """The checkpoint file (`checkpoint_dir` / "checkpoint.pt")."""
+        return Path(self.folder or ".") / CHECKPOINT_FILE
+
+    def exists(self) -> bool:
+        """Whether there is a checkpoint to resume from."""
+        return self.folder is not None and self.path.exists()
+
+    def save(
+        self,
+        state: State,
+        message: ServerMessage,
+        rng: np.random.Generator,
+        client_states: dict[int, Arrays],
+        model: nn.Module,
+    ) -> None:
+        """Writes the checkpoint of the rounds done so far (atomically)."""
+        if self.folder is None:
+            return
+        run = {
+            "kind": "fedng.simulate",
+            "identity": self.identity,
+            "server": server_state_to_dict(state),
+            "message": _message_to_dict(message),
+            "sampler": rng.bit_generator.state,
+            "client_states": {c: dict(s) for c, s in client_states.items()},
+            "torch_rng": torch.get_rng_state(),
+            "workspace": model.state_dict(),
+            # JSON keeps every float exactly (NaN included) and History is JSON by design
+            "history": json.dumps(self.hist.to_dict()),
+        }
+        save_checkpoint(self.path, run)
+
+    def restore(
+        self,
+        rounds: int,
+        rng: np.random.Generator,
+        client_states: dict[int, Arrays],
+        model: nn.Module,
+    ) -> tuple[State, ServerMessage]:
+        """Loads the checkpoint into the run's objects; returns (server state, next message).
+
+        Raises:
+            CheckpointError: a corrupt file, or one that is not a simulation checkpoint.
+            ValueError: a checkpoint of another run, or with more rounds than `rounds`.
+        """
+        ck = load_checkpoint(self.path)
+        run = ck.state
+        if run.get("kind") != "fedng.simulate":
+            raise CheckpointError(f"checkpoint {str(self.path)!r}: not a simulation checkpoint")
+        saved = run["identity"]
+        differ = [k for k in self.identity if saved.get(k) != self.identity[k]]
+        if differ:
+            k = differ[0]
+            raise ValueError(
+                f"simulate: the checkpoint {str(self.path)!r} is of another run: {k} differs"
+                f" ({str(saved.get(k))[:80]} there, {str(self.identity[k])[:80]} here)"
+            )
+        past = History.from_dict(json.loads(run["history"]))
+        done = past.rounds[-1].round
+        if done > rounds:
+            raise ValueError(
+                f"simulate: the checkpoint {str(self.path)!r} has {done} rounds, more than"
+                f" 'rounds'={rounds}"
+            )
+        self.hist.rounds = past.rounds
+        rng.bit_generator.state = run["sampler"]
+        client_states.update({int(c): dict(s) for c, s in run["client_states"].items()})
+        torch.set_rng_state(run["torch_rng"])
+        model.load_state_dict(run["workspace"])
+        return server_state_from_dict(run["server"]), _message_from_dict(run["message"])
+
+
+def _message_to_dict(m: ServerMessage) -> dict[str, Any]:
+    """A sealed broadcast as plain data (restored exactly, so its bytes are the same)."""
+    return {
+        "round": m.round,
+        "algorithm": m.algorithm,
+        "params": m.params,
+        "extras": m.extras,
+        "meta": m.meta,
+        "symmetric": sorted(m.symmetric),
+        "dtype": m.dtype,
+        "nbytes": m.nbytes,
+    }
+
+
+def _message_from_dict(d: dict[str, Any]) -> ServerMessage:
+    return ServerMessage(**{**d, "symmetric": frozenset(d["symmetric"])})
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:
