@@ -99,8 +99,9 @@ def simulate(
 
     Raises:
         ValueError: mismatched algorithms, bad rounds / participation, `resume` without
-            `checkpoint_dir`, or a checkpoint of another run or with more rounds than `rounds`.
-        CheckpointError: the checkpoint to resume from is corrupt or truncated (one line).
+            `checkpoint_dir`.
+        CheckpointError: (a ValueError) the checkpoint to resume from is corrupt or truncated, of
+            another run, or has more rounds than `rounds` (one line).
     """
     if client_config.algorithm != server_config.algorithm:
         raise ValueError(
@@ -289,8 +290,8 @@ class RunCheckpoint:
         """Loads the checkpoint into the run's objects; returns (server state, next message).
 
         Raises:
-            CheckpointError: a corrupt file, or one that is not a simulation checkpoint.
-            ValueError: a checkpoint of another run, or with more rounds than `rounds`.
+            CheckpointError: a corrupt file, one that is not a simulation checkpoint, of another
+                run, or with more rounds than `rounds`.
         """
         ck = load_checkpoint(self.path)
         run = ck.state
@@ -300,14 +301,14 @@ class RunCheckpoint:
         differ = [k for k in self.identity if saved.get(k) != self.identity[k]]
         if differ:
             k = differ[0]
-            raise ValueError(
+            raise CheckpointError(
                 f"simulate: the checkpoint {str(self.path)!r} is of another run: {k} differs"
                 f" ({str(saved.get(k))[:80]} there, {str(self.identity[k])[:80]} here)"
             )
         past = History.from_dict(json.loads(run["history"]))
         done = past.rounds[-1].round
         if done > rounds:
-            raise ValueError(
+            raise CheckpointError(
                 f"simulate: the checkpoint {str(self.path)!r} has {done} rounds, more than"
                 f" 'rounds'={rounds}"
             )
