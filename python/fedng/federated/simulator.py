@@ -39,7 +39,7 @@ from fedng.federated.config.common import ClientConfig, ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.report.history import History, RoundRecord
 from fedng.federated.round import client_step, server_init, server_step
-from fedng.federated.tasks.base import FederatedTask, evaluate
+from fedng.federated.tasks.base import FederatedTask
 from fedng.federated.wire import PayloadError
 
 Tamper = Callable[[int, ClientUpdate], ClientUpdate]
@@ -127,7 +127,7 @@ def simulate(
     eval_model = task.model_fn(seed)
     state, message = server_init(get_params(model), server_config)
     rng = np.random.default_rng(seed)
-    x_val, y_val = task.validation_set()
+    test_data, val_data = task.test_data(), task.validation_data()
     hist = History(
         task.name,
         client_config.algorithm,
@@ -142,8 +142,8 @@ def simulate(
     def record(r: int, params: Arrays) -> RoundRecord:
         set_params(eval_model, params)
         eval_model.eval()
-        te = evaluate(eval_model, task.x_test, task.y_test, task.loss, task.metric)
-        va = evaluate(eval_model, x_val, y_val, task.loss, task.metric)
+        te = test_data.evaluate(eval_model, task.loss, task.metric)
+        va = val_data.evaluate(eval_model, task.loss, task.metric)
         return RoundRecord(r, te[task.metric], te["loss"], va[task.metric], va["loss"])
 
     client_states: dict[int, Arrays] = {}
