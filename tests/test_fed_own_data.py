@@ -12,7 +12,7 @@ import torch
 from _fed import blobs_task
 from fedng.federated import ClientData, FederatedTask, make_configs, simulate
 from fedng.federated.report.history import History
-from fedng.federated.simulator import MODEL_FILE
+from fedng.federated.resume import MODEL_FILE
 from fedng.federated.tasks.base import mlp
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset

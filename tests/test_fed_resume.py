@@ -15,7 +15,8 @@ from fedng.federated.checkpoint import CheckpointError, load_checkpoint
 from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.report.history import History
-from fedng.federated.simulator import CHECKPOINT_FILE, MODEL_FILE, simulate
+from fedng.federated.resume import CHECKPOINT_FILE, MODEL_FILE
+from fedng.federated.simulator import simulate
 from fedng.federated.tasks.base import FederatedTask, mlp, seeded_model
 from torch import nn
 

@@ -305,7 +305,8 @@ def simulate_command(args: argparse.Namespace) -> int:
 
     from fedng.federated.checkpoint import CheckpointError
     from fedng.federated.report import FLAG_DEFINITIONS, History, plot_histories, summarize, table
-    from fedng.federated.simulator import MODEL_FILE, simulate
+    from fedng.federated.resume import MODEL_FILE
+    from fedng.federated.simulator import simulate
 
     algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     seeds: list[int] = args.seeds

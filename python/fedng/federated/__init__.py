@@ -10,7 +10,7 @@ scaffold, fedadam, fedyogi, fedadagrad, fedng, fedfisher; each owns a typed conf
 
 Sub-layers, lowest first (a module imports only from its own layer or lower ones; enforced by
 tests/test_layering.py): wire, losses < messages < config, tasks < aggregation, client,
-checkpoint < algorithms < validate < round < report < simulator.
+checkpoint < algorithms < validate < round < report < resume < simulator.
 """
 
 from fedng.federated.algorithms.registry import get_algorithm
