@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import math
 import os
+import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from _fed import blobs_task
@@ -148,3 +150,43 @@ def test_bad_checkpoints_and_arguments(tmp_path: Path) -> None:
         _run("fedavg", 3, resume=True)
     fresh = _run("fedavg", 1, checkpoint_dir=tmp_path / "none", resume=True)  # nothing to resume
     assert len(fresh.rounds) == 2
+
+
+class Jittered(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Examples with augmentation noise from Python's and NumPy's global generators."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        jitter = random.gauss(0.0, 0.1) + float(np.random.standard_normal())
+        return self.x[i] + 0.1 * jitter, self.y[i]
+
+
+def test_augmentations_from_global_generators_resume_bit_identical(tmp_path: Path) -> None:
+    base = blobs_task(num_clients=3, n=20)
+
+    def run(rounds: int, folder: str, **kw: Any) -> History:
+        task = FederatedTask.from_datasets(
+            lambda: mlp([5, 8, 3]),
+            [Jittered(c.x, c.y) for c in base.clients],
+            (base.x_test, base.y_test),
+        )
+        cc, sc = make_configs("fedavg", {"local_steps": 2, "batch_size": 4})
+        return simulate(task, cc, sc, rounds=rounds, checkpoint_dir=tmp_path / folder, **kw)
+
+    random.seed(0)
+    np.random.seed(0)
+    straight = run(4, "a")
+    random.seed(0)
+    np.random.seed(0)
+    run(2, "b")
+    random.seed(5)
+    np.random.seed(5)
+    resumed = run(4, "b", resume=True)
+    assert _same(_without_timings(straight), _without_timings(resumed))
+    a, b = _model(tmp_path / "a"), _model(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -8,6 +8,7 @@ every round and restores from it; the file format and the atomic write are
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ class RunCheckpoint:
     """Saves and restores everything a simulation's next round depends on.
 
     That is: the server state (parameters, algorithm buffers and meta, config), the next
-    broadcast, the client-sampling generator, every client's persistent `client_state`, torch's
-    global RNG (dropout and other model randomness draw from it), the clients' workspace model
+    broadcast, the client-sampling generator, every client's persistent `client_state`, the global
+    RNGs (torch's CPU and CUDA generators: dropout, a shuffling DataLoader; Python's `random` and
+    NumPy's legacy generator: a Dataset's own augmentations), the clients' workspace model
     (its buffers, e.g. BatchNorm statistics, carry over between clients), and the history so far.
     Batch orders and sketches are seeded from (seed, round, client) and need nothing more.
 
@@ -89,7 +91,7 @@ class RunCheckpoint:
             "message": _message_to_dict(message),
             "sampler": rng.bit_generator.state,
             "client_states": {c: dict(s) for c, s in client_states.items()},
-            "torch_rng": torch.get_rng_state(),
+            "global_rngs": global_rng_states(),
             "workspace": model.state_dict(),
             # JSON keeps every float exactly (NaN included) and History is JSON by design
             "history": json.dumps(self.hist.to_dict()),
@@ -131,9 +133,38 @@ class RunCheckpoint:
         self.hist.rounds = past.rounds
         rng.bit_generator.state = run["sampler"]
         client_states.update({int(c): dict(s) for c, s in run["client_states"].items()})
-        torch.set_rng_state(run["torch_rng"])
+        set_global_rng_states(run["global_rngs"])
         model.load_state_dict(run["workspace"])
         return server_state_from_dict(run["server"]), _message_from_dict(run["message"])
+
+
+def global_rng_states() -> dict[str, Any]:
+    """The process-wide random generators a client's step may draw from, as plain data."""
+    np_state = np.random.get_state(legacy=False)
+    key = np_state["state"]["key"]
+    return {
+        "torch": torch.get_rng_state(),
+        # only a CUDA that is in use: querying it would initialize it
+        "cuda": (
+            torch.cuda.get_rng_state_all()
+            if torch.cuda.is_initialized()  # type: ignore[no-untyped-call]  # unannotated in torch
+            else []
+        ),
+        "python": random.getstate(),
+        "numpy": {**np_state, "state": {**np_state["state"], "key": torch.from_numpy(key.copy())}},
+    }
+
+
+def set_global_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of `global_rng_states` (CUDA states only where as many devices exist)."""
+    torch.set_rng_state(states["torch"])
+    cuda = states["cuda"]
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(states["python"])
+    np_state = states["numpy"]
+    key = np_state["state"]["key"].numpy()
+    np.random.set_state({**np_state, "state": {**np_state["state"], "key": key}})
 
 
 def _message_to_dict(m: ServerMessage) -> dict[str, Any]:
