@@ -187,3 +187,20 @@ def test_bad_data_is_a_one_line_error() -> None:
     task = FederatedTask.from_datasets(_model, [empty], (x, y))
     with pytest.raises(ValueError, match="its DataLoader yields no batch"):
         _run(task, rounds=1)
+
+
+def test_validation_data_mixes_tensors_datasets_and_none() -> None:
+    """Clients with tensors, a Dataset or no validation data: every given example counts once."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(12, 5, generator=gen), torch.randint(0, 3, (12,), generator=gen)
+    task = FederatedTask.from_datasets(
+        _model, [(x, y)] * 3, (x, y), val_data=[(x[:4], y[:4]), None, Rows(x[4:], y[4:])]
+    )
+    model = task.model_fn(0).eval()
+    got = task.validation_data().evaluate(model, "cross_entropy", "accuracy")
+    ref = task.test_data().evaluate(model, "cross_entropy", "accuracy")  # the same 12 examples
+    assert got == pytest.approx(ref)
+    bare = FederatedTask.from_datasets(_model, [(x, y)], (x, y))
+    assert all(
+        math.isnan(v) for v in bare.validation_data().evaluate(model, "mse", "rel_l2").values()
+    )

@@ -217,12 +217,10 @@ class FederatedTask:
     def validation_data(self) -> EvalData:
         """All clients' validation data (federated evaluation weighted by example count)."""
         sources = tuple(c.val for c in self.clients if c.val is not None)
-        held = [c for c in self.clients if c.val is None]
+        held = [c for c in self.clients if c.val is None and c.x_val.shape[0] > 0]
         tensors = None
         if held:
             tensors = (torch.cat([c.x_val for c in held]), torch.cat([c.y_val for c in held]))
-            if tensors[0].numel() == 0:  # no held-out tensors at all
-                tensors = None
         return EvalData(tensors, sources)
 
     @property
