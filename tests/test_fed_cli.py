@@ -198,3 +198,17 @@ def test_resume_continues_and_saves_the_model(
     assert err.count("\n") == 1 and "truncated" in err
     assert main(["simulate", "--task", "regression", "--rounds", "1", "--resume"]) == 2
     assert "--resume needs --out" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_says_how_to_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedng.federated.simulator as simulator
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simulator, "simulate", interrupted)
+    assert _cli_run(tmp_path, 2) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted (fedadam seed 0); rerun with --resume" in err

@@ -354,6 +354,10 @@ def simulate_command(args: argparse.Namespace) -> int:
             except CheckpointError as err:
                 print(f"fedng simulate: error: --resume: {err}", file=sys.stderr)
                 return 2
+            except KeyboardInterrupt:
+                hint = " rerun with --resume to continue" if out is not None else ""
+                print(f"fedng simulate: interrupted ({a} seed {seed});{hint}", file=sys.stderr)
+                return 130
             groups[a].append(h)
             if out is not None:
                 h.to_json(out / f"history_{a}_seed{seed}.json")
