@@ -386,7 +386,7 @@ def _wait_nodes(env: dict[str, str], nodes: int, limit: float) -> int:
 
 def _rounds_done(ckpt: Path) -> int:
     try:
-        return len(json.loads((ckpt / "progress.json").read_text())["rounds"]) - 1
+        return len(json.loads((ckpt / "history.json").read_text())["rounds"]) - 1
     except (OSError, ValueError, KeyError):
         return 0
 

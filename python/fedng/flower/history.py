@@ -18,23 +18,23 @@ from fedng._typing import Arrays
 from fedng.federated.algorithms.base import State
 from fedng.federated.client.params import set_params
 from fedng.federated.report.history import RoundRecord
-from fedng.federated.tasks.base import FederatedTask, evaluate
+from fedng.federated.tasks.base import FederatedTask
 
 Evaluator = Callable[[int, Arrays], RoundRecord]
 """(rounds completed, global parameters) -> the round's record with its metrics filled in."""
 
 
 def task_evaluator(task: FederatedTask, seed: int) -> Evaluator:
-    """Evaluates the global model on `task`'s test set and its clients' validation data, as the
+    """Evaluates the global model on `task`'s test data and its clients' validation data, as the
     simulator does (one model built by `task.model_fn(seed)`, reused)."""
     model = task.model_fn(seed)
-    x_val, y_val = task.validation_set()
+    test_data, val_data = task.test_data(), task.validation_data()
 
     def record(r: int, params: Arrays) -> RoundRecord:
         set_params(model, params)
         model.eval()
-        te = evaluate(model, task.x_test, task.y_test, task.loss, task.metric)
-        va = evaluate(model, x_val, y_val, task.loss, task.metric)
+        te = test_data.evaluate(model, task.loss, task.metric)
+        va = val_data.evaluate(model, task.loss, task.metric)
         return RoundRecord(r, te[task.metric], te["loss"], va[task.metric], va["loss"])
 
     return record

@@ -9,6 +9,7 @@ whose nested tables become dotted keys. fedng reads:
     seed = 0                     model init, sampling, batch order (as `simulate(seed=...)`)
     timeout = 600.0              seconds a round waits for replies
     checkpoint-dir = ""          where the server checkpoints after each round ("" = nowhere)
+    resume = false               continue from checkpoint-dir's last complete round
     task = "digits"              a fedng task (fedng.federated.TASKS) ...
     [task-args]                  ... and its `make_task` keywords (num_clients, alpha, beta, seed)
     [settings]                   `make_configs` settings (lr, local_steps, curvature, prox_mu, ...)
@@ -39,6 +40,7 @@ _SCALARS = {
     "seed": "seed",
     "timeout": "timeout",
     "checkpoint-dir": "checkpoint_dir",
+    "resume": "resume",
     "task": "task",
 }
 _TABLES = {"task-args": "task_args", "settings": "settings"}
@@ -55,6 +57,7 @@ class RunSpec:
         seed: the run seed.
         timeout: seconds a round waits for its replies.
         checkpoint_dir: the server's checkpoint folder ("" for none).
+        resume: continue from the checkpoint in `checkpoint_dir`.
         task: a task of `fedng.federated.TASKS` (used by the ready-made apps).
         task_args: `make_task` keywords.
         settings: `make_configs` settings.
@@ -66,6 +69,7 @@ class RunSpec:
     seed: int = 0
     timeout: float = 600.0
     checkpoint_dir: str = ""
+    resume: bool = False
     task: str = "digits"
     task_args: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)

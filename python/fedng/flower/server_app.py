@@ -3,49 +3,36 @@
 It reads the run settings from the run config (`fedng.flower.runconfig`), builds the task with
 the same `task_fn` the ClientApps use, initializes the global model exactly as
 `fedng.federated.simulate` does (`torch.manual_seed(seed)`, `task.model_fn(seed)`), runs the
-rounds, and, when `checkpoint-dir` is set, writes there the history (`history.json`) and the final
-global model.
+rounds, and, when `checkpoint-dir` is set, checkpoints the server there after every round and
+writes the final global model (`fedng.flower.persist`).
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedng.federated.algorithms.base import State
 from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.client.params import get_params
 from fedng.federated.report.history import History
 from fedng.federated.tasks.base import FederatedTask
 from fedng.flower.client_app import TaskFn, default_task
 from fedng.flower.history import task_evaluator
+from fedng.flower.persist import ServerCheckpoint
 from fedng.flower.runconfig import RunSpec
 from fedng.flower.strategy import FedNGStrategy, RoundHook, arrays_to_record
 
-HISTORY_FILE = "history.json"
-MODEL_FILE = "model.pt"
-PROGRESS_FILE = "progress.json"
-"""The history so far, rewritten (atomically) after every round of a run with a checkpoint-dir."""
-
-
-def _write_progress(folder: Path) -> RoundHook:
-    def hook(state: State, history: History) -> None:
-        tmp = folder / f".{PROGRESS_FILE}.tmp"
-        history.to_json(tmp)
-        os.replace(tmp, folder / PROGRESS_FILE)
-
-    return hook
-
 
 def build_strategy(
-    spec: RunSpec, task: FederatedTask, on_round: RoundHook | None = None
+    spec: RunSpec,
+    task: FederatedTask,
+    on_round: RoundHook | None = None,
+    checkpoint: ServerCheckpoint | None = None,
 ) -> tuple[FedNGStrategy, ArrayRecord]:
     """The strategy for `spec` on `task` and the initial global model, as `simulate` sets them
-    up (same seed, same initial weights, same history header).
+    up (same seed, same initial weights, same history header); it checkpoints to `checkpoint`
+    after every round and resumes from it when `spec.resume`.
 
     Returns:
         (strategy, initial arrays for `strategy.start`).
@@ -72,25 +59,29 @@ def build_strategy(
         evaluator=task_evaluator(task, spec.seed),
         history=history,
         on_round=on_round,
+        checkpoint=checkpoint,
+        resume=spec.resume,
     )
     return strategy, arrays_to_record(get_params(model))
 
 
-def run_server(grid: Grid, spec: RunSpec, task: FederatedTask) -> FedNGStrategy:
-    """Runs the whole federation on `grid`; writes the history and the final model to
-    `spec.checkpoint_dir` when set.
+def run_server(
+    grid: Grid, spec: RunSpec, task: FederatedTask, on_round: RoundHook | None = None
+) -> FedNGStrategy:
+    """Runs the whole federation on `grid`. With `spec.checkpoint_dir`, the server is
+    checkpointed after every round (`checkpoint.pt`, `history.json`), a run with `spec.resume`
+    continues from there, and the final global model is written as `model.pt`.
 
     Returns:
         The strategy after the run (`.state`, `.history`).
     """
-    out = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    strategy, initial = build_strategy(spec, task, None if out is None else _write_progress(out))
+    ckpt = ServerCheckpoint(spec.checkpoint_dir) if spec.checkpoint_dir else None
+    if spec.resume and ckpt is None:
+        raise ValueError("run config 'resume = true' needs a 'checkpoint-dir'")
+    strategy, initial = build_strategy(spec, task, on_round, ckpt)
     strategy.start(grid, initial, num_rounds=spec.rounds, timeout=spec.timeout)
-    if out is not None and strategy.state is not None:
-        strategy.history.to_json(out / HISTORY_FILE)
-        torch.save(strategy.state.params, out / MODEL_FILE)
+    if ckpt is not None and strategy.state is not None:
+        ckpt.save_model(task, spec.seed, strategy.state.params)
     return strategy
 
 

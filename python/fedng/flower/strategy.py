@@ -47,6 +47,7 @@ from fedng.federated.wire import PayloadError
 from fedng.flower.client_app import QUERY_RECORD
 from fedng.flower.codec import decode_update, encode_message, payload_nbytes
 from fedng.flower.history import Evaluator, fill_round, no_evaluation
+from fedng.flower.persist import ServerCheckpoint
 
 logger = logging.getLogger("fedng.flower")
 
@@ -98,6 +99,8 @@ class FedNGStrategy(Strategy):
         evaluator: fills a round's metrics from the global model (default: none, NaN).
         history: the history to append the rounds to (default: a bare one).
         on_round: called after every round with the new state and the history.
+        checkpoint: where to checkpoint the server after every round (None: nowhere).
+        resume: continue from `checkpoint`'s last complete round when it holds one.
         poll_interval: seconds between two pulls while replies are outstanding.
 
     Attributes:
@@ -115,6 +118,8 @@ class FedNGStrategy(Strategy):
         evaluator: Evaluator | None = None,
         history: History | None = None,
         on_round: RoundHook | None = None,
+        checkpoint: ServerCheckpoint | None = None,
+        resume: bool = False,
         poll_interval: float = 0.05,
     ) -> None:
         if not 0 < participation <= 1:
@@ -129,6 +134,8 @@ class FedNGStrategy(Strategy):
             "flower", server_config.algorithm, "accuracy", True, seed, {}, {}, {}
         )
         self.on_round = on_round
+        self.checkpoint = checkpoint
+        self.resume = resume
         self.poll_interval = poll_interval
         self.state: State | None = None
         self.message: ServerMessage | None = None
@@ -225,8 +232,23 @@ class FedNGStrategy(Strategy):
         self.state, self.message = server_init(record_to_arrays(initial_arrays), config)
         self._rng = np.random.default_rng(self.seed)
         result = Result(arrays=arrays_to_record(self.state.params))
-        self.history.rounds.append(self._evaluate(0, result, evaluate_fn))
-        for r in range(1, rounds + 1):
+        identity = {
+            "task": self.history.task,
+            "seed": self.seed,
+            "participation": self.participation,
+            "num_clients": self.num_clients,
+            "client_config": self.history.client_config,
+            "server_config": config.to_dict(),
+        }
+        if self.resume and self.checkpoint is not None and self.checkpoint.exists():
+            self.state, self.message = self.checkpoint.restore(
+                self._rng, self.history, identity, rounds
+            )
+            result.arrays = arrays_to_record(self.state.params)
+            logger.info("resumed after round %d", self.state.round)
+        else:
+            self.history.rounds.append(self._evaluate(0, result, evaluate_fn))
+        for r in range(self.history.rounds[-1].round + 1, rounds + 1):
             rec = self._run_round(grid, r, timeout)
             rec = self._evaluate(r, result, evaluate_fn, rec)
             self.history.rounds.append(rec)
@@ -252,6 +274,8 @@ class FedNGStrategy(Strategy):
             )
             for cid, why in rec.rejected.items():
                 logger.warning("round %d: client %s rejected: %s", r, cid, why)
+            if self.checkpoint is not None:
+                self.checkpoint.save(self.state, self.message, self._rng, self.history, identity)
             if self.on_round is not None:
                 self.on_round(self.state, self.history)
         logger.info("FedNGStrategy: %d rounds in %.1f s", rounds, time.perf_counter() - t0)
