@@ -38,10 +38,16 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+try:  # flwr's own dependency; the script needs the flower extra anyway
+    import flwr
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+except ImportError as _err:
+    sys.exit(
+        f"flower_deploy.py needs Flower 1.41 (Python >= 3.11): pip install 'fedng[flower]' ({_err})"
+    )
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "examples" / "flower-digits"
