@@ -256,6 +256,22 @@ def run_status(env: dict[str, str], run_id: int) -> dict[str, Any]:
     return dict(runs[0]) if runs else {}
 
 
+def _env(workdir: Path) -> dict[str, str]:
+    """The environment of every process of a run: its own FLWR_HOME, no telemetry, one thread,
+    this environment's bin first (flower-superexec), and the run's tag."""
+    return {
+        **os.environ,
+        "FLWR_HOME": str(workdir / "flwr_home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superexec & co.
+        TAG: uuid.uuid4().hex,
+    }
+
+
 def deploy(
     workdir: Path,
     *,
@@ -277,17 +293,7 @@ def deploy(
     keys = workdir / "keys"
     keys.mkdir(exist_ok=True)
     ckpt = workdir / "checkpoint"
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(workdir / "flwr_home"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "PYTHONUNBUFFERED": "1",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superexec & co.
-        TAG: uuid.uuid4().hex,
-    }
+    env = _env(workdir)
     ca, cert, key = make_tls(keys)
     node_keys = [make_node_key(keys, f"node{i}") for i in range(nodes)]
     port = free_port()
@@ -362,6 +368,66 @@ def deploy(
     return report
 
 
+def simulate_engine(
+    workdir: Path,
+    *,
+    nodes: int = 3,
+    rounds: int = 3,
+    algorithm: str = "fedng",
+    seed: int = 0,
+    run_limit: float = 900.0,
+) -> dict[str, Any]:
+    """The same app on Flower's simulation engine (Ray; `flwr[simulation]`): a simulation
+    SuperLink on 127.0.0.1 without dependency installation, `flwr run` with `num-supernodes`,
+    the outcome from `flwr ls`, every process stopped. Returns the report."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = _env(workdir)
+    port = free_port()
+    home = Path(env["FLWR_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{HOST}:{port}"\ninsecure = true\n'
+    )
+    ckpt = workdir / "checkpoint"
+    procs = Processes(workdir, env)
+    report: dict[str, Any] = {"engine": "simulation", "nodes": nodes, "rounds": rounds}
+    t0 = time.monotonic()
+    try:
+        link = procs.start(
+            "superlink",
+            [
+                str(BIN / "flower-superlink"), "--insecure", "--simulation",
+                "--disable-runtime-dependency-installation",
+                "--host", HOST, "--port", str(port),
+            ],
+        )  # fmt: skip
+        wait_port(port, link, 60.0)
+        overrides = (
+            f"num-server-rounds={rounds} algorithm='{algorithm}' seed={seed}"
+            f" checkpoint-dir='{ckpt}' task-args.num_clients={nodes}"
+        )
+        started = flwr_json(
+            env, "run", str(APP), CONNECTION, "--run-config", overrides,
+            "--federation-config", f"num-supernodes={nodes}",
+        )  # fmt: skip
+        run_id = int(started["run-id"])
+        status: dict[str, Any] = {}
+        while time.monotonic() - t0 < run_limit:
+            status = run_status(env, run_id)
+            if str(status.get("status", "")).startswith("finished"):
+                break
+            time.sleep(1.0)
+        report["status"] = status
+        history = ckpt / "history.json"
+        report["history"] = json.loads(history.read_text()) if history.exists() else None
+        report["model"] = str(ckpt / "model.pt")
+    finally:
+        report["left_running"] = procs.stop_all()
+        report["total_s"] = round(time.monotonic() - t0, 1)
+    return report
+
+
 def _supernode(port: int, ca: Path, key: Path, pid: int, nodes: int) -> list[str]:
     return [
         str(BIN / "flower-supernode"),
@@ -422,19 +488,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-node-after-round", type=int, default=None)
     p.add_argument("--no-intruder", action="store_true", help="skip the unregistered node")
     p.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: temp)")
+    p.add_argument(
+        "--simulation", action="store_true", help="Flower's simulation engine (needs Ray) instead"
+    )
     a = p.parse_args(argv)
     folder = a.keep or Path(tempfile.mkdtemp(prefix="fedng-flower-"))
     try:
-        report = deploy(
-            folder,
-            nodes=a.nodes,
-            rounds=a.rounds,
-            algorithm=a.algorithm,
-            seed=a.seed,
-            timeout=a.timeout,
-            kill_node_after_round=a.kill_node_after_round,
-            intruder=not a.no_intruder,
-        )
+        if a.simulation:
+            report = simulate_engine(
+                folder, nodes=a.nodes, rounds=a.rounds, algorithm=a.algorithm, seed=a.seed
+            )
+        else:
+            report = deploy(
+                folder,
+                nodes=a.nodes,
+                rounds=a.rounds,
+                algorithm=a.algorithm,
+                seed=a.seed,
+                timeout=a.timeout,
+                kill_node_after_round=a.kill_node_after_round,
+                intruder=not a.no_intruder,
+            )
     finally:
         if a.keep is None:
             shutil.rmtree(folder, ignore_errors=True)
