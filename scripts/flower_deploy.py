@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,41 @@ def _env(workdir: Path) -> dict[str, str]:
     }
 
 
+def connect(env: dict[str, str], port: int, security: str) -> None:
+    """Writes the `flwr` CLI's connection to the run's SuperLink ($FLWR_HOME/config.toml)."""
+    home = Path(env["FLWR_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{HOST}:{port}"\n{security}\n'
+    )
+
+
+def wait_run(
+    env: dict[str, str], run_id: int, limit: float, tick: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """Polls `flwr ls` until the run is finished (or `limit` s); calls `tick` every second."""
+    deadline = time.monotonic() + limit
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = run_status(env, run_id)
+        if str(status.get("status", "")).startswith("finished"):
+            break
+        if tick is not None:
+            tick()
+        time.sleep(1.0)
+    return status
+
+
+def outcome(ckpt: Path) -> dict[str, Any]:
+    """The run's history (None if it wrote none) and the path of its final model."""
+    history = ckpt / "history.json"
+    return {
+        "history": json.loads(history.read_text()) if history.exists() else None,
+        "model": str(ckpt / "model.pt"),
+    }
+
+
 def deploy(
     workdir: Path,
     *,
@@ -297,12 +333,7 @@ def deploy(
     ca, cert, key = make_tls(keys)
     node_keys = [make_node_key(keys, f"node{i}") for i in range(nodes)]
     port = free_port()
-    home = Path(env["FLWR_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{HOST}:{port}"\nroot-certificates = "{ca}"\n'
-    )
+    connect(env, port, f'root-certificates = "{ca}"')
     procs = Processes(workdir, env)
     report: dict[str, Any] = {"nodes": nodes, "rounds": rounds, "algorithm": algorithm}
     t0 = time.monotonic()
@@ -342,26 +373,19 @@ def deploy(
         started = flwr_json(env, "run", str(APP), CONNECTION, "--run-config", overrides)
         run_id = int(started["run-id"])
         report["run_id"] = run_id
-        killed = None
-        status: dict[str, Any] = {}
-        while time.monotonic() - t1 < run_limit:
-            status = run_status(env, run_id)
-            if str(status.get("status", "")).startswith("finished"):
-                break
-            if kill_node_after_round is not None and killed is None:
-                done = _rounds_done(ckpt)
-                if done >= kill_node_after_round:
-                    killed = nodes - 1
-                    procs.stop(f"supernode{killed}", grace=0.0)
-                    report["killed"] = {"node": killed, "after_round": done}
-            time.sleep(1.0)
+
+        def kill_one() -> None:
+            done = _rounds_done(ckpt)
+            due = kill_node_after_round is not None and done >= kill_node_after_round
+            if due and "killed" not in report:
+                procs.stop(f"supernode{nodes - 1}", grace=0.0)
+                report["killed"] = {"node": nodes - 1, "after_round": done}
+
+        report["status"] = wait_run(env, run_id, run_limit, kill_one)
         report["run_s"] = round(time.monotonic() - t1, 1)
-        report["status"] = status
         if intruder:
             report["intruder"] = _intruder_verdict(procs)
-        history = ckpt / "history.json"
-        report["history"] = json.loads(history.read_text()) if history.exists() else None
-        report["model"] = str(ckpt / "model.pt")
+        report.update(outcome(ckpt))
     finally:
         report["left_running"] = procs.stop_all()
         report["total_s"] = round(time.monotonic() - t0, 1)
@@ -383,12 +407,7 @@ def simulate_engine(
     workdir.mkdir(parents=True, exist_ok=True)
     env = _env(workdir)
     port = free_port()
-    home = Path(env["FLWR_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{HOST}:{port}"\ninsecure = true\n'
-    )
+    connect(env, port, "insecure = true")
     ckpt = workdir / "checkpoint"
     procs = Processes(workdir, env)
     report: dict[str, Any] = {"engine": "simulation", "nodes": nodes, "rounds": rounds}
@@ -411,17 +430,8 @@ def simulate_engine(
             env, "run", str(APP), CONNECTION, "--run-config", overrides,
             "--federation-config", f"num-supernodes={nodes}",
         )  # fmt: skip
-        run_id = int(started["run-id"])
-        status: dict[str, Any] = {}
-        while time.monotonic() - t0 < run_limit:
-            status = run_status(env, run_id)
-            if str(status.get("status", "")).startswith("finished"):
-                break
-            time.sleep(1.0)
-        report["status"] = status
-        history = ckpt / "history.json"
-        report["history"] = json.loads(history.read_text()) if history.exists() else None
-        report["model"] = str(ckpt / "model.pt")
+        report["status"] = wait_run(env, int(started["run-id"]), run_limit)
+        report.update(outcome(ckpt))
     finally:
         report["left_running"] = procs.stop_all()
         report["total_s"] = round(time.monotonic() - t0, 1)
