@@ -405,7 +405,8 @@ def simulate_engine(
     SuperLink on 127.0.0.1 without dependency installation, `flwr run` with `num-supernodes`,
     the outcome from `flwr ls`, every process stopped. Returns the report."""
     workdir.mkdir(parents=True, exist_ok=True)
-    env = _env(workdir)
+    # Ray's own servers on 127.0.0.1 too (its node address is otherwise the host's interface)
+    env = {**_env(workdir), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     port = free_port()
     connect(env, port, "insecure = true")
     ckpt = workdir / "checkpoint"
