@@ -21,6 +21,7 @@ from fedng.federated import FederatedTask, History, simulate
 from fedng.flower import RunSpec, make_client_app, run_server
 from fedng.flower.apps import client_app as ready_client_app
 from fedng.flower.testing import LocalGrid
+from flwr.app import ArrayRecord, ConfigRecord
 
 TIMINGS = ("client_time_s", "server_time_s")
 
@@ -160,3 +161,22 @@ def test_client_state_lives_in_context_state() -> None:
     for node, ctx in grid.contexts.items():
         has = "fedng.client_state" in ctx.state.array_records
         assert has == (strategy.client_of[node] in trained)
+
+
+def test_a_round_driven_through_flowers_strategy_interface() -> None:
+    """After `start`, one more round driven by hand (`configure_train`, the grid's
+    send_and_receive, `aggregate_train`) is the round `start` would have run."""
+    spec = RunSpec(algorithm="fedadam", rounds=2, participation=0.5, seed=6)
+    task = small_task(spec)
+    want = run_server(
+        LocalGrid(make_client_app(small_task), 4, spec.to_run_config()),
+        replace(spec, rounds=3),
+        task,
+    )
+    grid = LocalGrid(make_client_app(small_task), 4, spec.to_run_config())
+    strategy = run_server(grid, spec, task)
+    msgs = strategy.configure_train(3, ArrayRecord(), ConfigRecord(), grid)
+    arrays, _ = strategy.aggregate_train(3, grid.send_and_receive(msgs))
+    assert strategy.state is not None and want.state is not None and arrays is not None
+    assert strategy.state.round == 3
+    assert all(torch.equal(strategy.state.params[k], v) for k, v in want.state.params.items())

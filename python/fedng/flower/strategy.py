@@ -167,8 +167,9 @@ class FedNGStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Folds the replies into a round and finishes it (the batch path of Flower's own
-        `Strategy.start`; `start` below streams instead)."""
+        """Folds a round's replies in and finishes the round: one more round driven by the
+        caller (`configure_train`, the grid, then this) after `start`, which initializes the
+        state. Replies that cannot be used are logged with their reason."""
         if self.state is None:
             raise RuntimeError("FedNGStrategy: call start() (it initializes the server state)")
         rnd = begin_round(self.state)
@@ -178,6 +179,8 @@ class FedNGStrategy(Strategy):
             cid = self.client_of.get(reply.metadata.src_node_id, -1)
             self._fold(rnd, cid, reply, failed, losses)
         self.state, self.message = rnd.finish()
+        for cid, why in {**failed, **self.state.log.get("rejected", {})}.items():
+            logger.warning("round %d: client %s rejected: %s", server_round, cid, why)
         return arrays_to_record(self.state.params), None
 
     def configure_evaluate(
