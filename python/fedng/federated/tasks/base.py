@@ -39,7 +39,8 @@ class ClientData:
     """One client's local data: in-memory tensors, or a data source read batch by batch.
 
     Build it with `ClientData.from_data` from whatever the user has; the local loops read it
-    through `fedng.federated.client.batches`, never through `x` / `y` directly.
+    through `fedng.federated.client.sgd.training_batches` / `ordered_batches`, never through `x` /
+    `y` directly.
 
     Attributes:
         client_id: the client's index.
