@@ -132,13 +132,16 @@ def test_client_data_from_a_function_and_a_cnn() -> None:
     def cnn() -> nn.Module:
         return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
 
-    task = FederatedTask.from_datasets(
-        cnn,
-        lambda c: Rows(x[c * 20 : (c + 1) * 20], y[c * 20 : (c + 1) * 20]),
-        (x, y),
-        num_clients=4,
-    )
-    assert [c.num_examples for c in task.clients] == [20] * 4
+    built: list[int] = []
+
+    def data_of(c: int) -> Rows:
+        built.append(c)
+        return Rows(x[c * 20 : (c + 1) * 20], y[c * 20 : (c + 1) * 20])
+
+    task = FederatedTask.from_datasets(cnn, data_of, (x, y), num_clients=4)
+    assert built == []  # a factory runs on first use: a node builds only its own partition
+    assert task.clients[2].num_examples == 20 and built == [2]
+    assert [c.num_examples for c in task.clients] == [20] * 4 and sorted(built) == [0, 1, 2, 3]
     hist = _run(task, "fedng", rounds=2)
     assert all(math.isfinite(r.metric) for r in hist.rounds) and not hist.rounds[-1].rejected
 
@@ -180,6 +183,10 @@ def test_bad_data_is_a_one_line_error() -> None:
         def __getitem__(self, i: int) -> Any:
             return self.x[i], self.y[i], 0
 
+    lazy = FederatedTask.from_datasets(_model, lambda c: "oops", (x, y), num_clients=2)
+    with pytest.raises(TypeError, match="client 1 training data: expected") as err:
+        lazy.clients[1].materialize()
+    assert "\n" not in str(err.value)
     task = FederatedTask.from_datasets(_model, [Triples(x, y)], (x, y))
     with pytest.raises(TypeError, match="Triples: each batch must be an \\(inputs, targets\\)"):
         _run(task, rounds=1)

@@ -79,7 +79,8 @@ def simulate(
         checkpoint_dir: a folder; the run's state is written to `checkpoint.pt` there after
             every round (atomically: a crash leaves the previous round's), and the final global
             model to `model.pt` (`model.load_state_dict(torch.load(path))` on a model from
-            `task.model_fn`). None: nothing is written.
+            `task.model_fn`). Without `resume`, a checkpoint already there is overwritten by
+            the new run. None: nothing is written.
         resume: continue from `checkpoint_dir/checkpoint.pt` when it exists (the same task,
             configs, seed and participation; `rounds` may be larger than the checkpoint's). The
             result is bit-identical to an uninterrupted run. Without a checkpoint the run starts

@@ -57,7 +57,7 @@ def training_batches(
     read and collated one batch at a time); a `DataLoader` yields its own batches in its own
     order, restarted when exhausted (`batch_size` and `seed` do not apply).
     """
-    source = data.train
+    source = data.materialize().train
     if source is None:
         for idx in batch_indices(data.num_examples, batch_size, steps, seed):
             yield data.x[idx], data.y[idx]
@@ -80,8 +80,9 @@ def training_batches(
 def ordered_batches(data: ClientData, batch_size: int) -> Iterator[TensorPair]:
     """Every training example once, in order, in batches of `batch_size` (a `DataLoader`: its
     own batches)."""
-    if data.train is not None:
-        yield from sequential_batches(data.train, batch_size)
+    source = data.materialize().train
+    if source is not None:
+        yield from sequential_batches(source, batch_size)
         return
     for lo in range(0, data.num_examples, batch_size):
         yield data.x[lo : lo + batch_size], data.y[lo : lo + batch_size]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeAlias
 
 import torch
@@ -38,7 +39,8 @@ class ClientData:
     """One client's local data: in-memory tensors, or a data source read batch by batch.
 
     Build it with `ClientData.from_data` from whatever the user has; the local loops read it
-    through `fedng.federated.client.batches`, never through `x` / `y` directly.
+    through `fedng.federated.client.sgd.training_batches` / `ordered_batches`, never through `x` /
+    `y` directly.
 
     Attributes:
         client_id: the client's index.
@@ -49,6 +51,7 @@ class ClientData:
         y_val: validation targets.
         train: a `Dataset` or `DataLoader` of the training data (None: `x`, `y`).
         val: a `Dataset` or `DataLoader` of the validation data (None: `x_val`, `y_val`).
+        build: builds (train, val) on first use (`ClientData.lazy`); None once built.
     """
 
     client_id: int
@@ -58,11 +61,33 @@ class ClientData:
     y_val: torch.Tensor
     train: DataSource | None = None
     val: DataSource | None = None
+    build: Callable[[], tuple[UserData, UserData | None]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def num_examples(self) -> int:
         """Training examples (the aggregation weight)."""
+        self.materialize()
         return int(self.x.shape[0]) if self.train is None else source_len(self.train)
+
+    @staticmethod
+    def lazy(client_id: int, build: Callable[[], tuple[UserData, UserData | None]]) -> ClientData:
+        """A client whose data `build()` returns as (train, val) on first use, so that a node of a
+        federation calls the data factory of its own partition only."""
+        return ClientData(client_id, _EMPTY, _EMPTY, _EMPTY, _EMPTY, build=build)
+
+    def materialize(self) -> ClientData:
+        """Builds the data of a `lazy` client (once); returns self.
+
+        Raises:
+            TypeError, ValueError: as `from_data`, for what `build` returned.
+        """
+        if self.build is not None:
+            made = ClientData.from_data(self.client_id, *self.build())
+            self.x, self.y, self.x_val, self.y_val = made.x, made.y, made.x_val, made.y_val
+            self.train, self.val, self.build = made.train, made.val, None
+        return self
 
     @staticmethod
     def from_data(client_id: int, train: UserData, val: UserData | None = None) -> ClientData:
@@ -171,28 +196,31 @@ class FederatedTask:
                     "FederatedTask.from_datasets: 'num_clients' >= 1 is needed when"
                     f" 'client_data' is a function, got {num_clients!r}"
                 )
-            train = [client_data(c) for c in range(num_clients)]
+            n, train_of = num_clients, client_data
         else:
-            train = list(client_data)
-            if not train or num_clients not in (None, len(train)):
+            given = list(client_data)
+            n, train_of = len(given), given.__getitem__
+            if not given or num_clients not in (None, n):
                 raise ValueError(
-                    f"FederatedTask.from_datasets: {len(train)} client data sets for"
+                    f"FederatedTask.from_datasets: {n} client data sets for"
                     f" 'num_clients'={num_clients!r}"
                 )
+        val_of: Callable[[int], UserData | None]
         if val_data is None:
-            vals: list[UserData | None] = [None] * len(train)
+            val_of = _no_data
         elif callable(val_data):
-            vals = [val_data(c) for c in range(len(train))]
+            val_of = val_data
         else:
             vals = list(val_data)
-            if len(vals) != len(train):
+            if len(vals) != n:
                 raise ValueError(
-                    f"FederatedTask.from_datasets: {len(vals)} validation sets for"
-                    f" {len(train)} clients"
+                    f"FederatedTask.from_datasets: {len(vals)} validation sets for {n} clients"
                 )
-        clients = [
-            ClientData.from_data(c, t, v) for c, (t, v) in enumerate(zip(train, vals, strict=True))
-        ]
+            val_of = vals.__getitem__
+        if callable(client_data) or callable(val_data):  # factories run on first use only
+            clients = [ClientData.lazy(c, partial(_data_of, train_of, val_of, c)) for c in range(n)]
+        else:
+            clients = [ClientData.from_data(c, train_of(c), val_of(c)) for c in range(n)]
         pair = tensors_of(test_data)
         test = None if pair is not None else check_source(test_data, "test data")
         x_test, y_test = pair if pair is not None else (_EMPTY, _EMPTY)
@@ -216,6 +244,8 @@ class FederatedTask:
 
     def validation_data(self) -> EvalData:
         """All clients' validation data (federated evaluation weighted by example count)."""
+        for c in self.clients:
+            c.materialize()
         sources = tuple(c.val for c in self.clients if c.val is not None)
         held = [c for c in self.clients if c.val is None and c.x_val.shape[0] > 0]
         tensors = None
@@ -234,6 +264,17 @@ class FederatedTask:
             torch.cat([c.x_val for c in self.clients]),
             torch.cat([c.y_val for c in self.clients]),
         )
+
+
+def _no_data(client_id: int) -> None:
+    """No validation data for any client."""
+
+
+def _data_of(
+    train_of: Callable[[int], UserData], val_of: Callable[[int], UserData | None], client_id: int
+) -> tuple[UserData, UserData | None]:
+    """(train, val) of one client from the factories."""
+    return train_of(client_id), val_of(client_id)
 
 
 @dataclass(frozen=True)
