@@ -180,3 +180,34 @@ def test_partition_id_is_checked() -> None:
     for bad in ({}, {"partition-id": 3}, {"partition-id": "0"}):
         with pytest.raises(ValueError, match="partition-id"):
             partition_of(Context(1, 2, bad, RecordDict(), {}), 3)
+
+
+@pytestmark_flwr
+def test_example_app_config_is_a_valid_run_spec() -> None:
+    """examples/flower-digits: its run config (flattened as Flower does) is a valid RunSpec whose
+    task has one client per SuperNode the script starts, and its components are the ready-made
+    apps (module-level names, as `flwr build` requires)."""
+    from pathlib import Path
+
+    import tomllib
+    from fedng.flower import RunSpec, apps
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "flower-digits" / "pyproject.toml"
+    app = tomllib.loads(root.read_text())["tool"]["flwr"]["app"]
+
+    def flat(d: dict[str, object], prefix: str = "") -> dict[str, object]:
+        out: dict[str, object] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    spec = RunSpec.from_run_config(flat(app["config"]))  # type: ignore[arg-type]
+    spec.configs()
+    assert spec.task_args["num_clients"] == 3 and not spec.resume
+    assert app["components"] == {
+        "serverapp": "fedng.flower.apps:server_app",
+        "clientapp": "fedng.flower.apps:client_app",
+    }
+    assert isinstance(apps.server_app, ServerApp) and isinstance(apps.client_app, ClientApp)
