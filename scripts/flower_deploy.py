@@ -315,7 +315,7 @@ def deploy(
     rounds: int = 3,
     algorithm: str = "fedng",
     seed: int = 0,
-    timeout: float = 60.0,
+    timeout: float = 120.0,
     kill_node_after_round: int | None = None,
     intruder: bool = True,
     run_limit: float = 900.0,
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--algorithm", default="fedng")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds a round waits")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a round waits")
     p.add_argument("--kill-node-after-round", type=int, default=None)
     p.add_argument("--no-intruder", action="store_true", help="skip the unregistered node")
     p.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: temp)")
