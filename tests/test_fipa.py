@@ -284,3 +284,21 @@ def test_no_curvature_at_all_gives_the_mean_delta() -> None:
     assert float(step.abs().max()) == 0.0
     with pytest.raises(ValueError, match="one entry per client"):
         eigenpair_step(deltas, u[:1], [torch.zeros(2)] * 2, [1.0, 1.0])
+
+
+@pytest.mark.parametrize("fisher_samples", [0, 16])
+def test_fipa_reads_a_dataset_client_like_tensors(fisher_samples: int) -> None:
+    """A client holding a `Dataset` gets the same Fisher payload as one holding tensors."""
+    from fedng.federated.tasks.base import ClientData
+    from torch.utils.data import TensorDataset
+
+    task = blobs_task(num_clients=1, n=40)
+    c = task.clients[0]
+    as_ds = ClientData.from_data(0, TensorDataset(c.x, c.y))
+    flat = {"lr": 0.1, "local_steps": 2, "batch_size": 10, "fisher_samples": fisher_samples}
+    cc, sc = make_configs("fipa", flat)
+    model = task.model_fn(0)
+    _, msg = server_init(get_params(model), sc)
+    a, b = client_step(model, c, msg, cc), client_step(model, as_ds, msg, cc)
+    for k in a.extras:
+        torch.testing.assert_close(a.extras[k], b.extras[k])

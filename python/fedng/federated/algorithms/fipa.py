@@ -36,7 +36,12 @@ from fedng.federated.client.lowrank_fisher import (
     trainable_names,
 )
 from fedng.federated.client.params import set_params
-from fedng.federated.client.sgd import local_sgd, round_seed
+from fedng.federated.client.sgd import (
+    local_sgd,
+    ordered_batches,
+    round_seed,
+    training_batches,
+)
 from fedng.federated.config.common import ClientConfig
 from fedng.federated.config.fipa import FIPAConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
@@ -77,13 +82,12 @@ class FIPA(Algorithm[FIPAConfig]):
         set_params(model, message.params)
         rows = None
         if self.active(opts, message.round):
-            x, y = data.x, data.y
-            if 0 < opts.fisher_samples < data.num_examples:
-                gen = torch.Generator().manual_seed(
-                    round_seed(opts.sketch_seed, message.round, data.client_id)
-                )
-                idx = torch.randperm(data.num_examples, generator=gen)[: opts.fisher_samples]
-                x, y = x[idx], y[idx]
+            if opts.fisher_samples > 0:  # one seeded batch (a DataLoader: its next batch)
+                seed = round_seed(opts.sketch_seed, message.round, data.client_id)
+                x, y = next(training_batches(data, opts.fisher_samples, 1, seed))
+            else:
+                batches = list(ordered_batches(data, config.batch_size))
+                x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
             rows = fisher_rows(model, x, y, config.loss, opts.fisher_type)
         metrics = local_sgd(model, data, config, message.round)
         upd = self.make_update(model, data, message, config, metrics, client_state)
