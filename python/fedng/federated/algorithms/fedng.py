@@ -30,7 +30,7 @@ from fedng.federated.algorithms.curvature_payload import (
     decoded_all,
 )
 from fedng.federated.client.layers import warn_unsupported_layers
-from fedng.federated.client.natural_gradient import natural_gradient_local
+from fedng.federated.client.natural_gradient import client_damping, natural_gradient_local
 from fedng.federated.client.params import set_params
 from fedng.federated.config.common import ClientConfig
 from fedng.federated.config.curvature import FedNGConfig
@@ -72,11 +72,12 @@ class FedNG(Algorithm[FedNGConfig]):
             msg.extras = {f"curv/{k}": v for k, v in arrays.items()}
             msg.meta["curv"] = meta
             return msg
-        failed = glob.inverse(opts.damping).failed
+        failed = glob.inverse(client_damping(glob, opts)).failed
         arrays, sym = glob.inverse_arrays()
         msg.extras = {f"inv/{k}": v for k, v in arrays.items()}
         msg.symmetric = frozenset(f"inv/{s}" for s in sym)
         msg.meta["damping"] = opts.damping
+        msg.meta["damping_scale"] = opts.damping_scale
         if failed:
             msg.meta["inverse_failed"] = failed
         return msg

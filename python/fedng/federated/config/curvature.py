@@ -10,6 +10,7 @@ from fedng.curvature import kinds
 from fedng.curvature.fisher import FISHER_TYPES
 from fedng.federated.config.base import AlgorithmConfig, check, check_choice
 from fedng.federated.wire import FLOAT_WIRE
+from fedng.optim.config import DAMPING_SCALES
 
 PRECONDITIONERS: tuple[str, ...] = ("global", "local", "global_local", "none")
 AGGREGATIONS: tuple[str, ...] = ("mean", "fisher")
@@ -112,7 +113,11 @@ class FedNGConfig(CurvatureConfig):
     Attributes:
         precond: the client's preconditioner: "global" (the server's), "local" (its own running
             curvature), "global_local" (the server's refreshed by the client's own), "none".
-        damping: Tikhonov damping of the client's preconditioner and of the broadcast inverses.
+        damping: Tikhonov damping of the client's preconditioner and of the broadcast inverses:
+            λ itself (`damping_scale="absolute"`) or its factor of each block's mean eigenvalue
+            `tr(F_i) / d_i` (`"relative"`, the default: stable on any model without retuning).
+        damping_scale: "relative" or "absolute" (how `damping` is read, as in
+            `fedng.optim.NaturalGradient`).
         local_mix: weight of the client's own curvature in "global_local" (0..1).
         inverse_every: local steps between re-inversions of a local / mixed preconditioner.
         curvature_decay: EMA decay of the client's running curvature across its local steps.
@@ -127,12 +132,13 @@ class FedNGConfig(CurvatureConfig):
     """
 
     precond: str = "global_local"
-    damping: float = 1e-2
+    damping: float = 1e-1
+    damping_scale: str = "relative"
     local_mix: float = 0.5
     inverse_every: int = 5
     curvature_decay: float = 0.9
     upload_every: int = 1
-    kl_clip: float = 0.0
+    kl_clip: float = 1e-3
     aggregation: str = "fisher"
     curvature_ema: float = 0.5
     broadcast: str = "auto"
@@ -143,6 +149,7 @@ class FedNGConfig(CurvatureConfig):
         c = "FedNGConfig"
         check_choice(c, "precond", self.precond, PRECONDITIONERS)
         check(self.damping > 0, c, "damping", "> 0", self.damping)
+        check_choice(c, "damping_scale", self.damping_scale, DAMPING_SCALES)
         check(0 <= self.local_mix <= 1, c, "local_mix", "in [0, 1]", self.local_mix)
         check(self.inverse_every >= 1, c, "inverse_every", ">= 1", self.inverse_every)
         check(
