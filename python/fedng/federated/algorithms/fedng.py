@@ -26,6 +26,7 @@ from fedng.federated.algorithms.base import Algorithm, State
 from fedng.federated.algorithms.curvature_payload import (
     attach_curvature,
     check_curvature_payload,
+    curvature_arrays,
     curvature_trace,
     decoded_all,
 )
@@ -68,7 +69,7 @@ class FedNG(Algorithm[FedNGConfig]):
         if glob is None:
             return msg
         if mode == "factors":
-            arrays, meta = glob.to_arrays(torch.float32)
+            arrays, meta = curvature_arrays(glob, "fp32", opts.compression)
             msg.extras = {f"curv/{k}": v for k, v in arrays.items()}
             msg.meta["curv"] = meta
             return msg
@@ -96,7 +97,7 @@ class FedNG(Algorithm[FedNGConfig]):
         res = natural_gradient_local(model, data, message, config, opts)
         upd = self.make_update(model, data, message, config, res.metrics, client_state)
         if message.round % opts.upload_every == 0:
-            attach_curvature(upd, res.curvature, opts.payload_dtype)
+            attach_curvature(upd, res.curvature, opts.payload_dtype, opts.compression)
         return upd
 
     def check_curvature(self, state: State, update: ClientUpdate) -> str | None:

@@ -24,6 +24,7 @@ from torch import nn
 
 from fedng.curvature import CurvatureSet
 from fedng.curvature.block_diagonal import Damping
+from fedng.curvature.quantize import META_KEY, dequantize_arrays
 from fedng.federated.client.sgd import local_sgd, round_seed
 from fedng.federated.config.common import ClientConfig
 from fedng.federated.config.curvature import FedNGConfig, curvature_mapping
@@ -62,7 +63,9 @@ def global_curvature(
     inv = {k[4:]: v for k, v in message.extras.items() if k.startswith("inv/")}
     fac = {k[5:]: v for k, v in message.extras.items() if k.startswith("curv/")}
     if fac and "curv" in message.meta:
-        return CurvatureSet.from_arrays(fac, message.meta["curv"], local.dtype), True
+        meta = message.meta["curv"]
+        arrays = dequantize_arrays(fac, meta) if META_KEY in meta else fac
+        return CurvatureSet.from_arrays(arrays, meta, local.dtype), True
     if inv:
         glob = CurvatureSet.empty(
             local.layouts, local.kinds, options.rank, options.sketch_seed, local.dtype

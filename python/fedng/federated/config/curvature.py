@@ -16,6 +16,7 @@ PRECONDITIONERS: tuple[str, ...] = ("global", "local", "global_local", "none")
 AGGREGATIONS: tuple[str, ...] = ("mean", "fisher")
 BROADCASTS: tuple[str, ...] = ("auto", "inverse", "factors", "none")
 FISHER_CENTERS: tuple[str, ...] = ("zero", "mean")
+COMPRESSIONS: tuple[str, ...] = ("auto", "int8", "none")
 
 _BROADCAST_FOR = {"global": "inverse", "global_local": "factors"}
 """What the server must send for a client preconditioner ("auto" broadcast)."""
@@ -122,6 +123,11 @@ class FedNGConfig(CurvatureConfig):
         inverse_every: local steps between re-inversions of a local / mixed preconditioner.
         curvature_decay: EMA decay of the client's running curvature across its local steps.
         upload_every: upload curvature every R rounds (R >= 1).
+        compression: the curvature on the wire (client uploads and broadcast factors): "int8"
+            (K-FAC factors and diagonals as int8 with float32 per-row scales, PSD by
+            construction, see `fedng.curvature.quantize`; low-rank sketches stay in
+            `payload_dtype`), "none" (`payload_dtype` / `broadcast_dtype`), or "auto" (int8
+            when the model's fp32 curvature payload is larger than its parameters).
         kl_clip: bound on the local natural-gradient step's KL estimate `lr^2 p.g` (0 = off).
         aggregation: "mean" or "fisher" (Fisher-weighted, when every update carries curvature).
         curvature_ema: decay of the global curvature EMA across rounds (0 = last round only).
@@ -138,6 +144,7 @@ class FedNGConfig(CurvatureConfig):
     inverse_every: int = 5
     curvature_decay: float = 0.9
     upload_every: int = 1
+    compression: str = "auto"
     kl_clip: float = 1e-3
     aggregation: str = "fisher"
     curvature_ema: float = 0.5
@@ -156,6 +163,7 @@ class FedNGConfig(CurvatureConfig):
             0 <= self.curvature_decay < 1, c, "curvature_decay", "in [0, 1)", self.curvature_decay
         )
         check(self.upload_every >= 1, c, "upload_every", ">= 1", self.upload_every)
+        check_choice(c, "compression", self.compression, COMPRESSIONS)
         check(self.kl_clip >= 0, c, "kl_clip", ">= 0", self.kl_clip)
         check_choice(c, "aggregation", self.aggregation, AGGREGATIONS)
         check(0 <= self.curvature_ema < 1, c, "curvature_ema", "in [0, 1)", self.curvature_ema)
