@@ -82,6 +82,12 @@ def cell(task: str, participation: float, args: argparse.Namespace) -> dict[str,
             t0 = time.perf_counter()
             h = run_one(task, algo, seed, args.rounds, participation)
             runs.append(run_record(h, time.perf_counter() - t0))
+            r = runs[-1]
+            print(
+                f"  {task} p={participation:g} {algo} seed {seed}: final {r['final_points']:.2f},"
+                f" best {r['best_points']:.2f}, {r['seconds']:.0f} s",
+                flush=True,
+            )
         out["runs"][algo] = runs
         out["metric"] = h.metric
     ng, avg = out["runs"]["fedng"], out["runs"]["fedavg"]

@@ -154,15 +154,13 @@ def check_curvature_payload(state: State, update: ClientUpdate) -> str | None:
         return problem
     int8 = set(meta.get(META_KEY, []))
     for k, v in update.curvature.items():
-        want = (
-            (torch.int8,)
-            if k in int8
-            else (torch.float32,)
-            if k.endswith(SCALE_SUFFIX)
-            else FLOAT_DTYPES
-        )
-        if v.dtype not in want:
-            return f"curvature: {k!r} has dtype {v.dtype}, expected one of {list(want)}"
+        allowed: tuple[torch.dtype, ...] = FLOAT_DTYPES
+        if k in int8:
+            allowed = (torch.int8,)
+        elif k.endswith(SCALE_SUFFIX):
+            allowed = (torch.float32,)
+        if v.dtype not in allowed:
+            return f"curvature: {k!r} has dtype {v.dtype}, expected one of {list(allowed)}"
     lays = _layouts(meta)
     if isinstance(lays, str):
         return lays
