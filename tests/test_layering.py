@@ -46,6 +46,7 @@ FEDERATED_LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"aggregation", "client"}),
     frozenset({"algorithms"}),
     frozenset({"validate"}),
+    frozenset({"server_round"}),
     frozenset({"round"}),
     frozenset({"report"}),
     frozenset({"simulator"}),

@@ -53,10 +53,32 @@ def _is_a(x: object, kind: type[object]) -> bool:
     return isinstance(x, kind)
 
 
+_SQNORM_ATTR = "_fedng_sq_norms"
+
+
+def sq_norm(t: torch.Tensor) -> float:
+    """`sum(t**2)` in one pass over memory (a BLAS dot), which is also the finiteness test: the
+    result is NaN/Inf iff an entry is, except when the squares overflow float32 — then (and only
+    then) an exact float64 recheck runs."""
+    flat = t.reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    s = float(torch.dot(flat, flat))
+    if not math.isfinite(s) and bool(torch.isfinite(flat).all()):
+        s = float(torch.dot(flat.double(), flat.double()))
+    return s
+
+
 def check_arrays(
-    what: str, got: Mapping[str, object], expected: dict[str, tuple[int, ...]]
+    what: str,
+    got: Mapping[str, object],
+    expected: dict[str, tuple[int, ...]],
+    norms: dict[str, float] | None = None,
 ) -> str | None:
-    """Why named arrays do not match `expected` names/shapes or are not finite floats, or None."""
+    """Why named arrays do not match `expected` names/shapes or are not finite floats, or None.
+
+    One pass over each array's memory (`sq_norm`); with `norms` given, each array's squared
+    norm is stored there (the delta's, for the norm check, without a second pass)."""
     if not _is_a(got, Mapping):
         return f"{what}: expected named arrays, got {type(got).__name__}"
     missing = sorted(set(expected) - set(got))
@@ -71,8 +93,11 @@ def check_arrays(
             return f"{what}: {k!r} has shape {list(t.shape)}, expected {list(shape)}"
         if t.dtype not in FLOAT_DTYPES:
             return f"{what}: {k!r} has dtype {t.dtype}, expected fp32/bf16/fp16"
-        if not bool(torch.isfinite(t).all()):
+        sq = sq_norm(t)
+        if not math.isfinite(sq):
             return f"{what}: {k!r} has NaN/Inf"
+        if norms is not None:
+            norms[k] = sq
     return None
 
 
@@ -90,7 +115,10 @@ def check_update(state: State, update: ClientUpdate, algo: Algorithm[Any]) -> st
     if not _is_a(update.meta, dict):
         return f"meta must be an object, got {type(update.meta).__name__}"
     shapes = {k: tuple(v.shape) for k, v in state.params.items()}
-    reason = check_arrays("delta", update.delta, shapes)
+    norms: dict[str, float] = {}
+    reason = check_arrays("delta", update.delta, shapes, norms)
+    if reason is None:
+        setattr(update, _SQNORM_ATTR, norms)
     if reason is None:
         reason = check_arrays("extras", update.extras, algo.expected_extras(state))
     if reason is None and not _is_a(update.curvature, Mapping):
@@ -109,14 +137,16 @@ def safe_check(state: State, update: ClientUpdate, algo: Algorithm[Any]) -> str 
 
 
 def delta_norm(update: ClientUpdate) -> float:
-    """||delta||_2 over all parameters, accumulated in float64 (no overflow for fp32 deltas)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for v in update.delta.values():
-        total = total + (v.double() ** 2).sum()
-    return float(torch.sqrt(total))
+    """||delta||_2 over all parameters (the per-array squares summed in float64), from the
+    squared norms `check_update` measured when they match the delta, else in one pass now."""
+    cached = getattr(update, _SQNORM_ATTR, None)
+    if not isinstance(cached, dict) or set(cached) != set(update.delta):
+        cached = {k: sq_norm(v) for k, v in update.delta.items()}
+        setattr(update, _SQNORM_ATTR, cached)
+    return math.sqrt(math.fsum(cached.values()))
 
 
-def _reference(values: list[float], fallback: float | None) -> float | None:
+def reference_scale(values: list[float], fallback: float | None) -> float | None:
     """The round's median (>= 3 values), else `fallback`, else the smaller of two values."""
     if len(values) >= _MIN_FOR_MEDIAN:
         return statistics.median(values)
@@ -125,7 +155,8 @@ def _reference(values: list[float], fallback: float | None) -> float | None:
     return min(values) if len(values) == 2 else None
 
 
-def _too_large(value: float, ref: float | None, ratio: float) -> bool:
+def too_large(value: float, ref: float | None, ratio: float) -> bool:
+    """Whether `value` is not finite or exceeds `ratio` times a positive reference."""
     return not math.isfinite(value) or (ref is not None and ref > 0 and value > ratio * ref)
 
 
@@ -180,17 +211,17 @@ def _sane(
     ok, norms, scales = _measure(ok, rejected)
     prev = state.meta.get(REFERENCE_KEY, {}).get("delta_norm")
     fallback = prev if prev is not None or len(ok) != 1 else _param_norm(state)
-    nref = _reference(norms, fallback)
+    nref = reference_scale(norms, fallback)
     glob = algo.reference_curvature(state)
     gscales = {} if glob is None else curvature_scales(glob)
     refs = {
-        key: _reference([s[key] for s in scales if key in s], gscales.get(key))
+        key: reference_scale([s[key] for s in scales if key in s], gscales.get(key))
         for key in {k for s in scales for k in s}
     }
     keep = []
     for u, nrm, sc in zip(ok, norms, scales, strict=True):
-        bad = [k for k in sorted(sc) if _too_large(sc[k], refs[k], ratio)]
-        if _too_large(nrm, nref, ratio):
+        bad = [k for k in sorted(sc) if too_large(sc[k], refs[k], ratio)]
+        if too_large(nrm, nref, ratio):
             rejected.setdefault(u.client_id, []).append(
                 f"delta norm {nrm:.3g} exceeds {ratio:g} x the reference {nref or 0:.3g}"
             )

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from fedng.curvature import KFAC, BlockLayout, CurvatureSet, check_layouts
+from fedng.curvature import KFAC, BlockLayout, CurvatureSet, check_layouts, write_matrix
+from fedng.federated.aggregation.matvec import block_vectors, fisher_matvecs
 from fedng.federated.algorithms.base import State
 from fedng.federated.config.curvature import CurvatureConfig
 from fedng.federated.messages import ClientUpdate
@@ -26,6 +27,18 @@ def attach_curvature(update: ClientUpdate, cs: CurvatureSet, dtype: str) -> None
     arrays, meta = cs.to_arrays(wire_dtype(dtype, "payload_dtype"))
     update.curvature = arrays
     update.meta["curv"] = meta
+
+
+def attach_contribution(update: ClientUpdate, cs: CurvatureSet, prefix: str) -> None:
+    """Adds the client's contribution `c_k = F_k delta_k` to an update's extras as
+    `<prefix><param>` (summable aggregation), in the delta's dtype; zero on parameters no block
+    covers. K-FAC blocks cost two GEMMs each (`G_k Delta_k A_k`), in one ragged native call."""
+    fd = fisher_matvecs(cs, block_vectors(cs, update.delta))
+    out = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in update.delta.items()}
+    for lay, blk in zip(cs.layouts, fd, strict=True):
+        if blk is not None:
+            write_matrix(out, lay, blk)
+    update.extras.update({f"{prefix}{k}": v.to(update.delta[k].dtype) for k, v in out.items()})
 
 
 def decoded_curvature(update: ClientUpdate) -> CurvatureSet | None:

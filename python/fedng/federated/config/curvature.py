@@ -12,7 +12,10 @@ from fedng.federated.config.base import AlgorithmConfig, check, check_choice
 from fedng.federated.wire import FLOAT_WIRE
 
 PRECONDITIONERS: tuple[str, ...] = ("global", "local", "global_local", "none")
-AGGREGATIONS: tuple[str, ...] = ("mean", "fisher")
+AGGREGATIONS: tuple[str, ...] = ("mean", "summable", "fisher")
+"""FedNG's server aggregations: the weighted mean; the summable Fisher-weighted step (the server
+only sums, solves once with the pooled curvature, line search from a second summable phase;
+memory flat in K); the exact Fisher-weighted merge (CG; holds every client's curvature)."""
 BROADCASTS: tuple[str, ...] = ("auto", "inverse", "factors", "none")
 FISHER_CENTERS: tuple[str, ...] = ("zero", "mean")
 
@@ -118,7 +121,10 @@ class FedNGConfig(CurvatureConfig):
         curvature_decay: EMA decay of the client's running curvature across its local steps.
         upload_every: upload curvature every R rounds (R >= 1).
         kl_clip: bound on the local natural-gradient step's KL estimate `lr^2 p.g` (0 = off).
-        aggregation: "mean" or "fisher" (Fisher-weighted, when every update carries curvature).
+        aggregation: "mean", "summable" (Fisher-weighted from sums only: clients also upload
+            `F_k delta_k` and answer a two-scalars-per-layer line search; streams, works under
+            secure aggregation) or "fisher" (the exact Fisher-weighted merge by CG); the
+            Fisher-weighted ones apply when every update carries curvature.
         curvature_ema: decay of the global curvature EMA across rounds (0 = last round only).
         broadcast: what the server sends with theta: "inverse" (the damped inverses of the
             global curvature), "factors" (the curvature itself), "none", or "auto" (what

@@ -1,0 +1,51 @@
+"""Running weighted sums of named arrays: what a streaming server folds each reply into.
+
+`WeightedSum.fold(arrays, w)` adds `w * x` per name in fp32 with the exact arithmetic of
+`mean.mean_delta` (`out = w * x` for the first, then `out = out + w * x`), so a server that knows
+the weights `p_k` up front reproduces the batch mean bit for bit; a server that does not (replies
+arriving one by one) folds with `w = n_k` and scales by `1 / sum n_k` once at the end. Memory is
+one copy of the arrays, whatever the number of folds.
+"""
+
+from __future__ import annotations
+
+from fedng._typing import Arrays
+
+
+class WeightedSum:
+    """`sum_k w_k x_k` over named arrays, folded one `x_k` at a time.
+
+    Attributes:
+        sums: name -> the running sum (fp32); empty before the first fold.
+        total_weight: `sum_k w_k` of the folds so far.
+        count: folds so far.
+    """
+
+    def __init__(self) -> None:
+        self.sums: Arrays = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def fold(self, arrays: Arrays, weight: float) -> None:
+        """Adds `weight * arrays` (fp32) to the sums.
+
+        Args:
+            arrays: name -> array (any float dtype); every fold should carry the same names.
+            weight: the fold's weight.
+        """
+        out = self.sums
+        for k, v in arrays.items():
+            out[k] = out[k] + weight * v.float() if k in out else weight * v.float()
+        self.total_weight += weight
+        self.count += 1
+
+    def scaled(self, scale: float) -> Arrays:
+        """The sums times `scale` (the sums themselves when `scale` is 1)."""
+        if scale == 1.0:
+            return self.sums
+        return {k: v * scale for k, v in self.sums.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the sums."""
+        return sum(v.numel() * v.element_size() for v in self.sums.values())
