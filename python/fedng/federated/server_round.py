@@ -41,8 +41,8 @@ import torch
 from fedng.federated.algorithms.base import Accumulator, Algorithm, State
 from fedng.federated.algorithms.curvature_payload import (
     curvature_scales,
-    decoded_curvature,
     signature,
+    update_scales,
 )
 from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.messages import ClientUpdate, ServerMessage
@@ -159,8 +159,7 @@ class ServerRound:
                 return self._reject(cid, "curvature: kinds/layouts differ from this round's")
         try:
             nrm = delta_norm(update)
-            cs = decoded_curvature(update)
-            scales = {} if cs is None else curvature_scales(cs)
+            scales = update_scales(update)
         except Exception as err:  # whatever a payload provokes is its rejection
             return self._reject(cid, f"scale check failed ({err})"[:200])
         if self._needs_warmup(scales):

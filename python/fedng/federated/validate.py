@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 
+from fedng.federated.aggregation.passes import sq_norm, sq_norms
 from fedng.federated.algorithms.base import Algorithm, State
 from fedng.federated.algorithms.curvature_payload import (
     curvature_scales,
-    decoded_curvature,
     signature,
+    update_scales,
 )
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.wire import FLOAT_DTYPES
@@ -56,19 +57,6 @@ def _is_a(x: object, kind: type[object]) -> bool:
 _SQNORM_ATTR = "_fedng_sq_norms"
 
 
-def sq_norm(t: torch.Tensor) -> float:
-    """`sum(t**2)` in one pass over memory (a BLAS dot), which is also the finiteness test: the
-    result is NaN/Inf iff an entry is, except when the squares overflow float32 — then (and only
-    then) an exact float64 recheck runs."""
-    flat = t.reshape(-1)
-    if flat.dtype != torch.float32:
-        flat = flat.float()
-    s = float(torch.dot(flat, flat))
-    if not math.isfinite(s) and bool(torch.isfinite(flat).all()):
-        s = float(torch.dot(flat.double(), flat.double()))
-    return s
-
-
 def check_arrays(
     what: str,
     got: Mapping[str, object],
@@ -81,6 +69,8 @@ def check_arrays(
     norm is stored there (the delta's, for the norm check, without a second pass)."""
     if not _is_a(got, Mapping):
         return f"{what}: expected named arrays, got {type(got).__name__}"
+    if not expected and not got:
+        return None
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
     if missing or extra:
@@ -93,7 +83,10 @@ def check_arrays(
             return f"{what}: {k!r} has shape {list(t.shape)}, expected {list(shape)}"
         if t.dtype not in FLOAT_DTYPES:
             return f"{what}: {k!r} has dtype {t.dtype}, expected fp32/bf16/fp16"
-        sq = sq_norm(t)
+    names = list(expected)
+    tensors = [got[k] for k in names]
+    sqs = sq_norms([t for t in tensors if isinstance(t, torch.Tensor)])
+    for k, sq in zip(names, sqs, strict=True):
         if not math.isfinite(sq):
             return f"{what}: {k!r} has NaN/Inf"
         if norms is not None:
@@ -191,8 +184,7 @@ def _measure(
     for u in ok:
         try:
             nrm = delta_norm(u)
-            cs = decoded_curvature(u)
-            sc = {} if cs is None else curvature_scales(cs)
+            sc = update_scales(u)
         except Exception as err:  # whatever a payload provokes is its rejection
             rejected.setdefault(u.client_id, []).append(f"scale check failed ({err})"[:200])
             continue

@@ -1,7 +1,8 @@
 """Running weighted sums of named arrays: what a streaming server folds each reply into.
 
 `WeightedSum.fold(arrays, w)` adds `w * x` per name in fp32 with the exact arithmetic of
-`mean.mean_delta` (`out = w * x` for the first, then `out = out + w * x`), so a server that knows
+`mean.mean_delta` (`out = w * x` for the first, then `out = out + w * x`, as two `_foreach`
+calls over all arrays), so a server that knows
 the weights `p_k` up front reproduces the batch mean bit for bit; a server that does not (replies
 arriving one by one) folds with `w = n_k` and scales by `1 / sum n_k` once at the end. Memory is
 one copy of the arrays, whatever the number of folds.
@@ -9,11 +10,17 @@ one copy of the arrays, whatever the number of folds.
 
 from __future__ import annotations
 
+import torch
+
 from fedng._typing import Arrays
 
 
 class WeightedSum:
     """`sum_k w_k x_k` over named arrays, folded one `x_k` at a time.
+
+    Args:
+        exact: fold with `mean_delta`'s arithmetic (bit-identical to the batch mean); False folds
+            in place (`add_` with alpha: no temporaries, faster, rounding may differ).
 
     Attributes:
         sums: name -> the running sum (fp32); empty before the first fold.
@@ -21,7 +28,8 @@ class WeightedSum:
         count: folds so far.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, exact: bool = True) -> None:
+        self.exact = exact
         self.sums: Arrays = {}
         self.total_weight = 0.0
         self.count = 0
@@ -34,8 +42,16 @@ class WeightedSum:
             weight: the fold's weight.
         """
         out = self.sums
-        for k, v in arrays.items():
-            out[k] = out[k] + weight * v.float() if k in out else weight * v.float()
+        names = list(arrays)
+        vals = [arrays[k].float() for k in names]
+        if not out:
+            out.update(zip(names, torch._foreach_mul(vals, weight), strict=True))
+        else:  # one dispatch per op for all arrays (small models are dispatch-bound)
+            acc = [out[k] for k in names]
+            if self.exact:  # w * x rounded, then added: mean_delta's arithmetic, bit for bit
+                torch._foreach_add_(acc, torch._foreach_mul(vals, weight))
+            else:  # in place, no temporary: one read of x, one read-write of the sum
+                torch._foreach_add_(acc, vals, alpha=weight)
         self.total_weight += weight
         self.count += 1
 

@@ -8,18 +8,25 @@ parameters before any matrix is allocated, and the layout against the server's c
 from __future__ import annotations
 
 import json
+import math
+from functools import lru_cache
 from typing import Any
 
 import torch
 
 from fedng.curvature import KFAC, BlockLayout, CurvatureSet, check_layouts, write_matrix
+from fedng.curvature.validation import MAX_ABS
 from fedng.federated.aggregation.matvec import block_vectors, fisher_matvecs
+from fedng.federated.aggregation.passes import sq_norm
 from fedng.federated.algorithms.base import State
 from fedng.federated.config.curvature import CurvatureConfig
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.wire import FLOAT_DTYPES, wire_dtype
 
 _CACHE_ATTR = "_fedng_curvature"
+_SCALES_ATTR = "_fedng_curvature_scales"
+FAST_KINDS = frozenset({"kfac", "diag"})
+"""Kinds whose payload the fast check reads in place (packed triangles, diagonals)."""
 
 
 def attach_curvature(update: ClientUpdate, cs: CurvatureSet, dtype: str) -> None:
@@ -103,10 +110,11 @@ def _layouts(meta: dict[str, Any]) -> list[BlockLayout] | str:
         return f"curvature: bad block layout ({type(err).__name__}: {str(err)[:80]})"
 
 
-def check_curvature_payload(state: State, update: ClientUpdate) -> str | None:
+def check_curvature_payload(state: State, update: ClientUpdate, fast: bool = False) -> str | None:
     """Why a curvature payload is unacceptable (None when fine or absent): dtypes, metadata
     structure, layout vs the model and the server's, then finite / symmetric / PSD within
-    `psd_tol`.
+    `psd_tol`; with `fast`, K-FAC and diagonal payloads get the one-pass checks of `fast_scales`
+    instead of being decoded and factorized (the scales are kept for the norm checks).
 
     Raises:
         ValueError: a numerical check failed (the caller turns it into a rejection).
@@ -138,12 +146,116 @@ def check_curvature_payload(state: State, update: ClientUpdate) -> str | None:
         return "curvature: block layout differs from the server's"
     if "curv" in state.meta and state.meta["curv"]["kinds"] != meta["kinds"]:
         return "curvature: curvature kinds differ from the server's"
+    if fast and set(update.curvature) <= FAST_KINDS:
+        setattr(update, _SCALES_ATTR, fast_scales(meta, update.curvature, state.config.psd_tol))
+        return None
     cs = decoded_curvature(update)
     if cs is None:
         return None
     eps = max(torch.finfo(v.dtype).eps for v in update.curvature.values())
     cs.validate(state.config.psd_tol, eps)
     return None
+
+
+@lru_cache(maxsize=64)
+def _diag_index(n: int) -> torch.Tensor:
+    """Positions of the diagonal in a packed lower triangle (row by row): i (i + 3) / 2."""
+    i = torch.arange(n, dtype=torch.int64)
+    return i * (i + 3) // 2
+
+
+def _factor(label: str, seg: torch.Tensor, n: int, packed: bool, tol: float, eps: float) -> float:
+    """Checks one factor in one pass (plus a gather of its diagonal); returns its trace.
+
+    Finite and below `MAX_ABS`, a non-negative diagonal, and the PSD necessary condition
+    `||M||_F <= tr(M)` (within `tol` and the wire's rounding) — the full PSD test is left to the
+    pooled sum, which the server factorizes once per round.
+
+    Raises:
+        ValueError: naming the factor.
+    """
+    sq = sq_norm(seg)
+    if not math.isfinite(sq):
+        raise ValueError(f"{label} has NaN/Inf entries")
+    diag = seg[_diag_index(n)].double() if packed else seg.double()
+    fro = math.sqrt(max(2.0 * sq - float(diag.square().sum()), 0.0)) if packed else math.sqrt(sq)
+    if fro > MAX_ABS:
+        raise ValueError(f"{label} has entries of size up to {fro:.3g} (its products overflow)")
+    tr = float(diag.sum())
+    big = float(diag.abs().max()) if n else 0.0
+    if n and float(diag.min()) < -tol * big:
+        raise ValueError(f"{label} has a negative diagonal entry: not positive semi-definite")
+    if packed and fro > tr * (1.0 + tol) + eps * fro + 1e-30:
+        raise ValueError(f"{label} is not positive semi-definite (||M||_F > tr M)")
+    return tr
+
+
+def fast_scales(
+    cs_meta: dict[str, Any], arrays: dict[str, torch.Tensor], tol: float
+) -> dict[str, float]:
+    """`curvature_scales` of a K-FAC / diagonal payload read in place, with the fast checks.
+
+    One pass over each factor's packed triangle (finite, norm), its diagonal gathered for the
+    traces; no matrix is unpacked and no Cholesky runs. Used by a server that pools the
+    curvature before solving (the "mean" and "summable" aggregations), which tests the pooled
+    sum for PSD once per round.
+
+    Args:
+        cs_meta: the payload's curvature metadata (structure already checked).
+        arrays: kind -> flat payload.
+        tol: relative tolerance (`ServerConfig.psd_tol`).
+
+    Returns:
+        The scale measures (see `curvature_scales`).
+
+    Raises:
+        ValueError: a bad factor, or a payload of the wrong size.
+    """
+    layouts = [BlockLayout.from_json(x) for x in cs_meta["layouts"]]
+    kinds = [str(k) for k in cs_meta["kinds"]]
+    out: dict[str, float] = {}
+    for kind in ("kfac", "diag"):
+        specs = [lay.spec for lay, k in zip(layouts, kinds, strict=True) if k == kind]
+        if not specs:
+            continue
+        flat = arrays[kind].reshape(-1)
+        eps = torch.finfo(flat.dtype).eps
+        pos = 0
+        for s in specs:
+            if kind == "diag":
+                seg = flat[pos : pos + s.numel]
+                pos += s.numel
+                if seg.numel() != s.numel:
+                    raise ValueError(f"diag payload too short for block {s.name!r}")
+                out[f"diag/{s.name}"] = _factor(
+                    f"diag block '{s.name}'", seg, s.numel, False, tol, eps
+                )
+                continue
+            packed_a = s.kind == "kron"
+            na = s.n * (s.n + 1) // 2 if packed_a else s.n
+            ng = s.m * (s.m + 1) // 2
+            seg_a, seg_g = flat[pos : pos + na], flat[pos + na : pos + na + ng]
+            pos += na + ng
+            if seg_a.numel() != na or seg_g.numel() != ng:
+                raise ValueError(f"kfac payload too short for block {s.name!r}")
+            ta = _factor(f"kfac block '{s.name}' A", seg_a, s.n, packed_a, tol, eps)
+            tg = _factor(f"kfac block '{s.name}' G", seg_g, s.m, True, tol, eps)
+            out[f"kfac/{s.name}"] = ta * tg
+            out[f"kfac/{s.name}/A"] = ta / s.n
+            out[f"kfac/{s.name}/G"] = tg / s.m
+        if pos != flat.numel():
+            raise ValueError(f"{kind} payload has {flat.numel()} entries, expected {pos}")
+    return out
+
+
+def update_scales(update: ClientUpdate) -> dict[str, float]:
+    """The update's curvature scale measures: those the fast check stored, else from the decoded
+    curvature (empty without curvature)."""
+    cached = getattr(update, _SCALES_ATTR, None)
+    if isinstance(cached, dict):
+        return cached
+    cs = decoded_curvature(update)
+    return {} if cs is None else curvature_scales(cs)
 
 
 def curvature_trace(update: ClientUpdate) -> float | None:

@@ -117,7 +117,7 @@ class FedNG(Algorithm[FedNGConfig]):
 
     def check_curvature(self, state: State, update: ClientUpdate) -> str | None:
         """Decodes and checks a curvature payload: layout vs the model, finite/symmetric/PSD."""
-        return check_curvature_payload(state, update)
+        return check_curvature_payload(state, update, self.options(state.config).fast_check())
 
     def curvature_scale(self, state: State, update: ClientUpdate) -> float | None:
         """tr(F_k), for the round-median sanity check."""
@@ -132,7 +132,7 @@ class FedNG(Algorithm[FedNGConfig]):
         opts = self.options(state.config)
         if opts.aggregation == "fisher":
             return Collect(self)
-        return CurvatureSums(self.name, opts)
+        return CurvatureSums(self.name, opts, state.config.psd_tol)
 
     def answer_probe(self, update: ClientUpdate, probe: ServerMessage) -> ClientUpdate:
         """The client's line-search scalars `[<M, F_k d>, <d, F_k d>]` per block, from the

@@ -67,12 +67,15 @@ class CurvatureSums:
     curvature), independent of the number of clients.
     """
 
-    def __init__(self, name: str, opts: FedNGConfig) -> None:
+    def __init__(self, name: str, opts: FedNGConfig, psd_tol: float) -> None:
         self.name = name
         self.opts = opts
+        self.psd_tol = psd_tol
+        self.bad: str | None = None
+        self.wire_eps = 0.0
         self.deltas = WeightedSum()
-        self.curv = WeightedSum()
-        self.contrib = WeightedSum()
+        self.curv = WeightedSum(exact=False)
+        self.contrib = WeightedSum(exact=False)
         self.meta: dict[str, Any] | None = None
         self.without_curvature = 0
         self.direction: PooledDirection | None = None
@@ -100,6 +103,8 @@ class CurvatureSums:
         if self.meta is None:
             self.meta = update.meta["curv"]
         self.curv.fold(update.curvature, weight)
+        for v in update.curvature.values():
+            self.wire_eps = max(self.wire_eps, torch.finfo(v.dtype).eps)
         fd = {
             k[len(CONTRIB_PREFIX) :]: v
             for k, v in update.extras.items()
@@ -109,8 +114,17 @@ class CurvatureSums:
             self.contrib.fold(fd, weight)
 
     def _pooled(self, scale: float) -> CurvatureSet | None:
-        if self.pooled is None and self.meta is not None and self.curv.count:
-            self.pooled = CurvatureSet.from_arrays(self.curv.scaled(scale), self.meta)
+        """The pooled curvature (decoded once), None if it fails the full PSD test: the fast
+        per-client checks leave that test to the sum (the round then keeps the mean step and
+        the previous global curvature)."""
+        if self.pooled is None and self.meta is not None and self.curv.count and not self.bad:
+            pooled = CurvatureSet.from_arrays(self.curv.scaled(scale), self.meta)
+            try:
+                pooled.validate(self.psd_tol, self.wire_eps)
+            except ValueError as err:
+                self.bad = f"pooled curvature rejected ({str(err)[:120]})"
+                return None
+            self.pooled = pooled
         return self.pooled
 
     def _direction(self, scale: float) -> PooledDirection | None:
@@ -180,11 +194,14 @@ class CurvatureSums:
         apply_server_step(state, step)
         if pooled is not None:
             fold_global(state, pooled, self.opts.curvature_ema)
-        elif self.curv.count:  # some updates without curvature: pool the ones that had it
+        elif self.curv.count and not self.bad:  # some updates without curvature: pool the others
             p = CurvatureSet.from_arrays(
                 self.curv.scaled(1.0 / self.curv.total_weight), self.meta or {}
             )
+            p.validate(self.psd_tol, self.wire_eps)
             fold_global(state, p, self.opts.curvature_ema)
+        if self.bad:
+            state.log["curvature_dropped"] = self.bad
         return state
 
     @property

@@ -18,6 +18,11 @@ only sums, solves once with the pooled curvature, line search from a second summ
 memory flat in K); the exact Fisher-weighted merge (CG; holds every client's curvature)."""
 BROADCASTS: tuple[str, ...] = ("auto", "inverse", "factors", "none")
 FISHER_CENTERS: tuple[str, ...] = ("zero", "mean")
+CURVATURE_CHECKS: tuple[str, ...] = ("auto", "full", "fast")
+"""How the server checks each received curvature payload: "full" (decoded; finite, symmetric,
+PSD by one Cholesky per factor), "fast" (K-FAC / diagonal payloads read in place in one pass:
+finite, bounded, non-negative diagonal, `||M||_F <= tr M`; the pooled sum gets the full PSD test
+once per round), "auto" ("fast" where the server pools before solving, else "full")."""
 
 _BROADCAST_FOR = {"global": "inverse", "global_local": "factors"}
 """What the server must send for a client preconditioner ("auto" broadcast)."""
@@ -79,6 +84,7 @@ class CurvatureConfig(AlgorithmConfig):
             the right-hand side: FedAvg where no curvature is seen).
         cg_iters: max conjugate-gradient iterations (K-FAC merge).
         cg_tol: relative residual at which CG stops.
+        curvature_check: "auto", "full" or "fast" (see `CURVATURE_CHECKS`).
     """
 
     curvature: str = "kfac"
@@ -90,6 +96,7 @@ class CurvatureConfig(AlgorithmConfig):
     fisher_center: str = "mean"
     cg_iters: int = 100
     cg_tol: float = 1e-6
+    curvature_check: str = "auto"
 
     def __post_init__(self) -> None:
         c = type(self).__name__
@@ -102,6 +109,12 @@ class CurvatureConfig(AlgorithmConfig):
         check_choice(c, "fisher_center", self.fisher_center, FISHER_CENTERS)
         check(self.cg_iters >= 1, c, "cg_iters", ">= 1", self.cg_iters)
         check(self.cg_tol > 0, c, "cg_tol", "> 0", self.cg_tol)
+        check_choice(c, "curvature_check", self.curvature_check, CURVATURE_CHECKS)
+
+    def fast_check(self) -> bool:
+        """Whether received payloads get the one-pass checks ("auto": only where the server
+        pools before solving; a one-shot merge solves with every client's own curvature)."""
+        return self.curvature_check == "fast"
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,8 @@ class FedNGConfig(CurvatureConfig):
             global curvature), "factors" (the curvature itself), "none", or "auto" (what
             `precond` needs: "inverse" for "global", "factors" for "global_local", else "none").
         broadcast_dtype: wire dtype of the broadcast preconditioner.
+        cg_iters: as in `CurvatureConfig`; 10 for FedNG's exact merge (preconditioned by the
+            pooled Kronecker inverse, 10 iterations gave the accuracy of 100 on the bench tasks).
     """
 
     precond: str = "global_local"
@@ -140,6 +155,7 @@ class FedNGConfig(CurvatureConfig):
     upload_every: int = 1
     kl_clip: float = 0.0
     aggregation: str = "fisher"
+    cg_iters: int = 10
     curvature_ema: float = 0.5
     broadcast: str = "auto"
     broadcast_dtype: str = "fp32"
@@ -160,6 +176,14 @@ class FedNGConfig(CurvatureConfig):
         check(0 <= self.curvature_ema < 1, c, "curvature_ema", "in [0, 1)", self.curvature_ema)
         check_choice(c, "broadcast", self.broadcast, BROADCASTS)
         check_choice(c, "broadcast_dtype", self.broadcast_dtype, FLOAT_WIRE)
+
+    def fast_check(self) -> bool:
+        """ "auto": the one-pass checks for the pooled aggregations ("mean", "summable"), whose
+        pooled curvature gets the full PSD test once per round; the full checks for the exact
+        merge, which solves with every client's own factors."""
+        if self.curvature_check == "auto":
+            return self.aggregation != "fisher"
+        return self.curvature_check == "fast"
 
     def broadcast_mode(self) -> str:
         """`broadcast` with "auto" resolved: "inverse", "factors" or "none"."""
