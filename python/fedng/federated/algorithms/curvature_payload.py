@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -157,37 +158,131 @@ def check_curvature_payload(state: State, update: ClientUpdate, fast: bool = Fal
     return None
 
 
-@lru_cache(maxsize=64)
-def _diag_index(n: int) -> torch.Tensor:
-    """Positions of the diagonal in a packed lower triangle (row by row): i (i + 3) / 2."""
-    i = torch.arange(n, dtype=torch.int64)
-    return i * (i + 3) // 2
+@dataclass(frozen=True)
+class _KindPlan:
+    """Where each factor of one kind's payload lies, for the vectorized fast check.
+
+    Attributes:
+        total: payload entries.
+        bounds: per factor segment, [start, stop) in the payload.
+        labels: per segment, its name in messages ("kfac block 'fc1' A").
+        packed: per segment, whether it is a packed symmetric triangle (else a diagonal).
+        didx: payload positions of every segment's diagonal entries, concatenated.
+        dseg: the segment of each of those positions.
+        scales: (scale name, segment indices, divisor): the scale is the product of the
+            segments' traces over the divisor (K-FAC block trace `tr A tr G`, `tr A / n`, ...).
+    """
+
+    total: int
+    bounds: list[tuple[int, int]]
+    labels: list[str]
+    packed: torch.Tensor
+    didx: torch.Tensor
+    dseg: torch.Tensor
+    scales: list[tuple[str, tuple[int, ...], float]]
 
 
-def _factor(label: str, seg: torch.Tensor, n: int, packed: bool, tol: float, eps: float) -> float:
-    """Checks one factor in one pass (plus a gather of its diagonal); returns its trace.
+class _Segments:
+    """Builds the factor segments of a payload, in order."""
 
-    Finite and below `MAX_ABS`, a non-negative diagonal, and the PSD necessary condition
-    `||M||_F <= tr(M)` (within `tol` and the wire's rounding) — the full PSD test is left to the
-    pooled sum, which the server factorizes once per round.
+    def __init__(self) -> None:
+        self.bounds: list[tuple[int, int]] = []
+        self.labels: list[str] = []
+        self.packed: list[bool] = []
+        self.didx: list[torch.Tensor] = []
+        self.pos = 0
+
+    def add(self, label: str, n: int, tri: bool) -> int:
+        """Appends a factor of size n (a packed triangle, or a diagonal); returns its index."""
+        size = n * (n + 1) // 2 if tri else n
+        i = torch.arange(n, dtype=torch.int64)
+        self.didx.append(self.pos + (i * (i + 3) // 2 if tri else i))
+        self.bounds.append((self.pos, self.pos + size))
+        self.labels.append(label)
+        self.packed.append(tri)
+        self.pos += size
+        return len(self.bounds) - 1
+
+
+@lru_cache(maxsize=16)
+def _plan(key: str) -> dict[str, _KindPlan]:
+    """The fast-check plan of a payload signature (kinds and layouts as JSON), built once."""
+    meta = json.loads(key)
+    layouts = [BlockLayout.from_json(x) for x in meta["layouts"]]
+    kinds = [str(k) for k in meta["kinds"]]
+    plans: dict[str, _KindPlan] = {}
+    for kind in ("kfac", "diag"):
+        specs = [lay.spec for lay, k in zip(layouts, kinds, strict=True) if k == kind]
+        if not specs:
+            continue
+        b = _Segments()
+        scales: list[tuple[str, tuple[int, ...], float]] = []
+        seg = b.add
+        for s in specs:
+            if kind == "diag":
+                k = seg(f"diag block '{s.name}'", s.numel, False)
+                scales.append((f"diag/{s.name}", (k,), 1.0))
+                continue
+            a = seg(f"kfac block '{s.name}' A", s.n, s.kind == "kron")
+            g = seg(f"kfac block '{s.name}' G", s.m, True)
+            scales += [
+                (f"kfac/{s.name}", (a, g), 1.0),
+                (f"kfac/{s.name}/A", (a,), float(s.n)),
+                (f"kfac/{s.name}/G", (g,), float(s.m)),
+            ]
+        dseg = torch.cat(
+            [torch.full((len(d),), k, dtype=torch.int64) for k, d in enumerate(b.didx)]
+        )
+        plans[kind] = _KindPlan(
+            b.pos, b.bounds, b.labels, torch.tensor(b.packed), torch.cat(b.didx), dseg, scales
+        )
+    return plans
+
+
+def _check_kind(plan: _KindPlan, flat: torch.Tensor, tol: float) -> list[float]:
+    """Every factor of one kind's payload in a few vectorized passes; returns their traces.
+
+    Per factor: finite and below `MAX_ABS`, a non-negative diagonal, and the PSD necessary
+    condition `||M||_F <= tr(M)` (within `tol` and the wire's rounding) — the full PSD test is
+    left to the pooled sum, which the server factorizes once per round.
 
     Raises:
-        ValueError: naming the factor.
+        ValueError: naming the first bad factor.
     """
-    sq = sq_norm(seg)
-    if not math.isfinite(sq):
-        raise ValueError(f"{label} has NaN/Inf entries")
-    diag = seg[_diag_index(n)].double() if packed else seg.double()
-    fro = math.sqrt(max(2.0 * sq - float(diag.square().sum()), 0.0)) if packed else math.sqrt(sq)
-    if fro > MAX_ABS:
-        raise ValueError(f"{label} has entries of size up to {fro:.3g} (its products overflow)")
-    tr = float(diag.sum())
-    big = float(diag.abs().max()) if n else 0.0
-    if n and float(diag.min()) < -tol * big:
-        raise ValueError(f"{label} has a negative diagonal entry: not positive semi-definite")
-    if packed and fro > tr * (1.0 + tol) + eps * fro + 1e-30:
-        raise ValueError(f"{label} is not positive semi-definite (||M||_F > tr M)")
-    return tr
+    if flat.numel() != plan.total:
+        raise ValueError(f"payload has {flat.numel()} entries, expected {plan.total}")
+    segs = [flat[a:b] for a, b in plan.bounds]
+    sq = torch.stack(torch._foreach_norm(segs)).double().square()
+    nseg = len(segs)
+    d = flat[plan.didx].double()
+    tr = torch.zeros(nseg, dtype=torch.float64).index_add_(0, plan.dseg, d)
+    d2 = torch.zeros(nseg, dtype=torch.float64).index_add_(0, plan.dseg, d * d)
+    dmin = torch.zeros(nseg, dtype=torch.float64).scatter_reduce_(0, plan.dseg, d, "amin")
+    dbig = torch.zeros(nseg, dtype=torch.float64).scatter_reduce_(0, plan.dseg, d.abs(), "amax")
+    fro = torch.where(plan.packed, (2 * sq - d2).clamp_min(0), sq).sqrt()
+    eps = torch.finfo(flat.dtype).eps
+    masks = torch.stack(
+        [
+            ~torch.isfinite(sq),
+            fro > MAX_ABS,
+            dmin < -tol * dbig,
+            plan.packed & (fro > tr * (1.0 + tol) + eps * fro + 1e-30),
+        ]
+    )
+    if bool(masks.any()):  # the slow path only for a bad payload: name the first offender
+        whys = (
+            "has NaN/Inf entries",
+            "has entries whose products overflow float32",
+            "has a negative diagonal entry: not positive semi-definite",
+            "is not positive semi-definite (||M||_F > tr M)",
+        )
+        for k in range(nseg):
+            for row, why in enumerate(whys):
+                if bool(masks[row, k]):
+                    if row == 0 and math.isfinite(sq_norm(segs[k])):
+                        continue  # float32 norm overflow of finite entries: not a NaN/Inf
+                    raise ValueError(f"{plan.labels[k]} {why}")
+    return [float(x) for x in tr.tolist()]
 
 
 def fast_scales(
@@ -195,10 +290,10 @@ def fast_scales(
 ) -> dict[str, float]:
     """`curvature_scales` of a K-FAC / diagonal payload read in place, with the fast checks.
 
-    One pass over each factor's packed triangle (finite, norm), its diagonal gathered for the
-    traces; no matrix is unpacked and no Cholesky runs. Used by a server that pools the
-    curvature before solving (the "mean" and "summable" aggregations), which tests the pooled
-    sum for PSD once per round.
+    A few vectorized passes over the whole payload (norms of every factor in one call, their
+    diagonals gathered once for the traces); no matrix is unpacked and no Cholesky runs. Used by
+    a server that pools the curvature before solving (the "mean" and "summable" aggregations),
+    which tests the pooled sum for PSD once per round.
 
     Args:
         cs_meta: the payload's curvature metadata (structure already checked).
@@ -211,40 +306,15 @@ def fast_scales(
     Raises:
         ValueError: a bad factor, or a payload of the wrong size.
     """
-    layouts = [BlockLayout.from_json(x) for x in cs_meta["layouts"]]
-    kinds = [str(k) for k in cs_meta["kinds"]]
+    key = json.dumps({"kinds": cs_meta["kinds"], "layouts": cs_meta["layouts"]}, sort_keys=True)
     out: dict[str, float] = {}
-    for kind in ("kfac", "diag"):
-        specs = [lay.spec for lay, k in zip(layouts, kinds, strict=True) if k == kind]
-        if not specs:
-            continue
-        flat = arrays[kind].reshape(-1)
-        eps = torch.finfo(flat.dtype).eps
-        pos = 0
-        for s in specs:
-            if kind == "diag":
-                seg = flat[pos : pos + s.numel]
-                pos += s.numel
-                if seg.numel() != s.numel:
-                    raise ValueError(f"diag payload too short for block {s.name!r}")
-                out[f"diag/{s.name}"] = _factor(
-                    f"diag block '{s.name}'", seg, s.numel, False, tol, eps
-                )
-                continue
-            packed_a = s.kind == "kron"
-            na = s.n * (s.n + 1) // 2 if packed_a else s.n
-            ng = s.m * (s.m + 1) // 2
-            seg_a, seg_g = flat[pos : pos + na], flat[pos + na : pos + na + ng]
-            pos += na + ng
-            if seg_a.numel() != na or seg_g.numel() != ng:
-                raise ValueError(f"kfac payload too short for block {s.name!r}")
-            ta = _factor(f"kfac block '{s.name}' A", seg_a, s.n, packed_a, tol, eps)
-            tg = _factor(f"kfac block '{s.name}' G", seg_g, s.m, True, tol, eps)
-            out[f"kfac/{s.name}"] = ta * tg
-            out[f"kfac/{s.name}/A"] = ta / s.n
-            out[f"kfac/{s.name}/G"] = tg / s.m
-        if pos != flat.numel():
-            raise ValueError(f"{kind} payload has {flat.numel()} entries, expected {pos}")
+    for kind, plan in _plan(key).items():
+        traces = _check_kind(plan, arrays[kind].reshape(-1), tol)
+        for name, idx, div in plan.scales:
+            val = 1.0
+            for k in idx:
+                val *= traces[k]
+            out[name] = val / div
     return out
 
 
