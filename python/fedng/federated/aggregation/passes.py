@@ -39,5 +39,5 @@ def sq_norms(ts: list[torch.Tensor]) -> list[float]:
     if not ts:
         return []
     flat = [t if t.dtype == torch.float32 else t.float() for t in ts]
-    norms = torch.stack(torch._foreach_norm(flat)).double().square().tolist()
-    return [n if math.isfinite(n) else sq_norm(t) for n, t in zip(norms, flat, strict=True)]
+    norms = torch.stack(torch._foreach_norm(flat)).tolist()
+    return [n * n if math.isfinite(n) else sq_norm(t) for n, t in zip(norms, flat, strict=True)]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedng.curvature import KFAC, BlockLayout, CurvatureSet, check_layouts, write_matrix
@@ -26,6 +27,9 @@ from fedng.federated.wire import FLOAT_DTYPES, wire_dtype
 
 _CACHE_ATTR = "_fedng_curvature"
 _SCALES_ATTR = "_fedng_curvature_scales"
+_META_CACHE_ATTR = "_fedng_meta_checked"
+"""Attribute of a server state caching the verdict on each distinct curvature metadata (a state is
+never mutated after a round, and `ServerState.copy` does not carry it)."""
 FAST_KINDS = frozenset({"kfac", "diag"})
 """Kinds whose payload the fast check reads in place (packed triangles, diagonals)."""
 
@@ -128,6 +132,26 @@ def check_curvature_payload(state: State, update: ClientUpdate, fast: bool = Fal
     if "curv" not in update.meta:
         return "curvature payload without its layout metadata"
     meta = update.meta["curv"]
+    key = json.dumps(meta, sort_keys=True, default=repr)
+    cache: dict[str, str | None] = state.__dict__.setdefault(_META_CACHE_ATTR, {})
+    if key not in cache:  # the metadata checks, once per distinct metadata and server state
+        cache[key] = _meta_reason(state, meta)
+    reason = cache[key]
+    if reason is not None:
+        return reason
+    if fast and set(update.curvature) <= FAST_KINDS:
+        setattr(update, _SCALES_ATTR, fast_scales(meta, update.curvature, state.config.psd_tol))
+        return None
+    cs = decoded_curvature(update)
+    if cs is None:
+        return None
+    eps = max(torch.finfo(v.dtype).eps for v in update.curvature.values())
+    cs.validate(state.config.psd_tol, eps)
+    return None
+
+
+def _meta_reason(state: State, meta: Any) -> str | None:
+    """Why curvature metadata does not fit the model and the server's curvature (or None)."""
     problem = meta_problem(meta)
     if problem:
         return problem
@@ -147,14 +171,6 @@ def check_curvature_payload(state: State, update: ClientUpdate, fast: bool = Fal
         return "curvature: block layout differs from the server's"
     if "curv" in state.meta and state.meta["curv"]["kinds"] != meta["kinds"]:
         return "curvature: curvature kinds differ from the server's"
-    if fast and set(update.curvature) <= FAST_KINDS:
-        setattr(update, _SCALES_ATTR, fast_scales(meta, update.curvature, state.config.psd_tol))
-        return None
-    cs = decoded_curvature(update)
-    if cs is None:
-        return None
-    eps = max(torch.finfo(v.dtype).eps for v in update.curvature.values())
-    cs.validate(state.config.psd_tol, eps)
     return None
 
 
@@ -168,7 +184,7 @@ class _KindPlan:
         labels: per segment, its name in messages ("kfac block 'fc1' A").
         packed: per segment, whether it is a packed symmetric triangle (else a diagonal).
         didx: payload positions of every segment's diagonal entries, concatenated.
-        dseg: the segment of each of those positions.
+        dstarts: where each segment's diagonal starts in `didx`.
         scales: (scale name, segment indices, divisor): the scale is the product of the
             segments' traces over the divisor (K-FAC block trace `tr A tr G`, `tr A / n`, ...).
     """
@@ -176,9 +192,9 @@ class _KindPlan:
     total: int
     bounds: list[tuple[int, int]]
     labels: list[str]
-    packed: torch.Tensor
-    didx: torch.Tensor
-    dseg: torch.Tensor
+    packed: np.ndarray[Any, np.dtype[np.bool_]]
+    didx: np.ndarray[Any, np.dtype[np.int64]]
+    dstarts: np.ndarray[Any, np.dtype[np.int64]]
     scales: list[tuple[str, tuple[int, ...], float]]
 
 
@@ -189,13 +205,13 @@ class _Segments:
         self.bounds: list[tuple[int, int]] = []
         self.labels: list[str] = []
         self.packed: list[bool] = []
-        self.didx: list[torch.Tensor] = []
+        self.didx: list[np.ndarray[Any, np.dtype[np.int64]]] = []
         self.pos = 0
 
     def add(self, label: str, n: int, tri: bool) -> int:
         """Appends a factor of size n (a packed triangle, or a diagonal); returns its index."""
         size = n * (n + 1) // 2 if tri else n
-        i = torch.arange(n, dtype=torch.int64)
+        i = np.arange(n, dtype=np.int64)
         self.didx.append(self.pos + (i * (i + 3) // 2 if tri else i))
         self.bounds.append((self.pos, self.pos + size))
         self.labels.append(label)
@@ -230,11 +246,15 @@ def _plan(key: str) -> dict[str, _KindPlan]:
                 (f"kfac/{s.name}/A", (a,), float(s.n)),
                 (f"kfac/{s.name}/G", (g,), float(s.m)),
             ]
-        dseg = torch.cat(
-            [torch.full((len(d),), k, dtype=torch.int64) for k, d in enumerate(b.didx)]
-        )
+        starts = np.cumsum([0] + [len(d) for d in b.didx[:-1]]).astype(np.int64)
         plans[kind] = _KindPlan(
-            b.pos, b.bounds, b.labels, torch.tensor(b.packed), torch.cat(b.didx), dseg, scales
+            b.pos,
+            b.bounds,
+            b.labels,
+            np.array(b.packed, dtype=np.bool_),
+            np.concatenate(b.didx),
+            starts,
+            scales,
         )
     return plans
 
@@ -251,24 +271,27 @@ def _check_kind(plan: _KindPlan, flat: torch.Tensor, tol: float) -> list[float]:
     """
     if flat.numel() != plan.total:
         raise ValueError(f"payload has {flat.numel()} entries, expected {plan.total}")
+    # numpy: a handful of calls whatever the number of factors, each cheap on small payloads
+    x = (flat if flat.dtype == torch.float32 else flat.float()).numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = np.array([np.dot(x[a:b], x[a:b]) for a, b in plan.bounds], dtype=np.float64)
+        d = x[plan.didx].astype(np.float64)
+        tr = np.add.reduceat(d, plan.dstarts)
+        d2 = np.add.reduceat(d * d, plan.dstarts)
+        dmin = np.minimum.reduceat(d, plan.dstarts)
+        dbig = np.maximum.reduceat(np.abs(d), plan.dstarts)
+        fro = np.sqrt(np.where(plan.packed, np.maximum(2 * sq - d2, 0.0), sq))
+        eps = torch.finfo(flat.dtype).eps
+        masks = np.stack(
+            [
+                ~np.isfinite(sq),
+                fro > MAX_ABS,
+                dmin < -tol * dbig,
+                plan.packed & (fro > tr * (1.0 + tol) + eps * fro + 1e-30),
+            ]
+        )
+    nseg = len(plan.bounds)
     segs = [flat[a:b] for a, b in plan.bounds]
-    sq = torch.stack(torch._foreach_norm(segs)).double().square()
-    nseg = len(segs)
-    d = flat[plan.didx].double()
-    tr = torch.zeros(nseg, dtype=torch.float64).index_add_(0, plan.dseg, d)
-    d2 = torch.zeros(nseg, dtype=torch.float64).index_add_(0, plan.dseg, d * d)
-    dmin = torch.zeros(nseg, dtype=torch.float64).scatter_reduce_(0, plan.dseg, d, "amin")
-    dbig = torch.zeros(nseg, dtype=torch.float64).scatter_reduce_(0, plan.dseg, d.abs(), "amax")
-    fro = torch.where(plan.packed, (2 * sq - d2).clamp_min(0), sq).sqrt()
-    eps = torch.finfo(flat.dtype).eps
-    masks = torch.stack(
-        [
-            ~torch.isfinite(sq),
-            fro > MAX_ABS,
-            dmin < -tol * dbig,
-            plan.packed & (fro > tr * (1.0 + tol) + eps * fro + 1e-30),
-        ]
-    )
     if bool(masks.any()):  # the slow path only for a bad payload: name the first offender
         whys = (
             "has NaN/Inf entries",
@@ -282,7 +305,7 @@ def _check_kind(plan: _KindPlan, flat: torch.Tensor, tol: float) -> list[float]:
                     if row == 0 and math.isfinite(sq_norm(segs[k])):
                         continue  # float32 norm overflow of finite entries: not a NaN/Inf
                     raise ValueError(f"{plan.labels[k]} {why}")
-    return [float(x) for x in tr.tolist()]
+    return [float(t) for t in tr.tolist()]
 
 
 def fast_scales(

@@ -123,7 +123,10 @@ class FedNGConfig(CurvatureConfig):
 
     The defaults are what the tuning of `bench/bench_fl.py` picked on both benchmark tasks (see
     bench/results/bench_fl.md): the server's K-FAC curvature refreshed by the client's own, and
-    the K-FAC Fisher-weighted merge with its damping centered on the mean delta.
+    the K-FAC Fisher-weighted merge with its damping centered on the mean delta — computed by
+    the summable aggregation (the server only sums; pooled solve + exact line search), which
+    matched the exact merge on the bench tasks at a server cost close to FedAvg's
+    (bench/bench_aggregation.py, bench/bench_server.py).
 
     Attributes:
         precond: the client's preconditioner: "global" (the server's), "local" (its own running
@@ -154,7 +157,7 @@ class FedNGConfig(CurvatureConfig):
     curvature_decay: float = 0.9
     upload_every: int = 1
     kl_clip: float = 0.0
-    aggregation: str = "fisher"
+    aggregation: str = "summable"
     cg_iters: int = 10
     curvature_ema: float = 0.5
     broadcast: str = "auto"
