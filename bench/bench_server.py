@@ -138,17 +138,18 @@ def bare_sum(ups: list[ClientUpdate], k: int, repeats: int) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole grid."""
+    """The whole grid; per (model, K) the servers' rounds are interleaved repeat by repeat, so
+    that a change of the machine's load hits every server alike (ratios are same-run)."""
     mon = CpuMonitor()
     cells: list[dict[str, Any]] = []
     for model in args.models:
         sizes = MODELS[model]
-        for server in args.servers:
-            algo, extra = SERVERS[server]
-            state, ups, blobs = _clients(sizes, algo, extra)
-            upd_bytes = len(blobs[0])
-            first: float | None = None
-            for k in args.ks:
+        clients = {s: _clients(sizes, *SERVERS[s]) for s in args.servers}
+        first: dict[str, float] = {}
+        for k in args.ks:
+            live: list[str] = []
+            for server in args.servers:
+                upd_bytes = len(clients[server][2][0])
                 cell: dict[str, Any] = {
                     "model": model,
                     "server": server,
@@ -156,18 +157,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "update_bytes": upd_bytes,
                 }
                 held_est = k * upd_bytes if server == "fedng-exact" else 0
+                est = first.get(server, 0.0) * k / args.ks[0]
                 if held_est > args.max_held_gb * 1e9:
                     cell["skipped"] = f"would hold {held_est / 1e9:.1f} GB of updates"
-                elif first is not None and first * k / args.ks[0] > args.budget_s:
-                    cell["skipped"] = f"estimated {first * k / args.ks[0]:.0f} s per round"
+                elif est > args.budget_s:
+                    cell["skipped"] = f"estimated {est:.0f} s per round"
+                else:
+                    live.append(server)
+                    cell["runs"] = []
+                cells.append(cell)
                 if "skipped" in cell:
-                    print(
-                        f"  {model:<8} {server:<15} K={k:<5} skipped: {cell['skipped']}", flush=True
-                    )
-                    cells.append(cell)
-                    continue
-                reps = args.repeats if k * upd_bytes < 2e9 else 1
-                runs = [one_round(state, ups, blobs, k) for _ in range(reps)]
+                    print(f"  {model:<8} {server:<15} K={k:<5} skipped: {cell['skipped']}")
+            big = any(k * len(clients[s][2][0]) >= 2e9 for s in live)
+            reps = 1 if big else args.repeats
+            for _ in range(reps):
+                for server in live:
+                    state, ups, blobs = clients[server]
+                    _get(cells, model, server, k)["runs"].append(one_round(state, ups, blobs, k))  # type: ignore[index]
+            for server in live:
+                cell = _get(cells, model, server, k) or {}
+                runs = cell.pop("runs")
                 cell.update(
                     {
                         "server_s": statistics.median(r["server_s"] for r in runs),
@@ -180,16 +189,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     }
                 )
                 if server == "fedavg":
-                    cell["bare_sum_s"] = bare_sum(ups, k, max(reps, 3))
-                if first is None:
-                    first = cell["server_s"]
+                    cell["bare_sum_s"] = bare_sum(clients[server][1], k, max(reps, 3))
+                first.setdefault(server, cell["server_s"])
                 print(
                     f"  {model:<8} {server:<15} K={k:<5} {cell['server_s'] * 1e3:9.1f} ms"
                     f"  held {cell['held_bytes'] / 1e6:8.1f} MB"
                     f"  rss +{cell['rss_growth'] / 1e6:7.1f} MB",
                     flush=True,
                 )
-                cells.append(cell)
     usage = mon.stop()
     return {
         "cells": cells,
