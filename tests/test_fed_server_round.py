@@ -7,37 +7,18 @@ from typing import Any
 
 import pytest
 import torch
-from _fed import blobs_task
+from _fed import blobs_task, fed_round
 from fedng.federated import ServerRound
 from fedng.federated.aggregation.mean import apply_server_step, mean_delta
-from fedng.federated.client import get_params
 from fedng.federated.config import make_configs
-from fedng.federated.messages import ClientUpdate, ServerState
-from fedng.federated.round import client_step, server_init, server_step
+from fedng.federated.messages import ClientUpdate
+from fedng.federated.round import server_step
 from fedng.federated.simulator import simulate
 
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
-
-
-def _round(
-    algo: str, extra: dict[str, Any] | None = None, n: int = 5, rounds: int = 0
-) -> tuple[ServerState[Any], list[ClientUpdate]]:
-    task = blobs_task(num_clients=n, n=30)
-    cc, sc = make_configs(algo, {"local_steps": 3, **(extra or {})})
-    model = task.model_fn(0)
-    state, msg = server_init(get_params(model), sc)
-
-    def updates() -> list[ClientUpdate]:
-        return [
-            ClientUpdate.from_bytes(client_step(model, c, msg, cc).to_bytes()) for c in task.clients
-        ]
-
-    for _ in range(rounds):
-        state, msg = server_step(state, updates())
-    return state, updates()
 
 
 def _replay(u: ClientUpdate, cid: int) -> ClientUpdate:
@@ -48,7 +29,7 @@ def _replay(u: ClientUpdate, cid: int) -> ClientUpdate:
 
 def test_fedavg_server_step_is_the_weighted_mean_bit_for_bit() -> None:
     """server_step (now a fold into running sums) equals the batch weighted mean exactly."""
-    state, ups = _round("fedavgm", {"server_momentum": 0.9}, rounds=1)
+    state, ups = fed_round("fedavgm", {"server_momentum": 0.9}, rounds=1)
     new, _ = server_step(state, ups)
     ref = state.copy()
     apply_server_step(ref, mean_delta(ups))
@@ -60,7 +41,7 @@ def test_fedavg_server_step_is_the_weighted_mean_bit_for_bit() -> None:
 @pytest.mark.parametrize("algo,extra", [("fedavg", {}), ("fedng", {"aggregation": "summable"})])
 def test_streaming_round_matches_batch(algo: str, extra: dict[str, Any]) -> None:
     """Reply by reply (weights n_k, one rescale at the end) = the batch round up to rounding."""
-    state, ups = _round(algo, extra, rounds=1)
+    state, ups = fed_round(algo, extra, rounds=1)
     ref, _ = server_step(state, ups)
     rnd = ServerRound(state)
     assert [rnd.add(u).status for u in ups] == ["accepted"] * len(ups)
@@ -79,7 +60,7 @@ def test_streaming_round_matches_batch(algo: str, extra: dict[str, Any]) -> None
 @pytest.mark.parametrize("algo,extra", [("fedavg", {}), ("fedng", {"aggregation": "summable"})])
 def test_memory_is_flat_in_the_number_of_clients(algo: str, extra: dict[str, Any]) -> None:
     """The round holds its running sums only: the same bytes after 3 and after 40 replies."""
-    state, ups = _round(algo, extra, rounds=1)
+    state, ups = fed_round(algo, extra, rounds=1)
     sizes = []
     rnd = ServerRound(state)
     for i in range(40):
@@ -92,7 +73,7 @@ def test_memory_is_flat_in_the_number_of_clients(algo: str, extra: dict[str, Any
 
 def test_exact_merge_holds_the_updates() -> None:
     """The exact merge is not summable: its accumulator holds every update (O(K))."""
-    state, ups = _round("fedng", {"aggregation": "fisher"}, rounds=1)
+    state, ups = fed_round("fedng", {"aggregation": "fisher"}, rounds=1)
     rnd = ServerRound(state)
     for i in range(10):
         rnd.add(_replay(ups[i % len(ups)], i))
@@ -104,7 +85,7 @@ def test_exact_merge_holds_the_updates() -> None:
 def test_bad_replies_rejected_round_goes_on() -> None:
     """NaN delta, a duplicate id, a huge delta against the previous round's reference: each
     rejected with its reason as it arrives; the others are folded."""
-    state, ups = _round("fedavg", rounds=1)
+    state, ups = fed_round("fedavg", rounds=1)
     rnd = ServerRound(state)
     assert rnd.add(ups[0]).status == "accepted"
     bad = _replay(ups[1], 1)
@@ -130,7 +111,7 @@ def test_bad_replies_rejected_round_goes_on() -> None:
 def test_first_round_warms_up_on_a_bounded_buffer() -> None:
     """With no previous reference, the first 3 valid replies are held, their median becomes the
     reference, and an outlier among them is rejected."""
-    state, ups = _round("fedavg")
+    state, ups = fed_round("fedavg")
     assert "reference" not in state.meta
     huge = _replay(ups[1], 1)
     huge.delta = {k: x * 1e4 for k, x in huge.delta.items()}
@@ -147,7 +128,7 @@ def test_first_round_warms_up_on_a_bounded_buffer() -> None:
 
 def test_unanswered_probe_keeps_the_mean_on_probed_blocks() -> None:
     """A summable round whose line search gets no answer takes the mean step (alpha = 0)."""
-    state, ups = _round("fedng", {"aggregation": "summable"}, rounds=1)
+    state, ups = fed_round("fedng", {"aggregation": "summable"}, rounds=1)
     rnd = ServerRound(state)
     for u in ups:
         rnd.add(u)

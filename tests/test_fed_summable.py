@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from _fed import blobs_task
+from _fed import fed_round
 from _tols import assert_close
 from fedng.curvature import KFAC, CurvatureSet, to_matrix
 from fedng.federated.aggregation.fisher_weighted import fisher_weighted_step
@@ -21,10 +21,8 @@ from fedng.federated.algorithms.curvature_payload import (
     fast_scales,
 )
 from fedng.federated.algorithms.fedng_server import CONTRIB_PREFIX
-from fedng.federated.client import get_params
-from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate, ServerState
-from fedng.federated.round import client_step, server_init, server_step
+from fedng.federated.round import server_step
 
 
 @pytest.fixture(autouse=True)
@@ -35,20 +33,8 @@ def _one_thread() -> None:
 def _round(
     extra: dict[str, Any], n: int = 4, rounds: int = 0
 ) -> tuple[ServerState[Any], list[ClientUpdate]]:
-    """The state after `rounds` rounds and the next round's decoded FedNG updates."""
-    task = blobs_task(num_clients=n, n=30)
-    cc, sc = make_configs("fedng", {"local_steps": 3, **extra})
-    model = task.model_fn(0)
-    state, msg = server_init(get_params(model), sc)
-
-    def updates() -> list[ClientUpdate]:
-        return [
-            ClientUpdate.from_bytes(client_step(model, c, msg, cc).to_bytes()) for c in task.clients
-        ]
-
-    for _ in range(rounds):
-        state, msg = server_step(state, updates())
-    return state, updates()
+    """FedNG's state after `rounds` rounds and the next round's updates (4 clients)."""
+    return fed_round("fedng", extra, n, rounds)
 
 
 def _dense(cs: CurvatureSet, i: int) -> torch.Tensor:

@@ -19,23 +19,18 @@ next broadcast, never mutating the state it was given.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from fedng._typing import Arrays
-from fedng.federated.aggregation.mean import weights_of
-from fedng.federated.algorithms.base import Algorithm, State
+from fedng.federated.algorithms.base import Algorithm, Answer, State, run_batch
 from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.config.common import ClientConfig, ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
 from fedng.federated.server_round import non_finite
 from fedng.federated.tasks.base import ClientData
 from fedng.federated.validate import REFERENCE_KEY, delta_norm, reference_of, validate_updates
-
-Answer = Callable[[ServerMessage, list[int]], list[ClientUpdate]]
-"""(second-phase message, the accepted client ids) -> their replies (the simulator's clients)."""
 
 
 def server_init(params: Arrays, config: ServerConfig) -> tuple[State, ServerMessage]:
@@ -88,32 +83,6 @@ def client_step(
     return upd.seal()
 
 
-def _run(
-    work: State, accepted: list[ClientUpdate], algo: Algorithm[Any], answer: Answer | None
-) -> State:
-    """Folds the accepted updates into the algorithm's accumulator (weights `n_k / sum n`),
-    runs its second phase if it has one (through `answer`, else from the held updates), and
-    applies the round to `work`."""
-    acc = algo.begin(work)
-    ws = weights_of(accepted)
-    for u, w in zip(accepted, ws, strict=True):
-        acc.fold(u, w)
-    probe = acc.probe(work, 1.0)
-    if probe is not None:
-        weight = {u.client_id: w for u, w in zip(accepted, ws, strict=True)}
-        ids = [u.client_id for u in accepted]
-        if answer is not None:
-            replies = answer(probe.seal(), ids)
-        else:
-            replies = [algo.answer_probe(u, probe) for u in accepted]
-        got = 0
-        for r in replies:
-            if r.client_id in weight and acc.fold_reply(r, weight.pop(r.client_id)) is None:
-                got += 1
-        work.log["probe_answered"] = got
-    return acc.finish(work, 1.0)
-
-
 def _aggregate(
     state: State, accepted: list[ClientUpdate], algo: Algorithm[Any], answer: Answer | None = None
 ) -> State | str:
@@ -121,7 +90,7 @@ def _aggregate(
     work = state.copy()
     work.log = {}
     try:
-        new = _run(work, accepted, algo, answer)
+        new = run_batch(algo, work, accepted, answer)
     except Exception as err:  # a payload that breaks aggregation is dropped
         return f"aggregation failed ({type(err).__name__}: {str(err)[:120]})"
     bad = non_finite(new)

@@ -11,13 +11,14 @@ number of clients. An algorithm that overrides `aggregate(state, updates)` inste
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 from torch import nn
 
 from fedng._typing import Arrays
 from fedng.curvature import CurvatureSet
-from fedng.federated.aggregation.mean import apply_server_step, mean_delta
+from fedng.federated.aggregation.mean import apply_server_step, mean_delta, weights_of
 from fedng.federated.aggregation.sums import WeightedSum
 from fedng.federated.client.params import get_params, set_params, sub
 from fedng.federated.client.sgd import local_sgd
@@ -29,6 +30,10 @@ from fedng.federated.wire import wire_dtype
 
 State = ServerState[ServerConfig]
 """The server state of every algorithm."""
+
+Answer = Callable[[ServerMessage, list[int]], list[ClientUpdate]]
+"""(second-phase message, the accepted client ids) -> their replies (e.g. the simulator's
+clients); see `Accumulator.probe`."""
 
 OptionsT = TypeVar("OptionsT", bound=AlgorithmConfig)
 
@@ -229,3 +234,32 @@ class Algorithm(Generic[OptionsT]):
             ValueError: the algorithm has no second phase.
         """
         raise ValueError(f"{self.name} has no second phase to answer")
+
+
+def run_batch(
+    algo: Algorithm[Any], work: State, updates: list[ClientUpdate], answer: Answer | None = None
+) -> State:
+    """A whole round through the algorithm's accumulator, with the weights `n_k / sum n` of the
+    given updates: fold each, run the second phase if there is one (through `answer`, else
+    answered from the updates themselves, as their clients would), then apply it to `work`.
+
+    Returns:
+        `work`, updated (`work.log["probe_answered"]` counts the usable replies).
+    """
+    acc = algo.begin(work)
+    ws = weights_of(updates)
+    for u, w in zip(updates, ws, strict=True):
+        acc.fold(u, w)
+    probe = acc.probe(work, 1.0)
+    if probe is not None:
+        weight = {u.client_id: w for u, w in zip(updates, ws, strict=True)}
+        if answer is not None:
+            replies = answer(probe.seal(), [u.client_id for u in updates])
+        else:
+            replies = [algo.answer_probe(u, probe) for u in updates]
+        got = 0
+        for r in replies:
+            if r.client_id in weight and acc.fold_reply(r, weight.pop(r.client_id)) is None:
+                got += 1
+        work.log["probe_answered"] = got
+    return acc.finish(work, 1.0)

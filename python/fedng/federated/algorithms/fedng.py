@@ -27,7 +27,7 @@ from fedng.curvature import CurvatureSet
 from fedng.federated.aggregation.fisher_weighted import fisher_weighted_step
 from fedng.federated.aggregation.mean import apply_server_step, mean_delta, weights_of
 from fedng.federated.aggregation.summable import REPLY_KEY, answer_probe
-from fedng.federated.algorithms.base import Accumulator, Algorithm, Collect, State
+from fedng.federated.algorithms.base import Accumulator, Algorithm, Collect, State, run_batch
 from fedng.federated.algorithms.curvature_payload import (
     attach_contribution,
     attach_curvature,
@@ -159,15 +159,7 @@ class FedNG(Algorithm[FedNGConfig]):
         own curvature (what each client would answer)."""
         opts = self.options(state.config)
         if opts.aggregation != "fisher":
-            acc = self.begin(state)
-            ws = weights_of(updates)
-            for u, w in zip(updates, ws, strict=True):
-                acc.fold(u, w)
-            probe = acc.probe(state, 1.0)
-            if probe is not None:
-                for u, w in zip(updates, ws, strict=True):
-                    acc.fold_reply(self.answer_probe(u, probe), w)
-            return acc.finish(state, 1.0)
+            return run_batch(self, state, updates)
         return self._exact(state, updates)
 
     def _exact(self, state: State, updates: list[ClientUpdate]) -> State:
