@@ -27,6 +27,9 @@ from fedng.federated.wire import FLOAT_DTYPES, wire_dtype
 
 _CACHE_ATTR = "_fedng_curvature"
 _SCALES_ATTR = "_fedng_curvature_scales"
+_SMALL = 1 << 16
+"""Payloads up to this many entries get their factor norms from one vector op."""
+_KEY_ATTR = "_fedng_meta_key"
 _META_CACHE_ATTR = "_fedng_meta_checked"
 """Attribute of a server state caching the verdict on each distinct curvature metadata (a state is
 never mutated after a round, and `ServerState.copy` does not carry it)."""
@@ -97,14 +100,20 @@ def meta_problem(meta: object) -> str | None:
 
 def signature(update: ClientUpdate) -> str | None:
     """The curvature's kinds, block layouts and representation metadata as one string (None
-    without curvature): updates of one round must agree on it to be combined."""
+    without curvature): updates of one round must agree on it to be combined. Computed once
+    per update (it also keys the server's cached metadata checks)."""
     if not update.curvature:
         return None
     meta = update.meta.get("curv")
     if not isinstance(meta, dict):
         return None
+    cached = getattr(update, _KEY_ATTR, None)
+    if isinstance(cached, str):
+        return cached
     keys = ("kinds", "layouts", "rep_meta")
-    return json.dumps({k: meta.get(k) for k in keys}, sort_keys=True)
+    key = json.dumps({k: meta.get(k) for k in keys}, sort_keys=True, default=repr)
+    setattr(update, _KEY_ATTR, key)
+    return key
 
 
 def _layouts(meta: dict[str, Any]) -> list[BlockLayout] | str:
@@ -132,7 +141,8 @@ def check_curvature_payload(state: State, update: ClientUpdate, fast: bool = Fal
     if "curv" not in update.meta:
         return "curvature payload without its layout metadata"
     meta = update.meta["curv"]
-    key = json.dumps(meta, sort_keys=True, default=repr)
+    key = signature(update) if isinstance(meta, dict) and len(meta) <= 3 else None
+    key = key or json.dumps(meta, sort_keys=True, default=repr)
     cache: dict[str, str | None] = state.__dict__.setdefault(_META_CACHE_ATTR, {})
     if key not in cache:  # the metadata checks, once per distinct metadata and server state
         cache[key] = _meta_reason(state, meta)
@@ -140,7 +150,8 @@ def check_curvature_payload(state: State, update: ClientUpdate, fast: bool = Fal
     if reason is not None:
         return reason
     if fast and set(update.curvature) <= FAST_KINDS:
-        setattr(update, _SCALES_ATTR, fast_scales(meta, update.curvature, state.config.psd_tol))
+        scales = fast_scales(meta, update.curvature, state.config.psd_tol, key)
+        setattr(update, _SCALES_ATTR, scales)
         return None
     cs = decoded_curvature(update)
     if cs is None:
@@ -185,6 +196,7 @@ class _KindPlan:
         packed: per segment, whether it is a packed symmetric triangle (else a diagonal).
         didx: payload positions of every segment's diagonal entries, concatenated.
         dstarts: where each segment's diagonal starts in `didx`.
+        starts: where each segment starts in the payload.
         scales: (scale name, segment indices, divisor): the scale is the product of the
             segments' traces over the divisor (K-FAC block trace `tr A tr G`, `tr A / n`, ...).
     """
@@ -195,6 +207,7 @@ class _KindPlan:
     packed: np.ndarray[Any, np.dtype[np.bool_]]
     didx: np.ndarray[Any, np.dtype[np.int64]]
     dstarts: np.ndarray[Any, np.dtype[np.int64]]
+    starts: np.ndarray[Any, np.dtype[np.int64]]
     scales: list[tuple[str, tuple[int, ...], float]]
 
 
@@ -254,6 +267,7 @@ def _plan(key: str) -> dict[str, _KindPlan]:
             np.array(b.packed, dtype=np.bool_),
             np.concatenate(b.didx),
             starts,
+            np.array([a for a, _ in b.bounds], dtype=np.int64),
             scales,
         )
     return plans
@@ -274,7 +288,10 @@ def _check_kind(plan: _KindPlan, flat: torch.Tensor, tol: float) -> list[float]:
     # numpy: a handful of calls whatever the number of factors, each cheap on small payloads
     x = (flat if flat.dtype == torch.float32 else flat.float()).numpy()
     with np.errstate(over="ignore", invalid="ignore"):
-        sq = np.array([np.dot(x[a:b], x[a:b]) for a, b in plan.bounds], dtype=np.float64)
+        if plan.total <= _SMALL:  # one vector op beats a Python loop of dots
+            sq = np.add.reduceat((x * x).astype(np.float64), plan.starts)
+        else:  # one read per factor, no temporary
+            sq = np.array([np.dot(x[a:b], x[a:b]) for a, b in plan.bounds], dtype=np.float64)
         d = x[plan.didx].astype(np.float64)
         tr = np.add.reduceat(d, plan.dstarts)
         d2 = np.add.reduceat(d * d, plan.dstarts)
@@ -282,17 +299,17 @@ def _check_kind(plan: _KindPlan, flat: torch.Tensor, tol: float) -> list[float]:
         dbig = np.maximum.reduceat(np.abs(d), plan.dstarts)
         fro = np.sqrt(np.where(plan.packed, np.maximum(2 * sq - d2, 0.0), sq))
         eps = torch.finfo(flat.dtype).eps
-        masks = np.stack(
-            [
-                ~np.isfinite(sq),
-                fro > MAX_ABS,
-                dmin < -tol * dbig,
-                plan.packed & (fro > tr * (1.0 + tol) + eps * fro + 1e-30),
-            ]
+        checks = (
+            ~np.isfinite(sq),
+            fro > MAX_ABS,
+            dmin < -tol * dbig,
+            plan.packed & (fro > tr * (1.0 + tol) + eps * fro + 1e-30),
         )
+        bad = checks[0] | checks[1] | checks[2] | checks[3]
     nseg = len(plan.bounds)
     segs = [flat[a:b] for a, b in plan.bounds]
-    if bool(masks.any()):  # the slow path only for a bad payload: name the first offender
+    if bool(bad.any()):  # the slow path only for a bad payload: name the first offender
+        masks = np.stack(checks)
         whys = (
             "has NaN/Inf entries",
             "has entries whose products overflow float32",
@@ -309,7 +326,7 @@ def _check_kind(plan: _KindPlan, flat: torch.Tensor, tol: float) -> list[float]:
 
 
 def fast_scales(
-    cs_meta: dict[str, Any], arrays: dict[str, torch.Tensor], tol: float
+    cs_meta: dict[str, Any], arrays: dict[str, torch.Tensor], tol: float, key: str | None = None
 ) -> dict[str, float]:
     """`curvature_scales` of a K-FAC / diagonal payload read in place, with the fast checks.
 
@@ -322,6 +339,8 @@ def fast_scales(
         cs_meta: the payload's curvature metadata (structure already checked).
         arrays: kind -> flat payload.
         tol: relative tolerance (`ServerConfig.psd_tol`).
+        key: a JSON string of the metadata (holding "kinds" and "layouts") that keys the cached
+            plan (None: made here).
 
     Returns:
         The scale measures (see `curvature_scales`).
@@ -329,7 +348,8 @@ def fast_scales(
     Raises:
         ValueError: a bad factor, or a payload of the wrong size.
     """
-    key = json.dumps({"kinds": cs_meta["kinds"], "layouts": cs_meta["layouts"]}, sort_keys=True)
+    if key is None:
+        key = json.dumps({"kinds": cs_meta["kinds"], "layouts": cs_meta["layouts"]}, sort_keys=True)
     out: dict[str, float] = {}
     for kind, plan in _plan(key).items():
         traces = _check_kind(plan, arrays[kind].reshape(-1), tol)
