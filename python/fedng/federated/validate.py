@@ -57,16 +57,14 @@ def _is_a(x: object, kind: type[object]) -> bool:
 _SQNORM_ATTR = "_fedng_sq_norms"
 
 
-def check_arrays(
-    what: str,
-    got: Mapping[str, object],
-    expected: dict[str, tuple[int, ...]],
-    norms: dict[str, float] | None = None,
-) -> str | None:
-    """Why named arrays do not match `expected` names/shapes or are not finite floats, or None.
+Group = tuple[str, Mapping[str, object], dict[str, tuple[int, ...]]]
+"""(what, the named arrays received, the expected names and shapes)."""
 
-    One pass over each array's memory (`sq_norm`); with `norms` given, each array's squared
-    norm is stored there (the delta's, for the norm check, without a second pass)."""
+
+def _structure(
+    what: str, got: Mapping[str, object], expected: dict[str, tuple[int, ...]]
+) -> str | None:
+    """Why named arrays do not have `expected`'s names / shapes / float dtypes (or None)."""
     if not _is_a(got, Mapping):
         return f"{what}: expected named arrays, got {type(got).__name__}"
     if not expected and not got:
@@ -83,15 +81,38 @@ def check_arrays(
             return f"{what}: {k!r} has shape {list(t.shape)}, expected {list(shape)}"
         if t.dtype not in FLOAT_DTYPES:
             return f"{what}: {k!r} has dtype {t.dtype}, expected fp32/bf16/fp16"
-    names = list(expected)
-    tensors = [got[k] for k in names]
-    sqs = sq_norms([t for t in tensors if isinstance(t, torch.Tensor)])
-    for k, sq in zip(names, sqs, strict=True):
+    return None
+
+
+def check_groups(groups: list[Group], norms: dict[str, float] | None = None) -> str | None:
+    """`check_arrays` of several groups, the finiteness of all their arrays from one batched
+    norm call; with `norms` given, the first group's squared norms are stored there."""
+    for what, got, expected in groups:
+        reason = _structure(what, got, expected)
+        if reason is not None:
+            return reason
+    named = [(what, k, got[k]) for what, got, expected in groups for k in expected]
+    sqs = sq_norms([t for _, _, t in named if isinstance(t, torch.Tensor)])
+    first = groups[0][0] if groups else None
+    for (what, k, _), sq in zip(named, sqs, strict=True):
         if not math.isfinite(sq):
             return f"{what}: {k!r} has NaN/Inf"
-        if norms is not None:
+        if norms is not None and what == first:
             norms[k] = sq
     return None
+
+
+def check_arrays(
+    what: str,
+    got: Mapping[str, object],
+    expected: dict[str, tuple[int, ...]],
+    norms: dict[str, float] | None = None,
+) -> str | None:
+    """Why named arrays do not match `expected` names/shapes or are not finite floats, or None.
+
+    One pass over each array's memory (`sq_norms`); with `norms` given, each array's squared
+    norm is stored there (the delta's, for the norm check, without a second pass)."""
+    return check_groups([(what, got, expected)], norms)
 
 
 def _is_int(x: object) -> bool:
@@ -109,11 +130,12 @@ def check_update(state: State, update: ClientUpdate, algo: Algorithm[Any]) -> st
         return f"meta must be an object, got {type(update.meta).__name__}"
     shapes = {k: tuple(v.shape) for k, v in state.params.items()}
     norms: dict[str, float] = {}
-    reason = check_arrays("delta", update.delta, shapes, norms)
+    reason = check_groups(
+        [("delta", update.delta, shapes), ("extras", update.extras, algo.expected_extras(state))],
+        norms,
+    )
     if reason is None:
         setattr(update, _SQNORM_ATTR, norms)
-    if reason is None:
-        reason = check_arrays("extras", update.extras, algo.expected_extras(state))
     if reason is None and not _is_a(update.curvature, Mapping):
         reason = f"curvature: expected named arrays, got {type(update.curvature).__name__}"
     if reason is None:

@@ -65,3 +65,28 @@ class WeightedSum:
     def nbytes(self) -> int:
         """Bytes held by the sums."""
         return sum(v.numel() * v.element_size() for v in self.sums.values())
+
+
+def fold_all(parts: list[tuple[WeightedSum, Arrays]], weight: float) -> None:
+    """Folds several named-array sets into their sums, with one in-place `_foreach_add_` for all
+    of them when every sum is started, folds in place and knows every name (else one fold
+    each): a small model's fold is dispatch-bound.
+
+    Args:
+        parts: (sum, the arrays to add to it) pairs.
+        weight: the fold's weight.
+    """
+    ready = all(not s.exact and s.sums and all(k in s.sums for k in a) for s, a in parts)
+    if not ready:
+        for s, a in parts:
+            s.fold(a, weight)
+        return
+    acc: list[torch.Tensor] = []
+    vals: list[torch.Tensor] = []
+    for s, a in parts:
+        for k, v in a.items():
+            acc.append(s.sums[k])
+            vals.append(v.float())
+        s.total_weight += weight
+        s.count += 1
+    torch._foreach_add_(acc, vals, alpha=weight)

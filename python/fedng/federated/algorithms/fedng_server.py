@@ -24,7 +24,7 @@ from fedng.federated.aggregation.summable import (
     pooled_direction,
     probe_arrays,
 )
-from fedng.federated.aggregation.sums import WeightedSum
+from fedng.federated.aggregation.sums import WeightedSum, fold_all
 from fedng.federated.algorithms.base import State
 from fedng.federated.config.curvature import FedNGConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
@@ -73,7 +73,7 @@ class CurvatureSums:
         self.psd_tol = psd_tol
         self.bad: str | None = None
         self.wire_eps = 0.0
-        self.deltas = WeightedSum()
+        self.deltas = WeightedSum(exact=False)
         self.curv = WeightedSum(exact=False)
         self.contrib = WeightedSum(exact=False)
         self.meta: dict[str, Any] | None = None
@@ -95,23 +95,25 @@ class CurvatureSums:
         )
 
     def fold(self, update: ClientUpdate, weight: float) -> None:
-        """Adds delta_k, the curvature payload and c_k (when present), each times `weight`."""
-        self.deltas.fold(update.delta, weight)
+        """Adds delta_k, the curvature payload and c_k (when present), each times `weight`
+        (one in-place `_foreach_add_` for all three once the sums are started)."""
         if not update.curvature:
             self.without_curvature += 1
+            self.deltas.fold(update.delta, weight)
             return
         if self.meta is None:
             self.meta = update.meta["curv"]
-        self.curv.fold(update.curvature, weight)
-        for v in update.curvature.values():
-            self.wire_eps = max(self.wire_eps, torch.finfo(v.dtype).eps)
+        parts = [(self.deltas, update.delta), (self.curv, update.curvature)]
         fd = {
             k[len(CONTRIB_PREFIX) :]: v
             for k, v in update.extras.items()
             if k.startswith(CONTRIB_PREFIX)
         }
         if fd:
-            self.contrib.fold(fd, weight)
+            parts.append((self.contrib, fd))
+        fold_all(parts, weight)
+        for v in update.curvature.values():
+            self.wire_eps = max(self.wire_eps, torch.finfo(v.dtype).eps)
 
     def _pooled(self, scale: float) -> CurvatureSet | None:
         """The pooled curvature (decoded once), None if it fails the full PSD test: the fast
