@@ -68,22 +68,24 @@ class WeightedSum:
 
 
 def fold_all(parts: list[tuple[WeightedSum, Arrays]], weight: float) -> None:
-    """Folds several named-array sets into their sums, with one in-place `_foreach_add_` for all
-    of them when every sum is started, folds in place and knows every name (else one fold
-    each): a small model's fold is dispatch-bound.
+    """Folds several named-array sets into their sums: one in-place `_foreach_add_` for all the
+    sums that are started, fold in place and know every name; the others (exact sums, first
+    folds) fold on their own. A small model's fold is dispatch-bound.
 
     Args:
         parts: (sum, the arrays to add to it) pairs.
         weight: the fold's weight.
     """
-    ready = all(not s.exact and s.sums and all(k in s.sums for k in a) for s, a in parts)
-    if not ready:
-        for s, a in parts:
+    ready = [not s.exact and bool(s.sums) and all(k in s.sums for k in a) for s, a in parts]
+    for (s, a), ok in zip(parts, ready, strict=True):
+        if not ok:  # exact (bit-identical) or not started: a fold of its own
             s.fold(a, weight)
+    together = [(s, a) for (s, a), ok in zip(parts, ready, strict=True) if ok]
+    if not together:
         return
     acc: list[torch.Tensor] = []
     vals: list[torch.Tensor] = []
-    for s, a in parts:
+    for s, a in together:
         for k, v in a.items():
             acc.append(s.sums[k])
             vals.append(v.float())

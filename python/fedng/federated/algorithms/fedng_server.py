@@ -73,7 +73,7 @@ class CurvatureSums:
         self.psd_tol = psd_tol
         self.bad: str | None = None
         self.wire_eps = 0.0
-        self.deltas = WeightedSum(exact=False)
+        self.deltas = WeightedSum()  # exact: with the preconditioner off, "mean" is FedAvg
         self.curv = WeightedSum(exact=False)
         self.contrib = WeightedSum(exact=False)
         self.meta: dict[str, Any] | None = None
