@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from fedng.federated.client import get_params
+from fedng.federated.config import make_configs
+from fedng.federated.messages import ClientUpdate, ServerState
+from fedng.federated.round import client_step, server_init, server_step
 from fedng.federated.tasks.base import ClientData, FederatedTask, mlp, seeded_model
 from torch import nn
 
@@ -52,3 +58,23 @@ def linear_task(n: int = 24, dim: int = 3, seed: int = 0) -> FederatedTask:
         "rel_l2",
         0,
     )
+
+
+def fed_round(
+    algo: str, extra: dict[str, Any] | None = None, n: int = 5, rounds: int = 0
+) -> tuple[ServerState[Any], list[ClientUpdate]]:
+    """On `blobs_task(n)`: the server state after `rounds` honest rounds, and the next round's
+    updates (each decoded from its bytes, as the server receives it)."""
+    task = blobs_task(num_clients=n, n=30)
+    cc, sc = make_configs(algo, {"local_steps": 3, **(extra or {})})
+    model = task.model_fn(0)
+    state, msg = server_init(get_params(model), sc)
+
+    def updates() -> list[ClientUpdate]:
+        return [
+            ClientUpdate.from_bytes(client_step(model, c, msg, cc).to_bytes()) for c in task.clients
+        ]
+
+    for _ in range(rounds):
+        state, msg = server_step(state, updates())
+    return state, updates()

@@ -40,7 +40,7 @@ def test_presets_are_the_algorithm_defaults() -> None:
     assert cc.options is sc.options
     assert cc.options == FedNGConfig(
         precond="global_local",
-        aggregation="fisher",
+        aggregation="summable",
         fisher_center="mean",
         fisher_damping=0.1,
         damping=0.1,

@@ -110,7 +110,7 @@ def test_malformed_curvature_metadata_is_rejected(mutate: Callable[[ClientUpdate
 def test_round0_client_with_other_kinds_is_rejected() -> None:
     state, ups = make_round(extra={"aggregation": "fisher"})
     task = blobs_task(num_clients=4, n=30)
-    cc, _ = make_configs("fedng", {"local_steps": 3, "curvature": "diag"})
+    cc, _ = make_configs("fedng", {"local_steps": 3, "curvature": "diag", "aggregation": "fisher"})
     model = task.model_fn(0)
     _, msg = server_init(get_params(model), state.config)
     bad = ClientUpdate.from_bytes(client_step(model, task.clients[3], msg, cc).to_bytes())

@@ -135,8 +135,24 @@ def test_simulator_bytes_equal_serialized_lengths(algo: str, extra: dict) -> Non
         tamper=spy,
     )
     cum = 0
+    blocks = sum(isinstance(m, torch.nn.Linear) for m in task.model_fn(0).modules())
     for rec in h.rounds[1:]:
-        assert rec.bytes_up == sum(sent[rec.round - 1])
+        # the summable aggregation's second phase: two scalars per block from each client
+        replies = [
+            ClientUpdate(
+                cid,
+                rec.round - 1,
+                {},
+                task.clients[cid].num_examples,
+                extras={"line_search": torch.zeros(blocks, 2)},
+                meta={"phase": "line_search"},
+            )
+            for cid in rec.participants
+        ]
+        probed = bool(rec.server_log.get("probe_answered"))
+        assert probed == (algo == "fedng" and rec.round > 0)
+        extra_up = sum(len(r.to_bytes()) for r in replies) if probed else 0
+        assert rec.bytes_up == sum(sent[rec.round - 1]) + extra_up
         assert rec.bytes_down % len(rec.participants) == 0
         cum += rec.bytes_up + rec.bytes_down
         assert rec.cum_bytes == cum

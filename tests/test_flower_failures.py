@@ -102,6 +102,10 @@ def test_crashing_client_costs_its_reply_only() -> None:
             raise ZeroDivisionError("the client's data loader broke")
         return inner(msg, ctx)
 
+    @app.train("probe")  # the second summable phase (FedNG's line search)
+    def probe(msg: Message, ctx: Context) -> Message:
+        return inner(msg, ctx)
+
     strategy, _ = on_flower(app=app)
     why = rejected_in(strategy)
     assert why.startswith("client error:") and "ZeroDivisionError" in why
@@ -219,3 +223,24 @@ def test_node_that_fails_the_query_is_left_out() -> None:
     for rec in strategy.history.rounds[1:]:
         assert rec.rejected == {str(VICTIM): "no live node serves this client"}
     assert strategy.num_clients == 4
+
+
+def test_lost_second_phase_answer_costs_its_scalars_only() -> None:
+    """FedNG's summable line search runs as `train.probe` messages on the grid: an answer that
+    never arrives leaves the victim's update accepted and the round answered by the others."""
+    grid_box: list[LocalGrid] = []
+
+    def lose_probe(node: int, reply: Message) -> Message | None:
+        is_probe = reply.metadata.message_type.endswith(".probe")
+        return None if is_probe and victim_reply(grid_box[0], node, reply) else reply
+
+    grid = LocalGrid(make_client_app(task_fn), 4, SPEC.to_run_config(), on_reply=lose_probe)
+    grid_box.append(grid)
+    strategy = run_server(grid, SPEC, task_fn(SPEC))
+    rec = strategy.history.rounds[ROUND + 1]
+    assert rec.rejected == {}
+    assert rec.server_log["aggregation"] == "summable"
+    assert rec.server_log["probe_answered"] == 3
+    full = strategy.history.rounds[ROUND + 2].server_log
+    assert full["probe_answered"] == 4
+    assert all(math.isfinite(r.metric) for r in strategy.history.rounds)

@@ -3,6 +3,9 @@
     client_step(model, data, server_message, config) -> ClientUpdate
     server_step(state, updates) -> (state, server_message)
 
+`ServerRound` is the same server fed one reply at a time (validate, then fold into running
+sums; an optional second summable phase; `finish()`): what a deployment calls per reply.
+
 Algorithms (`ClientConfig.algorithm` / `ServerConfig.algorithm`): fedavg, fedavgm, fedprox,
 scaffold, fedadam, fedyogi, fedadagrad, fedng, fedfisher; each owns a typed config
 (`ClientConfig.options`, e.g. `FedNGConfig`). Run them with `simulate` or `fedng simulate` (see
@@ -10,7 +13,7 @@ scaffold, fedadam, fedyogi, fedadagrad, fedng, fedfisher; each owns a typed conf
 
 Sub-layers, lowest first (a module imports only from its own layer or lower ones; enforced by
 tests/test_layering.py): wire, losses < messages < config, tasks < aggregation, client,
-checkpoint < algorithms < validate < round < report < resume < simulator.
+checkpoint < algorithms < validate < server_round < round < report < resume < simulator.
 """
 
 from fedng.federated.algorithms.registry import get_algorithm
@@ -37,6 +40,7 @@ from fedng.federated.config import (
 from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
 from fedng.federated.report.history import History, RoundRecord
 from fedng.federated.round import client_step, server_init, server_step
+from fedng.federated.server_round import ServerRound, Verdict
 from fedng.federated.simulator import simulate
 from fedng.federated.tasks.base import ClientData, FederatedTask
 from fedng.federated.tasks.registry import TASKS, make_task
@@ -61,7 +65,9 @@ __all__ = [
     "ScaffoldConfig",
     "ServerConfig",
     "ServerMessage",
+    "ServerRound",
     "ServerState",
+    "Verdict",
     "client_step",
     "get_algorithm",
     "load_checkpoint",

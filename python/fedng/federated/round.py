@@ -3,6 +3,13 @@
     client_step(model, data, server_message, config) -> ClientUpdate
     server_step(state, updates) -> (state, server_message)
 
+`server_step` is the batch form of `fedng.federated.server_round.ServerRound` (the streaming
+server a deployment feeds reply by reply): it validates the whole round first (round medians),
+then folds the accepted updates into the algorithm's accumulator with weights `n_k / sum n`, so
+FedAvg's result is the weighted mean bit for bit. An optional `answer` callback carries an
+algorithm's second summable phase to the clients (FedNG's summable line search); without it the
+server answers from the updates it holds.
+
 Both are pure functions of tensors and configs: the client's result depends only on the message,
 its data, its config (and its own persistent `client_state`, the analogue of a Flower ClientApp's
 `context.state`); the server validates every update, aggregates the accepted ones and builds the
@@ -14,14 +21,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
 from torch import nn
 
 from fedng._typing import Arrays
-from fedng.federated.algorithms.base import Algorithm, State
+from fedng.federated.algorithms.base import Algorithm, Answer, State, run_batch
 from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.config.common import ClientConfig, ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
+from fedng.federated.server_round import non_finite
 from fedng.federated.tasks.base import ClientData
 from fedng.federated.validate import REFERENCE_KEY, delta_norm, reference_of, validate_updates
 
@@ -76,29 +83,26 @@ def client_step(
     return upd.seal()
 
 
-def _non_finite(state: State) -> list[str]:
-    """Names of the state's float arrays holding NaN or Inf."""
-    return [
-        k
-        for k, v in {**state.params, **state.buffers}.items()
-        if v.is_floating_point() and not bool(torch.isfinite(v).all())
-    ]
-
-
-def _aggregate(state: State, accepted: list[ClientUpdate], algo: Algorithm[Any]) -> State | str:
+def _aggregate(
+    state: State, accepted: list[ClientUpdate], algo: Algorithm[Any], answer: Answer | None = None
+) -> State | str:
     """The aggregated copy of `state`, or why aggregation failed (non-finite result, error)."""
     work = state.copy()
     work.log = {}
     try:
-        new = algo.aggregate(work, accepted)
+        new = run_batch(algo, work, accepted, answer)
     except Exception as err:  # a payload that breaks aggregation is dropped
         return f"aggregation failed ({type(err).__name__}: {str(err)[:120]})"
-    bad = _non_finite(new)
+    bad = non_finite(new)
     return f"aggregation produced non-finite {bad[:5]}" if bad else new
 
 
 def _without_culprit(
-    state: State, accepted: list[ClientUpdate], algo: Algorithm[Any], why: str
+    state: State,
+    accepted: list[ClientUpdate],
+    algo: Algorithm[Any],
+    why: str,
+    answer: Answer | None,
 ) -> tuple[State, list[ClientUpdate], dict[int, str]] | None:
     """Leaves out one update at a time (largest delta first) until aggregation succeeds;
     None if no set of at least one update aggregates."""
@@ -108,7 +112,7 @@ def _without_culprit(
         order = sorted(rest, key=delta_norm, reverse=True)
         for cand in order:
             trial = [u for u in rest if u is not cand]
-            res = _aggregate(state, trial, algo)
+            res = _aggregate(state, trial, algo, answer)
             if not isinstance(res, str):
                 dropped[cand.client_id] = f"{why} with this update; left out"
                 return res, trial, dropped
@@ -117,7 +121,9 @@ def _without_culprit(
     return None
 
 
-def server_step(state: State, updates: list[ClientUpdate]) -> tuple[State, ServerMessage]:
+def server_step(
+    state: State, updates: list[ClientUpdate], answer: Answer | None = None
+) -> tuple[State, ServerMessage]:
     """Validates every update, aggregates the accepted ones, and builds the next message.
 
     A payload that fails validation is rejected with its reasons in `state.log["rejected"]`
@@ -130,6 +136,9 @@ def server_step(state: State, updates: list[ClientUpdate]) -> tuple[State, Serve
     Args:
         state: the current server state (not modified).
         updates: the round's client updates (decoded from the wire).
+        answer: carries an algorithm's second-phase message to the accepted clients and
+            returns their replies (None: the server answers from the updates it holds, as the
+            clients would).
 
     Returns:
         (new state, message for the next round).
@@ -141,9 +150,9 @@ def server_step(state: State, updates: list[ClientUpdate]) -> tuple[State, Serve
     new.log = {}
     log: dict[str, Any] = {"rejected": rejected}
     if accepted:
-        res = _aggregate(state, accepted, algo)
+        res = _aggregate(state, accepted, algo, answer)
         if isinstance(res, str):
-            retry = _without_culprit(state, accepted, algo, res)
+            retry = _without_culprit(state, accepted, algo, res, answer)
             if retry is None:
                 log["rolled_back"] = res
                 accepted = []

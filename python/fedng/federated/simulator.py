@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fedng._typing import Arrays
+from fedng.federated.algorithms.base import Algorithm
 from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.checkpoint import save_model
 from fedng.federated.client.params import get_params, set_params
@@ -155,6 +156,8 @@ def simulate(
         received = ServerMessage.from_bytes(blob)
         updates, times, losses, up = [], [], [], 0
         undecodable: dict[int, str] = {}
+        sent: dict[int, ClientUpdate] = {}
+        probe_bytes = [0, 0]  # second summable phase (if any): [up, down]
         for cid in ids:
             t0 = time.perf_counter()
             upd = client_step(
@@ -168,13 +171,15 @@ def simulate(
             if tamper_bytes is not None:
                 wire = tamper_bytes(r, cid, wire)
             up += len(wire)
+            sent[cid] = upd
             try:
                 updates.append(ClientUpdate.from_bytes(wire))
             except PayloadError as err:
                 undecodable[cid] = f"does not decode: {err}"
             losses.append(upd.metrics.get("train_loss", math.nan))
-        state, message = server_step(state, updates)
-        down = len(blob) * len(ids)
+        state, message = server_step(state, updates, _answerer(algo, sent, probe_bytes))
+        up += probe_bytes[0]
+        down = len(blob) * len(ids) + probe_bytes[1]
         cum += up + down
         rec = record(r + 1, state.params)
         log = dict(state.log)
@@ -201,6 +206,27 @@ def simulate(
         set_params(eval_model, state.params)
         save_model(ckpt.folder / MODEL_FILE, eval_model)
     return hist
+
+
+def _answerer(
+    algo: Algorithm[Any], sent: dict[int, ClientUpdate], count: list[int]
+) -> Callable[[ServerMessage, list[int]], list[ClientUpdate]]:
+    """The clients' side of an algorithm's second summable phase: each accepted client decodes
+    the message and answers from the update it sent; the bytes both ways are added to `count`
+    ([up, down])."""
+
+    def answer(probe: ServerMessage, ids: list[int]) -> list[ClientUpdate]:
+        blob = probe.to_bytes()
+        got = ServerMessage.from_bytes(blob)
+        replies = []
+        for cid in ids:
+            wire = algo.answer_probe(sent[cid], got).to_bytes()
+            count[0] += len(wire)
+            count[1] += len(blob)
+            replies.append(ClientUpdate.from_bytes(wire))
+        return replies
+
+    return answer
 
 
 def _progress(total: int, enabled: bool, desc: str) -> Any:

@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 
+from fedng.federated.aggregation.passes import sq_norm, sq_norms
 from fedng.federated.algorithms.base import Algorithm, State
 from fedng.federated.algorithms.curvature_payload import (
     curvature_scales,
-    decoded_curvature,
     signature,
+    update_scales,
 )
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.wire import FLOAT_DTYPES
@@ -53,12 +54,21 @@ def _is_a(x: object, kind: type[object]) -> bool:
     return isinstance(x, kind)
 
 
-def check_arrays(
+_SQNORM_ATTR = "_fedng_sq_norms"
+
+
+Group = tuple[str, Mapping[str, object], dict[str, tuple[int, ...]]]
+"""(what, the named arrays received, the expected names and shapes)."""
+
+
+def _structure(
     what: str, got: Mapping[str, object], expected: dict[str, tuple[int, ...]]
 ) -> str | None:
-    """Why named arrays do not match `expected` names/shapes or are not finite floats, or None."""
+    """Why named arrays do not have `expected`'s names / shapes / float dtypes (or None)."""
     if not _is_a(got, Mapping):
         return f"{what}: expected named arrays, got {type(got).__name__}"
+    if not expected and not got:
+        return None
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
     if missing or extra:
@@ -71,9 +81,38 @@ def check_arrays(
             return f"{what}: {k!r} has shape {list(t.shape)}, expected {list(shape)}"
         if t.dtype not in FLOAT_DTYPES:
             return f"{what}: {k!r} has dtype {t.dtype}, expected fp32/bf16/fp16"
-        if not bool(torch.isfinite(t).all()):
-            return f"{what}: {k!r} has NaN/Inf"
     return None
+
+
+def check_groups(groups: list[Group], norms: dict[str, float] | None = None) -> str | None:
+    """`check_arrays` of several groups, the finiteness of all their arrays from one batched
+    norm call; with `norms` given, the first group's squared norms are stored there."""
+    for what, got, expected in groups:
+        reason = _structure(what, got, expected)
+        if reason is not None:
+            return reason
+    named = [(what, k, got[k]) for what, got, expected in groups for k in expected]
+    sqs = sq_norms([t for _, _, t in named if isinstance(t, torch.Tensor)])
+    first = groups[0][0] if groups else None
+    for (what, k, _), sq in zip(named, sqs, strict=True):
+        if not math.isfinite(sq):
+            return f"{what}: {k!r} has NaN/Inf"
+        if norms is not None and what == first:
+            norms[k] = sq
+    return None
+
+
+def check_arrays(
+    what: str,
+    got: Mapping[str, object],
+    expected: dict[str, tuple[int, ...]],
+    norms: dict[str, float] | None = None,
+) -> str | None:
+    """Why named arrays do not match `expected` names/shapes or are not finite floats, or None.
+
+    One pass over each array's memory (`sq_norms`); with `norms` given, each array's squared
+    norm is stored there (the delta's, for the norm check, without a second pass)."""
+    return check_groups([(what, got, expected)], norms)
 
 
 def _is_int(x: object) -> bool:
@@ -90,9 +129,13 @@ def check_update(state: State, update: ClientUpdate, algo: Algorithm[Any]) -> st
     if not _is_a(update.meta, dict):
         return f"meta must be an object, got {type(update.meta).__name__}"
     shapes = {k: tuple(v.shape) for k, v in state.params.items()}
-    reason = check_arrays("delta", update.delta, shapes)
+    norms: dict[str, float] = {}
+    reason = check_groups(
+        [("delta", update.delta, shapes), ("extras", update.extras, algo.expected_extras(state))],
+        norms,
+    )
     if reason is None:
-        reason = check_arrays("extras", update.extras, algo.expected_extras(state))
+        setattr(update, _SQNORM_ATTR, norms)
     if reason is None and not _is_a(update.curvature, Mapping):
         reason = f"curvature: expected named arrays, got {type(update.curvature).__name__}"
     if reason is None:
@@ -109,14 +152,16 @@ def safe_check(state: State, update: ClientUpdate, algo: Algorithm[Any]) -> str 
 
 
 def delta_norm(update: ClientUpdate) -> float:
-    """||delta||_2 over all parameters, accumulated in float64 (no overflow for fp32 deltas)."""
-    total = torch.zeros((), dtype=torch.float64)
-    for v in update.delta.values():
-        total = total + (v.double() ** 2).sum()
-    return float(torch.sqrt(total))
+    """||delta||_2 over all parameters (the per-array squares summed in float64), from the
+    squared norms `check_update` measured when they match the delta, else in one pass now."""
+    cached = getattr(update, _SQNORM_ATTR, None)
+    if not isinstance(cached, dict) or set(cached) != set(update.delta):
+        cached = {k: sq_norm(v) for k, v in update.delta.items()}
+        setattr(update, _SQNORM_ATTR, cached)
+    return math.sqrt(math.fsum(cached.values()))
 
 
-def _reference(values: list[float], fallback: float | None) -> float | None:
+def reference_scale(values: list[float], fallback: float | None) -> float | None:
     """The round's median (>= 3 values), else `fallback`, else the smaller of two values."""
     if len(values) >= _MIN_FOR_MEDIAN:
         return statistics.median(values)
@@ -125,7 +170,8 @@ def _reference(values: list[float], fallback: float | None) -> float | None:
     return min(values) if len(values) == 2 else None
 
 
-def _too_large(value: float, ref: float | None, ratio: float) -> bool:
+def too_large(value: float, ref: float | None, ratio: float) -> bool:
+    """Whether `value` is not finite or exceeds `ratio` times a positive reference."""
     return not math.isfinite(value) or (ref is not None and ref > 0 and value > ratio * ref)
 
 
@@ -160,8 +206,7 @@ def _measure(
     for u in ok:
         try:
             nrm = delta_norm(u)
-            cs = decoded_curvature(u)
-            sc = {} if cs is None else curvature_scales(cs)
+            sc = update_scales(u)
         except Exception as err:  # whatever a payload provokes is its rejection
             rejected.setdefault(u.client_id, []).append(f"scale check failed ({err})"[:200])
             continue
@@ -180,17 +225,17 @@ def _sane(
     ok, norms, scales = _measure(ok, rejected)
     prev = state.meta.get(REFERENCE_KEY, {}).get("delta_norm")
     fallback = prev if prev is not None or len(ok) != 1 else _param_norm(state)
-    nref = _reference(norms, fallback)
+    nref = reference_scale(norms, fallback)
     glob = algo.reference_curvature(state)
     gscales = {} if glob is None else curvature_scales(glob)
     refs = {
-        key: _reference([s[key] for s in scales if key in s], gscales.get(key))
+        key: reference_scale([s[key] for s in scales if key in s], gscales.get(key))
         for key in {k for s in scales for k in s}
     }
     keep = []
     for u, nrm, sc in zip(ok, norms, scales, strict=True):
-        bad = [k for k in sorted(sc) if _too_large(sc[k], refs[k], ratio)]
-        if _too_large(nrm, nref, ratio):
+        bad = [k for k in sorted(sc) if too_large(sc[k], refs[k], ratio)]
+        if too_large(nrm, nref, ratio):
             rejected.setdefault(u.client_id, []).append(
                 f"delta norm {nrm:.3g} exceeds {ratio:g} x the reference {nref or 0:.3g}"
             )

@@ -6,7 +6,10 @@ The app answers two message types:
   server samples clients exactly as `fedng.federated.simulate` does;
 - `train`: decodes the broadcast (`codec.decode_message`), runs `fedng.federated.round.client_step`
   on the node's partition, keeps the client's persistent state (FedNG's running curvature,
-  SCAFFOLD's control variate) in `Context.state`, and replies with the encoded update.
+  SCAFFOLD's control variate) in `Context.state`, and replies with the encoded update;
+- `train.probe`: the second summable phase of an algorithm that has one (FedNG's summable
+  aggregation: a line search): answers the server's probe from the update this node sent in
+  the round (kept in `Context.state` for that purpose, only by such algorithms).
 
 The node's partition is `node_config["partition-id"]` (set by Flower's simulation engine, and by
 `flower-supernode --node-config "partition-id=i num-partitions=n"` in deployment). Everything
@@ -23,6 +26,9 @@ from flwr.clientapp import ClientApp
 
 from fedng._typing import Arrays
 from fedng.federated import wire
+from fedng.federated.algorithms.base import Algorithm
+from fedng.federated.algorithms.registry import get_algorithm
+from fedng.federated.messages import ClientUpdate
 from fedng.federated.round import client_step
 from fedng.federated.tasks.base import FederatedTask
 from fedng.flower.codec import decode_message, encode_update, record_bytes, wire_record
@@ -37,6 +43,16 @@ STATE_RECORD = "fedng.client_state"
 bf16/fp16 and packed arrays round-trip exactly)."""
 QUERY_RECORD = "fedng.client"
 """The record of a `query` reply: {"client-id", "num-clients"}."""
+SENT_RECORD = "fedng.sent_update"
+"""The `Context.state` record holding the update this node sent in its last round (wire bytes),
+kept only by algorithms with a second phase, which answer the server's probe from it."""
+PROBE_ACTION = "probe"
+"""The ClientApp action of the second phase: message type `train.probe`."""
+
+
+def has_second_phase(algorithm: str) -> bool:
+    """Whether an algorithm answers a second-phase probe (overrides `answer_probe`)."""
+    return type(get_algorithm(algorithm)).answer_probe is not Algorithm.answer_probe
 
 
 def default_task(spec: RunSpec) -> FederatedTask:
@@ -111,6 +127,18 @@ def make_client_app(task_fn: TaskFn = default_task) -> ClientApp:
             model, task.clients[cid], message, client_config, load_client_state(context)
         )
         save_client_state(context, update.client_state)
+        if has_second_phase(client_config.algorithm):
+            context.state[SENT_RECORD] = wire_record(update.to_bytes())
         return Message(encode_update(update), reply_to=msg)
+
+    @app.train(PROBE_ACTION)
+    def probe(msg: Message, context: Context) -> Message:
+        spec, task = setup(context)
+        if SENT_RECORD not in context.state.array_records:
+            raise ValueError("train.probe: this node sent no update to answer from")
+        sent = ClientUpdate.from_bytes(record_bytes(context.state.array_records[SENT_RECORD]))
+        message = decode_message(msg.content)
+        reply = get_algorithm(spec.client_config(task).algorithm).answer_probe(sent, message)
+        return Message(encode_update(reply), reply_to=msg)
 
     return app

@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedng._typing import Arrays
-from fedng.federated.algorithms.base import State
+from fedng.federated.algorithms.base import Answer, State
 from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.config.common import ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
@@ -44,7 +44,7 @@ from fedng.federated.report.history import History, RoundRecord
 from fedng.federated.round import server_init, server_step
 from fedng.federated.simulator import sample_clients
 from fedng.federated.wire import PayloadError
-from fedng.flower.client_app import QUERY_RECORD
+from fedng.flower.client_app import PROBE_ACTION, QUERY_RECORD
 from fedng.flower.codec import decode_update, encode_message, payload_nbytes
 from fedng.flower.history import Evaluator, fill_round, no_evaluation
 from fedng.flower.persist import ServerCheckpoint
@@ -68,8 +68,10 @@ class _BatchRound:
     def add(self, update: ClientUpdate) -> None:
         self.updates.append(update)
 
-    def finish(self) -> tuple[State, ServerMessage]:
-        return server_step(self.state, sorted(self.updates, key=lambda u: u.client_id))
+    def finish(self, answer: Answer | None = None) -> tuple[State, ServerMessage]:
+        """Validates and aggregates the round; `answer` carries an algorithm's second phase to
+        the clients (without it, the server would answer from the updates it holds)."""
+        return server_step(self.state, sorted(self.updates, key=lambda u: u.client_id), answer)
 
 
 def begin_round(state: State) -> _BatchRound:
@@ -386,13 +388,55 @@ class FedNGStrategy(Strategy):
             if reply.has_content():
                 up += payload_nbytes(reply.content)
             self._fold(rnd, cid, reply, failed, losses)
-        self.state, self.message = rnd.finish()
+        probe_bytes = [0, 0]
+        answer = self._answerer(grid, targets, server_round, timeout, probe_bytes)
+        self.state, self.message = rnd.finish(answer)
+        up, down = up + probe_bytes[0], down + probe_bytes[1]
         rec = RoundRecord(server_round, math.nan, math.nan, math.nan, math.nan)
         rec.bytes_up, rec.bytes_down = up, down
         prev = self.history.rounds[-1].cum_bytes if self.history.rounds else 0
         rec.cum_bytes = prev + up + down
         rec.client_time_s = float(np.mean(times)) if times else 0.0
         return fill_round(rec, self.state, failed, losses, ids)
+
+    def _answerer(
+        self,
+        grid: Grid,
+        targets: dict[int, int],
+        server_round: int,
+        timeout: float,
+        count: list[int],
+    ) -> Answer:
+        """The second phase on the grid: the probe goes to the nodes of the accepted clients as
+        `train.probe`; their decoded answers come back (a missing or malformed answer only drops
+        that client's scalars: the server's log counts the answers it used, `probe_answered`);
+        bytes both ways are added to `count` ([up, down]), as the simulator counts them."""
+        node_of = {c: n for n, c in targets.items()}
+
+        def answer(probe: ServerMessage, ids: list[int]) -> list[ClientUpdate]:
+            content = encode_message(probe)
+            kind = f"{MessageType.TRAIN}.{PROBE_ACTION}"
+            group = str(server_round)
+            msgs = [Message(content, node_of[c], kind, group_id=group) for c in ids if c in node_of]
+            replies: list[ClientUpdate] = []
+            for node, reply in self._exchange(grid, msgs, timeout):
+                cid = targets[node]
+                count[1] += payload_nbytes(content)
+                if reply is None or reply.has_error():
+                    why = "no reply" if reply is None else str(reply.error.reason)[:200]
+                    logger.warning("client %d: second phase unanswered: %s", cid, why)
+                    continue
+                count[0] += payload_nbytes(reply.content)
+                try:
+                    got = decode_update(reply.content)
+                except Exception as err:  # a malformed answer drops this client's scalars
+                    logger.warning("client %d: second phase does not decode: %s", cid, err)
+                    continue
+                if got.client_id == cid:
+                    replies.append(got)
+            return sorted(replies, key=lambda u: u.client_id)
+
+        return answer
 
     @staticmethod
     def _fold(

@@ -8,12 +8,16 @@ parameters before any matrix is allocated, and the layout against the server's c
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedng._typing import Arrays
-from fedng.curvature import KFAC, BlockLayout, CurvatureSet, check_layouts
+from fedng.curvature import KFAC, BlockLayout, CurvatureSet, check_layouts, write_matrix
 from fedng.curvature.quantize import (
     COMPRESSIBLE,
     META_KEY,
@@ -21,12 +25,25 @@ from fedng.curvature.quantize import (
     dequantize_arrays,
     quantize_arrays,
 )
+from fedng.curvature.validation import MAX_ABS
+from fedng.federated.aggregation.matvec import block_vectors, fisher_matvecs
+from fedng.federated.aggregation.passes import sq_norm
 from fedng.federated.algorithms.base import State
 from fedng.federated.config.curvature import CurvatureConfig
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.wire import FLOAT_DTYPES, wire_dtype
 
 _CACHE_ATTR = "_fedng_curvature"
+_SCALES_ATTR = "_fedng_curvature_scales"
+_FLOATS_ATTR = "_fedng_curvature_floats"
+_SMALL = 1 << 16
+"""Payloads up to this many entries get their factor norms from one vector op."""
+_KEY_ATTR = "_fedng_meta_key"
+_META_CACHE_ATTR = "_fedng_meta_checked"
+"""Attribute of a server state caching the verdict on each distinct curvature metadata (a state is
+never mutated after a round, and `ServerState.copy` does not carry it)."""
+FAST_KINDS = frozenset({"kfac", "diag"})
+"""Kinds whose payload the fast check reads in place (packed triangles, diagonals)."""
 
 
 def wants_int8(cs: CurvatureSet, compression: str) -> bool:
@@ -61,15 +78,38 @@ def attach_curvature(
     update.curvature, update.meta["curv"] = curvature_arrays(cs, dtype, compression)
 
 
-def float_arrays(arrays: Arrays, meta: dict[str, Any]) -> Arrays:
-    """Received curvature arrays as float32 payloads (int8 kinds dequantized).
+def attach_contribution(update: ClientUpdate, cs: CurvatureSet, prefix: str) -> None:
+    """Adds the client's contribution `c_k = F_k delta_k` to an update's extras as
+    `<prefix><param>` (summable aggregation), in the delta's dtype; zero on parameters no block
+    covers. K-FAC blocks cost two GEMMs each (`G_k Delta_k A_k`), in one ragged native call."""
+    fd = fisher_matvecs(cs, block_vectors(cs, update.delta))
+    out = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in update.delta.items()}
+    for lay, blk in zip(cs.layouts, fd, strict=True):
+        if blk is not None:
+            write_matrix(out, lay, blk)
+    update.extras.update({f"{prefix}{k}": v.to(update.delta[k].dtype) for k, v in out.items()})
+
+
+def payload_floats(update: ClientUpdate) -> Arrays:
+    """The update's curvature payloads as the server sums them: int8 kinds dequantized to
+    float32, the others as sent (computed once, cached on the update).
 
     Raises:
         ValueError: int8 arrays that do not match their metadata.
     """
-    if META_KEY in meta:
-        arrays = dequantize_arrays(arrays, meta)
-    return {k: v.float() for k, v in arrays.items()}
+    meta = update.meta["curv"]
+    if META_KEY not in meta:
+        return update.curvature
+    cached = getattr(update, _FLOATS_ATTR, None)
+    if cached is None:
+        cached = dequantize_arrays(update.curvature, meta)
+        setattr(update, _FLOATS_ATTR, cached)
+    return cached
+
+
+def pooled_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The curvature metadata of summed (float) payloads: without the int8 marker."""
+    return {k: v for k, v in meta.items() if k != META_KEY}
 
 
 def decoded_curvature(update: ClientUpdate) -> CurvatureSet | None:
@@ -78,8 +118,8 @@ def decoded_curvature(update: ClientUpdate) -> CurvatureSet | None:
         return None
     cached = getattr(update, _CACHE_ATTR, None)
     if cached is None:
-        meta = update.meta["curv"]
-        cached = CurvatureSet.from_arrays(float_arrays(update.curvature, meta), meta)
+        floats = {k: v.float() for k, v in payload_floats(update).items()}
+        cached = CurvatureSet.from_arrays(floats, update.meta["curv"])
         setattr(update, _CACHE_ATTR, cached)
     return cached
 
@@ -118,14 +158,20 @@ def meta_problem(meta: object) -> str | None:
 
 def signature(update: ClientUpdate) -> str | None:
     """The curvature's kinds, block layouts and representation metadata as one string (None
-    without curvature): updates of one round must agree on it to be combined."""
+    without curvature): updates of one round must agree on it to be combined. Computed once
+    per update (it also keys the server's cached metadata checks)."""
     if not update.curvature:
         return None
     meta = update.meta.get("curv")
     if not isinstance(meta, dict):
         return None
+    cached = getattr(update, _KEY_ATTR, None)
+    if isinstance(cached, str):
+        return cached
     keys = ("kinds", "layouts", "rep_meta")
-    return json.dumps({k: meta.get(k) for k in keys}, sort_keys=True)
+    key = json.dumps({k: meta.get(k) for k in keys}, sort_keys=True, default=repr)
+    setattr(update, _KEY_ATTR, key)
+    return key
 
 
 def _layouts(meta: dict[str, Any]) -> list[BlockLayout] | str:
@@ -136,10 +182,11 @@ def _layouts(meta: dict[str, Any]) -> list[BlockLayout] | str:
         return f"curvature: bad block layout ({type(err).__name__}: {str(err)[:80]})"
 
 
-def check_curvature_payload(state: State, update: ClientUpdate) -> str | None:
+def check_curvature_payload(state: State, update: ClientUpdate, fast: bool = False) -> str | None:
     """Why a curvature payload is unacceptable (None when fine or absent): dtypes, metadata
     structure, layout vs the model and the server's, then finite / symmetric / PSD within
-    `psd_tol`.
+    `psd_tol`; with `fast`, K-FAC and diagonal payloads get the one-pass checks of `fast_scales`
+    instead of being decoded and factorized (the scales are kept for the norm checks).
 
     Raises:
         ValueError: a numerical check failed (the caller turns it into a rejection).
@@ -149,9 +196,14 @@ def check_curvature_payload(state: State, update: ClientUpdate) -> str | None:
     if "curv" not in update.meta:
         return "curvature payload without its layout metadata"
     meta = update.meta["curv"]
-    problem = meta_problem(meta)
-    if problem:
-        return problem
+    key = signature(update) if isinstance(meta, dict) and len(meta) <= 3 else None
+    key = key or json.dumps(meta, sort_keys=True, default=repr)
+    cache: dict[str, str | None] = state.__dict__.setdefault(_META_CACHE_ATTR, {})
+    if key not in cache:  # the metadata checks, once per distinct metadata and server state
+        cache[key] = _meta_reason(state, meta)
+    reason = cache[key]
+    if reason is not None:
+        return reason
     int8 = set(meta.get(META_KEY, []))
     for k, v in update.curvature.items():
         allowed: tuple[torch.dtype, ...] = FLOAT_DTYPES
@@ -161,6 +213,30 @@ def check_curvature_payload(state: State, update: ClientUpdate) -> str | None:
             allowed = (torch.float32,)
         if v.dtype not in allowed:
             return f"curvature: {k!r} has dtype {v.dtype}, expected one of {list(allowed)}"
+    if fast:
+        # int8 kinds are checked as what the server sums: dequantized float32 payloads
+        floats = payload_floats(update)
+        if set(floats) <= FAST_KINDS:
+            scales = fast_scales(meta, floats, state.config.psd_tol, key)
+            setattr(update, _SCALES_ATTR, scales)
+            return None
+    cs = decoded_curvature(update)
+    if cs is None:
+        return None
+    # int8 kinds arrive dequantized in float32, PSD by construction (`fedng.curvature.quantize`)
+    eps = max(
+        torch.finfo(v.dtype if v.is_floating_point() else torch.float32).eps
+        for v in update.curvature.values()
+    )
+    cs.validate(state.config.psd_tol, eps)
+    return None
+
+
+def _meta_reason(state: State, meta: Any) -> str | None:
+    """Why curvature metadata does not fit the model and the server's curvature (or None)."""
+    problem = meta_problem(meta)
+    if problem:
+        return problem
     lays = _layouts(meta)
     if isinstance(lays, str):
         return lays
@@ -177,16 +253,193 @@ def check_curvature_payload(state: State, update: ClientUpdate) -> str | None:
         return "curvature: block layout differs from the server's"
     if "curv" in state.meta and state.meta["curv"]["kinds"] != meta["kinds"]:
         return "curvature: curvature kinds differ from the server's"
-    cs = decoded_curvature(update)
-    if cs is None:
-        return None
-    # int8 kinds arrive dequantized in float32, PSD by construction (`fedng.curvature.quantize`)
-    eps = max(
-        torch.finfo(v.dtype if v.is_floating_point() else torch.float32).eps
-        for v in update.curvature.values()
-    )
-    cs.validate(state.config.psd_tol, eps)
     return None
+
+
+@dataclass(frozen=True)
+class _KindPlan:
+    """Where each factor of one kind's payload lies, for the vectorized fast check.
+
+    Attributes:
+        total: payload entries.
+        bounds: per factor segment, [start, stop) in the payload.
+        labels: per segment, its name in messages ("kfac block 'fc1' A").
+        packed: per segment, whether it is a packed symmetric triangle (else a diagonal).
+        didx: payload positions of every segment's diagonal entries, concatenated.
+        dstarts: where each segment's diagonal starts in `didx`.
+        starts: where each segment starts in the payload.
+        scales: (scale name, segment indices, divisor): the scale is the product of the
+            segments' traces over the divisor (K-FAC block trace `tr A tr G`, `tr A / n`, ...).
+    """
+
+    total: int
+    bounds: list[tuple[int, int]]
+    labels: list[str]
+    packed: np.ndarray[Any, np.dtype[np.bool_]]
+    didx: np.ndarray[Any, np.dtype[np.int64]]
+    dstarts: np.ndarray[Any, np.dtype[np.int64]]
+    starts: np.ndarray[Any, np.dtype[np.int64]]
+    scales: list[tuple[str, tuple[int, ...], float]]
+
+
+class _Segments:
+    """Builds the factor segments of a payload, in order."""
+
+    def __init__(self) -> None:
+        self.bounds: list[tuple[int, int]] = []
+        self.labels: list[str] = []
+        self.packed: list[bool] = []
+        self.didx: list[np.ndarray[Any, np.dtype[np.int64]]] = []
+        self.pos = 0
+
+    def add(self, label: str, n: int, tri: bool) -> int:
+        """Appends a factor of size n (a packed triangle, or a diagonal); returns its index."""
+        size = n * (n + 1) // 2 if tri else n
+        i = np.arange(n, dtype=np.int64)
+        self.didx.append(self.pos + (i * (i + 3) // 2 if tri else i))
+        self.bounds.append((self.pos, self.pos + size))
+        self.labels.append(label)
+        self.packed.append(tri)
+        self.pos += size
+        return len(self.bounds) - 1
+
+
+@lru_cache(maxsize=16)
+def _plan(key: str) -> dict[str, _KindPlan]:
+    """The fast-check plan of a payload signature (kinds and layouts as JSON), built once."""
+    meta = json.loads(key)
+    layouts = [BlockLayout.from_json(x) for x in meta["layouts"]]
+    kinds = [str(k) for k in meta["kinds"]]
+    plans: dict[str, _KindPlan] = {}
+    for kind in ("kfac", "diag"):
+        specs = [lay.spec for lay, k in zip(layouts, kinds, strict=True) if k == kind]
+        if not specs:
+            continue
+        b = _Segments()
+        scales: list[tuple[str, tuple[int, ...], float]] = []
+        seg = b.add
+        for s in specs:
+            if kind == "diag":
+                k = seg(f"diag block '{s.name}'", s.numel, False)
+                scales.append((f"diag/{s.name}", (k,), 1.0))
+                continue
+            a = seg(f"kfac block '{s.name}' A", s.n, s.kind == "kron")
+            g = seg(f"kfac block '{s.name}' G", s.m, True)
+            scales += [
+                (f"kfac/{s.name}", (a, g), 1.0),
+                (f"kfac/{s.name}/A", (a,), float(s.n)),
+                (f"kfac/{s.name}/G", (g,), float(s.m)),
+            ]
+        starts = np.cumsum([0] + [len(d) for d in b.didx[:-1]]).astype(np.int64)
+        plans[kind] = _KindPlan(
+            b.pos,
+            b.bounds,
+            b.labels,
+            np.array(b.packed, dtype=np.bool_),
+            np.concatenate(b.didx),
+            starts,
+            np.array([a for a, _ in b.bounds], dtype=np.int64),
+            scales,
+        )
+    return plans
+
+
+def _check_kind(plan: _KindPlan, flat: torch.Tensor, tol: float) -> list[float]:
+    """Every factor of one kind's payload in a few vectorized passes; returns their traces.
+
+    Per factor: finite and below `MAX_ABS`, a non-negative diagonal, and the PSD necessary
+    condition `||M||_F <= tr(M)` (within `tol` and the wire's rounding) — the full PSD test is
+    left to the pooled sum, which the server factorizes once per round.
+
+    Raises:
+        ValueError: naming the first bad factor.
+    """
+    if flat.numel() != plan.total:
+        raise ValueError(f"payload has {flat.numel()} entries, expected {plan.total}")
+    # numpy: a handful of calls whatever the number of factors, each cheap on small payloads
+    x = (flat if flat.dtype == torch.float32 else flat.float()).numpy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        if plan.total <= _SMALL:  # one vector op beats a Python loop of dots
+            sq = np.add.reduceat((x * x).astype(np.float64), plan.starts)
+        else:  # one read per factor, no temporary
+            sq = np.array([np.dot(x[a:b], x[a:b]) for a, b in plan.bounds], dtype=np.float64)
+        d = x[plan.didx].astype(np.float64)
+        tr = np.add.reduceat(d, plan.dstarts)
+        d2 = np.add.reduceat(d * d, plan.dstarts)
+        dmin = np.minimum.reduceat(d, plan.dstarts)
+        dbig = np.maximum.reduceat(np.abs(d), plan.dstarts)
+        fro = np.sqrt(np.where(plan.packed, np.maximum(2 * sq - d2, 0.0), sq))
+        eps = torch.finfo(flat.dtype).eps
+        checks = (
+            ~np.isfinite(sq),
+            fro > MAX_ABS,
+            dmin < -tol * dbig,
+            plan.packed & (fro > tr * (1.0 + tol) + eps * fro + 1e-30),
+        )
+        bad = checks[0] | checks[1] | checks[2] | checks[3]
+    nseg = len(plan.bounds)
+    segs = [flat[a:b] for a, b in plan.bounds]
+    if bool(bad.any()):  # the slow path only for a bad payload: name the first offender
+        masks = np.stack(checks)
+        whys = (
+            "has NaN/Inf entries",
+            "has entries whose products overflow float32",
+            "has a negative diagonal entry: not positive semi-definite",
+            "is not positive semi-definite (||M||_F > tr M)",
+        )
+        for k in range(nseg):
+            for row, why in enumerate(whys):
+                if bool(masks[row, k]):
+                    if row == 0 and math.isfinite(sq_norm(segs[k])):
+                        continue  # float32 norm overflow of finite entries: not a NaN/Inf
+                    raise ValueError(f"{plan.labels[k]} {why}")
+    return [float(t) for t in tr.tolist()]
+
+
+def fast_scales(
+    cs_meta: dict[str, Any], arrays: dict[str, torch.Tensor], tol: float, key: str | None = None
+) -> dict[str, float]:
+    """`curvature_scales` of a K-FAC / diagonal payload read in place, with the fast checks.
+
+    A few vectorized passes over the whole payload (norms of every factor in one call, their
+    diagonals gathered once for the traces); no matrix is unpacked and no Cholesky runs. Used by
+    a server that pools the curvature before solving (the "mean" and "summable" aggregations),
+    which tests the pooled sum for PSD once per round.
+
+    Args:
+        cs_meta: the payload's curvature metadata (structure already checked).
+        arrays: kind -> flat payload.
+        tol: relative tolerance (`ServerConfig.psd_tol`).
+        key: a JSON string of the metadata (holding "kinds" and "layouts") that keys the cached
+            plan (None: made here).
+
+    Returns:
+        The scale measures (see `curvature_scales`).
+
+    Raises:
+        ValueError: a bad factor, or a payload of the wrong size.
+    """
+    if key is None:
+        key = json.dumps({"kinds": cs_meta["kinds"], "layouts": cs_meta["layouts"]}, sort_keys=True)
+    out: dict[str, float] = {}
+    for kind, plan in _plan(key).items():
+        traces = _check_kind(plan, arrays[kind].reshape(-1), tol)
+        for name, idx, div in plan.scales:
+            val = 1.0
+            for k in idx:
+                val *= traces[k]
+            out[name] = val / div
+    return out
+
+
+def update_scales(update: ClientUpdate) -> dict[str, float]:
+    """The update's curvature scale measures: those the fast check stored, else from the decoded
+    curvature (empty without curvature)."""
+    cached = getattr(update, _SCALES_ATTR, None)
+    if isinstance(cached, dict):
+        return cached
+    cs = decoded_curvature(update)
+    return {} if cs is None else curvature_scales(cs)
 
 
 def curvature_trace(update: ClientUpdate) -> float | None:

@@ -7,28 +7,41 @@ Round t:
    the preconditioner `FedNGConfig.precond` and accumulates its own curvature on the way.
 3. It uploads delta_k and, every `upload_every` rounds, its curvature (K-FAC factors, diagonal or
    a shared-seed sketch; per layer) as packed payloads in `payload_dtype`.
-4. The server aggregates the deltas (`aggregation`: weighted mean, or Fisher-weighted
-   `(sum p_k F_k + lambda I)^-1 sum p_k F_k delta_k`, see `fedng.federated.aggregation`),
-   applies `server_lr` and `server_momentum`, folds `sum p_k F_k` into the global curvature
-   (EMA `curvature_ema` across rounds) and inverts it with the native kernels.
+4. The server aggregates the deltas (`aggregation`: weighted mean; "summable" Fisher-weighted,
+   for which each client also uploads `c_k = F_k delta_k` and the server only sums, solves once
+   with the pooled curvature and takes an exact line search from a second summable phase; or
+   the exact Fisher-weighted merge `(sum p_k F_k + lambda I)^-1 sum p_k F_k delta_k`, see
+   `fedng.federated.aggregation`), applies `server_lr` and `server_momentum`, folds
+   `sum p_k F_k` into the global curvature (EMA `curvature_ema` across rounds) and inverts it
+   with the native kernels. "mean" and "summable" stream (`fedng_server.CurvatureSums`): the
+   server holds running sums only.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from fedng._typing import Arrays
 from fedng.curvature import CurvatureSet
 from fedng.federated.aggregation.fisher_weighted import fisher_weighted_step
 from fedng.federated.aggregation.mean import apply_server_step, mean_delta, weights_of
-from fedng.federated.algorithms.base import Algorithm, State
+from fedng.federated.aggregation.summable import REPLY_KEY, answer_probe
+from fedng.federated.algorithms.base import Accumulator, Algorithm, Collect, State, run_batch
 from fedng.federated.algorithms.curvature_payload import (
+    attach_contribution,
     attach_curvature,
     check_curvature_payload,
     curvature_arrays,
     curvature_trace,
     decoded_all,
+    decoded_curvature,
+)
+from fedng.federated.algorithms.fedng_server import (
+    CONTRIB_PREFIX,
+    PROBE_PHASE,
+    CurvatureSums,
+    fold_global,
+    global_set,
 )
 from fedng.federated.client.layers import warn_unsupported_layers
 from fedng.federated.client.natural_gradient import client_damping, natural_gradient_local
@@ -38,13 +51,7 @@ from fedng.federated.config.curvature import FedNGConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.tasks.base import ClientData
 
-
-def global_set(state: State) -> CurvatureSet | None:
-    """The server's global curvature, or None before the first upload."""
-    fac = {k[5:]: v for k, v in state.buffers.items() if k.startswith("curv/")}
-    if not fac:
-        return None
-    return CurvatureSet.from_arrays(fac, state.meta["curv"])
+__all__ = ["FedNG", "global_set"]
 
 
 class FedNG(Algorithm[FedNGConfig]):
@@ -98,11 +105,21 @@ class FedNG(Algorithm[FedNGConfig]):
         upd = self.make_update(model, data, message, config, res.metrics, client_state)
         if message.round % opts.upload_every == 0:
             attach_curvature(upd, res.curvature, opts.payload_dtype, opts.compression)
+            sent = decoded_curvature(upd)  # c_k from the curvature as sent (int8 included),
+            if opts.aggregation == "summable" and sent is not None:  # what the server sums
+                attach_contribution(upd, sent, CONTRIB_PREFIX)
         return upd
+
+    def expected_extras(self, state: State) -> dict[str, tuple[int, ...]]:
+        """The summable aggregation's `fd/<param>` (c_k = F_k delta_k) in curvature rounds."""
+        opts = self.options(state.config)
+        if opts.aggregation != "summable" or state.round % opts.upload_every != 0:
+            return {}
+        return {f"{CONTRIB_PREFIX}{k}": tuple(v.shape) for k, v in state.params.items()}
 
     def check_curvature(self, state: State, update: ClientUpdate) -> str | None:
         """Decodes and checks a curvature payload: layout vs the model, finite/symmetric/PSD."""
-        return check_curvature_payload(state, update)
+        return check_curvature_payload(state, update, self.options(state.config).fast_check())
 
     def curvature_scale(self, state: State, update: ClientUpdate) -> float | None:
         """tr(F_k), for the round-median sanity check."""
@@ -112,8 +129,43 @@ class FedNG(Algorithm[FedNGConfig]):
         """The global curvature (None before the first upload)."""
         return global_set(state)
 
+    def begin(self, state: State) -> Accumulator:
+        """Running sums for "mean" and "summable"; the exact merge holds the round's updates."""
+        opts = self.options(state.config)
+        if opts.aggregation == "fisher":
+            return Collect(self)
+        return CurvatureSums(self.name, opts, state.config.psd_tol)
+
+    def answer_probe(self, update: ClientUpdate, probe: ServerMessage) -> ClientUpdate:
+        """The client's line-search scalars `[<M, F_k d>, <d, F_k d>]` per block, from the
+        curvature it uploaded in `update` (summable aggregation's second phase).
+
+        Raises:
+            ValueError: the update has no curvature, or the message is no line-search probe.
+        """
+        cs = decoded_curvature(update)
+        if cs is None or probe.meta.get("phase") != PROBE_PHASE:
+            raise ValueError("answer_probe: needs the update's curvature and a line-search probe")
+        return ClientUpdate(
+            update.client_id,
+            probe.round,
+            {},
+            update.num_examples,
+            extras={REPLY_KEY: answer_probe(cs, probe.extras)},
+            meta={"phase": PROBE_PHASE},
+        ).seal()
+
     def aggregate(self, state: State, updates: list[ClientUpdate]) -> State:
-        """Aggregates deltas (mean or Fisher-weighted), server step, global curvature EMA."""
+        """The exact Fisher-weighted merge ("fisher"); the other aggregations run their
+        streaming accumulator over `updates`, answering the line search from the updates'
+        own curvature (what each client would answer)."""
+        opts = self.options(state.config)
+        if opts.aggregation != "fisher":
+            return run_batch(self, state, updates)
+        return self._exact(state, updates)
+
+    def _exact(self, state: State, updates: list[ClientUpdate]) -> State:
+        """Aggregates deltas (Fisher-weighted or mean), server step, global curvature EMA."""
         opts = self.options(state.config)
         with_curv = [u for u in updates if u.curvature]
         sets = decoded_all(with_curv)
@@ -128,17 +180,7 @@ class FedNG(Algorithm[FedNGConfig]):
             state.log["aggregation"] = "mean"
         apply_server_step(state, step)
         if sets:
-            fresh = CurvatureSet.combine(sets, weights_of(with_curv))
-            prev = global_set(state)
-            beta = opts.curvature_ema
-            glob = (
-                fresh
-                if prev is None or beta == 0
-                else CurvatureSet.combine([prev, fresh], [beta, 1.0 - beta])
+            fold_global(
+                state, CurvatureSet.combine(sets, weights_of(with_curv)), opts.curvature_ema
             )
-            arrays, meta = glob.to_arrays(torch.float32)
-            for k in [k for k in state.buffers if k.startswith("curv/")]:
-                del state.buffers[k]
-            state.buffers.update({f"curv/{k}": v for k, v in arrays.items()})
-            state.meta["curv"] = meta
         return state

@@ -13,10 +13,18 @@ from fedng.federated.wire import FLOAT_WIRE
 from fedng.optim.config import DAMPING_SCALES
 
 PRECONDITIONERS: tuple[str, ...] = ("global", "local", "global_local", "none")
-AGGREGATIONS: tuple[str, ...] = ("mean", "fisher")
+AGGREGATIONS: tuple[str, ...] = ("mean", "summable", "fisher")
+"""FedNG's server aggregations: the weighted mean; the summable Fisher-weighted step (the server
+only sums, solves once with the pooled curvature, line search from a second summable phase;
+memory flat in K); the exact Fisher-weighted merge (CG; holds every client's curvature)."""
 BROADCASTS: tuple[str, ...] = ("auto", "inverse", "factors", "none")
 FISHER_CENTERS: tuple[str, ...] = ("zero", "mean")
 COMPRESSIONS: tuple[str, ...] = ("auto", "int8", "none")
+CURVATURE_CHECKS: tuple[str, ...] = ("auto", "full", "fast")
+"""How the server checks each received curvature payload: "full" (decoded; finite, symmetric,
+PSD by one Cholesky per factor), "fast" (K-FAC / diagonal payloads read in place in one pass:
+finite, bounded, non-negative diagonal, `||M||_F <= tr M`; the pooled sum gets the full PSD test
+once per round), "auto" ("fast" where the server pools before solving, else "full")."""
 
 _BROADCAST_FOR = {"global": "inverse", "global_local": "factors"}
 """What the server must send for a client preconditioner ("auto" broadcast)."""
@@ -78,6 +86,7 @@ class CurvatureConfig(AlgorithmConfig):
             the right-hand side: FedAvg where no curvature is seen).
         cg_iters: max conjugate-gradient iterations (K-FAC merge).
         cg_tol: relative residual at which CG stops.
+        curvature_check: "auto", "full" or "fast" (see `CURVATURE_CHECKS`).
     """
 
     curvature: str = "kfac"
@@ -89,6 +98,7 @@ class CurvatureConfig(AlgorithmConfig):
     fisher_center: str = "mean"
     cg_iters: int = 100
     cg_tol: float = 1e-6
+    curvature_check: str = "auto"
 
     def __post_init__(self) -> None:
         c = type(self).__name__
@@ -101,21 +111,30 @@ class CurvatureConfig(AlgorithmConfig):
         check_choice(c, "fisher_center", self.fisher_center, FISHER_CENTERS)
         check(self.cg_iters >= 1, c, "cg_iters", ">= 1", self.cg_iters)
         check(self.cg_tol > 0, c, "cg_tol", "> 0", self.cg_tol)
+        check_choice(c, "curvature_check", self.curvature_check, CURVATURE_CHECKS)
+
+    def fast_check(self) -> bool:
+        """Whether received payloads get the one-pass checks ("auto": only where the server
+        pools before solving; a one-shot merge solves with every client's own curvature)."""
+        return self.curvature_check == "fast"
 
 
 @dataclass(frozen=True)
 class FedNGConfig(CurvatureConfig):
     """FedNG (federated natural gradient); the defaults are the tuned configuration.
 
-    The server's K-FAC curvature refreshed by the client's own ("global_local") and the K-FAC
-    Fisher-weighted merge with its damping centered on the mean delta (picked by the tuning of
-    `bench/bench_fl.py`). The client's step is safe by default, as `NaturalGradient`'s: damping
-    relative to each block's curvature scale (0.1 x its mean eigenvalue) and a KL clip (1e-3).
-    The former absolute damping 0.01 without a clip diverged on the CNN tasks (digits-cnn:
-    0.106 final accuracy after 30 rounds, FedAvg 0.914) and on mnist1d; with the safe defaults
-    digits-cnn reaches 0.975 in 8 rounds (docs/natural_gradient.md, "FedNG clients"). The
-    curvature travels as int8 with per-row scales when it outweighs the parameters
-    (`compression="auto"`), about 4x fewer curvature bytes.
+    The server's K-FAC curvature refreshed by the client's own ("global_local"), and the K-FAC
+    Fisher-weighted merge with its damping centered on the mean delta — computed by the summable
+    aggregation (the server only sums; pooled solve + exact line search), which matched the
+    exact merge on the bench tasks at a server cost close to FedAvg's
+    (bench/bench_aggregation.py, bench/bench_server.py). The client's step is safe by default,
+    as `NaturalGradient`'s: damping relative to each block's curvature scale (0.1 x its mean
+    eigenvalue) and a KL clip (1e-3). The former absolute damping 0.01 without a clip diverged
+    on the CNN tasks (digits-cnn: 0.106 final accuracy after 30 rounds, FedAvg 0.914) and on
+    mnist1d; with the safe defaults digits-cnn reaches 0.975 in 8 rounds
+    (docs/natural_gradient.md, "FedNG clients"). The curvature travels as int8 with per-row
+    scales when it outweighs the parameters (`compression="auto"`), about 4x fewer curvature
+    bytes.
 
     Attributes:
         precond: the client's preconditioner: "global" (the server's), "local" (its own running
@@ -135,12 +154,17 @@ class FedNGConfig(CurvatureConfig):
             `payload_dtype`), "none" (`payload_dtype` / `broadcast_dtype`), or "auto" (int8
             when the model's fp32 curvature payload is larger than its parameters).
         kl_clip: bound on the local natural-gradient step's KL estimate `lr^2 p.g` (0 = off).
-        aggregation: "mean" or "fisher" (Fisher-weighted, when every update carries curvature).
+        aggregation: "mean", "summable" (Fisher-weighted from sums only: clients also upload
+            `F_k delta_k` and answer a two-scalars-per-layer line search; streams, works under
+            secure aggregation) or "fisher" (the exact Fisher-weighted merge by CG); the
+            Fisher-weighted ones apply when every update carries curvature.
         curvature_ema: decay of the global curvature EMA across rounds (0 = last round only).
         broadcast: what the server sends with theta: "inverse" (the damped inverses of the
             global curvature), "factors" (the curvature itself), "none", or "auto" (what
             `precond` needs: "inverse" for "global", "factors" for "global_local", else "none").
         broadcast_dtype: wire dtype of the broadcast preconditioner.
+        cg_iters: as in `CurvatureConfig`; 10 for FedNG's exact merge (preconditioned by the
+            pooled Kronecker inverse, 10 iterations gave the accuracy of 100 on the bench tasks).
     """
 
     precond: str = "global_local"
@@ -152,7 +176,8 @@ class FedNGConfig(CurvatureConfig):
     upload_every: int = 1
     compression: str = "auto"
     kl_clip: float = 1e-3
-    aggregation: str = "fisher"
+    aggregation: str = "summable"
+    cg_iters: int = 10
     curvature_ema: float = 0.5
     broadcast: str = "auto"
     broadcast_dtype: str = "fp32"
@@ -175,6 +200,14 @@ class FedNGConfig(CurvatureConfig):
         check(0 <= self.curvature_ema < 1, c, "curvature_ema", "in [0, 1)", self.curvature_ema)
         check_choice(c, "broadcast", self.broadcast, BROADCASTS)
         check_choice(c, "broadcast_dtype", self.broadcast_dtype, FLOAT_WIRE)
+
+    def fast_check(self) -> bool:
+        """ "auto": the one-pass checks for the pooled aggregations ("mean", "summable"), whose
+        pooled curvature gets the full PSD test once per round; the full checks for the exact
+        merge, which solves with every client's own factors."""
+        if self.curvature_check == "auto":
+            return self.aggregation != "fisher"
+        return self.curvature_check == "fast"
 
     def broadcast_mode(self) -> str:
         """`broadcast` with "auto" resolved: "inverse", "factors" or "none"."""

@@ -1,0 +1,354 @@
+"""Server time per round and peak server memory against the number of clients K.
+
+For each model (the digits MLP 64-64-10, an MLP 784-512-512-10, an MLP 784-1024^3-10) and each
+server (FedAvg; FedNG with the "mean", "summable" and exact "fisher" aggregations), a few real
+client updates are computed once (FedNG's client with K-FAC curvature, random data of the
+model's input size) and serialized; the server then receives K replayed updates (each decoded
+afresh from its bytes with its own client id, as a server receives them) through the streaming
+`fedng.federated.ServerRound`, which validates and folds each one as it arrives. FedNG-summable's
+second phase (the line search) is answered by the same clients' code.
+
+Measured per (model, server, K), medians over `--repeats` rounds from the same state:
+- server time: the time spent inside `ServerRound` (validation, folding, the solve, the next
+  broadcast); decoding the bytes and the clients' answers are not server work and not counted;
+- peak server memory: the largest number of tensor bytes the round holds (its running sums,
+  any held updates, plus the one update being folded), `ServerRound.nbytes`, and the peak RSS
+  growth of the process during the round (sampled after each reply).
+Also, for item 4 of issue 11: FedAvg's round against the bare weighted sum of the same deltas
+(no validation).
+
+A cell whose estimated time (from K=10) exceeds `--budget-s` or whose held bytes exceed
+`--max-held-gb` is skipped and reported as such (FedNG-exact holds every update).
+
+Usage: python bench/bench_server.py [--quick] [--models digits,mlp512,mlp1024] [--ks 10,100,1000]
+Writes bench/results/bench_server.{json,md} and bench_server.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from fedng.federated.aggregation.sums import WeightedSum
+from fedng.federated.client.params import get_params
+from fedng.federated.config import make_configs
+from fedng.federated.messages import ClientUpdate
+from fedng.federated.round import client_step, server_init
+from fedng.federated.server_round import ServerRound
+from fedng.federated.tasks.base import ClientData, mlp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import RESULTS_DIR, CpuMonitor, busy_warning, machine_info
+
+MODELS: dict[str, list[int]] = {
+    "digits": [64, 64, 10],
+    "mlp512": [784, 512, 512, 10],
+    "mlp1024": [784, 1024, 1024, 1024, 10],
+}
+SERVERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "fedavg": ("fedavg", {}),
+    "fedng-mean": ("fedng", {"aggregation": "mean"}),
+    "fedng-summable": ("fedng", {"aggregation": "summable"}),
+    "fedng-exact": ("fedng", {"aggregation": "fisher"}),
+}
+BASE_UPDATES = 4
+"""Distinct client updates computed per (model, server); replies replay them round-robin."""
+
+
+def _rss() -> int:
+    """Resident set size of this process in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def _clients(
+    sizes: list[int], algo: str, extra: dict[str, Any]
+) -> tuple[Any, list[ClientUpdate], list[bytes]]:
+    """The server state and BASE_UPDATES real client updates (objects and wire bytes)."""
+    torch.manual_seed(0)
+    cc, sc = make_configs(algo, {"local_steps": 2, "batch_size": 64, **extra})
+    model = mlp(sizes)
+    state, msg = server_init(get_params(model), sc)
+    ups, blobs = [], []
+    for c in range(BASE_UPDATES):
+        gen = torch.Generator().manual_seed(c)
+        x = torch.randn(128, sizes[0], generator=gen)
+        y = torch.randint(0, sizes[-1], (128,), generator=gen)
+        u = client_step(model, ClientData(c, x, y, x[:8], y[:8]), msg, cc)
+        ups.append(u)
+        blobs.append(u.to_bytes())
+    return state, ups, blobs
+
+
+def one_round(state: Any, ups: list[ClientUpdate], blobs: list[bytes], k: int) -> dict[str, Any]:
+    """One streamed round of k replayed updates: server time, held bytes, RSS growth, log."""
+    rss0 = _rss()
+    peak_rss = 0
+    peak_held = 0
+    rnd = ServerRound(state)
+    for i in range(k):
+        u = ClientUpdate.from_bytes(blobs[i % len(blobs)])
+        u.client_id = i
+        size = sum(
+            v.numel() * v.element_size()
+            for p in (u.delta, u.curvature, u.extras)
+            for v in p.values()
+        )
+        rnd.add(u)
+        peak_held = max(peak_held, rnd.nbytes + size)
+        del u
+        peak_rss = max(peak_rss, _rss() - rss0)
+    probe = rnd.probe()
+    if probe is not None:
+        answers = [rnd.algo.answer_probe(u, probe) for u in ups]
+        for i in range(k):
+            r = answers[i % len(answers)]
+            r.client_id = i
+            rnd.add_reply(r)
+    new, _ = rnd.finish()
+    peak_rss = max(peak_rss, _rss() - rss0)
+    log = {a: b for a, b in new.log.items() if a not in ("accepted", "rejected")}
+    rejected = len(new.log.get("rejected", {}))
+    return {
+        "server_s": float(new.log["server_time_s"]),
+        "held_bytes": peak_held,
+        "rss_growth": peak_rss,
+        "rejected": rejected,
+        "log": log,
+    }
+
+
+def bare_sum(ups: list[ClientUpdate], k: int, repeats: int) -> float:
+    """Median seconds of the bare weighted sum of k replayed deltas (FedAvg without checks)."""
+    times = []
+    for _ in range(repeats):
+        deltas = [ups[i % len(ups)].delta for i in range(k)]
+        t0 = time.perf_counter()
+        acc = WeightedSum()
+        for d in deltas:
+            acc.fold(d, 1.0 / k)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole grid; per (model, K) the servers' rounds are interleaved repeat by repeat, so
+    that a change of the machine's load hits every server alike (ratios are same-run)."""
+    mon = CpuMonitor()
+    cells: list[dict[str, Any]] = []
+    for model in args.models:
+        sizes = MODELS[model]
+        clients = {s: _clients(sizes, *SERVERS[s]) for s in args.servers}
+        first: dict[str, float] = {}
+        for k in args.ks:
+            live: list[str] = []
+            for server in args.servers:
+                upd_bytes = len(clients[server][2][0])
+                cell: dict[str, Any] = {
+                    "model": model,
+                    "server": server,
+                    "K": k,
+                    "update_bytes": upd_bytes,
+                }
+                held_est = k * upd_bytes if server == "fedng-exact" else 0
+                est = first.get(server, 0.0) * k / args.ks[0]
+                if held_est > args.max_held_gb * 1e9:
+                    cell["skipped"] = f"would hold {held_est / 1e9:.1f} GB of updates"
+                elif est > args.budget_s:
+                    cell["skipped"] = f"estimated {est:.0f} s per round"
+                else:
+                    live.append(server)
+                    cell["runs"] = []
+                cells.append(cell)
+                if "skipped" in cell:
+                    print(f"  {model:<8} {server:<15} K={k:<5} skipped: {cell['skipped']}")
+            big = any(k * len(clients[s][2][0]) >= 2e9 for s in live)
+            reps = 1 if big else args.repeats
+            for _ in range(reps):
+                for server in live:
+                    state, ups, blobs = clients[server]
+                    _get(cells, model, server, k)["runs"].append(one_round(state, ups, blobs, k))  # type: ignore[index]
+            for server in live:
+                cell = _get(cells, model, server, k) or {}
+                runs = cell.pop("runs")
+                cell.update(
+                    {
+                        "server_s": statistics.median(r["server_s"] for r in runs),
+                        "server_s_all": [r["server_s"] for r in runs],
+                        "held_bytes": max(r["held_bytes"] for r in runs),
+                        "rss_growth": max(r["rss_growth"] for r in runs),
+                        "rejected": runs[0]["rejected"],
+                        "log": runs[0]["log"],
+                        "repeats": reps,
+                    }
+                )
+                if server == "fedavg":
+                    cell["bare_sum_s"] = bare_sum(clients[server][1], k, max(reps, 3))
+                first.setdefault(server, cell["server_s"])
+                print(
+                    f"  {model:<8} {server:<15} K={k:<5} {cell['server_s'] * 1e3:9.1f} ms"
+                    f"  held {cell['held_bytes'] / 1e6:8.1f} MB"
+                    f"  rss +{cell['rss_growth'] / 1e6:7.1f} MB",
+                    flush=True,
+                )
+    usage = mon.stop()
+    return {
+        "cells": cells,
+        "cpu_usage": usage,
+        "busy": busy_warning(usage),
+        "machine": machine_info(),
+    }
+
+
+def _get(cells: list[dict[str, Any]], model: str, server: str, k: int) -> dict[str, Any] | None:
+    return next((c for c in cells if (c["model"], c["server"], c["K"]) == (model, server, k)), None)
+
+
+def verdicts(cells: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets, from the cells that ran."""
+    out = []
+
+    def ratio(model: str, k: int, server: str = "fedng-summable") -> str:
+        a, b = _get(cells, model, server, k), _get(cells, model, "fedavg", k)
+        if a is None or b is None or "server_s" not in a or "server_s" not in b:
+            return f"{server} / FedAvg at K={k} on {model}: not run"
+        r = a["server_s"] / b["server_s"]
+        met = "met" if r <= 3 else "MISSED"
+        return f"{server} / FedAvg server time at K={k} on {model}: {r:.2f}x (target <= 3x: {met})"
+
+    out.append(ratio("mlp512", 100))
+    out.append(ratio("digits", 1000))
+    for model in MODELS:
+        for server in SERVERS:
+            a, b = _get(cells, model, server, 100), _get(cells, model, server, 1000)
+            if a and b and "held_bytes" in a and "held_bytes" in b:
+                g = b["held_bytes"] / a["held_bytes"] - 1
+                out.append(
+                    f"memory {server} on {model}, K=100 -> 1000: {100 * g:+.1f}% held bytes"
+                    f" (target within 10%: {'met' if abs(g) <= 0.10 else 'MISSED'})"
+                )
+    for c in cells:
+        if c["server"] == "fedavg" and "bare_sum_s" in c:
+            r = c["server_s"] / c["bare_sum_s"]
+            out.append(
+                f"FedAvg round / bare weighted sum, {c['model']} K={c['K']}: {r:.2f}x"
+                f" (target <= 1.5x: {'met' if r <= 1.5 else 'MISSED'})"
+            )
+    return out
+
+
+def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
+    """The table."""
+    lines = [
+        "# bench_server: server time per round and peak server memory vs K",
+        "",
+        f"Models {args.models}, K {args.ks}, repeats {args.repeats}; times are medians of"
+        " the time spent inside ServerRound; memory = tensor bytes the round holds at its peak"
+        " (sums + held updates + the update in flight), and the process's RSS growth.",
+        "",
+        "| model | server | K | update MB | server time / round | per update | held MB"
+        " | RSS growth MB | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in res["cells"]:
+        if "skipped" in c:
+            lines.append(
+                f"| {c['model']} | {c['server']} | {c['K']} | {c['update_bytes'] / 1e6:.2f}"
+                f" | - | - | - | - | skipped: {c['skipped']} |"
+            )
+            continue
+        note = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in c["log"].items()
+            if k != "server_time_s"
+        )
+        lines.append(
+            f"| {c['model']} | {c['server']} | {c['K']} | {c['update_bytes'] / 1e6:.2f} |"
+            f" {c['server_s'] * 1e3:.1f} ms | {c['server_s'] / c['K'] * 1e3:.2f} ms |"
+            f" {c['held_bytes'] / 1e6:.1f} | {c['rss_growth'] / 1e6:.1f} | {note[:120]} |"
+        )
+    lines += ["", "## Targets", ""] + [f"- {v}" for v in verdicts(res["cells"])]
+    if res.get("busy"):
+        lines += ["", f"Note: {res['busy']}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Server time per round against K, one panel per model, one line per server."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({c["model"] for c in res["cells"]}, key=list(MODELS).index)
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for server in SERVERS:
+            pts = [
+                (c["K"], c["server_s"])
+                for c in res["cells"]
+                if c["model"] == model and c["server"] == server and "server_s" in c
+            ]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=server)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("clients per round K")
+        ax.set_ylabel("server time per round (s)")
+        ax.set_title(f"{model} ({'-'.join(map(str, MODELS[model]))})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the benchmark."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--servers", default=",".join(SERVERS))
+    p.add_argument("--ks", default="10,100,1000")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--budget-s", type=float, default=120.0, help="skip cells estimated slower")
+    p.add_argument("--max-held-gb", type=float, default=4.0, help="skip cells holding more")
+    p.add_argument("--quick", action="store_true", help="digits and mlp512, K 10 and 100, 1 repeat")
+    p.add_argument("--out", default=str(RESULTS_DIR / "bench_server"))
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.servers = [s for s in args.servers.split(",") if s]
+    args.ks = [int(k) for k in args.ks.split(",") if k]
+    if args.quick:
+        args.models = [m for m in args.models if m != "mlp1024"]
+        args.ks = [k for k in args.ks if k <= 100]
+        args.repeats = 1
+    bad = [m for m in args.models if m not in MODELS] + [
+        s for s in args.servers if s not in SERVERS
+    ]
+    if bad:
+        print(f"bench_server: unknown models/servers {bad}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    res = run(args)
+    res["args"] = vars(args)
+    res["wall_s"] = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    md = markdown(res, args)
+    out.with_suffix(".md").write_text(md)
+    plot(res, out.with_suffix(".png"))
+    print(md)
+    print(f"wrote {out.with_suffix('.json')}, .md, .png ({res['wall_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,190 @@
+"""Summable Fisher-weighted aggregation: the server only sums, then solves once.
+
+Client k uploads `delta_k`, its curvature `F_k` and its contribution `c_k = F_k delta_k` (K-FAC:
+`G_k Delta_k A_k`, two GEMMs per layer; see `matvec.fisher_matvecs`). The server folds
+`M = sum p_k delta_k`, `S = sum p_k c_k` and the pooled curvature `P = sum p_k F_k` (for K-FAC
+the factors `(sum p_k A_k) ⊗ (sum p_k G_k)`, a diagonal sum, or a sketch sum) as the replies
+arrive: memory flat in K, and every sum works under secure aggregation.
+
+The exact merge minimizes, per block, `phi(x) = 1/2 x^T (F + lambda I) x - x^T (S + lambda c)` with
+`F = sum p_k F_k` and the prior center c (the mean delta M, or 0). The pooled curvature gives the
+direction: `X = M + (P + lambda I)^-1 (S + lambda c - (P + lambda I) M)` (with P's own damped
+inverse, factored for K-FAC), `d = X - M`. For a diagonal Fisher P = F and X is the exact merge.
+For K-FAC, `P ≠ F` (a client's own blocks get weight p_k^2 instead of p_k: the plain pooled step
+overshoots, up to 1/p_k in client-specific directions, and diverged in a prototype), so the step
+length comes from an exact line search of phi along d:
+
+    alpha = max(0, (<S + lambda c, d> - <F M, d> - lambda <M, d>) / (<d, F d> + lambda ||d||^2))
+
+where `<F M, d> = sum p_k <M, F_k d>` and `<d, F d> = sum p_k <d, F_k d>` are two scalars per
+block that each client computes with its own curvature after the server broadcasts (M, d): a
+second, summable phase (`probe_message` / `answer_probe` / `line_search_step`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fedng._typing import Arrays
+from fedng.curvature import CurvatureSet, DiagonalFisher, to_matrix, write_matrix
+from fedng.federated.aggregation.matvec import block_dots, block_vectors, fisher_matvecs
+
+PROBE_M = "M/"
+"""Prefix of the mean delta in the probe message's extras."""
+PROBE_D = "d/"
+"""Prefix of the pooled direction in the probe message's extras."""
+REPLY_KEY = "line_search"
+"""The reply's extra: per probed block `[<M, F_k d>, <d, F_k d>]`, shape [blocks, 2]."""
+
+
+@dataclass
+class PooledDirection:
+    """The pooled solve of one round, and what the line search still needs.
+
+    Attributes:
+        mean: M, the weighted mean delta (named arrays, fp32).
+        blocks: per block of the pooled set, d_i [m, n] (None: no curvature there; M is kept).
+        lams: per block, lambda_i (0 where the block has no curvature).
+        probed: indices of the blocks whose step length the clients' scalars decide (not
+            diagonal ones, whose pooled solve is already exact).
+        server_num: per block, `<S + lambda c, d> - lambda <M, d>` (the server's part).
+        dd: per block, `||d||^2`.
+    """
+
+    mean: Arrays
+    blocks: list[torch.Tensor | None]
+    lams: list[float]
+    probed: list[int]
+    server_num: list[float]
+    dd: list[float]
+
+
+def _flat_lams(pooled: CurvatureSet, rel: float) -> list[float]:
+    """lambda per block (in layouts order), relative to each block's mean eigenvalue."""
+    per_kind = pooled.relative_damping(rel)
+    out = [0.0] * len(pooled.layouts)
+    for kind, idx in pooled.groups.items():
+        for i, lam in zip(idx, per_kind[kind], strict=True):
+            out[i] = lam
+    return out
+
+
+def pooled_direction(
+    pooled: CurvatureSet, mean: Arrays, contrib: Arrays, rel: float, center: str = "mean"
+) -> PooledDirection:
+    """The pooled solve's direction d per block.
+
+    Args:
+        pooled: `sum_k p_k F_k` (decoded from the summed payloads).
+        mean: M = `sum_k p_k delta_k` (named arrays).
+        contrib: S = `sum_k p_k F_k delta_k` (named arrays, the same names).
+        rel: lambda relative to each block's mean eigenvalue of the pooled curvature.
+        center: the damping's prior center, "mean" (c = M) or "zero" (c = 0).
+
+    Returns:
+        The direction and the server's parts of the line search.
+    """
+    lams = _flat_lams(pooled, rel)
+    live = [i for i, lam in enumerate(lams) if lam > 0]
+    m_blocks = block_vectors(pooled, mean)
+    s_blocks = block_vectors(pooled, contrib)
+    c_blocks = m_blocks if center == "mean" else [torch.zeros_like(m) for m in m_blocks]
+    pm = fisher_matvecs(pooled, [m_blocks[i] if i in live else None for i in range(len(lams))])
+    # residual at M of the pooled system: S + lambda c - (P + lambda) M
+    rhs: list[torch.Tensor | None] = [None] * len(lams)
+    for i in live:
+        pmi = pm[i]
+        if pmi is not None:
+            rhs[i] = s_blocks[i] + lams[i] * (c_blocks[i] - m_blocks[i]) - pmi
+    damp = {kind: [lams[i] for i in idx] for kind, idx in pooled.groups.items()}
+    inv = pooled.inverse({k: [max(x, 1e-30) for x in v] for k, v in damp.items()}, factored=True)
+    del inv  # a failed factor leaves its block without an inverse: precondition gives None
+    d = pooled.precondition(rhs)
+    blocks = [d[i] if i in live and d[i] is not None else None for i in range(len(lams))]
+    blocks = [b if b is None or bool(torch.isfinite(b).all()) else None for b in blocks]
+    exact = set()
+    if "diag" in pooled.groups and isinstance(pooled.reps["diag"], DiagonalFisher):
+        exact = set(pooled.groups["diag"])
+    probed = [i for i, b in enumerate(blocks) if b is not None and i not in exact]
+    sc = [s + lam * c for s, c, lam in zip(s_blocks, c_blocks, lams, strict=True)]
+    num = [
+        a - lam * b
+        for a, b, lam in zip(
+            block_dots(sc, blocks), block_dots(m_blocks, blocks), lams, strict=True
+        )
+    ]
+    return PooledDirection(mean, blocks, lams, probed, num, block_dots(blocks, blocks))
+
+
+def probe_arrays(direction: PooledDirection, pooled: CurvatureSet) -> Arrays:
+    """The second phase's broadcast: M and d (zero outside the probed blocks) as named arrays."""
+    d_arrays = {k: torch.zeros_like(v) for k, v in direction.mean.items()}
+    for i in direction.probed:
+        blk = direction.blocks[i]
+        if blk is not None:
+            write_matrix(d_arrays, pooled.layouts[i], blk)
+    return {
+        **{PROBE_M + k: v for k, v in direction.mean.items()},
+        **{PROBE_D + k: v for k, v in d_arrays.items()},
+    }
+
+
+def answer_probe(cs: CurvatureSet, probe: Arrays) -> torch.Tensor:
+    """A client's line-search scalars: per block `[<M, F_k d>, <d, F_k d>]`, shape [blocks, 2].
+
+    Args:
+        cs: the client's own curvature (what it uploaded this round).
+        probe: the probe message's extras (`probe_arrays`).
+
+    Returns:
+        float32 [len(cs.layouts), 2] (zeros for blocks whose d is zero).
+    """
+    mean = {k[len(PROBE_M) :]: v for k, v in probe.items() if k.startswith(PROBE_M)}
+    d = {k[len(PROBE_D) :]: v for k, v in probe.items() if k.startswith(PROBE_D)}
+    d_blocks = block_vectors(cs, d)
+    live = [b if bool(b.any()) else None for b in d_blocks]
+    fd = fisher_matvecs(cs, live)
+    m_blocks = block_vectors(cs, mean)
+    return torch.tensor(
+        [list(p) for p in zip(block_dots(m_blocks, fd), block_dots(d_blocks, fd), strict=True)],
+        dtype=torch.float32,
+    ).reshape(len(cs.layouts), 2)
+
+
+def line_search_step(
+    direction: PooledDirection, pooled: CurvatureSet, replies: torch.Tensor | None
+) -> tuple[Arrays, dict[str, float]]:
+    """The aggregated step `M + alpha_i d_i` per block.
+
+    Args:
+        direction: the round's pooled direction.
+        pooled: the pooled curvature (its layouts place the blocks).
+        replies: `sum_k p_k [<M, F_k d>, <d, F_k d>]` per block [blocks, 2] (float64), or None
+            when no client answered: then probed blocks keep M (alpha = 0).
+
+    Returns:
+        (the step as named arrays, a log with the smallest / largest alpha).
+    """
+    step = {k: v.clone() for k, v in direction.mean.items()}
+    alphas = []
+    for i, blk in enumerate(direction.blocks):
+        if blk is None:
+            continue
+        if i in direction.probed:
+            if replies is None:
+                alpha = 0.0
+            else:
+                fm, fd = float(replies[i, 0]), float(replies[i, 1])
+                den = fd + direction.lams[i] * direction.dd[i]
+                alpha = (direction.server_num[i] - fm) / den if den > 0 else 0.0
+                alpha = max(0.0, alpha) if math.isfinite(alpha) else 0.0
+            alphas.append(alpha)
+        else:
+            alpha = 1.0
+        lay = pooled.layouts[i]
+        write_matrix(step, lay, to_matrix(step, lay) + alpha * blk)
+    log = {"alpha_min": min(alphas), "alpha_max": max(alphas)} if alphas else {}
+    return step, log

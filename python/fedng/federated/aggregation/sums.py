@@ -1,0 +1,94 @@
+"""Running weighted sums of named arrays: what a streaming server folds each reply into.
+
+`WeightedSum.fold(arrays, w)` adds `w * x` per name in fp32 with the exact arithmetic of
+`mean.mean_delta` (`out = w * x` for the first, then `out = out + w * x`, as two `_foreach`
+calls over all arrays), so a server that knows
+the weights `p_k` up front reproduces the batch mean bit for bit; a server that does not (replies
+arriving one by one) folds with `w = n_k` and scales by `1 / sum n_k` once at the end. Memory is
+one copy of the arrays, whatever the number of folds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedng._typing import Arrays
+
+
+class WeightedSum:
+    """`sum_k w_k x_k` over named arrays, folded one `x_k` at a time.
+
+    Args:
+        exact: fold with `mean_delta`'s arithmetic (bit-identical to the batch mean); False folds
+            in place (`add_` with alpha: no temporaries, faster, rounding may differ).
+
+    Attributes:
+        sums: name -> the running sum (fp32); empty before the first fold.
+        total_weight: `sum_k w_k` of the folds so far.
+        count: folds so far.
+    """
+
+    def __init__(self, exact: bool = True) -> None:
+        self.exact = exact
+        self.sums: Arrays = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def fold(self, arrays: Arrays, weight: float) -> None:
+        """Adds `weight * arrays` (fp32) to the sums.
+
+        Args:
+            arrays: name -> array (any float dtype); every fold should carry the same names.
+            weight: the fold's weight.
+        """
+        out = self.sums
+        names = list(arrays)
+        vals = [arrays[k].float() for k in names]
+        if not out:
+            out.update(zip(names, torch._foreach_mul(vals, weight), strict=True))
+        else:  # one dispatch per op for all arrays (small models are dispatch-bound)
+            acc = [out[k] for k in names]
+            if self.exact:  # w * x rounded, then added: mean_delta's arithmetic, bit for bit
+                torch._foreach_add_(acc, torch._foreach_mul(vals, weight))
+            else:  # in place, no temporary: one read of x, one read-write of the sum
+                torch._foreach_add_(acc, vals, alpha=weight)
+        self.total_weight += weight
+        self.count += 1
+
+    def scaled(self, scale: float) -> Arrays:
+        """The sums times `scale` (the sums themselves when `scale` is 1)."""
+        if scale == 1.0:
+            return self.sums
+        return {k: v * scale for k, v in self.sums.items()}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the sums."""
+        return sum(v.numel() * v.element_size() for v in self.sums.values())
+
+
+def fold_all(parts: list[tuple[WeightedSum, Arrays]], weight: float) -> None:
+    """Folds several named-array sets into their sums: one in-place `_foreach_add_` for all the
+    sums that are started, fold in place and know every name; the others (exact sums, first
+    folds) fold on their own. A small model's fold is dispatch-bound.
+
+    Args:
+        parts: (sum, the arrays to add to it) pairs.
+        weight: the fold's weight.
+    """
+    ready = [not s.exact and bool(s.sums) and all(k in s.sums for k in a) for s, a in parts]
+    for (s, a), ok in zip(parts, ready, strict=True):
+        if not ok:  # exact (bit-identical) or not started: a fold of its own
+            s.fold(a, weight)
+    together = [(s, a) for (s, a), ok in zip(parts, ready, strict=True) if ok]
+    if not together:
+        return
+    acc: list[torch.Tensor] = []
+    vals: list[torch.Tensor] = []
+    for s, a in together:
+        for k, v in a.items():
+            acc.append(s.sums[k])
+            vals.append(v.float())
+        s.total_weight += weight
+        s.count += 1
+    torch._foreach_add_(acc, vals, alpha=weight)

@@ -1,0 +1,214 @@
+"""FedNG's server side at scale: the streaming accumulator of the "mean" and "summable"
+aggregations, and the global curvature the server keeps.
+
+Both aggregations keep only running sums (`WeightedSum`): the deltas, the curvature payloads
+(every representation's payload is linear in its curvature — packed K-FAC triangles, diagonals,
+shared-seed sketches — so the sum of the payloads is the payload of the pooled curvature) and,
+for "summable", the clients' contributions `c_k = F_k delta_k` (extras `fd/<param>`). The
+summable step is `fedng.federated.aggregation.summable`: one pooled solve, then a line search
+whose two scalars per block come from a second, summable phase (`probe` / `fold_reply`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedng.curvature import CurvatureSet
+from fedng.federated.aggregation.mean import apply_server_step
+from fedng.federated.aggregation.summable import (
+    REPLY_KEY,
+    PooledDirection,
+    line_search_step,
+    pooled_direction,
+    probe_arrays,
+)
+from fedng.federated.aggregation.sums import WeightedSum, fold_all
+from fedng.federated.algorithms.base import State
+from fedng.federated.algorithms.curvature_payload import payload_floats, pooled_meta
+from fedng.federated.config.curvature import FedNGConfig
+from fedng.federated.messages import ClientUpdate, ServerMessage
+
+CONTRIB_PREFIX = "fd/"
+"""Extras prefix of a client's contribution `c_k = F_k delta_k` (summable aggregation)."""
+PROBE_PHASE = "line_search"
+"""`meta["phase"]` of the summable aggregation's second-phase message and of its replies."""
+
+
+def global_set(state: State) -> CurvatureSet | None:
+    """The server's global curvature, or None before the first upload."""
+    fac = {k[5:]: v for k, v in state.buffers.items() if k.startswith("curv/")}
+    if not fac:
+        return None
+    return CurvatureSet.from_arrays(fac, state.meta["curv"])
+
+
+def fold_global(state: State, fresh: CurvatureSet, beta: float) -> None:
+    """Folds the round's pooled curvature into the global one (EMA with decay `beta`) and stores
+    it in `state.buffers["curv/<kind>"]` / `state.meta["curv"]`."""
+    prev = global_set(state)
+    glob = (
+        fresh
+        if prev is None or beta == 0
+        else CurvatureSet.combine([prev, fresh], [beta, 1.0 - beta])
+    )
+    arrays, meta = glob.to_arrays(torch.float32)
+    for k in [k for k in state.buffers if k.startswith("curv/")]:
+        del state.buffers[k]
+    state.buffers.update({f"curv/{k}": v for k, v in arrays.items()})
+    state.meta["curv"] = meta
+
+
+class CurvatureSums:
+    """FedNG's streaming accumulator ("mean" and "summable" aggregations).
+
+    Holds three running sums (deltas, curvature payloads, contributions), the curvature
+    metadata of the first update, and after `probe` the pooled direction: memory O(model +
+    curvature), independent of the number of clients.
+    """
+
+    def __init__(self, name: str, opts: FedNGConfig, psd_tol: float) -> None:
+        self.name = name
+        self.opts = opts
+        self.psd_tol = psd_tol
+        self.bad: str | None = None
+        self.wire_eps = 0.0
+        self.deltas = WeightedSum()  # exact: with the preconditioner off, "mean" is FedAvg
+        self.curv = WeightedSum(exact=False)
+        self.contrib = WeightedSum(exact=False)
+        self.meta: dict[str, Any] | None = None
+        self.without_curvature = 0
+        self.direction: PooledDirection | None = None
+        self.pooled: CurvatureSet | None = None
+        self.replies: torch.Tensor | None = None
+        self.answered = 0.0
+        self.probed = False
+
+    @property
+    def summable(self) -> bool:
+        """Whether this round can take the summable step (every update had curvature and c_k)."""
+        return (
+            self.opts.aggregation == "summable"
+            and self.without_curvature == 0
+            and self.curv.count > 0
+            and self.contrib.count == self.curv.count
+        )
+
+    def fold(self, update: ClientUpdate, weight: float) -> None:
+        """Adds delta_k, the curvature payload and c_k (when present), each times `weight`
+        (one in-place `_foreach_add_` for all three once the sums are started)."""
+        if not update.curvature:
+            self.without_curvature += 1
+            self.deltas.fold(update.delta, weight)
+            return
+        if self.meta is None:
+            self.meta = pooled_meta(update.meta["curv"])
+        curv = payload_floats(update)  # int8 kinds are summed dequantized
+        parts = [(self.deltas, update.delta), (self.curv, curv)]
+        fd = {
+            k[len(CONTRIB_PREFIX) :]: v
+            for k, v in update.extras.items()
+            if k.startswith(CONTRIB_PREFIX)
+        }
+        if fd:
+            parts.append((self.contrib, fd))
+        fold_all(parts, weight)
+        for v in curv.values():
+            self.wire_eps = max(self.wire_eps, torch.finfo(v.dtype).eps)
+
+    def _pooled(self, scale: float) -> CurvatureSet | None:
+        """The pooled curvature (decoded once), None if it fails the full PSD test: the fast
+        per-client checks leave that test to the sum (the round then keeps the mean step and
+        the previous global curvature)."""
+        if self.pooled is None and self.meta is not None and self.curv.count and not self.bad:
+            pooled = CurvatureSet.from_arrays(self.curv.scaled(scale), self.meta)
+            try:
+                pooled.validate(self.psd_tol, self.wire_eps)
+            except ValueError as err:
+                self.bad = f"pooled curvature rejected ({str(err)[:120]})"
+                return None
+            self.pooled = pooled
+        return self.pooled
+
+    def _direction(self, scale: float) -> PooledDirection | None:
+        if self.direction is None and self.summable:
+            pooled = self._pooled(scale)
+            if pooled is not None:
+                self.direction = pooled_direction(
+                    pooled,
+                    self.deltas.scaled(scale),
+                    self.contrib.scaled(scale),
+                    self.opts.fisher_damping,
+                    self.opts.fisher_center,
+                )
+        return self.direction
+
+    def probe(self, state: State, scale: float) -> ServerMessage | None:
+        """The line-search message (M and d), or None when the round needs none."""
+        direction = self._direction(scale)
+        if direction is None or not direction.probed or self.pooled is None:
+            return None
+        self.probed = True
+        self.replies = torch.zeros(len(direction.blocks), 2, dtype=torch.float64)
+        return ServerMessage(
+            state.round,
+            self.name,
+            {},
+            probe_arrays(direction, self.pooled),
+            meta={"phase": PROBE_PHASE, "blocks": len(direction.blocks)},
+        )
+
+    def fold_reply(self, reply: ClientUpdate, weight: float) -> str | None:
+        """Adds `weight * [<M, F_k d>, <d, F_k d>]` per block; the reason a reply is unusable."""
+        if self.replies is None:
+            return "no second phase was asked for this round"
+        got = reply.extras.get(REPLY_KEY) if isinstance(reply.extras, dict) else None
+        if set(reply.extras) != {REPLY_KEY} or not isinstance(got, torch.Tensor):
+            return f"line-search reply: expected exactly the extra {REPLY_KEY!r}"
+        if tuple(got.shape) != tuple(self.replies.shape):
+            return (
+                f"line-search reply: shape {list(got.shape)}, expected {list(self.replies.shape)}"
+            )
+        vals = got.double()
+        if not bool(torch.isfinite(vals).all()) or bool((vals[:, 1] < 0).any()):
+            return "line-search reply: non-finite or negative curvature <d, F d>"
+        self.replies += weight * vals
+        self.answered += weight
+        return None
+
+    def finish(self, state: State, scale: float) -> State:
+        """Server step with the mean or the summable step; pooled curvature into the EMA."""
+        direction = self._direction(scale)
+        pooled = self._pooled(scale) if self.without_curvature == 0 else None
+        if direction is not None and pooled is not None:
+            replies = None
+            if self.replies is not None and self.answered > 0:
+                replies = self.replies / self.answered
+            step, log = line_search_step(direction, pooled, replies)
+            state.log.update(log)
+            state.log["aggregation"] = "summable"
+            if direction.probed:
+                state.log["line_search"] = (
+                    "answered" if replies is not None else "unanswered: mean on probed blocks"
+                )
+        else:
+            step = self.deltas.scaled(scale)
+            state.log["aggregation"] = "mean"
+        apply_server_step(state, step)
+        if pooled is not None:
+            fold_global(state, pooled, self.opts.curvature_ema)
+        elif self.curv.count and not self.bad:  # some updates without curvature: pool the others
+            p = CurvatureSet.from_arrays(
+                self.curv.scaled(1.0 / self.curv.total_weight), self.meta or {}
+            )
+            p.validate(self.psd_tol, self.wire_eps)
+            fold_global(state, p, self.opts.curvature_ema)
+        if self.bad:
+            state.log["curvature_dropped"] = self.bad
+        return state
+
+    @property
+    def nbytes(self) -> int:
+        """The sums' bytes (one model, one curvature payload, one model of contributions)."""
+        return self.deltas.nbytes + self.curv.nbytes + self.contrib.nbytes

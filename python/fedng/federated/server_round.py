@@ -1,0 +1,326 @@
+"""The streaming server: one round, folded one client reply at a time.
+
+This is what a deployment calls per reply (the Flower strategy does):
+
+    rnd = ServerRound(state)                  # begins the round
+    for update in replies_as_they_arrive:
+        verdict = rnd.add(update)             # validate, then fold into running sums
+    probe = rnd.probe()                       # optional second summable phase (or None)
+    if probe is not None:                     # send it to rnd.accepted_ids; each client answers
+        for reply in answers:                 #   algorithm.answer_probe(its own update, probe)
+            rnd.add_reply(reply)
+    state, message = rnd.finish()             # the new state and the next round's broadcast
+
+Memory: summable algorithms (FedAvg and its momentum variant, FedNG with the "mean" or
+"summable" aggregation) hold only their running sums — O(model + curvature), flat in the number
+of clients — plus a few floats per client (its weight and delta norm). Algorithms that aggregate
+a list (SCAFFOLD, FedOpt, FedFisher, FedNG's exact merge) hold the accepted updates.
+
+Validation differs from the batch `round.server_step` only where streaming forces it:
+- the norm and curvature-scale checks compare against the previous round's reference (the
+  median delta norm `state.meta["reference"]`, the server's global curvature); where none exists
+  yet (the first round), the first `warmup` updates that pass the per-update checks are held
+  (a bounded buffer) and their median becomes the round's reference;
+- a second update under a client id already seen this round is rejected (the first one, already
+  folded, stays: the batch rule rejects both);
+- updates whose curvature kinds/layouts differ from the round's first one are rejected (the batch
+  rule keeps the most common);
+- a round whose sums come out non-finite is rolled back whole (no culprit to leave out).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedng.federated.algorithms.base import Accumulator, Algorithm, State
+from fedng.federated.algorithms.curvature_payload import (
+    curvature_scales,
+    signature,
+    update_scales,
+)
+from fedng.federated.algorithms.registry import get_algorithm
+from fedng.federated.messages import ClientUpdate, ServerMessage
+from fedng.federated.validate import (
+    REFERENCE_KEY,
+    Rejected,
+    delta_norm,
+    reference_scale,
+    safe_check,
+    too_large,
+)
+
+ACCEPTED, REJECTED, PENDING = "accepted", "rejected", "pending"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What happened to one reply.
+
+    Attributes:
+        client_id: the reply's client id (None when it has none).
+        status: "accepted" (folded in), "rejected" (with `reason`) or "pending" (held in the
+            first round's warm-up buffer; its verdict is in `finish()`'s log).
+        reason: why it was rejected.
+    """
+
+    client_id: int | None
+    status: str
+    reason: str | None = None
+
+
+def non_finite(state: State) -> list[str]:
+    """Names of the state's float arrays holding NaN or Inf."""
+    return [
+        k
+        for k, v in {**state.params, **state.buffers}.items()
+        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
+
+
+class ServerRound:
+    """One server round fed reply by reply; see the module docstring.
+
+    Args:
+        state: the server state the replies answer (never modified).
+        warmup: updates held to form the round's reference when no previous round gives one.
+        total_examples: the round's total `num_examples` when known up front (then weights are
+            `n_k / total` as in the batch server and no final rescaling happens); None for a
+            streaming round (weights `n_k`, scaled by `1 / sum n_k` at the end).
+    """
+
+    def __init__(self, state: State, *, warmup: int = 3, total_examples: int | None = None) -> None:
+        self.t_server = 0.0
+        t0 = time.perf_counter()
+        self.state = state
+        self.algo: Algorithm[Any] = get_algorithm(state.config.algorithm)
+        self.acc: Accumulator = self.algo.begin(state)
+        self.warmup = warmup
+        self.total = total_examples
+        self.weights: dict[int, float] = {}
+        self.norms: list[float] = []
+        self.rejected: Rejected = {}
+        self.seen: set[int] = set()
+        self.answered: set[int] = set()
+        self.signature: str | None = None
+        self.held: list[tuple[ClientUpdate, float, dict[str, float]]] = []
+        ref = state.meta.get(REFERENCE_KEY, {}).get("delta_norm")
+        self.norm_ref: float | None = ref
+        glob = self.algo.reference_curvature(state)
+        self.scale_ref: dict[str, float] | None = None if glob is None else curvature_scales(glob)
+        self.probe_message: ServerMessage | None = None
+        self.t_server += time.perf_counter() - t0
+
+    # --- phase 1 ------------------------------------------------------------------------------
+
+    @property
+    def accepted_ids(self) -> list[int]:
+        """The clients folded in so far (the ones a probe goes to)."""
+        return list(self.weights)
+
+    def _reject(self, cid: int, why: str) -> Verdict:
+        self.rejected.setdefault(cid, []).append(why)
+        return Verdict(cid, REJECTED, why)
+
+    def add(self, update: ClientUpdate) -> Verdict:
+        """Validates one reply and folds it into the round's sums.
+
+        Never raises on a malformed reply: whatever it provokes is its rejection.
+
+        Returns:
+            The verdict (see `Verdict`).
+        """
+        t0 = time.perf_counter()
+        try:
+            return self._add(update)
+        finally:
+            self.t_server += time.perf_counter() - t0
+
+    def _add(self, update: ClientUpdate) -> Verdict:
+        if not isinstance(update, ClientUpdate) or not _is_int(update.client_id):
+            return Verdict(None, REJECTED, "not a client update with an integer client id")
+        cid = update.client_id
+        if cid in self.seen:
+            return self._reject(cid, "a second update with this client id this round")
+        self.seen.add(cid)
+        reason = safe_check(self.state, update, self.algo)
+        if reason is not None:
+            return self._reject(cid, reason)
+        sig = signature(update)
+        if sig is not None:
+            if self.signature is None:
+                self.signature = sig
+            elif sig != self.signature:
+                return self._reject(cid, "curvature: kinds/layouts differ from this round's")
+        try:
+            nrm = delta_norm(update)
+            scales = update_scales(update)
+        except Exception as err:  # whatever a payload provokes is its rejection
+            return self._reject(cid, f"scale check failed ({err})"[:200])
+        if self._needs_warmup(scales):
+            self.held.append((update, nrm, scales))
+            if len(self.held) >= self.warmup:
+                self._release()
+            return Verdict(cid, PENDING)
+        return self._judge(update, nrm, scales)
+
+    def _needs_warmup(self, scales: dict[str, float]) -> bool:
+        """Whether a reference is missing (and the warm-up buffer still open)."""
+        if self.warmup <= 0:
+            return False
+        missing_scale = bool(scales) and self.scale_ref is None
+        return self.norm_ref is None or missing_scale
+
+    def _release(self, final: bool = False) -> None:
+        """Sets the missing references from the held updates (their median; with fewer than 3
+        at the end of the round the batch rules apply) and judges them."""
+        held, self.held = self.held, []
+        norms = [n for _, n, _ in held]
+        if self.norm_ref is None:
+            fallback = None
+            if len(held) == 1 and final:
+                fallback = _param_norm(self.state)
+            self.norm_ref = reference_scale(norms, fallback)
+        if self.scale_ref is None:
+            keys = {k for _, _, s in held for k in s}
+            self.scale_ref = {
+                k: r
+                for k in keys
+                if (r := reference_scale([s[k] for _, _, s in held if k in s], None)) is not None
+            }
+        self.warmup = 0  # references are set: later updates are judged on arrival
+        for u, n, s in held:
+            self._judge(u, n, s)
+
+    def _judge(self, update: ClientUpdate, nrm: float, scales: dict[str, float]) -> Verdict:
+        cid = update.client_id
+        ratio = self.state.config.max_norm_ratio
+        if too_large(nrm, self.norm_ref, ratio):
+            return self._reject(
+                cid,
+                f"delta norm {nrm:.3g} exceeds {ratio:g} x the reference {self.norm_ref or 0:.3g}",
+            )
+        refs = self.scale_ref or {}
+        bad = [k for k in sorted(scales) if too_large(scales[k], refs.get(k), ratio)]
+        if bad:
+            k = bad[0]
+            return self._reject(
+                cid,
+                f"curvature scale {k} = {scales[k]:.3g} exceeds {ratio:g} x the reference"
+                f" {refs.get(k) or 0:.3g}",
+            )
+        w = float(update.num_examples) if self.total is None else update.num_examples / self.total
+        self.acc.fold(update, w)
+        self.weights[cid] = w
+        self.norms.append(nrm)
+        return Verdict(cid, ACCEPTED)
+
+    # --- phase 2 (optional) -------------------------------------------------------------------
+
+    def _scale(self) -> float:
+        if self.total is not None:
+            return 1.0
+        tot = sum(self.weights.values())
+        return 1.0 / tot if tot > 0 else 1.0
+
+    def probe(self) -> ServerMessage | None:
+        """The algorithm's second-phase message for the accepted clients (sealed), or None when
+        the round has no second phase; ends phase 1 (call after the last `add`)."""
+        t0 = time.perf_counter()
+        if self.held:
+            self._release(final=True)
+        if self.probe_message is None and self.weights:
+            msg = self.acc.probe(self.state, self._scale())
+            self.probe_message = None if msg is None else msg.seal()
+        self.t_server += time.perf_counter() - t0
+        return self.probe_message
+
+    def add_reply(self, reply: ClientUpdate) -> Verdict:
+        """Folds one accepted client's answer to `probe()`; never raises on a malformed one."""
+        t0 = time.perf_counter()
+        try:
+            if not isinstance(reply, ClientUpdate) or not _is_int(reply.client_id):
+                return Verdict(None, REJECTED, "not a reply with an integer client id")
+            cid = reply.client_id
+            if self.probe_message is None or cid not in self.weights:
+                return Verdict(cid, REJECTED, "no probe was sent to this client")
+            if cid in self.answered or reply.round != self.state.round:
+                return Verdict(cid, REJECTED, "a second reply, or one for another round")
+            try:
+                why = self.acc.fold_reply(reply, self.weights[cid])
+            except Exception as err:  # whatever a reply provokes is its rejection
+                why = f"invalid reply ({type(err).__name__}: {str(err)[:120]})"
+            if why is not None:
+                return Verdict(cid, REJECTED, why)
+            self.answered.add(cid)
+            return Verdict(cid, ACCEPTED)
+        finally:
+            self.t_server += time.perf_counter() - t0
+
+    # --- end of the round ---------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Tensor bytes the round holds (running sums, plus any warm-up buffer)."""
+        held = sum(
+            v.numel() * v.element_size()
+            for u, _, _ in self.held
+            for part in (u.delta, u.curvature, u.extras)
+            for v in part.values()
+        )
+        return self.acc.nbytes + held
+
+    def finish(self) -> tuple[State, ServerMessage]:
+        """Applies the round: (new state, message for the next round). The state's log holds
+        the accepted ids, every rejection with its reasons, and `server_time_s` (the time spent
+        in this object's calls)."""
+        t0 = time.perf_counter()
+        if self.held:
+            self._release(final=True)
+        new = self.state.copy()
+        new.log = {}
+        log: dict[str, Any] = {"rejected": self.rejected}
+        accepted = list(self.weights)
+        if accepted:
+            work = self.state.copy()
+            work.log = {}
+            try:
+                res = self.acc.finish(work, self._scale())
+                bad = non_finite(res)
+                why = f"aggregation produced non-finite {bad[:5]}" if bad else None
+            except Exception as err:  # a payload that breaks aggregation rolls the round back
+                res, why = work, f"aggregation failed ({type(err).__name__}: {str(err)[:120]})"
+            if why is None:
+                new = res
+                new.meta[REFERENCE_KEY] = (
+                    {"delta_norm": statistics.median(self.norms)}
+                    if len(self.norms) >= 3
+                    else dict(self.state.meta.get(REFERENCE_KEY, {}))
+                )
+            else:
+                log["rolled_back"] = why
+                accepted = []
+        else:
+            log["skipped"] = "no valid update this round"
+        if self.probe_message is not None:
+            log["probe_answered"] = len(self.answered)
+        new.log = {"accepted": accepted, **log, **new.log}
+        new.round = self.state.round + 1
+        message = self.algo.broadcast(new).seal()
+        self.t_server += time.perf_counter() - t0
+        new.log["server_time_s"] = self.t_server
+        return new, message
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _param_norm(state: State) -> float:
+    total = sum(float((v.double() ** 2).sum()) for v in state.params.values())
+    return math.sqrt(total)
