@@ -47,7 +47,7 @@ FEDERATED_LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"algorithms"}),
     frozenset({"validate"}),
     frozenset({"round"}),
-    frozenset({"report"}),
+    frozenset({"report", "attacks"}),
     frozenset({"simulator"}),
 )
 """Modules / subpackages of fedng.federated, lowest sub-layer first; the package's own __init__

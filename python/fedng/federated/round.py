@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from fedng._typing import Arrays
+from fedng.federated.aggregation.stage import defend
 from fedng.federated.algorithms.base import Algorithm, State
 from fedng.federated.algorithms.registry import get_algorithm
+from fedng.federated.client.privacy import privatize_update
 from fedng.federated.config.common import ClientConfig, ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
 from fedng.federated.tasks.base import ClientData
@@ -73,6 +75,7 @@ def client_step(
     upd = get_algorithm(config.algorithm).client_step(
         model, data, server_message, config, dict(client_state or {})
     )
+    privatize_update(upd, config)  # DP: clip (and noise) before the update leaves
     return upd.seal()
 
 
@@ -90,7 +93,7 @@ def _aggregate(state: State, accepted: list[ClientUpdate], algo: Algorithm[Any])
     work = state.copy()
     work.log = {}
     try:
-        new = algo.aggregate(work, accepted)
+        new = algo.aggregate(work, defend(work, accepted))  # robust / DP stage
     except Exception as err:  # a payload that breaks aggregation is dropped
         return f"aggregation failed ({type(err).__name__}: {str(err)[:120]})"
     bad = _non_finite(new)
