@@ -57,7 +57,12 @@ def clip_l2(x: Mapping[str, torch.Tensor], bound: float) -> tuple[Arrays, float]
         raise ValueError(f"clip_l2: 'bound' must be > 0, got {bound}")
     n = _norm(x)
     f = 1.0 if n <= bound else (bound / n if math.isfinite(n) else 0.0)
-    return {k: v * f if f != 1.0 else v.clone() for k, v in x.items()}, f
+    return {k: _scaled(v, f) for k, v in x.items()}, f
+
+
+def _scaled(v: torch.Tensor, f: float) -> torch.Tensor:
+    """`v * f`; zero for f == 0 even where v is not finite."""
+    return v.clone() if f == 1.0 else (torch.zeros_like(v) if f == 0 else v * f)
 
 
 def noise_generator(seed: int, *stream: int) -> torch.Generator:

@@ -70,6 +70,11 @@ def median_bound(values: Sequence[float], ratio: float) -> float:
     return ratio * statistics.median(finite) if finite else math.inf
 
 
+def _zero_or(v: torch.Tensor, f: float) -> torch.Tensor:
+    """`v * f`; zero for f == 0 even where v is not finite."""
+    return torch.zeros_like(v) if f == 0 else v * f
+
+
 def norm_clip(xs: Sequence[Named], ratio: float = 1.0) -> tuple[list[Arrays], list[float]]:
     """Scales each client's arrays down to norm <= `ratio` * the round's median norm.
 
@@ -91,7 +96,7 @@ def norm_clip(xs: Sequence[Named], ratio: float = 1.0) -> tuple[list[Arrays], li
     out, factors = [], []
     for x, n in zip(xs, norms, strict=True):
         f = 1.0 if n <= bound else (bound / n if math.isfinite(n) else 0.0)
-        out.append({k: (v * f if f != 1.0 else v.clone()) for k, v in x.items()})
+        out.append({k: v.clone() if f == 1.0 else _zero_or(v, f) for k, v in x.items()})
         factors.append(f)
     return out, factors
 
