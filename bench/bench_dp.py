@@ -58,6 +58,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", type=_list(str), default=["fedng", "fedavg"])
     p.add_argument("--share-curvature", action="store_true", help="also FedNG releasing curvature")
     p.add_argument("--out", default=str(RESULTS / "bench_dp.json"))
+    p.add_argument(
+        "--merge",
+        default="",
+        help="comma-separated JSON files of other pieces of the grid to fold in (parallel runs)",
+    )
     p.add_argument("--quick", action="store_true", help="digits, 5 rounds, seed 0, ε 4 (smoke)")
     args = p.parse_args(argv)
     if args.quick:
@@ -84,9 +89,9 @@ def clips(task_name: str, algo: str, clients: int, seed: int) -> tuple[float, fl
     return statistics.median(delta_norm(u) for u in ups), statistics.median(curv or [0.0])
 
 
-def run_one(args: argparse.Namespace, task_name: str, method: str, eps: float, seed: int) -> dict[
-    str, Any
-]:
+def run_one(
+    args: argparse.Namespace, task_name: str, method: str, eps: float, seed: int
+) -> dict[str, Any]:
     """One run at ε (inf: without DP)."""
     algo = method.split("+")[0]
     task = make_task(task_name, num_clients=args.clients, seed=seed)
@@ -203,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    for extra in [m for m in args.merge.split(",") if m]:
+        have = {_key(r) for r in doc["runs"]}
+        doc["runs"] += [
+            r for r in json.loads(Path(extra).read_text())["runs"] if _key(r) not in have
+        ]
     done = {_key(r) for r in doc["runs"]}
     for task in args.tasks:
         for eps in [math.inf, *args.epsilons]:

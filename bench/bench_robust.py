@@ -60,6 +60,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", type=_words, default=list(METHODS))
     p.add_argument("--robust", default="trimmed-mean", help="the robust mode of fedng-robust")
     p.add_argument("--out", default=str(RESULTS / "bench_robust.json"))
+    p.add_argument(
+        "--merge",
+        default="",
+        help="comma-separated JSON files of other pieces of the grid to fold in (parallel runs)",
+    )
     p.add_argument("--quick", action="store_true", help="5 rounds, seed 0, one attack (smoke)")
     args = p.parse_args(argv)
     if args.quick:
@@ -176,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    for extra in [m for m in args.merge.split(",") if m]:
+        have = {_key(r) for r in doc["runs"]}
+        doc["runs"] += [
+            r for r in json.loads(Path(extra).read_text())["runs"] if _key(r) not in have
+        ]
     done = {_key(r) for r in doc["runs"]}
     grid = [("clean", 0.0)] + [(a, f) for a in args.attacks for f in args.fractions]
     for attack, frac in grid:

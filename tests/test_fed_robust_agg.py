@@ -269,23 +269,29 @@ def global_a_norm(state: ServerState[Any]) -> float:
     return sum(float(torch.linalg.norm(a)) for a in rep.A)
 
 
+@pytest.mark.parametrize("c", [30.0, 300.0])
 @pytest.mark.parametrize("mode", ["none", "norm-clip", "trimmed-mean", "median"])
-def test_fedng_global_factors_are_not_moved_by_kron_rescaling(mode: str) -> None:
-    """A x 30, G / 30 passes validation (under its 100x check); only the robust modes keep the
+def test_fedng_global_factors_are_not_moved_by_kron_rescaling(mode: str, c: float) -> None:
+    """A x c, G / c: under validation's 100x per-factor check (c = 30) it steers the plain sum;
+    above it (c = 300) the plain server rejects it. The robust modes accept both (their check is
+    scale-invariant: honest non-IID clients differ by over 100x in one factor) and keep the
     global A where the honest clients put it."""
     state, honest = make_round("fedng", {"robust": mode})
+    ups = [ClientUpdate.from_bytes(u.to_bytes()) for u in honest]  # fresh: nothing cached
     ref, _ = server_step(state, honest)
-    _, ups = make_round("fedng", {"robust": mode})  # fresh: no decoded curvature cached
     cs = decode(ups[0])
     assert cs is not None
     rep = cs.reps["kfac"]
     assert isinstance(rep, KFAC)
-    rep.A = [a * 30 for a in rep.A]
-    rep.G = [g / 30 for g in rep.G]
+    rep.A = [a * c for a in rep.A]
+    rep.G = [g / c for g in rep.G]
     ups[0].curvature, ups[0].meta["curv"] = cs.to_arrays(torch.float32)
     new, _ = server_step(state, ups)
-    assert new.log["rejected"] == {}
     moved = global_a_norm(new) / global_a_norm(ref)
+    if mode == "none" and c > 100:
+        assert "/A = " in new.log["rejected"][ups[0].client_id][0]
+        return
+    assert new.log["rejected"] == {}
     if mode == "none":
         assert moved > 3
     else:
