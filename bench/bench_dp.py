@@ -21,7 +21,6 @@ Writes bench/results/bench_dp.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _resumable import Runs
 from fedng.federated.aggregation.dp import noise_multiplier_for
 from fedng.federated.client import get_params
 from fedng.federated.config import make_configs
@@ -205,32 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the grid (skipping finished runs), writes JSON and markdown, prints the table."""
     args = parse(argv)
     torch.set_num_threads(1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = json.loads(out.read_text()) if out.exists() else {"runs": []}
-    for extra in [m for m in args.merge.split(",") if m]:
-        have = {_key(r) for r in doc["runs"]}
-        doc["runs"] += [
-            r for r in json.loads(Path(extra).read_text())["runs"] if _key(r) not in have
-        ]
-    done = {_key(r) for r in doc["runs"]}
+    store = Runs(Path(args.out), args.merge, _key)
+    protocol = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
     for task in args.tasks:
         for eps in [math.inf, *args.epsilons]:
             for method in args.methods:
                 for seed in args.seeds:
-                    if (task, method, eps, seed) in done:
+                    if (task, method, eps, seed) in store.done:
                         continue
                     r = run_one(args, task, method, eps, seed)
-                    doc["runs"].append(r)
                     print(f"{task} ε={eps:g} {method} seed {seed}: {r['final']:.4f}", flush=True)
-                    doc["protocol"] = {k: v for k, v in vars(args).items() if k != "out"}
-                    out.write_text(json.dumps(doc, indent=1))
-    rows = rows_of(doc["runs"])
-    doc["rows"] = rows
-    doc["verdicts"] = verdicts(rows)
-    out.write_text(json.dumps(doc, indent=1))
-    text = markdown(rows) + "\n\n" + "\n".join(doc["verdicts"]) + "\n"
-    out.with_suffix(".md").write_text(text)
+                    store.add(r, protocol)
+    rows = rows_of(store.runs)
+    text = store.finish(rows, verdicts(rows), markdown(rows))
     print(text)
     return 0
 

@@ -18,7 +18,6 @@ Writes bench/results/bench_robust.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _resumable import Runs
 from fedng.federated.attacks import ATTACKS, make_attack
 from fedng.federated.config import make_configs
 from fedng.federated.report.threats import record_threats
@@ -104,32 +104,37 @@ def _key(r: dict[str, Any]) -> tuple[str, str, float, int]:
     return (r["method"], r["attack"], float(r["fraction"]), int(r["seed"]))
 
 
+def _paired_drop(clean: dict[int, float], runs: list[dict[str, Any]]) -> float | None:
+    """Median over the seeds both have of (clean - attacked) final accuracy, in points."""
+    drops = [100 * (clean[r["seed"]] - r["final"]) for r in runs if r["seed"] in clean]
+    return statistics.median(drops) if drops else None
+
+
 def rows_of(runs: list[dict[str, Any]], robust: str) -> list[dict[str, Any]]:
-    """Per (attack, fraction, method): the final accuracy over seeds and the drops in points."""
+    """Per (attack, fraction, method): the final accuracy over seeds and the drops in points
+    against the clean run of the same seed (own method, and plain FedNG)."""
     groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["attack"], float(r["fraction"]), r["method"]), []).append(r)
-    clean = {
-        m: statistics.median(x["final"] for x in g)
-        for (a, _, m), g in groups.items()
-        if a == "clean"
-    }
+    clean: dict[str, dict[int, float]] = {}
+    for (a, _, m), g in groups.items():
+        if a == "clean":
+            clean[m] = {x["seed"]: x["final"] for x in g}
     out = []
     for (attack, frac, method), g in sorted(groups.items()):
         finals = [x["final"] for x in g]
-        med = statistics.median(finals)
         info = [x["attack_info"] for x in g if x["attack_info"]]
         out.append(
             {
                 "attack": attack,
                 "fraction": frac,
                 "method": method.replace("-robust", f" ({robust})"),
-                "seeds": len(g),
-                "final_median": med,
+                "seeds": sorted(x["seed"] for x in g),
+                "final_median": statistics.median(finals),
                 "final_min": min(finals),
                 "final_max": max(finals),
-                "drop_vs_own_clean": 100 * (clean[method] - med) if method in clean else None,
-                "drop_vs_clean_fedng": 100 * (clean["fedng"] - med) if "fedng" in clean else None,
+                "drop_vs_own_clean": _paired_drop(clean.get(method, {}), g),
+                "drop_vs_clean_fedng": _paired_drop(clean.get("fedng", {}), g),
                 "attacker_updates": sum(i["sent"] for i in info),
                 "attacker_rejected": sum(i["rejected"] for i in info),
             }
@@ -155,10 +160,10 @@ def verdicts(rows: list[dict[str, Any]], robust: str) -> list[str]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The table in markdown."""
-    head = "| attack | attackers | method | final acc. median [min, max] | drop vs own clean (pts)"
-    head += (
-        " | drop vs clean FedNG (pts) | attacker updates rejected |\n|---|---|---|---|---|---|---|"
-    )
+    head = "| attack | attackers | method | seeds | final acc. median [min, max]"
+    head += " | drop vs own clean (pts)"
+    head += " | drop vs clean FedNG (pts) | attacker updates rejected |"
+    head += "\n|---|---|---|---|---|---|---|---|"
     lines = [head]
     for r in rows:
 
@@ -166,7 +171,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             return "-" if x is None else f"{x:+.2f}"
 
         lines.append(
-            f"| {r['attack']} | {r['fraction']:.0%} | {r['method']} | {r['final_median']:.4f}"
+            f"| {r['attack']} | {r['fraction']:.0%} | {r['method']} | {r['seeds']}"
+            f" | {r['final_median']:.4f}"
             f" [{r['final_min']:.4f}, {r['final_max']:.4f}] | {pts(r['drop_vs_own_clean'])}"
             f" | {pts(r['drop_vs_clean_fedng'])}"
             f" | {r['attacker_rejected']}/{r['attacker_updates']} |"
@@ -178,32 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the grid (skipping finished runs), writes JSON and markdown, prints the table."""
     args = parse(argv)
     torch.set_num_threads(1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = json.loads(out.read_text()) if out.exists() else {"runs": []}
-    for extra in [m for m in args.merge.split(",") if m]:
-        have = {_key(r) for r in doc["runs"]}
-        doc["runs"] += [
-            r for r in json.loads(Path(extra).read_text())["runs"] if _key(r) not in have
-        ]
-    done = {_key(r) for r in doc["runs"]}
+    store = Runs(Path(args.out), args.merge, _key)
+    protocol = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
     grid = [("clean", 0.0)] + [(a, f) for a in args.attacks for f in args.fractions]
     for attack, frac in grid:
         for method in args.methods:
             for seed in args.seeds:
-                if (method, attack, frac, seed) in done:
+                if (method, attack, frac, seed) in store.done:
                     continue
                 r = run_one(args, method, attack, frac, seed)
-                doc["runs"].append(r)
                 print(f"{attack} {frac:.0%} {method} seed {seed}: {r['final']:.4f}", flush=True)
-                doc["protocol"] = {k: v for k, v in vars(args).items() if k != "out"}
-                out.write_text(json.dumps(doc, indent=1))
-    rows = rows_of(doc["runs"], args.robust)
-    doc["rows"] = rows
-    doc["verdicts"] = verdicts(rows, args.robust)
-    out.write_text(json.dumps(doc, indent=1))
-    text = markdown(rows) + "\n\n" + "\n".join(doc["verdicts"]) + "\n"
-    out.with_suffix(".md").write_text(text)
+                store.add(r, protocol)
+    rows = rows_of(store.runs, args.robust)
+    text = store.finish(rows, verdicts(rows, args.robust), markdown(rows))
     print(text)
     return 0
 

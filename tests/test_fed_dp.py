@@ -186,7 +186,7 @@ def test_distributed_noise_sums_to_the_central_noise_level() -> None:
 
 def test_fedng_shares_clipped_noised_psd_curvature_under_dp() -> None:
     knobs = {"dp_clip": 0.05, "dp_curvature_clip": 1.0, "dp_noise_multiplier": 0.5}
-    state, raw, private = dp_round("fedng", knobs)
+    state, _, private = dp_round("fedng", knobs)
     for p in private:
         assert norm(p.curvature) <= 1.0 * (1 + 1e-5)
     new, _ = server_step(state, private)
