@@ -9,7 +9,7 @@ deployment would fix C beforehand or spend budget on choosing it). FedNG keeps i
 the client (`dp_curvature_clip` 0: it preconditions with its own curvature; no curvature is
 released, so the noise is the same as FedAvg's); `--share-curvature` adds FedNG with its
 curvature clipped to the median payload norm and released under the same ε (the noise then
-grows by sqrt(2)). Reported: the final test accuracy (median [min, max] over seeds), beside the
+grows by sqrt(2)); method "fedng+avgclip" is FedNG with FedAvg's clip (so FedAvg's noise). Reported: the final test accuracy (median [min, max] over seeds), beside the
 non-private run. Target: FedNG at ε = 4 at least matches FedAvg at ε = 4.
 
 Finished runs are appended to the JSON at once; a rerun skips them.
@@ -58,6 +58,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", type=_list(str), default=["fedng", "fedavg"])
     p.add_argument("--share-curvature", action="store_true", help="also FedNG releasing curvature")
     p.add_argument("--out", default=str(RESULTS / "bench_dp.json"))
+    p.add_argument("--no-clean", action="store_true", help="skip the runs without DP")
     p.add_argument(
         "--merge",
         default="",
@@ -99,6 +100,8 @@ def run_one(
     dp = None
     if math.isfinite(eps):
         c, cf = clips(task_name, algo, args.clients, seed)
+        if method.endswith("+avgclip"):  # the same clip, so the same noise, as FedAvg
+            c = clips(task_name, "fedavg", args.clients, seed)[0]
         cf = cf if method.endswith("+curv") else 0.0
         z = noise_multiplier_for(eps, args.delta, args.rounds, 1.0)
         knobs: dict[str, Any] = {
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Runs(Path(args.out), args.merge, _key)
     protocol = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
     for task in args.tasks:
-        for eps in [math.inf, *args.epsilons]:
+        for eps in [*([] if args.no_clean else [math.inf]), *args.epsilons]:
             for method in args.methods:
                 for seed in args.seeds:
                     if (task, method, eps, seed) in store.done:
