@@ -9,8 +9,9 @@ deployment would fix C beforehand or spend budget on choosing it). FedNG keeps i
 the client (`dp_curvature_clip` 0: it preconditions with its own curvature; no curvature is
 released, so the noise is the same as FedAvg's); `--share-curvature` adds FedNG with its
 curvature clipped to the median payload norm and released under the same ε (the noise then
-grows by sqrt(2)); method "fedng+avgclip" is FedNG with FedAvg's clip (so FedAvg's noise). Reported: the final test accuracy (median [min, max] over seeds), beside the
-non-private run. Target: FedNG at ε = 4 at least matches FedAvg at ε = 4.
+grows by sqrt(2)); method "fedng+avgclip" is FedNG with FedAvg's clip (so FedAvg's noise).
+Reported: the final test accuracy (median [min, max] over seeds), beside the non-private run.
+Target: FedNG at ε = 4 at least matches FedAvg at ε = 4.
 
 Finished runs are appended to the JSON at once; a rerun skips them.
 
