@@ -157,3 +157,12 @@ def test_simulator_counts_the_second_phase_bytes() -> None:
     assert r.server_log["probe_answered"] == 3
     assert r.bytes_down >= rm.bytes_down + 3 * 2 * 4 * params  # M and d to each client
     assert r.bytes_up >= rm.bytes_up + 3 * 4 * params  # c_k with each update
+
+
+@pytest.mark.parametrize("change", [{"robust": "median"}, {"dp_clip": 1.0}])
+def test_streaming_refuses_whole_round_stages(change: dict[str, Any]) -> None:
+    """Robust combiners and DP need the whole round: ServerRound says so in one line."""
+    state, _ = fed_round("fedavg", {}, rounds=1)
+    state.config = state.config.replace(**change)
+    with pytest.raises(ValueError, match="need the whole round"):
+        ServerRound(state)

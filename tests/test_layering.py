@@ -48,7 +48,7 @@ FEDERATED_LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"validate"}),
     frozenset({"server_round"}),
     frozenset({"round"}),
-    frozenset({"report"}),
+    frozenset({"report", "attacks"}),
     frozenset({"resume"}),
     frozenset({"simulator"}),
 )

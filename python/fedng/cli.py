@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:  # annotations only: nothing federated is imported at start-up
+    from fedng.federated.attacks import Attack
     from fedng.federated.config import ClientConfig, ServerConfig
     from fedng.federated.tasks.base import FederatedTask
 
@@ -86,6 +87,17 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a float in (0, 1], got {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _attacker_fraction(text: str) -> float:
+    """An argparse type: a float in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
@@ -190,6 +202,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads (tiny models: 1)",
     )
     s.add_argument(
+        "--robust",
+        choices=("none", "norm-clip", "trimmed-mean", "median"),
+        default="none",
+        help="robust aggregation of each round's updates (ServerConfig.robust; --set"
+        " robust_trim=, robust_clip_ratio=)",
+    )
+    s.add_argument(
+        "--attack",
+        choices=("signflip", "scale", "kron-rescale", "noise"),
+        default=None,
+        help="a fraction --attackers of the clients (chosen by seed) alter every upload",
+    )
+    s.add_argument(
+        "--attackers",
+        type=_attacker_fraction,
+        default=None,
+        help="fraction of attacking clients, in [0, 1) (with --attack; default 0.1)",
+    )
+    s.add_argument(
+        "--dp-epsilon",
+        type=_number(float, 0, strict=True),
+        default=None,
+        help="client-level DP: calibrate the noise so the run spends at most this epsilon",
+    )
+    s.add_argument(
+        "--dp-delta", type=_fraction, default=1e-5, help="client-level DP: delta, in (0, 1)"
+    )
+    s.add_argument(
+        "--dp-clip",
+        type=_number(float, 0, strict=True),
+        default=1.0,
+        help="client-level DP: L2 bound on each client's delta",
+    )
+    s.add_argument(
+        "--dp-curvature-clip",
+        type=_number(float, 0, strict=False),
+        default=0.0,
+        help="client-level DP: L2 bound on each client's packed curvature (0: curvature stays"
+        " on the client)",
+    )
+    s.add_argument(
+        "--dp-mode",
+        choices=("central", "distributed"),
+        default="central",
+        help="DP noise added by the server, or split across the clients",
+    )
+    s.add_argument(
         "--out",
         default=None,
         help="folder for JSON histories, summary and plots; each run's final model"
@@ -254,6 +313,67 @@ def _check_task_args(args: argparse.Namespace) -> str | None:
     return None
 
 
+DP_DEFAULTS = {"dp_delta": 1e-5, "dp_clip": 1.0, "dp_curvature_clip": 0.0, "dp_mode": "central"}
+"""The --dp-* flags that only apply with --dp-epsilon, at their defaults."""
+
+
+def _check_threat_args(args: argparse.Namespace) -> str | None:
+    """Why --attack / --attackers / --robust / --dp-* do not fit together, or None."""
+    if args.attackers is not None and args.attack is None:
+        return "--attackers applies only with --attack"
+    if args.dp_epsilon is None:
+        given = [k for k, v in DP_DEFAULTS.items() if getattr(args, k) != v]
+        if given:
+            return f"--{given[0].replace('_', '-')} applies only with --dp-epsilon"
+        return None
+    if args.robust != "none":
+        return "--robust does not combine with --dp-epsilon (DP clipping bounds every update)"
+    if not 0 < args.dp_delta < 1:
+        return f"--dp-delta must be in (0, 1), got {args.dp_delta}"
+    return None
+
+
+def _private(
+    args: argparse.Namespace, configs: dict[str, tuple[ClientConfig, ServerConfig]], k: int
+) -> dict[str, dict[str, Any]]:
+    """Calibrates each algorithm's DP noise for the run (rounds, sampling rate) and sets its
+    `dp_*` knobs in `configs`; returns what was calibrated, per algorithm.
+
+    Raises:
+        ImportError: dp-accounting is missing.
+    """
+    from fedng.federated.aggregation.dp import noise_multiplier_for
+    from fedng.federated.algorithms.registry import get_algorithm
+    from fedng.federated.config.curvature import CurvatureConfig
+
+    m = max(1, min(k, round(args.participation * k)))
+    q = m / k
+    info = {}
+    for a, (cc, sc) in configs.items():
+        limit = get_algorithm(a).max_rounds
+        rounds = args.rounds if limit is None else min(args.rounds, limit)
+        z = noise_multiplier_for(args.dp_epsilon, args.dp_delta, rounds, q)
+        curv = args.dp_curvature_clip if isinstance(cc.options, CurvatureConfig) else 0.0
+        knobs: dict[str, Any] = {
+            "dp_clip": args.dp_clip,
+            "dp_curvature_clip": curv,
+            "dp_noise_multiplier": z,
+            "dp_mode": args.dp_mode,
+            "dp_clients": m,
+        }
+        configs[a] = (cc.replace(**knobs), sc.replace(**knobs))
+        info[a] = {
+            "target_epsilon": args.dp_epsilon,
+            "delta": args.dp_delta,
+            "noise_multiplier": z,
+            "sampling_rate": q,
+            "clip": args.dp_clip,
+            "curvature_clip": curv,
+            "mode": args.dp_mode,
+        }
+    return info
+
+
 def _tasks(args: argparse.Namespace) -> dict[int, FederatedTask] | str:
     """The task of every seed, or why it cannot be built (e.g. more clients than examples)."""
     from fedng.federated.tasks.registry import make_task
@@ -295,6 +415,16 @@ def _configs(
     return configs
 
 
+def _attack(args: argparse.Namespace, k: int, seed: int) -> Attack | None:
+    """The run's attack (None without --attack)."""
+    from fedng.federated.attacks import make_attack
+
+    if args.attack is None:
+        return None
+    fraction = 0.1 if args.attackers is None else args.attackers
+    return make_attack(args.attack, fraction, k, seed)
+
+
 def run_dir(out: Path, algorithm: str, seed: int) -> Path:
     """Where one run's checkpoint and final model live inside `--out`."""
     return out / "runs" / f"{algorithm}_seed{seed}"
@@ -306,13 +436,20 @@ def simulate_command(args: argparse.Namespace) -> int:
 
     from fedng.federated.checkpoint import CheckpointError
     from fedng.federated.report import FLAG_DEFINITIONS, History, plot_histories, summarize, table
+    from fedng.federated.report.threats import record_threats
     from fedng.federated.resume import MODEL_FILE
     from fedng.federated.simulator import simulate
 
     algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     seeds: list[int] = args.seeds
     base = {"lr": args.lr, "local_steps": args.local_steps, "batch_size": args.batch_size}
-    problem = _check_task_args(args) or (None if algos else "--algorithms is empty")
+    if args.robust != "none":
+        base["robust"] = args.robust
+    problem = (
+        _check_task_args(args)
+        or _check_threat_args(args)
+        or (None if algos else "--algorithms is empty")
+    )
     if problem:
         print(f"fedng simulate: error: {problem}", file=sys.stderr)
         return 2
@@ -324,6 +461,12 @@ def simulate_command(args: argparse.Namespace) -> int:
     tasks = _tasks(args)
     if isinstance(tasks, str):
         print(f"fedng simulate: error: {tasks}", file=sys.stderr)
+        return 2
+    k = len(next(iter(tasks.values())).clients)
+    try:
+        dp_info = _private(args, configs, k) if args.dp_epsilon is not None else {}
+    except ImportError as err:
+        print(f"fedng simulate: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else None
     if out is not None:
@@ -339,6 +482,9 @@ def simulate_command(args: argparse.Namespace) -> int:
         task = tasks[seed]
         for a in algos:
             cc, sc = configs[a]
+            if dp_info:
+                cc, sc = cc.replace(dp_seed=seed), sc.replace(dp_seed=seed)
+            attack = _attack(args, len(task.clients), seed)
             try:
                 h = simulate(
                     task,
@@ -351,6 +497,7 @@ def simulate_command(args: argparse.Namespace) -> int:
                     desc=f"{a} seed {seed}",
                     checkpoint_dir=None if out is None else run_dir(out, a, seed),
                     resume=args.resume,
+                    tamper=attack,
                 )
             except CheckpointError as err:
                 print(f"fedng simulate: error: --resume: {err}", file=sys.stderr)
@@ -359,6 +506,7 @@ def simulate_command(args: argparse.Namespace) -> int:
                 hint = " rerun with --resume to continue" if out is not None else ""
                 print(f"fedng simulate: interrupted ({a} seed {seed});{hint}", file=sys.stderr)
                 return 130
+            record_threats(h, attack, dp_info.get(a))
             groups[a].append(h)
             if out is not None:
                 h.to_json(out / f"history_{a}_seed{seed}.json")

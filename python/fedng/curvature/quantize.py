@@ -205,3 +205,16 @@ def dequantize_arrays(arrays: Arrays, meta: dict[str, Any]) -> Arrays:
     if extra:
         raise ValueError(f"curvature: scales {extra} for kinds not listed as int8")
     return out
+
+
+def float_payload(arrays: Arrays, meta: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:
+    """A curvature payload and its metadata with every int8 kind dequantized: float32 arrays of
+    those kinds (the others as they came) and the metadata without the int8 marker — what the
+    server sums, and what a stage that rewrites curvature (robust, DP, attacks) works on.
+
+    Raises:
+        ValueError: int8 arrays that do not match their metadata.
+    """
+    if META_KEY not in meta:
+        return arrays, meta
+    return dequantize_arrays(arrays, meta), {k: v for k, v in meta.items() if k != META_KEY}

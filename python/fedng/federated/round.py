@@ -24,8 +24,10 @@ from typing import Any
 from torch import nn
 
 from fedng._typing import Arrays
+from fedng.federated.aggregation.stage import defend
 from fedng.federated.algorithms.base import Algorithm, Answer, State, run_batch
 from fedng.federated.algorithms.registry import get_algorithm
+from fedng.federated.client.privacy import privatize_update
 from fedng.federated.config.common import ClientConfig, ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
 from fedng.federated.server_round import non_finite
@@ -80,6 +82,7 @@ def client_step(
     upd = get_algorithm(config.algorithm).client_step(
         model, data, server_message, config, dict(client_state or {})
     )
+    privatize_update(upd, config)  # DP: clip (and noise) before the update leaves
     return upd.seal()
 
 
@@ -90,7 +93,7 @@ def _aggregate(
     work = state.copy()
     work.log = {}
     try:
-        new = run_batch(algo, work, accepted, answer)
+        new = run_batch(algo, work, defend(work, accepted), answer)  # robust / DP stage first
     except Exception as err:  # a payload that breaks aggregation is dropped
         return f"aggregation failed ({type(err).__name__}: {str(err)[:120]})"
     bad = non_finite(new)

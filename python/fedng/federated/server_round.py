@@ -92,9 +92,17 @@ class ServerRound:
         total_examples: the round's total `num_examples` when known up front (then weights are
             `n_k / total` as in the batch server and no final rescaling happens); None for a
             streaming round (weights `n_k`, scaled by `1 / sum n_k` at the end).
+
+    Raises:
+        ValueError: the config asks for robust aggregation or DP (batch `server_step` only).
     """
 
     def __init__(self, state: State, *, warmup: int = 3, total_examples: int | None = None) -> None:
+        if state.config.robust != "none" or state.config.dp_clip > 0:
+            raise ValueError(
+                "ServerRound: robust aggregation and DP need the whole round; use"
+                " fedng.federated.round.server_step for ServerConfig.robust / dp_clip"
+            )
         self.t_server = 0.0
         t0 = time.perf_counter()
         self.state = state

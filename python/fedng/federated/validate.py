@@ -13,9 +13,10 @@ Checks, in order:
    representation metadata (they are summed); the most common signature (the first on a tie)
    wins, the others are rejected.
 4. Scale against the round: a delta norm, or a curvature scale (per block, and per K-FAC factor
-   `tr(A)/n`, `tr(G)/m`), above `max_norm_ratio` times its reference is rejected. The reference
-   is the round's median with at least 3 values; otherwise the previous round's median delta
-   norm (`state.meta["reference"]`) or the server's own curvature, else the smaller of two values,
+   `tr(A)/n`, `tr(G)/m` unless `ServerConfig.robust` makes the split canonical), above
+   `max_norm_ratio` times its reference is rejected. The reference is the round's median with
+   at least 3 values; otherwise the previous round's median delta norm
+   (`state.meta["reference"]`) or the server's own curvature, else the smaller of two values,
    else for a lone delta the norm of the model itself. (Two updates with no other reference that
    disagree beyond the ratio cannot be told apart: the larger one on each measure is rejected,
    which may be both; the round is then skipped rather than steered.)
@@ -223,6 +224,11 @@ def _sane(
     their reference."""
     ratio = state.config.max_norm_ratio
     ok, norms, scales = _measure(ok, rejected)
+    if state.config.robust != "none":
+        # The robust stage clips each block's invariant scale and takes the factor split from
+        # the round's medians: per-factor scales (which honest non-IID clients spread over
+        # more than 100x) are then not what the aggregate sums.
+        scales = [{k: v for k, v in s.items() if not k.endswith(("/A", "/G"))} for s in scales]
     prev = state.meta.get(REFERENCE_KEY, {}).get("delta_norm")
     fallback = prev if prev is not None or len(ok) != 1 else _param_norm(state)
     nref = reference_scale(norms, fallback)

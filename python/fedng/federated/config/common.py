@@ -18,6 +18,11 @@ from fedng.federated.config.catalog import config_type, owners
 from fedng.federated.losses import canonical_loss
 from fedng.federated.wire import FLOAT_WIRE
 
+ROBUST_MODES = ("none", "norm-clip", "trimmed-mean", "median")
+"""`ServerConfig.robust`: how a round's accepted updates are combined (`aggregation.robust`)."""
+DP_MODES = ("central", "distributed")
+"""`dp_mode`: where the DP noise is added (`aggregation.dp`)."""
+
 DEFAULT_OPTIONS = AlgorithmConfig()
 """`options` left out: the algorithm's own config with its defaults."""
 
@@ -146,6 +151,26 @@ def _accepts_moved_keys(cls: type[_C]) -> type[_C]:
     return cls
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_dp(cfg: ClientConfig | ServerConfig, c: str) -> None:
+    """Range checks of the DP knobs both configs share."""
+    for name in ("dp_clip", "dp_curvature_clip", "dp_noise_multiplier"):
+        value = getattr(cfg, name)
+        check(0 <= value < float("inf"), c, name, ">= 0 and finite", value)
+    check_choice(c, "dp_mode", cfg.dp_mode, DP_MODES)
+    check(
+        _is_int(cfg.dp_clients) and cfg.dp_clients >= 1,
+        c,
+        "dp_clients",
+        "an int >= 1",
+        cfg.dp_clients,
+    )
+    check(_is_int(cfg.dp_seed), c, "dp_seed", "an int", cfg.dp_seed)
+
+
 @_accepts_moved_keys
 @dataclass(frozen=True)
 class ClientConfig(_Common):
@@ -162,6 +187,15 @@ class ClientConfig(_Common):
         seed: root seed of the batch order (combined with round and client id).
         update_dtype: wire dtype of the model delta ("fp32", "bf16", "fp16").
         options: the algorithm's own config (e.g. `FedProxConfig`); left out, its defaults.
+        dp_clip: differential privacy (`aggregation.dp`): the L2 bound C on the client's delta
+            (with its extras); 0: no DP.
+        dp_curvature_clip: the L2 bound C_F on the packed curvature payload; 0: under DP, no
+            curvature leaves the client.
+        dp_noise_multiplier: the noise multiplier z the run was calibrated for.
+        dp_mode: "central" (the server adds the noise) or "distributed" (each client adds its
+            share, std `z sqrt(parts) C / sqrt(dp_clients)`).
+        dp_clients: the clients per round the noise is split across ("distributed").
+        dp_seed: seed of the noise (< 0: the OS's randomness, as a deployment must use).
     """
 
     algorithm: str = "fedavg"
@@ -174,6 +208,12 @@ class ClientConfig(_Common):
     seed: int = 0
     update_dtype: str = "fp32"
     options: AlgorithmConfig = DEFAULT_OPTIONS
+    dp_clip: float = 0.0
+    dp_curvature_clip: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_mode: str = "central"
+    dp_clients: int = 1
+    dp_seed: int = -1
 
     def __post_init__(self) -> None:
         c = "ClientConfig"
@@ -185,6 +225,7 @@ class ClientConfig(_Common):
         check(self.weight_decay >= 0, c, "weight_decay", ">= 0", self.weight_decay)
         object.__setattr__(self, "loss", canonical_loss(self.loss, c, stacklevel=5))
         check_choice(c, "update_dtype", self.update_dtype, FLOAT_WIRE)
+        _check_dp(self, c)
 
 
 @_accepts_moved_keys
@@ -203,6 +244,16 @@ class ServerConfig(_Common):
         max_num_examples: the largest `num_examples` (the aggregation weight) a client may claim.
         psd_tol: relative tolerance of the PSD / symmetry checks of curvature payloads.
         options: the algorithm's own config (e.g. `FedOptConfig`); left out, its defaults.
+        robust: how the accepted updates of a round are combined (`aggregation.robust`): "none",
+            "norm-clip" (each delta and curvature scale bounded by `robust_clip_ratio` x the
+            round's median, then the algorithm's own aggregation), "trimmed-mean" or "median"
+            (coordinate-wise on deltas, scale-invariant on curvature; every update is replaced by
+            the round's robust one). The last two hold all of a round's updates in memory.
+        robust_trim: the fraction trimmed at each end ("trimmed-mean"), in [0, 0.5).
+        robust_clip_ratio: the "norm-clip" bound as a multiple of the round's median (> 0).
+        dp_clip, dp_curvature_clip, dp_noise_multiplier, dp_mode, dp_clients, dp_seed: as in
+            `ClientConfig`; with `dp_clip` > 0 the server clips ("central"), averages uniformly
+            and adds the noise ("central") before the algorithm aggregates.
     """
 
     algorithm: str = "fedavg"
@@ -213,6 +264,15 @@ class ServerConfig(_Common):
     max_num_examples: int = 1_000_000
     psd_tol: float = 1e-3
     options: AlgorithmConfig = DEFAULT_OPTIONS
+    robust: str = "none"
+    robust_trim: float = 0.2
+    robust_clip_ratio: float = 1.0
+    dp_clip: float = 0.0
+    dp_curvature_clip: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_mode: str = "central"
+    dp_clients: int = 1
+    dp_seed: int = -1
 
     def __post_init__(self) -> None:
         c = "ServerConfig"
@@ -233,6 +293,17 @@ class ServerConfig(_Common):
             self.max_num_examples,
         )
         check(self.psd_tol > 0, c, "psd_tol", "> 0", self.psd_tol)
+        check_choice(c, "robust", self.robust, ROBUST_MODES)
+        check(0 <= self.robust_trim < 0.5, c, "robust_trim", "in [0, 0.5)", self.robust_trim)
+        check(self.robust_clip_ratio > 0, c, "robust_clip_ratio", "> 0", self.robust_clip_ratio)
+        _check_dp(self, c)
+        check(
+            self.robust == "none" or self.dp_clip == 0,
+            c,
+            "robust",
+            "'none' under differential privacy (dp_clip > 0 bounds every update already)",
+            self.robust,
+        )
 
 
 COMMON_KEYS: frozenset[str] = frozenset(

@@ -12,6 +12,7 @@ from typing import Any
 
 from fedng.federated.report.flags import flags_of
 from fedng.federated.report.history import History
+from fedng.federated.report.threats import attack_summary, privacy_summary, threat_notes
 
 
 def _median(xs: list[float]) -> float:
@@ -44,6 +45,9 @@ class Summary:
         round_limit: the algorithm's fixed number of rounds (e.g. 1: FedFisher is one-shot);
             None when it has no limit.
         flags: the short flags of the table's "flags" column.
+        attack: the attack over seeds (`report.threats.attack_summary`), None if none.
+        privacy: the DP calibration and the ε spent (`report.threats.privacy_summary`), None
+            without DP.
     """
 
     label: str
@@ -66,6 +70,8 @@ class Summary:
     stalled_rounds: int = 0
     round_limit: int | None = None
     flags: list[str] = field(default_factory=list)
+    attack: dict[str, Any] | None = None
+    privacy: dict[str, Any] | None = None
 
     def notes(self) -> list[str]:
         """One line per flag, with its particulars (empty when nothing is flagged)."""
@@ -93,7 +99,7 @@ class Summary:
                 if self.round_limit == 1
                 else f"{self.label}: stops after {self.round_limit} rounds by design"
             )
-        return out
+        return out + threat_notes(self.label, self.attack, self.privacy)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (inf and NaN as None)."""
@@ -172,6 +178,8 @@ def summarize(label: str, hs: list[History], target: float | None) -> Summary:
         stalled_rounds=stalled,
         round_limit=limit,
         flags=_short_flags(len(diverged), len(hs), rejected, updates, stalled, limit),
+        attack=attack_summary(hs),
+        privacy=privacy_summary(hs),
     )
 
 

@@ -1,0 +1,232 @@
+"""The stage between validation and an algorithm's aggregation: robust combining
+(`ServerConfig.robust`, `aggregation.robust`) and client-level differential privacy
+(`ServerConfig.dp_clip`, `aggregation.dp`) of a round's accepted updates.
+
+Updates in, updates out, so that every algorithm's own aggregation (FedNG's weighted mean or
+Fisher-weighted merge, SCAFFOLD's control variates, ...) runs unchanged afterwards:
+
+- Robust modes keep every client's update apart, so that the algorithm's weighting (FedNG's
+  Fisher-weighted merge above all) still works: "norm-clip" bounds each delta by
+  `robust_clip_ratio` x the round's median norm; "trimmed-mean" clamps every coordinate of every
+  delta into the round's trimmed range `[x_(b+1), x_(K-b)]`, `b = floor(robust_trim K)`
+  (winsorizing: values an attacker pushes beyond the honest range count at its edge); "median"
+  clamps to the middle value(s), so for odd K any weighted mean is the coordinate-wise median.
+  In every mode each curvature block's scale product (invariant under `A * c, G / c`) is clipped
+  to `robust_clip_ratio` x the round's median and its split between factors taken from the
+  round's medians (`robust.clip_factor_scales`), so no client can steer the global factors by
+  rescaling one against the other. All three need the round's updates at once (medians, sorted
+  coordinates): the server holds a round's updates in memory.
+- DP replaces every update by the round's one private update (clipped, summed, noised, averaged
+  over `dp_clients`): any weighted mean of identical updates is that update, and FedNG's
+  Fisher-weighted merge of identical updates is `(F + lambda I)^-1 (F delta + lambda center)`,
+  i.e. the delta itself with its default `fisher_center="mean"`.
+
+The input updates are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from fedng._typing import Arrays
+from fedng.curvature import KFAC, CurvatureSet, DiagonalFisher, FisherRepresentation, LowRankFisher
+from fedng.curvature.quantize import float_payload
+from fedng.federated.aggregation.dp import add_noise, clip_l2, noise_generator, noise_std
+from fedng.federated.aggregation.robust import (
+    clip_factor_scales,
+    norm_clip,
+    winsorize,
+)
+from fedng.federated.config.common import ServerConfig
+from fedng.federated.messages import ClientUpdate, ServerState
+
+FACTOR_LISTS: dict[type[FisherRepresentation], tuple[str, ...]] = {
+    KFAC: ("A", "G"),
+    DiagonalFisher: ("diag",),
+    LowRankFisher: ("Y",),
+}
+"""Per representation class, its per-block factor lists (attribute names), in factor order."""
+MEDIAN_TRIM = 0.5 - 1e-9
+"""The trim of "median": every coordinate clamped to the middle value(s) of the round."""
+
+
+def decode(update: ClientUpdate) -> CurvatureSet | None:
+    """The update's curvature (float32), or None without any."""
+    if not update.curvature:
+        return None
+    arrays, meta = float_payload(update.curvature, update.meta["curv"])  # int8 dequantized
+    return CurvatureSet.from_arrays({k: v.float() for k, v in arrays.items()}, meta)
+
+
+def _attrs(rep: FisherRepresentation) -> tuple[str, ...]:
+    for cls, names in FACTOR_LISTS.items():
+        if isinstance(rep, cls):
+            return names
+    raise TypeError(f"robust aggregation: no factors known for {type(rep).__name__}")
+
+
+def block_factors(rep: FisherRepresentation, i: int) -> list[torch.Tensor]:
+    """Block i's factors in `rep` (K-FAC: [A, G]; diagonal: [D]; low-rank: [Y])."""
+    return [getattr(rep, a)[i] for a in _attrs(rep)]
+
+
+def set_block_factors(rep: FisherRepresentation, i: int, factors: Sequence[torch.Tensor]) -> None:
+    """Replaces block i's factors in `rep` (in its dtype)."""
+    for a, f in zip(_attrs(rep), factors, strict=True):
+        getattr(rep, a)[i] = f.to(rep.dtype)
+
+
+def per_block(
+    sets: Sequence[CurvatureSet], fn: Callable[[list[list[torch.Tensor]]], list[list[torch.Tensor]]]
+) -> None:
+    """Applies `fn` (per client, one block's factors -> per output set, its factors) to every
+    block of `sets`, writing output j into `sets[j]` in place."""
+    for kind, rep in sets[0].reps.items():
+        for i in range(len(rep.specs)):
+            out = fn([block_factors(s.reps[kind], i) for s in sets])
+            for s, factors in zip(sets, out, strict=False):
+                set_block_factors(s.reps[kind], i, factors)
+
+
+def _with(
+    u: ClientUpdate, delta: Arrays, extras: Arrays, curvature: CurvatureSet | None
+) -> ClientUpdate:
+    """A copy of `u` with new delta, extras and curvature (float32 payload; None: none)."""
+    meta = {k: v for k, v in u.meta.items() if k != "curv"}
+    arrays: Arrays = {}
+    if curvature is not None:
+        arrays, meta["curv"] = curvature.to_arrays(torch.float32)
+    return ClientUpdate(
+        u.client_id,
+        u.round,
+        {k: v.float() for k, v in delta.items()},
+        u.num_examples,
+        curvature=arrays,
+        extras={k: v.float() for k, v in extras.items()},
+        metrics=dict(u.metrics),
+        meta=meta,
+        symmetric=u.symmetric,
+        nbytes=u.nbytes,
+    )
+
+
+def _robust(cfg: ServerConfig, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+    """Each update's delta bounded (norm-clip) or clamped into the round's trimmed range
+    (trimmed-mean, median); each curvature block's scale clipped and its split made canonical."""
+    ratio = cfg.robust_clip_ratio
+    trim = cfg.robust_trim if cfg.robust == "trimmed-mean" else MEDIAN_TRIM
+
+    def robust_arrays(xs: list[Arrays]) -> list[Arrays]:
+        if cfg.robust == "norm-clip":
+            return norm_clip(xs, ratio)[0]
+        return winsorize(xs, trim)
+
+    deltas = robust_arrays([u.delta for u in updates])
+    extras = (
+        robust_arrays([u.extras for u in updates])
+        if any(u.extras for u in updates)
+        else [dict(u.extras) for u in updates]
+    )
+    sets = [decode(u) for u in updates]
+    live = [s for s in sets if s is not None]
+    if live:
+        per_block(live, lambda clients: clip_factor_scales(clients, ratio))
+    return [_with(u, d, e, s) for u, d, e, s in zip(updates, deltas, extras, sets, strict=True)]
+
+
+# --- differential privacy -------------------------------------------------------------------
+
+
+def psd_project(cs: CurvatureSet) -> None:
+    """Makes noised curvature usable in place: K-FAC factors and diagonals get their negative
+    eigenvalues (entries) set to 0 (post-processing: no privacy cost). Sketches are left as
+    they are."""
+    for rep in cs.reps.values():
+        if isinstance(rep, LowRankFisher):
+            continue
+        for i in range(len(rep.specs)):
+            out = []
+            for f in block_factors(rep, i):
+                if (
+                    f.dim() == 2
+                    and f.shape[0] == f.shape[1]
+                    and not isinstance(rep, DiagonalFisher)
+                ):
+                    sym = 0.5 * (f + f.T).double()
+                    w, v = torch.linalg.eigh(sym)
+                    out.append((v * w.clamp(min=0)) @ v.T)
+                else:
+                    out.append(f.clamp(min=0))
+            set_block_factors(rep, i, out)
+
+
+def _joint(u: ClientUpdate) -> Arrays:
+    return {
+        **{f"d/{k}": v for k, v in u.delta.items()},
+        **{f"e/{k}": v for k, v in u.extras.items()},
+    }
+
+
+def _floats(u: ClientUpdate) -> Arrays:
+    """An update's curvature payload in float32 (int8 kinds dequantized)."""
+    arrays = float_payload(u.curvature, u.meta["curv"])[0]
+    return {k: v.float() for k, v in arrays.items()}
+
+
+def _sum(xs: Sequence[Arrays]) -> Arrays:
+    out: Arrays = {}
+    for x in xs:
+        for k, v in x.items():
+            out[k] = out[k] + v.float() if k in out else v.float().clone()
+    return out
+
+
+def _private(cfg: ServerConfig, rnd: int, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+    """Clipped ("central"), summed, noised ("central") and averaged over `dp_clients`."""
+    central = cfg.dp_mode == "central"
+    share_curv = cfg.dp_curvature_clip > 0
+    parts = 2 if share_curv else 1
+    joints = [_joint(u) for u in updates]
+    curvs = [_floats(u) for u in updates if u.curvature and share_curv]
+    if central:
+        joints = [clip_l2(j, cfg.dp_clip)[0] for j in joints]
+        curvs = [clip_l2(c, cfg.dp_curvature_clip)[0] for c in curvs]
+    total = _sum(joints)
+    ctotal = _sum(curvs) if curvs else {}
+    if central:
+        gen = noise_generator(cfg.dp_seed, rnd, -1)
+        total = add_noise(total, noise_std(cfg.dp_noise_multiplier, cfg.dp_clip, parts), gen)
+        if ctotal:
+            std = noise_std(cfg.dp_noise_multiplier, cfg.dp_curvature_clip, parts)
+            ctotal = add_noise(ctotal, std, gen)
+    m = float(cfg.dp_clients)
+    delta = {k[2:]: v / m for k, v in total.items() if k.startswith("d/")}
+    extras = {k[2:]: v / m for k, v in total.items() if k.startswith("e/")}
+    curv = None
+    if ctotal:
+        with_curv = next(u for u in updates if u.curvature)
+        meta = float_payload(with_curv.curvature, with_curv.meta["curv"])[1]
+        curv = CurvatureSet.from_arrays({k: v / m for k, v in ctotal.items()}, meta)
+        psd_project(curv)
+    return [_with(u, delta, extras, curv if u.curvature else None) for u in updates]
+
+
+def defend(state: ServerState[ServerConfig], updates: list[ClientUpdate]) -> list[ClientUpdate]:
+    """The round's accepted updates as the algorithm should aggregate them (see the module
+    docstring); the identity with `robust="none"` and no DP.
+
+    Args:
+        state: the server state (its config and round).
+        updates: the accepted updates (validated; curvature signatures agree).
+
+    Returns:
+        As many updates, in order (new objects unless nothing applies).
+    """
+    cfg = state.config
+    if not updates or (cfg.robust == "none" and cfg.dp_clip == 0):
+        return updates
+    if cfg.dp_clip > 0:
+        return _private(cfg, state.round, updates)
+    return _robust(cfg, updates)

@@ -1,0 +1,109 @@
+"""Byzantine clients for evaluation: a fraction of the clients, chosen by seed, alter every upload.
+
+An `Attack` is a `simulate(..., tamper=...)` hook, `(round, update) -> the update sent`. Kinds:
+
+- "signflip": the delta times `SIGNFLIP` (-10): pushes the model back up the loss.
+- "scale": the delta times `SCALE` (50): just under the default 100x-the-median norm check.
+- "kron-rescale": every K-FAC block's `A * KRON_RESCALE`, `G / KRON_RESCALE` (50): the client's
+  own `A (x) G` is unchanged, but the sums of A and of G across clients are not; the delta is
+  left honest (FedAvg and the other first-order methods are unaffected).
+- "noise": the delta replaced by Gaussian noise of `NOISE` (10) times its norm.
+
+The strengths stay under validation's default `max_norm_ratio` (100) on purpose: larger ones are
+simply rejected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedng.curvature import KFAC
+from fedng.federated.aggregation.stage import decode
+from fedng.federated.messages import ClientUpdate
+
+ATTACKS = ("signflip", "scale", "kron-rescale", "noise")
+"""The attack kinds."""
+SIGNFLIP = -10.0
+SCALE = 50.0
+KRON_RESCALE = 50.0
+NOISE = 10.0
+
+
+def choose_attackers(num_clients: int, fraction: float, seed: int) -> list[int]:
+    """`round(fraction * num_clients)` distinct client ids drawn by `seed` (at least 1 when
+    fraction > 0), sorted.
+
+    Raises:
+        ValueError: `num_clients` < 1 or `fraction` outside [0, 1].
+    """
+    if num_clients < 1:
+        raise ValueError(f"choose_attackers: 'num_clients' must be >= 1, got {num_clients}")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"choose_attackers: 'fraction' must be in [0, 1], got {fraction}")
+    n = 0 if fraction == 0 else max(1, round(fraction * num_clients))
+    rng = np.random.default_rng([seed, 0xA77AC])
+    return sorted(int(i) for i in rng.choice(num_clients, size=n, replace=False))
+
+
+def _rescaled_curvature(update: ClientUpdate, c: float) -> ClientUpdate:
+    cs = decode(update)
+    if cs is None or not isinstance(cs.reps.get("kfac"), KFAC):
+        return update
+    rep = cs.reps["kfac"]
+    assert isinstance(rep, KFAC)  # narrowed for mypy: checked just above
+    rep.A = [a * c for a in rep.A]
+    rep.G = [g / c for g in rep.G]
+    dtype = next(iter(update.curvature.values())).dtype
+    arrays, meta = cs.to_arrays(dtype if dtype.is_floating_point else torch.float32)
+    update.curvature = arrays
+    update.meta = {**update.meta, "curv": meta}
+    return update
+
+
+@dataclass
+class Attack:
+    """A tamper hook: the `attackers` alter every update they send.
+
+    Attributes:
+        kind: one of `ATTACKS`.
+        attackers: the attacking client ids.
+        seed: seeds the "noise" attack (with round and client id).
+        sent: updates the attackers sent (counted as the hook runs).
+    """
+
+    kind: str
+    attackers: frozenset[int]
+    seed: int = 0
+    sent: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ATTACKS:
+            raise ValueError(f"Attack: 'kind' must be one of {list(ATTACKS)}, got {self.kind!r}")
+
+    def __call__(self, rnd: int, update: ClientUpdate) -> ClientUpdate:
+        """The update as the client sends it (the same object, altered, for an attacker)."""
+        if update.client_id not in self.attackers:
+            return update
+        self.sent += 1
+        if self.kind == "kron-rescale":
+            return _rescaled_curvature(update, KRON_RESCALE)
+        if self.kind == "noise":
+            gen = torch.Generator().manual_seed(hash((self.seed, rnd, update.client_id)) % 2**62)
+            norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in update.delta.values()))
+            noise = {k: torch.randn(v.shape, generator=gen) for k, v in update.delta.items()}
+            nn = math.sqrt(sum(float((v.double() ** 2).sum()) for v in noise.values())) or 1.0
+            f = NOISE * norm / nn
+            update.delta = {k: (noise[k] * f).to(v.dtype) for k, v in update.delta.items()}
+            return update
+        f = SIGNFLIP if self.kind == "signflip" else SCALE
+        update.delta = {k: (v.float() * f).to(v.dtype) for k, v in update.delta.items()}
+        return update
+
+
+def make_attack(kind: str, fraction: float, num_clients: int, seed: int) -> Attack:
+    """The attack of `kind` by `choose_attackers(num_clients, fraction, seed)`."""
+    return Attack(kind, frozenset(choose_attackers(num_clients, fraction, seed)), seed)

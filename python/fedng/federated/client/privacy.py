@@ -1,0 +1,49 @@
+"""The client's side of differential privacy (`fedng.federated.aggregation.dp`): clip the update
+before it leaves, and under "distributed" DP add this client's share of the noise.
+
+The delta and the extras are clipped jointly to L2 norm `dp_clip`; the packed curvature payload
+to `dp_curvature_clip`, or dropped when that is 0 (the curvature then never leaves the client).
+"""
+
+from __future__ import annotations
+
+from fedng.curvature.quantize import float_payload
+from fedng.federated.aggregation.dp import add_noise, clip_l2, noise_generator, noise_std
+from fedng.federated.config.common import ClientConfig
+from fedng.federated.messages import ClientUpdate
+
+
+def privatize_update(update: ClientUpdate, config: ClientConfig) -> None:
+    """Clips (and under "distributed" DP noises) `update` in place; nothing without DP.
+
+    Args:
+        update: the client's unsealed update.
+        config: its config (`dp_*` knobs).
+    """
+    if config.dp_clip == 0:
+        return
+    parts = 2 if config.dp_curvature_clip > 0 else 1
+    noisy = config.dp_mode == "distributed"
+    gen = noise_generator(config.dp_seed, update.round, update.client_id)
+    z, m = config.dp_noise_multiplier, config.dp_clients
+    joint = {
+        **{f"d/{k}": v for k, v in update.delta.items()},
+        **{f"e/{k}": v for k, v in update.extras.items()},
+    }
+    clipped, _ = clip_l2(joint, config.dp_clip)
+    if noisy:
+        clipped = add_noise(clipped, noise_std(z, config.dp_clip, parts, m), gen)
+    update.delta = {k: clipped[f"d/{k}"].to(v.dtype) for k, v in update.delta.items()}
+    update.extras = {k: clipped[f"e/{k}"].to(v.dtype) for k, v in update.extras.items()}
+    if not update.curvature:
+        return
+    if config.dp_curvature_clip == 0:
+        update.curvature = {}
+        update.meta.pop("curv", None)
+        return
+    # int8 kinds are clipped and noised as float32 (and sent so: noise is not int8-shaped)
+    floats, update.meta["curv"] = float_payload(update.curvature, update.meta["curv"])
+    curv, _ = clip_l2({k: v.float() for k, v in floats.items()}, config.dp_curvature_clip)
+    if noisy:
+        curv = add_noise(curv, noise_std(z, config.dp_curvature_clip, parts, m), gen)
+    update.curvature = {k: curv[k].to(v.dtype) for k, v in floats.items()}
