@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 import torch
 
 from fedng import ops
-from fedng.ops import trusted
 from fedng._typing import Arrays
 from fedng.curvature.base import FisherRepresentation, InverseReport, clone_list
 from fedng.curvature.checks import (
@@ -45,6 +44,7 @@ from fedng.curvature.spec import (
 )
 from fedng.curvature.stats import BlockStats, EmbeddingStats, KronStats
 from fedng.curvature.validation import PsdCheck, check_nonnegative, finite_scale, symmetric_check
+from fedng.ops import trusted
 
 _PROBE_SEED = 0x5EED
 """Seed of the fixed random vectors that check the batch form's precondition applies."""
@@ -186,9 +186,7 @@ class KFAC(FisherRepresentation):
             da[i], dg[i] = p * root, root / p
         dense = [i for i in live if self.specs[i].kind == "kron"]
         mats = [self.A[i] for i in dense] + [self.G[i] for i in live]
-        res = trusted.damped_cholesky_inverse(
-            mats, [da[i] for i in dense] + [dg[i] for i in live]
-        )
+        res = trusted.damped_cholesky_inverse(mats, [da[i] for i in dense] + [dg[i] for i in live])
         a_new = dict(zip(dense, res.inverses[: len(dense)], strict=True))
         a_status = dict(zip(dense, res.status[: len(dense)].tolist(), strict=True))
         a_used = dict(zip(dense, res.damping[: len(dense)].tolist(), strict=True))

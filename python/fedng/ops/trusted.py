@@ -20,7 +20,8 @@ import os
 
 import torch
 
-from fedng.ops.damped_cholesky_inverse import DampedInverse, damped_cholesky_inverse as _dci
+from fedng.ops.damped_cholesky_inverse import DampedInverse
+from fedng.ops.damped_cholesky_inverse import damped_cholesky_inverse as _dci
 from fedng.ops.damped_cholesky_inverse import run as _dci_run
 from fedng.ops.kron_accumulate import kron_accumulate as _ka
 from fedng.ops.kron_accumulate import run as _ka_run
@@ -52,9 +53,7 @@ def kron_precondition(
     """`G_i^-1 grad_i A_i^-1` (see `fedng.ops.kron_precondition`), written into `outs` if given
     (N contiguous [m_i, n_i] tensors overlapping no input)."""
     if CHECK:
-        res = _kp(
-            grads, a_inv, g_inv, inputs=inputs, output_grads=output_grads
-        )
+        res = _kp(grads, a_inv, g_inv, inputs=inputs, output_grads=output_grads)
         if outs is None:
             return res
         for o, r in zip(outs, res, strict=True):
@@ -72,7 +71,5 @@ def damped_cholesky_inverse(
 ) -> DampedInverse:
     """`(M_i + lambda_i I)^-1` with status (see `fedng.ops.damped_cholesky_inverse`)."""
     if CHECK:
-        return _dci(
-            mats, damping, max_tries=max_tries, jitter_factor=jitter_factor
-        )
+        return _dci(mats, damping, max_tries=max_tries, jitter_factor=jitter_factor)
     return _dci_run(mats, damping, max_tries, jitter_factor)

@@ -349,7 +349,9 @@ class NaturalGradient:
         precond: list[torch.Tensor | None] = (
             [None] * len(blocks)
             if pre is None
-            else pre.precondition(grads, stats, out=flat.outs if gathered is not None else None)
+            else pre.precondition(
+                grads, stats, out=flat.outs if flat is not None and gathered is not None else None
+            )
         )
         # All outputs in the flat buffer: one reduction is both their finiteness check and, with
         # the KL clip, sum <p, g> (an overflow or a non-finite output takes the exact path).
