@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from fedng.cli import main
 
 
@@ -148,3 +149,66 @@ def test_settings_lists_knobs_with_defaults(capsys: pytest.CaptureFixture[str]) 
     assert "fedng:" in out and "damping = " in out and "max_num_examples = 1000000" in out
     assert main(["settings", "nope"]) == 2
     assert "unknown algorithm" in capsys.readouterr().err
+
+
+def _cli_run(out: Path, rounds: int, *extra: str) -> int:
+    return main(
+        [
+            "simulate",
+            "--task",
+            "regression",
+            "--algorithms",
+            "fedadam",
+            "--rounds",
+            str(rounds),
+            "--local-steps",
+            "2",
+            "--participation",
+            "0.5",
+            "--no-progress",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+
+
+def test_resume_continues_and_saves_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli_run(tmp_path / "a", 4) == 0
+    assert _cli_run(tmp_path / "b", 2) == 0
+    assert _cli_run(tmp_path / "b", 4, "--resume") == 0
+    assert "final models in" in capsys.readouterr().out
+
+    def rounds(folder: Path) -> list[dict[str, object]]:
+        hist = json.loads((folder / "history_fedadam_seed0.json").read_text())
+        return [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in hist["rounds"]]
+
+    assert rounds(tmp_path / "a") == rounds(tmp_path / "b") and len(rounds(tmp_path / "a")) == 5
+    a, b = (torch.load(f / "runs/fedadam_seed0/model.pt") for f in (tmp_path / "a", tmp_path / "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _cli_run(tmp_path / "b", 4, "--resume", "--lr", "0.01") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "client_config differs" in err
+    ckpt = tmp_path / "b/runs/fedadam_seed0/checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    assert _cli_run(tmp_path / "b", 4, "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "truncated" in err
+    assert main(["simulate", "--task", "regression", "--rounds", "1", "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_says_how_to_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedng.federated.simulator as simulator
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simulator, "simulate", interrupted)
+    assert _cli_run(tmp_path, 2) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "interrupted (fedadam seed 0); rerun with --resume" in err

@@ -7,8 +7,8 @@ functions included).
 Layers of `python/fedng`, lowest first (a module imports its own layer or lower ones):
     {_typing, errors, _backend, reference, ops, _C} < curvature < optim < federated < flower < cli
 Inside `fedng.federated` (see `FEDERATED_LAYERS`):
-    {wire, losses} < messages < {config, tasks} < {aggregation, client}
-    < algorithms < validate < round < report < simulator
+    {wire, losses} < messages < {config, tasks} < {aggregation, client, checkpoint}
+    < algorithms < validate < round < report < resume < simulator
 No module imports the package root `fedng`, and only cli.py imports fedng modules inside
 functions (for start-up speed): anywhere else a deferred import would hide a cycle.
 """
@@ -43,11 +43,12 @@ FEDERATED_LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"wire", "losses"}),
     frozenset({"messages"}),
     frozenset({"config", "tasks"}),
-    frozenset({"aggregation", "client"}),
+    frozenset({"aggregation", "client", "checkpoint"}),
     frozenset({"algorithms"}),
     frozenset({"validate"}),
     frozenset({"round"}),
     frozenset({"report"}),
+    frozenset({"resume"}),
     frozenset({"simulator"}),
 )
 """Modules / subpackages of fedng.federated, lowest sub-layer first; the package's own __init__

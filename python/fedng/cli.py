@@ -188,7 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="torch threads (tiny models: 1)",
     )
-    s.add_argument("--out", default=None, help="folder for JSON histories, summary and plots")
+    s.add_argument(
+        "--out",
+        default=None,
+        help="folder for JSON histories, summary and plots; each run's final model"
+        " (runs/ALGO_seedS/model.pt) and per-round checkpoint (checkpoint.pt) go there too",
+    )
+    s.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue every run from its last complete round in --out (runs without a"
+        " checkpoint start from round 0)",
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     st = sub.add_parser(
         "settings",
@@ -237,6 +248,8 @@ def _check_task_args(args: argparse.Namespace) -> str | None:
             return f"--beta must be >= 0, got {args.beta}"
     if args.out is not None and Path(args.out).exists() and not Path(args.out).is_dir():
         return f"--out {args.out!r} is a file, not a folder"
+    if args.resume and args.out is None:
+        return "--resume needs --out (the folder of the runs to continue)"
     return None
 
 
@@ -281,11 +294,18 @@ def _configs(
     return configs
 
 
+def run_dir(out: Path, algorithm: str, seed: int) -> Path:
+    """Where one run's checkpoint and final model live inside `--out`."""
+    return out / "runs" / f"{algorithm}_seed{seed}"
+
+
 def simulate_command(args: argparse.Namespace) -> int:
     """Runs `fedng simulate`."""
     import torch
 
+    from fedng.federated.checkpoint import CheckpointError
     from fedng.federated.report import FLAG_DEFINITIONS, History, plot_histories, summarize, table
+    from fedng.federated.resume import MODEL_FILE
     from fedng.federated.simulator import simulate
 
     algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
@@ -318,16 +338,26 @@ def simulate_command(args: argparse.Namespace) -> int:
         task = tasks[seed]
         for a in algos:
             cc, sc = configs[a]
-            h = simulate(
-                task,
-                cc,
-                sc,
-                rounds=args.rounds,
-                participation=args.participation,
-                seed=seed,
-                progress=not args.no_progress,
-                desc=f"{a} seed {seed}",
-            )
+            try:
+                h = simulate(
+                    task,
+                    cc,
+                    sc,
+                    rounds=args.rounds,
+                    participation=args.participation,
+                    seed=seed,
+                    progress=not args.no_progress,
+                    desc=f"{a} seed {seed}",
+                    checkpoint_dir=None if out is None else run_dir(out, a, seed),
+                    resume=args.resume,
+                )
+            except CheckpointError as err:
+                print(f"fedng simulate: error: --resume: {err}", file=sys.stderr)
+                return 2
+            except KeyboardInterrupt:
+                hint = " rerun with --resume to continue" if out is not None else ""
+                print(f"fedng simulate: interrupted ({a} seed {seed});{hint}", file=sys.stderr)
+                return 130
             groups[a].append(h)
             if out is not None:
                 h.to_json(out / f"history_{a}_seed{seed}.json")
@@ -355,6 +385,7 @@ def simulate_command(args: argparse.Namespace) -> int:
         print(
             f"wrote {out}/summary.json, {len(seeds) * len(algos)} histories, "
             + ", ".join(p.name for p in paths)
+            + f"; final models in {out}/runs/ALGO_seedS/{MODEL_FILE}"
         )
     return 0
 

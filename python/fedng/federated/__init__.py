@@ -9,11 +9,18 @@ scaffold, fedadam, fedyogi, fedadagrad, fedng, fedfisher; each owns a typed conf
 `fedng.cli`).
 
 Sub-layers, lowest first (a module imports only from its own layer or lower ones; enforced by
-tests/test_layering.py): wire, losses < messages < config, tasks < aggregation, client <
-algorithms < validate < round < report < simulator.
+tests/test_layering.py): wire, losses < messages < config, tasks < aggregation, client,
+checkpoint < algorithms < validate < round < report < resume < simulator.
 """
 
 from fedng.federated.algorithms.registry import get_algorithm
+from fedng.federated.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    save_model,
+)
 from fedng.federated.config import (
     ALGORITHMS,
     AlgorithmConfig,
@@ -38,6 +45,8 @@ __all__ = [
     "ALGORITHMS",
     "TASKS",
     "AlgorithmConfig",
+    "Checkpoint",
+    "CheckpointError",
     "ClientConfig",
     "ClientData",
     "ClientUpdate",
@@ -55,8 +64,11 @@ __all__ = [
     "ServerState",
     "client_step",
     "get_algorithm",
+    "load_checkpoint",
     "make_configs",
     "make_task",
+    "save_checkpoint",
+    "save_model",
     "server_init",
     "server_step",
     "simulate",

@@ -3,6 +3,11 @@
 Every round the server's message is serialized once and decoded by the clients; every client
 update is serialized and decoded by the server, so the byte counts in the log are the lengths of
 the actual payloads.
+
+With `checkpoint_dir`, the whole run state is checkpointed after every round
+(`fedng.federated.checkpoint`, atomic) and the final global model is saved as `model.pt`;
+`resume=True` continues from the last complete round and ends bit-identical to an uninterrupted
+run (see `RunCheckpoint`).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,12 +23,14 @@ import torch
 
 from fedng._typing import Arrays
 from fedng.federated.algorithms.registry import get_algorithm
+from fedng.federated.checkpoint import save_model
 from fedng.federated.client.params import get_params, set_params
 from fedng.federated.config.common import ClientConfig, ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.report.history import History, RoundRecord
+from fedng.federated.resume import MODEL_FILE, RunCheckpoint
 from fedng.federated.round import client_step, server_init, server_step
-from fedng.federated.tasks.base import FederatedTask, evaluate
+from fedng.federated.tasks.base import FederatedTask
 from fedng.federated.wire import PayloadError
 
 Tamper = Callable[[int, ClientUpdate], ClientUpdate]
@@ -50,6 +58,8 @@ def simulate(
     tamper: Tamper | None = None,
     desc: str | None = None,
     tamper_bytes: TamperBytes | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> History:
     """Runs one federated training and returns its history.
 
@@ -66,12 +76,24 @@ def simulate(
         desc: progress-bar label.
         tamper_bytes: a test hook that may replace an update's bytes on the wire; bytes that do
             not decode are logged as that client's rejection and the round goes on.
+        checkpoint_dir: a folder; the run's state is written to `checkpoint.pt` there after
+            every round (atomically: a crash leaves the previous round's), and the final global
+            model to `model.pt` (`model.load_state_dict(torch.load(path))` on a model from
+            `task.model_fn`). Without `resume`, a checkpoint already there is overwritten by
+            the new run. None: nothing is written.
+        resume: continue from `checkpoint_dir/checkpoint.pt` when it exists (the same task,
+            configs, seed and participation; `rounds` may be larger than the checkpoint's). The
+            result is bit-identical to an uninterrupted run. Without a checkpoint the run starts
+            from round 0.
 
     Returns:
         The `History` (round 0 = the initial model).
 
     Raises:
-        ValueError: mismatched algorithms, or bad rounds / participation.
+        ValueError: mismatched algorithms, bad rounds / participation, `resume` without
+            `checkpoint_dir`.
+        CheckpointError: (a ValueError) the checkpoint to resume from is corrupt or truncated, of
+            another run, or has more rounds than `rounds` (one line).
     """
     if client_config.algorithm != server_config.algorithm:
         raise ValueError(
@@ -82,6 +104,8 @@ def simulate(
         raise ValueError(f"simulate: 'rounds' must be an int >= 0, got {rounds!r}")
     if not 0 < participation <= 1:
         raise ValueError(f"simulate: 'participation' must be in (0, 1], got {participation!r}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("simulate: 'resume=True' needs 'checkpoint_dir'")
     k = len(task.clients)
     if server_config.num_clients != k:
         server_config = server_config.replace(num_clients=k)
@@ -95,7 +119,7 @@ def simulate(
     eval_model = task.model_fn(seed)
     state, message = server_init(get_params(model), server_config)
     rng = np.random.default_rng(seed)
-    x_val, y_val = task.validation_set()
+    test_data, val_data = task.test_data(), task.validation_data()
     hist = History(
         task.name,
         client_config.algorithm,
@@ -110,15 +134,22 @@ def simulate(
     def record(r: int, params: Arrays) -> RoundRecord:
         set_params(eval_model, params)
         eval_model.eval()
-        te = evaluate(eval_model, task.x_test, task.y_test, task.loss, task.metric)
-        va = evaluate(eval_model, x_val, y_val, task.loss, task.metric)
+        te = test_data.evaluate(eval_model, task.loss, task.metric)
+        va = val_data.evaluate(eval_model, task.loss, task.metric)
         return RoundRecord(r, te[task.metric], te["loss"], va[task.metric], va["loss"])
 
-    hist.rounds.append(record(0, state.params))
     client_states: dict[int, Arrays] = {}
-    cum = 0
+    ckpt = RunCheckpoint(checkpoint_dir, hist, num_examples=[c.num_examples for c in task.clients])
+    if resume and ckpt.exists():
+        state, message = ckpt.restore(rounds, rng, client_states, model)
+    else:
+        hist.rounds.append(record(0, state.params))
+    cum = hist.rounds[-1].cum_bytes
+    start = hist.rounds[-1].round
     bar = _progress(rounds, progress, desc or f"{task.name} {client_config.algorithm}")
-    for r in range(rounds):
+    if bar is not None and start:
+        bar.update(start)
+    for r in range(start, rounds):
         ids = sample_clients(rng, k, participation)
         blob = message.to_bytes()
         received = ServerMessage.from_bytes(blob)
@@ -160,11 +191,15 @@ def simulate(
         rec.client_time_s = float(np.mean(times)) if times else 0.0
         rec.participants = ids
         hist.rounds.append(rec)
+        ckpt.save(state, message, rng, client_states, model)
         if bar is not None:
             bar.update(1)
             bar.set_postfix({task.metric: f"{rec.metric:.4f}"})
     if bar is not None:
         bar.close()
+    if ckpt.folder is not None:
+        set_params(eval_model, state.params)
+        save_model(ckpt.folder / MODEL_FILE, eval_model)
     return hist
 
 

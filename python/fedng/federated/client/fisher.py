@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fedng.curvature import CurvatureSet
-from fedng.federated.client.sgd import round_seed
+from fedng.federated.client.sgd import ordered_batches, round_seed
 from fedng.federated.config.common import ClientConfig
 from fedng.federated.config.curvature import CurvatureConfig, curvature_mapping
 from fedng.federated.losses import loss_fn
@@ -36,9 +36,7 @@ def fisher_at(
     try:
         crit = loss_fn(config.loss)
         gen = torch.Generator().manual_seed(round_seed(options.sketch_seed, 0, data.client_id))
-        for lo in range(0, data.num_examples, config.batch_size):
-            x = data.x[lo : lo + config.batch_size]
-            y = data.y[lo : lo + config.batch_size]
+        for x, y in ordered_batches(data, config.batch_size):
             model.zero_grad(set_to_none=True)
             out = model(x)
             if options.fisher_type == "mc":

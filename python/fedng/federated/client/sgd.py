@@ -1,4 +1,5 @@
-"""The local SGD loop every algorithm shares (equal local work), and its seeded batch order."""
+"""The local SGD loop every algorithm shares (equal local work), and its seeded batch order over
+a client's data (tensors, a `Dataset` or a `DataLoader`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from fedng.federated.config.common import ClientConfig
 from fedng.federated.losses import loss_fn
 from fedng.federated.tasks.base import ClientData
+from fedng.federated.tasks.data import TensorPair, as_pair, collate, sequential_batches
 
 
 def round_seed(seed: int, round_: int, client_id: int) -> int:
@@ -43,6 +46,46 @@ def batch_indices(n: int, batch_size: int, steps: int, seed: int) -> Iterator[to
                 return
             yield perm[lo : lo + batch_size]
             done += 1
+
+
+def training_batches(
+    data: ClientData, batch_size: int, steps: int, seed: int
+) -> Iterator[TensorPair]:
+    """`steps` (inputs, targets) minibatches of a client's training data.
+
+    Tensors and `Dataset`s follow `batch_indices(n, batch_size, steps, seed)` (a `Dataset` is
+    read and collated one batch at a time); a `DataLoader` yields its own batches in its own
+    order, restarted when exhausted (`batch_size` and `seed` do not apply).
+    """
+    source = data.materialize().train
+    if source is None:
+        for idx in batch_indices(data.num_examples, batch_size, steps, seed):
+            yield data.x[idx], data.y[idx]
+    elif isinstance(source, DataLoader):
+        done = 0
+        while done < steps:
+            epoch_start = done
+            for batch in source:
+                yield as_pair(batch, "DataLoader")
+                done += 1
+                if done == steps:
+                    return
+            if done == epoch_start:
+                raise ValueError(f"client {data.client_id}: its DataLoader yields no batch")
+    else:
+        for idx in batch_indices(data.num_examples, batch_size, steps, seed):
+            yield collate(source, idx)
+
+
+def ordered_batches(data: ClientData, batch_size: int) -> Iterator[TensorPair]:
+    """Every training example once, in order, in batches of `batch_size` (a `DataLoader`: its
+    own batches)."""
+    source = data.materialize().train
+    if source is not None:
+        yield from sequential_batches(source, batch_size)
+        return
+    for lo in range(0, data.num_examples, batch_size):
+        yield data.x[lo : lo + batch_size], data.y[lo : lo + batch_size]
 
 
 GradHook = Callable[[int], None]
@@ -87,8 +130,7 @@ def local_sgd(
     total = 0.0
     seed = round_seed(config.seed, round_, data.client_id)
     model.train()
-    for step, idx in enumerate(batch_indices(data.num_examples, config.batch_size, k, seed)):
-        x, y = data.x[idx], data.y[idx]
+    for step, (x, y) in enumerate(training_batches(data, config.batch_size, k, seed)):
         opt.zero_grad(set_to_none=False)
         out = model(x)
         loss = crit(out, y)

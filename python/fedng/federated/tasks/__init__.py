@@ -1,6 +1,14 @@
 """Offline federated tasks: every data set is generated or ships inside a package."""
 
-from fedng.federated.tasks.base import ClientData, FederatedTask, evaluate, mlp, seeded_model
+from fedng.federated.tasks.base import (
+    ClientData,
+    EvalData,
+    FederatedTask,
+    UserData,
+    evaluate,
+    mlp,
+    seeded_model,
+)
 from fedng.federated.tasks.digits import digits_task
 from fedng.federated.tasks.mnist1d import generate_mnist1d, mnist1d_task
 from fedng.federated.tasks.models import cnn1d_mnist1d, cnn_digits
@@ -11,8 +19,10 @@ from fedng.federated.tasks.synthetic import SyntheticDraw, draw_synthetic, synth
 __all__ = [
     "TASKS",
     "ClientData",
+    "EvalData",
     "FederatedTask",
     "SyntheticDraw",
+    "UserData",
     "cnn1d_mnist1d",
     "cnn_digits",
     "digits_task",
