@@ -92,6 +92,7 @@ class FlatGrads:
             self.p_flat.mul_(scale)
         if self._src:
             torch._foreach_copy_(self._src, self._parts()[1])
+        self._src = []  # no reference to this step's gradients beyond the step
 
     def grads_finite(self) -> bool | None:
         """Whether the gathered gradients are all finite: True/False, or None when the one sum
