@@ -37,12 +37,13 @@ ADAM_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 Maker = Callable[[nn.Module], tuple[torch.optim.Optimizer, StepHook | None]]
 
 
-def makers(loss: str) -> dict[str, Callable[[float], Maker]]:
-    """Optimizer name -> lr -> model -> (optimizer, hook)."""
+def makers(loss: str, kl_clip: float | None = None) -> dict[str, Callable[[float], Maker]]:
+    """Optimizer name -> lr -> model -> (optimizer, hook); `kl_clip` None: NG's default."""
+    clip = {} if kl_clip is None else {"kl_clip": kl_clip}
 
     def ng(lr: float) -> Maker:
         def make(m: nn.Module) -> tuple[torch.optim.Optimizer, StepHook | None]:
-            opt = NaturalGradient(m, loss=loss)  # type: ignore[arg-type]
+            opt = NaturalGradient(m, loss=loss, **clip)  # type: ignore[arg-type]
             return torch.optim.SGD(m.parameters(), lr=lr), opt.step
 
         return make
@@ -62,13 +63,13 @@ def grids(quick: bool) -> dict[str, list[float]]:
     return {"ng": sorted(set(SGD_LRS) | {DEFAULT_LR}), "sgd": SGD_LRS, "adam": ADAM_LRS}
 
 
-def run_model(name: str, steps: int, quick: bool) -> dict[str, Any]:
+def run_model(name: str, steps: int, quick: bool, kl_clip: float | None = None) -> dict[str, Any]:
     entry = ZOO[name]
     entry.data()
     out: dict[str, Any] = {"runs": {}}
     fallbacks = 0
     for opt, lrs in grids(quick).items():
-        make = makers(entry.loss)[opt]
+        make = makers(entry.loss, kl_clip)[opt]
         for lr in lrs:
             t0 = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
@@ -145,6 +146,7 @@ def main() -> int:
     p.add_argument("--models", nargs="*", default=list(ZOO), choices=list(ZOO))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-json", action="store_true")
+    p.add_argument("--kl-clip", type=float, default=None, help="NG's kl_clip (default: NG's)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,7 +155,7 @@ def main() -> int:
     t0 = time.perf_counter()
     models = {}
     for name in args.models:
-        models[name] = run_model(name, steps, args.quick)
+        models[name] = run_model(name, steps, args.quick, args.kl_clip)
         m = models[name]
         print(
             f"{name}: NG {m['best_ng']['final_loss']:.4g}, SGD {m['best_sgd']['final_loss']:.4g},"
@@ -166,6 +168,7 @@ def main() -> int:
         "steps": steps,
         "quick": args.quick,
         "default_lr": DEFAULT_LR,
+        "kl_clip": args.kl_clip,
         "grids": grids(args.quick),
         "machine": machine_info(),
         "cpu_usage": usage,

@@ -43,7 +43,10 @@ def test_presets_are_the_algorithm_defaults() -> None:
         aggregation="fisher",
         fisher_center="mean",
         fisher_damping=0.1,
-        damping=0.01,
+        damping=0.1,
+        damping_scale="relative",
+        kl_clip=1e-3,
+        compression="auto",
     )
     assert cc.options_as(FedNGConfig).broadcast_mode() == "factors"
     assert make_configs("fedprox")[0].options == FedProxConfig(prox_mu=0.1)

@@ -35,6 +35,7 @@ def test_variants_run_and_learn(precond: str, curvature: str) -> None:
             "local_steps": 4,
             "lr": 0.1,
             "damping": 0.1,
+            "kl_clip": 1e-2,
             "aggregation": "fisher" if precond != "local" else "mean",
             "fisher_center": "mean",
             "fisher_damping": 0.1,
@@ -64,7 +65,9 @@ def test_payload_dtype_and_upload_cadence() -> None:
     task = blobs_task(num_clients=2, n=30)
     sizes = {}
     for dt in ("fp32", "bf16", "fp16"):
-        cc, sc = make_configs("fedng", {"payload_dtype": dt, "local_steps": 2})
+        cc, sc = make_configs(
+            "fedng", {"payload_dtype": dt, "local_steps": 2, "compression": "none"}
+        )
         model = task.model_fn(0)
         _, msg = server_init(get_params(model), sc)
         u = client_step(model, task.clients[0], msg, cc)

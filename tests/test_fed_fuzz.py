@@ -45,7 +45,9 @@ def _mutate_arrays(arrays: dict[str, torch.Tensor], rng: random.Random) -> None:
     if op == 0:
         t = t * 10.0 ** rng.randint(-30, 38)
     elif op == 1 and t.numel():
-        t.view(-1)[rng.randrange(t.numel())] = rng.choice([float("nan"), float("inf"), 3e38])
+        # int8 curvature (compressed payloads) cannot hold NaN: its extremes instead
+        bad = [float("nan"), float("inf"), 3e38] if t.is_floating_point() else [-128, 127]
+        t.view(-1)[rng.randrange(t.numel())] = rng.choice(bad)
     elif op == 2:
         t = t.double()
     elif op == 3:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fedng.curvature.fisher import sample_targets, sampled_loss
+from fedng.errors import CurvatureWarning
 from fedng.optim.natural_gradient import NaturalGradient
 from torch import nn
 
@@ -113,3 +114,28 @@ def test_sample_targets_follow_the_predictive_distribution() -> None:
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.7], dtype=F64), atol=0.01, rtol=0)
     with pytest.raises(ValueError, match="'loss' must be one of"):
         sampled_loss(logits, "hinge")  # type: ignore[arg-type]
+
+
+def test_sample_targets_of_diverged_logits_draw_uniformly_instead_of_raising() -> None:
+    """A diverged model (NaN / inf logits) once made multinomial raise inside the MC pass."""
+    logits = torch.tensor([[0.0, 1.0, 2.0], [float("nan"), 0.0, 1.0], [float("inf"), 0.0, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    labels = sample_targets(logits.repeat(200, 1), "cross_entropy", gen)
+    assert labels.shape == (600,) and int(labels.min()) >= 0 and int(labels.max()) <= 2
+    # the broken rows are uniform, not stuck on one class
+    assert len(set(labels[1::3].tolist())) == 3 and len(set(labels[2::3].tolist())) == 3
+
+
+def test_mc_step_of_a_diverged_model_is_skipped_not_raised() -> None:
+    """The MC-Fisher federated case: NaN outputs -> the step is skipped and counted."""
+    model = nn.Linear(3, 4)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    ng = NaturalGradient(model, fisher_type="mc")
+    out = model(torch.randn(5, 3))
+    ng.mc_backward(out, torch.Generator().manual_seed(1))
+    F.cross_entropy(out, torch.zeros(5, dtype=torch.long)).backward()
+    with pytest.warns(CurvatureWarning, match="skipped"):
+        ng.step()
+    assert ng.last["skipped"] and ng.stats["skipped_steps"] == 1
+    assert all(p.grad is None for p in model.parameters())

@@ -35,6 +35,7 @@ ALPHA_TASKS = {
     "digits-cnn": "> 0",
     "mnist1d": "> 0",
     "mnist1d-cnn": "> 0",
+    "lora-digits": "> 0",
     "synthetic": ">= 0",
 }
 """The tasks `--alpha` applies to, and what it must be there."""

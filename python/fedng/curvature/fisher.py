@@ -57,6 +57,10 @@ def sample_targets(
     out = outputs.detach().float()
     if loss == "cross_entropy":
         probs = torch.softmax(out.reshape(-1, out.shape[-1]), dim=-1)
+        # A diverged model's non-finite logits give NaN rows that multinomial refuses: draw those
+        # uniformly (the loss stays non-finite, so the optimizer skips the step and counts it).
+        ok = torch.isfinite(probs).all(dim=-1, keepdim=True)
+        probs = torch.where(ok, probs, torch.full_like(probs, 1.0 / probs.shape[-1]))
         return torch.multinomial(probs, 1, generator=generator).reshape(out.shape[:-1])
     noise = torch.randn(out.shape, generator=generator, dtype=out.dtype)
     return out + noise

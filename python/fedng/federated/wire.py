@@ -11,7 +11,7 @@ Version 1 (no checksum) is no longer accepted.
 
 The header holds `meta` (JSON scalars, lists and dicts of scalars) and one entry per array:
 `[name, dtype, layout, shape, nbytes]`. The blob is the arrays' raw bytes in header order.
-`dtype` is one of `fp32`, `fp64`, `bf16`, `fp16`, `i64`; `layout` is `dense`, or `sym` for a
+`dtype` is one of `fp32`, `fp64`, `bf16`, `fp16`, `i64`, `i8`; `layout` is `dense`, or `sym` for a
 symmetric matrix [n, n] stored as its packed lower triangle (n (n + 1) / 2 values, row by row;
 `fedng.curvature.spec.pack_triangle`).
 
@@ -53,6 +53,7 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
     "i64": torch.int64,
+    "i8": torch.int8,
 }
 """Wire dtype names and the torch dtype each decodes to."""
 
@@ -66,7 +67,7 @@ _NAME_OF = {v: k for k, v in WIRE_DTYPES.items()}
 
 
 def wire_dtype(name: str, arg: str = "dtype") -> torch.dtype:
-    """Maps a wire dtype name (`fp32`, `bf16`, `fp16`, `fp64`, `i64`) to a torch dtype.
+    """Maps a wire dtype name (`fp32`, `bf16`, `fp16`, `fp64`, `i64`, `i8`) to a torch dtype.
 
     Raises:
         ValueError: naming `arg` when `name` is not a wire dtype.
@@ -108,7 +109,7 @@ def pack(
     """Serializes named arrays (and JSON metadata) to bytes.
 
     Args:
-        arrays: name -> tensor (float32/64, bfloat16, float16 or int64; any shape).
+        arrays: name -> tensor (float32/64, bfloat16, float16, int64 or int8; any shape).
         meta: JSON-serializable metadata (scalars, strings, lists, dicts).
         dtype: cast every float array to this wire dtype (`fp32`, `bf16`, `fp16`, `fp64`);
             None keeps each array's own dtype. Integer arrays are never cast.

@@ -12,7 +12,15 @@ from typing import Any
 
 import torch
 
+from fedng._typing import Arrays
 from fedng.curvature import KFAC, BlockLayout, CurvatureSet, check_layouts
+from fedng.curvature.quantize import (
+    COMPRESSIBLE,
+    META_KEY,
+    SCALE_SUFFIX,
+    dequantize_arrays,
+    quantize_arrays,
+)
 from fedng.federated.algorithms.base import State
 from fedng.federated.config.curvature import CurvatureConfig
 from fedng.federated.messages import ClientUpdate
@@ -21,11 +29,47 @@ from fedng.federated.wire import FLOAT_DTYPES, wire_dtype
 _CACHE_ATTR = "_fedng_curvature"
 
 
-def attach_curvature(update: ClientUpdate, cs: CurvatureSet, dtype: str) -> None:
-    """Puts a curvature set into an update as its payload (in wire dtype `dtype`)."""
-    arrays, meta = cs.to_arrays(wire_dtype(dtype, "payload_dtype"))
-    update.curvature = arrays
-    update.meta["curv"] = meta
+def wants_int8(cs: CurvatureSet, compression: str) -> bool:
+    """Whether `compression` ("int8", "none", "auto") sends `cs` as int8: "auto" does when its
+    K-FAC / diagonal payload (fp32) outweighs the parameters of the blocks it covers (dense
+    K-FAC factors of wide layers, e.g. a 61 -> 10 softmax head: 3x its parameters)."""
+    if compression != "auto":
+        return compression == "int8"
+    entries = sum(rep.nbytes // 4 for k, rep in cs.reps.items() if k in COMPRESSIBLE)
+    params = sum(spec.numel for rep in cs.reps.values() for spec in rep.specs)
+    return entries > params
+
+
+def curvature_arrays(
+    cs: CurvatureSet, dtype: str, compression: str = "none"
+) -> tuple[Arrays, dict[str, Any]]:
+    """A curvature set as wire arrays and metadata: in wire dtype `dtype`, or (see `wants_int8`)
+    its K-FAC / diagonal payloads as int8 with float32 scales (`fedng.curvature.quantize`)."""
+    wd = wire_dtype(dtype, "payload_dtype")
+    if not wants_int8(cs, compression):
+        return cs.to_arrays(wd)
+    arrays, meta = quantize_arrays(*cs.to_arrays(torch.float32))
+    return {
+        k: v.to(wd) if v.dtype == torch.float32 and k in cs.reps else v for k, v in arrays.items()
+    }, meta
+
+
+def attach_curvature(
+    update: ClientUpdate, cs: CurvatureSet, dtype: str, compression: str = "none"
+) -> None:
+    """Puts a curvature set into an update as its payload (see `curvature_arrays`)."""
+    update.curvature, update.meta["curv"] = curvature_arrays(cs, dtype, compression)
+
+
+def float_arrays(arrays: Arrays, meta: dict[str, Any]) -> Arrays:
+    """Received curvature arrays as float32 payloads (int8 kinds dequantized).
+
+    Raises:
+        ValueError: int8 arrays that do not match their metadata.
+    """
+    if META_KEY in meta:
+        arrays = dequantize_arrays(arrays, meta)
+    return {k: v.float() for k, v in arrays.items()}
 
 
 def decoded_curvature(update: ClientUpdate) -> CurvatureSet | None:
@@ -34,9 +78,8 @@ def decoded_curvature(update: ClientUpdate) -> CurvatureSet | None:
         return None
     cached = getattr(update, _CACHE_ATTR, None)
     if cached is None:
-        cached = CurvatureSet.from_arrays(
-            {k: v.float() for k, v in update.curvature.items()}, update.meta["curv"]
-        )
+        meta = update.meta["curv"]
+        cached = CurvatureSet.from_arrays(float_arrays(update.curvature, meta), meta)
         setattr(update, _CACHE_ATTR, cached)
     return cached
 
@@ -67,6 +110,9 @@ def meta_problem(meta: object) -> str | None:
         isinstance(v, dict) and all(_is_int(x) for x in v.values()) for v in rep.values()
     ):
         return "curvature metadata: 'rep_meta' must map kinds to objects of integers"
+    int8 = meta.get(META_KEY, [])
+    if not isinstance(int8, list) or not all(k in COMPRESSIBLE and k in kinds for k in int8):
+        return f"curvature metadata: '{META_KEY}' must list kinds of {list(COMPRESSIBLE)} present"
     return None
 
 
@@ -100,15 +146,21 @@ def check_curvature_payload(state: State, update: ClientUpdate) -> str | None:
     """
     if not update.curvature:
         return None
-    for k, v in update.curvature.items():
-        if v.dtype not in FLOAT_DTYPES:
-            return f"curvature: {k!r} has dtype {v.dtype}, expected fp32/bf16/fp16"
     if "curv" not in update.meta:
         return "curvature payload without its layout metadata"
     meta = update.meta["curv"]
     problem = meta_problem(meta)
     if problem:
         return problem
+    int8 = set(meta.get(META_KEY, []))
+    for k, v in update.curvature.items():
+        allowed: tuple[torch.dtype, ...] = FLOAT_DTYPES
+        if k in int8:
+            allowed = (torch.int8,)
+        elif k.endswith(SCALE_SUFFIX):
+            allowed = (torch.float32,)
+        if v.dtype not in allowed:
+            return f"curvature: {k!r} has dtype {v.dtype}, expected one of {list(allowed)}"
     lays = _layouts(meta)
     if isinstance(lays, str):
         return lays
@@ -128,7 +180,11 @@ def check_curvature_payload(state: State, update: ClientUpdate) -> str | None:
     cs = decoded_curvature(update)
     if cs is None:
         return None
-    eps = max(torch.finfo(v.dtype).eps for v in update.curvature.values())
+    # int8 kinds arrive dequantized in float32, PSD by construction (`fedng.curvature.quantize`)
+    eps = max(
+        torch.finfo(v.dtype if v.is_floating_point() else torch.float32).eps
+        for v in update.curvature.values()
+    )
     cs.validate(state.config.psd_tol, eps)
     return None
 

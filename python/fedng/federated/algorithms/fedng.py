@@ -26,11 +26,12 @@ from fedng.federated.algorithms.base import Algorithm, State
 from fedng.federated.algorithms.curvature_payload import (
     attach_curvature,
     check_curvature_payload,
+    curvature_arrays,
     curvature_trace,
     decoded_all,
 )
 from fedng.federated.client.layers import warn_unsupported_layers
-from fedng.federated.client.natural_gradient import natural_gradient_local
+from fedng.federated.client.natural_gradient import client_damping, natural_gradient_local
 from fedng.federated.client.params import set_params
 from fedng.federated.config.common import ClientConfig
 from fedng.federated.config.curvature import FedNGConfig
@@ -68,15 +69,16 @@ class FedNG(Algorithm[FedNGConfig]):
         if glob is None:
             return msg
         if mode == "factors":
-            arrays, meta = glob.to_arrays(torch.float32)
+            arrays, meta = curvature_arrays(glob, "fp32", opts.compression)
             msg.extras = {f"curv/{k}": v for k, v in arrays.items()}
             msg.meta["curv"] = meta
             return msg
-        failed = glob.inverse(opts.damping).failed
+        failed = glob.inverse(client_damping(glob, opts)).failed
         arrays, sym = glob.inverse_arrays()
         msg.extras = {f"inv/{k}": v for k, v in arrays.items()}
         msg.symmetric = frozenset(f"inv/{s}" for s in sym)
         msg.meta["damping"] = opts.damping
+        msg.meta["damping_scale"] = opts.damping_scale
         if failed:
             msg.meta["inverse_failed"] = failed
         return msg
@@ -95,7 +97,7 @@ class FedNG(Algorithm[FedNGConfig]):
         res = natural_gradient_local(model, data, message, config, opts)
         upd = self.make_update(model, data, message, config, res.metrics, client_state)
         if message.round % opts.upload_every == 0:
-            attach_curvature(upd, res.curvature, opts.payload_dtype)
+            attach_curvature(upd, res.curvature, opts.payload_dtype, opts.compression)
         return upd
 
     def check_curvature(self, state: State, update: ClientUpdate) -> str | None:

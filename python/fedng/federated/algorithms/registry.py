@@ -13,6 +13,7 @@ from fedng.federated.algorithms.fedfisher import FedFisher
 from fedng.federated.algorithms.fedng import FedNG
 from fedng.federated.algorithms.fedopt import FedOpt
 from fedng.federated.algorithms.fedprox import FedProx
+from fedng.federated.algorithms.fipa import FIPA
 from fedng.federated.algorithms.scaffold import Scaffold
 from fedng.federated.config.catalog import ALGORITHMS
 
@@ -29,6 +30,8 @@ REGISTRY: Mapping[str, Algorithm[Any]] = MappingProxyType(
             FedOpt("fedadagrad", "adagrad"),
             FedNG("fedng"),
             FedFisher("fedfisher"),
+            FIPA("fipa"),
+            FIPA("fipa_sketch", summable=True),
         )
     }
 )

@@ -16,18 +16,24 @@ mode (`FedNGConfig.precond`) picks its source:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fedng.curvature import CurvatureSet
+from fedng.curvature.block_diagonal import Damping
+from fedng.curvature.quantize import META_KEY, dequantize_arrays
 from fedng.federated.client.sgd import local_sgd, round_seed
 from fedng.federated.config.common import ClientConfig
 from fedng.federated.config.curvature import FedNGConfig, curvature_mapping
 from fedng.federated.messages import ServerMessage
 from fedng.federated.tasks.base import ClientData
 from fedng.optim import NaturalGradient
+
+RELATIVE_FLOOR = 1e-8
+"""The least λ of relative damping (`NaturalGradient`'s lower damping bound)."""
 
 PRECOND_MODES: tuple[str, ...] = ("none", "local", "global", "global_local")
 """The modes a client can end up in; `metrics["precond_mode"]` is the index of the one used."""
@@ -57,7 +63,9 @@ def global_curvature(
     inv = {k[4:]: v for k, v in message.extras.items() if k.startswith("inv/")}
     fac = {k[5:]: v for k, v in message.extras.items() if k.startswith("curv/")}
     if fac and "curv" in message.meta:
-        return CurvatureSet.from_arrays(fac, message.meta["curv"], local.dtype), True
+        meta = message.meta["curv"]
+        arrays = dequantize_arrays(fac, meta) if META_KEY in meta else fac
+        return CurvatureSet.from_arrays(arrays, meta, local.dtype), True
     if inv:
         glob = CurvatureSet.empty(
             local.layouts, local.kinds, options.rank, options.sketch_seed, local.dtype
@@ -65,6 +73,19 @@ def global_curvature(
         glob.load_inverse_arrays(inv)
         return glob, False
     return None, False
+
+
+def client_damping(curvature: CurvatureSet, options: FedNGConfig) -> Damping:
+    """The damping the client (or the server, for broadcast inverses) inverts `curvature` with:
+    `options.damping` itself, or (relative) per block that factor of the block's mean eigenvalue,
+    at least `RELATIVE_FLOOR` (a block without curvature is damped at the floor)."""
+    if options.damping_scale == "absolute":
+        return options.damping
+    lams = curvature.relative_damping(options.damping)
+    return {
+        k: [v if math.isfinite(v) and v > RELATIVE_FLOOR else RELATIVE_FLOOR for v in vals]
+        for k, vals in lams.items()
+    }
 
 
 def use_preconditioner(ng: NaturalGradient, message: ServerMessage, options: FedNGConfig) -> str:
@@ -83,7 +104,7 @@ def use_preconditioner(ng: NaturalGradient, message: ServerMessage, options: Fed
         ng.set_global(glob, mix=options.local_mix)
         return mode
     if has_factors:
-        glob.inverse(options.damping)
+        glob.inverse(client_damping(glob, options))
     ng.set_global(glob)
     return "global"
 
@@ -118,6 +139,7 @@ def natural_gradient_local(
         model,
         curvature=curvature_mapping(options.curvature),
         damping=options.damping,
+        damping_scale=options.damping_scale,
         inverse_every=options.inverse_every,
         curvature_decay=options.curvature_decay,
         kl_clip=options.kl_clip if options.kl_clip > 0 else None,

@@ -11,6 +11,7 @@ from fedng.federated.config.curvature import (
     curvature_mapping,
     parse_curvature,
 )
+from fedng.federated.config.fipa import FIPAConfig
 from fedng.federated.config.first_order import (
     FedAvgConfig,
     FedOptConfig,
@@ -26,6 +27,7 @@ __all__ = [
     "AlgorithmConfig",
     "ClientConfig",
     "CurvatureConfig",
+    "FIPAConfig",
     "FedAvgConfig",
     "FedFisherConfig",
     "FedNGConfig",

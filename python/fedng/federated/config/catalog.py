@@ -11,6 +11,7 @@ from typing import Any
 
 from fedng.federated.config.base import AlgorithmConfig
 from fedng.federated.config.curvature import FedFisherConfig, FedNGConfig
+from fedng.federated.config.fipa import FIPAConfig
 from fedng.federated.config.first_order import (
     FedAvgConfig,
     FedOptConfig,
@@ -29,6 +30,8 @@ CONFIG_TYPES: Mapping[str, type[AlgorithmConfig]] = MappingProxyType(
         "fedadagrad": FedOptConfig,
         "fedng": FedNGConfig,
         "fedfisher": FedFisherConfig,
+        "fipa": FIPAConfig,
+        "fipa_sketch": FIPAConfig,
     }
 )
 """Algorithm name -> the type of its own config."""

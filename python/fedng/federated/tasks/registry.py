@@ -6,7 +6,9 @@ from typing import Any
 
 from fedng.federated.tasks.base import FederatedTask
 from fedng.federated.tasks.digits import digits_task
+from fedng.federated.tasks.lora_finetune import lora_task
 from fedng.federated.tasks.mnist1d import mnist1d_task
+from fedng.federated.tasks.pinn import pinn_task
 from fedng.federated.tasks.regression import regression_task
 from fedng.federated.tasks.synthetic import synthetic_task
 
@@ -18,6 +20,8 @@ TASKS: tuple[str, ...] = (
     "mnist1d",
     "mnist1d-cnn",
     "regression",
+    "pinn",
+    "lora-digits",
 )
 """Task names for `make_task` and `fedng simulate --task`."""
 
@@ -35,9 +39,10 @@ def make_task(
     Args:
         name: one of `TASKS`.
         num_clients: clients (default: 30 synthetic, 20 digits and digits-cnn, 50 mnist1d and
-            mnist1d-cnn, 10 regression).
+            mnist1d-cnn, 10 regression and lora-digits, 8 pinn).
         alpha: synthetic: model heterogeneity (default 1); digits / mnist1d and their -cnn
-            variants: Dirichlet concentration (default 0.1). Ignored by the regression task.
+            variants: Dirichlet concentration (default 0.1); lora-digits: Dirichlet
+            concentration (default 0.3). Ignored by the regression and pinn tasks.
         beta: synthetic: feature heterogeneity (default: equal to alpha).
         seed: data seed.
 
@@ -63,4 +68,8 @@ def make_task(
         return mnist1d_task(alpha=a, model="cnn" if name == "mnist1d-cnn" else "mlp", **kw)
     if name == "regression":
         return regression_task(**kw)
+    if name == "pinn":
+        return pinn_task(**kw)
+    if name == "lora-digits":
+        return lora_task(alpha=0.3 if alpha is None else alpha, **kw)
     raise ValueError(f"make_task: 'name' must be one of {list(TASKS)}, got {name!r}")
