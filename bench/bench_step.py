@@ -11,8 +11,9 @@ FLOP bound of a step: the SGD step's time plus the extra flops of the method at 
 float32 GEMM peak (K-FAC: SYRK rows*n(n+1) per factor, the cheaper of the dense and batch
 preconditioning forms, and n^3 per factor inverse / 10).
 
-Targets: our K-FAC step <= 2.0x the SGD step on the MNIST-1D MLP; >= 1.5x faster than the
-per-layer torch loop on the 1024-wide MLP.
+Targets (issue 11): our K-FAC step <= 1.5x the SGD step on the MNIST-1D MLP and <= 1.8x on the
+1024-wide MLP (`ng-kfac`, kl_clip=None like the torch loop); `ng-kfac-klclip` is the same step
+with the default KL clip (and its finiteness checks), reported alongside.
 
 Threads: OpenBLAS worker threads busy-wait after every BLAS call for 2^28 cycles by default and
 then compete with torch's own threads for the two cores; unless the environment already says
@@ -56,8 +57,8 @@ DAMPING = 1e-3
 DECAY = 0.95
 LR = 1e-4  # small: 40 steps on 4 random batches must stay finite for every method
 TARGETS = {
-    ("mnist1d", "ng-kfac"): ("x_sgd", 2.0, "<=2.0x SGD"),
-    ("mlp1024", "ng-kfac"): ("speedup_vs_loop", 1.5, ">=1.5x vs torch loop"),
+    ("mnist1d", "ng-kfac"): ("x_sgd", 1.5, "<=1.5x SGD"),
+    ("mlp1024", "ng-kfac"): ("x_sgd", 1.8, "<=1.8x SGD"),
 }
 
 
@@ -219,10 +220,10 @@ def extra_flops(method: str, shapes: list[tuple[int, int, int, int]], rank: int)
     total = 0.0
     for m, n, rows, b in shapes:
         d = m * n
-        if method in ("ng-kfac", "kfac-torch-loop"):
+        if method in ("ng-kfac", "ng-kfac-klclip", "kfac-torch-loop"):
             total += rows * (n * (n + 1) + m * (m + 1))
             dense, batch = 2 * m * n * (m + n), 2 * rows * (m * m + n * n + m * n)
-            total += min(dense, batch) if method == "ng-kfac" else dense
+            total += dense if method == "kfac-torch-loop" else min(dense, batch)
             total += (n**3 + m**3) / STEPS
         elif method == "ng-diag":
             total += 2 * rows * d + 2 * d
@@ -260,7 +261,7 @@ def methods(
     torch.manual_seed(0)
     base = wl.make()
     out: dict[str, Callable[[], None]] = {}
-    names = ["sgd", "adam", "ng-diag", "ng-kfac", "ng-lowrank", "kfac-torch-loop"]
+    names = ["sgd", "adam", "ng-diag", "ng-kfac", "ng-kfac-klclip", "ng-lowrank", "kfac-torch-loop"]
     for name in names:
         if only and name not in only and name != "sgd":
             continue
@@ -272,14 +273,17 @@ def methods(
         )
         extra: Callable[[], None] | None = None
         if name.startswith("ng-"):
+            clip = name.endswith("-klclip")  # the default KL clip and its finiteness checks
             ng = NaturalGradient(
                 model,
-                curvature=name[3:],
+                curvature=name[3:].removesuffix("-klclip"),
                 damping=DAMPING,
                 curvature_decay=DECAY,
                 inverse_every=STEPS,
                 rank=wl.rank,
-                kl_clip=None,  # the same math as the torch loop (the default clips the step)
+                lr=LR,
+                # None: the same math as the torch loop (the default clips the step)
+                **({} if clip else {"kl_clip": None}),
             )
             extra = ng.step
         elif name == "kfac-torch-loop":
@@ -469,7 +473,7 @@ def main() -> int:
         "--methods",
         nargs="*",
         default=None,
-        help="subset of sgd adam ng-diag ng-kfac ng-lowrank kfac-torch-loop",
+        help="subset of sgd adam ng-diag ng-kfac ng-kfac-klclip ng-lowrank kfac-torch-loop",
     )
     p.add_argument("--repeats", type=int, default=None, help="timed samples (7; 3 with --quick)")
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")

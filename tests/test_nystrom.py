@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -160,3 +161,31 @@ def test_empty_list() -> None:
     """An empty list gives empty results."""
     u, s, shift = nystrom([], [])
     assert u == [] and s == [] and shift.shape == (0,) and shift.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_dispatch_matches_the_kernel(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """Large matrices go through the same algorithm in torch ops (`TORCH_MIN_DRR`): same shift,
+    same approximation, same structure, and a ragged call mixes both paths; a non-finite
+    sketch fails on either path with the same error."""
+    mod = sys.modules["fedng.ops.nystrom"]  # the attribute `fedng.ops.nystrom` is the function
+    cases = [_sketch_of_rank(d, k, r, dtype, seed=d) for d, k, r in [(30, 4, 6), (300, 12, 16)]]
+    ys, oms = [c[2] for c in cases], [c[1] for c in cases]
+    results = {}
+    for name, limit in (("kernel", 1 << 62), ("torch", 0), ("mixed", 30 * 6 * 6 + 1)):
+        monkeypatch.setattr(mod, "TORCH_MIN_DRR", limit)
+        results[name] = nystrom(ys, oms)
+    for name in ("torch", "mixed"):
+        torch.testing.assert_close(results[name].shift, results["kernel"].shift)
+        for i, (f, _, _) in enumerate(cases):
+            u, s = results[name].U[i], results[name].S[i]
+            _check_structure(u, s, dtype)
+            assert_close(_recon(u, s), f, dtype, f"{OP}[recovery]")
+            assert_close(s, results["kernel"].S[i], dtype, f"{OP}[recovery]")
+    monkeypatch.setattr(mod, "TORCH_MIN_DRR", 0)
+    bad = ys[1].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        nystrom([ys[0], bad], oms)

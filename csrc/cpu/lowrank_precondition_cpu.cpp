@@ -53,13 +53,20 @@ void lowrank_precondition(DType dtype, const Ptrs& U, const Ptrs& S, const Ptrs&
       // W = U^T V [r, c], scaled row-wise by s/(s+lambda)/lambda; out -= U W (Woodbury).
       thread_local std::vector<T> w;
       w.resize(static_cast<std::size_t>(r[i] * c[i]));
-      blas::gemm(true, false, ri, ci, di, T(1), u, ri, v, ci, T(0), w.data(), ci);
+      // One vector (the usual case): GEMV, which OpenBLAS runs faster than a GEMM of width 1.
+      if (ci == 1)
+        blas::gemv(true, di, ri, T(1), u, ri, v, T(0), w.data());
+      else
+        blas::gemm(true, false, ri, ci, di, T(1), u, ri, v, ci, T(0), w.data(), ci);
       for (int a = 0; a < ri; ++a) {
         const double sa = static_cast<double>(s[a]);
         const T f = static_cast<T>(sa / (sa + damping[i]) / damping[i]);
         for (int col = 0; col < ci; ++col) w[static_cast<std::size_t>(a) * ci + col] *= f;
       }
-      blas::gemm(false, false, di, ci, ri, T(-1), u, ri, w.data(), ci, T(1), out, ci);
+      if (ci == 1)
+        blas::gemv(false, di, ri, T(-1), u, ri, w.data(), T(1), out);
+      else
+        blas::gemm(false, false, di, ci, ri, T(-1), u, ri, w.data(), ci, T(1), out, ci);
     });
   });
 }

@@ -20,6 +20,10 @@ void scipy_cblas_sgemmt(int, int, int, int, int, int, float, const float*, int, 
                         float, float*, int);
 void scipy_cblas_dgemmt(int, int, int, int, int, int, double, const double*, int, const double*,
                         int, double, double*, int);
+void scipy_cblas_sgemv(int, int, int, int, float, const float*, int, const float*, int, float,
+                       float*, int);
+void scipy_cblas_dgemv(int, int, int, int, double, const double*, int, const double*, int, double,
+                       double*, int);
 void scipy_cblas_ssyrk(int, int, int, int, int, float, const float*, int, float, float*, int);
 void scipy_cblas_dsyrk(int, int, int, int, int, double, const double*, int, double, double*, int);
 void scipy_cblas_strsm(int, int, int, int, int, int, int, float, const float*, int, float*, int);
@@ -65,12 +69,28 @@ inline void gemmt_lower(bool ta, bool tb, int n, int k, double alpha, const doub
   scipy_cblas_dgemmt(FedngRowMajor, FedngLower, ta ? FedngTrans : FedngNoTrans,
                      tb ? FedngTrans : FedngNoTrans, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
-// Row-major upper triangle of C = alpha * A^T A + beta * C, A [k, n].
-inline void syrk_upper_ata(int n, int k, float alpha, const float* a, float beta, float* c) {
-  scipy_cblas_ssyrk(FedngRowMajor, FedngUpper, FedngTrans, n, k, alpha, a, n, beta, c, n);
+// Row-major y = alpha * op(A) x + beta * y, A [m, n] (leading dimension lda), unit strides.
+inline void gemv(bool ta, int m, int n, float alpha, const float* a, int lda, const float* x,
+                 float beta, float* y) {
+  scipy_cblas_sgemv(FedngRowMajor, ta ? FedngTrans : FedngNoTrans, m, n, alpha, a, lda, x, 1,
+                    beta, y, 1);
 }
-inline void syrk_upper_ata(int n, int k, double alpha, const double* a, double beta, double* c) {
-  scipy_cblas_dsyrk(FedngRowMajor, FedngUpper, FedngTrans, n, k, alpha, a, n, beta, c, n);
+inline void gemv(bool ta, int m, int n, double alpha, const double* a, int lda, const double* x,
+                 double beta, double* y) {
+  scipy_cblas_dgemv(FedngRowMajor, ta ? FedngTrans : FedngNoTrans, m, n, alpha, a, lda, x, 1,
+                    beta, y, 1);
+}
+// Row-major upper triangle of C [n, n] (leading dimension ldc) = alpha * A^T A + beta * C,
+// A [k, n] (leading dimension lda).
+inline void syrk_upper_ata(int n, int k, float alpha, const float* a, float beta, float* c,
+                           int lda = 0, int ldc = 0) {
+  scipy_cblas_ssyrk(FedngRowMajor, FedngUpper, FedngTrans, n, k, alpha, a, lda ? lda : n, beta, c,
+                    ldc ? ldc : n);
+}
+inline void syrk_upper_ata(int n, int k, double alpha, const double* a, double beta, double* c,
+                           int lda = 0, int ldc = 0) {
+  scipy_cblas_dsyrk(FedngRowMajor, FedngUpper, FedngTrans, n, k, alpha, a, lda ? lda : n, beta, c,
+                    ldc ? ldc : n);
 }
 // Row-major B [m, n] <- B L^-1 with L [n, n] lower triangular (leading dimensions ldl, ldb).
 inline void trsm_right_lower(int m, int n, const float* l, int ldl, float* b, int ldb) {

@@ -168,9 +168,18 @@ class FisherRepresentation(ABC):
 
     @abstractmethod
     def precondition(
-        self, grads: Sequence[torch.Tensor | None], stats: Sequence[BlockStats | None] | None = None
+        self,
+        grads: Sequence[torch.Tensor | None],
+        stats: Sequence[BlockStats | None] | None = None,
+        *,
+        out: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor | None]:
-        """`(F_i + damping)^-1 grads_i` per block; None where there is no grad or no inverse."""
+        """`(F_i + damping)^-1 grads_i` per block; None where there is no grad or no inverse.
+
+        `out` (optional, one contiguous [m, n] tensor per block that overlaps no input) is where
+        a representation may write block i's result, returning `out[i]` itself; one that does not
+        returns new tensors (callers check identity).
+        """
 
     def block_diagonal(self, i: int) -> torch.Tensor | None:
         """The diagonal of block i's (undamped) curvature as an [m, n] matrix shaped like its
@@ -280,7 +289,7 @@ class FisherRepresentation(ABC):
                 raise ValueError(
                     f"{where}: '{k}' must have shape {list(shape)}, got {list(t.shape)}"
                 )
-            out.append(t.to(self.dtype).contiguous())
+            out.append(t.to(device="cpu", dtype=self.dtype).contiguous())
         return out
 
     def _check_state(self, state: dict[str, Any]) -> None:

@@ -241,25 +241,33 @@ class CurvatureSet:
         )
 
     def precondition(
-        self, grads: Sequence[torch.Tensor | None], stats: Sequence[BlockStats | None] | None = None
+        self,
+        grads: Sequence[torch.Tensor | None],
+        stats: Sequence[BlockStats | None] | None = None,
+        *,
+        out: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor | None]:
         """Preconditioned block gradients (None where a block has no inverse or no gradient).
 
         Args:
             grads: per block, its gradient matrix [m, n] (or None).
             stats: optional, per block, the batch that produced `grads` (K-FAC's batch form).
+            out: optional, per block, a contiguous [m, n] tensor a representation may write its
+                result into (see `FisherRepresentation.precondition`).
         """
         self._check_len("precondition", "grads", grads)
         if stats is not None:
             self._check_len("precondition", "stats", stats)
-        out: list[torch.Tensor | None] = [None] * len(self.layouts)
+        result: list[torch.Tensor | None] = [None] * len(self.layouts)
         for kind, rep in self.reps.items():
             res = rep.precondition(
-                self._split(grads, kind), None if stats is None else self._split(stats, kind)
+                self._split(grads, kind),
+                None if stats is None else self._split(stats, kind),
+                out=None if out is None else self._split(out, kind),
             )
             for i, p in zip(self.groups[kind], res, strict=True):
-                out[i] = p
-        return out
+                result[i] = p
+        return result
 
     def quadratic(self, vectors: Sequence[torch.Tensor | None]) -> float:
         """`sum_i v_i^T F_i v_i` over all blocks (undamped)."""

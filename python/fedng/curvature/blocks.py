@@ -106,6 +106,17 @@ class Block:
             dst.append(bg)
             src.append(p[:, -1])
 
+    def param_grads(self, out: list[torch.Tensor]) -> bool:
+        """Appends the block's gradient parts in `grad_pairs` order (views of `weight.grad` and
+        `bias.grad`); False (nothing appended) when one is missing."""
+        grads = self._grads()
+        if grads is None:
+            return False
+        out.append(grads[0])
+        if grads[1] is not None:
+            out.append(grads[1])
+        return True
+
     def write_grad(self, p: torch.Tensor) -> None:
         """Overwrites the block's gradients with the [m, n] matrix `p` (cast to their dtype)."""
         dst: list[torch.Tensor] = []

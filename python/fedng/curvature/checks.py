@@ -82,6 +82,10 @@ def check_grads(
             f"{where}: 'grads' must have {len(specs)} entries (one per block), got {len(grads)}"
         )
     for spec, g in zip(specs, grads, strict=True):
+        if isinstance(g, torch.Tensor) and not g.is_cpu:
+            raise ValueError(
+                f"{where}: grads for block '{spec.name}' must be on the CPU, got {g.device}"
+            )
         if g is not None and (
             not isinstance(g, torch.Tensor) or tuple(g.shape) != (spec.m, spec.n)
         ):
@@ -125,4 +129,5 @@ def check_tensor(
         raise TypeError(f"{where}: '{name}' must be a tensor, got {type(t).__name__}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{where}: '{name}' must have shape {list(shape)}, got {list(t.shape)}")
-    return t.detach().to(dtype).clone()
+    # contiguous CPU copies: the representations hand them to the trusted native ops
+    return t.detach().to(device="cpu", dtype=dtype).clone(memory_format=torch.contiguous_format)

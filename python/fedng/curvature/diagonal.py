@@ -104,7 +104,11 @@ class DiagonalFisher(FisherRepresentation):
         return InverseReport.per_block(self.specs, live, ok, lam)
 
     def precondition(
-        self, grads: Sequence[torch.Tensor | None], stats: Sequence[BlockStats | None] | None = None
+        self,
+        grads: Sequence[torch.Tensor | None],
+        stats: Sequence[BlockStats | None] | None = None,
+        *,
+        out: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor | None]:
         """`grad / (diag + λ)` for every block with a gradient and an inverse."""
         check_grads("DiagonalFisher.precondition", grads, self.specs)
@@ -113,12 +117,12 @@ class DiagonalFisher(FisherRepresentation):
             for i, (g, inv) in enumerate(zip(grads, self.inv, strict=True))
             if g is not None and inv is not None
         ]
-        out: list[torch.Tensor | None] = [None] * len(self.specs)
+        result: list[torch.Tensor | None] = [None] * len(self.specs)
         if live:
             res = torch._foreach_mul([g for _, g, _ in live], [inv for _, _, inv in live])
             for (i, _, _), p in zip(live, res, strict=True):
-                out[i] = p
-        return out
+                result[i] = p
+        return result
 
     def block_diagonal(self, i: int) -> torch.Tensor | None:
         """The diagonal itself [m, n]."""

@@ -44,6 +44,7 @@ from fedng.curvature.spec import (
 )
 from fedng.curvature.stats import BlockStats, EmbeddingStats, KronStats
 from fedng.curvature.validation import PsdCheck, check_nonnegative, finite_scale, symmetric_check
+from fedng.ops import trusted
 
 _PROBE_SEED = 0x5EED
 """Seed of the fixed random vectors that check the batch form's precondition applies."""
@@ -134,7 +135,7 @@ class KFAC(FisherRepresentation):
                 factors.append(self.G[i])
                 inputs.append(seen[i].g_rows().to(self.dtype))
                 scales.append(new[i] * seen[i].fisher_scale)
-            ops.kron_accumulate(factors, inputs, d, scales)
+            trusted.kron_accumulate(factors, inputs, d, scales)
         for i in seen:
             self.counts[i] += 1
 
@@ -185,7 +186,7 @@ class KFAC(FisherRepresentation):
             da[i], dg[i] = p * root, root / p
         dense = [i for i in live if self.specs[i].kind == "kron"]
         mats = [self.A[i] for i in dense] + [self.G[i] for i in live]
-        res = ops.damped_cholesky_inverse(mats, [da[i] for i in dense] + [dg[i] for i in live])
+        res = trusted.damped_cholesky_inverse(mats, [da[i] for i in dense] + [dg[i] for i in live])
         a_new = dict(zip(dense, res.inverses[: len(dense)], strict=True))
         a_status = dict(zip(dense, res.status[: len(dense)].tolist(), strict=True))
         a_used = dict(zip(dense, res.damping[: len(dense)].tolist(), strict=True))
@@ -240,21 +241,26 @@ class KFAC(FisherRepresentation):
         return (a, g) if abs(lhs - rhs) <= tol else None
 
     def precondition(
-        self, grads: Sequence[torch.Tensor | None], stats: Sequence[BlockStats | None] | None = None
+        self,
+        grads: Sequence[torch.Tensor | None],
+        stats: Sequence[BlockStats | None] | None = None,
+        *,
+        out: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor | None]:
         """`G^-1 grad A^-1` for every block with a gradient and an inverse.
 
         Args:
             grads: [m, n] per block (None: skipped).
             stats: optional, the batch that produced `grads`; enables the batch form per block.
+            out: optional [m, n] per block to write the results into (kron blocks).
 
         Returns:
-            New [m, n] tensors (None where skipped).
+            [m, n] tensors, `out[i]` where given (None where skipped).
         """
         check_grads("KFAC.precondition", grads, self.specs)
         if stats is not None:
             check_stats("KFAC.precondition", stats, self.specs)
-        out: list[torch.Tensor | None] = [None] * len(self.specs)
+        result: list[torch.Tensor | None] = [None] * len(self.specs)
         # (block, gradient, A^-1, G^-1) of the blocks to precondition with each form
         batch: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         dense: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -264,31 +270,38 @@ class KFAC(FisherRepresentation):
             if g is None or a_inv is None or g_inv is None:
                 continue
             if self.specs[i].kind == "embedding":
-                out[i] = g_inv @ (g.to(self.dtype) * a_inv)
+                scaled = g.to(self.dtype) * a_inv
+                result[i] = (
+                    g_inv @ scaled if out is None else torch.matmul(g_inv, scaled, out=out[i])
+                )
                 continue
             r = self._batch_rows(i, g, stats[i]) if stats is not None else None
             if r is None:
                 dense.append((i, g.to(self.dtype).contiguous(), a_inv, g_inv))
             else:
                 rows.append(r)
-                batch.append((i, g.to(self.dtype), a_inv, g_inv))
+                batch.append((i, g.to(self.dtype).contiguous(), a_inv, g_inv))
         if batch:
-            res = ops.kron_precondition(
+            res = trusted.kron_precondition(
                 [b[1] for b in batch],
                 [b[2] for b in batch],
                 [b[3] for b in batch],
-                inputs=[r[0] for r in rows],
-                output_grads=[r[1] for r in rows],
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                None if out is None else [out[b[0]] for b in batch],
             )
             for b, p in zip(batch, res, strict=True):
-                out[b[0]] = p
+                result[b[0]] = p
         if dense:
-            res = ops.kron_precondition(
-                [d[1] for d in dense], [d[2] for d in dense], [d[3] for d in dense]
+            res = trusted.kron_precondition(
+                [d[1] for d in dense],
+                [d[2] for d in dense],
+                [d[3] for d in dense],
+                outs=None if out is None else [out[d[0]] for d in dense],
             )
             for d, p in zip(dense, res, strict=True):
-                out[d[0]] = p
-        return out
+                result[d[0]] = p
+        return result
 
     def block_diagonal(self, i: int) -> torch.Tensor | None:
         """`diag(G) diag(A)^T` [m, n]: the diagonal of `A ⊗ G`."""
@@ -315,7 +328,7 @@ class KFAC(FisherRepresentation):
         total = 0.0
         if dense:
             vs = [v for _, v in dense]
-            fv = ops.kron_precondition(
+            fv = trusted.kron_precondition(
                 vs, [self.A[i] for i, _ in dense], [self.G[i] for i, _ in dense]
             )
             total += sum(float((f * v).sum()) for f, v in zip(fv, vs, strict=True))

@@ -206,7 +206,11 @@ class LowRankFisher(FisherRepresentation):
         return live, {i: (res.U[k], res.S[k]) for k, (i, _) in enumerate(finite)}
 
     def precondition(
-        self, grads: Sequence[torch.Tensor | None], stats: Sequence[BlockStats | None] | None = None
+        self,
+        grads: Sequence[torch.Tensor | None],
+        stats: Sequence[BlockStats | None] | None = None,
+        *,
+        out: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor | None]:
         """`(U S U^T + λ I)^-1 vec(grad)` for every block with a gradient and a decomposition."""
         check_grads("LowRankFisher.precondition", grads, self.specs)
@@ -215,7 +219,7 @@ class LowRankFisher(FisherRepresentation):
             dec = self._decomposition(i)
             if g is not None and dec is not None:
                 live.append((i, g, dec))
-        out: list[torch.Tensor | None] = [None] * len(self.specs)
+        result: list[torch.Tensor | None] = [None] * len(self.specs)
         if live:
             res = ops.lowrank_precondition(
                 [dec[0] for _, _, dec in live],
@@ -224,8 +228,8 @@ class LowRankFisher(FisherRepresentation):
                 [g.to(self.dtype).reshape(-1).contiguous() for _, g, _ in live],
             )
             for (i, _, _), p in zip(live, res, strict=True):
-                out[i] = p.view(self.specs[i].m, self.specs[i].n)
-        return out
+                result[i] = p.view(self.specs[i].m, self.specs[i].n)
+        return result
 
     def block_diagonal(self, i: int) -> torch.Tensor | None:
         """`diag(U S U^T)` [m, n] of the last decomposition (None before one)."""

@@ -81,30 +81,69 @@ def damped_cholesky_inverse(
         raise ValueError(f"{OP}: 'jitter_factor' must be > 1, got {jitter_factor}")
     if errors not in ("status", "raise"):
         raise ValueError(f"{OP}: 'errors' must be 'status' or 'raise', got {errors!r}")
-    status = torch.full((len(ms),), CholeskyStatus.OK, dtype=torch.int8)
-    used = torch.zeros(len(ms), dtype=torch.float64)
     if not ms:
-        return DampedInverse([], status, used)
+        return run([], [], max_tries, jitter_factor)
     code = v.dtype_code(OP, {"mats": ms})
-    sizes = v.square_sizes(OP, "mats", ms)
-    outs = v.out_list(OP, out, ms, "mats")
+    v.square_sizes(OP, "mats", ms)
+    outs = None if out is None else v.out_list(OP, out, ms, "mats")
+    res = run(ms, lambdas, max_tries, jitter_factor, outs, code)
+    if errors == "raise":
+        failed = (res.status == CholeskyStatus.FAILED).nonzero().flatten().tolist()
+        if failed:
+            raise NumericalError(
+                f"{OP}: {len(failed)} of {len(ms)} matrices are not positive definite or not finite"
+                f" (indices {failed[:10]}{'...' if len(failed) > 10 else ''})"
+            )
+    return res
+
+
+def alloc_like(mats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Uninitialized [n_i, n_i] outputs: one allocation per distinct size, cut into views.
+
+    Thousands of tiny matrices would otherwise cost one allocator call each (more than their
+    inversion); every view is contiguous and no two overlap.
+    """
+    if len(mats) < 8:
+        return [torch.empty_like(m, memory_format=torch.contiguous_format) for m in mats]
+    dtype = mats[0].dtype
+    sizes = [m.shape[0] for m in mats]
+    by_size: dict[int, list[int]] = {}
+    for i, n in enumerate(sizes):
+        by_size.setdefault(n, []).append(i)
+    outs: list[torch.Tensor] = [mats[0]] * len(mats)  # every entry is replaced below
+    for n, idx in by_size.items():
+        for i, t in zip(idx, torch.empty((len(idx), n, n), dtype=dtype).unbind(0), strict=True):
+            outs[i] = t
+    return outs
+
+
+def run(
+    mats: list[torch.Tensor],
+    damping: list[float],
+    max_tries: int = 6,
+    jitter_factor: float = 10.0,
+    outs: list[torch.Tensor] | None = None,
+    code: int | None = None,
+) -> DampedInverse:
+    """The native call without any check (see `fedng.ops.trusted`): the arguments must already
+    satisfy everything `damped_cholesky_inverse` validates (`damping` one float >= 0 per
+    matrix); `outs` (allocated when None) overlap no input."""
+    status = torch.zeros(len(mats), dtype=torch.int8)  # CholeskyStatus.OK
+    used = torch.zeros(len(mats), dtype=torch.float64)
+    if not mats:
+        return DampedInverse([], status, used)
+    if outs is None:
+        outs = alloc_like(mats)
     _backend.native.damped_cholesky_inverse(
-        dtype=code,
-        mats=v.ptrs(ms),
-        outs=v.ptrs(outs),
-        n=sizes,
-        damping=lambdas,
+        dtype=v.FLOAT_DTYPES[mats[0].dtype] if code is None else code,
+        mats=[m.data_ptr() for m in mats],
+        outs=[o.data_ptr() for o in outs],
+        n=[m.shape[0] for m in mats],
+        damping=damping,
         max_tries=max_tries,
         jitter_factor=jitter_factor,
         status=status.data_ptr(),
         damping_used=used.data_ptr(),
         nthreads=_backend.num_threads(),
     )
-    if errors == "raise":
-        failed = (status == CholeskyStatus.FAILED).nonzero().flatten().tolist()
-        if failed:
-            raise NumericalError(
-                f"{OP}: {len(failed)} of {len(ms)} matrices are not positive definite or not finite"
-                f" (indices {failed[:10]}{'...' if len(failed) > 10 else ''})"
-            )
     return DampedInverse(outs, status, used)

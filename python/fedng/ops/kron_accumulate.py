@@ -45,14 +45,28 @@ def kron_accumulate(
         for i, x in enumerate(xs):
             v.shape(OP, "inputs", i, x, (None, ns[i]))
     v.no_alias(OP, "factors", fs, "inputs", xs)
+    run(fs, xs, decay, scales, code)
+    return fs
+
+
+def run(
+    factors: list[torch.Tensor],
+    inputs: list[torch.Tensor],
+    decay: float,
+    scale: list[float],
+    code: int | None = None,
+) -> None:
+    """The native call without any check (see `fedng.ops.trusted`): the arguments must already
+    satisfy everything `kron_accumulate` validates; `scale` has one float per factor."""
+    if not factors:
+        return
     _backend.native.kron_accumulate(
-        dtype=code,
-        inputs=v.ptrs(xs),
-        factors=v.ptrs(fs),
-        n=ns,
-        k=[s[0] for s in xshapes],
+        dtype=v.FLOAT_DTYPES[factors[0].dtype] if code is None else code,
+        inputs=[x.data_ptr() for x in inputs],
+        factors=[f.data_ptr() for f in factors],
+        n=[f.shape[0] for f in factors],
+        k=[x.shape[0] for x in inputs],
         decay=decay,
-        scale=scales,
+        scale=scale,
         nthreads=_backend.num_threads(),
     )
-    return fs

@@ -73,20 +73,41 @@ def kron_precondition(
         if abs_ is not None and gbs is not None:
             v.shape(OP, "inputs", i, abs_[i], (None, ns[i]))
             v.shape(OP, "output_grads", i, gbs[i], (abs_[i].shape[0], ms[i]))
-    dtype = ais[0].dtype
-    outs = [torch.empty((m, k), dtype=dtype) for m, k in zip(ms, ns, strict=True)]
+    return run(gs, ais, gis, abs_, gbs, code=code)
+
+
+def run(
+    grads: list[torch.Tensor] | None,
+    a_inv: list[torch.Tensor],
+    g_inv: list[torch.Tensor],
+    inputs: list[torch.Tensor] | None = None,
+    output_grads: list[torch.Tensor] | None = None,
+    outs: list[torch.Tensor] | None = None,
+    code: int | None = None,
+) -> list[torch.Tensor]:
+    """The native call without any check (see `fedng.ops.trusted`): the arguments must already
+    satisfy everything `kron_precondition` validates; `outs` (allocated when None) are N
+    contiguous [m_i, n_i] tensors of the same dtype that overlap no input."""
+    n = len(a_inv)
+    if n == 0:
+        return []
+    ms = [g.shape[0] for g in g_inv]
+    ns = [a.shape[0] for a in a_inv]
+    dtype = a_inv[0].dtype
+    if outs is None:
+        outs = [torch.empty((m, k), dtype=dtype) for m, k in zip(ms, ns, strict=True)]
     zeros = [0] * n
     _backend.native.kron_precondition(
-        dtype=code,
-        grads=v.ptrs(gs) if gs is not None else zeros,
-        a_inv=v.ptrs(ais),
-        g_inv=v.ptrs(gis),
-        inputs=v.ptrs(abs_) if abs_ is not None else zeros,
-        output_grads=v.ptrs(gbs) if gbs is not None else zeros,
-        outs=v.ptrs(outs),
+        dtype=v.FLOAT_DTYPES[dtype] if code is None else code,
+        grads=[t.data_ptr() for t in grads] if grads is not None else zeros,
+        a_inv=[t.data_ptr() for t in a_inv],
+        g_inv=[t.data_ptr() for t in g_inv],
+        inputs=[t.data_ptr() for t in inputs] if inputs is not None else zeros,
+        output_grads=[t.data_ptr() for t in output_grads] if output_grads is not None else zeros,
+        outs=[t.data_ptr() for t in outs],
         m=ms,
         n=ns,
-        batch=[a.shape[0] for a in abs_] if abs_ is not None else [-1] * n,
+        batch=[t.shape[0] for t in inputs] if inputs is not None else [-1] * n,
         nthreads=_backend.num_threads(),
     )
     return outs

@@ -88,6 +88,7 @@ from fedng.optim.damping import (
     predicted_reduction,
     reduction_ratio,
 )
+from fedng.optim.gather import FlatGrads
 from fedng.optim.safety import (
     Safety,
     all_finite,
@@ -231,6 +232,9 @@ class NaturalGradient:
             self.dtype,
         )
         self.source = PreconditionerSource(mode, self.local_curvature)
+        # Gradients and results as views of two flat buffers (see `fedng.optim.gather`).
+        self._flat = FlatGrads(blocks, self._params, self.dtype) if blocks else None
+        self._names = [b.name for b in blocks]
         self.steps = 0
         self._generator = torch.Generator().manual_seed(self.sketch_seed)
         self._batch_form = False
@@ -322,11 +326,20 @@ class NaturalGradient:
                 " returning the current batch's loss) on inverse steps"
             )
         stats = self.capture.collect(self.fisher_type if factor_step else None)
-        if not all_finite([p.grad for p in self._params if p.grad is not None]):
-            self._skip(t)
-            return
+        flat = self._flat
+        gathered = flat.gather() if flat is not None else None
+        if gathered is not None and flat is not None:
+            grads: list[torch.Tensor | None] = list(gathered)
+            finite = flat.grads_finite() and (not flat.uncovered or all_finite(self._uncovered()))
+            if not finite and not all_finite([p.grad for p in self._params if p.grad is not None]):
+                self._skip(t)
+                return
+        else:
+            if not all_finite([p.grad for p in self._params if p.grad is not None]):
+                self._skip(t)
+                return
+            grads = [b.grad_matrix(self.dtype) for b in self.capture.blocks]
         blocks = self.capture.blocks
-        grads = [b.grad_matrix(self.dtype) for b in blocks]
         self._note_batch(stats)
         if factor_step:
             self.local_curvature.update(stats, self.curvature_decay)
@@ -334,14 +347,26 @@ class NaturalGradient:
             inverse_step, self._damping_rule(), self.damping_mode != "tikhonov" or self._relative
         )
         precond: list[torch.Tensor | None] = (
-            [None] * len(blocks) if pre is None else pre.precondition(grads, stats)
+            [None] * len(blocks)
+            if pre is None
+            else pre.precondition(
+                grads, stats, out=flat.outs if flat is not None and gathered is not None else None
+            )
         )
-        fallbacks = self._fall_back(pre, report, grads, precond)
+        # All outputs in the flat buffer: one reduction is both their finiteness check and, with
+        # the KL clip, sum <p, g> (an overflow or a non-finite output takes the exact path).
+        dot = (
+            flat.dot()
+            if flat is not None and gathered is not None and flat.holds_outputs(precond)
+            else math.nan
+        )
+        fallbacks = self._fall_back(pre, report, grads, precond, math.isfinite(dot))
         for i in self._no_curvature:
             if precond[i] is not None:
                 precond[i] = grads[i]
         if self.source.mode == "local" and self._warn_unseen_blocks:
             self._warn_unseen(grads, precond)
+        fast = flat is not None and math.isfinite(dot) and flat.holds_outputs(precond)
         live = [
             (i, g, p)
             for i, (g, p) in enumerate(zip(grads, precond, strict=True))
@@ -349,30 +374,33 @@ class NaturalGradient:
         ]
         lr = float(self._lr())
         nu = 1.0
-        if self.kl_clip is not None:  # the FedNG client's formula, float op for float op
-            g_dot_p = sum(float((p * g).sum()) for _, g, p in live)
+        if self.kl_clip is not None:  # the FedNG client's formula
+            g_dot_p = dot if fast else sum(float((p * g).sum()) for _, g, p in live)
             if g_dot_p > 0 and lr > 0:  # lr 0 (warm-up, a schedule's end): no step to bound
                 nu = min(1.0, math.sqrt(self.kl_clip / (lr**2 * g_dot_p)))
         self.stats["clipped_steps"] += nu < 1.0
         rho = None
         if adapt and closure is not None and live:
             rho = self._adapt(closure, live, lr * nu)
-        out = [p for _, _, p in live]
-        if nu != 1.0:
-            torch._foreach_mul_(out, nu)
-        dst: list[torch.Tensor] = []
-        src: list[torch.Tensor] = []
-        for (i, _, _), p in zip(live, out, strict=True):
-            blocks[i].grad_pairs(p, dst, src)
-        if dst:
-            torch._foreach_copy_(dst, src)
+        if fast and flat is not None:
+            flat.write_back(nu)
+        else:
+            out = [p for _, _, p in live]
+            if nu != 1.0:
+                torch._foreach_mul_(out, nu)
+            dst: list[torch.Tensor] = []
+            src: list[torch.Tensor] = []
+            for (i, _, _), p in zip(live, out, strict=True):
+                blocks[i].grad_pairs(p, dst, src)
+            if dst:
+                torch._foreach_copy_(dst, src)
         self.last = {
             "step": t,
             "kl_scale": nu,
             "damping": self.damping,
             "rho": rho,
             "inverse": report,
-            "preconditioned": [blocks[i].name for i, _, _ in live],
+            "preconditioned": list(self._names) if fast else [blocks[i].name for i, _, _ in live],
             "skipped": False,
             "fallbacks": fallbacks,
         }
@@ -380,6 +408,11 @@ class NaturalGradient:
         self.capture.recording = self._batch_form or self.steps % self.factor_every == 0
 
     # --- internals ------------------------------------------------------------------------
+
+    def _uncovered(self) -> list[torch.Tensor]:
+        """Gradients of the parameters no block covers entirely."""
+        flat = self._flat
+        return [] if flat is None else [p.grad for p in flat.uncovered if p.grad is not None]
 
     @property
     def _relative(self) -> bool:
@@ -434,15 +467,17 @@ class NaturalGradient:
         report: InverseReport | None,
         grads: list[torch.Tensor | None],
         precond: list[torch.Tensor | None],
+        outputs_finite: bool = False,
     ) -> dict[str, str]:
         """The fallback chain (`fedng.optim.safety`) for this step's failed or non-finite blocks;
-        block name -> stage used. Failed blocks of the own curvature are reset."""
+        block name -> stage used. Failed blocks of the own curvature are reset.
+        `outputs_finite`: the outputs are already known finite (their check is skipped)."""
         self._safety.note("jitter", jittered(report))
         if pre is None:
             return {}
         blocks = self.capture.blocks
-        failed = failed_blocks(report, [b.name for b in blocks])
-        bad = failed | nonfinite_outputs(precond)
+        failed = failed_blocks(report, self._names)
+        bad = failed if outputs_finite else failed | nonfinite_outputs(precond)
         if not bad:
             return {}
         used = fall_back(pre, grads, precond, bad, self.damping, self._relative)

@@ -1,0 +1,108 @@
+"""`FlatGrads`: every block's gradient matrix and preconditioned gradient in two flat buffers.
+
+A step of `NaturalGradient` needs, per block, its gradient as a contiguous [m, n] matrix (weight
+and bias side by side), a preconditioned [m, n] result, a finiteness check of both and, with a KL
+clip, `sum_i <p_i, g_i>`. Done block by block that is a concatenation, an allocation and a
+reduction with a host sync per block: on small layers more time than the kernels. Here the
+matrices are fixed views of two flat buffers, allocated once per model: one batched copy gathers
+all gradients, the preconditioner writes straight into the output views, and one reduction over
+each buffer answers the finiteness checks and the KL product together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from fedng.curvature.blocks import Block
+
+
+def _views(flat: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    out, at = [], 0
+    for m, n in shapes:
+        out.append(flat[at : at + m * n].view(m, n))
+        at += m * n
+    return out
+
+
+class FlatGrads:
+    """Two flat buffers of a model's blocks: gradients (`grads`) and preconditioned ones (`outs`).
+
+    Args:
+        blocks: the curvature blocks.
+        params: every trainable parameter of the model.
+        dtype: the curvature dtype.
+
+    Attributes:
+        grads: per block, a view [m, n] of the gradient buffer.
+        outs: per block, a view [m, n] of the output buffer.
+        uncovered: the parameters no block covers entirely (checked separately).
+    """
+
+    def __init__(
+        self, blocks: Sequence[Block], params: Sequence[torch.Tensor], dtype: torch.dtype
+    ) -> None:
+        self.blocks = list(blocks)
+        shapes = [(b.spec.m, b.spec.n) for b in self.blocks]
+        total = sum(m * n for m, n in shapes)
+        self.g_flat = torch.zeros(total, dtype=dtype)
+        self.p_flat = torch.zeros(total, dtype=dtype)
+        self.grads = _views(self.g_flat, shapes)
+        self.outs = _views(self.p_flat, shapes)
+        covered: dict[int, int] = {}
+        for b in self.blocks:
+            covered[id(b.weight)] = covered.get(id(b.weight), 0) + b._w(b.weight).numel()
+            if b.bias is not None:
+                covered[id(b.bias)] = covered.get(id(b.bias), 0) + b._b(b.bias).numel()
+        self.uncovered = [p for p in params if covered.get(id(p), 0) < p.numel()]
+        # The buffers' side of every (parameter gradient, matrix part) pair, built once.
+        self._g_parts: list[torch.Tensor] | None = None
+        self._p_parts: list[torch.Tensor] | None = None
+        self._src: list[torch.Tensor] = []
+
+    def _parts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self._g_parts is None or self._p_parts is None:
+            g_parts: list[torch.Tensor] = []
+            p_parts: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            for b, gv, pv in zip(self.blocks, self.grads, self.outs, strict=True):
+                b.grad_pairs(gv, grads, g_parts)
+                b.grad_pairs(pv, grads, p_parts)
+            self._g_parts, self._p_parts = g_parts, p_parts
+        return self._g_parts, self._p_parts
+
+    def gather(self) -> list[torch.Tensor] | None:
+        """Copies every block's gradient into `grads` (one batched copy) and returns `grads`;
+        None (nothing copied) when some block's parameters have no gradient."""
+        src: list[torch.Tensor] = []
+        for b in self.blocks:
+            if not b.param_grads(src):
+                return None
+        if src:
+            torch._foreach_copy_(self._parts()[0], src)
+        self._src = src
+        return self.grads
+
+    def write_back(self, scale: float) -> None:
+        """Copies every block's output (times `scale`, unless 1) into the gradients gathered by
+        the last `gather`."""
+        if scale != 1.0:
+            self.p_flat.mul_(scale)
+        if self._src:
+            torch._foreach_copy_(self._src, self._parts()[1])
+        self._src = []  # no reference to this step's gradients beyond the step
+
+    def grads_finite(self) -> bool | None:
+        """Whether the gathered gradients are all finite: True/False, or None when the one sum
+        overflowed on finite entries and only an entry-wise check can tell."""
+        return True if math.isfinite(float(self.g_flat.sum())) else None
+
+    def holds_outputs(self, precond: Sequence[torch.Tensor | None]) -> bool:
+        """Whether every block's preconditioned gradient is its view of `outs`."""
+        return all(p is o for p, o in zip(precond, self.outs, strict=True))
+
+    def dot(self) -> float:
+        """`sum_i <p_i, g_i>` over all blocks (NaN/Inf if an output is not finite, or overflow)."""
+        return float(torch.dot(self.p_flat, self.g_flat))
