@@ -49,6 +49,7 @@ from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.validate import (
     REFERENCE_KEY,
     Rejected,
+    curvature_ratio,
     delta_norm,
     reference_scale,
     safe_check,
@@ -214,12 +215,13 @@ class ServerRound:
                 f"delta norm {nrm:.3g} exceeds {ratio:g} x the reference {self.norm_ref or 0:.3g}",
             )
         refs = self.scale_ref or {}
-        bad = [k for k in sorted(scales) if too_large(scales[k], refs.get(k), ratio)]
+        cratio = curvature_ratio(ratio)
+        bad = [k for k in sorted(scales) if too_large(scales[k], refs.get(k), cratio)]
         if bad:
             k = bad[0]
             return self._reject(
                 cid,
-                f"curvature scale {k} = {scales[k]:.3g} exceeds {ratio:g} x the reference"
+                f"curvature scale {k} = {scales[k]:.3g} exceeds {cratio:g} x the reference"
                 f" {refs.get(k) or 0:.3g}",
             )
         w = float(update.num_examples) if self.total is None else update.num_examples / self.total
