@@ -28,7 +28,7 @@ from fedng.federated.checkpoint import save_model
 from fedng.federated.client.params import get_params, set_params
 from fedng.federated.config.common import ClientConfig, ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
-from fedng.federated.report.history import History, RoundRecord
+from fedng.federated.report.history import History, RoundRecord, fill_round
 from fedng.federated.resume import MODEL_FILE, RunCheckpoint
 from fedng.federated.round import client_step, server_init, server_step
 from fedng.federated.tasks.base import FederatedTask
@@ -182,19 +182,9 @@ def simulate(
         down = len(blob) * len(ids) + probe_bytes[1]
         cum += up + down
         rec = record(r + 1, state.params)
-        log = dict(state.log)
-        reasons = {c: [why] for c, why in undecodable.items()}
-        for c, whys in log.pop("rejected", {}).items():
-            reasons.setdefault(c, []).extend(whys)
-        rec.rejected = {str(c): "; ".join(whys) for c, whys in sorted(reasons.items())}
-        accepted = set(log.pop("accepted", []))
-        rec.server_time_s = float(log.pop("server_time_s", 0.0))
-        rec.server_log = log
-        kept = [ls for cid, ls in zip(ids, losses, strict=True) if cid in accepted]
-        rec.train_loss = float(np.mean(kept)) if kept else math.nan
+        fill_round(rec, state.log, undecodable, dict(zip(ids, losses, strict=True)), ids)
         rec.bytes_up, rec.bytes_down, rec.cum_bytes = up, down, cum
         rec.client_time_s = float(np.mean(times)) if times else 0.0
-        rec.participants = ids
         hist.rounds.append(rec)
         ckpt.save(state, message, rng, client_states, model)
         if bar is not None:

@@ -12,10 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
-
 from fedng._typing import Arrays
-from fedng.federated.algorithms.base import State
 from fedng.federated.client.params import set_params
 from fedng.federated.report.history import RoundRecord
 from fedng.federated.tasks.base import FederatedTask
@@ -43,37 +40,3 @@ def task_evaluator(task: FederatedTask, seed: int) -> Evaluator:
 def no_evaluation(r: int, params: Arrays) -> RoundRecord:
     """A record without metrics (NaN), for runs with no server-side data."""
     return RoundRecord(r, math.nan, math.nan, math.nan, math.nan)
-
-
-def fill_round(
-    rec: RoundRecord,
-    state: State,
-    failed: dict[int, str],
-    losses: dict[int, float],
-    participants: list[int],
-) -> RoundRecord:
-    """Fills `rec` from the server's log and the replies that never reached it.
-
-    Args:
-        rec: the record (metrics, bytes and times already set).
-        state: the server state after the round (its `log`).
-        failed: client id -> why its reply never reached the server step (error, timeout, bytes
-            that do not decode).
-        losses: client id -> its reported training loss.
-        participants: the sampled client ids.
-
-    Returns:
-        `rec`, filled.
-    """
-    log = dict(state.log)
-    reasons = {c: [why] for c, why in failed.items()}
-    for c, whys in log.pop("rejected", {}).items():
-        reasons.setdefault(c, []).extend(whys)
-    rec.rejected = {str(c): "; ".join(whys) for c, whys in sorted(reasons.items())}
-    accepted = set(log.pop("accepted", []))
-    rec.server_time_s = float(log.pop("server_time_s", 0.0))
-    rec.server_log = log
-    kept = [losses.get(c, math.nan) for c in participants if c in accepted]
-    rec.train_loss = float(np.mean(kept)) if kept else math.nan
-    rec.participants = list(participants)
-    return rec

@@ -40,13 +40,13 @@ from fedng.federated.algorithms.base import Answer, State
 from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.config.common import ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
-from fedng.federated.report.history import History, RoundRecord
+from fedng.federated.report.history import History, RoundRecord, fill_round
 from fedng.federated.round import server_init, server_step
 from fedng.federated.simulator import sample_clients
 from fedng.federated.wire import PayloadError
 from fedng.flower.client_app import PROBE_ACTION, QUERY_RECORD
 from fedng.flower.codec import decode_update, encode_message, payload_nbytes
-from fedng.flower.history import Evaluator, fill_round, no_evaluation
+from fedng.flower.history import Evaluator, no_evaluation
 from fedng.flower.persist import ServerCheckpoint
 
 logger = logging.getLogger("fedng.flower")
@@ -397,7 +397,7 @@ class FedNGStrategy(Strategy):
         prev = self.history.rounds[-1].cum_bytes if self.history.rounds else 0
         rec.cum_bytes = prev + up + down
         rec.client_time_s = float(np.mean(times)) if times else 0.0
-        return fill_round(rec, self.state, failed, losses, ids)
+        return fill_round(rec, self.state.log, failed, losses, ids)
 
     def _answerer(
         self,

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 @dataclass
 class RoundRecord:
@@ -123,3 +125,37 @@ def _nan_to_none(x: Any) -> Any:
     if isinstance(x, list):
         return [_nan_to_none(v) for v in x]
     return x
+
+
+def fill_round(
+    rec: RoundRecord,
+    server_log: dict[str, Any],
+    failed: dict[int, str],
+    losses: dict[int, float],
+    participants: list[int],
+) -> RoundRecord:
+    """Fills `rec` from the server's log and the replies that never reached it.
+
+    Args:
+        rec: the record (metrics, bytes and times already set).
+        server_log: the server state's `log` after the round.
+        failed: client id -> why its reply never reached the server step (error, timeout, bytes
+            that do not decode).
+        losses: client id -> its reported training loss.
+        participants: the sampled client ids.
+
+    Returns:
+        `rec`, filled.
+    """
+    log = dict(server_log)
+    reasons = {c: [why] for c, why in failed.items()}
+    for c, whys in log.pop("rejected", {}).items():
+        reasons.setdefault(c, []).extend(whys)
+    rec.rejected = {str(c): "; ".join(whys) for c, whys in sorted(reasons.items())}
+    accepted = set(log.pop("accepted", []))
+    rec.server_time_s = float(log.pop("server_time_s", 0.0))
+    rec.server_log = log
+    kept = [losses.get(c, math.nan) for c in participants if c in accepted]
+    rec.train_loss = float(np.mean(kept)) if kept else math.nan
+    rec.participants = list(participants)
+    return rec
