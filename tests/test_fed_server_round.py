@@ -166,3 +166,21 @@ def test_streaming_refuses_whole_round_stages(change: dict[str, Any]) -> None:
     state.config = state.config.replace(**change)
     with pytest.raises(ValueError, match="need the whole round"):
         ServerRound(state)
+
+
+@pytest.mark.parametrize("algo", ["fedavg", "fedng", "scaffold"])
+def test_streaming_simulation_follows_the_batch_one(algo: str) -> None:
+    """`simulate(streaming=True)` folds each update as it arrives: with honest clients it
+    accepts the same updates, sends the same bytes and lands where the batch server does (up
+    to float summation order; the line search's probe is answered by every client)."""
+    task = blobs_task(num_clients=4, n=40)
+    cc, sc = make_configs(algo, {"local_steps": 3})
+    batch = simulate(task, cc, sc, rounds=3, participation=0.75, seed=2)
+    stream = simulate(task, cc, sc, rounds=3, participation=0.75, seed=2, streaming=True)
+    for b, s in zip(batch.rounds[1:], stream.rounds[1:], strict=True):
+        assert s.participants == b.participants and s.rejected == b.rejected == {}
+        assert abs(s.bytes_up - b.bytes_up) <= 8 * len(b.participants)
+        assert s.bytes_down == b.bytes_down
+        assert abs(s.test_loss - b.test_loss) <= 1e-4 * abs(b.test_loss) + 1e-6
+        if algo == "fedng":
+            assert s.server_log["probe_answered"] == len(b.participants)

@@ -180,3 +180,38 @@ def test_a_round_driven_through_flowers_strategy_interface() -> None:
     assert strategy.state is not None and want.state is not None and arrays is not None
     assert strategy.state.round == 3
     assert all(torch.equal(strategy.state.params[k], v) for k, v in want.state.params.items())
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedng"])
+def test_streaming_strategy_equals_the_streaming_simulator(algorithm: str) -> None:
+    """`streaming = true`: each reply is validated and folded as it arrives (`ServerRound`, and
+    FedNG's line search on the grid). Replies in send order give `simulate(streaming=True)`'s
+    history bit for bit; in another order, the same run up to float summation order."""
+    spec = RunSpec(
+        algorithm=algorithm,
+        rounds=3,
+        participation=0.75,
+        seed=5,
+        streaming=True,
+        settings={"local_steps": 3, "batch_size": 16},
+    )
+    task = small_task(spec)
+    client, server = spec.configs()
+    expected = simulate(task, client, server, rounds=3, participation=0.75, seed=5, streaming=True)
+    assert all(r.rejected == {} for r in expected.rounds)
+    grid = LocalGrid(make_client_app(small_task), 4, spec.to_run_config())
+    strategy = run_server(grid, spec, task)
+    assert comparable(strategy.history) == comparable(expected)
+    if algorithm == "fedng":
+        assert expected.rounds[-1].server_log["probe_answered"] == 3
+    shuffled = run_server(
+        LocalGrid(make_client_app(small_task), 4, spec.to_run_config(), last_first=True),
+        spec,
+        task,
+    )
+    for got, want in zip(shuffled.history.rounds, expected.rounds, strict=True):
+        assert got.participants == want.participants and got.rejected == want.rejected
+        # the payloads' JSON metrics (train loss) may print a digit more or less
+        assert abs(got.bytes_up - want.bytes_up) <= 8 * len(want.participants)
+        assert got.bytes_down == want.bytes_down
+        assert math.isclose(got.test_loss, want.test_loss, rel_tol=1e-4, abs_tol=1e-6)

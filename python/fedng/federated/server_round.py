@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from fedng.federated.algorithms.base import Accumulator, Algorithm, State
+from fedng.federated.algorithms.base import Accumulator, Algorithm, Answer, State
 from fedng.federated.algorithms.curvature_payload import (
     curvature_scales,
     signature,
@@ -334,3 +334,31 @@ def _is_int(x: object) -> bool:
 def _param_norm(state: State) -> float:
     total = sum(float((v.double() ** 2).sum()) for v in state.params.values())
     return math.sqrt(total)
+
+
+def stream_step(
+    state: State,
+    updates: list[ClientUpdate],
+    answer: Answer | None = None,
+) -> tuple[State, ServerMessage]:
+    """A whole round through `ServerRound`, the updates folded in the order given: what a
+    streaming deployment computes when its replies arrive in that order (the in-process
+    simulator's `simulate(streaming=True)` and the Flower strategy's streaming mode use it).
+
+    Args:
+        state: the server state (not modified).
+        updates: the round's updates, in arrival order.
+        answer: carries a second-phase probe to the accepted clients and returns their replies
+            (None: the round finishes without them; probed blocks then keep the mean).
+
+    Returns:
+        (new state, message for the next round).
+    """
+    rnd = ServerRound(state)
+    for update in updates:
+        rnd.add(update)
+    probe = rnd.probe()
+    if probe is not None and answer is not None:
+        for reply in answer(probe, rnd.accepted_ids):
+            rnd.add_reply(reply)
+    return rnd.finish()

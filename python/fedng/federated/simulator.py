@@ -31,6 +31,7 @@ from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.report.history import History, RoundRecord, fill_round
 from fedng.federated.resume import MODEL_FILE, RunCheckpoint
 from fedng.federated.round import client_step, server_init, server_step
+from fedng.federated.server_round import stream_step
 from fedng.federated.tasks.base import FederatedTask
 from fedng.federated.wire import PayloadError
 
@@ -61,6 +62,7 @@ def simulate(
     tamper_bytes: TamperBytes | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    streaming: bool = False,
 ) -> History:
     """Runs one federated training and returns its history.
 
@@ -86,6 +88,10 @@ def simulate(
             configs, seed and participation; `rounds` may be larger than the checkpoint's). The
             result is bit-identical to an uninterrupted run. Without a checkpoint the run starts
             from round 0.
+        streaming: run each round's server through `ServerRound`, the updates folded one at a
+            time in client-id order (memory flat in the number of clients; references from the
+            previous round, see `fedng.federated.server_round`) instead of the batch
+            `server_step`. Robust aggregation and DP need the batch server.
 
     Returns:
         The `History` (round 0 = the initial model).
@@ -177,7 +183,8 @@ def simulate(
             except PayloadError as err:
                 undecodable[cid] = f"does not decode: {err}"
             losses.append(upd.metrics.get("train_loss", math.nan))
-        state, message = server_step(state, updates, _answerer(algo, sent, probe_bytes))
+        step = stream_step if streaming else server_step
+        state, message = step(state, updates, _answerer(algo, sent, probe_bytes))
         up += probe_bytes[0]
         down = len(blob) * len(ids) + probe_bytes[1]
         cum += up + down

@@ -10,6 +10,7 @@ whose nested tables become dotted keys. fedng reads:
     timeout = 600.0              seconds a round waits for replies
     checkpoint-dir = ""          where the server checkpoints after each round ("" = nowhere)
     resume = false               continue from checkpoint-dir's last complete round
+    streaming = false            fold each reply into running sums as it arrives (ServerRound)
     task = "digits"              a fedng task (fedng.federated.TASKS) ...
     [task-args]                  ... and its `make_task` keywords (num_clients, alpha, beta, seed)
     [settings]                   `make_configs` settings (lr, local_steps, curvature, prox_mu, ...)
@@ -41,6 +42,7 @@ _SCALARS = {
     "timeout": "timeout",
     "checkpoint-dir": "checkpoint_dir",
     "resume": "resume",
+    "streaming": "streaming",
     "task": "task",
 }
 _TABLES = {"task-args": "task_args", "settings": "settings"}
@@ -58,6 +60,11 @@ class RunSpec:
         timeout: seconds a round waits for its replies.
         checkpoint_dir: the server's checkpoint folder ("" for none).
         resume: continue from the checkpoint in `checkpoint_dir`.
+        streaming: fold each reply into the round's running sums as it arrives
+            (`fedng.federated.ServerRound`: memory flat in the number of clients, the same
+            result as `simulate(streaming=True)` up to float summation order); otherwise the
+            round is validated and aggregated at its end in client-id order, bit-identical to
+            `simulate`.
         task: a task of `fedng.federated.TASKS` (used by the ready-made apps).
         task_args: `make_task` keywords.
         settings: `make_configs` settings.
@@ -70,6 +77,7 @@ class RunSpec:
     timeout: float = 600.0
     checkpoint_dir: str = ""
     resume: bool = False
+    streaming: bool = False
     task: str = "digits"
     task_args: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)

@@ -61,6 +61,7 @@ def build_strategy(
         on_round=on_round,
         checkpoint=checkpoint,
         resume=spec.resume,
+        streaming=spec.streaming,
     )
     return strategy, arrays_to_record(get_params(model))
 

@@ -42,6 +42,7 @@ from fedng.federated.config.common import ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.report.history import History, RoundRecord, fill_round
 from fedng.federated.round import server_init, server_step
+from fedng.federated.server_round import ServerRound
 from fedng.federated.simulator import sample_clients
 from fedng.federated.wire import PayloadError
 from fedng.flower.client_app import PROBE_ACTION, QUERY_RECORD
@@ -74,10 +75,29 @@ class _BatchRound:
         return server_step(self.state, sorted(self.updates, key=lambda u: u.client_id), answer)
 
 
-def begin_round(state: State) -> _BatchRound:
+class _StreamRound:
+    """`fedng.federated.ServerRound` behind the same interface: each reply is validated and
+    folded into running sums as it arrives (memory flat in the number of clients)."""
+
+    def __init__(self, state: State) -> None:
+        self.round = ServerRound(state)
+
+    def add(self, update: ClientUpdate) -> None:
+        self.round.add(update)
+
+    def finish(self, answer: Answer | None = None) -> tuple[State, ServerMessage]:
+        """Runs the second phase (if the algorithm has one) through `answer`, then finishes."""
+        probe = self.round.probe()
+        if probe is not None and answer is not None:
+            for reply in answer(probe, self.round.accepted_ids):
+                self.round.add_reply(reply)
+        return self.round.finish()
+
+
+def begin_round(state: State, streaming: bool = False) -> _BatchRound | _StreamRound:
     """The server side of one round, fed one decoded update at a time (the one place that picks
-    the server's round implementation)."""
-    return _BatchRound(state)
+    the server's round implementation): streaming (`ServerRound`), or batch at the round's end."""
+    return _StreamRound(state) if streaming else _BatchRound(state)
 
 
 def arrays_to_record(params: Arrays) -> ArrayRecord:
@@ -103,6 +123,9 @@ class FedNGStrategy(Strategy):
         on_round: called after every round with the new state and the history.
         checkpoint: where to checkpoint the server after every round (None: nowhere).
         resume: continue from `checkpoint`'s last complete round when it holds one.
+        streaming: validate and fold each reply into running sums as it arrives
+            (`fedng.federated.ServerRound`); otherwise the round is validated and aggregated at
+            its end, in client-id order (bit-identical to `simulate`).
         poll_interval: seconds between two pulls while replies are outstanding.
 
     Attributes:
@@ -122,6 +145,7 @@ class FedNGStrategy(Strategy):
         on_round: RoundHook | None = None,
         checkpoint: ServerCheckpoint | None = None,
         resume: bool = False,
+        streaming: bool = False,
         poll_interval: float = 0.05,
     ) -> None:
         if not 0 < participation <= 1:
@@ -138,6 +162,7 @@ class FedNGStrategy(Strategy):
         self.on_round = on_round
         self.checkpoint = checkpoint
         self.resume = resume
+        self.streaming = streaming
         self.poll_interval = poll_interval
         self.state: State | None = None
         self.message: ServerMessage | None = None
@@ -174,7 +199,7 @@ class FedNGStrategy(Strategy):
         state. Replies that cannot be used are logged with their reason."""
         if self.state is None:
             raise RuntimeError("FedNGStrategy: call start() (it initializes the server state)")
-        rnd = begin_round(self.state)
+        rnd = begin_round(self.state, self.streaming)
         failed: dict[int, str] = {}
         losses: dict[int, float] = {}
         for reply in replies:
@@ -377,7 +402,7 @@ class FedNGStrategy(Strategy):
         targets = self._targets(grid, ids, failed)
         msgs = self._messages(targets, server_round)
         down = payload_nbytes(msgs[0].content) * len(msgs) if msgs else 0
-        rnd = begin_round(self.state)
+        rnd = begin_round(self.state, self.streaming)
         up, times = 0, []
         for node, reply in self._exchange(grid, msgs, timeout):
             cid = targets[node]
@@ -440,7 +465,7 @@ class FedNGStrategy(Strategy):
 
     @staticmethod
     def _fold(
-        rnd: _BatchRound,
+        rnd: _BatchRound | _StreamRound,
         cid: int,
         reply: Message,
         failed: dict[int, str],
