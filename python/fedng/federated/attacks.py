@@ -51,10 +51,9 @@ def choose_attackers(num_clients: int, fraction: float, seed: int) -> list[int]:
 
 def _rescaled_curvature(update: ClientUpdate, c: float) -> ClientUpdate:
     cs = decode(update)
-    if cs is None or not isinstance(cs.reps.get("kfac"), KFAC):
+    rep = None if cs is None else cs.reps.get("kfac")
+    if cs is None or not isinstance(rep, KFAC):
         return update
-    rep = cs.reps["kfac"]
-    assert isinstance(rep, KFAC)  # narrowed for mypy: checked just above
     rep.A = [a * c for a in rep.A]
     rep.G = [g / c for g in rep.G]
     dtype = next(iter(update.curvature.values())).dtype

@@ -321,7 +321,8 @@ class FedNGStrategy(Strategy):
         into: RoundRecord | None = None,
     ) -> RoundRecord:
         """The round's record with the evaluator's metrics (and Flower's `evaluate_fn`)."""
-        assert self.state is not None
+        if self.state is None:
+            raise RuntimeError("FedNGStrategy: call start() (it initializes the server state)")
         rec = self.evaluator(r, self.state.params)
         if into is not None:
             into.metric, into.test_loss = rec.metric, rec.test_loss
@@ -386,7 +387,8 @@ class FedNGStrategy(Strategy):
         return out
 
     def _messages(self, targets: dict[int, int], server_round: int) -> list[Message]:
-        assert self.message is not None
+        if self.message is None:
+            raise RuntimeError("FedNGStrategy: call start() (it builds the first broadcast)")
         content = encode_message(self.message)
         return [
             Message(content, node, MessageType.TRAIN, group_id=str(server_round))
@@ -395,7 +397,8 @@ class FedNGStrategy(Strategy):
 
     def _run_round(self, grid: Grid, server_round: int, timeout: float) -> RoundRecord:
         """One round: sample, broadcast, fold every reply as it arrives, finish."""
-        assert self.state is not None and self.message is not None
+        if self.state is None or self.message is None:
+            raise RuntimeError("FedNGStrategy: call start() (it initializes the server state)")
         failed: dict[int, str] = {}
         losses: dict[int, float] = {}
         ids = self._sample(server_round)

@@ -96,6 +96,7 @@ def add_lora(
         parent_name, _, child = t.rpartition(".")
         parent = modules[parent_name] if parent_name else model
         base = modules[t]
-        assert isinstance(base, nn.Linear)
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"add_lora: {t!r} is a {type(base).__name__}, not an nn.Linear")
         setattr(parent, child, LoRALinear(base, rank, alpha))
     return model
