@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from _fed import blobs_task
+from _fed import blobs_task, fed_round
 from fedng.federated import wire
 from fedng.federated.algorithms.curvature_payload import attach_curvature, decoded_curvature
 from fedng.federated.client import get_params
@@ -27,19 +27,7 @@ def make_round(
     algo: str = "fedng", extra: dict[str, Any] | None = None, n: int = 4, rounds: int = 0
 ) -> tuple[ServerState[Any], list[ClientUpdate]]:
     """The server state after `rounds` honest rounds, and the next round's decoded updates."""
-    task = blobs_task(num_clients=n, n=30)
-    cc, sc = make_configs(algo, {"local_steps": 3, **(extra or {})})
-    model = task.model_fn(0)
-    state, msg = server_init(get_params(model), sc)
-
-    def updates() -> list[ClientUpdate]:
-        return [
-            ClientUpdate.from_bytes(client_step(model, c, msg, cc).to_bytes()) for c in task.clients
-        ]
-
-    for _ in range(rounds):
-        state, msg = server_step(state, updates())
-    return state, updates()
+    return fed_round(algo, extra, n, rounds)
 
 
 def assert_same(a: ServerState[Any], b: ServerState[Any]) -> None:
