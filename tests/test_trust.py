@@ -116,8 +116,9 @@ def test_trust_region_factory() -> None:
     r = trust_region("adaptive", 1e-1)
     assert r is not None and r.radius == DEFAULT_INITIAL_RADIUS
     assert r.rule.min_radius == pytest.approx(1e-1 * MIN_RADIUS_FRACTION)
-    small = trust_region("adaptive", 1e-4)
-    assert small is not None and small.radius == 1e-4  # never above the hard bound
+    for clip in (1e-4, 1e-2):  # an explicit bound: the radius starts where a fixed clip was
+        given = trust_region("adaptive", clip)
+        assert given is not None and given.radius == clip
     with pytest.raises(ValueError, match="'trust' must be one of"):
         trust_region("sometimes", 1e-2)
 

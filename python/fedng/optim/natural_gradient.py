@@ -145,10 +145,11 @@ class NaturalGradient:
         sketch_seed: seed of the low-rank sketches (shared by every party whose sketches are
             summed); it also seeds the Monte-Carlo labels unless `mc_backward` gets a generator.
         damping_bounds: (min, max) of λ in adaptive mode.
-        trust: "adaptive" (default): the bound on the step's KL estimate is a radius that starts
-            at `min(kl_clip, 1e-3)` and adapts inside `[kl_clip / 1000, kl_clip]` to the ratio
-            of the observed to the predicted loss reduction (`fedng.optim.trust`; no closure
-            needed); "fixed": the bound is `kl_clip` itself. Ignored when `kl_clip` is None.
+        trust: "adaptive" (default): the bound on the step's KL estimate is a radius that adapts
+            inside `[kl_clip / 1000, kl_clip]` to the loss change observed along each step
+            (`fedng.optim.trust`; no closure needed), starting at 1e-3 under the default
+            `kl_clip` and at `kl_clip` under an explicit one; "fixed": the bound is `kl_clip`
+            itself. Ignored when `kl_clip` is None.
         source: "local" or "none" (`set_global` turns a "local" optimizer "global" or "mixed").
         warn_unsupported: warn about layers whose gradients stay plain: an
             `UnsupportedLayerWarning` for unsupported layers on construction, a RuntimeWarning for

@@ -34,13 +34,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedng.optim.config import WHERE
+from fedng.optim.config import DEFAULT_KL_CLIP, WHERE
 
 TRUST_MODES: tuple[str, ...] = ("adaptive", "fixed")
 """`trust`: the radius adapts inside `[min_radius, kl_clip]`, or it is `kl_clip` itself."""
 
 DEFAULT_INITIAL_RADIUS = 1e-3
-"""The adaptive radius starts at `min(kl_clip, DEFAULT_INITIAL_RADIUS)`."""
+"""Where the adaptive radius starts under the default hard bound `DEFAULT_KL_CLIP`; under any
+other `kl_clip` it starts at that bound (where a fixed clip was), and adapts from there."""
 
 MIN_RADIUS_FRACTION = 1e-3
 """The least adaptive radius, as a fraction of `kl_clip`."""
@@ -238,4 +239,6 @@ def trust_region(mode: object, kl_clip: float | None) -> TrustRegion | None:
     if mode == "fixed" or kl_clip is None:
         return None
     rule = TrustRule(max_radius=kl_clip, min_radius=kl_clip * MIN_RADIUS_FRACTION)
-    return TrustRegion(rule, radius=min(kl_clip, DEFAULT_INITIAL_RADIUS))
+    # An explicit bound keeps the fixed clip's start (and the results measured with it).
+    start = DEFAULT_INITIAL_RADIUS if kl_clip == DEFAULT_KL_CLIP else kl_clip
+    return TrustRegion(rule, radius=start)
