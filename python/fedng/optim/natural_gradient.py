@@ -653,6 +653,7 @@ class NaturalGradient:
             "damping_scale": self.damping_scale,
             "stats": copy.deepcopy(self.stats),
             "trust": None if self._trust is None else self._trust.state_dict(),
+            "damping_peaks": copy.deepcopy(self._damping_floor.peaks),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -692,6 +693,7 @@ class NaturalGradient:
         self._batch_form = bool(state.get("batch_form", False))
         self._generator.set_state(state["generator"])
         self._safety.load(state.get("stats"))
+        self._damping_floor.peaks = copy.deepcopy(state.get("damping_peaks", {}))
         if self._trust is not None:
             trust = state.get("trust")
             if isinstance(trust, dict):

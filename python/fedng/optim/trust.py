@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -202,8 +203,9 @@ class TrustRegion:
         """Drops the previous step (a skipped step: nothing to compare with)."""
         self._prev = None
 
-    def state_dict(self) -> dict[str, float | int | None]:
-        """The radius, c's average and the counters (the previous step is not kept)."""
+    def state_dict(self) -> dict[str, Any]:
+        """The radius, c's average, the counters and the previous step (copies)."""
+        prev = self._prev
         return {
             "radius": self.radius,
             "c": self.c,
@@ -212,10 +214,18 @@ class TrustRegion:
             "n": self._n,
             "grown": self.grown,
             "shrunk": self.shrunk,
+            "prev": None
+            if prev is None
+            else {
+                "params": [t.clone() for t in prev[0]],
+                "grads": [t.clone() for t in prev[1]],
+                "taken": prev[2],
+                "clipped": prev[3],
+            },
         }
 
-    def load_state_dict(self, state: dict[str, float | int | None]) -> None:
-        """Restores `state_dict()` (the next step observes nothing: no previous step kept)."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores `state_dict()`: the next step observes the same previous step."""
         self.radius = self.rule.bounded(float(state.get("radius") or self.radius))
         c = state.get("c")
         self.c = None if c is None else float(c)
@@ -224,7 +234,17 @@ class TrustRegion:
         self._n = int(state.get("n") or 0)
         self.grown = int(state.get("grown") or 0)
         self.shrunk = int(state.get("shrunk") or 0)
-        self._prev = None
+        prev = state.get("prev")
+        self._prev = (
+            None
+            if not isinstance(prev, dict)
+            else (
+                [t.clone() for t in prev["params"]],
+                [t.clone() for t in prev["grads"]],
+                float(prev["taken"]),
+                bool(prev["clipped"]),
+            )
+        )
 
 
 def trust_region(mode: object, kl_clip: float | None) -> TrustRegion | None:
