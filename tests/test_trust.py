@@ -126,7 +126,7 @@ def test_trust_region_factory() -> None:
 # --- inside NaturalGradient ----------------------------------------------------------------
 
 
-def softmax_regression(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+def softmax_regression(seed: int = 0) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
     x = torch.randn(128, 5)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
@@ -138,7 +138,7 @@ def train(ng: NaturalGradient, x: torch.Tensor, y: torch.Tensor, lr: float, step
     for _ in range(steps):
         opt.zero_grad()
         loss = F.cross_entropy(ng.model(x), y)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         ng.step()
         opt.step()
     return float(loss.detach())
@@ -175,7 +175,9 @@ def test_fixed_trust_keeps_the_clip_and_state_round_trips() -> None:
     assert again._trust is not None and ng._trust is not None
     assert again._trust.radius == ng._trust.radius and again._trust.c == ng._trust.c
     assert again._trust._prev is not None and ng._trust._prev is not None
-    assert all(torch.equal(a, b) for a, b in zip(again._trust._prev[0], ng._trust._prev[0]))
+    assert all(
+        torch.equal(a, b) for a, b in zip(again._trust._prev[0], ng._trust._prev[0], strict=True)
+    )
     with pytest.raises(ValueError, match="'trust'"):
         NaturalGradient(model, trust="never")
 
