@@ -118,20 +118,22 @@ class SecureRound:
     Attributes:
         passes: secure passes run.
         scales: per segment the scale of the main pass.
-        bound: per part name the bound on each entry's quantization error (original units).
+        bound: per part name, per entry, the bound on its quantization error (original units).
         clipped: weighted mean fraction of clipped entries (main pass; 0 when none was).
         probe_clipped: the same for the line-search answers.
         levels: quantization levels Q of the main pass.
         sums: the secure sums (`d/`, `fd/`, `c/` parts; `ls` the line-search mean).
+        probe: the line-search message the clients answered (None without a probe pass).
     """
 
     passes: int = 0
     scales: list[float] = field(default_factory=list)
-    bound: dict[str, float] = field(default_factory=dict)
+    bound: dict[str, torch.Tensor] = field(default_factory=dict)
     clipped: float = 0.0
     probe_clipped: float = 0.0
     levels: int = 0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    probe: ServerMessage | None = None
 
     def log(self) -> dict[str, Any]:
         """The JSON-able summary kept in the round's server log."""
@@ -140,7 +142,7 @@ class SecureRound:
             "levels": self.levels,
             "clipped_fraction": self.clipped,
             "probe_clipped_fraction": self.probe_clipped,
-            "max_bound": max(self.bound.values(), default=0.0),
+            "max_bound": max((float(v.max()) for v in self.bound.values()), default=0.0),
         }
 
 
@@ -364,9 +366,8 @@ def secure_round(
     parts, rep.clipped = unpack_mean(template, main.mean, scales)
     rep.scales, rep.levels = scales, main.levels
     beta = error_bound(len(present), main.levels, main.total_weight)
-    seg_of = iter(scales)
-    for name, _, segs in template.parts:
-        rep.bound[name] = beta * max(next(seg_of) for _ in segs)
+    per_entry, _ = unpack_mean(template, np.ones(template.size), scales)
+    rep.bound = {k: beta * v.double() for k, v in per_entry.items()}
     rep.sums = dict(parts)
     if not all(bool(torch.isfinite(v).all()) for v in parts.values()):
         return done("secure sums are not finite", [])
@@ -384,7 +385,8 @@ def secure_round(
         else:
             ws = secagg_weights([main.num_examples[n] for n in present], main.levels, weight)
             s_r = probe_scale(probe, pooled, min(ws) / sum(ws))
-            wire = probe.seal().to_bytes()
+            rep.probe = probe.seal()
+            wire = rep.probe.to_bytes()
             ask = {PHASE: PROBE, WIRE_KEY: wire, SCALES: _scale_bytes([s_r])}
             third = _pass(inp, present, ask, weight)
             rep.passes += 1
@@ -394,6 +396,8 @@ def secure_round(
                 vals[:, 1] = vals[:, 1].clamp_min(0.0)  # quantization noise around 0
                 rep.probe_clipped = float(third.mean[-1])
                 rep.sums["ls"] = vals.clone()
+                beta_r = error_bound(len(third.num_examples), third.levels, third.total_weight)
+                rep.bound["ls"] = torch.full_like(vals, s_r * beta_r)
                 reply = ClientUpdate(
                     -1, state.round, {}, 1,
                     extras={REPLY_KEY: vals.float()}, meta={"phase": PROBE_PHASE},
