@@ -20,7 +20,7 @@ pytest.importorskip("flwr", reason="needs the flower extra (Python >= 3.11)")
 
 import numpy as np
 import torch
-from fedng.curvature import CurvatureSet
+from fedng.curvature import CurvatureSet, DiagonalFisher
 from fedng.federated import FederatedTask, make_configs
 from fedng.federated.aggregation.matvec import block_vectors
 from fedng.federated.messages import ClientUpdate
@@ -89,7 +89,9 @@ def plain_means(
 ) -> dict[str, torch.Tensor]:
     """The float64 weighted means of every summable part (the plaintext server's sums), or of
     their absolute values (what bounds the float32 rounding of those sums)."""
-    n = torch.tensor([1.0 if uniform else float(u.num_examples) for u in updates], dtype=torch.float64)
+    n = torch.tensor(
+        [1.0 if uniform else float(u.num_examples) for u in updates], dtype=torch.float64
+    )
     p = n / n.sum()
     out: dict[str, torch.Tensor] = {}
     for u, w in zip(updates, p, strict=True):
@@ -150,7 +152,9 @@ def diag_merge(
     e_p = float(bound["c/diag"].max())
     xs, errs = [], []
     for i, (m, s) in enumerate(zip(mb, sb, strict=True)):
-        p = cs.reps["diag"].diag[i].double().reshape(m.shape)
+        rep = cs.reps["diag"]
+        assert isinstance(rep, DiagonalFisher)
+        p = rep.diag[i].double().reshape(m.shape)
         m, s = m.double(), s.double()
         lam = rel * float(p.sum().clamp_min(0)) / p.numel()
         e_l = rel * e_p
@@ -202,7 +206,9 @@ def test_mean_round_model_equals_plaintext_within_the_quantization_bound() -> No
     mags = plain_means(sent_updates(grid), absolute=True)
     spec = spec_of(settings_)
     task = digits()
-    plain = run_server(LocalGrid(make_client_app(lambda s: task), NODES, spec.to_run_config()), spec, task)
+    plain = run_server(
+        LocalGrid(make_client_app(lambda s: task), NODES, spec.to_run_config()), spec, task
+    )
     rep = strategy.reports[-1]
     sec, ref = strategy.state, plain.state
     assert sec is not None and ref is not None
@@ -215,3 +221,160 @@ def test_mean_round_model_equals_plaintext_within_the_quantization_bound() -> No
     v = ref.buffers["curv/kfac"]
     tol = rep.bound["c/kfac"] + gamma * (v.double().abs() + mags["c/kfac"])
     assert_within(sec.buffers["curv/kfac"], v, tol, "global curvature")
+
+
+def test_distributed_dp_composes_clients_noise_before_masking() -> None:
+    """dp_mode="distributed": each client clips and adds its noise share before SecAgg+ masks
+    it, with weight 1; the secure mean is the uniform mean of those private updates, and the
+    line search is answered from the pooled (private) curvature: no third pass."""
+    knobs = {
+        "dp_clip": 0.05,
+        "dp_curvature_clip": 1.0,
+        "dp_noise_multiplier": 0.5,
+        "dp_mode": "distributed",
+        "dp_clients": NODES,
+        "dp_seed": 5,
+    }
+    strategy, grid = secure_run(knobs)
+    rep = strategy.reports[-1]
+    assert rep.passes == 2 and strategy.state is not None
+    assert strategy.state.log["aggregation"] == "summable"
+    ups = sent_updates(grid)
+    want = plain_means(ups, uniform=True)
+    for k, v in want.items():
+        assert_within(rep.sums[k], v, rep.bound[k], k)
+    joint = sum(
+        float((v.double() ** 2).sum()) for u in ups for v in {**u.delta, **u.extras}.values()
+    )
+    assert joint > 0 and all(torch.isfinite(v).all() for v in strategy.state.params.values())
+
+
+@pytest.mark.parametrize(
+    ("settings_", "needle"),
+    [
+        ({"robust": "median"}, "robust aggregation"),
+        ({"aggregation": "fisher"}, "exact Fisher merge"),
+        ({"curvature_check": "full"}, "curvature_check='full'"),
+        ({"dp_clip": 0.1, "dp_noise_multiplier": 1.0}, "central DP"),
+    ],
+)
+def test_configs_that_need_each_clients_payload_are_refused(
+    settings_: dict[str, Any], needle: str
+) -> None:
+    client, server = make_configs("fedng", settings_)
+    with pytest.raises(ValueError, match="secure aggregation: ") as err:
+        check_secure(client, server)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_algorithms_that_aggregate_a_list_are_refused() -> None:
+    client, server = make_configs("scaffold", {})
+    with pytest.raises(ValueError, match="scaffold aggregates a list of updates"):
+        check_secure(client, server)
+    client, server = make_configs("fedavg", {})
+    check_secure(client, server)  # a weighted sum: fine
+
+
+def test_a_node_sending_a_malformed_masked_vector_fails_the_round_not_the_server() -> None:
+    """SecAgg+ cannot attribute a masked vector of the wrong length to anyone: the round is
+    skipped (model unchanged), and the server keeps running."""
+    victim = {"done": False}
+
+    def tamper(node: int, reply: Any) -> Any:
+        if reply.has_content() and RECORD_KEY_CONFIGS in reply.content.config_records:
+            cfg = reply.content.config_records[RECORD_KEY_CONFIGS]
+            if Key.MASKED_PARAMETERS in cfg and not victim["done"]:
+                victim["done"] = True
+                arrs = list(cfg[Key.MASKED_PARAMETERS])
+                short = np.zeros(3, dtype=np.int64)
+                from flwr.common import ndarray_to_bytes
+
+                cfg[Key.MASKED_PARAMETERS] = [*arrs[:-1], ndarray_to_bytes(short)]
+        return reply
+
+    strategy, _ = secure_run({}, on_reply=tamper)
+    state = strategy.state
+    assert state is not None and victim["done"]
+    assert "SecAgg+ failed" in state.log["skipped"]
+    assert state.log["accepted"] == []
+    init = strategy.history.rounds[0]
+    assert strategy.history.rounds[-1].metric == init.metric  # the model did not move
+
+
+def test_a_client_lost_in_the_main_pass_is_unmasked_around() -> None:
+    """SecAgg+'s dropout recovery: a node whose masked vector never arrives is left out, its
+    pairwise masks removed from the shares of the others; the mean is the other three's."""
+    seen: dict[int, int] = {}
+    lost = {"node": -1}
+
+    def drop(node: int, reply: Any) -> Any:
+        cfg = reply.content.config_records.get(RECORD_KEY_CONFIGS) if reply.has_content() else None
+        if cfg is not None and Key.MASKED_PARAMETERS in cfg:
+            seen[node] = seen.get(node, 0) + 1
+            if seen[node] == 2 and lost["node"] < 0:  # its main-pass vector
+                lost["node"] = node
+                return None
+        return reply
+
+    strategy, grid = secure_run({}, on_reply=drop)
+    rep = strategy.reports[-1]
+    state = strategy.state
+    assert state is not None and lost["node"] > 0
+    gone = grid.contexts[lost["node"]].node_config["partition-id"]
+    assert sorted(state.log["accepted"]) == [c for c in range(NODES) if c != gone]
+    ups = [u for u in sent_updates(grid) if u.client_id != gone]
+    for k, v in plain_means(ups).items():
+        assert_within(rep.sums[k], v, rep.bound[k], k)
+
+
+# --- the fixed-point vector (no Flower) -------------------------------------------------------
+
+
+magnitudes = st.lists(st.floats(-50, 30), min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(magnitudes, st.integers(0, 2**31 - 1))
+def test_range_scales_cover_every_entry_so_nothing_is_clipped(exps: list[float], seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    arrays = {f"d/p{i}": torch.randn(3, 2, generator=gen) * 2.0**e for i, e in enumerate(exps)}
+    tpl = Template(tuple((k, (3, 2), (6,)) for k in arrays), None)
+    hist = range_vector(tpl, arrays)
+    assert hist.sum() == tpl.segments and hist.size == tpl.segments * BUCKETS
+    scales = scales_from_histogram(hist, tpl.segments, 0.5)
+    vec, clipped = main_vector(tpl, arrays, scales)
+    assert clipped == 0 and vec[-1] == 0.0 and float(np.abs(vec).max()) <= 1.0
+    back, frac = unpack_mean(tpl, vec, scales)
+    assert frac == 0.0
+    for k, v in arrays.items():  # one client: the mean is the vector itself (float32 round trip)
+        assert torch.equal(back[k], v)
+
+
+def test_entries_beyond_the_scale_are_clipped_and_counted() -> None:
+    x = {"d/w": torch.tensor([0.5, -3.0, float("nan"), 1.0])}
+    tpl = Template((("d/w", (4,), (4,)),), None)
+    vec, clipped = main_vector(tpl, x, [1.0])
+    assert clipped == 2 and vec[-1] == 0.5
+    assert vec[:-1].tolist() == [0.5, -1.0, 0.0, 1.0]
+    assert exponents(tpl, {"d/w": torch.zeros(4)}).tolist() == [E_MIN]
+    with pytest.raises(ValueError, match="1 positive scales expected"):
+        main_vector(tpl, x, [0.0])
+
+
+def test_kfac_payloads_get_one_scale_per_factor() -> None:
+    """A and G triangles of each K-FAC block are segments of their own (their magnitudes differ
+    by orders), and the template travels as JSON."""
+    _, grid = secure_run({})
+    tpl, _ = payload_parts(sent_updates(grid)[0])
+    segs = dict((n, s) for n, _, s in tpl.parts)["c/kfac"]
+    assert len(segs) == 2 * 2  # two Linear layers, A and G each
+    assert Template.from_json(tpl.to_json()) == tpl
+    with pytest.raises(ValueError, match="secure template"):
+        Template.from_json('{"parts": [["d/w", [2, 2], [3]]], "curv_meta": null}')
+    with pytest.raises(ValueError, match="secure template"):
+        Template.from_json("[1, 2]")
+
+
+def test_error_bound_is_the_stated_formula() -> None:
+    assert error_bound(4, 2**29, 2.0) == pytest.approx(3 * 4 / (2**29 * 2.0) + 2.0**-24)
+    assert math.isfinite(error_bound(1, 1, 1.0))

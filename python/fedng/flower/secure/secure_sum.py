@@ -49,7 +49,7 @@ MODULUS = 2**32
 
 def levels_for(num_clients: int) -> int:
     """The quantization levels Q for `num_clients` (see the module docstring)."""
-    return min(2**30, 2 ** math.floor(math.log2(MODULUS / (num_clients + 1))))
+    return int(min(2**30, 2 ** math.floor(math.log2(MODULUS / (num_clients + 1)))))
 
 
 @dataclass
