@@ -392,6 +392,20 @@ def deploy(
     return report
 
 
+def secure_app(workdir: Path) -> Path:
+    """A copy of the app whose components are the SecAgg+ ones (`fedng.flower.apps`
+    `secure_server_app` / `secure_client_app`): FedNG's summable rounds under secure
+    aggregation."""
+    app = workdir / "app-secagg"
+    shutil.copytree(APP, app, dirs_exist_ok=True)
+    toml = app / "pyproject.toml"
+    text = toml.read_text()
+    for part in ("server", "client"):
+        text = text.replace(f"fedng.flower.apps:{part}_app", f"fedng.flower.apps:secure_{part}_app")
+    toml.write_text(text.replace('name = "fedng-digits"', 'name = "fedng-digits-secagg"'))
+    return app
+
+
 def simulate_engine(
     workdir: Path,
     *,
@@ -400,18 +414,26 @@ def simulate_engine(
     algorithm: str = "fedng",
     seed: int = 0,
     run_limit: float = 900.0,
+    secagg: bool = False,
 ) -> dict[str, Any]:
     """The same app on Flower's simulation engine (Ray; `flwr[simulation]`): a simulation
     SuperLink on 127.0.0.1 without dependency installation, `flwr run` with `num-supernodes`,
-    the outcome from `flwr ls`, every process stopped. Returns the report."""
+    the outcome from `flwr ls`, every process stopped. With `secagg`, the SecAgg+ components
+    (`secure_app`). Returns the report."""
     workdir.mkdir(parents=True, exist_ok=True)
+    app = secure_app(workdir) if secagg else APP
     # Ray's own servers on 127.0.0.1 too (its node address is otherwise the host's interface)
     env = {**_env(workdir), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     port = free_port()
     connect(env, port, "insecure = true")
     ckpt = workdir / "checkpoint"
     procs = Processes(workdir, env)
-    report: dict[str, Any] = {"engine": "simulation", "nodes": nodes, "rounds": rounds}
+    report: dict[str, Any] = {
+        "engine": "simulation",
+        "nodes": nodes,
+        "rounds": rounds,
+        "secagg": secagg,
+    }
     t0 = time.monotonic()
     try:
         link = procs.start(
@@ -428,7 +450,7 @@ def simulate_engine(
             f" checkpoint-dir='{ckpt}' task-args.num_clients={nodes}"
         )
         started = flwr_json(
-            env, "run", str(APP), CONNECTION, "--run-config", overrides,
+            env, "run", str(app), CONNECTION, "--run-config", overrides,
             "--federation-config", f"num-supernodes={nodes}",
         )  # fmt: skip
         report["status"] = wait_run(env, int(started["run-id"]), run_limit)
@@ -502,12 +524,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--simulation", action="store_true", help="Flower's simulation engine (needs Ray) instead"
     )
+    p.add_argument(
+        "--secagg", action="store_true", help="FedNG under SecAgg+ (with --simulation only)"
+    )
     a = p.parse_args(argv)
+    if a.secagg and not a.simulation:
+        p.error("--secagg runs on the simulation engine only: add --simulation")
     folder = a.keep or Path(tempfile.mkdtemp(prefix="fedng-flower-"))
     try:
         if a.simulation:
             report = simulate_engine(
-                folder, nodes=a.nodes, rounds=a.rounds, algorithm=a.algorithm, seed=a.seed
+                folder,
+                nodes=a.nodes,
+                rounds=a.rounds,
+                algorithm=a.algorithm,
+                seed=a.seed,
+                secagg=a.secagg,
             )
         else:
             report = deploy(

@@ -35,13 +35,13 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
@@ -59,7 +59,9 @@ from fedng.federated.config.curvature import FedNGConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.report.history import RoundRecord, fill_round
 from fedng.federated.server_round import non_finite
+from fedng.federated.tasks.base import FederatedTask
 from fedng.flower.client_app import TaskFn, default_task
+from fedng.flower.persist import ServerCheckpoint
 from fedng.flower.runconfig import RunSpec
 from fedng.flower.secure.client import MAIN, PHASE, PROBE, RANGE, SCALES, TEMPLATE, UNIT_WEIGHT
 from fedng.flower.secure.client import WIRE as WIRE_KEY
@@ -76,7 +78,7 @@ from fedng.flower.secure.vector import (
     unpack_mean,
 )
 from fedng.flower.server_app import build_strategy
-from fedng.flower.strategy import FedNGStrategy
+from fedng.flower.strategy import FedNGStrategy, RoundHook
 
 logger = logging.getLogger("fedng.flower")
 
@@ -460,9 +462,19 @@ class SecureFedNGStrategy(FedNGStrategy):
         return fill_round(rec, self.state.log, failed, {}, ids)
 
 
-def build_secure_strategy(spec: RunSpec, task: Any) -> tuple[SecureFedNGStrategy, Any]:
-    """`build_strategy`'s strategy as a `SecureFedNGStrategy` (same seed, model, history)."""
-    plain, initial = build_strategy(spec, task)
+def build_secure_strategy(
+    spec: RunSpec,
+    task: FederatedTask,
+    on_round: RoundHook | None = None,
+    checkpoint: ServerCheckpoint | None = None,
+) -> tuple[SecureFedNGStrategy, ArrayRecord]:
+    """`build_strategy`'s strategy as a `SecureFedNGStrategy` (same seed, initial model,
+    history, checkpoints).
+
+    Raises:
+        ValueError: a configuration `check_secure` refuses.
+    """
+    plain, initial = build_strategy(spec, task, on_round, checkpoint)
     strategy = SecureFedNGStrategy(
         plain.server_config,
         client_config=spec.client_config(task),
@@ -470,21 +482,29 @@ def build_secure_strategy(spec: RunSpec, task: Any) -> tuple[SecureFedNGStrategy
         seed=plain.seed,
         evaluator=plain.evaluator,
         history=plain.history,
+        on_round=on_round,
+        checkpoint=checkpoint,
+        resume=spec.resume,
     )
     return strategy, initial
 
 
 def run_secure(
-    grid: Grid, spec: RunSpec, task: Any, on_round: Callable[[State, Any], None] | None = None
+    grid: Grid, spec: RunSpec, task: FederatedTask, on_round: RoundHook | None = None
 ) -> SecureFedNGStrategy:
-    """Runs the whole federation on `grid` under SecAgg+ (no checkpoints).
+    """Runs the whole federation on `grid` under SecAgg+; with `spec.checkpoint_dir` the server
+    is checkpointed after every round and the final model written, as `run_server` does.
 
     Returns:
         The strategy after the run (`.state`, `.history`, `.reports`).
     """
-    strategy, initial = build_secure_strategy(spec, task)
-    strategy.on_round = on_round
+    ckpt = ServerCheckpoint(spec.checkpoint_dir) if spec.checkpoint_dir else None
+    if spec.resume and ckpt is None:
+        raise ValueError("run config 'resume = true' needs a 'checkpoint-dir'")
+    strategy, initial = build_secure_strategy(spec, task, on_round, ckpt)
     strategy.start(grid, initial, num_rounds=spec.rounds, timeout=spec.timeout)
+    if ckpt is not None and strategy.state is not None:
+        ckpt.save_model(task, spec.seed, strategy.state.params)
     return strategy
 
 
@@ -500,9 +520,7 @@ def make_secure_server_app(task_fn: TaskFn = default_task) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         spec = RunSpec.from_run_config(context.run_config)
-        strategy = run_secure(grid, spec, task_fn(spec))
-        for r, rec in enumerate(strategy.history.rounds):
-            logger.info("round %d: metric %.4f, %d B up", r, rec.metric, rec.bytes_up)
+        run_secure(grid, spec, task_fn(spec))
 
     return app
 
