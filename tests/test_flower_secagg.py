@@ -378,3 +378,30 @@ def test_kfac_payloads_get_one_scale_per_factor() -> None:
 def test_error_bound_is_the_stated_formula() -> None:
     assert error_bound(4, 2**29, 2.0) == pytest.approx(3 * 4 / (2**29 * 2.0) + 2.0**-24)
     assert math.isfinite(error_bound(1, 1, 1.0))
+
+
+def test_the_docs_secure_example_runs(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/federated.md's SecAgg+ snippet, after the Flower example it builds on (one round)."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "federated.md").read_text()
+
+    def block(after: str) -> str:
+        match = re.search(r"```python\n(.*?)```", doc.split(after, 1)[1], re.DOTALL)
+        assert match is not None
+        return match.group(1)
+
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, object] = {"__name__": "__main__"}
+    for title in ("## A complete example", "### Your CNN and Dataset on Flower"):
+        code = block(title).replace("rounds=10", "rounds=1")
+        if title.startswith("###"):  # only its definitions: the secure run replaces its run
+            code = code.split("strategy = run_server")[0]
+        else:
+            code = code.split("hist = simulate")[0]
+        exec(compile(code, "federated.md", "exec"), scope)
+    exec(compile(block("### Secure aggregation (SecAgg+)"), "federated.md", "exec"), scope)
+    strategy = scope["strategy"]
+    assert isinstance(strategy, SecureFedNGStrategy)
+    assert strategy.reports[-1].clipped == 0.0 and strategy.reports[-1].passes == 3
