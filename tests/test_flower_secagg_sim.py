@@ -11,10 +11,7 @@ most ~5e-4, flips at most a prediction or two).
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -23,38 +20,15 @@ pytest.importorskip("ray", reason="needs flwr[simulation] (Ray)")
 
 from fedng.federated import simulate
 from fedng.flower import RunSpec
+from test_flower_deploy import deploy_script, processes_under
 
-ROOT = Path(__file__).resolve().parents[1]
 NODES, ROUNDS = 3, 2
-
-
-def deploy_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "flower_deploy", ROOT / "scripts" / "flower_deploy.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def leftovers(folder: Path) -> list[int]:
-    """PIDs whose command line mentions `folder`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if str(folder).encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 @pytest.mark.slow
 def test_secure_fedng_on_the_simulation_engine(tmp_path: Path) -> None:
     rep = deploy_script().simulate_engine(tmp_path, nodes=NODES, rounds=ROUNDS, secagg=True)
-    assert rep["left_running"] == [] and leftovers(tmp_path) == []
+    assert rep["left_running"] == [] and processes_under(tmp_path) == []
     assert rep["status"]["status"] == "finished:completed", rep["status"]
     rounds = rep["history"]["rounds"]
     assert len(rounds) == ROUNDS + 1

@@ -18,7 +18,7 @@ reports 1 (DP's uniform average).
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Scalar, Status, ndarrays_to_parameters
@@ -27,18 +27,17 @@ from flwr.compat.common import recorddict_compat as compat
 from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.round import client_step
-from fedng.federated.tasks.base import FederatedTask
 from fedng.flower.client_app import (
-    QUERY_RECORD,
     SENT_RECORD,
     TaskFn,
+    add_query,
     default_task,
     load_client_state,
     partition_of,
     save_client_state,
+    task_setup,
 )
 from fedng.flower.codec import record_bytes, wire_record
-from fedng.flower.runconfig import RunSpec
 from fedng.flower.secure.vector import main_vector, payload_parts, range_vector
 
 PHASE = "fedng.phase"
@@ -71,22 +70,8 @@ def make_secure_client_app(task_fn: TaskFn = default_task) -> ClientApp:
         The ClientApp; pair it with `make_secure_server_app`.
     """
     app = ClientApp(mods=[secaggplus_mod])
-    cache: dict[str, tuple[RunSpec, FederatedTask]] = {}
-
-    def setup(context: Context) -> tuple[RunSpec, FederatedTask]:
-        key = repr(sorted(context.run_config.items()))
-        if key not in cache:
-            spec = RunSpec.from_run_config(context.run_config)
-            cache.clear()
-            cache[key] = (spec, task_fn(spec))
-        return cache[key]
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        _, task = setup(context)
-        cid = partition_of(context, len(task.clients))
-        record = ConfigRecord({"client-id": cid, "num-clients": len(task.clients)})
-        return Message(RecordDict({QUERY_RECORD: record}), reply_to=msg)
+    setup = task_setup(task_fn)
+    add_query(app, setup)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -77,7 +77,7 @@ from fedng.flower.secure.vector import (
     secagg_weights,
     unpack_mean,
 )
-from fedng.flower.server_app import build_strategy
+from fedng.flower.server_app import build_strategy, run_server
 from fedng.flower.strategy import FedNGStrategy, RoundHook
 
 logger = logging.getLogger("fedng.flower")
@@ -492,19 +492,14 @@ def build_secure_strategy(
 def run_secure(
     grid: Grid, spec: RunSpec, task: FederatedTask, on_round: RoundHook | None = None
 ) -> SecureFedNGStrategy:
-    """Runs the whole federation on `grid` under SecAgg+; with `spec.checkpoint_dir` the server
-    is checkpointed after every round and the final model written, as `run_server` does.
+    """`run_server` under SecAgg+ (`build_secure_strategy`): checkpoints, resume and the final
+    model as there.
 
     Returns:
         The strategy after the run (`.state`, `.history`, `.reports`).
     """
-    ckpt = ServerCheckpoint(spec.checkpoint_dir) if spec.checkpoint_dir else None
-    if spec.resume and ckpt is None:
-        raise ValueError("run config 'resume = true' needs a 'checkpoint-dir'")
-    strategy, initial = build_secure_strategy(spec, task, on_round, ckpt)
-    strategy.start(grid, initial, num_rounds=spec.rounds, timeout=spec.timeout)
-    if ckpt is not None and strategy.state is not None:
-        ckpt.save_model(task, spec.seed, strategy.state.params)
+    strategy = run_server(grid, spec, task, on_round, build=build_secure_strategy)
+    assert isinstance(strategy, SecureFedNGStrategy)  # what build_secure_strategy builds
     return strategy
 
 
@@ -523,15 +518,3 @@ def make_secure_server_app(task_fn: TaskFn = default_task) -> ServerApp:
         run_secure(grid, spec, task_fn(spec))
 
     return app
-
-
-__all__ = [
-    "CountingGrid",
-    "SecureFedNGStrategy",
-    "SecureRound",
-    "build_secure_strategy",
-    "check_secure",
-    "make_secure_server_app",
-    "run_secure",
-    "secure_round",
-]
