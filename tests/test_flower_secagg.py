@@ -95,7 +95,7 @@ def plain_means(
     p = n / n.sum()
     out: dict[str, torch.Tensor] = {}
     for u, w in zip(updates, p, strict=True):
-        _, arrays = payload_parts(u)
+        _, arrays = payload_parts(u, metrics=not uniform)
         for k, v in arrays.items():
             x = v.double().abs() if absolute else v.double()
             out[k] = out.get(k, torch.zeros(v.shape, dtype=torch.float64)) + w * x
@@ -120,6 +120,8 @@ def test_kfac_round_sums_equal_plaintext_within_the_quantization_bound() -> None
     ups = sent_updates(grid)
     want = plain_means(ups)
     assert set(want) == {k for k in rep.sums if k != "ls"}
+    assert "m/train_loss" in want  # the weighted mean training loss, summed securely
+    assert strategy.history.rounds[-1].train_loss == rep.metrics["train_loss"]
     for k, v in want.items():
         assert_within(rep.sums[k], v, rep.bound[k], k)
     # the line search: every client's answer to the probe the server actually sent

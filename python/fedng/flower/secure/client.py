@@ -7,7 +7,8 @@ pass per round (`fedng.phase`):
 
 - "range": decode the broadcast, run the client step (DP clipping and distributed noise
   included), keep the update in `Context.state`, send the per-segment exponent histogram; the
-  template (names, shapes, curvature metadata: structure, no data) goes in the clear;
+  template (names, shapes, curvature metadata: structure, no data) goes in the clear; the
+  training loss is summed with the payload (not under DP: it is not noised);
 - "main": send the kept update as the scaled vector (scales from the server);
 - "probe": answer the line-search probe from the kept update, scaled.
 
@@ -88,7 +89,7 @@ def make_secure_client_app(task_fn: TaskFn = default_task) -> ClientApp:
             )
             save_client_state(context, update.client_state)
             context.state[SENT_RECORD] = wire_record(update.to_bytes())
-            template, arrays = payload_parts(update)
+            template, arrays = payload_parts(update, metrics=not config.get(UNIT_WEIGHT))
             n = 1 if config.get(UNIT_WEIGHT) else update.num_examples
             return _reply(msg, range_vector(template, arrays), n, {TEMPLATE: template.to_json()})
         if SENT_RECORD not in context.state.array_records:
@@ -96,7 +97,7 @@ def make_secure_client_app(task_fn: TaskFn = default_task) -> ClientApp:
         sent = ClientUpdate.from_bytes(record_bytes(context.state.array_records[SENT_RECORD]))
         n = 1 if config.get(UNIT_WEIGHT) else sent.num_examples
         if phase == MAIN:
-            template, arrays = payload_parts(sent)
+            template, arrays = payload_parts(sent, metrics=not config.get(UNIT_WEIGHT))
             vec, _ = main_vector(template, arrays, _scales(config))
             return _reply(msg, vec, n, {})
         if phase == PROBE:

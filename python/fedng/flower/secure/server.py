@@ -71,6 +71,7 @@ from fedng.flower.secure.vector import (
     CURV,
     DELTA,
     E_MIN,
+    METRIC,
     Template,
     error_bound,
     scales_from_histogram,
@@ -126,6 +127,7 @@ class SecureRound:
         levels: quantization levels Q of the main pass.
         sums: the secure sums (`d/`, `fd/`, `c/` parts; `ls` the line-search mean).
         probe: the line-search message the clients answered (None without a probe pass).
+        metrics: the weighted means of the clients' `SECURE_METRICS` (none under DP).
     """
 
     passes: int = 0
@@ -136,6 +138,7 @@ class SecureRound:
     levels: int = 0
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     probe: ServerMessage | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def log(self) -> dict[str, Any]:
         """The JSON-able summary kept in the round's server log."""
@@ -371,6 +374,8 @@ def secure_round(
     per_entry, _ = unpack_mean(template, np.ones(template.size), scales)
     rep.bound = {k: beta * v.double() for k, v in per_entry.items()}
     rep.sums = dict(parts)
+    rep.metrics = {k[len(METRIC) :]: float(v) for k, v in parts.items() if k.startswith(METRIC)}
+    parts = {k: v for k, v in parts.items() if not k.startswith(METRIC)}
     if not all(bool(torch.isfinite(v).all()) for v in parts.values()):
         return done("secure sums are not finite", [])
     pooled = _pooled_update(work, template, parts)
@@ -459,7 +464,9 @@ class SecureFedNGStrategy(FedNGStrategy):
         rec.bytes_up, rec.bytes_down = counting.up, counting.down
         prev = self.history.rounds[-1].cum_bytes if self.history.rounds else 0
         rec.cum_bytes = prev + rec.bytes_up + rec.bytes_down
-        return fill_round(rec, self.state.log, failed, {}, ids)
+        rec = fill_round(rec, self.state.log, failed, {}, ids)
+        rec.train_loss = rep.metrics.get("train_loss", math.nan)  # weighted by n_k
+        return rec
 
 
 def build_secure_strategy(

@@ -44,9 +44,11 @@ E_MIN = -60
 E_MAX = 40
 """The largest scale exponent (larger entries are clipped to 2**E_MAX, and counted)."""
 BUCKETS = E_MAX - E_MIN + 1
-DELTA, CONTRIB, CURV = "d/", "fd/", "c/"
+DELTA, CONTRIB, CURV, METRIC = "d/", "fd/", "c/", "m/"
 """Part prefixes: the delta, the contribution `c_k = F_k delta_k` (extras `fd/<param>`), a
-curvature payload kind."""
+curvature payload kind, a client metric (its weighted mean is what the server learns)."""
+SECURE_METRICS = ("train_loss",)
+"""Client metrics summed with the payload (never under DP: they are not noised)."""
 
 
 @dataclass(frozen=True)
@@ -115,9 +117,10 @@ def _curv_segments(kind: str, data: torch.Tensor, meta: dict[str, Any]) -> tuple
     return tuple(triangle_size(n) if form == "tri" else n for form, n in segments(kind, specs))
 
 
-def payload_parts(update: ClientUpdate) -> tuple[Template, Arrays]:
+def payload_parts(update: ClientUpdate, metrics: bool = False) -> tuple[Template, Arrays]:
     """An update's summable parts and their template: the delta, the contribution extras, the
-    curvature payloads as floats (int8 kinds dequantized: what a plaintext server sums).
+    curvature payloads as floats (int8 kinds dequantized: what a plaintext server sums), and
+    with `metrics` the `SECURE_METRICS` (NaN when missing: sent as 0 and counted as clipped).
 
     Raises:
         ValueError: extras other than the contribution (nothing else is summable).
@@ -131,6 +134,10 @@ def payload_parts(update: ClientUpdate) -> tuple[Template, Arrays]:
     if update.curvature:
         floats, meta = float_payload(update.curvature, update.meta["curv"])
         arrays.update({f"{CURV}{k}": v for k, v in floats.items()})
+    if metrics:
+        for name in SECURE_METRICS:
+            value = update.metrics.get(name, math.nan)
+            arrays[f"{METRIC}{name}"] = torch.tensor([value], dtype=torch.float64)
     parts = []
     for name, v in arrays.items():
         segs = (
