@@ -10,7 +10,8 @@ pass per round (`fedng.phase`):
   template (names, shapes, curvature metadata: structure, no data) goes in the clear; the
   training loss is summed with the payload (not under DP: it is not noised);
 - "main": send the kept update as the scaled vector (scales from the server);
-- "probe": answer the line-search probe from the kept update, scaled.
+- "probe-range" / "probe": the line-search answers from the kept update, as a histogram (when
+  the server has no bound for them) or scaled.
 
 `num_examples` travels in the clear (SecAgg+ weights by it); under distributed DP every client
 reports 1 (DP's uniform average).
@@ -39,14 +40,20 @@ from fedng.flower.client_app import (
     task_setup,
 )
 from fedng.flower.codec import record_bytes, wire_record
-from fedng.flower.secure.vector import main_vector, payload_parts, range_vector
+from fedng.flower.secure.vector import (
+    ANSWER,
+    answer_template,
+    main_vector,
+    payload_parts,
+    range_vector,
+)
 
 PHASE = "fedng.phase"
 WIRE = "fedng.wire"
 SCALES = "fedng.scales"
 UNIT_WEIGHT = "fedng.unit-weight"
 TEMPLATE = "fedng.template"
-RANGE, MAIN, PROBE = "range", "main", "probe"
+RANGE, MAIN, PROBE_RANGE, PROBE = "range", "main", "probe-range", "probe"
 
 
 def _reply(msg: Message, vector: np.ndarray, n: int, metrics: dict[str, Scalar]) -> Message:
@@ -100,13 +107,14 @@ def make_secure_client_app(task_fn: TaskFn = default_task) -> ClientApp:
             template, arrays = payload_parts(sent, metrics=not config.get(UNIT_WEIGHT))
             vec, _ = main_vector(template, arrays, _scales(config))
             return _reply(msg, vec, n, {})
-        if phase == PROBE:
+        if phase in (PROBE_RANGE, PROBE):
             probe = ServerMessage.from_bytes(bytes(config[WIRE]))  # type: ignore[arg-type]
             answer = get_algorithm(client_config.algorithm).answer_probe(sent, probe)
-            vals = next(iter(answer.extras.values())).double().reshape(-1)
-            s = _scales(config)[0]
-            clipped = int((vals.abs() > s).sum())
-            vec = np.concatenate([(vals / s).clamp(-1, 1).numpy(), [clipped / vals.numel()]])
+            vals = next(iter(answer.extras.values())).reshape(-1, 2)
+            tpl = answer_template(vals.shape[0])
+            if phase == PROBE_RANGE:
+                return _reply(msg, range_vector(tpl, {ANSWER: vals}), n, {})
+            vec, _ = main_vector(tpl, {ANSWER: vals}, _scales(config))
             return _reply(msg, vec, n, {})
         raise ValueError(f"secure pass: unknown '{PHASE}' {phase!r}")
 

@@ -63,16 +63,27 @@ from fedng.federated.tasks.base import FederatedTask
 from fedng.flower.client_app import TaskFn, default_task
 from fedng.flower.persist import ServerCheckpoint
 from fedng.flower.runconfig import RunSpec
-from fedng.flower.secure.client import MAIN, PHASE, PROBE, RANGE, SCALES, TEMPLATE, UNIT_WEIGHT
+from fedng.flower.secure.client import (
+    MAIN,
+    PHASE,
+    PROBE,
+    PROBE_RANGE,
+    RANGE,
+    SCALES,
+    TEMPLATE,
+    UNIT_WEIGHT,
+)
 from fedng.flower.secure.client import WIRE as WIRE_KEY
 from fedng.flower.secure.secure_sum import SecureMean, secure_mean
 from fedng.flower.secure.vector import (
+    ANSWER,
     CONTRIB,
     CURV,
     DELTA,
     E_MIN,
     METRIC,
     Template,
+    answer_template,
     error_bound,
     scales_from_histogram,
     secagg_weights,
@@ -83,6 +94,8 @@ from fedng.flower.strategy import FedNGStrategy, RoundHook
 
 logger = logging.getLogger("fedng.flower")
 
+BOUNDED_KINDS = frozenset({"kfac", "diag"})
+"""Curvature kinds whose line-search answers the PSD bound covers (`probe_scale`)."""
 PROBE_HEADROOM = 2.0
 """Factor on the line-search bound (the pooled curvature is itself quantized)."""
 
@@ -128,6 +141,7 @@ class SecureRound:
         sums: the secure sums (`d/`, `fd/`, `c/` parts; `ls` the line-search mean).
         probe: the line-search message the clients answered (None without a probe pass).
         metrics: the weighted means of the clients' `SECURE_METRICS` (none under DP).
+        answered: clients whose line-search answers were summed.
     """
 
     passes: int = 0
@@ -139,6 +153,7 @@ class SecureRound:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     probe: ServerMessage | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    answered: int = 0
 
     def log(self) -> dict[str, Any]:
         """The JSON-able summary kept in the round's server log."""
@@ -303,6 +318,52 @@ def _pass(inp: RoundInputs, nodes: list[int], config: dict[str, Any], weight: fl
         return SecureMean(None, failures=[f"SecAgg+ failed ({type(err).__name__}: {err})"[:200]])
 
 
+def _line_search(
+    inp: RoundInputs,
+    nodes: list[int],
+    rep: SecureRound,
+    acc: CurvatureSums | MeanStep,
+    main: SecureMean,
+    weight: float,
+    pooled: ClientUpdate,
+) -> str | None:
+    """The line-search pass(es): scales from the PSD bound (K-FAC, diagonal) or, for other
+    kinds, from a range pass of the answers; then their secure mean into `acc`. Returns why the
+    answers are unusable (None when they were folded in)."""
+    assert rep.probe is not None
+    wire = rep.probe.to_bytes()
+    blocks = int(rep.probe.meta.get("blocks", 0))
+    tpl = answer_template(blocks)
+    cs = decoded_curvature(pooled)
+    if cs is not None and set(cs.reps) <= BOUNDED_KINDS:
+        ws = secagg_weights([main.num_examples[n] for n in nodes], main.levels, weight)
+        scales = [probe_scale(rep.probe, pooled, min(ws) / sum(ws))] * tpl.segments
+    else:
+        ask = {PHASE: PROBE_RANGE, WIRE_KEY: wire}
+        hist = _pass(inp, nodes, ask, weight)
+        rep.passes += 1
+        if hist.mean is None:
+            return "line-search range pass failed"
+        thr = 2 * error_bound(len(hist.num_examples), hist.levels, hist.total_weight)
+        scales = scales_from_histogram(hist.mean, tpl.segments, thr)
+        nodes = sorted(hist.num_examples)
+    third = _pass(inp, nodes, {PHASE: PROBE, WIRE_KEY: wire, SCALES: _scale_bytes(scales)}, weight)
+    rep.passes += 1
+    if third.mean is None:
+        return "line-search pass failed"
+    parts, rep.probe_clipped = unpack_mean(tpl, third.mean, scales)
+    vals = parts[ANSWER].double()
+    vals[:, 1] = vals[:, 1].clamp_min(0.0)  # quantization noise around 0
+    rep.sums[ANSWER] = vals.clone()
+    beta = error_bound(len(third.num_examples), third.levels, third.total_weight)
+    rep.bound[ANSWER] = beta * torch.tensor(scales, dtype=torch.float64).reshape(-1, 2)
+    rep.answered = len(third.num_examples)
+    reply = ClientUpdate(
+        -1, rep.probe.round, {}, 1, extras={REPLY_KEY: vals.float()}, meta={"phase": PROBE_PHASE}
+    )
+    return acc.fold_reply(reply, 1.0)
+
+
 def secure_round(
     state: State, message: ServerMessage, inp: RoundInputs
 ) -> tuple[State, ServerMessage, SecureRound]:
@@ -390,27 +451,9 @@ def secure_round(
         if dp:  # every client's private update is the pooled one (plaintext DP stage)
             why = acc.fold_reply(algo.answer_probe(pooled, probe), 1.0)
         else:
-            ws = secagg_weights([main.num_examples[n] for n in present], main.levels, weight)
-            s_r = probe_scale(probe, pooled, min(ws) / sum(ws))
             rep.probe = probe.seal()
-            wire = rep.probe.to_bytes()
-            ask = {PHASE: PROBE, WIRE_KEY: wire, SCALES: _scale_bytes([s_r])}
-            third = _pass(inp, present, ask, weight)
-            rep.passes += 1
-            why = "line-search pass failed" if third.mean is None else None
-            if third.mean is not None:
-                vals = torch.from_numpy(third.mean[:-1] * s_r).reshape(-1, 2)
-                vals[:, 1] = vals[:, 1].clamp_min(0.0)  # quantization noise around 0
-                rep.probe_clipped = float(third.mean[-1])
-                rep.sums["ls"] = vals.clone()
-                beta_r = error_bound(len(third.num_examples), third.levels, third.total_weight)
-                rep.bound["ls"] = torch.full_like(vals, s_r * beta_r)
-                reply = ClientUpdate(
-                    -1, state.round, {}, 1,
-                    extras={REPLY_KEY: vals.float()}, meta={"phase": PROBE_PHASE},
-                )  # fmt: skip
-                why = acc.fold_reply(reply, 1.0)
-                work.log["probe_answered"] = len(third.num_examples)
+            why = _line_search(inp, present, rep, acc, main, weight, pooled)
+            work.log["probe_answered"] = rep.answered
         if why is not None:
             work.log["line_search_failed"] = why
     work = acc.finish(work, 1.0)

@@ -240,6 +240,15 @@ def unpack_mean(
     return out, float(vector[-1])
 
 
+ANSWER = "ls"
+"""The part of a line-search answer: per block `[<M, F_k d>, <d, F_k d>]`."""
+
+
+def answer_template(blocks: int) -> Template:
+    """The template of a line-search answer: `[blocks, 2]`, one segment (scale) per entry."""
+    return Template(((ANSWER, (blocks, 2), (1,) * (2 * blocks)),), None)
+
+
 def error_bound(num_clients: int, levels: int, total_weight: float) -> float:
     """The bound `3 N / (Q A)` on one entry of a secure mean, in units of its scale (see the
     module docstring), plus the float32 rounding of an entry of magnitude <= 1."""
