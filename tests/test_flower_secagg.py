@@ -413,3 +413,20 @@ def test_the_docs_secure_example_runs(tmp_path: Any, monkeypatch: pytest.MonkeyP
     strategy = scope["strategy"]
     assert isinstance(strategy, SecureFedNGStrategy)
     assert strategy.reports[-1].clipped == 0.0 and strategy.reports[-1].passes == 3
+
+
+def test_partial_participation_checkpoint_and_resume(tmp_path: Any) -> None:
+    """3 of 4 clients per round (the simulator's sampling), checkpointed after each round; a
+    second run resumes after round 1 and adds round 2."""
+    task = digits()
+    base = spec_of({})
+    first = RunSpec(**{**base.__dict__, "participation": 0.75, "checkpoint_dir": str(tmp_path)})
+    app = make_secure_client_app(lambda s: task)
+    one = run_secure(LocalGrid(app, NODES, first.to_run_config()), first, task)
+    assert len(one.history.rounds[-1].participants) == 3 and one.reports[-1].passes == 3
+    assert (tmp_path / "model.pt").exists()
+    again = RunSpec(**{**first.__dict__, "rounds": 2, "resume": True})
+    two = run_secure(LocalGrid(app, NODES, again.to_run_config()), again, task)
+    assert two.state is not None and two.state.round == 2
+    assert [r.round for r in two.history.rounds] == [0, 1, 2] and len(two.reports) == 1
+    assert two.history.rounds[1].metric == one.history.rounds[1].metric
