@@ -319,8 +319,10 @@ def deploy(
     kill_node_after_round: int | None = None,
     intruder: bool = True,
     run_limit: float = 900.0,
+    secagg: bool = False,
 ) -> dict[str, Any]:
-    """Runs the whole deployment in `workdir`; see the module docstring.
+    """Runs the whole deployment in `workdir`; see the module docstring (with `secagg`, the
+    SecAgg+ components: `secure_app`).
 
     Returns:
         The report (also what `main` prints).
@@ -370,7 +372,8 @@ def deploy(
             f" checkpoint-dir='{ckpt}' task-args.num_clients={nodes}"
         )
         t1 = time.monotonic()
-        started = flwr_json(env, "run", str(APP), CONNECTION, "--run-config", overrides)
+        app = secure_app(workdir) if secagg else APP
+        started = flwr_json(env, "run", str(app), CONNECTION, "--run-config", overrides)
         run_id = int(started["run-id"])
         report["run_id"] = run_id
 
@@ -511,7 +514,13 @@ def _intruder_verdict(procs: Processes) -> dict[str, Any]:
     return {"refused": bool(denied) and code not in (None, 0), "exit_code": code, "denied": denied}
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so every started process is stopped."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminated)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
@@ -524,12 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--simulation", action="store_true", help="Flower's simulation engine (needs Ray) instead"
     )
-    p.add_argument(
-        "--secagg", action="store_true", help="FedNG under SecAgg+ (with --simulation only)"
-    )
+    p.add_argument("--secagg", action="store_true", help="FedNG under SecAgg+ (secure aggregation)")
     a = p.parse_args(argv)
-    if a.secagg and not a.simulation:
-        p.error("--secagg runs on the simulation engine only: add --simulation")
     folder = a.keep or Path(tempfile.mkdtemp(prefix="fedng-flower-"))
     try:
         if a.simulation:
@@ -551,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                 timeout=a.timeout,
                 kill_node_after_round=a.kill_node_after_round,
                 intruder=not a.no_intruder,
+                secagg=a.secagg,
             )
     finally:
         if a.keep is None:
