@@ -25,8 +25,9 @@ impossible: no individual payload reaches the server.
 Under distributed DP (`dp_mode="distributed"`), clients clip and add their noise share before
 masking and report weight 1; the server rescales the uniform mean to the sum over `dp_clients`,
 projects the pooled curvature to PSD (post-processing), and answers the line search itself from
-the pooled curvature (as the plaintext DP round does: every client's update is the same private
-one), so no unnoised statistic leaves a client.
+the pooled curvature (as the plaintext batch server does when it answers from the updates it
+holds, which the DP stage replaced by the one private update), so no statistic of a client's own
+curvature leaves it beyond its noised share.
 """
 
 from __future__ import annotations
@@ -448,7 +449,7 @@ def secure_round(
     acc.fold(pooled, 1.0)
     probe = acc.probe(work, 1.0)
     if probe is not None:
-        if dp:  # every client's private update is the pooled one (plaintext DP stage)
+        if dp:  # the pooled private curvature answers (no client statistic leaves un-noised)
             why = acc.fold_reply(algo.answer_probe(pooled, probe), 1.0)
         else:
             rep.probe = probe.seal()
