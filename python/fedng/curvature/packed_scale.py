@@ -9,6 +9,7 @@ pass. It is called from the OpenBLAS library `fedng._backend` loads (scipy-openb
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,16 +30,15 @@ def _slaqsp() -> Any:
 _FN = _slaqsp()
 
 
-def scale_packed(vals: torch.Tensor, at: int, s: torch.Tensor, sat: int, n: int) -> None:
+def scale_packed(vals: torch.Tensor, s: torch.Tensor, tris: Sequence[tuple[int, int, int]]) -> None:
     """`vals[at + p] *= s[sat + i] * s[sat + j]` for every entry p = (i, j) of the packed lower
-    triangle (row by row) of an n x n matrix stored at `vals[at:]`.
+    triangle (row by row) of each n x n matrix `(at, sat, n)` in `tris`, stored at `vals[at:]`
+    with its scales at `s[sat:]`.
 
     Args:
-        vals: contiguous float32 [>= at + n (n + 1) / 2] (written in place).
-        at: where the triangle starts in `vals`.
-        s: contiguous float32 [>= sat + n], the scales.
-        sat: where the triangle's scales start in `s`.
-        n: the matrix size.
+        vals: contiguous float32 (written in place).
+        s: contiguous float32, the scales.
+        tris: per triangle (offset in `vals`, offset in `s`, n).
 
     Raises:
         ValueError: tensors that are not contiguous float32 CPU, or ranges out of bounds.
@@ -46,19 +46,24 @@ def scale_packed(vals: torch.Tensor, at: int, s: torch.Tensor, sat: int, n: int)
     ok = all(
         t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in (vals, s)
     )
-    if not ok or at < 0 or sat < 0 or n < 0:
-        raise ValueError("scale_packed: expected contiguous float32 CPU tensors, offsets >= 0")
-    if at + n * (n + 1) // 2 > vals.numel() or sat + n > s.numel():
-        raise ValueError(f"scale_packed: the triangle of n = {n} runs past the arrays")
-    if n == 0:
-        return
+    if not ok:
+        raise ValueError("scale_packed: expected contiguous float32 CPU tensors")
+    nv, ns = vals.numel(), s.numel()
+    if any(
+        at < 0 or sat < 0 or n < 0 or at + n * (n + 1) // 2 > nv or sat + n > ns
+        for at, sat, n in tris
+    ):
+        raise ValueError("scale_packed: a triangle runs past the arrays")
+    vp, sp = vals.data_ptr(), s.data_ptr()
     equed = ctypes.create_string_buffer(2)
-    _FN(
-        ctypes.byref(_UPPER),
-        ctypes.byref(ctypes.c_int(n)),
-        ctypes.c_void_p(vals.data_ptr() + 4 * at),
-        ctypes.c_void_p(s.data_ptr() + 4 * sat),
-        ctypes.byref(_SCOND),
-        ctypes.byref(_AMAX),
-        equed,
-    )
+    for at, sat, n in tris:
+        if n:
+            _FN(
+                ctypes.byref(_UPPER),
+                ctypes.byref(ctypes.c_int(n)),
+                ctypes.c_void_p(vp + 4 * at),
+                ctypes.c_void_p(sp + 4 * sat),
+                ctypes.byref(_SCOND),
+                ctypes.byref(_AMAX),
+                equed,
+            )

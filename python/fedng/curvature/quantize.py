@@ -155,8 +155,7 @@ def dequantize(q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment]) -> 
     # triangles: vals_ij *= s_i s_j with s = sqrt(D / QMAX), in place by LAPACK's packed
     # symmetric scaling (one pass, no index arrays); the diagonal is then D (1 + delta)
     s = (side.double() / QMAX).sqrt().float()
-    for at, sat, n in plan.tris:
-        scale_packed(vals, at, s, sat, n)
+    scale_packed(vals, s, plan.tris)
     vals.index_copy_(0, plan.dpos, side.index_select(0, plan.dside) * (1.0 + side[plan.dlt]))
     for at, sat, n in plan.vecs:  # a vector: one scale per chunk of VEC_CHUNK entries
         full = n // VEC_CHUNK
