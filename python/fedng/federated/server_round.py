@@ -40,7 +40,6 @@ import torch
 
 from fedng.federated.algorithms.base import Accumulator, Algorithm, Answer, State
 from fedng.federated.algorithms.curvature_payload import (
-    curvature_scales,
     signature,
     update_scales,
 )
@@ -120,8 +119,7 @@ class ServerRound:
         self.held: list[tuple[ClientUpdate, float, dict[str, float]]] = []
         ref = state.meta.get(REFERENCE_KEY, {}).get("delta_norm")
         self.norm_ref: float | None = ref
-        glob = self.algo.reference_curvature(state)
-        self.scale_ref: dict[str, float] | None = None if glob is None else curvature_scales(glob)
+        self.scale_ref: dict[str, float] | None = self.algo.reference_scales(state)
         self.probe_message: ServerMessage | None = None
         self.t_server += time.perf_counter() - t0
 
