@@ -142,7 +142,9 @@ class CurvatureSums:
         self.psd_tol = psd_tol
         self.bad: str | None = None
         self.wire_eps = 0.0
-        self.deltas = WeightedSum()  # exact: with the preconditioner off, "mean" is FedAvg
+        # exact for "mean": with the preconditioner off it is FedAvg bit for bit; in place (one
+        # fused fold with the other sums) for "summable"
+        self.deltas = WeightedSum(exact=opts.aggregation == "mean")
         self.curv = WeightedSum(exact=False)
         self.contrib = WeightedSum(exact=False)
         self.meta: dict[str, Any] | None = None
