@@ -15,7 +15,7 @@ Measured per (model, server, K), medians over `--repeats` rounds from the same s
   any held updates, plus the one update being folded), `ServerRound.nbytes`, and the peak RSS
   growth of the process during the round (sampled after each reply).
 Also, for item 4 of issue 11: FedAvg's round against the bare weighted sum of the same decoded
-deltas (no validation), folded in the same rounds right after the server folds each one.
+deltas (no validation; each decoded afresh for it, as for the server), folded in the same loop.
 Times are wall time and the server thread's CPU time (`time.thread_time`).
 
 A cell whose estimated time (from K=10) exceeds `--budget-s` or whose held bytes exceed
@@ -89,8 +89,8 @@ def _clients(
 
 def one_round(state: Any, ups: list[ClientUpdate], blobs: list[bytes], k: int) -> dict[str, Any]:
     """One streamed round of k replayed updates: server time (wall and CPU), held bytes, RSS
-    growth, log; and the bare weighted sum of the same k decoded deltas (FedAvg's fold without
-    any check, timed on the same fresh tensors right after the server folded them)."""
+    growth, log; and the bare weighted sum of the same k deltas (FedAvg's fold without any
+    check), each decoded afresh for it as for the server, folded in the same loop."""
     rss0 = _rss()
     peak_rss = 0
     peak_held = 0
@@ -106,8 +106,9 @@ def one_round(state: Any, ups: list[ClientUpdate], blobs: list[bytes], k: int) -
             for v in p.values()
         )
         rnd.add(u)
+        mine = ClientUpdate.from_bytes(blobs[i % len(blobs)]).delta  # as fresh as the server's
         t0, c0 = time.perf_counter(), time.thread_time()
-        acc.fold(u.delta, 1.0 / k)
+        acc.fold(mine, 1.0 / k)
         bare += time.perf_counter() - t0
         bare_cpu += time.thread_time() - c0
         peak_held = max(peak_held, rnd.nbytes + size)
