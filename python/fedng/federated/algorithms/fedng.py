@@ -115,6 +115,8 @@ class FedNG(Algorithm[FedNGConfig]):
         opts = self.options(state.config)
         if opts.aggregation != "summable" or state.round % opts.upload_every != 0:
             return {}
+        if state.config.dp_clip > 0 and state.config.dp_curvature_clip == 0:
+            return {}  # DP without a curvature release: c_k stays on the client
         return {f"{CONTRIB_PREFIX}{k}": tuple(v.shape) for k, v in state.params.items()}
 
     def check_curvature(self, state: State, update: ClientUpdate) -> str | None:
