@@ -25,7 +25,7 @@ from fedng._typing import Arrays
 from fedng.curvature import CurvatureSet
 from fedng.federated.aggregation.fisher_weighted import fisher_weighted_step
 from fedng.federated.aggregation.mean import apply_server_step, mean_delta, weights_of
-from fedng.federated.aggregation.summable import REPLY_KEY, answer_probe
+from fedng.federated.aggregation.summable import CONTRIB_PREFIX, REPLY_KEY, answer_probe
 from fedng.federated.algorithms.base import Accumulator, Algorithm, Collect, State, run_batch
 from fedng.federated.algorithms.curvature_payload import (
     attach_contribution,
@@ -37,7 +37,6 @@ from fedng.federated.algorithms.curvature_payload import (
     decoded_curvature,
 )
 from fedng.federated.algorithms.fedng_server import (
-    CONTRIB_PREFIX,
     PROBE_PHASE,
     CurvatureSums,
     fold_global,
