@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("flwr", reason="needs the flower extra (Python >= 3.11)")
-pytest.importorskip("ray", reason="needs flwr[simulation] (Ray)")
 
 from fedng.federated import simulate
 from fedng.flower import RunSpec
@@ -27,6 +26,7 @@ NODES, ROUNDS = 3, 2
 
 @pytest.mark.slow
 def test_secure_fedng_on_the_simulation_engine(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="needs flwr[simulation] (Ray)")
     rep = deploy_script().simulate_engine(tmp_path, nodes=NODES, rounds=ROUNDS, secagg=True)
     assert rep["left_running"] == [] and processes_under(tmp_path) == []
     assert rep["status"]["status"] == "finished:completed", rep["status"]
