@@ -107,7 +107,7 @@ class FedNG(Algorithm[FedNGConfig]):
             attach_curvature(upd, res.curvature, opts.payload_dtype, opts.compression)
             sent = decoded_curvature(upd)  # c_k from the curvature as sent (int8 included),
             if opts.aggregation == "summable" and sent is not None:  # what the server sums
-                attach_contribution(upd, sent, CONTRIB_PREFIX)
+                attach_contribution(upd, sent, CONTRIB_PREFIX, opts.contrib_dtype)
         return upd
 
     def expected_extras(self, state: State) -> dict[str, tuple[int, ...]]:

@@ -29,6 +29,7 @@ from fedng.federated.algorithms.base import State
 from fedng.federated.algorithms.curvature_payload import payload_floats, pooled_meta
 from fedng.federated.config.curvature import FedNGConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
+from fedng.federated.wire import wire_dtype
 
 CONTRIB_PREFIX = "fd/"
 """Extras prefix of a client's contribution `c_k = F_k delta_k` (summable aggregation)."""
@@ -141,6 +142,7 @@ class CurvatureSums:
                     self.contrib.scaled(scale),
                     self.opts.fisher_damping,
                     self.opts.fisher_center,
+                    wire_dtype(self.opts.probe_dtype, "probe_dtype"),
                 )
         return self.direction
 
@@ -155,7 +157,7 @@ class CurvatureSums:
             state.round,
             self.name,
             {},
-            probe_arrays(direction, self.pooled),
+            probe_arrays(direction, self.pooled, wire_dtype(self.opts.probe_dtype)),
             meta={"phase": PROBE_PHASE, "blocks": len(direction.blocks)},
         )
 
