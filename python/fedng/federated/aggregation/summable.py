@@ -128,12 +128,10 @@ def pooled_direction(
     return PooledDirection(mean, blocks, lams, probed, num, block_dots(blocks, blocks))
 
 
-def probe_arrays(
-    direction: PooledDirection, pooled: CurvatureSet, dtype: torch.dtype = torch.float32
-) -> Arrays:
-    """The second phase's broadcast: M and d in wire dtype `dtype` (they only decide a step
-    length per block; bf16 halves the bytes) on the parameters of the probed blocks only
-    (diagonal blocks need no line search)."""
+def probe_arrays(direction: PooledDirection, pooled: CurvatureSet) -> Arrays:
+    """The second phase's broadcast: M and d on the parameters of the probed blocks only
+    (diagonal blocks need no line search). They only decide a step length per block: the
+    message may travel in bf16 (`pooled_direction`'s `dtype`)."""
     names: set[str] = set()
     for i in direction.probed:
         lay = pooled.layouts[i]
@@ -144,8 +142,8 @@ def probe_arrays(
         if blk is not None:
             write_matrix(d_arrays, pooled.layouts[i], blk)
     return {
-        **{PROBE_M + k: v.to(dtype) for k, v in direction.mean.items() if k in names},
-        **{PROBE_D + k: v.to(dtype) for k, v in d_arrays.items()},
+        **{PROBE_M + k: v for k, v in direction.mean.items() if k in names},
+        **{PROBE_D + k: v for k, v in d_arrays.items()},
     }
 
 

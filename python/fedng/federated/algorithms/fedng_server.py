@@ -157,8 +157,9 @@ class CurvatureSums:
             state.round,
             self.name,
             {},
-            probe_arrays(direction, self.pooled, wire_dtype(self.opts.probe_dtype)),
+            probe_arrays(direction, self.pooled),
             meta={"phase": PROBE_PHASE, "blocks": len(direction.blocks)},
+            dtype=self.opts.probe_dtype,
         )
 
     def fold_reply(self, reply: ClientUpdate, weight: float) -> str | None:
