@@ -78,7 +78,8 @@ def curvature_mapping(
     if default == AUTO:
         if model is None:
             raise ValueError("curvature_mapping: 'auto' needs the model")
-        mapping = {"default": "kfac", **auto_curvature(model)}
+        mapping = {"default": "kfac"}
+        mapping.update(auto_curvature(model))
     mapping.update(overrides)
     return mapping
 
