@@ -29,11 +29,14 @@ def _one_thread() -> None:
 
 
 def test_auto_policy_switches_only_wide_input_heads_to_diag() -> None:
-    # a 60 -> 10 softmax regression: K-FAC's triangles are 3.2x its 610 parameters
-    assert auto_curvature(nn.Linear(60, 10)) == {"": "diag"}
+    # a 60 -> 10 softmax regression: K-FAC's triangles are 3.2x its 610 parameters (kept);
+    # a 200 -> 10 one: 33x
+    assert auto_curvature(nn.Linear(60, 10)) == {}
+    assert auto_curvature(nn.Linear(200, 10)) == {"": "diag"}
+    assert auto_curvature(nn.Linear(60, 10), ratio=2.0) == {"": "diag"}
     # the MNIST-1D MLP: 1.4x over the model: K-FAC everywhere
     assert auto_curvature(mlp([40, 100, 100, 10])) == {}
-    # the digits CNN: only its 513 -> 10 head (26x) switches; the rest is within 2x
+    # the digits CNN: only its 513 -> 10 head (26x) switches; the rest is within 4x
     cnn = cnn_digits()
     assert auto_curvature(cnn) == {"5": "diag"}
     kept = [m for n, m in cnn.named_modules() if n in ("0", "2")]
@@ -45,7 +48,7 @@ def test_auto_policy_switches_only_wide_input_heads_to_diag() -> None:
 
 
 def test_auto_spec_parses_and_needs_the_model() -> None:
-    model = mlp([60, 10])
+    model = mlp([200, 10])
     assert curvature_mapping("auto", model) == {"default": "kfac", "0": "diag"}
     assert curvature_mapping("auto,0=kfac", model) == {"default": "kfac", "0": "kfac"}
     assert parse_curvature("auto,0=diag") == ("auto", {"0": "diag"})

@@ -161,9 +161,9 @@ class FedNGConfig(CurvatureConfig):
 
     Attributes:
         curvature: as in `CurvatureConfig`; "auto" by default: K-FAC, with the diagonal Fisher
-            for wide-input narrow-output layers when K-FAC's factors would hold more than twice
-            the model's parameters (`fedng.federated.config.policy`): a softmax-regression model
-            or a CNN's dense head.
+            for wide-input narrow-output layers when K-FAC's factors would hold more than 4
+            entries per parameter of the model (`fedng.federated.config.policy`): a CNN's
+            dense head.
         precond: the client's preconditioner: "global" (the server's), "local" (its own running
             curvature), "global_local" (the server's refreshed by the client's own), "none".
         damping: Tikhonov damping of the client's preconditioner and of the broadcast inverses:

@@ -2,14 +2,20 @@
 
 K-FAC's factors of an m x n block hold `n(n+1)/2 + m(m+1)/2` numbers against the block's `m n`
 parameters: about as many for square layers, but many more for a wide-input, narrow-output
-layer (a 61 -> 10 softmax head: 3.2x; a 513 -> 10 CNN head: 26x). The curvature travels twice
-per round (upload, and the server's broadcast back) as int8 — one byte per entry — while the
-model travels in fp32, four bytes per parameter. "auto" keeps K-FAC everywhere while its
-curvature traffic (2 x entries bytes) stays within the model's (4 x params bytes), i.e. while the
-factors hold at most `MAX_FACTOR_RATIO = 2` entries per parameter; beyond that the blocks with
-the largest entries-per-parameter ratio fall back to the diagonal Fisher (one entry per
-parameter, and exact in the summable aggregation: no line search for them), one at a time, until
-the model is within the ratio. Blocks that are not plain Kronecker blocks keep their defaults.
+layer (a 61 -> 10 softmax head: 3.2x; a 513 -> 10 CNN head: 26x). Per round the curvature
+travels twice (upload, and the server's broadcast back) as int8, one byte per entry: 2 bytes per
+entry; the model travels twice too (theta down, delta up) in fp32: 8 bytes per parameter.
+"auto" keeps K-FAC everywhere while the curvature's traffic stays within the model's, i.e.
+while the factors hold at most `MAX_FACTOR_RATIO = 4` entries per parameter over the model;
+beyond that the blocks with the largest entries-per-parameter ratio fall back to the diagonal
+Fisher (one entry per parameter, and exact in the summable aggregation: no line search for
+them), one at a time, until the model is within the ratio. Blocks that are not plain Kronecker
+blocks keep their defaults.
+
+Measured (bench_fl, synthetic(1, 1), 5 seeds): the softmax regression (3.2x) reaches the target
+in 8 rounds with K-FAC against 15 with the diagonal, and with fewer bytes (1.71 vs 1.88 MB):
+K-FAC's curvature pays for itself in rounds below the threshold. The CNNs' dense heads (16x,
+26x) are 90% of their K-FAC payload.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from fedng.curvature.spec import BlockSpec, triangle_size
 AUTO = "auto"
 """The curvature spec value (and the default kind of a spec) that asks for this policy."""
 
-MAX_FACTOR_RATIO = 2.0
+MAX_FACTOR_RATIO = 4.0
 """Most K-FAC curvature entries per parameter, over the model, that "auto" keeps."""
 
 
