@@ -51,6 +51,8 @@ PYBIND11_MODULE(_C, m) {
         "Threads OpenBLAS is set to use.");
   m.def("small_kernel_isa", [] { return std::string(fedng::cpu::small_kernel_isa()); },
         "Instruction set of the small-matrix kernels chosen for this CPU.");
+  m.def("set_avx512_lanes", &fedng::cpu::set_avx512_lanes, py::arg("on"),
+        "Lets the lane kernels use AVX-512 (if the CPU has it); returns the previous setting.");
 
   py::call_guard<py::gil_scoped_release> nogil;
   py::kw_only kw;

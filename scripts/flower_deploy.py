@@ -319,8 +319,10 @@ def deploy(
     kill_node_after_round: int | None = None,
     intruder: bool = True,
     run_limit: float = 900.0,
+    secagg: bool = False,
 ) -> dict[str, Any]:
-    """Runs the whole deployment in `workdir`; see the module docstring.
+    """Runs the whole deployment in `workdir`; see the module docstring (with `secagg`, the
+    SecAgg+ components: `secure_app`).
 
     Returns:
         The report (also what `main` prints).
@@ -370,7 +372,8 @@ def deploy(
             f" checkpoint-dir='{ckpt}' task-args.num_clients={nodes}"
         )
         t1 = time.monotonic()
-        started = flwr_json(env, "run", str(APP), CONNECTION, "--run-config", overrides)
+        app = secure_app(workdir) if secagg else APP
+        started = flwr_json(env, "run", str(app), CONNECTION, "--run-config", overrides)
         run_id = int(started["run-id"])
         report["run_id"] = run_id
 
@@ -392,6 +395,20 @@ def deploy(
     return report
 
 
+def secure_app(workdir: Path) -> Path:
+    """A copy of the app whose components are the SecAgg+ ones (`fedng.flower.apps`
+    `secure_server_app` / `secure_client_app`): FedNG's summable rounds under secure
+    aggregation."""
+    app = workdir / "app-secagg"
+    shutil.copytree(APP, app, dirs_exist_ok=True)
+    toml = app / "pyproject.toml"
+    text = toml.read_text()
+    for part in ("server", "client"):
+        text = text.replace(f"fedng.flower.apps:{part}_app", f"fedng.flower.apps:secure_{part}_app")
+    toml.write_text(text.replace('name = "fedng-digits"', 'name = "fedng-digits-secagg"'))
+    return app
+
+
 def simulate_engine(
     workdir: Path,
     *,
@@ -400,18 +417,26 @@ def simulate_engine(
     algorithm: str = "fedng",
     seed: int = 0,
     run_limit: float = 900.0,
+    secagg: bool = False,
 ) -> dict[str, Any]:
     """The same app on Flower's simulation engine (Ray; `flwr[simulation]`): a simulation
     SuperLink on 127.0.0.1 without dependency installation, `flwr run` with `num-supernodes`,
-    the outcome from `flwr ls`, every process stopped. Returns the report."""
+    the outcome from `flwr ls`, every process stopped. With `secagg`, the SecAgg+ components
+    (`secure_app`). Returns the report."""
     workdir.mkdir(parents=True, exist_ok=True)
+    app = secure_app(workdir) if secagg else APP
     # Ray's own servers on 127.0.0.1 too (its node address is otherwise the host's interface)
     env = {**_env(workdir), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     port = free_port()
     connect(env, port, "insecure = true")
     ckpt = workdir / "checkpoint"
     procs = Processes(workdir, env)
-    report: dict[str, Any] = {"engine": "simulation", "nodes": nodes, "rounds": rounds}
+    report: dict[str, Any] = {
+        "engine": "simulation",
+        "nodes": nodes,
+        "rounds": rounds,
+        "secagg": secagg,
+    }
     t0 = time.monotonic()
     try:
         link = procs.start(
@@ -428,7 +453,7 @@ def simulate_engine(
             f" checkpoint-dir='{ckpt}' task-args.num_clients={nodes}"
         )
         started = flwr_json(
-            env, "run", str(APP), CONNECTION, "--run-config", overrides,
+            env, "run", str(app), CONNECTION, "--run-config", overrides,
             "--federation-config", f"num-supernodes={nodes}",
         )  # fmt: skip
         report["status"] = wait_run(env, int(started["run-id"]), run_limit)
@@ -489,7 +514,13 @@ def _intruder_verdict(procs: Processes) -> dict[str, Any]:
     return {"refused": bool(denied) and code not in (None, 0), "exit_code": code, "denied": denied}
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so every started process is stopped."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminated)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
@@ -502,12 +533,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--simulation", action="store_true", help="Flower's simulation engine (needs Ray) instead"
     )
+    p.add_argument("--secagg", action="store_true", help="FedNG under SecAgg+ (secure aggregation)")
     a = p.parse_args(argv)
     folder = a.keep or Path(tempfile.mkdtemp(prefix="fedng-flower-"))
     try:
         if a.simulation:
             report = simulate_engine(
-                folder, nodes=a.nodes, rounds=a.rounds, algorithm=a.algorithm, seed=a.seed
+                folder,
+                nodes=a.nodes,
+                rounds=a.rounds,
+                algorithm=a.algorithm,
+                seed=a.seed,
+                secagg=a.secagg,
             )
         else:
             report = deploy(
@@ -519,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
                 timeout=a.timeout,
                 kill_node_after_round=a.kill_node_after_round,
                 intruder=not a.no_intruder,
+                secagg=a.secagg,
             )
     finally:
         if a.keep is None:

@@ -272,3 +272,54 @@ def test_out_is_written_and_returned(dtype: torch.dtype) -> None:
     for o, e in zip(outs[:3], expected, strict=True):
         assert_close(o, e, dtype, OP)
     assert torch.isnan(outs[3]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("count", [2, 7, 8, 9, 15, 16, 17, 33])
+def test_same_size_groups_at_lane_boundaries(dtype: torch.dtype, count: int) -> None:
+    """`count` matrices of each size: full and partial SIMD lane groups (4, 8 or 16 lanes by dtype
+    and instruction set), sizes on both sides of every 4-wide blocked dot (n mod 4) up to 64."""
+    gen = torch.Generator().manual_seed(count)
+    mats = [_spd(n, dtype, gen) for n in (1, 2, 3, 4, 5, 7, 8, 9, 31, 64) for _ in range(count)]
+    damping = [0.1 + 0.01 * (i % 5) for i in range(len(mats))]
+    _check_ok(damped_cholesky_inverse(mats, damping), mats, damping, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("where", ["diag", "offdiag", "last"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_lane_fails_alone(dtype: torch.dtype, where: str, bad: float) -> None:
+    """A NaN/Inf anywhere in one lower triangle fails that matrix only; its lane neighbours keep
+    their inverses (the lane kernel has no finiteness pre-pass: the pivots catch it)."""
+    gen = torch.Generator().manual_seed(5)
+    mats = [_spd(12, dtype, gen) for _ in range(16)]
+    i, j = {"diag": (3, 3), "offdiag": (7, 2), "last": (11, 10)}[where]
+    mats[5][i, j] = bad
+    res = damped_cholesky_inverse(mats, 0.1)
+    assert res.status[5] == FAILED and math.isnan(res.damping[5].item())
+    assert torch.isnan(res.inverses[5]).all()
+    good = [k for k in range(16) if k != 5]
+    _check_ok(
+        ([res.inverses[k] for k in good], res.status[good], res.damping[good]),
+        [mats[k] for k in good],
+        [0.1] * 15,
+        dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lane_kernels_agree_across_instruction_sets(dtype: torch.dtype) -> None:
+    """The 64-byte-lane (AVX-512) and 32-byte-lane builds both match the reference, at lane-group
+    boundaries of both widths (on a CPU without AVX-512 both runs take the same path)."""
+    from fedng import _backend
+
+    gen = torch.Generator().manual_seed(11)
+    mats = [_spd(n, dtype, gen) for n in (3, 17, 40) for _ in range(17)]
+    before = _backend.native.set_avx512_lanes(False)
+    try:
+        for on in (False, True):
+            _backend.native.set_avx512_lanes(on)
+            _check_ok(damped_cholesky_inverse(mats, 0.1), mats, [0.1] * len(mats), dtype)
+    finally:
+        _backend.native.set_avx512_lanes(before)
+    assert (_backend.native.small_kernel_isa() == "avx512") == before

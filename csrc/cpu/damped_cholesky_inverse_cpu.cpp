@@ -141,19 +141,16 @@ template <class T>
 void invert_lanes(const Ptrs& mats, const Ptrs& outs, const Sizes& n, const std::vector<double>& damping,
                   int max_tries, double jitter, std::int8_t* status, double* used,
                   const std::int64_t* items, int count) {
-  constexpr int L = std::is_same_v<T, float> ? kLanesFloat : kLanesDouble;
-  const T* in[L];
-  T* out[L];
-  double lam[L];
-  std::int64_t idx[L];
+  const T* in[kMaxLanes];
+  T* out[kMaxLanes];
+  double lam[kMaxLanes];
+  std::int64_t idx[kMaxLanes];
   int live = 0;
+  // No finiteness pre-pass: a NaN or Inf in a lower triangle always reaches a Cholesky pivot
+  // (L(i, j) = Inf makes pivot i -Inf, a NaN stays NaN), so that lane fails and invert_one
+  // below reports it FAILED with the usual NaN output.
   for (int c = 0; c < count; ++c) {
     const std::int64_t i = items[c];
-    if (!lower_finite(as<const T>(mats[i]), n[i])) {  // fails fast, with the usual NaN output
-      status[i] = invert_one(as<const T>(mats[i]), as<T>(outs[i]), n[i], damping[i], max_tries,
-                             jitter, &used[i]);
-      continue;
-    }
     in[live] = as<const T>(mats[i]);
     out[live] = as<T>(outs[i]);
     lam[live] = damping[i];
@@ -195,7 +192,7 @@ void damped_cholesky_inverse(DType dtype, const Ptrs& mats, const Ptrs& outs, co
   check_ptrs(op, "outs", outs, numel);
   dispatch_float(dtype, [&](auto zero) {
     using T = decltype(zero);
-    constexpr int L = std::is_same_v<T, float> ? kLanesFloat : kLanesDouble;
+    const int L = std::is_same_v<T, float> ? lanes_float() : lanes_double();
     // Tasks: runs of up to L same-size small matrices (lane-batched), or one matrix each.
     std::vector<std::int64_t> order(count);
     std::iota(order.begin(), order.end(), 0);

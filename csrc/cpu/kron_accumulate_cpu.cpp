@@ -1,37 +1,9 @@
-#include <algorithm>
-
 #include "fedng/blas.h"
 #include "fedng/dispatch.h"
 #include "fedng/ops.h"
 #include "fedng/parallel.h"
 
 namespace fedng::cpu {
-namespace {
-
-// Diagonal tiles of the blocked update below. OpenBLAS's SYRK runs at about half the rate of its
-// GEMM on these shapes (bench_kron_accumulate, mlp: SYRK alone was 1.1x torch's full GEMM), so
-// only the diagonal tiles use SYRK and everything right of them is one GEMM per tile row: still
-// only the upper triangle's flops (plus half a tile per row), at GEMM speed.
-constexpr int kSyrkTile = 256;
-
-// Upper triangle of F [n, n] = alpha X^T X + beta F, X [k, n], all row-major.
-template <class T>
-void syrk_upper_blocked(int n, int k, T alpha, const T* x, T beta, T* f) {
-  if (n <= kSyrkTile) {
-    blas::syrk_upper_ata(n, k, alpha, x, beta, f);
-    return;
-  }
-  for (int j0 = 0; j0 < n; j0 += kSyrkTile) {
-    const int nb = std::min(kSyrkTile, n - j0), rest = n - j0 - nb;
-    blas::syrk_upper_ata(nb, k, alpha, x + j0, beta, f + static_cast<std::int64_t>(j0) * n + j0,
-                         n, n);
-    if (rest > 0)
-      blas::gemm(true, false, nb, rest, k, alpha, x + j0, n, x + j0 + nb, n, beta,
-                 f + static_cast<std::int64_t>(j0) * n + j0 + nb, n);
-  }
-}
-
-}  // namespace
 
 void kron_accumulate(DType dtype, const Ptrs& inputs, const Ptrs& factors, const Sizes& n,
                      const Sizes& k, double decay, const std::vector<double>& scale, int nthreads) {
@@ -65,9 +37,9 @@ void kron_accumulate(DType dtype, const Ptrs& inputs, const Ptrs& factors, const
         for (std::int64_t e = 0; e < fnumel[i]; ++e) f[e] = decay == 0.0 ? T(0) : static_cast<T>(decay) * f[e];
         return;
       }
-      // The upper triangle only (half the flops of GEMM); the lower one is mirrored.
-      syrk_upper_blocked<T>(ni, ki, static_cast<T>(scale[i]), as<const T>(inputs[i]),
-                            static_cast<T>(decay), f);
+      // SYRK writes the upper triangle (half the flops of GEMM); the lower one is mirrored.
+      blas::syrk_upper_ata(ni, ki, static_cast<T>(scale[i]), as<const T>(inputs[i]),
+                           static_cast<T>(decay), f);
       mirror_upper_to_lower(f, ni);
     });
   });

@@ -1,6 +1,9 @@
 // Chooses the AVX2+FMA or the baseline build of small_spd_inverse.cpp once, at first use.
 #include "fedng/small_spd_inverse.h"
 
+#include <atomic>
+#include <cstdlib>
+
 #if defined(FEDNG_HAVE_AVX2)
 #include <cpuid.h>
 #endif
@@ -16,6 +19,7 @@
 FEDNG_DECLARE_ISA(baseline)
 #if defined(FEDNG_HAVE_AVX2)
 FEDNG_DECLARE_ISA(avx2)
+FEDNG_DECLARE_ISA(avx512)
 #endif
 
 namespace fedng::cpu {
@@ -41,6 +45,18 @@ bool cpu_has_x86_64_v3() {
   if (!__get_cpuid(0x80000001u, &a, &b, &c, &d)) return false;
   return c & (1u << 5);  // LZCNT (ABM)
 }
+
+// x86-64-v4 on top of v3: AVX512F, DQ, CD, BW, VL, and the OS saving the opmask and ZMM state.
+bool cpu_has_x86_64_v4() {
+  if (!cpu_has_x86_64_v3()) return false;
+  unsigned a, b, c, d;
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & 0xe6u) != 0xe6u) return false;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const unsigned need = (1u << 16) | (1u << 17) | (1u << 28) | (1u << 30) | (1u << 31);
+  return (b & need) == need;
+}
 #endif
 
 bool use_avx2() {
@@ -52,13 +68,35 @@ bool use_avx2() {
 #endif
 }
 
+// The lane kernels only: with 64-byte vectors they do twice the work per instruction (the
+// Gauss-Jordan kernel stays on AVX2, where its short rows measured faster).
+bool avx512_available() {
+#if defined(FEDNG_HAVE_AVX2)
+  static const bool yes = cpu_has_x86_64_v4();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Read on every call (one relaxed load): tests switch it to cover both lane widths in-process.
+std::atomic<bool> g_avx512{avx512_available() && !std::getenv("FEDNG_NO_AVX512")};
+
+bool use_avx512() { return g_avx512.load(std::memory_order_relaxed); }
+
 }  // namespace
 
 #if defined(FEDNG_HAVE_AVX2)
 #define FEDNG_PICK(call) (use_avx2() ? avx2::call : baseline::call)
+#define FEDNG_PICK_LANES(call) \
+  (use_avx512() ? avx512::call : use_avx2() ? avx2::call : baseline::call)
 #else
 #define FEDNG_PICK(call) (baseline::call)
+#define FEDNG_PICK_LANES(call) (baseline::call)
 #endif
+
+int lanes_float() { return use_avx512() ? 16 : 8; }
+int lanes_double() { return use_avx512() ? 8 : 4; }
 
 bool small_spd_inverse(const float* in, int ldin, float* out, int ldout, int n, float lambda,
                        bool full) {
@@ -70,13 +108,21 @@ bool small_spd_inverse(const double* in, int ldin, double* out, int ldout, int n
 }
 unsigned lane_spd_inverse(const float* const* in, float* const* out, const double* lambda,
                           int count, int n) {
-  return FEDNG_PICK(lane_spd_inverse(in, out, lambda, count, n));
+  return FEDNG_PICK_LANES(lane_spd_inverse(in, out, lambda, count, n));
 }
 unsigned lane_spd_inverse(const double* const* in, double* const* out, const double* lambda,
                           int count, int n) {
-  return FEDNG_PICK(lane_spd_inverse(in, out, lambda, count, n));
+  return FEDNG_PICK_LANES(lane_spd_inverse(in, out, lambda, count, n));
 }
 
-const char* small_kernel_isa() { return use_avx2() ? "avx2+fma" : "baseline"; }
+bool set_avx512_lanes(bool on) {
+  const bool before = use_avx512();
+  g_avx512.store(on && avx512_available(), std::memory_order_relaxed);
+  return before;
+}
+
+const char* small_kernel_isa() {
+  return use_avx512() ? "avx512" : use_avx2() ? "avx2+fma" : "baseline";
+}
 
 }  // namespace fedng::cpu

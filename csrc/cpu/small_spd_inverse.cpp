@@ -99,17 +99,25 @@ inline bool gauss_jordan(const T* a, int lda, T* out, int ldout, int n, T lambda
 
 // ---- Lane-batched: L matrices of one size, interleaved so lane l of every vector belongs to
 // matrix l (L = 8 floats or 4 doubles: one 32-byte GCC vector, lowered to AVX2 or to SSE pairs
-// per clone). Packed lower storage: element (i, j) of all lanes is vector i (i + 1) / 2 + j.
+// per clone; 16 and 8 in the AVX-512 clone, built with FEDNG_LANE_BYTES=64). Packed lower storage: element (i, j) of all lanes is vector i (i + 1) / 2 + j.
 // Cholesky, triangular inverse and X^T X are dot products; four partial sums hide the FMA
 // latency. n^3 flops per matrix in all, fully vectorized whatever n is, no per-matrix overhead.
 
+#ifndef FEDNG_LANE_BYTES
+#define FEDNG_LANE_BYTES 32
+#endif
+
 template <class T>
 struct LaneVec {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int kLanes = 32 / sizeof(T);
+  typedef T type __attribute__((vector_size(FEDNG_LANE_BYTES)));
+  static constexpr int kLanes = FEDNG_LANE_BYTES / sizeof(T);
 };
 
 inline std::size_t packed(int i, int j) { return static_cast<std::size_t>(i) * (i + 1) / 2 + j; }
+// Start of column j in column-packed lower storage of an n x n matrix (columns of n - j entries).
+inline std::size_t col_start(int n, int j) {
+  return static_cast<std::size_t>(j) * n - static_cast<std::size_t>(j) * (j - 1) / 2;
+}
 
 // sum_p a[p * sa] * b[p * sb] for p in [0, len), lane-wise.
 template <class V>
@@ -124,6 +132,26 @@ inline V lane_dot(const V* a, std::size_t sa, const V* b, std::size_t sb, int le
   }
   for (; p < len; ++p) s0 += a[p * sa] * b[p * sb];
   return (s0 + s1) + (s2 + s3);
+}
+
+// Four dots sharing one operand, out[k] = sum_p a[p] * b_k[p] for p in [0, len): 5 loads per
+// 4 FMAs instead of 8. Beyond n ~ 32 the interleaved triangles leave L1 and the single dot is
+// bound by L2 bandwidth, not by the FMAs.
+template <class V>
+inline void lane_dot4(const V* a, const V* b0, const V* b1, const V* b2, const V* b3, int len,
+                      V* out) {
+  V s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  for (int p = 0; p < len; ++p) {
+    const V x = a[p];
+    s0 += x * b0[p];
+    s1 += x * b1[p];
+    s2 += x * b2[p];
+    s3 += x * b3[p];
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
 }
 
 template <class T>
@@ -146,57 +174,106 @@ inline unsigned lane_inverse(const T* const* in, T* const* out, const double* la
       a[packed(i, j)] = v;
     }
   unsigned bad = 0;
-  // Cholesky, left-looking by rows: L(i, j) = (A(i, j) - L(i, :j) . L(j, :j)) / L(j, j).
-  for (int i = 0; i < n; ++i) {
-    V* li = a + packed(i, 0);
-    for (int j = 0; j < i; ++j) li[j] = (li[j] - lane_dot(li, 1, a + packed(j, 0), 1, j)) * rinv[j];
-    V d = li[i] - lane_dot(li, 1, li, 1, i);
+  // Cholesky, left-looking by columns: L(j, j) = sqrt(A(j, j) - L(j, :j) . L(j, :j)), then
+  // L(i, j) = (A(i, j) - L(i, :j) . L(j, :j)) / L(j, j) for every i > j. The dots of one column
+  // are independent of each other (a row-by-row order chains each on the one before: latency-
+  // bound at these sizes).
+  for (int j = 0; j < n; ++j) {
+    V* lj = a + packed(j, 0);
+    V d = lj[j] - lane_dot(lj, 1, lj, 1, j);
     for (int l = 0; l < L; ++l) {
       const bool ok = d[l] > T(0) && std::isfinite(d[l]);
       if (!ok) bad |= 1u << l;
       d[l] = ok ? std::sqrt(d[l]) : T(1);
     }
-    li[i] = d;
-    rinv[i] = T(1) / d;
+    lj[j] = d;
+    const V r = T(1) / d;
+    rinv[j] = r;
+    int i = j + 1;
+    for (; i + 4 <= n; i += 4) {
+      V* l0 = a + packed(i, 0);
+      V* l1 = a + packed(i + 1, 0);
+      V* l2 = a + packed(i + 2, 0);
+      V* l3 = a + packed(i + 3, 0);
+      V dots[4];
+      lane_dot4(lj, l0, l1, l2, l3, j, dots);
+      l0[j] = (l0[j] - dots[0]) * r;
+      l1[j] = (l1[j] - dots[1]) * r;
+      l2[j] = (l2[j] - dots[2]) * r;
+      l3[j] = (l3[j] - dots[3]) * r;
+    }
+    for (; i < n; ++i) {
+      V* li = a + packed(i, 0);
+      li[j] = (li[j] - lane_dot(li, 1, lj, 1, j)) * r;
+    }
   }
-  // X = L^-1: X(i, i) = 1 / L(i, i); X(i, j) = -X(i, i) sum_{p=j}^{i-1} L(i, p) X(p, j).
-  // X(p, j) for consecutive p is (p + 1) vectors apart: walk it with a running pointer.
+  // X = L^-1, stored by columns (column j holds X(j..n-1, j) contiguously), so that both the
+  // inverse and the product below are dot products of contiguous vectors (a row-packed X makes
+  // them walk a column with a growing stride: one cache line per term once n^2 vectors leave L1).
+  // X(j, j) = 1 / L(j, j); X(i, j) = -X(i, i) sum_{p=j}^{i-1} L(i, p) X(p, j), row by row:
+  // the dots of one row are independent (they read only rows above it).
   for (int i = 0; i < n; ++i) {
     const V* li = a + packed(i, 0);
-    V* xi = x + packed(i, 0);
-    for (int j = 0; j < i; ++j) {
-      V s0 = {}, s1 = {};
-      const V* xpj = x + packed(j, j);
-      int p = j;
-      for (; p + 2 <= i; p += 2) {
-        s0 += li[p] * xpj[0];
-        s1 += li[p + 1] * xpj[p + 1];
-        xpj += 2 * p + 3;
-      }
-      if (p < i) s0 += li[p] * xpj[0];
-      xi[j] = -rinv[i] * (s0 + s1);
+    int j = 0;
+    for (; j + 4 <= i; j += 4) {
+      V* x0 = x + col_start(n, j) - j;  // xk[p] = X(p, j + k) for p >= j + k
+      V* x1 = x + col_start(n, j + 1) - (j + 1);
+      V* x2 = x + col_start(n, j + 2) - (j + 2);
+      V* x3 = x + col_start(n, j + 3) - (j + 3);
+      // Terms p < j + 3 that not all four columns have, then the shared range [j + 3, i).
+      V s0 = li[j] * x0[j] + li[j + 1] * x0[j + 1] + li[j + 2] * x0[j + 2];
+      V s1 = li[j + 1] * x1[j + 1] + li[j + 2] * x1[j + 2];
+      V s2 = li[j + 2] * x2[j + 2];
+      const int p0 = j + 3;
+      V dots[4];
+      lane_dot4(li + p0, x0 + p0, x1 + p0, x2 + p0, x3 + p0, i - p0, dots);
+      x0[i] = -rinv[i] * (s0 + dots[0]);
+      x1[i] = -rinv[i] * (s1 + dots[1]);
+      x2[i] = -rinv[i] * (s2 + dots[2]);
+      x3[i] = -rinv[i] * dots[3];
     }
-    xi[i] = rinv[i];
+    for (; j < i; ++j) {
+      V* xj = x + col_start(n, j) - j;  // xj[p] = X(p, j) for p >= j
+      xj[i] = -rinv[i] * lane_dot(li + j, 1, xj + j, 1, i - j);
+    }
+    x[col_start(n, i)] = rinv[i];
   }
-  // A^-1(i, j) = sum_{p >= i} X(p, i) X(p, j), written straight to both triangles of out.
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j <= i; ++j) {
-      V s0 = {}, s1 = {};
-      const V* xp = x + packed(i, 0);  // row p = i
-      int p = i;
-      for (; p + 2 <= n; p += 2) {
-        s0 += xp[i] * xp[j];
-        s1 += xp[p + 1 + i] * xp[p + 1 + j];
-        xp += 2 * p + 3;
+  // A^-1(i, j) = sum_{p >= i} X(p, i) X(p, j) (j <= i), written straight to both triangles.
+  V nonfinite = {};
+  for (int i = 0; i < n; ++i) {
+    const V* xi = x + col_start(n, i) - i;
+    int j = 0;
+    V v[4];
+    for (; j <= i; j += 4) {
+      const int w = i + 1 - j < 4 ? i + 1 - j : 4;
+      if (w == 4) {
+        lane_dot4(xi + i, x + col_start(n, j) - j + i, x + col_start(n, j + 1) - (j + 1) + i,
+                  x + col_start(n, j + 2) - (j + 2) + i, x + col_start(n, j + 3) - (j + 3) + i,
+                  n - i, v);
+      } else {
+        for (int k = 0; k < w; ++k)
+          v[k] = lane_dot(xi + i, 1, x + col_start(n, j + k) - (j + k) + i, 1, n - i);
       }
-      if (p < n) s0 += xp[i] * xp[j];
-      const V v = s0 + s1;
-      for (int l = 0; l < count; ++l) {
-        if (!std::isfinite(v[l])) bad |= 1u << l;
-        out[l][static_cast<std::size_t>(i) * n + j] = v[l];
-        out[l][static_cast<std::size_t>(j) * n + i] = v[l];
+      for (int k = 0; k < w; ++k) {
+        nonfinite += v[k] * T(0);
+        a[packed(i, j + k)] = v[k];  // L is no longer needed: its storage takes the result
       }
     }
+  }
+  // One output matrix at a time, row by row (contiguous stores into an L1-resident matrix):
+  // scattering each vector to all lanes' outputs, a column of each included, was store-bound.
+  const T* res = reinterpret_cast<const T*>(a);
+  for (int l = 0; l < count; ++l) {
+    T* o = out[l];
+    for (int i = 0; i < n; ++i) {
+      T* oi = o + static_cast<std::size_t>(i) * n;
+      const T* ri = res + packed(i, 0) * L + l;
+      for (int j = 0; j <= i; ++j) oi[j] = ri[static_cast<std::size_t>(j) * L];
+      for (int j = i + 1; j < n; ++j) oi[j] = res[packed(j, i) * L + l];
+    }
+  }
+  for (int l = 0; l < count; ++l)
+    if (nonfinite[l] != T(0)) bad |= 1u << l;  // x * 0 is NaN exactly when x is not finite
   return bad & ((1u << count) - 1u);
 }
 

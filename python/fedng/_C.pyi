@@ -26,6 +26,9 @@ def blas_num_threads() -> int:
 def small_kernel_isa() -> str:
     """Instruction set of the small-matrix kernels chosen for this CPU."""
 
+def set_avx512_lanes(on: bool) -> bool:
+    """Lets the lane kernels use AVX-512 (if the CPU has it); returns the previous setting."""
+
 def kron_accumulate(
     *,
     dtype: int,

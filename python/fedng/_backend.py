@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Any
 
 import torch
 
@@ -27,6 +28,12 @@ from fedng import _C  # noqa: E402
 
 native = _C
 """The extension module, typed by `fedng/_C.pyi`: ops call it with keyword arguments only."""
+
+
+def openblas_symbol(name: str) -> Any:
+    """A LAPACK/BLAS routine of the loaded OpenBLAS library (`scipy_` prefix added), a ctypes
+    function: for the few routines fedng calls from Python without a kernel of its own."""
+    return getattr(_openblas, f"scipy_{name}")
 
 
 def num_threads() -> int:

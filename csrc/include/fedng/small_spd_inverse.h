@@ -16,9 +16,11 @@ bool small_spd_inverse(const double* in, int ldin, double* out, int ldout, int n
 
 namespace fedng::cpu {
 
-// Matrices inverted together, one per SIMD lane (same n), by lane_spd_inverse.
-constexpr int kLanesFloat = 8;
-constexpr int kLanesDouble = 4;
+// Matrices inverted together, one per SIMD lane (same n), by lane_spd_inverse: 8 floats or 4
+// doubles (32-byte vectors), or 16 and 8 where the AVX-512 build runs (64-byte vectors).
+constexpr int kMaxLanes = 16;
+int lanes_float();
+int lanes_double();
 
 // Inverts `count` <= kLanes* SPD matrices of the same size n in SIMD lanes: out[l] <- full,
 // exactly symmetric (sym(in[l]) + lambda[l] I)^-1 (lower triangles read, row-major, contiguous).
@@ -33,7 +35,13 @@ unsigned lane_spd_inverse(const double* const* in, double* const* out, const dou
 
 namespace fedng::cpu {
 
-// "avx2+fma" or "baseline": which build of the small-matrix kernels this CPU runs.
+// "avx512", "avx2+fma" or "baseline": which build of the small-matrix kernels this CPU runs
+// ("avx512" means the lane kernels use 64-byte vectors; the other kernels stay on AVX2).
 const char* small_kernel_isa();
+
+// Whether the lane kernels use their AVX-512 build (where the CPU has it; off also with the
+// environment variable FEDNG_NO_AVX512=1 at load). Returns the previous setting. For tests: not
+// thread-safe against a running call.
+bool set_avx512_lanes(bool on);
 
 }  // namespace fedng::cpu

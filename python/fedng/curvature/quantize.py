@@ -19,14 +19,17 @@ Low-rank sketches are not compressed (they are already d x r and not symmetric).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fedng._typing import Arrays
 from fedng.curvature.layout import BlockLayout
+from fedng.curvature.packed_scale import scale_packed
 from fedng.curvature.spec import BlockSpec, pack_triangle, triangle_size, unpack_triangle
 
 COMPRESSIBLE: tuple[str, ...] = ("kfac", "diag")
@@ -153,20 +156,55 @@ def dequantize(q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment]) -> 
             f"dequantize: expected {n_side} float32 scales, got {side.dtype}"
             f" shape {list(side.shape)}"
         )
-    out, at, sat = [], 0, 0
+    if not segs:
+        return torch.zeros(0, dtype=torch.float32)
+    plan = _plan(tuple(segs))
+    vals = q.float()
+    # triangles: vals_ij *= s_i s_j with s = sqrt(D / QMAX), in place by LAPACK's packed
+    # symmetric scaling (one pass, no index arrays); the diagonal is then D (1 + delta)
+    s = (side.double() / QMAX).sqrt().float()
+    scale_packed(vals, s, plan.tris)
+    vals.index_copy_(0, plan.dpos, side.index_select(0, plan.dside) * (1.0 + side[plan.dlt]))
+    for at, sat, n in plan.vecs:  # a vector: one scale per chunk of VEC_CHUNK entries
+        full = n // VEC_CHUNK
+        vals[at : at + full * VEC_CHUNK].view(full, VEC_CHUNK).mul_(side[sat : sat + full, None])
+        if n > full * VEC_CHUNK:
+            vals[at + full * VEC_CHUNK : at + n].mul_(side[sat + full])
+    return vals
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where `dequantize` finds each segment: (payload offset, side offset, n) per triangle and
+    per vector, and every triangle's diagonal (payload positions, D's and delta's side
+    positions)."""
+
+    tris: tuple[tuple[int, int, int], ...]
+    vecs: tuple[tuple[int, int, int], ...]
+    dpos: torch.Tensor
+    dside: torch.Tensor
+    dlt: torch.Tensor
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(segs: tuple[Segment, ...]) -> _Plan:
+    """The offsets of `dequantize` for `segs` (built once per payload layout)."""
+    tris, vecs = [], []
+    dpos, dside, dlt = [torch.zeros(0, dtype=torch.long)], [], []
+    at = sat = 0
     for form, n in segs:
         size, ns = _sizes((form, n))
-        qv, sv = q[at : at + size].float(), side[sat : sat + ns]
         if form == "tri":
-            rows, cols = torch.tril_indices(n, n)
-            root = sv[:n].sqrt()
-            vals = qv * (root[rows] * root[cols] / QMAX)
-            vals[rows == cols] = sv[:n] * (1.0 + sv[n])
+            tris.append((at, sat, n))
+            i = torch.arange(n)
+            dpos.append(at + i * (i + 3) // 2)
+            dside.append(i + sat)
+            dlt.append(torch.full((n,), sat + n))
         else:
-            vals = qv * torch.repeat_interleave(sv, VEC_CHUNK)[:n]
-        out.append(vals)
+            vecs.append((at, sat, n))
         at, sat = at + size, sat + ns
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float32)
+    cat = torch.cat
+    return _Plan(tuple(tris), tuple(vecs), cat(dpos), cat(dpos[:1] + dside), cat(dpos[:1] + dlt))
 
 
 def _specs_by_kind(meta: dict[str, Any]) -> dict[str, list[BlockSpec]]:

@@ -133,6 +133,15 @@ def _tril_index(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, cols
 
 
+@functools.lru_cache(maxsize=64)
+def _tril_flat(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions in a row-major n x n matrix of its lower triangle's entries, row by row,
+    and of their mirror images (one `index_select` / `index_copy_` each: 2-3x faster than
+    indexing with (rows, cols) pairs)."""
+    rows, cols = _tril_index(n)
+    return rows * n + cols, cols * n + rows
+
+
 def pack_triangle(mat: torch.Tensor) -> torch.Tensor:
     """The lower triangle (with diagonal) of a square matrix, row by row.
 
@@ -147,8 +156,8 @@ def pack_triangle(mat: torch.Tensor) -> torch.Tensor:
     """
     if mat.dim() != 2 or mat.shape[0] != mat.shape[1]:
         raise ValueError(f"pack_triangle: expected a square matrix [n, n], got {list(mat.shape)}")
-    rows, cols = _tril_index(mat.shape[0])
-    return mat[rows, cols]
+    lower, _ = _tril_flat(mat.shape[0])
+    return mat.reshape(-1).index_select(0, lower)
 
 
 def unpack_triangle(vec: torch.Tensor, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -172,11 +181,11 @@ def unpack_triangle(vec: torch.Tensor, n: int, dtype: torch.dtype | None = None)
             f"unpack_triangle: expected {triangle_size(n)} values for n = {n}, got {vec.numel()}"
         )
     values = vec if dtype is None else vec.to(dtype)
-    rows, cols = _tril_index(n)
-    out = torch.zeros((n, n), dtype=values.dtype)
-    out[rows, cols] = values
-    out[cols, rows] = values
-    return out
+    lower, upper = _tril_flat(n)
+    out = torch.empty(n * n, dtype=values.dtype)
+    out.index_copy_(0, upper, values)
+    out.index_copy_(0, lower, values)  # the diagonal is in both: written from `values` twice
+    return out.view(n, n)
 
 
 class PayloadReader:

@@ -40,7 +40,6 @@ import torch
 
 from fedng.federated.algorithms.base import Accumulator, Algorithm, Answer, State
 from fedng.federated.algorithms.curvature_payload import (
-    curvature_scales,
     signature,
     update_scales,
 )
@@ -105,7 +104,8 @@ class ServerRound:
                 " fedng.federated.round.server_step for ServerConfig.robust / dp_clip"
             )
         self.t_server = 0.0
-        t0 = time.perf_counter()
+        self.cpu_server = 0.0
+        t0, c0 = time.perf_counter(), time.thread_time()
         self.state = state
         self.algo: Algorithm[Any] = get_algorithm(state.config.algorithm)
         self.acc: Accumulator = self.algo.begin(state)
@@ -120,10 +120,15 @@ class ServerRound:
         self.held: list[tuple[ClientUpdate, float, dict[str, float]]] = []
         ref = state.meta.get(REFERENCE_KEY, {}).get("delta_norm")
         self.norm_ref: float | None = ref
-        glob = self.algo.reference_curvature(state)
-        self.scale_ref: dict[str, float] | None = None if glob is None else curvature_scales(glob)
+        self.scale_ref: dict[str, float] | None = self.algo.reference_scales(state)
         self.probe_message: ServerMessage | None = None
+        self._clock(t0, c0)
+
+    def _clock(self, t0: float, c0: float) -> None:
+        """Adds the wall and this thread's CPU time since (t0, c0) (CPU time is what a loaded
+        machine does not inflate by descheduling)."""
         self.t_server += time.perf_counter() - t0
+        self.cpu_server += time.thread_time() - c0
 
     # --- phase 1 ------------------------------------------------------------------------------
 
@@ -144,11 +149,11 @@ class ServerRound:
         Returns:
             The verdict (see `Verdict`).
         """
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return self._add(update)
         finally:
-            self.t_server += time.perf_counter() - t0
+            self._clock(t0, c0)
 
     def _add(self, update: ClientUpdate) -> Verdict:
         if not isinstance(update, ClientUpdate) or not _is_int(update.client_id):
@@ -241,18 +246,18 @@ class ServerRound:
     def probe(self) -> ServerMessage | None:
         """The algorithm's second-phase message for the accepted clients (sealed), or None when
         the round has no second phase; ends phase 1 (call after the last `add`)."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if self.held:
             self._release(final=True)
         if self.probe_message is None and self.weights:
             msg = self.acc.probe(self.state, self._scale())
             self.probe_message = None if msg is None else msg.seal()
-        self.t_server += time.perf_counter() - t0
+        self._clock(t0, c0)
         return self.probe_message
 
     def add_reply(self, reply: ClientUpdate) -> Verdict:
         """Folds one accepted client's answer to `probe()`; never raises on a malformed one."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             if not isinstance(reply, ClientUpdate) or not _is_int(reply.client_id):
                 return Verdict(None, REJECTED, "not a reply with an integer client id")
@@ -270,7 +275,7 @@ class ServerRound:
             self.answered.add(cid)
             return Verdict(cid, ACCEPTED)
         finally:
-            self.t_server += time.perf_counter() - t0
+            self._clock(t0, c0)
 
     # --- end of the round ---------------------------------------------------------------------
 
@@ -289,7 +294,7 @@ class ServerRound:
         """Applies the round: (new state, message for the next round). The state's log holds
         the accepted ids, every rejection with its reasons, and `server_time_s` (the time spent
         in this object's calls)."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if self.held:
             self._release(final=True)
         new = self.state.copy()
@@ -322,7 +327,7 @@ class ServerRound:
         new.log = {"accepted": accepted, **log, **new.log}
         new.round = self.state.round + 1
         message = self.algo.broadcast(new).seal()
-        self.t_server += time.perf_counter() - t0
+        self._clock(t0, c0)
         new.log["server_time_s"] = self.t_server
         return new, message
 

@@ -35,7 +35,6 @@ import torch
 from fedng.federated.aggregation.passes import sq_norm, sq_norms
 from fedng.federated.algorithms.base import Algorithm, State
 from fedng.federated.algorithms.curvature_payload import (
-    curvature_scales,
     signature,
     update_scales,
 )
@@ -241,8 +240,7 @@ def _sane(
     prev = state.meta.get(REFERENCE_KEY, {}).get("delta_norm")
     fallback = prev if prev is not None or len(ok) != 1 else _param_norm(state)
     nref = reference_scale(norms, fallback)
-    glob = algo.reference_curvature(state)
-    gscales = {} if glob is None else curvature_scales(glob)
+    gscales = algo.reference_scales(state) or {}
     refs = {
         key: reference_scale([s[key] for s in scales if key in s], gscales.get(key))
         for key in {k for s in scales for k in s}

@@ -87,6 +87,36 @@ def save_client_state(context: Context, arrays: Arrays) -> None:
     context.state[STATE_RECORD] = wire_record(wire.pack(arrays))
 
 
+Setup = Callable[[Context], tuple[RunSpec, FederatedTask]]
+"""(node context) -> the run settings and the task, built once per process and settings."""
+
+
+def task_setup(task_fn: TaskFn) -> Setup:
+    """The run settings and `task_fn`'s task for a node, cached per run config."""
+    cache: dict[str, tuple[RunSpec, FederatedTask]] = {}
+
+    def setup(context: Context) -> tuple[RunSpec, FederatedTask]:
+        key = repr(sorted(context.run_config.items()))
+        if key not in cache:
+            spec = RunSpec.from_run_config(context.run_config)
+            cache.clear()
+            cache[key] = (spec, task_fn(spec))
+        return cache[key]
+
+    return setup
+
+
+def add_query(app: ClientApp, setup: Setup) -> None:
+    """Registers the `query` handler: which client (partition) this node serves, of how many."""
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        _, task = setup(context)
+        cid = partition_of(context, len(task.clients))
+        record = ConfigRecord({"client-id": cid, "num-clients": len(task.clients)})
+        return Message(RecordDict({QUERY_RECORD: record}), reply_to=msg)
+
+
 def make_client_app(task_fn: TaskFn = default_task) -> ClientApp:
     """A ClientApp running the run config's algorithm on `task_fn`'s model and data.
 
@@ -99,22 +129,8 @@ def make_client_app(task_fn: TaskFn = default_task) -> ClientApp:
         The ClientApp (assign it at module level, `app = make_client_app(...)`, for a FAB).
     """
     app = ClientApp()
-    cache: dict[str, tuple[RunSpec, FederatedTask]] = {}
-
-    def setup(context: Context) -> tuple[RunSpec, FederatedTask]:
-        key = repr(sorted(context.run_config.items()))
-        if key not in cache:
-            spec = RunSpec.from_run_config(context.run_config)
-            cache.clear()
-            cache[key] = (spec, task_fn(spec))
-        return cache[key]
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        _, task = setup(context)
-        cid = partition_of(context, len(task.clients))
-        record = ConfigRecord({"client-id": cid, "num-clients": len(task.clients)})
-        return Message(RecordDict({QUERY_RECORD: record}), reply_to=msg)
+    setup = task_setup(task_fn)
+    add_query(app, setup)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

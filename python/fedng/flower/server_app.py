@@ -9,6 +9,8 @@ writes the final global model (`fedng.flower.persist`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -66,8 +68,19 @@ def build_strategy(
     return strategy, arrays_to_record(get_params(model))
 
 
+Build = Callable[
+    [RunSpec, FederatedTask, RoundHook | None, ServerCheckpoint | None],
+    tuple[FedNGStrategy, ArrayRecord],
+]
+"""What `run_server` builds its strategy with (`build_strategy`; the secure one for SecAgg+)."""
+
+
 def run_server(
-    grid: Grid, spec: RunSpec, task: FederatedTask, on_round: RoundHook | None = None
+    grid: Grid,
+    spec: RunSpec,
+    task: FederatedTask,
+    on_round: RoundHook | None = None,
+    build: Build = build_strategy,
 ) -> FedNGStrategy:
     """Runs the whole federation on `grid`. With `spec.checkpoint_dir`, the server is
     checkpointed after every round (`checkpoint.pt`, `history.json`), a run with `spec.resume`
@@ -79,7 +92,7 @@ def run_server(
     ckpt = ServerCheckpoint(spec.checkpoint_dir) if spec.checkpoint_dir else None
     if spec.resume and ckpt is None:
         raise ValueError("run config 'resume = true' needs a 'checkpoint-dir'")
-    strategy, initial = build_strategy(spec, task, on_round, ckpt)
+    strategy, initial = build(spec, task, on_round, ckpt)
     strategy.start(grid, initial, num_rounds=spec.rounds, timeout=spec.timeout)
     if ckpt is not None and strategy.state is not None:
         ckpt.save_model(task, spec.seed, strategy.state.params)

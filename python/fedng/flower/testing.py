@@ -9,6 +9,7 @@ test lose a reply (a timeout) or replace it (a malformed one).
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Callable, Iterable
 
@@ -109,8 +110,8 @@ class LocalGrid(Grid):
             node = msg.metadata.dst_node_id
             if node not in self.alive:
                 continue
-            try:
-                reply = self.client_app(msg, self.contexts[node])
+            try:  # each node gets its own copy, as serialization gives it on a real grid
+                reply = self.client_app(copy.deepcopy(msg), self.contexts[node])
             except Exception as err:  # what Flower's runtime does with a raising ClientApp
                 reason = f"{type(err)}:<'{err}'>"
                 reply = Message(Error(CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)

@@ -84,9 +84,9 @@ def damped_cholesky_inverse(
     if not ms:
         return run([], [], max_tries, jitter_factor)
     code = v.dtype_code(OP, {"mats": ms})
-    v.square_sizes(OP, "mats", ms)
+    sizes = v.square_sizes(OP, "mats", ms)
     outs = None if out is None else v.out_list(OP, out, ms, "mats")
-    res = run(ms, lambdas, max_tries, jitter_factor, outs, code)
+    res = run(ms, lambdas, max_tries, jitter_factor, outs, code, sizes)
     if errors == "raise":
         failed = (res.status == CholeskyStatus.FAILED).nonzero().flatten().tolist()
         if failed:
@@ -97,23 +97,31 @@ def damped_cholesky_inverse(
     return res
 
 
-def alloc_like(mats: list[torch.Tensor]) -> list[torch.Tensor]:
+def alloc_like(mats: list[torch.Tensor], sizes: list[int] | None = None) -> list[torch.Tensor]:
     """Uninitialized [n_i, n_i] outputs: one allocation per distinct size, cut into views.
 
     Thousands of tiny matrices would otherwise cost one allocator call each (more than their
-    inversion); every view is contiguous and no two overlap.
+    inversion); every view is contiguous and no two overlap. `sizes` (the n_i, if known) saves
+    reading the shapes again.
     """
     if len(mats) < 8:
         return [torch.empty_like(m, memory_format=torch.contiguous_format) for m in mats]
     dtype = mats[0].dtype
-    sizes = [m.shape[0] for m in mats]
-    by_size: dict[int, list[int]] = {}
-    for i, n in enumerate(sizes):
-        by_size.setdefault(n, []).append(i)
-    outs: list[torch.Tensor] = [mats[0]] * len(mats)  # every entry is replaced below
-    for n, idx in by_size.items():
-        for i, t in zip(idx, torch.empty((len(idx), n, n), dtype=dtype).unbind(0), strict=True):
-            outs[i] = t
+    ns = [m.shape[0] for m in mats] if sizes is None else sizes
+    # Stable sort by size; each size's block is unbound in C++ (one call per size, not per view).
+    order = sorted(range(len(ns)), key=ns.__getitem__)
+    views: list[torch.Tensor] = []
+    start = 0
+    while start < len(order):
+        n = ns[order[start]]
+        stop = start + 1
+        while stop < len(order) and ns[order[stop]] == n:
+            stop += 1
+        views.extend(torch.empty((stop - start, n, n), dtype=dtype).unbind(0))
+        start = stop
+    outs: list[torch.Tensor] = views[:]  # every entry is replaced below
+    for i, t in zip(order, views, strict=True):
+        outs[i] = t
     return outs
 
 
@@ -124,21 +132,23 @@ def run(
     jitter_factor: float = 10.0,
     outs: list[torch.Tensor] | None = None,
     code: int | None = None,
+    sizes: list[int] | None = None,
 ) -> DampedInverse:
     """The native call without any check (see `fedng.ops.trusted`): the arguments must already
     satisfy everything `damped_cholesky_inverse` validates (`damping` one float >= 0 per
-    matrix); `outs` (allocated when None) overlap no input."""
+    matrix); `outs` (allocated when None) overlap no input; `sizes`, if given, are the n_i."""
     status = torch.zeros(len(mats), dtype=torch.int8)  # CholeskyStatus.OK
     used = torch.zeros(len(mats), dtype=torch.float64)
     if not mats:
         return DampedInverse([], status, used)
+    ns = [m.shape[0] for m in mats] if sizes is None else sizes
     if outs is None:
-        outs = alloc_like(mats)
+        outs = alloc_like(mats, ns)
     _backend.native.damped_cholesky_inverse(
         dtype=v.FLOAT_DTYPES[mats[0].dtype] if code is None else code,
         mats=[m.data_ptr() for m in mats],
         outs=[o.data_ptr() for o in outs],
-        n=[m.shape[0] for m in mats],
+        n=ns,
         damping=damping,
         max_tries=max_tries,
         jitter_factor=jitter_factor,

@@ -17,7 +17,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from torch import nn
 
 from fedng._typing import Arrays
-from fedng.curvature import CurvatureSet
+from fedng.curvature import KFAC, CurvatureSet
 from fedng.federated.aggregation.mean import apply_server_step, mean_delta, weights_of
 from fedng.federated.aggregation.sums import WeightedSum
 from fedng.federated.client.params import get_params, set_params, sub
@@ -36,6 +36,26 @@ Answer = Callable[[ServerMessage, list[int]], list[ClientUpdate]]
 clients); see `Accumulator.probe`."""
 
 OptionsT = TypeVar("OptionsT", bound=AlgorithmConfig)
+
+
+def curvature_scales(cs: CurvatureSet) -> dict[str, float]:
+    """Named scale measures of a curvature set, each checked against the round's median.
+
+    Per block: `tr(F_i)`; for K-FAC blocks also each factor on its own, `tr(A_i) / n` and
+    `tr(G_i) / m`. The factors are summed separately across clients (`CurvatureSet.combine`), so
+    a product check `tr(A) tr(G)` alone would pass `A * c` with `G / c`; bounding each factor
+    bounds what any one client can add to each factor of the global curvature.
+    """
+    out: dict[str, float] = {}
+    for kind, rep in cs.reps.items():
+        for spec, tr in zip(rep.specs, rep.block_traces(), strict=True):
+            out[f"{kind}/{spec.name}"] = float(tr)
+        if isinstance(rep, KFAC):
+            for spec, a, g in zip(rep.specs, rep.A, rep.G, strict=True):
+                ta = a.double().sum() if a.dim() == 1 else a.double().diagonal().sum()
+                out[f"{kind}/{spec.name}/A"] = float(ta) / spec.n
+                out[f"{kind}/{spec.name}/G"] = float(g.double().diagonal().sum()) / spec.m
+    return out
 
 
 class Accumulator(Protocol):
@@ -213,6 +233,12 @@ class Algorithm(Generic[OptionsT]):
         """The server's own curvature, the reference scale of a round with fewer than 3
         curvature payloads (None: the algorithm keeps none)."""
         return None
+
+    def reference_scales(self, state: State) -> dict[str, float] | None:
+        """`curvature_scales` of `reference_curvature` (None without one): the per-block and
+        per-factor reference scales of a round with fewer than 3 curvature payloads."""
+        glob = self.reference_curvature(state)
+        return None if glob is None else curvature_scales(glob)
 
     def aggregate(self, state: State, updates: list[ClientUpdate]) -> State:
         """FedAvg: theta += server_lr * sum_k p_k delta_k (with server momentum if configured)."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedng._typing import Arrays
-from fedng.curvature import KFAC, BlockLayout, CurvatureSet, check_layouts, write_matrix
+from fedng.curvature import BlockLayout, CurvatureSet, check_layouts, write_matrix
 from fedng.curvature.quantize import (
     COMPRESSIBLE,
     META_KEY,
@@ -30,7 +30,7 @@ from fedng.curvature.quantize import (
 from fedng.curvature.validation import MAX_ABS
 from fedng.federated.aggregation.matvec import block_vectors, fisher_matvecs
 from fedng.federated.aggregation.passes import sq_norm
-from fedng.federated.algorithms.base import State
+from fedng.federated.algorithms.base import State, curvature_scales
 from fedng.federated.config.curvature import CurvatureConfig
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.wire import FLOAT_DTYPES, wire_dtype
@@ -60,6 +60,15 @@ def wants_int8(cs: CurvatureSet, compression: str, itemsize: int = 4) -> bool:
     ]
     entries = sum(e for e, _ in sizes)
     return entries > 0 and sum(q for _, q in sizes) < entries * itemsize
+
+
+def wants_int8_payload(arrays: Arrays, meta: dict[str, Any], compression: str) -> bool:
+    """`wants_int8` of a set given as float payloads and metadata (not decoded)."""
+    if compression != "auto":
+        return compression == "int8"
+    entries = sum(v.numel() for k, v in arrays.items() if k in COMPRESSIBLE)
+    params = sum(BlockLayout.from_json(x).spec.numel for x in meta["layouts"])
+    return entries > params
 
 
 def curvature_arrays(
@@ -455,23 +464,3 @@ def curvature_trace(update: ClientUpdate) -> float | None:
     """tr(F_k) of the update's curvature (None without any), for the round-median check."""
     cs = decoded_curvature(update)
     return None if cs is None else cs.trace()
-
-
-def curvature_scales(cs: CurvatureSet) -> dict[str, float]:
-    """Named scale measures of a curvature set, each checked against the round's median.
-
-    Per block: `tr(F_i)`; for K-FAC blocks also each factor on its own, `tr(A_i) / n` and
-    `tr(G_i) / m`. The factors are summed separately across clients (`CurvatureSet.combine`), so
-    a product check `tr(A) tr(G)` alone would pass `A * c` with `G / c`; bounding each factor
-    bounds what any one client can add to each factor of the global curvature.
-    """
-    out: dict[str, float] = {}
-    for kind, rep in cs.reps.items():
-        for spec, tr in zip(rep.specs, rep.block_traces(), strict=True):
-            out[f"{kind}/{spec.name}"] = float(tr)
-        if isinstance(rep, KFAC):
-            for spec, a, g in zip(rep.specs, rep.A, rep.G, strict=True):
-                ta = a.double().sum() if a.dim() == 1 else a.double().diagonal().sum()
-                out[f"{kind}/{spec.name}/A"] = float(ta) / spec.n
-                out[f"{kind}/{spec.name}/G"] = float(g.double().diagonal().sum()) / spec.m
-    return out

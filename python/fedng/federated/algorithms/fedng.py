@@ -31,7 +31,6 @@ from fedng.federated.algorithms.curvature_payload import (
     attach_contribution,
     attach_curvature,
     check_curvature_payload,
-    curvature_arrays,
     curvature_trace,
     decoded_all,
     decoded_curvature,
@@ -40,7 +39,9 @@ from fedng.federated.algorithms.fedng_server import (
     CONTRIB_PREFIX,
     PROBE_PHASE,
     CurvatureSums,
+    broadcast_factors,
     fold_global,
+    global_scales,
     global_set,
 )
 from fedng.federated.client.layers import warn_unsupported_layers
@@ -72,13 +73,14 @@ class FedNG(Algorithm[FedNGConfig]):
         opts = self.options(state.config)
         mode = opts.broadcast_mode()
         msg = ServerMessage(state.round, self.name, state.params, dtype=opts.broadcast_dtype)
+        if mode == "factors":  # from the stored payloads: nothing decoded, nothing repacked
+            packed = broadcast_factors(state, opts.compression)
+            if packed is not None:
+                msg.extras = {f"curv/{k}": v for k, v in packed[0].items()}
+                msg.meta["curv"] = packed[1]
+            return msg
         glob = global_set(state) if mode != "none" else None
         if glob is None:
-            return msg
-        if mode == "factors":
-            arrays, meta = curvature_arrays(glob, "fp32", opts.compression)
-            msg.extras = {f"curv/{k}": v for k, v in arrays.items()}
-            msg.meta["curv"] = meta
             return msg
         failed = glob.inverse(client_damping(glob, opts)).failed
         arrays, sym = glob.inverse_arrays()
@@ -130,6 +132,11 @@ class FedNG(Algorithm[FedNGConfig]):
     def reference_curvature(self, state: State) -> CurvatureSet | None:
         """The global curvature (None before the first upload)."""
         return global_set(state)
+
+    def reference_scales(self, state: State) -> dict[str, float] | None:
+        """The global curvature's scales, read from its payloads when they allow it."""
+        fast = global_scales(state)
+        return fast if fast is not None else super().reference_scales(state)
 
     def begin(self, state: State) -> Accumulator:
         """Running sums for "mean" and "summable"; the exact merge holds the round's updates."""

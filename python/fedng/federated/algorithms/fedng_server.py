@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
+from fedng._typing import Arrays
 from fedng.curvature import CurvatureSet
+from fedng.curvature.quantize import quantize_arrays
 from fedng.federated.aggregation.mean import apply_server_step
 from fedng.federated.aggregation.summable import (
     REPLY_KEY,
@@ -26,7 +28,13 @@ from fedng.federated.aggregation.summable import (
 )
 from fedng.federated.aggregation.sums import WeightedSum, fold_all
 from fedng.federated.algorithms.base import State
-from fedng.federated.algorithms.curvature_payload import payload_floats, pooled_meta
+from fedng.federated.algorithms.curvature_payload import (
+    FAST_KINDS,
+    fast_scales,
+    payload_floats,
+    pooled_meta,
+    wants_int8_payload,
+)
 from fedng.federated.config.curvature import FedNGConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.wire import wire_dtype
@@ -37,9 +45,13 @@ PROBE_PHASE = "line_search"
 """`meta["phase"]` of the summable aggregation's second-phase message and of its replies."""
 
 
+GLOBAL_PREFIX = "curv/"
+"""`state.buffers` prefix of the global curvature's payloads."""
+
+
 def global_set(state: State) -> CurvatureSet | None:
     """The server's global curvature, or None before the first upload."""
-    fac = {k[5:]: v for k, v in state.buffers.items() if k.startswith("curv/")}
+    fac = global_arrays(state)
     if not fac:
         return None
     return CurvatureSet.from_arrays(fac, state.meta["curv"])
@@ -54,11 +66,67 @@ def fold_global(state: State, fresh: CurvatureSet, beta: float) -> None:
         if prev is None or beta == 0
         else CurvatureSet.combine([prev, fresh], [beta, 1.0 - beta])
     )
-    arrays, meta = glob.to_arrays(torch.float32)
+    _store_global(state, *glob.to_arrays(torch.float32))
+
+
+def _store_global(state: State, arrays: Arrays, meta: dict[str, Any]) -> None:
     for k in [k for k in state.buffers if k.startswith("curv/")]:
         del state.buffers[k]
-    state.buffers.update({f"curv/{k}": v for k, v in arrays.items()})
+    state.buffers.update({f"{GLOBAL_PREFIX}{k}": v for k, v in arrays.items()})
     state.meta["curv"] = meta
+
+
+def global_arrays(state: State) -> Arrays:
+    """The global curvature's payloads as stored (kind -> packed float32), empty before any."""
+    return {
+        k[len(GLOBAL_PREFIX) :]: v for k, v in state.buffers.items() if k.startswith(GLOBAL_PREFIX)
+    }
+
+
+def fold_global_packed(state: State, fresh: Arrays, meta: dict[str, Any], beta: float) -> None:
+    """`fold_global` on the payloads themselves (every payload is linear in its curvature, and
+    the EMA is entrywise): the same values, with no matrix unpacked or packed again.
+
+    Args:
+        state: the state to update (the caller's copy).
+        fresh: the round's pooled payloads (kind -> float32 packed), same layout as the global.
+        meta: their curvature metadata (without the int8 marker).
+        beta: the EMA decay.
+    """
+    prev = global_arrays(state)
+    same = state.meta.get("curv") == meta and set(prev) == set(fresh)
+    if not prev or beta == 0 or not same:
+        out = {k: v.float().clone() for k, v in fresh.items()}
+    else:  # KFAC/DiagonalFisher.aggregate's arithmetic: 0 + beta prev, then + (1 - beta) fresh
+        out = {}
+        for k, v in fresh.items():
+            acc = torch.zeros_like(v, dtype=torch.float32)
+            acc.add_(prev[k], alpha=beta)
+            out[k] = acc.add_(v, alpha=1.0 - beta)
+    _store_global(state, out, meta)
+
+
+def global_scales(state: State) -> dict[str, float] | None:
+    """`curvature_scales` of the global curvature read from its packed payloads (no matrix
+    unpacked) when every kind has a fast plan; None otherwise (or before any)."""
+    arrays, meta = global_arrays(state), state.meta.get("curv")
+    if not arrays or not isinstance(meta, dict) or not set(arrays) <= FAST_KINDS:
+        return None
+    try:
+        return fast_scales(meta, arrays, state.config.psd_tol)
+    except (ValueError, KeyError):
+        return None
+
+
+def broadcast_factors(state: State, compression: str) -> tuple[Arrays, dict[str, Any]] | None:
+    """The global curvature as broadcast factors (`curvature_arrays(global_set(state), "fp32",
+    compression)`), built from the stored payloads without decoding them (None before any)."""
+    arrays, meta = global_arrays(state), state.meta.get("curv")
+    if not arrays or not isinstance(meta, dict):
+        return None
+    if not wants_int8_payload(arrays, meta, compression):
+        return dict(arrays), dict(meta)
+    return quantize_arrays(arrays, meta)
 
 
 class CurvatureSums:
@@ -75,13 +143,16 @@ class CurvatureSums:
         self.psd_tol = psd_tol
         self.bad: str | None = None
         self.wire_eps = 0.0
-        self.deltas = WeightedSum()  # exact: with the preconditioner off, "mean" is FedAvg
+        # exact for "mean": with the preconditioner off it is FedAvg bit for bit; in place (one
+        # fused fold with the other sums) for "summable"
+        self.deltas = WeightedSum(exact=opts.aggregation == "mean")
         self.curv = WeightedSum(exact=False)
         self.contrib = WeightedSum(exact=False)
         self.meta: dict[str, Any] | None = None
         self.without_curvature = 0
         self.direction: PooledDirection | None = None
         self.pooled: CurvatureSet | None = None
+        self.pooled_arrays: Arrays | None = None
         self.replies: torch.Tensor | None = None
         self.answered = 0.0
         self.probed = False
@@ -123,7 +194,8 @@ class CurvatureSums:
         per-client checks leave that test to the sum (the round then keeps the mean step and
         the previous global curvature)."""
         if self.pooled is None and self.meta is not None and self.curv.count and not self.bad:
-            pooled = CurvatureSet.from_arrays(self.curv.scaled(scale), self.meta)
+            self.pooled_arrays = self.curv.scaled(scale)
+            pooled = CurvatureSet.from_arrays(self.pooled_arrays, self.meta)
             try:
                 pooled.validate(self.psd_tol, self.wire_eps)
             except ValueError as err:
@@ -199,8 +271,8 @@ class CurvatureSums:
             step = self.deltas.scaled(scale)
             state.log["aggregation"] = "mean"
         apply_server_step(state, step)
-        if pooled is not None:
-            fold_global(state, pooled, self.opts.curvature_ema)
+        if pooled is not None and self.pooled_arrays is not None:
+            fold_global_packed(state, self.pooled_arrays, self.meta or {}, self.opts.curvature_ema)
         elif self.curv.count and not self.bad:  # some updates without curvature: pool the others
             p = CurvatureSet.from_arrays(
                 self.curv.scaled(1.0 / self.curv.total_weight), self.meta or {}
