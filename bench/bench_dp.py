@@ -58,6 +58,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--methods", type=_list(str), default=["fedng", "fedavg"])
     p.add_argument("--share-curvature", action="store_true", help="also FedNG releasing curvature")
+    p.add_argument(
+        "--scopes",
+        type=_list(str),
+        default=["joint"],
+        help="clip scopes to run (dp_clip_scope: joint, layer); each is a config of every method",
+    )
+    p.add_argument(
+        "--clip-mults",
+        type=_list(float),
+        default=[1.0],
+        help="clip C as these multiples of the method's median round-0 norm (configs)",
+    )
     p.add_argument("--out", default=str(RESULTS / "bench_dp.json"))
     p.add_argument("--no-clean", action="store_true", help="skip the runs without DP")
     p.add_argument(
@@ -91,10 +103,21 @@ def clips(task_name: str, algo: str, clients: int, seed: int) -> tuple[float, fl
     return statistics.median(delta_norm(u) for u in ups), statistics.median(curv or [0.0])
 
 
+def label(method: str, scope: str, mult: float) -> str:
+    """The table's name of a method's DP config ("fedng", "fedng layer 0.1x")."""
+    return method if (scope, mult) == ("joint", 1.0) else f"{method} {scope} {mult:g}x"
+
+
 def run_one(
-    args: argparse.Namespace, task_name: str, method: str, eps: float, seed: int
+    args: argparse.Namespace,
+    task_name: str,
+    method: str,
+    eps: float,
+    seed: int,
+    scope: str = "joint",
+    mult: float = 1.0,
 ) -> dict[str, Any]:
-    """One run at ε (inf: without DP)."""
+    """One run at ε (inf: without DP) with clip scope `scope` and clip `mult` x the median."""
     algo = method.split("+")[0]
     task = make_task(task_name, num_clients=args.clients, seed=seed)
     cc, sc = make_configs(algo, {})
@@ -103,7 +126,7 @@ def run_one(
         c, cf = clips(task_name, algo, args.clients, seed)
         if method.endswith("+avgclip"):  # the same clip, so the same noise, as FedAvg
             c = clips(task_name, "fedavg", args.clients, seed)[0]
-        cf = cf if method.endswith("+curv") else 0.0
+        c, cf = c * mult, (cf if method.endswith("+curv") else 0.0)
         z = noise_multiplier_for(eps, args.delta, args.rounds, 1.0)
         knobs: dict[str, Any] = {
             "dp_clip": c,
@@ -111,6 +134,7 @@ def run_one(
             "dp_noise_multiplier": z,
             "dp_clients": len(task.clients),
             "dp_seed": seed,
+            "dp_clip_scope": scope,
         }
         cc, sc = cc.replace(**knobs), sc.replace(**knobs)
         dp = {
@@ -121,13 +145,15 @@ def run_one(
             "clip": c,
             "curvature_clip": cf,
             "mode": "central",
+            "scope": scope,
+            "clip_mult": mult,
         }
     t0 = time.perf_counter()
     h = simulate(task, cc, sc, rounds=args.rounds, seed=seed)
     record_threats(h, None, dp)
     return {
         "task": task_name,
-        "method": method,
+        "method": label(method, scope, mult) if math.isfinite(eps) else method,
         "target_epsilon": eps if math.isfinite(eps) else None,
         "seed": seed,
         "final": h.final(),
@@ -169,19 +195,22 @@ def rows_of(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """FedNG vs FedAvg at ε = 4, per task."""
+    """FedNG vs FedAvg at ε = 4, per task: each method's best DP config (same config grid for
+    both: clip scopes x clip multiples)."""
     out = []
     for task in sorted({r["task"] for r in rows}):
-        at4 = {
-            r["method"]: r["final_median"]
-            for r in rows
-            if r["task"] == task and r["target_epsilon"] == 4.0
-        }
-        if "fedng" in at4 and "fedavg" in at4:
-            ok = at4["fedng"] >= at4["fedavg"]
+        best: dict[str, tuple[float, str]] = {}
+        for r in rows:
+            if r["task"] != task or r["target_epsilon"] != 4.0:
+                continue
+            family = r["method"].split(" ")[0]
+            if family in ("fedng", "fedavg"):
+                best[family] = max(best.get(family, (-1.0, "")), (r["final_median"], r["method"]))
+        if "fedng" in best and "fedavg" in best:
+            (ng, ng_name), (avg, avg_name) = best["fedng"], best["fedavg"]
             out.append(
-                f"{task} ε=4: FedNG {at4['fedng']:.4f} vs FedAvg {at4['fedavg']:.4f} ->"
-                f" {'MET' if ok else 'MISSED'}"
+                f"{task} ε=4: FedNG ({ng_name}) {ng:.4f} vs FedAvg ({avg_name}) {avg:.4f} ->"
+                f" {'MET' if ng >= avg else 'MISSED'}"
             )
     return out
 
@@ -214,12 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     for task in args.tasks:
         for eps in [*([] if args.no_clean else [math.inf]), *args.epsilons]:
             for method in args.methods:
-                for seed in args.seeds:
-                    if (task, method, eps, seed) in store.done:
-                        continue
-                    r = run_one(args, task, method, eps, seed)
-                    print(f"{task} ε={eps:g} {method} seed {seed}: {r['final']:.4f}", flush=True)
-                    store.add(r, protocol)
+                grid = [("joint", 1.0)]
+                if math.isfinite(eps):
+                    grid = [(sc, m) for sc in args.scopes for m in args.clip_mults]
+                for scope, mult in grid:
+                    name = label(method, scope, mult) if math.isfinite(eps) else method
+                    for seed in args.seeds:
+                        if (task, name, eps, seed) in store.done:
+                            continue
+                        r = run_one(args, task, method, eps, seed, scope, mult)
+                        print(f"{task} ε={eps:g} {name} seed {seed}: {r['final']:.4f}", flush=True)
+                        store.add(r, protocol)
     rows = rows_of(store.runs)
     text = store.finish(rows, verdicts(rows), markdown(rows))
     print(text)

@@ -28,6 +28,7 @@ from _harness import CpuMonitor, busy_warning, machine_info, write_json
 from fedng.errors import CurvatureWarning
 from fedng.optim import NaturalGradient
 from fedng.optim.natural_gradient import DEFAULT_LR
+from fedng.optim.trust import TRUST_MODES
 from torch import nn
 from zoo import ZOO, Run, StepHook, train
 
@@ -37,13 +38,18 @@ ADAM_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
 Maker = Callable[[nn.Module], tuple[torch.optim.Optimizer, StepHook | None]]
 
 
-def makers(loss: str, kl_clip: float | None = None) -> dict[str, Callable[[float], Maker]]:
-    """Optimizer name -> lr -> model -> (optimizer, hook); `kl_clip` None: NG's default."""
-    clip = {} if kl_clip is None else {"kl_clip": kl_clip}
+def makers(
+    loss: str, kl_clip: float | None = None, trust: str | None = None
+) -> dict[str, Callable[[float], Maker]]:
+    """Optimizer name -> lr -> model -> (optimizer, hook); `kl_clip`, `trust` None: NG's
+    defaults."""
+    clip: dict[str, Any] = {} if kl_clip is None else {"kl_clip": kl_clip}
+    if trust is not None:
+        clip["trust"] = trust
 
     def ng(lr: float) -> Maker:
         def make(m: nn.Module) -> tuple[torch.optim.Optimizer, StepHook | None]:
-            opt = NaturalGradient(m, loss=loss, **clip)  # type: ignore[arg-type]
+            opt = NaturalGradient(m, loss=loss, **clip)
             return torch.optim.SGD(m.parameters(), lr=lr), opt.step
 
         return make
@@ -57,19 +63,35 @@ def makers(loss: str, kl_clip: float | None = None) -> dict[str, Callable[[float
     return {"ng": ng, "sgd": sgd, "adam": adam}
 
 
-def grids(quick: bool) -> dict[str, list[float]]:
+def grids(
+    quick: bool, optimizers: list[str] | None = None, ng_lrs: list[float] | None = None
+) -> dict[str, list[float]]:
+    """Optimizer -> its lrs (`optimizers`: a subset; `ng_lrs`: NG's instead of the grid)."""
     if quick:
-        return {"ng": [0.1, DEFAULT_LR, 1.0], "sgd": [0.03, 0.1, 0.3], "adam": [1e-3, 3e-3, 1e-2]}
-    return {"ng": sorted(set(SGD_LRS) | {DEFAULT_LR}), "sgd": SGD_LRS, "adam": ADAM_LRS}
+        out = {"ng": [0.1, DEFAULT_LR, 1.0], "sgd": [0.03, 0.1, 0.3], "adam": [1e-3, 3e-3, 1e-2]}
+    else:
+        out = {"ng": sorted(set(SGD_LRS) | {DEFAULT_LR}), "sgd": SGD_LRS, "adam": ADAM_LRS}
+    if ng_lrs:
+        out["ng"] = ng_lrs
+    return {k: v for k, v in out.items() if optimizers is None or k in optimizers}
 
 
-def run_model(name: str, steps: int, quick: bool, kl_clip: float | None = None) -> dict[str, Any]:
+def run_model(
+    name: str,
+    steps: int,
+    quick: bool,
+    kl_clip: float | None = None,
+    trust: str | None = None,
+    optimizers: list[str] | None = None,
+    ng_lrs: list[float] | None = None,
+) -> dict[str, Any]:
     entry = ZOO[name]
     entry.data()
     out: dict[str, Any] = {"runs": {}}
     fallbacks = 0
-    for opt, lrs in grids(quick).items():
-        make = makers(entry.loss, kl_clip)[opt]
+    grid = grids(quick, optimizers, ng_lrs)
+    for opt, lrs in grid.items():
+        make = makers(entry.loss, kl_clip, trust)[opt]
         for lr in lrs:
             t0 = time.perf_counter()
             with warnings.catch_warnings(record=True) as caught:
@@ -87,16 +109,17 @@ def run_model(name: str, steps: int, quick: bool, kl_clip: float | None = None) 
                 "seconds": time.perf_counter() - t0,
             }
     runs = list(out["runs"].values())
-    for opt in grids(quick):
+    for opt in grid:
         mine = [x for x in runs if x["optimizer"] == opt]
         best = min(mine, key=lambda x: x["final_loss"])
         out[f"best_{opt}"] = {"lr": best["lr"], "final_loss": best["final_loss"]}
-    out["ng_default"] = out["runs"][f"ng@{DEFAULT_LR:g}"]["final_loss"]
+    default = out["runs"].get(f"ng@{DEFAULT_LR:g}")
+    out["ng_default"] = math.nan if default is None else default["final_loss"]
     out["nonfinite"] = {
         opt: sum(
             x["nonfinite_losses"] + x["nonfinite_params"] for x in runs if x["optimizer"] == opt
         )
-        for opt in grids(quick)
+        for opt in grid
     }
     out["curvature_warnings"] = fallbacks
     return out
@@ -147,6 +170,11 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-json", action="store_true")
     p.add_argument("--kl-clip", type=float, default=None, help="NG's kl_clip (default: NG's)")
+    p.add_argument("--trust", choices=TRUST_MODES, default=None, help="NG's trust (default: NG's)")
+    p.add_argument(
+        "--optimizers", nargs="*", default=None, choices=["ng", "sgd", "adam"], help="a subset"
+    )
+    p.add_argument("--ng-lrs", nargs="*", type=float, default=None, help="NG's lrs (a probe)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,13 +183,11 @@ def main() -> int:
     t0 = time.perf_counter()
     models = {}
     for name in args.models:
-        models[name] = run_model(name, steps, args.quick, args.kl_clip)
-        m = models[name]
-        print(
-            f"{name}: NG {m['best_ng']['final_loss']:.4g}, SGD {m['best_sgd']['final_loss']:.4g},"
-            f" Adam {m['best_adam']['final_loss']:.4g} ({time.perf_counter() - t0:.0f} s)",
-            flush=True,
+        models[name] = run_model(
+            name, steps, args.quick, args.kl_clip, args.trust, args.optimizers, args.ng_lrs
         )
+        runs = ", ".join(f"{k} {r['final_loss']:.4g}" for k, r in models[name]["runs"].items())
+        print(f"{name}: {runs} ({time.perf_counter() - t0:.0f} s)", flush=True)
     usage = mon.stop()
     payload = {
         "benchmark": "bench_zoo",
@@ -169,15 +195,17 @@ def main() -> int:
         "quick": args.quick,
         "default_lr": DEFAULT_LR,
         "kl_clip": args.kl_clip,
-        "grids": grids(args.quick),
+        "trust": args.trust,
+        "grids": grids(args.quick, args.optimizers, args.ng_lrs),
         "machine": machine_info(),
         "cpu_usage": usage,
         "wall_s": time.perf_counter() - t0,
         "models": models,
-        "targets": targets(models),
     }
-    print(table(models))
-    print("targets:", payload["targets"])
+    if args.optimizers is None and args.ng_lrs is None:
+        payload["targets"] = targets(models)
+        print(table(models))
+        print("targets:", payload["targets"])
     warn = busy_warning(usage)
     if warn:
         print(warn)

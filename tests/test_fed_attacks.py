@@ -13,6 +13,7 @@ from _fed import blobs_task
 from fedng.cli import main
 from fedng.curvature import KFAC
 from fedng.federated.aggregation.stage import decode
+from fedng.federated.aggregation.summable import CONTRIB_PREFIX
 from fedng.federated.attacks import KRON_RESCALE, NOISE, SCALE, SIGNFLIP, Attack, choose_attackers
 from fedng.federated.client import get_params
 from fedng.federated.config import make_configs
@@ -62,14 +63,21 @@ def test_each_attack_alters_only_the_attackers_uploads(kind: str) -> None:
     for j in (0, 2):
         assert all(torch.equal(out[j].delta[k], honest[j].delta[k]) for k in honest[j].delta)
     h, a = honest[1], out[1]
+    contrib = [k for k in h.extras if k.startswith(CONTRIB_PREFIX)]
+    assert contrib  # FedNG's summable default: the attack alters c_k with the delta
     if kind in ("signflip", "scale"):
         f = SIGNFLIP if kind == "signflip" else SCALE
         for k in h.delta:
             assert torch.allclose(a.delta[k], f * h.delta[k], rtol=1e-6, atol=0)
+        for k in contrib:
+            assert torch.allclose(a.extras[k], f * h.extras[k], rtol=1e-6, atol=0)
     elif kind == "noise":
         assert norm(a.delta) == pytest.approx(NOISE * norm(h.delta), rel=1e-5)
+        fd = {k: a.extras[k] for k in contrib}
+        assert norm(fd) == pytest.approx(NOISE * norm({k: h.extras[k] for k in contrib}), rel=1e-5)
     else:
         assert all(torch.equal(a.delta[k], h.delta[k]) for k in h.delta)
+        assert all(torch.equal(a.extras[k], h.extras[k]) for k in h.extras)
         ch, ca = decode(h), decode(a)
         assert ch is not None and ca is not None
         rh, ra = ch.reps["kfac"], ca.reps["kfac"]

@@ -11,6 +11,7 @@ import torch
 from _fed import blobs_task
 from fedng.federated.aggregation import dp
 from fedng.federated.aggregation.stage import decode
+from fedng.federated.aggregation.summable import CONTRIB_PREFIX
 from fedng.federated.client import get_params
 from fedng.federated.config import ServerConfig, make_configs
 from fedng.federated.messages import ClientUpdate, ServerState
@@ -108,6 +109,7 @@ def test_calibration_rejects_bad_input(args: tuple[Any, ...], match: str) -> Non
         ({"dp_clip": -1.0}, "'dp_clip' must be >= 0"),
         ({"dp_mode": "local"}, "'dp_mode' must be one of"),
         ({"dp_clients": 0}, "'dp_clients' must be an int >= 1"),
+        ({"dp_clip_scope": "rows"}, "'dp_clip_scope' must be one of"),
         ({"dp_clip": 1.0, "robust": "median"}, "'robust' must be 'none' under differential"),
         ({"robust": "mean"}, "'robust' must be one of"),
         ({"robust_trim": 0.5}, "'robust_trim' must be in"),
@@ -144,14 +146,58 @@ def norm(x: dict[str, torch.Tensor]) -> float:
 
 
 def test_client_clips_its_delta_and_drops_curvature_without_a_curvature_clip() -> None:
-    _, raw, private = dp_round("fedng", {"dp_clip": 0.05})
+    state, raw, private = dp_round("fedng", {"dp_clip": 0.05})
     for r, p in zip(raw, private, strict=True):
-        # the delta and the extras (the summable aggregation's c_k) are clipped jointly
-        assert norm({**p.delta, **p.extras}) <= 0.05 * (1 + 1e-5)
-        f = min(1.0, 0.05 / norm({**r.delta, **r.extras}))
+        # without a curvature release c_k = F_k delta_k stays home too: the delta gets the clip
+        assert any(k.startswith(CONTRIB_PREFIX) for k in r.extras) and not p.extras
+        assert norm(p.delta) <= 0.05 * (1 + 1e-5)
+        f = min(1.0, 0.05 / norm(r.delta))
         for k in r.delta:
             assert torch.allclose(p.delta[k], f * r.delta[k], atol=1e-7)
         assert r.curvature and not p.curvature and "curv" not in p.meta
+    new, _ = server_step(state, private)  # the server expects no c_k then
+    assert new.log["rejected"] == {} and new.log["aggregation"] == "mean"
+
+
+def test_fedng_keeps_c_k_beside_a_released_curvature() -> None:
+    _, raw, private = dp_round("fedng", {"dp_clip": 0.05, "dp_curvature_clip": 1.0})
+    for r, p in zip(raw, private, strict=True):
+        assert set(p.extras) == set(r.extras) and p.curvature
+        assert norm({**p.delta, **p.extras}) <= 0.05 * (1 + 1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.floats(1e-3, 1e3), st.floats(1e-2, 1e2), st.integers(0, 2**16))
+def test_layer_clip_bounds_each_layer_by_its_share(scale: float, bound: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = {
+        "0.weight": scale * torch.randn(6, 5, generator=gen, dtype=torch.float64),
+        "0.bias": torch.randn(6, generator=gen, dtype=torch.float64),
+        "2.weight": 1e-3 * torch.randn(3, 6, generator=gen, dtype=torch.float64),
+        "e/c": torch.randn(2, generator=gen, dtype=torch.float64),
+    }
+    out = dp.clip_update(x, bound, "layer")
+    assert norm(out) <= bound * (1 + 1e-12)  # the joint sensitivity is the joint clip's
+    total = sum(v.numel() for v in x.values())
+    for layer in (["0.weight", "0.bias"], ["2.weight"], ["e/c"]):
+        share = bound * math.sqrt(sum(x[k].numel() for k in layer) / total)
+        sub = {k: x[k] for k in layer}
+        want, _ = dp.clip_l2(sub, share)
+        for k in layer:
+            assert torch.allclose(out[k], want[k], rtol=1e-14, atol=0)
+    assert dp.clip_update(x, bound, "joint")["0.bias"].equal(dp.clip_l2(x, bound)[0]["0.bias"])
+    with pytest.raises(ValueError, match="'scope' must be one of"):
+        dp.clip_update(x, bound, "rows")
+
+
+def test_central_layer_clip_round_is_the_layer_clipped_mean() -> None:
+    c, n = 0.05, 4
+    knobs = {"dp_clip": c, "dp_noise_multiplier": 0.0, "dp_clip_scope": "layer"}
+    state, raw, private = dp_round("fedavg", knobs)
+    new, _ = server_step(state, private)
+    for k, v in state.params.items():
+        mean = sum(dp.clip_update(r.delta, c, "layer")[k] for r in raw) / n
+        assert torch.allclose(new.params[k], v + mean, atol=1e-6)
 
 
 def test_central_dp_round_is_the_clipped_mean_plus_calibrated_noise() -> None:

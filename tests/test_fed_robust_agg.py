@@ -239,7 +239,8 @@ def test_stage_is_the_identity_without_robust_or_dp() -> None:
 def test_fedavg_with_a_robust_mode_steps_by_the_robust_delta(mode: str) -> None:
     state, ups = make_round("fedavg", {"robust": mode})
     new, _ = server_step(state, ups)
-    want = robust.winsorize([u.delta for u in ups], 0.2 if mode == "trimmed-mean" else 0.4999)
+    clipped = robust.norm_clip([u.delta for u in ups], 1.0)[0]  # first bounded by the median
+    want = robust.winsorize(clipped, 0.2 if mode == "trimmed-mean" else 0.4999)
     weights = [u.num_examples for u in ups]
     for k, v in state.params.items():
         mean = sum(w * d[k] for w, d in zip(weights, want, strict=True)) / sum(weights)
@@ -297,3 +298,34 @@ def test_fedng_global_factors_are_not_moved_by_kron_rescaling(mode: str, c: floa
         assert moved > 3
     else:
         assert 0.5 < moved < 1.5
+
+
+def test_robust_fedng_recomputes_c_k_from_the_bounded_delta_and_curvature() -> None:
+    from fedng.federated.aggregation.summable import CONTRIB_PREFIX, contribution
+
+    state, ups = make_round("fedng", {"robust": "trimmed-mean", "robust_trim": 0.0})
+    ups[0].extras = {k: 1e3 * v for k, v in ups[0].extras.items()}  # c_k unlike F_k delta_k
+    out = defend(state, ups)
+    for u in out:
+        cs = decode(u)
+        assert cs is not None
+        want = contribution(cs, u.delta)
+        got = {k[len(CONTRIB_PREFIX) :]: v for k, v in u.extras.items()}
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["trimmed-mean", "median"])
+def test_robust_fedng_answers_the_line_search_itself(mode: str) -> None:
+    state, ups = make_round("fedng", {"robust": mode}, n=5)
+    ups[1].delta = {k: -10 * v for k, v in ups[1].delta.items()}
+    new, _ = server_step(state, ups)
+    assert new.log["aggregation"] == "summable" and new.log["probe_answered"] == 5
+
+    def garbage(probe: Any, ids: list[int]) -> list[ClientUpdate]:
+        raise AssertionError("robust modes must not ask the clients")
+
+    again, _ = server_step(state, ups, garbage)
+    for k in new.params:
+        assert torch.equal(again.params[k], new.params[k])

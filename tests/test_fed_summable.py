@@ -13,6 +13,7 @@ from fedng.curvature import KFAC, CurvatureSet, to_matrix
 from fedng.federated.aggregation.fisher_weighted import fisher_weighted_step
 from fedng.federated.aggregation.matvec import block_vectors, fisher_matvecs
 from fedng.federated.aggregation.mean import weights_of
+from fedng.federated.aggregation.summable import CONTRIB_PREFIX
 from fedng.federated.algorithms.curvature_payload import (
     attach_curvature,
     curvature_scales,
@@ -21,7 +22,6 @@ from fedng.federated.algorithms.curvature_payload import (
     fast_scales,
     payload_floats,
 )
-from fedng.federated.algorithms.fedng_server import CONTRIB_PREFIX
 from fedng.federated.messages import ClientUpdate, ServerState
 from fedng.federated.round import server_step
 

@@ -562,7 +562,7 @@ def test_deprecated_keywords_warn_and_still_apply() -> None:
 
 def test_defaults() -> None:
     ng = NaturalGradient(mlp(), curvature="lowrank")
-    assert ng.damping == 0.1 and ng.damping_scale == "relative" and ng.kl_clip == 1e-3
+    assert ng.damping == 0.1 and ng.damping_scale == "relative" and ng.kl_clip == 1e-1
     assert NaturalGradient(mlp(), damping_scale="absolute").damping == 1e-2
     assert ng.rank == 16 and ng.curvature_decay == 0.95
     assert ng.fisher_type == "empirical" and ng.source.mode == "local"

@@ -15,6 +15,7 @@ from fedng.curvature.kfac import KFAC
 from fedng.curvature.lowrank import LowRankFisher
 from fedng.errors import CurvatureWarning
 from fedng.optim.config import DEFAULT_DAMPING, DEFAULT_KL_CLIP, DEFAULT_RELATIVE_DAMPING
+from fedng.optim.damping import PEAK_FRACTION, PeakFloor
 from fedng.optim.natural_gradient import NaturalGradient
 from torch import nn
 
@@ -259,3 +260,33 @@ def test_nonfinite_preconditioned_gradient_falls_back() -> None:
         run(ng, 1)
     assert ng.last["fallbacks"]["0"] in ("diagonal", "identity")
     assert finite_params(model)
+
+
+# --- the damping floor ---------------------------------------------------------------------
+
+
+def test_peak_floor_keeps_relative_damping_above_a_fraction_of_its_peak() -> None:
+    floor = PeakFloor(fraction=1e-2)
+    assert floor.apply("kfac", [1.0, 0.5], least=1e-8) == [1.0, 0.5]
+    assert floor.apply("kfac", [1e-4, 1e-5], least=1e-8) == pytest.approx([1e-2, 5e-3])
+    assert floor.apply("kfac", [2.0, math.nan], least=1e-8) == pytest.approx([2.0, 5e-3])
+    assert floor.apply("diag", [0.0], least=1e-8) == [1e-8]  # no curvature: the least λ
+    assert floor.apply("kfac", [1e-4], least=1e-8) == [1e-4]  # other blocks: peaks restart
+
+
+def test_vanishing_curvature_keeps_the_damping_of_its_history() -> None:
+    model = mlp()
+    ng = NaturalGradient(model, inverse_every=1, curvature_decay=0.0, kl_clip=None)
+    x, y = batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    lams = []
+    for scale in (1.0, 1e-4):  # the loss fades 1e4-fold: its gradient curvature 1e8-fold
+        opt.zero_grad()
+        (scale * F.cross_entropy(model(x), y)).backward()
+        ng.step()
+        report = ng.last["inverse"]
+        d = dict(zip(report.names, report.damping.tolist(), strict=True))
+        # K-FAC splits a block's λ between its factors: λ = λ_A λ_G
+        lams.append([d[f"{b}.A"] * d[f"{b}.G"] for b in ("0", "2")])
+    for before, after in zip(*lams, strict=True):
+        assert after == pytest.approx(PEAK_FRACTION * before, rel=1e-4)  # 1e-8 x without it

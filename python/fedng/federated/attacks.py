@@ -4,10 +4,12 @@ An `Attack` is a `simulate(..., tamper=...)` hook, `(round, update) -> the updat
 
 - "signflip": the delta times `SIGNFLIP` (-10): pushes the model back up the loss.
 - "scale": the delta times `SCALE` (50): just under the default 100x-the-median norm check.
+  Both scale the summable contribution `c_k = F_k delta_k` (extras `fd/<param>`) alike, as a
+  consistent attacker would (an honest `c_k` beside a flipped delta is a weaker attack).
 - "kron-rescale": every K-FAC block's `A * KRON_RESCALE`, `G / KRON_RESCALE` (50): the client's
   own `A (x) G` is unchanged, but the sums of A and of G across clients are not; the delta is
   left honest (FedAvg and the other first-order methods are unaffected).
-- "noise": the delta replaced by Gaussian noise of `NOISE` (10) times its norm.
+- "noise": the delta (and `c_k`) replaced by Gaussian noise of `NOISE` (10) times its norm.
 
 The strengths stay under validation's default `max_norm_ratio` (100) on purpose: larger ones are
 simply rejected.
@@ -23,6 +25,7 @@ import torch
 
 from fedng.curvature import KFAC
 from fedng.federated.aggregation.stage import decode
+from fedng.federated.aggregation.summable import CONTRIB_PREFIX
 from fedng.federated.messages import ClientUpdate
 
 ATTACKS = ("signflip", "scale", "kron-rescale", "noise")
@@ -92,15 +95,31 @@ class Attack:
             return _rescaled_curvature(update, KRON_RESCALE)
         if self.kind == "noise":
             gen = torch.Generator().manual_seed(hash((self.seed, rnd, update.client_id)) % 2**62)
-            norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in update.delta.values()))
-            noise = {k: torch.randn(v.shape, generator=gen) for k, v in update.delta.items()}
-            nn = math.sqrt(sum(float((v.double() ** 2).sum()) for v in noise.values())) or 1.0
-            f = NOISE * norm / nn
-            update.delta = {k: (noise[k] * f).to(v.dtype) for k, v in update.delta.items()}
+            update.delta = _noise_like(update.delta, gen)
+            update.extras = {**update.extras, **_noise_like(_contrib(update), gen)}
             return update
         f = SIGNFLIP if self.kind == "signflip" else SCALE
-        update.delta = {k: (v.float() * f).to(v.dtype) for k, v in update.delta.items()}
+        update.delta = _times(update.delta, f)
+        update.extras = {**update.extras, **_times(_contrib(update), f)}
         return update
+
+
+def _contrib(update: ClientUpdate) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in update.extras.items() if k.startswith(CONTRIB_PREFIX)}
+
+
+def _times(x: dict[str, torch.Tensor], f: float) -> dict[str, torch.Tensor]:
+    return {k: (v.float() * f).to(v.dtype) for k, v in x.items()}
+
+
+def _noise_like(x: dict[str, torch.Tensor], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Gaussian noise of `NOISE` times the norm of `x`, in its names, shapes and dtypes."""
+    if not x:
+        return {}
+    norm = math.sqrt(sum(float((v.double() ** 2).sum()) for v in x.values()))
+    noise = {k: torch.randn(v.shape, generator=gen) for k, v in x.items()}
+    nn = math.sqrt(sum(float((v.double() ** 2).sum()) for v in noise.values())) or 1.0
+    return {k: (noise[k] * (NOISE * norm / nn)).to(v.dtype) for k, v in x.items()}
 
 
 def make_attack(kind: str, fraction: float, num_clients: int, seed: int) -> Attack:

@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from fedng._typing import Arrays
-from fedng.federated.aggregation.stage import defend
+from fedng.federated.aggregation.stage import defend, holds_round
 from fedng.federated.algorithms.base import Algorithm, Answer, State, run_batch
 from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.client.privacy import privatize_update
@@ -93,7 +93,8 @@ def _aggregate(
     work = state.copy()
     work.log = {}
     try:
-        new = run_batch(algo, work, defend(work, accepted), answer)  # robust / DP stage first
+        ask = None if holds_round(state.config) else answer  # robust / DP: the server answers
+        new = run_batch(algo, work, defend(work, accepted), ask)  # robust / DP stage first
     except Exception as err:  # a payload that breaks aggregation is dropped
         return f"aggregation failed ({type(err).__name__}: {str(err)[:120]})"
     bad = non_finite(new)

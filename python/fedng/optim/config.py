@@ -24,8 +24,11 @@ DEFAULT_RELATIVE_DAMPING = 1e-1
 """The factor of each block's mean curvature eigenvalue when `damping_scale="relative"` (the
 default) and no `damping` is given."""
 
-DEFAULT_KL_CLIP = 1e-3
-"""The default bound on a step's KL estimate `lr^2 p^T g` (`kl_clip`)."""
+DEFAULT_KL_CLIP = 1e-1
+"""The default hard bound on a step's KL estimate `lr^2 p^T g` (`kl_clip`). With the default
+`trust="adaptive"` the bound in force is a radius that starts at 1e-3 and grows towards this one
+only while the observed loss keeps falling along the steps (`fedng.optim.trust`); with
+`trust="fixed"` it is the bound itself (the former default was a fixed 1e-3)."""
 
 DAMPING_SCALES: tuple[str, ...] = ("absolute", "relative")
 """How `damping` is read: λ itself, or a factor of each block's curvature scale."""

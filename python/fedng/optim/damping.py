@@ -12,9 +12,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DAMPING_MODES: tuple[str, ...] = ("tikhonov", "factored", "adaptive")
+
+PEAK_FRACTION = 1e-2
+"""Relative damping never falls below this fraction of the largest λ the block has had."""
 
 
 def predicted_reduction(
@@ -64,3 +67,35 @@ class LevenbergMarquardt:
         return LevenbergMarquardt(
             omega=min(0.95, max(0.5, 0.95**steps)), min_damping=min_damping, max_damping=max_damping
         )
+
+
+@dataclass
+class PeakFloor:
+    """A floor under relative damping: `PEAK_FRACTION` x the largest λ each block has had.
+
+    Relative damping follows the curvature's scale down as the loss vanishes (a memorized
+    training set: the empirical Fisher's output factors shrink by orders of magnitude), and the
+    preconditioner's gain `1/λ` on directions the recent batches did not see grows with it: one
+    such step can throw a converged model far away. The floor keeps the gain bounded by the
+    block's own history.
+
+    Attributes:
+        fraction: the floor as a fraction of the peak.
+        peaks: per representation kind, per block, the largest λ seen.
+    """
+
+    fraction: float = PEAK_FRACTION
+    peaks: dict[str, list[float]] = field(default_factory=dict)
+
+    def apply(self, kind: str, values: list[float], least: float) -> list[float]:
+        """`values` (this inversion's λ per block of `kind`; non-finite or <= 0 ones become
+        `least`) raised to the floor; updates the peaks."""
+        peaks = self.peaks.setdefault(kind, [0.0] * len(values))
+        if len(peaks) != len(values):
+            peaks[:] = [0.0] * len(values)
+        out = []
+        for j, v in enumerate(values):
+            v = max(v, least) if math.isfinite(v) else least
+            peaks[j] = max(peaks[j], v)
+            out.append(max(v, self.fraction * peaks[j]))
+        return out

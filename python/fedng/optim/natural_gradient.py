@@ -2,7 +2,7 @@
 
 Usage::
 
-    ng = NaturalGradient(model)                  # K-FAC, relative damping, KL-clipped steps
+    ng = NaturalGradient(model)                  # K-FAC, relative damping, a trust region
     opt = torch.optim.SGD(model.parameters(), lr=DEFAULT_LR)
     for x, y in data:
         opt.zero_grad()
@@ -23,11 +23,14 @@ preconditioned in one call, K-FAC using the batch's own inputs and output gradie
 is cheaper than the dense product.
 
 Safe by default: `damping` is relative to each block's curvature scale (λ_i = damping x
-tr(F_i) / d_i, `damping_scale="relative"`), every step's KL estimate is bounded (`kl_clip`), a
-block whose inverse fails falls back (escalated damping -> damped diagonal -> plain gradient, see
-`fedng.optim.safety`), and a step with a non-finite gradient is skipped. Each fallback warns once
+tr(F_i) / d_i, `damping_scale="relative"`, never below 1% of the largest λ the block has had),
+every step's KL estimate is bounded by an adaptive trust region under the hard bound `kl_clip`
+(`trust="adaptive"`, `fedng.optim.trust`: no closure needed), a block whose inverse fails falls
+back (escalated damping -> damped diagonal -> plain gradient, see `fedng.optim.safety`), and a
+step with a non-finite gradient is skipped. Each fallback warns once
 (`fedng.errors.CurvatureWarning`) and is counted in `stats` (and `state_dict`). An explicit
-`damping=λ` (absolute, as before) and `kl_clip=None` (unbounded) give the old behaviour.
+`damping=λ` (absolute, as before), `kl_clip=None` (unbounded) and `trust="fixed"` give the old
+behaviour.
 
 The preconditioner comes from a source (see `fedng.optim.source`): "local" (the own curvature,
 the default), "none" (gradients untouched; the own curvature still accumulates), and, after
@@ -85,6 +88,7 @@ from fedng.optim.config import (
 from fedng.optim.damping import (
     DAMPING_MODES,
     LevenbergMarquardt,
+    PeakFloor,
     predicted_reduction,
     reduction_ratio,
 )
@@ -98,10 +102,12 @@ from fedng.optim.safety import (
     nonfinite_outputs,
 )
 from fedng.optim.source import INITIAL_SOURCES, DampingRule, PreconditionerSource
+from fedng.optim.trust import TrustRegion, trust_region
 
 DEFAULT_LR = 0.3
-"""The learning rate of `torch.optim.SGD` that the defaults (relative damping, `kl_clip`) were
-measured good with on the model zoo (`bench/bench_zoo.py`, `docs/natural_gradient.md`)."""
+"""The learning rate of `torch.optim.SGD` that the defaults (relative damping, the adaptive
+trust region under `kl_clip`) were measured good with on the model zoo (`bench/bench_zoo.py`,
+`docs/natural_gradient.md`)."""
 
 
 class NaturalGradient:
@@ -127,9 +133,9 @@ class NaturalGradient:
         curvature_decay: EMA decay of the own curvature in [0, 1), or None for a running mean.
         damping_mode: "tikhonov", "factored" or "adaptive" (see `fedng.optim.damping`;
             "adaptive" needs the own curvature, source "local").
-        kl_clip: bound the step's KL estimate `lr^2 sum p^T g` (p the preconditioned, g the raw
-            gradient) by scaling the preconditioned gradients (default `DEFAULT_KL_CLIP`); None:
-            unbounded.
+        kl_clip: the hard bound on the step's KL estimate `lr^2 sum p^T g` (p the
+            preconditioned, g the raw gradient), enforced by scaling the preconditioned gradients
+            (default `DEFAULT_KL_CLIP`; see `trust` for the bound in force); None: unbounded.
         lr: the learning rate the optimizer applies (a float or a callable returning it); used
             by `kl_clip` and by the adaptive damping's trial step.
         fisher_type: "empirical" (the loss's own gradients) or "mc" (sampled labels).
@@ -139,6 +145,11 @@ class NaturalGradient:
         sketch_seed: seed of the low-rank sketches (shared by every party whose sketches are
             summed); it also seeds the Monte-Carlo labels unless `mc_backward` gets a generator.
         damping_bounds: (min, max) of λ in adaptive mode.
+        trust: "adaptive" (default): the bound on the step's KL estimate is a radius that adapts
+            inside `[kl_clip / 1000, kl_clip]` to the loss change observed along each step
+            (`fedng.optim.trust`; no closure needed), starting at 1e-3 under the default
+            `kl_clip` and at `kl_clip` under an explicit one; "fixed": the bound is `kl_clip`
+            itself. Ignored when `kl_clip` is None.
         source: "local" or "none" (`set_global` turns a "local" optimizer "global" or "mixed").
         warn_unsupported: warn about layers whose gradients stay plain: an
             `UnsupportedLayerWarning` for unsupported layers on construction, a RuntimeWarning for
@@ -181,6 +192,7 @@ class NaturalGradient:
         source: str = "local",
         warn_unsupported: bool = True,
         damping_scale: str | None = None,
+        trust: str = "adaptive",
         **deprecated: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -196,6 +208,7 @@ class NaturalGradient:
         )
         self.damping_mode = check_choice(WHERE, "damping_mode", damping_mode, DAMPING_MODES)
         self.kl_clip = optional_positive_float("kl_clip", kl_clip)
+        self._trust: TrustRegion | None = trust_region(trust, self.kl_clip)
         self._lr = learning_rate(lr)
         self.fisher_type = check_choice(
             WHERE, "fisher_type", renamed.get("fisher_type", fisher_type), FISHER_TYPES
@@ -242,8 +255,12 @@ class NaturalGradient:
         self._warned: set[str] = set()
         self.last: dict[str, Any] = {}
         self._safety = Safety()
+        self._damping_floor = PeakFloor()
         self._reset_names: set[str] = set()
         self._no_curvature: set[int] = set()  # blocks whose relative damping found no curvature
+        self._block_params = list(
+            {id(q): q for b in blocks for q in (b.weight, b.bias) if q is not None}.values()
+        )
         self.capture.recording = True
 
     @property
@@ -376,8 +393,13 @@ class NaturalGradient:
         nu = 1.0
         if self.kl_clip is not None:  # the FedNG client's formula
             g_dot_p = dot if fast else sum(float((p * g).sum()) for _, g, p in live)
+            raw = self._raw_grads()
+            bound = self._bound(raw)
             if g_dot_p > 0 and lr > 0:  # lr 0 (warm-up, a schedule's end): no step to bound
-                nu = min(1.0, math.sqrt(self.kl_clip / (lr**2 * g_dot_p)))
+                nu = min(1.0, math.sqrt(bound / (lr**2 * g_dot_p)))
+            if self._trust is not None and raw is not None:
+                taken = lr**2 * nu**2 * g_dot_p
+                self._trust.remember(self._block_params, raw, taken, nu < 1.0)
         self.stats["clipped_steps"] += nu < 1.0
         rho = None
         if adapt and closure is not None and live:
@@ -399,6 +421,7 @@ class NaturalGradient:
             "kl_scale": nu,
             "damping": self.damping,
             "rho": rho,
+            "trust_radius": None if self._trust is None else self._trust.radius,
             "inverse": report,
             "preconditioned": list(self._names) if fast else [blocks[i].name for i, _, _ in live],
             "skipped": False,
@@ -408,6 +431,21 @@ class NaturalGradient:
         self.capture.recording = self._batch_form or self.steps % self.factor_every == 0
 
     # --- internals ------------------------------------------------------------------------
+
+    def _raw_grads(self) -> list[torch.Tensor] | None:
+        """The blocks' parameters' gradients as they are now (None when one is missing)."""
+        out = [q.grad for q in self._block_params]
+        return None if any(g is None for g in out) else out  # type: ignore[return-value]
+
+    def _bound(self, raw: list[torch.Tensor] | None) -> float:
+        """This step's bound on the KL estimate: `kl_clip`, or the adaptive radius after
+        observing the previous step's outcome (`fedng.optim.trust`)."""
+        if self._trust is None:
+            return math.inf if self.kl_clip is None else self.kl_clip
+        if raw is None:
+            self._trust.forget()
+            return self._trust.radius
+        return self._trust.observe(self._block_params, raw)
 
     def _uncovered(self) -> list[torch.Tensor]:
         """Gradients of the parameters no block covers entirely."""
@@ -436,10 +474,7 @@ class NaturalGradient:
                 for j, v in enumerate(values)
                 if not (math.isfinite(v) and v > 0)
             }
-            return {
-                k: [max(v, floor) if math.isfinite(v) else floor for v in values]
-                for k, values in lams.items()
-            }
+            return {k: self._damping_floor.apply(k, values, floor) for k, values in lams.items()}
 
         return per_block
 
@@ -447,6 +482,8 @@ class NaturalGradient:
         """Skips step t: no curvature update, every `.grad` None, counted and warned once."""
         for p in self.model.parameters():
             p.grad = None
+        if self._trust is not None:
+            self._trust.forget()
         self._safety.note("skipped")
         self.last = {
             "step": t,
@@ -615,6 +652,8 @@ class NaturalGradient:
             "source": self.source.state_dict(),
             "damping_scale": self.damping_scale,
             "stats": copy.deepcopy(self.stats),
+            "trust": None if self._trust is None else self._trust.state_dict(),
+            "damping_peaks": copy.deepcopy(self._damping_floor.peaks),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -654,6 +693,13 @@ class NaturalGradient:
         self._batch_form = bool(state.get("batch_form", False))
         self._generator.set_state(state["generator"])
         self._safety.load(state.get("stats"))
+        self._damping_floor.peaks = copy.deepcopy(state.get("damping_peaks", {}))
+        if self._trust is not None:
+            trust = state.get("trust")
+            if isinstance(trust, dict):
+                self._trust.load_state_dict(trust)
+            else:  # a checkpoint from before the trust region: start afresh
+                self._trust = trust_region("adaptive", self.kl_clip)
         self.capture.clear()
         self.capture.recording = self._batch_form or self.steps % self.factor_every == 0
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from fedng._typing import Arrays
+from fedng.federated.config.common import CLIP_SCOPES
 
 
 def _norm(x: Mapping[str, torch.Tensor]) -> float:
@@ -58,6 +59,44 @@ def clip_l2(x: Mapping[str, torch.Tensor], bound: float) -> tuple[Arrays, float]
     n = _norm(x)
     f = 1.0 if n <= bound else (bound / n if math.isfinite(n) else 0.0)
     return {k: _scaled(v, f) for k, v in x.items()}, f
+
+
+def layer_of(name: str) -> str:
+    """The layer an array belongs to: its name without the last dotted part ("0.weight",
+    "0.bias" -> "0"; a name without a dot is its own layer)."""
+    return name.rsplit(".", 1)[0]
+
+
+def clip_update(x: Mapping[str, torch.Tensor], bound: float, scope: str = "joint") -> Arrays:
+    """Clips named arrays to joint L2 norm <= `bound`: as one vector ("joint", `clip_l2`) or
+    each layer to `bound * sqrt(d_l / d)` ("layer", d_l its entries, d all entries).
+
+    Per-layer bounds square-sum to `bound^2`, so the joint norm, and with it the sensitivity
+    and the noise, are those of the joint clip; what changes is the share of the bound each
+    layer gets: a layer's clipped part no longer shrinks when another layer's step is large
+    (FedNG's first-layer steps along low-variance input directions outweigh the rest of its
+    update), and the per-coordinate noise meets every layer's step at the same ratio.
+
+    Raises:
+        ValueError: `bound` is not > 0 or `scope` is unknown.
+    """
+    if scope == "joint":
+        return clip_l2(x, bound)[0]
+    if scope != "layer":
+        raise ValueError(f"clip_update: 'scope' must be one of {list(CLIP_SCOPES)}, got {scope!r}")
+    groups: dict[str, list[str]] = {}
+    for k in x:
+        groups.setdefault(layer_of(k), []).append(k)
+    total = sum(v.numel() for v in x.values())
+    out: Arrays = {}
+    for names in groups.values():
+        size = sum(x[k].numel() for k in names)
+        if size == 0:
+            out.update({k: x[k].clone() for k in names})
+            continue
+        part, _ = clip_l2({k: x[k] for k in names}, bound * math.sqrt(size / total))
+        out.update(part)
+    return out
 
 
 def _scaled(v: torch.Tensor, f: float) -> torch.Tensor:

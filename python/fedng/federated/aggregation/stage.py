@@ -33,12 +33,19 @@ import torch
 from fedng._typing import Arrays
 from fedng.curvature import KFAC, CurvatureSet, DiagonalFisher, FisherRepresentation, LowRankFisher
 from fedng.curvature.quantize import float_payload
-from fedng.federated.aggregation.dp import add_noise, clip_l2, noise_generator, noise_std
+from fedng.federated.aggregation.dp import (
+    add_noise,
+    clip_l2,
+    clip_update,
+    noise_generator,
+    noise_std,
+)
 from fedng.federated.aggregation.robust import (
     clip_factor_scales,
     norm_clip,
     winsorize,
 )
+from fedng.federated.aggregation.summable import CONTRIB_PREFIX, contribution
 from fedng.federated.config.common import ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerState
 
@@ -112,27 +119,38 @@ def _with(
     )
 
 
+def _split_contrib(extras: Arrays) -> tuple[Arrays, bool]:
+    """(The extras other than the summable contributions `fd/<param>`, whether it had any)."""
+    rest = {k: v for k, v in extras.items() if not k.startswith(CONTRIB_PREFIX)}
+    return rest, len(rest) < len(extras)
+
+
 def _robust(cfg: ServerConfig, updates: list[ClientUpdate]) -> list[ClientUpdate]:
-    """Each update's delta bounded (norm-clip) or clamped into the round's trimmed range
-    (trimmed-mean, median); each curvature block's scale clipped and its split made canonical."""
+    """Each update's delta bounded by the round's median norm, and (trimmed-mean, median) then
+    clamped into the round's trimmed range; each curvature block's scale clipped and its split
+    made canonical; summable contributions `c_k` recomputed from the results."""
     ratio = cfg.robust_clip_ratio
     trim = cfg.robust_trim if cfg.robust == "trimmed-mean" else MEDIAN_TRIM
 
     def robust_arrays(xs: list[Arrays]) -> list[Arrays]:
-        if cfg.robust == "norm-clip":
-            return norm_clip(xs, ratio)[0]
-        return winsorize(xs, trim)
+        clipped = norm_clip(xs, ratio)[0]  # first: a far-out client is clamped from the median
+        return clipped if cfg.robust == "norm-clip" else winsorize(clipped, trim)
 
     deltas = robust_arrays([u.delta for u in updates])
-    extras = (
-        robust_arrays([u.extras for u in updates])
-        if any(u.extras for u in updates)
-        else [dict(u.extras) for u in updates]
-    )
+    split = [_split_contrib(u.extras) for u in updates]
+    others = [x for x, _ in split]
+    if any(others):
+        others = robust_arrays(others)
     sets = [decode(u) for u in updates]
     live = [s for s in sets if s is not None]
     if live:
         per_block(live, lambda clients: clip_factor_scales(clients, ratio))
+    extras = []
+    for (_, had), rest, d, cs in zip(split, others, deltas, sets, strict=True):
+        # c_k = F_k delta_k of the bounded delta and curvature, never the client's own c_k
+        # (which it could send unlike both)
+        fd = contribution(cs, d) if had and cs is not None else {}
+        extras.append({**rest, **{f"{CONTRIB_PREFIX}{k}": v for k, v in fd.items()}})
     return [_with(u, d, e, s) for u, d, e, s in zip(updates, deltas, extras, sets, strict=True)]
 
 
@@ -191,7 +209,7 @@ def _private(cfg: ServerConfig, rnd: int, updates: list[ClientUpdate]) -> list[C
     joints = [_joint(u) for u in updates]
     curvs = [_floats(u) for u in updates if u.curvature and share_curv]
     if central:
-        joints = [clip_l2(j, cfg.dp_clip)[0] for j in joints]
+        joints = [clip_update(j, cfg.dp_clip, cfg.dp_clip_scope) for j in joints]
         curvs = [clip_l2(c, cfg.dp_curvature_clip)[0] for c in curvs]
     total = _sum(joints)
     ctotal = _sum(curvs) if curvs else {}
@@ -211,6 +229,13 @@ def _private(cfg: ServerConfig, rnd: int, updates: list[ClientUpdate]) -> list[C
         curv = CurvatureSet.from_arrays({k: v / m for k, v in ctotal.items()}, meta)
         psd_project(curv)
     return [_with(u, delta, extras, curv if u.curvature else None) for u in updates]
+
+
+def holds_round(config: ServerConfig) -> bool:
+    """Whether the server answers an algorithm's second phase itself, from the updates as this
+    stage returns them (robust modes and DP): the clients' own answers would come from their
+    unbounded (robust) or private (DP) curvature."""
+    return config.robust != "none" or config.dp_clip > 0
 
 
 def defend(state: ServerState[ServerConfig], updates: list[ClientUpdate]) -> list[ClientUpdate]:

@@ -32,6 +32,8 @@ from fedng._typing import Arrays
 from fedng.curvature import CurvatureSet, DiagonalFisher, to_matrix, write_matrix
 from fedng.federated.aggregation.matvec import block_dots, block_vectors, fisher_matvecs
 
+CONTRIB_PREFIX = "fd/"
+"""Extras prefix of a client's contribution `c_k = F_k delta_k` (`fd/<param>`)."""
 PROBE_M = "M/"
 """Prefix of the mean delta in the probe message's extras."""
 PROBE_D = "d/"
@@ -206,3 +208,15 @@ def line_search_step(
         write_matrix(step, lay, to_matrix(step, lay) + alpha * blk)
     log = {"alpha_min": min(alphas), "alpha_max": max(alphas)} if alphas else {}
     return step, log
+
+
+def contribution(cs: CurvatureSet, delta: Arrays) -> Arrays:
+    """`c = F delta` per parameter (float32; zero on parameters no block covers): what a client
+    uploads as `CONTRIB_PREFIX + <param>` for the summable aggregation. K-FAC blocks cost two
+    GEMMs each (`G Delta A`), in one ragged native call."""
+    fd = fisher_matvecs(cs, block_vectors(cs, delta))
+    out = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in delta.items()}
+    for lay, blk in zip(cs.layouts, fd, strict=True):
+        if blk is not None:
+            write_matrix(out, lay, blk)
+    return out

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fedng._typing import Arrays
-from fedng.curvature import BlockLayout, CurvatureSet, check_layouts, write_matrix
+from fedng.curvature import BlockLayout, CurvatureSet, check_layouts
 from fedng.curvature.quantize import (
     COMPRESSIBLE,
     META_KEY,
@@ -28,8 +28,8 @@ from fedng.curvature.quantize import (
     segments,
 )
 from fedng.curvature.validation import MAX_ABS
-from fedng.federated.aggregation.matvec import block_vectors, fisher_matvecs
 from fedng.federated.aggregation.passes import sq_norm
+from fedng.federated.aggregation.summable import contribution
 from fedng.federated.algorithms.base import State, curvature_scales
 from fedng.federated.config.curvature import CurvatureConfig
 from fedng.federated.messages import ClientUpdate
@@ -100,11 +100,7 @@ def attach_contribution(
     relative rounding 2^-9 is below the int8 curvature's); zero on parameters no block covers.
     K-FAC blocks cost two GEMMs each (`G_k Delta_k A_k`), in one ragged native call."""
     wd = wire_dtype(dtype, "contrib_dtype")
-    fd = fisher_matvecs(cs, block_vectors(cs, update.delta))
-    out = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in update.delta.items()}
-    for lay, blk in zip(cs.layouts, fd, strict=True):
-        if blk is not None:
-            write_matrix(out, lay, blk)
+    out = contribution(cs, update.delta)
     update.extras.update({f"{prefix}{k}": v.to(wd) for k, v in out.items()})
 
 

@@ -25,7 +25,7 @@ from fedng._typing import Arrays
 from fedng.curvature import CurvatureSet
 from fedng.federated.aggregation.fisher_weighted import fisher_weighted_step
 from fedng.federated.aggregation.mean import apply_server_step, mean_delta, weights_of
-from fedng.federated.aggregation.summable import REPLY_KEY, answer_probe
+from fedng.federated.aggregation.summable import CONTRIB_PREFIX, REPLY_KEY, answer_probe
 from fedng.federated.algorithms.base import Accumulator, Algorithm, Collect, State, run_batch
 from fedng.federated.algorithms.curvature_payload import (
     attach_contribution,
@@ -36,7 +36,6 @@ from fedng.federated.algorithms.curvature_payload import (
     decoded_curvature,
 )
 from fedng.federated.algorithms.fedng_server import (
-    CONTRIB_PREFIX,
     PROBE_PHASE,
     CurvatureSums,
     broadcast_factors,
@@ -119,6 +118,8 @@ class FedNG(Algorithm[FedNGConfig]):
         opts = self.options(state.config)
         if opts.aggregation != "summable" or state.round % opts.upload_every != 0:
             return {}
+        if state.config.dp_clip > 0 and state.config.dp_curvature_clip == 0:
+            return {}  # DP without a curvature release: c_k stays on the client
         return {f"{CONTRIB_PREFIX}{k}": tuple(v.shape) for k, v in state.params.items()}
 
     def check_curvature(self, state: State, update: ClientUpdate) -> str | None:

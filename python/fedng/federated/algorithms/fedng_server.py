@@ -20,6 +20,7 @@ from fedng.curvature import CurvatureSet
 from fedng.curvature.quantize import quantize_arrays
 from fedng.federated.aggregation.mean import apply_server_step
 from fedng.federated.aggregation.summable import (
+    CONTRIB_PREFIX,
     REPLY_KEY,
     PooledDirection,
     line_search_step,
@@ -39,8 +40,6 @@ from fedng.federated.config.curvature import FedNGConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.wire import wire_dtype
 
-CONTRIB_PREFIX = "fd/"
-"""Extras prefix of a client's contribution `c_k = F_k delta_k` (summable aggregation)."""
 PROBE_PHASE = "line_search"
 """`meta["phase"]` of the summable aggregation's second-phase message and of its replies."""
 

@@ -1,16 +1,32 @@
 """The client's side of differential privacy (`fedng.federated.aggregation.dp`): clip the update
 before it leaves, and under "distributed" DP add this client's share of the noise.
 
-The delta and the extras are clipped jointly to L2 norm `dp_clip`; the packed curvature payload
-to `dp_curvature_clip`, or dropped when that is 0 (the curvature then never leaves the client).
+The delta and the extras are clipped jointly to L2 norm `dp_clip` (as one vector, or per layer:
+`dp_clip_scope`); the packed curvature payload
+to `dp_curvature_clip`, or dropped when that is 0 (the curvature then never leaves the client,
+and neither does FedNG's summable contribution `c_k = F_k delta_k`, which is of no use without
+the pooled curvature and would take a share of the clip).
 """
 
 from __future__ import annotations
 
 from fedng.curvature.quantize import float_payload
-from fedng.federated.aggregation.dp import add_noise, clip_l2, noise_generator, noise_std
+from fedng.federated.aggregation.dp import (
+    add_noise,
+    clip_l2,
+    clip_update,
+    noise_generator,
+    noise_std,
+)
+from fedng.federated.aggregation.summable import CONTRIB_PREFIX
 from fedng.federated.config.common import ClientConfig
 from fedng.federated.messages import ClientUpdate
+
+
+def private_only(extra: str) -> bool:
+    """Whether an extra derives from the client's curvature (kept on the client under DP
+    without a curvature release)."""
+    return extra.startswith(CONTRIB_PREFIX)
 
 
 def privatize_update(update: ClientUpdate, config: ClientConfig) -> None:
@@ -23,6 +39,8 @@ def privatize_update(update: ClientUpdate, config: ClientConfig) -> None:
     if config.dp_clip == 0:
         return
     parts = 2 if config.dp_curvature_clip > 0 else 1
+    if config.dp_curvature_clip == 0:
+        update.extras = {k: v for k, v in update.extras.items() if not private_only(k)}
     noisy = config.dp_mode == "distributed"
     gen = noise_generator(config.dp_seed, update.round, update.client_id)
     z, m = config.dp_noise_multiplier, config.dp_clients
@@ -30,7 +48,7 @@ def privatize_update(update: ClientUpdate, config: ClientConfig) -> None:
         **{f"d/{k}": v for k, v in update.delta.items()},
         **{f"e/{k}": v for k, v in update.extras.items()},
     }
-    clipped, _ = clip_l2(joint, config.dp_clip)
+    clipped = clip_update(joint, config.dp_clip, config.dp_clip_scope)
     if noisy:
         clipped = add_noise(clipped, noise_std(z, config.dp_clip, parts, m), gen)
     update.delta = {k: clipped[f"d/{k}"].to(v.dtype) for k, v in update.delta.items()}

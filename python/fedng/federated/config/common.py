@@ -22,6 +22,8 @@ ROBUST_MODES = ("none", "norm-clip", "trimmed-mean", "median")
 """`ServerConfig.robust`: how a round's accepted updates are combined (`aggregation.robust`)."""
 DP_MODES = ("central", "distributed")
 """`dp_mode`: where the DP noise is added (`aggregation.dp`)."""
+CLIP_SCOPES = ("joint", "layer")
+"""`dp_clip_scope`: an update clipped as one vector, or per layer (`aggregation.dp`)."""
 
 DEFAULT_OPTIONS = AlgorithmConfig()
 """`options` left out: the algorithm's own config with its defaults."""
@@ -169,6 +171,7 @@ def _check_dp(cfg: ClientConfig | ServerConfig, c: str) -> None:
         cfg.dp_clients,
     )
     check(_is_int(cfg.dp_seed), c, "dp_seed", "an int", cfg.dp_seed)
+    check_choice(c, "dp_clip_scope", cfg.dp_clip_scope, CLIP_SCOPES)
 
 
 @_accepts_moved_keys
@@ -196,6 +199,8 @@ class ClientConfig(_Common):
             share, std `z sqrt(parts) C / sqrt(dp_clients)`).
         dp_clients: the clients per round the noise is split across ("distributed").
         dp_seed: seed of the noise (< 0: the OS's randomness, as a deployment must use).
+        dp_clip_scope: "joint" (the update clipped as one vector) or "layer" (each layer to
+            `dp_clip * sqrt(d_l / d)`: the same sensitivity, see `aggregation.dp.clip_update`).
     """
 
     algorithm: str = "fedavg"
@@ -214,6 +219,7 @@ class ClientConfig(_Common):
     dp_mode: str = "central"
     dp_clients: int = 1
     dp_seed: int = -1
+    dp_clip_scope: str = "joint"
 
     def __post_init__(self) -> None:
         c = "ClientConfig"
@@ -251,7 +257,8 @@ class ServerConfig(_Common):
             the round's robust one). The last two hold all of a round's updates in memory.
         robust_trim: the fraction trimmed at each end ("trimmed-mean"), in [0, 0.5).
         robust_clip_ratio: the "norm-clip" bound as a multiple of the round's median (> 0).
-        dp_clip, dp_curvature_clip, dp_noise_multiplier, dp_mode, dp_clients, dp_seed: as in
+        dp_clip, dp_curvature_clip, dp_noise_multiplier, dp_mode, dp_clients, dp_seed,
+            dp_clip_scope: as in
             `ClientConfig`; with `dp_clip` > 0 the server clips ("central"), averages uniformly
             and adds the noise ("central") before the algorithm aggregates.
     """
@@ -273,6 +280,7 @@ class ServerConfig(_Common):
     dp_mode: str = "central"
     dp_clients: int = 1
     dp_seed: int = -1
+    dp_clip_scope: str = "joint"
 
     def __post_init__(self) -> None:
         c = "ServerConfig"

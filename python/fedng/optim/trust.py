@@ -1,0 +1,264 @@
+"""Adaptive trust region of the natural-gradient step: the KL radius follows the observed loss
+change along each step, without an extra forward pass.
+
+The step's KL estimate `lr^2 s`, `s = g^T p` (p the preconditioned gradient), is bounded by a
+radius r (the preconditioned gradients are scaled by `ν = min(1, sqrt(r / (lr^2 s)))`). With
+`trust="adaptive"` r moves inside `[min_radius, kl_clip]` (the clip is the hard bound).
+
+After step t moved the parameters by `δ = θ_{t+1} - θ_t` (whatever the optimizer did: its lr,
+momentum), the next step's gradient gives the directional derivative along δ after the step; its
+ratio to the one before the step,
+
+    c_t = g_{t+1}^T δ / g_t^T δ,
+
+is `1 - κ` on a quadratic, κ the step's length relative to the best length along δ: c ≈ 1 a
+step far too short, c = 0 the exact line minimum, c < 0 an overshoot (c = -1: twice the best
+length, the loss back where it started; the trapezoid rule's ratio of actual to predicted
+reduction is `(1 + c) / (2 - κ)`). `g_{t+1}` comes from the next minibatch, so its noise has
+mean zero but `g_t^T δ` carries the batch's own noise energy, which pulls c towards 0: the rule
+acts on a significance test of c's exponential average (mean m, standard error se, a
+Levenberg–Marquardt / trust-region rule as in Martens & Grosse 2015, §6.5, on the radius):
+
+- the step was clipped and `m / se > z` (the loss still falls along δ after the step, beyond
+  noise): grow, `r ← grow x r`;
+- `m < overshoot` and `m / se < -z`, or one c below `blowup` or not finite: shrink,
+  `r ← shrink x min(r, KL of the step taken)`, and the average restarts;
+- otherwise r stays (a step near the line minimum, or noise).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedng.optim.config import DEFAULT_KL_CLIP, WHERE
+
+TRUST_MODES: tuple[str, ...] = ("adaptive", "fixed")
+"""`trust`: the radius adapts inside `[min_radius, kl_clip]`, or it is `kl_clip` itself."""
+
+DEFAULT_INITIAL_RADIUS = 1e-3
+"""Where the adaptive radius starts under the default hard bound `DEFAULT_KL_CLIP`; under any
+other `kl_clip` it starts at that bound (where a fixed clip was), and adapts from there."""
+
+MIN_RADIUS_FRACTION = 1e-3
+"""The least adaptive radius, as a fraction of `kl_clip`."""
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """`sum_i <a_i, b_i>` in float64 (one sync)."""
+    if not a:
+        return 0.0
+    parts = torch._foreach_mul(list(a), list(b))
+    return float(torch.stack([p.sum(dtype=torch.float64) for p in parts]).sum())
+
+
+@dataclass(frozen=True)
+class TrustRule:
+    """The radius update (pure arithmetic; see the module docstring).
+
+    Attributes:
+        max_radius: the hard bound (`kl_clip`).
+        min_radius: the least radius.
+        z: the significance (in standard errors) that grows or shrinks the radius.
+        overshoot: the mean c below which a significant overshoot shrinks the radius.
+        shrink: factor in (0, 1) on a shrink.
+        grow: factor > 1 on a grow.
+        decay: EMA decay of c (about `(1 + decay) / (1 - decay)` steps of memory).
+        warmup: observations needed (since the start or the last shrink) before a decision.
+        blowup: a single c below this (four times the best length along δ: the loss rose a
+            lot) shrinks at once.
+    """
+
+    max_radius: float
+    min_radius: float
+    z: float = 2.0
+    overshoot: float = -0.5
+    shrink: float = 0.5
+    grow: float = 1.1
+    decay: float = 0.9
+    warmup: int = 5
+    blowup: float = -3.0
+
+    def decide(self, mean: float, se: float, count: int, clipped: bool) -> int:
+        """+1 (grow), -1 (shrink) or 0 from c's average `mean`, its standard error `se` over
+        `count` observations, and whether the last step was clipped."""
+        if count < self.warmup:
+            return 0
+        if mean < self.overshoot and mean < -self.z * se:
+            return -1
+        if clipped and mean > self.z * se:
+            return 1
+        return 0
+
+    def bounded(self, radius: float) -> float:
+        """`radius` within `[min_radius, max_radius]`."""
+        return min(self.max_radius, max(self.min_radius, radius))
+
+
+_Step = tuple[list[torch.Tensor], list[torch.Tensor], float, bool]
+"""(parameters, raw gradients, KL estimate taken, clipped) of the previous step."""
+
+
+@dataclass
+class TrustRegion:
+    """The adaptive radius of one optimizer, c's running average, and the previous step.
+
+    Args:
+        rule: the update rule.
+        radius: the current radius.
+
+    Attributes:
+        c: the last step's continuation ratio (None before the first observation).
+        grown, shrunk: how often the radius grew / shrank.
+    """
+
+    rule: TrustRule
+    radius: float
+    c: float | None = None
+    grown: int = 0
+    shrunk: int = 0
+    _m: float = 0.0
+    _v: float = 0.0
+    _n: int = 0
+    _prev: _Step | None = field(default=None, repr=False)
+
+    def observe(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> float:
+        """Updates the radius from the previous step's outcome; returns the radius for this step.
+
+        Args:
+            params: the parameters now (θ_{t+1}), in the order of the previous call's.
+            grads: their raw gradients now (g_{t+1}), finite.
+        """
+        prev = self._prev
+        if prev is None:
+            return self.radius
+        theta, g_old, taken, clipped = prev
+        delta = torch._foreach_sub([p.detach() for p in params], theta)
+        before = _dot(g_old, delta)
+        after = _dot(list(grads), delta)
+        if before == 0.0 and math.isfinite(after):
+            return self.radius  # the optimizer did not move the parameters (lr 0): no evidence
+        c = after / before if before < 0 and math.isfinite(after) else -math.inf
+        self.c = c
+        if not c >= self.rule.blowup:  # ascent, non-finite, or a wild overshoot: shrink now
+            return self._shrink(taken)
+        self._n += 1
+        c = min(c, 1.0)  # a steeper slope after the step (a new batch's larger gradient) is no
+        # more evidence of a short step than c = 1
+        self._m = self.rule.decay * self._m + (1 - self.rule.decay) * c
+        self._v = self.rule.decay * self._v + (1 - self.rule.decay) * c * c
+        mean, se = self.average()
+        move = self.rule.decide(mean, se, self._n, clipped)
+        if move < 0:
+            return self._shrink(taken)
+        if move > 0:
+            new = self.rule.bounded(self.radius * self.rule.grow)
+            self.grown += new > self.radius
+            self.radius = new
+        return self.radius
+
+    def average(self) -> tuple[float, float]:
+        """c's bias-corrected exponential mean and its standard error."""
+        if self._n == 0:
+            return 0.0, math.inf
+        d = self.rule.decay
+        corr = 1.0 - d**self._n
+        mean = self._m / corr
+        var = max(self._v / corr - mean * mean, 0.0)
+        return mean, math.sqrt(var * (1 - d) / (1 + d))
+
+    def _shrink(self, taken: float) -> float:
+        base = min(self.radius, taken) if taken > 0 else self.radius
+        new = self.rule.bounded(self.rule.shrink * base)
+        self.shrunk += new < self.radius
+        self.radius = new
+        self._m = self._v = 0.0
+        self._n = 0
+        return self.radius
+
+    def remember(
+        self,
+        params: Sequence[torch.Tensor],
+        grads: Sequence[torch.Tensor],
+        taken: float,
+        clipped: bool,
+    ) -> None:
+        """Keeps this step's parameters and raw gradients, the KL estimate of the step taken (in
+        the radius's units) and whether it was clipped, for the next `observe`."""
+        old = self._prev
+        if old is not None and len(old[0]) == len(params):
+            torch._foreach_copy_(old[0], [p.detach() for p in params])
+            torch._foreach_copy_(old[1], list(grads))
+            theta, g = old[0], old[1]
+        else:
+            theta = [p.detach().clone() for p in params]
+            g = [q.detach().clone() for q in grads]
+        self._prev = (theta, g, taken, clipped)
+
+    def forget(self) -> None:
+        """Drops the previous step (a skipped step: nothing to compare with)."""
+        self._prev = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The radius, c's average, the counters and the previous step (copies)."""
+        prev = self._prev
+        return {
+            "radius": self.radius,
+            "c": self.c,
+            "m": self._m,
+            "v": self._v,
+            "n": self._n,
+            "grown": self.grown,
+            "shrunk": self.shrunk,
+            "prev": None
+            if prev is None
+            else {
+                "params": [t.clone() for t in prev[0]],
+                "grads": [t.clone() for t in prev[1]],
+                "taken": prev[2],
+                "clipped": prev[3],
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores `state_dict()`: the next step observes the same previous step."""
+        self.radius = self.rule.bounded(float(state.get("radius") or self.radius))
+        c = state.get("c")
+        self.c = None if c is None else float(c)
+        self._m = float(state.get("m") or 0.0)
+        self._v = float(state.get("v") or 0.0)
+        self._n = int(state.get("n") or 0)
+        self.grown = int(state.get("grown") or 0)
+        self.shrunk = int(state.get("shrunk") or 0)
+        prev = state.get("prev")
+        self._prev = (
+            None
+            if not isinstance(prev, dict)
+            else (
+                [t.clone() for t in prev["params"]],
+                [t.clone() for t in prev["grads"]],
+                float(prev["taken"]),
+                bool(prev["clipped"]),
+            )
+        )
+
+
+def trust_region(mode: object, kl_clip: float | None) -> TrustRegion | None:
+    """The trust region of `NaturalGradient(trust=mode, kl_clip=kl_clip)`: None when the bound
+    is fixed (`mode="fixed"`) or there is none (`kl_clip` None).
+
+    Raises:
+        ValueError: an unknown `mode`.
+    """
+    if not isinstance(mode, str) or mode not in TRUST_MODES:
+        raise ValueError(f"{WHERE}: 'trust' must be one of {list(TRUST_MODES)}, got {mode!r}")
+    if mode == "fixed" or kl_clip is None:
+        return None
+    rule = TrustRule(max_radius=kl_clip, min_radius=kl_clip * MIN_RADIUS_FRACTION)
+    # An explicit bound keeps the fixed clip's start (and the results measured with it).
+    start = DEFAULT_INITIAL_RADIUS if kl_clip == DEFAULT_KL_CLIP else kl_clip
+    return TrustRegion(rule, radius=start)

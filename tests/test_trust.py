@@ -1,0 +1,193 @@
+"""The adaptive trust region of NaturalGradient (`fedng.optim.trust`): the radius grows after
+steps that were too short, shrinks after an overshoot or a blow-up, and stays inside its bounds."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fedng.errors import CurvatureWarning
+from fedng.optim.natural_gradient import NaturalGradient
+from fedng.optim.trust import (
+    DEFAULT_INITIAL_RADIUS,
+    MIN_RADIUS_FRACTION,
+    TrustRegion,
+    TrustRule,
+    trust_region,
+)
+from torch import nn
+
+
+def quadratic_walk(
+    region: TrustRegion, eta: float, steps: int, clipped: bool = True, taken: float = 1.0
+) -> list[float]:
+    """Gradient steps θ ← θ - eta H θ on L = ½ θ^T H θ (H = diag(1..4), float64, exact gradients)
+    observed by `region`; the radius after each step. The line-search ratio of such a step is
+    `c = 1 - κ` with κ its length over the best length along it, so eta sets c."""
+    h = torch.arange(1.0, 5.0, dtype=torch.float64)
+    theta = torch.ones(4, dtype=torch.float64)
+    radii = []
+    for _ in range(steps):
+        g = h * theta
+        region.observe([theta], [g])
+        region.remember([theta], [g], taken, clipped)
+        theta = theta - eta * g
+        radii.append(region.radius)
+    return radii
+
+
+def region(radius: float = 1e-3, max_radius: float = 1e-1) -> TrustRegion:
+    return TrustRegion(TrustRule(max_radius=max_radius, min_radius=max_radius * 1e-3), radius)
+
+
+def test_rule_decisions() -> None:
+    rule = TrustRule(max_radius=1.0, min_radius=1e-3)
+    assert rule.decide(0.5, 0.01, count=2, clipped=True) == 0  # warming up
+    assert rule.decide(0.5, 0.01, count=5, clipped=True) == 1  # significantly too short
+    assert rule.decide(0.5, 0.01, count=5, clipped=False) == 0  # the radius was not the limit
+    assert rule.decide(0.01, 0.01, count=50, clipped=True) == 0  # not significant
+    assert rule.decide(-0.3, 0.01, count=50, clipped=True) == 0  # near the line minimum
+    assert rule.decide(-0.8, 0.01, count=50, clipped=True) == -1  # a significant overshoot
+    assert rule.decide(-0.8, 1.0, count=50, clipped=True) == 0  # overshoot within noise
+    assert rule.bounded(10.0) == 1.0 and rule.bounded(0.0) == 1e-3
+
+
+def test_too_short_steps_grow_the_radius_up_to_its_bound() -> None:
+    r = region()
+    radii = quadratic_walk(r, eta=0.01, steps=120)  # κ <= 0.08: c >= 0.92 on every step
+    assert radii[3] == pytest.approx(1e-3)  # no decision during the warm-up
+    assert radii[10] > 1e-3 and r.c is not None and r.c > 0.9
+    assert all(b >= a for a, b in itertools.pairwise(radii))
+    assert max(radii) == pytest.approx(1e-1) and r.grown > 0 and r.shrunk == 0
+
+
+def test_unclipped_steps_do_not_grow_the_radius() -> None:
+    r = region()
+    assert quadratic_walk(r, eta=0.01, steps=30, clipped=False)[-1] == pytest.approx(1e-3)
+
+
+def test_overshooting_steps_shrink_the_radius_down_to_its_bound() -> None:
+    r = region(radius=1e-2)
+    # eta 0.45 on curvature 4 is κ = 1.8 along the stiffest direction: c ≈ -0.7 once it dominates.
+    radii = quadratic_walk(r, eta=0.45, steps=200, taken=5e-3)
+    assert r.shrunk > 0 and r.grown == 0
+    assert radii[-1] < 1e-2
+    assert min(radii) >= 1e-4  # never below min_radius
+    assert all(b <= a for a, b in itertools.pairwise(radii))
+
+
+def test_steps_near_the_line_minimum_keep_the_radius() -> None:
+    r = region()
+    # eta 0.25: κ = 1 along the stiffest direction (the others decay slower, c in [0, 0.75]).
+    radii = quadratic_walk(r, eta=0.25, steps=8)
+    assert r.shrunk == 0 and radii[-1] >= 1e-3
+
+
+def test_a_rejected_step_shrinks_at_once_from_the_step_taken() -> None:
+    r = region(radius=1e-2)
+    theta = [torch.zeros(3, dtype=torch.float64)]
+    g = [torch.ones(3, dtype=torch.float64)]
+    r.observe(theta, g)
+    r.remember(theta, g, taken=4e-3, clipped=False)
+    moved = [theta[0] - 0.1]  # a descent step along -g ...
+    assert r.observe(moved, [torch.full((3,), -10.0, dtype=torch.float64)]) == pytest.approx(2e-3)
+    assert r.c == pytest.approx(-10.0) and r.shrunk == 1  # ... after which the slope is 10x up
+    r.remember(moved, g, taken=4e-3, clipped=False)
+    nan = [torch.full((3,), math.nan, dtype=torch.float64)]
+    assert r.observe([moved[0] - 0.1], nan) == pytest.approx(1e-3)  # a non-finite change
+    r.forget()
+    assert r.observe([moved[0] - 0.2], g) == pytest.approx(1e-3)  # nothing to compare with
+
+
+def test_no_move_is_no_evidence() -> None:
+    r = region()
+    theta, g = [torch.ones(2)], [torch.ones(2)]
+    for _ in range(10):  # lr 0: the parameters never move
+        r.observe(theta, g)
+        r.remember(theta, g, taken=1.0, clipped=True)
+    assert r.radius == 1e-3 and r.c is None and r.grown == r.shrunk == 0
+
+
+def test_trust_region_factory() -> None:
+    assert trust_region("fixed", 1e-2) is None and trust_region("adaptive", None) is None
+    r = trust_region("adaptive", 1e-1)
+    assert r is not None and r.radius == DEFAULT_INITIAL_RADIUS
+    assert r.rule.min_radius == pytest.approx(1e-1 * MIN_RADIUS_FRACTION)
+    for clip in (1e-4, 1e-2):  # an explicit bound: the radius starts where a fixed clip was
+        given = trust_region("adaptive", clip)
+        assert given is not None and given.radius == clip
+    with pytest.raises(ValueError, match="'trust' must be one of"):
+        trust_region("sometimes", 1e-2)
+
+
+# --- inside NaturalGradient ----------------------------------------------------------------
+
+
+def softmax_regression(seed: int = 0) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    x = torch.randn(128, 5)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return nn.Linear(5, 3), x, y
+
+
+def train(ng: NaturalGradient, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int) -> float:
+    opt = torch.optim.SGD(ng.model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(ng.model(x), y)
+        loss.backward()  # type: ignore[no-untyped-call]
+        ng.step()
+        opt.step()
+    return float(loss.detach())
+
+
+def test_natural_gradient_grows_its_radius_when_the_lr_is_small() -> None:
+    model, x, y = softmax_regression()
+    ng = NaturalGradient(model, kl_clip=1e-1, inverse_every=1)  # full batch: no noise
+    train(ng, x, y, lr=0.03, steps=40)
+    assert ng.last["trust_radius"] > DEFAULT_INITIAL_RADIUS and ng._trust is not None
+    assert ng._trust.grown > 0 and ng.last["trust_radius"] <= 1e-1
+
+
+def test_natural_gradient_shrinks_its_radius_when_steps_overshoot() -> None:
+    model, x, y = softmax_regression()
+    ng = NaturalGradient(model, kl_clip=1e-1, inverse_every=1)
+    assert ng._trust is not None
+    ng._trust.radius = 1e-1
+    train(ng, x, y, lr=8.0, steps=40)  # 8x the natural-gradient step at the bound
+    assert ng._trust.shrunk > 0 and ng.last["trust_radius"] < 1e-1
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_fixed_trust_keeps_the_clip_and_state_round_trips() -> None:
+    model, x, y = softmax_regression()
+    fixed = NaturalGradient(model, kl_clip=1e-2, trust="fixed")
+    train(fixed, x, y, lr=0.03, steps=5)
+    assert fixed.last["trust_radius"] is None and fixed.stats["clipped_steps"] == 5
+    fixed.remove()
+    ng = NaturalGradient(model, kl_clip=1e-1, inverse_every=1)
+    train(ng, x, y, lr=0.03, steps=20)
+    again = NaturalGradient(model, kl_clip=1e-1, inverse_every=1)
+    again.load_state_dict(ng.state_dict())
+    assert again._trust is not None and ng._trust is not None
+    assert again._trust.radius == ng._trust.radius and again._trust.c == ng._trust.c
+    assert again._trust._prev is not None and ng._trust._prev is not None
+    assert all(
+        torch.equal(a, b) for a, b in zip(again._trust._prev[0], ng._trust._prev[0], strict=True)
+    )
+    with pytest.raises(ValueError, match="'trust'"):
+        NaturalGradient(model, trust="never")
+
+
+def test_a_skipped_step_is_not_compared_with() -> None:
+    model, x, y = softmax_regression()
+    ng = NaturalGradient(model, kl_clip=1e-1)
+    train(ng, x, y, lr=0.03, steps=3)
+    assert ng._trust is not None and ng._trust._prev is not None
+    model.weight.grad = torch.full_like(model.weight, math.nan)
+    with pytest.warns(CurvatureWarning, match="skipped"):
+        ng.step()
+    assert ng.last["skipped"] and ng._trust._prev is None
