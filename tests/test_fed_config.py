@@ -39,7 +39,7 @@ def test_presets_are_the_algorithm_defaults() -> None:
     cc, sc = make_configs("fedng")
     assert cc.options is sc.options
     assert cc.options == FedNGConfig(
-        precond="global_local",
+        precond="global",
         aggregation="summable",
         fisher_center="mean",
         fisher_damping=0.1,
@@ -59,11 +59,13 @@ def test_presets_are_the_algorithm_defaults() -> None:
     assert fedavgm[0].options == FedAvgConfig() == make_configs("fedavg")[0].options
 
 
-@pytest.mark.parametrize("precond,mode", [("global", "inverse"), ("local", "none")])
+@pytest.mark.parametrize(
+    "precond,mode", [("global", "factors"), ("global_local", "factors"), ("local", "none")]
+)
 def test_broadcast_follows_the_preconditioner(precond: str, mode: str) -> None:
     opts = make_configs("fedng", {"precond": precond})[1].options_as(FedNGConfig)
     assert opts.broadcast_mode() == mode
-    assert opts.replace(broadcast="factors").broadcast_mode() == "factors"
+    assert opts.replace(broadcast="inverse").broadcast_mode() == "inverse"
 
 
 @pytest.mark.parametrize("algo", ALGORITHMS)

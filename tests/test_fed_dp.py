@@ -128,7 +128,9 @@ def dp_round(
 ) -> tuple[ServerState[Any], list[ClientUpdate], list[ClientUpdate]]:
     """The initial state, the raw (non-private) updates and the privatized ones of round 0."""
     task = blobs_task(num_clients=n, n=30)
-    plain_cc, _ = make_configs(algo, {"local_steps": 3})
+    # FedNG's c_k travels in fp32 under DP (bf16 otherwise): the raw updates match that
+    fp32 = {"contrib_dtype": "fp32"} if algo == "fedng" else {}
+    plain_cc, _ = make_configs(algo, {"local_steps": 3, **fp32})
     cc, sc = make_configs(algo, {"local_steps": 3, "dp_clients": n, "dp_seed": 5, **knobs})
     model = task.model_fn(0)
     state, msg = server_init(get_params(model), sc)

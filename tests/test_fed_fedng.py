@@ -48,8 +48,12 @@ def test_variants_run_and_learn(precond: str, curvature: str) -> None:
 
 def test_global_preconditioner_reaches_clients() -> None:
     task = blobs_task(num_clients=3, n=30)
-    for precond, want in (("global", "inv/"), ("global_local", "curv/")):
-        cc, sc = make_configs("fedng", {"precond": precond, "local_steps": 2})
+    for precond, bc, want in (
+        ("global", "inverse", "inv/"),
+        ("global", "auto", "curv/"),
+        ("global_local", "auto", "curv/"),
+    ):
+        cc, sc = make_configs("fedng", {"precond": precond, "broadcast": bc, "local_steps": 2})
         model = task.model_fn(0)
         state, msg = server_init(get_params(model), sc)
         assert not msg.extras

@@ -71,7 +71,7 @@ def test_fisher_matvecs_match_dense(curvature: str) -> None:
 
 def test_contribution_is_f_times_delta() -> None:
     """A summable client uploads c_k = F_k delta_k per parameter, zero nowhere it matters."""
-    _, ups = _round({"aggregation": "summable"})
+    _, ups = _round({"aggregation": "summable", "contrib_dtype": "fp32"})
     u = ups[2]
     cs = decoded_curvature(u)
     assert cs is not None
@@ -85,7 +85,14 @@ def test_contribution_is_f_times_delta() -> None:
 
 def test_summable_equals_exact_merge_for_diagonal_fisher() -> None:
     """With a diagonal Fisher the pooled solve is the exact merge: no line search needed."""
-    state, ups = _round({"curvature": "diag", "aggregation": "summable"})
+    state, ups = _round(
+        {
+            "curvature": "diag",
+            "aggregation": "summable",
+            "contrib_dtype": "fp32",
+            "compression": "none",
+        }
+    )
     new, _ = server_step(state, ups)
     assert new.log["aggregation"] == "summable" and "alpha_min" not in new.log
     opts = state.config.options
@@ -120,7 +127,9 @@ def _objective(
 def test_kfac_line_search_is_exact() -> None:
     """For K-FAC, the summable step M + alpha d minimizes the exact merge objective along d
     (alpha from the clients' two scalars per block), and is no worse than the mean M."""
-    state, ups = _round({"aggregation": "summable"}, rounds=1)
+    state, ups = _round(
+        {"aggregation": "summable", "contrib_dtype": "fp32", "probe_dtype": "fp32"}, rounds=1
+    )
     new, _ = server_step(state, ups)
     assert new.log["aggregation"] == "summable" and new.log["probe_answered"] == 4
     sets = decoded_all(ups)

@@ -110,7 +110,9 @@ def _curv(u: ClientUpdate, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     ],
 )
 def test_bad_curvature_rejected(fn: Callable[[torch.Tensor], torch.Tensor], word: str) -> None:
-    state, ups = _round("fedng", {"aggregation": "fisher", "precond": "global"})
+    state, ups = _round(
+        "fedng", {"aggregation": "fisher", "precond": "global", "broadcast": "inverse"}
+    )
     _curv(ups[2], fn)
     new, msg = server_step(state, ups)
     assert list(new.log["rejected"]) == [2], new.log
@@ -149,7 +151,7 @@ def test_simulation_logs_rejections_and_keeps_learning() -> None:
             _nan_delta(u)
         return u
 
-    h = simulate(task, cc, sc, rounds=4, participation=1.0, seed=0, tamper=attack)
+    h = simulate(task, cc, sc, rounds=6, participation=1.0, seed=0, tamper=attack)
     assert all(set(r.rejected) == {"0"} for r in h.rounds[1:])
     assert "NaN" in h.rounds[1].rejected["0"]
     assert h.final() > 0.8

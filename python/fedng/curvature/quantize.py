@@ -107,6 +107,14 @@ def _quantize_vec(vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(-1)[:n].to(torch.int8), scale.float()
 
 
+def payload_sizes(segs: Sequence[Segment]) -> tuple[int, int]:
+    """(entries of the float payload over `segs`, bytes of its int8 form: the int8 values plus
+    the float32 side data `quantize` returns)."""
+    sizes = [_sizes(s) for s in segs]
+    entries = sum(e for e, _ in sizes)
+    return entries, entries + 4 * sum(s for _, s in sizes)
+
+
 def quantize(data: torch.Tensor, segs: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
     """A flat float payload as (int8 values [same length], float32 side data).
 

@@ -75,7 +75,12 @@ def _flat_lams(pooled: CurvatureSet, rel: float) -> list[float]:
 
 
 def pooled_direction(
-    pooled: CurvatureSet, mean: Arrays, contrib: Arrays, rel: float, center: str = "mean"
+    pooled: CurvatureSet,
+    mean: Arrays,
+    contrib: Arrays,
+    rel: float,
+    center: str = "mean",
+    dtype: torch.dtype = torch.float32,
 ) -> PooledDirection:
     """The pooled solve's direction d per block.
 
@@ -85,6 +90,8 @@ def pooled_direction(
         contrib: S = `sum_k p_k F_k delta_k` (named arrays, the same names).
         rel: lambda relative to each block's mean eigenvalue of the pooled curvature.
         center: the damping's prior center, "mean" (c = M) or "zero" (c = 0).
+        dtype: the probe's wire dtype (`probe_arrays`): d is rounded to it, so that the line
+            search is exact along the d the clients receive.
 
     Returns:
         The direction and the server's parts of the line search.
@@ -111,6 +118,8 @@ def pooled_direction(
     if "diag" in pooled.groups and isinstance(pooled.reps["diag"], DiagonalFisher):
         exact = set(pooled.groups["diag"])
     probed = [i for i, b in enumerate(blocks) if b is not None and i not in exact]
+    for i in probed:  # as the probe sends it
+        blocks[i] = blocks[i].to(dtype).float()  # type: ignore[union-attr]
     sc = [s + lam * c for s, c, lam in zip(s_blocks, c_blocks, lams, strict=True)]
     num = [
         a - lam * b
@@ -122,14 +131,20 @@ def pooled_direction(
 
 
 def probe_arrays(direction: PooledDirection, pooled: CurvatureSet) -> Arrays:
-    """The second phase's broadcast: M and d (zero outside the probed blocks) as named arrays."""
-    d_arrays = {k: torch.zeros_like(v) for k, v in direction.mean.items()}
+    """The second phase's broadcast: M and d on the parameters of the probed blocks only
+    (diagonal blocks need no line search). They only decide a step length per block: the
+    message may travel in bf16 (`pooled_direction`'s `dtype`)."""
+    names: set[str] = set()
+    for i in direction.probed:
+        lay = pooled.layouts[i]
+        names.update(n for n in (lay.weight, lay.bias) if n is not None)
+    d_arrays = {k: torch.zeros_like(v) for k, v in direction.mean.items() if k in names}
     for i in direction.probed:
         blk = direction.blocks[i]
         if blk is not None:
             write_matrix(d_arrays, pooled.layouts[i], blk)
     return {
-        **{PROBE_M + k: v for k, v in direction.mean.items()},
+        **{PROBE_M + k: v for k, v in direction.mean.items() if k in names},
         **{PROBE_D + k: v for k, v in d_arrays.items()},
     }
 
@@ -146,12 +161,15 @@ def answer_probe(cs: CurvatureSet, probe: Arrays) -> torch.Tensor:
     """
     mean = {k[len(PROBE_M) :]: v for k, v in probe.items() if k.startswith(PROBE_M)}
     d = {k[len(PROBE_D) :]: v for k, v in probe.items() if k.startswith(PROBE_D)}
-    d_blocks = block_vectors(cs, d)
-    live = [b if bool(b.any()) else None for b in d_blocks]
+    probed = [lay.weight in d and lay.weight in mean for lay in cs.layouts]
+    live = [to_matrix(d, lay) if p else None for lay, p in zip(cs.layouts, probed, strict=True)]
+    live = [b if b is not None and bool(b.any()) else None for b in live]
     fd = fisher_matvecs(cs, live)
-    m_blocks = block_vectors(cs, mean)
+    m_blocks = [
+        to_matrix(mean, lay) if p else None for lay, p in zip(cs.layouts, probed, strict=True)
+    ]
     return torch.tensor(
-        [list(p) for p in zip(block_dots(m_blocks, fd), block_dots(d_blocks, fd), strict=True)],
+        [list(p) for p in zip(block_dots(m_blocks, fd), block_dots(live, fd), strict=True)],
         dtype=torch.float32,
     ).reshape(len(cs.layouts), 2)
 

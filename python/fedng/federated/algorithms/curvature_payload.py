@@ -23,7 +23,9 @@ from fedng.curvature.quantize import (
     META_KEY,
     SCALE_SUFFIX,
     dequantize_arrays,
+    payload_sizes,
     quantize_arrays,
+    segments,
 )
 from fedng.curvature.validation import MAX_ABS
 from fedng.federated.aggregation.passes import sq_norm
@@ -46,15 +48,18 @@ FAST_KINDS = frozenset({"kfac", "diag"})
 """Kinds whose payload the fast check reads in place (packed triangles, diagonals)."""
 
 
-def wants_int8(cs: CurvatureSet, compression: str) -> bool:
-    """Whether `compression` ("int8", "none", "auto") sends `cs` as int8: "auto" does when its
-    K-FAC / diagonal payload (fp32) outweighs the parameters of the blocks it covers (dense
-    K-FAC factors of wide layers, e.g. a 61 -> 10 softmax head: 3x its parameters)."""
+def wants_int8(cs: CurvatureSet, compression: str, itemsize: int = 4) -> bool:
+    """Whether `compression` ("int8", "none", "auto") sends `cs` as int8: "auto" does when that
+    makes its K-FAC / diagonal payload smaller than in the float wire dtype of `itemsize` bytes
+    (int8 values plus float32 per-row / per-chunk scales: about 4x fewer bytes than fp32 for any
+    factor wider than a few rows; the error bound is `fedng.curvature.quantize`'s)."""
     if compression != "auto":
         return compression == "int8"
-    entries = sum(rep.nbytes // 4 for k, rep in cs.reps.items() if k in COMPRESSIBLE)
-    params = sum(spec.numel for rep in cs.reps.values() for spec in rep.specs)
-    return entries > params
+    sizes = [
+        payload_sizes(segments(k, rep.specs)) for k, rep in cs.reps.items() if k in COMPRESSIBLE
+    ]
+    entries = sum(e for e, _ in sizes)
+    return entries > 0 and sum(q for _, q in sizes) < entries * itemsize
 
 
 def wants_int8_payload(arrays: Arrays, meta: dict[str, Any], compression: str) -> bool:
@@ -72,7 +77,7 @@ def curvature_arrays(
     """A curvature set as wire arrays and metadata: in wire dtype `dtype`, or (see `wants_int8`)
     its K-FAC / diagonal payloads as int8 with float32 scales (`fedng.curvature.quantize`)."""
     wd = wire_dtype(dtype, "payload_dtype")
-    if not wants_int8(cs, compression):
+    if not wants_int8(cs, compression, torch.finfo(wd).bits // 8):
         return cs.to_arrays(wd)
     arrays, meta = quantize_arrays(*cs.to_arrays(torch.float32))
     return {
@@ -87,12 +92,16 @@ def attach_curvature(
     update.curvature, update.meta["curv"] = curvature_arrays(cs, dtype, compression)
 
 
-def attach_contribution(update: ClientUpdate, cs: CurvatureSet, prefix: str) -> None:
+def attach_contribution(
+    update: ClientUpdate, cs: CurvatureSet, prefix: str, dtype: str = "fp32"
+) -> None:
     """Adds the client's contribution `c_k = F_k delta_k` to an update's extras as
-    `<prefix><param>` (summable aggregation), in the delta's dtype; zero on parameters no block
-    covers. K-FAC blocks cost two GEMMs each (`G_k Delta_k A_k`), in one ragged native call."""
+    `<prefix><param>` (summable aggregation), in wire dtype `dtype` (bf16 halves its bytes; its
+    relative rounding 2^-9 is below the int8 curvature's); zero on parameters no block covers.
+    K-FAC blocks cost two GEMMs each (`G_k Delta_k A_k`), in one ragged native call."""
+    wd = wire_dtype(dtype, "contrib_dtype")
     out = contribution(cs, update.delta)
-    update.extras.update({f"{prefix}{k}": v.to(update.delta[k].dtype) for k, v in out.items()})
+    update.extras.update({f"{prefix}{k}": v.to(wd) for k, v in out.items()})
 
 
 def payload_floats(update: ClientUpdate) -> Arrays:

@@ -108,7 +108,9 @@ class FedNG(Algorithm[FedNGConfig]):
             attach_curvature(upd, res.curvature, opts.payload_dtype, opts.compression)
             sent = decoded_curvature(upd)  # c_k from the curvature as sent (int8 included),
             if opts.aggregation == "summable" and sent is not None:  # what the server sums
-                attach_contribution(upd, sent, CONTRIB_PREFIX)
+                # fp32 under DP: the joint L2 clip must hold after rounding
+                wire = "fp32" if config.dp_clip > 0 else opts.contrib_dtype
+                attach_contribution(upd, sent, CONTRIB_PREFIX, wire)
         return upd
 
     def expected_extras(self, state: State) -> dict[str, tuple[int, ...]]:

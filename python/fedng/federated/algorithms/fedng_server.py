@@ -38,6 +38,7 @@ from fedng.federated.algorithms.curvature_payload import (
 )
 from fedng.federated.config.curvature import FedNGConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
+from fedng.federated.wire import wire_dtype
 
 PROBE_PHASE = "line_search"
 """`meta["phase"]` of the summable aggregation's second-phase message and of its replies."""
@@ -212,6 +213,7 @@ class CurvatureSums:
                     self.contrib.scaled(scale),
                     self.opts.fisher_damping,
                     self.opts.fisher_center,
+                    wire_dtype(self.opts.probe_dtype, "probe_dtype"),
                 )
         return self.direction
 
@@ -228,6 +230,7 @@ class CurvatureSums:
             {},
             probe_arrays(direction, self.pooled),
             meta={"phase": PROBE_PHASE, "blocks": len(direction.blocks)},
+            dtype=self.opts.probe_dtype,
         )
 
     def fold_reply(self, reply: ClientUpdate, weight: float) -> str | None:

@@ -24,7 +24,7 @@ def fisher_at(
     """
     ng = NaturalGradient(
         model,
-        curvature=curvature_mapping(options.curvature),
+        curvature=curvature_mapping(options.curvature, model),
         curvature_decay=None,
         fisher_type=options.fisher_type,
         loss=config.loss,

@@ -137,7 +137,7 @@ def natural_gradient_local(
     """
     ng = NaturalGradient(
         model,
-        curvature=curvature_mapping(options.curvature),
+        curvature=curvature_mapping(options.curvature, model),
         damping=options.damping,
         damping_scale=options.damping_scale,
         inverse_every=options.inverse_every,

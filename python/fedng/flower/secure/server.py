@@ -47,8 +47,8 @@ from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
-from fedng.curvature import CurvatureSet
-from fedng.federated.aggregation.matvec import block_dots, block_vectors, fisher_matvecs
+from fedng.curvature import CurvatureSet, to_matrix
+from fedng.federated.aggregation.matvec import block_dots, fisher_matvecs
 from fedng.federated.aggregation.stage import psd_project
 from fedng.federated.aggregation.summable import PROBE_D, PROBE_M, REPLY_KEY
 from fedng.federated.algorithms.base import Algorithm, MeanStep, State
@@ -271,7 +271,9 @@ def probe_scale(probe: ServerMessage, pooled: ClientUpdate, p_min: float) -> flo
         return 2.0**E_MIN
     m = {k[len(PROBE_M) :]: v for k, v in probe.extras.items() if k.startswith(PROBE_M)}
     d = {k[len(PROBE_D) :]: v for k, v in probe.extras.items() if k.startswith(PROBE_D)}
-    mb, db = block_vectors(cs, m), block_vectors(cs, d)
+    # the probe carries only the probed (non-diagonal) blocks' parameters
+    mb = [to_matrix(m, lay) if lay.weight in m else None for lay in cs.layouts]
+    db = [to_matrix(d, lay) if lay.weight in d else None for lay in cs.layouts]
     mpm = block_dots(mb, fisher_matvecs(cs, mb))
     dpd = block_dots(db, fisher_matvecs(cs, db))
     top = max([max(math.sqrt(abs(a * b)), abs(b)) for a, b in zip(mpm, dpd, strict=True)] or [0])

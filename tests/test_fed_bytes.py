@@ -1,0 +1,139 @@
+"""FedNG's byte levers: the "auto" curvature policy (by layer shape), int8 "auto" whenever it is
+the smaller payload, c_k and the line-search probe in bf16 (the probe on probed blocks only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _fed import fed_round
+from fedng.curvature import CurvatureSet, to_matrix
+from fedng.curvature.quantize import payload_sizes, quantize
+from fedng.curvature.spec import BlockSpec
+from fedng.federated.aggregation.matvec import block_vectors, fisher_matvecs
+from fedng.federated.aggregation.summable import PROBE_D, PROBE_M
+from fedng.federated.algorithms.curvature_payload import decoded_curvature, wants_int8
+from fedng.federated.algorithms.fedng_server import CONTRIB_PREFIX
+from fedng.federated.algorithms.registry import get_algorithm
+from fedng.federated.config import curvature_mapping, parse_curvature
+from fedng.federated.config.curvature import FedNGConfig
+from fedng.federated.config.policy import auto_curvature, factor_entries
+from fedng.federated.server_round import ServerRound
+from fedng.federated.tasks.base import mlp
+from fedng.federated.tasks.models import cnn_digits
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def test_auto_policy_switches_only_wide_input_heads_to_diag() -> None:
+    # a 60 -> 10 softmax regression: K-FAC's triangles are 3.2x its 610 parameters (kept);
+    # a 200 -> 10 one: 33x
+    assert auto_curvature(nn.Linear(60, 10)) == {}
+    assert auto_curvature(nn.Linear(200, 10)) == {"": "diag"}
+    assert auto_curvature(nn.Linear(60, 10), ratio=2.0) == {"": "diag"}
+    # the MNIST-1D MLP: 1.4x over the model: K-FAC everywhere
+    assert auto_curvature(mlp([40, 100, 100, 10])) == {}
+    # the digits CNN: only its 513 -> 10 head (26x) switches; the rest is within 4x
+    cnn = cnn_digits()
+    assert auto_curvature(cnn) == {"5": "diag"}
+    kept = [m for n, m in cnn.named_modules() if n in ("0", "2")]
+    assert all(isinstance(m, nn.Conv2d) for m in kept)
+    # the threshold is the model-wide ratio: a tighter one switches more, a looser one none
+    assert auto_curvature(cnn, ratio=1.5) == {"5": "diag", "2": "diag"}
+    assert auto_curvature(cnn, ratio=100.0) == {}
+    assert FedNGConfig(curvature="auto").curvature == "auto"
+
+
+def test_auto_spec_parses_and_needs_the_model() -> None:
+    model = mlp([200, 10])
+    assert curvature_mapping("auto", model) == {"default": "kfac", "0": "diag"}
+    assert curvature_mapping("auto,0=kfac", model) == {"default": "kfac", "0": "kfac"}
+    assert parse_curvature("auto,0=diag") == ("auto", {"0": "diag"})
+    with pytest.raises(ValueError, match="needs the model"):
+        curvature_mapping("auto")
+    with pytest.raises(ValueError, match="must start with a kind"):
+        parse_curvature("bogus")
+    with pytest.raises(ValueError, match="kinds must be in"):
+        parse_curvature("kfac,0=auto")
+
+
+def test_payload_sizes_are_the_exact_int8_bytes() -> None:
+    segs = [("tri", 1), ("tri", 7), ("vec", 5), ("vec", 130), ("tri", 12)]
+    entries, nbytes = payload_sizes(segs)
+    q, side = quantize(torch.rand(entries), segs)
+    assert q.numel() == entries and nbytes == q.numel() + side.numel() * side.element_size()
+    assert payload_sizes([("tri", 61), ("tri", 10)]) == (1891 + 55, 1891 + 55 + 4 * 73)
+    assert factor_entries(BlockSpec("head", "kron", 10, 61)) == 1891 + 55
+
+
+def test_auto_int8_whenever_it_is_the_smaller_payload() -> None:
+    _, ups = fed_round("fedng", {"curvature": "diag", "compression": "none"}, n=3)
+    cs = decoded_curvature(ups[0])
+    assert cs is not None
+    # a diagonal has as many entries as parameters: int8 is still ~4x smaller than fp32
+    assert wants_int8(cs, "auto") and wants_int8(cs, "auto", 2)
+    assert not wants_int8(cs, "none") and wants_int8(cs, "int8")
+    tiny = CurvatureSet.empty(cs.layouts[:0], [], 1, 0)  # nothing to compress
+    assert not wants_int8(tiny, "auto")
+    _, int8 = fed_round("fedng", {"curvature": "diag"}, n=3)
+    assert int8[0].curvature["diag"].dtype == torch.int8
+    assert len(int8[0].to_bytes()) < len(ups[0].to_bytes())
+
+
+def test_contribution_in_bf16_is_f_delta_within_its_rounding() -> None:
+    _, ups = fed_round("fedng", {"aggregation": "summable"}, n=3)
+    u = ups[1]
+    cs = decoded_curvature(u)
+    assert cs is not None
+    c = {k[len(CONTRIB_PREFIX) :]: v for k, v in u.extras.items()}
+    assert sorted(c) == sorted(u.delta) and all(v.dtype == torch.bfloat16 for v in c.values())
+    exact = fisher_matvecs(cs, block_vectors(cs, u.delta))
+    for lay, want in zip(cs.layouts, exact, strict=True):
+        assert want is not None
+        got = to_matrix(c, lay)
+        # round to nearest in bf16 (8 significant bits): |x~ - x| <= 2^-8 |x|
+        assert bool(((got - want).abs() <= 2.0**-8 * want.abs() + 1e-30).all())
+    _, fp32 = fed_round("fedng", {"aggregation": "summable", "contrib_dtype": "fp32"}, n=3)
+    assert len(fp32[1].to_bytes()) - len(u.to_bytes()) >= 2 * sum(v.numel() for v in c.values())
+
+
+def _probe(extra: dict[str, object]) -> tuple[int, set[str], str, float]:
+    """One summable round on the blobs MLP: the probe's bytes, names and dtypes, and the
+    smallest step length the line search took."""
+    state, ups = fed_round("fedng", extra, n=4, rounds=1)
+    algo = get_algorithm("fedng")
+    rnd = ServerRound(state)
+    for u in ups:
+        assert rnd.add(u).status != "rejected"
+    probe = rnd.probe()
+    assert probe is not None
+    for u in ups:
+        assert rnd.add_reply(algo.answer_probe(u, probe)).status != "rejected"
+    new, _ = rnd.finish()
+    assert new.log["aggregation"] == "summable" and new.log["line_search"] == "answered"
+    assert all(bool(torch.isfinite(v).all()) for v in new.params.values())
+    return (
+        len(probe.to_bytes()),
+        set(probe.extras),
+        probe.dtype,
+        float(new.log["alpha_min"]),
+    )
+
+
+def test_probe_is_bf16_on_the_probed_blocks_only() -> None:
+    full, names, dtypes, alpha = _probe({"curvature": "kfac", "probe_dtype": "fp32"})
+    assert dtypes == "fp32" and alpha >= 0
+    assert names == {
+        p + k for p in (PROBE_M, PROBE_D) for k in ("0.weight", "0.bias", "2.weight", "2.bias")
+    }
+    half, names16, dtypes16, alpha16 = _probe({"curvature": "kfac"})
+    assert dtypes16 == "bf16" and names16 == names and half < full
+    # the line search keeps its step length within bf16's rounding of M and d
+    assert alpha16 == pytest.approx(alpha, rel=0.05, abs=1e-3)
+    # a diagonal head needs no line search: only layer 0's parameters are probed
+    head, names_h, _, _ = _probe({"curvature": "kfac,2=diag"})
+    assert names_h == {p + k for p in (PROBE_M, PROBE_D) for k in ("0.weight", "0.bias")}
+    assert head < half
