@@ -333,7 +333,8 @@ def _line_search(
     """The line-search pass(es): scales from the PSD bound (K-FAC, diagonal) or, for other
     kinds, from a range pass of the answers; then their secure mean into `acc`. Returns why the
     answers are unusable (None when they were folded in)."""
-    assert rep.probe is not None
+    if rep.probe is None:
+        return "no line-search probe this round"
     wire = rep.probe.to_bytes()
     blocks = int(rep.probe.meta.get("blocks", 0))
     tpl = answer_template(blocks)
@@ -552,7 +553,8 @@ def run_secure(
         The strategy after the run (`.state`, `.history`, `.reports`).
     """
     strategy = run_server(grid, spec, task, on_round, build=build_secure_strategy)
-    assert isinstance(strategy, SecureFedNGStrategy)  # what build_secure_strategy builds
+    if not isinstance(strategy, SecureFedNGStrategy):  # what build_secure_strategy builds
+        raise TypeError(f"run_secure: got a {type(strategy).__name__}, not a SecureFedNGStrategy")
     return strategy
 
 
