@@ -198,6 +198,75 @@ def combine_deltas(xs: Sequence[Named], mode: str, trim: float) -> Arrays:
     raise ValueError(f"combine_deltas: mode must be 'trimmed-mean' or 'median', got {mode!r}")
 
 
+def alignment(xs: Sequence[Named], trim: float) -> list[float]:
+    """Per client, the cosine between its norm-clipped arrays and the round's coordinate-wise
+    trimmed mean of them (the reference a minority cannot move; 0 for a zero vector).
+
+    A sign-flipper's update points away from what the honest majority agrees on; an honest
+    non-IID client's update is still positively aligned with it on average (shared features).
+
+    Args:
+        xs: per client, named arrays (same names and shapes).
+        trim: the trimmed mean's fraction at each end, in [0, 0.5).
+
+    Returns:
+        Per client, a cosine in [-1, 1].
+
+    Raises:
+        ValueError: no clients, differing names/shapes, or `trim` outside [0, 0.5).
+    """
+    clipped = norm_clip(xs)[0]
+    center = trimmed_mean(clipped, trim)
+    cn = l2_norm(center)
+    out = []
+    for x in clipped:
+        dot = sum(float((x[k].double() * center[k].double()).sum()) for k in center)
+        n = l2_norm(x) * cn
+        out.append(dot / n if n > 0 and math.isfinite(n) else 0.0)
+    return out
+
+
+def update_reputation(
+    previous: Mapping[int, float], scores: Mapping[int, float], memory: float
+) -> dict[int, float]:
+    """Per client id, the exponential moving average of its alignment scores.
+
+    `r <- memory * r + (1 - memory) * score` for a client seen before, `r <- score` for a new
+    one; clients absent this round keep their value.
+
+    Raises:
+        ValueError: `memory` outside [0, 1).
+    """
+    if not 0 <= memory < 1:
+        raise ValueError(f"update_reputation: 'memory' must be in [0, 1), got {memory}")
+    out = dict(previous)
+    for cid, s in scores.items():
+        out[cid] = memory * out[cid] + (1 - memory) * s if cid in out else s
+    return out
+
+
+def distrusted(
+    reputation: Mapping[int, float], ids: Sequence[int], trust: float, most: int
+) -> list[int]:
+    """The ids (of `ids`) whose reputation is below `trust` times the median over `ids`, at most
+    `most` of them (lowest first), sorted. None when the median is not positive (no reference).
+
+    Raises:
+        ValueError: `trust` outside [0, 1) or `most` < 0.
+    """
+    if not 0 <= trust < 1:
+        raise ValueError(f"distrusted: 'trust' must be in [0, 1), got {trust}")
+    if most < 0:
+        raise ValueError(f"distrusted: 'most' must be >= 0, got {most}")
+    if not ids or trust == 0:
+        return []
+    med = statistics.median(reputation[i] for i in ids)
+    if not med > 0:
+        return []
+    low = sorted((reputation[i], i) for i in ids if reputation[i] < trust * med)
+    return sorted(i for _, i in low[:most])
+
+
 # --- curvature ------------------------------------------------------------------------------
 
 

@@ -41,8 +41,12 @@ from fedng.federated.aggregation.dp import (
     noise_std,
 )
 from fedng.federated.aggregation.robust import (
+    alignment,
     clip_factor_scales,
+    distrusted,
     norm_clip,
+    trims,
+    update_reputation,
     winsorize,
 )
 from fedng.federated.aggregation.summable import CONTRIB_PREFIX, contribution
@@ -55,6 +59,9 @@ FACTOR_LISTS: dict[type[FisherRepresentation], tuple[str, ...]] = {
     LowRankFisher: ("Y",),
 }
 """Per representation class, its per-block factor lists (attribute names), in factor order."""
+REPUTATION_KEY = "reputation"
+"""`state.meta` key of the robust modes' per-client reputation (client id -> EMA of its
+alignment with the round's trimmed mean; checkpointed with the state)."""
 MEDIAN_TRIM = 0.5 - 1e-9
 """The trim of "median": every coordinate clamped to the middle value(s) of the round."""
 
@@ -231,6 +238,31 @@ def _private(cfg: ServerConfig, rnd: int, updates: list[ClientUpdate]) -> list[C
     return [_with(u, delta, extras, curv if u.curvature else None) for u in updates]
 
 
+def screen(state: ServerState[ServerConfig], updates: list[ClientUpdate]) -> list[ClientUpdate]:
+    """The updates of the clients the server still trusts (robust modes, `robust_trust` > 0).
+
+    Each client's alignment this round (`robust.alignment`: cosine of its norm-clipped delta
+    with the round's trimmed mean) is folded into its reputation in `state.meta`
+    (`REPUTATION_KEY`, an EMA with `robust_memory`); a client whose reputation is below
+    `robust_trust` x the round's median is left out of the round, at most `floor(robust_trim K)`
+    of them, and listed in `state.log["distrusted"]`. Its score keeps being updated, so a
+    client that turns honest is readmitted. Writes `state.meta` and `state.log` (a new dict).
+    """
+    cfg = state.config
+    if cfg.robust == "none" or cfg.robust_trust == 0 or len(updates) < 3:
+        return updates
+    scores = alignment([u.delta for u in updates], cfg.robust_trim)
+    ids = [u.client_id for u in updates]
+    rep = update_reputation(
+        state.meta.get(REPUTATION_KEY, {}), dict(zip(ids, scores, strict=True)), cfg.robust_memory
+    )
+    state.meta[REPUTATION_KEY] = rep
+    out = distrusted(rep, ids, cfg.robust_trust, trims(len(ids), cfg.robust_trim))
+    if out:
+        state.log["distrusted"] = out
+    return [u for u in updates if u.client_id not in out]
+
+
 def holds_round(config: ServerConfig) -> bool:
     """Whether the server answers an algorithm's second phase itself, from the updates as this
     stage returns them (robust modes and DP): the clients' own answers would come from their
@@ -247,11 +279,12 @@ def defend(state: ServerState[ServerConfig], updates: list[ClientUpdate]) -> lis
         updates: the accepted updates (validated; curvature signatures agree).
 
     Returns:
-        As many updates, in order (new objects unless nothing applies).
+        The updates in order (new objects unless nothing applies); in robust modes without the
+        clients `screen` distrusts (it records reputations in `state.meta`).
     """
     cfg = state.config
     if not updates or (cfg.robust == "none" and cfg.dp_clip == 0):
         return updates
     if cfg.dp_clip > 0:
         return _private(cfg, state.round, updates)
-    return _robust(cfg, updates)
+    return _robust(cfg, screen(state, updates))

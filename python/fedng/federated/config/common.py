@@ -257,6 +257,10 @@ class ServerConfig(_Common):
             the round's robust one). The last two hold all of a round's updates in memory.
         robust_trim: the fraction trimmed at each end ("trimmed-mean"), in [0, 0.5).
         robust_clip_ratio: the "norm-clip" bound as a multiple of the round's median (> 0).
+        robust_trust: robust modes leave out a client whose reputation (EMA of its delta's
+            cosine with the round's trimmed mean) is below this multiple of the round's median
+            reputation, at most `floor(robust_trim K)` clients; 0 turns reputation off. In [0, 1).
+        robust_memory: the reputation EMA's weight of the past, in [0, 1).
         dp_clip, dp_curvature_clip, dp_noise_multiplier, dp_mode, dp_clients, dp_seed,
             dp_clip_scope: as in
             `ClientConfig`; with `dp_clip` > 0 the server clips ("central"), averages uniformly
@@ -274,6 +278,8 @@ class ServerConfig(_Common):
     robust: str = "none"
     robust_trim: float = 0.2
     robust_clip_ratio: float = 1.0
+    robust_trust: float = 0.7
+    robust_memory: float = 0.95
     dp_clip: float = 0.0
     dp_curvature_clip: float = 0.0
     dp_noise_multiplier: float = 0.0
@@ -304,6 +310,8 @@ class ServerConfig(_Common):
         check_choice(c, "robust", self.robust, ROBUST_MODES)
         check(0 <= self.robust_trim < 0.5, c, "robust_trim", "in [0, 0.5)", self.robust_trim)
         check(self.robust_clip_ratio > 0, c, "robust_clip_ratio", "> 0", self.robust_clip_ratio)
+        check(0 <= self.robust_trust < 1, c, "robust_trust", "in [0, 1)", self.robust_trust)
+        check(0 <= self.robust_memory < 1, c, "robust_memory", "in [0, 1)", self.robust_memory)
         _check_dp(self, c)
         check(
             self.robust == "none" or self.dp_clip == 0,
