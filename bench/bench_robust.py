@@ -59,6 +59,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fractions", type=_floats, default=[0.1, 0.2])
     p.add_argument("--methods", type=_words, default=list(METHODS))
     p.add_argument("--robust", default="trimmed-mean", help="the robust mode of fedng-robust")
+    p.add_argument(
+        "--set",
+        dest="settings",
+        type=_words,
+        default=[],
+        help="comma-separated key=value config settings of fedng-robust (e.g. robust_trust=0)",
+    )
     p.add_argument("--out", default=str(RESULTS / "bench_robust.json"))
     p.add_argument(
         "--merge",
@@ -72,10 +79,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def configs(method: str, robust: str) -> tuple[Any, Any]:
-    """The client and server configs of a method (CLI defaults otherwise)."""
+def configs(method: str, robust: str, extra: list[str] | None = None) -> tuple[Any, Any]:
+    """The client and server configs of a method (CLI defaults otherwise); `extra` are
+    "key=value" settings of the robust method."""
     algo = method.split("-")[0]
-    settings = {"robust": robust} if method.endswith("-robust") else {}
+    settings: dict[str, Any] = {}
+    if method.endswith("-robust"):
+        settings = {"robust": robust}
+        for kv in extra or []:
+            key, _, value = kv.partition("=")
+            settings[key] = float(value)
     return make_configs(algo, settings)
 
 
@@ -84,11 +97,13 @@ def run_one(
 ) -> dict[str, Any]:
     """One run: final accuracy and what the attack did."""
     task = make_task(args.task, num_clients=args.clients, seed=seed)
-    cc, sc = configs(method, args.robust)
+    cc, sc = configs(method, args.robust, args.settings)
     tamper = make_attack(attack, fraction, len(task.clients), seed) if attack != "clean" else None
     t0 = time.perf_counter()
     h = simulate(task, cc, sc, rounds=args.rounds, seed=seed, tamper=tamper)
     record_threats(h, tamper, None)
+    bad = set(tamper.attackers) if tamper is not None else set()
+    out = [c for r in h.rounds[1:] for c in r.server_log.get("distrusted", [])]
     return {
         "method": method,
         "attack": attack,
@@ -96,6 +111,8 @@ def run_one(
         "seed": seed,
         "final": h.final(),
         "attack_info": h.sim.get("attack"),
+        "distrusted_attackers": sum(c in bad for c in out),
+        "distrusted_honest": sum(c not in bad for c in out),
         "seconds": time.perf_counter() - t0,
     }
 
@@ -137,6 +154,8 @@ def rows_of(runs: list[dict[str, Any]], robust: str) -> list[dict[str, Any]]:
                 "drop_vs_clean_fedng": _paired_drop(clean.get("fedng", {}), g),
                 "attacker_updates": sum(i["sent"] for i in info),
                 "attacker_rejected": sum(i["rejected"] for i in info),
+                "distrusted_attackers": sum(x.get("distrusted_attackers", 0) for x in g),
+                "distrusted_honest": sum(x.get("distrusted_honest", 0) for x in g),
             }
         )
     return out
@@ -162,8 +181,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     """The table in markdown."""
     head = "| attack | attackers | method | seeds | final acc. median [min, max]"
     head += " | drop vs own clean (pts)"
-    head += " | drop vs clean FedNG (pts) | attacker updates rejected |"
-    head += "\n|---|---|---|---|---|---|---|---|"
+    head += " | drop vs clean FedNG (pts) | attacker updates rejected"
+    head += " | updates left out by reputation: attackers / honest |"
+    head += "\n|---|---|---|---|---|---|---|---|---|"
     lines = [head]
     for r in rows:
 
@@ -175,7 +195,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f" | {r['final_median']:.4f}"
             f" [{r['final_min']:.4f}, {r['final_max']:.4f}] | {pts(r['drop_vs_own_clean'])}"
             f" | {pts(r['drop_vs_clean_fedng'])}"
-            f" | {r['attacker_rejected']}/{r['attacker_updates']} |"
+            f" | {r['attacker_rejected']}/{r['attacker_updates']}"
+            f" | {r['distrusted_attackers']} / {r['distrusted_honest']} |"
         )
     return "\n".join(lines)
 

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("none", "norm-clip", "trimmed-mean", "median"),
         default="none",
         help="robust aggregation of each round's updates (ServerConfig.robust; --set"
-        " robust_trim=, robust_clip_ratio=)",
+        " robust_trim=, robust_clip_ratio=, robust_trust= (0: no reputation), robust_memory=)",
     )
     s.add_argument(
         "--attack",
