@@ -14,7 +14,7 @@ from fedng.federated.aggregation import robust
 from fedng.federated.aggregation.stage import REPUTATION_KEY
 from fedng.federated.attacks import Attack
 from fedng.federated.checkpoint import load_checkpoint
-from fedng.federated.config import make_configs
+from fedng.federated.config import ServerConfig, make_configs
 from fedng.federated.report.history import History
 from fedng.federated.resume import CHECKPOINT_FILE
 from fedng.federated.simulator import simulate
@@ -69,6 +69,19 @@ def test_bad_input_raises_one_line_value_error(bad: Any) -> None:
     with pytest.raises(ValueError) as err:
         bad()
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("knobs", "match"),
+    [
+        ({"robust_trust": 1.0}, "'robust_trust' must be in"),
+        ({"robust_trust": -0.1}, "'robust_trust' must be in"),
+        ({"robust_memory": 1.0}, "'robust_memory' must be in"),
+    ],
+)
+def test_server_config_rejects_bad_reputation_knobs(knobs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ServerConfig(**knobs)
 
 
 def run(rounds: int, attackers: frozenset[int], **kw: Any) -> History:

@@ -278,7 +278,7 @@ class ServerConfig(_Common):
     robust: str = "none"
     robust_trim: float = 0.2
     robust_clip_ratio: float = 1.0
-    robust_trust: float = 0.7
+    robust_trust: float = 0.6
     robust_memory: float = 0.95
     dp_clip: float = 0.0
     dp_curvature_clip: float = 0.0
