@@ -62,6 +62,8 @@ FACTOR_LISTS: dict[type[FisherRepresentation], tuple[str, ...]] = {
 REPUTATION_KEY = "reputation"
 """`state.meta` key of the robust modes' per-client reputation (client id -> EMA of its
 alignment with the round's trimmed mean; checkpointed with the state)."""
+DISTRUSTED_KEY = "distrusted"
+"""`state.meta` key of the clients left out when last seen (their reputation is frozen)."""
 MEDIAN_TRIM = 0.5 - 1e-9
 """The trim of "median": every coordinate clamped to the middle value(s) of the round."""
 
@@ -245,19 +247,27 @@ def screen(state: ServerState[ServerConfig], updates: list[ClientUpdate]) -> lis
     with the round's trimmed mean) is folded into its reputation in `state.meta`
     (`REPUTATION_KEY`, an EMA with `robust_memory`); a client whose reputation is below
     `robust_trust` x the round's median is left out of the round, at most `floor(robust_trim K)`
-    of them, and listed in `state.log["distrusted"]`. Its score keeps being updated, so a
-    client that turns honest is readmitted. Writes `state.meta` and `state.log` (a new dict).
+    of them, and listed in `state.log["distrusted"]` and `state.meta` (`DISTRUSTED_KEY`).
+
+    A left-out client's reputation is frozen until it is readmitted (the median falls, or more
+    than the cap are distrusted): while it is out, the consensus it is scored against no longer
+    holds its data, and the majority's updates push against its classes, so even a sign-flipper
+    comes to look aligned (on digits its score rose from 0.2 to 0.75 of the median in 15
+    rounds). Writes `state.meta` and `state.log` (new values, never mutated in place).
     """
     cfg = state.config
     if cfg.robust == "none" or cfg.robust_trust == 0 or len(updates) < 3:
         return updates
     scores = alignment([u.delta for u in updates], cfg.robust_trim)
     ids = [u.client_id for u in updates]
-    rep = update_reputation(
-        state.meta.get(REPUTATION_KEY, {}), dict(zip(ids, scores, strict=True)), cfg.robust_memory
-    )
-    state.meta[REPUTATION_KEY] = rep
+    was_out = set(state.meta.get(DISTRUSTED_KEY, []))
+    fresh = {c: s for c, s in zip(ids, scores, strict=True) if c not in was_out}
+    rep = update_reputation(state.meta.get(REPUTATION_KEY, {}), fresh, cfg.robust_memory)
+    for c, s in zip(ids, scores, strict=True):  # out but never scored (a state from elsewhere)
+        rep.setdefault(c, s)
     out = distrusted(rep, ids, cfg.robust_trust, trims(len(ids), cfg.robust_trim))
+    state.meta[REPUTATION_KEY] = rep
+    state.meta[DISTRUSTED_KEY] = sorted(set(out) | (was_out - set(ids)))
     if out:
         state.log["distrusted"] = out
     return [u for u in updates if u.client_id not in out]
