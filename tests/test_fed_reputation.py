@@ -11,7 +11,7 @@ import pytest
 import torch
 from _fed import blobs_task
 from fedng.federated.aggregation import robust
-from fedng.federated.aggregation.stage import REPUTATION_KEY
+from fedng.federated.aggregation.stage import DISTRUSTED_KEY, REPUTATION_KEY
 from fedng.federated.attacks import Attack
 from fedng.federated.checkpoint import load_checkpoint
 from fedng.federated.config import ServerConfig, make_configs
@@ -116,4 +116,8 @@ def test_reputation_survives_checkpoint_and_resume(tmp_path: Path) -> None:
         for p in (tmp_path / "a", tmp_path / "b")
     )
     assert a["meta"][REPUTATION_KEY] == b["meta"][REPUTATION_KEY]
+    # the left-out flipper's reputation is frozen while it is out; everyone else's moves on
+    assert a["meta"][DISTRUSTED_KEY] == mid[DISTRUSTED_KEY] == [3]
+    assert a["meta"][REPUTATION_KEY][3] == mid[REPUTATION_KEY][3]
+    assert all(a["meta"][REPUTATION_KEY][c] != mid[REPUTATION_KEY][c] for c in range(8) if c != 3)
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
