@@ -8,6 +8,10 @@ Deltas (any named arrays, e.g. `update.delta` or SCAFFOLD's `extras`):
   and the rest averaged (unweighted: a claimed `num_examples` buys no influence).
 - `coordinate_median`: per coordinate, the median (the mean of the two middle values for even K).
 
+Reputation across rounds: `alignment` (each client's cosine with the round's trimmed mean of
+the norm-clipped deltas), `update_reputation` (an EMA per client id) and `distrusted` (the ids
+below a fraction of the median reputation, capped).
+
 Curvature, per block, as a tuple of factors (K-FAC `(A, G)`, a diagonal `(D,)`, a low-rank
 sketch `(Y,)`): the factors of a Kronecker block are summed separately across clients, so a
 client may rescale `A * c` against `G / c` without changing its own `A (x) G` and yet move the
