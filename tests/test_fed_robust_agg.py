@@ -321,7 +321,8 @@ def test_robust_fedng_answers_the_line_search_itself(mode: str) -> None:
     state, ups = make_round("fedng", {"robust": mode}, n=5)
     ups[1].delta = {k: -10 * v for k, v in ups[1].delta.items()}
     new, _ = server_step(state, ups)
-    assert new.log["aggregation"] == "summable" and new.log["probe_answered"] == 5
+    assert new.log["distrusted"] == [1]  # the flipper is left out by reputation (screen)
+    assert new.log["aggregation"] == "summable" and new.log["probe_answered"] == 4
 
     def garbage(probe: Any, ids: list[int]) -> list[ClientUpdate]:
         raise AssertionError("robust modes must not ask the clients")
