@@ -92,6 +92,7 @@ from fedng.optim.damping import (
     predicted_reduction,
     reduction_ratio,
 )
+from fedng.optim.fused_kfac import FusedKFAC
 from fedng.optim.gather import FlatGrads
 from fedng.optim.safety import (
     Safety,
@@ -247,6 +248,10 @@ class NaturalGradient:
         self.source = PreconditionerSource(mode, self.local_curvature)
         # Gradients and results as views of two flat buffers (see `fedng.optim.gather`).
         self._flat = FlatGrads(blocks, self._params, self.dtype) if blocks else None
+        # The common case (K-FAC Linear layers) in one native call per step, or None.
+        self._fused = FusedKFAC.build(
+            self.capture, self.local_curvature, self._flat, self.fisher_type
+        )
         self._names = [b.name for b in blocks]
         self.steps = 0
         self._generator = torch.Generator().manual_seed(self.sketch_seed)
@@ -342,9 +347,24 @@ class NaturalGradient:
                 f"{WHERE}.step: damping_mode='adaptive' needs 'closure' (a function"
                 " returning the current batch's loss) on inverse steps"
             )
-        stats = self.capture.collect(self.fisher_type if factor_step else None)
+        fused = self._fused
+        rows = (
+            fused.take(self.capture)
+            if fused is not None
+            and factor_step
+            and self.source.mode == "local"
+            and fused.flat is self._flat
+            else None
+        )
+        stats = (
+            None
+            if rows is not None
+            else self.capture.collect(self.fisher_type if factor_step else None)
+        )
         flat = self._flat
         gathered = flat.gather() if flat is not None else None
+        if rows is not None and gathered is None:  # the fused step reads the gathered gradients
+            stats, rows = self.capture.stats_of(rows.records, self.fisher_type), None
         if gathered is not None and flat is not None:
             grads: list[torch.Tensor | None] = list(gathered)
             finite = flat.grads_finite() and (not flat.uncovered or all_finite(self._uncovered()))
@@ -357,19 +377,34 @@ class NaturalGradient:
                 return
             grads = [b.grad_matrix(self.dtype) for b in self.capture.blocks]
         blocks = self.capture.blocks
-        self._note_batch(stats)
-        if factor_step:
-            self.local_curvature.update(stats, self.curvature_decay)
-        pre, report = self.source.current(
-            inverse_step, self._damping_rule(), self.damping_mode != "tikhonov" or self._relative
-        )
-        precond: list[torch.Tensor | None] = (
-            [None] * len(blocks)
-            if pre is None
-            else pre.precondition(
-                grads, stats, out=flat.outs if flat is not None and gathered is not None else None
+        factored = self.damping_mode != "tikhonov" or self._relative
+        precond: list[torch.Tensor | None]
+        if rows is not None and fused is not None:  # the fused K-FAC step (fedng.optim.fused_kfac)
+            self._batch_form = fused.batch_form(rows)
+            pre, report, precond = fused.step(
+                self.capture,
+                lambda: self.source.current(inverse_step, self._damping_rule(), factored),
+                rows,
+                self.curvature_decay,
+                inverse_step,
+                grads,
             )
-        )
+        else:
+            if stats is None:  # unreachable: the rows went to the general path's stats above
+                stats = [None] * len(blocks)
+            self._note_batch(stats)
+            if factor_step:
+                self.local_curvature.update(stats, self.curvature_decay)
+            pre, report = self.source.current(inverse_step, self._damping_rule(), factored)
+            precond = (
+                [None] * len(blocks)
+                if pre is None
+                else pre.precondition(
+                    grads,
+                    stats,
+                    out=flat.outs if flat is not None and gathered is not None else None,
+                )
+            )
         # All outputs in the flat buffer: one reduction is both their finiteness check and, with
         # the KL clip, sum <p, g> (an overflow or a non-finite output takes the exact path).
         dot = (
