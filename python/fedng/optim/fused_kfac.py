@@ -44,9 +44,15 @@ class FusedKFAC:
     """The fused step for one model (see the module docstring); `build` says if it applies."""
 
     def __init__(
-        self, capture: CurvatureCapture, kfac: KFAC, flat: FlatGrads, site_block: dict[int, int]
+        self,
+        capture: CurvatureCapture,
+        curvature: CurvatureSet,
+        kfac: KFAC,
+        flat: FlatGrads,
+        site_block: dict[int, int],
     ) -> None:
         self.kfac, self.flat = kfac, flat
+        self.curvature = curvature
         self.dtype = kfac.dtype
         self.site_block = site_block
         self.bias = [b.bias is not None for b in capture.blocks]
@@ -81,7 +87,7 @@ class FusedKFAC:
             site_block[s] = site.blocks[0]
         if sorted(site_block.values()) != list(range(len(blocks))):
             return None
-        return cls(capture, kfac, flat, site_block)
+        return cls(capture, curvature, kfac, flat, site_block)
 
     def plan(self) -> KfacStepPlan:
         """The native plan over the current factor tensors (rebuilt if they were replaced)."""
@@ -185,7 +191,7 @@ class FusedKFAC:
         outs: list[torch.Tensor | None] = list(self.flat.outs)
         if not inverse_step and self.ready():  # no inversion can fall due: one call
             self.update(rows, decay, precondition=True)
-            return source_current()[0], None, outs
+            return self.curvature, None, outs  # what source "local" returns without inverting
         self.update(rows, decay, precondition=False)
         pre, report = source_current()
         if pre is None:
