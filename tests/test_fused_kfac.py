@@ -153,3 +153,40 @@ def test_skipped_step_and_reset_block_keep_the_paths_equal() -> None:
     (a, pa), (b, pb) = outs
     assert a.stats["skipped_steps"] == 1
     assert_same(a, b, pa, pb)
+
+
+def train(
+    m: nn.Module, ng: NaturalGradient, opt: torch.optim.Optimizer, g: torch.Generator
+) -> None:
+    for _ in range(4):
+        x = torch.randn(8, 6, generator=g, dtype=F64)
+        opt.zero_grad()
+        F.cross_entropy(m(x), torch.randint(0, 3, (8,), generator=g)).backward()
+        ng.step()
+        opt.step()
+
+
+def test_resumed_optimizer_rebuilds_its_plan_on_the_loaded_factors() -> None:
+    """`load_state_dict` replaces the factor tensors: the fused step must write the new ones."""
+    model = mlp([6, 7, 3])
+    done, plans = [], []
+    for fused in (True, False):
+        m = copy.deepcopy(model)
+        first = NaturalGradient(m, lr=0.05, inverse_every=3)
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        g = torch.Generator().manual_seed(4)
+        train(m, first, opt, g)
+        state = first.state_dict()
+        first.remove()
+        second = NaturalGradient(m, lr=0.05, inverse_every=3)
+        if second._fused is not None:
+            plans.append(second._fused.plan())  # built on the fresh factors, replaced by the load
+            if not fused:
+                second._fused = None
+        second.load_state_dict(state)
+        train(m, second, opt, g)
+        done.append((second, [p.detach().clone() for p in m.parameters()]))
+    (a, pa), (b, pb) = done
+    assert a._fused is not None and a._fused.plan() is not plans[0]
+    assert a._fused.plan().matches(a._fused.kfac.A, a._fused.kfac.G)
+    assert_same(a, b, pa, pb)
