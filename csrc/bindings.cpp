@@ -146,17 +146,19 @@ PYBIND11_MODULE(_C, m) {
          const Ptrs& a_factors, const Ptrs& g_factors, const Ptrs& outs, const Sizes& m,
          const Sizes& n, const Sizes& rows, const Sizes& bias, const Floats& decay,
          const Floats& a_scale, const Floats& g_scale, int update_factors, int precondition,
-         Address form, int nthreads) {
+         int check_finite, Address form, Address sums, int nthreads) {
         fedng::cpu::kfac_step(dtype_of("kfac_step", dtype), inputs, output_grads, grads, a_inv,
                               g_inv, probe_u, probe_v, a_factors, g_factors, outs, m, n, rows,
                               bias, decay, a_scale, g_scale, update_factors, precondition,
-                              reinterpret_cast<std::int8_t*>(form), nthreads);
+                              check_finite, reinterpret_cast<std::int8_t*>(form),
+                              reinterpret_cast<double*>(sums), nthreads);
       },
       nogil, kw, py::arg("dtype"), py::arg("inputs"), py::arg("output_grads"), py::arg("grads"),
       py::arg("a_inv"), py::arg("g_inv"), py::arg("probe_u"), py::arg("probe_v"),
       py::arg("a_factors"), py::arg("g_factors"), py::arg("outs"), py::arg("m"), py::arg("n"),
       py::arg("rows"), py::arg("bias"), py::arg("decay"), py::arg("a_scale"), py::arg("g_scale"),
-      py::arg("update_factors"), py::arg("precondition"), py::arg("form"), py::arg("nthreads"),
+      py::arg("update_factors"), py::arg("precondition"), py::arg("check_finite"), py::arg("form"),
+      py::arg("sums"), py::arg("nthreads"),
       "Fused K-FAC step of Linear layers: factor EMA update, then outs[i] <- G^-1 grads[i] A^-1"
-      " (batch or dense form; form: int8 [N]).");
+      " (batch or dense form; form: int8 [N]; sums: float64 [2N], gradient sums and <out, grad>).");
 }

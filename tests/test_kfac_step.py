@@ -3,6 +3,8 @@ both forms, the bias column folded without a copy, the plan, and bad input."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _tols import DTYPES, assert_close
@@ -185,8 +187,10 @@ def test_bad_input_is_refused() -> None:
         ops.kfac_step(d["x"], d["g"], bias=[True, False])
     with pytest.raises(ValueError, match="given together"):
         ops.kfac_step(d["x"], d["g"], bias=[True], a_factors=d["A"])
-    with pytest.raises(ValueError, match="given together"):
+    with pytest.raises(ValueError, match="'grads' must be given exactly"):
         ops.kfac_step(d["x"], d["g"], bias=[True], grads=d["W"])
+    with pytest.raises(ValueError, match="given together"):
+        ops.kfac_step(d["x"], d["g"], bias=[True], grads=d["W"], a_inv=d["Ai"])
     with pytest.raises(ValueError, match=r"'a_factors\[0\]' must have shape \[5, 5\]"):
         ops.kfac_step(
             d["x"], d["g"], bias=[True], a_factors=[torch.zeros(4, 4, dtype=F64)], g_factors=d["G"]
@@ -204,3 +208,41 @@ def test_bad_input_is_refused() -> None:
         ops.kfac_step(
             d["x"], d["g"], bias=[True], a_factors=[buf.view(5, 5)], g_factors=[buf[:9].view(3, 3)]
         )
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e308])
+def test_check_finite_stops_before_any_update(bad: float) -> None:
+    """A gradient that does not sum to a finite value (NaN, Inf, or finite entries whose sum
+    overflows) leaves factors and outputs alone; a finite one reports its sum and the dots."""
+    d = layers([(3, 4, 5, True), (2, 5, 5, False)], F64, 5, True)
+    a, gf = [t.clone() for t in d["A"]], [t.clone() for t in d["G"]]
+    kw = {"a_inv": d["Ai"], "g_inv": d["Gi"], "probe_u": d["u"], "probe_v": d["v"]}
+    res = ops.kfac_step(
+        d["x"],
+        d["g"],
+        bias=[True, False],
+        a_factors=a,
+        g_factors=gf,
+        grads=d["W"],
+        check_finite=True,
+        **kw,  # type: ignore[arg-type]
+    )
+    assert res.outs is not None
+    assert res.grad_sums == pytest.approx([float(w.sum()) for w in d["W"]], rel=1e-12)
+    want = [float((o * w).sum()) for o, w in zip(res.outs, d["W"], strict=True)]
+    assert res.dots == pytest.approx(want, rel=1e-12)
+    w = [t.clone() for t in d["W"]]
+    w[1][0, :2] = bad
+    before = [t.clone() for t in a + gf]
+    res = ops.kfac_step(
+        d["x"],
+        d["g"],
+        bias=[True, False],
+        a_factors=a,
+        g_factors=gf,
+        grads=w,
+        check_finite=True,
+        **kw,  # type: ignore[arg-type]
+    )
+    assert res.form == [0, 0] and all(math.isnan(x) for x in res.dots)
+    assert all(torch.equal(x, y) for x, y in zip(a + gf, before, strict=True))

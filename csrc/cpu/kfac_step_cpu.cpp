@@ -50,6 +50,20 @@ void update(const T* x, const T* g, T* a, T* gf, int rows, int k, int m, bool bi
   }
 }
 
+// sum_e a[e] * b[e] (b null: sum_e a[e]) in double, eight independent sums (a chained sum over a
+// [1024, 1025] matrix took milliseconds).
+template <class T>
+double wide_dot(const T* a, const T* b, std::int64_t count) {
+  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const std::int64_t whole = count / 8 * 8;
+  for (std::int64_t e = 0; e < whole; e += 8)
+    for (int j = 0; j < 8; ++j) part[j] += double(a[e + j]) * (b ? double(b[e + j]) : 1.0);
+  double total = 0.0;
+  for (std::int64_t e = whole; e < count; ++e) total += double(a[e]) * (b ? double(b[e]) : 1.0);
+  for (double p : part) total += p;
+  return total;
+}
+
 // Whether grads = g^T [x 1], probed with the fixed vectors u [m], v [n].
 template <class T>
 bool probe_holds(const T* x, const T* g, const T* grad, const T* u, const T* v, int rows, int k,
@@ -63,20 +77,14 @@ bool probe_holds(const T* x, const T* g, const T* grad, const T* u, const T* v, 
   if (bias)
     for (auto& e : av) e += v[k];
   blas::gemv(false, m, n, T(1), grad, n, v, T(0), grad_v.data());
-  double lhs = 0.0, rhs = 0.0, mass = 0.0, norm = 0.0;
+  double lhs = 0.0, rhs = 0.0, mass = 0.0;
   for (int i = 0; i < m; ++i) lhs += double(u[i]) * double(grad_v[i]);
   for (int r = 0; r < rows; ++r) {
     const double p = double(gu[r]) * double(av[r]);
     rhs += p;
     mass += std::abs(p);
   }
-  // Eight independent sums: one chained sum over a [1024, 1025] gradient took milliseconds.
-  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  const std::int64_t total = std::int64_t(m) * n, whole = total / 8 * 8;
-  for (std::int64_t e = 0; e < whole; e += 8)
-    for (int j = 0; j < 8; ++j) part[j] += double(grad[e + j]) * double(grad[e + j]);
-  for (std::int64_t e = whole; e < total; ++e) norm += double(grad[e]) * double(grad[e]);
-  for (double p : part) norm += p;
+  const double norm = wide_dot(grad, grad, std::int64_t(m) * n);
   return std::abs(lhs - rhs) <= 1e-3 * std::sqrt(norm) + 1e-5 * mass;
 }
 
@@ -88,7 +96,7 @@ void kfac_step(DType dtype, const Ptrs& inputs, const Ptrs& output_grads, const 
                const Sizes& n, const Sizes& rows, const Sizes& bias,
                const std::vector<double>& decay, const std::vector<double>& a_scale,
                const std::vector<double>& g_scale, int update_factors, int precondition,
-               std::int8_t* form, int nthreads) {
+               int check_finite, std::int8_t* form, double* sums, int nthreads) {
   const char* op = "kfac_step";
   const std::size_t count = outs.size();
   for (auto [name, size] :
@@ -123,6 +131,21 @@ void kfac_step(DType dtype, const Ptrs& inputs, const Ptrs& output_grads, const 
   }
   dispatch_float(dtype, [&](auto zero) {
     using T = decltype(zero);
+    for (std::size_t i = 0; i < count; ++i) {
+      form[i] = 0;
+      sums[i] = 0.0;
+      sums[count + i] = std::nan("");
+    }
+    if (check_finite != 0) {
+      // A step with a non-finite gradient changes nothing (the caller skips it).
+      bool finite = true;
+      for (std::size_t i = 0; i < count; ++i) {
+        if (m[i] * n[i] > 0 && grads[i] == 0) fail(op, "a null pointer among the grads");
+        sums[i] = wide_dot(as<const T>(grads[i]), static_cast<const T*>(nullptr), m[i] * n[i]);
+        finite = finite && std::isfinite(sums[i]);
+      }
+      if (!finite) return;
+    }
     run_ragged(cost, nthreads, [&](std::int64_t i) {
       const int mi = static_cast<int>(m[i]), ni = static_cast<int>(n[i]);
       const int b = static_cast<int>(rows[i]);
@@ -133,8 +156,11 @@ void kfac_step(DType dtype, const Ptrs& inputs, const Ptrs& output_grads, const 
       if (update_factors != 0)
         update(x, g, as<T>(a_factors[i]), as<T>(g_factors[i]), b, k, mi, has_bias, decay[i],
                a_scale[i], g_scale[i]);
-      form[i] = 0;
-      if (precondition == 0 || mi == 0 || ni == 0) return;
+      if (precondition == 0) return;
+      if (mi == 0 || ni == 0) {
+        sums[count + i] = 0.0;
+        return;
+      }
       const T* ai = as<const T>(a_inv[i]);
       const T* gi = as<const T>(g_inv[i]);
       const T* grad = as<const T>(grads[i]);
@@ -155,12 +181,14 @@ void kfac_step(DType dtype, const Ptrs& inputs, const Ptrs& output_grads, const 
             for (int j = 0; j < ni; ++j) t2[std::size_t(r) * ni + j] += ai[std::int64_t(k) * ni + j];
         blas::gemm(true, false, mi, ni, b, T(1), t1.data(), mi, t2.data(), ni, T(0), out, ni);
         form[i] = 2;
+        sums[count + i] = wide_dot(static_cast<const T*>(out), grad, std::int64_t(mi) * ni);
         return;
       }
       t1.resize(std::size_t(mi) * ni);
       blas::gemm(false, false, mi, ni, ni, T(1), grad, ni, ai, ni, T(0), t1.data(), ni);
       blas::gemm(false, false, mi, ni, mi, T(1), gi, mi, t1.data(), ni, T(0), out, ni);
       form[i] = 1;
+      sums[count + i] = wide_dot(static_cast<const T*>(out), grad, std::int64_t(mi) * ni);
     });
   });
 }

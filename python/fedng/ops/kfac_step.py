@@ -53,10 +53,14 @@ class KfacStep:
     Attributes:
         outs: the preconditioned gradients [m_i, n_i] (None without `a_inv`).
         form: per layer, 0 untouched, 1 dense form, 2 batch form.
+        grad_sums: per layer, `sum(grads_i)` with `check_finite` (else 0).
+        dots: per layer, `<outs_i, grads_i>` (NaN where not preconditioned).
     """
 
     outs: list[torch.Tensor] | None
     form: list[int]
+    grad_sums: list[float]
+    dots: list[float]
 
 
 def kfac_step(
@@ -74,6 +78,7 @@ def kfac_step(
     g_inv: Sequence[torch.Tensor] | None = None,
     probe_u: Sequence[torch.Tensor] | None = None,
     probe_v: Sequence[torch.Tensor] | None = None,
+    check_finite: bool = False,
 ) -> KfacStep:
     """Updates the Kronecker factors of N Linear layers, then preconditions their gradients.
 
@@ -88,6 +93,8 @@ def kfac_step(
             probes; all None skips the preconditioning).
         a_inv, g_inv: N symmetric tensors [n_i, n_i] and [m_i, m_i].
         probe_u, probe_v: N tensors [m_i] and [n_i], the batch form's check vectors.
+        check_finite: first sum every `grads_i`; if one sum is not finite, nothing is updated
+            or preconditioned (the caller skips the step).
 
     Returns:
         `KfacStep`: new [m_i, n_i] outputs (None without preconditioning) and the form per layer.
@@ -105,11 +112,12 @@ def kfac_step(
         raise ValueError(f"{OP}: 'bias' must hold {count} bools (one per layer), got {bias!r}")
     if (a_factors is None) != (g_factors is None):
         raise ValueError(f"{OP}: 'a_factors' and 'g_factors' must be given together")
-    pre = [grads, a_inv, g_inv, probe_u, probe_v]
+    pre = [a_inv, g_inv, probe_u, probe_v]
     if any(p is None for p in pre) and not all(p is None for p in pre):
-        raise ValueError(
-            f"{OP}: 'grads', 'a_inv', 'g_inv', 'probe_u' and 'probe_v' must be given together"
-        )
+        raise ValueError(f"{OP}: 'a_inv', 'g_inv', 'probe_u' and 'probe_v' must be given together")
+    precondition = a_inv is not None
+    if (precondition or check_finite) != (grads is not None):
+        raise ValueError(f"{OP}: 'grads' must be given exactly to precondition or check_finite")
     groups = {"inputs": xs, "output_grads": gs}
     ns = [x.shape[-1] + b for x, b in zip(xs, bias, strict=True)]
     for i in range(count):
@@ -120,9 +128,10 @@ def kfac_step(
     if upd:
         groups["a_factors"] = v.tensor_list(OP, "a_factors", a_factors, length=count)
         groups["g_factors"] = v.tensor_list(OP, "g_factors", g_factors, length=count)
-    names = ("grads", "a_inv", "g_inv", "probe_u", "probe_v")
     if grads is not None:
-        for name, value in zip(names, pre, strict=True):
+        groups["grads"] = v.tensor_list(OP, "grads", grads, length=count)
+    if precondition:
+        for name, value in zip(("a_inv", "g_inv", "probe_u", "probe_v"), pre, strict=True):
             groups[name] = v.tensor_list(OP, name, value, length=count)
     code = v.dtype_code(OP, groups)
     for name, items in groups.items():
@@ -139,16 +148,17 @@ def kfac_step(
     dtype = xs[0].dtype if xs else torch.float32
     outs = (
         [torch.empty(m, n, dtype=dtype) for m, n in zip(ms, ns, strict=True)]
-        if grads is not None
+        if precondition
         else None
     )
     zeros = [0] * count
     form = torch.zeros(count, dtype=torch.int8)
+    sums = torch.zeros(2 * count, dtype=torch.float64)
     _backend.native.kfac_step(
         dtype=code,
         inputs=v.ptrs(xs),
         output_grads=v.ptrs(gs),
-        grads=v.ptrs(groups["grads"]) if outs is not None else zeros,
+        grads=v.ptrs(groups["grads"]) if grads is not None else zeros,
         a_inv=v.ptrs(groups["a_inv"]) if outs is not None else zeros,
         g_inv=v.ptrs(groups["g_inv"]) if outs is not None else zeros,
         probe_u=v.ptrs(groups["probe_u"]) if outs is not None else zeros,
@@ -165,10 +175,13 @@ def kfac_step(
         g_scale=sg,
         update_factors=int(upd),
         precondition=int(outs is not None),
+        check_finite=int(check_finite),
         form=form.data_ptr(),
+        sums=sums.data_ptr(),
         nthreads=_backend.num_threads(),
     )
-    return KfacStep(outs, form.tolist())
+    values = sums.tolist()
+    return KfacStep(outs, form.tolist(), values[:count], values[count:])
 
 
 class KfacStepPlan:
@@ -224,6 +237,8 @@ class KfacStepPlan:
         self._inv: tuple[list[int], list[int]] = (self._zeros, self._zeros)
         self._inv_held: list[torch.Tensor] = []
         self.form = torch.zeros(count, dtype=torch.int8)
+        self.sums = torch.zeros(2 * count, dtype=torch.float64)
+        """After a call: the gradient sums (with `check_finite`), then `<outs_i, grads_i>`."""
 
     def matches(self, a_factors: list[torch.Tensor], g_factors: list[torch.Tensor]) -> bool:
         """Whether these are still the factor tensors the plan was built on."""
@@ -242,11 +257,15 @@ class KfacStepPlan:
         *,
         update: bool,
         inverses: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
+        check_finite: bool = False,
     ) -> None:
         """Updates the factors (if `update`), then preconditions `grads` into `outs` with
-        `inverses` = (A^-1 list, G^-1 list) if given."""
+        `inverses` = (A^-1 list, G^-1 list) if given; with `check_finite`, nothing happens
+        unless every gradient sums to a finite value (see `sums`)."""
         if trusted.CHECK:
-            self._checked(inputs, output_grads, decay, a_scale, g_scale, update, inverses)
+            self._checked(
+                inputs, output_grads, decay, a_scale, g_scale, update, inverses, check_finite
+            )
             return
         if inverses is not None:
             # The tensors are held, so identity means the same memory (no id reuse).
@@ -278,7 +297,9 @@ class KfacStepPlan:
             g_scale=g_scale,
             update_factors=int(update),
             precondition=int(inverses is not None),
+            check_finite=int(check_finite),
             form=self.form.data_ptr(),
+            sums=self.sums.data_ptr(),
             nthreads=_backend.num_threads(),
         )
 
@@ -291,6 +312,7 @@ class KfacStepPlan:
         g_scale: list[float],
         update: bool,
         inverses: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
+        check_finite: bool,
     ) -> None:
         """The same call through the validating op (results copied into `outs`)."""
         res = kfac_step(
@@ -302,13 +324,15 @@ class KfacStepPlan:
             decay=decay,
             a_scale=a_scale,
             g_scale=g_scale,
-            grads=None if inverses is None else self.grads,
+            grads=None if inverses is None and not check_finite else self.grads,
             a_inv=None if inverses is None else inverses[0],
             g_inv=None if inverses is None else inverses[1],
             probe_u=None if inverses is None else self.probes[0],
             probe_v=None if inverses is None else self.probes[1],
+            check_finite=check_finite,
         )
         self.form.copy_(torch.tensor(res.form, dtype=torch.int8))
+        self.sums.copy_(torch.tensor(res.grad_sums + res.dots, dtype=torch.float64))
         if res.outs is not None:
             for o, r in zip(self.outs, res.outs, strict=True):
                 o.copy_(r)

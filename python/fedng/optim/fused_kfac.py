@@ -15,6 +15,7 @@ general path, unchanged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +30,9 @@ from fedng.curvature.layers import LinearSite
 from fedng.curvature.stats import fisher_scale
 from fedng.ops.kfac_step import KfacStepPlan
 from fedng.optim.gather import FlatGrads
+
+FusedResult = tuple[CurvatureSet | None, InverseReport | None, list[torch.Tensor | None]]
+"""The preconditioner, the inversion report, the preconditioned gradients."""
 
 
 @dataclass
@@ -60,6 +64,8 @@ class FusedKFAC:
         self.count = len(capture.blocks)
         self.reduction = capture.reduction
         self._plan: KfacStepPlan | None = None
+        self.dot = math.nan
+        """`sum_i <p_i, g_i>` of the last `step`'s fused preconditioning (NaN if none)."""
 
     @classmethod
     def build(
@@ -144,9 +150,13 @@ class FusedKFAC:
             for x, (m, n) in zip(rows.x, self.specs, strict=True)
         )
 
-    def update(self, rows: Rows, decay: float | None, *, precondition: bool) -> None:
+    def update(
+        self, rows: Rows, decay: float | None, *, precondition: bool, check_finite: bool
+    ) -> bool:
         """Folds the rows into A and G as `KFAC.update` does (then, if `precondition`,
-        preconditions the flat gradients with the inverses the factors have now)."""
+        preconditions the flat gradients with the inverses the factors have now). With
+        `check_finite`, False (nothing done) when a gathered gradient does not sum to a finite
+        value."""
         kfac = self.kfac
         old, new = ema_weights(kfac.counts, decay)
         a_scale = [w / x.shape[0] for w, x in zip(new, rows.x, strict=True)]
@@ -154,15 +164,31 @@ class FusedKFAC:
             w * fisher_scale(x.shape[0], self.reduction) for w, x in zip(new, rows.x, strict=True)
         ]
         inverses = (kfac.a_inv, kfac.g_inv) if precondition else None
-        self.plan()(rows.x, rows.g, old, a_scale, g_scale, update=True, inverses=inverses)  # type: ignore[arg-type]
+        plan = self.plan()
+        plan(
+            rows.x,
+            rows.g,
+            old,
+            a_scale,
+            g_scale,
+            update=True,
+            inverses=inverses,  # type: ignore[arg-type]
+            check_finite=check_finite,
+        )
+        sums = plan.sums.tolist()
+        if check_finite and not math.isfinite(sum(sums[: self.count])):
+            return False
+        self.dot = sum(sums[self.count :]) if precondition else math.nan
         for i in range(self.count):
             kfac.counts[i] += 1
+        return True
 
     def precondition(self, rows: Rows) -> None:
         """Preconditions the flat gradients into the flat outputs (every block ready)."""
         kfac = self.kfac
         zeros = [0.0] * self.count
-        self.plan()(
+        plan = self.plan()
+        plan(
             rows.x,
             rows.g,
             zeros,
@@ -171,6 +197,7 @@ class FusedKFAC:
             update=False,
             inverses=(kfac.a_inv, kfac.g_inv),  # type: ignore[arg-type]
         )
+        self.dot = sum(plan.sums.tolist()[self.count :])
 
     def ready(self) -> bool:
         """Whether every block has curvature and an inverse."""
@@ -185,14 +212,20 @@ class FusedKFAC:
         decay: float | None,
         inverse_step: bool,
         grads: list[torch.Tensor | None],
-    ) -> tuple[CurvatureSet | None, InverseReport | None, list[torch.Tensor | None]]:
+        check_finite: bool,
+    ) -> FusedResult | None:
         """Update, inversion when due (`source_current`), preconditioning: the preconditioner,
-        the inversion report and the preconditioned gradients (the flat outputs when fused)."""
+        the inversion report and the preconditioned gradients (the flat outputs when fused; then
+        `dot` is `sum_i <p_i, g_i>`, else NaN). None, with nothing changed, when `check_finite`
+        finds a gradient that does not sum to a finite value."""
         outs: list[torch.Tensor | None] = list(self.flat.outs)
+        self.dot = math.nan
         if not inverse_step and self.ready():  # no inversion can fall due: one call
-            self.update(rows, decay, precondition=True)
+            if not self.update(rows, decay, precondition=True, check_finite=check_finite):
+                return None
             return self.curvature, None, outs  # what source "local" returns without inverting
-        self.update(rows, decay, precondition=False)
+        if not self.update(rows, decay, precondition=False, check_finite=check_finite):
+            return None
         pre, report = source_current()
         if pre is None:
             return None, report, [None] * self.count

@@ -92,7 +92,7 @@ from fedng.optim.damping import (
     predicted_reduction,
     reduction_ratio,
 )
-from fedng.optim.fused_kfac import FusedKFAC
+from fedng.optim.fused_kfac import FusedKFAC, FusedResult
 from fedng.optim.gather import FlatGrads
 from fedng.optim.safety import (
     Safety,
@@ -367,7 +367,10 @@ class NaturalGradient:
             stats, rows = self.capture.stats_of(rows.records, self.fisher_type), None
         if gathered is not None and flat is not None:
             grads: list[torch.Tensor | None] = list(gathered)
-            finite = flat.grads_finite() and (not flat.uncovered or all_finite(self._uncovered()))
+            # The fused step sums the gathered gradients natively (before changing anything).
+            finite = (rows is not None or flat.grads_finite()) and (
+                not flat.uncovered or all_finite(self._uncovered())
+            )
             if not finite and not all_finite([p.grad for p in self._params if p.grad is not None]):
                 self._skip(t)
                 return
@@ -380,15 +383,27 @@ class NaturalGradient:
         factored = self.damping_mode != "tikhonov" or self._relative
         precond: list[torch.Tensor | None]
         if rows is not None and fused is not None:  # the fused K-FAC step (fedng.optim.fused_kfac)
+            fz, rz = fused, rows  # narrowed, for the closure
+
+            def fused_step(check: bool) -> FusedResult | None:
+                return fz.step(
+                    self.capture,
+                    lambda: self.source.current(inverse_step, self._damping_rule(), factored),
+                    rz,
+                    self.curvature_decay,
+                    inverse_step,
+                    grads,
+                    check,
+                )
+
+            done = fused_step(True)
+            if done is None and all_finite([p.grad for p in self._params if p.grad is not None]):
+                done = fused_step(False)  # finite entries whose sum overflowed
+            if done is None:  # a non-finite gradient: nothing was updated
+                self._skip(t)
+                return
+            pre, report, precond = done
             self._batch_form = fused.batch_form(rows)
-            pre, report, precond = fused.step(
-                self.capture,
-                lambda: self.source.current(inverse_step, self._damping_rule(), factored),
-                rows,
-                self.curvature_decay,
-                inverse_step,
-                grads,
-            )
         else:
             if stats is None:  # unreachable: the rows went to the general path's stats above
                 stats = [None] * len(blocks)
@@ -407,11 +422,10 @@ class NaturalGradient:
             )
         # All outputs in the flat buffer: one reduction is both their finiteness check and, with
         # the KL clip, sum <p, g> (an overflow or a non-finite output takes the exact path).
-        dot = (
-            flat.dot()
-            if flat is not None and gathered is not None and flat.holds_outputs(precond)
-            else math.nan
-        )
+        dot = math.nan
+        if flat is not None and gathered is not None and flat.holds_outputs(precond):
+            fused_dot = math.nan if rows is None or fused is None else fused.dot
+            dot = fused_dot if math.isfinite(fused_dot) else flat.dot()
         fallbacks = self._fall_back(pre, report, grads, precond, math.isfinite(dot))
         for i in self._no_curvature:
             if precond[i] is not None:
