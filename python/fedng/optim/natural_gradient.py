@@ -20,7 +20,9 @@ Per step: the recorded batch's statistics update the optimizer's own curvature (
 `factor_every` steps, one ragged native call per representation), the preconditioner's damped
 inverses are refreshed every `inverse_every` steps (one call), and all gradients are
 preconditioned in one call, K-FAC using the batch's own inputs and output gradients wherever that
-is cheaper than the dense product.
+is cheaper than the dense product. When every block is a K-FAC `nn.Linear` block (the common
+case; empirical Fisher, own curvature), update and preconditioning are one native call
+(`fedng.optim.fused_kfac`), with the same results.
 
 Safe by default: `damping` is relative to each block's curvature scale (λ_i = damping x
 tr(F_i) / d_i, `damping_scale="relative"`, never below 1% of the largest λ the block has had),
