@@ -51,6 +51,17 @@ def layers(
     return out
 
 
+def precondition_kw(d: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """The preconditioning arguments of `kfac_step` from `layers`' output."""
+    return {
+        "grads": d["W"],
+        "a_inv": d["Ai"],
+        "g_inv": d["Gi"],
+        "probe_u": d["u"],
+        "probe_v": d["v"],
+    }
+
+
 SHAPES = st.lists(
     st.tuples(st.integers(1, 12), st.integers(0, 12), st.integers(1, 9), st.booleans()),
     min_size=1,
@@ -87,11 +98,7 @@ def test_matches_the_reference(
         decay=decay,
         a_scale=a_scale,
         g_scale=g_scale,
-        grads=d["W"],
-        a_inv=d["Ai"],
-        g_inv=d["Gi"],
-        probe_u=d["u"],
-        probe_v=d["v"],
+        **precondition_kw(d),  # type: ignore[arg-type]
     )
     assert res.outs is not None
     for got, want in zip(a + gf, want_a + want_g, strict=True):
@@ -116,11 +123,7 @@ def test_batch_form_taken_and_exact_on_a_wide_layer() -> None:
         d["x"],
         d["g"],
         bias=[True, False],
-        grads=d["W"],
-        a_inv=d["Ai"],
-        g_inv=d["Gi"],
-        probe_u=d["u"],
-        probe_v=d["v"],
+        **precondition_kw(d),  # type: ignore[arg-type]
     )
     assert res.form == [2, 2]
     assert res.outs is not None
@@ -168,11 +171,7 @@ def test_plan_gives_the_op_bits(check: bool, monkeypatch: pytest.MonkeyPatch) ->
         d["x"],
         d["g"],
         bias=[True, False],
-        grads=d["W"],
-        a_inv=d["Ai"],
-        g_inv=d["Gi"],
-        probe_u=d["u"],
-        probe_v=d["v"],
+        **precondition_kw(d),  # type: ignore[arg-type]
     )
     plan(d["x"], d["g"], [0.0] * 2, [0.0] * 2, [0.0] * 2, update=False, inverses=(d["Ai"], d["Gi"]))
     assert res.outs is not None
