@@ -13,6 +13,7 @@
 #include "fedng/blas.h"
 #include "fedng/errors.h"
 #include "fedng/ops.h"
+#include "fedng/packed_fold.h"
 #include "fedng/small_spd_inverse.h"
 
 namespace py = pybind11;
@@ -138,4 +139,24 @@ PYBIND11_MODULE(_C, m) {
       nogil, kw, py::arg("dtype"), py::arg("out"), py::arg("d"), py::arg("r"), py::arg("seed"),
       py::arg("stream_id"), py::arg("nthreads"),
       "out [d, r] <- the Philox Gaussian matrix of (seed, stream_id).");
+  m.def(
+      "int8_packed_axpy",
+      [](Address q, Address side, Address acc, std::int64_t nq, std::int64_t nside,
+         const Sizes& tris, const Sizes& vecs, std::int64_t chunk, double weight) {
+        fedng::cpu::int8_packed_axpy(reinterpret_cast<const std::int8_t*>(q),
+                                     reinterpret_cast<const float*>(side),
+                                     reinterpret_cast<float*>(acc), nq, nside, tris, vecs, chunk,
+                                     weight);
+      },
+      nogil, kw, py::arg("q"), py::arg("side"), py::arg("acc"), py::arg("nq"), py::arg("nside"),
+      py::arg("tris"), py::arg("vecs"), py::arg("chunk"), py::arg("weight"),
+      "acc += weight * (the int8 payload q with its float32 scales side, dequantized).");
+  m.def(
+      "bf16_axpy",
+      [](Address x, Address acc, std::int64_t n, double weight) {
+        fedng::cpu::bf16_axpy(reinterpret_cast<const std::uint16_t*>(x),
+                              reinterpret_cast<float*>(acc), n, weight);
+      },
+      nogil, kw, py::arg("x"), py::arg("acc"), py::arg("n"), py::arg("weight"),
+      "acc [n] float32 += weight * x [n] bfloat16.");
 }

@@ -150,3 +150,23 @@ def gaussian_sketch_matrix(
     nthreads: int,
 ) -> None:
     """`out` [d, r] <- the Philox Gaussian matrix of `(seed, stream_id)`."""
+
+def int8_packed_axpy(
+    *,
+    q: int,
+    side: int,
+    acc: int,
+    nq: int,
+    nside: int,
+    tris: Sequence[int],
+    vecs: Sequence[int],
+    chunk: int,
+    weight: float,
+) -> None:
+    """`acc += weight * dequantize(q, side)` (int8 [nq], float32 [nside] -> float32 [nq]).
+
+    `tris` / `vecs` are flattened `(at, sat, n)` triples (`fedng.curvature.quantize`'s segments).
+    """
+
+def bf16_axpy(*, x: int, acc: int, n: int, weight: float) -> None:
+    """`acc [n] float32 += weight * x [n] bfloat16`."""

@@ -25,10 +25,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedng._typing import Arrays
 from fedng.curvature.layout import BlockLayout
+from fedng.curvature.packed_fold import int8_axpy
 from fedng.curvature.packed_scale import scale_packed
 from fedng.curvature.spec import BlockSpec, pack_triangle, triangle_size, unpack_triangle
 
@@ -173,6 +175,33 @@ def dequantize(q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment]) -> 
     return vals
 
 
+def dequantize_add(
+    acc: torch.Tensor, q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment], weight: float
+) -> None:
+    """`acc += weight * dequantize(q, side, segs)` in one native pass (`packed_fold.int8_axpy`:
+    the same per-entry values, never materialized): how a server adds an int8 payload to its
+    running float32 sum.
+
+    Args:
+        acc: float32 [N], contiguous, the running sum (written in place).
+        q: int8 values (any shape, N entries); side: their float32 scales.
+        segs: the payload's segments.
+        weight: the fold's weight.
+
+    Raises:
+        ValueError: sizes or dtypes that do not match the segments.
+    """
+    plan = _plan(tuple(segs))
+    if q.numel() != plan.total or side.numel() != plan.nside:
+        raise ValueError(
+            f"dequantize_add: expected {plan.total} int8 values and {plan.nside} scales, got"
+            f" {q.numel()} and {side.numel()}"
+        )
+    int8_axpy(
+        acc, q.reshape(-1), side.reshape(-1), plan.flat_tris, plan.flat_vecs, VEC_CHUNK, weight
+    )
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Where `dequantize` finds each segment: (payload offset, side offset, n) per triangle and
@@ -184,6 +213,12 @@ class _Plan:
     dpos: torch.Tensor
     dside: torch.Tensor
     dlt: torch.Tensor
+    total: int
+    nside: int
+    flat_tris: tuple[int, ...]
+    flat_vecs: tuple[int, ...]
+    dstarts: np.ndarray[Any, np.dtype[np.int64]]
+    empty_tris: bool
 
 
 @functools.lru_cache(maxsize=16)
@@ -204,7 +239,19 @@ def _plan(segs: tuple[Segment, ...]) -> _Plan:
             vecs.append((at, sat, n))
         at, sat = at + size, sat + ns
     cat = torch.cat
-    return _Plan(tuple(tris), tuple(vecs), cat(dpos), cat(dpos[:1] + dside), cat(dpos[:1] + dlt))
+    return _Plan(
+        tuple(tris),
+        tuple(vecs),
+        cat(dpos),
+        cat(dpos[:1] + dside),
+        cat(dpos[:1] + dlt),
+        at,
+        sat,
+        tuple(x for t in tris for x in t),
+        tuple(x for v in vecs for x in v),
+        np.cumsum([0] + [n for _, _, n in tris[:-1]]).astype(np.int64),
+        any(n == 0 for _, _, n in tris),
+    )
 
 
 def _specs_by_kind(meta: dict[str, Any]) -> dict[str, list[BlockSpec]]:
@@ -212,6 +259,43 @@ def _specs_by_kind(meta: dict[str, Any]) -> dict[str, list[BlockSpec]]:
     for kind, lay in zip(meta["kinds"], meta["layouts"], strict=True):
         specs.setdefault(str(kind), []).append(BlockLayout.from_json(lay).spec)
     return specs
+
+
+def side_traces(
+    q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment], max_abs: float
+) -> list[float] | None:
+    """The traces of a payload's triangles read from their float32 scales alone, when those
+    settle a receiver's one-pass checks of the dequantized matrices; None when they do not
+    (a vector segment, sizes that do not match, a non-finite or negative D or delta, a trace
+    above `max_abs`): then dequantize and check the entries.
+
+    Why the scales settle them: a dequantized triangle is `M^ = D^1/2 (C~ + delta I) D^1/2`
+    with `|C~_ij| <= 1`, so with `D >= 0` and `delta >= 0` every entry is finite, the diagonal
+    `D_i (1 + delta)` is non-negative, `|M^_ij| <= sqrt(D_i D_j)`, and
+    `||M^||_F^2 <= sum_i D_i^2 (1 + delta)^2 + sum_(i != j) D_i D_j <= ((1 + delta) tr D)^2`:
+    the PSD necessary condition `||M^||_F <= tr M^` holds, and `||M^||_F <= tr M^ <= max_abs`.
+
+    Returns:
+        Per triangle, in segment order, `sum_i D_i (1 + delta)` (float32 products, as
+        `dequantize` writes the diagonal, summed in float64); None as above.
+    """
+    plan = _plan(tuple(segs))
+    if plan.vecs or q.numel() != plan.total or side.numel() != plan.nside:
+        return None
+    x = side.reshape(-1).numpy()
+    if not bool(np.isfinite(x).all()) or bool((x < 0).any()):  # D and delta alike
+        return None
+    d = x[plan.dside.numpy()]
+    diag = (d * (np.float32(1.0) + x[plan.dlt.numpy()])).astype(np.float64)
+    traces = np.add.reduceat(diag, plan.dstarts) if diag.size else np.zeros(0)
+    if plan.empty_tris or bool((traces > max_abs).any()):
+        return None
+    return [float(t) for t in traces.tolist()]
+
+
+def payload_segments(meta: dict[str, Any]) -> dict[str, list[Segment]]:
+    """The segments of every compressible kind of a payload's metadata (kind -> segments)."""
+    return {k: segments(k, sp) for k, sp in _specs_by_kind(meta).items() if k in COMPRESSIBLE}
 
 
 def quantize_arrays(arrays: Arrays, meta: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:

@@ -17,7 +17,13 @@ import torch
 
 from fedng._typing import Arrays
 from fedng.curvature import CurvatureSet
-from fedng.curvature.quantize import quantize_arrays
+from fedng.curvature.quantize import (
+    META_KEY,
+    SCALE_SUFFIX,
+    Segment,
+    payload_segments,
+    quantize_arrays,
+)
 from fedng.federated.aggregation.mean import apply_server_step
 from fedng.federated.aggregation.summable import (
     CONTRIB_PREFIX,
@@ -32,8 +38,8 @@ from fedng.federated.algorithms.base import State
 from fedng.federated.algorithms.curvature_payload import (
     FAST_KINDS,
     fast_scales,
-    payload_floats,
     pooled_meta,
+    signature,
     wants_int8_payload,
 )
 from fedng.federated.config.curvature import FedNGConfig
@@ -155,6 +161,7 @@ class CurvatureSums:
         self.replies: torch.Tensor | None = None
         self.answered = 0.0
         self.probed = False
+        self._segs: dict[str, dict[str, list[Segment]]] = {}
 
     @property
     def summable(self) -> bool:
@@ -173,10 +180,16 @@ class CurvatureSums:
             self.without_curvature += 1
             self.deltas.fold(update.delta, weight)
             return
+        meta = update.meta["curv"]
         if self.meta is None:
-            self.meta = pooled_meta(update.meta["curv"])
-        curv = payload_floats(update)  # int8 kinds are summed dequantized
-        parts = [(self.deltas, update.delta), (self.curv, curv)]
+            self.meta = pooled_meta(meta)
+        int8 = meta.get(META_KEY, [])
+        curv = update.curvature
+        if int8:  # int8 kinds are summed dequantized (in one native pass each, below)
+            curv = {k: v for k, v in curv.items() if k not in int8 and not k.endswith(SCALE_SUFFIX)}
+        parts = [(self.deltas, update.delta)]
+        if curv:
+            parts.append((self.curv, curv))
         fd = {
             k[len(CONTRIB_PREFIX) :]: v
             for k, v in update.extras.items()
@@ -185,8 +198,25 @@ class CurvatureSums:
         if fd:
             parts.append((self.contrib, fd))
         fold_all(parts, weight)
+        if int8:
+            segs = self._segments(update)
+            got = update.curvature
+            self.curv.fold_int8(
+                {k: (got[k], got[k + SCALE_SUFFIX], segs[k]) for k in int8},
+                weight,
+                counted=bool(curv),
+            )
+            self.wire_eps = max(self.wire_eps, torch.finfo(torch.float32).eps)
         for v in curv.values():
             self.wire_eps = max(self.wire_eps, torch.finfo(v.dtype).eps)
+
+    def _segments(self, update: ClientUpdate) -> dict[str, list[Segment]]:
+        """The int8 segments of an update's payload (parsed once per round and signature)."""
+        key = signature(update) or ""
+        segs = self._segs.get(key)
+        if segs is None:
+            segs = self._segs[key] = payload_segments(update.meta["curv"])
+        return segs
 
     def _pooled(self, scale: float) -> CurvatureSet | None:
         """The pooled curvature (decoded once), None if it fails the full PSD test: the fast

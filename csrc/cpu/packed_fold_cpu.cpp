@@ -1,0 +1,93 @@
+// One-pass folds of received payloads into float32 running sums (see fedng/packed_fold.h).
+// A streaming server adds every client's curvature and contribution to its sums: done as
+// "decode to float32, then add", each int8 update is read once and ~5 float32 temporaries are
+// written and read again; here each entry is decoded in registers and added where it lies.
+#include "fedng/packed_fold.h"
+
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "fedng/errors.h"
+
+namespace fedng::cpu {
+
+namespace {
+
+constexpr double kQmax = 127.0;
+
+void check_triples(const char* op, const char* name, const Sizes& t, bool tri, std::int64_t nq,
+                   std::int64_t nside, std::int64_t chunk) {
+  if (t.size() % 3 != 0) fail(op, std::string("'") + name + "' must hold (at, sat, n) triples");
+  for (std::size_t k = 0; k < t.size(); k += 3) {
+    const std::int64_t at = t[k], sat = t[k + 1], n = t[k + 2];
+    if (at < 0 || sat < 0 || n < 0) fail(op, std::string("'") + name + "' has a negative entry");
+    const std::int64_t size = tri ? n * (n + 1) / 2 : n;
+    const std::int64_t ns = tri ? n + 1 : (n + chunk - 1) / chunk;
+    if (at + size > nq || sat + ns > nside)
+      fail(op, std::string("'") + name + "' runs past the buffers");
+  }
+}
+
+// One packed lower triangle, row by row: the row's scale is folded into the weight once.
+void fold_triangle(const std::int8_t* q, const float* side, float* acc, std::int64_t n,
+                   float w, float* s) {
+  for (std::int64_t i = 0; i < n; ++i)
+    s[i] = static_cast<float>(std::sqrt(static_cast<double>(side[i]) / kQmax));
+  const float onep = 1.0f + side[n];
+  std::int64_t p = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float si = s[i];
+    const std::int8_t* qi = q + p;
+    float* ai = acc + p;
+#pragma omp simd
+    for (std::int64_t j = 0; j < i; ++j) ai[j] += w * ((si * s[j]) * static_cast<float>(qi[j]));
+    ai[i] += w * (side[i] * onep);
+    p += i + 1;
+  }
+}
+
+}  // namespace
+
+void int8_packed_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
+                      std::int64_t nside, const Sizes& tris, const Sizes& vecs,
+                      std::int64_t chunk, double weight) {
+  const char* op = "int8_packed_axpy";
+  if (nq < 0 || nside < 0) fail(op, "negative sizes");
+  if (chunk <= 0) fail(op, "'chunk' must be positive");
+  check_triples(op, "tris", tris, true, nq, nside, chunk);
+  check_triples(op, "vecs", vecs, false, nq, nside, chunk);
+  if (nq > 0 && (q == nullptr || acc == nullptr)) fail(op, "null buffer");
+  if (nside > 0 && side == nullptr) fail(op, "null buffer");
+  const float w = static_cast<float>(weight);
+  std::int64_t widest = 0;
+  for (std::size_t k = 2; k < tris.size(); k += 3) widest = tris[k] > widest ? tris[k] : widest;
+  std::vector<float> s(static_cast<std::size_t>(widest));
+  for (std::size_t k = 0; k < tris.size(); k += 3)
+    fold_triangle(q + tris[k], side + tris[k + 1], acc + tris[k], tris[k + 2], w, s.data());
+  for (std::size_t k = 0; k < vecs.size(); k += 3) {
+    const std::int64_t at = vecs[k], sat = vecs[k + 1], n = vecs[k + 2];
+    for (std::int64_t c = 0; c * chunk < n; ++c) {
+      const float sc = side[sat + c];
+      const std::int64_t lo = c * chunk, hi = lo + chunk < n ? lo + chunk : n;
+#pragma omp simd
+      for (std::int64_t p = lo; p < hi; ++p)
+        acc[at + p] += w * (static_cast<float>(q[at + p]) * sc);
+    }
+  }
+}
+
+void bf16_axpy(const std::uint16_t* x, float* acc, std::int64_t n, double weight) {
+  if (n < 0) fail("bf16_axpy", "negative size");
+  if (n > 0 && (x == nullptr || acc == nullptr)) fail("bf16_axpy", "null buffer");
+  const float w = static_cast<float>(weight);
+#pragma omp simd
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::uint32_t bits = static_cast<std::uint32_t>(x[i]) << 16;
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    acc[i] += w * v;
+  }
+}
+
+}  // namespace fedng::cpu

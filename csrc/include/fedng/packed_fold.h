@@ -1,0 +1,25 @@
+// Server-side folds of received payloads into float32 running sums, one pass each (no torch).
+// Used by python/fedng/curvature/packed_fold.py, which validates every argument first; these
+// re-check only what could corrupt memory.
+#pragma once
+#include <cstdint>
+
+#include "fedng/tensor_ref.h"
+
+namespace fedng::cpu {
+
+// acc[p] += weight * v[p], v the float32 dequantization of an int8 curvature payload
+// (python/fedng/curvature/quantize.py), without materializing v:
+// - per triangle (at, sat, n) of `tris` (flattened triples): the packed lower triangle of an
+//   n x n matrix at q[at:], row by row; with s_i = float(sqrt(double(side[sat + i]) / 127)):
+//   v_ij = (s_i s_j) q_ij off the diagonal, v_ii = side[sat + i] (1 + side[sat + n]);
+// - per vector (at, sat, n) of `vecs`: v_p = q[at + p] side[sat + p / chunk].
+// q has nq entries, side nside, acc nq.
+void int8_packed_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
+                      std::int64_t nside, const Sizes& tris, const Sizes& vecs,
+                      std::int64_t chunk, double weight);
+
+// acc[i] += weight * float(x[i]) for i < n, x bfloat16 (the upper 16 bits of a float32).
+void bf16_axpy(const std::uint16_t* x, float* acc, std::int64_t n, double weight);
+
+}  // namespace fedng::cpu
