@@ -14,6 +14,7 @@
 #include "fedng/errors.h"
 #include "fedng/ops.h"
 #include "fedng/packed_fold.h"
+#include "fedng/int8_quantize.h"
 #include "fedng/small_spd_inverse.h"
 
 namespace py = pybind11;
@@ -159,4 +160,15 @@ PYBIND11_MODULE(_C, m) {
       },
       nogil, kw, py::arg("x"), py::arg("acc"), py::arg("n"), py::arg("weight"),
       "acc [n] float32 += weight * x [n] bfloat16.");
+  m.def(
+      "int8_quantize_triangles",
+      [](Address vals, Address q, Address side, std::int64_t nvals, std::int64_t nside,
+         const Sizes& tris) {
+        fedng::cpu::int8_quantize_triangles(reinterpret_cast<const float*>(vals),
+                                            reinterpret_cast<std::int8_t*>(q),
+                                            reinterpret_cast<float*>(side), nvals, nside, tris);
+      },
+      nogil, kw, py::arg("vals"), py::arg("q"), py::arg("side"), py::arg("nvals"),
+      py::arg("nside"), py::arg("tris"),
+      "q, side <- the int8 triangles of vals with their scales and certified error bounds.");
 }

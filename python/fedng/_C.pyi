@@ -170,3 +170,10 @@ def int8_packed_axpy(
 
 def bf16_axpy(*, x: int, acc: int, n: int, weight: float) -> None:
     """`acc [n] float32 += weight * x [n] bfloat16`."""
+
+def int8_quantize_triangles(
+    *, vals: int, q: int, side: int, nvals: int, nside: int, tris: Sequence[int]
+) -> None:
+    """`q` int8 [nvals], `side` float32 [nside] <- the int8 quantization of the packed triangles
+    `tris` (flattened `(at, sat, n)` triples) of `vals` float32 [nvals], each with its diagonal
+    and a certified bound on its rounding error's spectral norm (`fedng.curvature.quantize`)."""

@@ -1,4 +1,5 @@
-"""One-pass folds of received payloads into float32 running sums (native, `fedng._C`).
+"""Native helpers of the int8 curvature payload (`fedng._C`): one-pass folds of received payloads
+into float32 running sums, and the quantization of packed triangles.
 
 A streaming server adds every client's int8 curvature payload and bf16 contribution to its
 sums. Decoding to float32 first and adding after reads and writes ~5 temporaries per entry; the
@@ -78,3 +79,33 @@ def bf16_axpy(acc: torch.Tensor, x: torch.Tensor, weight: float) -> None:
     if x.dtype != torch.bfloat16 or not x.is_contiguous() or x.device.type != "cpu":
         raise ValueError("bf16_axpy: 'x' must be a contiguous bfloat16 CPU tensor")
     native.bf16_axpy(x=x.data_ptr(), acc=acc.data_ptr(), n=x.numel(), weight=weight)
+
+
+def int8_triangles(
+    vals: torch.Tensor, q: torch.Tensor, side: torch.Tensor, tris: Triples
+) -> None:
+    """Quantizes the packed triangles `tris` of `vals` into `q` and `side` (their diagonals and
+    certified error bounds; see `fedng.curvature.quantize` and csrc/cpu/int8_quantize_cpu.cpp).
+
+    Args:
+        vals: float32 [N], contiguous.
+        q: int8 [N], contiguous (the triangles' entries written).
+        side: float32, contiguous (each triangle's n + 1 scales written).
+        tris: flattened `(at, sat, n)` triples.
+
+    Raises:
+        ValueError: tensors of the wrong dtype, layout or size, or triangles past their ends.
+    """
+    for t, dt, name in ((vals, torch.float32, "vals"), (q, torch.int8, "q"), (side, torch.float32, "side")):
+        if t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"int8_triangles: {name!r} must be a contiguous {dt} CPU tensor")
+    if q.numel() != vals.numel():
+        raise ValueError("int8_triangles: 'q' and 'vals' differ in size")
+    native.int8_quantize_triangles(
+        vals=vals.data_ptr(),
+        q=q.data_ptr(),
+        side=side.data_ptr(),
+        nvals=vals.numel(),
+        nside=side.numel(),
+        tris=tris,
+    )

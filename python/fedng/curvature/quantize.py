@@ -6,8 +6,9 @@ diagonal Fisher). Each segment is quantized to int8 with its own float32 scales:
 
 - a triangle of an n x n factor M = D^1/2 C D^1/2 (D its diagonal, C its correlations): D in
   float32 (n floats: the per-row scales), C's off-diagonal entries as `round(127 C_ij)` (so
-  `|M~_ij - M_ij| <= sqrt(M_ii M_jj) / 254`), plus one float `delta = ||C~ - C||_2` (computed
-  exactly by the sender in float64). The receiver rebuilds `M^ = D^1/2 (C~ + delta I) D^1/2`
+  `|M~_ij - M_ij| <= sqrt(M_ii M_jj) / 254`), plus one float `delta >= ||C~ - C||_2` (certified by
+  the sender: Cholesky factorizations of `delta I +- (C~ - C)` in float64 complete; within a few
+  percent of the norm; csrc/cpu/int8_quantize_cpu.cpp). The receiver rebuilds `M^ = D^1/2 (C~ + delta I) D^1/2`
   (the diagonal scaled by 1 + delta), which satisfies `M <= M^ <= M + 2 delta D`: PSD whenever
   M is (the server's PSD check passes at float32 tolerance), and never under-stating curvature
   (the quantization acts as a relative damping of at most 2 delta on the diagonal).
@@ -30,7 +31,7 @@ import torch
 
 from fedng._typing import Arrays
 from fedng.curvature.layout import BlockLayout
-from fedng.curvature.packed_fold import int8_axpy
+from fedng.curvature.packed_fold import int8_axpy, int8_triangles
 from fedng.curvature.packed_scale import scale_packed
 from fedng.curvature.spec import BlockSpec, pack_triangle, triangle_size, unpack_triangle
 
@@ -80,24 +81,6 @@ def _safe(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def _quantize_tri(vec: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    m = unpack_triangle(vec.double(), n)
-    d = m.diagonal().float().double()  # the float32 diagonal that travels
-    root = d.clamp(min=0).sqrt()
-    inv = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
-    corr = m * inv[:, None] * inv[None, :]
-    q = torch.round(corr * QMAX).clamp_(-QMAX, QMAX)
-    q.fill_diagonal_(0.0)
-    err = q / QMAX - corr
-    err.fill_diagonal_(0.0)
-    err = torch.tril(err) + torch.tril(err, -1).T  # what the receiver rebuilds from the triangle
-    rel = float(torch.linalg.eigvalsh(err).abs().max()) if n else 0.0
-    # Headroom for the receiver's float32 arithmetic (a few roundings per entry).
-    rel = rel * (1 + 1e-6) + 8 * n * 2.0**-24
-    side = torch.cat([d, torch.tensor([rel], dtype=torch.float64)]).float()
-    return pack_triangle(q).to(torch.int8), side
-
-
 def _quantize_vec(vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = vec.numel()
     chunks = math.ceil(n / VEC_CHUNK)
@@ -126,18 +109,16 @@ def quantize(data: torch.Tensor, segs: Sequence[Segment]) -> tuple[torch.Tensor,
     total = sum(_sizes(s)[0] for s in segs)
     if data.dim() != 1 or data.numel() != total:
         raise ValueError(f"quantize: expected {total} values, got shape {list(data.shape)}")
-    qs, sides, at = [], [], 0
-    for form, n in segs:
-        size = _sizes((form, n))[0]
-        piece = data[at : at + size]
-        q, side = _quantize_tri(piece, n) if form == "tri" else _quantize_vec(piece)
-        qs.append(q)
-        sides.append(side)
-        at += size
-    cat = torch.cat
-    if not qs:
-        return torch.zeros(0, dtype=torch.int8), torch.zeros(0, dtype=torch.float32)
-    return cat(qs), cat(sides)
+    plan = _plan(tuple(segs))
+    vals = data.float().contiguous()
+    q = torch.zeros(total, dtype=torch.int8)
+    side = torch.zeros(plan.nside, dtype=torch.float32)
+    if plan.tris:  # all triangles in one native call (certified bounds, no eigensolver)
+        int8_triangles(vals, q, side, plan.flat_tris)
+    for at, sat, n in plan.vecs:
+        q[at : at + n], scale = _quantize_vec(vals[at : at + n])
+        side[sat : sat + scale.numel()] = scale
+    return q, side
 
 
 def dequantize(q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment]) -> torch.Tensor:
