@@ -171,4 +171,13 @@ PYBIND11_MODULE(_C, m) {
       nogil, kw, py::arg("vals"), py::arg("q"), py::arg("side"), py::arg("nvals"),
       py::arg("nside"), py::arg("tris"),
       "q, side <- the int8 triangles of vals with their scales and certified error bounds.");
+  m.def(
+      "sum_squares",
+      [](const Ptrs& xs, const Sizes& n, const Sizes& bf16) {
+        std::vector<double> out(xs.size());
+        fedng::cpu::sum_squares(xs, n, bf16, out.data());
+        return out;
+      },
+      nogil, kw, py::arg("xs"), py::arg("n"), py::arg("bf16"),
+      "Per array, the sum of its squared entries in float64 (float32 or bfloat16 arrays).");
 }

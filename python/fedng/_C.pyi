@@ -177,3 +177,7 @@ def int8_quantize_triangles(
     """`q` int8 [nvals], `side` float32 [nside] <- the int8 quantization of the packed triangles
     `tris` (flattened `(at, sat, n)` triples) of `vals` float32 [nvals], each with its diagonal
     and a certified bound on its rounding error's spectral norm (`fedng.curvature.quantize`)."""
+
+def sum_squares(*, xs: Sequence[int], n: Sequence[int], bf16: Sequence[int]) -> list[float]:
+    """Per array `xs[i]` [n[i]] (float32, or bfloat16 where `bf16[i]` is not 0), the sum of its
+    squared entries accumulated in float64."""

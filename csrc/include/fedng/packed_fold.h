@@ -22,4 +22,8 @@ void int8_packed_axpy(const std::int8_t* q, const float* side, float* acc, std::
 // acc[i] += weight * float(x[i]) for i < n, x bfloat16 (the upper 16 bits of a float32).
 void bf16_axpy(const std::uint16_t* x, float* acc, std::int64_t n, double weight);
 
+// out[i] = sum_p x_i[p]^2 in float64 (no overflow for any float32 entries; NaN/Inf iff an entry
+// is), x_i [n_i] float32 (bf16[i] == 0) or bfloat16 (bf16[i] != 0).
+void sum_squares(const Ptrs& xs, const Sizes& n, const Sizes& bf16, double* out);
+
 }  // namespace fedng::cpu

@@ -109,3 +109,25 @@ def int8_triangles(
         nside=side.numel(),
         tris=tris,
     )
+
+
+def sum_squares(ts: Sequence[torch.Tensor]) -> list[float]:
+    """Per tensor, the sum of its squared entries accumulated in float64, all in one native pass
+    (float32 and contiguous bfloat16 read as they are, other float tensors as float32 copies):
+    NaN/Inf iff an entry is (float32 squares cannot overflow float64).
+
+    Raises:
+        ValueError: a tensor that is not a float tensor on the CPU.
+    """
+    flat: list[torch.Tensor] = []
+    for t in ts:
+        if not t.is_floating_point() or t.device.type != "cpu":
+            raise ValueError("sum_squares: expected float CPU tensors")
+        if not (t.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous()):
+            t = t.float().contiguous()
+        flat.append(t)
+    return native.sum_squares(
+        xs=[t.data_ptr() for t in flat],
+        n=[t.numel() for t in flat],
+        bf16=[t.dtype == torch.bfloat16 for t in flat],
+    )
