@@ -200,6 +200,8 @@ class _Plan:
     flat_vecs: tuple[int, ...]
     dstarts: np.ndarray[Any, np.dtype[np.int64]]
     empty_tris: bool
+    dside_np: np.ndarray[Any, np.dtype[np.int64]]
+    dlt_np: np.ndarray[Any, np.dtype[np.int64]]
 
 
 @functools.lru_cache(maxsize=16)
@@ -232,6 +234,8 @@ def _plan(segs: tuple[Segment, ...]) -> _Plan:
         tuple(x for v in vecs for x in v),
         np.cumsum([0] + [n for _, _, n in tris[:-1]]).astype(np.int64),
         any(n == 0 for _, _, n in tris),
+        cat(dpos[:1] + dside).numpy(),
+        cat(dpos[:1] + dlt).numpy(),
     )
 
 
@@ -264,14 +268,14 @@ def side_traces(
     if plan.vecs or q.numel() != plan.total or side.numel() != plan.nside:
         return None
     x = side.reshape(-1).numpy()
-    if not bool(np.isfinite(x).all()) or bool((x < 0).any()):  # D and delta alike
+    if plan.empty_tris or not x.size or not (x.min() >= 0 and x.max() < np.inf):  # NaN fails
         return None
-    d = x[plan.dside.numpy()]
-    diag = (d * (np.float32(1.0) + x[plan.dlt.numpy()])).astype(np.float64)
-    traces = np.add.reduceat(diag, plan.dstarts) if diag.size else np.zeros(0)
-    if plan.empty_tris or bool((traces > max_abs).any()):
+    diag = (x[plan.dside_np] * (np.float32(1.0) + x[plan.dlt_np])).astype(np.float64)
+    traces = np.add.reduceat(diag, plan.dstarts)
+    if traces.max() > max_abs:
         return None
-    return [float(t) for t in traces.tolist()]
+    out: list[float] = traces.tolist()
+    return out
 
 
 def payload_segments(meta: dict[str, Any]) -> dict[str, list[Segment]]:

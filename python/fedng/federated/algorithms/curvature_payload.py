@@ -213,8 +213,7 @@ def check_curvature_payload(state: State, update: ClientUpdate, fast: bool = Fal
     if "curv" not in update.meta:
         return "curvature payload without its layout metadata"
     meta = update.meta["curv"]
-    key = signature(update) if isinstance(meta, dict) and len(meta) <= 3 else None
-    key = key or json.dumps(meta, sort_keys=True, default=repr)
+    key = _meta_key(update, meta)
     cache: dict[str, str | None] = state.__dict__.setdefault(_META_CACHE_ATTR, {})
     if key not in cache:  # the metadata checks, once per distinct metadata and server state
         cache[key] = _meta_reason(state, meta)
@@ -251,6 +250,18 @@ def check_curvature_payload(state: State, update: ClientUpdate, fast: bool = Fal
     )
     cs.validate(state.config.psd_tol, eps)
     return None
+
+
+def _meta_key(update: ClientUpdate, meta: Any) -> str:
+    """A JSON string of the curvature metadata (keys the cached checks): the update's
+    `signature` (computed once per update), plus the int8 marker when there is one."""
+    sig = signature(update) if isinstance(meta, dict) else None
+    extra = set(meta) - {"kinds", "layouts", "rep_meta"} if isinstance(meta, dict) else None
+    if sig is None or extra is None or not extra <= {META_KEY}:
+        return json.dumps(meta, sort_keys=True, default=repr)
+    if not extra:
+        return sig
+    return f'{sig[:-1]}, "{META_KEY}": {json.dumps(meta[META_KEY], default=repr)}}}'
 
 
 def _meta_reason(state: State, meta: Any) -> str | None:
