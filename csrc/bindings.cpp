@@ -154,12 +154,21 @@ PYBIND11_MODULE(_C, m) {
       "acc += weight * (the int8 payload q with its float32 scales side, dequantized).");
   m.def(
       "bf16_axpy",
-      [](Address x, Address acc, std::int64_t n, double weight) {
-        fedng::cpu::bf16_axpy(reinterpret_cast<const std::uint16_t*>(x),
-                              reinterpret_cast<float*>(acc), n, weight);
+      [](const Ptrs& xs, const Ptrs& accs, const Sizes& n, double weight) {
+        fedng::cpu::bf16_axpy(xs, accs, n, weight);
       },
-      nogil, kw, py::arg("x"), py::arg("acc"), py::arg("n"), py::arg("weight"),
-      "acc [n] float32 += weight * x [n] bfloat16.");
+      nogil, kw, py::arg("xs"), py::arg("accs"), py::arg("n"), py::arg("weight"),
+      "accs[k] [n_k] float32 += weight * xs[k] [n_k] bfloat16.");
+  m.def(
+      "int8_side_traces",
+      [](Address side, std::int64_t nside, const Sizes& tris) {
+        std::vector<double> traces(tris.size() / 3);
+        const bool ok = fedng::cpu::int8_side_traces(reinterpret_cast<const float*>(side), nside,
+                                                     tris, traces.data());
+        return ok ? traces : std::vector<double>{};
+      },
+      nogil, kw, py::arg("side"), py::arg("nside"), py::arg("tris"),
+      "Per int8 triangle, sum_i D_i (1 + delta) from its scales; [] if one is negative/non-finite.");
   m.def(
       "int8_quantize_triangles",
       [](Address vals, Address q, Address side, std::int64_t nvals, std::int64_t nside,

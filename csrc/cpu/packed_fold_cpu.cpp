@@ -77,17 +77,48 @@ void int8_packed_axpy(const std::int8_t* q, const float* side, float* acc, std::
   }
 }
 
-void bf16_axpy(const std::uint16_t* x, float* acc, std::int64_t n, double weight) {
-  if (n < 0) fail("bf16_axpy", "negative size");
-  if (n > 0 && (x == nullptr || acc == nullptr)) fail("bf16_axpy", "null buffer");
+void bf16_axpy(const Ptrs& xs, const Ptrs& accs, const Sizes& n, double weight) {
+  check_count("bf16_axpy", "accs", accs.size(), xs.size());
+  check_count("bf16_axpy", "n", n.size(), xs.size());
+  check_sizes("bf16_axpy", "n", n);
+  check_ptrs("bf16_axpy", "xs", xs, n);
+  check_ptrs("bf16_axpy", "accs", accs, n);
   const float w = static_cast<float>(weight);
+  for (std::size_t k = 0; k < xs.size(); ++k) {
+    const auto* x = as<const std::uint16_t>(xs[k]);
+    float* acc = as<float>(accs[k]);
+    const std::int64_t len = n[k];
 #pragma omp simd
-  for (std::int64_t i = 0; i < n; ++i) {
-    const std::uint32_t bits = static_cast<std::uint32_t>(x[i]) << 16;
-    float v;
-    std::memcpy(&v, &bits, sizeof v);
-    acc[i] += w * v;
+    for (std::int64_t i = 0; i < len; ++i) {
+      const std::uint32_t bits = static_cast<std::uint32_t>(x[i]) << 16;
+      float v;
+      std::memcpy(&v, &bits, sizeof v);
+      acc[i] += w * v;
+    }
   }
+}
+
+bool int8_side_traces(const float* side, std::int64_t nside, const Sizes& tris, double* traces) {
+  const char* op = "int8_side_traces";
+  if (nside < 0) fail(op, "negative size");
+  if (tris.size() % 3 != 0) fail(op, "'tris' must hold (at, sat, n) triples");
+  for (std::size_t k = 0; k < tris.size(); k += 3)
+    if (tris[k + 1] < 0 || tris[k + 2] < 0 || tris[k + 1] + tris[k + 2] + 1 > nside)
+      fail(op, "'tris' runs past the scales");
+  for (std::size_t k = 0; k < tris.size(); k += 3) {
+    const float* d = side + tris[k + 1];
+    const std::int64_t n = tris[k + 2];
+    const float delta = d[n];
+    if (!(delta >= 0.0f) || !std::isfinite(delta)) return false;
+    const float onep = 1.0f + delta;
+    double tr = 0.0;
+    for (std::int64_t i = 0; i < n; ++i) {
+      if (!(d[i] >= 0.0f) || !std::isfinite(d[i])) return false;
+      tr += static_cast<double>(d[i] * onep);
+    }
+    traces[k / 3] = tr;
+  }
+  return true;
 }
 
 namespace {

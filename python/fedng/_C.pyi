@@ -168,8 +168,12 @@ def int8_packed_axpy(
     `tris` / `vecs` are flattened `(at, sat, n)` triples (`fedng.curvature.quantize`'s segments).
     """
 
-def bf16_axpy(*, x: int, acc: int, n: int, weight: float) -> None:
-    """`acc [n] float32 += weight * x [n] bfloat16`."""
+def bf16_axpy(*, xs: Sequence[int], accs: Sequence[int], n: Sequence[int], weight: float) -> None:
+    """`accs[k] [n[k]] float32 += weight * xs[k] [n[k]] bfloat16`."""
+
+def int8_side_traces(*, side: int, nside: int, tris: Sequence[int]) -> list[float]:
+    """Per int8 triangle `(at, sat, n)` of `tris` (flattened), `sum_i D_i (1 + delta)` from its
+    float32 scales `side` [nside] alone; `[]` when some D or delta is negative or not finite."""
 
 def int8_quantize_triangles(
     *, vals: int, q: int, side: int, nvals: int, nside: int, tris: Sequence[int]

@@ -19,8 +19,14 @@ void int8_packed_axpy(const std::int8_t* q, const float* side, float* acc, std::
                       std::int64_t nside, const Sizes& tris, const Sizes& vecs,
                       std::int64_t chunk, double weight);
 
-// acc[i] += weight * float(x[i]) for i < n, x bfloat16 (the upper 16 bits of a float32).
-void bf16_axpy(const std::uint16_t* x, float* acc, std::int64_t n, double weight);
+// accs[k][i] += weight * float(xs[k][i]) for i < n[k], xs[k] bfloat16 (the upper 16 bits of a
+// float32), accs[k] float32.
+void bf16_axpy(const Ptrs& xs, const Ptrs& accs, const Sizes& n, double weight);
+
+// The traces sum_i D_i (1 + delta) (float32 products, summed in float64) of the int8 triangles
+// (at, sat, n) of `tris` from their scales side[sat:sat+n] = D, side[sat+n] = delta alone.
+// Returns false (traces unset) when some D or delta is negative, NaN or infinite.
+bool int8_side_traces(const float* side, std::int64_t nside, const Sizes& tris, double* traces);
 
 // out[i] = sum_p x_i[p]^2 in float64 (no overflow for any float32 entries; NaN/Inf iff an entry
 // is), x_i [n_i] float32 (bf16[i] == 0) or bfloat16 (bf16[i] != 0).

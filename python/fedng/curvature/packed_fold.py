@@ -68,17 +68,38 @@ def int8_axpy(
     )
 
 
-def bf16_axpy(acc: torch.Tensor, x: torch.Tensor, weight: float) -> None:
-    """`acc += weight * x` for a bfloat16 `x` into a float32 sum, in one pass (no float32 copy
-    of `x`).
+def bf16_axpy(accs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: float) -> None:
+    """`acc += weight * x` for each bfloat16 `x` into its float32 sum `acc`, all in one native
+    call (no float32 copy of any `x`).
 
     Raises:
         ValueError: tensors of the wrong dtype, layout or size.
     """
-    _sum_buffer(acc, x.numel(), "bf16_axpy")
-    if x.dtype != torch.bfloat16 or not x.is_contiguous() or x.device.type != "cpu":
-        raise ValueError("bf16_axpy: 'x' must be a contiguous bfloat16 CPU tensor")
-    native.bf16_axpy(x=x.data_ptr(), acc=acc.data_ptr(), n=x.numel(), weight=weight)
+    if len(accs) != len(xs):
+        raise ValueError("bf16_axpy: as many sums as arrays expected")
+    for acc, x in zip(accs, xs, strict=True):
+        _sum_buffer(acc, x.numel(), "bf16_axpy")
+        if x.dtype != torch.bfloat16 or not x.is_contiguous() or x.device.type != "cpu":
+            raise ValueError("bf16_axpy: arrays must be contiguous bfloat16 CPU tensors")
+    native.bf16_axpy(
+        xs=[x.data_ptr() for x in xs],
+        accs=[a.data_ptr() for a in accs],
+        n=[x.numel() for x in xs],
+        weight=weight,
+    )
+
+
+def int8_side_traces(side: torch.Tensor, tris: Triples) -> list[float] | None:
+    """Per int8 triangle `(at, sat, n)` of `tris`, `sum_i D_i (1 + delta)` (float32 products,
+    float64 sum) from its scales alone; None when some D or delta is negative or not finite.
+
+    Raises:
+        ValueError: `side` is not a contiguous float32 CPU tensor, or a triangle runs past it.
+    """
+    if side.dtype != torch.float32 or not side.is_contiguous() or side.device.type != "cpu":
+        raise ValueError("int8_side_traces: 'side' must be a contiguous float32 CPU tensor")
+    got: list[float] = native.int8_side_traces(side=side.data_ptr(), nside=side.numel(), tris=tris)
+    return got if got or not tris else None
 
 
 def int8_triangles(

@@ -26,12 +26,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedng._typing import Arrays
 from fedng.curvature.layout import BlockLayout
-from fedng.curvature.packed_fold import int8_axpy, int8_triangles
+from fedng.curvature.packed_fold import int8_axpy, int8_side_traces, int8_triangles
 from fedng.curvature.packed_scale import scale_packed
 from fedng.curvature.spec import BlockSpec, pack_triangle, triangle_size, unpack_triangle
 
@@ -198,10 +197,6 @@ class _Plan:
     nside: int
     flat_tris: tuple[int, ...]
     flat_vecs: tuple[int, ...]
-    dstarts: np.ndarray[Any, np.dtype[np.int64]]
-    empty_tris: bool
-    dside_np: np.ndarray[Any, np.dtype[np.int64]]
-    dlt_np: np.ndarray[Any, np.dtype[np.int64]]
 
 
 @functools.lru_cache(maxsize=16)
@@ -232,10 +227,6 @@ def _plan(segs: tuple[Segment, ...]) -> _Plan:
         sat,
         tuple(x for t in tris for x in t),
         tuple(x for v in vecs for x in v),
-        np.cumsum([0] + [n for _, _, n in tris[:-1]]).astype(np.int64),
-        any(n == 0 for _, _, n in tris),
-        cat(dpos[:1] + dside).numpy(),
-        cat(dpos[:1] + dlt).numpy(),
     )
 
 
@@ -267,15 +258,12 @@ def side_traces(
     plan = _plan(tuple(segs))
     if plan.vecs or q.numel() != plan.total or side.numel() != plan.nside:
         return None
-    x = side.reshape(-1).numpy()
-    if plan.empty_tris or not x.size or not (x.min() >= 0 and x.max() < np.inf):  # NaN fails
+    if side.dtype != torch.float32:
         return None
-    diag = (x[plan.dside_np] * (np.float32(1.0) + x[plan.dlt_np])).astype(np.float64)
-    traces = np.add.reduceat(diag, plan.dstarts)
-    if traces.max() > max_abs:
+    traces = int8_side_traces(side.reshape(-1).contiguous(), plan.flat_tris)
+    if traces is None or any(t > max_abs for t in traces):
         return None
-    out: list[float] = traces.tolist()
-    return out
+    return traces
 
 
 def payload_segments(meta: dict[str, Any]) -> dict[str, list[Segment]]:

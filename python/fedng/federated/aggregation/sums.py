@@ -112,14 +112,19 @@ def fold_all(parts: list[tuple[WeightedSum, Arrays]], weight: float) -> None:
         return
     acc: list[torch.Tensor] = []
     vals: list[torch.Tensor] = []
+    acc16: list[torch.Tensor] = []
+    vals16: list[torch.Tensor] = []
     for s, a in together:
         for k, v in a.items():
             if v.dtype == torch.bfloat16 and v.is_contiguous():  # no float32 copy
-                bf16_axpy(s.sums[k], v, weight)
-                continue
-            acc.append(s.sums[k])
-            vals.append(v.float())
+                acc16.append(s.sums[k])
+                vals16.append(v)
+            else:
+                acc.append(s.sums[k])
+                vals.append(v.float())
         s.total_weight += weight
         s.count += 1
     if acc:
         torch._foreach_add_(acc, vals, alpha=weight)
+    if acc16:
+        bf16_axpy(acc16, vals16, weight)

@@ -11,6 +11,7 @@ whose two scalars per block come from a second, summable phase (`probe` / `fold_
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -163,6 +164,7 @@ class CurvatureSums:
         self.answered = 0.0
         self.probed = False
         self._segs: dict[str, dict[str, list[Segment]]] = {}
+        self._reply_sums: list[list[float]] = []
 
     @property
     def summable(self) -> bool:
@@ -261,6 +263,7 @@ class CurvatureSums:
             return None
         self.probed = True
         self.replies = torch.zeros(len(direction.blocks), 2, dtype=torch.float64)
+        self._reply_sums = [[0.0, 0.0] for _ in direction.blocks]
         return ServerMessage(
             state.round,
             self.name,
@@ -281,10 +284,12 @@ class CurvatureSums:
             return (
                 f"line-search reply: shape {list(got.shape)}, expected {list(self.replies.shape)}"
             )
-        vals = got.double()
-        if not bool(torch.isfinite(vals).all()) or bool((vals[:, 1] < 0).any()):
+        rows = got.tolist()  # a few floats per block: Python beats a torch dispatch per op
+        if not all(math.isfinite(a) and math.isfinite(b) and b >= 0 for a, b in rows):
             return "line-search reply: non-finite or negative curvature <d, F d>"
-        self.replies += weight * vals
+        for acc, (a, b) in zip(self._reply_sums, rows, strict=True):  # float64, as before
+            acc[0] += weight * a
+            acc[1] += weight * b
         self.answered += weight
         return None
 
@@ -295,6 +300,7 @@ class CurvatureSums:
         if direction is not None and pooled is not None:
             replies = None
             if self.replies is not None and self.answered > 0:
+                self.replies = torch.tensor(self._reply_sums, dtype=torch.float64)
                 replies = self.replies / self.answered
             step, log = line_search_step(direction, pooled, replies)
             state.log.update(log)
