@@ -15,6 +15,9 @@ import torch
 
 from fedng._backend import native
 
+_READ = (torch.float32, torch.bfloat16)
+"""The dtypes `sum_squares` reads in place."""
+
 Triples = Sequence[int]
 """Flattened `(offset in the payload, offset in the scales, n)` triples."""
 
@@ -102,9 +105,7 @@ def int8_side_traces(side: torch.Tensor, tris: Triples) -> list[float] | None:
     return got if got or not tris else None
 
 
-def int8_triangles(
-    vals: torch.Tensor, q: torch.Tensor, side: torch.Tensor, tris: Triples
-) -> None:
+def int8_triangles(vals: torch.Tensor, q: torch.Tensor, side: torch.Tensor, tris: Triples) -> None:
     """Quantizes the packed triangles `tris` of `vals` into `q` and `side` (their diagonals and
     certified error bounds; see `fedng.curvature.quantize` and csrc/cpu/int8_quantize_cpu.cpp).
 
@@ -117,7 +118,11 @@ def int8_triangles(
     Raises:
         ValueError: tensors of the wrong dtype, layout or size, or triangles past their ends.
     """
-    for t, dt, name in ((vals, torch.float32, "vals"), (q, torch.int8, "q"), (side, torch.float32, "side")):
+    for t, dt, name in (
+        (vals, torch.float32, "vals"),
+        (q, torch.int8, "q"),
+        (side, torch.float32, "side"),
+    ):
         if t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError(f"int8_triangles: {name!r} must be a contiguous {dt} CPU tensor")
     if q.numel() != vals.numel():
@@ -142,9 +147,9 @@ def sum_squares(ts: Sequence[torch.Tensor]) -> list[float]:
     """
     flat: list[torch.Tensor] = []
     for t in ts:
-        if not t.is_floating_point() or t.device.type != "cpu":
-            raise ValueError("sum_squares: expected float CPU tensors")
-        if not (t.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous()):
+        if t.dtype not in _READ or not t.is_contiguous() or t.device.type != "cpu":
+            if not t.is_floating_point() or t.device.type != "cpu":
+                raise ValueError("sum_squares: expected float CPU tensors")
             t = t.float().contiguous()
         flat.append(t)
     return native.sum_squares(

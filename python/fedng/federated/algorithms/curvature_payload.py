@@ -499,7 +499,8 @@ def fast_scales(
         key = json.dumps({"kinds": cs_meta["kinds"], "layouts": cs_meta["layouts"]}, sort_keys=True)
     plans = _plan(key)
     return _scales_of(
-        plans, {kind: _check_kind(plan, arrays[kind].reshape(-1), tol) for kind, plan in plans.items()}
+        plans,
+        {kind: _check_kind(plan, arrays[kind].reshape(-1), tol) for kind, plan in plans.items()},
     )
 
 
