@@ -6,12 +6,13 @@ diagonal Fisher). Each segment is quantized to int8 with its own float32 scales:
 
 - a triangle of an n x n factor M = D^1/2 C D^1/2 (D its diagonal, C its correlations): D in
   float32 (n floats: the per-row scales), C's off-diagonal entries as `round(127 C_ij)` (so
-  `|M~_ij - M_ij| <= sqrt(M_ii M_jj) / 254`), plus one float `delta >= ||C~ - C||_2` (certified by
-  the sender: Cholesky factorizations of `delta I +- (C~ - C)` in float64 complete; within a few
-  percent of the norm; csrc/cpu/int8_quantize_cpu.cpp). The receiver rebuilds
+  `|M~_ij - M_ij| <= sqrt(M_ii M_jj) / 254`), plus one float `delta >= ||C~ - C||_2`, certified
+  by the sender (Cholesky factorizations of `delta I +- (C~ - C)` in float64 complete; within a
+  few percent of the norm; csrc/cpu/int8_quantize_cpu.cpp). The receiver rebuilds
   `M^ = D^1/2 (C~ + delta I) D^1/2` (the diagonal scaled by 1 + delta), which satisfies
-  `M <= M^ <= M + 2 delta D`: PSD whenever M is (the server's PSD check passes at float32 tolerance), and never under-stating curvature
-  (the quantization acts as a relative damping of at most 2 delta on the diagonal).
+  `M <= M^ <= M + 2 delta D`: PSD whenever M is (the server's PSD check passes at float32
+  tolerance), and never under-stating curvature (the quantization acts as a relative damping of
+  at most 2 delta on the diagonal).
 - a vector (non-negative diagonals): one scale per chunk of `VEC_CHUNK` entries, entries off by at
   most half their chunk's scale; rounding keeps them non-negative.
 
