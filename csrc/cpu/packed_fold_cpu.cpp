@@ -10,6 +10,14 @@
 
 #include "fedng/errors.h"
 
+// The hot loops are also compiled for AVX2 + FMA and chosen at load time (the extension is
+// built for baseline x86-64).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FEDNG_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FEDNG_CLONES
+#endif
+
 namespace fedng::cpu {
 
 namespace {
@@ -30,7 +38,7 @@ void check_triples(const char* op, const char* name, const Sizes& t, bool tri, s
 }
 
 // One packed lower triangle, row by row: the row's scale is folded into the weight once.
-void fold_triangle(const std::int8_t* q, const float* side, float* acc, std::int64_t n,
+FEDNG_CLONES void fold_triangle(const std::int8_t* q, const float* side, float* acc, std::int64_t n,
                    float w, float* s) {
   for (std::int64_t i = 0; i < n; ++i)
     s[i] = static_cast<float>(std::sqrt(static_cast<double>(side[i]) / kQmax));
@@ -125,15 +133,16 @@ namespace {
 
 constexpr std::int64_t kBlock = 1024;
 
-// Sum of squares in float64, a block at a time: the block is widened to float32 first (bf16:
-// a shift), then squared and added in float64 lanes (`omp simd` reduction: vectorized).
-double block_squares(const float* v, std::int64_t n) {
+// Sum of squares of a block (bf16 widened to float32 first: a shift): float32 lanes (`omp simd`
+// reduction, vectorized), exact enough for a norm check; a block whose float32 sum is not
+// finite is redone in float64, so only NaN/Inf entries give NaN/Inf.
+FEDNG_CLONES double block_squares(const float* v, std::int64_t n) {
+  float f = 0.0f;
+#pragma omp simd reduction(+ : f)
+  for (std::int64_t i = 0; i < n; ++i) f += v[i] * v[i];
+  if (std::isfinite(f)) return static_cast<double>(f);
   double s = 0.0;
-#pragma omp simd reduction(+ : s)
-  for (std::int64_t i = 0; i < n; ++i) {
-    const double a = static_cast<double>(v[i]);
-    s += a * a;
-  }
+  for (std::int64_t i = 0; i < n; ++i) s += static_cast<double>(v[i]) * static_cast<double>(v[i]);
   return s;
 }
 

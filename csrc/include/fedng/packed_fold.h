@@ -28,8 +28,9 @@ void bf16_axpy(const Ptrs& xs, const Ptrs& accs, const Sizes& n, double weight);
 // Returns false (traces unset) when some D or delta is negative, NaN or infinite.
 bool int8_side_traces(const float* side, std::int64_t nside, const Sizes& tris, double* traces);
 
-// out[i] = sum_p x_i[p]^2 in float64 (no overflow for any float32 entries; NaN/Inf iff an entry
-// is), x_i [n_i] float32 (bf16[i] == 0) or bfloat16 (bf16[i] != 0).
+// out[i] = sum_p x_i[p]^2 (blocks of 1024 summed in float32, redone in float64 if that is not
+// finite; the blocks added in float64): NaN/Inf iff an entry is. x_i [n_i] float32
+// (bf16[i] == 0) or bfloat16 (bf16[i] != 0).
 void sum_squares(const Ptrs& xs, const Sizes& n, const Sizes& bf16, double* out);
 
 }  // namespace fedng::cpu
