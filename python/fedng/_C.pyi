@@ -184,7 +184,9 @@ def int8_quantize_triangles(
 
 def sum_squares(*, xs: Sequence[int], n: Sequence[int], bf16: Sequence[int]) -> list[float]:
     """Per array `xs[i]` [n[i]] (float32, or bfloat16 where `bf16[i]` is not 0), the sum of its
-    squared entries accumulated in float64."""
+    squared entries (blocks of 1024 in float32, redone in float64 when that is not finite, added
+    in float64): NaN/Inf iff an entry is."""
+
 def kfac_step(
     *,
     dtype: int,
