@@ -251,3 +251,12 @@ def test_fedng_shares_clipped_noised_psd_curvature_under_dp() -> None:
         m = f if f.dim() == 2 else torch.diag(f)
         assert float(torch.linalg.eigvalsh(m.double()).min()) >= -1e-5 * float(m.abs().max())
     assert decode(private[0]) is not None
+
+
+def test_distributed_dp_releases_no_metrics_and_no_dataset_size() -> None:
+    knobs = {"dp_clip": 0.05, "dp_noise_multiplier": 1.0, "dp_mode": "distributed"}
+    _, raw, private = dp_round("fedavg", knobs)
+    assert any(r.metrics for r in raw) and any(r.num_examples > 1 for r in raw)
+    assert all(p.metrics == {} and p.num_examples == 1 for p in private)
+    _, raw, central = dp_round("fedavg", {**knobs, "dp_mode": "central"})
+    assert [c.num_examples for c in central] == [r.num_examples for r in raw]
