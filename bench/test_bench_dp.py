@@ -13,7 +13,7 @@ from fedng.federated.aggregation.dp import epsilon_spent, noise_multiplier_for
 def test_noise_is_recalibrated_for_each_number_of_rounds() -> None:
     zs = [noise_multiplier_for(4.0, 1e-5, t) for t in (1, 3, 10, 20)]
     assert zs == sorted(zs) and zs[0] < zs[-1] / 3  # fewer releases, less noise per release
-    args = B.parse(["--clients", "20"])
+    args = B.parse(["--clients", "5"])
     r = B.run_one(args, "digits", "fedavg", 4.0, 0, B.DpConfig(2), "tune")
     assert r["dp"]["noise_multiplier"] == noise_multiplier_for(4.0, 1e-5, 2)
     assert r["dp"]["rounds"] == 2 and len(r["curve"]) == 3
