@@ -337,6 +337,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     for task in sorted({r["task"] for r in rows}):
         at4 = [r for r in rows if r["task"] == task and r["target_epsilon"] == 4.0]
+        if not at4:
+            continue
         if sorted(r["method"] for r in at4 if r["method"] in ("fedng", "fedavg")) != [
             "fedavg",
             "fedng",
