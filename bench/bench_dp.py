@@ -29,7 +29,9 @@ Target: FedNG at ε = 4 at least matches FedAvg at ε = 4.
 Finished runs are appended to the JSON at once; a rerun skips them.
 
 Usage: python bench/bench_dp.py [--quick] [--tasks digits,mnist1d] [--seeds 0,1,2]
-[--epsilons 1,4,8] [--rounds 3,5,10,20]. Writes bench/results/bench_dp.{json,md}.
+[--epsilons 1,4,8] [--rounds 5,10,20] [--knob METHOD:KEY=V1,V2 ...]. The issue-14 table:
+`--knob fedng:damping_scale=absolute --knob fedng:damping=0.03,0.1,0.3 --knob
+fedavg:lr=0.05,0.1,0.2` (docs/robustness_privacy.md). Writes bench/results/bench_dp.{json,md}.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--rounds",
         type=_list(int),
-        default=[3, 5, 10, 20],
+        default=[5, 10, 20],
         help="numbers of rounds T (configs; z is recalibrated for each)",
     )
     p.add_argument("--clean-rounds", type=int, default=20, help="rounds of the run without DP")
