@@ -103,13 +103,16 @@ FEDNG_HD double ndtri(double p) {
 }
 
 // Uniform (0, 1) of entry (i, j) for (seed, stream): 52 Philox bits, exactly representable.
+// One Philox block serves two columns: counter (i, j / 2, stream) gives words (w0, w1) to the
+// even column and (w2, w3) to the odd one.
 FEDNG_HD double uniform_entry(std::uint64_t seed, std::uint64_t stream, std::uint64_t i,
                               std::uint64_t j) {
-  const U32x4 c = {{static_cast<std::uint32_t>(i), static_cast<std::uint32_t>(j),
+  const U32x4 c = {{static_cast<std::uint32_t>(i), static_cast<std::uint32_t>(j >> 1),
                     static_cast<std::uint32_t>(stream), static_cast<std::uint32_t>(stream >> 32)}};
   const U32x4 w = philox4x32_10(c, static_cast<std::uint32_t>(seed),
                                 static_cast<std::uint32_t>(seed >> 32));
-  const std::uint64_t bits = ((static_cast<std::uint64_t>(w.v[1]) << 32) | w.v[0]) >> 12;
+  const int h = static_cast<int>(j & 1) * 2;
+  const std::uint64_t bits = ((static_cast<std::uint64_t>(w.v[h + 1]) << 32) | w.v[h]) >> 12;
   return (static_cast<double>(bits) + 0.5) * 0x1p-52;  // exact, in (0, 1)
 }
 
