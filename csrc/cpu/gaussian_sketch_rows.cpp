@@ -102,27 +102,11 @@ inline vd uniform(vu bits) {
   return (as_d(bits | splatu(0x4330000000000000ull)) - (0x1p52 - 0.5)) * 0x1p-52;
 }
 
-// AS241's coefficients, as in philox.h.
-constexpr double A[8] = {3.3871328727963666080e0, 1.3314166789178437745e2,
-                         1.9715909503065514427e3, 1.3731693765509461125e4,
-                         4.5921953931549871457e4, 6.7265770927008700853e4,
-                         3.3430575583588128105e4, 2.5090809287301226727e3};
-constexpr double B[8] = {1.0,
-                         4.2313330701600911252e1, 6.8718700749205790830e2,
-                         5.3941960214247511077e3, 2.1213794301586595867e4,
-                         3.9307895800092710610e4, 2.8729085735721942674e4,
-                         5.2264952788528545610e3};
-constexpr double C[8] = {1.42343711074968357734e0, 4.63033784615654529590e0,
-                         5.76949722146069140550e0, 3.64784832476320460504e0,
-                         1.27045825245236838258e0, 2.41780725177450611770e-1,
-                         2.27238449892691845833e-2, 7.74545014278341407640e-4};
-constexpr double D[8] = {1.0,
-                         2.05319162663775882187e0, 1.67638483018380384940e0,
-                         6.89767334985100004550e-1, 1.48103976427480074590e-1,
-                         1.51986665636164571966e-2, 5.47593808499534494600e-4,
-                         1.05075007164441684324e-9};
-constexpr double kSeries[12] = {1.0,      1.0 / 3,  1.0 / 5,  1.0 / 7,  1.0 / 9,  1.0 / 11,
-                                1.0 / 13, 1.0 / 15, 1.0 / 17, 1.0 / 19, 1.0 / 21, 1.0 / 23};
+using rng::as241::A;
+using rng::as241::B;
+using rng::as241::C;
+using rng::as241::D;
+using rng::as241::kLogSeries;
 
 // rng::det_log for finite normal x > 0, lane by lane.
 inline vd det_log(vd x) {
@@ -135,7 +119,7 @@ inline vd det_log(vd x) {
   m = select(small, m * 2.0, m);
   e = select(small, e - 1.0, e);
   const vd s = (m - 1.0) / (m + 1.0);
-  return e * kLn2Hi + (e * kLn2Lo + 2.0 * s * horner(kSeries, s * s));
+  return e * kLn2Hi + (e * kLn2Lo + 2.0 * s * horner(kLogSeries, s * s));
 }
 
 // mul32 reads only the low 32 bits of each lane on x86, so the rounds may leave junk in the
@@ -192,7 +176,8 @@ inline int compact(vd q, vd x, int b, std::int64_t* idx, double* tp, int nt) {
   const __mmask8 m = _mm512_cmp_pd_mask(reinterpret_cast<__m512d>(aq), _mm512_set1_pd(0.425),
                                         _CMP_GT_OQ);
   if (!m) return nt;
-  const __m512i ids = _mm512_add_epi64(_mm512_set1_epi64(b), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+  const __m512i ids =
+      _mm512_add_epi64(_mm512_set1_epi64(b), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
   _mm512_storeu_si512(idx + nt, _mm512_maskz_compress_epi64(m, ids));
   _mm512_storeu_pd(tp + nt, _mm512_maskz_compress_pd(m, reinterpret_cast<__m512d>(x)));
   return nt + __builtin_popcount(m);
