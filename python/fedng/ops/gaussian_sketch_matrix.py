@@ -19,7 +19,9 @@ def gaussian_sketch_matrix(
 
     Entry (i, j) depends only on (seed, stream_id, i, j): the same bits on every call, process,
     thread count and machine, so clients that share a seed build the same Omega without sending
-    it, and the leading columns do not change when r grows.
+    it, and the leading columns do not change when r grows. One Philox block serves columns 2k
+    and 2k + 1 of a row (words 0-1 and 2-3); fedng builds before that change drew a different
+    Omega, so every party of a federation must run the same fedng.
 
     Args:
         d: rows (>= 0).
