@@ -7,8 +7,15 @@ import pytest
 import torch
 from _fed import fed_round
 from fedng.curvature import CurvatureSet, to_matrix
-from fedng.curvature.quantize import payload_sizes, quantize
-from fedng.curvature.spec import BlockSpec
+from fedng.curvature.quantize import (
+    LOWRANK_MIN,
+    LOWRANK_RANK,
+    dequantize,
+    payload_sizes,
+    quantize,
+    segments,
+)
+from fedng.curvature.spec import BlockSpec, pack_triangle, unpack_triangle
 from fedng.federated.aggregation.matvec import block_vectors, fisher_matvecs
 from fedng.federated.aggregation.summable import PROBE_D, PROBE_M
 from fedng.federated.algorithms.curvature_payload import decoded_curvature, wants_int8
@@ -67,6 +74,48 @@ def test_payload_sizes_are_the_exact_int8_bytes() -> None:
     assert q.numel() == entries and nbytes == q.numel() + side.numel() * side.element_size()
     assert payload_sizes([("tri", 61), ("tri", 10)]) == (1891 + 55, 1891 + 55 + 4 * 73)
     assert factor_entries(BlockSpec("head", "kron", 10, 61)) == 1891 + 55
+
+
+def test_wide_factors_travel_low_rank_and_never_understate() -> None:
+    """A factor >= LOWRANK_MIN wide travels as B~ B~^T + sigma I: M <= M^ <= M + 2 sigma I
+    (PSD, never under-stating curvature), sigma about lambda_{k+1}; exact bytes; 4x smaller."""
+    n, k = LOWRANK_MIN + 1, LOWRANK_RANK
+    g = torch.Generator().manual_seed(0)
+    x = torch.relu(torch.randn(400, n, generator=g, dtype=torch.float64) + 0.3)
+    m = x.T @ x / 400
+    segs = [("lrtri", n), ("tri", 5), ("vec", 9)]
+    data = torch.cat(
+        [
+            pack_triangle(m),
+            pack_triangle(torch.eye(5, dtype=torch.float64)),
+            torch.rand(9, generator=g, dtype=torch.float64),
+        ]
+    ).float()
+    q, side = quantize(data, segs)
+    entries, nbytes = payload_sizes(segs)
+    assert entries == data.numel() and nbytes == q.numel() + 4 * side.numel()
+    assert q.numel() == 2 * n * k + 15 + 9 and nbytes < 0.55 * entries
+    back = dequantize(q, side, segs).double()
+    tri = n * (n + 1) // 2
+    diff = unpack_triangle(back[:tri], n) - unpack_triangle(data[:tri].double(), n)
+    eig = torch.linalg.eigvalsh(diff)
+    sigma = float(side[k])
+    lam = torch.linalg.eigvalsh(unpack_triangle(data[:tri].double(), n))
+    assert float(eig[0]) >= -1e-5 * float(lam[-1])  # M^ >= M up to the float32 payload
+    assert float(eig[-1]) <= 2 * sigma
+    assert abs(sigma - float(lam[-k - 1])) <= 1e-3 * float(lam[-1])
+    # the narrow segments behind it decode as before
+    rest, _ = quantize(data[tri:], segs[1:])
+    assert torch.equal(q[2 * n * k :], rest)
+    # a rank-k factor comes back almost exactly: sigma is only the rounding floor
+    low = x[:, :k].T @ x[:, :k]
+    lr = torch.zeros(n, n, dtype=torch.float64)
+    lr[:k, :k] = low
+    _, side2 = quantize(pack_triangle(lr).float(), [("lrtri", n)])
+    assert float(side2[-1]) <= 1e-3 * float(torch.linalg.eigvalsh(low)[-1])
+    # only factors at least LOWRANK_MIN wide: the digits CNN's 513-wide head input
+    forms = segments("kfac", [BlockSpec("a", "kron", 10, 513), BlockSpec("b", "kron", 32, 145)])
+    assert forms == [("lrtri", 513), ("tri", 10), ("tri", 145), ("tri", 32)]
 
 
 def test_auto_int8_whenever_it_is_the_smaller_payload() -> None:
