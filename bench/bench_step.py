@@ -13,7 +13,8 @@ preconditioning forms, and n^3 per factor inverse / 10).
 
 Targets (issue 11): our K-FAC step <= 1.5x the SGD step on the MNIST-1D MLP and <= 1.8x on the
 1024-wide MLP (`ng-kfac`, kl_clip=None like the torch loop); `ng-kfac-klclip` is the same step
-with the default KL clip (and its finiteness checks), reported alongside.
+with the default KL clip (and its finiteness checks), reported alongside; `ng-kfac-general` is
+`ng-kfac` without the fused K-FAC step (`fedng.optim.fused_kfac`), the before/after in one run.
 
 Threads: OpenBLAS worker threads busy-wait after every BLAS call for 2^28 cycles by default and
 then compete with torch's own threads for the two cores; unless the environment already says
@@ -220,7 +221,7 @@ def extra_flops(method: str, shapes: list[tuple[int, int, int, int]], rank: int)
     total = 0.0
     for m, n, rows, b in shapes:
         d = m * n
-        if method in ("ng-kfac", "ng-kfac-klclip", "kfac-torch-loop"):
+        if method in ("ng-kfac", "ng-kfac-klclip", "ng-kfac-general", "kfac-torch-loop"):
             total += rows * (n * (n + 1) + m * (m + 1))
             dense, batch = 2 * m * n * (m + n), 2 * rows * (m * m + n * n + m * n)
             total += dense if method == "kfac-torch-loop" else min(dense, batch)
@@ -261,7 +262,16 @@ def methods(
     torch.manual_seed(0)
     base = wl.make()
     out: dict[str, Callable[[], None]] = {}
-    names = ["sgd", "adam", "ng-diag", "ng-kfac", "ng-kfac-klclip", "ng-lowrank", "kfac-torch-loop"]
+    names = [
+        "sgd",
+        "adam",
+        "ng-diag",
+        "ng-kfac",
+        "ng-kfac-klclip",
+        "ng-kfac-general",
+        "ng-lowrank",
+        "kfac-torch-loop",
+    ]
     for name in names:
         if only and name not in only and name != "sgd":
             continue
@@ -276,7 +286,7 @@ def methods(
             clip = name.endswith("-klclip")  # the default KL clip and its finiteness checks
             ng = NaturalGradient(
                 model,
-                curvature=name[3:].removesuffix("-klclip"),
+                curvature=name[3:].removesuffix("-klclip").removesuffix("-general"),
                 damping=DAMPING,
                 curvature_decay=DECAY,
                 inverse_every=STEPS,
@@ -285,6 +295,8 @@ def methods(
                 # None: the same math as the torch loop (the default clips the step)
                 **({} if clip else {"kl_clip": None}),
             )
+            if name.endswith("-general"):  # ng-kfac without the fused step (before/after)
+                ng._fused = None
             extra = ng.step
         elif name == "kfac-torch-loop":
             extra = TorchLoopKFAC(model, DAMPING, DECAY, STEPS).step
@@ -473,7 +485,8 @@ def main() -> int:
         "--methods",
         nargs="*",
         default=None,
-        help="subset of sgd adam ng-diag ng-kfac ng-kfac-klclip ng-lowrank kfac-torch-loop",
+        help="subset of sgd adam ng-diag ng-kfac ng-kfac-klclip ng-kfac-general ng-lowrank"
+        " kfac-torch-loop",
     )
     p.add_argument("--repeats", type=int, default=None, help="timed samples (7; 3 with --quick)")
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")

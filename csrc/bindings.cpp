@@ -12,6 +12,7 @@
 
 #include "fedng/blas.h"
 #include "fedng/errors.h"
+#include "fedng/kfac_step.h"
 #include "fedng/ops.h"
 #include "fedng/small_spd_inverse.h"
 
@@ -138,4 +139,26 @@ PYBIND11_MODULE(_C, m) {
       nogil, kw, py::arg("dtype"), py::arg("out"), py::arg("d"), py::arg("r"), py::arg("seed"),
       py::arg("stream_id"), py::arg("nthreads"),
       "out [d, r] <- the Philox Gaussian matrix of (seed, stream_id).");
+  m.def(
+      "kfac_step",
+      [](int dtype, const Ptrs& inputs, const Ptrs& output_grads, const Ptrs& grads,
+         const Ptrs& a_inv, const Ptrs& g_inv, const Ptrs& probe_u, const Ptrs& probe_v,
+         const Ptrs& a_factors, const Ptrs& g_factors, const Ptrs& outs, const Sizes& m,
+         const Sizes& n, const Sizes& rows, const Sizes& bias, const Floats& decay,
+         const Floats& a_scale, const Floats& g_scale, int update_factors, int precondition,
+         int check_finite, Address form, Address sums, int nthreads) {
+        fedng::cpu::kfac_step(dtype_of("kfac_step", dtype), inputs, output_grads, grads, a_inv,
+                              g_inv, probe_u, probe_v, a_factors, g_factors, outs, m, n, rows,
+                              bias, decay, a_scale, g_scale, update_factors, precondition,
+                              check_finite, reinterpret_cast<std::int8_t*>(form),
+                              reinterpret_cast<double*>(sums), nthreads);
+      },
+      nogil, kw, py::arg("dtype"), py::arg("inputs"), py::arg("output_grads"), py::arg("grads"),
+      py::arg("a_inv"), py::arg("g_inv"), py::arg("probe_u"), py::arg("probe_v"),
+      py::arg("a_factors"), py::arg("g_factors"), py::arg("outs"), py::arg("m"), py::arg("n"),
+      py::arg("rows"), py::arg("bias"), py::arg("decay"), py::arg("a_scale"), py::arg("g_scale"),
+      py::arg("update_factors"), py::arg("precondition"), py::arg("check_finite"), py::arg("form"),
+      py::arg("sums"), py::arg("nthreads"),
+      "Fused K-FAC step of Linear layers: factor EMA update, then outs[i] <- G^-1 grads[i] A^-1"
+      " (batch or dense form; form: int8 [N]; sums: float64 [2N], gradient sums and <out, grad>).");
 }

@@ -67,6 +67,7 @@ OP_NAMES = (
     "nystrom",
     "lowrank_precondition",
     "gaussian_sketch_matrix",
+    "kfac_step",
 )
 
 INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.MULTILINE)

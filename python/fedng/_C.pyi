@@ -150,3 +150,39 @@ def gaussian_sketch_matrix(
     nthreads: int,
 ) -> None:
     """`out` [d, r] <- the Philox Gaussian matrix of `(seed, stream_id)`."""
+
+def kfac_step(
+    *,
+    dtype: int,
+    inputs: Sequence[int],
+    output_grads: Sequence[int],
+    grads: Sequence[int],
+    a_inv: Sequence[int],
+    g_inv: Sequence[int],
+    probe_u: Sequence[int],
+    probe_v: Sequence[int],
+    a_factors: Sequence[int],
+    g_factors: Sequence[int],
+    outs: Sequence[int],
+    m: Sequence[int],
+    n: Sequence[int],
+    rows: Sequence[int],
+    bias: Sequence[int],
+    decay: Sequence[float],
+    a_scale: Sequence[float],
+    g_scale: Sequence[float],
+    update_factors: int,
+    precondition: int,
+    check_finite: int,
+    form: int,
+    sums: int,
+    nthreads: int,
+) -> None:
+    """Fused K-FAC step of Linear layers (see `fedng.ops.kfac_step`).
+
+    Per layer: `A <- decay A + a_scale [x 1]^T [x 1]`, `G <- decay G + g_scale g^T g` (if
+    `update_factors`), then `outs[i] <- g_inv grads[i] a_inv` (if `precondition`), by the batch
+    or the dense form; `form` is the address of an int8 [N] buffer (0/1/2), `sums` of a float64
+    [2N] buffer: each gradient's sum (with `check_finite`, checked before any update: a non-finite
+    one stops the call) and each `<outs[i], grads[i]>` (NaN where not preconditioned).
+    """

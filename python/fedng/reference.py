@@ -72,6 +72,36 @@ def kron_precondition_ref(
     return out
 
 
+def kfac_step_ref(
+    inputs: Tensors,
+    output_grads: Tensors,
+    bias: Sequence[bool],
+    a_factors: Tensors,
+    g_factors: Tensors,
+    decay: float | Sequence[float],
+    a_scale: float | Sequence[float],
+    g_scale: float | Sequence[float],
+    grads: Tensors | None = None,
+    a_inv: Tensors | None = None,
+    g_inv: Tensors | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor] | None]:
+    """The updated factors `decay_i F + scale_i R^T R` (A's rows `R = [x 1]` with a bias) and,
+    given inverses, `g_inv_i grads_i a_inv_i`: (A list, G list, outputs or None)."""
+    count = len(inputs)
+    d, sa, sg = _scales(decay, count), _scales(a_scale, count), _scales(g_scale, count)
+    a_new, g_new = [], []
+    for i in range(count):
+        x = _f64(inputs[i])
+        if bias[i]:
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], 1)
+        g = _f64(output_grads[i])
+        a_new.append(d[i] * _f64(a_factors[i]) + sa[i] * x.T @ x)
+        g_new.append(d[i] * _f64(g_factors[i]) + sg[i] * g.T @ g)
+    if grads is None or a_inv is None or g_inv is None:
+        return a_new, g_new, None
+    return a_new, g_new, kron_precondition_ref(grads, a_inv, g_inv)
+
+
 def sketch_accumulate_ref(
     sketches: Tensors,
     jacobians: Tensors,

@@ -38,7 +38,8 @@ class UnsupportedLayerWarning(UserWarning):
 
 @dataclass(eq=False)
 class _Record:
-    """One observed (input, output) of a site in one forward pass."""
+    """One observed (input, output) of a site in one forward pass (x its input, g_loss and
+    g_fisher the gradients w.r.t. its output from the loss and the Fisher pass)."""
 
     site: int
     x: torch.Tensor
@@ -222,6 +223,12 @@ class CurvatureCapture:
         self._handles.clear()
         self.clear()
 
+    def take_records(self) -> list[_Record]:
+        """Hands over what was recorded since the last `collect`/`clear`, and clears it (a fused
+        consumer reads the raw inputs and output gradients itself; see `stats_of`)."""
+        records, self._records = self._records, []
+        return records
+
     # --- statistics -----------------------------------------------------------------------
 
     def collect(self, fisher: str | None = "empirical") -> list[BlockStats | None]:
@@ -236,6 +243,11 @@ class CurvatureCapture:
             One `BlockStats` per block, None for blocks not seen in a backpropagated forward.
         """
         records, self._records = self._records, []
+        with torch.no_grad():
+            return self._stats(records, fisher)
+
+    def stats_of(self, records: list[_Record], fisher: str | None) -> list[BlockStats | None]:
+        """`collect` of records handed over by `take_records`."""
         with torch.no_grad():
             return self._stats(records, fisher)
 

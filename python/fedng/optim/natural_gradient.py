@@ -20,7 +20,9 @@ Per step: the recorded batch's statistics update the optimizer's own curvature (
 `factor_every` steps, one ragged native call per representation), the preconditioner's damped
 inverses are refreshed every `inverse_every` steps (one call), and all gradients are
 preconditioned in one call, K-FAC using the batch's own inputs and output gradients wherever that
-is cheaper than the dense product.
+is cheaper than the dense product. When every block is a K-FAC `nn.Linear` block (the common
+case; empirical Fisher, own curvature), update and preconditioning are one native call
+(`fedng.optim.fused_kfac`), with the same results.
 
 Safe by default: `damping` is relative to each block's curvature scale (λ_i = damping x
 tr(F_i) / d_i, `damping_scale="relative"`, never below 1% of the largest λ the block has had),
@@ -92,6 +94,7 @@ from fedng.optim.damping import (
     predicted_reduction,
     reduction_ratio,
 )
+from fedng.optim.fused_kfac import FusedKFAC, FusedResult
 from fedng.optim.gather import FlatGrads
 from fedng.optim.safety import (
     Safety,
@@ -247,6 +250,10 @@ class NaturalGradient:
         self.source = PreconditionerSource(mode, self.local_curvature)
         # Gradients and results as views of two flat buffers (see `fedng.optim.gather`).
         self._flat = FlatGrads(blocks, self._params, self.dtype) if blocks else None
+        # The common case (K-FAC Linear layers) in one native call per step, or None.
+        self._fused = FusedKFAC.build(
+            self.capture, self.local_curvature, self._flat, self.fisher_type
+        )
         self._names = [b.name for b in blocks]
         self.steps = 0
         self._generator = torch.Generator().manual_seed(self.sketch_seed)
@@ -342,12 +349,30 @@ class NaturalGradient:
                 f"{WHERE}.step: damping_mode='adaptive' needs 'closure' (a function"
                 " returning the current batch's loss) on inverse steps"
             )
-        stats = self.capture.collect(self.fisher_type if factor_step else None)
+        fused = self._fused
+        rows = (
+            fused.take(self.capture)
+            if fused is not None
+            and factor_step
+            and self.source.mode == "local"
+            and fused.flat is self._flat
+            else None
+        )
+        stats = (
+            None
+            if rows is not None
+            else self.capture.collect(self.fisher_type if factor_step else None)
+        )
         flat = self._flat
         gathered = flat.gather() if flat is not None else None
+        if rows is not None and gathered is None:  # the fused step reads the gathered gradients
+            stats, rows = self.capture.stats_of(rows.records, self.fisher_type), None
         if gathered is not None and flat is not None:
             grads: list[torch.Tensor | None] = list(gathered)
-            finite = flat.grads_finite() and (not flat.uncovered or all_finite(self._uncovered()))
+            # The fused step sums the gathered gradients natively (before changing anything).
+            finite = (rows is not None or flat.grads_finite()) and (
+                not flat.uncovered or all_finite(self._uncovered())
+            )
             if not finite and not all_finite([p.grad for p in self._params if p.grad is not None]):
                 self._skip(t)
                 return
@@ -357,26 +382,52 @@ class NaturalGradient:
                 return
             grads = [b.grad_matrix(self.dtype) for b in self.capture.blocks]
         blocks = self.capture.blocks
-        self._note_batch(stats)
-        if factor_step:
-            self.local_curvature.update(stats, self.curvature_decay)
-        pre, report = self.source.current(
-            inverse_step, self._damping_rule(), self.damping_mode != "tikhonov" or self._relative
-        )
-        precond: list[torch.Tensor | None] = (
-            [None] * len(blocks)
-            if pre is None
-            else pre.precondition(
-                grads, stats, out=flat.outs if flat is not None and gathered is not None else None
+        factored = self.damping_mode != "tikhonov" or self._relative
+        precond: list[torch.Tensor | None]
+        if rows is not None and fused is not None:  # the fused K-FAC step (fedng.optim.fused_kfac)
+            fz, rz = fused, rows  # narrowed, for the closure
+
+            def fused_step(check: bool) -> FusedResult | None:
+                return fz.step(
+                    self.capture,
+                    lambda: self.source.current(inverse_step, self._damping_rule(), factored),
+                    rz,
+                    self.curvature_decay,
+                    inverse_step,
+                    grads,
+                    check,
+                )
+
+            done = fused_step(True)
+            if done is None and all_finite([p.grad for p in self._params if p.grad is not None]):
+                done = fused_step(False)  # finite entries whose sum overflowed
+            if done is None:  # a non-finite gradient: nothing was updated
+                self._skip(t)
+                return
+            pre, report, precond = done
+            self._batch_form = fused.batch_form(rows)
+        else:
+            if stats is None:  # unreachable: the rows went to the general path's stats above
+                stats = [None] * len(blocks)
+            self._note_batch(stats)
+            if factor_step:
+                self.local_curvature.update(stats, self.curvature_decay)
+            pre, report = self.source.current(inverse_step, self._damping_rule(), factored)
+            precond = (
+                [None] * len(blocks)
+                if pre is None
+                else pre.precondition(
+                    grads,
+                    stats,
+                    out=flat.outs if flat is not None and gathered is not None else None,
+                )
             )
-        )
         # All outputs in the flat buffer: one reduction is both their finiteness check and, with
         # the KL clip, sum <p, g> (an overflow or a non-finite output takes the exact path).
-        dot = (
-            flat.dot()
-            if flat is not None and gathered is not None and flat.holds_outputs(precond)
-            else math.nan
-        )
+        dot = math.nan
+        if flat is not None and gathered is not None and flat.holds_outputs(precond):
+            fused_dot = math.nan if rows is None or fused is None else fused.dot
+            dot = fused_dot if math.isfinite(fused_dot) else flat.dot()
         fallbacks = self._fall_back(pre, report, grads, precond, math.isfinite(dot))
         for i in self._no_curvature:
             if precond[i] is not None:

@@ -1,0 +1,198 @@
+#include <cmath>
+#include <vector>
+
+#include "fedng/blas.h"
+#include "fedng/dispatch.h"
+#include "fedng/kfac_step.h"
+#include "fedng/parallel.h"
+
+namespace fedng::cpu {
+namespace {
+
+// Whether the batch form is cheaper (the same test as fedng.curvature.kfac.batch_form_cheaper).
+bool batch_cheaper(std::int64_t rows, std::int64_t m, std::int64_t n) {
+  return rows * (m * m + n * n + m * n) < m * n * (m + n);
+}
+
+// F <- decay F (decay 0 overwrites, as BLAS's beta = 0).
+template <class T>
+T decayed(double decay, T f) {
+  return decay == 0.0 ? T(0) : static_cast<T>(decay) * f;
+}
+
+// A [n, n] <- decay A + scale [x 1]^T [x 1] with x [rows, k], n = k + bias; G likewise from g.
+template <class T>
+void update(const T* x, const T* g, T* a, T* gf, int rows, int k, int m, bool bias, double decay,
+            double sa, double sg) {
+  const int n = k + (bias ? 1 : 0);
+  if (rows == 0) {
+    for (std::int64_t e = 0; e < std::int64_t(n) * n; ++e) a[e] = decayed(decay, a[e]);
+    for (std::int64_t e = 0; e < std::int64_t(m) * m; ++e) gf[e] = decayed(decay, gf[e]);
+    return;
+  }
+  if (k > 0)
+    blas::syrk_upper_ata(k, rows, static_cast<T>(sa), x, static_cast<T>(decay), a, k, n);
+  if (bias) {
+    // The ones column: its products with x are x's column sums, with itself `rows`.
+    std::vector<double> sums(static_cast<std::size_t>(k), 0.0);
+    for (int r = 0; r < rows; ++r)
+      for (int j = 0; j < k; ++j) sums[j] += x[std::int64_t(r) * k + j];
+    for (int j = 0; j < k; ++j)
+      a[std::int64_t(j) * n + k] =
+          decayed(decay, a[std::int64_t(j) * n + k]) + static_cast<T>(sa * sums[j]);
+    a[std::int64_t(k) * n + k] =
+        decayed(decay, a[std::int64_t(k) * n + k]) + static_cast<T>(sa * rows);
+  }
+  mirror_upper_to_lower(a, n);
+  if (m > 0) {
+    blas::syrk_upper_ata(m, rows, static_cast<T>(sg), g, static_cast<T>(decay), gf);
+    mirror_upper_to_lower(gf, m);
+  }
+}
+
+// sum_e a[e] * b[e] (b null: sum_e a[e]) in double, eight independent sums (a chained sum over a
+// [1024, 1025] matrix took milliseconds).
+template <class T>
+double wide_dot(const T* a, const T* b, std::int64_t count) {
+  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const std::int64_t whole = count / 8 * 8;
+  for (std::int64_t e = 0; e < whole; e += 8)
+    for (int j = 0; j < 8; ++j) part[j] += double(a[e + j]) * (b ? double(b[e + j]) : 1.0);
+  double total = 0.0;
+  for (std::int64_t e = whole; e < count; ++e) total += double(a[e]) * (b ? double(b[e]) : 1.0);
+  for (double p : part) total += p;
+  return total;
+}
+
+// Whether grads = g^T [x 1], probed with the fixed vectors u [m], v [n].
+template <class T>
+bool probe_holds(const T* x, const T* g, const T* grad, const T* u, const T* v, int rows, int k,
+                 int m, bool bias) {
+  const int n = k + (bias ? 1 : 0);
+  std::vector<T> gu(static_cast<std::size_t>(rows)), av(static_cast<std::size_t>(rows));
+  std::vector<T> grad_v(static_cast<std::size_t>(m));
+  blas::gemv(false, rows, m, T(1), g, m, u, T(0), gu.data());
+  if (k > 0) blas::gemv(false, rows, k, T(1), x, k, v, T(0), av.data());
+  else for (auto& e : av) e = T(0);
+  if (bias)
+    for (auto& e : av) e += v[k];
+  blas::gemv(false, m, n, T(1), grad, n, v, T(0), grad_v.data());
+  double lhs = 0.0, rhs = 0.0, mass = 0.0;
+  for (int i = 0; i < m; ++i) lhs += double(u[i]) * double(grad_v[i]);
+  for (int r = 0; r < rows; ++r) {
+    const double p = double(gu[r]) * double(av[r]);
+    rhs += p;
+    mass += std::abs(p);
+  }
+  // The norm term only loosens the test: a pass over the gradient only when it is needed.
+  if (std::abs(lhs - rhs) <= 1e-5 * mass) return true;
+  const double norm = wide_dot(grad, grad, std::int64_t(m) * n);
+  return std::abs(lhs - rhs) <= 1e-3 * std::sqrt(norm) + 1e-5 * mass;
+}
+
+}  // namespace
+
+void kfac_step(DType dtype, const Ptrs& inputs, const Ptrs& output_grads, const Ptrs& grads,
+               const Ptrs& a_inv, const Ptrs& g_inv, const Ptrs& probe_u, const Ptrs& probe_v,
+               const Ptrs& a_factors, const Ptrs& g_factors, const Ptrs& outs, const Sizes& m,
+               const Sizes& n, const Sizes& rows, const Sizes& bias,
+               const std::vector<double>& decay, const std::vector<double>& a_scale,
+               const std::vector<double>& g_scale, int update_factors, int precondition,
+               int check_finite, std::int8_t* form, double* sums, int nthreads) {
+  const char* op = "kfac_step";
+  const std::size_t count = outs.size();
+  for (auto [name, size] :
+       {std::pair{"inputs", inputs.size()}, {"output_grads", output_grads.size()},
+        {"grads", grads.size()}, {"a_inv", a_inv.size()}, {"g_inv", g_inv.size()},
+        {"probe_u", probe_u.size()}, {"probe_v", probe_v.size()}, {"a_factors", a_factors.size()},
+        {"g_factors", g_factors.size()}, {"m", m.size()}, {"n", n.size()}, {"rows", rows.size()},
+        {"bias", bias.size()}, {"decay", decay.size()}, {"a_scale", a_scale.size()},
+        {"g_scale", g_scale.size()}})
+    check_count(op, name, size, count);
+  check_sizes(op, "m", m);
+  check_sizes(op, "rows", rows);
+  std::vector<double> cost(count);
+  for (std::size_t i = 0; i < count; ++i) {
+    if (bias[i] != 0 && bias[i] != 1) fail(op, "bias entries must be 0 or 1");
+    if (n[i] < bias[i]) fail(op, "n smaller than the bias column");
+    const std::int64_t k = n[i] - bias[i];
+    for (std::int64_t v : {m[i] * m[i], n[i] * n[i], rows[i] * m[i], rows[i] * k, m[i] * n[i]})
+      blas_int(op, v);
+    const bool upd = update_factors != 0, pre = precondition != 0 && m[i] > 0 && n[i] > 0;
+    const bool rows_needed = (upd || (pre && batch_cheaper(rows[i], m[i], n[i]))) && rows[i] > 0;
+    if (upd && ((a_factors[i] == 0 && n[i] > 0) || (g_factors[i] == 0 && m[i] > 0)))
+      fail(op, "a null pointer among the factors");
+    if (rows_needed && ((inputs[i] == 0 && k > 0) || (output_grads[i] == 0 && m[i] > 0)))
+      fail(op, "a null pointer among the batch rows");
+    if (pre && (a_inv[i] == 0 || g_inv[i] == 0 || grads[i] == 0 || outs[i] == 0 ||
+                probe_u[i] == 0 || probe_v[i] == 0))
+      fail(op, "a null pointer among the preconditioning buffers");
+    const double mi = double(m[i]), ni = double(n[i]), bi = double(rows[i]);
+    cost[i] = 1.0 + (upd ? bi * (ni * ni + mi * mi) : 0.0) +
+              (pre ? 2.0 * mi * ni * (mi + ni) : 0.0);
+  }
+  dispatch_float(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    for (std::size_t i = 0; i < count; ++i) {
+      form[i] = 0;
+      sums[i] = 0.0;
+      sums[count + i] = std::nan("");
+    }
+    if (check_finite != 0) {
+      // A step with a non-finite gradient changes nothing (the caller skips it).
+      bool finite = true;
+      for (std::size_t i = 0; i < count; ++i) {
+        if (m[i] * n[i] > 0 && grads[i] == 0) fail(op, "a null pointer among the grads");
+        sums[i] = wide_dot(as<const T>(grads[i]), static_cast<const T*>(nullptr), m[i] * n[i]);
+        finite = finite && std::isfinite(sums[i]);
+      }
+      if (!finite) return;
+    }
+    run_ragged(cost, nthreads, [&](std::int64_t i) {
+      const int mi = static_cast<int>(m[i]), ni = static_cast<int>(n[i]);
+      const int b = static_cast<int>(rows[i]);
+      const bool has_bias = bias[i] == 1;
+      const int k = ni - (has_bias ? 1 : 0);
+      const T* x = as<const T>(inputs[i]);
+      const T* g = as<const T>(output_grads[i]);
+      if (update_factors != 0)
+        update(x, g, as<T>(a_factors[i]), as<T>(g_factors[i]), b, k, mi, has_bias, decay[i],
+               a_scale[i], g_scale[i]);
+      if (precondition == 0) return;
+      if (mi == 0 || ni == 0) {
+        sums[count + i] = 0.0;
+        return;
+      }
+      const T* ai = as<const T>(a_inv[i]);
+      const T* gi = as<const T>(g_inv[i]);
+      const T* grad = as<const T>(grads[i]);
+      T* out = as<T>(outs[i]);
+      thread_local std::vector<T> t1, t2;
+      if (b > 0 && batch_cheaper(b, mi, ni) &&
+          probe_holds(x, g, grad, as<const T>(probe_u[i]), as<const T>(probe_v[i]), b, k, mi,
+                      has_bias)) {
+        // P = g g_inv^T [b, m], Q = [x 1] a_inv [b, n] (the ones column adds a_inv's last row),
+        // out = P^T Q.
+        t1.resize(std::size_t(b) * mi);
+        t2.resize(std::size_t(b) * ni);
+        blas::gemm(false, true, b, mi, mi, T(1), g, mi, gi, mi, T(0), t1.data(), mi);
+        if (k > 0) blas::gemm(false, false, b, ni, k, T(1), x, k, ai, ni, T(0), t2.data(), ni);
+        else for (auto& e : t2) e = T(0);
+        if (has_bias)
+          for (int r = 0; r < b; ++r)
+            for (int j = 0; j < ni; ++j) t2[std::size_t(r) * ni + j] += ai[std::int64_t(k) * ni + j];
+        blas::gemm(true, false, mi, ni, b, T(1), t1.data(), mi, t2.data(), ni, T(0), out, ni);
+        form[i] = 2;
+        sums[count + i] = wide_dot(static_cast<const T*>(out), grad, std::int64_t(mi) * ni);
+        return;
+      }
+      t1.resize(std::size_t(mi) * ni);
+      blas::gemm(false, false, mi, ni, ni, T(1), grad, ni, ai, ni, T(0), t1.data(), ni);
+      blas::gemm(false, false, mi, ni, mi, T(1), gi, mi, t1.data(), ni, T(0), out, ni);
+      form[i] = 1;
+      sums[count + i] = wide_dot(static_cast<const T*>(out), grad, std::int64_t(mi) * ni);
+    });
+  });
+}
+
+}  // namespace fedng::cpu
