@@ -14,6 +14,8 @@
 #include "fedng/errors.h"
 #include "fedng/kfac_step.h"
 #include "fedng/ops.h"
+#include "fedng/packed_fold.h"
+#include "fedng/int8_quantize.h"
 #include "fedng/small_spd_inverse.h"
 
 namespace py = pybind11;
@@ -139,6 +141,55 @@ PYBIND11_MODULE(_C, m) {
       nogil, kw, py::arg("dtype"), py::arg("out"), py::arg("d"), py::arg("r"), py::arg("seed"),
       py::arg("stream_id"), py::arg("nthreads"),
       "out [d, r] <- the Philox Gaussian matrix of (seed, stream_id).");
+  m.def(
+      "int8_packed_axpy",
+      [](Address q, Address side, Address acc, std::int64_t nq, std::int64_t nside,
+         const Sizes& tris, const Sizes& vecs, std::int64_t chunk, double weight) {
+        fedng::cpu::int8_packed_axpy(reinterpret_cast<const std::int8_t*>(q),
+                                     reinterpret_cast<const float*>(side),
+                                     reinterpret_cast<float*>(acc), nq, nside, tris, vecs, chunk,
+                                     weight);
+      },
+      nogil, kw, py::arg("q"), py::arg("side"), py::arg("acc"), py::arg("nq"), py::arg("nside"),
+      py::arg("tris"), py::arg("vecs"), py::arg("chunk"), py::arg("weight"),
+      "acc += weight * (the int8 payload q with its float32 scales side, dequantized).");
+  m.def(
+      "bf16_axpy",
+      [](const Ptrs& xs, const Ptrs& accs, const Sizes& n, double weight) {
+        fedng::cpu::bf16_axpy(xs, accs, n, weight);
+      },
+      nogil, kw, py::arg("xs"), py::arg("accs"), py::arg("n"), py::arg("weight"),
+      "accs[k] [n_k] float32 += weight * xs[k] [n_k] bfloat16.");
+  m.def(
+      "int8_side_traces",
+      [](Address side, std::int64_t nside, const Sizes& tris) {
+        std::vector<double> traces(tris.size() / 3);
+        const bool ok = fedng::cpu::int8_side_traces(reinterpret_cast<const float*>(side), nside,
+                                                     tris, traces.data());
+        return ok ? traces : std::vector<double>{};
+      },
+      nogil, kw, py::arg("side"), py::arg("nside"), py::arg("tris"),
+      "Per int8 triangle, sum_i D_i (1 + delta) from its scales; [] if one is negative/non-finite.");
+  m.def(
+      "int8_quantize_triangles",
+      [](Address vals, Address q, Address side, std::int64_t nvals, std::int64_t nside,
+         const Sizes& tris) {
+        fedng::cpu::int8_quantize_triangles(reinterpret_cast<const float*>(vals),
+                                            reinterpret_cast<std::int8_t*>(q),
+                                            reinterpret_cast<float*>(side), nvals, nside, tris);
+      },
+      nogil, kw, py::arg("vals"), py::arg("q"), py::arg("side"), py::arg("nvals"),
+      py::arg("nside"), py::arg("tris"),
+      "q, side <- the int8 triangles of vals with their scales and certified error bounds.");
+  m.def(
+      "sum_squares",
+      [](const Ptrs& xs, const Sizes& n, const Sizes& bf16) {
+        std::vector<double> out(xs.size());
+        fedng::cpu::sum_squares(xs, n, bf16, out.data());
+        return out;
+      },
+      nogil, kw, py::arg("xs"), py::arg("n"), py::arg("bf16"),
+      "Per array, the sum of its squared entries in float64 (float32 or bfloat16 arrays).");
   m.def(
       "kfac_step",
       [](int dtype, const Ptrs& inputs, const Ptrs& output_grads, const Ptrs& grads,

@@ -11,6 +11,7 @@ from fedng.curvature.quantize import (
     LOWRANK_MIN,
     LOWRANK_RANK,
     dequantize,
+    dequantize_add,
     payload_sizes,
     quantize,
     segments,
@@ -18,6 +19,7 @@ from fedng.curvature.quantize import (
 from fedng.curvature.spec import BlockSpec, pack_triangle, unpack_triangle
 from fedng.federated.aggregation.matvec import block_vectors, fisher_matvecs
 from fedng.federated.aggregation.summable import PROBE_D, PROBE_M
+from fedng.federated.aggregation.sums import WeightedSum
 from fedng.federated.algorithms.curvature_payload import decoded_curvature, wants_int8
 from fedng.federated.algorithms.fedng_server import CONTRIB_PREFIX
 from fedng.federated.algorithms.registry import get_algorithm
@@ -184,3 +186,29 @@ def test_probe_is_bf16_on_the_probed_blocks_only() -> None:
     head, names_h, _, _ = _probe({"curvature": "kfac,2=diag"})
     assert names_h == {p + k for p in (PROBE_M, PROBE_D) for k in ("0.weight", "0.bias")}
     assert head < half
+
+
+def test_server_folds_low_rank_payloads_as_their_floats() -> None:
+    """The server's int8 fold (`WeightedSum.fold_int8`) sums a payload with a low-rank segment
+    as its dequantized floats (sized by the float entries, not the int8 values)."""
+    n = LOWRANK_MIN
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50, n, generator=g, dtype=torch.float64)
+    segs = [("tri", 4), ("lrtri", n), ("vec", 7)]
+    data = torch.cat(
+        [
+            pack_triangle(torch.eye(4, dtype=torch.float64)),
+            pack_triangle(x.T @ x / 50),
+            torch.rand(7, generator=g, dtype=torch.float64),
+        ]
+    ).float()
+    q, side = quantize(data, segs)
+    ws = WeightedSum()
+    ws.fold_int8({"kfac": (q, side, segs)}, 0.25)
+    ws.fold_int8({"kfac": (q, side, segs)}, 0.75)
+    want = dequantize(q, side, segs)
+    assert ws.sums["kfac"].shape == data.shape
+    assert torch.allclose(ws.sums["kfac"], want, rtol=1e-5, atol=1e-6)
+    acc = torch.zeros_like(data)
+    dequantize_add(acc, q, side, segs, 2.0)
+    assert torch.allclose(acc, 2 * want)

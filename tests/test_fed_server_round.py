@@ -54,7 +54,12 @@ def test_streaming_round_matches_batch(algo: str, extra: dict[str, Any]) -> None
     assert new.log["accepted"] == ref.log["accepted"]
     assert new.round == state.round + 1 and msg.round == new.round
     for k in ref.params:
-        torch.testing.assert_close(new.params[k], ref.params[k], rtol=1e-5, atol=1e-6)
+        # the summable step solves with the pooled factors: float32 sums folded at weights n_k
+        # instead of p_k round differently, and the damped solve (condition ~1e3 here) and
+        # line search scale that up: ~1e-5 of the parameters' size
+        big = float(ref.params[k].abs().max())
+        atol = 1e-6 if algo == "fedavg" else 1e-4 * big
+        torch.testing.assert_close(new.params[k], ref.params[k], rtol=1e-5, atol=atol)
 
 
 @pytest.mark.parametrize("algo,extra", [("fedavg", {}), ("fedng", {"aggregation": "summable"})])

@@ -151,6 +151,42 @@ def gaussian_sketch_matrix(
 ) -> None:
     """`out` [d, r] <- the Philox Gaussian matrix of `(seed, stream_id)`."""
 
+def int8_packed_axpy(
+    *,
+    q: int,
+    side: int,
+    acc: int,
+    nq: int,
+    nside: int,
+    tris: Sequence[int],
+    vecs: Sequence[int],
+    chunk: int,
+    weight: float,
+) -> None:
+    """`acc += weight * dequantize(q, side)` (int8 [nq], float32 [nside] -> float32 [nq]).
+
+    `tris` / `vecs` are flattened `(at, sat, n)` triples (`fedng.curvature.quantize`'s segments).
+    """
+
+def bf16_axpy(*, xs: Sequence[int], accs: Sequence[int], n: Sequence[int], weight: float) -> None:
+    """`accs[k] [n[k]] float32 += weight * xs[k] [n[k]] bfloat16`."""
+
+def int8_side_traces(*, side: int, nside: int, tris: Sequence[int]) -> list[float]:
+    """Per int8 triangle `(at, sat, n)` of `tris` (flattened), `sum_i D_i (1 + delta)` from its
+    float32 scales `side` [nside] alone; `[]` when some D or delta is negative or not finite."""
+
+def int8_quantize_triangles(
+    *, vals: int, q: int, side: int, nvals: int, nside: int, tris: Sequence[int]
+) -> None:
+    """`q` int8 [nvals], `side` float32 [nside] <- the int8 quantization of the packed triangles
+    `tris` (flattened `(at, sat, n)` triples) of `vals` float32 [nvals], each with its diagonal
+    and a certified bound on its rounding error's spectral norm (`fedng.curvature.quantize`)."""
+
+def sum_squares(*, xs: Sequence[int], n: Sequence[int], bf16: Sequence[int]) -> list[float]:
+    """Per array `xs[i]` [n[i]] (float32, or bfloat16 where `bf16[i]` is not 0), the sum of its
+    squared entries (blocks of 1024 in float32, redone in float64 when that is not finite, added
+    in float64): NaN/Inf iff an entry is."""
+
 def kfac_step(
     *,
     dtype: int,

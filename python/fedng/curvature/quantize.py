@@ -6,11 +6,13 @@ diagonal Fisher). Each segment is quantized to int8 with its own float32 scales:
 
 - a triangle of an n x n factor M = D^1/2 C D^1/2 (D its diagonal, C its correlations): D in
   float32 (n floats: the per-row scales), C's off-diagonal entries as `round(127 C_ij)` (so
-  `|M~_ij - M_ij| <= sqrt(M_ii M_jj) / 254`), plus one float `delta = ||C~ - C||_2` (computed
-  exactly by the sender in float64). The receiver rebuilds `M^ = D^1/2 (C~ + delta I) D^1/2`
-  (the diagonal scaled by 1 + delta), which satisfies `M <= M^ <= M + 2 delta D`: PSD whenever
-  M is (the server's PSD check passes at float32 tolerance), and never under-stating curvature
-  (the quantization acts as a relative damping of at most 2 delta on the diagonal).
+  `|M~_ij - M_ij| <= sqrt(M_ii M_jj) / 254`), plus one float `delta >= ||C~ - C||_2`, certified
+  by the sender (Cholesky factorizations of `delta I +- (C~ - C)` in float64 complete; within a
+  few percent of the norm; csrc/cpu/int8_quantize_cpu.cpp). The receiver rebuilds
+  `M^ = D^1/2 (C~ + delta I) D^1/2` (the diagonal scaled by 1 + delta), which satisfies
+  `M <= M^ <= M + 2 delta D`: PSD whenever M is (the server's PSD check passes at float32
+  tolerance), and never under-stating curvature (the quantization acts as a relative damping of
+  at most 2 delta on the diagonal).
 - a vector (non-negative diagonals): one scale per chunk of `VEC_CHUNK` entries, entries off by at
   most half their chunk's scale; rounding keeps them non-negative.
 - a wide factor (n >= `LOWRANK_MIN`, e.g. the 513-wide input factor of a CNN's dense head, 90% of
@@ -40,6 +42,7 @@ import torch
 
 from fedng._typing import Arrays
 from fedng.curvature.layout import BlockLayout
+from fedng.curvature.packed_fold import int8_axpy, int8_side_traces, int8_triangles
 from fedng.curvature.packed_scale import scale_packed
 from fedng.curvature.spec import BlockSpec, pack_triangle, triangle_size, unpack_triangle
 
@@ -110,24 +113,6 @@ def _safe(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def _quantize_tri(vec: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    m = unpack_triangle(vec.double(), n)
-    d = m.diagonal().float().double()  # the float32 diagonal that travels
-    root = d.clamp(min=0).sqrt()
-    inv = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
-    corr = m * inv[:, None] * inv[None, :]
-    q = torch.round(corr * QMAX).clamp_(-QMAX, QMAX)
-    q.fill_diagonal_(0.0)
-    err = q / QMAX - corr
-    err.fill_diagonal_(0.0)
-    err = torch.tril(err) + torch.tril(err, -1).T  # what the receiver rebuilds from the triangle
-    rel = float(torch.linalg.eigvalsh(err).abs().max()) if n else 0.0
-    # Headroom for the receiver's float32 arithmetic (a few roundings per entry).
-    rel = rel * (1 + 1e-6) + 8 * n * 2.0**-24
-    side = torch.cat([d, torch.tensor([rel], dtype=torch.float64)]).float()
-    return pack_triangle(q).to(torch.int8), side
-
-
 def _quantize_vec(vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = vec.numel()
     chunks = math.ceil(n / VEC_CHUNK)
@@ -186,19 +171,18 @@ def quantize(data: torch.Tensor, segs: Sequence[Segment]) -> tuple[torch.Tensor,
     total = sum(_sizes(s)[0] for s in segs)
     if data.dim() != 1 or data.numel() != total:
         raise ValueError(f"quantize: expected {total} values, got shape {list(data.shape)}")
-    qs, sides, at = [], [], 0
-    encode = {"tri": _quantize_tri, "lrtri": _quantize_lowrank}
-    for form, n in segs:
-        size = _sizes((form, n))[0]
-        piece = data[at : at + size]
-        q, side = encode[form](piece, n) if form in encode else _quantize_vec(piece)
-        qs.append(q)
-        sides.append(side)
-        at += size
-    cat = torch.cat
-    if not qs:
-        return torch.zeros(0, dtype=torch.int8), torch.zeros(0, dtype=torch.float32)
-    return cat(qs), cat(sides)
+    if any(form == "lrtri" for form, _ in segs):
+        return _quantize_runs(data, segs)
+    plan = _plan(tuple(segs))
+    vals = data.float().contiguous()
+    q = torch.zeros(total, dtype=torch.int8)
+    side = torch.zeros(plan.nside, dtype=torch.float32)
+    if plan.tris:  # all triangles in one native call (certified bounds, no eigensolver)
+        int8_triangles(vals, q, side, plan.flat_tris)
+    for at, sat, n in plan.vecs:
+        q[at : at + n], scale = _quantize_vec(vals[at : at + n])
+        side[sat : sat + scale.numel()] = scale
+    return q, side
 
 
 def dequantize(q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment]) -> torch.Tensor:
@@ -238,24 +222,78 @@ def dequantize(q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment]) -> 
     return vals
 
 
+def _runs(segs: Sequence[Segment]) -> list[tuple[list[Segment], int, int]]:
+    """`segs` cut into low-rank segments (alone) and the runs between them, each with its
+    int8 and side-data lengths."""
+    out: list[tuple[list[Segment], int, int]] = []
+    for seg in segs:
+        if seg[0] == "lrtri" or not out or out[-1][0][-1][0] == "lrtri":
+            out.append(([seg], 0, 0))
+        else:
+            out[-1][0].append(seg)
+    return [(g, sum(_sizes(x)[1] for x in g), sum(_sizes(x)[2] for x in g)) for g, _, _ in out]
+
+
+def _quantize_runs(
+    data: torch.Tensor, segs: Sequence[Segment]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize` with low-rank segments: each encoded alone, the runs between them at once."""
+    qs, sides, at = [], [], 0
+    for group, _, _ in _runs(segs):
+        size = sum(_sizes(x)[0] for x in group)
+        piece = data[at : at + size]
+        if group[0][0] == "lrtri":
+            q, side = _quantize_lowrank(piece, group[0][1])
+        else:
+            q, side = quantize(piece, group)
+        qs.append(q)
+        sides.append(side)
+        at += size
+    return torch.cat(qs), torch.cat(sides)
+
+
 def _dequantize_runs(q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment]) -> torch.Tensor:
     """`dequantize` with low-rank segments: each decoded alone, the runs between them at once."""
     out: list[torch.Tensor] = []
-    run: list[Segment] = []
     at = sat = 0
-    for seg in [*segs, ("end", 0)]:
-        if seg[0] not in ("lrtri", "end"):
-            run.append(seg)
-            continue
-        if run:
-            nq, ns = sum(_sizes(s)[1] for s in run), sum(_sizes(s)[2] for s in run)
-            out.append(dequantize(q[at : at + nq], side[sat : sat + ns], run))
-            at, sat, run = at + nq, sat + ns, []
-        if seg[0] == "lrtri":
-            _, nq, ns = _sizes(seg)
-            out.append(_dequantize_lowrank(q[at : at + nq], side[sat : sat + ns], seg[1]))
-            at, sat = at + nq, sat + ns
+    for group, nq, ns in _runs(segs):
+        qq, ss = q[at : at + nq], side[sat : sat + ns]
+        if group[0][0] == "lrtri":
+            out.append(_dequantize_lowrank(qq, ss, group[0][1]))
+        else:
+            out.append(dequantize(qq, ss, group))
+        at, sat = at + nq, sat + ns
     return torch.cat(out)
+
+
+def dequantize_add(
+    acc: torch.Tensor, q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment], weight: float
+) -> None:
+    """`acc += weight * dequantize(q, side, segs)` in one native pass (`packed_fold.int8_axpy`:
+    the same per-entry values, never materialized): how a server adds an int8 payload to its
+    running float32 sum.
+
+    Args:
+        acc: float32 [N], contiguous, the running sum (written in place).
+        q: int8 values (any shape, N entries); side: their float32 scales.
+        segs: the payload's segments.
+        weight: the fold's weight.
+
+    Raises:
+        ValueError: sizes or dtypes that do not match the segments.
+    """
+    if any(form == "lrtri" for form, _ in segs):  # decoded, then added (no native form)
+        acc.add_(dequantize(q.reshape(-1), side.reshape(-1), segs), alpha=weight)
+        return
+    plan = _plan(tuple(segs))
+    if q.numel() != plan.total or side.numel() != plan.nside:
+        raise ValueError(
+            f"dequantize_add: expected {plan.total} int8 values and {plan.nside} scales, got"
+            f" {q.numel()} and {side.numel()}"
+        )
+    int8_axpy(
+        acc, q.reshape(-1), side.reshape(-1), plan.flat_tris, plan.flat_vecs, VEC_CHUNK, weight
+    )
 
 
 @dataclass(frozen=True)
@@ -269,6 +307,10 @@ class _Plan:
     dpos: torch.Tensor
     dside: torch.Tensor
     dlt: torch.Tensor
+    total: int
+    nside: int
+    flat_tris: tuple[int, ...]
+    flat_vecs: tuple[int, ...]
 
 
 @functools.lru_cache(maxsize=16)
@@ -289,7 +331,17 @@ def _plan(segs: tuple[Segment, ...]) -> _Plan:
             vecs.append((at, sat, n))
         at, sat = at + size, sat + ns
     cat = torch.cat
-    return _Plan(tuple(tris), tuple(vecs), cat(dpos), cat(dpos[:1] + dside), cat(dpos[:1] + dlt))
+    return _Plan(
+        tuple(tris),
+        tuple(vecs),
+        cat(dpos),
+        cat(dpos[:1] + dside),
+        cat(dpos[:1] + dlt),
+        at,
+        sat,
+        tuple(x for t in tris for x in t),
+        tuple(x for v in vecs for x in v),
+    )
 
 
 def _specs_by_kind(meta: dict[str, Any]) -> dict[str, list[BlockSpec]]:
@@ -297,6 +349,40 @@ def _specs_by_kind(meta: dict[str, Any]) -> dict[str, list[BlockSpec]]:
     for kind, lay in zip(meta["kinds"], meta["layouts"], strict=True):
         specs.setdefault(str(kind), []).append(BlockLayout.from_json(lay).spec)
     return specs
+
+
+def side_traces(
+    q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment], max_abs: float
+) -> list[float] | None:
+    """The traces of a payload's triangles read from their float32 scales alone, when those
+    settle a receiver's one-pass checks of the dequantized matrices; None when they do not
+    (a vector segment, sizes that do not match, a non-finite or negative D or delta, a trace
+    above `max_abs`): then dequantize and check the entries.
+
+    Why the scales settle them: a dequantized triangle is `M^ = D^1/2 (C~ + delta I) D^1/2`
+    with `|C~_ij| <= 1`, so with `D >= 0` and `delta >= 0` every entry is finite, the diagonal
+    `D_i (1 + delta)` is non-negative, `|M^_ij| <= sqrt(D_i D_j)`, and
+    `||M^||_F^2 <= sum_i D_i^2 (1 + delta)^2 + sum_(i != j) D_i D_j <= ((1 + delta) tr D)^2`:
+    the PSD necessary condition `||M^||_F <= tr M^` holds, and `||M^||_F <= tr M^ <= max_abs`.
+
+    Returns:
+        Per triangle, in segment order, `sum_i D_i (1 + delta)` (float32 products, as
+        `dequantize` writes the diagonal, summed in float64); None as above.
+    """
+    plan = _plan(tuple(segs))
+    if plan.vecs or q.numel() != plan.total or side.numel() != plan.nside:
+        return None
+    if side.dtype != torch.float32:
+        return None
+    traces = int8_side_traces(side.reshape(-1).contiguous(), plan.flat_tris)
+    if traces is None or any(t > max_abs for t in traces):
+        return None
+    return traces
+
+
+def payload_segments(meta: dict[str, Any]) -> dict[str, list[Segment]]:
+    """The segments of every compressible kind of a payload's metadata (kind -> segments)."""
+    return {k: segments(k, sp) for k, sp in _specs_by_kind(meta).items() if k in COMPRESSIBLE}
 
 
 def quantize_arrays(arrays: Arrays, meta: dict[str, Any]) -> tuple[Arrays, dict[str, Any]]:

@@ -119,6 +119,24 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+_EXPECTED_ATTR = "_fedng_expected_shapes"
+"""Attribute of a server state caching, per algorithm, the expected delta and extras shapes (a
+state is never mutated after a round, and `ServerState.copy` does not carry it)."""
+
+
+def _expected(
+    state: State, algo: Algorithm[Any]
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """The delta's and the extras' expected names and shapes (computed once per state)."""
+    cache: dict[tuple[str, int], Any] = state.__dict__.setdefault(_EXPECTED_ATTR, {})
+    key = (algo.name, state.round)
+    got = cache.get(key)
+    if got is None:
+        shapes = {k: tuple(v.shape) for k, v in state.params.items()}
+        got = cache[key] = (shapes, algo.expected_extras(state))
+    return got
+
+
 def check_update(state: State, update: ClientUpdate, algo: Algorithm[Any]) -> str | None:
     """The reason to reject one update on its own (None if it passes)."""
     if not _is_int(update.round) or update.round != state.round:
@@ -128,11 +146,10 @@ def check_update(state: State, update: ClientUpdate, algo: Algorithm[Any]) -> st
         return f"num_examples must be an int in [1, {cap}], got {update.num_examples!r:.40}"
     if not _is_a(update.meta, dict):
         return f"meta must be an object, got {type(update.meta).__name__}"
-    shapes = {k: tuple(v.shape) for k, v in state.params.items()}
+    shapes, extras = _expected(state, algo)
     norms: dict[str, float] = {}
     reason = check_groups(
-        [("delta", update.delta, shapes), ("extras", update.extras, algo.expected_extras(state))],
-        norms,
+        [("delta", update.delta, shapes), ("extras", update.extras, extras)], norms
     )
     if reason is None:
         setattr(update, _SQNORM_ATTR, norms)

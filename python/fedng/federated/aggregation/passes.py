@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from fedng.curvature.packed_fold import sum_squares
+
 
 def sq_norm(t: torch.Tensor) -> float:
     """`sum(t**2)` in one pass over memory, which is also the finiteness test: the result is
@@ -34,10 +36,9 @@ def sq_norm(t: torch.Tensor) -> float:
 
 
 def sq_norms(ts: list[torch.Tensor]) -> list[float]:
-    """`sq_norm` of many arrays with one `_foreach_norm` dispatch (small models are
-    dispatch-bound); an entry whose fp32 norm is not finite is redone by `sq_norm` (exact)."""
+    """`sum(t**2)` of many arrays in one native call (small models are dispatch-bound),
+    accumulated in float64: NaN/Inf iff an entry is, and bf16 arrays read without a float32
+    copy (`fedng.curvature.packed_fold.sum_squares`)."""
     if not ts:
         return []
-    flat = [t if t.dtype == torch.float32 else t.float() for t in ts]
-    norms = torch.stack(torch._foreach_norm(flat)).tolist()
-    return [n * n if math.isfinite(n) else sq_norm(t) for n, t in zip(norms, flat, strict=True)]
+    return sum_squares(ts)

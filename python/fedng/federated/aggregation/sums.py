@@ -10,9 +10,16 @@ one copy of the arrays, whatever the number of folds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 
 from fedng._typing import Arrays
+from fedng.curvature.packed_fold import bf16_axpy
+from fedng.curvature.quantize import Segment, dequantize_add, payload_sizes
+
+Int8Payload = tuple[torch.Tensor, torch.Tensor, Sequence[Segment]]
+"""(int8 values, float32 scales, segments) of one quantized payload (`fedng.curvature.quantize`)."""
 
 
 class WeightedSum:
@@ -55,6 +62,27 @@ class WeightedSum:
         self.total_weight += weight
         self.count += 1
 
+    def fold_int8(
+        self, payloads: Mapping[str, Int8Payload], weight: float, *, counted: bool = False
+    ) -> None:
+        """Adds `weight * dequantize(q, side, segs)` per name, each in one native pass (the
+        dequantized payload is never materialized); in place, whatever `exact` says.
+
+        Args:
+            payloads: name -> (int8 values, float32 scales, segments).
+            weight: the fold's weight.
+            counted: this fold was already counted (its float arrays went through `fold`).
+        """
+        for name, (q, side, segs) in payloads.items():
+            acc = self.sums.get(name)
+            if acc is None:
+                # float entries: fewer int8 values than that on low-rank segments
+                acc = self.sums[name] = torch.zeros(payload_sizes(segs)[0], dtype=torch.float32)
+            dequantize_add(acc, q, side, segs, weight)
+        if not counted:
+            self.total_weight += weight
+            self.count += 1
+
     def scaled(self, scale: float) -> Arrays:
         """The sums times `scale` (the sums themselves when `scale` is 1)."""
         if scale == 1.0:
@@ -85,10 +113,19 @@ def fold_all(parts: list[tuple[WeightedSum, Arrays]], weight: float) -> None:
         return
     acc: list[torch.Tensor] = []
     vals: list[torch.Tensor] = []
+    acc16: list[torch.Tensor] = []
+    vals16: list[torch.Tensor] = []
     for s, a in together:
         for k, v in a.items():
-            acc.append(s.sums[k])
-            vals.append(v.float())
+            if v.dtype == torch.bfloat16 and v.is_contiguous():  # no float32 copy
+                acc16.append(s.sums[k])
+                vals16.append(v)
+            else:
+                acc.append(s.sums[k])
+                vals.append(v.float())
         s.total_weight += weight
         s.count += 1
-    torch._foreach_add_(acc, vals, alpha=weight)
+    if acc:
+        torch._foreach_add_(acc, vals, alpha=weight)
+    if acc16:
+        bf16_axpy(acc16, vals16, weight)

@@ -22,10 +22,13 @@ from fedng.curvature.quantize import (
     COMPRESSIBLE,
     META_KEY,
     SCALE_SUFFIX,
+    Segment,
     dequantize_arrays,
+    payload_segments,
     payload_sizes,
     quantize_arrays,
     segments,
+    side_traces,
 )
 from fedng.curvature.validation import MAX_ABS
 from fedng.federated.aggregation.passes import sq_norm
@@ -210,8 +213,7 @@ def check_curvature_payload(state: State, update: ClientUpdate, fast: bool = Fal
     if "curv" not in update.meta:
         return "curvature payload without its layout metadata"
     meta = update.meta["curv"]
-    key = signature(update) if isinstance(meta, dict) and len(meta) <= 3 else None
-    key = key or json.dumps(meta, sort_keys=True, default=repr)
+    key = _meta_key(update, meta)
     cache: dict[str, str | None] = state.__dict__.setdefault(_META_CACHE_ATTR, {})
     if key not in cache:  # the metadata checks, once per distinct metadata and server state
         cache[key] = _meta_reason(state, meta)
@@ -228,6 +230,10 @@ def check_curvature_payload(state: State, update: ClientUpdate, fast: bool = Fal
         if v.dtype not in allowed:
             return f"curvature: {k!r} has dtype {v.dtype}, expected one of {list(allowed)}"
     if fast:
+        scales = _int8_fast_scales(meta, update.curvature, state.config.psd_tol, key)
+        if scales is not None:
+            setattr(update, _SCALES_ATTR, scales)
+            return None
         # int8 kinds are checked as what the server sums: dequantized float32 payloads
         floats = payload_floats(update)
         if set(floats) <= FAST_KINDS:
@@ -244,6 +250,18 @@ def check_curvature_payload(state: State, update: ClientUpdate, fast: bool = Fal
     )
     cs.validate(state.config.psd_tol, eps)
     return None
+
+
+def _meta_key(update: ClientUpdate, meta: Any) -> str:
+    """A JSON string of the curvature metadata (keys the cached checks): the update's
+    `signature` (computed once per update), plus the int8 marker when there is one."""
+    sig = signature(update) if isinstance(meta, dict) else None
+    extra = set(meta) - {"kinds", "layouts", "rep_meta"} if isinstance(meta, dict) else None
+    if sig is None or extra is None or not extra <= {META_KEY}:
+        return json.dumps(meta, sort_keys=True, default=repr)
+    if not extra:
+        return sig
+    return f'{sig[:-1]}, "{META_KEY}": {json.dumps(meta[META_KEY], default=repr)}}}'
 
 
 def _meta_reason(state: State, meta: Any) -> str | None:
@@ -410,6 +428,50 @@ def _check_kind(plan: _KindPlan, flat: torch.Tensor, tol: float) -> list[float]:
     return [float(t) for t in tr.tolist()]
 
 
+@lru_cache(maxsize=16)
+def _int8_segments(key: str) -> dict[str, list[Segment]]:
+    """`payload_segments` of a payload signature (JSON holding "kinds" and "layouts")."""
+    return payload_segments(json.loads(key))
+
+
+def _int8_fast_scales(
+    meta: dict[str, Any], arrays: Arrays, tol: float, key: str
+) -> dict[str, float] | None:
+    """`fast_scales` of a payload whose int8 kinds are read from their scales alone
+    (`quantize.side_traces`: no entry is dequantized, the checks hold by construction); None
+    when some int8 kind needs its entries read (then the caller dequantizes), or the payload
+    has no int8 kind or a kind the fast check does not cover."""
+    int8 = meta.get(META_KEY)
+    if not int8 or not set(arrays) <= FAST_KINDS | {k + SCALE_SUFFIX for k in int8}:
+        return None
+    plans = _plan(key)
+    segs = _int8_segments(key)
+    traces: dict[str, list[float]] = {}
+    for kind, plan in plans.items():
+        if kind not in arrays or (kind in int8 and kind + SCALE_SUFFIX not in arrays):
+            return None
+        if kind in int8:
+            got = side_traces(arrays[kind], arrays[kind + SCALE_SUFFIX], segs[kind], MAX_ABS)
+            if got is None or len(got) != len(plan.bounds):
+                return None
+            traces[kind] = got
+        else:
+            traces[kind] = _check_kind(plan, arrays[kind].reshape(-1), tol)
+    return _scales_of(plans, traces)
+
+
+def _scales_of(plans: dict[str, _KindPlan], traces: dict[str, list[float]]) -> dict[str, float]:
+    """The scale measures from every factor's trace (per kind, in plan order)."""
+    out: dict[str, float] = {}
+    for kind, plan in plans.items():
+        for name, idx, div in plan.scales:
+            val = 1.0
+            for k in idx:
+                val *= traces[kind][k]
+            out[name] = val / div
+    return out
+
+
 def fast_scales(
     cs_meta: dict[str, Any], arrays: dict[str, torch.Tensor], tol: float, key: str | None = None
 ) -> dict[str, float]:
@@ -435,15 +497,11 @@ def fast_scales(
     """
     if key is None:
         key = json.dumps({"kinds": cs_meta["kinds"], "layouts": cs_meta["layouts"]}, sort_keys=True)
-    out: dict[str, float] = {}
-    for kind, plan in _plan(key).items():
-        traces = _check_kind(plan, arrays[kind].reshape(-1), tol)
-        for name, idx, div in plan.scales:
-            val = 1.0
-            for k in idx:
-                val *= traces[k]
-            out[name] = val / div
-    return out
+    plans = _plan(key)
+    return _scales_of(
+        plans,
+        {kind: _check_kind(plan, arrays[kind].reshape(-1), tol) for kind, plan in plans.items()},
+    )
 
 
 def update_scales(update: ClientUpdate) -> dict[str, float]:

@@ -11,14 +11,22 @@ whose two scalars per block come from a second, summable phase (`probe` / `fold_
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from fedng._typing import Arrays
 from fedng.curvature import CurvatureSet
-from fedng.curvature.quantize import quantize_arrays
+from fedng.curvature.quantize import (
+    META_KEY,
+    SCALE_SUFFIX,
+    Segment,
+    payload_segments,
+    quantize_arrays,
+)
 from fedng.federated.aggregation.mean import apply_server_step
+from fedng.federated.aggregation.psd import psd_tests
 from fedng.federated.aggregation.summable import (
     CONTRIB_PREFIX,
     REPLY_KEY,
@@ -32,8 +40,8 @@ from fedng.federated.algorithms.base import State
 from fedng.federated.algorithms.curvature_payload import (
     FAST_KINDS,
     fast_scales,
-    payload_floats,
     pooled_meta,
+    signature,
     wants_int8_payload,
 )
 from fedng.federated.config.curvature import FedNGConfig
@@ -155,6 +163,8 @@ class CurvatureSums:
         self.replies: torch.Tensor | None = None
         self.answered = 0.0
         self.probed = False
+        self._segs: dict[str, dict[str, list[Segment]]] = {}
+        self._reply_sums: list[list[float]] = []
 
     @property
     def summable(self) -> bool:
@@ -173,10 +183,16 @@ class CurvatureSums:
             self.without_curvature += 1
             self.deltas.fold(update.delta, weight)
             return
+        meta = update.meta["curv"]
         if self.meta is None:
-            self.meta = pooled_meta(update.meta["curv"])
-        curv = payload_floats(update)  # int8 kinds are summed dequantized
-        parts = [(self.deltas, update.delta), (self.curv, curv)]
+            self.meta = pooled_meta(meta)
+        int8 = meta.get(META_KEY, [])
+        curv = update.curvature
+        if int8:  # int8 kinds are summed dequantized (in one native pass each, below)
+            curv = {k: v for k, v in curv.items() if k not in int8 and not k.endswith(SCALE_SUFFIX)}
+        parts = [(self.deltas, update.delta)]
+        if curv:
+            parts.append((self.curv, curv))
         fd = {
             k[len(CONTRIB_PREFIX) :]: v
             for k, v in update.extras.items()
@@ -185,8 +201,25 @@ class CurvatureSums:
         if fd:
             parts.append((self.contrib, fd))
         fold_all(parts, weight)
+        if int8:
+            segs = self._segments(update)
+            got = update.curvature
+            self.curv.fold_int8(
+                {k: (got[k], got[k + SCALE_SUFFIX], segs[k]) for k in int8},
+                weight,
+                counted=bool(curv),
+            )
+            self.wire_eps = max(self.wire_eps, torch.finfo(torch.float32).eps)
         for v in curv.values():
             self.wire_eps = max(self.wire_eps, torch.finfo(v.dtype).eps)
+
+    def _segments(self, update: ClientUpdate) -> dict[str, list[Segment]]:
+        """The int8 segments of an update's payload (parsed once per round and signature)."""
+        key = signature(update) or ""
+        segs = self._segs.get(key)
+        if segs is None:
+            segs = self._segs[key] = payload_segments(update.meta["curv"])
+        return segs
 
     def _pooled(self, scale: float) -> CurvatureSet | None:
         """The pooled curvature (decoded once), None if it fails the full PSD test: the fast
@@ -195,8 +228,14 @@ class CurvatureSums:
         if self.pooled is None and self.meta is not None and self.curv.count and not self.bad:
             self.pooled_arrays = self.curv.scaled(scale)
             pooled = CurvatureSet.from_arrays(self.pooled_arrays, self.meta)
-            try:
-                pooled.validate(self.psd_tol, self.wire_eps)
+            try:  # `pooled.validate`, large factors without forming their inverses
+                psd_tests(
+                    [
+                        c
+                        for r in pooled.reps.values()
+                        for c in r.psd_checks(self.psd_tol, self.wire_eps)
+                    ]
+                )
             except ValueError as err:
                 self.bad = f"pooled curvature rejected ({str(err)[:120]})"
                 return None
@@ -224,6 +263,7 @@ class CurvatureSums:
             return None
         self.probed = True
         self.replies = torch.zeros(len(direction.blocks), 2, dtype=torch.float64)
+        self._reply_sums = [[0.0, 0.0] for _ in direction.blocks]
         return ServerMessage(
             state.round,
             self.name,
@@ -244,10 +284,12 @@ class CurvatureSums:
             return (
                 f"line-search reply: shape {list(got.shape)}, expected {list(self.replies.shape)}"
             )
-        vals = got.double()
-        if not bool(torch.isfinite(vals).all()) or bool((vals[:, 1] < 0).any()):
+        rows = got.tolist()  # a few floats per block: Python beats a torch dispatch per op
+        if not all(math.isfinite(a) and math.isfinite(b) and b >= 0 for a, b in rows):
             return "line-search reply: non-finite or negative curvature <d, F d>"
-        self.replies += weight * vals
+        for acc, (a, b) in zip(self._reply_sums, rows, strict=True):  # float64, as before
+            acc[0] += weight * a
+            acc[1] += weight * b
         self.answered += weight
         return None
 
@@ -258,6 +300,7 @@ class CurvatureSums:
         if direction is not None and pooled is not None:
             replies = None
             if self.replies is not None and self.answered > 0:
+                self.replies = torch.tensor(self._reply_sums, dtype=torch.float64)
                 replies = self.replies / self.answered
             step, log = line_search_step(direction, pooled, replies)
             state.log.update(log)

@@ -1,0 +1,36 @@
+// Server-side folds of received payloads into float32 running sums, one pass each (no torch).
+// Used by python/fedng/curvature/packed_fold.py, which validates every argument first; these
+// re-check only what could corrupt memory.
+#pragma once
+#include <cstdint>
+
+#include "fedng/tensor_ref.h"
+
+namespace fedng::cpu {
+
+// acc[p] += weight * v[p], v the float32 dequantization of an int8 curvature payload
+// (python/fedng/curvature/quantize.py), without materializing v:
+// - per triangle (at, sat, n) of `tris` (flattened triples): the packed lower triangle of an
+//   n x n matrix at q[at:], row by row; with s_i = float(sqrt(double(side[sat + i]) / 127)):
+//   v_ij = (s_i s_j) q_ij off the diagonal, v_ii = side[sat + i] (1 + side[sat + n]);
+// - per vector (at, sat, n) of `vecs`: v_p = q[at + p] side[sat + p / chunk].
+// q has nq entries, side nside, acc nq.
+void int8_packed_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
+                      std::int64_t nside, const Sizes& tris, const Sizes& vecs,
+                      std::int64_t chunk, double weight);
+
+// accs[k][i] += weight * float(xs[k][i]) for i < n[k], xs[k] bfloat16 (the upper 16 bits of a
+// float32), accs[k] float32.
+void bf16_axpy(const Ptrs& xs, const Ptrs& accs, const Sizes& n, double weight);
+
+// The traces sum_i D_i (1 + delta) (float32 products, summed in float64) of the int8 triangles
+// (at, sat, n) of `tris` from their scales side[sat:sat+n] = D, side[sat+n] = delta alone.
+// Returns false (traces unset) when some D or delta is negative, NaN or infinite.
+bool int8_side_traces(const float* side, std::int64_t nside, const Sizes& tris, double* traces);
+
+// out[i] = sum_p x_i[p]^2 (blocks of 1024 summed in float32, redone in float64 if that is not
+// finite; the blocks added in float64): NaN/Inf iff an entry is. x_i [n_i] float32
+// (bf16[i] == 0) or bfloat16 (bf16[i] != 0).
+void sum_squares(const Ptrs& xs, const Sizes& n, const Sizes& bf16, double* out);
+
+}  // namespace fedng::cpu

@@ -1,0 +1,159 @@
+"""Native helpers of the int8 curvature payload (`fedng._C`): one-pass folds of received payloads
+into float32 running sums, and the quantization of packed triangles.
+
+A streaming server adds every client's int8 curvature payload and bf16 contribution to its
+sums. Decoding to float32 first and adding after reads and writes ~5 temporaries per entry; the
+native folds decode each entry in registers and add it in place: one read of the payload, one
+read-write of the sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedng._backend import native
+
+_READ = (torch.float32, torch.bfloat16)
+"""The dtypes `sum_squares` reads in place."""
+
+Triples = Sequence[int]
+"""Flattened `(offset in the payload, offset in the scales, n)` triples."""
+
+
+def _sum_buffer(acc: torch.Tensor, n: int, what: str) -> None:
+    if acc.dtype != torch.float32 or not acc.is_contiguous() or acc.device.type != "cpu":
+        raise ValueError(f"{what}: the sum must be a contiguous float32 CPU tensor")
+    if acc.numel() != n:
+        raise ValueError(f"{what}: the sum has {acc.numel()} entries, the payload {n}")
+
+
+def int8_axpy(
+    acc: torch.Tensor,
+    q: torch.Tensor,
+    side: torch.Tensor,
+    tris: Triples,
+    vecs: Triples,
+    chunk: int,
+    weight: float,
+) -> None:
+    """`acc += weight * dequantize(q, side)` in one pass (the arithmetic of
+    `fedng.curvature.quantize.dequantize`, never materialized).
+
+    Args:
+        acc: float32 [N], contiguous (written in place).
+        q: int8 [N], contiguous.
+        side: float32 scales, contiguous.
+        tris: triangles `(at, sat, n)`, flattened (see `fedng.curvature.quantize`).
+        vecs: vectors `(at, sat, n)`, flattened.
+        chunk: entries of a vector that share one scale.
+        weight: the fold's weight.
+
+    Raises:
+        ValueError: tensors of the wrong dtype, layout or size, or segments past their ends.
+    """
+    _sum_buffer(acc, q.numel(), "int8_axpy")
+    if q.dtype != torch.int8 or not q.is_contiguous() or q.device.type != "cpu":
+        raise ValueError("int8_axpy: 'q' must be a contiguous int8 CPU tensor")
+    if side.dtype != torch.float32 or not side.is_contiguous() or side.device.type != "cpu":
+        raise ValueError("int8_axpy: 'side' must be a contiguous float32 CPU tensor")
+    native.int8_packed_axpy(
+        q=q.data_ptr(),
+        side=side.data_ptr(),
+        acc=acc.data_ptr(),
+        nq=q.numel(),
+        nside=side.numel(),
+        tris=tris,
+        vecs=vecs,
+        chunk=chunk,
+        weight=weight,
+    )
+
+
+def bf16_axpy(accs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: float) -> None:
+    """`acc += weight * x` for each bfloat16 `x` into its float32 sum `acc`, all in one native
+    call (no float32 copy of any `x`).
+
+    Raises:
+        ValueError: tensors of the wrong dtype, layout or size.
+    """
+    if len(accs) != len(xs):
+        raise ValueError("bf16_axpy: as many sums as arrays expected")
+    for acc, x in zip(accs, xs, strict=True):
+        _sum_buffer(acc, x.numel(), "bf16_axpy")
+        if x.dtype != torch.bfloat16 or not x.is_contiguous() or x.device.type != "cpu":
+            raise ValueError("bf16_axpy: arrays must be contiguous bfloat16 CPU tensors")
+    native.bf16_axpy(
+        xs=[x.data_ptr() for x in xs],
+        accs=[a.data_ptr() for a in accs],
+        n=[x.numel() for x in xs],
+        weight=weight,
+    )
+
+
+def int8_side_traces(side: torch.Tensor, tris: Triples) -> list[float] | None:
+    """Per int8 triangle `(at, sat, n)` of `tris`, `sum_i D_i (1 + delta)` (float32 products,
+    float64 sum) from its scales alone; None when some D or delta is negative or not finite.
+
+    Raises:
+        ValueError: `side` is not a contiguous float32 CPU tensor, or a triangle runs past it.
+    """
+    if side.dtype != torch.float32 or not side.is_contiguous() or side.device.type != "cpu":
+        raise ValueError("int8_side_traces: 'side' must be a contiguous float32 CPU tensor")
+    got: list[float] = native.int8_side_traces(side=side.data_ptr(), nside=side.numel(), tris=tris)
+    return got if got or not tris else None
+
+
+def int8_triangles(vals: torch.Tensor, q: torch.Tensor, side: torch.Tensor, tris: Triples) -> None:
+    """Quantizes the packed triangles `tris` of `vals` into `q` and `side` (their diagonals and
+    certified error bounds; see `fedng.curvature.quantize` and csrc/cpu/int8_quantize_cpu.cpp).
+
+    Args:
+        vals: float32 [N], contiguous.
+        q: int8 [N], contiguous (the triangles' entries written).
+        side: float32, contiguous (each triangle's n + 1 scales written).
+        tris: flattened `(at, sat, n)` triples.
+
+    Raises:
+        ValueError: tensors of the wrong dtype, layout or size, or triangles past their ends.
+    """
+    for t, dt, name in (
+        (vals, torch.float32, "vals"),
+        (q, torch.int8, "q"),
+        (side, torch.float32, "side"),
+    ):
+        if t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"int8_triangles: {name!r} must be a contiguous {dt} CPU tensor")
+    if q.numel() != vals.numel():
+        raise ValueError("int8_triangles: 'q' and 'vals' differ in size")
+    native.int8_quantize_triangles(
+        vals=vals.data_ptr(),
+        q=q.data_ptr(),
+        side=side.data_ptr(),
+        nvals=vals.numel(),
+        nside=side.numel(),
+        tris=tris,
+    )
+
+
+def sum_squares(ts: Sequence[torch.Tensor]) -> list[float]:
+    """Per tensor, the sum of its squared entries accumulated in float64, all in one native pass
+    (float32 and contiguous bfloat16 read as they are, other float tensors as float32 copies):
+    NaN/Inf iff an entry is (float32 squares cannot overflow float64).
+
+    Raises:
+        ValueError: a tensor that is not a float tensor on the CPU.
+    """
+    flat: list[torch.Tensor] = []
+    for t in ts:
+        if t.dtype not in _READ or not t.is_contiguous() or t.device.type != "cpu":
+            if not t.is_floating_point() or t.device.type != "cpu":
+                raise ValueError("sum_squares: expected float CPU tensors")
+            t = t.float().contiguous()
+        flat.append(t)
+    return native.sum_squares(
+        xs=[t.data_ptr() for t in flat],
+        n=[t.numel() for t in flat],
+        bf16=[t.dtype == torch.bfloat16 for t in flat],
+    )

@@ -1,0 +1,152 @@
+"""The native helpers of the int8 curvature payload (`fedng.curvature.packed_fold`) against
+float64 references: the one-pass int8 and bf16 folds, the sums of squares, the int8 quantization
+of triangles with its certified error bound, and the scale-only check of int8 triangles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _tols import assert_close
+from fedng.curvature import pack_triangle, unpack_triangle
+from fedng.curvature.packed_fold import bf16_axpy, int8_axpy, int8_triangles, sum_squares
+from fedng.curvature.quantize import (
+    QMAX,
+    VEC_CHUNK,
+    Segment,
+    dequantize,
+    dequantize_add,
+    quantize,
+    side_traces,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+F64 = torch.float64
+
+
+def payload(sizes: list[int], vec: int, seed: int) -> tuple[torch.Tensor, list[Segment]]:
+    """A float32 payload of PSD triangles (spread scales, some rank-deficient) and one vector."""
+    g = torch.Generator().manual_seed(seed)
+    parts, segs = [], []
+    for n in sizes:
+        x = torch.randn(max(n // 2, 1), n, generator=g, dtype=F64)
+        x = x * torch.logspace(-2, 0, n, dtype=F64)
+        parts.append(pack_triangle(x.T @ x))
+        segs.append(("tri", n))
+    if vec:
+        parts.append(torch.rand(vec, generator=g, dtype=F64))
+        segs.append(("vec", vec))
+    return torch.cat(parts).float(), segs
+
+
+def triangle_ref(vec: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The float64 reference of one triangle's quantization: (int8 packed q, float32 D,
+    ||C~ - C||_2 by an eigensolver)."""
+    m = unpack_triangle(vec.double(), n)
+    d = m.diagonal().float().double()
+    root = d.clamp(min=0).sqrt()
+    inv = torch.where(root > 0, 1.0 / root, torch.zeros_like(root))
+    corr = m * inv[:, None] * inv[None, :]
+    q = torch.round(corr * QMAX).clamp_(-QMAX, QMAX)
+    q.fill_diagonal_(0.0)
+    err = q / QMAX - corr
+    err.fill_diagonal_(0.0)
+    err = torch.tril(err) + torch.tril(err, -1).T
+    rel = float(torch.linalg.eigvalsh(err).abs().max()) if n else 0.0
+    return pack_triangle(q).to(torch.int8), d.float(), rel
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=3),
+    vec=st.integers(0, 3 * VEC_CHUNK),
+    weight=st.floats(-3.0, 3.0, allow_nan=False),
+    seed=st.integers(0, 1000),
+)
+def test_int8_fold_is_acc_plus_weight_times_dequantize(
+    sizes: list[int], vec: int, weight: float, seed: int
+) -> None:
+    """`dequantize_add` = acc + w * dequantize (float64 reference), ragged segments."""
+    data, segs = payload(sizes, vec, seed)
+    q, side = quantize(data, segs)
+    acc = torch.randn(data.numel(), generator=torch.Generator().manual_seed(seed))
+    ref = acc.double() + weight * dequantize(q, side, segs).double()
+    dequantize_add(acc, q, side, segs, weight)
+    assert_close(acc, ref, torch.float32, "packed_fold")
+
+
+def test_bf16_fold_and_sums_of_squares_match_float64() -> None:
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(n, generator=g).bfloat16() for n in (0, 1, 7, 5000)]
+    accs = [torch.randn(x.numel(), generator=g) for x in xs]
+    refs = [a.double() + 0.3 * x.double() for a, x in zip(accs, xs, strict=True)]
+    bf16_axpy(accs, xs, 0.3)
+    for a, r in zip(accs, refs, strict=True):
+        assert_close(a, r, torch.float32, "packed_fold")
+    ts = [torch.randn(3000, 7, generator=g), xs[3], torch.zeros(0), torch.randn(5).half()]
+    got = torch.tensor(sum_squares(ts), dtype=torch.float32)  # float32 within blocks
+    ref = torch.stack([(t.double() ** 2).sum() for t in ts])
+    assert_close(got, ref, torch.float32, "sum_squares", scale=float(ref.max()))
+    # finite entries whose float32 squares overflow stay finite; NaN / Inf come out as such
+    big, nan, inf = sum_squares(
+        [torch.tensor([3e30, 1.0]), torch.tensor([1.0, math.nan]), torch.tensor([-math.inf])]
+    )
+    assert big == pytest.approx(9e60, rel=1e-6) and math.isnan(nan) and inf == math.inf
+
+
+@pytest.mark.parametrize("n,rank", [(1, 1), (10, 3), (65, 65), (200, 40), (300, 0), (520, 100)])
+def test_int8_triangles_match_the_reference_with_a_certified_bound(n: int, rank: int) -> None:
+    """q and D bit for bit as the float64 reference; delta >= ||C~ - C||_2 (what makes the
+    receiver's matrix PSD) and within a few percent of it (the Cholesky certificate)."""
+    g = torch.Generator().manual_seed(n)
+    if rank:
+        x = torch.randn(rank, n, generator=g, dtype=F64) * torch.logspace(-2, 0, n, dtype=F64)
+        m = x.T @ x
+    else:  # diagonal: every correlation exact, no error at all
+        m = torch.diag(torch.rand(n, generator=g, dtype=F64))
+    vec = pack_triangle(m).float()
+    q, side = quantize(vec, [("tri", n)])
+    q_ref, d_ref, rel = triangle_ref(vec, n)
+    assert torch.equal(q, q_ref) and torch.equal(side[:n], d_ref)
+    headroom = 8 * n * 2.0**-24
+    bound = (float(side[n]) - headroom) / (1 + 1e-6)
+    assert bound >= rel * (1 - 1e-6)
+    assert bound <= 1.1 * rel + 1e-12
+
+
+def test_side_traces_settle_honest_triangles_and_refuse_the_rest() -> None:
+    data, segs = payload([30, 9], 0, 3)
+    q, side = quantize(data, segs)
+    got = side_traces(q, side, segs, 1e18)
+    back = dequantize(q, side, segs).double()
+    ref = [
+        float(unpack_triangle(back[:465], 30).trace()),
+        float(unpack_triangle(back[465:], 9).trace()),
+    ]
+    assert got is not None and got == pytest.approx(ref, rel=1e-12)
+    for pos, val in ((3, -1.0), (30, -0.5), (31, math.nan), (0, math.inf)):  # D, delta, D, D
+        bad = side.clone()
+        bad[pos] = val
+        assert side_traces(q, bad, segs, 1e18) is None
+    assert side_traces(q, side, segs, 1e-3) is None  # a trace above the bound: read the entries
+    vq, vside = quantize(*payload([4], 70, 1))
+    assert side_traces(vq, vside, [("tri", 4), ("vec", 70)], 1e18) is None  # vectors: entries
+
+
+def test_bad_buffers_are_one_line_errors() -> None:
+    acc, q = torch.zeros(3), torch.zeros(3, dtype=torch.int8)
+    side = torch.ones(3)
+    with pytest.raises(ValueError, match="int8_axpy"):
+        int8_axpy(acc.double(), q, side, [0, 0, 2], [], VEC_CHUNK, 1.0)
+    with pytest.raises(ValueError, match="int8_axpy"):
+        int8_axpy(acc, q.float(), side, [0, 0, 2], [], VEC_CHUNK, 1.0)
+    with pytest.raises(ValueError, match="runs past"):
+        int8_axpy(acc, q, side, [0, 0, 3], [], VEC_CHUNK, 1.0)
+    with pytest.raises(ValueError, match="bf16_axpy"):
+        bf16_axpy([torch.zeros(2)], [torch.zeros(3).bfloat16()], 1.0)
+    with pytest.raises(ValueError, match="runs past"):
+        int8_triangles(torch.zeros(3), q, torch.zeros(2), [0, 0, 2])
+    with pytest.raises(ValueError, match="sum_squares"):
+        sum_squares([torch.zeros(2, dtype=torch.int64)])
