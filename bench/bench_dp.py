@@ -1,31 +1,48 @@
 """Client-level differential privacy benchmark: final accuracy of FedNG and FedAvg at a target ε.
 
 Protocol (issue 14): digits and MNIST-1D, 20 clients (Dirichlet alpha 0.1 digits, the task's
-default for MNIST-1D), 20 rounds, full participation; ε in {1, 4, 8} at δ = 1e-5, central
-Gaussian noise calibrated by dp-accounting's RDP accountant for the run; the ε the accountant
-reports for the rounds actually run is recorded. Each method's clip C is the median L2 norm of
-its own clients' round-0 updates (a non-private choice of the clip, stated as such: a
-deployment would fix C beforehand or spend budget on choosing it). FedNG keeps its curvature on
-the client (`dp_curvature_clip` 0: it preconditions with its own curvature; no curvature is
-released, so the noise is the same as FedAvg's); `--share-curvature` adds FedNG with its
+default for MNIST-1D), full participation; ε in {1, 4, 8} at δ = 1e-5, central Gaussian noise
+calibrated by dp-accounting's RDP accountant for the run's own number of rounds T; the ε the
+accountant reports for the rounds actually run is recorded.
+
+The number of rounds is a DP hyperparameter: the accountant composes T releases, so for a fixed
+ε fewer rounds buy a smaller noise multiplier z (recalibrated for every T). Every method gets
+the same configuration grid: T in `--rounds` x clip scope in `--scopes` x clip multiple in
+`--clip-mults` x server momentum in `--server-momenta`. With more than one configuration, each
+is run once on a tuning seed (`--tune-seed`, whose data split, initialization and noise differ
+from the evaluation seeds) and the one with the best final client-held validation accuracy wins
+(the released model is the last one, so the last round's validation metric is the criterion);
+the winner runs on the evaluation `--seeds`. Test data is never used for selection. As usual in
+DP benchmarks the tuning itself is not charged to ε (the same for every method, stated).
+
+Each method's clip C is a multiple of the median L2 norm of its own clients' round-0 updates (a
+non-private choice of the clip, stated as such: a deployment would fix C beforehand or spend
+budget on choosing it). FedNG keeps its curvature on the client (`dp_curvature_clip` 0: it
+preconditions its local steps with its own curvature; only the clipped delta is released, so
+the noise is the same mechanism as FedAvg's); `--share-curvature` adds FedNG with its
 curvature clipped to the median payload norm and released under the same ε (the noise then
 grows by sqrt(2)); method "fedng+avgclip" is FedNG with FedAvg's clip (so FedAvg's noise).
-Reported: the final test accuracy (median [min, max] over seeds), beside the non-private run.
+Reported: the final test accuracy (median [min, max] over seeds) and the chosen configuration,
+beside the non-private run (`--clean-rounds` rounds).
 Target: FedNG at ε = 4 at least matches FedAvg at ε = 4.
 
 Finished runs are appended to the JSON at once; a rerun skips them.
 
-Usage: python bench/bench_dp.py [--quick] [--tasks digits,mnist1d] [--seeds 0] [--epsilons 1,4,8]
-Writes bench/results/bench_dp.{json,md}.
+Usage: python bench/bench_dp.py [--quick] [--tasks digits,mnist1d] [--seeds 0,1,2]
+[--epsilons 1,4,8] [--rounds 5,10,20] [--knob METHOD:KEY=V1,V2 ...]. The issue-14 table:
+`--knob fedng:damping_scale=absolute --knob fedng:damping=0.03,0.1,0.3 --knob
+fedavg:lr=0.05,0.1,0.2` (docs/robustness_privacy.md). Writes bench/results/bench_dp.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +58,36 @@ from fedng.federated.tasks.registry import make_task
 from fedng.federated.validate import delta_norm
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TUNE_SEED = 100
+INT_KNOBS = frozenset({"local_steps", "batch_size"})
+
+
+@dataclass(frozen=True)
+class DpConfig:
+    """One point of the DP configuration grid (the same grid for every method)."""
+
+    rounds: int
+    scope: str = "joint"
+    mult: float = 1.0
+    server_momentum: float = 0.0
+    knobs: tuple[tuple[str, float | str], ...] = ()
+
+    def settings(self) -> dict[str, Any]:
+        """The method settings this config overrides (`make_configs` keys)."""
+        return {k: (int(v) if k in INT_KNOBS else v) for k, v in self.knobs}
+
+    def label(self) -> str:
+        """A short name ("T5", "T20 layer 0.3x m0.5")."""
+        out = f"T{self.rounds}"
+        if self.scope != "joint":
+            out += f" {self.scope}"
+        if self.mult != 1.0:
+            out += f" {self.mult:g}x"
+        if self.server_momentum:
+            out += f" m{self.server_momentum:g}"
+        for k, v in self.knobs:
+            out += f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}"
+        return out
 
 
 def _list(cast: Any) -> Any:
@@ -52,8 +99,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", type=_list(str), default=["digits", "mnist1d"])
     p.add_argument("--clients", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument(
+        "--rounds",
+        type=_list(int),
+        default=[5, 10, 20],
+        help="numbers of rounds T (configs; z is recalibrated for each)",
+    )
+    p.add_argument("--clean-rounds", type=int, default=20, help="rounds of the run without DP")
     p.add_argument("--seeds", type=_list(int), default=[0, 1, 2])
+    p.add_argument("--tune-seed", type=int, default=TUNE_SEED)
     p.add_argument("--epsilons", type=_list(float), default=[1.0, 4.0, 8.0])
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--methods", type=_list(str), default=["fedng", "fedavg"])
@@ -70,6 +124,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=[1.0],
         help="clip C as these multiples of the method's median round-0 norm (configs)",
     )
+    p.add_argument(
+        "--server-momenta",
+        type=_list(float),
+        default=[0.0],
+        help="server momentum values (configs; averages the noise over rounds)",
+    )
+    p.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=V1,V2",
+        help="a method setting to tune over (configs; METHOD 'all' for every method), e.g."
+        " fedng:damping=0.1,1 fedavg:lr=0.05,0.2; give each method as many values",
+    )
     p.add_argument("--out", default=str(RESULTS / "bench_dp.json"))
     p.add_argument("--no-clean", action="store_true", help="skip the runs without DP")
     p.add_argument(
@@ -77,19 +145,62 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default="",
         help="comma-separated JSON files of other pieces of the grid to fold in (parallel runs)",
     )
-    p.add_argument("--quick", action="store_true", help="digits, 5 rounds, seed 0, ε 4 (smoke)")
+    p.add_argument("--quick", action="store_true", help="digits, T 3, seed 0, ε 4 (smoke)")
     args = p.parse_args(argv)
     if args.quick:
-        args.tasks, args.rounds, args.seeds, args.epsilons = ["digits"], 5, [0], [4.0]
+        args.tasks, args.rounds, args.seeds, args.epsilons = ["digits"], [3], [0], [4.0]
+        args.clean_rounds = 3
     if args.share_curvature and "fedng+curv" not in args.methods:
         args.methods.append("fedng+curv")
     return args
 
 
-def clips(task_name: str, algo: str, clients: int, seed: int) -> tuple[float, float]:
-    """The median round-0 delta norm and packed-curvature norm of the method's clients."""
+def _value(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text.strip()
+
+
+def method_knobs(specs: list[str], method: str) -> list[tuple[tuple[str, float | str], ...]]:
+    """The product of the `--knob` values that apply to `method` ([()] when none).
+
+    Raises:
+        ValueError: a spec is not METHOD:KEY=V1,V2.
+    """
+    axes: list[list[tuple[str, float | str]]] = []
+    for spec in specs:
+        who, sep, rest = spec.partition(":")
+        key, eq, values = rest.partition("=")
+        if not (sep and eq and key and values):
+            raise ValueError(f"--knob must be METHOD:KEY=V1,V2, got {spec!r}")
+        if who in ("all", method, method.split("+")[0]):
+            axes.append([(key, _value(v)) for v in values.split(",") if v.strip()])
+    return list(itertools.product(*axes))
+
+
+def grid(args: argparse.Namespace, method: str) -> list[DpConfig]:
+    """The method's DP configurations: rounds x clip scopes x clip multiples x server momenta
+    (the same for every method) x its `--knob` values."""
+    return [
+        DpConfig(t, s, m, b, k)
+        for t, s, m, b, k in itertools.product(
+            args.rounds,
+            args.scopes,
+            args.clip_mults,
+            args.server_momenta,
+            method_knobs(args.knob, method),
+        )
+    ]
+
+
+def clips(
+    task_name: str, algo: str, clients: int, seed: int, settings: dict[str, Any] | None = None
+) -> tuple[float, float]:
+    """The median round-0 delta norm and packed-curvature norm of the method's clients (under
+    `settings`)."""
     task = make_task(task_name, num_clients=clients, seed=seed)
-    cc, sc = make_configs(algo, {})
+    cc, sc = make_configs(algo, settings or {})
     cc = cc.replace(loss=task.loss)
     torch.manual_seed(seed)
     model = task.model_fn(seed)
@@ -103,40 +214,35 @@ def clips(task_name: str, algo: str, clients: int, seed: int) -> tuple[float, fl
     return statistics.median(delta_norm(u) for u in ups), statistics.median(curv or [0.0])
 
 
-def label(method: str, scope: str, mult: float) -> str:
-    """The table's name of a method's DP config ("fedng", "fedng layer 0.1x")."""
-    return method if (scope, mult) == ("joint", 1.0) else f"{method} {scope} {mult:g}x"
-
-
 def run_one(
     args: argparse.Namespace,
     task_name: str,
     method: str,
     eps: float,
     seed: int,
-    scope: str = "joint",
-    mult: float = 1.0,
+    cfg: DpConfig,
+    role: str = "eval",
 ) -> dict[str, Any]:
-    """One run at ε (inf: without DP) with clip scope `scope` and clip `mult` x the median."""
+    """One run of `cfg` at ε (inf: without DP, `cfg.rounds` rounds, no clip)."""
     algo = method.split("+")[0]
     task = make_task(task_name, num_clients=args.clients, seed=seed)
-    cc, sc = make_configs(algo, {})
+    cc, sc = make_configs(algo, cfg.settings())
     dp = None
     if math.isfinite(eps):
-        c, cf = clips(task_name, algo, args.clients, seed)
+        c, cf = clips(task_name, algo, args.clients, seed, cfg.settings())
         if method.endswith("+avgclip"):  # the same clip, so the same noise, as FedAvg
             c = clips(task_name, "fedavg", args.clients, seed)[0]
-        c, cf = c * mult, (cf if method.endswith("+curv") else 0.0)
-        z = noise_multiplier_for(eps, args.delta, args.rounds, 1.0)
+        c, cf = c * cfg.mult, (cf if method.endswith("+curv") else 0.0)
+        z = noise_multiplier_for(eps, args.delta, cfg.rounds, 1.0)
         knobs: dict[str, Any] = {
             "dp_clip": c,
             "dp_curvature_clip": cf,
             "dp_noise_multiplier": z,
             "dp_clients": len(task.clients),
             "dp_seed": seed,
-            "dp_clip_scope": scope,
+            "dp_clip_scope": cfg.scope,
         }
-        cc, sc = cc.replace(**knobs), sc.replace(**knobs)
+        cc, sc = cc.replace(**knobs), sc.replace(**knobs, server_momentum=cfg.server_momentum)
         dp = {
             "target_epsilon": eps,
             "delta": args.delta,
@@ -145,36 +251,69 @@ def run_one(
             "clip": c,
             "curvature_clip": cf,
             "mode": "central",
-            "scope": scope,
-            "clip_mult": mult,
+            "scope": cfg.scope,
+            "clip_mult": cfg.mult,
         }
     t0 = time.perf_counter()
-    h = simulate(task, cc, sc, rounds=args.rounds, seed=seed)
+    h = simulate(task, cc, sc, rounds=cfg.rounds, seed=seed)
     record_threats(h, None, dp)
     return {
         "task": task_name,
-        "method": label(method, scope, mult) if math.isfinite(eps) else method,
+        "method": method,
+        "config": cfg.label() if math.isfinite(eps) else f"T{cfg.rounds}",
+        "role": role,
         "target_epsilon": eps if math.isfinite(eps) else None,
         "seed": seed,
         "final": h.final(),
+        "val": h.rounds[-1].val_metric,
+        "curve": [r.metric for r in h.rounds],
         "dp": h.sim.get("dp"),
         "seconds": time.perf_counter() - t0,
     }
 
 
-def _key(r: dict[str, Any]) -> tuple[str, str, float, int]:
+def _key(r: dict[str, Any]) -> tuple[str, str, str, str, float, int]:
     eps = r["target_epsilon"]
-    return (r["task"], r["method"], math.inf if eps is None else float(eps), int(r["seed"]))
+    return (
+        r["task"],
+        r["method"],
+        r["config"],
+        r["role"],
+        math.inf if eps is None else float(eps),
+        int(r["seed"]),
+    )
+
+
+def chosen(
+    runs: list[dict[str, Any]], task: str, method: str, eps: float, labels: list[str]
+) -> str | None:
+    """Of the configurations `labels`, the one with the best final validation accuracy on the
+    tuning seed (ties: the first run), or None when none was tuned."""
+    tuned = [
+        r
+        for r in runs
+        if r["role"] == "tune"
+        and _key(r)[:2] == (task, method)
+        and _key(r)[4] == eps
+        and r["config"] in labels
+    ]
+    if not tuned:
+        return None
+    vals = [r["val"] if math.isfinite(r["val"]) else -math.inf for r in tuned]
+    return str(tuned[vals.index(max(vals))]["config"])
 
 
 def rows_of(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (task, ε, method): final accuracy over seeds and the ε the accountant reported."""
-    groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
+    """Per (task, ε, method): the evaluated configuration's final accuracy over seeds, and the
+    ε the accountant reported."""
+    groups: dict[tuple[str, float, str, str], list[dict[str, Any]]] = {}
     for r in runs:
-        t, m, e, _ = _key(r)
-        groups.setdefault((t, e, m), []).append(r)
+        if r["role"] != "eval":
+            continue
+        t, m, c, _, e, _ = _key(r)
+        groups.setdefault((t, e, m, c), []).append(r)
     out = []
-    for (task, eps, method), g in sorted(groups.items()):
+    for (task, eps, method, _), g in sorted(groups.items()):
         finals = [x["final"] for x in g]
         spent = [x["dp"]["epsilon"] for x in g if x["dp"]]
         out.append(
@@ -182,6 +321,7 @@ def rows_of(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "task": task,
                 "target_epsilon": None if math.isinf(eps) else eps,
                 "method": method,
+                "config": g[0]["config"],
                 "seeds": len(g),
                 "final_median": statistics.median(finals),
                 "final_min": min(finals),
@@ -195,32 +335,33 @@ def rows_of(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """FedNG vs FedAvg at ε = 4, per task: each method's best DP config (same config grid for
-    both: clip scopes x clip multiples)."""
+    """FedNG vs FedAvg at ε = 4, per task (each with its selected configuration)."""
     out = []
     for task in sorted({r["task"] for r in rows}):
-        best: dict[str, tuple[float, str]] = {}
-        for r in rows:
-            if r["task"] != task or r["target_epsilon"] != 4.0:
-                continue
-            family = r["method"].split(" ")[0]
-            if family in ("fedng", "fedavg"):
-                best[family] = max(best.get(family, (-1.0, "")), (r["final_median"], r["method"]))
-        if "fedng" in best and "fedavg" in best:
-            (ng, ng_name), (avg, avg_name) = best["fedng"], best["fedavg"]
-            out.append(
-                f"{task} ε=4: FedNG ({ng_name}) {ng:.4f} vs FedAvg ({avg_name}) {avg:.4f} ->"
-                f" {'MET' if ng >= avg else 'MISSED'}"
-            )
+        at4 = [r for r in rows if r["task"] == task and r["target_epsilon"] == 4.0]
+        if not at4:
+            continue
+        if sorted(r["method"] for r in at4 if r["method"] in ("fedng", "fedavg")) != [
+            "fedavg",
+            "fedng",
+        ]:
+            out.append(f"{task} ε=4: not one evaluated configuration per method, no verdict")
+            continue
+        ng, avg = (next(r for r in at4 if r["method"] == m) for m in ("fedng", "fedavg"))
+        out.append(
+            f"{task} ε=4: FedNG ({ng['config']}) {ng['final_median']:.4f} vs FedAvg"
+            f" ({avg['config']}) {avg['final_median']:.4f} over {ng['seeds']}/{avg['seeds']}"
+            f" seeds -> {'MET' if ng['final_median'] >= avg['final_median'] else 'MISSED'}"
+        )
     return out
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The table in markdown."""
     lines = [
-        "| task | target ε | method | final acc. median [min, max] | ε spent (RDP) | noise mult."
-        " | clip |",
-        "|---|---|---|---|---|---|---|",
+        "| task | target ε | method | config | seeds | final acc. median [min, max] |"
+        " ε spent (RDP) | noise mult. | clip |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         eps = "∞ (no DP)" if r["target_epsilon"] is None else f"{r['target_epsilon']:g}"
@@ -228,32 +369,49 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         z = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
         c = "-" if r["clip"] is None else f"{r['clip']:.3f}"
         lines.append(
-            f"| {r['task']} | {eps} | {r['method']} | {r['final_median']:.4f}"
-            f" [{r['final_min']:.4f}, {r['final_max']:.4f}] | {spent} | {z} | {c} |"
+            f"| {r['task']} | {eps} | {r['method']} | {r['config']} | {r['seeds']} |"
+            f" {r['final_median']:.4f} [{r['final_min']:.4f}, {r['final_max']:.4f}] | {spent}"
+            f" | {z} | {c} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the grid (skipping finished runs), writes JSON and markdown, prints the table."""
+    """Tunes (when the grid has more than one configuration), evaluates the winners on the
+    seeds (skipping finished runs), writes JSON and markdown, prints the table."""
     args = parse(argv)
     torch.set_num_threads(1)
     store = Runs(Path(args.out), args.merge, _key)
     protocol = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
+
+    def go(task: str, method: str, eps: float, seed: int, cfg: DpConfig, role: str) -> None:
+        name = cfg.label() if math.isfinite(eps) else f"T{cfg.rounds}"
+        if (task, method, name, role, eps, seed) in store.done:
+            return
+        r = run_one(args, task, method, eps, seed, cfg, role)
+        print(
+            f"{task} ε={eps:g} {method} {name} {role} seed {seed}: final {r['final']:.4f}"
+            f" val {r['val']:.4f} ({r['seconds']:.0f} s)",
+            flush=True,
+        )
+        store.add(r, protocol)
+
     for task in args.tasks:
         for eps in [*([] if args.no_clean else [math.inf]), *args.epsilons]:
             for method in args.methods:
-                grid = [("joint", 1.0)]
-                if math.isfinite(eps):
-                    grid = [(sc, m) for sc in args.scopes for m in args.clip_mults]
-                for scope, mult in grid:
-                    name = label(method, scope, mult) if math.isfinite(eps) else method
-                    for seed in args.seeds:
-                        if (task, name, eps, seed) in store.done:
-                            continue
-                        r = run_one(args, task, method, eps, seed, scope, mult)
-                        print(f"{task} ε={eps:g} {name} seed {seed}: {r['final']:.4f}", flush=True)
-                        store.add(r, protocol)
+                configs = grid(args, method)
+                if not math.isfinite(eps):
+                    best = DpConfig(args.clean_rounds)
+                elif len(configs) == 1:
+                    best = configs[0]
+                else:
+                    for cfg in configs:
+                        go(task, method, eps, args.tune_seed, cfg, "tune")
+                    labels = [c.label() for c in configs]
+                    label = chosen(store.runs, task, method, eps, labels)
+                    best = configs[labels.index(str(label))]
+                for seed in args.seeds:
+                    go(task, method, eps, seed, best, "eval")
     rows = rows_of(store.runs)
     text = store.finish(rows, verdicts(rows), markdown(rows))
     print(text)

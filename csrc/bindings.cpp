@@ -56,6 +56,11 @@ PYBIND11_MODULE(_C, m) {
         "Instruction set of the small-matrix kernels chosen for this CPU.");
   m.def("set_avx512_lanes", &fedng::cpu::set_avx512_lanes, py::arg("on"),
         "Lets the lane kernels use AVX-512 (if the CPU has it); returns the previous setting.");
+  m.def("gaussian_isa", [] { return std::string(fedng::cpu::gaussian_isa()); },
+        "Build of the Gaussian sketch rows in use: 'baseline', 'avx2' or 'avx512'.");
+  m.def("set_gaussian_isa",
+        [](const std::string& isa) { return std::string(fedng::cpu::set_gaussian_isa(isa.c_str())); },
+        py::arg("isa"), "Switches the Gaussian sketch rows' build (same bits); returns the previous.");
 
   py::call_guard<py::gil_scoped_release> nogil;
   py::kw_only kw;

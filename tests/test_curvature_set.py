@@ -138,7 +138,9 @@ def test_inverse_packing_round_trip() -> None:
     want = cs.precondition(grads, stats)
     for got, w in zip(glob.precondition(grads, stats), want, strict=True):
         assert got is not None and w is not None
-        torch.testing.assert_close(got, w, rtol=1e-6, atol=0.0)  # inverses symmetrized by the wire
+        # Inverses symmetrized by the wire; float32 rounding of the low-rank apply, relative to
+        # the block's scale (an entry near zero may differ by a few ulps of the largest one).
+        torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-6 * float(w.abs().max()))
     glob.load_inverse_arrays({})  # nothing there: nothing changes
     assert glob.ready == [True, True, True]
     with pytest.raises(ValueError, match="needs"):
@@ -153,10 +155,14 @@ def test_inverse_arrays_are_exact_without_packing() -> None:
     arrays, _ = cs.inverse_arrays()
     glob = CurvatureSet.empty(cs.layouts, cs.kinds, rank=4, sketch_seed=5)
     glob.load_inverse_arrays(arrays)
-    for got, want in zip(
-        glob.precondition(grads, stats), cs.precondition(grads, stats), strict=True
+    for kind, got, want in zip(
+        cs.kinds, glob.precondition(grads, stats), cs.precondition(grads, stats), strict=True
     ):
-        assert got is not None and want is not None and torch.equal(got, want)
+        assert got is not None and want is not None
+        if kind == "lowrank":  # lambda travels rounded to float32 (LowRank.inverse_arrays)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+        else:
+            assert torch.equal(got, want)
 
 
 def test_trace_and_relative_damping() -> None:

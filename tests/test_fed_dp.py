@@ -251,3 +251,26 @@ def test_fedng_shares_clipped_noised_psd_curvature_under_dp() -> None:
         m = f if f.dim() == 2 else torch.diag(f)
         assert float(torch.linalg.eigvalsh(m.double()).min()) >= -1e-5 * float(m.abs().max())
     assert decode(private[0]) is not None
+
+
+def test_distributed_dp_releases_no_metrics_and_no_dataset_size() -> None:
+    knobs = {"dp_clip": 0.05, "dp_noise_multiplier": 1.0, "dp_mode": "distributed"}
+    _, raw, private = dp_round("fedavg", knobs)
+    assert any(r.metrics for r in raw) and any(r.num_examples > 1 for r in raw)
+    assert all(p.metrics == {} and p.num_examples == 1 for p in private)
+    _, raw, central = dp_round("fedavg", {**knobs, "dp_mode": "central"})
+    assert [c.num_examples for c in central] == [r.num_examples for r in raw]
+
+
+def test_cli_dp_gives_fedng_absolute_damping_unless_the_user_set_damping() -> None:
+    from fedng.cli import DP_FEDNG, dp_overrides
+
+    assert dp_overrides(["fedng", "fedavg"], {}) == {"fedng": DP_FEDNG}
+    assert dp_overrides(["fedavg"], {}) == {}
+    mine = {"fedng": {"lr": 0.1}}
+    assert dp_overrides(["fedng"], mine) == {"fedng": {**DP_FEDNG, "lr": 0.1}}
+    assert mine == {"fedng": {"lr": 0.1}}  # not mutated
+    for user in ({"*": {"damping": 0.5}}, {"fedng": {"damping_scale": "relative"}}):
+        assert dp_overrides(["fedng"], user) == user
+    _, sc = make_configs("fedng", dp_overrides(["fedng"], {})["fedng"])
+    assert (sc.options.damping_scale, sc.options.damping) == ("absolute", 0.03)

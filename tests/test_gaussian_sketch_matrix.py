@@ -162,3 +162,81 @@ def test_extreme_seeds_accepted() -> None:
     for seed, stream in ((0, 0), (U64 - 1, U64 - 1)):
         got = gaussian_sketch_matrix(5, 3, seed, stream, dtype=torch.float64)
         assert torch.equal(got, reference.gaussian_sketch_matrix_ref(5, 3, seed, stream))
+
+
+def _builds() -> list[str]:
+    """The builds of the row kernel this CPU runs (baseline always)."""
+    from fedng import _backend
+
+    native = _backend.native
+    before = native.gaussian_isa()
+    usable = []
+    try:
+        for isa in ("baseline", "avx2", "avx512"):
+            try:
+                native.set_gaussian_isa(isa)
+            except ValueError:
+                continue
+            usable.append(isa)
+    finally:
+        native.set_gaussian_isa(before)
+    return usable
+
+
+# Shapes around the kernel's blocking: one pair per row (r = 1, 2), fewer pairs per row than the
+# widest vector has lanes (r < 16), odd r (each row drops its last odd column), chunks of 128
+# pairs crossing rows (d r / 2 > 128) and one row wider than a chunk (r > 256).
+SHAPES = [(1, 1), (300, 1), (97, 2), (33, 3), (40, 15), (21, 16), (19, 17), (9, 33), (3, 257)]
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_build_bit_identical_to_reference(isa: str) -> None:
+    """Each SIMD build (2, 4 or 8 double lanes) gives the reference's bits, float64 and float32,
+    on shapes that cross every blocking boundary; and the same bits on every thread count."""
+    from fedng import _backend
+
+    if isa not in _builds():
+        pytest.skip(f"this CPU does not run the {isa} build")
+    native = _backend.native
+    before = native.set_gaussian_isa(isa)
+    try:
+        assert native.gaussian_isa() == isa
+        for d, r in SHAPES:
+            expected = reference.gaussian_sketch_matrix_ref(d, r, seed=2**40 + 3, stream_id=d)
+            got64 = gaussian_sketch_matrix(d, r, 2**40 + 3, d, dtype=torch.float64)
+            got32 = gaussian_sketch_matrix(d, r, 2**40 + 3, d, dtype=torch.float32)
+            assert torch.equal(got64, expected), (isa, d, r)
+            assert torch.equal(got32, expected.to(torch.float32)), (isa, d, r)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = gaussian_sketch_matrix(1100, 61, seed=5, stream_id=9, dtype=torch.float64)
+            torch.set_num_threads(2)
+            two = gaussian_sketch_matrix(1100, 61, seed=5, stream_id=9, dtype=torch.float64)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, two)
+        assert _digest(one) == _digest(_by_build("baseline", 1100, 61))
+    finally:
+        native.set_gaussian_isa(before)
+
+
+def _by_build(isa: str, d: int, r: int) -> torch.Tensor:
+    """Omega(d, r) for (seed 5, stream 9) from one build, float64."""
+    from fedng import _backend
+
+    before = _backend.native.set_gaussian_isa(isa)
+    try:
+        return gaussian_sketch_matrix(d, r, seed=5, stream_id=9, dtype=torch.float64)
+    finally:
+        _backend.native.set_gaussian_isa(before)
+
+
+def test_unknown_build_raises() -> None:
+    """A build name other than baseline/avx2/avx512 is a ValueError; the build in use stays."""
+    from fedng import _backend
+
+    before = _backend.native.gaussian_isa()
+    with pytest.raises(ValueError, match="set_gaussian_isa"):
+        _backend.native.set_gaussian_isa("sse9")
+    assert _backend.native.gaussian_isa() == before

@@ -2,6 +2,7 @@
 #include "fedng/small_spd_inverse.h"
 
 #include <atomic>
+#include "fedng/cpu_isa.h"
 #include <cstdlib>
 
 #if defined(FEDNG_HAVE_AVX2)
@@ -85,6 +86,9 @@ std::atomic<bool> g_avx512{avx512_available() && !std::getenv("FEDNG_NO_AVX512")
 bool use_avx512() { return g_avx512.load(std::memory_order_relaxed); }
 
 }  // namespace
+
+bool cpu_runs_avx2() { return use_avx2(); }
+bool cpu_runs_avx512() { return avx512_available(); }
 
 #if defined(FEDNG_HAVE_AVX2)
 #define FEDNG_PICK(call) (use_avx2() ? avx2::call : baseline::call)

@@ -29,6 +29,12 @@ def small_kernel_isa() -> str:
 def set_avx512_lanes(on: bool) -> bool:
     """Lets the lane kernels use AVX-512 (if the CPU has it); returns the previous setting."""
 
+def gaussian_isa() -> str:
+    """Build of the Gaussian sketch rows in use: 'baseline', 'avx2' or 'avx512'."""
+
+def set_gaussian_isa(isa: str) -> str:
+    """Switches the Gaussian sketch rows' build (same bits); returns the previous."""
+
 def kron_accumulate(
     *,
     dtype: int,

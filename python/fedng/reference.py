@@ -282,13 +282,17 @@ def gaussian_sketch_matrix_ref(d: int, r: int, seed: int, stream_id: int = 0) ->
     """The exact float64 values of `fedng.ops.gaussian_sketch_matrix` (cast for float32)."""
     i = torch.arange(d, dtype=torch.int64).repeat_interleave(r)
     j = torch.arange(r, dtype=torch.int64).repeat(d)
+    # One Philox block per column pair: counter (i, j // 2, stream); words (w0, w1) go to the
+    # even column, (w2, w3) to the odd one.
     c = [
         i & _MASK,
-        j & _MASK,
+        (j >> 1) & _MASK,
         torch.full_like(i, stream_id & _MASK),
         torch.full_like(i, (stream_id >> 32) & _MASK),
     ]
     w = philox4x32_ref(c, (seed & _MASK, (seed >> 32) & _MASK))
-    bits52 = ((w[1] << 32) | w[0]) >> 12 & ((1 << 52) - 1)
+    odd = (j & 1).bool()
+    lo, hi = torch.where(odd, w[2], w[0]), torch.where(odd, w[3], w[1])
+    bits52 = ((hi << 32) | lo) >> 12 & ((1 << 52) - 1)
     u = (bits52.to(torch.float64) + 0.5) * 2.0**-52
     return ndtri_ref(u).reshape(d, r)

@@ -50,4 +50,10 @@ void lowrank_precondition(DType dtype, const Ptrs& U, const Ptrs& S, const Ptrs&
 void gaussian_sketch_matrix(DType dtype, std::uintptr_t out, std::int64_t d, std::int64_t r,
                             std::uint64_t seed, std::uint64_t stream_id, int nthreads);
 
+// Which build of the Gaussian rows runs: "baseline", "avx2" or "avx512" (the widest the CPU
+// runs, or avx2 with FEDNG_NO_AVX512=1 at load). Every build gives the same bits.
+const char* gaussian_isa();
+// Switches the build (for tests: not thread-safe against a running call); returns the previous.
+const char* set_gaussian_isa(const char* name);
+
 }  // namespace fedng::cpu

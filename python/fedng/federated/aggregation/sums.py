@@ -16,7 +16,7 @@ import torch
 
 from fedng._typing import Arrays
 from fedng.curvature.packed_fold import bf16_axpy
-from fedng.curvature.quantize import Segment, dequantize_add
+from fedng.curvature.quantize import Segment, dequantize_add, payload_sizes
 
 Int8Payload = tuple[torch.Tensor, torch.Tensor, Sequence[Segment]]
 """(int8 values, float32 scales, segments) of one quantized payload (`fedng.curvature.quantize`)."""
@@ -76,7 +76,8 @@ class WeightedSum:
         for name, (q, side, segs) in payloads.items():
             acc = self.sums.get(name)
             if acc is None:
-                acc = self.sums[name] = torch.zeros(q.numel(), dtype=torch.float32)
+                # float entries: fewer int8 values than that on low-rank segments
+                acc = self.sums[name] = torch.zeros(payload_sizes(segs)[0], dtype=torch.float32)
             dequantize_add(acc, q, side, segs, weight)
         if not counted:
             self.total_weight += weight

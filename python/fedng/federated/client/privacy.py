@@ -5,7 +5,10 @@ The delta and the extras are clipped jointly to L2 norm `dp_clip` (as one vector
 `dp_clip_scope`); the packed curvature payload
 to `dp_curvature_clip`, or dropped when that is 0 (the curvature then never leaves the client,
 and neither does FedNG's summable contribution `c_k = F_k delta_k`, which is of no use without
-the pooled curvature and would take a share of the clip).
+the pooled curvature and would take a share of the clip). Under "distributed" DP (an untrusted
+server) nothing else about the client's data leaves either: its local metrics (training loss)
+are dropped and its `num_examples` reported as 1 (the server averages uniformly over
+`dp_clients` anyway), so the noised vectors are the only release, the one the accountant counts.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ def privatize_update(update: ClientUpdate, config: ClientConfig) -> None:
     if config.dp_curvature_clip == 0:
         update.extras = {k: v for k, v in update.extras.items() if not private_only(k)}
     noisy = config.dp_mode == "distributed"
+    if noisy:  # the accountant counts the noised vectors only: nothing else may leave
+        update.metrics = {}
+        update.num_examples = 1
     gen = noise_generator(config.dp_seed, update.round, update.client_id)
     z, m = config.dp_noise_multiplier, config.dp_clients
     joint = {

@@ -35,8 +35,7 @@ import torch
 
 from fedng._typing import Arrays
 from fedng.curvature.layout import BlockLayout
-from fedng.curvature.quantize import COMPRESSIBLE, float_payload, segments
-from fedng.curvature.spec import triangle_size
+from fedng.curvature.quantize import COMPRESSIBLE, float_payload, segment_entries, segments
 from fedng.federated.messages import ClientUpdate
 
 E_MIN = -60
@@ -114,7 +113,7 @@ def _curv_segments(kind: str, data: torch.Tensor, meta: dict[str, Any]) -> tuple
         for k, lay in zip(meta["kinds"], meta["layouts"], strict=True)
         if k == kind
     ]
-    return tuple(triangle_size(n) if form == "tri" else n for form, n in segments(kind, specs))
+    return tuple(segment_entries(s) for s in segments(kind, specs))
 
 
 def payload_parts(update: ClientUpdate, metrics: bool = False) -> tuple[Template, Arrays]:

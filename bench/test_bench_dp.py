@@ -1,0 +1,67 @@
+"""bench_dp's protocol pieces: the per-T noise calibration, the configuration grid and the
+selection rule (fast: one 2-round FedAvg run on digits)."""
+
+from __future__ import annotations
+
+import math
+
+import bench_dp as B
+import pytest
+from fedng.federated.aggregation.dp import epsilon_spent, noise_multiplier_for
+
+
+def test_noise_is_recalibrated_for_each_number_of_rounds() -> None:
+    zs = [noise_multiplier_for(4.0, 1e-5, t) for t in (1, 3, 10, 20)]
+    assert zs == sorted(zs) and zs[0] < zs[-1] / 3  # fewer releases, less noise per release
+    args = B.parse(["--clients", "5"])
+    r = B.run_one(args, "digits", "fedavg", 4.0, 0, B.DpConfig(2), "tune")
+    assert r["dp"]["noise_multiplier"] == noise_multiplier_for(4.0, 1e-5, 2)
+    assert r["dp"]["rounds"] == 2 and len(r["curve"]) == 3
+    assert r["dp"]["epsilon"] == epsilon_spent(r["dp"]["noise_multiplier"], 1e-5, 2)
+    assert 3.99 <= r["dp"]["epsilon"] <= 4.0 and r["config"] == "T2"
+    assert math.isfinite(r["val"])
+
+
+def test_grid_gives_every_method_the_shared_axes_and_its_own_knobs() -> None:
+    args = B.parse(
+        ["--rounds", "5,10", "--knob", "fedng:damping=0.1,10", "--knob", "fedavg:lr=0.05,0.2"]
+    )
+    ng, avg = B.grid(args, "fedng"), B.grid(args, "fedavg")
+    assert len(ng) == len(avg) == 4  # the same budget
+    assert [c.label() for c in ng] == [
+        "T5 damping=0.1",
+        "T5 damping=10",
+        "T10 damping=0.1",
+        "T10 damping=10",
+    ]
+    assert avg[1].settings() == {"lr": 0.2} and avg[1].rounds == 5
+    assert B.grid(args, "fedng+curv") == ng
+    knobs = B.method_knobs(["all:local_steps=5,20", "fedng:precond=none"], "fedng")
+    assert B.DpConfig(3, knobs=knobs[1]).settings() == {"local_steps": 20, "precond": "none"}
+    with pytest.raises(ValueError, match="METHOD:KEY=V1,V2"):
+        B.method_knobs(["fedng-damping"], "fedng")
+
+
+def test_selection_uses_the_tuning_seeds_final_validation_only() -> None:
+    def run(config: str, val: float, role: str = "tune", eps: float = 4.0) -> dict[str, object]:
+        return {
+            "task": "digits",
+            "method": "fedng",
+            "config": config,
+            "role": role,
+            "target_epsilon": eps,
+            "seed": 100,
+            "val": val,
+        }
+
+    runs = [
+        run("T5", 0.3),
+        run("T10", 0.5),
+        run("T20", 0.9, role="eval"),  # an evaluation run never selects
+        run("T3", 0.95, eps=8.0),  # another ε
+        run("T40", 0.99),  # not in this grid
+        run("T2", math.nan),
+    ]
+    labels = ["T2", "T5", "T10", "T20", "T3"]
+    assert B.chosen(runs, "digits", "fedng", 4.0, labels) == "T10"
+    assert B.chosen(runs, "digits", "fedavg", 4.0, labels) is None
