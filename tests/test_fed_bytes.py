@@ -15,6 +15,7 @@ from fedng.curvature.quantize import (
     payload_sizes,
     quantize,
     segments,
+    side_traces,
 )
 from fedng.curvature.spec import BlockSpec, pack_triangle, unpack_triangle
 from fedng.federated.aggregation.matvec import block_vectors, fisher_matvecs
@@ -116,6 +117,10 @@ def test_wide_factors_travel_low_rank_with_their_trace() -> None:
     # only factors at least LOWRANK_MIN wide: the digits CNN's 513-wide head input
     forms = segments("kfac", [BlockSpec("a", "kron", 10, 513), BlockSpec("b", "kron", 32, 145)])
     assert forms == [("lrtri", 513), ("tri", 10), ("tri", 145), ("tri", 32)]
+    # ... and larger than their block: a 785 -> 512 layer's factors (308k and 131k entries
+    # against 402k weights) stay triangles, a 785 -> 100 layer's input factor does not
+    wide = segments("kfac", [BlockSpec("c", "kron", 512, 785), BlockSpec("d", "kron", 100, 785)])
+    assert wide == [("tri", 785), ("tri", 512), ("lrtri", 785), ("tri", 100)]
 
 
 def test_auto_int8_whenever_it_is_the_smaller_payload() -> None:
@@ -212,3 +217,34 @@ def test_server_folds_low_rank_payloads_as_their_floats() -> None:
     acc = torch.zeros_like(data)
     dequantize_add(acc, q, side, segs, 2.0)
     assert torch.allclose(acc, 2 * want)
+
+
+def test_low_rank_payloads_fold_and_check_run_by_run() -> None:
+    """With a low-rank segment, `dequantize_add` folds the triangles around it natively and
+    `side_traces` reads its trace `||B~||_F^2 + n sigma` from the 2 n k digits: both equal the
+    decoded payload's (float64 reference); a negative sigma or a size mismatch falls back."""
+    n = LOWRANK_MIN
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(60, n, generator=g, dtype=torch.float64)
+    y = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    segs = [("tri", 6), ("lrtri", n), ("tri", 6)]
+    data = torch.cat([pack_triangle(y.T @ y), pack_triangle(x.T @ x / 60), pack_triangle(y.T @ y)])
+    q, side = quantize(data.float(), segs)
+    want = dequantize(q, side, segs).double()
+    acc = torch.full_like(data, 0.5).float()
+    dequantize_add(acc, q, side, segs, 3.0)
+    assert torch.allclose(acc.double(), 0.5 + 3.0 * want, rtol=1e-5, atol=1e-5)
+    traces = side_traces(q, side, segs, 1e30)
+    assert traces is not None and len(traces) == 3
+    at, ref = 0, []
+    for _, w in segs:
+        size = w * (w + 1) // 2
+        ref.append(float(unpack_triangle(want[at : at + size], w).trace()))
+        at += size
+    assert traces == pytest.approx(ref, rel=1e-5)
+    bad = side.clone()
+    bad[6 + 1 + LOWRANK_RANK] = -1.0  # the low-rank segment's sigma
+    assert side_traces(q, bad, segs, 1e30) is None
+    assert side_traces(q[:-1], side, segs, 1e30) is None
+    with pytest.raises(ValueError, match="sizes"):
+        dequantize_add(acc, q[:-1], side, segs, 1.0)

@@ -178,8 +178,9 @@ class FedNGConfig(CurvatureConfig):
         upload_every: upload curvature every R rounds (R >= 1).
         compression: the curvature on the wire (client uploads and broadcast factors): "int8"
             (K-FAC factors and diagonals as int8 with float32 per-row scales, PSD by
-            construction, see `fedng.curvature.quantize`; factors at least 256 wide, such as
-            a CNN's dense-head input, as a rank-32 truncation plus their tail's mean
+            construction, see `fedng.curvature.quantize`; factors at least 256 wide with more
+            triangle entries than their layer's weights, such as a CNN's dense-head input, as a
+            rank-32 truncation plus their tail's mean
             eigenvalue, 4x fewer bytes at 513 wide; low-rank sketches stay in
             `payload_dtype`), "none" (`payload_dtype` / `broadcast_dtype`), or "auto" (int8
             whenever that is the smaller payload: any factor wider than a few rows).

@@ -17,11 +17,11 @@ in 8 rounds with K-FAC against 15 with the diagonal, and with fewer bytes (1.71 
 K-FAC's curvature pays for itself in rounds below the threshold. The CNNs' dense heads (16x,
 26x) are 90% of their K-FAC payload; there the diagonal head (instead of K-FAC) slowed
 digits-cnn from 4 to 9+ rounds to bench_fl's target, so the default keeps K-FAC and shrinks the
-wire instead:
-the int8 codec (`fedng.curvature.quantize`) sends every factor at least `LOWRANK_MIN` = 256 wide
-as a rank-32 truncation plus its tail's mean eigenvalue (the heads' 513- and 321-wide input
-factors; no other bench layer is that wide): 2.89x FedAvg's bytes per round on digits-cnn
-instead of 5.41x, at K-FAC's rounds.
+wire instead: the int8 codec (`fedng.curvature.quantize`) sends every factor at least
+`LOWRANK_MIN` = 256 wide whose triangle outweighs its layer's parameters as a rank-32
+truncation plus its tail's mean eigenvalue (the heads' 513- and 321-wide input factors; no
+other bench layer is that wide): 2.89x FedAvg's bytes per round on digits-cnn instead of
+5.41x, at K-FAC's rounds.
 """
 
 from __future__ import annotations
