@@ -4,7 +4,7 @@ Run the benchmarks first (they write `bench/results/`), then this script:
 
     python bench/run_all.py              # kernels  -> bench/results/summary.json
     python bench/bench_step.py           # NG step  -> bench/results/bench_step.json
-    python bench/bench_fl.py --quick     # federated -> bench/results/bench_fl.{json,md}
+    python bench/bench_fl.py --quick --out bench/results/bench_fl  # federated -> bench_fl.{json,md}
     python bench/snapshot.py             # -> docs/results/README.md + compact JSON copies
 
 The snapshot keeps what the docs cite — tables, ratios, the machine they ran on, the load from
