@@ -229,48 +229,62 @@ def dequantize(q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment]) -> 
     return vals
 
 
-def _runs(segs: Sequence[Segment]) -> list[tuple[list[Segment], int, int]]:
-    """`segs` cut into low-rank segments (alone) and the runs between them, each with its
-    int8 and side-data lengths."""
-    out: list[tuple[list[Segment], int, int]] = []
+@dataclass(frozen=True)
+class _Run:
+    """A low-rank segment alone, or a run of the segments between them, with where it lies in
+    the float payload, the int8 values and the side data."""
+
+    segs: tuple[Segment, ...]
+    floats: slice
+    q: slice
+    side: slice
+
+    @property
+    def lowrank(self) -> bool:
+        return self.segs[0][0] == "lrtri"
+
+
+def _runs(segs: Sequence[Segment]) -> list[_Run]:
+    """`segs` cut into low-rank segments (alone) and the runs between them."""
+    groups: list[list[Segment]] = []
     for seg in segs:
-        if seg[0] == "lrtri" or not out or out[-1][0][-1][0] == "lrtri":
-            out.append(([seg], 0, 0))
+        if seg[0] == "lrtri" or not groups or groups[-1][-1][0] == "lrtri":
+            groups.append([seg])
         else:
-            out[-1][0].append(seg)
-    return [(g, sum(_sizes(x)[1] for x in g), sum(_sizes(x)[2] for x in g)) for g, _, _ in out]
+            groups[-1].append(seg)
+    out: list[_Run] = []
+    at = [0, 0, 0]  # float entries, int8 values, side floats
+    for group in groups:
+        size = [sum(_sizes(x)[i] for x in group) for i in range(3)]
+        cut = [slice(a, a + z) for a, z in zip(at, size, strict=True)]
+        out.append(_Run(tuple(group), *cut))
+        at = [a + z for a, z in zip(at, size, strict=True)]
+    return out
 
 
 def _quantize_runs(
     data: torch.Tensor, segs: Sequence[Segment]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize` with low-rank segments: each encoded alone, the runs between them at once."""
-    qs, sides, at = [], [], 0
-    for group, _, _ in _runs(segs):
-        size = sum(_sizes(x)[0] for x in group)
-        piece = data[at : at + size]
-        if group[0][0] == "lrtri":
-            q, side = _quantize_lowrank(piece, group[0][1])
-        else:
-            q, side = quantize(piece, group)
-        qs.append(q)
-        sides.append(side)
-        at += size
-    return torch.cat(qs), torch.cat(sides)
+    parts = [
+        _quantize_lowrank(data[r.floats], r.segs[0][1])
+        if r.lowrank
+        else quantize(data[r.floats], r.segs)
+        for r in _runs(segs)
+    ]
+    return torch.cat([q for q, _ in parts]), torch.cat([side for _, side in parts])
 
 
 def _dequantize_runs(q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment]) -> torch.Tensor:
     """`dequantize` with low-rank segments: each decoded alone, the runs between them at once."""
-    out: list[torch.Tensor] = []
-    at = sat = 0
-    for group, nq, ns in _runs(segs):
-        qq, ss = q[at : at + nq], side[sat : sat + ns]
-        if group[0][0] == "lrtri":
-            out.append(_dequantize_lowrank(qq, ss, group[0][1]))
-        else:
-            out.append(dequantize(qq, ss, group))
-        at, sat = at + nq, sat + ns
-    return torch.cat(out)
+    return torch.cat(
+        [
+            _dequantize_lowrank(q[r.q], side[r.side], r.segs[0][1])
+            if r.lowrank
+            else dequantize(q[r.q], side[r.side], r.segs)
+            for r in _runs(segs)
+        ]
+    )
 
 
 def dequantize_add(
@@ -316,15 +330,12 @@ def _dequantize_add_runs(
     each low-rank factor rebuilt (`B~ B~^T + sigma I`, 2 n^2 k flops) and added."""
     if not _matches(q, side, segs) or acc.numel() != sum(_sizes(x)[0] for x in segs):
         raise ValueError("dequantize_add: sizes do not match the segments")
-    at = qat = sat = 0
-    for group, nq, ns in _runs(segs):
-        size = sum(_sizes(x)[0] for x in group)
-        qq, ss, dst = q[qat : qat + nq], side[sat : sat + ns], acc[at : at + size]
-        if group[0][0] == "lrtri":
-            dst.add_(_dequantize_lowrank(qq, ss, group[0][1]), alpha=weight)
+    for r in _runs(segs):
+        dst = acc[r.floats]
+        if r.lowrank:
+            dst.add_(_dequantize_lowrank(q[r.q], side[r.side], r.segs[0][1]), alpha=weight)
         else:
-            dequantize_add(dst, qq, ss, group, weight)
-        at, qat, sat = at + size, qat + nq, sat + ns
+            dequantize_add(dst, q[r.q], side[r.side], r.segs, weight)
 
 
 @dataclass(frozen=True)
@@ -422,19 +433,17 @@ def _side_traces_runs(
     if not _matches(q, side, segs):
         return None
     out: list[float] = []
-    qat = sat = 0
-    for group, nq, ns in _runs(segs):
-        qq, ss = q[qat : qat + nq], side[sat : sat + ns]
-        qat, sat = qat + nq, sat + ns
-        if group[0][0] != "lrtri":
-            got = side_traces(qq, ss, group, max_abs)
+    for r in _runs(segs):
+        qq, ss = q[r.q], side[r.side]
+        if not r.lowrank:
+            got = side_traces(qq, ss, r.segs, max_abs)
             if got is None:
                 return None
             out += got
             continue
         if not bool(torch.isfinite(ss).all()) or float(ss.min()) < 0:
             return None
-        n = group[0][1]
+        n = r.segs[0][1]
         b = _lowrank_factor(qq, ss[:-1], n).double()
         trace = float((b * b).sum()) + n * float(ss[-1])
         if trace > max_abs:
