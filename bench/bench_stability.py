@@ -146,14 +146,37 @@ def main(argv: list[str] | None = None) -> int:
     mon = CpuMonitor()
     t0 = time.perf_counter()
     parts = [float(x) for x in args.participations.split(",") if x]
-    cells = [cell(t, q, args) for t in args.tasks.split(",") if t for q in parts]
+    cells: list[dict[str, Any]] = []
+    for t in [t for t in args.tasks.split(",") if t]:
+        for q in parts:
+            cells.append(cell(t, q, args))
+            write(cells, args, mon.stop(), time.perf_counter() - t0, complete=False)
     usage = mon.stop()
+    payload = write(cells, args, usage, time.perf_counter() - t0, complete=True)
+    print(markdown(cells, args))
+    print("targets:", payload["targets"])
+    warn = busy_warning(usage)
+    if warn:
+        print(warn)
+    return 0
+
+
+def write(
+    cells: list[dict[str, Any]],
+    args: argparse.Namespace,
+    usage: dict[str, float] | None,
+    wall_s: float,
+    complete: bool,
+) -> dict[str, Any]:
+    """Writes <out>.json and <out>.md with the cells done so far (after every cell, so that an
+    interrupted grid keeps what ran)."""
     payload = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "args": vars(args),
         "defaults": CLI_BASE,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall_s,
         "cpu_usage": usage,
+        "complete": complete,
         "targets": {
             "all_stable": all(c["stable"] for c in cells),
             "all_fedng_ge_fedavg": all(c["beats_fedavg"] for c in cells),
@@ -165,12 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(payload, indent=1, default=lambda x: None)
     out.with_suffix(".json").write_text(text.replace("Infinity", "null").replace("NaN", "null"))
     out.with_suffix(".md").write_text(markdown(cells, args))
-    print(markdown(cells, args))
-    print("targets:", payload["targets"])
-    warn = busy_warning(usage)
-    if warn:
-        print(warn)
-    return 0
+    return payload
 
 
 if __name__ == "__main__":
