@@ -10,6 +10,7 @@ from fedng.curvature import CurvatureSet, to_matrix
 from fedng.curvature.quantize import (
     LOWRANK_MIN,
     LOWRANK_RANK,
+    SCALE_SUFFIX,
     dequantize,
     dequantize_add,
     payload_sizes,
@@ -154,9 +155,12 @@ def test_contribution_in_bf16_is_f_delta_within_its_rounding() -> None:
     assert len(fp32[1].to_bytes()) - len(u.to_bytes()) >= 2 * sum(v.numel() for v in c.values())
 
 
-def _probe(extra: dict[str, object]) -> tuple[int, set[str], str, float]:
-    """One summable round on the blobs MLP: the probe's bytes, names and dtypes, and the
-    smallest step length the line search took."""
+def _probe(
+    extra: dict[str, object], data_bytes: bool = False
+) -> tuple[int, set[str], str, float]:
+    """One summable round on the blobs MLP: the probe's bytes (`data_bytes`: its arrays' bytes
+    only, without the wire header's entry per array, which outweighs this MLP's small arrays),
+    names and dtypes, and the smallest step length the line search took."""
     state, ups = fed_round("fedng", extra, n=4, rounds=1)
     algo = get_algorithm("fedng")
     rnd = ServerRound(state)
@@ -169,28 +173,46 @@ def _probe(extra: dict[str, object]) -> tuple[int, set[str], str, float]:
     new, _ = rnd.finish()
     assert new.log["aggregation"] == "summable" and new.log["line_search"] == "answered"
     assert all(bool(torch.isfinite(v).all()) for v in new.params.values())
+    if data_bytes:  # as sent (the message casts float arrays to its dtype)
+        wd = {"fp32": 4, "bf16": 2, "fp16": 2}[probe.dtype]
+        size = sum(v.numel() * (wd if v.is_floating_point() else 1) for v in probe.extras.values())
+    else:
+        size = len(probe.to_bytes())
     return (
-        len(probe.to_bytes()),
+        size,
         set(probe.extras),
         probe.dtype,
         float(new.log["alpha_min"]),
     )
 
 
-def test_probe_is_bf16_on_the_probed_blocks_only() -> None:
+def test_probe_in_bf16_is_on_the_probed_blocks_only() -> None:
     full, names, dtypes, alpha = _probe({"curvature": "kfac", "probe_dtype": "fp32"})
     assert dtypes == "fp32" and alpha >= 0
     assert names == {
         p + k for p in (PROBE_M, PROBE_D) for k in ("0.weight", "0.bias", "2.weight", "2.bias")
     }
-    half, names16, dtypes16, alpha16 = _probe({"curvature": "kfac"})
+    half, names16, dtypes16, alpha16 = _probe({"curvature": "kfac", "probe_dtype": "bf16"})
     assert dtypes16 == "bf16" and names16 == names and half < full
     # the line search keeps its step length within bf16's rounding of M and d
     assert alpha16 == pytest.approx(alpha, rel=0.05, abs=1e-3)
     # a diagonal head needs no line search: only layer 0's parameters are probed
-    head, names_h, _, _ = _probe({"curvature": "kfac,2=diag"})
+    head, names_h, _, _ = _probe({"curvature": "kfac,2=diag", "probe_dtype": "bf16"})
     assert names_h == {p + k for p in (PROBE_M, PROBE_D) for k in ("0.weight", "0.bias")}
     assert head < half
+
+
+def test_int8_probe_halves_the_probe_and_keeps_the_step() -> None:
+    """probe_dtype="int8": M and d as int8 with one float32 scale per 64 entries (about half of
+    bf16's bytes); the server searches along the d the clients decode, so the step length stays
+    close to the fp32 probe's."""
+    _, names, _, alpha = _probe({"curvature": "kfac", "probe_dtype": "fp32"})
+    half, _, _, _ = _probe({"curvature": "kfac", "probe_dtype": "bf16"}, data_bytes=True)
+    small, names8, dtype8, alpha8 = _probe({"probe_dtype": "int8"}, data_bytes=True)
+    assert dtype8 == "fp32"  # the scales' dtype; the values travel as int8
+    assert names8 == names | {k + SCALE_SUFFIX for k in names}
+    assert small < 0.75 * half
+    assert alpha8 == pytest.approx(alpha, rel=0.05, abs=1e-3)
 
 
 def test_server_folds_low_rank_payloads_as_their_floats() -> None:

@@ -14,8 +14,10 @@ from fedng.curvature.quantize import (
     VEC_CHUNK,
     dequantize,
     dequantize_arrays,
+    dequantize_vector,
     quantize,
     quantize_arrays,
+    quantize_vector,
 )
 from fedng.federated.algorithms.curvature_payload import wants_int8
 from fedng.federated.client import get_params
@@ -89,6 +91,23 @@ def test_bad_sizes_and_dtypes_are_one_line_errors() -> None:
         dequantize(q, side.double(), [("tri", 3)])
     with pytest.raises(ValueError, match="expected 6 values"):
         quantize(torch.ones(5), [("tri", 3)])
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=st.lists(st.integers(1, 70), min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_signed_vectors_round_trip_within_half_a_step(shape: list[int], seed: int) -> None:
+    """`quantize_vector` (the line-search probe's int8): any shape and sign, one scale per
+    VEC_CHUNK flattened entries, every entry within half its chunk's step."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, scale = quantize_vector(x)
+    assert q.dtype == torch.int8 and q.shape == x.shape
+    assert scale.numel() == math.ceil(x.numel() / VEC_CHUNK)
+    back = dequantize_vector(q, scale)
+    assert back.dtype == torch.float32 and back.shape == x.shape
+    step = scale.double().repeat_interleave(VEC_CHUNK)[: x.numel()]
+    assert bool(((back.double() - x).reshape(-1).abs() <= 0.5 * step + 1e-6 * step).all())
+    with pytest.raises(ValueError, match="float32 scales"):
+        dequantize_vector(q, scale[:-1] if scale.numel() > 1 else scale.double())
 
 
 def _kfac_set() -> CurvatureSet:

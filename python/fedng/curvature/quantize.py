@@ -229,6 +229,29 @@ def dequantize(q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment]) -> 
     return vals
 
 
+
+def quantize_vector(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any float tensor (signed values) as int8 values of its shape and float32 scales, one per
+    `VEC_CHUNK` entries of its flattened values: entries off by at most half their chunk's scale
+    (1/254 of the chunk's largest magnitude). How vectors that only decide a few scalars travel
+    (the summable line search's probe).
+
+    Returns:
+        (int8 [x.shape], float32 [ceil(x.numel() / VEC_CHUNK)]).
+    """
+    flat = x.detach().reshape(-1)
+    q, scale = quantize(flat, [("vec", flat.numel())])
+    return q.view(x.shape), scale
+
+
+def dequantize_vector(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of `quantize_vector` within its bound: float32 of `q`'s shape.
+
+    Raises:
+        ValueError: `q` not int8, or a scale count that does not match it.
+    """
+    return dequantize(q.reshape(-1), scale, [("vec", q.numel())]).view(q.shape)
+
 @dataclass(frozen=True)
 class _Run:
     """A low-rank segment alone, or a run of the segments between them, with where it lies in

@@ -30,7 +30,9 @@ import torch
 
 from fedng._typing import Arrays
 from fedng.curvature import CurvatureSet, DiagonalFisher, to_matrix, write_matrix
+from fedng.curvature.quantize import SCALE_SUFFIX, dequantize_vector, quantize_vector
 from fedng.federated.aggregation.matvec import block_dots, block_vectors, fisher_matvecs
+from fedng.federated.wire import wire_dtype
 
 CONTRIB_PREFIX = "fd/"
 """Extras prefix of a client's contribution `c_k = F_k delta_k` (`fd/<param>`)."""
@@ -40,6 +42,9 @@ PROBE_D = "d/"
 """Prefix of the pooled direction in the probe message's extras."""
 REPLY_KEY = "line_search"
 """The reply's extra: per probed block `[<M, F_k d>, <d, F_k d>]`, shape [blocks, 2]."""
+PROBE_INT8 = "int8"
+"""`probe_dtype` that sends M and d as int8 (`quantize_vector`: one float32 scale per 64
+entries, `<name>/scale`): half of bf16's bytes. They only decide one step length per block."""
 
 
 @dataclass
@@ -54,6 +59,8 @@ class PooledDirection:
             diagonal ones, whose pooled solve is already exact).
         server_num: per block, `<S + lambda c, d> - lambda <M, d>` (the server's part).
         dd: per block, `||d||^2`.
+        probe: the second phase's broadcast as it travels (`encode_probe`; empty when no block
+            is probed).
     """
 
     mean: Arrays
@@ -62,6 +69,7 @@ class PooledDirection:
     probed: list[int]
     server_num: list[float]
     dd: list[float]
+    probe: Arrays
 
 
 def _flat_lams(pooled: CurvatureSet, rel: float) -> list[float]:
@@ -80,7 +88,7 @@ def pooled_direction(
     contrib: Arrays,
     rel: float,
     center: str = "mean",
-    dtype: torch.dtype = torch.float32,
+    probe_dtype: str = "fp32",
 ) -> PooledDirection:
     """The pooled solve's direction d per block.
 
@@ -90,8 +98,8 @@ def pooled_direction(
         contrib: S = `sum_k p_k F_k delta_k` (named arrays, the same names).
         rel: lambda relative to each block's mean eigenvalue of the pooled curvature.
         center: the damping's prior center, "mean" (c = M) or "zero" (c = 0).
-        dtype: the probe's wire dtype (`probe_arrays`): d is rounded to it, so that the line
-            search is exact along the d the clients receive.
+        probe_dtype: the probe's wire dtype ("fp32", "bf16", "fp16" or "int8"): d is rounded
+            as the clients decode it, so that the line search is exact along the d they use.
 
     Returns:
         The direction and the server's parts of the line search.
@@ -118,8 +126,10 @@ def pooled_direction(
     if "diag" in pooled.groups and isinstance(pooled.reps["diag"], DiagonalFisher):
         exact = set(pooled.groups["diag"])
     probed = [i for i, b in enumerate(blocks) if b is not None and i not in exact]
-    for i in probed:  # as the probe sends it
-        blocks[i] = blocks[i].to(dtype).float()  # type: ignore[union-attr]
+    probe = encode_probe(pooled, mean, blocks, probed, probe_dtype)
+    _, seen = decode_probe(probe)
+    for i in probed:  # as the clients decode it
+        blocks[i] = to_matrix(seen, pooled.layouts[i])
     sc = [s + lam * c for s, c, lam in zip(s_blocks, c_blocks, lams, strict=True)]
     num = [
         a - lam * b
@@ -127,26 +137,67 @@ def pooled_direction(
             block_dots(sc, blocks), block_dots(m_blocks, blocks), lams, strict=True
         )
     ]
-    return PooledDirection(mean, blocks, lams, probed, num, block_dots(blocks, blocks))
+    return PooledDirection(mean, blocks, lams, probed, num, block_dots(blocks, blocks), probe)
 
 
-def probe_arrays(direction: PooledDirection, pooled: CurvatureSet) -> Arrays:
+def encode_probe(
+    pooled: CurvatureSet,
+    mean: Arrays,
+    blocks: list[torch.Tensor | None],
+    probed: list[int],
+    probe_dtype: str,
+) -> Arrays:
     """The second phase's broadcast: M and d on the parameters of the probed blocks only
-    (diagonal blocks need no line search). They only decide a step length per block: the
-    message may travel in bf16 (`pooled_direction`'s `dtype`)."""
+    (diagonal blocks need no line search), rounded to `probe_dtype` (int8: values and
+    `<name>/scale`). They only decide a step length per block, so they may travel coarse."""
     names: set[str] = set()
-    for i in direction.probed:
+    for i in probed:
         lay = pooled.layouts[i]
         names.update(n for n in (lay.weight, lay.bias) if n is not None)
-    d_arrays = {k: torch.zeros_like(v) for k, v in direction.mean.items() if k in names}
-    for i in direction.probed:
-        blk = direction.blocks[i]
+    d_arrays = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in mean.items() if k in names}
+    for i in probed:
+        blk = blocks[i]
         if blk is not None:
             write_matrix(d_arrays, pooled.layouts[i], blk)
-    return {
-        **{PROBE_M + k: v for k, v in direction.mean.items() if k in names},
+    plain = {
+        **{PROBE_M + k: v.float() for k, v in mean.items() if k in names},
         **{PROBE_D + k: v for k, v in d_arrays.items()},
     }
+    if probe_dtype != PROBE_INT8:
+        wd = wire_dtype(probe_dtype, "probe_dtype")
+        return {k: v.to(wd) for k, v in plain.items()}
+    out: Arrays = {}
+    for k, v in plain.items():
+        out[k], out[k + SCALE_SUFFIX] = quantize_vector(v)
+    return out
+
+
+def decode_probe(probe: Arrays) -> tuple[Arrays, Arrays]:
+    """(M, d) as float32 named arrays from the probe's extras (`encode_probe`, any dtype).
+
+    Raises:
+        ValueError: an int8 array without its scales, or scales that do not fit it.
+    """
+    out: tuple[Arrays, Arrays] = ({}, {})
+    for k, v in probe.items():
+        if k.endswith(SCALE_SUFFIX):
+            continue
+        for part, prefix in zip(out, (PROBE_M, PROBE_D), strict=True):
+            if not k.startswith(prefix):
+                continue
+            if v.dtype == torch.int8:
+                scale = probe.get(k + SCALE_SUFFIX)
+                if scale is None:
+                    raise ValueError(f"line-search probe: int8 {k!r} without {k + SCALE_SUFFIX!r}")
+                part[k[len(prefix) :]] = dequantize_vector(v, scale.float())
+            else:
+                part[k[len(prefix) :]] = v.float()
+    return out
+
+
+def probe_arrays(direction: PooledDirection) -> Arrays:
+    """The second phase's broadcast as it travels (`encode_probe`)."""
+    return direction.probe
 
 
 def answer_probe(cs: CurvatureSet, probe: Arrays) -> torch.Tensor:
@@ -159,8 +210,7 @@ def answer_probe(cs: CurvatureSet, probe: Arrays) -> torch.Tensor:
     Returns:
         float32 [len(cs.layouts), 2] (zeros for blocks whose d is zero).
     """
-    mean = {k[len(PROBE_M) :]: v for k, v in probe.items() if k.startswith(PROBE_M)}
-    d = {k[len(PROBE_D) :]: v for k, v in probe.items() if k.startswith(PROBE_D)}
+    mean, d = decode_probe(probe)
     probed = [lay.weight in d and lay.weight in mean for lay in cs.layouts]
     live = [to_matrix(d, lay) if p else None for lay, p in zip(cs.layouts, probed, strict=True)]
     live = [b if b is not None and bool(b.any()) else None for b in live]

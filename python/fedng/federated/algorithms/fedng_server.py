@@ -29,6 +29,7 @@ from fedng.federated.aggregation.mean import apply_server_step
 from fedng.federated.aggregation.psd import psd_tests
 from fedng.federated.aggregation.summable import (
     CONTRIB_PREFIX,
+    PROBE_INT8,
     REPLY_KEY,
     PooledDirection,
     line_search_step,
@@ -46,7 +47,6 @@ from fedng.federated.algorithms.curvature_payload import (
 )
 from fedng.federated.config.curvature import FedNGConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
-from fedng.federated.wire import wire_dtype
 
 PROBE_PHASE = "line_search"
 """`meta["phase"]` of the summable aggregation's second-phase message and of its replies."""
@@ -252,7 +252,7 @@ class CurvatureSums:
                     self.contrib.scaled(scale),
                     self.opts.fisher_damping,
                     self.opts.fisher_center,
-                    wire_dtype(self.opts.probe_dtype, "probe_dtype"),
+                    self.opts.probe_dtype,
                 )
         return self.direction
 
@@ -268,9 +268,10 @@ class CurvatureSums:
             state.round,
             self.name,
             {},
-            probe_arrays(direction, self.pooled),
+            probe_arrays(direction),
             meta={"phase": PROBE_PHASE, "blocks": len(direction.blocks)},
-            dtype=self.opts.probe_dtype,
+            # int8 values travel as they are; their scales (and M, d otherwise) in this dtype
+            dtype="fp32" if self.opts.probe_dtype == PROBE_INT8 else self.opts.probe_dtype,
         )
 
     def fold_reply(self, reply: ClientUpdate, weight: float) -> str | None:

@@ -27,6 +27,9 @@ PSD by one Cholesky per factor), "fast" (K-FAC / diagonal payloads read in place
 finite, bounded, non-negative diagonal, `||M||_F <= tr M`; the pooled sum gets the full PSD test
 once per round), "auto" ("fast" where the server pools before solving, else "full")."""
 
+PROBE_WIRE: tuple[str, ...] = (*FLOAT_WIRE, "int8")
+"""Wire dtypes of the summable line search's probe (int8: per-64-entry float32 scales)."""
+
 _BROADCAST_FOR = {"global": "factors", "global_local": "factors"}
 """What the server sends for a client preconditioner ("auto" broadcast): the curvature itself,
 int8 under compression (the client inverts it with its own damping rule, which is the server's):
@@ -187,8 +190,11 @@ class FedNGConfig(CurvatureConfig):
         contrib_dtype: wire dtype of the summable aggregation's `c_k = F_k delta_k` ("bf16"
             by default: half the bytes of fp32, rounding 2^-9 relative).
         probe_dtype: wire dtype of the summable line search's broadcast (M and d, on the
-            probed blocks only; "bf16" by default: d is rounded to it before the server's own
-            parts, so the search stays exact along the d sent, up to M's rounding).
+            probed blocks only): "fp32", "bf16", "fp16" or "int8" (the default: one float32
+            scale per 64 entries, 0.58x bf16's bytes on mnist1d-cnn, 7% fewer bytes per round;
+            bench_fl's rounds to target unchanged on synthetic and mnist1d-cnn). d is rounded as
+            the clients decode it before the server's own parts, so the search stays exact along
+            the d sent, up to M's rounding.
         kl_clip: bound on the local natural-gradient step's KL estimate `lr^2 p.g` (0 = off).
         aggregation: "mean", "summable" (Fisher-weighted from sums only: clients also upload
             `F_k delta_k` and answer a two-scalars-per-layer line search; streams, works under
@@ -213,7 +219,7 @@ class FedNGConfig(CurvatureConfig):
     upload_every: int = 1
     compression: str = "auto"
     contrib_dtype: str = "bf16"
-    probe_dtype: str = "bf16"
+    probe_dtype: str = "int8"
     kl_clip: float = 1e-3
     aggregation: str = "summable"
     cg_iters: int = 10
@@ -235,7 +241,7 @@ class FedNGConfig(CurvatureConfig):
         check(self.upload_every >= 1, c, "upload_every", ">= 1", self.upload_every)
         check_choice(c, "compression", self.compression, COMPRESSIONS)
         check_choice(c, "contrib_dtype", self.contrib_dtype, FLOAT_WIRE)
-        check_choice(c, "probe_dtype", self.probe_dtype, FLOAT_WIRE)
+        check_choice(c, "probe_dtype", self.probe_dtype, PROBE_WIRE)
         check(self.kl_clip >= 0, c, "kl_clip", ">= 0", self.kl_clip)
         check_choice(c, "aggregation", self.aggregation, AGGREGATIONS)
         check(0 <= self.curvature_ema < 1, c, "curvature_ema", "in [0, 1)", self.curvature_ema)

@@ -50,7 +50,7 @@ from flwr.supercore.run import Run
 from fedng.curvature import CurvatureSet, to_matrix
 from fedng.federated.aggregation.matvec import block_dots, fisher_matvecs
 from fedng.federated.aggregation.stage import psd_project
-from fedng.federated.aggregation.summable import PROBE_D, PROBE_M, REPLY_KEY
+from fedng.federated.aggregation.summable import REPLY_KEY, decode_probe
 from fedng.federated.algorithms.base import Algorithm, MeanStep, State
 from fedng.federated.algorithms.curvature_payload import decoded_curvature
 from fedng.federated.algorithms.fedng_server import PROBE_PHASE, CurvatureSums
@@ -269,8 +269,7 @@ def probe_scale(probe: ServerMessage, pooled: ClientUpdate, p_min: float) -> flo
     cs = decoded_curvature(pooled)
     if cs is None:
         return 2.0**E_MIN
-    m = {k[len(PROBE_M) :]: v for k, v in probe.extras.items() if k.startswith(PROBE_M)}
-    d = {k[len(PROBE_D) :]: v for k, v in probe.extras.items() if k.startswith(PROBE_D)}
+    m, d = decode_probe(probe.extras)
     # the probe carries only the probed (non-diagonal) blocks' parameters
     mb = [to_matrix(m, lay) if lay.weight in m else None for lay in cs.layouts]
     db = [to_matrix(d, lay) if lay.weight in d else None for lay in cs.layouts]
