@@ -42,11 +42,12 @@ def test_presets_are_the_algorithm_defaults() -> None:
         precond="global",
         aggregation="summable",
         fisher_center="mean",
-        fisher_damping=0.1,
+        fisher_damping=3.0,
         damping=0.1,
         damping_scale="relative",
         kl_clip=1e-3,
         compression="auto",
+        probe_dtype="int8",
     )
     assert cc.options_as(FedNGConfig).broadcast_mode() == "factors"
     assert make_configs("fedprox")[0].options == FedProxConfig(prox_mu=0.1)

@@ -22,6 +22,7 @@ from fedng.federated.algorithms.curvature_payload import (
     fast_scales,
     payload_floats,
 )
+from fedng.federated.config.curvature import FedNGConfig
 from fedng.federated.messages import ClientUpdate, ServerState
 from fedng.federated.round import server_step
 
@@ -135,7 +136,8 @@ def test_kfac_line_search_is_exact() -> None:
     sets = decoded_all(ups)
     ws = weights_of(ups)
     pooled = CurvatureSet.combine(sets, ws)
-    lams = [lam for kind in pooled.groups for lam in pooled.relative_damping(0.1)[kind]]
+    rel = FedNGConfig().fisher_damping  # the round ran with the default
+    lams = [lam for kind in pooled.groups for lam in pooled.relative_damping(rel)[kind]]
     lays = pooled.layouts
     mats = [
         sum(w * _dense(cs, i) for w, cs in zip(ws, sets, strict=True)) for i in range(len(lays))
