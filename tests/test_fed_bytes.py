@@ -155,9 +155,7 @@ def test_contribution_in_bf16_is_f_delta_within_its_rounding() -> None:
     assert len(fp32[1].to_bytes()) - len(u.to_bytes()) >= 2 * sum(v.numel() for v in c.values())
 
 
-def _probe(
-    extra: dict[str, object], data_bytes: bool = False
-) -> tuple[int, set[str], str, float]:
+def _probe(extra: dict[str, object], data_bytes: bool = False) -> tuple[int, set[str], str, float]:
     """One summable round on the blobs MLP: the probe's bytes (`data_bytes`: its arrays' bytes
     only, without the wire header's entry per array, which outweighs this MLP's small arrays),
     names and dtypes, and the smallest step length the line search took."""

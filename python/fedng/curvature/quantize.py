@@ -229,7 +229,6 @@ def dequantize(q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment]) -> 
     return vals
 
 
-
 def quantize_vector(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Any float tensor (signed values) as int8 values of its shape and float32 scales, one per
     `VEC_CHUNK` entries of its flattened values: entries off by at most half their chunk's scale
@@ -251,6 +250,7 @@ def dequantize_vector(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ValueError: `q` not int8, or a scale count that does not match it.
     """
     return dequantize(q.reshape(-1), scale, [("vec", q.numel())]).view(q.shape)
+
 
 @dataclass(frozen=True)
 class _Run:
