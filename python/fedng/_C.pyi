@@ -181,6 +181,33 @@ def int8_side_traces(*, side: int, nside: int, tris: Sequence[int]) -> list[floa
     """Per int8 triangle `(at, sat, n)` of `tris` (flattened), `sum_i D_i (1 + delta)` from its
     float32 scales `side` [nside] alone; `[]` when some D or delta is negative or not finite."""
 
+def int8_lowrank_axpy(
+    *,
+    q: int,
+    side: int,
+    acc: int,
+    nq: int,
+    nside: int,
+    nacc: int,
+    lrs: Sequence[int],
+    weight: float,
+) -> None:
+    """Per low-rank int8 segment `(at, qat, sat, n, k)` of `lrs` (flattened), `acc[at:]` (the
+    packed lower triangle, float32 [nacc]) += `weight * (B~ B~^T + sigma I)`, B~ [n, k] decoded
+    from two int8 digits per entry `q[qat:]` and the column scales `side[sat:sat + k]`, sigma =
+    `side[sat + k]` (`fedng.curvature.quantize`)."""
+
+def int8_lowrank_traces(
+    *, q: int, side: int, nq: int, nside: int, lrs: Sequence[int]
+) -> list[float]:
+    """Per low-rank int8 segment `(at, qat, sat, n, k)` of `lrs` (flattened), the trace
+    `||B~||_F^2 + n sigma` of its `B~ B~^T + sigma I`; `[]` when a scale or sigma is negative or
+    not finite."""
+
+def dots_f64(*, xs: Sequence[int], ys: Sequence[int], n: Sequence[int]) -> list[float]:
+    """Per pair of float32 arrays `xs[k]`, `ys[k]` [n[k]], `<xs[k], ys[k]>` with products and
+    sums in float64."""
+
 def int8_quantize_triangles(
     *, vals: int, q: int, side: int, nvals: int, nside: int, tris: Sequence[int]
 ) -> None:

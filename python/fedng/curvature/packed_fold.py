@@ -92,6 +92,64 @@ def bf16_axpy(accs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: 
     )
 
 
+Quintuples = Sequence[int]
+"""Flattened `(offset in the float payload, offset in the int8 values, offset in the scales, n, k)`
+quintuples of low-rank segments."""
+
+
+def _int8_buffers(what: str, q: torch.Tensor, side: torch.Tensor) -> None:
+    if q.dtype != torch.int8 or not q.is_contiguous() or q.device.type != "cpu":
+        raise ValueError(f"{what}: 'q' must be a contiguous int8 CPU tensor")
+    if side.dtype != torch.float32 or not side.is_contiguous() or side.device.type != "cpu":
+        raise ValueError(f"{what}: 'side' must be a contiguous float32 CPU tensor")
+
+
+def lowrank_axpy(
+    acc: torch.Tensor, q: torch.Tensor, side: torch.Tensor, lrs: Quintuples, weight: float
+) -> None:
+    """`acc[at:] += weight * (B~ B~^T + sigma I)` (packed lower triangle) for every low-rank
+    segment of `lrs`, B~ decoded from its two int8 digits per entry as
+    `fedng.curvature.quantize` does, in one native pass (no n x n matrix is formed).
+
+    Args:
+        acc: float32, contiguous (written in place).
+        q: int8, contiguous; side: float32 scales, contiguous.
+        lrs: flattened `(at, qat, sat, n, k)` quintuples.
+        weight: the fold's weight.
+
+    Raises:
+        ValueError: tensors of the wrong dtype or layout, or segments past their ends.
+    """
+    _int8_buffers("lowrank_axpy", q, side)
+    if acc.dtype != torch.float32 or not acc.is_contiguous() or acc.device.type != "cpu":
+        raise ValueError("lowrank_axpy: the sum must be a contiguous float32 CPU tensor")
+    native.int8_lowrank_axpy(
+        q=q.data_ptr(),
+        side=side.data_ptr(),
+        acc=acc.data_ptr(),
+        nq=q.numel(),
+        nside=side.numel(),
+        nacc=acc.numel(),
+        lrs=lrs,
+        weight=weight,
+    )
+
+
+def lowrank_traces(q: torch.Tensor, side: torch.Tensor, lrs: Quintuples) -> list[float] | None:
+    """Per low-rank segment of `lrs`, the trace `||B~||_F^2 + n sigma` of `B~ B~^T + sigma I`
+    (float64 sum of the float32 entries' squares); None when a scale or sigma is negative or not
+    finite.
+
+    Raises:
+        ValueError: tensors of the wrong dtype or layout, or segments past their ends.
+    """
+    _int8_buffers("lowrank_traces", q, side)
+    got: list[float] = native.int8_lowrank_traces(
+        q=q.data_ptr(), side=side.data_ptr(), nq=q.numel(), nside=side.numel(), lrs=lrs
+    )
+    return got if got or not lrs else None
+
+
 def int8_side_traces(side: torch.Tensor, tris: Triples) -> list[float] | None:
     """Per int8 triangle `(at, sat, n)` of `tris`, `sum_i D_i (1 + delta)` (float32 products,
     float64 sum) from its scales alone; None when some D or delta is negative or not finite.
@@ -156,4 +214,29 @@ def sum_squares(ts: Sequence[torch.Tensor]) -> list[float]:
         xs=[t.data_ptr() for t in flat],
         n=[t.numel() for t in flat],
         bf16=[t.dtype == torch.bfloat16 for t in flat],
+    )
+
+
+def dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> list[float]:
+    """Per pair, `<x, y>` over all entries with products and sums in float64 (the float64 dot
+    of float64 copies, without the copies), all pairs in one native call; float32 contiguous
+    arrays are read in place, others as float32 copies.
+
+    Raises:
+        ValueError: a pair whose sizes differ, or a tensor that is not a float CPU tensor.
+    """
+    if len(xs) != len(ys):
+        raise ValueError("dots: as many xs as ys expected")
+    flat: list[list[torch.Tensor]] = [[], []]
+    for x, y in zip(xs, ys, strict=True):
+        if x.numel() != y.numel():
+            raise ValueError(f"dots: sizes differ ({x.numel()} and {y.numel()})")
+        for side, t in zip(flat, (x, y), strict=True):
+            if not t.is_floating_point() or t.device.type != "cpu":
+                raise ValueError("dots: expected float CPU tensors")
+            side.append(t.float().contiguous())
+    return native.dots_f64(
+        xs=[t.data_ptr() for t in flat[0]],
+        ys=[t.data_ptr() for t in flat[1]],
+        n=[t.numel() for t in flat[0]],
     )

@@ -43,7 +43,13 @@ import torch
 
 from fedng._typing import Arrays
 from fedng.curvature.layout import BlockLayout
-from fedng.curvature.packed_fold import int8_axpy, int8_side_traces, int8_triangles
+from fedng.curvature.packed_fold import (
+    int8_axpy,
+    int8_side_traces,
+    int8_triangles,
+    lowrank_axpy,
+    lowrank_traces,
+)
 from fedng.curvature.packed_scale import scale_packed
 from fedng.curvature.spec import BlockSpec, pack_triangle, triangle_size, unpack_triangle
 
@@ -244,8 +250,14 @@ class _Run:
         return self.segs[0][0] == "lrtri"
 
 
-def _runs(segs: Sequence[Segment]) -> list[_Run]:
+def _runs(segs: Sequence[Segment]) -> tuple[_Run, ...]:
     """`segs` cut into low-rank segments (alone) and the runs between them."""
+    return _cut(tuple(segs))
+
+
+@functools.lru_cache(maxsize=16)
+def _cut(segs: tuple[Segment, ...]) -> tuple[_Run, ...]:
+    """`_runs`, once per payload layout."""
     groups: list[list[Segment]] = []
     for seg in segs:
         if seg[0] == "lrtri" or not groups or groups[-1][-1][0] == "lrtri":
@@ -259,7 +271,19 @@ def _runs(segs: Sequence[Segment]) -> list[_Run]:
         cut = [slice(a, a + z) for a, z in zip(at, size, strict=True)]
         out.append(_Run(tuple(group), *cut))
         at = [a + z for a, z in zip(at, size, strict=True)]
-    return out
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _lowrank_quintuples(segs: tuple[Segment, ...]) -> tuple[int, ...]:
+    """The low-rank segments of `segs` as flattened `(float offset, int8 offset, side offset, n,
+    k)` quintuples (`packed_fold.lowrank_axpy`)."""
+    return tuple(
+        x
+        for r in _cut(segs)
+        if r.lowrank
+        for x in (r.floats.start, r.q.start, r.side.start, r.segs[0][1], _sizes(r.segs[0])[2] - 1)
+    )
 
 
 def _quantize_runs(
@@ -327,15 +351,14 @@ def _dequantize_add_runs(
     acc: torch.Tensor, q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment], weight: float
 ) -> None:
     """`dequantize_add` with low-rank segments: the runs between them folded natively in place,
-    each low-rank factor rebuilt (`B~ B~^T + sigma I`, 2 n^2 k flops) and added."""
+    every low-rank factor's `B~ B~^T + sigma I` (n^2 k flops) added by one native call, its
+    packed triangle never formed."""
     if not _matches(q, side, segs) or acc.numel() != sum(_sizes(x)[0] for x in segs):
         raise ValueError("dequantize_add: sizes do not match the segments")
     for r in _runs(segs):
-        dst = acc[r.floats]
-        if r.lowrank:
-            dst.add_(_dequantize_lowrank(q[r.q], side[r.side], r.segs[0][1]), alpha=weight)
-        else:
-            dequantize_add(dst, q[r.q], side[r.side], r.segs, weight)
+        if not r.lowrank:
+            dequantize_add(acc[r.floats], q[r.q], side[r.side], r.segs, weight)
+    lowrank_axpy(acc, q.contiguous(), side.contiguous(), _lowrank_quintuples(tuple(segs)), weight)
 
 
 @dataclass(frozen=True)
@@ -432,23 +455,18 @@ def _side_traces_runs(
     ||B~||_F^2 + n sigma` (read from its 2 n k digits, no n x n matrix is formed)."""
     if not _matches(q, side, segs):
         return None
+    low = lowrank_traces(q.contiguous(), side.contiguous(), _lowrank_quintuples(tuple(segs)))
+    if low is None or any(t > max_abs for t in low):
+        return None
     out: list[float] = []
     for r in _runs(segs):
-        qq, ss = q[r.q], side[r.side]
-        if not r.lowrank:
-            got = side_traces(qq, ss, r.segs, max_abs)
-            if got is None:
-                return None
-            out += got
+        if r.lowrank:
+            out.append(low.pop(0))
             continue
-        if not bool(torch.isfinite(ss).all()) or float(ss.min()) < 0:
+        got = side_traces(q[r.q], side[r.side], r.segs, max_abs)
+        if got is None:
             return None
-        n = r.segs[0][1]
-        b = _lowrank_factor(qq, ss[:-1], n).double()
-        trace = float((b * b).sum()) + n * float(ss[-1])
-        if trace > max_abs:
-            return None
-        out.append(trace)
+        out += got
     return out
 
 

@@ -30,6 +30,7 @@ import torch
 
 from fedng._typing import Arrays
 from fedng.curvature import CurvatureSet, DiagonalFisher, to_matrix, write_matrix
+from fedng.curvature.packed_fold import sum_squares
 from fedng.federated.aggregation.matvec import block_dots, block_vectors, fisher_matvecs
 
 CONTRIB_PREFIX = "fd/"
@@ -113,7 +114,9 @@ def pooled_direction(
     del inv  # a failed factor leaves its block without an inverse: precondition gives None
     d = pooled.precondition(rhs)
     blocks = [d[i] if i in live and d[i] is not None else None for i in range(len(lams))]
-    blocks = [b if b is None or bool(torch.isfinite(b).all()) else None for b in blocks]
+    sq = sum_squares([b for b in blocks if b is not None])  # one pass: NaN/Inf iff an entry is
+    finite = iter([math.isfinite(x) for x in sq])
+    blocks = [b if b is None or next(finite) else None for b in blocks]
     exact = set()
     if "diag" in pooled.groups and isinstance(pooled.reps["diag"], DiagonalFisher):
         exact = set(pooled.groups["diag"])
