@@ -176,27 +176,30 @@ PYBIND11_MODULE(_C, m) {
       nogil, kw, py::arg("side"), py::arg("nside"), py::arg("tris"),
       "Per int8 triangle, sum_i D_i (1 + delta) from its scales; [] if one is negative/non-finite.");
   m.def(
-      "int8_lowrank_axpy",
+      "int8_payload_axpy",
       [](Address q, Address side, Address acc, std::int64_t nq, std::int64_t nside,
-         std::int64_t nacc, const Sizes& lrs, double weight) {
-        fedng::cpu::int8_lowrank_axpy(reinterpret_cast<const std::int8_t*>(q),
+         std::int64_t nacc, const Sizes& segs, std::int64_t chunk, double weight) {
+        fedng::cpu::int8_payload_axpy(reinterpret_cast<const std::int8_t*>(q),
                                       reinterpret_cast<const float*>(side),
-                                      reinterpret_cast<float*>(acc), nq, nside, nacc, lrs, weight);
+                                      reinterpret_cast<float*>(acc), nq, nside, nacc, segs, chunk,
+                                      weight);
       },
       nogil, kw, py::arg("q"), py::arg("side"), py::arg("acc"), py::arg("nq"), py::arg("nside"),
-      py::arg("nacc"), py::arg("lrs"), py::arg("weight"),
-      "acc += weight * (B~ B~^T + sigma I) per low-rank int8 segment, packed.");
+      py::arg("nacc"), py::arg("segs"), py::arg("chunk"), py::arg("weight"),
+      "acc += weight * (the int8 payload q, side dequantized), segment by segment.");
   m.def(
-      "int8_lowrank_traces",
-      [](Address q, Address side, std::int64_t nq, std::int64_t nside, const Sizes& lrs) {
-        std::vector<double> traces(lrs.size() / 5);
-        const bool ok = fedng::cpu::int8_lowrank_traces(reinterpret_cast<const std::int8_t*>(q),
+      "int8_payload_traces",
+      [](Address q, Address side, std::int64_t nq, std::int64_t nside, const Sizes& segs,
+         std::int64_t chunk) {
+        std::vector<double> traces(segs.size() / 6);
+        const bool ok = fedng::cpu::int8_payload_traces(reinterpret_cast<const std::int8_t*>(q),
                                                         reinterpret_cast<const float*>(side), nq,
-                                                        nside, lrs, traces.data());
+                                                        nside, segs, chunk, traces.data());
         return ok ? traces : std::vector<double>{};
       },
-      nogil, kw, py::arg("q"), py::arg("side"), py::arg("nq"), py::arg("nside"), py::arg("lrs"),
-      "Per low-rank int8 segment, ||B~||_F^2 + n sigma; [] if a scale is negative/non-finite.");
+      nogil, kw, py::arg("q"), py::arg("side"), py::arg("nq"), py::arg("nside"), py::arg("segs"),
+      py::arg("chunk"),
+      "Per int8 segment, the trace of its dequantized matrix; [] if unsettled by the scales.");
   m.def(
       "dots_f64",
       [](const Ptrs& xs, const Ptrs& ys, const Sizes& n) {

@@ -14,8 +14,8 @@ from fedng.curvature.packed_fold import (
     bf16_axpy,
     int8_axpy,
     int8_triangles,
-    lowrank_axpy,
-    lowrank_traces,
+    payload_axpy,
+    payload_traces,
     sum_squares,
 )
 from fedng.curvature.quantize import (
@@ -175,23 +175,30 @@ def test_lowrank_fold_and_traces_match_float64(n: int) -> None:
     tris = side_traces(q[:nt], side[:8], segs[:1], 1e18)
     assert got is not None and tris is not None
     assert got == pytest.approx([tris[0], ref_tr, tris[0]], rel=1e-12)
-    # the bare kernels: offsets inside larger buffers, and refusals
+    # the bare kernel: offsets inside larger buffers, and refusals
+    one = [2, 3, nt, 8, n, LOWRANK_RANK]
     acc2 = torch.zeros(ref_m.numel() + 3)
-    lowrank_axpy(acc2, q, side, [3, nt, 8, n, LOWRANK_RANK], 2.0)
+    payload_axpy(acc2, q, side, one, VEC_CHUNK, 2.0)
     assert_close(acc2[3:], 2.0 * ref_m, torch.float32, "packed_fold", scale=float(ref_m.max()))
     assert not acc2[:3].any()
     for pos, val in ((8, -1.0), (8 + LOWRANK_RANK, -0.5), (9, math.nan), (10, math.inf)):
         bad = side.clone()
         bad[pos] = val  # a column scale, sigma, NaN, Inf: read the entries instead
-        assert lowrank_traces(q, bad, [0, nt, 8, n, LOWRANK_RANK]) is None
+        assert payload_traces(q, bad, one, VEC_CHUNK) is None
         assert side_traces(q, bad, segs, 1e18) is None
     assert side_traces(q, side, segs, 0.5 * ref_tr) is None  # above the bound
-    with pytest.raises(ValueError, match="runs past"):
-        lowrank_axpy(acc2, q, side, [4, nt, 8, n, LOWRANK_RANK], 1.0)
-    with pytest.raises(ValueError, match="runs past"):
-        lowrank_traces(q, side, [0, q.numel() - nq + 1, 8, n, LOWRANK_RANK])
-    with pytest.raises(ValueError, match="lowrank_axpy"):
-        lowrank_axpy(acc2.double(), q, side, [], 1.0)
+    for bad_seg, why in (
+        ([2, 4, nt, 8, n, LOWRANK_RANK], "runs past"),
+        ([2, 3, q.numel() - nq + 1, 8, n, LOWRANK_RANK], "runs past"),
+        ([2, 3, nt, 8, n, n + 1], "rank above"),
+        ([3, 3, nt, 8, n, LOWRANK_RANK], "unknown form"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            payload_axpy(acc2, q, side, bad_seg, VEC_CHUNK, 1.0)
+    with pytest.raises(ValueError, match="payload_axpy"):
+        payload_axpy(acc2.double(), q, side, [], VEC_CHUNK, 1.0)
+    with pytest.raises(ValueError, match="payload_traces"):
+        payload_traces(q.float(), side, [], VEC_CHUNK)
 
 
 def test_bad_buffers_are_one_line_errors() -> None:

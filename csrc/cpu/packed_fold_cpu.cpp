@@ -204,20 +204,6 @@ namespace {
 
 constexpr std::int64_t kLane = 64;  // columns of B B^T a row pass keeps in registers
 
-void check_lowrank(const char* op, const Sizes& lrs, std::int64_t nq, std::int64_t nside,
-                   std::int64_t nacc) {
-  if (nq < 0 || nside < 0 || nacc < 0) fail(op, "negative sizes");
-  if (lrs.size() % 5 != 0) fail(op, "'lrs' must hold (at, qat, sat, n, k) quintuples");
-  for (std::size_t s = 0; s < lrs.size(); s += 5) {
-    const std::int64_t at = lrs[s], qat = lrs[s + 1], sat = lrs[s + 2], n = lrs[s + 3],
-                       k = lrs[s + 4];
-    if (at < 0 || qat < 0 || sat < 0 || n < 0 || k < 0 || k > n)
-      fail(op, "'lrs' has a negative entry or a rank above its size");
-    if (at + n * (n + 1) / 2 > nacc || qat + 2 * n * k > nq || sat + k + 1 > nside)
-      fail(op, "'lrs' runs past the buffers");
-  }
-}
-
 // B~ [n, k] of one low-rank segment, transposed into bt [k, ld] (columns past n zero): the
 // receiver's float32 arithmetic of `quantize._lowrank_factor`, `(hi + lo / 254) * scale_c`.
 void decode_lowrank(const std::int8_t* q, const float* scale, std::int64_t n, std::int64_t k,
@@ -258,37 +244,95 @@ FEDNG_CLONES void fold_lowrank(const float* bt, std::int64_t n, std::int64_t k, 
 
 }  // namespace
 
-void int8_lowrank_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
-                       std::int64_t nside, std::int64_t nacc, const Sizes& lrs, double weight) {
-  const char* op = "int8_lowrank_axpy";
-  check_lowrank(op, lrs, nq, nside, nacc);
-  const float w = static_cast<float>(weight);
-  std::vector<float> bt;
-  for (std::size_t s = 0; s < lrs.size(); s += 5) {
-    const std::int64_t at = lrs[s], qat = lrs[s + 1], sat = lrs[s + 2], n = lrs[s + 3],
-                       k = lrs[s + 4];
-    const std::int64_t ld = (n + kLane - 1) / kLane * kLane;
-    bt.assign(static_cast<std::size_t>(k * ld), 0.0f);
-    decode_lowrank(q + qat, side + sat, n, k, ld, bt.data());
-    fold_lowrank(bt.data(), n, k, ld, side[sat + k], w, acc + at);
+namespace {
+
+enum Form : std::int64_t { kTri = 0, kVec = 1, kLowRank = 2 };
+
+// (form, at, qat, sat, n, k) sextuples: each segment within the float sum, the int8 values and
+// the scales.
+void check_segments(const char* op, const Sizes& segs, std::int64_t nq, std::int64_t nside,
+                    std::int64_t nacc, std::int64_t chunk) {
+  if (nq < 0 || nside < 0 || nacc < 0) fail(op, "negative sizes");
+  if (chunk <= 0) fail(op, "'chunk' must be positive");
+  if (segs.size() % 6 != 0) fail(op, "'segs' must hold (form, at, qat, sat, n, k) sextuples");
+  for (std::size_t s = 0; s < segs.size(); s += 6) {
+    const std::int64_t form = segs[s], at = segs[s + 1], qat = segs[s + 2], sat = segs[s + 3],
+                       n = segs[s + 4], k = segs[s + 5];
+    if (at < 0 || qat < 0 || sat < 0 || n < 0 || k < 0 || n > 3037000499)
+      fail(op, "'segs' has a negative or huge entry");
+    std::int64_t floats = n * (n + 1) / 2, vals = floats, scales = n + 1;
+    if (form == kVec) {
+      floats = vals = n;
+      scales = (n + chunk - 1) / chunk;
+    } else if (form == kLowRank) {
+      if (k > n) fail(op, "'segs' has a rank above its size");
+      vals = 2 * n * k;
+      scales = k + 1;
+    } else if (form != kTri) {
+      fail(op, "'segs' has an unknown form");
+    }
+    if (at + floats > nacc || qat + vals > nq || sat + scales > nside)
+      fail(op, "'segs' runs past the buffers");
   }
 }
 
-bool int8_lowrank_traces(const std::int8_t* q, const float* side, std::int64_t nq,
-                         std::int64_t nside, const Sizes& lrs, double* traces) {
-  const char* op = "int8_lowrank_traces";
-  check_lowrank(op, lrs, nq, nside, INT64_MAX);
-  std::vector<float> bt;
-  for (std::size_t s = 0; s < lrs.size(); s += 5) {
-    const std::int64_t qat = lrs[s + 1], sat = lrs[s + 2], n = lrs[s + 3], k = lrs[s + 4];
-    for (std::int64_t c = 0; c <= k; ++c)
+}  // namespace
+
+void int8_payload_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
+                       std::int64_t nside, std::int64_t nacc, const Sizes& segs,
+                       std::int64_t chunk, double weight) {
+  const char* op = "int8_payload_axpy";
+  check_segments(op, segs, nq, nside, nacc, chunk);
+  const float w = static_cast<float>(weight);
+  std::vector<float> buf;
+  for (std::size_t s = 0; s < segs.size(); s += 6) {
+    const std::int64_t form = segs[s], at = segs[s + 1], qat = segs[s + 2], sat = segs[s + 3],
+                       n = segs[s + 4], k = segs[s + 5];
+    if (form == kTri) {
+      buf.resize(static_cast<std::size_t>(n));
+      fold_triangle(q + qat, side + sat, acc + at, n, w, buf.data());
+    } else if (form == kVec) {
+      for (std::int64_t c = 0; c * chunk < n; ++c) {
+        const float sc = side[sat + c];
+        const std::int64_t lo = c * chunk, hi = lo + chunk < n ? lo + chunk : n;
+#pragma omp simd
+        for (std::int64_t p = lo; p < hi; ++p)
+          acc[at + p] += w * (static_cast<float>(q[qat + p]) * sc);
+      }
+    } else {
+      const std::int64_t ld = (n + kLane - 1) / kLane * kLane;
+      buf.assign(static_cast<std::size_t>(k * ld), 0.0f);
+      decode_lowrank(q + qat, side + sat, n, k, ld, buf.data());
+      fold_lowrank(buf.data(), n, k, ld, side[sat + k], w, acc + at);
+    }
+  }
+}
+
+bool int8_payload_traces(const std::int8_t* q, const float* side, std::int64_t nq,
+                         std::int64_t nside, const Sizes& segs, std::int64_t chunk,
+                         double* traces) {
+  const char* op = "int8_payload_traces";
+  check_segments(op, segs, nq, nside, INT64_MAX, chunk);
+  std::vector<float> buf;
+  for (std::size_t s = 0; s < segs.size(); s += 6) {
+    const std::int64_t form = segs[s], qat = segs[s + 2], sat = segs[s + 3], n = segs[s + 4],
+                       k = segs[s + 5];
+    if (form == kVec) return false;  // a vector's entries must be read
+    const std::int64_t nscales = form == kTri ? n + 1 : k + 1;
+    for (std::int64_t c = 0; c < nscales; ++c)
       if (!(side[sat + c] >= 0.0f) || !std::isfinite(side[sat + c])) return false;
-    bt.assign(static_cast<std::size_t>(k * n), 0.0f);
-    decode_lowrank(q + qat, side + sat, n, k, n, bt.data());
-    double sq = 0.0;
-    for (std::int64_t i = 0; i < k * n; ++i)
-      sq += static_cast<double>(bt[i]) * static_cast<double>(bt[i]);
-    traces[s / 5] = sq + static_cast<double>(n) * static_cast<double>(side[sat + k]);
+    double tr = 0.0;
+    if (form == kTri) {
+      const float onep = 1.0f + side[sat + n];
+      for (std::int64_t i = 0; i < n; ++i) tr += static_cast<double>(side[sat + i] * onep);
+    } else {
+      buf.assign(static_cast<std::size_t>(k * n), 0.0f);
+      decode_lowrank(q + qat, side + sat, n, k, n, buf.data());
+      for (std::int64_t i = 0; i < k * n; ++i)
+        tr += static_cast<double>(buf[i]) * static_cast<double>(buf[i]);
+      tr += static_cast<double>(n) * static_cast<double>(side[sat + k]);
+    }
+    traces[s / 6] = tr;
   }
   return true;
 }

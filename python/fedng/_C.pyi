@@ -181,7 +181,7 @@ def int8_side_traces(*, side: int, nside: int, tris: Sequence[int]) -> list[floa
     """Per int8 triangle `(at, sat, n)` of `tris` (flattened), `sum_i D_i (1 + delta)` from its
     float32 scales `side` [nside] alone; `[]` when some D or delta is negative or not finite."""
 
-def int8_lowrank_axpy(
+def int8_payload_axpy(
     *,
     q: int,
     side: int,
@@ -189,20 +189,21 @@ def int8_lowrank_axpy(
     nq: int,
     nside: int,
     nacc: int,
-    lrs: Sequence[int],
+    segs: Sequence[int],
+    chunk: int,
     weight: float,
 ) -> None:
-    """Per low-rank int8 segment `(at, qat, sat, n, k)` of `lrs` (flattened), `acc[at:]` (the
-    packed lower triangle, float32 [nacc]) += `weight * (B~ B~^T + sigma I)`, B~ [n, k] decoded
-    from two int8 digits per entry `q[qat:]` and the column scales `side[sat:sat + k]`, sigma =
-    `side[sat + k]` (`fedng.curvature.quantize`)."""
+    """`acc` float32 [nacc] += `weight * dequantize(q, side)`, segment by segment: `segs` holds
+    flattened `(form, at, qat, sat, n, k)` sextuples (form 0 a triangle, 1 a vector of `chunk`
+    entries per scale, 2 a low-rank `B~ B~^T + sigma I`; offsets in `acc`, `q` int8 [nq] and
+    `side` float32 [nside]; `fedng.curvature.quantize`)."""
 
-def int8_lowrank_traces(
-    *, q: int, side: int, nq: int, nside: int, lrs: Sequence[int]
+def int8_payload_traces(
+    *, q: int, side: int, nq: int, nside: int, segs: Sequence[int], chunk: int
 ) -> list[float]:
-    """Per low-rank int8 segment `(at, qat, sat, n, k)` of `lrs` (flattened), the trace
-    `||B~||_F^2 + n sigma` of its `B~ B~^T + sigma I`; `[]` when a scale or sigma is negative or
-    not finite."""
+    """Per segment of `segs` (as in `int8_payload_axpy`), the trace of its dequantized matrix from
+    its scales (and a low-rank factor's digits); `[]` when a segment is a vector or a scale is
+    negative or not finite."""
 
 def dots_f64(*, xs: Sequence[int], ys: Sequence[int], n: Sequence[int]) -> list[float]:
     """Per pair of float32 arrays `xs[k]`, `ys[k]` [n[k]], `<xs[k], ys[k]>` with products and

@@ -33,17 +33,23 @@ bool int8_side_traces(const float* side, std::int64_t nside, const Sizes& tris, 
 // (bf16[i] == 0) or bfloat16 (bf16[i] != 0).
 void sum_squares(const Ptrs& xs, const Sizes& n, const Sizes& bf16, double* out);
 
-// Low-rank int8 factors (python/fedng/curvature/quantize.py, "lrtri"): per segment
-// (at, qat, sat, n, k) of `lrs` (flattened quintuples), B~ [n, k] =
-// (q[qat + i k + c] + q[qat + n k + i k + c] / 254) side[sat + c] (float32), sigma = side[sat + k],
-// and M^ = B~ B~^T + sigma I. int8_lowrank_axpy: acc[at:] (M^'s packed lower triangle, row by
-// row) += weight M^ (dots in float32, never an n x n matrix); q has nq entries, side nside, acc
-// nacc. int8_lowrank_traces: traces[s] = ||B~||_F^2 + n sigma (float64 sums of the float32
-// entries' squares); false (traces unset) when a scale or sigma is negative, NaN or infinite.
-void int8_lowrank_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
-                       std::int64_t nside, std::int64_t nacc, const Sizes& lrs, double weight);
-bool int8_lowrank_traces(const std::int8_t* q, const float* side, std::int64_t nq,
-                         std::int64_t nside, const Sizes& lrs, double* traces);
+// A whole int8 payload (python/fedng/curvature/quantize.py), each segment given as a
+// (form, at, qat, sat, n, k) sextuple of `segs` (flattened): its offsets in the float sum, the
+// int8 values and the scales. Forms: 0 a triangle (as in int8_packed_axpy), 1 a vector (chunk
+// entries per scale), 2 a low-rank factor M^ = B~ B~^T + sigma I, B~ [n, k] =
+// (q[qat + i k + c] + q[qat + n k + i k + c] / 254) side[sat + c] (float32), sigma =
+// side[sat + k]. int8_payload_axpy: acc[at:] += weight * (the dequantized segment), low-rank
+// ones by float32 dots (no n x n matrix); q has nq entries, side nside, acc nacc.
+// int8_payload_traces: per segment the trace of its dequantized matrix from the scales
+// (sum_i D_i (1 + delta), float32 products summed in float64) or, low-rank, the digits
+// (||B~||_F^2 + n sigma in float64); false (traces unset) when a segment is a vector or a scale
+// is negative, NaN or infinite.
+void int8_payload_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
+                       std::int64_t nside, std::int64_t nacc, const Sizes& segs,
+                       std::int64_t chunk, double weight);
+bool int8_payload_traces(const std::int8_t* q, const float* side, std::int64_t nq,
+                         std::int64_t nside, const Sizes& segs, std::int64_t chunk,
+                         double* traces);
 
 // out[k] = <xs[k], ys[k]> of float32 arrays [n[k]], products and sums in float64 (the float64
 // dot of their float64 copies, summed in another order).

@@ -92,9 +92,9 @@ def bf16_axpy(accs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: 
     )
 
 
-Quintuples = Sequence[int]
-"""Flattened `(offset in the float payload, offset in the int8 values, offset in the scales, n, k)`
-quintuples of low-rank segments."""
+Sextuples = Sequence[int]
+"""Flattened `(form, offset in the float payload, offset in the int8 values, offset in the scales,
+n, k)` sextuples (form 0 a triangle, 1 a vector, 2 a low-rank factor of rank k)."""
 
 
 def _int8_buffers(what: str, q: torch.Tensor, side: torch.Tensor) -> None:
@@ -104,50 +104,65 @@ def _int8_buffers(what: str, q: torch.Tensor, side: torch.Tensor) -> None:
         raise ValueError(f"{what}: 'side' must be a contiguous float32 CPU tensor")
 
 
-def lowrank_axpy(
-    acc: torch.Tensor, q: torch.Tensor, side: torch.Tensor, lrs: Quintuples, weight: float
+def payload_axpy(
+    acc: torch.Tensor,
+    q: torch.Tensor,
+    side: torch.Tensor,
+    segs: Sextuples,
+    chunk: int,
+    weight: float,
 ) -> None:
-    """`acc[at:] += weight * (B~ B~^T + sigma I)` (packed lower triangle) for every low-rank
-    segment of `lrs`, B~ decoded from its two int8 digits per entry as
-    `fedng.curvature.quantize` does, in one native pass (no n x n matrix is formed).
+    """`acc += weight * dequantize(q, side)` for a whole int8 payload, in one native pass (the
+    arithmetic of `fedng.curvature.quantize.dequantize` per entry; a low-rank factor's
+    `B~ B~^T + sigma I` by float32 dots, never formed).
 
     Args:
         acc: float32, contiguous (written in place).
         q: int8, contiguous; side: float32 scales, contiguous.
-        lrs: flattened `(at, qat, sat, n, k)` quintuples.
+        segs: flattened `(form, at, qat, sat, n, k)` sextuples.
+        chunk: entries of a vector that share one scale.
         weight: the fold's weight.
 
     Raises:
         ValueError: tensors of the wrong dtype or layout, or segments past their ends.
     """
-    _int8_buffers("lowrank_axpy", q, side)
+    _int8_buffers("payload_axpy", q, side)
     if acc.dtype != torch.float32 or not acc.is_contiguous() or acc.device.type != "cpu":
-        raise ValueError("lowrank_axpy: the sum must be a contiguous float32 CPU tensor")
-    native.int8_lowrank_axpy(
+        raise ValueError("payload_axpy: the sum must be a contiguous float32 CPU tensor")
+    native.int8_payload_axpy(
         q=q.data_ptr(),
         side=side.data_ptr(),
         acc=acc.data_ptr(),
         nq=q.numel(),
         nside=side.numel(),
         nacc=acc.numel(),
-        lrs=lrs,
+        segs=segs,
+        chunk=chunk,
         weight=weight,
     )
 
 
-def lowrank_traces(q: torch.Tensor, side: torch.Tensor, lrs: Quintuples) -> list[float] | None:
-    """Per low-rank segment of `lrs`, the trace `||B~||_F^2 + n sigma` of `B~ B~^T + sigma I`
-    (float64 sum of the float32 entries' squares); None when a scale or sigma is negative or not
+def payload_traces(
+    q: torch.Tensor, side: torch.Tensor, segs: Sextuples, chunk: int
+) -> list[float] | None:
+    """Per segment, the trace of its dequantized matrix read from its scales (a triangle:
+    `sum_i D_i (1 + delta)`, float32 products summed in float64) or a low-rank factor's digits
+    (`||B~||_F^2 + n sigma`); None when a segment is a vector or a scale is negative or not
     finite.
 
     Raises:
         ValueError: tensors of the wrong dtype or layout, or segments past their ends.
     """
-    _int8_buffers("lowrank_traces", q, side)
-    got: list[float] = native.int8_lowrank_traces(
-        q=q.data_ptr(), side=side.data_ptr(), nq=q.numel(), nside=side.numel(), lrs=lrs
+    _int8_buffers("payload_traces", q, side)
+    got: list[float] = native.int8_payload_traces(
+        q=q.data_ptr(),
+        side=side.data_ptr(),
+        nq=q.numel(),
+        nside=side.numel(),
+        segs=segs,
+        chunk=chunk,
     )
-    return got if got or not lrs else None
+    return got if got or not segs else None
 
 
 def int8_side_traces(side: torch.Tensor, tris: Triples) -> list[float] | None:
