@@ -13,10 +13,11 @@
 
 #include "fedng/errors.h"
 
-// The hot loops are also compiled for AVX2 + FMA and chosen at load time (the extension is
-// built for baseline x86-64).
+// The hot loops are also compiled for AVX-512 and AVX2 + FMA and chosen at load time (the
+// extension is built for baseline x86-64).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FEDNG_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FEDNG_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FEDNG_CLONES
 #endif
