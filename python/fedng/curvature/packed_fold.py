@@ -23,7 +23,7 @@ Triples = Sequence[int]
 
 
 def _sum_buffer(acc: torch.Tensor, n: int, what: str) -> None:
-    if acc.dtype != torch.float32 or not acc.is_contiguous() or acc.device.type != "cpu":
+    if acc.dtype != torch.float32 or not acc.is_contiguous() or not acc.is_cpu:
         raise ValueError(f"{what}: the sum must be a contiguous float32 CPU tensor")
     if acc.numel() != n:
         raise ValueError(f"{what}: the sum has {acc.numel()} entries, the payload {n}")
@@ -54,9 +54,9 @@ def int8_axpy(
         ValueError: tensors of the wrong dtype, layout or size, or segments past their ends.
     """
     _sum_buffer(acc, q.numel(), "int8_axpy")
-    if q.dtype != torch.int8 or not q.is_contiguous() or q.device.type != "cpu":
+    if q.dtype != torch.int8 or not q.is_contiguous() or not q.is_cpu:
         raise ValueError("int8_axpy: 'q' must be a contiguous int8 CPU tensor")
-    if side.dtype != torch.float32 or not side.is_contiguous() or side.device.type != "cpu":
+    if side.dtype != torch.float32 or not side.is_contiguous() or not side.is_cpu:
         raise ValueError("int8_axpy: 'side' must be a contiguous float32 CPU tensor")
     native.int8_packed_axpy(
         q=q.data_ptr(),
@@ -82,7 +82,7 @@ def bf16_axpy(accs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: 
         raise ValueError("bf16_axpy: as many sums as arrays expected")
     for acc, x in zip(accs, xs, strict=True):
         _sum_buffer(acc, x.numel(), "bf16_axpy")
-        if x.dtype != torch.bfloat16 or not x.is_contiguous() or x.device.type != "cpu":
+        if x.dtype != torch.bfloat16 or not x.is_contiguous() or not x.is_cpu:
             raise ValueError("bf16_axpy: arrays must be contiguous bfloat16 CPU tensors")
     native.bf16_axpy(
         xs=[x.data_ptr() for x in xs],
@@ -98,9 +98,9 @@ n, k)` sextuples (form 0 a triangle, 1 a vector, 2 a low-rank factor of rank k).
 
 
 def _int8_buffers(what: str, q: torch.Tensor, side: torch.Tensor) -> None:
-    if q.dtype != torch.int8 or not q.is_contiguous() or q.device.type != "cpu":
+    if q.dtype != torch.int8 or not q.is_contiguous() or not q.is_cpu:
         raise ValueError(f"{what}: 'q' must be a contiguous int8 CPU tensor")
-    if side.dtype != torch.float32 or not side.is_contiguous() or side.device.type != "cpu":
+    if side.dtype != torch.float32 or not side.is_contiguous() or not side.is_cpu:
         raise ValueError(f"{what}: 'side' must be a contiguous float32 CPU tensor")
 
 
@@ -127,7 +127,7 @@ def payload_axpy(
         ValueError: tensors of the wrong dtype or layout, or segments past their ends.
     """
     _int8_buffers("payload_axpy", q, side)
-    if acc.dtype != torch.float32 or not acc.is_contiguous() or acc.device.type != "cpu":
+    if acc.dtype != torch.float32 or not acc.is_contiguous() or not acc.is_cpu:
         raise ValueError("payload_axpy: the sum must be a contiguous float32 CPU tensor")
     native.int8_payload_axpy(
         q=q.data_ptr(),
@@ -172,7 +172,7 @@ def int8_side_traces(side: torch.Tensor, tris: Triples) -> list[float] | None:
     Raises:
         ValueError: `side` is not a contiguous float32 CPU tensor, or a triangle runs past it.
     """
-    if side.dtype != torch.float32 or not side.is_contiguous() or side.device.type != "cpu":
+    if side.dtype != torch.float32 or not side.is_contiguous() or not side.is_cpu:
         raise ValueError("int8_side_traces: 'side' must be a contiguous float32 CPU tensor")
     got: list[float] = native.int8_side_traces(side=side.data_ptr(), nside=side.numel(), tris=tris)
     return got if got or not tris else None
@@ -196,7 +196,7 @@ def int8_triangles(vals: torch.Tensor, q: torch.Tensor, side: torch.Tensor, tris
         (q, torch.int8, "q"),
         (side, torch.float32, "side"),
     ):
-        if t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu":
+        if t.dtype != dt or not t.is_contiguous() or not t.is_cpu:
             raise ValueError(f"int8_triangles: {name!r} must be a contiguous {dt} CPU tensor")
     if q.numel() != vals.numel():
         raise ValueError("int8_triangles: 'q' and 'vals' differ in size")
@@ -218,18 +218,20 @@ def sum_squares(ts: Sequence[torch.Tensor]) -> list[float]:
     Raises:
         ValueError: a tensor that is not a float tensor on the CPU.
     """
-    flat: list[torch.Tensor] = []
+    ptrs: list[int] = []
+    sizes: list[int] = []
+    half: list[bool] = []
+    keep: list[torch.Tensor] = []  # float32 copies live until the call returns
     for t in ts:
-        if t.dtype not in _READ or not t.is_contiguous() or t.device.type != "cpu":
-            if not t.is_floating_point() or t.device.type != "cpu":
+        if t.dtype not in _READ or not t.is_contiguous() or not t.is_cpu:
+            if not t.is_floating_point() or not t.is_cpu:
                 raise ValueError("sum_squares: expected float CPU tensors")
             t = t.float().contiguous()
-        flat.append(t)
-    return native.sum_squares(
-        xs=[t.data_ptr() for t in flat],
-        n=[t.numel() for t in flat],
-        bf16=[t.dtype == torch.bfloat16 for t in flat],
-    )
+            keep.append(t)
+        ptrs.append(t.data_ptr())
+        sizes.append(t.numel())
+        half.append(t.dtype == torch.bfloat16)
+    return native.sum_squares(xs=ptrs, n=sizes, bf16=half)
 
 
 def dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> list[float]:
@@ -247,7 +249,7 @@ def dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> list[float]:
         if x.numel() != y.numel():
             raise ValueError(f"dots: sizes differ ({x.numel()} and {y.numel()})")
         for side, t in zip(flat, (x, y), strict=True):
-            if not t.is_floating_point() or t.device.type != "cpu":
+            if not t.is_floating_point() or not t.is_cpu:
                 raise ValueError("dots: expected float CPU tensors")
             side.append(t.float().contiguous())
     return native.dots_f64(
