@@ -220,27 +220,33 @@ void decode_lowrank(const std::int8_t* q, const float* scale, std::int64_t n, st
   }
 }
 
-// acc (packed lower triangle, row by row) += w (B B^T + sigma I), B = bt^T: row i's entries
-// j <= i are the dots of B's row i with rows j, kLane columns at a time in registers.
+// acc (packed lower triangle, row by row) += w (B B^T + sigma I), B = bt^T: a block of kRows
+// rows i by kLane columns j of B B^T at a time in registers (each column of bt loaded once for
+// the kRows rows), the entries j <= i added.
+constexpr std::int64_t kRows = 4;
+
 FEDNG_CLONES void fold_lowrank(const float* bt, std::int64_t n, std::int64_t k, std::int64_t ld,
                                float sigma, float w, float* acc) {
-  std::int64_t p = 0;
-  for (std::int64_t i = 0; i < n; ++i) {
-    float* ai = acc + p;
-    for (std::int64_t j0 = 0; j0 <= i; j0 += kLane) {
-      float t[kLane] = {};
+  for (std::int64_t i0 = 0; i0 < n; i0 += kRows) {
+    const std::int64_t rows = n - i0 < kRows ? n - i0 : kRows;
+    for (std::int64_t j0 = 0; j0 < i0 + rows; j0 += kLane) {
+      float t[kRows][kLane] = {};
       for (std::int64_t c = 0; c < k; ++c) {
-        const float bic = bt[c * ld + i];
-        const float* bc = bt + c * ld + j0;
+        const float* bc = bt + c * ld;
+        for (std::int64_t r = 0; r < kRows; ++r) {
+          const float bic = bc[i0 + r];  // ld >= i0 + kRows: padded with zeros
 #pragma omp simd
-        for (std::int64_t jj = 0; jj < kLane; ++jj) t[jj] += bic * bc[jj];
+          for (std::int64_t jj = 0; jj < kLane; ++jj) t[r][jj] += bic * bc[j0 + jj];
+        }
       }
-      const std::int64_t len = i + 1 - j0 < kLane ? i + 1 - j0 : kLane;
-      for (std::int64_t jj = 0; jj < len; ++jj) ai[j0 + jj] += w * t[jj];
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t i = i0 + r, len = i + 1 - j0 < kLane ? i + 1 - j0 : kLane;
+        float* ai = acc + i * (i + 1) / 2 + j0;
+        for (std::int64_t jj = 0; jj < len; ++jj) ai[jj] += w * t[r][jj];
+      }
     }
-    ai[i] += w * sigma;
-    p += i + 1;
   }
+  for (std::int64_t i = 0; i < n; ++i) acc[i * (i + 3) / 2] += w * sigma;
 }
 
 }  // namespace
@@ -301,7 +307,7 @@ void int8_payload_axpy(const std::int8_t* q, const float* side, float* acc, std:
           acc[at + p] += w * (static_cast<float>(q[qat + p]) * sc);
       }
     } else {
-      const std::int64_t ld = (n + kLane - 1) / kLane * kLane;
+      const std::int64_t ld = (n + kRows + kLane - 1) / kLane * kLane;
       buf.assign(static_cast<std::size_t>(k * ld), 0.0f);
       decode_lowrank(q + qat, side + sat, n, k, ld, buf.data());
       fold_lowrank(buf.data(), n, k, ld, side[sat + k], w, acc + at);
