@@ -10,11 +10,14 @@ from typing import Any
 import pytest
 import torch
 from _fed import fed_round
-from fedng.curvature import CurvatureSet
+from _tols import assert_close
+from fedng.curvature import KFAC, CurvatureSet
 from fedng.curvature.packed_fold import dots
 from fedng.federated import wire
+from fedng.federated.aggregation import summable
 from fedng.federated.aggregation.matvec import block_dots
 from fedng.federated.aggregation.psd import unpacked_checks
+from fedng.federated.aggregation.summable import CONTRIB_PREFIX
 from fedng.federated.algorithms.curvature_payload import decoded_curvature
 from fedng.federated.messages import ServerMessage
 from fedng.federated.server_round import non_finite
@@ -116,3 +119,51 @@ def test_non_finite_names_every_bad_array() -> None:
     bad.buffers["ok64"] = torch.tensor([1e300], dtype=torch.float64)  # finite in float64
     bad.buffers["half"] = torch.tensor([math.nan]).bfloat16()
     assert non_finite(bad) == [names[0], "wide", "half"]
+
+
+def _direction_inputs() -> tuple[CurvatureSet, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    _, ups = fed_round("fedng", {"aggregation": "summable"}, 3, 0)
+    cs = decoded_curvature(ups[0])
+    assert cs is not None
+    arrays, meta = cs.to_arrays(torch.float32)
+    pooled = CurvatureSet.from_arrays(arrays, meta)
+    delta = {k: v.float() for k, v in ups[1].delta.items()}
+    contrib = {
+        k[len(CONTRIB_PREFIX) :]: v.float()
+        for k, v in ups[1].extras.items()
+        if k.startswith(CONTRIB_PREFIX)
+    }
+    return pooled, delta, contrib
+
+
+def test_pooled_direction_by_solves_equals_the_inverse_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cholesky solves give the direction the damped inverses give (float32 rounding apart),
+    and a factor that does not factorize at its damping takes the inverse's path."""
+    pooled, delta, contrib = _direction_inputs()
+    fast = summable.pooled_direction(pooled, delta, contrib, 0.1, dtype=torch.float32)
+    with monkeypatch.context() as m:
+        m.setattr(summable, "_kron_solves", lambda *a: None)
+        slow = summable.pooled_direction(pooled, delta, contrib, 0.1, dtype=torch.float32)
+    assert fast.probed == slow.probed and fast.probed
+    for a, b in zip(fast.blocks, slow.blocks, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None and b is not None:
+            assert_close(a, b.double(), torch.float32, "kron_solve", scale=float(b.abs().max()))
+    rep = pooled.reps["kfac"]
+    assert isinstance(rep, KFAC)
+    g = torch.Generator().manual_seed(0)
+    rhs: list[torch.Tensor | None] = [torch.randn(s.m, s.n, generator=g) for s in rep.specs]
+    lams = [0.1 * (j + 1) for j in range(len(rhs))]
+    got = summable._kron_solves(pooled, lams, rhs)
+    assert got is not None
+    for j, (x, r) in enumerate(zip(got, rhs, strict=True)):
+        p, root = rep.pi(j), math.sqrt(lams[j])
+        a = rep.A[j].double() + p * root * torch.eye(rep.A[j].shape[0], dtype=torch.float64)
+        gg = rep.G[j].double() + root / p * torch.eye(rep.G[j].shape[0], dtype=torch.float64)
+        ref = torch.linalg.solve(gg, r.double()) @ torch.linalg.inv(a)  # type: ignore[union-attr]
+        assert x is not None
+        assert_close(x, ref, torch.float32, "kron_solve")
+    rep.A[0] = -torch.eye(rep.A[0].shape[0]) * 1e6  # not positive definite at any small damping
+    assert summable._kron_solves(pooled, lams, rhs) is None
