@@ -301,8 +301,7 @@ class ServerRound:
         t0, c0 = time.perf_counter(), time.thread_time()
         if self.held:
             self._release(final=True)
-        new = self.state.copy()
-        new.log = {}
+        new: State | None = None  # the state itself, copied only when the round changes nothing
         log: dict[str, Any] = {"rejected": self.rejected}
         accepted = list(self.weights)
         if accepted:
@@ -326,6 +325,9 @@ class ServerRound:
                 accepted = []
         else:
             log["skipped"] = "no valid update this round"
+        if new is None:
+            new = self.state.copy()
+            new.log = {}
         if self.probe_message is not None:
             log["probe_answered"] = len(self.answered)
         new.log = {"accepted": accepted, **log, **new.log}
