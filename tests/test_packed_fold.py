@@ -12,7 +12,6 @@ from _tols import assert_close
 from fedng.curvature import pack_triangle, unpack_triangle
 from fedng.curvature.packed_fold import (
     bf16_axpy,
-    int8_axpy,
     int8_triangles,
     payload_axpy,
     payload_traces,
@@ -204,12 +203,12 @@ def test_lowrank_fold_and_traces_match_float64(n: int) -> None:
 def test_bad_buffers_are_one_line_errors() -> None:
     acc, q = torch.zeros(3), torch.zeros(3, dtype=torch.int8)
     side = torch.ones(3)
-    with pytest.raises(ValueError, match="int8_axpy"):
-        int8_axpy(acc.double(), q, side, [0, 0, 2], [], VEC_CHUNK, 1.0)
-    with pytest.raises(ValueError, match="int8_axpy"):
-        int8_axpy(acc, q.float(), side, [0, 0, 2], [], VEC_CHUNK, 1.0)
+    with pytest.raises(ValueError, match="payload_axpy"):
+        payload_axpy(acc.double(), q, side, [0, 0, 0, 0, 2, 0], VEC_CHUNK, 1.0)
+    with pytest.raises(ValueError, match="payload_axpy"):
+        payload_axpy(acc, q.float(), side, [0, 0, 0, 0, 2, 0], VEC_CHUNK, 1.0)
     with pytest.raises(ValueError, match="runs past"):
-        int8_axpy(acc, q, side, [0, 0, 3], [], VEC_CHUNK, 1.0)
+        payload_axpy(acc, q, side, [0, 0, 0, 0, 3, 0], VEC_CHUNK, 1.0)
     with pytest.raises(ValueError, match="bf16_axpy"):
         bf16_axpy([torch.zeros(2)], [torch.zeros(3).bfloat16()], 1.0)
     with pytest.raises(ValueError, match="runs past"):

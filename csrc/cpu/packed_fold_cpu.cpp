@@ -28,19 +28,6 @@ namespace {
 
 constexpr double kQmax = 127.0;
 
-void check_triples(const char* op, const char* name, const Sizes& t, bool tri, std::int64_t nq,
-                   std::int64_t nside, std::int64_t chunk) {
-  if (t.size() % 3 != 0) fail(op, std::string("'") + name + "' must hold (at, sat, n) triples");
-  for (std::size_t k = 0; k < t.size(); k += 3) {
-    const std::int64_t at = t[k], sat = t[k + 1], n = t[k + 2];
-    if (at < 0 || sat < 0 || n < 0) fail(op, std::string("'") + name + "' has a negative entry");
-    const std::int64_t size = tri ? n * (n + 1) / 2 : n;
-    const std::int64_t ns = tri ? n + 1 : (n + chunk - 1) / chunk;
-    if (at + size > nq || sat + ns > nside)
-      fail(op, std::string("'") + name + "' runs past the buffers");
-  }
-}
-
 // One packed lower triangle, row by row: the row's scale is folded into the weight once.
 FEDNG_CLONES void fold_triangle(const std::int8_t* q, const float* side, float* acc, std::int64_t n,
                    float w, float* s) {
@@ -61,34 +48,6 @@ FEDNG_CLONES void fold_triangle(const std::int8_t* q, const float* side, float* 
 
 }  // namespace
 
-void int8_packed_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
-                      std::int64_t nside, const Sizes& tris, const Sizes& vecs,
-                      std::int64_t chunk, double weight) {
-  const char* op = "int8_packed_axpy";
-  if (nq < 0 || nside < 0) fail(op, "negative sizes");
-  if (chunk <= 0) fail(op, "'chunk' must be positive");
-  check_triples(op, "tris", tris, true, nq, nside, chunk);
-  check_triples(op, "vecs", vecs, false, nq, nside, chunk);
-  if (nq > 0 && (q == nullptr || acc == nullptr)) fail(op, "null buffer");
-  if (nside > 0 && side == nullptr) fail(op, "null buffer");
-  const float w = static_cast<float>(weight);
-  std::int64_t widest = 0;
-  for (std::size_t k = 2; k < tris.size(); k += 3) widest = tris[k] > widest ? tris[k] : widest;
-  std::vector<float> s(static_cast<std::size_t>(widest));
-  for (std::size_t k = 0; k < tris.size(); k += 3)
-    fold_triangle(q + tris[k], side + tris[k + 1], acc + tris[k], tris[k + 2], w, s.data());
-  for (std::size_t k = 0; k < vecs.size(); k += 3) {
-    const std::int64_t at = vecs[k], sat = vecs[k + 1], n = vecs[k + 2];
-    for (std::int64_t c = 0; c * chunk < n; ++c) {
-      const float sc = side[sat + c];
-      const std::int64_t lo = c * chunk, hi = lo + chunk < n ? lo + chunk : n;
-#pragma omp simd
-      for (std::int64_t p = lo; p < hi; ++p)
-        acc[at + p] += w * (static_cast<float>(q[at + p]) * sc);
-    }
-  }
-}
-
 void bf16_axpy(const Ptrs& xs, const Ptrs& accs, const Sizes& n, double weight) {
   check_count("bf16_axpy", "accs", accs.size(), xs.size());
   check_count("bf16_axpy", "n", n.size(), xs.size());
@@ -108,29 +67,6 @@ void bf16_axpy(const Ptrs& xs, const Ptrs& accs, const Sizes& n, double weight) 
       acc[i] += w * v;
     }
   }
-}
-
-bool int8_side_traces(const float* side, std::int64_t nside, const Sizes& tris, double* traces) {
-  const char* op = "int8_side_traces";
-  if (nside < 0) fail(op, "negative size");
-  if (tris.size() % 3 != 0) fail(op, "'tris' must hold (at, sat, n) triples");
-  for (std::size_t k = 0; k < tris.size(); k += 3)
-    if (tris[k + 1] < 0 || tris[k + 2] < 0 || tris[k + 1] + tris[k + 2] + 1 > nside)
-      fail(op, "'tris' runs past the scales");
-  for (std::size_t k = 0; k < tris.size(); k += 3) {
-    const float* d = side + tris[k + 1];
-    const std::int64_t n = tris[k + 2];
-    const float delta = d[n];
-    if (!(delta >= 0.0f) || !std::isfinite(delta)) return false;
-    const float onep = 1.0f + delta;
-    double tr = 0.0;
-    for (std::int64_t i = 0; i < n; ++i) {
-      if (!(d[i] >= 0.0f) || !std::isfinite(d[i])) return false;
-      tr += static_cast<double>(d[i] * onep);
-    }
-    traces[k / 3] = tr;
-  }
-  return true;
 }
 
 namespace {

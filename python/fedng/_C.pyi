@@ -157,29 +157,8 @@ def gaussian_sketch_matrix(
 ) -> None:
     """`out` [d, r] <- the Philox Gaussian matrix of `(seed, stream_id)`."""
 
-def int8_packed_axpy(
-    *,
-    q: int,
-    side: int,
-    acc: int,
-    nq: int,
-    nside: int,
-    tris: Sequence[int],
-    vecs: Sequence[int],
-    chunk: int,
-    weight: float,
-) -> None:
-    """`acc += weight * dequantize(q, side)` (int8 [nq], float32 [nside] -> float32 [nq]).
-
-    `tris` / `vecs` are flattened `(at, sat, n)` triples (`fedng.curvature.quantize`'s segments).
-    """
-
 def bf16_axpy(*, xs: Sequence[int], accs: Sequence[int], n: Sequence[int], weight: float) -> None:
     """`accs[k] [n[k]] float32 += weight * xs[k] [n[k]] bfloat16`."""
-
-def int8_side_traces(*, side: int, nside: int, tris: Sequence[int]) -> list[float]:
-    """Per int8 triangle `(at, sat, n)` of `tris` (flattened), `sum_i D_i (1 + delta)` from its
-    float32 scales `side` [nside] alone; `[]` when some D or delta is negative or not finite."""
 
 def int8_payload_axpy(
     *,

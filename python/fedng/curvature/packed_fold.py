@@ -29,48 +29,6 @@ def _sum_buffer(acc: torch.Tensor, n: int, what: str) -> None:
         raise ValueError(f"{what}: the sum has {acc.numel()} entries, the payload {n}")
 
 
-def int8_axpy(
-    acc: torch.Tensor,
-    q: torch.Tensor,
-    side: torch.Tensor,
-    tris: Triples,
-    vecs: Triples,
-    chunk: int,
-    weight: float,
-) -> None:
-    """`acc += weight * dequantize(q, side)` in one pass (the arithmetic of
-    `fedng.curvature.quantize.dequantize`, never materialized).
-
-    Args:
-        acc: float32 [N], contiguous (written in place).
-        q: int8 [N], contiguous.
-        side: float32 scales, contiguous.
-        tris: triangles `(at, sat, n)`, flattened (see `fedng.curvature.quantize`).
-        vecs: vectors `(at, sat, n)`, flattened.
-        chunk: entries of a vector that share one scale.
-        weight: the fold's weight.
-
-    Raises:
-        ValueError: tensors of the wrong dtype, layout or size, or segments past their ends.
-    """
-    _sum_buffer(acc, q.numel(), "int8_axpy")
-    if q.dtype != torch.int8 or not q.is_contiguous() or not q.is_cpu:
-        raise ValueError("int8_axpy: 'q' must be a contiguous int8 CPU tensor")
-    if side.dtype != torch.float32 or not side.is_contiguous() or not side.is_cpu:
-        raise ValueError("int8_axpy: 'side' must be a contiguous float32 CPU tensor")
-    native.int8_packed_axpy(
-        q=q.data_ptr(),
-        side=side.data_ptr(),
-        acc=acc.data_ptr(),
-        nq=q.numel(),
-        nside=side.numel(),
-        tris=tris,
-        vecs=vecs,
-        chunk=chunk,
-        weight=weight,
-    )
-
-
 def bf16_axpy(accs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: float) -> None:
     """`acc += weight * x` for each bfloat16 `x` into its float32 sum `acc`, all in one native
     call (no float32 copy of any `x`).
@@ -163,19 +121,6 @@ def payload_traces(
         chunk=chunk,
     )
     return got if got or not segs else None
-
-
-def int8_side_traces(side: torch.Tensor, tris: Triples) -> list[float] | None:
-    """Per int8 triangle `(at, sat, n)` of `tris`, `sum_i D_i (1 + delta)` (float32 products,
-    float64 sum) from its scales alone; None when some D or delta is negative or not finite.
-
-    Raises:
-        ValueError: `side` is not a contiguous float32 CPU tensor, or a triangle runs past it.
-    """
-    if side.dtype != torch.float32 or not side.is_contiguous() or not side.is_cpu:
-        raise ValueError("int8_side_traces: 'side' must be a contiguous float32 CPU tensor")
-    got: list[float] = native.int8_side_traces(side=side.data_ptr(), nside=side.numel(), tris=tris)
-    return got if got or not tris else None
 
 
 def int8_triangles(vals: torch.Tensor, q: torch.Tensor, side: torch.Tensor, tris: Triples) -> None:

@@ -353,7 +353,6 @@ class _Plan:
     total: int
     nside: int
     flat_tris: tuple[int, ...]
-    flat_vecs: tuple[int, ...]
 
 
 @functools.lru_cache(maxsize=16)
@@ -383,7 +382,6 @@ def _plan(segs: tuple[Segment, ...]) -> _Plan:
         at,
         sat,
         tuple(x for t in tris for x in t),
-        tuple(x for v in vecs for x in v),
     )
 
 
