@@ -38,6 +38,14 @@ FusedResult = tuple[CurvatureSet | None, InverseReport | None, list[torch.Tensor
 """The preconditioner, the inversion report, the preconditioned gradients."""
 
 
+def _max_abs(t: torch.Tensor) -> float:
+    """max |t| in one pass (NaN if t holds one); 0 for an empty t."""
+    if t.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(t)
+    return max(-float(lo), float(hi)) if not (lo.isnan() or hi.isnan()) else math.nan
+
+
 @dataclass
 class Rows:
     """One step's batch rows, per block: inputs [B, k], output gradients [B, m] (loss pass)."""
@@ -221,8 +229,8 @@ class FusedKFAC:
     def rows_explain(self, rows: Rows, pieces: list[Piece]) -> bool:
         """Whether the skipped blocks' gradients are exactly their rows' `g^T [x 1]`, and finite:
         no weight gradient from elsewhere, a bias gradient equal to the output gradients' column
-        sums (to 1e-5 of their absolute sums, the probe's tolerance), and a bound
-        `B max|g| max(|x|, 1)` on every entry that is finite (no overflow possible)."""
+        sums (to 1e-5 B max|g|, the probe's relative tolerance), and a bound `B max|g| max(|x|,
+        1)` on every entry that is finite (no overflow possible)."""
         with torch.no_grad():
             return all(
                 rows.x[i] is x and rows.g[i] is g and self._explains(rows, i) for i, x, g in pieces
@@ -234,11 +242,12 @@ class FusedKFAC:
         if bg is None or self.weights[i].grad is not None:
             return False
         x, g = rows.x[i], rows.g[i]
-        gmax, xmax = float(g.abs().amax()), float(x.abs().amax())
-        if not x.shape[0] * gmax * max(xmax, 1.0) < torch.finfo(self.dtype).max:  # NaN: False
+        gmax, xmax = _max_abs(g), _max_abs(x)
+        bound = x.shape[0] * gmax * max(xmax, 1.0)  # on every entry of g^T [x 1]
+        if not bound < torch.finfo(self.dtype).max:  # NaN: False
             return False
-        gap = float((bg.to(self.dtype) - g.sum(0)).abs().amax())
-        return gap <= 1e-5 * float(g.abs().sum(0).amax())
+        gap = _max_abs(bg.to(self.dtype) - g.sum(0))
+        return gap <= 1e-5 * x.shape[0] * gmax
 
     def snapshot(self, capture: CurvatureCapture, skip: tuple[int, ...]) -> list[Piece]:
         """Right after the backward pass that left out the weight gradients of `skip`: their
@@ -263,28 +272,36 @@ class FusedKFAC:
 
     def fill(self, rows: Rows, skip: tuple[int, ...]) -> None:
         """Writes the skipped blocks' weight gradients `g^T x` into their gathered views (the
-        bias column is already there), for code after the step that reads them."""
+        bias column is already there) and their outputs into theirs, for code after the step
+        that reads them."""
         with torch.no_grad():
             for i in skip:
                 view = self.flat.grads[i]
                 view[:, :-1] = torch.mm(rows.g[i].t(), rows.x[i])
+            self.flat.complete()
 
     def _rows_only(self, rows: Rows, skip: tuple[int, ...]) -> float:
-        """Preconditions the skipped blocks from their rows, `(g G^-1)^T ([x 1] A^-1)` into the
-        flat outputs (torch's GEMM, the fastest here at these sizes); returns the sum of the
-        outputs (a finiteness witness: NaN or inf when one is not finite)."""
+        """Preconditions the skipped blocks from their rows, `(g G^-1)^T ([x 1] A^-1)` (torch's
+        GEMM, the fastest here at these sizes): the bias column into the flat outputs, the
+        weight part as a tensor of its own (`FlatGrads.give`, the weight's new `.grad`).
+        Returns a finiteness witness: finite exactly when the bound `B max|P| max|Q|` on every
+        output entry is (NaN or inf otherwise: the caller then checks the outputs themselves)."""
         kfac = self.kfac
-        total = 0.0
+        big = torch.finfo(self.dtype).max
+        witness = 0.0
         with torch.no_grad():
             for i in skip:
                 a_inv, g_inv = kfac.a_inv[i], kfac.g_inv[i]
                 k = a_inv.shape[0] - 1
                 p = torch.mm(rows.g[i], g_inv.t())
                 q = torch.addmm(a_inv[k], rows.x[i], a_inv[:k])
-                out = self.flat.outs[i]
-                torch.mm(p.t(), q, out=out)
-                total += float(out.sum())
-        return total
+                self.flat.outs[i][:, k] = torch.mv(p.t(), q[:, k])
+                w = self.weights[i]
+                part = torch.mm(p.t(), q[:, :k])
+                self.flat.give(i, part if part.dtype == w.dtype else part.to(w.dtype))
+                bound = p.shape[0] * _max_abs(p) * _max_abs(q)
+                witness += bound if bound < big else math.nan
+        return witness
 
     def batch_form(self, rows: Rows) -> bool:
         """Whether the batch form is cheaper for some block (`NaturalGradient._note_batch`)."""

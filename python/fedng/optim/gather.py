@@ -61,7 +61,8 @@ class FlatGrads:
         self._g_parts: list[torch.Tensor] | None = None
         self._p_parts: list[torch.Tensor] | None = None
         self._src: list[torch.Tensor] = []
-        self._fresh: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weight, its output part)
+        self._fresh: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (block, weight, part)
+        self._given: dict[int, torch.Tensor] = {}
         self._dst: list[torch.Tensor] = []  # the output parts `write_back` copies into `_src`
 
     def _parts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -90,7 +91,7 @@ class FlatGrads:
                 return None
         if src:
             torch._foreach_copy_(self._parts()[0], src)
-        self._src, self._fresh = src, []
+        self._src, self._fresh, self._given = src, [], {}
         self._dst = self._parts()[1]
         return self.grads
 
@@ -98,7 +99,7 @@ class FlatGrads:
         src: list[torch.Tensor] = []
         g_dst: list[torch.Tensor] = []
         p_src: list[torch.Tensor] = []
-        fresh: list[tuple[torch.Tensor, torch.Tensor]] = []
+        fresh: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         for i, (b, gv, pv) in enumerate(zip(self.blocks, self.grads, self.outs, strict=True)):
             if i in skip:
                 bg = None if b.bias is None else b.bias.grad
@@ -107,7 +108,7 @@ class FlatGrads:
                 src.append(bg)
                 g_dst.append(gv[:, -1])
                 p_src.append(pv[:, -1])
-                fresh.append((b.weight, pv[:, :-1]))
+                fresh.append((i, b.weight, pv[:, :-1]))
                 continue
             grads: list[torch.Tensor] = []
             if not b.param_grads(grads):
@@ -117,7 +118,7 @@ class FlatGrads:
             b.grad_pairs(pv, [], p_src)
         if src:
             torch._foreach_copy_(g_dst, src)
-        self._src, self._dst, self._fresh = src, p_src, fresh
+        self._src, self._dst, self._fresh, self._given = src, p_src, fresh, {}
         return self.grads
 
     def write_back(self, scale: float) -> None:
@@ -127,9 +128,24 @@ class FlatGrads:
             self.p_flat.mul_(scale)
         if self._src:
             torch._foreach_copy_(self._src, self._dst)
-        for w, part in self._fresh:
-            w.grad = part.to(w.dtype, copy=True, memory_format=torch.contiguous_format)
-        self._src, self._fresh = [], []  # no reference to this step's gradients beyond the step
+        for i, w, part in self._fresh:
+            given = self._given.get(i)
+            if given is not None:  # the output part, already a tensor of its own
+                w.grad = given if scale == 1.0 else given.mul_(scale)
+            else:
+                w.grad = part.to(w.dtype, copy=True, memory_format=torch.contiguous_format)
+        self._src, self._fresh, self._given = [], [], {}  # nothing of this step kept
+
+    def give(self, i: int, weight_grad: torch.Tensor) -> None:
+        """Block i's weight part of the output as a tensor of its own [m, n - 1] (the weight's
+        dtype, contiguous): `write_back` makes it the skipped weight's `.grad` without a copy.
+        Its view of `outs` is then stale until `complete`."""
+        self._given[i] = weight_grad
+
+    def complete(self) -> None:
+        """Copies the given weight parts into their views of `outs` (for code that reads them)."""
+        for i, part in self._given.items():
+            self.outs[i][:, :-1].copy_(part)
 
     def grads_finite(self) -> bool | None:
         """Whether the gathered gradients are all finite: True/False, or None when the one sum

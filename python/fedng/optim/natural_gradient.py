@@ -463,6 +463,7 @@ class NaturalGradient:
                 not math.isfinite(fused.dot)
                 or failed_blocks(report, self._names)
                 or self._no_curvature
+                or adapt
             ):
                 fused.fill(rows, skip)  # what follows reads the skipped blocks' gradients
             if rows.records:  # as `_note_batch`: nothing recorded keeps the last answer
