@@ -292,6 +292,8 @@ class FusedKFAC:
         with torch.no_grad():
             for i in skip:
                 a_inv, g_inv = kfac.a_inv[i], kfac.g_inv[i]
+                if a_inv is None or g_inv is None:  # unreachable: `ready` held
+                    raise RuntimeError("FusedKFAC: a block without an inverse in the rows step")
                 k = a_inv.shape[0] - 1
                 p = torch.mm(rows.g[i], g_inv.t())
                 q = torch.addmm(a_inv[k], rows.x[i], a_inv[:k])

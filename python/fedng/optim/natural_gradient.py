@@ -361,7 +361,7 @@ class NaturalGradient:
         if skip:
             skip = fused.used_once(loss, skip)  # type: ignore[union-attr]
         if not skip:
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
             return
         skipped = {id(fused.weights[i]) for i in skip}  # type: ignore[union-attr]
         keep = [p for p in self._params if id(p) not in skipped]
