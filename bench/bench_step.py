@@ -242,6 +242,8 @@ def extra_flops(method: str, shapes: list[tuple[int, int, int, int]], rank: int)
             total += rows * (n * (n + 1) + m * (m + 1)) / every
             dense, batch = 2 * m * n * (m + n), 2 * rows * (m * m + n * n + m * n)
             total += dense if method == "kfac-torch-loop" else min(dense, batch)
+            if "-nowg" in method and batch < dense:  # autograd's weight gradient not formed
+                total -= 2 * rows * m * (n - 1)
             total += (n**3 + m**3) / STEPS
         elif method == "ng-diag":
             total += 2 * rows * d + 2 * d

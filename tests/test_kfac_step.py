@@ -213,6 +213,41 @@ def test_plan_skips_the_callers_layers(check: bool, monkeypatch: pytest.MonkeyPa
         assert torch.equal(res.outs[j], outs[i]) and plan.sums[3 + i] == res.dots[j]
 
 
+@settings(max_examples=20, deadline=None)
+@given(
+    shapes=SHAPES,
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    mask=st.lists(st.booleans(), min_size=4, max_size=4),
+)
+def test_plan_skip_matches_the_reference(
+    shapes: list[tuple[int, int, int, bool]], dtype: torch.dtype, seed: int, mask: list[bool]
+) -> None:
+    """Ragged layers, any subset skipped: every factor updated as the reference does, the
+    others' outputs equal to the reference's, the skipped ones' outputs untouched."""
+    d = layers(shapes, dtype, seed, True)
+    count = len(shapes)
+    skip = tuple(i for i in range(count) if mask[i])
+    bias = [s[3] for s in shapes]
+    decay, a_scale, g_scale = [0.9] * count, [0.5] * count, [2.0] * count
+    want_a, want_g, want_p = reference.kfac_step_ref(
+        d["x"], d["g"], bias, d["A"], d["G"], decay, a_scale, g_scale, d["W"], d["Ai"], d["Gi"]
+    )
+    a, gf = [t.clone() for t in d["A"]], [t.clone() for t in d["G"]]
+    outs = [torch.full((m, k + b), 3.0, dtype=dtype) for m, k, _, b in shapes]
+    plan = KfacStepPlan(a, gf, d["W"], outs, d["u"], d["v"], bias)
+    inv = (d["Ai"], d["Gi"])
+    plan(d["x"], d["g"], decay, a_scale, g_scale, update=True, inverses=inv, skip=skip)
+    for got, want in zip(a + gf, want_a + want_g, strict=True):
+        assert_close(got, want, dtype, "kron_accumulate")
+    for i, (got, want) in enumerate(zip(outs, want_p or [], strict=True)):
+        if i in skip:
+            assert bool((got == 3.0).all()) and plan.sums[count + i] == 0.0
+        else:
+            scale = 10 * float(want.abs().max()) if want.numel() else 1.0
+            assert_close(got, want, dtype, "kron_precondition", scale=scale)
+
+
 def test_bad_input_is_refused() -> None:
     d = layers([(3, 4, 5, True)], F64, 3, True)
     with pytest.raises(ValueError, match="'bias' must hold 1 bools"):
