@@ -221,15 +221,20 @@ def block_shapes(wl: Workload) -> list[tuple[int, int, int, int]]:
     ]
 
 
-KFAC_METHODS = (
+METHODS = (
+    "sgd",
+    "adam",
+    "ng-diag",
     "ng-kfac",
     "ng-kfac-klclip",
     "ng-kfac-general",
     "ng-kfac-f10",
     "ng-kfac-nowg",
     "ng-kfac-nowg-f10",
+    "ng-lowrank",
     "kfac-torch-loop",
 )
+KFAC_METHODS = tuple(m for m in METHODS if "kfac" in m)
 
 
 def extra_flops(method: str, shapes: list[tuple[int, int, int, int]], rank: int) -> float:
@@ -282,20 +287,7 @@ def methods(
     torch.manual_seed(0)
     base = wl.make()
     out: dict[str, Callable[[], None]] = {}
-    names = [
-        "sgd",
-        "adam",
-        "ng-diag",
-        "ng-kfac",
-        "ng-kfac-klclip",
-        "ng-kfac-general",
-        "ng-kfac-f10",
-        "ng-kfac-nowg",
-        "ng-kfac-nowg-f10",
-        "ng-lowrank",
-        "kfac-torch-loop",
-    ]
-    for name in names:
+    for name in METHODS:
         if only and name not in only and name != "sgd":
             continue
         model = copy.deepcopy(base)

@@ -44,17 +44,27 @@ def run(
     model: nn.Module, fused: bool, steps: int, batch: int, **kw: Any
 ) -> tuple[list[torch.Tensor], NaturalGradient, int]:
     """Trains `steps` steps; returns the parameters, the optimizer and the fused calls made."""
+    params, ng, calls = train_as(model, "fused" if fused else "general", steps, batch, **kw)
+    return params, ng, len(calls)
+
+
+def train_as(
+    model: nn.Module, how: str, steps: int, batch: int, extra: Any = None, **kw: Any
+) -> tuple[list[torch.Tensor], NaturalGradient, list[int]]:
+    """Trains a copy of `model` `steps` steps with `ng.backward(loss)` (how="rows"), or
+    `loss.backward()` on the fused ("fused") or general ("general") path; `extra(model)` adds a
+    term to the loss. Returns the parameters, the optimizer and, per fused call, how many weight
+    gradients the step went without."""
     model = copy.deepcopy(model)
     ng = NaturalGradient(model, lr=0.05, **{"inverse_every": 3, **kw})
-    calls = 0
-    if not fused:
+    if how == "general":
         ng._fused = None
-    elif ng._fused is not None:
+    skipped: list[int] = []
+    if ng._fused is not None:
         inner = ng._fused.step
 
         def counted(*a: Any, **k: Any) -> Any:
-            nonlocal calls
-            calls += 1
+            skipped.append(len(a[8]) if len(a) >= 9 else 0)
             return inner(*a, **k)
 
         ng._fused.step = counted  # type: ignore[method-assign]
@@ -65,10 +75,16 @@ def run(
         x = torch.randn(batch, d_in, generator=g, dtype=F64)
         y = torch.randint(0, 3, (batch,), generator=g)
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        loss = F.cross_entropy(model(x), y)
+        if extra is not None:
+            loss = loss + extra(model)
+        if how == "rows":
+            ng.backward(loss)
+        else:
+            loss.backward()
         ng.step()
         opt.step()
-    return [p.detach().clone() for p in model.parameters()], ng, calls
+    return [p.detach().clone() for p in model.parameters()], ng, skipped
 
 
 def assert_same(
@@ -212,39 +228,8 @@ def test_resumed_optimizer_rebuilds_its_plan_on_the_loaded_factors() -> None:
 def run_rows(
     model: nn.Module, how: str, steps: int, batch: int, extra: Any = None, **kw: Any
 ) -> tuple[list[torch.Tensor], NaturalGradient, list[int]]:
-    """`run` with `ng.backward(loss)` (how="rows"), or `loss.backward()` on the fused ("fused")
-    or general ("general") path; `extra(model)` adds a term to the loss. Returns the parameters,
-    the optimizer and, per step, how many weight gradients the step went without."""
-    model = copy.deepcopy(model)
-    ng = NaturalGradient(model, lr=0.05, **{"inverse_every": 3, "kl_clip": None, **kw})
-    if how == "general":
-        ng._fused = None
-    skipped: list[int] = []
-    if ng._fused is not None:
-        inner = ng._fused.step
-
-        def counted(*a: Any, **k: Any) -> Any:
-            skipped.append(len(a[8]) if len(a) >= 9 else 0)
-            return inner(*a, **k)
-
-        ng._fused.step = counted  # type: ignore[method-assign]
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    g = torch.Generator().manual_seed(1)
-    d_in = next(p for p in model.parameters()).shape[1]
-    for _ in range(steps):
-        x = torch.randn(batch, d_in, generator=g, dtype=F64)
-        y = torch.randint(0, 3, (batch,), generator=g)
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        if extra is not None:
-            loss = loss + extra(model)
-        if how == "rows":
-            ng.backward(loss)
-        else:
-            loss.backward()
-        ng.step()
-        opt.step()
-    return [p.detach().clone() for p in model.parameters()], ng, skipped
+    """`train_as` with kl_clip=None unless `kw` says otherwise (`NaturalGradient.backward`)."""
+    return train_as(model, how, steps, batch, extra, **{"kl_clip": None, **kw})
 
 
 WIDE = [7, 40, 30, 3]  # batch 6: the two hidden layers take the batch form, the head does not
