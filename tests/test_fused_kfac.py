@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _tols import assert_close
+from fedng.optim.fused_kfac import FusedKFAC
 from fedng.optim.natural_gradient import NaturalGradient
 from torch import nn
 
@@ -335,3 +336,29 @@ def test_backward_refuses_a_non_scalar_loss() -> None:
     ng = NaturalGradient(mlp(WIDE), kl_clip=None)
     with pytest.raises(ValueError, match="backward: 'loss' must be a scalar"):
         ng.backward(torch.ones(2))
+
+
+@pytest.mark.parametrize("kw", [{}, {"damping": 1e-3, "kl_clip": None}])
+def test_large_batch_form_blocks_through_torch_equal_the_general_step(
+    kw: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block of at least `TORCH_MIN` entries taking the batch form is preconditioned with
+    torch's GEMM inside the fused step (probe, batch form, dot): same results as the general
+    path; a gradient the rows do not explain (weight decay in the loss) takes the dense form."""
+    big = 0
+    inner = FusedKFAC._precondition_big
+
+    def counted(self: FusedKFAC, rows: Any, i: int) -> float:
+        nonlocal big
+        big += 1
+        return inner(self, rows, i)
+
+    monkeypatch.setattr(FusedKFAC, "_precondition_big", counted)
+    model = mlp([7, 300, 260, 3])  # the 260 x 301 block: 78260 entries >= TORCH_MIN
+    decay = lambda m: 1e-2 * m[2].weight.square().sum()  # noqa: E731
+    for extra in (None, decay):
+        pa, a, calls = train_as(model, "fused", 4, 6, extra, **kw)
+        pb, b, _ = train_as(model, "general", 4, 6, extra, **kw)
+        assert len(calls) == 4
+        assert_same(a, b, pa, pb, trajectory=True)
+    assert big >= 4

@@ -31,6 +31,11 @@ from fedng.curvature.stats import fisher_scale
 from fedng.ops.kfac_step import KfacStepPlan
 from fedng.optim.gather import FlatGrads
 
+TORCH_MIN = 1 << 16
+"""Blocks with at least this many entries (m n) that take the batch form are preconditioned
+with torch's GEMM (MKL here: ~15% faster than the native BLAS at 256 x 1024 x 1024), the rest in
+the one native call."""
+
 Piece = tuple[int, torch.Tensor, torch.Tensor | None]
 """A block whose weight gradient was left out, with its recorded inputs and output gradients."""
 
@@ -305,6 +310,51 @@ class FusedKFAC:
                 witness += bound if bound < big else math.nan
         return witness
 
+    def _big(self, rows: Rows, skip: tuple[int, ...]) -> tuple[int, ...]:
+        """The blocks (not in `skip`) preconditioned with torch's GEMM rather than natively:
+        batch form cheaper and at least `TORCH_MIN` entries, where torch's GEMM is faster and
+        the Python of a few calls is negligible."""
+        return tuple(
+            i
+            for i, ((m, n), x) in enumerate(zip(self.specs, rows.x, strict=True))
+            if m * n >= TORCH_MIN
+            and x.shape[0] > 0
+            and batch_form_cheaper(x.shape[0], m, n)
+            and i not in skip
+        )
+
+    def _grad_sum(self, blocks: tuple[int, ...]) -> float:
+        """The sum of these blocks' gathered gradients (in float64)."""
+        return sum(float(self.flat.grads[i].sum(dtype=torch.float64)) for i in blocks)
+
+    def _precondition_big(self, rows: Rows, i: int) -> float:
+        """Block i preconditioned as the native step does it, with torch's GEMM: the batch form
+        where the probe test passes (the test of `KFAC._batch_rows` and the kernel), else the
+        dense form; returns `<out_i, grad_i>`."""
+        kfac = self.kfac
+        a_inv, g_inv = kfac.a_inv[i], kfac.g_inv[i]
+        if a_inv is None or g_inv is None:  # unreachable: `ready` held
+            raise RuntimeError("FusedKFAC: a block without an inverse in the fused step")
+        grad, out = self.flat.grads[i], self.flat.outs[i]
+        x, g = rows.x[i], rows.g[i]
+        k = x.shape[1]
+        u, v = kfac._probe(i)
+        with torch.no_grad():
+            gu = g @ u
+            av = x @ v[:k] + v[k] if self.bias[i] else x @ v
+            lhs, rhs = float(u @ (grad @ v)), float(gu @ av)
+            mass = float((gu * av).abs().sum())
+            gap = abs(lhs - rhs)
+            if gap <= 1e-5 * mass or gap <= 1e-3 * float(torch.linalg.vector_norm(grad)) + (
+                1e-5 * mass
+            ):
+                p = torch.mm(g, g_inv.t())
+                q = torch.addmm(a_inv[k], x, a_inv[:k]) if self.bias[i] else torch.mm(x, a_inv)
+                torch.mm(p.t(), q, out=out)
+            else:
+                torch.mm(g_inv, torch.mm(grad, a_inv), out=out)
+            return float(torch.dot(out.view(-1), grad.view(-1)))
+
     def batch_form(self, rows: Rows) -> bool:
         """Whether the batch form is cheaper for some block (`NaturalGradient._note_batch`)."""
         return any(
@@ -337,6 +387,9 @@ class FusedKFAC:
         else:
             old = a_scale = g_scale = [0.0] * self.count
         inverses = (kfac.a_inv, kfac.g_inv) if precondition else None
+        big = self._big(rows, skip) if precondition else ()
+        if check_finite and big and not math.isfinite(self._grad_sum(big)):
+            return False
         plan = self.plan()
         plan(
             rows.x,
@@ -347,12 +400,14 @@ class FusedKFAC:
             update=factors,
             inverses=inverses,  # type: ignore[arg-type]
             check_finite=check_finite,
-            skip=skip,
+            skip=tuple(sorted(skip + big)) if big else skip,
         )
         sums = plan.sums.tolist()
         if check_finite and not math.isfinite(sum(sums[: self.count])):
             return False
         self.dot = sum(sums[self.count :]) if precondition else math.nan
+        if big:
+            self.dot += sum(self._precondition_big(rows, i) for i in big)
         if precondition and skip:  # the skipped blocks' dots read 0: only their finiteness
             self.dot += 0.0 * self._rows_only(rows, skip)
         if factors:
