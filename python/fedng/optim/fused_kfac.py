@@ -324,8 +324,10 @@ class FusedKFAC:
         )
 
     def _grad_sum(self, blocks: tuple[int, ...]) -> float:
-        """The sum of these blocks' gathered gradients (in float64)."""
-        return sum(float(self.flat.grads[i].sum(dtype=torch.float64)) for i in blocks)
+        """The sum of these blocks' gathered gradients (an overflow of finite entries reads as
+        not finite: `NaturalGradient` then checks them entry by entry and calls again without
+        the check)."""
+        return sum(float(self.flat.grads[i].sum()) for i in blocks)
 
     def _precondition_big(self, rows: Rows, i: int) -> float:
         """Block i preconditioned as the native step does it, with torch's GEMM: the batch form
