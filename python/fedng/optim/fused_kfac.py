@@ -10,7 +10,13 @@ flat output buffer, with the same formulas (equal up to rounding; `tests/test_fu
 It applies when every block is a K-FAC `nn.Linear` block fed by one 2-D call per forward pass,
 with the empirical Fisher and the own curvature as the preconditioner; any step that does not
 fit (a tied layer, a 3-D input, autocast, a missing output gradient, another source) takes the
-general path, unchanged.
+general path, unchanged. Steps without a factor update (`factor_every`) only precondition.
+
+Two kinds of block leave the native call's preconditioning (it still updates their factors):
+large blocks taking the batch form (`TORCH_MIN`, torch's GEMM is faster there), and blocks whose
+weight gradient `NaturalGradient.backward` left out: their natural gradient comes from the rows
+alone, `(g G^-1)^T ([x 1] A^-1)`, and their plain gradient is formed from the rows only when
+something needs it (`materialize`, `fill`).
 """
 
 from __future__ import annotations
