@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from _tols import assert_close
 from fedng.optim.fused_kfac import FusedKFAC
 from fedng.optim.natural_gradient import NaturalGradient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 F64 = torch.float64
@@ -362,3 +364,22 @@ def test_large_batch_form_blocks_through_torch_equal_the_general_step(
         assert len(calls) == 4
         assert_same(a, b, pa, pb, trajectory=True)
     assert big >= 4
+
+
+# The general path's probe (`KFAC._batch_rows`) reads a recorded input that requires grad.
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True")
+@settings(max_examples=15, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 40), min_size=2, max_size=4),
+    batch=st.integers(1, 12),
+    bias=st.booleans(),
+)
+def test_backward_on_ragged_mlps_equals_the_general_step(
+    widths: list[int], batch: int, bias: bool
+) -> None:
+    """Any widths and batch (layers with and without a bias, batch 1, layers too narrow for the
+    batch form): two steps with `ng.backward` equal two general steps."""
+    model = mlp(widths[:1] + widths[1:] + [3], bias=bias)
+    pa, a, _ = run_rows(model, "rows", 2, batch, damping=1e-3, inverse_every=1)
+    pb, b, _ = run_rows(model, "general", 2, batch, damping=1e-3, inverse_every=1)
+    assert_same(a, b, pa, pb, trajectory=True)
