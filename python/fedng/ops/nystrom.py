@@ -15,12 +15,11 @@ from fedng.ops.damped_cholesky_inverse import CholeskyStatus
 OP = "nystrom"
 
 TORCH_MIN_DRR = 1 << 17
-"""Matrices with `d * r * r` at least this go through the same algorithm in torch ops instead of
-the kernel. Measured (1 thread, CPU time, `bench_nystrom`'s torch way against the kernel; the
-kernel's thin SVD is OpenBLAS's LAPACK, torch's is its own): d=256: r=8 1.45x (kernel faster),
-r=32 0.92x; d=1024: r=8 2.30x, r=32 0.54x; d=4096: r=8 0.43x, r=32 0.42x; d=16384: 0.43x,
-0.32x; d=65536: 0.38x, 0.57x. The crossover lies between d r^2 = 65,536 (kernel 2.3x faster)
-and 262,144 (torch 1.1-2.3x faster)."""
+"""Matrices with `d * r * r` at least this go through the same stable Nystrom in torch ops instead
+of the kernel (`_torch_one`: torch's GEMMs and the Gram-matrix SVD; the kernel's thin SVD is
+OpenBLAS's LAPACK). Measured (1 thread, CPU time per matrix, kernel / torch path): d r^2 = 16,384
+(d=64, r=16; d=256, r=8) 0.30-0.40; 65,536 (d=256, r=16; d=1024, r=8) 0.58-0.83; 262,144 (d=256,
+r=32; d=1024, r=16; d=4096, r=8) 1.04-2.02. The crossover lies between 65,536 and 262,144."""
 
 _EPS64 = 2.220446049250313e-16
 _SHIFT_TRIES = 16
@@ -123,8 +122,9 @@ def nystrom(
 def _torch_one(
     y: torch.Tensor, om: torch.Tensor, shift: float
 ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """The kernel's algorithm (shift, escalation, thin SVD) in torch ops, for large matrices
-    (see `TORCH_MIN_DRR`); None where the kernel would report FAILED.
+    """The kernel's algorithm (shift, escalation, SVD of B) in torch ops, for large matrices
+    (see `TORCH_MIN_DRR`); None where the kernel would report FAILED. B's SVD comes from its
+    Gram matrix where B is well conditioned (`_gram_svd`), else from the thin SVD.
 
     No separate finiteness passes (`isfinite(...).all()` on a [d, r] input cost a quarter of the
     SVD): Y is finite exactly when its norm is (squares of float32 values cannot overflow
