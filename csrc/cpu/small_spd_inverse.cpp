@@ -179,6 +179,7 @@ inline void butterfly(V& x, V& y, std::index_sequence<J...>) {
 template <class V, int L, int S>
 inline void transpose_stage(V* rows) {
   if constexpr (S >= 1) {
+#pragma GCC unroll 16
     for (int i = 0; i < L; ++i)
       if (!(i & S)) butterfly<V, L, S>(rows[i], rows[i + S], std::make_index_sequence<L>{});
     transpose_stage<V, L, S / 2>(rows);
@@ -258,6 +259,7 @@ inline unsigned lane_inverse(const T* const* in, T* const* out, const double* la
     for (int j0 = 0; j0 <= i; j0 += L) {
       const int cnt = i + 1 - j0 < L ? i + 1 - j0 : L;
       V blk[L];
+#pragma GCC unroll 16
       for (int l = 0; l < L; ++l) {
         if (l < count) {
           blk[l] = load_first<V, T, L>(in[l] + static_cast<std::size_t>(i) * n + j0, cnt);
@@ -367,6 +369,7 @@ inline unsigned lane_inverse(const T* const* in, T* const* out, const double* la
     for (int j0 = 0; j0 < n; j0 += L) {
       const int cnt = n - j0 < L ? n - j0 : L;
       V blk[L];
+#pragma GCC unroll 16
       for (int k = 0; k < L; ++k) {
         const int j = j0 + k < n ? j0 + k : n - 1;  // past the end: any valid entry (unused)
         blk[k] = j <= i ? a[packed(i, j)] : a[packed(j, i)];
