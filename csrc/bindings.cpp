@@ -179,6 +179,13 @@ PYBIND11_MODULE(_C, m) {
       py::arg("chunk"),
       "Per int8 segment, the trace of its dequantized matrix; [] if unsettled by the scales.");
   m.def(
+      "unpack_triangle",
+      [](int dtype, Address vec, Address out, std::int64_t n) {
+        fedng::cpu::unpack_triangle(dtype_of("unpack_triangle", dtype), vec, out, n);
+      },
+      nogil, kw, py::arg("dtype"), py::arg("vec"), py::arg("out"), py::arg("n"),
+      "out [n, n] <- the symmetric matrix of the packed lower triangle vec.");
+  m.def(
       "dots_f64",
       [](const Ptrs& xs, const Ptrs& ys, const Sizes& n) {
         std::vector<double> out(xs.size());

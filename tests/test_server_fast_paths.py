@@ -12,7 +12,8 @@ import torch
 from _fed import fed_round
 from _tols import assert_close
 from fedng.curvature import KFAC, CurvatureSet
-from fedng.curvature.packed_fold import dots
+from fedng.curvature.packed_fold import dots, unpack_into
+from fedng.curvature.spec import _tril_flat, unpack_triangle
 from fedng.federated import wire
 from fedng.federated.aggregation import summable
 from fedng.federated.aggregation.matvec import block_dots
@@ -167,3 +168,29 @@ def test_pooled_direction_by_solves_equals_the_inverse_path(
         assert_close(x, ref, torch.float32, "kron_solve")
     rep.A[0] = -torch.eye(rep.A[0].shape[0]) * 1e6  # not positive definite at any small damping
     assert summable._kron_solves(pooled, lams, rhs) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n", [0, 1, 7, 64, 65, 200])
+def test_unpack_triangle_copies_every_entry_bit_for_bit(dtype: torch.dtype, n: int) -> None:
+    """The native tiled unpack equals the index-copy reference bit for bit (signed zeros, NaN
+    payloads); bf16 and non-contiguous inputs take the reference path."""
+    g = torch.Generator().manual_seed(n)
+    vec = torch.randn(n * (n + 1) // 2, generator=g).to(dtype)
+    if vec.numel() > 2:
+        vec[0], vec[-1] = -0.0, math.nan
+    lower, upper = _tril_flat(n)
+    ref = torch.empty(n * n, dtype=dtype)
+    ref.index_copy_(0, upper, vec)
+    ref.index_copy_(0, lower, vec)
+    got = unpack_triangle(vec, n)
+    bits = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16}
+    assert torch.equal(got.reshape(-1).view(bits[dtype]), ref.view(bits[dtype]))
+    assert (unpack_into(vec, n) is None) == (dtype == torch.bfloat16)
+    if n > 1:
+        wide = torch.stack([vec, vec], 1)[:, 0]  # not contiguous
+        assert unpack_into(wide, n) is None
+        assert torch.equal(
+            unpack_triangle(wide, n).reshape(-1).view(bits[dtype]),
+            got.reshape(-1).view(bits[dtype]),
+        )

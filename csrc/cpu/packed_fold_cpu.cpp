@@ -302,4 +302,37 @@ void dots_f64(const Ptrs& xs, const Ptrs& ys, const Sizes& n, double* out) {
     out[k] = dot_f64(as<const float>(xs[k]), as<const float>(ys[k]), n[k]);
 }
 
+namespace {
+
+// Tiles of the lower triangle copied to both triangles: each tile's reads and its mirror's
+// writes stay within a few cache lines per row.
+template <typename T>
+void unpack_tiles(const T* vec, T* out, std::int64_t n) {
+  constexpr std::int64_t kTile = 64;
+  for (std::int64_t i0 = 0; i0 < n; i0 += kTile) {
+    const std::int64_t i1 = i0 + kTile < n ? i0 + kTile : n;
+    for (std::int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+      for (std::int64_t i = i0; i < i1; ++i) {
+        const T* row = vec + i * (i + 1) / 2;
+        const std::int64_t j1 = j0 + kTile < i + 1 ? j0 + kTile : i + 1;
+        for (std::int64_t j = j0; j < j1; ++j) {
+          out[i * n + j] = row[j];
+          out[j * n + i] = row[j];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void unpack_triangle(DType dtype, std::uintptr_t vec, std::uintptr_t out, std::int64_t n) {
+  if (n < 0 || n > 3037000499) fail("unpack_triangle", "bad size");
+  if (n > 0 && (vec == 0 || out == 0)) fail("unpack_triangle", "null buffer");
+  if (dtype == DType::Float32)
+    unpack_tiles(as<const float>(vec), as<float>(out), n);
+  else
+    unpack_tiles(as<const double>(vec), as<double>(out), n);
+}
+
 }  // namespace fedng::cpu

@@ -184,6 +184,10 @@ def int8_payload_traces(
     its scales (and a low-rank factor's digits); `[]` when a segment is a vector or a scale is
     negative or not finite."""
 
+def unpack_triangle(*, dtype: int, vec: int, out: int, n: int) -> None:
+    """`out` [n, n] (float32 / float64 by `dtype`) <- the symmetric matrix whose packed lower
+    triangle, row by row, is `vec` [n (n + 1) / 2]; every entry a copy."""
+
 def dots_f64(*, xs: Sequence[int], ys: Sequence[int], n: Sequence[int]) -> list[float]:
     """Per pair of float32 arrays `xs[k]`, `ys[k]` [n[k]], `<xs[k], ys[k]>` with products and
     sums in float64."""

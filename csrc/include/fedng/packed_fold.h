@@ -43,4 +43,8 @@ bool int8_payload_traces(const std::int8_t* q, const float* side, std::int64_t n
 // dot of their float64 copies, summed in another order).
 void dots_f64(const Ptrs& xs, const Ptrs& ys, const Sizes& n, double* out);
 
+// out [n, n] (row-major) <- the symmetric matrix whose packed lower triangle (row by row) is
+// vec [n (n + 1) / 2]: every entry a copy (float32 or float64, `dtype`).
+void unpack_triangle(DType dtype, std::uintptr_t vec, std::uintptr_t out, std::int64_t n);
+
 }  // namespace fedng::cpu

@@ -202,3 +202,19 @@ def dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> list[float]:
         ys=[t.data_ptr() for t in flat[1]],
         n=[t.numel() for t in flat[0]],
     )
+
+
+_UNPACK_CODES = {torch.float32: 0, torch.float64: 1}
+
+
+def unpack_into(vec: torch.Tensor, n: int) -> torch.Tensor | None:
+    """The symmetric [n, n] matrix of a packed lower triangle `vec` (row by row), unpacked in
+    one native tiled pass (every entry a copy, as `fedng.curvature.spec.unpack_triangle`); None
+    when `vec` is not a contiguous float32/float64 CPU tensor of n (n + 1) / 2 entries (then
+    the caller unpacks)."""
+    code = _UNPACK_CODES.get(vec.dtype)
+    if code is None or not vec.is_contiguous() or not vec.is_cpu or vec.numel() != n * (n + 1) // 2:
+        return None
+    out = torch.empty(n, n, dtype=vec.dtype)
+    native.unpack_triangle(dtype=code, vec=vec.data_ptr(), out=out.data_ptr(), n=n)
+    return out
