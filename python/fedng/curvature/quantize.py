@@ -43,11 +43,7 @@ import torch
 
 from fedng._typing import Arrays
 from fedng.curvature.layout import BlockLayout
-from fedng.curvature.packed_fold import (
-    int8_triangles,
-    payload_axpy,
-    payload_traces,
-)
+from fedng.curvature.packed_fold import int8_triangles, payload_axpy, payload_traces
 from fedng.curvature.packed_scale import scale_packed
 from fedng.curvature.spec import BlockSpec, pack_triangle, triangle_size, unpack_triangle
 
@@ -248,14 +244,8 @@ class _Run:
         return self.segs[0][0] == "lrtri"
 
 
-def _runs(segs: Sequence[Segment]) -> tuple[_Run, ...]:
+def _runs(segs: Sequence[Segment]) -> list[_Run]:
     """`segs` cut into low-rank segments (alone) and the runs between them."""
-    return _cut(tuple(segs))
-
-
-@functools.lru_cache(maxsize=16)
-def _cut(segs: tuple[Segment, ...]) -> tuple[_Run, ...]:
-    """`_runs`, once per payload layout."""
     groups: list[list[Segment]] = []
     for seg in segs:
         if seg[0] == "lrtri" or not groups or groups[-1][-1][0] == "lrtri":
@@ -269,7 +259,7 @@ def _cut(segs: tuple[Segment, ...]) -> tuple[_Run, ...]:
         cut = [slice(a, a + z) for a, z in zip(at, size, strict=True)]
         out.append(_Run(tuple(group), *cut))
         at = [a + z for a, z in zip(at, size, strict=True)]
-    return tuple(out)
+    return out
 
 
 def _quantize_runs(
