@@ -143,10 +143,10 @@ def test_pooled_direction_by_solves_equals_the_inverse_path(
     """Cholesky solves give the direction the damped inverses give (float32 rounding apart),
     and a factor that does not factorize at its damping takes the inverse's path."""
     pooled, delta, contrib = _direction_inputs()
-    fast = summable.pooled_direction(pooled, delta, contrib, 0.1, dtype=torch.float32)
+    fast = summable.pooled_direction(pooled, delta, contrib, 0.1, probe_dtype="fp32")
     with monkeypatch.context() as m:
         m.setattr(summable, "_kron_solves", lambda *a: None)
-        slow = summable.pooled_direction(pooled, delta, contrib, 0.1, dtype=torch.float32)
+        slow = summable.pooled_direction(pooled, delta, contrib, 0.1, probe_dtype="fp32")
     assert fast.probed == slow.probed and fast.probed
     for a, b in zip(fast.blocks, slow.blocks, strict=True):
         assert (a is None) == (b is None)
