@@ -215,7 +215,8 @@ class FedNGConfig(CurvatureConfig):
             d. Relative damping 3 keeps d near the Fisher residual: bench_fl rounds to target
             synthetic(1,1) 8 -> 5, mnist1d-cnn 6 -> 5 (5 seeds), digits 3 -> 4 (3 seeds); in
             the stability protocol (30 rounds, 5 seeds) the largest drop below the best round
-            fell on digits p=1 from 2.79 to 0.84 points and on mnist1d p=0.3 from 2.10 to 1.80
+            fell on digits p=1 / p=0.3 from 2.79 / 2.23 to 1.67 / 1.67 points, on mnist1d
+            p=0.3 from 2.10 to 1.90 and on synthetic p=0.3 from 2.10 to 0.72
             (docs/results/bench_fl_tasks.md).
     """
 
