@@ -63,8 +63,8 @@ def test_noise_has_the_requested_std_and_is_reproducible_by_seed() -> None:
 
 def test_noise_std_splits_across_clients() -> None:
     z, c = 1.3, 0.5
-    central = dp.noise_std(z, c, parts=2)
-    share = dp.noise_std(z, c, parts=2, share=16)
+    central = dp.noise_std(z, c, fraction=0.5)
+    share = dp.noise_std(z, c, fraction=0.5, share=16)
     assert central == pytest.approx(z * math.sqrt(2) * c)
     assert 16 * share**2 == pytest.approx(central**2)  # the shares' sum has the central variance
 
