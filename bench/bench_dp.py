@@ -21,7 +21,12 @@ budget on choosing it). FedNG keeps its curvature on the client (`dp_curvature_c
 preconditions its local steps with its own curvature; only the clipped delta is released, so
 the noise is the same mechanism as FedAvg's); `--share-curvature` adds FedNG with its
 curvature clipped to the median payload norm and released under the same ε (the noise then
-grows by sqrt(2)); method "fedng+avgclip" is FedNG with FedAvg's clip (so FedAvg's noise).
+grows by sqrt(2)); method "fedng+avgclip" is FedNG with FedAvg's clip (so FedAvg's noise);
+method "fedng+metric" is FedNG with `cli.DP_METRIC_FEDNG` (clip and noise in the metric of its
+private input curvature, `aggregation.dp_metric`): its curvature clip is the median norm of the
+released input shapes, its clip C the median round-0 norm with the identity metric and no
+preconditioner (no curvature is public in round 0; from round 1 on the public metric sets the
+delta's scale).
 Reported: the final test accuracy (median [min, max] over seeds) and the chosen configuration,
 beside the non-private run (`--clean-rounds` rounds).
 Target: FedNG at ε = 4 at least matches FedAvg at ε = 4.
@@ -30,8 +35,8 @@ Finished runs are appended to the JSON at once; a rerun skips them.
 
 Usage: python bench/bench_dp.py [--quick] [--tasks digits,mnist1d] [--seeds 0,1,2]
 [--epsilons 1,4,8] [--rounds 5,10,20] [--knob METHOD:KEY=V1,V2 ...]. The issue-14 table:
-`--knob fedng:damping_scale=absolute --knob fedng:damping=0.03,0.1,0.3 --knob
-fedavg:lr=0.05,0.1,0.2` (docs/robustness_privacy.md). Writes bench/results/bench_dp.{json,md}.
+`--methods fedng+metric,fedavg --knob all:lr=0.05,0.1,0.2,0.5,1.0` (docs/results/bench_dp.md).
+Writes bench/results/bench_dp.{json,md}.
 """
 
 from __future__ import annotations
