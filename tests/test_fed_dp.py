@@ -274,3 +274,14 @@ def test_cli_dp_gives_fedng_absolute_damping_unless_the_user_set_damping() -> No
         assert dp_overrides(["fedng"], user) == user
     _, sc = make_configs("fedng", dp_overrides(["fedng"], {})["fedng"])
     assert (sc.options.damping_scale, sc.options.damping) == ("absolute", 0.03)
+
+
+def test_cli_dp_metric_fills_the_rest_of_the_metric_preset() -> None:
+    from fedng.cli import DP_METRIC_FEDNG, dp_overrides
+
+    out = dp_overrides(["fedng"], {"fedng": {"dp_metric": "curvature", "lr": 0.1}})
+    assert out["fedng"] == {**DP_METRIC_FEDNG, "lr": 0.1}
+    out = dp_overrides(["fedng"], {"*": {"dp_metric": "curvature", "damping": 1.0}})
+    assert "damping" not in out["fedng"] and out["fedng"]["dp_curvature_release"] == "input"
+    cc, sc = make_configs("fedng", out["fedng"] | out["*"])
+    assert sc.dp_metric == "curvature" and cc.options.damping == 1.0  # type: ignore[attr-defined]

@@ -349,11 +349,16 @@ def dp_overrides(
     algos: Sequence[str], overrides: dict[str, dict[str, Any]]
 ) -> dict[str, dict[str, Any]]:
     """`overrides` with `DP_FEDNG` under FedNG's own keys, where the user set neither damping
-    key (for every algorithm, "*", or FedNG's own)."""
+    key (for every algorithm, "*", or FedNG's own); where the user asked FedNG for
+    `dp_metric=curvature`, with the rest of `DP_METRIC_FEDNG` under the keys the user left
+    unset instead."""
     out = {k: dict(v) for k, v in overrides.items()}
     if "fedng" in algos:
         given = {**out.get("*", {}), **out.get("fedng", {})}
-        if not set(DP_FEDNG) & set(given):
+        if given.get("dp_metric") == "curvature":
+            rest = {k: v for k, v in DP_METRIC_FEDNG.items() if k not in given}
+            out["fedng"] = {**rest, **out.get("fedng", {})}
+        elif not set(DP_FEDNG) & set(given):
             out["fedng"] = {**DP_FEDNG, **out.get("fedng", {})}
     return out
 
