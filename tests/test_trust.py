@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fedng.errors import CurvatureWarning
+from fedng.optim.config import DEFAULT_KL_CLIP
 from fedng.optim.natural_gradient import NaturalGradient
 from fedng.optim.trust import (
     DEFAULT_INITIAL_RADIUS,
@@ -53,6 +54,55 @@ def test_rule_decisions() -> None:
     assert rule.decide(-0.8, 0.01, count=50, clipped=True) == -1  # a significant overshoot
     assert rule.decide(-0.8, 1.0, count=50, clipped=True) == 0  # overshoot within noise
     assert rule.bounded(10.0) == 1.0 and rule.bounded(0.0) == 1e-3
+
+
+def test_rule_gives_back_only_growth_the_steps_no_longer_earn() -> None:
+    rule = TrustRule(max_radius=1.0, min_radius=1e-3, anchor=1e-2)
+    assert rule.decide(-0.3, 0.01, count=50, clipped=True, radius=0.05) == -2  # above its start
+    assert rule.decide(-0.3, 0.01, count=50, clipped=True, radius=1e-2) == 0  # at the anchor
+    assert rule.decide(-0.2, 0.01, count=50, clipped=True, radius=0.05) == 0  # near the minimum
+    assert rule.decide(-0.3, 1.0, count=50, clipped=True, radius=0.05) == 0  # within noise
+    assert rule.decide(-0.3, 0.01, count=2, clipped=True, radius=0.05) == 0  # warming up
+    assert rule.decide(-0.8, 0.01, count=50, clipped=True, radius=1e-2) == -1  # overshoot rule
+
+
+def feed(r: TrustRegion, cs: list[float], clipped: bool = True) -> list[float]:
+    """Drives `r` with a synthetic sequence of continuation ratios: each step moves θ by +1
+    along a slope of -1 before it, and the slope after it is -c (so the observed ratio is c).
+    Returns the radius after each observation."""
+    theta = torch.zeros(1, dtype=torch.float64)
+    down = [torch.full((1,), -1.0, dtype=torch.float64)]
+    r.remember([theta], down, taken=1.0, clipped=clipped)
+    radii = []
+    for c in cs:
+        theta = theta + 1.0
+        r.observe([theta], [torch.full((1,), -c, dtype=torch.float64)])
+        r.remember([theta], down, taken=1.0, clipped=clipped)
+        radii.append(r.radius)
+    return radii
+
+
+def test_a_radius_grown_on_short_steps_comes_back_to_its_start_when_they_overshoot() -> None:
+    r = trust_region("adaptive", DEFAULT_KL_CLIP)
+    assert r is not None and r.rule.anchor == DEFAULT_INITIAL_RADIUS
+    grown = feed(r, [0.9] * 40)  # far too short: grows
+    assert grown[-1] > 10 * DEFAULT_INITIAL_RADIUS
+    # then a mild, significant overshoot (mean c -0.3, noise ±0.05): once c's average has
+    # turned, the growth is given back, monotonically and never below the start
+    after = feed(r, [-0.25, -0.35] * 100)
+    assert all(b <= a for a, b in itertools.pairwise(after[20:]))
+    assert after[-1] == pytest.approx(DEFAULT_INITIAL_RADIUS) and min(after) >= after[-1]
+    assert r.shrunk > 0
+
+
+def test_a_mild_overshoot_keeps_a_radius_at_or_below_its_start() -> None:
+    r = trust_region("adaptive", DEFAULT_KL_CLIP)
+    assert r is not None
+    assert feed(r, [-0.25, -0.35] * 100)[-1] == DEFAULT_INITIAL_RADIUS  # the transformer's case
+    assert feed(r, [-0.65, -0.75] * 20)[-1] < DEFAULT_INITIAL_RADIUS  # a clear overshoot still
+    r = trust_region("adaptive", 1e-3)  # an explicit bound (the FedNG client): starts at it,
+    assert r is not None and r.rule.anchor == 1e-3  # so the rule never applies there
+    assert feed(r, [-0.25, -0.35] * 100)[-1] == 1e-3
 
 
 def test_too_short_steps_grow_the_radius_up_to_its_bound() -> None:
