@@ -105,6 +105,75 @@ def test_a_mild_overshoot_keeps_a_radius_at_or_below_its_start() -> None:
     assert feed(r, [-0.25, -0.35] * 100)[-1] == 1e-3
 
 
+def feed_energy(
+    r: TrustRegion, cs: list[float], scale: float, energies: list[float]
+) -> list[float]:
+    """Like `feed`, with raw gradients of size `scale` (the slopes are scaled, so c is
+    unchanged) and the unclipped steps' KL estimates `energies`. Returns the radii."""
+    down = [torch.full((1,), -scale, dtype=torch.float64)]
+    # go on from where the last feed left θ, with this feed's slope before the step
+    theta = torch.zeros(1, dtype=torch.float64) if r._prev is None else r._prev[0][0].clone()
+    r.remember([theta], down, taken=1.0, clipped=True, energy=energies[0])
+    radii = []
+    for c, e in zip(cs, energies, strict=True):
+        theta = theta + 1.0
+        r.observe([theta], [torch.full((1,), -c * scale, dtype=torch.float64)])
+        r.remember([theta], down, taken=1.0, clipped=True, energy=e)
+        radii.append(r.radius)
+    return radii
+
+
+def mild(n: int) -> list[float]:
+    return [-0.25, -0.35] * (n // 2)  # mean c -0.3: a mild, significant overshoot
+
+
+def test_a_noise_floor_reached_after_progress_anneals_the_radius() -> None:
+    r = trust_region("adaptive", DEFAULT_KL_CLIP)
+    assert r is not None and r.rule.stall_window == 50
+    start = r.radius
+    # the loss is not falling yet (raw gradients at their peak): a stall is a plateau, kept
+    assert feed_energy(r, mild(120), scale=10.0, energies=[1.0] * 120)[-1] == start
+    # progress was made (gradients 10x smaller), then the step energy stays flat: anneal
+    radii = feed_energy(r, mild(300), scale=1.0, energies=[1.0] * 300)
+    assert r.stalls >= 3 and r.shrunk >= 3 and radii[-1] < start / 4
+    assert all(b <= a for a, b in itertools.pairwise(radii)) and min(radii) >= r.rule.min_radius
+
+
+@pytest.mark.parametrize(
+    ("cs", "energies", "why"),
+    [
+        (mild(300), [0.97**t for t in range(300)], "the step energy keeps falling"),
+        (mild(300), [math.nan] * 300, "no step energy"),
+        ([-0.05, 0.05] * 150, [1.0] * 300, "steps at the line minimum"),
+    ],
+)
+def test_no_anneal_without_a_stalled_overshoot(
+    cs: list[float], energies: list[float], why: str
+) -> None:
+    r = trust_region("adaptive", DEFAULT_KL_CLIP)
+    assert r is not None
+    feed_energy(r, mild(120), scale=10.0, energies=[energies[0]] * 120)
+    assert feed_energy(r, cs, scale=1.0, energies=energies)[-1] == DEFAULT_INITIAL_RADIUS, why
+    assert r.stalls == 0
+
+
+def test_the_stall_state_resumes_exactly() -> None:
+    def fresh() -> TrustRegion:
+        r = trust_region("adaptive", DEFAULT_KL_CLIP)
+        assert r is not None
+        return r
+
+    straight = fresh()
+    feed_energy(straight, mild(120), scale=10.0, energies=[1.0] * 120)
+    feed_energy(straight, mild(80), scale=1.0, energies=[1.0] * 80)
+    saved = straight.state_dict()
+    rest = feed_energy(straight, mild(200), scale=1.0, energies=[1.0] * 200)
+    resumed = fresh()
+    resumed.load_state_dict(saved)
+    assert feed_energy(resumed, mild(200), scale=1.0, energies=[1.0] * 200) == rest
+    assert resumed.stalls == straight.stalls > 0
+
+
 def test_too_short_steps_grow_the_radius_up_to_its_bound() -> None:
     r = region()
     radii = quadratic_walk(r, eta=0.01, steps=120)  # κ <= 0.08: c >= 0.92 on every step

@@ -450,7 +450,7 @@ class NaturalGradient:
                 nu = min(1.0, math.sqrt(bound / (lr**2 * g_dot_p)))
             if self._trust is not None and raw is not None:
                 taken = lr**2 * nu**2 * g_dot_p
-                self._trust.remember(self._block_params, raw, taken, nu < 1.0)
+                self._trust.remember(self._block_params, raw, taken, nu < 1.0, lr**2 * g_dot_p)
         self.stats["clipped_steps"] += nu < 1.0
         rho = None
         if adapt and closure is not None and live:
