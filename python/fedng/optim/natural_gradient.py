@@ -276,6 +276,11 @@ class NaturalGradient:
         return self._safety.stats
 
     @property
+    def trust(self) -> TrustRegion | None:
+        """The adaptive trust region (None under `trust="fixed"` or no `kl_clip`)."""
+        return self._trust
+
+    @property
     def representations(self) -> dict[str, FisherRepresentation]:
         """The own curvature's representations by kind (`local_curvature.reps`)."""
         return dict(self.local_curvature.reps)

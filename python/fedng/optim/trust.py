@@ -333,6 +333,36 @@ class TrustRegion:
         )
 
 
+_CARRIED: tuple[str, ...] = ("radius", "c", "m", "v", "n", "grown", "shrunk", "stalls")
+"""The scalar fields of `TrustRegion.state_dict` that `carried` packs, in order (then the six
+energy averages)."""
+
+
+def carried(region: TrustRegion) -> torch.Tensor:
+    """What of `region` outlives a run of steps (a FedNG client's rounds: the server moves the
+    model in between, so the previous step is dropped): float64 [14], see `resume`."""
+    state = region.state_dict()
+    head = [math.nan if state[k] is None else float(state[k]) for k in _CARRIED]
+    tail = [math.nan, *(float(v) for v in state["energy"][1:])]  # no step pending
+    return torch.tensor(head + tail, dtype=torch.float64)
+
+
+def resume(region: TrustRegion, state: torch.Tensor) -> None:
+    """Restores `carried(...)` into `region` (with no previous step to compare with).
+
+    Raises:
+        ValueError: `state` is not a `carried` vector.
+    """
+    values = state.detach().reshape(-1).tolist()
+    if len(values) != len(_CARRIED) + 6:
+        raise ValueError(f"{WHERE}: a carried trust state has {len(_CARRIED) + 6} entries")
+    loaded: dict[str, Any] = dict(zip(_CARRIED, values, strict=False))
+    loaded["c"] = None if math.isnan(loaded["c"]) else loaded["c"]
+    loaded["energy"] = values[len(_CARRIED) :]
+    loaded["prev"] = None
+    region.load_state_dict(loaded)
+
+
 def trust_region(mode: object, kl_clip: float | None) -> TrustRegion | None:
     """The trust region of `NaturalGradient(trust=mode, kl_clip=kl_clip)`: None when the bound
     is fixed (`mode="fixed"`) or there is none (`kl_clip` None).

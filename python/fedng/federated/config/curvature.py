@@ -190,6 +190,9 @@ class FedNGConfig(CurvatureConfig):
             probed blocks only; "bf16" by default: d is rounded to it before the server's own
             parts, so the search stays exact along the d sent, up to M's rounding).
         kl_clip: bound on the local natural-gradient step's KL estimate `lr^2 p.g` (0 = off).
+        carry_trust: the client keeps its adaptive trust radius (and the evidence behind it)
+            from one of its rounds to the next, in its `client_state` (never sent); off, every
+            round starts at its start radius.
         aggregation: "mean", "summable" (Fisher-weighted from sums only: clients also upload
             `F_k delta_k` and answer a two-scalars-per-layer line search; streams, works under
             secure aggregation) or "fisher" (the exact Fisher-weighted merge by CG); the
@@ -215,6 +218,7 @@ class FedNGConfig(CurvatureConfig):
     contrib_dtype: str = "bf16"
     probe_dtype: str = "bf16"
     kl_clip: float = 1e-3
+    carry_trust: bool = True
     aggregation: str = "summable"
     cg_iters: int = 10
     curvature_ema: float = 0.5
