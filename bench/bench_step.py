@@ -14,7 +14,11 @@ preconditioning forms, and n^3 per factor inverse / 10).
 Targets (issue 11): our K-FAC step <= 1.5x the SGD step on the MNIST-1D MLP and <= 1.8x on the
 1024-wide MLP (`ng-kfac`, kl_clip=None like the torch loop); `ng-kfac-klclip` is the same step
 with the default KL clip (and its finiteness checks), reported alongside; `ng-kfac-general` is
-`ng-kfac` without the fused K-FAC step (`fedng.optim.fused_kfac`), the before/after in one run.
+`ng-kfac` without the fused K-FAC step (`fedng.optim.fused_kfac`), the before/after in one run;
+`ng-kfac-f10` is `ng-kfac` with `factor_every=10` (factors updated on every 10th step, the setting
+KAISA's examples use; not the default), `ng-kfac-nowg` is `ng-kfac` with `NaturalGradient.backward`
+instead of `loss.backward()` (wide layers get their natural gradient from the batch rows, autograd
+forms no weight gradient for them), `ng-kfac-nowg-f10` both; all reported alongside.
 
 Threads: OpenBLAS worker threads busy-wait after every BLAS call for 2^28 cycles by default and
 then compete with torch's own threads for the two cores; unless the environment already says
@@ -53,6 +57,7 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")  # the
 # hooks on the first layer, whose input needs no gradient: expected, harmless
 
 STEPS = 10  # steps per timed sample = inverse_every
+FACTOR_EVERY = 10  # ng-kfac-f10's factor_every
 SLOW_S = 5.0  # a method whose warm-up sample takes longer is timed with a single sample
 DAMPING = 1e-3
 DECAY = 0.95
@@ -216,15 +221,34 @@ def block_shapes(wl: Workload) -> list[tuple[int, int, int, int]]:
     ]
 
 
+METHODS = (
+    "sgd",
+    "adam",
+    "ng-diag",
+    "ng-kfac",
+    "ng-kfac-klclip",
+    "ng-kfac-general",
+    "ng-kfac-f10",
+    "ng-kfac-nowg",
+    "ng-kfac-nowg-f10",
+    "ng-lowrank",
+    "kfac-torch-loop",
+)
+KFAC_METHODS = tuple(m for m in METHODS if "kfac" in m)
+
+
 def extra_flops(method: str, shapes: list[tuple[int, int, int, int]], rank: int) -> float:
     """Flops a method adds to an SGD step (per step, inverses amortized over STEPS)."""
     total = 0.0
     for m, n, rows, b in shapes:
         d = m * n
-        if method in ("ng-kfac", "ng-kfac-klclip", "ng-kfac-general", "kfac-torch-loop"):
-            total += rows * (n * (n + 1) + m * (m + 1))
+        if method in KFAC_METHODS:
+            every = FACTOR_EVERY if method.endswith("-f10") else 1
+            total += rows * (n * (n + 1) + m * (m + 1)) / every
             dense, batch = 2 * m * n * (m + n), 2 * rows * (m * m + n * n + m * n)
             total += dense if method == "kfac-torch-loop" else min(dense, batch)
+            if "-nowg" in method and batch < dense:  # autograd's weight gradient not formed
+                total -= 2 * rows * m * (n - 1)
             total += (n**3 + m**3) / STEPS
         elif method == "ng-diag":
             total += 2 * rows * d + 2 * d
@@ -239,6 +263,7 @@ def runner(
     opt: torch.optim.Optimizer,
     extra: Callable[[], None] | None,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
 ) -> Callable[[], None]:
     """STEPS training steps per call, cycling over pre-made batches."""
     cycle = itertools.cycle(batches)
@@ -247,7 +272,7 @@ def runner(
         for _ in range(STEPS):
             x, y = next(cycle)
             opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            backward(F.cross_entropy(model(x), y))
             if extra is not None:
                 extra()
             opt.step()
@@ -262,17 +287,7 @@ def methods(
     torch.manual_seed(0)
     base = wl.make()
     out: dict[str, Callable[[], None]] = {}
-    names = [
-        "sgd",
-        "adam",
-        "ng-diag",
-        "ng-kfac",
-        "ng-kfac-klclip",
-        "ng-kfac-general",
-        "ng-lowrank",
-        "kfac-torch-loop",
-    ]
-    for name in names:
+    for name in METHODS:
         if only and name not in only and name != "sgd":
             continue
         model = copy.deepcopy(base)
@@ -282,11 +297,13 @@ def methods(
             else torch.optim.SGD(model.parameters(), lr=LR)
         )
         extra: Callable[[], None] | None = None
+        backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
         if name.startswith("ng-"):
             clip = name.endswith("-klclip")  # the default KL clip and its finiteness checks
             ng = NaturalGradient(
                 model,
-                curvature=name[3:].removesuffix("-klclip").removesuffix("-general"),
+                curvature=name[3:].split("-")[0],
+                factor_every=FACTOR_EVERY if name.endswith("-f10") else 1,
                 damping=DAMPING,
                 curvature_decay=DECAY,
                 inverse_every=STEPS,
@@ -297,10 +314,12 @@ def methods(
             )
             if name.endswith("-general"):  # ng-kfac without the fused step (before/after)
                 ng._fused = None
+            if "-nowg" in name:  # NaturalGradient.backward: no weight gradients it can do without
+                backward = ng.backward
             extra = ng.step
         elif name == "kfac-torch-loop":
             extra = TorchLoopKFAC(model, DAMPING, DECAY, STEPS).step
-        out[name] = runner(model, opt, extra, batches)
+        out[name] = runner(model, opt, extra, batches, backward)
     return out
 
 
@@ -485,8 +504,8 @@ def main() -> int:
         "--methods",
         nargs="*",
         default=None,
-        help="subset of sgd adam ng-diag ng-kfac ng-kfac-klclip ng-kfac-general ng-lowrank"
-        " kfac-torch-loop",
+        help="subset of sgd adam ng-diag ng-kfac ng-kfac-klclip ng-kfac-general ng-kfac-f10"
+        " ng-kfac-nowg ng-kfac-nowg-f10 ng-lowrank kfac-torch-loop",
     )
     p.add_argument("--repeats", type=int, default=None, help="timed samples (7; 3 with --quick)")
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")

@@ -13,7 +13,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _tols import assert_close
+from fedng.optim.fused_kfac import FusedKFAC
 from fedng.optim.natural_gradient import NaturalGradient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 F64 = torch.float64
@@ -43,17 +47,27 @@ def run(
     model: nn.Module, fused: bool, steps: int, batch: int, **kw: Any
 ) -> tuple[list[torch.Tensor], NaturalGradient, int]:
     """Trains `steps` steps; returns the parameters, the optimizer and the fused calls made."""
+    params, ng, calls = train_as(model, "fused" if fused else "general", steps, batch, **kw)
+    return params, ng, len(calls)
+
+
+def train_as(
+    model: nn.Module, how: str, steps: int, batch: int, extra: Any = None, **kw: Any
+) -> tuple[list[torch.Tensor], NaturalGradient, list[int]]:
+    """Trains a copy of `model` `steps` steps with `ng.backward(loss)` (how="rows"), or
+    `loss.backward()` on the fused ("fused") or general ("general") path; `extra(model)` adds a
+    term to the loss. Returns the parameters, the optimizer and, per fused call, how many weight
+    gradients the step went without."""
     model = copy.deepcopy(model)
-    ng = NaturalGradient(model, lr=0.05, inverse_every=3, **kw)
-    calls = 0
-    if not fused:
+    ng = NaturalGradient(model, lr=0.05, **{"inverse_every": 3, **kw})
+    if how == "general":
         ng._fused = None
-    elif ng._fused is not None:
+    skipped: list[int] = []
+    if ng._fused is not None:
         inner = ng._fused.step
 
         def counted(*a: Any, **k: Any) -> Any:
-            nonlocal calls
-            calls += 1
+            skipped.append(len(a[8]) if len(a) >= 9 else 0)
             return inner(*a, **k)
 
         ng._fused.step = counted  # type: ignore[method-assign]
@@ -64,23 +78,40 @@ def run(
         x = torch.randn(batch, d_in, generator=g, dtype=F64)
         y = torch.randint(0, 3, (batch,), generator=g)
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        loss = F.cross_entropy(model(x), y)
+        if extra is not None:
+            loss = loss + extra(model)
+        if how == "rows":
+            ng.backward(loss)
+        else:
+            loss.backward()
         ng.step()
         opt.step()
-    return [p.detach().clone() for p in model.parameters()], ng, calls
+    return [p.detach().clone() for p in model.parameters()], ng, skipped
 
 
 def assert_same(
-    a: NaturalGradient, b: NaturalGradient, pa: list[torch.Tensor], pb: list[torch.Tensor]
+    a: NaturalGradient,
+    b: NaturalGradient,
+    pa: list[torch.Tensor],
+    pb: list[torch.Tensor],
+    trajectory: bool = False,
 ) -> None:
+    """Equal parameters, factors (1e-12) and inverses (1e-10), counters and trust state; with
+    `trajectory`, parameters and factors to the `kfac_trajectory` tolerance (tests/_tols.py)."""
+    close = (
+        (lambda x, y: assert_close(x, y, F64, "kfac_trajectory"))
+        if trajectory
+        else (lambda x, y: torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12))
+    )
     for x, y in zip(pa, pb, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+        close(x, y)
     ka, kb = a.local_curvature.reps["kfac"], b.local_curvature.reps["kfac"]
     assert ka.counts == kb.counts  # type: ignore[attr-defined]
     for x, y in zip(ka.A + ka.G, kb.A + kb.G, strict=True):  # type: ignore[attr-defined]
-        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+        close(x, y)
     for x, y in zip(ka.a_inv + ka.g_inv, kb.a_inv + kb.g_inv, strict=True):  # type: ignore[attr-defined]
-        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+        close(x, y) if trajectory else torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
     assert a.stats == b.stats
     assert a._batch_form == b._batch_form
     for k in ("kl_scale", "trust_radius", "damping"):
@@ -96,6 +127,8 @@ def assert_same(
         {"damping": 1e-3, "kl_clip": None},  # the bench's setting: absolute damping, unbounded
         {"damping": 1e-2, "trust": "fixed", "kl_clip": 1e-4, "curvature_decay": None},
         {"damping_mode": "factored"},
+        {"damping": 1e-3, "kl_clip": None, "factor_every": 2},  # steps without factor update
+        {"factor_every": 3, "inverse_every": 2},  # an inversion on a step without update
     ],
 )
 def test_fused_step_equals_the_general_step(kw: dict[str, Any]) -> None:
@@ -190,3 +223,163 @@ def test_resumed_optimizer_rebuilds_its_plan_on_the_loaded_factors() -> None:
     assert a._fused is not None and a._fused.plan() is not plans[0]
     assert a._fused.plan().matches(a._fused.kfac.A, a._fused.kfac.G)
     assert_same(a, b, pa, pb)
+
+
+# --- NaturalGradient.backward: wide layers preconditioned from their rows ----------------------
+
+
+def run_rows(
+    model: nn.Module, how: str, steps: int, batch: int, extra: Any = None, **kw: Any
+) -> tuple[list[torch.Tensor], NaturalGradient, list[int]]:
+    """`train_as` with kl_clip=None unless `kw` says otherwise (`NaturalGradient.backward`)."""
+    return train_as(model, how, steps, batch, extra, **{"kl_clip": None, **kw})
+
+
+WIDE = [7, 40, 30, 3]  # batch 6: the two hidden layers take the batch form, the head does not
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"damping": 1e-3},
+        {"damping": 1e-3, "factor_every": 2},
+        {},  # relative damping with its floor
+        {"damping_mode": "factored", "curvature_decay": None},
+    ],
+)
+def test_backward_without_weight_grads_equals_the_general_step(kw: dict[str, Any]) -> None:
+    model = mlp(WIDE)
+    pa, a, skipped = run_rows(model, "rows", 1, 6, **kw)
+    pb, b, _ = run_rows(model, "general", 1, 6, **kw)
+    assert skipped == [2]  # both hidden layers
+    assert_same(a, b, pa, pb)  # one step: equal to rounding
+    pa, a, skipped = run_rows(model, "rows", 4, 6, **kw)
+    pb, b, _ = run_rows(model, "general", 4, 6, **kw)
+    assert skipped == [2] * 4  # every step (crossing the inverse and factor cadences)
+    assert_same(a, b, pa, pb, trajectory=True)
+
+
+def test_backward_forms_the_weight_grads_a_step_needs() -> None:
+    """Weight decay in the loss (a second edge into a weight), the KL clip, and a batch too
+    large for the batch form: every weight gradient is formed, results unchanged."""
+    model = mlp(WIDE)
+    decay = lambda m: 1e-2 * m[0].weight.square().sum()  # noqa: E731
+    for extra, kw, batch, left in [
+        (decay, {"damping": 1e-3}, 6, [1] * 4),  # only the second hidden layer goes without
+        (None, {"damping": 1e-3, "kl_clip": 1e-3}, 6, [0] * 4),
+        (None, {"damping": 1e-3}, 64, [0] * 4),
+    ]:
+        pa, a, skipped = run_rows(model, "rows", 4, batch, extra, **kw)
+        pb, b, _ = run_rows(model, "general", 4, batch, extra, **kw)
+        assert skipped == left
+        assert_same(a, b, pa, pb, trajectory=True)
+
+
+def test_backward_weight_grads_formed_when_the_rows_do_not_explain_them() -> None:
+    """A bias term in the loss (the bias gradient is not the rows' column sums), and two
+    forward passes before one step (gradient accumulation): formed from the rows."""
+    model = mlp(WIDE)
+    bias_term = lambda m: 1e-1 * m[0].bias.sum()  # noqa: E731
+    pa, a, skipped = run_rows(model, "rows", 4, 6, bias_term, damping=1e-3)
+    pb, b, _ = run_rows(model, "general", 4, 6, bias_term, damping=1e-3)
+    assert skipped == [0] * 4
+    assert_same(a, b, pa, pb, trajectory=True)
+    grads = []
+    for how in ("rows", "general"):
+        m = copy.deepcopy(model)
+        ng = NaturalGradient(m, damping=1e-3, kl_clip=None)
+        if how == "general":
+            ng._fused = None
+        x = torch.randn(6, 7, generator=torch.Generator().manual_seed(3), dtype=F64)
+        y = torch.tensor([0, 1, 2, 0, 1, 2])
+        for half in (x[:3], x[3:]):
+            loss = F.cross_entropy(m(half), y[:3])
+            ng.backward(loss) if how == "rows" else loss.backward()
+        ng.step()
+        grads.append([p.grad.clone() for p in m.parameters()])  # type: ignore[union-attr]
+    for u, v in zip(*grads, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::fedng.errors.CurvatureWarning")
+def test_backward_skipped_step_and_failed_block() -> None:
+    """A NaN input skips the step (no weight gradient formed, all `.grad` None); an overflow
+    that makes a factor fail falls back with the gradients formed from the rows."""
+    model = mlp(WIDE)
+    results = []
+    for how in ("rows", "general"):
+        m = copy.deepcopy(model)
+        ng = NaturalGradient(m, damping=1e-3, kl_clip=None, inverse_every=1)
+        if how == "general":
+            ng._fused = None
+        g = torch.Generator().manual_seed(2)
+        for scale in (1.0, float("nan"), 1.0, 1e200, 1.0):
+            x = torch.randn(6, 7, generator=g, dtype=F64) * scale
+            y = torch.randint(0, 3, (6,), generator=g)
+            loss = F.cross_entropy(m(x), y)
+            ng.backward(loss) if how == "rows" else loss.backward()
+            ng.step()
+            results.append(
+                [None if p.grad is None else p.grad.clone() for p in m.parameters()]
+                + [ng.last["skipped"], ng.stats["reset_blocks"], ng.last["fallbacks"]]
+            )
+            m.zero_grad()
+    half = len(results) // 2
+    assert results[1][-3] is True and results[3][-2] == 1  # skipped; a block failed and reset
+    for u, v in zip(results[:half], results[half:], strict=True):
+        for s, t in zip(u, v, strict=True):
+            if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor):
+                torch.testing.assert_close(s, t, rtol=1e-10, atol=1e-12, equal_nan=True)
+            else:
+                assert s == t
+
+
+def test_backward_refuses_a_non_scalar_loss() -> None:
+    ng = NaturalGradient(mlp(WIDE), kl_clip=None)
+    with pytest.raises(ValueError, match="backward: 'loss' must be a scalar"):
+        ng.backward(torch.ones(2))
+
+
+@pytest.mark.parametrize("kw", [{}, {"damping": 1e-3, "kl_clip": None}])
+def test_large_batch_form_blocks_through_torch_equal_the_general_step(
+    kw: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block of at least `TORCH_MIN` entries taking the batch form is preconditioned with
+    torch's GEMM inside the fused step (probe, batch form, dot): same results as the general
+    path; a gradient the rows do not explain (weight decay in the loss) takes the dense form."""
+    big = 0
+    inner = FusedKFAC._precondition_big
+
+    def counted(self: FusedKFAC, rows: Any, i: int) -> float:
+        nonlocal big
+        big += 1
+        return inner(self, rows, i)
+
+    monkeypatch.setattr(FusedKFAC, "_precondition_big", counted)
+    model = mlp([7, 300, 260, 3])  # the 260 x 301 block: 78260 entries >= TORCH_MIN
+    decay = lambda m: 1e-2 * m[2].weight.square().sum()  # noqa: E731
+    for extra in (None, decay):
+        pa, a, calls = train_as(model, "fused", 4, 6, extra, **kw)
+        pb, b, _ = train_as(model, "general", 4, 6, extra, **kw)
+        assert len(calls) == 4
+        assert_same(a, b, pa, pb, trajectory=True)
+    assert big >= 4
+
+
+# The general path's probe (`KFAC._batch_rows`) reads a recorded input that requires grad.
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad=True")
+@settings(max_examples=15, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 40), min_size=2, max_size=4),
+    batch=st.integers(1, 12),
+    bias=st.booleans(),
+)
+def test_backward_on_ragged_mlps_equals_the_general_step(
+    widths: list[int], batch: int, bias: bool
+) -> None:
+    """Any widths and batch (layers with and without a bias, batch 1, layers too narrow for the
+    batch form): two steps with `ng.backward` equal two general steps."""
+    model = mlp(widths[:1] + widths[1:] + [3], bias=bias)
+    pa, a, _ = run_rows(model, "rows", 2, batch, damping=1e-3, inverse_every=1)
+    pb, b, _ = run_rows(model, "general", 2, batch, damping=1e-3, inverse_every=1)
+    assert_same(a, b, pa, pb, trajectory=True)

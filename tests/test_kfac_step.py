@@ -180,6 +180,74 @@ def test_plan_gives_the_op_bits(check: bool, monkeypatch: pytest.MonkeyPatch) ->
     assert plan.matches(a2, g2) and not plan.matches(a1, g2)
 
 
+@pytest.mark.parametrize("check", [False, True])
+def test_plan_skips_the_callers_layers(check: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers in `skip` are updated like the others but get no finiteness sum, no output and
+    dot 0; the other layers' results equal the op's on them alone (also under CHECK)."""
+    monkeypatch.setattr(trusted, "CHECK", check)
+    shapes = [(6, 5, 7, True), (3, 6, 7, False), (4, 3, 7, True)]
+    d = layers(shapes, F64, 2, True)
+    a1, g1 = [t.clone() for t in d["A"]], [t.clone() for t in d["G"]]
+    outs = [torch.full((m, k + b), 7.0, dtype=F64) for m, k, _, b in shapes]
+    d["W"][1].fill_(float("nan"))  # the skipped layer's gradient is never read
+    plan = KfacStepPlan(a1, g1, d["W"], outs, d["u"], d["v"], [True, False, True])
+    kw = {"decay": [0.5] * 3, "a_scale": [0.25] * 3, "g_scale": [2.0] * 3}
+    plan(d["x"], d["g"], **kw, update=True, inverses=None, check_finite=True, skip=(1,))
+    sums = plan.sums.tolist()
+    assert math.isfinite(sum(sums[:3])) and sums[1] == 0.0
+    a2, g2 = [t.clone() for t in d["A"]], [t.clone() for t in d["G"]]
+    ops.kfac_step(d["x"], d["g"], bias=[True, False, True], a_factors=a2, g_factors=g2, **kw)  # type: ignore[arg-type]
+    assert all(torch.equal(x, y) for x, y in zip(a1 + g1, a2 + g2, strict=True))
+    zeros = [0.0] * 3
+    plan(d["x"], d["g"], zeros, zeros, zeros, update=False, inverses=(d["Ai"], d["Gi"]), skip=(1,))
+    assert torch.equal(outs[1], torch.full_like(outs[1], 7.0)) and plan.sums[4] == 0.0
+    keep = [0, 2]
+    res = ops.kfac_step(
+        [d["x"][i] for i in keep],
+        [d["g"][i] for i in keep],
+        bias=[True, True],
+        **{k: [v[i] for i in keep] for k, v in precondition_kw(d).items()},  # type: ignore[arg-type]
+    )
+    assert res.outs is not None
+    for j, i in enumerate(keep):
+        assert torch.equal(res.outs[j], outs[i]) and plan.sums[3 + i] == res.dots[j]
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    shapes=SHAPES,
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+    mask=st.lists(st.booleans(), min_size=4, max_size=4),
+)
+def test_plan_skip_matches_the_reference(
+    shapes: list[tuple[int, int, int, bool]], dtype: torch.dtype, seed: int, mask: list[bool]
+) -> None:
+    """Ragged layers, any subset skipped: every factor updated as the reference does, the
+    others' outputs equal to the reference's, the skipped ones' outputs untouched."""
+    d = layers(shapes, dtype, seed, True)
+    count = len(shapes)
+    skip = tuple(i for i in range(count) if mask[i])
+    bias = [s[3] for s in shapes]
+    decay, a_scale, g_scale = [0.9] * count, [0.5] * count, [2.0] * count
+    want_a, want_g, want_p = reference.kfac_step_ref(
+        d["x"], d["g"], bias, d["A"], d["G"], decay, a_scale, g_scale, d["W"], d["Ai"], d["Gi"]
+    )
+    a, gf = [t.clone() for t in d["A"]], [t.clone() for t in d["G"]]
+    outs = [torch.full((m, k + b), 3.0, dtype=dtype) for m, k, _, b in shapes]
+    plan = KfacStepPlan(a, gf, d["W"], outs, d["u"], d["v"], bias)
+    inv = (d["Ai"], d["Gi"])
+    plan(d["x"], d["g"], decay, a_scale, g_scale, update=True, inverses=inv, skip=skip)
+    for got, want in zip(a + gf, want_a + want_g, strict=True):
+        assert_close(got, want, dtype, "kron_accumulate")
+    for i, (got, want) in enumerate(zip(outs, want_p or [], strict=True)):
+        if i in skip:
+            assert bool((got == 3.0).all()) and plan.sums[count + i] == 0.0
+        else:
+            scale = 10 * float(want.abs().max()) if want.numel() else 1.0
+            assert_close(got, want, dtype, "kron_precondition", scale=scale)
+
+
 def test_bad_input_is_refused() -> None:
     d = layers([(3, 4, 5, True)], F64, 3, True)
     with pytest.raises(ValueError, match="'bias' must hold 1 bools"):

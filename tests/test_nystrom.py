@@ -189,3 +189,51 @@ def test_torch_dispatch_matches_the_kernel(
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         nystrom([ys[0], bad], oms)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("k", "gram"), [(64, True), (6, False)])
+def test_torch_path_gram_and_svd_match_reference(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, k: int, gram: bool
+) -> None:
+    """The torch path factors B through its Gram matrix when B is well conditioned (full-rank F,
+    k > r) and through the thin SVD otherwise (exact rank k < r leaves sigma_min^2 ~ the shift):
+    both give an orthonormal U and the float64 reference's U S U^T and S."""
+    mod = sys.modules["fedng.ops.nystrom"]
+    monkeypatch.setattr(mod, "TORCH_MIN_DRR", 0)
+    took: list[bool] = []
+    gram_svd = mod._gram_svd
+
+    def spy(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        res = gram_svd(b)
+        took.append(res is not None)
+        return res
+
+    monkeypatch.setattr(mod, "_gram_svd", spy)
+    d, r = 300, 16
+    gen = torch.Generator().manual_seed(k)
+    j = _rand(gen, torch.float64, k, d) / torch.arange(1, k + 1, dtype=torch.float64)[:, None]
+    om = gaussian_sketch_matrix(d, r, seed=k, dtype=dtype)
+    y = (j.T @ (j @ om.double())).to(dtype)
+    (u,), (s,), shift = nystrom([y], [om])
+    assert took == [gram]
+    _check_structure(u, s, dtype)
+    ((u_ref, s_ref),) = reference.nystrom_ref([y], [om], [shift.item()])
+    assert_close(s, s_ref, dtype, OP)
+    assert_close(_recon(u, s), _recon(u_ref, s_ref), dtype, OP)
+
+
+@pytest.mark.parametrize("where", ["sketches", "omegas"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("shift", [None, 0.0])
+def test_torch_path_non_finite_raises(
+    monkeypatch: pytest.MonkeyPatch, where: str, value: float, shift: float | None
+) -> None:
+    """The torch path has no finiteness pass of its own: a NaN/Inf sketch shows in its norm, a
+    NaN/Inf omega in Omega^T Y_nu (also with shift 0 and a zero row of Y); both raise."""
+    monkeypatch.setattr(sys.modules["fedng.ops.nystrom"], "TORCH_MIN_DRR", 0)
+    _, om, y = _sketch_of_rank(40, 6, 8, torch.float32, seed=9)
+    y[7] = 0.0
+    (y if where == "sketches" else om)[7, 3] = value
+    with pytest.raises(ValueError, match=rf"{OP}.*sketches \[0\]"):
+        nystrom([y], [om], shift=shift)

@@ -118,7 +118,9 @@ void kfac_step(DType dtype, const Ptrs& inputs, const Ptrs& output_grads, const 
     const std::int64_t k = n[i] - bias[i];
     for (std::int64_t v : {m[i] * m[i], n[i] * n[i], rows[i] * m[i], rows[i] * k, m[i] * n[i]})
       blas_int(op, v);
-    const bool upd = update_factors != 0, pre = precondition != 0 && m[i] > 0 && n[i] > 0;
+    // A layer without grads and outs is the caller's to precondition (update only here).
+    const bool own = grads[i] != 0 || outs[i] != 0;
+    const bool upd = update_factors != 0, pre = precondition != 0 && own && m[i] > 0 && n[i] > 0;
     const bool rows_needed = (upd || (pre && batch_cheaper(rows[i], m[i], n[i]))) && rows[i] > 0;
     if (upd && ((a_factors[i] == 0 && n[i] > 0) || (g_factors[i] == 0 && m[i] > 0)))
       fail(op, "a null pointer among the factors");
@@ -142,6 +144,7 @@ void kfac_step(DType dtype, const Ptrs& inputs, const Ptrs& output_grads, const 
       // A step with a non-finite gradient changes nothing (the caller skips it).
       bool finite = true;
       for (std::size_t i = 0; i < count; ++i) {
+        if (grads[i] == 0 && outs[i] == 0) continue;  // the caller's layer
         if (m[i] * n[i] > 0 && grads[i] == 0) fail(op, "a null pointer among the grads");
         sums[i] = wide_dot(as<const T>(grads[i]), static_cast<const T*>(nullptr), m[i] * n[i]);
         finite = finite && std::isfinite(sums[i]);
@@ -159,7 +162,7 @@ void kfac_step(DType dtype, const Ptrs& inputs, const Ptrs& output_grads, const 
         update(x, g, as<T>(a_factors[i]), as<T>(g_factors[i]), b, k, mi, has_bias, decay[i],
                a_scale[i], g_scale[i]);
       if (precondition == 0) return;
-      if (mi == 0 || ni == 0) {
+      if ((mi == 0 || ni == 0) || (grads[i] == 0 && outs[i] == 0)) {
         sums[count + i] = 0.0;
         return;
       }

@@ -10,7 +10,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <type_traits>
+#include <utility>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // Built twice by CMake: FEDNG_ISA=avx2 with -march=x86-64-v3, FEDNG_ISA=baseline without;
 // small_spd_dispatch.cpp picks one at load time.
@@ -154,6 +161,88 @@ inline void lane_dot4(const V* a, const V* b0, const V* b1, const V* b2, const V
   out[3] = s3;
 }
 
+// ---- Lane <-> matrix transposes. Moving data between L matrices and the interleaved storage
+// is an L x L transpose per block of L entries; done with scalar moves it cost more than the
+// three O(n^3) phases together (n <= 64). Butterfly transpose: log2(L) stages of two-source
+// shuffles, after which row i holds what column i held.
+
+// Stage with distance S on rows x = rows[i], y = rows[i + S] (bit S of i clear): entries whose
+// row and column differ in bit S swap places with the entry that has both bits flipped.
+template <class V, int L, int S, std::size_t... J>
+inline void butterfly(V& x, V& y, std::index_sequence<J...>) {
+  const V lo = __builtin_shufflevector(x, y, ((J & S) ? L + J - S : J)...);
+  const V hi = __builtin_shufflevector(x, y, ((J & S) ? L + J : J + S)...);
+  x = lo;
+  y = hi;
+}
+
+template <class V, int L, int S>
+inline void transpose_stage(V* rows) {
+  if constexpr (S >= 1) {
+#pragma GCC unroll 16
+    for (int i = 0; i < L; ++i)
+      if (!(i & S)) butterfly<V, L, S>(rows[i], rows[i + S], std::make_index_sequence<L>{});
+    transpose_stage<V, L, S / 2>(rows);
+  }
+}
+
+// rows[i][j] <- rows[j][i] for an L x L block held as L vectors.
+template <class V, int L>
+inline void transpose_block(V* rows) {
+  transpose_stage<V, L, L / 2>(rows);
+}
+
+// The first `cnt` (1..L) elements of src, zeros after them (never reads past src + cnt).
+template <class V, class T, int L>
+inline V load_first(const T* src, int cnt) {
+  V v;
+  if (cnt == L) {
+    std::memcpy(&v, src, sizeof(V));
+    return v;
+  }
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) {
+    const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1u);
+    if constexpr (std::is_same_v<T, float>) {
+      const __m512 r = _mm512_maskz_loadu_ps(m, src);
+      std::memcpy(&v, &r, sizeof(V));
+    } else {
+      const __m512d r = _mm512_maskz_loadu_pd(static_cast<__mmask8>(m), src);
+      std::memcpy(&v, &r, sizeof(V));
+    }
+    return v;
+  }
+#endif
+  v = V{};
+  for (int k = 0; k < cnt; ++k) v[k] = src[k];
+  return v;
+}
+
+// Stores the first `cnt` (1..L) elements of v at dst (never writes past dst + cnt).
+template <class V, class T, int L>
+inline void store_first(T* dst, const V& v, int cnt) {
+  if (cnt == L) {
+    std::memcpy(dst, &v, sizeof(V));
+    return;
+  }
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) {
+    const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1u);
+    if constexpr (std::is_same_v<T, float>) {
+      __m512 r;
+      std::memcpy(&r, &v, sizeof(V));
+      _mm512_mask_storeu_ps(dst, m, r);
+    } else {
+      __m512d r;
+      std::memcpy(&r, &v, sizeof(V));
+      _mm512_mask_storeu_pd(dst, static_cast<__mmask8>(m), r);
+    }
+    return;
+  }
+#endif
+  for (int k = 0; k < cnt; ++k) dst[k] = v[k];
+}
+
 template <class T>
 inline unsigned lane_inverse(const T* const* in, T* const* out, const double* lambda, int count,
                              int n) {
@@ -163,16 +252,30 @@ inline unsigned lane_inverse(const T* const* in, T* const* out, const double* la
   V* a = reinterpret_cast<V*>(scratch<T>((2 * tri + n) * L));
   V* x = a + tri;
   V* rinv = x + tri;
-  // Interleave the lower triangles; missing lanes get the identity so they stay harmless.
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j <= i; ++j) {
-      V v;
-      for (int l = 0; l < L; ++l)
-        v[l] = l < count ? in[l][static_cast<std::size_t>(i) * n + j] : T(i == j);
-      if (i == j)
-        for (int l = 0; l < count; ++l) v[l] += static_cast<T>(lambda[l]);
-      a[packed(i, j)] = v;
+  // Interleave the lower triangles, L columns of a row at a time: lane l's row segment becomes
+  // vector l of a block, transposed into one vector per column. Missing lanes get the identity
+  // so they stay harmless.
+  for (int i = 0; i < n; ++i) {
+    for (int j0 = 0; j0 <= i; j0 += L) {
+      const int cnt = i + 1 - j0 < L ? i + 1 - j0 : L;
+      V blk[L];
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l) {
+        if (l < count) {
+          blk[l] = load_first<V, T, L>(in[l] + static_cast<std::size_t>(i) * n + j0, cnt);
+        } else {
+          blk[l] = V{};
+          if (i - j0 < L) blk[l][i - j0] = T(1);
+        }
+      }
+      transpose_block<V, L>(blk);
+      V* dst = a + packed(i, j0);
+      for (int k = 0; k < cnt; ++k) dst[k] = blk[k];
     }
+    V d = a[packed(i, i)];
+    for (int l = 0; l < count; ++l) d[l] += static_cast<T>(lambda[l]);
+    a[packed(i, i)] = d;
+  }
   unsigned bad = 0;
   // Cholesky, left-looking by columns: L(j, j) = sqrt(A(j, j) - L(j, :j) . L(j, :j)), then
   // L(i, j) = (A(i, j) - L(i, :j) . L(j, :j)) / L(j, j) for every i > j. The dots of one column
@@ -260,16 +363,20 @@ inline unsigned lane_inverse(const T* const* in, T* const* out, const double* la
       }
     }
   }
-  // One output matrix at a time, row by row (contiguous stores into an L1-resident matrix):
-  // scattering each vector to all lanes' outputs, a column of each included, was store-bound.
-  const T* res = reinterpret_cast<const T*>(a);
-  for (int l = 0; l < count; ++l) {
-    T* o = out[l];
-    for (int i = 0; i < n; ++i) {
-      T* oi = o + static_cast<std::size_t>(i) * n;
-      const T* ri = res + packed(i, 0) * L + l;
-      for (int j = 0; j <= i; ++j) oi[j] = ri[static_cast<std::size_t>(j) * L];
-      for (int j = i + 1; j < n; ++j) oi[j] = res[packed(j, i) * L + l];
+  // Back to the matrices, L columns of a row at a time: the vectors of entries (i, j0..j0+L-1)
+  // (from either triangle) transposed give each lane's row segment, stored contiguously.
+  for (int i = 0; i < n; ++i) {
+    for (int j0 = 0; j0 < n; j0 += L) {
+      const int cnt = n - j0 < L ? n - j0 : L;
+      V blk[L];
+#pragma GCC unroll 16
+      for (int k = 0; k < L; ++k) {
+        const int j = j0 + k < n ? j0 + k : n - 1;  // past the end: any valid entry (unused)
+        blk[k] = j <= i ? a[packed(i, j)] : a[packed(j, i)];
+      }
+      transpose_block<V, L>(blk);
+      for (int l = 0; l < count; ++l)
+        store_first<V, T, L>(out[l] + static_cast<std::size_t>(i) * n + j0, blk[l], cnt);
     }
   }
   for (int l = 0; l < count; ++l)

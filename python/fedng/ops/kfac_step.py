@@ -17,6 +17,7 @@ buffers that live across steps once and then passes pointers only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -236,6 +237,7 @@ class KfacStepPlan:
         self._zeros = [0] * count
         self._inv: tuple[list[int], list[int]] = (self._zeros, self._zeros)
         self._inv_held: list[torch.Tensor] = []
+        self._skip_ptrs: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
         self.form = torch.zeros(count, dtype=torch.int8)
         self.sums = torch.zeros(2 * count, dtype=torch.float64)
         """After a call: the gradient sums (with `check_finite`), then `<outs_i, grads_i>`."""
@@ -258,13 +260,15 @@ class KfacStepPlan:
         update: bool,
         inverses: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
         check_finite: bool = False,
+        skip: tuple[int, ...] = (),
     ) -> None:
         """Updates the factors (if `update`), then preconditions `grads` into `outs` with
         `inverses` = (A^-1 list, G^-1 list) if given; with `check_finite`, nothing happens
-        unless every gradient sums to a finite value (see `sums`)."""
+        unless every gradient sums to a finite value (see `sums`). Layers in `skip` (sorted)
+        are updated only: no sum, no output (their dot reads 0)."""
         if trusted.CHECK:
             self._checked(
-                inputs, output_grads, decay, a_scale, g_scale, update, inverses, check_finite
+                inputs, output_grads, decay, a_scale, g_scale, update, inverses, check_finite, skip
             )
             return
         if inverses is not None:
@@ -276,18 +280,21 @@ class KfacStepPlan:
                 self._inv_held = inverses[0] + inverses[1]
                 self._inv = (v.ptrs(inverses[0]), v.ptrs(inverses[1]))
         p, zeros = self._ptrs, self._zeros
+        grads, outs = p["grads"], p["outs"]
+        if skip:
+            grads, outs = self._skipping(skip)
         _backend.native.kfac_step(
             dtype=self.code,
             inputs=[t.data_ptr() for t in inputs],
             output_grads=[t.data_ptr() for t in output_grads],
-            grads=p["grads"],
+            grads=grads,
             a_inv=self._inv[0] if inverses is not None else zeros,
             g_inv=self._inv[1] if inverses is not None else zeros,
             probe_u=p["probe_u"],
             probe_v=p["probe_v"],
             a_factors=p["a_factors"] if update else zeros,
             g_factors=p["g_factors"] if update else zeros,
-            outs=p["outs"],
+            outs=outs,
             m=self.m,
             n=self.n,
             rows=[t.shape[0] for t in inputs],
@@ -303,6 +310,18 @@ class KfacStepPlan:
             nthreads=_backend.num_threads(),
         )
 
+    def _skipping(self, skip: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """The grads and outs pointers with null at the skipped layers (cached per `skip`)."""
+        got = self._skip_ptrs.get(skip)
+        if got is None:
+            p = self._ptrs
+            got = (
+                [0 if i in skip else q for i, q in enumerate(p["grads"])],
+                [0 if i in skip else q for i, q in enumerate(p["outs"])],
+            )
+            self._skip_ptrs[skip] = got
+        return got
+
     def _checked(
         self,
         inputs: list[torch.Tensor],
@@ -313,26 +332,55 @@ class KfacStepPlan:
         update: bool,
         inverses: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
         check_finite: bool,
+        skip: tuple[int, ...] = (),
     ) -> None:
-        """The same call through the validating op (results copied into `outs`)."""
-        res = kfac_step(
-            inputs,
-            output_grads,
-            bias=self.bias,
-            a_factors=self.factors[0] if update else None,
-            g_factors=self.factors[1] if update else None,
-            decay=decay,
-            a_scale=a_scale,
-            g_scale=g_scale,
-            grads=None if inverses is None and not check_finite else self.grads,
-            a_inv=None if inverses is None else inverses[0],
-            g_inv=None if inverses is None else inverses[1],
-            probe_u=None if inverses is None else self.probes[0],
-            probe_v=None if inverses is None else self.probes[1],
-            check_finite=check_finite,
+        """The same call through the validating op (results copied into `outs`): the layers
+        not skipped in one call, then (unless it stopped) the skipped ones' update."""
+        keep = [i for i in range(len(self.m)) if i not in skip]
+
+        def sub(items: Sequence[object], idx: list[int]) -> list:  # type: ignore[type-arg]
+            return [items[i] for i in idx]
+
+        count = len(self.m)
+        form, sums = [0] * count, [0.0] * count + [math.nan] * count
+        for i in skip:
+            sums[count + i] = 0.0 if inverses is not None else math.nan
+        res = (
+            None
+            if not keep
+            else kfac_step(
+                sub(inputs, keep),
+                sub(output_grads, keep),
+                bias=sub(self.bias, keep),
+                a_factors=sub(self.factors[0], keep) if update else None,
+                g_factors=sub(self.factors[1], keep) if update else None,
+                decay=sub(decay, keep),
+                a_scale=sub(a_scale, keep),
+                g_scale=sub(g_scale, keep),
+                grads=None if inverses is None and not check_finite else sub(self.grads, keep),
+                a_inv=None if inverses is None else sub(inverses[0], keep),
+                g_inv=None if inverses is None else sub(inverses[1], keep),
+                probe_u=None if inverses is None else sub(self.probes[0], keep),
+                probe_v=None if inverses is None else sub(self.probes[1], keep),
+                check_finite=check_finite,
+            )
         )
-        self.form.copy_(torch.tensor(res.form, dtype=torch.int8))
-        self.sums.copy_(torch.tensor(res.grad_sums + res.dots, dtype=torch.float64))
-        if res.outs is not None:
-            for o, r in zip(self.outs, res.outs, strict=True):
-                o.copy_(r)
+        if res is not None:
+            for j, i in enumerate(keep):
+                form[i], sums[i], sums[count + i] = res.form[j], res.grad_sums[j], res.dots[j]
+            for j, i in enumerate(keep if res.outs is not None else []):
+                self.outs[i].copy_(res.outs[j])  # type: ignore[index]
+        self.form.copy_(torch.tensor(form, dtype=torch.int8))
+        self.sums.copy_(torch.tensor(sums, dtype=torch.float64))
+        stopped = check_finite and not math.isfinite(sum(sums[:count]))
+        if skip and update and not stopped:
+            kfac_step(
+                sub(inputs, list(skip)),
+                sub(output_grads, list(skip)),
+                bias=sub(self.bias, list(skip)),
+                a_factors=sub(self.factors[0], list(skip)),
+                g_factors=sub(self.factors[1], list(skip)),
+                decay=sub(decay, list(skip)),
+                a_scale=sub(a_scale, list(skip)),
+                g_scale=sub(g_scale, list(skip)),
+            )

@@ -15,16 +15,18 @@ from fedng.ops.damped_cholesky_inverse import CholeskyStatus
 OP = "nystrom"
 
 TORCH_MIN_DRR = 1 << 17
-"""Matrices with `d * r * r` at least this go through the same algorithm in torch ops instead of
-the kernel. Measured (1 thread, CPU time, `bench_nystrom`'s torch way against the kernel; the
-kernel's thin SVD is OpenBLAS's LAPACK, torch's is its own): d=256: r=8 1.45x (kernel faster),
-r=32 0.92x; d=1024: r=8 2.30x, r=32 0.54x; d=4096: r=8 0.43x, r=32 0.42x; d=16384: 0.43x,
-0.32x; d=65536: 0.38x, 0.57x. The crossover lies between d r^2 = 65,536 (kernel 2.3x faster)
-and 262,144 (torch 1.1-2.3x faster)."""
+"""Matrices with `d * r * r` at least this go through the same stable Nystrom in torch ops instead
+of the kernel (`_torch_one`: torch's GEMMs and the Gram-matrix SVD; the kernel's thin SVD is
+OpenBLAS's LAPACK). Measured (1 thread, CPU time per matrix, kernel / torch path): d r^2 = 16,384
+(d=64, r=16; d=256, r=8) 0.30-0.40; 65,536 (d=256, r=16; d=1024, r=8) 0.58-0.83; 262,144 (d=256,
+r=32; d=1024, r=16; d=4096, r=8) 1.04-2.02. The crossover lies between 65,536 and 262,144."""
 
 _EPS64 = 2.220446049250313e-16
 _SHIFT_TRIES = 16
 _MAX_REL_SHIFT = 1e-5
+_GRAM_MIN_RATIO = {torch.float32: 1e-6, torch.float64: 1e-12}
+"""`_gram_svd` takes the SVD instead when sigma_min^2 / sigma_max^2 falls below this: the Gram
+matrix's rounding (eps x sigma_max^2) would then be a large part of sigma_min^2."""
 
 
 class NystromApprox(NamedTuple):
@@ -120,26 +122,78 @@ def nystrom(
 def _torch_one(
     y: torch.Tensor, om: torch.Tensor, shift: float
 ) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """The kernel's algorithm (shift, escalation, thin SVD) in torch ops, for large matrices
-    (see `TORCH_MIN_DRR`); None where the kernel would report FAILED."""
-    if not (bool(torch.isfinite(y).all()) and bool(torch.isfinite(om).all())):
-        return None
+    """The kernel's algorithm (shift, escalation, SVD of B) in torch ops, for large matrices
+    (see `TORCH_MIN_DRR`); None where the kernel would report FAILED. B's SVD comes from its
+    Gram matrix where B is well conditioned (`_gram_svd`), else from the thin SVD.
+
+    No separate finiteness passes (`isfinite(...).all()` on a [d, r] input cost a quarter of the
+    SVD): Y is finite exactly when its norm is (squares of float32 values cannot overflow
+    float64; a float32 norm that overflows is redone in float64), and a non-finite Omega makes
+    `Omega^T Y_nu` non-finite (an Inf or NaN entry of Omega column j meets its own or Y's row in
+    the diagonal term (j, j)), which is checked on that r x r matrix.
+    """
     d = y.shape[0]
-    norm = float(torch.linalg.vector_norm(y, dtype=torch.float64))
+    norm = float(torch.linalg.vector_norm(y))
+    if not math.isfinite(norm) and y.dtype != torch.float64:
+        norm = float(torch.linalg.vector_norm(y, dtype=torch.float64))
+    if not math.isfinite(norm):
+        return None
     nu = shift if shift >= 0 else math.sqrt(d) * _EPS64 * norm
     if nu == 0.0 and norm == 0.0:
         nu = _EPS64  # a zero sketch: the shift alone keeps C invertible
     max_nu = max(nu, _MAX_REL_SHIFT * math.sqrt(d) * norm)
     for t in range(_SHIFT_TRIES):
-        y_nu = y + nu * om
+        y_nu = torch.add(y, om, alpha=nu)  # one pass, no temporary nu * Omega
         c = om.T @ y_nu
+        if t == 0 and not bool(torch.isfinite(c).all()):
+            return None  # Omega is not finite
         low, info = torch.linalg.cholesky_ex((c + c.T) / 2)
         if int(info) == 0:
             break
         nu = nu * 10.0 if nu > 0 else _EPS64
         if t == _SHIFT_TRIES - 1 or nu > max_nu:
             return None
-    b = torch.linalg.solve_triangular(low.T, y_nu, upper=True, left=False)  # Y_nu L^-T
-    u, sv, _ = torch.linalg.svd(b, full_matrices=False)
-    s = (sv.double().square() - nu).clamp_(min=0.0).to(y.dtype)
-    return u.contiguous(), s, nu
+    # B = Y_nu L^-T by a GEMM with L^-1 (r x r, inverted in float64): a [d, r] triangular solve
+    # runs at a fraction of GEMM speed.
+    low64 = low.double()
+    eye = torch.eye(low.shape[0], dtype=torch.float64)
+    b = y_nu @ torch.linalg.solve_triangular(low64, eye, upper=False).T.to(y.dtype)
+    fast = _gram_svd(b)
+    if fast is not None:
+        u, sv2 = fast
+    else:
+        u, sv, _ = torch.linalg.svd(b, full_matrices=False)
+        u, sv2 = u.contiguous(), sv.double().square()
+    s = (sv2 - nu).clamp_(min=0.0).to(y.dtype)
+    return u, s, nu
+
+
+def _gram_svd(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Left singular vectors and squared singular values of a tall B [d, r] from its Gram matrix.
+
+    `B^T B = V diag(sigma^2) V^T` (an r x r eigenproblem in float64), `U1 = B V sigma^-1`, then one
+    CholeskyQR pass `U = U1 R^-1` with `U1^T U1 = R^T R` restores orthonormality lost to rounding.
+    Five [d, r] GEMMs instead of a thin SVD (several times slower at r = 32). None when B is too
+    ill-conditioned for the Gram matrix (the caller then takes the SVD): sigma_min^2 below
+    `_GRAM_MIN_RATIO` of sigma_max^2 in the dtype's precision, or U1 far from orthonormal.
+
+    Returns:
+        (U [d, r] contiguous, sigma^2 [r] float64), both by decreasing sigma.
+    """
+    r = b.shape[1]
+    g = (b.T @ b).double()
+    lam, v = torch.linalg.eigh((g + g.T) / 2)  # ascending
+    lam, v = lam.flip(0), v.flip(1)
+    if not bool(lam[-1] > _GRAM_MIN_RATIO[b.dtype] * lam[0]):
+        return None
+    u1 = b @ (v / lam.sqrt()).to(b.dtype)
+    g2 = (u1.T @ u1).double()
+    eye = torch.eye(r, dtype=torch.float64)
+    if not bool((g2 - eye).abs().max() < 0.5):
+        return None
+    rt, info = torch.linalg.cholesky_ex((g2 + g2.T) / 2)  # g2 = rt rt^T, rt lower
+    if int(info) != 0:
+        return None
+    # U = U1 R^-1 with R = rt^T: U1 @ (rt^-1)^T.
+    u = u1 @ torch.linalg.solve_triangular(rt, eye, upper=False).T.to(b.dtype)
+    return u, lam

@@ -61,6 +61,9 @@ class FlatGrads:
         self._g_parts: list[torch.Tensor] | None = None
         self._p_parts: list[torch.Tensor] | None = None
         self._src: list[torch.Tensor] = []
+        self._fresh: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (block, weight, part)
+        self._given: dict[int, torch.Tensor] = {}
+        self._dst: list[torch.Tensor] = []  # the output parts `write_back` copies into `_src`
 
     def _parts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self._g_parts is None or self._p_parts is None:
@@ -73,26 +76,76 @@ class FlatGrads:
             self._g_parts, self._p_parts = g_parts, p_parts
         return self._g_parts, self._p_parts
 
-    def gather(self) -> list[torch.Tensor] | None:
+    def gather(self, skip: Sequence[int] = ()) -> list[torch.Tensor] | None:
         """Copies every block's gradient into `grads` (one batched copy) and returns `grads`;
-        None (nothing copied) when some block's parameters have no gradient."""
+        None (nothing copied) when some block's parameters have no gradient.
+
+        Blocks in `skip` (Linear blocks with a bias whose weight gradient was not formed, see
+        `NaturalGradient.backward`) gather their bias column only: the rest of their view is
+        stale, and `write_back` gives their weight a new `.grad`."""
+        if skip:
+            return self._gather_skipping(set(skip))
         src: list[torch.Tensor] = []
         for b in self.blocks:
             if not b.param_grads(src):
                 return None
         if src:
             torch._foreach_copy_(self._parts()[0], src)
-        self._src = src
+        self._src, self._fresh, self._given = src, [], {}
+        self._dst = self._parts()[1]
+        return self.grads
+
+    def _gather_skipping(self, skip: set[int]) -> list[torch.Tensor] | None:
+        src: list[torch.Tensor] = []
+        g_dst: list[torch.Tensor] = []
+        p_src: list[torch.Tensor] = []
+        fresh: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        for i, (b, gv, pv) in enumerate(zip(self.blocks, self.grads, self.outs, strict=True)):
+            if i in skip:
+                bg = None if b.bias is None else b.bias.grad
+                if bg is None or b.weight.grad is not None:
+                    return None
+                src.append(bg)
+                g_dst.append(gv[:, -1])
+                p_src.append(pv[:, -1])
+                fresh.append((i, b.weight, pv[:, :-1]))
+                continue
+            grads: list[torch.Tensor] = []
+            if not b.param_grads(grads):
+                return None
+            src += grads
+            b.grad_pairs(gv, [], g_dst)
+            b.grad_pairs(pv, [], p_src)
+        if src:
+            torch._foreach_copy_(g_dst, src)
+        self._src, self._dst, self._fresh, self._given = src, p_src, fresh, {}
         return self.grads
 
     def write_back(self, scale: float) -> None:
         """Copies every block's output (times `scale`, unless 1) into the gradients gathered by
-        the last `gather`."""
+        the last `gather` (a skipped weight gets its part of the output as a new `.grad`)."""
         if scale != 1.0:
             self.p_flat.mul_(scale)
         if self._src:
-            torch._foreach_copy_(self._src, self._parts()[1])
-        self._src = []  # no reference to this step's gradients beyond the step
+            torch._foreach_copy_(self._src, self._dst)
+        for i, w, part in self._fresh:
+            given = self._given.get(i)
+            if given is not None:  # the output part, already a tensor of its own
+                w.grad = given if scale == 1.0 else given.mul_(scale)
+            else:
+                w.grad = part.to(w.dtype, copy=True, memory_format=torch.contiguous_format)
+        self._src, self._fresh, self._given = [], [], {}  # nothing of this step kept
+
+    def give(self, i: int, weight_grad: torch.Tensor) -> None:
+        """Block i's weight part of the output as a tensor of its own [m, n - 1] (the weight's
+        dtype, contiguous): `write_back` makes it the skipped weight's `.grad` without a copy.
+        Its view of `outs` is then stale until `complete`."""
+        self._given[i] = weight_grad
+
+    def complete(self) -> None:
+        """Copies the given weight parts into their views of `outs` (for code that reads them)."""
+        for i, part in self._given.items():
+            self.outs[i][:, :-1].copy_(part)
 
     def grads_finite(self) -> bool | None:
         """Whether the gathered gradients are all finite: True/False, or None when the one sum

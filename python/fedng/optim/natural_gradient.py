@@ -94,7 +94,7 @@ from fedng.optim.damping import (
     predicted_reduction,
     reduction_ratio,
 )
-from fedng.optim.fused_kfac import FusedKFAC, FusedResult
+from fedng.optim.fused_kfac import FusedKFAC, FusedResult, Piece
 from fedng.optim.gather import FlatGrads
 from fedng.optim.safety import (
     Safety,
@@ -265,6 +265,7 @@ class NaturalGradient:
         self._damping_floor = PeakFloor()
         self._reset_names: set[str] = set()
         self._no_curvature: set[int] = set()  # blocks whose relative damping found no curvature
+        self._skipped: list[Piece] = []  # weight gradients `backward` left out, with their rows
         self._block_params = list(
             {id(q): q for b in blocks for q in (b.weight, b.bias) if q is not None}.values()
         )
@@ -332,6 +333,46 @@ class NaturalGradient:
         gen = self._generator if generator is None else generator
         self.capture.fisher_backward(sampled_loss(outputs, self.loss, self.capture.reduction, gen))
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, without the weight gradients the next `step` does not need.
+
+        With kl_clip=None, a Linear layer (with a bias) whose batch is smaller than its width
+        gets its natural gradient from the recorded rows, `(g G^-1)^T ([x 1] A^-1)`, so
+        autograd's weight gradient `g^T x` (a third of the layer's backward flops) is not formed:
+        between this call and `step` those weights' `.grad` stay None (bias gradients and every
+        other parameter's are formed as usual), and `step` writes their natural gradient. A
+        step that needs them after all forms them from the rows, so the result is the same as
+        after `loss.backward()` (`tests/test_fused_kfac.py`). Anything else that reads `.grad`
+        between the two calls (gradient clipping, hooks) should use `loss.backward()`.
+
+        Args:
+            loss: the scalar training loss of the forward pass just recorded.
+        """
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError(
+                f"{WHERE}.backward: 'loss' must be a scalar tensor, got"
+                f" {type(loss).__name__}"
+                f"{'' if not isinstance(loss, torch.Tensor) else list(loss.shape)}"
+            )
+        fused = self._fused
+        if fused is not None and self._skipped:  # a second backward before the step
+            fused.materialize(self._skipped)
+            self._skipped = []
+        skip = (
+            fused.skippable(self.capture)
+            if fused is not None and self.kl_clip is None and self.source.mode == "local"
+            else ()
+        )
+        if skip:
+            skip = fused.used_once(loss, skip)  # type: ignore[union-attr]
+        if not skip:
+            loss.backward()  # type: ignore[no-untyped-call]  # unannotated in torch
+            return
+        skipped = {id(fused.weights[i]) for i in skip}  # type: ignore[union-attr]
+        keep = [p for p in self._params if id(p) not in skipped]
+        torch.autograd.backward(loss, inputs=keep)
+        self._skipped = fused.snapshot(self.capture, skip)  # type: ignore[union-attr]
+
     def step(self, closure: Callable[[], torch.Tensor | float] | None = None) -> None:
         """Rewrites the gradients of every block with a preconditioner into natural gradients.
 
@@ -356,22 +397,33 @@ class NaturalGradient:
             )
         fused = self._fused
         rows = (
-            fused.take(self.capture)
-            if fused is not None
-            and factor_step
-            and self.source.mode == "local"
-            and fused.flat is self._flat
+            fused.take(self.capture, factor_step)
+            if fused is not None and self.source.mode == "local" and fused.flat is self._flat
             else None
         )
+        # Weight gradients `backward` left out: kept out if the rows explain them exactly, else
+        # formed now from the rows, as autograd would have.
+        pieces, self._skipped = self._skipped, []
+        skip: tuple[int, ...] = ()
+        if pieces and fused is not None:
+            if rows is None or self.kl_clip is not None or not fused.rows_explain(rows, pieces):
+                fused.materialize(pieces)
+            else:
+                skip = tuple(sorted(i for i, _, _ in pieces))
         stats = (
             None
             if rows is not None
             else self.capture.collect(self.fisher_type if factor_step else None)
         )
         flat = self._flat
-        gathered = flat.gather() if flat is not None else None
+        gathered = flat.gather(skip) if flat is not None else None
+        if gathered is None and skip and fused is not None and rows is not None:
+            fused.materialize(pieces)  # another parameter has no gradient
+            skip = ()
+            gathered = flat.gather() if flat is not None else None
         if rows is not None and gathered is None:  # the fused step reads the gathered gradients
-            stats, rows = self.capture.stats_of(rows.records, self.fisher_type), None
+            fisher = self.fisher_type if factor_step else None
+            stats, rows = self.capture.stats_of(rows.records, fisher), None
         if gathered is not None and flat is not None:
             grads: list[torch.Tensor | None] = list(gathered)
             # The fused step sums the gathered gradients natively (before changing anything).
@@ -401,6 +453,8 @@ class NaturalGradient:
                     inverse_step,
                     grads,
                     check,
+                    factor_step,
+                    skip,
                 )
 
             done = fused_step(True)
@@ -410,7 +464,15 @@ class NaturalGradient:
                 self._skip(t)
                 return
             pre, report, precond = done
-            self._batch_form = fused.batch_form(rows)
+            if skip and (
+                not math.isfinite(fused.dot)
+                or failed_blocks(report, self._names)
+                or self._no_curvature
+                or adapt
+            ):
+                fused.fill(rows, skip)  # what follows reads the skipped blocks' gradients
+            if rows.records:  # as `_note_batch`: nothing recorded keeps the last answer
+                self._batch_form = fused.batch_form(rows)
         else:
             if stats is None:  # unreachable: the rows went to the general path's stats above
                 stats = [None] * len(blocks)
@@ -463,6 +525,8 @@ class NaturalGradient:
         if fast and flat is not None:
             flat.write_back(nu)
         else:
+            if skip and fused is not None:  # the raw gradient where no output replaces it
+                fused.materialize(pieces)
             out = [p for _, _, p in live]
             if nu != 1.0:
                 torch._foreach_mul_(out, nu)
