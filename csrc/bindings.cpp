@@ -147,18 +147,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream_id"), py::arg("nthreads"),
       "out [d, r] <- the Philox Gaussian matrix of (seed, stream_id).");
   m.def(
-      "int8_packed_axpy",
-      [](Address q, Address side, Address acc, std::int64_t nq, std::int64_t nside,
-         const Sizes& tris, const Sizes& vecs, std::int64_t chunk, double weight) {
-        fedng::cpu::int8_packed_axpy(reinterpret_cast<const std::int8_t*>(q),
-                                     reinterpret_cast<const float*>(side),
-                                     reinterpret_cast<float*>(acc), nq, nside, tris, vecs, chunk,
-                                     weight);
-      },
-      nogil, kw, py::arg("q"), py::arg("side"), py::arg("acc"), py::arg("nq"), py::arg("nside"),
-      py::arg("tris"), py::arg("vecs"), py::arg("chunk"), py::arg("weight"),
-      "acc += weight * (the int8 payload q with its float32 scales side, dequantized).");
-  m.def(
       "bf16_axpy",
       [](const Ptrs& xs, const Ptrs& accs, const Sizes& n, double weight) {
         fedng::cpu::bf16_axpy(xs, accs, n, weight);
@@ -166,15 +154,46 @@ PYBIND11_MODULE(_C, m) {
       nogil, kw, py::arg("xs"), py::arg("accs"), py::arg("n"), py::arg("weight"),
       "accs[k] [n_k] float32 += weight * xs[k] [n_k] bfloat16.");
   m.def(
-      "int8_side_traces",
-      [](Address side, std::int64_t nside, const Sizes& tris) {
-        std::vector<double> traces(tris.size() / 3);
-        const bool ok = fedng::cpu::int8_side_traces(reinterpret_cast<const float*>(side), nside,
-                                                     tris, traces.data());
+      "int8_payload_axpy",
+      [](Address q, Address side, Address acc, std::int64_t nq, std::int64_t nside,
+         std::int64_t nacc, const Sizes& segs, std::int64_t chunk, double weight) {
+        fedng::cpu::int8_payload_axpy(reinterpret_cast<const std::int8_t*>(q),
+                                      reinterpret_cast<const float*>(side),
+                                      reinterpret_cast<float*>(acc), nq, nside, nacc, segs, chunk,
+                                      weight);
+      },
+      nogil, kw, py::arg("q"), py::arg("side"), py::arg("acc"), py::arg("nq"), py::arg("nside"),
+      py::arg("nacc"), py::arg("segs"), py::arg("chunk"), py::arg("weight"),
+      "acc += weight * (the int8 payload q, side dequantized), segment by segment.");
+  m.def(
+      "int8_payload_traces",
+      [](Address q, Address side, std::int64_t nq, std::int64_t nside, const Sizes& segs,
+         std::int64_t chunk) {
+        std::vector<double> traces(segs.size() / 6);
+        const bool ok = fedng::cpu::int8_payload_traces(reinterpret_cast<const std::int8_t*>(q),
+                                                        reinterpret_cast<const float*>(side), nq,
+                                                        nside, segs, chunk, traces.data());
         return ok ? traces : std::vector<double>{};
       },
-      nogil, kw, py::arg("side"), py::arg("nside"), py::arg("tris"),
-      "Per int8 triangle, sum_i D_i (1 + delta) from its scales; [] if one is negative/non-finite.");
+      nogil, kw, py::arg("q"), py::arg("side"), py::arg("nq"), py::arg("nside"), py::arg("segs"),
+      py::arg("chunk"),
+      "Per int8 segment, the trace of its dequantized matrix; [] if unsettled by the scales.");
+  m.def(
+      "unpack_triangle",
+      [](int dtype, Address vec, Address out, std::int64_t n) {
+        fedng::cpu::unpack_triangle(dtype_of("unpack_triangle", dtype), vec, out, n);
+      },
+      nogil, kw, py::arg("dtype"), py::arg("vec"), py::arg("out"), py::arg("n"),
+      "out [n, n] <- the symmetric matrix of the packed lower triangle vec.");
+  m.def(
+      "dots_f64",
+      [](const Ptrs& xs, const Ptrs& ys, const Sizes& n) {
+        std::vector<double> out(xs.size());
+        fedng::cpu::dots_f64(xs, ys, n, out.data());
+        return out;
+      },
+      nogil, kw, py::arg("xs"), py::arg("ys"), py::arg("n"),
+      "Per pair of float32 arrays, their dot product in float64.");
   m.def(
       "int8_quantize_triangles",
       [](Address vals, Address q, Address side, std::int64_t nvals, std::int64_t nside,

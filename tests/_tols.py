@@ -52,6 +52,9 @@ TOLERANCES: dict[str, dict[torch.dtype, Tol]] = {
     # Server folds of received payloads into float32 sums (int8 dequantized in registers, bf16
     # widened): a few float32 roundings per entry, relative to the sum's scale.
     "packed_fold": {_F32: Tol(1e-6, 1e-7), _F64: Tol(1e-13, 1e-15)},
+    # K-FAC's damped solve G~^-1 R A~^-1 in float32 by Cholesky solves (relative damping 0.1 of
+    # the mean eigenvalue bounds the condition numbers), relative to the result's scale.
+    "kron_solve": {_F32: Tol(1e-4, 1e-6), _F64: Tol(1e-10, 1e-13)},
     # Sums of squares of float32 entries, float32 within blocks of 1024 (relative to the sum).
     "sum_squares": {_F32: Tol(1e-5, 0.0), _F64: Tol(1e-13, 0.0)},
     # Parameters and factors after a few K-FAC training steps computed along two rounding orders

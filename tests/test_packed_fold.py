@@ -10,8 +10,15 @@ import pytest
 import torch
 from _tols import assert_close
 from fedng.curvature import pack_triangle, unpack_triangle
-from fedng.curvature.packed_fold import bf16_axpy, int8_axpy, int8_triangles, sum_squares
+from fedng.curvature.packed_fold import (
+    bf16_axpy,
+    int8_triangles,
+    payload_axpy,
+    payload_traces,
+    sum_squares,
+)
 from fedng.curvature.quantize import (
+    LOWRANK_RANK,
     QMAX,
     VEC_CHUNK,
     Segment,
@@ -135,15 +142,73 @@ def test_side_traces_settle_honest_triangles_and_refuse_the_rest() -> None:
     assert side_traces(vq, vside, [("tri", 4), ("vec", 70)], 1e18) is None  # vectors: entries
 
 
+def lowrank_ref(q: torch.Tensor, side: torch.Tensor, n: int) -> tuple[torch.Tensor, float]:
+    """The float64 reference of a low-rank segment: (packed B~ B~^T + sigma I, its trace), the
+    receiver's float32 B~ (two int8 digits per entry, per-column scales) multiplied in float64."""
+    k = side.numel() - 1
+    digits = q.float().reshape(2, n, k)
+    b = ((digits[0] + digits[1] / (2 * QMAX)) * side[:-1]).double()
+    m = b @ b.T + float(side[-1]) * torch.eye(n, dtype=F64)
+    return pack_triangle(m), float(m.trace())
+
+
+@pytest.mark.parametrize("n", [256, 300, 513])
+def test_lowrank_fold_and_traces_match_float64(n: int) -> None:
+    """The native low-rank fold (`B~ B~^T + sigma I` added to its packed triangle, the other
+    segments around it) and its scale-only traces against float64 references."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(60, n, generator=g, dtype=F64) * torch.logspace(-2, 0, n, dtype=F64)
+    tri, _ = payload([7], 0, n)
+    data = torch.cat([tri, pack_triangle(x.T @ x).float(), tri])
+    segs: list[Segment] = [("tri", 7), ("lrtri", n), ("tri", 7)]
+    q, side = quantize(data, segs)
+    nq, nt = 2 * n * LOWRANK_RANK, 7 * 8 // 2
+    lq, lside = q[nt : nt + nq], side[8 : 8 + LOWRANK_RANK + 1]
+    ref_m, ref_tr = lowrank_ref(lq, lside, n)
+    acc = torch.randn(data.numel(), generator=g)
+    ref = acc.double() + 0.7 * dequantize(q, side, segs).double()
+    ref[nt : nt + ref_m.numel()] = acc[nt : nt + ref_m.numel()].double() + 0.7 * ref_m
+    dequantize_add(acc, q, side, segs, 0.7)
+    assert_close(acc, ref, torch.float32, "packed_fold", scale=float(ref.abs().max()))
+    got = side_traces(q, side, segs, 1e18)
+    tris = side_traces(q[:nt], side[:8], segs[:1], 1e18)
+    assert got is not None and tris is not None
+    assert got == pytest.approx([tris[0], ref_tr, tris[0]], rel=1e-12)
+    # the bare kernel: offsets inside larger buffers, and refusals
+    one = [2, 3, nt, 8, n, LOWRANK_RANK]
+    acc2 = torch.zeros(ref_m.numel() + 3)
+    payload_axpy(acc2, q, side, one, VEC_CHUNK, 2.0)
+    assert_close(acc2[3:], 2.0 * ref_m, torch.float32, "packed_fold", scale=float(ref_m.max()))
+    assert not acc2[:3].any()
+    for pos, val in ((8, -1.0), (8 + LOWRANK_RANK, -0.5), (9, math.nan), (10, math.inf)):
+        bad = side.clone()
+        bad[pos] = val  # a column scale, sigma, NaN, Inf: read the entries instead
+        assert payload_traces(q, bad, one, VEC_CHUNK) is None
+        assert side_traces(q, bad, segs, 1e18) is None
+    assert side_traces(q, side, segs, 0.5 * ref_tr) is None  # above the bound
+    for bad_seg, why in (
+        ([2, 4, nt, 8, n, LOWRANK_RANK], "runs past"),
+        ([2, 3, q.numel() - nq + 1, 8, n, LOWRANK_RANK], "runs past"),
+        ([2, 3, nt, 8, n, n + 1], "rank above"),
+        ([3, 3, nt, 8, n, LOWRANK_RANK], "unknown form"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            payload_axpy(acc2, q, side, bad_seg, VEC_CHUNK, 1.0)
+    with pytest.raises(ValueError, match="payload_axpy"):
+        payload_axpy(acc2.double(), q, side, [], VEC_CHUNK, 1.0)
+    with pytest.raises(ValueError, match="payload_traces"):
+        payload_traces(q.float(), side, [], VEC_CHUNK)
+
+
 def test_bad_buffers_are_one_line_errors() -> None:
     acc, q = torch.zeros(3), torch.zeros(3, dtype=torch.int8)
     side = torch.ones(3)
-    with pytest.raises(ValueError, match="int8_axpy"):
-        int8_axpy(acc.double(), q, side, [0, 0, 2], [], VEC_CHUNK, 1.0)
-    with pytest.raises(ValueError, match="int8_axpy"):
-        int8_axpy(acc, q.float(), side, [0, 0, 2], [], VEC_CHUNK, 1.0)
+    with pytest.raises(ValueError, match="payload_axpy"):
+        payload_axpy(acc.double(), q, side, [0, 0, 0, 0, 2, 0], VEC_CHUNK, 1.0)
+    with pytest.raises(ValueError, match="payload_axpy"):
+        payload_axpy(acc, q.float(), side, [0, 0, 0, 0, 2, 0], VEC_CHUNK, 1.0)
     with pytest.raises(ValueError, match="runs past"):
-        int8_axpy(acc, q, side, [0, 0, 3], [], VEC_CHUNK, 1.0)
+        payload_axpy(acc, q, side, [0, 0, 0, 0, 3, 0], VEC_CHUNK, 1.0)
     with pytest.raises(ValueError, match="bf16_axpy"):
         bf16_axpy([torch.zeros(2)], [torch.zeros(3).bfloat16()], 1.0)
     with pytest.raises(ValueError, match="runs past"):

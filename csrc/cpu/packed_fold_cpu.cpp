@@ -4,16 +4,20 @@
 // written and read again; here each entry is decoded in registers and added where it lies.
 #include "fedng/packed_fold.h"
 
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "fedng/errors.h"
 
-// The hot loops are also compiled for AVX2 + FMA and chosen at load time (the extension is
-// built for baseline x86-64).
+// The hot loops are also compiled for AVX-512 and AVX2 + FMA and chosen at load time (the
+// extension is built for baseline x86-64).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FEDNG_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FEDNG_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FEDNG_CLONES
 #endif
@@ -23,19 +27,6 @@ namespace fedng::cpu {
 namespace {
 
 constexpr double kQmax = 127.0;
-
-void check_triples(const char* op, const char* name, const Sizes& t, bool tri, std::int64_t nq,
-                   std::int64_t nside, std::int64_t chunk) {
-  if (t.size() % 3 != 0) fail(op, std::string("'") + name + "' must hold (at, sat, n) triples");
-  for (std::size_t k = 0; k < t.size(); k += 3) {
-    const std::int64_t at = t[k], sat = t[k + 1], n = t[k + 2];
-    if (at < 0 || sat < 0 || n < 0) fail(op, std::string("'") + name + "' has a negative entry");
-    const std::int64_t size = tri ? n * (n + 1) / 2 : n;
-    const std::int64_t ns = tri ? n + 1 : (n + chunk - 1) / chunk;
-    if (at + size > nq || sat + ns > nside)
-      fail(op, std::string("'") + name + "' runs past the buffers");
-  }
-}
 
 // One packed lower triangle, row by row: the row's scale is folded into the weight once.
 FEDNG_CLONES void fold_triangle(const std::int8_t* q, const float* side, float* acc, std::int64_t n,
@@ -57,34 +48,6 @@ FEDNG_CLONES void fold_triangle(const std::int8_t* q, const float* side, float* 
 
 }  // namespace
 
-void int8_packed_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
-                      std::int64_t nside, const Sizes& tris, const Sizes& vecs,
-                      std::int64_t chunk, double weight) {
-  const char* op = "int8_packed_axpy";
-  if (nq < 0 || nside < 0) fail(op, "negative sizes");
-  if (chunk <= 0) fail(op, "'chunk' must be positive");
-  check_triples(op, "tris", tris, true, nq, nside, chunk);
-  check_triples(op, "vecs", vecs, false, nq, nside, chunk);
-  if (nq > 0 && (q == nullptr || acc == nullptr)) fail(op, "null buffer");
-  if (nside > 0 && side == nullptr) fail(op, "null buffer");
-  const float w = static_cast<float>(weight);
-  std::int64_t widest = 0;
-  for (std::size_t k = 2; k < tris.size(); k += 3) widest = tris[k] > widest ? tris[k] : widest;
-  std::vector<float> s(static_cast<std::size_t>(widest));
-  for (std::size_t k = 0; k < tris.size(); k += 3)
-    fold_triangle(q + tris[k], side + tris[k + 1], acc + tris[k], tris[k + 2], w, s.data());
-  for (std::size_t k = 0; k < vecs.size(); k += 3) {
-    const std::int64_t at = vecs[k], sat = vecs[k + 1], n = vecs[k + 2];
-    for (std::int64_t c = 0; c * chunk < n; ++c) {
-      const float sc = side[sat + c];
-      const std::int64_t lo = c * chunk, hi = lo + chunk < n ? lo + chunk : n;
-#pragma omp simd
-      for (std::int64_t p = lo; p < hi; ++p)
-        acc[at + p] += w * (static_cast<float>(q[at + p]) * sc);
-    }
-  }
-}
-
 void bf16_axpy(const Ptrs& xs, const Ptrs& accs, const Sizes& n, double weight) {
   check_count("bf16_axpy", "accs", accs.size(), xs.size());
   check_count("bf16_axpy", "n", n.size(), xs.size());
@@ -104,29 +67,6 @@ void bf16_axpy(const Ptrs& xs, const Ptrs& accs, const Sizes& n, double weight) 
       acc[i] += w * v;
     }
   }
-}
-
-bool int8_side_traces(const float* side, std::int64_t nside, const Sizes& tris, double* traces) {
-  const char* op = "int8_side_traces";
-  if (nside < 0) fail(op, "negative size");
-  if (tris.size() % 3 != 0) fail(op, "'tris' must hold (at, sat, n) triples");
-  for (std::size_t k = 0; k < tris.size(); k += 3)
-    if (tris[k + 1] < 0 || tris[k + 2] < 0 || tris[k + 1] + tris[k + 2] + 1 > nside)
-      fail(op, "'tris' runs past the scales");
-  for (std::size_t k = 0; k < tris.size(); k += 3) {
-    const float* d = side + tris[k + 1];
-    const std::int64_t n = tris[k + 2];
-    const float delta = d[n];
-    if (!(delta >= 0.0f) || !std::isfinite(delta)) return false;
-    const float onep = 1.0f + delta;
-    double tr = 0.0;
-    for (std::int64_t i = 0; i < n; ++i) {
-      if (!(d[i] >= 0.0f) || !std::isfinite(d[i])) return false;
-      tr += static_cast<double>(d[i] * onep);
-    }
-    traces[k / 3] = tr;
-  }
-  return true;
 }
 
 namespace {
@@ -153,17 +93,35 @@ double squares_f32(const float* x, std::int64_t n) {
   return s;
 }
 
-double squares_bf16(const std::uint16_t* x, std::int64_t n) {
-  alignas(64) std::uint32_t bits[kBlock];
-  alignas(64) float v[kBlock];
-  double s = 0.0;
-  for (std::int64_t lo = 0; lo < n; lo += kBlock) {
-    const std::int64_t len = n - lo < kBlock ? n - lo : kBlock;
-#pragma omp simd
-    for (std::int64_t i = 0; i < len; ++i) bits[i] = static_cast<std::uint32_t>(x[lo + i]) << 16;
-    std::memcpy(v, bits, static_cast<std::size_t>(len) * sizeof(float));
-    s += block_squares(v, len);
+inline float bf16_float(std::uint16_t h) {
+  const std::uint32_t bits = static_cast<std::uint32_t>(h) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// A bf16 block widened in registers (no staging buffer: one read of the payload); the same
+// float32 values and sums as widening first, then `block_squares`.
+FEDNG_CLONES double block_squares_bf16(const std::uint16_t* x, std::int64_t n) {
+  float f = 0.0f;
+#pragma omp simd reduction(+ : f)
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float v = bf16_float(x[i]);
+    f += v * v;
   }
+  if (std::isfinite(f)) return static_cast<double>(f);
+  double s = 0.0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const double v = static_cast<double>(bf16_float(x[i]));
+    s += v * v;
+  }
+  return s;
+}
+
+double squares_bf16(const std::uint16_t* x, std::int64_t n) {
+  double s = 0.0;
+  for (std::int64_t lo = 0; lo < n; lo += kBlock)
+    s += block_squares_bf16(x + lo, n - lo < kBlock ? n - lo : kBlock);
   return s;
 }
 
@@ -177,6 +135,204 @@ void sum_squares(const Ptrs& xs, const Sizes& n, const Sizes& bf16, double* out)
   for (std::size_t k = 0; k < xs.size(); ++k)
     out[k] = bf16[k] != 0 ? squares_bf16(as<const std::uint16_t>(xs[k]), n[k])
                           : squares_f32(as<const float>(xs[k]), n[k]);
+}
+
+namespace {
+
+constexpr std::int64_t kLane = 64;  // columns of B B^T a row pass keeps in registers
+
+// B~ [n, k] of one low-rank segment, transposed into bt [k, ld] (columns past n zero): the
+// receiver's float32 arithmetic of `quantize._lowrank_factor`, `(hi + lo / 254) * scale_c`.
+void decode_lowrank(const std::int8_t* q, const float* scale, std::int64_t n, std::int64_t k,
+                    std::int64_t ld, float* bt) {
+  const std::int8_t* lo = q + n * k;
+  for (std::int64_t c = 0; c < k; ++c) {
+    float* row = bt + c * ld;
+    for (std::int64_t i = 0; i < n; ++i)
+      row[i] = (static_cast<float>(q[i * k + c]) +
+                static_cast<float>(lo[i * k + c]) / static_cast<float>(2.0 * kQmax)) *
+               scale[c];
+    for (std::int64_t i = n; i < ld; ++i) row[i] = 0.0f;
+  }
+}
+
+// acc (packed lower triangle, row by row) += w (B B^T + sigma I), B = bt^T: a block of kRows
+// rows i by kLane columns j of B B^T at a time in registers (each column of bt loaded once for
+// the kRows rows), the entries j <= i added.
+constexpr std::int64_t kRows = 4;
+
+FEDNG_CLONES void fold_lowrank(const float* bt, std::int64_t n, std::int64_t k, std::int64_t ld,
+                               float sigma, float w, float* acc) {
+  for (std::int64_t i0 = 0; i0 < n; i0 += kRows) {
+    const std::int64_t rows = n - i0 < kRows ? n - i0 : kRows;
+    for (std::int64_t j0 = 0; j0 < i0 + rows; j0 += kLane) {
+      float t[kRows][kLane] = {};
+      for (std::int64_t c = 0; c < k; ++c) {
+        const float* bc = bt + c * ld;
+        for (std::int64_t r = 0; r < kRows; ++r) {
+          const float bic = bc[i0 + r];  // ld >= i0 + kRows: padded with zeros
+#pragma omp simd
+          for (std::int64_t jj = 0; jj < kLane; ++jj) t[r][jj] += bic * bc[j0 + jj];
+        }
+      }
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const std::int64_t i = i0 + r, len = i + 1 - j0 < kLane ? i + 1 - j0 : kLane;
+        float* ai = acc + i * (i + 1) / 2 + j0;
+        for (std::int64_t jj = 0; jj < len; ++jj) ai[jj] += w * t[r][jj];
+      }
+    }
+  }
+  for (std::int64_t i = 0; i < n; ++i) acc[i * (i + 3) / 2] += w * sigma;
+}
+
+}  // namespace
+
+namespace {
+
+enum Form : std::int64_t { kTri = 0, kVec = 1, kLowRank = 2 };
+
+// (form, at, qat, sat, n, k) sextuples: each segment within the float sum, the int8 values and
+// the scales.
+void check_segments(const char* op, const Sizes& segs, std::int64_t nq, std::int64_t nside,
+                    std::int64_t nacc, std::int64_t chunk) {
+  if (nq < 0 || nside < 0 || nacc < 0) fail(op, "negative sizes");
+  if (chunk <= 0) fail(op, "'chunk' must be positive");
+  if (segs.size() % 6 != 0) fail(op, "'segs' must hold (form, at, qat, sat, n, k) sextuples");
+  for (std::size_t s = 0; s < segs.size(); s += 6) {
+    const std::int64_t form = segs[s], at = segs[s + 1], qat = segs[s + 2], sat = segs[s + 3],
+                       n = segs[s + 4], k = segs[s + 5];
+    if (at < 0 || qat < 0 || sat < 0 || n < 0 || k < 0 || n > 3037000499)
+      fail(op, "'segs' has a negative or huge entry");
+    std::int64_t floats = n * (n + 1) / 2, vals = floats, scales = n + 1;
+    if (form == kVec) {
+      floats = vals = n;
+      scales = (n + chunk - 1) / chunk;
+    } else if (form == kLowRank) {
+      if (k > n) fail(op, "'segs' has a rank above its size");
+      vals = 2 * n * k;
+      scales = k + 1;
+    } else if (form != kTri) {
+      fail(op, "'segs' has an unknown form");
+    }
+    if (at + floats > nacc || qat + vals > nq || sat + scales > nside)
+      fail(op, "'segs' runs past the buffers");
+  }
+}
+
+}  // namespace
+
+void int8_payload_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
+                       std::int64_t nside, std::int64_t nacc, const Sizes& segs,
+                       std::int64_t chunk, double weight) {
+  const char* op = "int8_payload_axpy";
+  check_segments(op, segs, nq, nside, nacc, chunk);
+  const float w = static_cast<float>(weight);
+  std::vector<float> buf;
+  for (std::size_t s = 0; s < segs.size(); s += 6) {
+    const std::int64_t form = segs[s], at = segs[s + 1], qat = segs[s + 2], sat = segs[s + 3],
+                       n = segs[s + 4], k = segs[s + 5];
+    if (form == kTri) {
+      buf.resize(static_cast<std::size_t>(n));
+      fold_triangle(q + qat, side + sat, acc + at, n, w, buf.data());
+    } else if (form == kVec) {
+      for (std::int64_t c = 0; c * chunk < n; ++c) {
+        const float sc = side[sat + c];
+        const std::int64_t lo = c * chunk, hi = lo + chunk < n ? lo + chunk : n;
+#pragma omp simd
+        for (std::int64_t p = lo; p < hi; ++p)
+          acc[at + p] += w * (static_cast<float>(q[qat + p]) * sc);
+      }
+    } else {
+      const std::int64_t ld = (n + kRows + kLane - 1) / kLane * kLane;
+      buf.assign(static_cast<std::size_t>(k * ld), 0.0f);
+      decode_lowrank(q + qat, side + sat, n, k, ld, buf.data());
+      fold_lowrank(buf.data(), n, k, ld, side[sat + k], w, acc + at);
+    }
+  }
+}
+
+bool int8_payload_traces(const std::int8_t* q, const float* side, std::int64_t nq,
+                         std::int64_t nside, const Sizes& segs, std::int64_t chunk,
+                         double* traces) {
+  const char* op = "int8_payload_traces";
+  check_segments(op, segs, nq, nside, INT64_MAX, chunk);
+  std::vector<float> buf;
+  for (std::size_t s = 0; s < segs.size(); s += 6) {
+    const std::int64_t form = segs[s], qat = segs[s + 2], sat = segs[s + 3], n = segs[s + 4],
+                       k = segs[s + 5];
+    if (form == kVec) return false;  // a vector's entries must be read
+    const std::int64_t nscales = form == kTri ? n + 1 : k + 1;
+    for (std::int64_t c = 0; c < nscales; ++c)
+      if (!(side[sat + c] >= 0.0f) || !std::isfinite(side[sat + c])) return false;
+    double tr = 0.0;
+    if (form == kTri) {
+      const float onep = 1.0f + side[sat + n];
+      for (std::int64_t i = 0; i < n; ++i) tr += static_cast<double>(side[sat + i] * onep);
+    } else {
+      buf.assign(static_cast<std::size_t>(k * n), 0.0f);
+      decode_lowrank(q + qat, side + sat, n, k, n, buf.data());
+      for (std::int64_t i = 0; i < k * n; ++i)
+        tr += static_cast<double>(buf[i]) * static_cast<double>(buf[i]);
+      tr += static_cast<double>(n) * static_cast<double>(side[sat + k]);
+    }
+    traces[s / 6] = tr;
+  }
+  return true;
+}
+
+namespace {
+
+// <x, y> of float32 arrays, products and sums in float64 (4 partial sums, vectorized).
+FEDNG_CLONES double dot_f64(const float* x, const float* y, std::int64_t n) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (std::int64_t i = 0; i < n; ++i) s += static_cast<double>(x[i]) * static_cast<double>(y[i]);
+  return s;
+}
+
+}  // namespace
+
+void dots_f64(const Ptrs& xs, const Ptrs& ys, const Sizes& n, double* out) {
+  check_count("dots_f64", "ys", ys.size(), xs.size());
+  check_count("dots_f64", "n", n.size(), xs.size());
+  check_sizes("dots_f64", "n", n);
+  check_ptrs("dots_f64", "xs", xs, n);
+  check_ptrs("dots_f64", "ys", ys, n);
+  for (std::size_t k = 0; k < xs.size(); ++k)
+    out[k] = dot_f64(as<const float>(xs[k]), as<const float>(ys[k]), n[k]);
+}
+
+namespace {
+
+// Tiles of the lower triangle copied to both triangles: each tile's reads and its mirror's
+// writes stay within a few cache lines per row.
+template <typename T>
+void unpack_tiles(const T* vec, T* out, std::int64_t n) {
+  constexpr std::int64_t kTile = 64;
+  for (std::int64_t i0 = 0; i0 < n; i0 += kTile) {
+    const std::int64_t i1 = i0 + kTile < n ? i0 + kTile : n;
+    for (std::int64_t j0 = 0; j0 <= i0; j0 += kTile) {
+      for (std::int64_t i = i0; i < i1; ++i) {
+        const T* row = vec + i * (i + 1) / 2;
+        const std::int64_t j1 = j0 + kTile < i + 1 ? j0 + kTile : i + 1;
+        for (std::int64_t j = j0; j < j1; ++j) {
+          out[i * n + j] = row[j];
+          out[j * n + i] = row[j];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void unpack_triangle(DType dtype, std::uintptr_t vec, std::uintptr_t out, std::int64_t n) {
+  if (n < 0 || n > 3037000499) fail("unpack_triangle", "bad size");
+  if (n > 0 && (vec == 0 || out == 0)) fail("unpack_triangle", "null buffer");
+  if (dtype == DType::Float32)
+    unpack_tiles(as<const float>(vec), as<float>(out), n);
+  else
+    unpack_tiles(as<const double>(vec), as<double>(out), n);
 }
 
 }  // namespace fedng::cpu

@@ -157,29 +157,40 @@ def gaussian_sketch_matrix(
 ) -> None:
     """`out` [d, r] <- the Philox Gaussian matrix of `(seed, stream_id)`."""
 
-def int8_packed_axpy(
+def bf16_axpy(*, xs: Sequence[int], accs: Sequence[int], n: Sequence[int], weight: float) -> None:
+    """`accs[k] [n[k]] float32 += weight * xs[k] [n[k]] bfloat16`."""
+
+def int8_payload_axpy(
     *,
     q: int,
     side: int,
     acc: int,
     nq: int,
     nside: int,
-    tris: Sequence[int],
-    vecs: Sequence[int],
+    nacc: int,
+    segs: Sequence[int],
     chunk: int,
     weight: float,
 ) -> None:
-    """`acc += weight * dequantize(q, side)` (int8 [nq], float32 [nside] -> float32 [nq]).
+    """`acc` float32 [nacc] += `weight * dequantize(q, side)`, segment by segment: `segs` holds
+    flattened `(form, at, qat, sat, n, k)` sextuples (form 0 a triangle, 1 a vector of `chunk`
+    entries per scale, 2 a low-rank `B~ B~^T + sigma I`; offsets in `acc`, `q` int8 [nq] and
+    `side` float32 [nside]; `fedng.curvature.quantize`)."""
 
-    `tris` / `vecs` are flattened `(at, sat, n)` triples (`fedng.curvature.quantize`'s segments).
-    """
+def int8_payload_traces(
+    *, q: int, side: int, nq: int, nside: int, segs: Sequence[int], chunk: int
+) -> list[float]:
+    """Per segment of `segs` (as in `int8_payload_axpy`), the trace of its dequantized matrix from
+    its scales (and a low-rank factor's digits); `[]` when a segment is a vector or a scale is
+    negative or not finite."""
 
-def bf16_axpy(*, xs: Sequence[int], accs: Sequence[int], n: Sequence[int], weight: float) -> None:
-    """`accs[k] [n[k]] float32 += weight * xs[k] [n[k]] bfloat16`."""
+def unpack_triangle(*, dtype: int, vec: int, out: int, n: int) -> None:
+    """`out` [n, n] (float32 / float64 by `dtype`) <- the symmetric matrix whose packed lower
+    triangle, row by row, is `vec` [n (n + 1) / 2]; every entry a copy."""
 
-def int8_side_traces(*, side: int, nside: int, tris: Sequence[int]) -> list[float]:
-    """Per int8 triangle `(at, sat, n)` of `tris` (flattened), `sum_i D_i (1 + delta)` from its
-    float32 scales `side` [nside] alone; `[]` when some D or delta is negative or not finite."""
+def dots_f64(*, xs: Sequence[int], ys: Sequence[int], n: Sequence[int]) -> list[float]:
+    """Per pair of float32 arrays `xs[k]`, `ys[k]` [n[k]], `<xs[k], ys[k]>` with products and
+    sums in float64."""
 
 def int8_quantize_triangles(
     *, vals: int, q: int, side: int, nvals: int, nside: int, tris: Sequence[int]

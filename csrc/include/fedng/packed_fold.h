@@ -8,29 +8,43 @@
 
 namespace fedng::cpu {
 
-// acc[p] += weight * v[p], v the float32 dequantization of an int8 curvature payload
-// (python/fedng/curvature/quantize.py), without materializing v:
-// - per triangle (at, sat, n) of `tris` (flattened triples): the packed lower triangle of an
-//   n x n matrix at q[at:], row by row; with s_i = float(sqrt(double(side[sat + i]) / 127)):
-//   v_ij = (s_i s_j) q_ij off the diagonal, v_ii = side[sat + i] (1 + side[sat + n]);
-// - per vector (at, sat, n) of `vecs`: v_p = q[at + p] side[sat + p / chunk].
-// q has nq entries, side nside, acc nq.
-void int8_packed_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
-                      std::int64_t nside, const Sizes& tris, const Sizes& vecs,
-                      std::int64_t chunk, double weight);
-
 // accs[k][i] += weight * float(xs[k][i]) for i < n[k], xs[k] bfloat16 (the upper 16 bits of a
 // float32), accs[k] float32.
 void bf16_axpy(const Ptrs& xs, const Ptrs& accs, const Sizes& n, double weight);
-
-// The traces sum_i D_i (1 + delta) (float32 products, summed in float64) of the int8 triangles
-// (at, sat, n) of `tris` from their scales side[sat:sat+n] = D, side[sat+n] = delta alone.
-// Returns false (traces unset) when some D or delta is negative, NaN or infinite.
-bool int8_side_traces(const float* side, std::int64_t nside, const Sizes& tris, double* traces);
 
 // out[i] = sum_p x_i[p]^2 (blocks of 1024 summed in float32, redone in float64 if that is not
 // finite; the blocks added in float64): NaN/Inf iff an entry is. x_i [n_i] float32
 // (bf16[i] == 0) or bfloat16 (bf16[i] != 0).
 void sum_squares(const Ptrs& xs, const Sizes& n, const Sizes& bf16, double* out);
+
+// A whole int8 payload (python/fedng/curvature/quantize.py), each segment given as a
+// (form, at, qat, sat, n, k) sextuple of `segs` (flattened): its offsets in the float sum, the
+// int8 values and the scales. Forms:
+// - 0, a packed lower triangle, row by row: with s_i = float(sqrt(double(side[sat + i]) / 127)),
+//   v_ij = (s_i s_j) q_ij off the diagonal and v_ii = side[sat + i] (1 + side[sat + n]);
+// - 1, a vector: v_p = q_p side[sat + p / chunk];
+// - 2, a low-rank factor M^ = B~ B~^T + sigma I: B~ [n, k] =
+//   (q[qat + i k + c] + q[qat + n k + i k + c] / 254) side[sat + c] (float32), sigma =
+//   side[sat + k].
+// int8_payload_axpy: acc[at:] += weight * (the dequantized segment), low-rank ones by float32
+// dots (no n x n matrix); q has nq entries, side nside, acc nacc.
+// int8_payload_traces: per segment the trace of its dequantized matrix from the scales
+// (sum_i D_i (1 + delta), float32 products summed in float64) or, low-rank, the digits
+// (||B~||_F^2 + n sigma in float64); false (traces unset) when a segment is a vector or a scale
+// is negative, NaN or infinite.
+void int8_payload_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
+                       std::int64_t nside, std::int64_t nacc, const Sizes& segs,
+                       std::int64_t chunk, double weight);
+bool int8_payload_traces(const std::int8_t* q, const float* side, std::int64_t nq,
+                         std::int64_t nside, const Sizes& segs, std::int64_t chunk,
+                         double* traces);
+
+// out[k] = <xs[k], ys[k]> of float32 arrays [n[k]], products and sums in float64 (the float64
+// dot of their float64 copies, summed in another order).
+void dots_f64(const Ptrs& xs, const Ptrs& ys, const Sizes& n, double* out);
+
+// out [n, n] (row-major) <- the symmetric matrix whose packed lower triangle (row by row) is
+// vec [n (n + 1) / 2]: every entry a copy (float32 or float64, `dtype`).
+void unpack_triangle(DType dtype, std::uintptr_t vec, std::uintptr_t out, std::int64_t n);
 
 }  // namespace fedng::cpu

@@ -23,52 +23,10 @@ Triples = Sequence[int]
 
 
 def _sum_buffer(acc: torch.Tensor, n: int, what: str) -> None:
-    if acc.dtype != torch.float32 or not acc.is_contiguous() or acc.device.type != "cpu":
+    if acc.dtype != torch.float32 or not acc.is_contiguous() or not acc.is_cpu:
         raise ValueError(f"{what}: the sum must be a contiguous float32 CPU tensor")
     if acc.numel() != n:
         raise ValueError(f"{what}: the sum has {acc.numel()} entries, the payload {n}")
-
-
-def int8_axpy(
-    acc: torch.Tensor,
-    q: torch.Tensor,
-    side: torch.Tensor,
-    tris: Triples,
-    vecs: Triples,
-    chunk: int,
-    weight: float,
-) -> None:
-    """`acc += weight * dequantize(q, side)` in one pass (the arithmetic of
-    `fedng.curvature.quantize.dequantize`, never materialized).
-
-    Args:
-        acc: float32 [N], contiguous (written in place).
-        q: int8 [N], contiguous.
-        side: float32 scales, contiguous.
-        tris: triangles `(at, sat, n)`, flattened (see `fedng.curvature.quantize`).
-        vecs: vectors `(at, sat, n)`, flattened.
-        chunk: entries of a vector that share one scale.
-        weight: the fold's weight.
-
-    Raises:
-        ValueError: tensors of the wrong dtype, layout or size, or segments past their ends.
-    """
-    _sum_buffer(acc, q.numel(), "int8_axpy")
-    if q.dtype != torch.int8 or not q.is_contiguous() or q.device.type != "cpu":
-        raise ValueError("int8_axpy: 'q' must be a contiguous int8 CPU tensor")
-    if side.dtype != torch.float32 or not side.is_contiguous() or side.device.type != "cpu":
-        raise ValueError("int8_axpy: 'side' must be a contiguous float32 CPU tensor")
-    native.int8_packed_axpy(
-        q=q.data_ptr(),
-        side=side.data_ptr(),
-        acc=acc.data_ptr(),
-        nq=q.numel(),
-        nside=side.numel(),
-        tris=tris,
-        vecs=vecs,
-        chunk=chunk,
-        weight=weight,
-    )
 
 
 def bf16_axpy(accs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: float) -> None:
@@ -82,7 +40,7 @@ def bf16_axpy(accs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: 
         raise ValueError("bf16_axpy: as many sums as arrays expected")
     for acc, x in zip(accs, xs, strict=True):
         _sum_buffer(acc, x.numel(), "bf16_axpy")
-        if x.dtype != torch.bfloat16 or not x.is_contiguous() or x.device.type != "cpu":
+        if x.dtype != torch.bfloat16 or not x.is_contiguous() or not x.is_cpu:
             raise ValueError("bf16_axpy: arrays must be contiguous bfloat16 CPU tensors")
     native.bf16_axpy(
         xs=[x.data_ptr() for x in xs],
@@ -92,17 +50,77 @@ def bf16_axpy(accs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: 
     )
 
 
-def int8_side_traces(side: torch.Tensor, tris: Triples) -> list[float] | None:
-    """Per int8 triangle `(at, sat, n)` of `tris`, `sum_i D_i (1 + delta)` (float32 products,
-    float64 sum) from its scales alone; None when some D or delta is negative or not finite.
+Sextuples = Sequence[int]
+"""Flattened `(form, offset in the float payload, offset in the int8 values, offset in the scales,
+n, k)` sextuples (form 0 a triangle, 1 a vector, 2 a low-rank factor of rank k)."""
+
+
+def _int8_buffers(what: str, q: torch.Tensor, side: torch.Tensor) -> None:
+    if q.dtype != torch.int8 or not q.is_contiguous() or not q.is_cpu:
+        raise ValueError(f"{what}: 'q' must be a contiguous int8 CPU tensor")
+    if side.dtype != torch.float32 or not side.is_contiguous() or not side.is_cpu:
+        raise ValueError(f"{what}: 'side' must be a contiguous float32 CPU tensor")
+
+
+def payload_axpy(
+    acc: torch.Tensor,
+    q: torch.Tensor,
+    side: torch.Tensor,
+    segs: Sextuples,
+    chunk: int,
+    weight: float,
+) -> None:
+    """`acc += weight * dequantize(q, side)` for a whole int8 payload, in one native pass (the
+    arithmetic of `fedng.curvature.quantize.dequantize` per entry; a low-rank factor's
+    `B~ B~^T + sigma I` by float32 dots, never formed).
+
+    Args:
+        acc: float32, contiguous (written in place).
+        q: int8, contiguous; side: float32 scales, contiguous.
+        segs: flattened `(form, at, qat, sat, n, k)` sextuples.
+        chunk: entries of a vector that share one scale.
+        weight: the fold's weight.
 
     Raises:
-        ValueError: `side` is not a contiguous float32 CPU tensor, or a triangle runs past it.
+        ValueError: tensors of the wrong dtype or layout, or segments past their ends.
     """
-    if side.dtype != torch.float32 or not side.is_contiguous() or side.device.type != "cpu":
-        raise ValueError("int8_side_traces: 'side' must be a contiguous float32 CPU tensor")
-    got: list[float] = native.int8_side_traces(side=side.data_ptr(), nside=side.numel(), tris=tris)
-    return got if got or not tris else None
+    _int8_buffers("payload_axpy", q, side)
+    if acc.dtype != torch.float32 or not acc.is_contiguous() or not acc.is_cpu:
+        raise ValueError("payload_axpy: the sum must be a contiguous float32 CPU tensor")
+    native.int8_payload_axpy(
+        q=q.data_ptr(),
+        side=side.data_ptr(),
+        acc=acc.data_ptr(),
+        nq=q.numel(),
+        nside=side.numel(),
+        nacc=acc.numel(),
+        segs=segs,
+        chunk=chunk,
+        weight=weight,
+    )
+
+
+def payload_traces(
+    q: torch.Tensor, side: torch.Tensor, segs: Sextuples, chunk: int
+) -> list[float] | None:
+    """Per segment, the trace of its dequantized matrix read from its scales (a triangle:
+    `sum_i D_i (1 + delta)`, float32 products summed in float64) or a low-rank factor's digits
+    (`||B~||_F^2 + n sigma`); None when a segment is a vector or a scale is negative or not
+    finite.
+
+    Raises:
+        ValueError: tensors of the wrong dtype or layout, or segments past their ends.
+    """
+    _int8_buffers("payload_traces", q, side)
+    got: list[float] = native.int8_payload_traces(
+        q=q.data_ptr(),
+        side=side.data_ptr(),
+        nq=q.numel(),
+        nside=side.numel(),
+        segs=segs,
+        chunk=chunk,
+    )
+    return got if got or not segs else None
 
 
 def int8_triangles(vals: torch.Tensor, q: torch.Tensor, side: torch.Tensor, tris: Triples) -> None:
@@ -123,7 +141,7 @@ def int8_triangles(vals: torch.Tensor, q: torch.Tensor, side: torch.Tensor, tris
         (q, torch.int8, "q"),
         (side, torch.float32, "side"),
     ):
-        if t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu":
+        if t.dtype != dt or not t.is_contiguous() or not t.is_cpu:
             raise ValueError(f"int8_triangles: {name!r} must be a contiguous {dt} CPU tensor")
     if q.numel() != vals.numel():
         raise ValueError("int8_triangles: 'q' and 'vals' differ in size")
@@ -145,15 +163,58 @@ def sum_squares(ts: Sequence[torch.Tensor]) -> list[float]:
     Raises:
         ValueError: a tensor that is not a float tensor on the CPU.
     """
-    flat: list[torch.Tensor] = []
+    ptrs: list[int] = []
+    sizes: list[int] = []
+    half: list[bool] = []
+    keep: list[torch.Tensor] = []  # float32 copies live until the call returns
     for t in ts:
-        if t.dtype not in _READ or not t.is_contiguous() or t.device.type != "cpu":
-            if not t.is_floating_point() or t.device.type != "cpu":
+        if t.dtype not in _READ or not t.is_contiguous() or not t.is_cpu:
+            if not t.is_floating_point() or not t.is_cpu:
                 raise ValueError("sum_squares: expected float CPU tensors")
             t = t.float().contiguous()
-        flat.append(t)
-    return native.sum_squares(
-        xs=[t.data_ptr() for t in flat],
-        n=[t.numel() for t in flat],
-        bf16=[t.dtype == torch.bfloat16 for t in flat],
+            keep.append(t)
+        ptrs.append(t.data_ptr())
+        sizes.append(t.numel())
+        half.append(t.dtype == torch.bfloat16)
+    return native.sum_squares(xs=ptrs, n=sizes, bf16=half)
+
+
+def dots(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> list[float]:
+    """Per pair, `<x, y>` over all entries with products and sums in float64 (the float64 dot
+    of float64 copies, without the copies), all pairs in one native call; float32 contiguous
+    arrays are read in place, others as float32 copies.
+
+    Raises:
+        ValueError: a pair whose sizes differ, or a tensor that is not a float CPU tensor.
+    """
+    if len(xs) != len(ys):
+        raise ValueError("dots: as many xs as ys expected")
+    flat: list[list[torch.Tensor]] = [[], []]
+    for x, y in zip(xs, ys, strict=True):
+        if x.numel() != y.numel():
+            raise ValueError(f"dots: sizes differ ({x.numel()} and {y.numel()})")
+        for side, t in zip(flat, (x, y), strict=True):
+            if not t.is_floating_point() or not t.is_cpu:
+                raise ValueError("dots: expected float CPU tensors")
+            side.append(t.float().contiguous())
+    return native.dots_f64(
+        xs=[t.data_ptr() for t in flat[0]],
+        ys=[t.data_ptr() for t in flat[1]],
+        n=[t.numel() for t in flat[0]],
     )
+
+
+_UNPACK_CODES = {torch.float32: 0, torch.float64: 1}
+
+
+def unpack_into(vec: torch.Tensor, n: int) -> torch.Tensor | None:
+    """The symmetric [n, n] matrix of a packed lower triangle `vec` (row by row), unpacked in
+    one native tiled pass (every entry a copy, as `fedng.curvature.spec.unpack_triangle`); None
+    when `vec` is not a contiguous float32/float64 CPU tensor of n (n + 1) / 2 entries (then
+    the caller unpacks)."""
+    code = _UNPACK_CODES.get(vec.dtype)
+    if code is None or not vec.is_contiguous() or not vec.is_cpu or vec.numel() != n * (n + 1) // 2:
+        return None
+    out = torch.empty(n, n, dtype=vec.dtype)
+    native.unpack_triangle(dtype=code, vec=vec.data_ptr(), out=out.data_ptr(), n=n)
+    return out

@@ -43,7 +43,7 @@ import torch
 
 from fedng._typing import Arrays
 from fedng.curvature.layout import BlockLayout
-from fedng.curvature.packed_fold import int8_axpy, int8_side_traces, int8_triangles
+from fedng.curvature.packed_fold import int8_triangles, payload_axpy, payload_traces
 from fedng.curvature.packed_scale import scale_packed
 from fedng.curvature.spec import BlockSpec, pack_triangle, triangle_size, unpack_triangle
 
@@ -290,52 +290,43 @@ def _dequantize_runs(q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment
 def dequantize_add(
     acc: torch.Tensor, q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment], weight: float
 ) -> None:
-    """`acc += weight * dequantize(q, side, segs)` in one native pass (`packed_fold.int8_axpy`:
-    the same per-entry values, never materialized): how a server adds an int8 payload to its
-    running float32 sum.
+    """`acc += weight * dequantize(q, side, segs)` in one native pass (`packed_fold.payload_axpy`:
+    the same per-entry values, never materialized; a low-rank factor's `B~ B~^T + sigma I` by
+    float32 dots): how a server adds an int8 payload to its running float32 sum.
 
     Args:
         acc: float32 [N], contiguous, the running sum (written in place).
-        q: int8 values (any shape, N entries); side: their float32 scales.
+        q: int8 values (any shape); side: their float32 scales.
         segs: the payload's segments.
         weight: the fold's weight.
 
     Raises:
         ValueError: sizes or dtypes that do not match the segments.
     """
-    if any(form == "lrtri" for form, _ in segs):
-        _dequantize_add_runs(acc, q.reshape(-1), side.reshape(-1), segs, weight)
-        return
-    plan = _plan(tuple(segs))
-    if q.numel() != plan.total or side.numel() != plan.nside:
+    flat, nacc, nq, nside = _sextuples(tuple(segs))
+    if acc.numel() != nacc or q.numel() != nq or side.numel() != nside:
         raise ValueError(
-            f"dequantize_add: expected {plan.total} int8 values and {plan.nside} scales, got"
-            f" {q.numel()} and {side.numel()}"
+            f"dequantize_add: sizes do not match the segments ({nq} int8 values, {nside} scales"
+            f" and a sum of {nacc} expected, got {q.numel()}, {side.numel()} and {acc.numel()})"
         )
-    int8_axpy(
-        acc, q.reshape(-1), side.reshape(-1), plan.flat_tris, plan.flat_vecs, VEC_CHUNK, weight
-    )
+    payload_axpy(acc, q.reshape(-1), side.reshape(-1), flat, VEC_CHUNK, weight)
 
 
-def _matches(q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment]) -> bool:
-    """Whether int8 values and side data have the segments' sizes."""
-    sizes = [_sizes(x) for x in segs]
-    return q.numel() == sum(z[1] for z in sizes) and side.numel() == sum(z[2] for z in sizes)
+_FORMS = {"tri": 0, "vec": 1, "lrtri": 2}
 
 
-def _dequantize_add_runs(
-    acc: torch.Tensor, q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment], weight: float
-) -> None:
-    """`dequantize_add` with low-rank segments: the runs between them folded natively in place,
-    each low-rank factor rebuilt (`B~ B~^T + sigma I`, 2 n^2 k flops) and added."""
-    if not _matches(q, side, segs) or acc.numel() != sum(_sizes(x)[0] for x in segs):
-        raise ValueError("dequantize_add: sizes do not match the segments")
-    for r in _runs(segs):
-        dst = acc[r.floats]
-        if r.lowrank:
-            dst.add_(_dequantize_lowrank(q[r.q], side[r.side], r.segs[0][1]), alpha=weight)
-        else:
-            dequantize_add(dst, q[r.q], side[r.side], r.segs, weight)
+@functools.lru_cache(maxsize=16)
+def _sextuples(segs: tuple[Segment, ...]) -> tuple[tuple[int, ...], int, int, int]:
+    """`segs` as flattened `(form, float offset, int8 offset, side offset, n, k)` sextuples
+    (`packed_fold.payload_axpy`), and the payload's float entries, int8 values and side floats;
+    once per layout."""
+    flat: list[int] = []
+    at = qat = sat = 0
+    for form, n in segs:
+        size, nq, ns = _sizes((form, n))
+        flat += [_FORMS[form], at, qat, sat, n, ns - 1 if form == "lrtri" else 0]
+        at, qat, sat = at + size, qat + nq, sat + ns
+    return tuple(flat), at, qat, sat
 
 
 @dataclass(frozen=True)
@@ -352,7 +343,6 @@ class _Plan:
     total: int
     nside: int
     flat_tris: tuple[int, ...]
-    flat_vecs: tuple[int, ...]
 
 
 @functools.lru_cache(maxsize=16)
@@ -382,7 +372,6 @@ def _plan(segs: tuple[Segment, ...]) -> _Plan:
         at,
         sat,
         tuple(x for t in tris for x in t),
-        tuple(x for v in vecs for x in v),
     )
 
 
@@ -406,50 +395,25 @@ def side_traces(
     `D_i (1 + delta)` is non-negative, `|M^_ij| <= sqrt(D_i D_j)`, and
     `||M^||_F^2 <= sum_i D_i^2 (1 + delta)^2 + sum_(i != j) D_i D_j <= ((1 + delta) tr D)^2`:
     the PSD necessary condition `||M^||_F <= tr M^` holds, and `||M^||_F <= tr M^ <= max_abs`.
+    A low-rank factor `M^ = B~ B~^T + sigma I` is PSD by construction when its scales and
+    `sigma >= 0` are finite, so `||M^||_F <= tr M^ = ||B~||_F^2 + n sigma` (read from its 2 n k
+    digits; no n x n matrix is formed).
 
     Returns:
         Per triangle, in segment order, `sum_i D_i (1 + delta)` (float32 products, as
         `dequantize` writes the diagonal, summed in float64); None as above.
     """
-    if side.dtype != torch.float32:
+    flat, _, nq, nside = _sextuples(tuple(segs))
+    if side.dtype != torch.float32 or q.dtype != torch.int8:
         return None
-    if any(form == "lrtri" for form, _ in segs):
-        return _side_traces_runs(q.reshape(-1), side.reshape(-1), segs, max_abs)
-    plan = _plan(tuple(segs))
-    if plan.vecs or q.numel() != plan.total or side.numel() != plan.nside:
+    if q.numel() != nq or side.numel() != nside:
         return None
-    traces = int8_side_traces(side.reshape(-1).contiguous(), plan.flat_tris)
+    traces = payload_traces(
+        q.reshape(-1).contiguous(), side.reshape(-1).contiguous(), flat, VEC_CHUNK
+    )
     if traces is None or any(t > max_abs for t in traces):
         return None
     return traces
-
-
-def _side_traces_runs(
-    q: torch.Tensor, side: torch.Tensor, segs: Sequence[Segment], max_abs: float
-) -> list[float] | None:
-    """`side_traces` with low-rank segments. A low-rank factor `M^ = B~ B~^T + sigma I` is PSD
-    by construction when its scales and `sigma >= 0` are finite, so `||M^||_F <= tr M^ =
-    ||B~||_F^2 + n sigma` (read from its 2 n k digits, no n x n matrix is formed)."""
-    if not _matches(q, side, segs):
-        return None
-    out: list[float] = []
-    for r in _runs(segs):
-        qq, ss = q[r.q], side[r.side]
-        if not r.lowrank:
-            got = side_traces(qq, ss, r.segs, max_abs)
-            if got is None:
-                return None
-            out += got
-            continue
-        if not bool(torch.isfinite(ss).all()) or float(ss.min()) < 0:
-            return None
-        n = r.segs[0][1]
-        b = _lowrank_factor(qq, ss[:-1], n).double()
-        trace = float((b * b).sum()) + n * float(ss[-1])
-        if trace > max_abs:
-            return None
-        out.append(trace)
-    return out
 
 
 def payload_segments(meta: dict[str, Any]) -> dict[str, list[Segment]]:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import torch
 
+from fedng.curvature.packed_fold import unpack_into
+
 BlockKind = Literal["kron", "embedding", "elementwise"]
 """`kron`: Linear-like (Linear, Conv2d, attention projections): K-FAC with dense A and G.
 `embedding`: K-FAC with a diagonal A (one-hot inputs). `elementwise`: normalization layers, whose
@@ -181,6 +183,9 @@ def unpack_triangle(vec: torch.Tensor, n: int, dtype: torch.dtype | None = None)
             f"unpack_triangle: expected {triangle_size(n)} values for n = {n}, got {vec.numel()}"
         )
     values = vec if dtype is None else vec.to(dtype)
+    fast = unpack_into(values, n)  # float32/float64: one native tiled pass, the same copies
+    if fast is not None:
+        return fast
     lower, upper = _tril_flat(n)
     out = torch.empty(n * n, dtype=values.dtype)
     out.index_copy_(0, upper, values)

@@ -171,6 +171,15 @@ class ServerMessage:
     dtype: str = "fp32"
     nbytes: int = -1
 
+    def _wire_meta(self) -> dict[str, Any]:
+        return {
+            "type": "server_message",
+            "round": self.round,
+            "algorithm": self.algorithm,
+            "dtype": self.dtype,
+            "meta": self.meta,
+        }
+
     def to_bytes(self) -> bytes:
         """The message's wire bytes."""
         extras = {
@@ -178,22 +187,26 @@ class ServerMessage:
             for k, v in self.extras.items()
         }
         arrays = {**_prefixed("param", self.params), **_prefixed("extra", extras)}
-        meta = {
-            "type": "server_message",
-            "round": self.round,
-            "algorithm": self.algorithm,
-            "dtype": self.dtype,
-            "meta": self.meta,
-        }
-        return wire.pack(arrays, meta=meta, symmetric=[f"extra/{s}" for s in self.symmetric])
+        return wire.pack(
+            arrays, meta=self._wire_meta(), symmetric=[f"extra/{s}" for s in self.symmetric]
+        )
 
     def seal(self) -> ServerMessage:
-        """Casts `extras` to the wire dtype (what clients will see), sets `nbytes`; returns self."""
+        """Casts `extras` to the wire dtype (what clients will see), sets `nbytes` (the exact
+        `len(self.to_bytes())`, counted without serializing); returns self."""
         wd = wire.wire_dtype(self.dtype)
         self.extras = {
             k: v.to(wd).float() if v.is_floating_point() else v for k, v in self.extras.items()
         }
-        self.nbytes = len(self.to_bytes())
+        self.nbytes = wire.packed_size(
+            [(f"param/{k}", v.dtype, v.shape) for k, v in self.params.items()]
+            + [
+                (f"extra/{k}", wd if v.is_floating_point() else v.dtype, v.shape)
+                for k, v in self.extras.items()
+            ],
+            meta=self._wire_meta(),
+            symmetric=[f"extra/{s}" for s in self.symmetric],
+        )
         return self
 
     @staticmethod

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from fedng.curvature.packed_fold import sum_squares
 from fedng.federated.algorithms.base import Accumulator, Algorithm, Answer, State
 from fedng.federated.algorithms.curvature_payload import (
     signature,
@@ -76,10 +77,13 @@ class Verdict:
 
 def non_finite(state: State) -> list[str]:
     """Names of the state's float arrays holding NaN or Inf."""
-    return [
+    named = [(k, v) for k, v in {**state.params, **state.buffers}.items() if v.is_floating_point()]
+    fast = [(k, v) for k, v in named if v.dtype in (torch.float32, torch.bfloat16)]
+    sq = dict(zip([k for k, _ in fast], sum_squares([v for _, v in fast]), strict=True))
+    return [  # float32 / bf16 in one native pass (NaN/Inf iff an entry is), others by torch
         k
-        for k, v in {**state.params, **state.buffers}.items()
-        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        for k, v in named
+        if not (math.isfinite(sq[k]) if k in sq else bool(torch.isfinite(v).all()))
     ]
 
 
@@ -297,8 +301,7 @@ class ServerRound:
         t0, c0 = time.perf_counter(), time.thread_time()
         if self.held:
             self._release(final=True)
-        new = self.state.copy()
-        new.log = {}
+        new: State | None = None  # the state itself, copied only when the round changes nothing
         log: dict[str, Any] = {"rejected": self.rejected}
         accepted = list(self.weights)
         if accepted:
@@ -322,6 +325,9 @@ class ServerRound:
                 accepted = []
         else:
             log["skipped"] = "no valid update this round"
+        if new is None:
+            new = self.state.copy()
+            new.log = {}
         if self.probe_message is not None:
             log["probe_answered"] = len(self.answered)
         new.log = {"accepted": accepted, **log, **new.log}

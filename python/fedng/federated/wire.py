@@ -24,9 +24,10 @@ Every decoding failure, whatever its cause, is raised as one exception type, `Pa
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,11 +152,49 @@ def pack(
         raw = _to_bytes(t)
         entries.append([name, _NAME_OF[t.dtype], layout, shape, len(raw)])
         chunks.append(raw)
-    header = json.dumps(
-        {"meta": dict(meta or {}), "arrays": entries}, separators=(",", ":"), allow_nan=True
-    ).encode("utf-8")
+    header = _header(meta, entries)
     body = b"".join([_PREFIX.pack(MAGIC, VERSION, len(header)), header, *chunks])
     return body + _CRC.pack(zlib.crc32(body))
+
+
+def _header(meta: Mapping[str, Any] | None, entries: list[list[Any]]) -> bytes:
+    return json.dumps(
+        {"meta": dict(meta or {}), "arrays": entries}, separators=(",", ":"), allow_nan=True
+    ).encode("utf-8")
+
+
+def packed_size(
+    arrays: Iterable[tuple[str, torch.dtype, Sequence[int]]],
+    *,
+    meta: Mapping[str, Any] | None = None,
+    symmetric: Iterable[str] = (),
+) -> int:
+    """`len(pack(...))` of arrays given by name, wire dtype and shape, without serializing them
+    (a server sizes every message it sends: its bytes are counted, not copied).
+
+    Args:
+        arrays: (name, the dtype it travels in, shape), in `pack`'s order.
+        meta: the JSON metadata.
+        symmetric: names of square matrices that travel as packed triangles.
+
+    Returns:
+        The exact byte count `pack` gives the same arrays (in those dtypes) and metadata.
+
+    Raises:
+        TypeError: a dtype that is not a wire dtype.
+    """
+    sym = set(symmetric)
+    entries: list[list[Any]] = []
+    blob = 0
+    for name, dt, shape in arrays:
+        if dt not in _NAME_OF:
+            raise TypeError(f"packed_size: array {name!r} has dtype {dt}, not a wire dtype")
+        dims = [int(x) for x in shape]
+        n = dims[0] * (dims[0] + 1) // 2 if name in sym else math.prod(dims)
+        nbytes = n * torch.empty((), dtype=dt).element_size()
+        entries.append([name, _NAME_OF[dt], "sym" if name in sym else "dense", dims, nbytes])
+        blob += nbytes
+    return _PREFIX.size + len(_header(meta, entries)) + blob + _CRC.size
 
 
 def unpack(data: bytes) -> Packed:

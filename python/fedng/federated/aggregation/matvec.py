@@ -19,6 +19,7 @@ import torch
 from fedng import ops
 from fedng._typing import Arrays
 from fedng.curvature import KFAC, CurvatureSet, DiagonalFisher, LowRankFisher, to_matrix
+from fedng.curvature.packed_fold import dots
 
 Vectors = list[torch.Tensor | None]
 """Per block (in `CurvatureSet.layouts` order) a block matrix [m, n], or None (skipped)."""
@@ -95,10 +96,11 @@ def block_vectors(cs: CurvatureSet, arrays: Arrays) -> list[torch.Tensor]:
 
 
 def block_dots(us: Sequence[torch.Tensor | None], vs: Sequence[torch.Tensor | None]) -> list[float]:
-    """Per block `<u_i, v_i>` in float64 (0 where either is None)."""
-    return [
-        0.0
-        if u is None or v is None
-        else float(torch.dot(u.reshape(-1).double(), v.reshape(-1).double()))
-        for u, v in zip(us, vs, strict=True)
-    ]
+    """Per block `<u_i, v_i>` in float64 (0 where either is None), all in one native call."""
+    pairs = [(i, u, v) for i, (u, v) in enumerate(zip(us, vs, strict=True)) if u is not None]
+    live = [(i, u, v) for i, u, v in pairs if v is not None]
+    out = [0.0] * len(us)
+    got = dots([u for _, u, _ in live], [v for _, _, v in live]) if live else []
+    for (i, _, _), d in zip(live, got, strict=True):
+        out[i] = d
+    return out

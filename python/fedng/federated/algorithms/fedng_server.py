@@ -26,7 +26,7 @@ from fedng.curvature.quantize import (
     quantize_arrays,
 )
 from fedng.federated.aggregation.mean import apply_server_step
-from fedng.federated.aggregation.psd import psd_tests
+from fedng.federated.aggregation.psd import psd_tests, unpacked_checks
 from fedng.federated.aggregation.summable import (
     CONTRIB_PREFIX,
     REPLY_KEY,
@@ -229,13 +229,7 @@ class CurvatureSums:
             self.pooled_arrays = self.curv.scaled(scale)
             pooled = CurvatureSet.from_arrays(self.pooled_arrays, self.meta)
             try:  # `pooled.validate`, large factors without forming their inverses
-                psd_tests(
-                    [
-                        c
-                        for r in pooled.reps.values()
-                        for c in r.psd_checks(self.psd_tol, self.wire_eps)
-                    ]
-                )
+                psd_tests(unpacked_checks(pooled, self.psd_tol, self.wire_eps))
             except ValueError as err:
                 self.bad = f"pooled curvature rejected ({str(err)[:120]})"
                 return None
