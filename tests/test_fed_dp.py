@@ -63,8 +63,8 @@ def test_noise_has_the_requested_std_and_is_reproducible_by_seed() -> None:
 
 def test_noise_std_splits_across_clients() -> None:
     z, c = 1.3, 0.5
-    central = dp.noise_std(z, c, parts=2)
-    share = dp.noise_std(z, c, parts=2, share=16)
+    central = dp.noise_std(z, c, fraction=0.5)
+    share = dp.noise_std(z, c, fraction=0.5, share=16)
     assert central == pytest.approx(z * math.sqrt(2) * c)
     assert 16 * share**2 == pytest.approx(central**2)  # the shares' sum has the central variance
 
@@ -274,3 +274,14 @@ def test_cli_dp_gives_fedng_absolute_damping_unless_the_user_set_damping() -> No
         assert dp_overrides(["fedng"], user) == user
     _, sc = make_configs("fedng", dp_overrides(["fedng"], {})["fedng"])
     assert (sc.options.damping_scale, sc.options.damping) == ("absolute", 0.03)
+
+
+def test_cli_dp_metric_fills_the_rest_of_the_metric_preset() -> None:
+    from fedng.cli import DP_METRIC_FEDNG, dp_overrides
+
+    out = dp_overrides(["fedng"], {"fedng": {"dp_metric": "curvature", "lr": 0.1}})
+    assert out["fedng"] == {**DP_METRIC_FEDNG, "lr": 0.1}
+    out = dp_overrides(["fedng"], {"*": {"dp_metric": "curvature", "damping": 1.0}})
+    assert "damping" not in out["fedng"] and out["fedng"]["dp_curvature_release"] == "input"
+    cc, sc = make_configs("fedng", out["fedng"] | out["*"])
+    assert sc.dp_metric == "curvature" and cc.options.damping == 1.0  # type: ignore[attr-defined]
