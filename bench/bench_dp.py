@@ -21,7 +21,12 @@ budget on choosing it). FedNG keeps its curvature on the client (`dp_curvature_c
 preconditions its local steps with its own curvature; only the clipped delta is released, so
 the noise is the same mechanism as FedAvg's); `--share-curvature` adds FedNG with its
 curvature clipped to the median payload norm and released under the same ε (the noise then
-grows by sqrt(2)); method "fedng+avgclip" is FedNG with FedAvg's clip (so FedAvg's noise).
+grows by sqrt(2)); method "fedng+avgclip" is FedNG with FedAvg's clip (so FedAvg's noise);
+method "fedng+metric" is FedNG with `cli.DP_METRIC_FEDNG` (clip and noise in the metric of its
+private input curvature, `aggregation.dp_metric`): its curvature clip is the median norm of the
+released input shapes, its clip C the median round-0 norm with the identity metric and no
+preconditioner (no curvature is public in round 0; from round 1 on the public metric sets the
+delta's scale).
 Reported: the final test accuracy (median [min, max] over seeds) and the chosen configuration,
 beside the non-private run (`--clean-rounds` rounds).
 Target: FedNG at ε = 4 at least matches FedAvg at ε = 4.
@@ -30,8 +35,8 @@ Finished runs are appended to the JSON at once; a rerun skips them.
 
 Usage: python bench/bench_dp.py [--quick] [--tasks digits,mnist1d] [--seeds 0,1,2]
 [--epsilons 1,4,8] [--rounds 5,10,20] [--knob METHOD:KEY=V1,V2 ...]. The issue-14 table:
-`--knob fedng:damping_scale=absolute --knob fedng:damping=0.03,0.1,0.3 --knob
-fedavg:lr=0.05,0.1,0.2` (docs/robustness_privacy.md). Writes bench/results/bench_dp.{json,md}.
+`--methods fedng+metric,fedavg --knob all:lr=0.05,0.1,0.2,0.5,1.0` (docs/results/bench_dp.md).
+Writes bench/results/bench_dp.{json,md}.
 """
 
 from __future__ import annotations
@@ -48,7 +53,11 @@ from typing import Any
 
 import torch
 from _resumable import Runs
+from fedng.cli import DP_METRIC_FEDNG
+from fedng.curvature import CurvatureSet
+from fedng.curvature.quantize import float_payload
 from fedng.federated.aggregation.dp import noise_multiplier_for
+from fedng.federated.aggregation.dp_metric import input_shapes
 from fedng.federated.client import get_params
 from fedng.federated.config import make_configs
 from fedng.federated.report.threats import record_threats
@@ -59,7 +68,7 @@ from fedng.federated.validate import delta_norm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TUNE_SEED = 100
-INT_KNOBS = frozenset({"local_steps", "batch_size"})
+INT_KNOBS = frozenset({"local_steps", "batch_size", "dp_curvature_rank"})
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,17 @@ def grid(args: argparse.Namespace, method: str) -> list[DpConfig]:
     ]
 
 
+def _released_norm(u: Any, release: str) -> float:
+    """The norm of an update's curvature as the DP clip sees it: the float payload (int8 kinds
+    dequantized; the raw int8 payload's norm is ~400x larger), transformed as `release` says."""
+    arrays, meta = float_payload(u.curvature, u.meta["curv"])
+    if release == "input":
+        cs = CurvatureSet.from_arrays({k: v.float() for k, v in arrays.items()}, meta)
+        input_shapes(cs)
+        arrays = cs.to_arrays(torch.float32)[0]
+    return math.sqrt(sum(float((v.double() ** 2).sum()) for v in arrays.values()))
+
+
 def clips(
     task_name: str, algo: str, clients: int, seed: int, settings: dict[str, Any] | None = None
 ) -> tuple[float, float]:
@@ -206,11 +226,8 @@ def clips(
     model = task.model_fn(seed)
     _, msg = server_init(get_params(model), sc)
     ups = [client_step(model, c, msg, cc) for c in task.clients]
-    curv = [
-        math.sqrt(sum(float((v.double() ** 2).sum()) for v in u.curvature.values()))
-        for u in ups
-        if u.curvature
-    ]
+    release = (settings or {}).get("dp_curvature_release", "full")
+    curv = [_released_norm(u, release) for u in ups if u.curvature]
     return statistics.median(delta_norm(u) for u in ups), statistics.median(curv or [0.0])
 
 
@@ -225,14 +242,21 @@ def run_one(
 ) -> dict[str, Any]:
     """One run of `cfg` at ε (inf: without DP, `cfg.rounds` rounds, no clip)."""
     algo = method.split("+")[0]
+    metric = method.endswith("+metric")  # curvature released, deltas clipped in its metric
     task = make_task(task_name, num_clients=args.clients, seed=seed)
-    cc, sc = make_configs(algo, cfg.settings())
+    settings = cfg.settings()
+    if metric and math.isfinite(eps):
+        settings = {**DP_METRIC_FEDNG, **settings}
+    cc, sc = make_configs(algo, settings)
     dp = None
     if math.isfinite(eps):
-        c, cf = clips(task_name, algo, args.clients, seed, cfg.settings())
+        c, cf = clips(task_name, algo, args.clients, seed, settings)
+        if method.endswith("+metric"):  # C: the update in the identity metric (no curvature
+            # is public in round 0), which from round 1 on sets the delta's scale
+            c = clips(task_name, algo, args.clients, seed, {**settings, "precond": "none"})[0]
         if method.endswith("+avgclip"):  # the same clip, so the same noise, as FedAvg
             c = clips(task_name, "fedavg", args.clients, seed)[0]
-        c, cf = c * cfg.mult, (cf if method.endswith("+curv") else 0.0)
+        c, cf = c * cfg.mult, (cf if method.endswith("+curv") or metric else 0.0)
         z = noise_multiplier_for(eps, args.delta, cfg.rounds, 1.0)
         knobs: dict[str, Any] = {
             "dp_clip": c,
@@ -335,24 +359,24 @@ def rows_of(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """FedNG vs FedAvg at ε = 4, per task (each with its selected configuration)."""
+    """Each FedNG variant ("fedng", "fedng+metric", ...) vs FedAvg at ε = 4, per task (each
+    with its selected configuration)."""
     out = []
     for task in sorted({r["task"] for r in rows}):
         at4 = [r for r in rows if r["task"] == task and r["target_epsilon"] == 4.0]
-        if not at4:
+        avg = [r for r in at4 if r["method"] == "fedavg"]
+        ngs = [r for r in at4 if r["method"].split("+")[0] == "fedng"]
+        if len(avg) != 1 or not ngs or len({r["method"] for r in ngs}) != len(ngs):
+            if at4:
+                out.append(f"{task} ε=4: not one evaluated configuration per method, no verdict")
             continue
-        if sorted(r["method"] for r in at4 if r["method"] in ("fedng", "fedavg")) != [
-            "fedavg",
-            "fedng",
-        ]:
-            out.append(f"{task} ε=4: not one evaluated configuration per method, no verdict")
-            continue
-        ng, avg = (next(r for r in at4 if r["method"] == m) for m in ("fedng", "fedavg"))
-        out.append(
-            f"{task} ε=4: FedNG ({ng['config']}) {ng['final_median']:.4f} vs FedAvg"
-            f" ({avg['config']}) {avg['final_median']:.4f} over {ng['seeds']}/{avg['seeds']}"
-            f" seeds -> {'MET' if ng['final_median'] >= avg['final_median'] else 'MISSED'}"
-        )
+        a = avg[0]
+        for ng in sorted(ngs, key=lambda r: str(r["method"])):
+            out.append(
+                f"{task} ε=4: {ng['method']} ({ng['config']}) {ng['final_median']:.4f} vs FedAvg"
+                f" ({a['config']}) {a['final_median']:.4f} over {ng['seeds']}/{a['seeds']}"
+                f" seeds -> {'MET' if ng['final_median'] >= a['final_median'] else 'MISSED'}"
+            )
     return out
 
 

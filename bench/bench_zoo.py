@@ -11,7 +11,8 @@ NG's best <= tuned SGD's on every model and <= tuned Adam's on >= 3 of 6; NG at 
 within 2x of its own best.
 
 Run: `python bench/bench_zoo.py [--steps 500] [--quick] [--models ...] [--threads 1]`
-(`--quick`: 60 steps, three lrs per optimizer). Writes `bench/results/bench_zoo.json`.
+(`--quick`: 60 steps, three lrs per optimizer; `--float64`: the same runs in float64, to tell
+float32 round-off from a real difference). Writes `bench/results/bench_zoo.json`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fedng.optim import NaturalGradient
 from fedng.optim.natural_gradient import DEFAULT_LR
 from fedng.optim.trust import TRUST_MODES
 from torch import nn
-from zoo import ZOO, Run, StepHook, train
+from zoo import ZOO, Run, StepHook, float64, train
 
 SGD_LRS = [0.01, 0.03, 0.1, 0.3, 1.0]
 ADAM_LRS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
@@ -84,8 +85,9 @@ def run_model(
     trust: str | None = None,
     optimizers: list[str] | None = None,
     ng_lrs: list[float] | None = None,
+    double: bool = False,
 ) -> dict[str, Any]:
-    entry = ZOO[name]
+    entry = float64(ZOO[name]) if double else ZOO[name]
     entry.data()
     out: dict[str, Any] = {"runs": {}}
     fallbacks = 0
@@ -175,6 +177,9 @@ def main() -> int:
         "--optimizers", nargs="*", default=None, choices=["ng", "sgd", "adam"], help="a subset"
     )
     p.add_argument("--ng-lrs", nargs="*", type=float, default=None, help="NG's lrs (a probe)")
+    p.add_argument(
+        "--float64", action="store_true", help="models and data in float64 (a round-off check)"
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,7 +189,14 @@ def main() -> int:
     models = {}
     for name in args.models:
         models[name] = run_model(
-            name, steps, args.quick, args.kl_clip, args.trust, args.optimizers, args.ng_lrs
+            name,
+            steps,
+            args.quick,
+            args.kl_clip,
+            args.trust,
+            args.optimizers,
+            args.ng_lrs,
+            args.float64,
         )
         runs = ", ".join(f"{k} {r['final_loss']:.4g}" for k, r in models[name]["runs"].items())
         print(f"{name}: {runs} ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -196,13 +208,14 @@ def main() -> int:
         "default_lr": DEFAULT_LR,
         "kl_clip": args.kl_clip,
         "trust": args.trust,
+        "float64": args.float64,
         "grids": grids(args.quick, args.optimizers, args.ng_lrs),
         "machine": machine_info(),
         "cpu_usage": usage,
         "wall_s": time.perf_counter() - t0,
         "models": models,
     }
-    if args.optimizers is None and args.ng_lrs is None:
+    if args.optimizers is None and args.ng_lrs is None and not args.float64:
         payload["targets"] = targets(models)
         print(table(models))
         print("targets:", payload["targets"])

@@ -65,3 +65,34 @@ def test_selection_uses_the_tuning_seeds_final_validation_only() -> None:
     labels = ["T2", "T5", "T10", "T20", "T3"]
     assert B.chosen(runs, "digits", "fedng", 4.0, labels) == "T10"
     assert B.chosen(runs, "digits", "fedavg", 4.0, labels) is None
+
+
+def test_curvature_clip_is_the_float_payload_norm_and_the_input_shapes_norm() -> None:
+    """The curvature clip must be measured on what the DP clip sees (the dequantized payload),
+    not on the int8 wire payload (~400x larger on digits); the "input" release is unit-trace
+    input factors, norm <= sqrt(blocks)."""
+    full = B.clips("digits", "fedng", 3, 0, {"compression": "int8"})[1]
+    plain = B.clips("digits", "fedng", 3, 0, {"compression": "none"})[1]
+    assert full == pytest.approx(plain, rel=0.05)
+    shapes = B.clips("digits", "fedng", 3, 0, {"dp_curvature_release": "input"})[1]
+    assert 0 < shapes <= math.sqrt(2) * (1 + 1e-6)
+
+
+def test_verdict_compares_every_fedng_variant_with_fedavg() -> None:
+    def row(method: str, acc: float) -> dict[str, object]:
+        return {
+            "task": "digits",
+            "target_epsilon": 4.0,
+            "method": method,
+            "config": "T10",
+            "seeds": 3,
+            "final_median": acc,
+        }
+
+    out = B.verdicts([row("fedavg", 0.3), row("fedng", 0.2), row("fedng+metric", 0.31)])
+    assert len(out) == 2
+    assert "fedng (T10) 0.2000" in out[0] and out[0].endswith("MISSED")
+    assert "fedng+metric" in out[1] and out[1].endswith("MET")
+    assert B.verdicts([row("fedng", 0.2)]) == [
+        "digits ε=4: not one evaluated configuration per method, no verdict"
+    ]

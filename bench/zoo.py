@@ -199,6 +199,30 @@ ZOO: dict[str, Entry] = {
 """Every zoo model by name."""
 
 
+def float64(entry: Entry) -> Entry:
+    """`entry` in float64 (model and inputs; class ids stay int64), its own data cache: to tell
+    a float32 round-off effect from a real one."""
+
+    def load() -> Tensors:
+        x, y, xt, yt = entry.data()
+        cast = (lambda t: t.double()) if entry.loss == "mse" else (lambda t: t)
+        return _double(x), cast(y), _double(xt), cast(yt)
+
+    return Entry(
+        f"{entry.name}_f64",
+        lambda: entry.build().double(),
+        load,
+        entry.loss,
+        entry.batch_size,
+        entry.seed,
+    )
+
+
+def _double(t: torch.Tensor) -> torch.Tensor:
+    """Floating inputs in float64; token ids (the transformer's) unchanged."""
+    return t.double() if t.is_floating_point() else t
+
+
 # --- training -------------------------------------------------------------------------------
 
 

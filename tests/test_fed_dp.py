@@ -3,6 +3,7 @@ stage of a round (`aggregation.dp`, `aggregation.stage`, `client.privacy`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -12,10 +13,12 @@ from _fed import blobs_task
 from fedng.federated.aggregation import dp
 from fedng.federated.aggregation.stage import decode
 from fedng.federated.aggregation.summable import CONTRIB_PREFIX
+from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.client import get_params
 from fedng.federated.config import ServerConfig, make_configs
 from fedng.federated.messages import ClientUpdate, ServerState
 from fedng.federated.round import client_step, server_init, server_step
+from fedng.federated.validate import validate_updates
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,8 +66,8 @@ def test_noise_has_the_requested_std_and_is_reproducible_by_seed() -> None:
 
 def test_noise_std_splits_across_clients() -> None:
     z, c = 1.3, 0.5
-    central = dp.noise_std(z, c, parts=2)
-    share = dp.noise_std(z, c, parts=2, share=16)
+    central = dp.noise_std(z, c, fraction=0.5)
+    share = dp.noise_std(z, c, fraction=0.5, share=16)
     assert central == pytest.approx(z * math.sqrt(2) * c)
     assert 16 * share**2 == pytest.approx(central**2)  # the shares' sum has the central variance
 
@@ -274,3 +277,33 @@ def test_cli_dp_gives_fedng_absolute_damping_unless_the_user_set_damping() -> No
         assert dp_overrides(["fedng"], user) == user
     _, sc = make_configs("fedng", dp_overrides(["fedng"], {})["fedng"])
     assert (sc.options.damping_scale, sc.options.damping) == ("absolute", 0.03)
+
+
+def test_cli_dp_metric_fills_the_rest_of_the_metric_preset() -> None:
+    from fedng.cli import DP_METRIC_FEDNG, dp_overrides
+
+    out = dp_overrides(["fedng"], {"fedng": {"dp_metric": "curvature", "lr": 0.1}})
+    assert out["fedng"] == {**DP_METRIC_FEDNG, "lr": 0.1}
+    out = dp_overrides(["fedng"], {"*": {"dp_metric": "curvature", "damping": 1.0}})
+    assert "damping" not in out["fedng"] and out["fedng"]["dp_curvature_release"] == "input"
+    cc, sc = make_configs("fedng", out["fedng"] | out["*"])
+    assert sc.dp_metric == "curvature" and cc.options.damping == 1.0  # type: ignore[attr-defined]
+
+
+def test_dp_server_clips_an_oversized_update_instead_of_rejecting_it_against_the_round() -> None:
+    # A rejection relative to the round's median would depend on the other clients' data (not
+    # counted by the accountant): under DP the server's own clip bounds the update instead.
+    c, n = 0.05, 4
+    state, _, private = dp_round("fedavg", {"dp_clip": c, "dp_noise_multiplier": 0.0})
+    big = {k: v * 1e4 for k, v in private[0].delta.items()}
+    private[0] = dataclasses.replace(private[0], delta=big)
+    accepted, rejected = validate_updates(state, private, get_algorithm("fedavg"))
+    assert rejected == {} and len(accepted) == n
+    new, _ = server_step(state, private)
+    for k, v in state.params.items():
+        mean = sum(dp.clip_l2(p.delta, c)[0][k] for p in private) / n
+        assert torch.allclose(new.params[k], v + mean, atol=1e-6)
+    # without DP the same payload is rejected against the round's median
+    plain = dataclasses.replace(state, config=dataclasses.replace(state.config, dp_clip=0.0))
+    _, rejected = validate_updates(plain, private, get_algorithm("fedavg"))
+    assert list(rejected) == [private[0].client_id]

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fedng.errors import CurvatureWarning
+from fedng.optim.config import DEFAULT_KL_CLIP
 from fedng.optim.natural_gradient import NaturalGradient
 from fedng.optim.trust import (
     DEFAULT_INITIAL_RADIUS,
@@ -53,6 +54,124 @@ def test_rule_decisions() -> None:
     assert rule.decide(-0.8, 0.01, count=50, clipped=True) == -1  # a significant overshoot
     assert rule.decide(-0.8, 1.0, count=50, clipped=True) == 0  # overshoot within noise
     assert rule.bounded(10.0) == 1.0 and rule.bounded(0.0) == 1e-3
+
+
+def test_rule_gives_back_only_growth_the_steps_no_longer_earn() -> None:
+    rule = TrustRule(max_radius=1.0, min_radius=1e-3, anchor=1e-2)
+    assert rule.decide(-0.3, 0.01, count=50, clipped=True, radius=0.05) == -2  # above its start
+    assert rule.decide(-0.3, 0.01, count=50, clipped=True, radius=1e-2) == 0  # at the anchor
+    assert rule.decide(-0.2, 0.01, count=50, clipped=True, radius=0.05) == 0  # near the minimum
+    assert rule.decide(-0.3, 1.0, count=50, clipped=True, radius=0.05) == 0  # within noise
+    assert rule.decide(-0.3, 0.01, count=2, clipped=True, radius=0.05) == 0  # warming up
+    assert rule.decide(-0.8, 0.01, count=50, clipped=True, radius=1e-2) == -1  # overshoot rule
+
+
+def feed(r: TrustRegion, cs: list[float], clipped: bool = True) -> list[float]:
+    """Drives `r` with a synthetic sequence of continuation ratios: each step moves θ by +1
+    along a slope of -1 before it, and the slope after it is -c (so the observed ratio is c).
+    Returns the radius after each observation."""
+    theta = torch.zeros(1, dtype=torch.float64)
+    down = [torch.full((1,), -1.0, dtype=torch.float64)]
+    r.remember([theta], down, taken=1.0, clipped=clipped)
+    radii = []
+    for c in cs:
+        theta = theta + 1.0
+        r.observe([theta], [torch.full((1,), -c, dtype=torch.float64)])
+        r.remember([theta], down, taken=1.0, clipped=clipped)
+        radii.append(r.radius)
+    return radii
+
+
+def test_a_radius_grown_on_short_steps_comes_back_to_its_start_when_they_overshoot() -> None:
+    r = trust_region("adaptive", DEFAULT_KL_CLIP)
+    assert r is not None and r.rule.anchor == DEFAULT_INITIAL_RADIUS
+    grown = feed(r, [0.9] * 40)  # far too short: grows
+    assert grown[-1] > 10 * DEFAULT_INITIAL_RADIUS
+    # then a mild, significant overshoot (mean c -0.3, noise ±0.05): once c's average has
+    # turned, the growth is given back, monotonically and never below the start
+    after = feed(r, [-0.25, -0.35] * 100)
+    assert all(b <= a for a, b in itertools.pairwise(after[20:]))
+    assert after[-1] == pytest.approx(DEFAULT_INITIAL_RADIUS) and min(after) >= after[-1]
+    assert r.shrunk > 0
+
+
+def test_a_mild_overshoot_keeps_a_radius_at_or_below_its_start() -> None:
+    r = trust_region("adaptive", DEFAULT_KL_CLIP)
+    assert r is not None
+    assert feed(r, [-0.25, -0.35] * 100)[-1] == DEFAULT_INITIAL_RADIUS  # the transformer's case
+    assert feed(r, [-0.65, -0.75] * 20)[-1] < DEFAULT_INITIAL_RADIUS  # a clear overshoot still
+    r = trust_region("adaptive", 1e-3)  # an explicit bound (the FedNG client): starts at it,
+    assert r is not None and r.rule.anchor == 1e-3  # so the rule never applies there
+    assert feed(r, [-0.25, -0.35] * 100)[-1] == 1e-3
+
+
+def feed_energy(
+    r: TrustRegion, cs: list[float], scale: float, energies: list[float]
+) -> list[float]:
+    """Like `feed`, with raw gradients of size `scale` (the slopes are scaled, so c is
+    unchanged) and the unclipped steps' KL estimates `energies`. Returns the radii."""
+    down = [torch.full((1,), -scale, dtype=torch.float64)]
+    # go on from where the last feed left θ, with this feed's slope before the step
+    theta = torch.zeros(1, dtype=torch.float64) if r._prev is None else r._prev[0][0].clone()
+    r.remember([theta], down, taken=1.0, clipped=True, energy=energies[0])
+    radii = []
+    for c, e in zip(cs, energies, strict=True):
+        theta = theta + 1.0
+        r.observe([theta], [torch.full((1,), -c * scale, dtype=torch.float64)])
+        r.remember([theta], down, taken=1.0, clipped=True, energy=e)
+        radii.append(r.radius)
+    return radii
+
+
+def mild(n: int) -> list[float]:
+    return [-0.25, -0.35] * (n // 2)  # mean c -0.3: a mild, significant overshoot
+
+
+def test_a_noise_floor_reached_after_progress_anneals_the_radius() -> None:
+    r = trust_region("adaptive", DEFAULT_KL_CLIP)
+    assert r is not None and r.rule.stall_window == 50
+    start = r.radius
+    # the loss is not falling yet (raw gradients at their peak): a stall is a plateau, kept
+    assert feed_energy(r, mild(120), scale=10.0, energies=[1.0] * 120)[-1] == start
+    # progress was made (gradients 10x smaller), then the step energy stays flat: anneal
+    radii = feed_energy(r, mild(300), scale=1.0, energies=[1.0] * 300)
+    assert r.stalls >= 3 and r.shrunk >= 3 and radii[-1] < start / 4
+    assert all(b <= a for a, b in itertools.pairwise(radii)) and min(radii) >= r.rule.min_radius
+
+
+@pytest.mark.parametrize(
+    ("cs", "energies", "why"),
+    [
+        (mild(300), [0.97**t for t in range(300)], "the step energy keeps falling"),
+        (mild(300), [math.nan] * 300, "no step energy"),
+        ([-0.05, 0.05] * 150, [1.0] * 300, "steps at the line minimum"),
+    ],
+)
+def test_no_anneal_without_a_stalled_overshoot(
+    cs: list[float], energies: list[float], why: str
+) -> None:
+    r = trust_region("adaptive", DEFAULT_KL_CLIP)
+    assert r is not None
+    feed_energy(r, mild(120), scale=10.0, energies=[energies[0]] * 120)
+    assert feed_energy(r, cs, scale=1.0, energies=energies)[-1] == DEFAULT_INITIAL_RADIUS, why
+    assert r.stalls == 0
+
+
+def test_the_stall_state_resumes_exactly() -> None:
+    def fresh() -> TrustRegion:
+        r = trust_region("adaptive", DEFAULT_KL_CLIP)
+        assert r is not None
+        return r
+
+    straight = fresh()
+    feed_energy(straight, mild(120), scale=10.0, energies=[1.0] * 120)
+    feed_energy(straight, mild(80), scale=1.0, energies=[1.0] * 80)
+    saved = straight.state_dict()
+    rest = feed_energy(straight, mild(200), scale=1.0, energies=[1.0] * 200)
+    resumed = fresh()
+    resumed.load_state_dict(saved)
+    assert feed_energy(resumed, mild(200), scale=1.0, energies=[1.0] * 200) == rest
+    assert resumed.stalls == straight.stalls > 0
 
 
 def test_too_short_steps_grow_the_radius_up_to_its_bound() -> None:

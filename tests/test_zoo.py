@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from fedng.optim import NaturalGradient
 from fedng.optim.natural_gradient import DEFAULT_LR
-from zoo import ZOO, Entry, train
+from zoo import ZOO, Entry, float64, train
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -40,3 +40,22 @@ def test_zoo_data_is_seeded() -> None:
         assert torch.equal(p, q)
     x, y, xt, yt = entry.data()
     assert x.shape[0] == y.shape[0] and xt.shape[0] == yt.shape[0]
+
+
+@pytest.mark.parametrize("name", ["mlp_regression", "transformer_mode"])
+def test_float64_variant_is_float64_and_starts_where_the_float32_model_does(name: str) -> None:
+    entry, double = ZOO[name], float64(ZOO[name])
+    x, y, _, _ = double.data()
+    assert x.dtype == (torch.float64 if x.is_floating_point() else torch.int64)
+    assert y.dtype == (torch.float64 if entry.loss == "mse" else torch.int64)
+    model32, model64 = entry.model(), double.model()
+    assert all(p.dtype == torch.float64 for p in model64.parameters())
+    for p, q in zip(model32.parameters(), model64.parameters(), strict=True):
+        assert torch.equal(p.double(), q)  # the same seeded initialization, cast
+    x32, y32, _, _ = entry.data()
+    with torch.no_grad():
+        l32 = entry.loss_fn(model32(x32), y32)
+        l64 = double.loss_fn(model64(x), y)
+    assert l64.dtype == torch.float64
+    assert float(l64) == pytest.approx(float(l32), rel=1e-5)
+    assert double.name == f"{name}_f64" and entry.data()[0].dtype == x32.dtype  # own cache

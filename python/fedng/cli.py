@@ -322,15 +322,43 @@ follow the noise (docs/robustness_privacy.md, "Tuning under DP"; λ = 0.03 is be
 value on digits)."""
 
 
+DP_METRIC_FEDNG: dict[str, Any] = {
+    "dp_metric": "curvature",
+    "dp_curvature_release": "input",
+    "dp_curvature_rank": 1,
+    "dp_curvature_share": 0.1,
+    "dp_metric_damping": 10.0,
+    "aggregation": "mean",
+    "curvature_ema": 0.9,
+    "kl_clip": 0.0,
+    "damping_scale": "relative",
+    "damping": 0.03,
+    "lr": 0.2,
+}
+"""FedNG with its DP clip and noise in the metric of its private input curvature
+(`aggregation.dp_metric`): each round the clients also release their K-FAC input factors' shapes
+(10% of the round's budget), the server denoises them to their top direction and averages them
+over rounds (EMA 0.9); the deltas are clipped in that metric and the noise is shaped by its
+inverse, and every client preconditions with the same public curvature (relative damping: the
+released shapes carry no scale), which pairs its step with the metric (docs/robustness_privacy.md,
+"Clipping in the curvature metric"). It needs a curvature clip (`dp_curvature_clip`; the shapes'
+norm is at most sqrt(number of K-FAC blocks))."""
+
+
 def dp_overrides(
     algos: Sequence[str], overrides: dict[str, dict[str, Any]]
 ) -> dict[str, dict[str, Any]]:
     """`overrides` with `DP_FEDNG` under FedNG's own keys, where the user set neither damping
-    key (for every algorithm, "*", or FedNG's own)."""
+    key (for every algorithm, "*", or FedNG's own); where the user asked FedNG for
+    `dp_metric=curvature`, with the rest of `DP_METRIC_FEDNG` under the keys the user left
+    unset instead."""
     out = {k: dict(v) for k, v in overrides.items()}
     if "fedng" in algos:
         given = {**out.get("*", {}), **out.get("fedng", {})}
-        if not set(DP_FEDNG) & set(given):
+        if given.get("dp_metric") == "curvature":
+            rest = {k: v for k, v in DP_METRIC_FEDNG.items() if k not in given}
+            out["fedng"] = {**rest, **out.get("fedng", {})}
+        elif not set(DP_FEDNG) & set(given):
             out["fedng"] = {**DP_FEDNG, **out.get("fedng", {})}
     return out
 

@@ -132,19 +132,20 @@ def _sl(r: tuple[int, int] | None) -> slice:
     return slice(None) if r is None else slice(r[0], r[1])
 
 
-def to_matrix(arrays: Arrays, lay: BlockLayout) -> torch.Tensor:
-    """The block matrix [m, n] (fp32) of named arrays (a delta, a gradient)."""
-    w = arrays[lay.weight].float()[_sl(lay.w_rows)]
+def to_matrix(arrays: Arrays, lay: BlockLayout, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The block matrix [m, n] (in `dtype`, fp32 by default) of named arrays (a delta, a
+    gradient)."""
+    w = arrays[lay.weight].to(dtype)[_sl(lay.w_rows)]
     if lay.kind == "elementwise":
         parts = [w.reshape(-1)]
         if lay.bias is not None:
-            parts.append(arrays[lay.bias].float()[_sl(lay.b_rows)].reshape(-1))
+            parts.append(arrays[lay.bias].to(dtype)[_sl(lay.b_rows)].reshape(-1))
         return torch.cat(parts).view(1, lay.n)
     if lay.transpose:
         return w.T.contiguous()
     if lay.bias is None:
         return w.reshape(lay.m, lay.n).contiguous()
-    b = arrays[lay.bias].float()[_sl(lay.b_rows)]
+    b = arrays[lay.bias].to(dtype)[_sl(lay.b_rows)]
     return torch.cat([w.reshape(lay.m, lay.n - 1), b.reshape(lay.m, 1)], 1)
 
 

@@ -250,6 +250,11 @@ def _sane(
     their reference."""
     ratio = state.config.max_norm_ratio
     ok, norms, scales = _measure(ok, rejected)
+    if state.config.dp_clip > 0:
+        # Under DP the server clips every update itself; a check against the round's median
+        # would make one client's acceptance depend on the others' data, which the accountant
+        # does not count (client-level sensitivity would exceed the clip).
+        return ok
     if state.config.robust != "none":
         # The robust stage clips each block's invariant scale and takes the factor split from
         # the round's medians: per-factor scales (which honest non-IID clients spread over

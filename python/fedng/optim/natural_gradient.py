@@ -277,6 +277,11 @@ class NaturalGradient:
         return self._safety.stats
 
     @property
+    def trust(self) -> TrustRegion | None:
+        """The adaptive trust region (None under `trust="fixed"` or no `kl_clip`)."""
+        return self._trust
+
+    @property
     def representations(self) -> dict[str, FisherRepresentation]:
         """The own curvature's representations by kind (`local_curvature.reps`)."""
         return dict(self.local_curvature.reps)
@@ -512,7 +517,7 @@ class NaturalGradient:
                 nu = min(1.0, math.sqrt(bound / (lr**2 * g_dot_p)))
             if self._trust is not None and raw is not None:
                 taken = lr**2 * nu**2 * g_dot_p
-                self._trust.remember(self._block_params, raw, taken, nu < 1.0)
+                self._trust.remember(self._block_params, raw, taken, nu < 1.0, lr**2 * g_dot_p)
         self.stats["clipped_steps"] += nu < 1.0
         rho = None
         if adapt and closure is not None and live:

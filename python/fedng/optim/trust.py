@@ -23,6 +23,19 @@ Levenberg–Marquardt / trust-region rule as in Martens & Grosse 2015, §6.5, on
   noise): grow, `r ← grow x r`;
 - `m < overshoot` and `m / se < -z`, or one c below `blowup` or not finite: shrink,
   `r ← shrink x min(r, KL of the step taken)`, and the average restarts;
+- r is above its start (`anchor`: growth earned by steps that were too short) and `m < earned`,
+  `m / se < -z` (the steps now overshoot mildly): give the growth back, `r ← max(anchor, shrink x
+  min(r, KL of the step taken))`. Below its start a mild overshoot keeps r: on some models the
+  fastest steps overshoot the line minimum (the zoo's transformer: m ≈ -0.4, and shrinking there
+  slows it 10x), while on a noise-dominated one (the zoo's MSE regression) a radius grown early
+  would otherwise stay where the steps only add noise (3x the final loss);
+- progress stopped at a noise floor (checked every `stall_window` observations: the KL estimate
+  of the unclipped step, `lr^2 g^T p`, fell by less than `stall_drop` in log over the window,
+  after the raw gradient energy `g^T g` had fallen to `progress` x its peak) while
+  `m < earned`, `m / se < -z`: anneal, `r ← shrink x min(r, KL of the step taken)` (below the
+  start too). With minibatch noise the loss a constant radius settles at is set by the radius;
+  the flat step energy tells a noise floor from steady progress (the zoo's transformer, whose
+  steps also overshoot, keeps its radius), the fallen gradient from a plateau at the start;
 - otherwise r stays (a step near the line minimum, or noise).
 """
 
@@ -48,6 +61,14 @@ MIN_RADIUS_FRACTION = 1e-3
 """The least adaptive radius, as a fraction of `kl_clip`."""
 
 
+def _ema_log(avg: float, x: float, decay: float) -> float:
+    """The exponential average `avg` of log values updated with log(x) (unchanged when x is not
+    a positive finite number; the first value starts it)."""
+    if not (x > 0 and math.isfinite(x)):
+        return avg
+    return math.log(x) if math.isnan(avg) else decay * avg + (1 - decay) * math.log(x)
+
+
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     """`sum_i <a_i, b_i>` in float64 (one sync)."""
     if not a:
@@ -71,6 +92,14 @@ class TrustRule:
         warmup: observations needed (since the start or the last shrink) before a decision.
         blowup: a single c below this (four times the best length along δ: the loss rose a
             lot) shrinks at once.
+        earned: the mean c below which a significant overshoot gives back a radius above
+            `anchor`.
+        anchor: the radius's start; growth above it must keep being earned (inf: never).
+        stall_window: observations between two progress checks (0: never anneal).
+        stall_drop: the least fall of the log step energy over a window that is progress.
+        stall_decay: EMA decay of the log energies.
+        progress: the raw gradient energy must have fallen to this fraction of its peak
+            before a stall can anneal (a plateau at the start is no noise floor).
     """
 
     max_radius: float
@@ -82,14 +111,23 @@ class TrustRule:
     decay: float = 0.9
     warmup: int = 5
     blowup: float = -3.0
+    earned: float = -0.25
+    anchor: float = math.inf
+    stall_window: int = 50
+    stall_drop: float = 0.1
+    stall_decay: float = 0.95
+    progress: float = 0.25
 
-    def decide(self, mean: float, se: float, count: int, clipped: bool) -> int:
-        """+1 (grow), -1 (shrink) or 0 from c's average `mean`, its standard error `se` over
-        `count` observations, and whether the last step was clipped."""
+    def decide(self, mean: float, se: float, count: int, clipped: bool, radius: float = 0.0) -> int:
+        """+1 (grow), -1 (shrink), -2 (shrink, not below `anchor`) or 0 from c's average
+        `mean`, its standard error `se` over `count` observations, whether the last step was
+        clipped, and the current `radius`."""
         if count < self.warmup:
             return 0
         if mean < self.overshoot and mean < -self.z * se:
             return -1
+        if radius > self.anchor and mean < self.earned and mean < -self.z * se:
+            return -2
         if clipped and mean > self.z * se:
             return 1
         return 0
@@ -124,6 +162,13 @@ class TrustRegion:
     _m: float = 0.0
     _v: float = 0.0
     _n: int = 0
+    stalls: int = 0
+    _energy: float = math.nan
+    _log_step: float = math.nan
+    _log_step_ref: float = math.nan
+    _log_grad: float = math.nan
+    _log_grad_peak: float = -math.inf
+    _since: int = 0
     _prev: _Step | None = field(default=None, repr=False)
 
     def observe(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> float:
@@ -152,7 +197,12 @@ class TrustRegion:
         self._m = self.rule.decay * self._m + (1 - self.rule.decay) * c
         self._v = self.rule.decay * self._v + (1 - self.rule.decay) * c * c
         mean, se = self.average()
-        move = self.rule.decide(mean, se, self._n, clipped)
+        if self._stalled(grads) and mean < self.rule.earned and mean < -self.rule.z * se:
+            self.stalls += 1  # progress stopped at a noise floor: anneal
+            return self._shrink(taken)
+        move = self.rule.decide(mean, se, self._n, clipped, self.radius)
+        if move == -2:  # give back growth the steps no longer earn, down to the anchor
+            return self._shrink(taken, floor=self.rule.anchor)
         if move < 0:
             return self._shrink(taken)
         if move > 0:
@@ -160,6 +210,25 @@ class TrustRegion:
             self.grown += new > self.radius
             self.radius = new
         return self.radius
+
+    def _stalled(self, grads: Sequence[torch.Tensor]) -> bool:
+        """Feeds the log energies' averages; True at the end of a window over which the step
+        energy (the KL of the unclipped step) did not fall by `stall_drop`, once the raw
+        gradient energy has fallen to `progress` x its peak."""
+        rule = self.rule
+        if rule.stall_window <= 0:
+            return False
+        self._log_step = _ema_log(self._log_step, self._energy, rule.stall_decay)
+        self._log_grad = _ema_log(self._log_grad, _dot(grads, grads), rule.stall_decay)
+        if math.isfinite(self._log_grad):
+            self._log_grad_peak = max(self._log_grad_peak, self._log_grad)
+        self._since += 1
+        if self._since < rule.stall_window:
+            return False
+        fell = self._log_step_ref - self._log_step
+        self._log_step_ref, self._since = self._log_step, 0
+        progressed = self._log_grad < self._log_grad_peak + math.log(rule.progress)
+        return progressed and math.isfinite(fell) and fell < rule.stall_drop
 
     def average(self) -> tuple[float, float]:
         """c's bias-corrected exponential mean and its standard error."""
@@ -171,9 +240,9 @@ class TrustRegion:
         var = max(self._v / corr - mean * mean, 0.0)
         return mean, math.sqrt(var * (1 - d) / (1 + d))
 
-    def _shrink(self, taken: float) -> float:
+    def _shrink(self, taken: float, floor: float = 0.0) -> float:
         base = min(self.radius, taken) if taken > 0 else self.radius
-        new = self.rule.bounded(self.rule.shrink * base)
+        new = self.rule.bounded(max(floor, self.rule.shrink * base))
         self.shrunk += new < self.radius
         self.radius = new
         self._m = self._v = 0.0
@@ -186,9 +255,11 @@ class TrustRegion:
         grads: Sequence[torch.Tensor],
         taken: float,
         clipped: bool,
+        energy: float = math.nan,
     ) -> None:
         """Keeps this step's parameters and raw gradients, the KL estimate of the step taken (in
-        the radius's units) and whether it was clipped, for the next `observe`."""
+        the radius's units), whether it was clipped and the KL estimate of the unclipped step
+        (`energy`: NaN when unknown, never a stall), for the next `observe`."""
         old = self._prev
         if old is not None and len(old[0]) == len(params):
             torch._foreach_copy_(old[0], [p.detach() for p in params])
@@ -198,6 +269,7 @@ class TrustRegion:
             theta = [p.detach().clone() for p in params]
             g = [q.detach().clone() for q in grads]
         self._prev = (theta, g, taken, clipped)
+        self._energy = energy
 
     def forget(self) -> None:
         """Drops the previous step (a skipped step: nothing to compare with)."""
@@ -214,6 +286,15 @@ class TrustRegion:
             "n": self._n,
             "grown": self.grown,
             "shrunk": self.shrunk,
+            "stalls": self.stalls,
+            "energy": [
+                self._energy,
+                self._log_step,
+                self._log_step_ref,
+                self._log_grad,
+                self._log_grad_peak,
+                self._since,
+            ],
             "prev": None
             if prev is None
             else {
@@ -234,6 +315,11 @@ class TrustRegion:
         self._n = int(state.get("n") or 0)
         self.grown = int(state.get("grown") or 0)
         self.shrunk = int(state.get("shrunk") or 0)
+        self.stalls = int(state.get("stalls") or 0)
+        e = state.get("energy")
+        if isinstance(e, list | tuple) and len(e) == 6:
+            self._energy, self._log_step, self._log_step_ref = (float(v) for v in e[:3])
+            self._log_grad, self._log_grad_peak, self._since = float(e[3]), float(e[4]), int(e[5])
         prev = state.get("prev")
         self._prev = (
             None
@@ -247,6 +333,36 @@ class TrustRegion:
         )
 
 
+_CARRIED: tuple[str, ...] = ("radius", "c", "m", "v", "n", "grown", "shrunk", "stalls")
+"""The scalar fields of `TrustRegion.state_dict` that `carried` packs, in order (then the six
+energy averages)."""
+
+
+def carried(region: TrustRegion) -> torch.Tensor:
+    """What of `region` outlives a run of steps (a FedNG client's rounds: the server moves the
+    model in between, so the previous step is dropped): float64 [14], see `resume`."""
+    state = region.state_dict()
+    head = [math.nan if state[k] is None else float(state[k]) for k in _CARRIED]
+    tail = [math.nan, *(float(v) for v in state["energy"][1:])]  # no step pending
+    return torch.tensor(head + tail, dtype=torch.float64)
+
+
+def resume(region: TrustRegion, state: torch.Tensor) -> None:
+    """Restores `carried(...)` into `region` (with no previous step to compare with).
+
+    Raises:
+        ValueError: `state` is not a `carried` vector.
+    """
+    values = state.detach().reshape(-1).tolist()
+    if len(values) != len(_CARRIED) + 6:
+        raise ValueError(f"{WHERE}: a carried trust state has {len(_CARRIED) + 6} entries")
+    loaded: dict[str, Any] = dict(zip(_CARRIED, values, strict=False))
+    loaded["c"] = None if math.isnan(loaded["c"]) else loaded["c"]
+    loaded["energy"] = values[len(_CARRIED) :]
+    loaded["prev"] = None
+    region.load_state_dict(loaded)
+
+
 def trust_region(mode: object, kl_clip: float | None) -> TrustRegion | None:
     """The trust region of `NaturalGradient(trust=mode, kl_clip=kl_clip)`: None when the bound
     is fixed (`mode="fixed"`) or there is none (`kl_clip` None).
@@ -258,7 +374,7 @@ def trust_region(mode: object, kl_clip: float | None) -> TrustRegion | None:
         raise ValueError(f"{WHERE}: 'trust' must be one of {list(TRUST_MODES)}, got {mode!r}")
     if mode == "fixed" or kl_clip is None:
         return None
-    rule = TrustRule(max_radius=kl_clip, min_radius=kl_clip * MIN_RADIUS_FRACTION)
     # An explicit bound keeps the fixed clip's start (and the results measured with it).
     start = DEFAULT_INITIAL_RADIUS if kl_clip == DEFAULT_KL_CLIP else kl_clip
+    rule = TrustRule(max_radius=kl_clip, min_radius=kl_clip * MIN_RADIUS_FRACTION, anchor=start)
     return TrustRegion(rule, radius=start)

@@ -2,13 +2,14 @@
 
 The private release of a round is the sum over the participating clients of their clipped
 delta (L2 norm <= C) and, when curvature is shared, of their clipped packed curvature payload
-(L2 norm <= C_F over every array, symmetric matrices as triangles). Adding or removing one client
-changes the vector `(sum delta / C, sum curvature / C_F)` by at most `sqrt(parts)` in L2 norm
-(`parts` = 2 with curvature, 1 without), so Gaussian noise of standard deviation
-`z * sqrt(parts) * C` on the delta sum and `z * sqrt(parts) * C_F` on the curvature sum is the
-Gaussian mechanism with noise multiplier `z` on sensitivity 1. The noise is added either by the
-server to the sum ("central") or by each of the m clients to its own clipped vectors with
-standard deviation `z * sqrt(parts) * C / sqrt(m)` ("distributed": the sum then carries the
+(L2 norm <= C_F over every array, symmetric matrices as triangles). With the round's budget
+split into fractions `f_d + f_c = 1` (`budget_fractions`: `f_c` = `dp_curvature_share` in a
+round with curvature, 0 without), adding or removing one client changes the vector
+`(sum delta sqrt(f_d) / C, sum curvature sqrt(f_c) / C_F)` by at most 1 in L2 norm, so Gaussian
+noise of standard deviation `z C / sqrt(f_d)` on the delta sum and `z C_F / sqrt(f_c)` on the
+curvature sum is the Gaussian mechanism with noise multiplier `z` on sensitivity 1. The noise is
+added either by the server to the sum ("central") or by each of the m clients to its own clipped
+vectors with standard deviation `z C / sqrt(f_d m)` ("distributed": the sum then carries the
 same noise, and only the sum needs to be seen, e.g. under secure aggregation). Everything after
 the sum (the mean, a PSD projection of the curvature, FedNG's solve and broadcast) is
 post-processing.
@@ -125,10 +126,23 @@ def add_noise(x: Mapping[str, torch.Tensor], std: float, gen: torch.Generator) -
     return out
 
 
-def noise_std(multiplier: float, clip: float, parts: int, share: int = 1) -> float:
-    """The Gaussian noise's standard deviation on a sum of vectors clipped to `clip`: `z *
-    sqrt(parts) * clip`, divided by `sqrt(share)` when each of `share` clients adds its part."""
-    return multiplier * math.sqrt(parts) * clip / math.sqrt(share)
+def noise_std(multiplier: float, clip: float, fraction: float = 1.0, share: int = 1) -> float:
+    """The Gaussian noise's standard deviation on a sum of vectors clipped to `clip` that gets
+    `fraction` of the round's budget (of `1 / z^2`): `z * clip / sqrt(fraction)`, divided by
+    `sqrt(share)` when each of `share` clients adds its part."""
+    return multiplier * clip / math.sqrt(fraction * share)
+
+
+def budget_fractions(curvature: bool, curvature_share: float) -> tuple[float, float]:
+    """(The delta's, the curvature's) fractions of a round's budget: all of it to the delta in a
+    round without a curvature release, else `(1 - share, share)`.
+
+    The round's release `(sum delta / (C / sqrt(f_d)), sum curvature / (C_F / sqrt(f_c)))` moves
+    by at most `sqrt(f_d + f_c) = 1` when one client is added or removed, and its noise is `z`
+    times that unit in every coordinate: one Gaussian mechanism with multiplier z per round,
+    whatever the split, so the accounting does not depend on it.
+    """
+    return (1.0 - curvature_share, curvature_share) if curvature else (1.0, 0.0)
 
 
 # --- accounting (dp-accounting) -------------------------------------------------------------

@@ -39,11 +39,13 @@ from fedng.curvature import KFAC, CurvatureSet, DiagonalFisher, FisherRepresenta
 from fedng.curvature.quantize import float_payload
 from fedng.federated.aggregation.dp import (
     add_noise,
+    budget_fractions,
     clip_l2,
     clip_update,
     noise_generator,
     noise_std,
 )
+from fedng.federated.aggregation.dp_metric import Whitener, public_input_curvature, whitener
 from fedng.federated.aggregation.robust import (
     alignment,
     clip_factor_scales,
@@ -193,11 +195,40 @@ def psd_project(cs: CurvatureSet) -> None:
             set_block_factors(rep, i, out)
 
 
-def _joint(u: ClientUpdate) -> Arrays:
+def _joint(u: ClientUpdate, white: Whitener | None = None) -> Arrays:
+    """The update's released vector: its delta (whitened by the DP metric, if any) and extras."""
+    delta = u.delta if white is None else white.white(u.delta)
     return {
-        **{f"d/{k}": v for k, v in u.delta.items()},
+        **{f"d/{k}": v for k, v in delta.items()},
         **{f"e/{k}": v for k, v in u.extras.items()},
     }
+
+
+GLOBAL_CURVATURE = "curv/"
+"""`state.buffers` prefix of an algorithm's global curvature payloads (FedNG's
+`fedng_server.GLOBAL_PREFIX`), with their layout in `state.meta["curv"]`."""
+
+
+def dp_metric(state: ServerState[ServerConfig]) -> Whitener | None:
+    """The round's public DP metric (`ServerConfig.dp_metric`): the whitener of the server's
+    global curvature, or None (the identity: no metric asked for, or no curvature yet).
+
+    Under DP the global curvature is built only from the private pooled releases of earlier
+    rounds (this stage replaces every update's curvature by the noised sum), so it is public.
+    """
+    cfg = state.config
+    if cfg.dp_metric == "none" or cfg.dp_clip == 0:
+        return None
+    arrays = {
+        k[len(GLOBAL_CURVATURE) :]: v
+        for k, v in state.buffers.items()
+        if k.startswith(GLOBAL_CURVATURE)
+    }
+    meta = state.meta.get("curv")
+    if not arrays or not isinstance(meta, dict):
+        return None
+    cs = CurvatureSet.from_arrays({k: v.float() for k, v in arrays.items()}, meta)
+    return whitener(cs, cfg.dp_metric_damping)
 
 
 def _floats(u: ClientUpdate) -> Arrays:
@@ -214,13 +245,16 @@ def _sum(xs: Sequence[Arrays]) -> Arrays:
     return out
 
 
-def _private(cfg: ServerConfig, rnd: int, updates: list[ClientUpdate]) -> list[ClientUpdate]:
-    """Clipped ("central"), summed, noised ("central") and averaged over `dp_clients`."""
+def _private(
+    cfg: ServerConfig, rnd: int, updates: list[ClientUpdate], white: Whitener | None = None
+) -> list[ClientUpdate]:
+    """Clipped ("central"), summed, noised ("central") and averaged over `dp_clients`; with a
+    metric `white`, the deltas are clipped and noised whitened and mapped back after."""
     central = cfg.dp_mode == "central"
     share_curv = cfg.dp_curvature_clip > 0
-    parts = 2 if share_curv else 1
-    joints = [_joint(u) for u in updates]
+    joints = [_joint(u, white) for u in updates]
     curvs = [_floats(u) for u in updates if u.curvature and share_curv]
+    f_delta, f_curv = budget_fractions(bool(curvs), cfg.dp_curvature_share)
     if central:
         joints = [clip_update(j, cfg.dp_clip, cfg.dp_clip_scope) for j in joints]
         curvs = [clip_l2(c, cfg.dp_curvature_clip)[0] for c in curvs]
@@ -228,12 +262,14 @@ def _private(cfg: ServerConfig, rnd: int, updates: list[ClientUpdate]) -> list[C
     ctotal = _sum(curvs) if curvs else {}
     if central:
         gen = noise_generator(cfg.dp_seed, rnd, -1)
-        total = add_noise(total, noise_std(cfg.dp_noise_multiplier, cfg.dp_clip, parts), gen)
+        total = add_noise(total, noise_std(cfg.dp_noise_multiplier, cfg.dp_clip, f_delta), gen)
         if ctotal:
-            std = noise_std(cfg.dp_noise_multiplier, cfg.dp_curvature_clip, parts)
+            std = noise_std(cfg.dp_noise_multiplier, cfg.dp_curvature_clip, f_curv)
             ctotal = add_noise(ctotal, std, gen)
     m = float(cfg.dp_clients)
     delta = {k[2:]: v / m for k, v in total.items() if k.startswith("d/")}
+    if white is not None:  # post-processing: the public metric's inverse root
+        delta = white.unwhite(delta)
     extras = {k[2:]: v / m for k, v in total.items() if k.startswith("e/")}
     curv = None
     if ctotal:
@@ -241,6 +277,8 @@ def _private(cfg: ServerConfig, rnd: int, updates: list[ClientUpdate]) -> list[C
         meta = float_payload(with_curv.curvature, with_curv.meta["curv"])[1]
         curv = CurvatureSet.from_arrays({k: v / m for k, v in ctotal.items()}, meta)
         psd_project(curv)
+        if cfg.dp_curvature_release == "input":
+            public_input_curvature(curv, cfg.dp_curvature_rank)
     return [_with(u, delta, extras, curv if u.curvature else None) for u in updates]
 
 
@@ -300,5 +338,5 @@ def defend(state: ServerState[ServerConfig], updates: list[ClientUpdate]) -> lis
     if not updates or (cfg.robust == "none" and cfg.dp_clip == 0):
         return updates
     if cfg.dp_clip > 0:
-        return _private(cfg, state.round, updates)
+        return _private(cfg, state.round, updates, dp_metric(state))
     return _robust(cfg, screen(state, updates))

@@ -44,7 +44,11 @@ from fedng.federated.algorithms.fedng_server import (
     global_set,
 )
 from fedng.federated.client.layers import warn_unsupported_layers
-from fedng.federated.client.natural_gradient import client_damping, natural_gradient_local
+from fedng.federated.client.natural_gradient import (
+    TRUST_KEY,
+    client_damping,
+    natural_gradient_local,
+)
 from fedng.federated.client.params import set_params
 from fedng.federated.config.common import ClientConfig
 from fedng.federated.config.curvature import FedNGConfig
@@ -102,8 +106,10 @@ class FedNG(Algorithm[FedNGConfig]):
         """Local natural-gradient steps; uploads delta (+ curvature every `upload_every`)."""
         opts = self.options(config)
         set_params(model, message.params)
-        res = natural_gradient_local(model, data, message, config, opts)
-        upd = self.make_update(model, data, message, config, res.metrics, client_state)
+        carry = client_state.get(TRUST_KEY)
+        res = natural_gradient_local(model, data, message, config, opts, trust=carry)
+        kept = client_state if res.trust is None else {**client_state, TRUST_KEY: res.trust}
+        upd = self.make_update(model, data, message, config, res.metrics, kept)
         if message.round % opts.upload_every == 0:
             attach_curvature(upd, res.curvature, opts.payload_dtype, opts.compression)
             sent = decoded_curvature(upd)  # c_k from the curvature as sent (int8 included),

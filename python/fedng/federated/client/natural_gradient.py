@@ -31,9 +31,13 @@ from fedng.federated.config.curvature import FedNGConfig, curvature_mapping
 from fedng.federated.messages import ServerMessage
 from fedng.federated.tasks.base import ClientData
 from fedng.optim import NaturalGradient
+from fedng.optim.trust import carried, resume
 
 RELATIVE_FLOOR = 1e-8
 """The least λ of relative damping (`NaturalGradient`'s lower damping bound)."""
+
+TRUST_KEY = "trust"
+"""The client's `client_state` key of its carried trust region (`FedNGConfig.carry_trust`)."""
 
 PRECOND_MODES: tuple[str, ...] = ("none", "local", "global", "global_local")
 """The modes a client can end up in; `metrics["precond_mode"]` is the index of the one used."""
@@ -44,12 +48,16 @@ class LocalResult:
     """What the local natural-gradient loop produced.
 
     Attributes:
-        metrics: training loss, steps, the preconditioner mode actually used, KL-clipped steps.
+        metrics: training loss, steps, the preconditioner mode actually used, KL-clipped steps,
+            the trust radius at the end.
         curvature: the client's curvature accumulated over its local steps.
+        trust: the trust region to carry to the client's next round (`trust.carried`), or None
+            (`carry_trust` off, or no adaptive trust region).
     """
 
     metrics: dict[str, float]
     curvature: CurvatureSet
+    trust: torch.Tensor | None = None
 
 
 def global_curvature(
@@ -117,6 +125,7 @@ def natural_gradient_local(
     options: FedNGConfig,
     *,
     steps: int | None = None,
+    trust: torch.Tensor | None = None,
 ) -> LocalResult:
     """Runs FedNG's local loop on `model` (already holding theta_t).
 
@@ -131,6 +140,8 @@ def natural_gradient_local(
         config: the client config.
         options: FedNG's config.
         steps: overrides `config.local_steps`.
+        trust: the trust region carried from this client's last round (`LocalResult.trust`;
+            used when `options.carry_trust`).
 
     Returns:
         `LocalResult`.
@@ -151,6 +162,9 @@ def natural_gradient_local(
         source="none" if options.precond == "none" else "local",
         warn_unsupported=False,  # the simulator warns once per run (`Algorithm.check_model`)
     )
+    region = ng.trust if options.carry_trust else None
+    if region is not None and trust is not None:
+        resume(region, trust)
     try:
         mode = use_preconditioner(ng, message, options)
         gen = torch.Generator().manual_seed(
@@ -178,6 +192,8 @@ def natural_gradient_local(
         )
         metrics["precond_mode"] = float(PRECOND_MODES.index(mode))
         metrics["kl_clipped_steps"] = float(clipped)
-        return LocalResult(metrics, ng.local_curvature)
+        if ng.trust is not None:
+            metrics["trust_radius"] = ng.trust.radius
+        return LocalResult(metrics, ng.local_curvature, None if region is None else carried(region))
     finally:
         ng.remove()

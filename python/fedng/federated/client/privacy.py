@@ -13,14 +13,19 @@ are dropped and its `num_examples` reported as 1 (the server averages uniformly 
 
 from __future__ import annotations
 
+import torch
+
+from fedng.curvature import CurvatureSet
 from fedng.curvature.quantize import float_payload
 from fedng.federated.aggregation.dp import (
     add_noise,
+    budget_fractions,
     clip_l2,
     clip_update,
     noise_generator,
     noise_std,
 )
+from fedng.federated.aggregation.dp_metric import euclidean_bound, input_shapes
 from fedng.federated.aggregation.summable import CONTRIB_PREFIX
 from fedng.federated.config.common import ClientConfig
 from fedng.federated.messages import ClientUpdate
@@ -41,7 +46,8 @@ def privatize_update(update: ClientUpdate, config: ClientConfig) -> None:
     """
     if config.dp_clip == 0:
         return
-    parts = 2 if config.dp_curvature_clip > 0 else 1
+    releases_curv = config.dp_curvature_clip > 0 and bool(update.curvature)
+    f_delta, f_curv = budget_fractions(releases_curv, config.dp_curvature_share)
     if config.dp_curvature_clip == 0:
         update.extras = {k: v for k, v in update.extras.items() if not private_only(k)}
     noisy = config.dp_mode == "distributed"
@@ -54,9 +60,12 @@ def privatize_update(update: ClientUpdate, config: ClientConfig) -> None:
         **{f"d/{k}": v for k, v in update.delta.items()},
         **{f"e/{k}": v for k, v in update.extras.items()},
     }
-    clipped = clip_update(joint, config.dp_clip, config.dp_clip_scope)
+    bound = config.dp_clip
+    if config.dp_metric != "none":  # the server clips in its metric (central DP only)
+        bound = euclidean_bound(bound, config.dp_metric_damping)
+    clipped = clip_update(joint, bound, config.dp_clip_scope)
     if noisy:
-        clipped = add_noise(clipped, noise_std(z, config.dp_clip, parts, m), gen)
+        clipped = add_noise(clipped, noise_std(z, config.dp_clip, f_delta, m), gen)
     update.delta = {k: clipped[f"d/{k}"].to(v.dtype) for k, v in update.delta.items()}
     update.extras = {k: clipped[f"e/{k}"].to(v.dtype) for k, v in update.extras.items()}
     if not update.curvature:
@@ -67,7 +76,13 @@ def privatize_update(update: ClientUpdate, config: ClientConfig) -> None:
         return
     # int8 kinds are clipped and noised as float32 (and sent so: noise is not int8-shaped)
     floats, update.meta["curv"] = float_payload(update.curvature, update.meta["curv"])
+    if config.dp_curvature_release == "input":  # the input factors' shapes only
+        cs = CurvatureSet.from_arrays(
+            {k: v.float() for k, v in floats.items()}, update.meta["curv"]
+        )
+        input_shapes(cs)
+        floats, update.meta["curv"] = cs.to_arrays(torch.float32)
     curv, _ = clip_l2({k: v.float() for k, v in floats.items()}, config.dp_curvature_clip)
     if noisy:
-        curv = add_noise(curv, noise_std(z, config.dp_curvature_clip, parts, m), gen)
+        curv = add_noise(curv, noise_std(z, config.dp_curvature_clip, f_curv, m), gen)
     update.curvature = {k: curv[k].to(v.dtype) for k, v in floats.items()}

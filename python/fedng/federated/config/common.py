@@ -24,6 +24,11 @@ DP_MODES = ("central", "distributed")
 """`dp_mode`: where the DP noise is added (`aggregation.dp`)."""
 CLIP_SCOPES = ("joint", "layer")
 """`dp_clip_scope`: an update clipped as one vector, or per layer (`aggregation.dp`)."""
+DP_RELEASES = ("full", "input")
+"""`dp_curvature_release`: what a client's released curvature holds (`aggregation.dp_metric`)."""
+DP_METRICS = ("none", "curvature")
+"""`ServerConfig.dp_metric`: the norm of the DP clip and the shape of its noise: Euclidean, or
+the server's private global curvature (`aggregation.dp_metric`)."""
 
 DEFAULT_OPTIONS = AlgorithmConfig()
 """`options` left out: the algorithm's own config with its defaults."""
@@ -172,6 +177,20 @@ def _check_dp(cfg: ClientConfig | ServerConfig, c: str) -> None:
     )
     check(_is_int(cfg.dp_seed), c, "dp_seed", "an int", cfg.dp_seed)
     check_choice(c, "dp_clip_scope", cfg.dp_clip_scope, CLIP_SCOPES)
+    share = cfg.dp_curvature_share
+    check(0 < share < 1, c, "dp_curvature_share", "in (0, 1)", share)
+    check_choice(c, "dp_curvature_release", cfg.dp_curvature_release, DP_RELEASES)
+    rank = cfg.dp_curvature_rank
+    check(_is_int(rank) and rank >= 0, c, "dp_curvature_rank", "an int >= 0", rank)
+    check_choice(c, "dp_metric", cfg.dp_metric, DP_METRICS)
+    check(cfg.dp_metric_damping > 0, c, "dp_metric_damping", "> 0", cfg.dp_metric_damping)
+    check(
+        cfg.dp_metric == "none" or cfg.dp_mode == "central",
+        c,
+        "dp_metric",
+        "'none' under distributed DP (the clients would need the server's metric)",
+        cfg.dp_metric,
+    )
 
 
 @_accepts_moved_keys
@@ -201,6 +220,23 @@ class ClientConfig(_Common):
         dp_seed: seed of the noise (< 0: the OS's randomness, as a deployment must use).
         dp_clip_scope: "joint" (the update clipped as one vector) or "layer" (each layer to
             `dp_clip * sqrt(d_l / d)`: the same sensitivity, see `aggregation.dp.clip_update`).
+        dp_curvature_share: in a round that releases curvature, the share of the round's
+            privacy budget (of `1 / z^2`) the curvature gets: its noise multiplier is
+            `z / sqrt(share)`, the delta's `z / sqrt(1 - share)` (0.5: both `z sqrt(2)`).
+        dp_curvature_release: what the released curvature holds: "full" (the packed payload
+            as uploaded) or "input" (each K-FAC block's input factor as its unit-trace shape,
+            nothing else; the server makes it `(A n / tr A) (x) I`, see
+            `aggregation.dp_metric.input_shapes`).
+        dp_curvature_rank: under "input", the server keeps each released input factor's top
+            this many eigen-directions and makes the rest isotropic (denoising, post-processing;
+            0: keeps all). At 20 clients only the top direction rises above the noise.
+        dp_metric: "none" (the clip is Euclidean, the noise isotropic) or "curvature" (central
+            DP only: the server clips the deltas in the norm of its global curvature, which
+            under DP is built from private releases only, and shapes the noise like its
+            inverse; `aggregation.dp_metric`; the identity before any curvature was released).
+            The client then clips its delta only to the Euclidean bound the metric clip implies
+            (`dp_metric.euclidean_bound`), which changes nothing the server's clip keeps.
+        dp_metric_damping: relative damping of that metric's factors (> 0).
     """
 
     algorithm: str = "fedavg"
@@ -220,6 +256,11 @@ class ClientConfig(_Common):
     dp_clients: int = 1
     dp_seed: int = -1
     dp_clip_scope: str = "joint"
+    dp_curvature_share: float = 0.5
+    dp_curvature_release: str = "full"
+    dp_curvature_rank: int = 1
+    dp_metric: str = "none"
+    dp_metric_damping: float = 1.0
 
     def __post_init__(self) -> None:
         c = "ClientConfig"
@@ -262,7 +303,8 @@ class ServerConfig(_Common):
             reputation, at most `floor(robust_trim K)` clients; 0 turns reputation off. In [0, 1).
         robust_memory: the reputation EMA's weight of the past, in [0, 1).
         dp_clip, dp_curvature_clip, dp_noise_multiplier, dp_mode, dp_clients, dp_seed,
-            dp_clip_scope: as in
+            dp_clip_scope, dp_curvature_share, dp_curvature_release, dp_curvature_rank,
+            dp_metric, dp_metric_damping: as in
             `ClientConfig`; with `dp_clip` > 0 the server clips ("central"), averages uniformly
             and adds the noise ("central") before the algorithm aggregates.
     """
@@ -287,6 +329,11 @@ class ServerConfig(_Common):
     dp_clients: int = 1
     dp_seed: int = -1
     dp_clip_scope: str = "joint"
+    dp_curvature_share: float = 0.5
+    dp_curvature_release: str = "full"
+    dp_curvature_rank: int = 1
+    dp_metric: str = "none"
+    dp_metric_damping: float = 1.0
 
     def __post_init__(self) -> None:
         c = "ServerConfig"
