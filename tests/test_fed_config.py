@@ -45,7 +45,7 @@ def test_presets_are_the_algorithm_defaults() -> None:
         fisher_damping=3.0,
         damping=0.1,
         damping_scale="relative",
-        kl_clip=1e-1,
+        kl_clip=1e-3,
         compression="auto",
         probe_dtype="int8",
     )
