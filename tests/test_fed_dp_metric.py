@@ -13,6 +13,7 @@ from fedng.curvature import KFAC, CurvatureSet
 from fedng.curvature.layout import BlockLayout, to_matrix
 from fedng.federated.aggregation import dp, dp_metric, stage
 from fedng.federated.client import get_params
+from fedng.federated.client.privacy import privatize_update
 from fedng.federated.config import ServerConfig, make_configs
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.round import client_step, server_init, server_step
@@ -240,3 +241,27 @@ def test_configs_reject_bad_metric_knobs(knobs: dict[str, Any], match: str) -> N
         ServerConfig(**knobs)
     with pytest.raises(ValueError, match=match):
         make_configs("fedng", knobs)
+
+
+def test_the_noise_split_follows_the_public_schedule_not_the_payloads() -> None:
+    # Whether a round releases curvature decides the delta's share of the budget: it must come
+    # from public settings, or one client's missing curvature would change the round's noise.
+    assert dp.curvature_round(1.0, 1, 0) and dp.curvature_round(1.0, 2, 4)
+    assert not dp.curvature_round(1.0, 2, 3) and not dp.curvature_round(0.0, 1, 0)
+    z, c, n = 3.0, 0.05, 4
+    knobs = {
+        "dp_clip": c,
+        "dp_noise_multiplier": z,
+        "dp_mode": "distributed",
+        "dp_curvature_clip": 1.0,
+        "dp_curvature_share": 0.5,
+        "dp_clients": n,
+        "dp_seed": 5,
+    }
+    cc, _ = make_configs("fedng", {"local_steps": 2, **knobs})
+    upd = ClientUpdate(
+        client_id=0, round=0, num_examples=10, delta={"w": torch.zeros(20000)}, curvature={}
+    )
+    privatize_update(upd, cc)  # no curvature of its own, in a round that releases curvature
+    std = float(upd.delta["w"].std())
+    assert std == pytest.approx(dp.noise_std(z, c, 0.5, n), rel=0.05)

@@ -133,6 +133,13 @@ def noise_std(multiplier: float, clip: float, fraction: float = 1.0, share: int 
     return multiplier * clip / math.sqrt(fraction * share)
 
 
+def curvature_round(curvature_clip: float, upload_every: int, rnd: int) -> bool:
+    """Whether round `rnd` releases curvature: decided from public settings only (a curvature
+    clip and the algorithm's upload schedule), never from which payloads arrived, so that one
+    client's data cannot change the round's noise split."""
+    return curvature_clip > 0 and rnd % upload_every == 0
+
+
 def budget_fractions(curvature: bool, curvature_share: float) -> tuple[float, float]:
     """(The delta's, the curvature's) fractions of a round's budget: all of it to the delta in a
     round without a curvature release, else `(1 - share, share)`.

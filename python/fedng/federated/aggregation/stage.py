@@ -42,6 +42,7 @@ from fedng.federated.aggregation.dp import (
     budget_fractions,
     clip_l2,
     clip_update,
+    curvature_round,
     noise_generator,
     noise_std,
 )
@@ -254,7 +255,10 @@ def _private(
     share_curv = cfg.dp_curvature_clip > 0
     joints = [_joint(u, white) for u in updates]
     curvs = [_floats(u) for u in updates if u.curvature and share_curv]
-    f_delta, f_curv = budget_fractions(bool(curvs), cfg.dp_curvature_share)
+    every = int(getattr(cfg.options, "upload_every", 1))
+    f_delta, f_curv = budget_fractions(
+        curvature_round(cfg.dp_curvature_clip, every, rnd), cfg.dp_curvature_share
+    )
     if central:
         joints = [clip_update(j, cfg.dp_clip, cfg.dp_clip_scope) for j in joints]
         curvs = [clip_l2(c, cfg.dp_curvature_clip)[0] for c in curvs]

@@ -22,6 +22,7 @@ from fedng.federated.aggregation.dp import (
     budget_fractions,
     clip_l2,
     clip_update,
+    curvature_round,
     noise_generator,
     noise_std,
 )
@@ -46,7 +47,8 @@ def privatize_update(update: ClientUpdate, config: ClientConfig) -> None:
     """
     if config.dp_clip == 0:
         return
-    releases_curv = config.dp_curvature_clip > 0 and bool(update.curvature)
+    every = int(getattr(config.options, "upload_every", 1))
+    releases_curv = curvature_round(config.dp_curvature_clip, every, update.round)
     f_delta, f_curv = budget_fractions(releases_curv, config.dp_curvature_share)
     if config.dp_curvature_clip == 0:
         update.extras = {k: v for k, v in update.extras.items() if not private_only(k)}
