@@ -116,6 +116,7 @@ def test_calibration_rejects_bad_input(args: tuple[Any, ...], match: str) -> Non
         ({"dp_clip": 1.0, "robust": "median"}, "'robust' must be 'none' under differential"),
         ({"robust": "mean"}, "'robust' must be one of"),
         ({"robust_trim": 0.5}, "'robust_trim' must be in"),
+        ({"dp_clip": 1.0, "dp_metric": "curvature"}, "'dp_metric' must be 'none' without a"),
     ],
 )
 def test_server_config_rejects_bad_dp_and_robust_knobs(knobs: dict[str, Any], match: str) -> None:

@@ -191,6 +191,13 @@ def _check_dp(cfg: ClientConfig | ServerConfig, c: str) -> None:
         "'none' under distributed DP (the clients would need the server's metric)",
         cfg.dp_metric,
     )
+    check(
+        cfg.dp_metric == "none" or cfg.dp_clip == 0 or cfg.dp_curvature_clip > 0,
+        c,
+        "dp_metric",
+        "'none' without a curvature clip (no curvature is released: the metric stays the identity)",
+        cfg.dp_metric,
+    )
 
 
 @_accepts_moved_keys
