@@ -139,6 +139,24 @@ def test_a_noise_floor_reached_after_progress_anneals_the_radius() -> None:
     assert all(b <= a for a, b in itertools.pairwise(radii)) and min(radii) >= r.rule.min_radius
 
 
+def test_no_anneal_before_the_warm_up_after_a_shrink() -> None:
+    # A shrink resets c's average; one observation (standard error 0) must not anneal again.
+    r = trust_region("adaptive", DEFAULT_KL_CLIP)
+    assert r is not None
+    feed_energy(r, mild(120), scale=10.0, energies=[1.0] * 120)
+    feed_energy(r, mild(300), scale=1.0, energies=[1.0] * 300)
+    assert r.stalls >= 1  # the anneal conditions hold at every window's end from here on
+    window = r.rule.stall_window
+    n = (window - 1 - r._since) % window
+    if n:
+        feed_energy(r, mild(2 * window)[:n], scale=1.0, energies=[1.0] * n)
+    assert r._since == window - 1
+    r._shrink(1.0)  # e.g. an overshoot just before the window's end
+    stalls = r.stalls
+    feed_energy(r, [-0.35], scale=1.0, energies=[1.0])
+    assert r.stalls == stalls
+
+
 @pytest.mark.parametrize(
     ("cs", "energies", "why"),
     [

@@ -197,7 +197,9 @@ class TrustRegion:
         self._m = self.rule.decay * self._m + (1 - self.rule.decay) * c
         self._v = self.rule.decay * self._v + (1 - self.rule.decay) * c * c
         mean, se = self.average()
-        if self._stalled(grads) and mean < self.rule.earned and mean < -self.rule.z * se:
+        stalled = self._stalled(grads)  # feeds the energy averages every step
+        settled = self._n >= self.rule.warmup  # as every decision, after the warm-up
+        if stalled and settled and mean < self.rule.earned and mean < -self.rule.z * se:
             self.stalls += 1  # progress stopped at a noise floor: anneal
             return self._shrink(taken)
         move = self.rule.decide(mean, se, self._n, clipped, self.radius)
