@@ -238,17 +238,12 @@ def decode_probe(probe: Arrays) -> tuple[Arrays, Arrays]:
     return out
 
 
-def probe_arrays(direction: PooledDirection) -> Arrays:
-    """The second phase's broadcast as it travels (`encode_probe`)."""
-    return direction.probe
-
-
 def answer_probe(cs: CurvatureSet, probe: Arrays) -> torch.Tensor:
     """A client's line-search scalars: per block `[<M, F_k d>, <d, F_k d>]`, shape [blocks, 2].
 
     Args:
         cs: the client's own curvature (what it uploaded this round).
-        probe: the probe message's extras (`probe_arrays`).
+        probe: the probe message's extras (`PooledDirection.probe`).
 
     Returns:
         float32 [len(cs.layouts), 2] (zeros for blocks whose d is zero).

@@ -34,7 +34,6 @@ from fedng.federated.aggregation.summable import (
     PooledDirection,
     line_search_step,
     pooled_direction,
-    probe_arrays,
 )
 from fedng.federated.aggregation.sums import WeightedSum, fold_all
 from fedng.federated.algorithms.base import State
@@ -262,7 +261,7 @@ class CurvatureSums:
             state.round,
             self.name,
             {},
-            probe_arrays(direction),
+            direction.probe,
             meta={"phase": PROBE_PHASE, "blocks": len(direction.blocks)},
             # int8 values travel as they are; their scales (and M, d otherwise) in this dtype
             dtype="fp32" if self.opts.probe_dtype == PROBE_INT8 else self.opts.probe_dtype,
