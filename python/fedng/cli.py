@@ -339,11 +339,12 @@ DP_METRIC_FEDNG: dict[str, Any] = {
 """FedNG with its DP clip and noise in the metric of its private input curvature
 (`aggregation.dp_metric`): each round the clients also release their K-FAC input factors' shapes
 (5% of the round's budget), the server averages every noised release so far and denoises the
-mean to its top 2 directions (`dp_curvature_pool="mean"`, post-processing); the deltas are clipped in that metric and the noise is shaped by its
-inverse, and every client preconditions with the same public curvature (relative damping: the
-released shapes carry no scale), which pairs its step with the metric (docs/robustness_privacy.md,
-"Clipping in the curvature metric"). It needs a curvature clip (`dp_curvature_clip`; the shapes'
-norm is at most sqrt(number of K-FAC blocks))."""
+mean to its top 2 directions (`dp_curvature_pool="mean"`, post-processing); the deltas are
+clipped in that metric and the noise is shaped by its inverse, and every client preconditions
+with the same public curvature (relative damping: the released shapes carry no scale), which
+pairs its step with the metric (docs/robustness_privacy.md, "Clipping in the curvature metric").
+It needs a curvature clip (`dp_curvature_clip`; the shapes' norm is at most sqrt(number of K-FAC
+blocks))."""
 
 
 def dp_overrides(
