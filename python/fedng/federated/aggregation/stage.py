@@ -23,7 +23,9 @@ Fisher-weighted merge, SCAFFOLD's control variates, ...) runs unchanged afterwar
 - DP replaces every update by the round's one private update (clipped, summed, noised, averaged
   over `dp_clients`): any weighted mean of identical updates is that update, and FedNG's
   Fisher-weighted merge of identical updates is `(F + lambda I)^-1 (F delta + lambda center)`,
-  i.e. the delta itself with its default `fisher_center="mean"`.
+  i.e. the delta itself with its default `fisher_center="mean"`. Under the "input" curvature
+  release with `dp_curvature_pool="mean"` the stage keeps the running mean of the noised
+  releases in `state.buffers` (`pooled_release`: post-processing) and hands that on instead.
 
 The input updates are never modified.
 """
