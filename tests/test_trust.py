@@ -252,10 +252,12 @@ def test_trust_region_factory() -> None:
     assert trust_region("fixed", 1e-2) is None and trust_region("adaptive", None) is None
     r = trust_region("adaptive", 1e-1)
     assert r is not None and r.radius == DEFAULT_INITIAL_RADIUS
-    assert r.rule.min_radius == pytest.approx(1e-1 * MIN_RADIUS_FRACTION)
+    # the least radius is three decades below the start (not the bound): room to anneal
+    assert r.rule.min_radius == pytest.approx(DEFAULT_INITIAL_RADIUS * MIN_RADIUS_FRACTION)
     for clip in (1e-4, 1e-2):  # an explicit bound: the radius starts where a fixed clip was
         given = trust_region("adaptive", clip)
         assert given is not None and given.radius == clip
+        assert given.rule.min_radius == pytest.approx(clip * MIN_RADIUS_FRACTION)
     with pytest.raises(ValueError, match="'trust' must be one of"):
         trust_region("sometimes", 1e-2)
 
