@@ -153,6 +153,7 @@ def test_annealing_stops_three_decades_below_the_start() -> None:
     assert radii[-1] == pytest.approx(floor) and min(radii) >= floor
     assert r.stalls >= 10
 
+
 def test_no_anneal_before_the_warm_up_after_a_shrink() -> None:
     # A shrink resets c's average; one observation (standard error 0) must not anneal again.
     r = trust_region("adaptive", DEFAULT_KL_CLIP)
@@ -322,6 +323,7 @@ def test_the_default_lr_is_the_unit_step_the_bound_assumes() -> None:
     step = [b - q.detach() for b, q in zip(before, model.parameters(), strict=True)]
     gd = sum(float((d * g).sum()) for d, g in zip(step, raw, strict=True))
     assert DEFAULT_LR * nu * gd == pytest.approx(DEFAULT_INITIAL_RADIUS, rel=1e-4)
+
 
 def test_natural_gradient_shrinks_its_radius_when_steps_overshoot() -> None:
     model, x, y = softmax_regression()
