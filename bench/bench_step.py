@@ -18,7 +18,10 @@ with the default KL clip (and its finiteness checks), reported alongside; `ng-kf
 `ng-kfac-f10` is `ng-kfac` with `factor_every=10` (factors updated on every 10th step, the setting
 KAISA's examples use; not the default), `ng-kfac-nowg` is `ng-kfac` with `NaturalGradient.backward`
 instead of `loss.backward()` (wide layers get their natural gradient from the batch rows, autograd
-forms no weight gradient for them), `ng-kfac-nowg-f10` both; all reported alongside.
+forms no weight gradient for them), `ng-kfac-nowg-f10` both; `-bf16` adds `bf16="factors"` (wide
+blocks' factor Grams from bf16-rounded rows, float32 accumulation, where the CPU has bf16 GEMM
+instructions; `fedng.ops.bf16_gemm`), `-bf16all` adds `bf16="all"` (also their batch-form
+products in bf16); all reported alongside.
 
 Threads: OpenBLAS worker threads busy-wait after every BLAS call for 2^28 cycles by default and
 then compete with torch's own threads for the two cores; unless the environment already says
@@ -231,6 +234,10 @@ METHODS = (
     "ng-kfac-f10",
     "ng-kfac-nowg",
     "ng-kfac-nowg-f10",
+    "ng-kfac-bf16",
+    "ng-kfac-nowg-f10-bf16",
+    "ng-kfac-bf16all",
+    "ng-kfac-nowg-f10-bf16all",
     "ng-lowrank",
     "kfac-torch-loop",
 )
@@ -243,7 +250,7 @@ def extra_flops(method: str, shapes: list[tuple[int, int, int, int]], rank: int)
     for m, n, rows, b in shapes:
         d = m * n
         if method in KFAC_METHODS:
-            every = FACTOR_EVERY if method.endswith("-f10") else 1
+            every = FACTOR_EVERY if "-f10" in method else 1
             total += rows * (n * (n + 1) + m * (m + 1)) / every
             dense, batch = 2 * m * n * (m + n), 2 * rows * (m * m + n * n + m * n)
             total += dense if method == "kfac-torch-loop" else min(dense, batch)
@@ -303,7 +310,8 @@ def methods(
             ng = NaturalGradient(
                 model,
                 curvature=name[3:].split("-")[0],
-                factor_every=FACTOR_EVERY if name.endswith("-f10") else 1,
+                factor_every=FACTOR_EVERY if "-f10" in name else 1,
+                bf16="all" if "-bf16all" in name else "factors" if "-bf16" in name else "off",
                 damping=DAMPING,
                 curvature_decay=DECAY,
                 inverse_every=STEPS,
@@ -504,8 +512,7 @@ def main() -> int:
         "--methods",
         nargs="*",
         default=None,
-        help="subset of sgd adam ng-diag ng-kfac ng-kfac-klclip ng-kfac-general ng-kfac-f10"
-        " ng-kfac-nowg ng-kfac-nowg-f10 ng-lowrank kfac-torch-loop",
+        help="subset of " + " ".join(METHODS),
     )
     p.add_argument("--repeats", type=int, default=None, help="timed samples (7; 3 with --quick)")
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")

@@ -238,6 +238,7 @@ class KfacStepPlan:
         self._inv: tuple[list[int], list[int]] = (self._zeros, self._zeros)
         self._inv_held: list[torch.Tensor] = []
         self._skip_ptrs: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+        self._own_ptrs: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
         self.form = torch.zeros(count, dtype=torch.int8)
         self.sums = torch.zeros(2 * count, dtype=torch.float64)
         """After a call: the gradient sums (with `check_finite`), then `<outs_i, grads_i>`."""
@@ -261,14 +262,25 @@ class KfacStepPlan:
         inverses: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
         check_finite: bool = False,
         skip: tuple[int, ...] = (),
+        own: tuple[int, ...] = (),
     ) -> None:
         """Updates the factors (if `update`), then preconditions `grads` into `outs` with
         `inverses` = (A^-1 list, G^-1 list) if given; with `check_finite`, nothing happens
         unless every gradient sums to a finite value (see `sums`). Layers in `skip` (sorted)
-        are updated only: no sum, no output (their dot reads 0)."""
+        are updated only: no sum, no output (their dot reads 0). Layers in `own` (sorted) are
+        not updated: the caller updates their factors."""
         if trusted.CHECK:
             self._checked(
-                inputs, output_grads, decay, a_scale, g_scale, update, inverses, check_finite, skip
+                inputs,
+                output_grads,
+                decay,
+                a_scale,
+                g_scale,
+                update,
+                inverses,
+                check_finite,
+                skip,
+                own,
             )
             return
         if inverses is not None:
@@ -283,6 +295,9 @@ class KfacStepPlan:
         grads, outs = p["grads"], p["outs"]
         if skip:
             grads, outs = self._skipping(skip)
+        a_fac, g_fac = (p["a_factors"], p["g_factors"]) if update else (zeros, zeros)
+        if update and own:
+            a_fac, g_fac = self._owning(own)
         _backend.native.kfac_step(
             dtype=self.code,
             inputs=[t.data_ptr() for t in inputs],
@@ -292,8 +307,8 @@ class KfacStepPlan:
             g_inv=self._inv[1] if inverses is not None else zeros,
             probe_u=p["probe_u"],
             probe_v=p["probe_v"],
-            a_factors=p["a_factors"] if update else zeros,
-            g_factors=p["g_factors"] if update else zeros,
+            a_factors=a_fac,
+            g_factors=g_fac,
             outs=outs,
             m=self.m,
             n=self.n,
@@ -322,6 +337,18 @@ class KfacStepPlan:
             self._skip_ptrs[skip] = got
         return got
 
+    def _owning(self, own: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """The factor pointers with null at the caller's layers (cached per `own`)."""
+        got = self._own_ptrs.get(own)
+        if got is None:
+            p = self._ptrs
+            got = (
+                [0 if i in own else q for i, q in enumerate(p["a_factors"])],
+                [0 if i in own else q for i, q in enumerate(p["g_factors"])],
+            )
+            self._own_ptrs[own] = got
+        return got
+
     def _checked(
         self,
         inputs: list[torch.Tensor],
@@ -333,10 +360,16 @@ class KfacStepPlan:
         inverses: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
         check_finite: bool,
         skip: tuple[int, ...] = (),
+        own: tuple[int, ...] = (),
     ) -> None:
         """The same call through the validating op (results copied into `outs`): the layers
-        not skipped in one call, then (unless it stopped) the skipped ones' update."""
+        not skipped in one call, then (unless it stopped) the skipped ones' update. The
+        caller's layers (`own`) are updated into scratch copies, thrown away."""
         keep = [i for i in range(len(self.m)) if i not in skip]
+        a_fac, g_fac = self.factors
+        if own:
+            a_fac = [a.clone() if i in own else a for i, a in enumerate(a_fac)]
+            g_fac = [g.clone() if i in own else g for i, g in enumerate(g_fac)]
 
         def sub(items: Sequence[object], idx: list[int]) -> list:  # type: ignore[type-arg]
             return [items[i] for i in idx]
@@ -352,8 +385,8 @@ class KfacStepPlan:
                 sub(inputs, keep),
                 sub(output_grads, keep),
                 bias=sub(self.bias, keep),
-                a_factors=sub(self.factors[0], keep) if update else None,
-                g_factors=sub(self.factors[1], keep) if update else None,
+                a_factors=sub(a_fac, keep) if update else None,
+                g_factors=sub(g_fac, keep) if update else None,
                 decay=sub(decay, keep),
                 a_scale=sub(a_scale, keep),
                 g_scale=sub(g_scale, keep),
@@ -378,8 +411,8 @@ class KfacStepPlan:
                 sub(inputs, list(skip)),
                 sub(output_grads, list(skip)),
                 bias=sub(self.bias, list(skip)),
-                a_factors=sub(self.factors[0], list(skip)),
-                g_factors=sub(self.factors[1], list(skip)),
+                a_factors=sub(a_fac, list(skip)),
+                g_factors=sub(g_fac, list(skip)),
                 decay=sub(decay, list(skip)),
                 a_scale=sub(a_scale, list(skip)),
                 g_scale=sub(g_scale, list(skip)),
