@@ -18,10 +18,11 @@ with the default KL clip (and its finiteness checks), reported alongside; `ng-kf
 `ng-kfac-f10` is `ng-kfac` with `factor_every=10` (factors updated on every 10th step, the setting
 KAISA's examples use; not the default), `ng-kfac-nowg` is `ng-kfac` with `NaturalGradient.backward`
 instead of `loss.backward()` (wide layers get their natural gradient from the batch rows, autograd
-forms no weight gradient for them), `ng-kfac-nowg-f10` both; `-bf16` adds `bf16="factors"` (wide
-blocks' factor Grams from bf16-rounded rows, float32 accumulation, where the CPU has bf16 GEMM
-instructions; `fedng.ops.bf16_gemm`), `-bf16all` adds `bf16="all"` (also their batch-form
-products in bf16); all reported alongside.
+forms no weight gradient for them), `ng-kfac-nowg-f10` both. Every `ng-` method runs with the
+default `bf16="factors"` (wide blocks' factor Grams from bf16-rounded rows, float32 accumulation,
+where the CPU has bf16 GEMM instructions; `fedng.ops.bf16_gemm`; no effect elsewhere) except
+`ng-kfac-fp32` (`bf16="off"`: the float32 step, the before/after in one run) and `-bf16all`
+(`bf16="all"`: also the batch-form products `g G^-1` and `P^T Q` in bf16; opt-in).
 
 Threads: OpenBLAS worker threads busy-wait after every BLAS call for 2^28 cycles by default and
 then compete with torch's own threads for the two cores; unless the environment already says
@@ -234,8 +235,7 @@ METHODS = (
     "ng-kfac-f10",
     "ng-kfac-nowg",
     "ng-kfac-nowg-f10",
-    "ng-kfac-bf16",
-    "ng-kfac-nowg-f10-bf16",
+    "ng-kfac-fp32",
     "ng-kfac-bf16all",
     "ng-kfac-nowg-f10-bf16all",
     "ng-lowrank",
@@ -311,7 +311,7 @@ def methods(
                 model,
                 curvature=name[3:].split("-")[0],
                 factor_every=FACTOR_EVERY if "-f10" in name else 1,
-                bf16="all" if "-bf16all" in name else "factors" if "-bf16" in name else "off",
+                bf16="all" if "-bf16all" in name else "off" if "-fp32" in name else "factors",
                 damping=DAMPING,
                 curvature_decay=DECAY,
                 inverse_every=STEPS,
@@ -340,7 +340,12 @@ def check_same_step(wl: Workload, batch: tuple[torch.Tensor, torch.Tensor]) -> f
         model = copy.deepcopy(base)
         pre: Any = (
             NaturalGradient(
-                model, damping=DAMPING, curvature_decay=DECAY, inverse_every=STEPS, kl_clip=None
+                model,
+                damping=DAMPING,
+                curvature_decay=DECAY,
+                inverse_every=STEPS,
+                kl_clip=None,
+                bf16="off",  # the torch loop's float32 math
             )
             if name == "ours"
             else TorchLoopKFAC(model, DAMPING, DECAY, STEPS)

@@ -162,12 +162,11 @@ class NaturalGradient:
         bf16: bf16 GEMMs (float32 accumulation) for wide K-FAC Linear blocks (`max(m, n) >=
             fedng.optim.fused_kfac.BF16_MIN`, the fused step) where the CPU has bf16 GEMM
             instructions (`fedng.ops.bf16_gemm`; no effect elsewhere). "off": float32 only.
-            "factors": the factors are folded from bf16-rounded batch rows: each is the exact
-            EMA of the Grams of rows within a relative 2^-8 of the recorded ones (still
+            "factors" (default): the factors are folded from bf16-rounded batch rows, each the
+            exact EMA of the Grams of rows within a relative 2^-8 of the recorded ones (still
             symmetric PSD); inverses and preconditioning stay float32. "all": also the batch
             form's products `P = g G^-1` and `P^T Q` in plain bf16 (each entry within 2^-7
-            |a||b| of the exact product; ~0.3% relative error on the bench MLP's steps; faster,
-            less exact: opt-in). `[x 1] A^-1` stays float32.
+            |a||b| of the exact product; ~0.5% of the step's scale on the bench MLP; opt-in).
         **deprecated: `factor_decay` (now `curvature_decay`), `fisher` (now `fisher_type`),
             `seed` (now `sketch_seed`), each with a DeprecationWarning.
 
@@ -205,7 +204,7 @@ class NaturalGradient:
         warn_unsupported: bool = True,
         damping_scale: str | None = None,
         trust: str = "adaptive",
-        bf16: str = "off",
+        bf16: str = "factors",
         **deprecated: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
