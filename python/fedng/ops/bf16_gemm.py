@@ -120,37 +120,3 @@ def gram(out: torch.Tensor, rows: torch.Tensor, *, alpha: float, beta: float) ->
     float32 contiguous). Both triangles come from the same products, so `out` is symmetric up
     to the order of float32 sums (exactly symmetric in every test here)."""
     gemm(out, rows, rows, alpha=alpha, beta=beta, trans_a=True)
-
-
-def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`t` (float32) as `hi + lo`, both bf16: `hi` = t rounded, `lo` = the rest rounded, so
-    `|t - hi - lo| <= u^2 |t|` (u = 2^-8)."""
-    hi = t.to(torch.bfloat16)
-    return hi, (t - hi.to(t.dtype)).to(torch.bfloat16)
-
-
-def right3(b: torch.Tensor) -> torch.Tensor:
-    """The right operand [r, q] of `product3`, as [3r, q] bf16 `[hi; hi; lo]` (cacheable)."""
-    hi, lo = split(b)
-    return torch.cat([hi, hi, lo], 0)
-
-
-def product3(
-    out: torch.Tensor, a: torch.Tensor, b3: torch.Tensor, *, trans_a: bool = False
-) -> None:
-    """`out <- op(a) b` in float32 by three bf16 products ("bf16x3"): `a_hi b_hi + a_lo b_hi +
-    a_hi b_lo`, one GEMM over the stacked operands (`b3 = right3(b)`), float32 accumulation.
-
-    Error: only `a_lo b_lo` and the rounding of the two `lo` parts are lost, so every entry is
-    within `3 u^2 |op(a)| |b|` (u^2 = 2^-16) plus the float32 accumulation's rounding, which
-    for inner dimension r >= 512 is below float32 GEMM's own worst-case bound `r 2^-24 |a||b|`.
-
-    Args:
-        out: [p, q] float32, contiguous, overwritten.
-        a: float32: [p, r], or [r, p] with `trans_a`.
-        b3: [3r, q] bf16 from `right3`.
-        trans_a: use `a^T`.
-    """
-    hi, lo = split(a)
-    a3 = torch.cat([hi, lo, hi], 0 if trans_a else 1)
-    gemm(out, a3, b3, trans_a=trans_a)
