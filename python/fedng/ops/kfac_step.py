@@ -237,8 +237,7 @@ class KfacStepPlan:
         self._zeros = [0] * count
         self._inv: tuple[list[int], list[int]] = (self._zeros, self._zeros)
         self._inv_held: list[torch.Tensor] = []
-        self._skip_ptrs: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
-        self._own_ptrs: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+        self._null_ptrs: dict[tuple[str, str, tuple[int, ...]], tuple[list[int], list[int]]] = {}
         self.form = torch.zeros(count, dtype=torch.int8)
         self.sums = torch.zeros(2 * count, dtype=torch.float64)
         """After a call: the gradient sums (with `check_finite`), then `<outs_i, grads_i>`."""
@@ -294,10 +293,10 @@ class KfacStepPlan:
         p, zeros = self._ptrs, self._zeros
         grads, outs = p["grads"], p["outs"]
         if skip:
-            grads, outs = self._skipping(skip)
+            grads, outs = self._nulled("grads", "outs", skip)
         a_fac, g_fac = (p["a_factors"], p["g_factors"]) if update else (zeros, zeros)
         if update and own:
-            a_fac, g_fac = self._owning(own)
+            a_fac, g_fac = self._nulled("a_factors", "g_factors", own)
         _backend.native.kfac_step(
             dtype=self.code,
             inputs=[t.data_ptr() for t in inputs],
@@ -325,28 +324,17 @@ class KfacStepPlan:
             nthreads=_backend.num_threads(),
         )
 
-    def _skipping(self, skip: tuple[int, ...]) -> tuple[list[int], list[int]]:
-        """The grads and outs pointers with null at the skipped layers (cached per `skip`)."""
-        got = self._skip_ptrs.get(skip)
+    def _nulled(self, a: str, b: str, layers: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """The pointers of buffers `a` and `b` with null at `layers` (cached)."""
+        key = (a, b, layers)
+        got = self._null_ptrs.get(key)
         if got is None:
             p = self._ptrs
             got = (
-                [0 if i in skip else q for i, q in enumerate(p["grads"])],
-                [0 if i in skip else q for i, q in enumerate(p["outs"])],
+                [0 if i in layers else q for i, q in enumerate(p[a])],
+                [0 if i in layers else q for i, q in enumerate(p[b])],
             )
-            self._skip_ptrs[skip] = got
-        return got
-
-    def _owning(self, own: tuple[int, ...]) -> tuple[list[int], list[int]]:
-        """The factor pointers with null at the caller's layers (cached per `own`)."""
-        got = self._own_ptrs.get(own)
-        if got is None:
-            p = self._ptrs
-            got = (
-                [0 if i in own else q for i, q in enumerate(p["a_factors"])],
-                [0 if i in own else q for i, q in enumerate(p["g_factors"])],
-            )
-            self._own_ptrs[own] = got
+            self._null_ptrs[key] = got
         return got
 
     def _checked(
