@@ -9,7 +9,9 @@ eigendecomposition: `cholesky` + `cholesky_inverse` per factor, `G^-1 dW A^-1` p
 
 FLOP bound of a step: the SGD step's time plus the extra flops of the method at the same-run
 float32 GEMM peak (K-FAC: SYRK rows*n(n+1) per factor, the cheaper of the dense and batch
-preconditioning forms, and n^3 per factor inverse / 10).
+preconditioning forms, and n^3 per factor inverse / 10). It counts every GEMM at the float32
+rate: the bf16 GEMMs of the default `bf16="factors"` (and of `-bf16all`) run ~4x faster on CPUs
+with bf16 instructions, so "x bound" can read below 1 for those parts.
 
 Targets (issue 11): our K-FAC step <= 1.5x the SGD step on the MNIST-1D MLP and <= 1.8x on the
 1024-wide MLP (`ng-kfac`, kl_clip=None like the torch loop); `ng-kfac-klclip` is the same step
