@@ -94,7 +94,7 @@ from fedng.optim.damping import (
     predicted_reduction,
     reduction_ratio,
 )
-from fedng.optim.fused_kfac import FusedKFAC, FusedResult, Piece
+from fedng.optim.fused_kfac import BF16_MODES, FusedKFAC, FusedResult, Piece
 from fedng.optim.gather import FlatGrads
 from fedng.optim.safety import (
     Safety,
@@ -161,6 +161,14 @@ class NaturalGradient:
             blocks never seen in a recorded forward pass on their first step. False for callers
             that build many optimizers over one model and warn once themselves (a federated
             client per round).
+        bf16: bf16 GEMMs (float32 accumulation) for wide K-FAC Linear blocks (`max(m, n) >=
+            fedng.optim.fused_kfac.BF16_MIN`, the fused step) where the CPU has bf16 GEMM
+            instructions (`fedng.ops.bf16_gemm`; no effect elsewhere). "off": float32 only.
+            "factors" (default): the factors are folded from bf16-rounded batch rows, each the
+            exact EMA of the Grams of rows within a relative 2^-8 of the recorded ones (still
+            symmetric PSD); inverses and preconditioning stay float32. "all": also the batch
+            form's products `P = g G^-1` and `P^T Q` in plain bf16 (each entry within 2^-7
+            |a||b| of the exact product; ~0.5% of the step's scale on the bench MLP; opt-in).
         **deprecated: `factor_decay` (now `curvature_decay`), `fisher` (now `fisher_type`),
             `seed` (now `sketch_seed`), each with a DeprecationWarning.
 
@@ -198,6 +206,7 @@ class NaturalGradient:
         warn_unsupported: bool = True,
         damping_scale: str | None = None,
         trust: str = "adaptive",
+        bf16: str = "factors",
         **deprecated: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -223,6 +232,7 @@ class NaturalGradient:
         self.rank = positive_int("rank", rank)
         self.sketch_seed = nonnegative_int("sketch_seed", renamed.get("sketch_seed", sketch_seed))
         mode = check_choice(WHERE, "source", source, INITIAL_SOURCES)
+        self.bf16 = check_choice(WHERE, "bf16", bf16, BF16_MODES)
         if not isinstance(warn_unsupported, bool):
             raise TypeError(
                 f"{WHERE}: 'warn_unsupported' must be a bool, got {type(warn_unsupported).__name__}"
@@ -254,7 +264,7 @@ class NaturalGradient:
         self._flat = FlatGrads(blocks, self._params, self.dtype) if blocks else None
         # The common case (K-FAC Linear layers) in one native call per step, or None.
         self._fused = FusedKFAC.build(
-            self.capture, self.local_curvature, self._flat, self.fisher_type
+            self.capture, self.local_curvature, self._flat, self.fisher_type, self.bf16
         )
         self._names = [b.name for b in blocks]
         self.steps = 0
