@@ -186,6 +186,15 @@ PYBIND11_MODULE(_C, m) {
       nogil, kw, py::arg("dtype"), py::arg("vec"), py::arg("out"), py::arg("n"),
       "out [n, n] <- the symmetric matrix of the packed lower triangle vec.");
   m.def(
+      "int8_quantize_vector",
+      [](Address x, Address q, Address scale, std::int64_t n, std::int64_t chunk) {
+        fedng::cpu::int8_quantize_vector(reinterpret_cast<const float*>(x),
+                                         reinterpret_cast<std::int8_t*>(q),
+                                         reinterpret_cast<float*>(scale), n, chunk);
+      },
+      nogil, kw, py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("n"), py::arg("chunk"),
+      "q, scale <- the int8 values of float32 x, one scale per chunk entries.");
+  m.def(
       "dots_f64",
       [](const Ptrs& xs, const Ptrs& ys, const Sizes& n) {
         std::vector<double> out(xs.size());

@@ -63,6 +63,30 @@ double norm_bound(const std::vector<double>& e, std::vector<double>& a, std::int
   return t * (1.0 + 2.0 * (nn + 1.0) * nn * kUnit);
 }
 
+// round(x) half to even for the finite |x| <= 128 it is applied to: adding 1.5 2^52 leaves no
+// fraction bits (default rounding mode), as `std::nearbyint` (a library call on baseline x86-64)
+// would round; the sign of a zero may differ, which no caller can see.
+inline double round_small(double x) {
+  constexpr double kMagic = 0x1.8p52;
+  volatile double shifted = x + kMagic;  // volatile: the sum must be rounded, not folded away
+  return shifted - kMagic;
+}
+
+// `q / 127 - c` of one entry, `q = clamp(round(127 c), +-127)` (NaN c: q = -127, as std::max
+// orders NaN; +-Inf: +-127).
+inline double quantize_entry(double c, std::int8_t* q) {
+  const double x = c * kQmax;
+  double r;
+  if (x != x) {
+    r = -kQmax;
+  } else {
+    r = round_small(x < -128.0 ? -128.0 : (x > 128.0 ? 128.0 : x));
+    r = r < -kQmax ? -kQmax : (r > kQmax ? kQmax : r);
+  }
+  *q = static_cast<std::int8_t>(r);
+  return r / kQmax - c;
+}
+
 void quantize_triangle(const float* m, std::int8_t* q, float* side, std::int64_t n,
                        std::vector<double>& e, std::vector<double>& a) {
   std::vector<double> d(static_cast<std::size_t>(n)), inv(static_cast<std::size_t>(n));
@@ -71,28 +95,31 @@ void quantize_triangle(const float* m, std::int8_t* q, float* side, std::int64_t
     const double root = std::sqrt(std::max(d[i], 0.0));
     inv[i] = root > 0.0 ? 1.0 / root : 0.0;
   }
-  e.assign(static_cast<std::size_t>(n * n), 0.0);
+  // E's strict lower triangle only (all the Cholesky passes read); buffers kept between calls
+  // (a fresh n x n allocation costs page faults comparable to the entries' own work)
+  if (e.size() < static_cast<std::size_t>(n * n)) e.resize(static_cast<std::size_t>(n * n));
   std::vector<double> rows(static_cast<std::size_t>(n), 0.0);  // Gershgorin row sums of |E|
   double fro2 = 0.0;
   std::int64_t p = 0;
   for (std::int64_t i = 0; i < n; ++i) {
     double* ei = e.data() + i * n;
-    for (std::int64_t j = 0; j < i; ++j, ++p) {
-      const double c = static_cast<double>(m[p]) * inv[i] * inv[j];
-      const double r = std::min(kQmax, std::max(-kQmax, std::nearbyint(c * kQmax)));
-      q[p] = std::isfinite(r) ? static_cast<std::int8_t>(r) : 0;
-      const double err = r / kQmax - c;
-      ei[j] = err;
+    const double di = inv[i];
+    for (std::int64_t j = 0; j < i; ++j)
+      ei[j] = quantize_entry(static_cast<double>(m[p + j]) * di * inv[j], q + p + j);
+    // the sums in the order they always had (the certificate starts from them)
+    for (std::int64_t j = 0; j < i; ++j) {
+      const double err = ei[j];
       fro2 += 2.0 * err * err;
       rows[i] += std::fabs(err);
       rows[j] += std::fabs(err);
     }
+    p += i;
     q[p++] = 0;
   }
   double gersh = 0.0;
   for (std::int64_t i = 0; i < n; ++i) gersh = std::max(gersh, rows[i]);
   if (!std::isfinite(fro2)) gersh = fro2;
-  a.resize(static_cast<std::size_t>(n * n));
+  if (a.size() < static_cast<std::size_t>(n * n)) a.resize(static_cast<std::size_t>(n * n));
   const double rel = norm_bound(e, a, n, std::sqrt(fro2), gersh);
   for (std::int64_t i = 0; i < n; ++i) side[i] = static_cast<float>(d[i]);
   side[n] = static_cast<float>(rel * (1.0 + 1e-6) + 8.0 * static_cast<double>(n) * 0x1p-24);
@@ -112,7 +139,7 @@ void int8_quantize_triangles(const float* vals, std::int8_t* q, float* side, std
     if (at + n * (n + 1) / 2 > nvals || sat + n + 1 > nside) fail(op, "'tris' runs past the buffers");
     if (n > 0 && (vals == nullptr || q == nullptr || side == nullptr)) fail(op, "null buffer");
   }
-  std::vector<double> e, a;
+  thread_local std::vector<double> e, a;  // grown to the largest triangle, kept
   for (std::size_t k = 0; k < tris.size(); k += 3)
     quantize_triangle(vals + tris[k], q + tris[k], side + tris[k + 1], tris[k + 2], e, a);
 }

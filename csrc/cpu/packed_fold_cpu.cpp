@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -278,6 +279,38 @@ bool int8_payload_traces(const std::int8_t* q, const float* side, std::int64_t n
     traces[s / 6] = tr;
   }
   return true;
+}
+
+namespace {
+
+// One chunk of `int8_quantize_vector`: torch's float64 arithmetic of `quantize._quantize_vec`.
+FEDNG_CLONES void quantize_chunk(const float* x, std::int8_t* q, float* scale, std::int64_t n) {
+  double big = 0.0;
+  bool nan = false;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const double a = std::fabs(static_cast<double>(x[i]));
+    nan = nan || a != a;
+    big = a > big ? a : big;
+  }
+  const float sc = nan ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(big / kQmax);
+  *scale = sc;
+  const double s = sc > 0.0f ? static_cast<double>(sc) : 1.0;  // NaN, 0: 1 (`_safe`)
+  for (std::int64_t i = 0; i < n; ++i) {
+    const double r = std::nearbyint(static_cast<double>(x[i]) / s);
+    // torch: clamp (NaN stays NaN), then NaN -> 0 in the int8 cast
+    q[i] = r != r ? 0 : static_cast<std::int8_t>(r < -kQmax ? -kQmax : (r > kQmax ? kQmax : r));
+  }
+}
+
+}  // namespace
+
+void int8_quantize_vector(const float* x, std::int8_t* q, float* scale, std::int64_t n,
+                          std::int64_t chunk) {
+  if (n < 0 || chunk <= 0) fail("int8_quantize_vector", "bad sizes");
+  if (n > 0 && (x == nullptr || q == nullptr || scale == nullptr))
+    fail("int8_quantize_vector", "null buffer");
+  for (std::int64_t lo = 0, c = 0; lo < n; lo += chunk, ++c)
+    quantize_chunk(x + lo, q + lo, scale + c, n - lo < chunk ? n - lo : chunk);
 }
 
 namespace {

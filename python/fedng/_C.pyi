@@ -188,6 +188,11 @@ def unpack_triangle(*, dtype: int, vec: int, out: int, n: int) -> None:
     """`out` [n, n] (float32 / float64 by `dtype`) <- the symmetric matrix whose packed lower
     triangle, row by row, is `vec` [n (n + 1) / 2]; every entry a copy."""
 
+def int8_quantize_vector(*, x: int, q: int, scale: int, n: int, chunk: int) -> None:
+    """Float32 `x` [n] as int8 `q` [n] and float32 `scale` [ceil(n / chunk)]: per chunk
+    `float(max |x| / 127)` and `round(x / scale)` clamped to +-127 in float64 (scale <= 0 or
+    NaN: 1; NaN values: 0)."""
+
 def dots_f64(*, xs: Sequence[int], ys: Sequence[int], n: Sequence[int]) -> list[float]:
     """Per pair of float32 arrays `xs[k]`, `ys[k]` [n[k]], `<xs[k], ys[k]>` with products and
     sums in float64."""

@@ -39,6 +39,13 @@ bool int8_payload_traces(const std::int8_t* q, const float* side, std::int64_t n
                          std::int64_t nside, const Sizes& segs, std::int64_t chunk,
                          double* traces);
 
+// Signed float32 values x [n] as int8 q [n] and one float32 scale per `chunk` entries
+// (scale [ceil(n / chunk)]): scale_c = float(max_i |x_i| / 127) over the chunk (float64; NaN if
+// an entry is), q_i = round_half_even(x_i / s_c) clamped to +-127 with s_c = scale_c where it
+// is positive, else 1 (in float64; NaN gives 0): torch's arithmetic of
+// python/fedng/curvature/quantize.py's `_quantize_vec`, bit for bit.
+void int8_quantize_vector(const float* x, std::int8_t* q, float* scale, std::int64_t n,
+                          std::int64_t chunk);
 // out[k] = <xs[k], ys[k]> of float32 arrays [n[k]], products and sums in float64 (the float64
 // dot of their float64 copies, summed in another order).
 void dots_f64(const Ptrs& xs, const Ptrs& ys, const Sizes& n, double* out);

@@ -155,6 +155,34 @@ def int8_triangles(vals: torch.Tensor, q: torch.Tensor, side: torch.Tensor, tris
     )
 
 
+def quantize_signed(x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed float32 values as int8 and one float32 scale per `chunk` entries, in one native
+    pass: `scale_c = float(max |x| / 127)` over the chunk and `round(x / scale_c)` (half to
+    even, clamped to +-127) in float64, bit for bit `quantize._quantize_vec`'s torch arithmetic.
+
+    Args:
+        x: float32 [n], contiguous.
+        chunk: entries per scale (> 0).
+
+    Returns:
+        (int8 [n], float32 [ceil(n / chunk)]).
+
+    Raises:
+        ValueError: `x` not a contiguous float32 CPU vector, or `chunk` not positive.
+    """
+    if x.dtype != torch.float32 or x.dim() != 1 or not x.is_contiguous() or not x.is_cpu:
+        raise ValueError("quantize_signed: 'x' must be a contiguous float32 CPU vector")
+    if chunk <= 0:
+        raise ValueError(f"quantize_signed: 'chunk' must be positive, got {chunk}")
+    n = x.numel()
+    q = torch.empty(n, dtype=torch.int8)
+    scale = torch.empty(-(-n // chunk), dtype=torch.float32)
+    native.int8_quantize_vector(
+        x=x.data_ptr(), q=q.data_ptr(), scale=scale.data_ptr(), n=n, chunk=chunk
+    )
+    return q, scale
+
+
 def sum_squares(ts: Sequence[torch.Tensor]) -> list[float]:
     """Per tensor, the sum of its squared entries accumulated in float64, all in one native pass
     (float32 and contiguous bfloat16 read as they are, other float tensors as float32 copies):
