@@ -252,6 +252,45 @@ void int8_payload_axpy(const std::int8_t* q, const float* side, float* acc, std:
   }
 }
 
+namespace {
+
+FEDNG_CLONES void f32_axpy(const float* x, float* acc, std::int64_t n, float w) {
+#pragma omp simd
+  for (std::int64_t i = 0; i < n; ++i) acc[i] += w * x[i];
+}
+
+FEDNG_CLONES void bf16_axpy_one(const std::uint16_t* x, float* acc, std::int64_t n, float w) {
+#pragma omp simd
+  for (std::int64_t i = 0; i < n; ++i) acc[i] += w * bf16_float(x[i]);
+}
+
+}  // namespace
+
+void fold_update(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16,
+                 double weight, const std::int8_t* q, const float* side, float* acc,
+                 std::int64_t nq, std::int64_t nside, std::int64_t nacc, const Sizes& segs,
+                 std::int64_t chunk) {
+  const char* op = "fold_update";
+  check_count(op, "accs", accs.size(), xs.size());
+  check_count(op, "n", n.size(), xs.size());
+  check_count(op, "bf16", bf16.size(), xs.size());
+  check_sizes(op, "n", n);
+  check_ptrs(op, "xs", xs, n);
+  check_ptrs(op, "accs", accs, n);
+  if (!segs.empty()) {
+    check_segments(op, segs, nq, nside, nacc, chunk);
+    if (q == nullptr || side == nullptr || acc == nullptr) fail(op, "null int8 buffer");
+  }
+  const float w = static_cast<float>(weight);
+  for (std::size_t k = 0; k < xs.size(); ++k) {
+    if (bf16[k] != 0)
+      bf16_axpy_one(as<const std::uint16_t>(xs[k]), as<float>(accs[k]), n[k], w);
+    else
+      f32_axpy(as<const float>(xs[k]), as<float>(accs[k]), n[k], w);
+  }
+  if (!segs.empty()) int8_payload_axpy(q, side, acc, nq, nside, nacc, segs, chunk, weight);
+}
+
 bool int8_payload_traces(const std::int8_t* q, const float* side, std::int64_t nq,
                          std::int64_t nside, const Sizes& segs, std::int64_t chunk,
                          double* traces) {

@@ -350,6 +350,12 @@ def dequantize_add(
     payload_axpy(acc, q.reshape(-1), side.reshape(-1), flat, VEC_CHUNK, weight)
 
 
+def fold_plan(segs: Sequence[Segment]) -> tuple[tuple[int, ...], int, int, int]:
+    """(the `packed_fold.payload_axpy` sextuples of `segs`, float entries, int8 values, side
+    floats): what `packed_fold.fold_update` needs to fold a payload (cached per layout)."""
+    return _sextuples(tuple(segs))
+
+
 _FORMS = {"tri": 0, "vec": 1, "lrtri": 2}
 
 
