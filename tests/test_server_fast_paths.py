@@ -202,3 +202,24 @@ def test_unpack_triangle_copies_every_entry_bit_for_bit(dtype: torch.dtype, n: i
             unpack_triangle(wide, n).reshape(-1).view(bits[dtype]),
             got.reshape(-1).view(bits[dtype]),
         )
+
+
+def test_add_block_in_place_equals_gather_add_scatter() -> None:
+    """The line search's in-place block update = `write_matrix(to_matrix + mat)` bit for bit,
+    on every block of a fed model (weights with biases) and on the general path's layouts."""
+    from fedng.curvature import to_matrix, write_matrix
+    from fedng.curvature.layout import BlockLayout
+
+    pooled, delta, _ = _direction_inputs()
+    g = torch.Generator().manual_seed(1)
+    lays = list(pooled.layouts)
+    w = next(iter(delta))
+    shape = delta[w].shape
+    lays.append(BlockLayout("nob", "kron", shape[0], shape[1], w, None, None, None, False))
+    for lay in lays:
+        mat = torch.randn(lay.m, lay.n, generator=g) * 0.3
+        fast = {k: v.clone() for k, v in delta.items()}
+        slow = {k: v.clone() for k, v in delta.items()}
+        summable._add_block(fast, lay, mat)
+        write_matrix(slow, lay, to_matrix(slow, lay) + mat)
+        assert all(torch.equal(fast[k], slow[k]) for k in delta)

@@ -30,6 +30,7 @@ import torch
 
 from fedng._typing import Arrays
 from fedng.curvature import KFAC, CurvatureSet, DiagonalFisher, to_matrix, write_matrix
+from fedng.curvature.layout import BlockLayout
 from fedng.curvature.packed_fold import sum_squares
 from fedng.curvature.quantize import SCALE_SUFFIX, dequantize_vector, quantize_vector
 from fedng.federated.aggregation.matvec import block_dots, block_vectors, fisher_matvecs
@@ -138,13 +139,15 @@ def pooled_direction(
     _, seen = decode_probe(probe)
     for i in probed:  # as the clients decode it
         blocks[i] = to_matrix(seen, pooled.layouts[i])
-    sc = [s + lam * c for s, c, lam in zip(s_blocks, c_blocks, lams, strict=True)]
-    num = [
-        a - lam * b
-        for a, b, lam in zip(
-            block_dots(sc, blocks), block_dots(m_blocks, blocks), lams, strict=True
-        )
-    ]
+    # <S + lambda c, d> - lambda <M, d> from float64 dots (no S + lambda c formed): c = M
+    # cancels to <S, d>, c = 0 leaves <S, d> - lambda <M, d>
+    sd = block_dots(s_blocks, blocks)
+    if center == "mean":
+        num = sd
+    else:
+        num = [
+            a - lam * b for a, b, lam in zip(sd, block_dots(m_blocks, blocks), lams, strict=True)
+        ]
     return PooledDirection(mean, blocks, lams, probed, num, block_dots(blocks, blocks), probe)
 
 
@@ -308,10 +311,26 @@ def line_search_step(
             alphas.append(alpha)
         else:
             alpha = 1.0
-        lay = pooled.layouts[i]
-        write_matrix(step, lay, to_matrix(step, lay) + alpha * blk)
+        _add_block(step, pooled.layouts[i], alpha * blk)
     log = {"alpha_min": min(alphas), "alpha_max": max(alphas)} if alphas else {}
     return step, log
+
+
+def _add_block(arrays: Arrays, lay: BlockLayout, mat: torch.Tensor) -> None:
+    """`write_matrix(arrays, lay, to_matrix(arrays, lay) + mat)` for float32 arrays: the same
+    sums, added in place where the block is a weight [m, n - 1] and a bias [m] (no block copy
+    of the arrays is gathered and scattered back)."""
+    w = arrays[lay.weight]
+    b = arrays[lay.bias] if lay.bias is not None else None
+    plain = lay.kind != "elementwise" and not lay.transpose and lay.w_rows is None
+    if not plain or b is None or lay.b_rows is not None or w.dtype != torch.float32:
+        write_matrix(arrays, lay, to_matrix(arrays, lay) + mat)
+        return
+    if b.dtype != torch.float32 or w.numel() != lay.m * (lay.n - 1) or b.numel() != lay.m:
+        write_matrix(arrays, lay, to_matrix(arrays, lay) + mat)
+        return
+    w.add_(mat[:, :-1].reshape(w.shape))
+    b.add_(mat[:, -1].reshape(b.shape))
 
 
 def contribution(cs: CurvatureSet, delta: Arrays) -> Arrays:
