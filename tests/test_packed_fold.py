@@ -25,6 +25,7 @@ from fedng.curvature.quantize import (
     Segment,
     dequantize,
     dequantize_add,
+    dequantize_vector,
     fold_plan,
     quantize,
     quantize_vector,
@@ -127,7 +128,8 @@ def test_fold_update_is_every_axpy_in_one_call(with_payload: bool) -> None:
 
 def test_quantize_vector_is_the_torch_arithmetic_bit_for_bit() -> None:
     """The native int8 vector quantization (the line-search probe) = the float64 torch
-    reference bit for bit: ragged chunks, zeros, ties, tiny and huge scales, NaN / Inf."""
+    reference bit for bit: ragged chunks, zeros, ties, tiny and huge scales, NaN / Inf; and its
+    one-pass decode = `dequantize`'s."""
     from fedng.curvature.quantize import _quantize_vec_ref
 
     g = torch.Generator().manual_seed(0)
@@ -144,6 +146,9 @@ def test_quantize_vector_is_the_torch_arithmetic_bit_for_bit() -> None:
         assert torch.equal(q, rq)
         assert torch.equal(scale.isnan(), rscale.isnan())
         assert torch.equal(scale.nan_to_num(), rscale.nan_to_num())
+        if bool(torch.isfinite(x).all()):  # the one-pass decode = dequantize's torch path
+            back = dequantize(rq, rscale, [("vec", x.numel())])
+            assert torch.equal(dequantize_vector(q, scale), back)
 
 
 def test_bf16_fold_and_sums_of_squares_match_float64() -> None:

@@ -136,7 +136,7 @@ def pooled_direction(
         exact = set(pooled.groups["diag"])
     probed = [i for i, b in enumerate(blocks) if b is not None and i not in exact]
     probe = encode_probe(pooled, mean, blocks, probed, probe_dtype)
-    _, seen = decode_probe(probe)
+    _, seen = decode_probe({k: v for k, v in probe.items() if k.startswith(PROBE_D)})  # d only
     for i in probed:  # as the clients decode it
         blocks[i] = to_matrix(seen, pooled.layouts[i])
     # <S + lambda c, d> - lambda <M, d> from float64 dots (no S + lambda c formed): c = M
