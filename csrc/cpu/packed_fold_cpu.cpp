@@ -291,12 +291,33 @@ void fold_update(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& 
   if (!segs.empty()) int8_payload_axpy(q, side, acc, nq, nside, nacc, segs, chunk, weight);
 }
 
+namespace {
+
+// ||B~||_F^2 of a low-rank segment's digits (decode_lowrank's float32 entries, squared and
+// summed in float64), read in storage order: no decoded copy.
+FEDNG_CLONES double lowrank_squares(const std::int8_t* q, const float* scale, std::int64_t n,
+                                    std::int64_t k) {
+  const std::int8_t* lo = q + n * k;
+  const float inv = static_cast<float>(2.0 * kQmax);
+  double s = 0.0;
+  for (std::int64_t i = 0; i < n; ++i) {
+#pragma omp simd reduction(+ : s)
+    for (std::int64_t c = 0; c < k; ++c) {
+      const float v = (static_cast<float>(q[i * k + c]) + static_cast<float>(lo[i * k + c]) / inv) *
+                      scale[c];
+      s += static_cast<double>(v) * static_cast<double>(v);
+    }
+  }
+  return s;
+}
+
+}  // namespace
+
 bool int8_payload_traces(const std::int8_t* q, const float* side, std::int64_t nq,
                          std::int64_t nside, const Sizes& segs, std::int64_t chunk,
                          double* traces) {
   const char* op = "int8_payload_traces";
   check_segments(op, segs, nq, nside, INT64_MAX, chunk);
-  std::vector<float> buf;
   for (std::size_t s = 0; s < segs.size(); s += 6) {
     const std::int64_t form = segs[s], qat = segs[s + 2], sat = segs[s + 3], n = segs[s + 4],
                        k = segs[s + 5];
@@ -309,11 +330,8 @@ bool int8_payload_traces(const std::int8_t* q, const float* side, std::int64_t n
       const float onep = 1.0f + side[sat + n];
       for (std::int64_t i = 0; i < n; ++i) tr += static_cast<double>(side[sat + i] * onep);
     } else {
-      buf.assign(static_cast<std::size_t>(k * n), 0.0f);
-      decode_lowrank(q + qat, side + sat, n, k, n, buf.data());
-      for (std::int64_t i = 0; i < k * n; ++i)
-        tr += static_cast<double>(buf[i]) * static_cast<double>(buf[i]);
-      tr += static_cast<double>(n) * static_cast<double>(side[sat + k]);
+      tr = lowrank_squares(q + qat, side + sat, n, k) +
+           static_cast<double>(n) * static_cast<double>(side[sat + k]);
     }
     traces[s / 6] = tr;
   }
