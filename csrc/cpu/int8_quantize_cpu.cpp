@@ -33,6 +33,7 @@ constexpr double kQmax = 127.0;
 constexpr double kUnit = 0x1p-53;                 // float64's unit roundoff
 constexpr double kUnit32 = 0x1p-24;               // float32's
 constexpr std::int64_t kShrinkBelow = 256;        // sizes whose factorizations are cheap
+constexpr std::size_t kKeepEntries = 1 << 21;     // buffers kept up to 1448 wide (16 + 8 MB)
 
 // Work buffers of one certificate: A' (float32, row-major lower = LAPACK's column-major upper)
 // and the column sums of |R^T|.
@@ -179,10 +180,14 @@ void int8_quantize_triangles(const float* vals, std::int8_t* q, float* side, std
     if (at + n * (n + 1) / 2 > nvals || sat + n + 1 > nside) fail(op, "'tris' runs past the buffers");
     if (n > 0 && (vals == nullptr || q == nullptr || side == nullptr)) fail(op, "null buffer");
   }
-  thread_local std::vector<double> e;  // grown to the largest triangle, kept
+  thread_local std::vector<double> e;  // grown to the largest triangle, kept while small
   thread_local Work w;
   for (std::size_t k = 0; k < tris.size(); k += 3)
     quantize_triangle(vals + tris[k], q + tris[k], side + tris[k + 1], tris[k + 2], e, w);
+  if (e.size() > kKeepEntries) {  // a wide factor's buffers are not held between calls
+    std::vector<double>().swap(e);
+    std::vector<float>().swap(w.a);
+  }
 }
 
 }  // namespace fedng::cpu
