@@ -186,6 +186,28 @@ PYBIND11_MODULE(_C, m) {
       nogil, kw, py::arg("dtype"), py::arg("vec"), py::arg("out"), py::arg("n"),
       "out [n, n] <- the symmetric matrix of the packed lower triangle vec.");
   m.def(
+      "int8_quantize_vector",
+      [](Address x, Address q, Address scale, std::int64_t n, std::int64_t chunk) {
+        fedng::cpu::int8_quantize_vector(reinterpret_cast<const float*>(x),
+                                         reinterpret_cast<std::int8_t*>(q),
+                                         reinterpret_cast<float*>(scale), n, chunk);
+      },
+      nogil, kw, py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("n"), py::arg("chunk"),
+      "q, scale <- the int8 values of float32 x, one scale per chunk entries.");
+  m.def(
+      "fold_update",
+      [](const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16, double weight,
+         Address q, Address side, Address acc, std::int64_t nq, std::int64_t nside,
+         std::int64_t nacc, const Sizes& segs, std::int64_t chunk) {
+        fedng::cpu::fold_update(xs, accs, n, bf16, weight, reinterpret_cast<const std::int8_t*>(q),
+                                reinterpret_cast<const float*>(side), reinterpret_cast<float*>(acc),
+                                nq, nside, nacc, segs, chunk);
+      },
+      nogil, kw, py::arg("xs"), py::arg("accs"), py::arg("n"), py::arg("bf16"),
+      py::arg("weight"), py::arg("q"), py::arg("side"), py::arg("acc"), py::arg("nq"),
+      py::arg("nside"), py::arg("nacc"), py::arg("segs"), py::arg("chunk"),
+      "accs[k] += weight * xs[k] (float32 or bfloat16), then an int8 payload's fold.");
+  m.def(
       "dots_f64",
       [](const Ptrs& xs, const Ptrs& ys, const Sizes& n) {
         std::vector<double> out(xs.size());

@@ -12,6 +12,7 @@ from _tols import assert_close
 from fedng.curvature import pack_triangle, unpack_triangle
 from fedng.curvature.packed_fold import (
     bf16_axpy,
+    fold_update,
     int8_triangles,
     payload_axpy,
     payload_traces,
@@ -24,7 +25,10 @@ from fedng.curvature.quantize import (
     Segment,
     dequantize,
     dequantize_add,
+    dequantize_vector,
+    fold_plan,
     quantize,
+    quantize_vector,
     side_traces,
 )
 from hypothesis import given, settings
@@ -82,6 +86,69 @@ def test_int8_fold_is_acc_plus_weight_times_dequantize(
     ref = acc.double() + weight * dequantize(q, side, segs).double()
     dequantize_add(acc, q, side, segs, weight)
     assert_close(acc, ref, torch.float32, "packed_fold")
+
+
+@pytest.mark.parametrize("with_payload", [False, True])
+def test_fold_update_is_every_axpy_in_one_call(with_payload: bool) -> None:
+    """`fold_update` = acc + w * x per array (float32, bf16 read in place; fp16 and
+    non-contiguous as copies) and acc + w * dequantize for the int8 payload (float64
+    references); sizes that do not match are one-line errors, nothing written."""
+    g = torch.Generator().manual_seed(3)
+    xs = [
+        torch.randn(0, generator=g),
+        torch.randn(700, generator=g),
+        torch.randn(33, generator=g).bfloat16(),
+        torch.randn(40, generator=g).half(),
+        torch.randn(9, 5, generator=g).T,
+    ]
+    accs = [torch.randn(x.numel(), generator=g) for x in xs]
+    refs = [a.double() + 0.7 * x.double().reshape(-1) for a, x in zip(accs, xs, strict=True)]
+    got8 = None
+    if with_payload:
+        data, segs = payload([30, 1, 17], 70, 5)
+        segs = [*segs, ("lrtri", 300)]
+        data = torch.cat([data, torch.rand(300 * 301 // 2, generator=g)])
+        q, side = quantize(data, segs)
+        flat, nacc, _, _ = fold_plan(segs)
+        acc8 = torch.randn(nacc, generator=g)
+        ref8 = acc8.double() + 0.7 * dequantize(q, side, segs).double()
+        got8 = (acc8, q, side, flat, VEC_CHUNK)
+    fold_update(accs, xs, 0.7, got8)
+    for a, r in zip(accs, refs, strict=True):
+        assert_close(a, r, torch.float32, "packed_fold")
+    if got8 is not None:
+        assert_close(got8[0], ref8, torch.float32, "packed_fold", scale=float(ref8.abs().max()))
+    before = [a.clone() for a in accs]
+    with pytest.raises(ValueError, match="fold_update"):
+        fold_update(accs[:2], [xs[0], torch.zeros(3)], 1.0)
+    with pytest.raises(ValueError, match="fold_update"):
+        fold_update(accs[:1], [torch.zeros(0, dtype=torch.int64)], 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(accs, before, strict=True))
+
+
+def test_quantize_vector_is_the_torch_arithmetic_bit_for_bit() -> None:
+    """The native int8 vector quantization (the line-search probe) = the float64 torch
+    reference bit for bit: ragged chunks, zeros, ties, tiny and huge scales, NaN / Inf; and its
+    one-pass decode = `dequantize`'s."""
+    from fedng.curvature.quantize import _quantize_vec_ref
+
+    g = torch.Generator().manual_seed(0)
+    sizes, scales = (0, 1, 63, 64, 65, 3000), (1e-30, 1.0, 1e30)
+    cases = [torch.randn(n, generator=g) * sc for n in sizes for sc in scales]
+    tie = torch.randn(200, generator=g)
+    tie[:64] = torch.arange(64) * 0.5  # scale 1 (max 127): halves, rounded to even
+    tie[63] = 127.0
+    cases += [tie, torch.tensor([0.0, -0.0, 1e-45, 3e38, -3e38])]
+    cases += [torch.tensor(v) for v in ([1.0, math.nan, 2.0], [math.inf, 1.0], [-math.inf, 0.5])]
+    for x in cases:
+        q, scale = quantize_vector(x)
+        rq, rscale = _quantize_vec_ref(x)
+        assert torch.equal(q, rq)
+        assert torch.equal(scale.isnan(), rscale.isnan())
+        assert torch.equal(scale.nan_to_num(), rscale.nan_to_num())
+        if bool(torch.isfinite(x).all()):  # the one-pass decode = dequantize's torch path
+            back = dequantize(rq, rscale, [("vec", x.numel())])
+            assert torch.equal(dequantize_vector(q, scale), back)
 
 
 def test_bf16_fold_and_sums_of_squares_match_float64() -> None:

@@ -140,12 +140,14 @@ def _direction_inputs() -> tuple[CurvatureSet, dict[str, torch.Tensor], dict[str
 def test_pooled_direction_by_solves_equals_the_inverse_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Cholesky solves give the direction the damped inverses give (float32 rounding apart),
-    and a factor that does not factorize at its damping takes the inverse's path."""
+    """Cholesky solves without the product G (M A) give the direction the damped inverses give
+    (float32 rounding apart): `[G~^-1 (R0 + a M A) + b M] A~^-1 - M` against a float64
+    `G~^-1 (R0 - G M A) A~^-1`; a factor that does not factorize at its damping takes the
+    inverse's path."""
     pooled, delta, contrib = _direction_inputs()
     fast = summable.pooled_direction(pooled, delta, contrib, 0.1, probe_dtype="fp32")
     with monkeypatch.context() as m:
-        m.setattr(summable, "_kron_solves", lambda *a: None)
+        m.setattr(summable, "_kron_direction", lambda *a: None)
         slow = summable.pooled_direction(pooled, delta, contrib, 0.1, probe_dtype="fp32")
     assert fast.probed == slow.probed and fast.probed
     for a, b in zip(fast.blocks, slow.blocks, strict=True):
@@ -155,19 +157,25 @@ def test_pooled_direction_by_solves_equals_the_inverse_path(
     rep = pooled.reps["kfac"]
     assert isinstance(rep, KFAC)
     g = torch.Generator().manual_seed(0)
-    rhs: list[torch.Tensor | None] = [torch.randn(s.m, s.n, generator=g) for s in rep.specs]
-    lams = [0.1 * (j + 1) for j in range(len(rhs))]
-    got = summable._kron_solves(pooled, lams, rhs)
+    ms = [torch.randn(s.m, s.n, generator=g) for s in rep.specs]
+    r0: list[torch.Tensor | None] = [torch.randn(s.m, s.n, generator=g) for s in rep.specs]
+    lams = [0.1 * (j + 1) for j in range(len(ms))]
+    got = summable._kron_direction(pooled, lams, ms, r0)
     assert got is not None
-    for j, (x, r) in enumerate(zip(got, rhs, strict=True)):
+    for j, (x, r, mj) in enumerate(zip(got, r0, ms, strict=True)):
         p, root = rep.pi(j), math.sqrt(lams[j])
-        a = rep.A[j].double() + p * root * torch.eye(rep.A[j].shape[0], dtype=torch.float64)
-        gg = rep.G[j].double() + root / p * torch.eye(rep.G[j].shape[0], dtype=torch.float64)
-        ref = torch.linalg.solve(gg, r.double()) @ torch.linalg.inv(a)  # type: ignore[union-attr]
+        a64, g64 = rep.A[j].double(), rep.G[j].double()
+        a = a64 + p * root * torch.eye(a64.shape[0], dtype=torch.float64)
+        gg = g64 + root / p * torch.eye(g64.shape[0], dtype=torch.float64)
+        res = r.double() - g64 @ mj.double() @ a64  # type: ignore[union-attr]
+        ref = torch.linalg.solve(gg, res) @ torch.linalg.inv(a)
         assert x is not None
         assert_close(x, ref, torch.float32, "kron_solve")
+    r0[1] = None
+    part = summable._kron_direction(pooled, lams, ms, r0)
+    assert part is not None and part[1] is None and part[0] is not None
     rep.A[0] = -torch.eye(rep.A[0].shape[0]) * 1e6  # not positive definite at any small damping
-    assert summable._kron_solves(pooled, lams, rhs) is None
+    assert summable._kron_direction(pooled, lams, ms, r0) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -194,3 +202,24 @@ def test_unpack_triangle_copies_every_entry_bit_for_bit(dtype: torch.dtype, n: i
             unpack_triangle(wide, n).reshape(-1).view(bits[dtype]),
             got.reshape(-1).view(bits[dtype]),
         )
+
+
+def test_add_block_in_place_equals_gather_add_scatter() -> None:
+    """The line search's in-place block update = `write_matrix(to_matrix + mat)` bit for bit,
+    on every block of a fed model (weights with biases) and on the general path's layouts."""
+    from fedng.curvature import to_matrix, write_matrix
+    from fedng.curvature.layout import BlockLayout
+
+    pooled, delta, _ = _direction_inputs()
+    g = torch.Generator().manual_seed(1)
+    lays = list(pooled.layouts)
+    w = next(iter(delta))
+    shape = delta[w].shape
+    lays.append(BlockLayout("nob", "kron", shape[0], shape[1], w, None, None, None, False))
+    for lay in lays:
+        mat = torch.randn(lay.m, lay.n, generator=g) * 0.3
+        fast = {k: v.clone() for k, v in delta.items()}
+        slow = {k: v.clone() for k, v in delta.items()}
+        summable._add_block(fast, lay, mat)
+        write_matrix(slow, lay, to_matrix(slow, lay) + mat)
+        assert all(torch.equal(fast[k], slow[k]) for k in delta)

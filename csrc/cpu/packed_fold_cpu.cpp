@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -251,12 +252,72 @@ void int8_payload_axpy(const std::int8_t* q, const float* side, float* acc, std:
   }
 }
 
+namespace {
+
+FEDNG_CLONES void f32_axpy(const float* x, float* acc, std::int64_t n, float w) {
+#pragma omp simd
+  for (std::int64_t i = 0; i < n; ++i) acc[i] += w * x[i];
+}
+
+FEDNG_CLONES void bf16_axpy_one(const std::uint16_t* x, float* acc, std::int64_t n, float w) {
+#pragma omp simd
+  for (std::int64_t i = 0; i < n; ++i) acc[i] += w * bf16_float(x[i]);
+}
+
+}  // namespace
+
+void fold_update(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16,
+                 double weight, const std::int8_t* q, const float* side, float* acc,
+                 std::int64_t nq, std::int64_t nside, std::int64_t nacc, const Sizes& segs,
+                 std::int64_t chunk) {
+  const char* op = "fold_update";
+  check_count(op, "accs", accs.size(), xs.size());
+  check_count(op, "n", n.size(), xs.size());
+  check_count(op, "bf16", bf16.size(), xs.size());
+  check_sizes(op, "n", n);
+  check_ptrs(op, "xs", xs, n);
+  check_ptrs(op, "accs", accs, n);
+  if (!segs.empty()) {
+    check_segments(op, segs, nq, nside, nacc, chunk);
+    if (q == nullptr || side == nullptr || acc == nullptr) fail(op, "null int8 buffer");
+  }
+  const float w = static_cast<float>(weight);
+  for (std::size_t k = 0; k < xs.size(); ++k) {
+    if (bf16[k] != 0)
+      bf16_axpy_one(as<const std::uint16_t>(xs[k]), as<float>(accs[k]), n[k], w);
+    else
+      f32_axpy(as<const float>(xs[k]), as<float>(accs[k]), n[k], w);
+  }
+  if (!segs.empty()) int8_payload_axpy(q, side, acc, nq, nside, nacc, segs, chunk, weight);
+}
+
+namespace {
+
+// ||B~||_F^2 of a low-rank segment's digits (decode_lowrank's float32 entries, squared and
+// summed in float64), read in storage order: no decoded copy.
+FEDNG_CLONES double lowrank_squares(const std::int8_t* q, const float* scale, std::int64_t n,
+                                    std::int64_t k) {
+  const std::int8_t* lo = q + n * k;
+  const float inv = static_cast<float>(2.0 * kQmax);
+  double s = 0.0;
+  for (std::int64_t i = 0; i < n; ++i) {
+#pragma omp simd reduction(+ : s)
+    for (std::int64_t c = 0; c < k; ++c) {
+      const float v = (static_cast<float>(q[i * k + c]) + static_cast<float>(lo[i * k + c]) / inv) *
+                      scale[c];
+      s += static_cast<double>(v) * static_cast<double>(v);
+    }
+  }
+  return s;
+}
+
+}  // namespace
+
 bool int8_payload_traces(const std::int8_t* q, const float* side, std::int64_t nq,
                          std::int64_t nside, const Sizes& segs, std::int64_t chunk,
                          double* traces) {
   const char* op = "int8_payload_traces";
   check_segments(op, segs, nq, nside, INT64_MAX, chunk);
-  std::vector<float> buf;
   for (std::size_t s = 0; s < segs.size(); s += 6) {
     const std::int64_t form = segs[s], qat = segs[s + 2], sat = segs[s + 3], n = segs[s + 4],
                        k = segs[s + 5];
@@ -269,15 +330,44 @@ bool int8_payload_traces(const std::int8_t* q, const float* side, std::int64_t n
       const float onep = 1.0f + side[sat + n];
       for (std::int64_t i = 0; i < n; ++i) tr += static_cast<double>(side[sat + i] * onep);
     } else {
-      buf.assign(static_cast<std::size_t>(k * n), 0.0f);
-      decode_lowrank(q + qat, side + sat, n, k, n, buf.data());
-      for (std::int64_t i = 0; i < k * n; ++i)
-        tr += static_cast<double>(buf[i]) * static_cast<double>(buf[i]);
-      tr += static_cast<double>(n) * static_cast<double>(side[sat + k]);
+      tr = lowrank_squares(q + qat, side + sat, n, k) +
+           static_cast<double>(n) * static_cast<double>(side[sat + k]);
     }
     traces[s / 6] = tr;
   }
   return true;
+}
+
+namespace {
+
+// One chunk of `int8_quantize_vector`: torch's float64 arithmetic of `quantize._quantize_vec`.
+FEDNG_CLONES void quantize_chunk(const float* x, std::int8_t* q, float* scale, std::int64_t n) {
+  double big = 0.0;
+  bool nan = false;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const double a = std::fabs(static_cast<double>(x[i]));
+    nan = nan || a != a;
+    big = a > big ? a : big;
+  }
+  const float sc = nan ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(big / kQmax);
+  *scale = sc;
+  const double s = sc > 0.0f ? static_cast<double>(sc) : 1.0;  // NaN, 0: 1 (`_safe`)
+  for (std::int64_t i = 0; i < n; ++i) {
+    const double r = std::nearbyint(static_cast<double>(x[i]) / s);
+    // torch: clamp (NaN stays NaN), then NaN -> 0 in the int8 cast
+    q[i] = r != r ? 0 : static_cast<std::int8_t>(r < -kQmax ? -kQmax : (r > kQmax ? kQmax : r));
+  }
+}
+
+}  // namespace
+
+void int8_quantize_vector(const float* x, std::int8_t* q, float* scale, std::int64_t n,
+                          std::int64_t chunk) {
+  if (n < 0 || chunk <= 0) fail("int8_quantize_vector", "bad sizes");
+  if (n > 0 && (x == nullptr || q == nullptr || scale == nullptr))
+    fail("int8_quantize_vector", "null buffer");
+  for (std::int64_t lo = 0, c = 0; lo < n; lo += chunk, ++c)
+    quantize_chunk(x + lo, q + lo, scale + c, n - lo < chunk ? n - lo : chunk);
 }
 
 namespace {

@@ -188,6 +188,30 @@ def unpack_triangle(*, dtype: int, vec: int, out: int, n: int) -> None:
     """`out` [n, n] (float32 / float64 by `dtype`) <- the symmetric matrix whose packed lower
     triangle, row by row, is `vec` [n (n + 1) / 2]; every entry a copy."""
 
+def int8_quantize_vector(*, x: int, q: int, scale: int, n: int, chunk: int) -> None:
+    """Float32 `x` [n] as int8 `q` [n] and float32 `scale` [ceil(n / chunk)]: per chunk
+    `float(max |x| / 127)` and `round(x / scale)` clamped to +-127 in float64 (scale <= 0 or
+    NaN: 1; NaN values: 0)."""
+
+def fold_update(
+    *,
+    xs: Sequence[int],
+    accs: Sequence[int],
+    n: Sequence[int],
+    bf16: Sequence[int],
+    weight: float,
+    q: int,
+    side: int,
+    acc: int,
+    nq: int,
+    nside: int,
+    nacc: int,
+    segs: Sequence[int],
+    chunk: int,
+) -> None:
+    """`accs[k] += weight * xs[k]` ([n[k]], float32 or bfloat16 where `bf16[k]`), then (`segs`
+    not empty) `int8_payload_axpy` of the int8 payload `q`, `side` into `acc`."""
+
 def dots_f64(*, xs: Sequence[int], ys: Sequence[int], n: Sequence[int]) -> list[float]:
     """Per pair of float32 arrays `xs[k]`, `ys[k]` [n[k]], `<xs[k], ys[k]>` with products and
     sums in float64."""

@@ -39,6 +39,20 @@ bool int8_payload_traces(const std::int8_t* q, const float* side, std::int64_t n
                          std::int64_t nside, const Sizes& segs, std::int64_t chunk,
                          double* traces);
 
+// Signed float32 values x [n] as int8 q [n] and one float32 scale per `chunk` entries
+// (scale [ceil(n / chunk)]): scale_c = float(max_i |x_i| / 127) over the chunk (float64; NaN if
+// an entry is), q_i = round_half_even(x_i / s_c) clamped to +-127 with s_c = scale_c where it
+// is positive, else 1 (in float64; NaN gives 0): torch's arithmetic of
+// python/fedng/curvature/quantize.py's `_quantize_vec`, bit for bit.
+void int8_quantize_vector(const float* x, std::int8_t* q, float* scale, std::int64_t n,
+                          std::int64_t chunk);
+// One received update folded into its running sums in one call: accs[k][i] += weight * xs[k][i]
+// for i < n[k] (xs[k] float32, or bfloat16 where bf16[k] != 0; accs float32), then, unless
+// `segs` is empty, `int8_payload_axpy(q, side, acc, nq, nside, nacc, segs, chunk, weight)`.
+void fold_update(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16,
+                 double weight, const std::int8_t* q, const float* side, float* acc,
+                 std::int64_t nq, std::int64_t nside, std::int64_t nacc, const Sizes& segs,
+                 std::int64_t chunk);
 // out[k] = <xs[k], ys[k]> of float32 arrays [n[k]], products and sums in float64 (the float64
 // dot of their float64 copies, summed in another order).
 void dots_f64(const Ptrs& xs, const Ptrs& ys, const Sizes& n, double* out);

@@ -155,6 +155,114 @@ def int8_triangles(vals: torch.Tensor, q: torch.Tensor, side: torch.Tensor, tris
     )
 
 
+def quantize_signed(x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed float32 values as int8 and one float32 scale per `chunk` entries, in one native
+    pass: `scale_c = float(max |x| / 127)` over the chunk and `round(x / scale_c)` (half to
+    even, clamped to +-127) in float64, bit for bit `quantize._quantize_vec`'s torch arithmetic.
+
+    Args:
+        x: float32 [n], contiguous.
+        chunk: entries per scale (> 0).
+
+    Returns:
+        (int8 [n], float32 [ceil(n / chunk)]).
+
+    Raises:
+        ValueError: `x` not a contiguous float32 CPU vector, or `chunk` not positive.
+    """
+    if x.dtype != torch.float32 or x.dim() != 1 or not x.is_contiguous() or not x.is_cpu:
+        raise ValueError("quantize_signed: 'x' must be a contiguous float32 CPU vector")
+    if chunk <= 0:
+        raise ValueError(f"quantize_signed: 'chunk' must be positive, got {chunk}")
+    n = x.numel()
+    q = torch.empty(n, dtype=torch.int8)
+    scale = torch.empty(-(-n // chunk), dtype=torch.float32)
+    native.int8_quantize_vector(
+        x=x.data_ptr(), q=q.data_ptr(), scale=scale.data_ptr(), n=n, chunk=chunk
+    )
+    return q, scale
+
+
+Int8Fold = tuple[torch.Tensor, torch.Tensor, torch.Tensor, Sextuples, int]
+"""(float32 sum, int8 values, float32 scales, segment sextuples, chunk) of `fold_update`'s int8
+payload."""
+
+
+def fold_update(
+    accs: Sequence[torch.Tensor],
+    xs: Sequence[torch.Tensor],
+    weight: float,
+    payload: Int8Fold | None = None,
+) -> None:
+    """`acc += weight * x` for every pair (float32 and contiguous bfloat16 `x` read in place,
+    other float arrays as float32 copies), then `payload_axpy` of an int8 payload: a whole
+    update folded in one native call (a small model's fold is dispatch-bound).
+
+    Args:
+        accs: float32 contiguous sums, one per array.
+        xs: the arrays (same sizes).
+        weight: the fold's weight.
+        payload: (sum, q, side, sextuples, chunk) of an int8 payload, or None.
+
+    Raises:
+        ValueError: tensors of the wrong dtype, layout or size, or segments past their ends.
+    """
+    if len(accs) != len(xs):
+        raise ValueError("fold_update: as many sums as arrays expected")
+    ptr_x: list[int] = []
+    ptr_a: list[int] = []
+    sizes: list[int] = []
+    half: list[bool] = []
+    keep: list[torch.Tensor] = []  # float32 copies live until the call returns
+    f32, bf16 = torch.float32, torch.bfloat16
+    for acc, x in zip(accs, xs, strict=True):  # per-array cost matters on small models
+        dt = x.dtype
+        if (dt is not f32 and dt is not bf16) or not x.is_contiguous() or not x.is_cpu:
+            if not x.is_floating_point() or not x.is_cpu:
+                raise ValueError("fold_update: expected float CPU tensors")
+            x = x.float().contiguous()
+            keep.append(x)
+            dt = f32
+        n = x.numel()
+        if acc.dtype is not f32 or acc.numel() != n or not acc.is_contiguous() or not acc.is_cpu:
+            _sum_buffer(acc, n, "fold_update")  # raises the error
+        ptr_x.append(x.data_ptr())
+        ptr_a.append(acc.data_ptr())
+        sizes.append(n)
+        half.append(dt is bf16)
+    if payload is None:
+        acc8, q, side, segs, chunk = _NO_PAYLOAD
+    else:
+        acc8, q, side, segs, chunk = payload
+        _int8_buffers("fold_update", q, side)
+        if acc8.dtype != torch.float32 or not acc8.is_contiguous() or not acc8.is_cpu:
+            raise ValueError("fold_update: the sum must be a contiguous float32 CPU tensor")
+    native.fold_update(
+        xs=ptr_x,
+        accs=ptr_a,
+        n=sizes,
+        bf16=half,
+        weight=weight,
+        q=q.data_ptr(),
+        side=side.data_ptr(),
+        acc=acc8.data_ptr(),
+        nq=q.numel(),
+        nside=side.numel(),
+        nacc=acc8.numel(),
+        segs=segs,
+        chunk=chunk,
+    )
+
+
+_NO_PAYLOAD: Int8Fold = (
+    torch.zeros(0),
+    torch.zeros(0, dtype=torch.int8),
+    torch.zeros(0),
+    (),
+    1,
+)
+
+
 def sum_squares(ts: Sequence[torch.Tensor]) -> list[float]:
     """Per tensor, the sum of its squared entries accumulated in float64, all in one native pass
     (float32 and contiguous bfloat16 read as they are, other float tensors as float32 copies):

@@ -17,9 +17,9 @@ diagonal Fisher). Each segment is quantized to int8 with its own float32 scales:
   most half their chunk's scale; rounding keeps them non-negative.
 - a wide factor (n >= `LOWRANK_MIN` and a triangle larger than its block's parameters, e.g. the
   513-wide input factor of a CNN's dense head, 90% of that model's curvature) as its rank-k
-  truncation plus an isotropic tail ("lrtri", k =
-  `LOWRANK_RANK`): B = V_k W_k^1/2 (its top eigenpairs) in two int8 digits per entry (per-column
-  scales; error <= 1/508 of the column's scale), plus one float `sigma = (tr M - tr B~ B~^T) /
+  truncation plus an isotropic tail ("lrtri", k = `LOWRANK_RANK`): B = V_k W_k^1/2 (its top
+  eigenpairs, by a float32 eigensolver) in two int8 digits per entry (per-column scales; error
+  <= 1/508 of the column's scale), plus one float `sigma = (tr M - tr B~ B~^T) /
   (n - k)`, the mean of the discarded eigenvalues. The receiver rebuilds `M^ = B~ B~^T + sigma I`:
   PSD by construction; the top-k eigenpairs kept (lifted by sigma), the tail flattened to its mean,
   so `||M^ - M||_2 <= lambda_{k+1}` up to the rounding of B~: 2 n k bytes instead of n(n+1)/2
@@ -43,7 +43,12 @@ import torch
 
 from fedng._typing import Arrays
 from fedng.curvature.layout import BlockLayout
-from fedng.curvature.packed_fold import int8_triangles, payload_axpy, payload_traces
+from fedng.curvature.packed_fold import (
+    int8_triangles,
+    payload_axpy,
+    payload_traces,
+    quantize_signed,
+)
 from fedng.curvature.packed_scale import scale_packed
 from fedng.curvature.spec import BlockSpec, pack_triangle, triangle_size, unpack_triangle
 
@@ -121,6 +126,14 @@ def _safe(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _quantize_vec(vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per `VEC_CHUNK` entries (`_quantize_vec_ref`'s float64 arithmetic, natively)."""
+    if vec.is_cpu:
+        return quantize_signed(vec.float().reshape(-1).contiguous(), VEC_CHUNK)
+    return _quantize_vec_ref(vec)
+
+
+def _quantize_vec_ref(vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of `_quantize_vec` in torch (float64 chunks padded with zeros)."""
     n = vec.numel()
     chunks = math.ceil(n / VEC_CHUNK)
     padded = torch.zeros(chunks * VEC_CHUNK, dtype=torch.float64)
@@ -139,10 +152,12 @@ def _lowrank_factor(q: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tenso
 
 
 def _quantize_lowrank(vec: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    m = unpack_triangle(vec.double(), n)
+    # the eigensolver in float32 (half of float64's time; the payload is float32): it moves
+    # B~ B~^T by ~1e-6 ||M||, far below the two int8 digits' rounding (~1e-4 ||M||)
+    m = unpack_triangle(vec.float().contiguous(), n)
     k = min(LOWRANK_RANK, n)
     w, v = torch.linalg.eigh(m)
-    b = v[:, -k:] * w[-k:].clamp(min=0).sqrt()
+    b = v[:, -k:].double() * w[-k:].double().clamp(min=0).sqrt()
     scale = (b.abs().amax(dim=0) / QMAX).float().double()
     x = b / _safe(scale)
     hi = torch.round(x).clamp_(-QMAX, QMAX)
@@ -150,7 +165,7 @@ def _quantize_lowrank(vec: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Te
     q = torch.cat([hi.reshape(-1), lo.reshape(-1)]).to(torch.int8)
     bt = _lowrank_factor(q, scale.float(), n).double()
     # the discarded eigenvalues' mean (the rounding of B~ is charged to it)
-    sigma = max(float(m.trace() - (bt * bt).sum()) / max(n - k, 1), 0.0)
+    sigma = max(float(m.diagonal().double().sum() - (bt * bt).sum()) / max(n - k, 1), 0.0)
     return q, torch.cat([scale, torch.tensor([sigma], dtype=torch.float64)]).float()
 
 
@@ -249,7 +264,15 @@ def dequantize_vector(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: `q` not int8, or a scale count that does not match it.
     """
-    return dequantize(q.reshape(-1), scale, [("vec", q.numel())]).view(q.shape)
+    n = q.numel()
+    ok = q.dtype == torch.int8 and q.is_cpu and scale.dtype == torch.float32 and scale.is_cpu
+    if not ok or scale.dim() != 1 or scale.numel() != -(-n // VEC_CHUNK):
+        return dequantize(q.reshape(-1), scale, [("vec", n)]).view(q.shape)  # its errors
+    out = torch.zeros(n, dtype=torch.float32)  # 0 + 1 * (q * scale): the same values, one pass
+    payload_axpy(
+        out, q.reshape(-1).contiguous(), scale.contiguous(), (1, 0, 0, 0, n, 0), VEC_CHUNK, 1.0
+    )
+    return out.view(q.shape)
 
 
 @dataclass(frozen=True)
@@ -333,6 +356,12 @@ def dequantize_add(
             f" and a sum of {nacc} expected, got {q.numel()}, {side.numel()} and {acc.numel()})"
         )
     payload_axpy(acc, q.reshape(-1), side.reshape(-1), flat, VEC_CHUNK, weight)
+
+
+def fold_plan(segs: Sequence[Segment]) -> tuple[tuple[int, ...], int, int, int]:
+    """(the `packed_fold.payload_axpy` sextuples of `segs`, float entries, int8 values, side
+    floats): what `packed_fold.fold_update` needs to fold a payload (cached per layout)."""
+    return _sextuples(tuple(segs))
 
 
 _FORMS = {"tri": 0, "vec": 1, "lrtri": 2}

@@ -65,7 +65,10 @@ def unpacked_checks(pooled: CurvatureSet, tol: float, wire_eps: float) -> list[P
                 if f.dim() == 1:
                     check_nonnegative(label, f, tol, finite_scale(label, f))
                     continue
-                big = float(f.abs().max()) if f.numel() else 0.0
+                big = 0.0
+                if f.numel():  # max |M| without an |M| copy (NaN: both NaN, the first wins)
+                    lo, hi = torch.aminmax(f)
+                    big = max(float(hi), -float(lo))
                 if not big <= MAX_ABS:
                     finite_scale(label, f)  # raises: NaN/Inf or overflowing entries
                 allowed = tol * big

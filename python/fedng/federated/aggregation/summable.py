@@ -30,6 +30,7 @@ import torch
 
 from fedng._typing import Arrays
 from fedng.curvature import KFAC, CurvatureSet, DiagonalFisher, to_matrix, write_matrix
+from fedng.curvature.layout import BlockLayout
 from fedng.curvature.packed_fold import sum_squares
 from fedng.curvature.quantize import SCALE_SUFFIX, dequantize_vector, quantize_vector
 from fedng.federated.aggregation.matvec import block_dots, block_vectors, fisher_matvecs
@@ -110,15 +111,18 @@ def pooled_direction(
     m_blocks = block_vectors(pooled, mean)
     s_blocks = block_vectors(pooled, contrib)
     c_blocks = m_blocks if center == "mean" else [torch.zeros_like(m) for m in m_blocks]
-    pm = fisher_matvecs(pooled, [m_blocks[i] if i in live else None for i in range(len(lams))])
-    # residual at M of the pooled system: S + lambda c - (P + lambda) M
-    rhs: list[torch.Tensor | None] = [None] * len(lams)
+    # S + lambda (c - M): the residual at M of the pooled system is this minus P M
+    r0: list[torch.Tensor | None] = [None] * len(lams)
     for i in live:
-        pmi = pm[i]
-        if pmi is not None:
-            rhs[i] = s_blocks[i] + lams[i] * (c_blocks[i] - m_blocks[i]) - pmi
-    d = _kron_solves(pooled, lams, rhs)
+        r0[i] = s_blocks[i] + lams[i] * (c_blocks[i] - m_blocks[i])
+    d = _kron_direction(pooled, lams, m_blocks, r0)
     if d is None:  # other kinds, or a factor that needs the inverse's damping escalation
+        pm = fisher_matvecs(pooled, [m_blocks[i] if i in live else None for i in range(len(lams))])
+        rhs: list[torch.Tensor | None] = [None] * len(lams)
+        for i in live:
+            pmi, r0i = pm[i], r0[i]
+            if pmi is not None and r0i is not None:
+                rhs[i] = r0i - pmi
         damp = {kind: [max(lams[i], 1e-30) for i in idx] for kind, idx in pooled.groups.items()}
         inv = pooled.inverse(damp, factored=True)
         del inv  # a failed factor leaves its block without an inverse: precondition gives None
@@ -132,31 +136,43 @@ def pooled_direction(
         exact = set(pooled.groups["diag"])
     probed = [i for i, b in enumerate(blocks) if b is not None and i not in exact]
     probe = encode_probe(pooled, mean, blocks, probed, probe_dtype)
-    _, seen = decode_probe(probe)
+    _, seen = decode_probe({k: v for k, v in probe.items() if k.startswith(PROBE_D)})  # d only
     for i in probed:  # as the clients decode it
         blocks[i] = to_matrix(seen, pooled.layouts[i])
-    sc = [s + lam * c for s, c, lam in zip(s_blocks, c_blocks, lams, strict=True)]
-    num = [
-        a - lam * b
-        for a, b, lam in zip(
-            block_dots(sc, blocks), block_dots(m_blocks, blocks), lams, strict=True
-        )
-    ]
+    # <S + lambda c, d> - lambda <M, d> from float64 dots (no S + lambda c formed): c = M
+    # cancels to <S, d>, c = 0 leaves <S, d> - lambda <M, d>
+    sd = block_dots(s_blocks, blocks)
+    if center == "mean":
+        num = sd
+    else:
+        num = [
+            a - lam * b for a, b, lam in zip(sd, block_dots(m_blocks, blocks), lams, strict=True)
+        ]
     return PooledDirection(mean, blocks, lams, probed, num, block_dots(blocks, blocks), probe)
 
 
-def _kron_solves(
-    pooled: CurvatureSet, lams: list[float], rhs: list[torch.Tensor | None]
+def _kron_direction(
+    pooled: CurvatureSet,
+    lams: list[float],
+    m_blocks: list[torch.Tensor],
+    r0: list[torch.Tensor | None],
 ) -> list[torch.Tensor | None] | None:
-    """`pooled.inverse(lams, factored=True)` then `pooled.precondition(rhs)` by Cholesky solves
-    (`G~^-1 R A~^-1` with `A~ = A + pi sqrt(lambda) I`, `G~ = G + sqrt(lambda) / pi I`, K-FAC's
-    factored damping): the same blocks, without forming any inverse (the potri half of a
-    Cholesky inverse, n^3 flops per factor, is saved; the solves cost the products' flops).
+    """Per block `d = G~^-1 (R0 - G M A) A~^-1`, the pooled solve of the residual at M
+    (`pooled.inverse(lams, factored=True)` then `pooled.precondition`; K-FAC's factored damping
+    `A~ = A + b I`, `G~ = G + a I`, `b = pi sqrt(lambda)`, `a = sqrt(lambda) / pi`), by Cholesky
+    solves and without the product `G (M A)`: with `G M A = G~ M A - a M A` and
+    `A A~^-1 = I - b A~^-1`,
+
+        d = [G~^-1 (R0 + a M A) + b M] A~^-1 - M,
+
+    one GEMM and two pairs of triangular solves per block instead of two GEMMs and the solves
+    (no inverse is formed either). The rounding is of the same order: both forms subtract
+    quantities of M's size (`P M` from `S` there, `M` here) in float32.
 
     Returns:
-        Per block the preconditioned rhs (None where it or the block's curvature is missing);
-        None when the set is not all dense K-FAC blocks or a factor does not factorize at its
-        damping (the inverse's escalation then decides, as before).
+        Per block d (None where R0 or the block's curvature is missing); None when the set is
+        not all dense K-FAC blocks or a factor does not factorize at its damping (the inverse's
+        escalation then decides, as before).
     """
     rep = pooled.reps.get("kfac")
     if set(pooled.reps) != {"kfac"} or not isinstance(rep, KFAC):
@@ -165,12 +181,13 @@ def _kron_solves(
         return None
     out: list[torch.Tensor | None] = [None] * len(lams)
     for j, i in enumerate(pooled.groups["kfac"]):
-        r = rhs[i]
+        r = r0[i]
         if r is None or rep.counts[j] == 0:
             continue
         p, root = rep.pi(j), math.sqrt(max(lams[i], 1e-30))
+        b, a = p * root, root / p
         factors = []
-        for f, damp in ((rep.A[j], p * root), (rep.G[j], root / p)):
+        for f, damp in ((rep.A[j], b), (rep.G[j], a)):
             shifted = f.clone()
             shifted.diagonal().add_(damp)
             low, info = torch.linalg.cholesky_ex(shifted)
@@ -178,8 +195,10 @@ def _kron_solves(
                 return None
             factors.append(low)
         la, lg = factors
-        x = torch.cholesky_solve(r.to(rep.dtype), lg)  # G~^-1 R, [m, n]
-        out[i] = torch.cholesky_solve(x.T, la).T  # (G~^-1 R) A~^-1
+        m = m_blocks[i].to(rep.dtype)
+        t = torch.addmm(r.to(rep.dtype), m, rep.A[j], alpha=a)  # R0 + a M A, [m, n]
+        v = torch.cholesky_solve(t, lg).add_(m, alpha=b)  # G~^-1 (...) + b M
+        out[i] = torch.cholesky_solve(v.T, la).T.sub_(m)  # (...) A~^-1 - M
     return out
 
 
@@ -292,10 +311,26 @@ def line_search_step(
             alphas.append(alpha)
         else:
             alpha = 1.0
-        lay = pooled.layouts[i]
-        write_matrix(step, lay, to_matrix(step, lay) + alpha * blk)
+        _add_block(step, pooled.layouts[i], alpha * blk)
     log = {"alpha_min": min(alphas), "alpha_max": max(alphas)} if alphas else {}
     return step, log
+
+
+def _add_block(arrays: Arrays, lay: BlockLayout, mat: torch.Tensor) -> None:
+    """`write_matrix(arrays, lay, to_matrix(arrays, lay) + mat)` for float32 arrays: the same
+    sums, added in place where the block is a weight [m, n - 1] and a bias [m] (no block copy
+    of the arrays is gathered and scattered back)."""
+    w = arrays[lay.weight]
+    b = arrays[lay.bias] if lay.bias is not None else None
+    plain = lay.kind != "elementwise" and not lay.transpose and lay.w_rows is None
+    if not plain or b is None or lay.b_rows is not None or w.dtype != torch.float32:
+        write_matrix(arrays, lay, to_matrix(arrays, lay) + mat)
+        return
+    if b.dtype != torch.float32 or w.numel() != lay.m * (lay.n - 1) or b.numel() != lay.m:
+        write_matrix(arrays, lay, to_matrix(arrays, lay) + mat)
+        return
+    w.add_(mat[:, :-1].reshape(w.shape))
+    b.add_(mat[:, -1].reshape(b.shape))
 
 
 def contribution(cs: CurvatureSet, delta: Arrays) -> Arrays:

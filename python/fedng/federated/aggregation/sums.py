@@ -15,8 +15,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedng._typing import Arrays
-from fedng.curvature.packed_fold import bf16_axpy
-from fedng.curvature.quantize import Segment, dequantize_add, payload_sizes
+from fedng.curvature.packed_fold import fold_update
+from fedng.curvature.quantize import VEC_CHUNK, Segment, dequantize_add, fold_plan, payload_sizes
 
 Int8Payload = tuple[torch.Tensor, torch.Tensor, Sequence[Segment]]
 """(int8 values, float32 scales, segments) of one quantized payload (`fedng.curvature.quantize`)."""
@@ -95,37 +95,57 @@ class WeightedSum:
         return sum(v.numel() * v.element_size() for v in self.sums.values())
 
 
-def fold_all(parts: list[tuple[WeightedSum, Arrays]], weight: float) -> None:
-    """Folds several named-array sets into their sums: one in-place `_foreach_add_` for all the
-    sums that are started, fold in place and know every name; the others (exact sums, first
-    folds) fold on their own. A small model's fold is dispatch-bound.
+def fold_all(
+    parts: list[tuple[WeightedSum, Arrays]],
+    weight: float,
+    int8_sum: WeightedSum | None = None,
+    int8: Mapping[str, Int8Payload] | None = None,
+) -> None:
+    """Folds several named-array sets into their sums, and int8 payloads into `int8_sum`: one
+    native call (`packed_fold.fold_update`) for all the sums that are started, fold in place
+    and know every name, with one int8 payload whose sum is started; the others (exact sums,
+    first folds, more payloads) fold on their own. A small model's fold is dispatch-bound.
 
     Args:
         parts: (sum, the arrays to add to it) pairs.
         weight: the fold's weight.
+        int8_sum: the sum of the int8 payloads (counted once for this fold, whether or not it
+            is also in `parts`).
+        int8: name -> (int8 values, float32 scales, segments).
     """
     ready = [not s.exact and bool(s.sums) and all(k in s.sums for k in a) for s, a in parts]
     for (s, a), ok in zip(parts, ready, strict=True):
         if not ok:  # exact (bit-identical) or not started: a fold of its own
             s.fold(a, weight)
+    payload = None
+    if int8_sum is not None and int8:
+        counted = any(s is int8_sum for s, _ in parts)
+        name = next(iter(int8))
+        acc8 = int8_sum.sums.get(name)
+        if len(int8) == 1 and acc8 is not None:
+            q, side, segs = int8[name]
+            flat, nacc, nq, nside = fold_plan(segs)
+            if acc8.numel() != nacc or q.numel() != nq or side.numel() != nside:
+                raise ValueError(
+                    f"fold_all: int8 sizes do not match the segments ({nq} values, {nside}"
+                    f" scales and a sum of {nacc} expected)"
+                )
+            payload = (acc8, q.reshape(-1), side.reshape(-1), flat, VEC_CHUNK)
+            if not counted:
+                int8_sum.total_weight += weight
+                int8_sum.count += 1
+        else:
+            int8_sum.fold_int8(int8, weight, counted=counted)
     together = [(s, a) for (s, a), ok in zip(parts, ready, strict=True) if ok]
-    if not together:
+    if not together and payload is None:
         return
-    acc: list[torch.Tensor] = []
+    accs: list[torch.Tensor] = []
     vals: list[torch.Tensor] = []
-    acc16: list[torch.Tensor] = []
-    vals16: list[torch.Tensor] = []
     for s, a in together:
+        sums = s.sums
         for k, v in a.items():
-            if v.dtype == torch.bfloat16 and v.is_contiguous():  # no float32 copy
-                acc16.append(s.sums[k])
-                vals16.append(v)
-            else:
-                acc.append(s.sums[k])
-                vals.append(v.float())
+            accs.append(sums[k])
+            vals.append(v)
         s.total_weight += weight
         s.count += 1
-    if acc:
-        torch._foreach_add_(acc, vals, alpha=weight)
-    if acc16:
-        bf16_axpy(acc16, vals16, weight)
+    fold_update(accs, vals, weight, payload)

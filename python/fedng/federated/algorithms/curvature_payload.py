@@ -173,6 +173,12 @@ def meta_problem(meta: object) -> str | None:
     return None
 
 
+_SORTED_JSON = json.JSONEncoder(sort_keys=True, default=repr)
+_JSON = json.JSONEncoder(default=repr)
+"""`json.dumps(..., sort_keys=True, default=repr)` (and without sorting) built once: dumps with
+options makes an encoder per call, a few microseconds of every received update."""
+
+
 def signature(update: ClientUpdate) -> str | None:
     """The curvature's kinds, block layouts and representation metadata as one string (None
     without curvature): updates of one round must agree on it to be combined. Computed once
@@ -186,7 +192,7 @@ def signature(update: ClientUpdate) -> str | None:
     if isinstance(cached, str):
         return cached
     keys = ("kinds", "layouts", "rep_meta")
-    key = json.dumps({k: meta.get(k) for k in keys}, sort_keys=True, default=repr)
+    key = _SORTED_JSON.encode({k: meta.get(k) for k in keys})
     setattr(update, _KEY_ATTR, key)
     return key
 
@@ -261,7 +267,7 @@ def _meta_key(update: ClientUpdate, meta: Any) -> str:
         return json.dumps(meta, sort_keys=True, default=repr)
     if not extra:
         return sig
-    return f'{sig[:-1]}, "{META_KEY}": {json.dumps(meta[META_KEY], default=repr)}}}'
+    return f'{sig[:-1]}, "{META_KEY}": {_JSON.encode(meta[META_KEY])}}}'
 
 
 def _meta_reason(state: State, meta: Any) -> str | None:

@@ -199,16 +199,14 @@ class CurvatureSums:
         }
         if fd:
             parts.append((self.contrib, fd))
-        fold_all(parts, weight)
-        if int8:
+        if int8:  # folded with the rest, in one native call once the sums are started
             segs = self._segments(update)
             got = update.curvature
-            self.curv.fold_int8(
-                {k: (got[k], got[k + SCALE_SUFFIX], segs[k]) for k in int8},
-                weight,
-                counted=bool(curv),
-            )
+            payloads = {k: (got[k], got[k + SCALE_SUFFIX], segs[k]) for k in int8}
+            fold_all(parts, weight, self.curv, payloads)
             self.wire_eps = max(self.wire_eps, torch.finfo(torch.float32).eps)
+        else:
+            fold_all(parts, weight)
         for v in curv.values():
             self.wire_eps = max(self.wire_eps, torch.finfo(v.dtype).eps)
 
