@@ -9,7 +9,9 @@ eigendecomposition: `cholesky` + `cholesky_inverse` per factor, `G^-1 dW A^-1` p
 
 FLOP bound of a step: the SGD step's time plus the extra flops of the method at the same-run
 float32 GEMM peak (K-FAC: SYRK rows*n(n+1) per factor, the cheaper of the dense and batch
-preconditioning forms, and n^3 per factor inverse / 10).
+preconditioning forms, and n^3 per factor inverse / 10). It counts every GEMM at the float32
+rate: the bf16 GEMMs of the default `bf16="factors"` (and of `-bf16all`) run ~4x faster on CPUs
+with bf16 instructions, so "x bound" can read below 1 for those parts.
 
 Targets (issue 11): our K-FAC step <= 1.5x the SGD step on the MNIST-1D MLP and <= 1.8x on the
 1024-wide MLP (`ng-kfac`, kl_clip=None like the torch loop); `ng-kfac-klclip` is the same step
@@ -18,7 +20,11 @@ with the default KL clip (and its finiteness checks), reported alongside; `ng-kf
 `ng-kfac-f10` is `ng-kfac` with `factor_every=10` (factors updated on every 10th step, the setting
 KAISA's examples use; not the default), `ng-kfac-nowg` is `ng-kfac` with `NaturalGradient.backward`
 instead of `loss.backward()` (wide layers get their natural gradient from the batch rows, autograd
-forms no weight gradient for them), `ng-kfac-nowg-f10` both; all reported alongside.
+forms no weight gradient for them), `ng-kfac-nowg-f10` both. Every `ng-` method runs with the
+default `bf16="factors"` (wide blocks' factor Grams from bf16-rounded rows, float32 accumulation,
+where the CPU has bf16 GEMM instructions; `fedng.ops.bf16_gemm`; no effect elsewhere) except
+`ng-kfac-fp32` (`bf16="off"`: the float32 step, the before/after in one run) and `-bf16all`
+(`bf16="all"`: also the batch-form products `g G^-1` and `P^T Q` in bf16; opt-in).
 
 Threads: OpenBLAS worker threads busy-wait after every BLAS call for 2^28 cycles by default and
 then compete with torch's own threads for the two cores; unless the environment already says
@@ -231,6 +237,9 @@ METHODS = (
     "ng-kfac-f10",
     "ng-kfac-nowg",
     "ng-kfac-nowg-f10",
+    "ng-kfac-fp32",
+    "ng-kfac-bf16all",
+    "ng-kfac-nowg-f10-bf16all",
     "ng-lowrank",
     "kfac-torch-loop",
 )
@@ -243,7 +252,7 @@ def extra_flops(method: str, shapes: list[tuple[int, int, int, int]], rank: int)
     for m, n, rows, b in shapes:
         d = m * n
         if method in KFAC_METHODS:
-            every = FACTOR_EVERY if method.endswith("-f10") else 1
+            every = FACTOR_EVERY if "-f10" in method else 1
             total += rows * (n * (n + 1) + m * (m + 1)) / every
             dense, batch = 2 * m * n * (m + n), 2 * rows * (m * m + n * n + m * n)
             total += dense if method == "kfac-torch-loop" else min(dense, batch)
@@ -303,7 +312,8 @@ def methods(
             ng = NaturalGradient(
                 model,
                 curvature=name[3:].split("-")[0],
-                factor_every=FACTOR_EVERY if name.endswith("-f10") else 1,
+                factor_every=FACTOR_EVERY if "-f10" in name else 1,
+                bf16="all" if "-bf16all" in name else "off" if "-fp32" in name else "factors",
                 damping=DAMPING,
                 curvature_decay=DECAY,
                 inverse_every=STEPS,
@@ -332,7 +342,12 @@ def check_same_step(wl: Workload, batch: tuple[torch.Tensor, torch.Tensor]) -> f
         model = copy.deepcopy(base)
         pre: Any = (
             NaturalGradient(
-                model, damping=DAMPING, curvature_decay=DECAY, inverse_every=STEPS, kl_clip=None
+                model,
+                damping=DAMPING,
+                curvature_decay=DECAY,
+                inverse_every=STEPS,
+                kl_clip=None,
+                bf16="off",  # the torch loop's float32 math
             )
             if name == "ours"
             else TorchLoopKFAC(model, DAMPING, DECAY, STEPS)
@@ -504,8 +519,7 @@ def main() -> int:
         "--methods",
         nargs="*",
         default=None,
-        help="subset of sgd adam ng-diag ng-kfac ng-kfac-klclip ng-kfac-general ng-kfac-f10"
-        " ng-kfac-nowg ng-kfac-nowg-f10 ng-lowrank kfac-torch-loop",
+        help="subset of " + " ".join(METHODS),
     )
     p.add_argument("--repeats", type=int, default=None, help="timed samples (7; 3 with --quick)")
     p.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")

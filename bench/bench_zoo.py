@@ -69,7 +69,8 @@ def grids(
 ) -> dict[str, list[float]]:
     """Optimizer -> its lrs (`optimizers`: a subset; `ng_lrs`: NG's instead of the grid)."""
     if quick:
-        out = {"ng": [0.1, DEFAULT_LR, 1.0], "sgd": [0.03, 0.1, 0.3], "adam": [1e-3, 3e-3, 1e-2]}
+        ng = sorted({0.1, 0.3, 1.0, DEFAULT_LR})
+        out = {"ng": ng, "sgd": [0.03, 0.1, 0.3], "adam": [1e-3, 3e-3, 1e-2]}
     else:
         out = {"ng": sorted(set(SGD_LRS) | {DEFAULT_LR}), "sgd": SGD_LRS, "adam": ADAM_LRS}
     if ng_lrs:
@@ -151,13 +152,13 @@ def table(models: dict[str, dict[str, Any]]) -> str:
 
     head = (
         f"| model | NG best (lr) | SGD best (lr) | Adam best (lr) | NG @ {DEFAULT_LR:g} |"
-        " non-finite NG / SGD / Adam |\n|---|---|---|---|---|---|"
+        f" NG @ {DEFAULT_LR:g} / best | non-finite NG / SGD / Adam |\n|---|---|---|---|---|---|---|"
     )
     rows = [
         f"| {name} | {f(m['best_ng']['final_loss'])} ({m['best_ng']['lr']:g})"
         f" | {f(m['best_sgd']['final_loss'])} ({m['best_sgd']['lr']:g})"
         f" | {f(m['best_adam']['final_loss'])} ({m['best_adam']['lr']:g})"
-        f" | {f(m['ng_default'])}"
+        f" | {f(m['ng_default'])} | {m['ng_default'] / m['best_ng']['final_loss']:.3g}"
         f" | {m['nonfinite']['ng']} / {m['nonfinite']['sgd']} / {m['nonfinite']['adam']} |"
         for name, m in models.items()
     ]

@@ -63,6 +63,11 @@ TOLERANCES: dict[str, dict[torch.dtype, Tol]] = {
     # at batch 6 the gap grows ~10x per step for both fused paths (1e-15 after one step, ~3e-12
     # after four).
     "kfac_trajectory": {_F32: Tol(1e-4, 1e-6), _F64: Tol(1e-10, 1e-12)},
+    # One K-FAC step with the batch-form products g G^-1 and P^T Q in bf16 (float32
+    # accumulation, `NaturalGradient(bf16="all")`) against the same step in float32, relative to
+    # the largest entry: each product errs by <= 2u |a||b| (u = 2^-8), and |a||b| exceeds |ab|
+    # where G^-1 or the batch sum cancel; measured <= 4e-3 on the bench MLP.
+    "kfac_bf16[all]": {_F32: Tol(2e-2, 1e-6)},
     # Orthonormality / reconstruction identities checked in the op's own precision.
     "orthonormal": {_F32: Tol(1e-5, 1e-5), _F64: Tol(1e-13, 1e-13)},
 }

@@ -27,7 +27,7 @@ def _one_thread() -> None:
 def run(rounds: int, **kw: Any) -> History:
     carry = kw.pop("carry_trust", True)
     task = blobs_task(num_clients=4, n=40)
-    # kl_clip 0.1: the radius starts at 1e-3 and may move; 3 local steps give 2 observations a
+    # kl_clip 0.1: the radius starts at 1e-4 and may move; 3 local steps give 2 observations a
     # round, fewer than the rule's warm-up (5): only a carried region can act
     cc, sc = make_configs(
         "fedng", {"local_steps": 3, "batch_size": 8, "kl_clip": 0.1, "carry_trust": carry}

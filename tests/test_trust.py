@@ -3,6 +3,7 @@ steps that were too short, shrinks after an overshoot or a blow-up, and stays in
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from fedng.errors import CurvatureWarning
 from fedng.optim.config import DEFAULT_KL_CLIP
-from fedng.optim.natural_gradient import NaturalGradient
+from fedng.optim.natural_gradient import DEFAULT_LR, NaturalGradient
 from fedng.optim.trust import (
     DEFAULT_INITIAL_RADIUS,
     MIN_RADIUS_FRACTION,
@@ -139,6 +140,20 @@ def test_a_noise_floor_reached_after_progress_anneals_the_radius() -> None:
     assert all(b <= a for a, b in itertools.pairwise(radii)) and min(radii) >= r.rule.min_radius
 
 
+def test_annealing_stops_three_decades_below_the_start() -> None:
+    # Under the default bound the least radius is tied to the start (1e-4), not to the bound:
+    # a noise floor can anneal the radius below kl_clip / 1000 (the zoo's MSE regression at
+    # the default lr 1.0 needs ~1e-5), but never below start / 1000.
+    r = trust_region("adaptive", DEFAULT_KL_CLIP)
+    assert r is not None and r.radius == DEFAULT_INITIAL_RADIUS
+    feed_energy(r, mild(120), scale=10.0, energies=[1.0] * 120)
+    radii = feed_energy(r, mild(1500), scale=1.0, energies=[1.0] * 1500)
+    floor = DEFAULT_INITIAL_RADIUS * MIN_RADIUS_FRACTION
+    assert floor < DEFAULT_KL_CLIP * MIN_RADIUS_FRACTION  # below the former least radius
+    assert radii[-1] == pytest.approx(floor) and min(radii) >= floor
+    assert r.stalls >= 10
+
+
 def test_no_anneal_before_the_warm_up_after_a_shrink() -> None:
     # A shrink resets c's average; one observation (standard error 0) must not anneal again.
     r = trust_region("adaptive", DEFAULT_KL_CLIP)
@@ -252,10 +267,12 @@ def test_trust_region_factory() -> None:
     assert trust_region("fixed", 1e-2) is None and trust_region("adaptive", None) is None
     r = trust_region("adaptive", 1e-1)
     assert r is not None and r.radius == DEFAULT_INITIAL_RADIUS
-    assert r.rule.min_radius == pytest.approx(1e-1 * MIN_RADIUS_FRACTION)
+    # the least radius is three decades below the start (not the bound): room to anneal
+    assert r.rule.min_radius == pytest.approx(DEFAULT_INITIAL_RADIUS * MIN_RADIUS_FRACTION)
     for clip in (1e-4, 1e-2):  # an explicit bound: the radius starts where a fixed clip was
         given = trust_region("adaptive", clip)
         assert given is not None and given.radius == clip
+        assert given.rule.min_radius == pytest.approx(clip * MIN_RADIUS_FRACTION)
     with pytest.raises(ValueError, match="'trust' must be one of"):
         trust_region("sometimes", 1e-2)
 
@@ -287,6 +304,25 @@ def test_natural_gradient_grows_its_radius_when_the_lr_is_small() -> None:
     train(ng, x, y, lr=0.03, steps=40)
     assert ng.last["trust_radius"] > DEFAULT_INITIAL_RADIUS and ng._trust is not None
     assert ng._trust.grown > 0 and ng.last["trust_radius"] <= 1e-1
+
+
+def test_the_default_lr_is_the_unit_step_the_bound_assumes() -> None:
+    # SGD at DEFAULT_LR takes exactly the step whose KL estimate the trust region bounds (the
+    # `lr` argument's default), and the first steps are bounded by the small start radius.
+    assert inspect.signature(NaturalGradient).parameters["lr"].default == DEFAULT_LR == 1.0
+    model, x, y = softmax_regression()
+    ng = NaturalGradient(model)
+    assert ng._trust is not None and ng._trust.radius == DEFAULT_INITIAL_RADIUS == 1e-4
+    before = [q.detach().clone() for q in model.parameters()]
+    raw = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    train(ng, x, y, lr=DEFAULT_LR, steps=1)
+    nu = ng.last["kl_scale"]
+    assert nu < 1.0 and ng.last["trust_radius"] == DEFAULT_INITIAL_RADIUS
+    # the step taken, d = lr ν p, is the clipped natural gradient itself: its KL estimate
+    # lr² ν² gᵀp = lr ν gᵀd is the radius
+    step = [b - q.detach() for b, q in zip(before, model.parameters(), strict=True)]
+    gd = sum(float((d * g).sum()) for d, g in zip(step, raw, strict=True))
+    assert DEFAULT_LR * nu * gd == pytest.approx(DEFAULT_INITIAL_RADIUS, rel=1e-4)
 
 
 def test_natural_gradient_shrinks_its_radius_when_steps_overshoot() -> None:

@@ -120,7 +120,9 @@ void kfac_step(DType dtype, const Ptrs& inputs, const Ptrs& output_grads, const 
       blas_int(op, v);
     // A layer without grads and outs is the caller's to precondition (update only here).
     const bool own = grads[i] != 0 || outs[i] != 0;
-    const bool upd = update_factors != 0, pre = precondition != 0 && own && m[i] > 0 && n[i] > 0;
+    // A layer with both factor pointers null is the caller's to update (e.g. in bf16).
+    const bool upd = update_factors != 0 && (a_factors[i] != 0 || g_factors[i] != 0);
+    const bool pre = precondition != 0 && own && m[i] > 0 && n[i] > 0;
     const bool rows_needed = (upd || (pre && batch_cheaper(rows[i], m[i], n[i]))) && rows[i] > 0;
     if (upd && ((a_factors[i] == 0 && n[i] > 0) || (g_factors[i] == 0 && m[i] > 0)))
       fail(op, "a null pointer among the factors");
@@ -158,7 +160,7 @@ void kfac_step(DType dtype, const Ptrs& inputs, const Ptrs& output_grads, const 
       const int k = ni - (has_bias ? 1 : 0);
       const T* x = as<const T>(inputs[i]);
       const T* g = as<const T>(output_grads[i]);
-      if (update_factors != 0)
+      if (update_factors != 0 && (a_factors[i] != 0 || g_factors[i] != 0))
         update(x, g, as<T>(a_factors[i]), as<T>(g_factors[i]), b, k, mi, has_bias, decay[i],
                a_scale[i], g_scale[i]);
       if (precondition == 0) return;

@@ -19,7 +19,8 @@ namespace fedng::cpu {
 //   1 dense, 2 batch. sums [2N] (float64): sum(grads_i) when check_finite (then a non-finite one
 //   stops the call before any update: the caller skips the step), and <outs_i, grads_i> of the
 //   preconditioned layers (NaN otherwise). A layer whose grads_i and outs_i are both null is
-//   update-only (the caller preconditions it from its rows): no sum, no output, dot 0.
+//   update-only (the caller preconditions it from its rows): no sum, no output, dot 0. A layer
+//   whose a_factors_i and g_factors_i are both null is not updated (the caller updates it).
 void kfac_step(DType dtype, const Ptrs& inputs, const Ptrs& output_grads, const Ptrs& grads,
                const Ptrs& a_inv, const Ptrs& g_inv, const Ptrs& probe_u, const Ptrs& probe_v,
                const Ptrs& a_factors, const Ptrs& g_factors, const Ptrs& outs, const Sizes& m,

@@ -237,7 +237,7 @@ class KfacStepPlan:
         self._zeros = [0] * count
         self._inv: tuple[list[int], list[int]] = (self._zeros, self._zeros)
         self._inv_held: list[torch.Tensor] = []
-        self._skip_ptrs: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+        self._null_ptrs: dict[tuple[str, str, tuple[int, ...]], tuple[list[int], list[int]]] = {}
         self.form = torch.zeros(count, dtype=torch.int8)
         self.sums = torch.zeros(2 * count, dtype=torch.float64)
         """After a call: the gradient sums (with `check_finite`), then `<outs_i, grads_i>`."""
@@ -261,14 +261,25 @@ class KfacStepPlan:
         inverses: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
         check_finite: bool = False,
         skip: tuple[int, ...] = (),
+        own: tuple[int, ...] = (),
     ) -> None:
         """Updates the factors (if `update`), then preconditions `grads` into `outs` with
         `inverses` = (A^-1 list, G^-1 list) if given; with `check_finite`, nothing happens
         unless every gradient sums to a finite value (see `sums`). Layers in `skip` (sorted)
-        are updated only: no sum, no output (their dot reads 0)."""
+        are updated only: no sum, no output (their dot reads 0). Layers in `own` (sorted) are
+        not updated: the caller updates their factors."""
         if trusted.CHECK:
             self._checked(
-                inputs, output_grads, decay, a_scale, g_scale, update, inverses, check_finite, skip
+                inputs,
+                output_grads,
+                decay,
+                a_scale,
+                g_scale,
+                update,
+                inverses,
+                check_finite,
+                skip,
+                own,
             )
             return
         if inverses is not None:
@@ -282,7 +293,10 @@ class KfacStepPlan:
         p, zeros = self._ptrs, self._zeros
         grads, outs = p["grads"], p["outs"]
         if skip:
-            grads, outs = self._skipping(skip)
+            grads, outs = self._nulled("grads", "outs", skip)
+        a_fac, g_fac = (p["a_factors"], p["g_factors"]) if update else (zeros, zeros)
+        if update and own:
+            a_fac, g_fac = self._nulled("a_factors", "g_factors", own)
         _backend.native.kfac_step(
             dtype=self.code,
             inputs=[t.data_ptr() for t in inputs],
@@ -292,8 +306,8 @@ class KfacStepPlan:
             g_inv=self._inv[1] if inverses is not None else zeros,
             probe_u=p["probe_u"],
             probe_v=p["probe_v"],
-            a_factors=p["a_factors"] if update else zeros,
-            g_factors=p["g_factors"] if update else zeros,
+            a_factors=a_fac,
+            g_factors=g_fac,
             outs=outs,
             m=self.m,
             n=self.n,
@@ -310,16 +324,17 @@ class KfacStepPlan:
             nthreads=_backend.num_threads(),
         )
 
-    def _skipping(self, skip: tuple[int, ...]) -> tuple[list[int], list[int]]:
-        """The grads and outs pointers with null at the skipped layers (cached per `skip`)."""
-        got = self._skip_ptrs.get(skip)
+    def _nulled(self, a: str, b: str, layers: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """The pointers of buffers `a` and `b` with null at `layers` (cached)."""
+        key = (a, b, layers)
+        got = self._null_ptrs.get(key)
         if got is None:
             p = self._ptrs
             got = (
-                [0 if i in skip else q for i, q in enumerate(p["grads"])],
-                [0 if i in skip else q for i, q in enumerate(p["outs"])],
+                [0 if i in layers else q for i, q in enumerate(p[a])],
+                [0 if i in layers else q for i, q in enumerate(p[b])],
             )
-            self._skip_ptrs[skip] = got
+            self._null_ptrs[key] = got
         return got
 
     def _checked(
@@ -333,10 +348,16 @@ class KfacStepPlan:
         inverses: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
         check_finite: bool,
         skip: tuple[int, ...] = (),
+        own: tuple[int, ...] = (),
     ) -> None:
         """The same call through the validating op (results copied into `outs`): the layers
-        not skipped in one call, then (unless it stopped) the skipped ones' update."""
+        not skipped in one call, then (unless it stopped) the skipped ones' update. The
+        caller's layers (`own`) are updated into scratch copies, thrown away."""
         keep = [i for i in range(len(self.m)) if i not in skip]
+        a_fac, g_fac = self.factors
+        if own:
+            a_fac = [a.clone() if i in own else a for i, a in enumerate(a_fac)]
+            g_fac = [g.clone() if i in own else g for i, g in enumerate(g_fac)]
 
         def sub(items: Sequence[object], idx: list[int]) -> list:  # type: ignore[type-arg]
             return [items[i] for i in idx]
@@ -352,8 +373,8 @@ class KfacStepPlan:
                 sub(inputs, keep),
                 sub(output_grads, keep),
                 bias=sub(self.bias, keep),
-                a_factors=sub(self.factors[0], keep) if update else None,
-                g_factors=sub(self.factors[1], keep) if update else None,
+                a_factors=sub(a_fac, keep) if update else None,
+                g_factors=sub(g_fac, keep) if update else None,
                 decay=sub(decay, keep),
                 a_scale=sub(a_scale, keep),
                 g_scale=sub(g_scale, keep),
@@ -378,8 +399,8 @@ class KfacStepPlan:
                 sub(inputs, list(skip)),
                 sub(output_grads, list(skip)),
                 bias=sub(self.bias, list(skip)),
-                a_factors=sub(self.factors[0], list(skip)),
-                g_factors=sub(self.factors[1], list(skip)),
+                a_factors=sub(a_fac, list(skip)),
+                g_factors=sub(g_fac, list(skip)),
                 decay=sub(decay, list(skip)),
                 a_scale=sub(a_scale, list(skip)),
                 g_scale=sub(g_scale, list(skip)),

@@ -26,7 +26,7 @@ default) and no `damping` is given."""
 
 DEFAULT_KL_CLIP = 1e-1
 """The default hard bound on a step's KL estimate `lr^2 p^T g` (`kl_clip`). With the default
-`trust="adaptive"` the bound in force is a radius that starts at 1e-3 and grows towards this one
+`trust="adaptive"` the bound in force is a radius that starts at 1e-4 and grows towards this one
 only while the observed loss keeps falling along the steps (`fedng.optim.trust`); with
 `trust="fixed"` it is the bound itself (the former default was a fixed 1e-3)."""
 

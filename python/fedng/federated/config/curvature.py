@@ -202,7 +202,7 @@ class FedNGConfig(CurvatureConfig):
             the clients decode it before the server's own parts, so the search stays exact along
             the d sent, up to M's rounding.
         kl_clip: bound on the local natural-gradient step's KL estimate `lr^2 p.g` (0 = off):
-            the hard bound of `NaturalGradient`'s adaptive trust region, which starts at 1e-3
+            the hard bound of `NaturalGradient`'s adaptive trust region, which starts at 1e-4
             under 0.1 and at `kl_clip` itself under any other value (the default 1e-3: the
             radius can only shrink).
         carry_trust: the client keeps its adaptive trust radius (and the evidence behind it)
