@@ -10,8 +10,8 @@ eigendecomposition: `cholesky` + `cholesky_inverse` per factor, `G^-1 dW A^-1` p
 FLOP bound of a step: the SGD step's time plus the extra flops of the method at the same-run
 float32 GEMM peak (K-FAC: SYRK rows*n(n+1) per factor, the cheaper of the dense and batch
 preconditioning forms, and n^3 per factor inverse / 10). It counts every GEMM at the float32
-rate: the bf16 GEMMs of the default `bf16="factors"` (and of `-bf16all`) run ~4x faster on CPUs
-with bf16 instructions, so "x bound" can read below 1 for those parts.
+rate: the bf16 GEMMs of the opt-in `-bf16` (`bf16="factors"`) and `-bf16all` methods run ~4x
+faster on CPUs with bf16 instructions, so "x bound" can read below 1 for those parts.
 
 Targets (issue 11): our K-FAC step <= 1.5x the SGD step on the MNIST-1D MLP and <= 1.8x on the
 1024-wide MLP (`ng-kfac`, kl_clip=None like the torch loop); `ng-kfac-klclip` is the same step
@@ -21,10 +21,10 @@ with the default KL clip (and its finiteness checks), reported alongside; `ng-kf
 KAISA's examples use; not the default), `ng-kfac-nowg` is `ng-kfac` with `NaturalGradient.backward`
 instead of `loss.backward()` (wide layers get their natural gradient from the batch rows, autograd
 forms no weight gradient for them), `ng-kfac-nowg-f10` both. Every `ng-` method runs with the
-default `bf16="factors"` (wide blocks' factor Grams from bf16-rounded rows, float32 accumulation,
-where the CPU has bf16 GEMM instructions; `fedng.ops.bf16_gemm`; no effect elsewhere) except
-`ng-kfac-fp32` (`bf16="off"`: the float32 step, the before/after in one run) and `-bf16all`
-(`bf16="all"`: also the batch-form products `g G^-1` and `P^T Q` in bf16; opt-in).
+default `bf16="off"` (float32) except the opt-in `ng-kfac-bf16` (`bf16="factors"`: wide blocks'
+factor Grams from bf16-rounded rows, float32 accumulation, where the CPU has bf16 GEMM
+instructions; `fedng.ops.bf16_gemm`; no effect elsewhere) and `-bf16all` (`bf16="all"`: also the
+batch-form products `g G^-1` and `P^T Q` in bf16).
 
 Threads: OpenBLAS worker threads busy-wait after every BLAS call for 2^28 cycles by default and
 then compete with torch's own threads for the two cores; unless the environment already says
@@ -237,7 +237,7 @@ METHODS = (
     "ng-kfac-f10",
     "ng-kfac-nowg",
     "ng-kfac-nowg-f10",
-    "ng-kfac-fp32",
+    "ng-kfac-bf16",
     "ng-kfac-bf16all",
     "ng-kfac-nowg-f10-bf16all",
     "ng-lowrank",
@@ -313,7 +313,9 @@ def methods(
                 model,
                 curvature=name[3:].split("-")[0],
                 factor_every=FACTOR_EVERY if "-f10" in name else 1,
-                bf16="all" if "-bf16all" in name else "off" if "-fp32" in name else "factors",
+                bf16=(
+                    "all" if "-bf16all" in name else "factors" if name.endswith("-bf16") else "off"
+                ),
                 damping=DAMPING,
                 curvature_decay=DECAY,
                 inverse_every=STEPS,

@@ -165,8 +165,8 @@ def test_bf16_products_within_their_tolerance(
 
 def test_bf16_off_narrow_or_float64_is_the_float32_step(fast: None) -> None:
     """Nothing changes with `bf16="off"`, blocks narrower than `BF16_MIN` or a float64 model;
-    the default is "factors"."""
-    assert NaturalGradient(mlp([3, 2], F32)).bf16 == "factors"
+    the default is "off" (bf16 is opt-in)."""
+    assert NaturalGradient(mlp([3, 2], F32)).bf16 == "off"
     wide = mlp([20, BF16_MIN + 44, 3], F64)
     narrow = mlp([20, BF16_MIN - 2, 3], F64)  # n = 255 with the bias
     for model, dtype, mode in [(wide, F32, "off"), (narrow, F32, "all"), (wide, F64, "all")]:

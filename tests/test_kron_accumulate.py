@@ -82,6 +82,27 @@ def test_large_and_odd_sizes(dtype: torch.dtype, n: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decay", [0.0, 1.0])
+@pytest.mark.parametrize("k", [1, 2, 31])
+@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 63, 64, 65, 96, 97])
+def test_block_boundaries(dtype: torch.dtype, n: int, k: int, decay: float) -> None:
+    """Ragged n around the mirror's 32-wide tiles, k = 1, decay 0 and 1: both triangles are written.
+
+    decay 0 starts from an all-NaN factor, so any lower entry the mirror missed (or any stale
+    entry read) shows up as NaN; decay 1 keeps a random symmetric factor and adds to it.
+    """
+    gen = torch.Generator().manual_seed(1000 * n + k)
+    f = _symmetric(n, dtype, gen) if decay else torch.full((n, n), float("nan"), dtype=dtype)
+    x = torch.randn(k, n, generator=gen, dtype=torch.float64).to(dtype)
+    start = f.clone() if decay else torch.zeros(n, n, dtype=dtype)
+    expected = reference.kron_accumulate_ref([start], [x], decay, 1 / k)[0]
+    kron_accumulate([f], [x], decay, 1 / k)
+    assert bool(torch.isfinite(f).all()), "every entry, in both triangles, must be written"
+    assert_close(f, expected, dtype, OP)
+    assert torch.equal(f, f.T)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_decay_one_and_zero_rows_is_identity(dtype: torch.dtype) -> None:
     """decay=1 with k=0 rows leaves the factor bit-for-bit unchanged."""
     f = _symmetric(6, dtype, torch.Generator().manual_seed(1))

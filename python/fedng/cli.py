@@ -325,11 +325,12 @@ value on digits)."""
 DP_METRIC_FEDNG: dict[str, Any] = {
     "dp_metric": "curvature",
     "dp_curvature_release": "input",
-    "dp_curvature_rank": 1,
-    "dp_curvature_share": 0.1,
+    "dp_curvature_rank": 2,
+    "dp_curvature_share": 0.05,
+    "dp_curvature_pool": "mean",
     "dp_metric_damping": 10.0,
     "aggregation": "mean",
-    "curvature_ema": 0.9,
+    "curvature_ema": 0.0,
     "kl_clip": 0.0,
     "damping_scale": "relative",
     "damping": 0.03,
@@ -337,12 +338,13 @@ DP_METRIC_FEDNG: dict[str, Any] = {
 }
 """FedNG with its DP clip and noise in the metric of its private input curvature
 (`aggregation.dp_metric`): each round the clients also release their K-FAC input factors' shapes
-(10% of the round's budget), the server denoises them to their top direction and averages them
-over rounds (EMA 0.9); the deltas are clipped in that metric and the noise is shaped by its
-inverse, and every client preconditions with the same public curvature (relative damping: the
-released shapes carry no scale), which pairs its step with the metric (docs/robustness_privacy.md,
-"Clipping in the curvature metric"). It needs a curvature clip (`dp_curvature_clip`; the shapes'
-norm is at most sqrt(number of K-FAC blocks))."""
+(5% of the round's budget), the server averages every noised release so far and denoises the
+mean to its top 2 directions (`dp_curvature_pool="mean"`, post-processing); the deltas are
+clipped in that metric and the noise is shaped by its inverse, and every client preconditions
+with the same public curvature (relative damping: the released shapes carry no scale), which
+pairs its step with the metric (docs/robustness_privacy.md, "Clipping in the curvature metric").
+It needs a curvature clip (`dp_curvature_clip`; the shapes' norm is at most sqrt(number of K-FAC
+blocks))."""
 
 
 def dp_overrides(

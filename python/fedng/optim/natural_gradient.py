@@ -163,8 +163,9 @@ class NaturalGradient:
             client per round).
         bf16: bf16 GEMMs (float32 accumulation) for wide K-FAC Linear blocks (`max(m, n) >=
             fedng.optim.fused_kfac.BF16_MIN`, the fused step) where the CPU has bf16 GEMM
-            instructions (`fedng.ops.bf16_gemm`; no effect elsewhere). "off": float32 only.
-            "factors" (default): the factors are folded from bf16-rounded batch rows, each the
+            instructions (`fedng.ops.bf16_gemm`; no effect elsewhere). "off" (default): float32
+            only.
+            "factors" (opt-in): the factors are folded from bf16-rounded batch rows, each the
             exact EMA of the Grams of rows within a relative 2^-8 of the recorded ones (still
             symmetric PSD); inverses and preconditioning stay float32. "all": also the batch
             form's products `P = g G^-1` and `P^T Q` in plain bf16 (each entry within 2^-7
@@ -206,7 +207,7 @@ class NaturalGradient:
         warn_unsupported: bool = True,
         damping_scale: str | None = None,
         trust: str = "adaptive",
-        bf16: str = "factors",
+        bf16: str = "off",
         **deprecated: Any,
     ) -> None:
         if not isinstance(model, nn.Module):

@@ -23,7 +23,9 @@ Fisher-weighted merge, SCAFFOLD's control variates, ...) runs unchanged afterwar
 - DP replaces every update by the round's one private update (clipped, summed, noised, averaged
   over `dp_clients`): any weighted mean of identical updates is that update, and FedNG's
   Fisher-weighted merge of identical updates is `(F + lambda I)^-1 (F delta + lambda center)`,
-  i.e. the delta itself with its default `fisher_center="mean"`.
+  i.e. the delta itself with its default `fisher_center="mean"`. Under the "input" curvature
+  release with `dp_curvature_pool="mean"` the stage keeps the running mean of the noised
+  releases in `state.buffers` (`pooled_release`: post-processing) and hands that on instead.
 
 The input updates are never modified.
 """
@@ -246,11 +248,45 @@ def _sum(xs: Sequence[Arrays]) -> Arrays:
     return out
 
 
+POOL_PREFIX = "dp_pool/"
+"""`state.buffers` prefix of the running mean of the noised curvature releases
+(`dp_curvature_pool="mean"`); `state.meta[POOL_COUNT]` counts the releases in it."""
+POOL_COUNT = "dp_pool_count"
+
+
+def pooled_release(state: ServerState[ServerConfig], raw: Arrays) -> Arrays:
+    """The running mean of the round's noised, averaged curvature release `raw` and every
+    earlier one (`dp_curvature_pool="mean"`), kept in `state.buffers` / `state.meta`.
+
+    Post-processing: it only averages releases already noised (public). A release whose
+    arrays differ in names or shapes from the pool restarts it.
+    """
+    pool = {k[len(POOL_PREFIX) :]: v for k, v in state.buffers.items() if k.startswith(POOL_PREFIX)}
+    n = state.meta.get(POOL_COUNT, 0)
+    same = pool.keys() == raw.keys() and all(pool[k].shape == v.shape for k, v in raw.items())
+    if not (same and isinstance(n, int) and n > 0):
+        pool, n = {}, 0
+    out = {
+        k: v.float().clone() if n == 0 else pool[k] + (v.float() - pool[k]) / (n + 1)
+        for k, v in raw.items()
+    }
+    for k in [k for k in state.buffers if k.startswith(POOL_PREFIX)]:
+        del state.buffers[k]
+    state.buffers.update({f"{POOL_PREFIX}{k}": v for k, v in out.items()})
+    state.meta[POOL_COUNT] = n + 1
+    return {k: v.clone() for k, v in out.items()}
+
+
 def _private(
-    cfg: ServerConfig, rnd: int, updates: list[ClientUpdate], white: Whitener | None = None
+    cfg: ServerConfig,
+    rnd: int,
+    updates: list[ClientUpdate],
+    white: Whitener | None = None,
+    pool: Callable[[Arrays], Arrays] | None = None,
 ) -> list[ClientUpdate]:
     """Clipped ("central"), summed, noised ("central") and averaged over `dp_clients`; with a
-    metric `white`, the deltas are clipped and noised whitened and mapped back after."""
+    metric `white`, the deltas are clipped and noised whitened and mapped back after; with
+    `pool`, the averaged curvature release is replaced by `pool` of it (post-processing)."""
     central = cfg.dp_mode == "central"
     share_curv = cfg.dp_curvature_clip > 0
     joints = [_joint(u, white) for u in updates]
@@ -279,7 +315,8 @@ def _private(
     if ctotal:
         with_curv = next(u for u in updates if u.curvature)
         meta = float_payload(with_curv.curvature, with_curv.meta["curv"])[1]
-        curv = CurvatureSet.from_arrays({k: v / m for k, v in ctotal.items()}, meta)
+        mean = {k: v / m for k, v in ctotal.items()}
+        curv = CurvatureSet.from_arrays(mean if pool is None else pool(mean), meta)
         psd_project(curv)
         if cfg.dp_curvature_release == "input":
             public_input_curvature(curv, cfg.dp_curvature_rank)
@@ -342,5 +379,7 @@ def defend(state: ServerState[ServerConfig], updates: list[ClientUpdate]) -> lis
     if not updates or (cfg.robust == "none" and cfg.dp_clip == 0):
         return updates
     if cfg.dp_clip > 0:
-        return _private(cfg, state.round, updates, dp_metric(state))
+        pooled = cfg.dp_curvature_release == "input" and cfg.dp_curvature_pool == "mean"
+        pool = (lambda raw: pooled_release(state, raw)) if pooled else None
+        return _private(cfg, state.round, updates, dp_metric(state), pool)
     return _robust(cfg, screen(state, updates))

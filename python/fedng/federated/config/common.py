@@ -26,6 +26,9 @@ CLIP_SCOPES = ("joint", "layer")
 """`dp_clip_scope`: an update clipped as one vector, or per layer (`aggregation.dp`)."""
 DP_RELEASES = ("full", "input")
 """`dp_curvature_release`: what a client's released curvature holds (`aggregation.dp_metric`)."""
+DP_POOLS = ("round", "mean")
+"""`dp_curvature_pool`: what the server post-processes into its curvature under "input": the
+round's noised release alone, or the running mean of every noised release so far."""
 DP_METRICS = ("none", "curvature")
 """`ServerConfig.dp_metric`: the norm of the DP clip and the shape of its noise: Euclidean, or
 the server's private global curvature (`aggregation.dp_metric`)."""
@@ -182,6 +185,7 @@ def _check_dp(cfg: ClientConfig | ServerConfig, c: str) -> None:
     check_choice(c, "dp_curvature_release", cfg.dp_curvature_release, DP_RELEASES)
     rank = cfg.dp_curvature_rank
     check(_is_int(rank) and rank >= 0, c, "dp_curvature_rank", "an int >= 0", rank)
+    check_choice(c, "dp_curvature_pool", cfg.dp_curvature_pool, DP_POOLS)
     check_choice(c, "dp_metric", cfg.dp_metric, DP_METRICS)
     check(cfg.dp_metric_damping > 0, c, "dp_metric_damping", "> 0", cfg.dp_metric_damping)
     check(
@@ -237,6 +241,10 @@ class ClientConfig(_Common):
         dp_curvature_rank: under "input", the server keeps each released input factor's top
             this many eigen-directions and makes the rest isotropic (denoising, post-processing;
             0: keeps all). At 20 clients only the top direction rises above the noise.
+        dp_curvature_pool: under "input", what the server denoises: "round" (each round's
+            noised release alone; the algorithm's `curvature_ema` averages the results) or
+            "mean" (the running mean of every noised release so far, kept by the server:
+            post-processing; the noise averages out before the rank-`dp_curvature_rank` cut).
         dp_metric: "none" (the clip is Euclidean, the noise isotropic) or "curvature" (central
             DP only: the server clips the deltas in the norm of its global curvature, which
             under DP is built from private releases only, and shapes the noise like its
@@ -266,6 +274,7 @@ class ClientConfig(_Common):
     dp_curvature_share: float = 0.5
     dp_curvature_release: str = "full"
     dp_curvature_rank: int = 1
+    dp_curvature_pool: str = "round"
     dp_metric: str = "none"
     dp_metric_damping: float = 1.0
 
@@ -311,7 +320,7 @@ class ServerConfig(_Common):
         robust_memory: the reputation EMA's weight of the past, in [0, 1).
         dp_clip, dp_curvature_clip, dp_noise_multiplier, dp_mode, dp_clients, dp_seed,
             dp_clip_scope, dp_curvature_share, dp_curvature_release, dp_curvature_rank,
-            dp_metric, dp_metric_damping: as in
+            dp_curvature_pool, dp_metric, dp_metric_damping: as in
             `ClientConfig`; with `dp_clip` > 0 the server clips ("central"), averages uniformly
             and adds the noise ("central") before the algorithm aggregates.
     """
@@ -339,6 +348,7 @@ class ServerConfig(_Common):
     dp_curvature_share: float = 0.5
     dp_curvature_release: str = "full"
     dp_curvature_rank: int = 1
+    dp_curvature_pool: str = "round"
     dp_metric: str = "none"
     dp_metric_damping: float = 1.0
 
