@@ -8,7 +8,8 @@ regression task, where lower is better). Targets: no FedNG run ends more than 2 
 own best round, and FedNG's final >= FedAvg's (median over seeds, and seed by seed).
 
 Usage: python bench/bench_stability.py [--tasks digits,...] [--seeds 5] [--rounds 30]
-[--participations 1.0,0.3] [--out bench/results/bench_stability]
+[--participations 1.0,0.3] [--fedng-set KEY=VALUE ...] [--out bench/results/bench_stability]
+(`--fedng-set` changes FedNG's settings only, e.g. `sample_shrink=true`; FedAvg keeps its defaults.)
 Writes <out>.json (every run's per-round test metric, bytes and flags) and <out>.md (the table).
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from _harness import CpuMonitor, busy_warning
 from fedng.federated.config import make_configs
+from fedng.federated.config.make import parse_value
 from fedng.federated.report import History
 from fedng.federated.report.flags import flags_of
 from fedng.federated.simulator import simulate
@@ -45,9 +47,16 @@ def points(h: History, value: float) -> float:
     return 100.0 * (value if h.higher_is_better else -value)
 
 
-def run_one(task: str, algo: str, seed: int, rounds: int, participation: float) -> History:
-    """One simulation with every default."""
-    cc, sc = make_configs(algo, dict(CLI_BASE))
+def run_one(
+    task: str,
+    algo: str,
+    seed: int,
+    rounds: int,
+    participation: float,
+    settings: dict[str, Any] | None = None,
+) -> History:
+    """One simulation with every default (and `settings` on top)."""
+    cc, sc = make_configs(algo, {**CLI_BASE, **(settings or {})})
     return simulate(
         make_task(task, seed=seed), cc, sc, rounds=rounds, participation=participation, seed=seed
     )
@@ -80,7 +89,8 @@ def cell(task: str, participation: float, args: argparse.Namespace) -> dict[str,
         runs = []
         for seed in range(args.seeds):
             t0 = time.perf_counter()
-            h = run_one(task, algo, seed, args.rounds, participation)
+            extra = fedng_settings(args) if algo == "fedng" else {}
+            h = run_one(task, algo, seed, args.rounds, participation, extra)
             runs.append(run_record(h, time.perf_counter() - t0))
             r = runs[-1]
             print(
@@ -108,12 +118,25 @@ def cell(task: str, participation: float, args: argparse.Namespace) -> dict[str,
     return out
 
 
+def fedng_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """`--fedng-set KEY=VALUE` as a settings dict."""
+    out: dict[str, Any] = {}
+    for item in args.fedng_set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--fedng-set: expected KEY=VALUE, got {item!r}")
+        out[key] = parse_value(value)
+    return out
+
+
 def markdown(cells: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """The table."""
     lines = [
         f"# Federated stability ({args.rounds} rounds, {args.seeds} seeds, every default:"
         f" lr {CLI_BASE['lr']}, {CLI_BASE['local_steps']} local steps x batch"
-        f" {CLI_BASE['batch_size']}, task default clients)",
+        f" {CLI_BASE['batch_size']}, task default clients"
+        + (f"; FedNG with {fedng_settings(args)}" if args.fedng_set else "")
+        + ")",
         "",
         "Points: accuracy x 100 (regression: -relative L2 x 100, higher is better). Drop: best"
         " round minus final, per FedNG run; the column is its maximum over seeds.",
@@ -140,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--participations", default="1.0,0.3")
+    p.add_argument("--fedng-set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=str(RESULTS / "bench_stability"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -174,6 +198,7 @@ def write(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "args": vars(args),
         "defaults": CLI_BASE,
+        "fedng_settings": fedng_settings(args),
         "wall_s": wall_s,
         "cpu_usage": usage,
         "complete": complete,

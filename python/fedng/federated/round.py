@@ -27,6 +27,7 @@ from fedng._typing import Arrays
 from fedng.federated.aggregation.stage import defend, holds_round
 from fedng.federated.algorithms.base import Algorithm, Answer, State, run_batch
 from fedng.federated.algorithms.registry import get_algorithm
+from fedng.federated.algorithms.sample_noise import PARTICIPATION_KEY
 from fedng.federated.client.privacy import privatize_update
 from fedng.federated.config.common import ClientConfig, ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
@@ -35,18 +36,27 @@ from fedng.federated.tasks.base import ClientData
 from fedng.federated.validate import REFERENCE_KEY, delta_norm, reference_of, validate_updates
 
 
-def server_init(params: Arrays, config: ServerConfig) -> tuple[State, ServerMessage]:
+def server_init(
+    params: Arrays, config: ServerConfig, participation: float = 1.0
+) -> tuple[State, ServerMessage]:
     """The initial server state and the first round's message.
 
     Args:
         params: the initial global model (named arrays; cloned to fp32).
         config: the server config; `config.algorithm` picks the algorithm.
+        participation: the fraction of the clients the driver samples per round, in (0, 1];
+            below 1 it is kept in `state.meta["participation"]` (FedNG's server step reads it:
+            `fedng.federated.algorithms.sample_noise`).
 
     Returns:
         (state, message for round 0).
     """
     algo = get_algorithm(config.algorithm)
+    if not 0 < participation <= 1:
+        raise ValueError(f"server_init: 'participation' must be in (0, 1], got {participation!r}")
     state = ServerState(0, {k: v.detach().float().clone() for k, v in params.items()}, config)
+    if participation < 1:
+        state.meta[PARTICIPATION_KEY] = float(participation)
     state = algo.init_state(state)
     return state, algo.broadcast(state).seal()
 

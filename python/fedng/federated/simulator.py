@@ -124,7 +124,7 @@ def simulate(
     model = task.model_fn(seed)
     algo.check_model(model)
     eval_model = task.model_fn(seed)
-    state, message = server_init(get_params(model), server_config)
+    state, message = server_init(get_params(model), server_config, participation)
     rng = np.random.default_rng(seed)
     test_data, val_data = task.test_data(), task.validation_data()
     hist = History(

@@ -259,7 +259,9 @@ class FedNGStrategy(Strategy):
             "participation": self.participation,
             "num_clients": self.num_clients,
         }
-        self.state, self.message = server_init(record_to_arrays(initial_arrays), config)
+        self.state, self.message = server_init(
+            record_to_arrays(initial_arrays), config, self.participation
+        )
         self._rng = np.random.default_rng(self.seed)
         result = Result(arrays=arrays_to_record(self.state.params))
         identity = {

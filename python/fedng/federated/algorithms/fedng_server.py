@@ -44,6 +44,7 @@ from fedng.federated.algorithms.curvature_payload import (
     signature,
     wants_int8_payload,
 )
+from fedng.federated.algorithms.sample_noise import PARTICIPATION_KEY, SampleSpread
 from fedng.federated.config.curvature import FedNGConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
 
@@ -156,6 +157,7 @@ class CurvatureSums:
         self.contrib = WeightedSum(exact=False)
         self.meta: dict[str, Any] | None = None
         self.without_curvature = 0
+        self.spread = SampleSpread() if opts.sample_shrink else None
         self.direction: PooledDirection | None = None
         self.pooled: CurvatureSet | None = None
         self.pooled_arrays: Arrays | None = None
@@ -177,7 +179,10 @@ class CurvatureSums:
 
     def fold(self, update: ClientUpdate, weight: float) -> None:
         """Adds delta_k, the curvature payload and c_k (when present), each times `weight`
-        (one in-place `_foreach_add_` for all three once the sums are started)."""
+        (one in-place `_foreach_add_` for all three once the sums are started), and
+        `weight * ||delta_k||^2` for the participation-aware step (`sample_noise`)."""
+        if self.spread is not None:
+            self.spread.fold(update.delta, weight)
         if not update.curvature:
             self.without_curvature += 1
             self.deltas.fold(update.delta, weight)
@@ -304,6 +309,7 @@ class CurvatureSums:
         else:
             step = self.deltas.scaled(scale)
             state.log["aggregation"] = "mean"
+        step = self._participation_step(state, step, scale)
         apply_server_step(state, step)
         if pooled is not None and self.pooled_arrays is not None:
             fold_global_packed(state, self.pooled_arrays, self.meta or {}, self.opts.curvature_ema)
@@ -316,6 +322,18 @@ class CurvatureSums:
         if self.bad:
             state.log["curvature_dropped"] = self.bad
         return state
+
+    def _participation_step(self, state: State, step: Arrays, scale: float) -> Arrays:
+        """The step times the sampled mean's signal-to-noise factor under partial participation
+        (`sample_noise`); the step itself (the same tensors) when the factor is 1."""
+        part = float(state.meta.get(PARTICIPATION_KEY, 1.0))
+        if self.spread is None or part >= 1.0 or state.config.dp_clip > 0:
+            return step
+        shrink = self.spread.shrink(self.deltas.scaled(scale), part)
+        state.log["sample_shrink"] = shrink
+        if shrink >= 1.0:
+            return step
+        return {k: v * shrink for k, v in step.items()}
 
     @property
     def nbytes(self) -> int:
