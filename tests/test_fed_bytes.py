@@ -124,6 +124,31 @@ def test_wide_factors_travel_low_rank_with_their_trace() -> None:
     assert wide == [("tri", 785), ("tri", 512), ("lrtri", 785), ("tri", 100)]
 
 
+def test_low_rank_encoding_survives_a_failed_float32_eigensolver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """float32 `eigh` can return NaN on a finite, nearly rank-deficient factor (a digits-cnn
+    head factor did, and the client's upload was rejected): the encoder then solves in float64
+    and sends the same factor as when float32 succeeds, within the int8 digits' rounding."""
+    n = LOWRANK_MIN + 1
+    g = torch.Generator().manual_seed(1)
+    x = torch.relu(torch.randn(300, n, generator=g, dtype=torch.float64))
+    data = pack_triangle(x.T @ x / 300).float()
+    segs = [("lrtri", n)]
+    want = dequantize(*quantize(data, segs), segs).double()
+    eigh = torch.linalg.eigh
+
+    def fails_in_float32(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, v = eigh(m)
+        return (w * float("nan"), v) if m.dtype == torch.float32 else (w, v)
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails_in_float32)
+    q, side = quantize(data, segs)
+    got = dequantize(q, side, segs).double()
+    assert bool(torch.isfinite(side).all()) and bool(torch.isfinite(got).all())
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
 def test_auto_int8_whenever_it_is_the_smaller_payload() -> None:
     _, ups = fed_round("fedng", {"curvature": "diag", "compression": "none"}, n=3)
     cs = decoded_curvature(ups[0])

@@ -157,6 +157,10 @@ def _quantize_lowrank(vec: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Te
     m = unpack_triangle(vec.float().contiguous(), n)
     k = min(LOWRANK_RANK, n)
     w, v = torch.linalg.eigh(m)
+    if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(v).all())):
+        # float32 syevd can return NaN on a finite, nearly rank-deficient matrix (seen on a
+        # digits-cnn head factor); float64 solves it
+        w, v = torch.linalg.eigh(m.double())
     b = v[:, -k:].double() * w[-k:].double().clamp(min=0).sqrt()
     scale = (b.abs().amax(dim=0) / QMAX).float().double()
     x = b / _safe(scale)
