@@ -35,6 +35,25 @@ def fast(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bf16_gemm, "_FAST", True)
 
 
+def test_gemm_refuses_what_mkl_would_misread() -> None:
+    """Wrong dtypes, non-contiguous operands and shapes that do not chain raise ValueError
+    before any pointer reaches MKL."""
+    a, b = torch.ones(4, 3).bfloat16(), torch.ones(3, 5).bfloat16()
+    out = torch.zeros(4, 5)
+    bf16_gemm.gemm(out, a, b)
+    assert torch.equal(out, torch.full((4, 5), 3.0))
+    bad = [
+        (out.double(), a, b, False),  # float64 out
+        (out, a.float(), b, False),  # float32 a
+        (out, a, b.t().contiguous().t(), False),  # non-contiguous b
+        (out, a, b, True),  # a^T is [3, 4]
+        (torch.zeros(4, 6), a, b, False),  # out too wide
+    ]
+    for o, x, y, trans in bad:
+        with pytest.raises(ValueError, match="bf16_gemm"):
+            bf16_gemm.gemm(o, x, y, trans_a=trans)
+
+
 def test_gemm_within_its_bound() -> None:
     """`alpha op(a) b + beta out` from bf16 inputs: equal to float64 on the rounded inputs up to
     float32 accumulation, and within `(2u + u^2) |op(a)| |b|` (+ accumulation) of the exact
@@ -153,12 +172,12 @@ def test_bf16_products_within_their_tolerance(
         inner(*a, **k)
 
     model = mlp([BF16_MIN + 44, BF16_MIN + 44, 3], F64)  # block 0 takes the batch form
-    _, want, _ = train(model, F32, 1, nowg, bf16="factors")
-    grams = products
     monkeypatch.setattr(bf16_gemm, "gemm", counted)
+    _, want, _ = train(model, F32, 1, nowg, bf16="factors")
+    grams, products = products, 0  # the same run's bf16 calls without the products
     ng, got, _ = train(model, F32, 1, nowg, bf16="all")
     assert ng._fused is not None and ng._fused.bf16_products
-    assert products > grams  # the Grams plus the products
+    assert grams > 0 and products > grams  # the Grams plus the products
     for a, b in zip(got, want, strict=True):
         assert_close(a, b.double(), F32, "kfac_bf16[all]")
 

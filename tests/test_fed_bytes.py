@@ -128,8 +128,8 @@ def test_low_rank_encoding_survives_a_failed_float32_eigensolver(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """float32 `eigh` can return NaN on a finite, nearly rank-deficient factor (a digits-cnn
-    head factor did, and the client's upload was rejected): the encoder then solves in float64
-    and sends the same factor as when float32 succeeds, within the int8 digits' rounding."""
+    head factor did, and the client's upload was rejected) or raise: the encoder then solves in
+    float64 and sends the same factor as when float32 succeeds, within the int8 rounding."""
     n = LOWRANK_MIN + 1
     g = torch.Generator().manual_seed(1)
     x = torch.relu(torch.randn(300, n, generator=g, dtype=torch.float64))
@@ -142,11 +142,17 @@ def test_low_rank_encoding_survives_a_failed_float32_eigensolver(
         w, v = eigh(m)
         return (w * float("nan"), v) if m.dtype == torch.float32 else (w, v)
 
-    monkeypatch.setattr(torch.linalg, "eigh", fails_in_float32)
-    q, side = quantize(data, segs)
-    got = dequantize(q, side, segs).double()
-    assert bool(torch.isfinite(side).all()) and bool(torch.isfinite(got).all())
-    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    def raises_in_float32(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("syevd: failed to converge")
+        return eigh(m)
+
+    for failing in (fails_in_float32, raises_in_float32):
+        monkeypatch.setattr(torch.linalg, "eigh", failing)
+        q, side = quantize(data, segs)
+        got = dequantize(q, side, segs).double()
+        assert bool(torch.isfinite(side).all()) and bool(torch.isfinite(got).all())
+        assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
 
 
 def test_auto_int8_whenever_it_is_the_smaller_payload() -> None:

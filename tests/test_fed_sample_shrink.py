@@ -13,7 +13,7 @@ from fedng.federated.algorithms.sample_noise import PARTICIPATION_KEY, SampleSpr
 from fedng.federated.client.params import get_params, set_params
 from fedng.federated.config import make_configs
 from fedng.federated.round import client_step, server_init, server_step
-from fedng.federated.simulator import simulate
+from fedng.federated.simulator import sampled_fraction, simulate
 
 
 @pytest.fixture(autouse=True)
@@ -120,3 +120,14 @@ def test_simulate_passes_its_participation_to_the_server() -> None:
     cc, sc = make_configs("fedng", {"local_steps": 3, "batch_size": 8})  # the default: off
     h = simulate(task, cc, sc, rounds=1, participation=0.5, seed=0)
     assert "sample_shrink" not in h.rounds[1].server_log
+
+
+def test_the_server_gets_the_fraction_actually_sampled() -> None:
+    """The fraction kept for the sampling-noise estimate is what the driver samples: 0.9 of 4
+    clients samples all 4 (no sampling noise, the step untouched), 0.3 of 5 samples 2 (0.4)."""
+    assert sampled_fraction(4, 0.9) == 1.0 and sampled_fraction(5, 0.3) == 0.4
+    assert sampled_fraction(3, 0.01) == pytest.approx(1 / 3)  # at least one client
+    task = blobs_task(num_clients=4, n=40)
+    cc, sc = make_configs("fedng", {"local_steps": 3, "batch_size": 8, "sample_shrink": True})
+    h = simulate(task, cc, sc, rounds=1, participation=0.9, seed=0)
+    assert h.rounds[1].server_log.get("sample_shrink", 1.0) == 1.0

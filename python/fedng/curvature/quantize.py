@@ -156,10 +156,14 @@ def _quantize_lowrank(vec: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Te
     # B~ B~^T by ~1e-6 ||M||, far below the two int8 digits' rounding (~1e-4 ||M||)
     m = unpack_triangle(vec.float().contiguous(), n)
     k = min(LOWRANK_RANK, n)
-    w, v = torch.linalg.eigh(m)
-    if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(v).all())):
-        # float32 syevd can return NaN on a finite, nearly rank-deficient matrix (seen on a
-        # digits-cnn head factor); float64 solves it
+    try:
+        w, v = torch.linalg.eigh(m)
+        solved = bool(torch.isfinite(w).all()) and bool(torch.isfinite(v).all())
+    except RuntimeError:  # torch.linalg.LinAlgError (not re-exported to mypy) is one
+        solved = False
+    if not solved:
+        # float32 syevd can return NaN (seen on a digits-cnn head factor) or fail to converge
+        # on a finite, nearly rank-deficient matrix; float64 solves it
         w, v = torch.linalg.eigh(m.double())
     b = v[:, -k:].double() * w[-k:].double().clamp(min=0).sqrt()
     scale = (b.abs().amax(dim=0) / QMAX).float().double()

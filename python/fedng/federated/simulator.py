@@ -42,9 +42,20 @@ TamperBytes = Callable[[int, int, bytes], bytes]
 """Test hook: (round, client id, wire bytes) -> the bytes actually received."""
 
 
+def sample_size(num_clients: int, participation: float) -> int:
+    """Clients sampled per round: max(1, round(participation * K)), at most K."""
+    return max(1, min(num_clients, round(participation * num_clients)))
+
+
+def sampled_fraction(num_clients: int, participation: float) -> float:
+    """The fraction of the K clients a round actually samples, `sample_size / K` (what the
+    server's sampling-noise estimate needs; 1.0 whenever rounding samples every client)."""
+    return sample_size(num_clients, participation) / num_clients
+
+
 def sample_clients(rng: np.random.Generator, num_clients: int, participation: float) -> list[int]:
-    """max(1, round(participation * K)) distinct client ids, sorted."""
-    m = max(1, min(num_clients, round(participation * num_clients)))
+    """`sample_size` distinct client ids, sorted."""
+    m = sample_size(num_clients, participation)
     return sorted(rng.choice(num_clients, size=m, replace=False).tolist())
 
 
@@ -124,7 +135,9 @@ def simulate(
     model = task.model_fn(seed)
     algo.check_model(model)
     eval_model = task.model_fn(seed)
-    state, message = server_init(get_params(model), server_config, participation)
+    state, message = server_init(
+        get_params(model), server_config, sampled_fraction(k, participation)
+    )
     rng = np.random.default_rng(seed)
     test_data, val_data = task.test_data(), task.validation_data()
     hist = History(

@@ -43,7 +43,7 @@ from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.report.history import History, RoundRecord, fill_round
 from fedng.federated.round import server_init, server_step
 from fedng.federated.server_round import ServerRound
-from fedng.federated.simulator import sample_clients
+from fedng.federated.simulator import sample_clients, sampled_fraction
 from fedng.federated.wire import PayloadError
 from fedng.flower.client_app import PROBE_ACTION, QUERY_RECORD
 from fedng.flower.codec import decode_update, encode_message, payload_nbytes
@@ -260,7 +260,9 @@ class FedNGStrategy(Strategy):
             "num_clients": self.num_clients,
         }
         self.state, self.message = server_init(
-            record_to_arrays(initial_arrays), config, self.participation
+            record_to_arrays(initial_arrays),
+            config,
+            sampled_fraction(self.num_clients, self.participation),
         )
         self._rng = np.random.default_rng(self.seed)
         result = Result(arrays=arrays_to_record(self.state.params))

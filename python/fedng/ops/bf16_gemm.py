@@ -46,6 +46,17 @@ def _symbol() -> Callable[..., None] | None:
     fn.restype = None
     size, ptr, f32 = ctypes.c_int, ctypes.c_void_p, ctypes.c_float
     fn.argtypes = [size] * 6 + [f32, ptr, size, ptr, size, f32, ptr, size]
+    # one small exact product (integers: exact in bf16 and float32); a library with another
+    # integer interface (ILP64) or argument convention is not used
+    x = (torch.arange(6, dtype=torch.float32).reshape(3, 2) - 2).bfloat16()
+    y = (torch.arange(8, dtype=torch.float32).reshape(2, 4) - 3).bfloat16()
+    got = torch.full((3, 4), float("nan"), dtype=torch.float32)
+    fn(
+        *(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, 3, 4, 2, 1.0, x.data_ptr(), 2, y.data_ptr(), 4),
+        *(0.0, got.data_ptr(), 4),
+    )
+    if not torch.equal(got, x.float() @ y.float()):
+        return None
     _FN = fn
     return fn
 
@@ -81,7 +92,8 @@ def gemm(
     beta: float = 0.0,
     trans_a: bool = False,
 ) -> None:
-    """`out <- alpha op(a) b + beta out` in float32 from bf16 inputs (internal, unchecked).
+    """`out <- alpha op(a) b + beta out` in float32 from bf16 inputs (internal: O(1) checks of
+    what MKL reads through the raw pointers, dtypes, contiguity and shapes, nothing else).
 
     Args:
         out: [p, q] float32, contiguous, overwritten (beta 0) or accumulated into.
@@ -89,10 +101,15 @@ def gemm(
         b: [r, q] bf16, contiguous.
         alpha, beta: float32 scalars.
         trans_a: use `a^T`.
+
+    Raises:
+        ValueError: dtypes, devices, contiguity or shapes that MKL would misread.
+        RuntimeError: the MKL routine is not available.
     """
     fn = _symbol()
     if fn is None:
         raise RuntimeError("bf16_gemm: MKL's cblas_gemm_bf16bf16f32 is not available")
+    _check(out, a, b, trans_a)
     p, q = out.shape
     r = b.shape[0]
     if p == 0 or q == 0:
@@ -113,6 +130,24 @@ def gemm(
         out.data_ptr(),
         q,
     )
+
+
+def _check(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, trans_a: bool) -> None:
+    """Raises ValueError unless `out` is float32 and `a`, `b` bf16, all 2-D, contiguous CPU
+    tensors whose shapes make `op(a) b` the shape of `out` (pointers go to MKL unchecked)."""
+    for name, t, dtype in (
+        ("out", out, torch.float32),
+        ("a", a, torch.bfloat16),
+        ("b", b, torch.bfloat16),
+    ):
+        if t.dtype != dtype or t.dim() != 2 or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"bf16_gemm: {name!r} must be a contiguous 2-D {dtype} CPU tensor")
+    rows, inner = (a.shape[1], a.shape[0]) if trans_a else (a.shape[0], a.shape[1])
+    if rows != out.shape[0] or inner != b.shape[0] or b.shape[1] != out.shape[1]:
+        raise ValueError(
+            f"bf16_gemm: shapes {list(a.shape)}{'^T' if trans_a else ''} x {list(b.shape)}"
+            f" do not give {list(out.shape)}"
+        )
 
 
 def gram(out: torch.Tensor, rows: torch.Tensor, *, alpha: float, beta: float) -> None:

@@ -334,7 +334,7 @@ class FusedKFAC:
                 if self.bf16_products and i in self.bf16_blocks:
                     p, q = self._products16(rows, i)
                     self.flat.outs[i][:, k] = torch.mv(p.t(), q[:, k])
-                    part = torch.empty(p.shape[1], k)
+                    part = torch.empty(p.shape[1], k, dtype=torch.float32)
                     bf16_gemm.gemm(
                         part, p.to(torch.bfloat16), q[:, :k].to(torch.bfloat16), trans_a=True
                     )
@@ -505,7 +505,7 @@ class FusedKFAC:
             raise RuntimeError("FusedKFAC: a block without an inverse in the bf16 products")
         x, g = rows.x[i], rows.g[i]
         k = x.shape[1]
-        p = torch.empty(x.shape[0], self.specs[i][0])
+        p = torch.empty(x.shape[0], self.specs[i][0], dtype=torch.float32)
         bf16_gemm.gemm(p, g.to(torch.bfloat16), self._g_inv16(i))
         return p, torch.addmm(a_inv[k], x, a_inv[:k])
 

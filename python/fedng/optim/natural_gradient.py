@@ -152,9 +152,9 @@ class NaturalGradient:
         damping_bounds: (min, max) of λ in adaptive mode.
         trust: "adaptive" (default): the bound on the step's KL estimate is a radius that adapts
             inside `[start / 1000, kl_clip]` to the loss change observed along each step
-            (`fedng.optim.trust`; no closure needed), starting at 1e-4 under the default
-            `kl_clip` and at `kl_clip` under an explicit one; "fixed": the bound is `kl_clip`
-            itself. Ignored when `kl_clip` is None.
+            (`fedng.optim.trust`; no closure needed), starting at 1e-4 when `kl_clip` has the
+            default value 0.1 (passed or not) and at `kl_clip` otherwise; "fixed": the bound is
+            `kl_clip` itself. Ignored when `kl_clip` is None.
         source: "local" or "none" (`set_global` turns a "local" optimizer "global" or "mixed").
         warn_unsupported: warn about layers whose gradients stay plain: an
             `UnsupportedLayerWarning` for unsupported layers on construction, a RuntimeWarning for
