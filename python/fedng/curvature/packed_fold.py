@@ -62,6 +62,14 @@ def _int8_buffers(what: str, q: torch.Tensor, side: torch.Tensor) -> None:
         raise ValueError(f"{what}: 'side' must be a contiguous float32 CPU tensor")
 
 
+def _int8_fold_buffers(what: str, acc: torch.Tensor, q: torch.Tensor, side: torch.Tensor) -> None:
+    """`_int8_buffers` plus the float32 sum an int8 payload folds into (its size is checked
+    natively against the segments)."""
+    _int8_buffers(what, q, side)
+    if acc.dtype != torch.float32 or not acc.is_contiguous() or not acc.is_cpu:
+        raise ValueError(f"{what}: the sum must be a contiguous float32 CPU tensor")
+
+
 def payload_axpy(
     acc: torch.Tensor,
     q: torch.Tensor,
@@ -84,9 +92,7 @@ def payload_axpy(
     Raises:
         ValueError: tensors of the wrong dtype or layout, or segments past their ends.
     """
-    _int8_buffers("payload_axpy", q, side)
-    if acc.dtype != torch.float32 or not acc.is_contiguous() or not acc.is_cpu:
-        raise ValueError("payload_axpy: the sum must be a contiguous float32 CPU tensor")
+    _int8_fold_buffers("payload_axpy", acc, q, side)
     native.int8_payload_axpy(
         q=q.data_ptr(),
         side=side.data_ptr(),
@@ -234,9 +240,7 @@ def fold_update(
         acc8, q, side, segs, chunk = _NO_PAYLOAD
     else:
         acc8, q, side, segs, chunk = payload
-        _int8_buffers("fold_update", q, side)
-        if acc8.dtype != torch.float32 or not acc8.is_contiguous() or not acc8.is_cpu:
-            raise ValueError("fold_update: the sum must be a contiguous float32 CPU tensor")
+        _int8_fold_buffers("fold_update", acc8, q, side)
     native.fold_update(
         xs=ptr_x,
         accs=ptr_a,
