@@ -381,6 +381,37 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def paired(runs: list[dict[str, Any]], eps: float = 4.0) -> list[str]:
+    """Each FedNG variant vs FedAvg at `eps`, per task, seed by seed on the evaluation seeds both
+    ran (the runs of one seed share the data split, the initialization and the noise seed): the
+    per-seed differences, how many seeds each method leads, and the mean difference with its
+    standard error. A gap within about two standard errors is a tie at this number of seeds."""
+    finals: dict[tuple[str, str], dict[int, float]] = {}
+    for r in runs:
+        if r["role"] == "eval" and r["target_epsilon"] == eps:
+            finals.setdefault((r["task"], r["method"]), {})[int(r["seed"])] = float(r["final"])
+    out = []
+    for task, method in sorted(finals):
+        avg = finals.get((task, "fedavg"))
+        if method.split("+")[0] != "fedng" or not avg:
+            continue
+        ng = finals[(task, method)]
+        seeds = sorted(set(ng) & set(avg))
+        if not seeds:
+            continue
+        diffs = [ng[s] - avg[s] for s in seeds]
+        mean = statistics.mean(diffs)
+        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+        wins = sum(d > 0 for d in diffs)
+        losses = sum(d < 0 for d in diffs)
+        per = " / ".join(f"{d:+.3f}" for d in diffs)
+        out.append(
+            f"{task} ε={eps:g} paired, {method} - FedAvg per seed {seeds}: {per}; leads on"
+            f" {wins}, behind on {losses} of {len(seeds)}; mean {mean:+.4f} ± {se:.4f} (s.e.)"
+        )
+    return out
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The table in markdown."""
     lines = [
@@ -438,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in args.seeds:
                     go(task, method, eps, seed, best, "eval")
     rows = rows_of(store.runs)
-    text = store.finish(rows, verdicts(rows), markdown(rows))
+    text = store.finish(rows, verdicts(rows) + paired(store.runs), markdown(rows))
     print(text)
     return 0
 

@@ -96,3 +96,29 @@ def test_verdict_compares_every_fedng_variant_with_fedavg() -> None:
     assert B.verdicts([row("fedng", 0.2)]) == [
         "digits ε=4: not one evaluated configuration per method, no verdict"
     ]
+
+
+def test_paired_comparison_is_per_seed_on_the_seeds_both_ran() -> None:
+    def run(method: str, seed: int, acc: float, role: str = "eval") -> dict[str, object]:
+        return {
+            "task": "mnist1d",
+            "target_epsilon": 4.0,
+            "method": method,
+            "role": role,
+            "seed": seed,
+            "final": acc,
+        }
+
+    runs = [
+        *[run("fedavg", s, a) for s, a in [(5, 0.10), (6, 0.20), (7, 0.30)]],
+        *[run("fedng+metric", s, a) for s, a in [(5, 0.12), (6, 0.19), (7, 0.34), (8, 0.9)]],
+        run("fedng+metric", 100, 0.0, "tune"),  # tuning runs never count
+        run("fedavg", 100, 0.5, "tune"),
+        {**run("fedavg", 8, 0.5), "target_epsilon": 8.0},  # nor other ε
+    ]
+    (line,) = B.paired(runs)
+    assert "per seed [5, 6, 7]: +0.020 / -0.010 / +0.040" in line
+    assert "leads on 2, behind on 1 of 3" in line
+    sd = math.sqrt(((0.02 - 0.05 / 3) ** 2 + (-0.01 - 0.05 / 3) ** 2 + (0.04 - 0.05 / 3) ** 2) / 2)
+    assert f"mean {0.05 / 3:+.4f} ± {sd / math.sqrt(3):.4f}" in line
+    assert B.paired([r for r in runs if r["method"] != "fedavg"]) == []
