@@ -35,7 +35,7 @@ Finished runs are appended to the JSON at once; a rerun skips them.
 
 Usage: python bench/bench_dp.py [--quick] [--tasks digits,mnist1d] [--seeds 0,1,2]
 [--epsilons 1,4,8] [--rounds 5,10,20] [--knob METHOD:KEY=V1,V2 ...]. The issue-14 table:
-`--methods fedng+metric,fedavg --knob all:lr=0.05,0.1,0.2,0.5,1.0 --seeds 5,6,7,8,9`
+`--methods fedng+metric,fedavg --knob all:lr=0.01,0.02,0.05,0.1,0.2,0.5 --seeds 5,6,7,8,9`
 (docs/results/bench_dp.md).
 Writes bench/results/bench_dp.{json,md}.
 """
