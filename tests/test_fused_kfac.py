@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _tols import assert_close
+from fedng.errors import CurvatureWarning
 from fedng.optim.fused_kfac import FusedKFAC
 from fedng.optim.natural_gradient import NaturalGradient
 from hypothesis import given, settings
@@ -335,6 +336,55 @@ def test_backward_skipped_step_and_failed_block() -> None:
             m.zero_grad()
     half = len(results) // 2
     assert results[1][-3] is True and results[3][-2] == 1  # skipped; a block failed and reset
+    for u, v in zip(results[:half], results[half:], strict=True):
+        for s, t in zip(u, v, strict=True):
+            if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor):
+                torch.testing.assert_close(s, t, rtol=1e-10, atol=1e-12, equal_nan=True)
+            else:
+                assert s == t
+
+
+@pytest.mark.parametrize("kw", [{"damping": 1e-3, "kl_clip": None}, {}])
+def test_short_path_skips_and_falls_back_as_the_general_step(kw: dict[str, Any]) -> None:
+    """The common step's short path (`NaturalGradient._quick`, steps without an inversion): a
+    NaN input skips the step, a non-finite output (an inverse whose products overflow) falls
+    back and resets the block, as the general path does (gradients, counters, fallbacks,
+    warnings)."""
+    model = mlp(WIDE)
+    results = []
+    quick = []
+    for how in ("fused", "general"):
+        m = copy.deepcopy(model)
+        ng = NaturalGradient(m, inverse_every=4, **kw)  # inversions at steps 0 and 4 only
+        if how == "general":
+            ng._fused = None
+        else:
+            inner = ng._quick
+
+            def counted(t: int, factor_step: bool, inner: Any = inner) -> bool:
+                done = inner(t, factor_step)
+                quick.append(done)
+                return done
+
+            ng._quick = counted  # type: ignore[method-assign]
+        g = torch.Generator().manual_seed(2)
+        with pytest.warns(CurvatureWarning) as warned:
+            for t, scale in enumerate((1.0, float("nan"), 1.0, 1.0, 1.0)):
+                x = torch.randn(6, 7, generator=g, dtype=F64) * scale
+                y = torch.randint(0, 3, (6,), generator=g)
+                F.cross_entropy(m(x), y).backward()
+                if t == 3:  # an inverse whose products overflow: a non-finite output
+                    ng.local_curvature.reps["kfac"].a_inv[1].fill_(1e308)  # type: ignore[attr-defined]
+                ng.step()
+                results.append(
+                    [None if p.grad is None else p.grad.clone() for p in m.parameters()]
+                    + [ng.last["skipped"], ng.stats["reset_blocks"], ng.last["fallbacks"]]
+                )
+                m.zero_grad()
+        results.append(sorted(str(w.message)[:40] for w in warned))
+    assert quick == [True, True, True]  # steps 1-3 took the short path
+    half = len(results) // 2
+    assert results[1][-3] is True and results[3][-2] >= 1  # skipped; a block failed and reset
     for u, v in zip(results[:half], results[half:], strict=True):
         for s, t in zip(u, v, strict=True):
             if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor):
