@@ -174,9 +174,7 @@ class CurvatureCapture:
         # quarter of `register_hook`'s cost (its Python wrapper, dict and handle).
         node.register_prehook(functools.partial(self._on_node_grad, rec, y.output_nr))
 
-    def _on_node_grad(
-        self, rec: _Record, nr: int, grads: tuple[torch.Tensor | None, ...]
-    ) -> None:
+    def _on_node_grad(self, rec: _Record, nr: int, grads: tuple[torch.Tensor | None, ...]) -> None:
         g = grads[nr]
         if g is not None:
             self._on_grad(rec, g)

@@ -127,6 +127,7 @@ class FusedKFAC:
         # scale factors of `update` once every block has curvature, and the `_big` blocks.
         self._scales: dict[tuple[float, tuple[int, ...]], tuple[list[float], ...]] = {}
         self._bigs: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._batch: dict[tuple[int, ...], bool] = {}
 
     @classmethod
     def build(
@@ -405,10 +406,15 @@ class FusedKFAC:
 
     def batch_form(self, rows: Rows) -> bool:
         """Whether the batch form is cheaper for some block (`NaturalGradient._note_batch`)."""
-        return any(
-            batch_form_cheaper(x.shape[0], m, n)
-            for x, (m, n) in zip(rows.x, self.specs, strict=True)
-        )
+        sizes = tuple(x.shape[0] for x in rows.x)
+        got = self._batch.get(sizes)
+        if got is None:
+            if len(self._batch) > 16:  # ragged batch sizes: keep a few
+                self._batch.clear()
+            got = self._batch[sizes] = any(
+                batch_form_cheaper(b, m, n) for b, (m, n) in zip(sizes, self.specs, strict=True)
+            )
+        return got
 
     def update(
         self,
