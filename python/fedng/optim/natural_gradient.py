@@ -629,12 +629,12 @@ class NaturalGradient:
         if rows is None:
             return False
         decay = self.curvature_decay
-        kw = {"precondition": True, "factors": factor_step}
-        if not fused.update(rows, decay, check_finite=True, **kw):
+        if not fused.update(rows, decay, precondition=True, check_finite=True, factors=factor_step):
             if not all_finite([p.grad for p in self._params if p.grad is not None]):
                 self._skip(t)  # a non-finite gradient: nothing was updated
                 return True
-            fused.update(rows, decay, check_finite=False, **kw)  # finite, the sum overflowed
+            # Finite entries whose sum overflowed.
+            fused.update(rows, decay, precondition=True, check_finite=False, factors=factor_step)
         if rows.records:  # as `_note_batch`: nothing recorded keeps the last answer
             self._batch_form = fused.batch_form(rows)
         dot = fused.dot
