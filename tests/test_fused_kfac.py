@@ -347,8 +347,9 @@ def test_backward_skipped_step_and_failed_block() -> None:
 @pytest.mark.parametrize("kw", [{"damping": 1e-3, "kl_clip": None}, {}])
 def test_short_path_skips_and_falls_back_as_the_general_step(kw: dict[str, Any]) -> None:
     """The common step's short path (`NaturalGradient._quick`, steps without an inversion): a
-    NaN input skips the step, a non-finite output (an inverse whose products overflow) falls
-    back and resets the block, as the general path does (gradients, counters, fallbacks,
+    NaN input skips the step, finite gradients whose sum overflows are not skipped, a
+    non-finite output (an inverse whose products overflow) falls back and resets the block, as
+    the general path does (gradients, counters, fallbacks,
     warnings)."""
     model = mlp(WIDE)
     results = []
@@ -373,6 +374,8 @@ def test_short_path_skips_and_falls_back_as_the_general_step(kw: dict[str, Any])
                 x = torch.randn(6, 7, generator=g, dtype=F64) * scale
                 y = torch.randint(0, 3, (6,), generator=g)
                 F.cross_entropy(m(x), y).backward()
+                if t == 2:  # finite entries whose sum (and outputs) overflow: not skipped
+                    next(m.parameters()).grad.fill_(1e308)  # type: ignore[union-attr]
                 if t == 3:  # an inverse whose products overflow: a non-finite output
                     ng.local_curvature.reps["kfac"].a_inv[1].fill_(1e308)  # type: ignore[attr-defined]
                 ng.step()
@@ -382,9 +385,11 @@ def test_short_path_skips_and_falls_back_as_the_general_step(kw: dict[str, Any])
                 )
                 m.zero_grad()
         results.append(sorted(str(w.message)[:40] for w in warned))
-    assert quick == [True, True, True]  # steps 1-3 took the short path
+    # Steps 1-2 took the short path; a reset block (step 2) sends step 3 to the general path.
+    assert quick == [True, True, False]
     half = len(results) // 2
-    assert results[1][-3] is True and results[3][-2] >= 1  # skipped; a block failed and reset
+    assert results[1][-3] is True and results[2][-3] is False  # skipped; not skipped
+    assert results[2][-2] >= 1 and results[2][-1]  # step 2: outputs overflow, fall back, reset
     for u, v in zip(results[:half], results[half:], strict=True):
         for s, t in zip(u, v, strict=True):
             if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor):

@@ -326,7 +326,8 @@ def test_dots_f64_is_the_float64_dot(check: bool, monkeypatch: pytest.MonkeyPatc
     xs = [torch.randn(s, generator=g) * 1e3 for s in ((7, 5), (5,), (0,), (40, 9))]
     ys = [torch.randn(x.shape, generator=g) for x in xs]
     want = sum(
-        float(torch.dot(x.double().reshape(-1), y.double().reshape(-1))) for x, y in zip(xs, ys)
+        float(torch.dot(x.double().reshape(-1), y.double().reshape(-1)))
+        for x, y in zip(xs, ys, strict=True)
     )
     assert dots_f64(xs, ys) == pytest.approx(want, rel=1e-12, abs=1e-9)
     assert dots_f64([], []) == 0.0
