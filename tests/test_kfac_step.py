@@ -313,26 +313,3 @@ def test_check_finite_stops_before_any_update(bad: float) -> None:
     )
     assert res.form == [0, 0] and all(math.isnan(x) for x in res.dots)
     assert all(torch.equal(x, y) for x, y in zip(a + gf, before, strict=True))
-
-
-@pytest.mark.parametrize("check", [False, True])
-def test_dots_f64_is_the_float64_dot(check: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`dots_f64` (the trust region's dots): every pair's float64 dot summed, exact to float64
-    round-off against the dot of float64 copies; under `trusted.CHECK` bad input is refused."""
-    from fedng.ops.kfac_step import dots_f64
-
-    monkeypatch.setattr(trusted, "CHECK", check)
-    g = torch.Generator().manual_seed(3)
-    xs = [torch.randn(s, generator=g) * 1e3 for s in ((7, 5), (5,), (0,), (40, 9))]
-    ys = [torch.randn(x.shape, generator=g) for x in xs]
-    want = sum(
-        float(torch.dot(x.double().reshape(-1), y.double().reshape(-1)))
-        for x, y in zip(xs, ys, strict=True)
-    )
-    assert dots_f64(xs, ys) == pytest.approx(want, rel=1e-12, abs=1e-9)
-    assert dots_f64([], []) == 0.0
-    if check:
-        with pytest.raises(TypeError, match="contiguous float32"):
-            dots_f64([xs[0].t()], [ys[0].t()])
-        with pytest.raises(ValueError, match="sizes differ"):
-            dots_f64([xs[0]], [ys[1]])

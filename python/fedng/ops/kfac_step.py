@@ -409,27 +409,3 @@ class KfacStepPlan:
                 g_scale=sub(g_scale, list(skip)),
             )
 
-
-def dots_f64(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
-    """`sum_i <xs_i, ys_i>` with products and sums in float64, in one native call: the trusted
-    entry for `NaturalGradient`'s trust region (a few dots of the parameters' gradients per step).
-
-    The contract (unchecked; `fedng.ops.trusted.CHECK` checks it): contiguous float32 CPU
-    tensors, `xs[i]` and `ys[i]` of equal sizes.
-    """
-    if trusted.CHECK:
-        v.tensor_list("dots_f64", "xs", xs)
-        v.tensor_list("dots_f64", "ys", ys, length=len(xs))
-        for x, y in zip(xs, ys, strict=True):
-            for t in (x, y):
-                if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
-                    raise TypeError("dots_f64: expected contiguous float32 CPU tensors")
-            if x.numel() != y.numel():
-                raise ValueError(f"dots_f64: sizes differ ({x.numel()} and {y.numel()})")
-    return math.fsum(
-        _backend.native.dots_f64(
-            xs=[t.data_ptr() for t in xs],
-            ys=[t.data_ptr() for t in ys],
-            n=[t.numel() for t in xs],
-        )
-    )

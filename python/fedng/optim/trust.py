@@ -48,7 +48,8 @@ from typing import Any
 
 import torch
 
-from fedng.ops.kfac_step import dots_f64
+from fedng import _backend
+from fedng.ops import trusted
 from fedng.optim.config import DEFAULT_KL_CLIP, WHERE
 
 TRUST_MODES: tuple[str, ...] = ("adaptive", "fixed")
@@ -77,16 +78,37 @@ def _ema_log(avg: float, x: float, decay: float) -> float:
     return math.log(x) if math.isnan(avg) else decay * avg + (1 - decay) * math.log(x)
 
 
+def _dots_f64(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
+    """`sum_i <xs_i, ys_i>` with products and sums in float64, in one native call (the kernel
+    of `fedng.curvature.packed_fold.dots`, without its per-tensor conversions). The contract
+    (unchecked; `fedng.ops.trusted.CHECK` checks it): contiguous float32 CPU tensors, `xs[i]`
+    and `ys[i]` of equal sizes."""
+    if trusted.CHECK:
+        for x, y in zip(xs, ys, strict=True):
+            for t in (x, y):
+                if t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous():
+                    raise TypeError(f"{WHERE}: trust dots expect contiguous float32 CPU tensors")
+            if x.numel() != y.numel():
+                raise ValueError(f"{WHERE}: trust dots of sizes {x.numel()} and {y.numel()}")
+    return math.fsum(
+        _backend.native.dots_f64(
+            xs=[t.data_ptr() for t in xs],
+            ys=[t.data_ptr() for t in ys],
+            n=[t.numel() for t in xs],
+        )
+    )
+
+
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     """`sum_i <a_i, b_i>` in float64: contiguous float32 CPU tensors in one native call (products
-    and sums in float64, `fedng.ops.kfac_step.dots_f64`; per-tensor torch calls cost ~50 us a dot
+    and sums in float64, `_dots_f64`; per-tensor torch calls cost ~50 us a dot
     on a small MLP, a third of its SGD step over the three dots of a step), others per tensor
     (one sync)."""
     if not a:
         return 0.0
     a, b = list(a), list(b)
     if all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in a + b):
-        return dots_f64(a, b)
+        return _dots_f64(a, b)
     parts = torch._foreach_mul(list(a), list(b))
     return float(torch.stack([p.sum(dtype=torch.float64) for p in parts]).sum())
 
