@@ -408,4 +408,3 @@ class KfacStepPlan:
                 a_scale=sub(a_scale, list(skip)),
                 g_scale=sub(g_scale, list(skip)),
             )
-
