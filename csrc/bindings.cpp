@@ -258,4 +258,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sums"), py::arg("nthreads"),
       "Fused K-FAC step of Linear layers: factor EMA update, then outs[i] <- G^-1 grads[i] A^-1"
       " (batch or dense form; form: int8 [N]; sums: float64 [2N], gradient sums and <out, grad>).");
+  m.def(
+      "trust_dots",
+      [](const Ptrs& params, const Ptrs& theta, const Ptrs& g_old, const Ptrs& grads,
+         const Sizes& n) {
+        double out[3];
+        fedng::cpu::trust_dots(params, theta, g_old, grads, n, out);
+        return std::vector<double>(out, out + 3);
+      },
+      nogil, kw, py::arg("params"), py::arg("theta"), py::arg("g_old"), py::arg("grads"),
+      py::arg("n"),
+      "The trust region's sums in float64: <g_old, params - theta>, <grads, params - theta>,"
+      " <grads, grads> over float32 arrays.");
 }

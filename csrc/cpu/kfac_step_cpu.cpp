@@ -232,4 +232,40 @@ void kfac_step(DType dtype, const Ptrs& inputs, const Ptrs& output_grads, const 
   });
 }
 
+void trust_dots(const Ptrs& params, const Ptrs& theta, const Ptrs& g_old, const Ptrs& grads,
+                const Sizes& n, double* out) {
+  const char* op = "trust_dots";
+  const std::size_t count = params.size();
+  for (auto [name, size] : {std::pair{"theta", theta.size()}, {"g_old", g_old.size()},
+                            {"grads", grads.size()}, {"n", n.size()}})
+    check_count(op, name, size, count);
+  check_sizes(op, "n", n);
+  double before[4] = {0, 0, 0, 0}, after[4] = {0, 0, 0, 0}, energy[4] = {0, 0, 0, 0};
+  for (std::size_t i = 0; i < count; ++i) {
+    const float* p = as<const float>(params[i]);
+    const float* t = as<const float>(theta[i]);
+    const float* o = as<const float>(g_old[i]);
+    const float* g = as<const float>(grads[i]);
+    const std::int64_t whole = n[i] / 4 * 4;
+    for (std::int64_t e = 0; e < whole; e += 4)
+      for (int j = 0; j < 4; ++j) {
+        const double d = double(p[e + j] - t[e + j]);  // the float32 step, as torch's sub
+        const double gj = double(g[e + j]);
+        before[j] += double(o[e + j]) * d;
+        after[j] += gj * d;
+        energy[j] += gj * gj;
+      }
+    for (std::int64_t e = whole; e < n[i]; ++e) {
+      const double d = double(p[e] - t[e]);
+      const double ge = double(g[e]);
+      before[0] += double(o[e]) * d;
+      after[0] += ge * d;
+      energy[0] += ge * ge;
+    }
+  }
+  out[0] = (before[0] + before[1]) + (before[2] + before[3]);
+  out[1] = (after[0] + after[1]) + (after[2] + after[3]);
+  out[2] = (energy[0] + energy[1]) + (energy[2] + energy[3]);
+}
+
 }  // namespace fedng::cpu

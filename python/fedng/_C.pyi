@@ -263,3 +263,14 @@ def kfac_step(
     [2N] buffer: each gradient's sum (with `check_finite`, checked before any update: a non-finite
     one stops the call) and each `<outs[i], grads[i]>` (NaN where not preconditioned).
     """
+
+def trust_dots(
+    *,
+    params: Sequence[int],
+    theta: Sequence[int],
+    g_old: Sequence[int],
+    grads: Sequence[int],
+    n: Sequence[int],
+) -> list[float]:
+    """The trust region's sums over float32 arrays, products and sums in float64:
+    `[<g_old, params - theta>, <grads, params - theta>, <grads, grads>]`."""
