@@ -72,15 +72,6 @@ def train_as(
             return inner(*a, **k)
 
         ng._fused.step = counted  # type: ignore[method-assign]
-        quick = ng._quick
-
-        def quick_counted(t: int, factor_step: bool) -> bool:  # the common step's short path
-            done = quick(t, factor_step)
-            if done:
-                skipped.append(0)
-            return done
-
-        ng._quick = quick_counted  # type: ignore[method-assign]
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
     d_in = next(p for p in model.parameters()).shape[1]
@@ -354,7 +345,7 @@ def test_backward_skipped_step_and_failed_block() -> None:
 
 @pytest.mark.parametrize("kw", [{"damping": 1e-3, "kl_clip": None}, {}])
 def test_short_path_skips_and_falls_back_as_the_general_step(kw: dict[str, Any]) -> None:
-    """The common step's short path (`NaturalGradient._quick`, steps without an inversion): a
+    """The common step's short path (`NaturalGradient._quick`, with or without an inversion): a
     NaN input skips the step; finite gradients whose sum and outputs overflow are not skipped,
     fall back and reset the block, as the general path does (gradients, counters, fallbacks,
     warnings); so does an inverse whose products overflow (then on the general path)."""
@@ -369,8 +360,8 @@ def test_short_path_skips_and_falls_back_as_the_general_step(kw: dict[str, Any])
         else:
             inner = ng._quick
 
-            def counted(t: int, factor_step: bool, inner: Any = inner) -> bool:
-                done = inner(t, factor_step)
+            def counted(t: int, factor_step: bool, inverse_step: bool, inner: Any = inner) -> bool:
+                done = inner(t, factor_step, inverse_step)
                 quick.append(done)
                 return done
 
@@ -389,8 +380,9 @@ def test_short_path_skips_and_falls_back_as_the_general_step(kw: dict[str, Any])
                 results.append(snapshot(m, ng))
                 m.zero_grad()
         results.append(sorted(str(w.message)[:40] for w in warned))
-    # Steps 1-2 took the short path; a reset block (step 2) sends step 3 to the general path.
-    assert quick == [True, True, False]
+    # Step 0 (no curvature yet) and step 3 (a block reset at step 2) take the general path;
+    # steps 1, 2 and 4 (an inversion) the short one.
+    assert quick == [False, True, True, False, True]
     half = len(results) // 2
     assert results[1][-3] is True and results[2][-3] is False  # skipped; not skipped
     assert results[2][-2] >= 1 and results[2][-1]  # step 2: outputs overflow, fall back, reset

@@ -411,12 +411,11 @@ class NaturalGradient:
         fused = self._fused
         if (
             fused is not None
-            and not inverse_step
             and not self._skipped
             and self.damping_mode != "adaptive"
             and self.source.mode == "local"
             and fused.flat is self._flat
-            and self._quick(t, factor_step)
+            and self._quick(t, factor_step, inverse_step)
         ):
             return
         rows = (
@@ -613,12 +612,13 @@ class NaturalGradient:
         self.steps += 1
         self.capture.recording = self._batch_form or self.steps % self.factor_every == 0
 
-    def _quick(self, t: int, factor_step: bool) -> bool:
-        """The common step in a few Python operations: the fused K-FAC step (`FusedKFAC`) of the
-        own curvature, no inversion due, every block ready, no left-out weight gradient, every
-        output finite. Returns False, with nothing changed, when the step does not fit before
-        the native call (the general path then takes it); after it, a step with a non-finite
-        output or a block without curvature finishes as the general path does."""
+    def _quick(self, t: int, factor_step: bool, inverse_step: bool) -> bool:
+        """The common step in a few Python operations: the fused K-FAC step (`FusedKFAC.step`)
+        of the own curvature, every block ready, no left-out weight gradient, not adaptive.
+        Returns False, with nothing changed, when the step does not fit before the native call
+        (the general path then takes it); after it, a step with a non-finite output, an
+        inversion that escalated or failed, or a block without curvature finishes as the
+        general path does (`_finish`)."""
         fused, flat = self._fused, self._flat
         if fused is None or flat is None or flat.uncovered or not fused.ready():
             return False
@@ -628,25 +628,36 @@ class NaturalGradient:
         rows = fused.take(self.capture, factor_step)
         if rows is None:
             return False
-        decay = self.curvature_decay
-        if not fused.update(rows, decay, precondition=True, check_finite=True, factors=factor_step):
-            if not all_finite([p.grad for p in self._params if p.grad is not None]):
-                self._skip(t)  # a non-finite gradient: nothing was updated
-                return True
-            # Finite entries whose sum overflowed.
-            fused.update(rows, decay, precondition=True, check_finite=False, factors=factor_step)
+        factored = self.damping_mode != "tikhonov" or self._relative
+
+        def current() -> tuple[CurvatureSet | None, InverseReport | None]:
+            return self.source.current(inverse_step, self._damping_rule(), factored)
+
+        got: list[torch.Tensor | None] = list(grads)
+        args = (self.capture, current, rows, self.curvature_decay, inverse_step, got)
+        done = fused.step(*args, True, factor_step)
+        if done is None and all_finite([p.grad for p in self._params if p.grad is not None]):
+            done = fused.step(*args, False, factor_step)  # finite entries whose sum overflowed
+        if done is None:  # a non-finite gradient: nothing was updated
+            self._skip(t)
+            return True
+        pre, report, precond = done
         if rows.records:  # as `_note_batch`: nothing recorded keeps the last answer
             self._batch_form = fused.batch_form(rows)
         dot = fused.dot
-        if not math.isfinite(dot) or self._no_curvature:
-            got: list[torch.Tensor | None] = list(grads)
-            outs: list[torch.Tensor | None] = list(flat.outs)
-            self._finish(t, self.local_curvature, None, got, outs, rows, (), [], False, None, grads)
+        if (
+            not math.isfinite(dot)
+            or self._no_curvature
+            or pre is not self.local_curvature
+            or (report is not None and any(report.status.tolist()))  # not all OK
+            or not flat.holds_outputs(precond)
+        ):
+            self._finish(t, pre, report, got, precond, rows, (), [], False, None, grads)
             return True
         nu = 1.0 if self.kl_clip is None else self._kl_scale(dot, float(self._lr()))
         self.stats["clipped_steps"] += nu < 1.0
         flat.write_back(nu)
-        self._done(t, nu, None, None, list(self._names), {})
+        self._done(t, nu, None, report, list(self._names), {})
         return True
 
     # --- internals ------------------------------------------------------------------------
