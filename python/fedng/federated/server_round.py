@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from fedng.curvature.packed_fold import sum_squares
-from fedng.federated.algorithms.base import Accumulator, Algorithm, Answer, State
+from fedng.federated.algorithms.base import Accumulator, Algorithm, Answer, MeanStep, State
 from fedng.federated.algorithms.curvature_payload import (
     signature,
     update_scales,
@@ -51,8 +51,12 @@ from fedng.federated.validate import (
     Rejected,
     curvature_ratio,
     delta_norm,
+    nan_reason,
+    plain_arrays,
+    plain_plan,
     reference_scale,
     safe_check,
+    store_sq_norms,
     too_large,
 )
 
@@ -126,6 +130,10 @@ class ServerRound:
         self.norm_ref: float | None = ref
         self.scale_ref: dict[str, float] | None = self.algo.reference_scales(state)
         self.probe_message: ServerMessage | None = None
+        # FedAvg-like rounds: a plain update is checked and folded in one native call
+        plan = plain_plan(state, self.algo) if isinstance(self.acc, MeanStep) else None
+        self._plain = plan if plan and self.acc.deltas.exact else None
+        self._plain_names = [k for k, _ in plan or []]
         self._clock(t0, c0)
 
     def _clock(self, t0: float, c0: float) -> None:
@@ -166,6 +174,10 @@ class ServerRound:
         if cid in self.seen:
             return self._reject(cid, "a second update with this client id this round")
         self.seen.add(cid)
+        if self._plain is not None and (self.warmup <= 0 or self.norm_ref is not None):
+            arrays = plain_arrays(self.state, update, self._plain)
+            if arrays is not None:
+                return self._fold_plain(update, arrays)
         reason = safe_check(self.state, update, self.algo)
         if reason is not None:
             return self._reject(cid, reason)
@@ -186,6 +198,29 @@ class ServerRound:
                 self._release()
             return Verdict(cid, PENDING)
         return self._judge(update, nrm, scales)
+
+    def _fold_plain(self, update: ClientUpdate, arrays: list[torch.Tensor]) -> Verdict:
+        """`check_update`'s finiteness test, `_judge`'s norm check and the fold of a plain update
+        (see `plain_arrays`) in one native call: the same verdicts, reasons and sums."""
+        cid = update.client_id
+        ref, ratio = self.norm_ref, self.state.config.max_norm_ratio
+        bound = ratio * ref if ref is not None and ref > 0 else math.inf
+        w = float(update.num_examples) if self.total is None else update.num_examples / self.total
+        names = self._plain_names
+        assert isinstance(self.acc, MeanStep)
+        folded, sqs = self.acc.deltas.fold_checked(names, arrays, w, bound)
+        store_sq_norms(update, names, sqs)
+        why = nan_reason("delta", names, sqs)
+        if why is not None:
+            return self._reject(cid, why)
+        nrm = math.sqrt(math.fsum(sqs))
+        if not folded:
+            return self._reject(
+                cid, f"delta norm {nrm:.3g} exceeds {ratio:g} x the reference {ref or 0:.3g}"
+            )
+        self.weights[cid] = w
+        self.norms.append(nrm)
+        return Verdict(cid, ACCEPTED)
 
     def _needs_warmup(self, scales: dict[str, float]) -> bool:
         """Whether a reference is missing (and the warm-up buffer still open)."""

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedng._typing import Arrays
+from fedng._backend import native
 from fedng.curvature.packed_fold import fold_update
 from fedng.curvature.quantize import VEC_CHUNK, Segment, dequantize_add, fold_plan, payload_sizes
 
@@ -61,6 +62,53 @@ class WeightedSum:
                 torch._foreach_add_(acc, vals, alpha=weight)
         self.total_weight += weight
         self.count += 1
+
+    def fold_checked(
+        self, names: Sequence[str], arrays: Sequence[torch.Tensor], weight: float, bound: float
+    ) -> tuple[bool, list[float]]:
+        """Measures, checks and (when it passes) folds one update in one native call
+        (`_C.check_fold`): the arrays' squared norms (`sum_squares`'s values), then, when all
+        are finite and the square root of their `math.fsum` is at most `bound`, `weight * x`
+        added with `fold`'s exact arithmetic (bit for bit). A rejected update changes nothing.
+
+        Args:
+            names: the arrays' names (the sums' names, once started).
+            arrays: contiguous float32 / bfloat16 CPU tensors (the caller checked), one per name.
+            weight: the fold's weight.
+            bound: the largest norm accepted (inf: none).
+
+        Returns:
+            (whether it was folded, the squared norm of each array).
+
+        Raises:
+            ValueError: not an exact sum, or arrays that do not match the started sums.
+        """
+        if not self.exact:
+            raise ValueError("WeightedSum.fold_checked: only an exact sum folds this way")
+        first = not self.sums
+        if first:
+            accs = [torch.empty(x.shape, dtype=torch.float32) for x in arrays]
+        else:
+            accs = [self.sums[k] for k in names]
+        bf16 = torch.bfloat16
+        for a, x in zip(accs, arrays, strict=True):
+            if a.numel() != x.numel():
+                raise ValueError("WeightedSum.fold_checked: arrays do not match the sums")
+        folded, sqs = native.check_fold(
+            xs=[x.data_ptr() for x in arrays],
+            accs=[a.data_ptr() for a in accs],
+            n=[x.numel() for x in arrays],
+            bf16=[x.dtype is bf16 for x in arrays],
+            weight=weight,
+            bound=bound,
+            first=first,
+        )
+        if folded:
+            if first:
+                self.sums.update(zip(names, accs, strict=True))
+            self.total_weight += weight
+            self.count += 1
+        return folded, sqs
 
     def fold_int8(
         self, payloads: Mapping[str, Int8Payload], weight: float, *, counted: bool = False
