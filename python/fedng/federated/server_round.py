@@ -131,8 +131,9 @@ class ServerRound:
         self.scale_ref: dict[str, float] | None = self.algo.reference_scales(state)
         self.probe_message: ServerMessage | None = None
         # FedAvg-like rounds: a plain update is checked and folded in one native call
-        plan = plain_plan(state, self.algo) if isinstance(self.acc, MeanStep) else None
-        self._plain = plan if plan and self.acc.deltas.exact else None
+        acc = self.acc
+        plan = plain_plan(state, self.algo) if isinstance(acc, MeanStep) else None
+        self._plain = plan if plan and isinstance(acc, MeanStep) and acc.deltas.exact else None
         self._plain_names = [k for k, _ in plan or []]
         self._clock(t0, c0)
 

@@ -177,9 +177,7 @@ def plain_plan(state: State, algo: Algorithm[Any]) -> PlainPlan | None:
     return list(shapes.items())
 
 
-def plain_arrays(
-    state: State, update: ClientUpdate, plan: PlainPlan
-) -> list[torch.Tensor] | None:
+def plain_arrays(state: State, update: ClientUpdate, plan: PlainPlan) -> list[torch.Tensor] | None:
     """The delta's arrays in `plan`'s order when the update passes every check of
     `check_update` but finiteness (plain int fields, a dict meta, no extras, no curvature, the
     plan's names and shapes, contiguous float32 / bfloat16 CPU arrays); None when anything

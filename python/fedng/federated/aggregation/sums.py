@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedng._typing import Arrays
 from fedng._backend import native
+from fedng._typing import Arrays
 from fedng.curvature.packed_fold import fold_update
 from fedng.curvature.quantize import VEC_CHUNK, Segment, dequantize_add, fold_plan, payload_sizes
 
