@@ -13,7 +13,7 @@ import pytest
 import torch
 from _fed import fed_round
 from fedng._backend import native
-from fedng.federated import ServerRound, server_round
+from fedng.federated import ServerRound, server_round, validate
 from fedng.federated.aggregation.mean import apply_server_step, mean_delta
 from fedng.federated.aggregation.sums import WeightedSum
 from fedng.federated.messages import ClientUpdate
@@ -143,13 +143,13 @@ def test_fast_round_equals_the_python_round(total: bool, monkeypatch: pytest.Mon
     state, ups = fed_round("fedavgm", {"server_momentum": 0.9}, rounds=1)
     replies = _hostile(ups)
     slow_checks: list[int] = []
-    real = server_round.safe_check
+    real = validate.safe_check
 
     def counted(*a: Any) -> str | None:
         slow_checks.append(a[1].client_id)
         return real(*a)
 
-    monkeypatch.setattr(server_round, "safe_check", counted)
+    monkeypatch.setattr(server_round, "safe_check", counted)  # what ServerRound calls
 
     def run(fast: bool, rs: list[ClientUpdate]) -> tuple[list[Any], Any]:
         n = 1000 if total else None  # weights n_k / 1000, no rescaling at the end
