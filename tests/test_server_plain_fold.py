@@ -86,6 +86,10 @@ def test_check_fold_rejects_without_writing() -> None:
     assert acc.fold_checked(names, xs, 1.0, float("nan"))[0] is True  # a NaN bound bounds nothing
     with pytest.raises(ValueError, match="do not match"):
         acc.fold_checked(names, [torch.ones(3), xs[1]], 1.0, math.inf)
+    with pytest.raises(ValueError, match="contiguous"):
+        acc.fold_checked(names, [xs[0].half(), xs[1]], 1.0, math.inf)
+    with pytest.raises(ValueError, match="contiguous"):
+        acc.fold_checked(names, [xs[0].t(), xs[1]], 1.0, math.inf)
     with pytest.raises(ValueError, match="exact"):
         WeightedSum(exact=False).fold_checked(names, xs, 1.0, math.inf)
 
@@ -114,10 +118,12 @@ def _hostile(ups: list[ClientUpdate]) -> list[ClientUpdate]:
             v.view(-1)[-1] = float("nan")
         return v
 
-    out = [_replay(x, i) for i, x in enumerate(ups)]
-    out += [
+    out = [
         with_delta(100, nan_at),
-        with_delta(101, lambda k, v: v * 1e4),  # too large
+        with_delta(101, lambda k, v: v * 1e4),  # too large (held first without a reference)
+    ]
+    out += [_replay(x, i) for i, x in enumerate(ups)]
+    out += [
         with_delta(102, lambda k, v: v.half()),  # fp16: the Python path, accepted
         with_delta(103, lambda k, v: v.t().contiguous().t() if v.dim() == 2 else v),  # strided
         with_delta(104, lambda k, v: v.bfloat16()),  # bf16: accepted
@@ -137,10 +143,15 @@ def _hostile(ups: list[ClientUpdate]) -> list[ClientUpdate]:
 
 
 @pytest.mark.parametrize("total", [False, True])
-def test_fast_round_equals_the_python_round(total: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_fast_round_equals_the_python_round(
+    total: bool, rounds: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The same replies through the fast path and with it switched off: the same verdicts and
-    reasons, bit-identical parameters; and equal to a round of only the accepted replies."""
-    state, ups = fed_round("fedavgm", {"server_momentum": 0.9}, rounds=1)
+    reasons, bit-identical parameters; and equal to a round of only the accepted replies. Round
+    0 has no reference: the first replies are held (warm-up) on both paths."""
+    state, ups = fed_round("fedavgm", {"server_momentum": 0.9}, rounds=rounds)
+    assert ("reference" in state.meta) == (rounds > 0)
     replies = _hostile(ups)
     slow_checks: list[int] = []
     real = validate.safe_check
@@ -165,11 +176,11 @@ def test_fast_round_equals_the_python_round(total: bool, monkeypatch: pytest.Mon
     assert sorted(slow_checks) == [102, 103, 105, 106, 107, 108, 109, 110, 111, 112, 113]
     v_slow, s_slow = run(False, replies)
     assert v_fast == v_slow
-    assert [v.status for v in v_fast].count("accepted") == len(ups) + 4  # fp16, strided, bf16, 1/2
+    assert len(s_fast.log["accepted"]) == len(ups) + 4  # fp16, strided, bf16, 1/2
     for k in s_slow.params:
         assert torch.equal(s_fast.params[k], s_slow.params[k]), k
     assert s_fast.meta == s_slow.meta and s_fast.log["rejected"] == s_slow.log["rejected"]
-    kept = [r for r, v in zip(replies, v_fast, strict=True) if v.status == "accepted"]
+    kept = [r for r in replies if r.client_id in s_fast.log["accepted"]]
     _, s_kept = run(True, kept)
     for k in s_kept.params:
         assert torch.equal(s_fast.params[k], s_kept.params[k]), k
@@ -185,3 +196,22 @@ def test_fast_round_with_known_total_is_the_batch_mean_bit_for_bit() -> None:
     for k in ref.params:
         assert torch.equal(new.params[k], ref.params[k]), k
         assert torch.equal(new.buffers[f"m/{k}"], ref.buffers[f"m/{k}"]), k
+
+
+def test_strided_first_fold_then_fast_folds() -> None:
+    """A first reply with strided arrays (the Python fold keeps their strides in the sums), then
+    plain ones (folded natively in memory order): the same parameters as the Python path."""
+    state, ups = fed_round("fedavg", rounds=1)
+    first = _replay(ups[0], 50)
+    first.delta = {k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in first.delta.items()}
+    assert not all(v.is_contiguous() for v in first.delta.values())
+    outs = []
+    for fast in (True, False):
+        rnd = ServerRound(state)
+        if not fast:
+            rnd._plain = None
+        verdicts = [rnd.add(copy.copy(r)).status for r in [first, *ups]]
+        assert verdicts == ["accepted"] * (len(ups) + 1)
+        outs.append(rnd.finish()[0])
+    for k in outs[0].params:
+        assert torch.equal(outs[0].params[k], outs[1].params[k]), k

@@ -30,6 +30,7 @@ Validation differs from the batch `round.server_step` only where streaming force
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -39,13 +40,14 @@ from typing import Any
 import torch
 
 from fedng.curvature.packed_fold import sum_squares
+from fedng.federated.aggregation.passes import sq_norms
 from fedng.federated.algorithms.base import Accumulator, Algorithm, Answer, MeanStep, State
 from fedng.federated.algorithms.curvature_payload import (
     signature,
     update_scales,
 )
 from fedng.federated.algorithms.registry import get_algorithm
-from fedng.federated.messages import ClientUpdate, ServerMessage
+from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
 from fedng.federated.validate import (
     REFERENCE_KEY,
     Rejected,
@@ -175,10 +177,12 @@ class ServerRound:
         if cid in self.seen:
             return self._reject(cid, "a second update with this client id this round")
         self.seen.add(cid)
-        if self._plain is not None and (self.warmup <= 0 or self.norm_ref is not None):
+        if self._plain is not None:
             arrays = plain_arrays(self.state, update, self._plain)
             if arrays is not None:
-                return self._fold_plain(update, arrays)
+                if self.warmup <= 0 or self.norm_ref is not None:
+                    return self._fold_plain(update, arrays)
+                return self._hold_plain(update, arrays)
         reason = safe_check(self.state, update, self.algo)
         if reason is not None:
             return self._reject(cid, reason)
@@ -199,6 +203,20 @@ class ServerRound:
                 self._release()
             return Verdict(cid, PENDING)
         return self._judge(update, nrm, scales)
+
+    def _hold_plain(self, update: ClientUpdate, arrays: list[torch.Tensor]) -> Verdict:
+        """`check_update`'s finiteness test of a plain update (one native pass) and its place in
+        the warm-up buffer: what the Python path does for it before a reference exists."""
+        names = self._plain_names
+        sqs = sq_norms(arrays)
+        store_sq_norms(update, names, sqs)
+        why = nan_reason("delta", names, sqs)
+        if why is not None:
+            return self._reject(update.client_id, why)
+        self.held.append((update, math.sqrt(math.fsum(sqs)), {}))
+        if len(self.held) >= self.warmup:
+            self._release()
+        return Verdict(update.client_id, PENDING)
 
     def _fold_plain(self, update: ClientUpdate, arrays: list[torch.Tensor]) -> Verdict:
         """`check_update`'s finiteness test, `_judge`'s norm check and the fold of a plain update
@@ -270,7 +288,12 @@ class ServerRound:
                 f" {refs.get(k) or 0:.3g}",
             )
         w = float(update.num_examples) if self.total is None else update.num_examples / self.total
-        self.acc.fold(update, w)
+        arrays = None if self._plain is None else plain_arrays(self.state, update, self._plain)
+        folded = False
+        if arrays is not None and isinstance(self.acc, MeanStep):  # a held plain update
+            folded, _ = self.acc.deltas.fold_checked(self._plain_names, arrays, w, math.inf)
+        if not folded:
+            self.acc.fold(update, w)
         self.weights[cid] = w
         self.norms.append(nrm)
         return Verdict(cid, ACCEPTED)
@@ -341,7 +364,9 @@ class ServerRound:
         log: dict[str, Any] = {"rejected": self.rejected}
         accepted = list(self.weights)
         if accepted:
-            work = self.state.copy()
+            work = (
+                _shallow_copy(self.state) if isinstance(self.acc, MeanStep) else self.state.copy()
+            )
             work.log = {}
             try:
                 res = self.acc.finish(work, self._scale())
@@ -372,6 +397,19 @@ class ServerRound:
         self._clock(t0, c0)
         new.log["server_time_s"] = self.t_server
         return new, message
+
+
+def _shallow_copy(state: State) -> State:
+    """A copy sharing the state's tensors: for `MeanStep.finish`, whose server step assigns new
+    parameter and momentum tensors (`apply_server_step`) and never writes into the old ones."""
+    return ServerState(
+        round=state.round,
+        params=dict(state.params),
+        config=state.config,
+        buffers=dict(state.buffers),
+        meta=copy.deepcopy(state.meta),
+        log={},
+    )
 
 
 def _is_int(x: object) -> bool:

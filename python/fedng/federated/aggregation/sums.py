@@ -52,8 +52,9 @@ class WeightedSum:
         out = self.sums
         names = list(arrays)
         vals = [arrays[k].float() for k in names]
-        if not out:
-            out.update(zip(names, torch._foreach_mul(vals, weight), strict=True))
+        if not out:  # contiguous sums (a strided first array would pass on its strides)
+            firsts = [v.contiguous() for v in torch._foreach_mul(vals, weight)]
+            out.update(zip(names, firsts, strict=True))
         else:  # one dispatch per op for all arrays (small models are dispatch-bound)
             acc = [out[k] for k in names]
             if self.exact:  # w * x rounded, then added: mean_delta's arithmetic, bit for bit
@@ -90,18 +91,26 @@ class WeightedSum:
             accs = [torch.empty(x.shape, dtype=torch.float32) for x in arrays]
         else:
             accs = [self.sums[k] for k in names]
-        bf16 = torch.bfloat16
-        for a, x in zip(accs, arrays, strict=True):
-            if a.numel() != x.numel():
+            for i, a in enumerate(accs):  # a first fold of strided arrays keeps their strides
+                if not a.is_contiguous():
+                    accs[i] = self.sums[names[i]] = a.contiguous()
+        f32, bf16 = torch.float32, torch.bfloat16
+        xs: list[int] = []
+        ps: list[int] = []
+        sizes: list[int] = []
+        half: list[bool] = []
+        for a, x in zip(accs, arrays, strict=True):  # per-array cost matters on small models
+            dt, n = x.dtype, x.numel()
+            if (dt is not f32 and dt is not bf16) or not x.is_contiguous() or not x.is_cpu:
+                raise ValueError("WeightedSum.fold_checked: contiguous float32/bf16 CPU arrays")
+            if a.numel() != n:
                 raise ValueError("WeightedSum.fold_checked: arrays do not match the sums")
+            xs.append(x.data_ptr())
+            ps.append(a.data_ptr())
+            sizes.append(n)
+            half.append(dt is bf16)
         folded, sqs = native.check_fold(
-            xs=[x.data_ptr() for x in arrays],
-            accs=[a.data_ptr() for a in accs],
-            n=[x.numel() for x in arrays],
-            bf16=[x.dtype is bf16 for x in arrays],
-            weight=weight,
-            bound=bound,
-            first=first,
+            xs=xs, accs=ps, n=sizes, bf16=half, weight=weight, bound=bound, first=first
         )
         if folded:
             if first:
