@@ -279,9 +279,9 @@ class ServerRound:
             )
         refs = self.scale_ref or {}
         cratio = curvature_ratio(ratio)
-        bad = [k for k in sorted(scales) if too_large(scales[k], refs.get(k), cratio)]
+        bad = [k for k, v in scales.items() if too_large(v, refs.get(k), cratio)]
         if bad:
-            k = bad[0]
+            k = min(bad)  # the first in sorted order, as the batch rule reports it
             return self._reject(
                 cid,
                 f"curvature scale {k} = {scales[k]:.3g} exceeds {cratio:g} x the reference"

@@ -170,7 +170,7 @@ def fold_all(
             is also in `parts`).
         int8: name -> (int8 values, float32 scales, segments).
     """
-    ready = [not s.exact and bool(s.sums) and all(k in s.sums for k in a) for s, a in parts]
+    ready = [not s.exact and bool(s.sums) and s.sums.keys() >= a.keys() for s, a in parts]
     for (s, a), ok in zip(parts, ready, strict=True):
         if not ok:  # exact (bit-identical) or not started: a fold of its own
             s.fold(a, weight)
@@ -187,7 +187,9 @@ def fold_all(
                     f"fold_all: int8 sizes do not match the segments ({nq} values, {nside}"
                     f" scales and a sum of {nacc} expected)"
                 )
-            payload = (acc8, q.reshape(-1), side.reshape(-1), flat, VEC_CHUNK)
+            flat_q = q if q.dim() == 1 else q.reshape(-1)
+            flat_side = side if side.dim() == 1 else side.reshape(-1)
+            payload = (acc8, flat_q, flat_side, flat, VEC_CHUNK)
             if not counted:
                 int8_sum.total_weight += weight
                 int8_sum.count += 1
