@@ -219,7 +219,7 @@ def test_strided_first_fold_then_fast_folds() -> None:
 
 def test_server_step_at_lr_one_skips_an_exact_multiply() -> None:
     """`params + d` equals `params + 1.0 * d` bit for bit (signed zeros, NaN, Inf, subnormals)."""
-    state, ups = fed_round("fedavg", rounds=0)
+    state, _ = fed_round("fedavg", rounds=0)
     assert state.config.server_lr == 1.0
     d = {
         k: torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
