@@ -4,29 +4,16 @@
 // server folding this way reproduces `mean_delta`'s batch mean bit for bit.
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <utility>
 #include <vector>
 
 #include "fedng/errors.h"
+#include "fedng/fold_clones.h"
 #include "fedng/packed_fold.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FEDNG_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FEDNG_CLONES
-#endif
 
 namespace fedng::cpu {
 
 namespace {
-
-inline float widen(std::uint16_t h) {
-  const std::uint32_t bits = static_cast<std::uint32_t>(h) << 16;
-  float v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
 
 // acc = w * x (first) or acc + w * x: each product rounded to float32, then added.
 template <class T>
@@ -35,14 +22,14 @@ FEDNG_CLONES void fold_one(const T* x, float* acc, std::int64_t n, float w, bool
 #pragma omp simd
     for (std::int64_t i = 0; i < n; ++i) {
       float v;
-      if constexpr (sizeof(T) == 2) v = widen(x[i]); else v = x[i];
+      if constexpr (sizeof(T) == 2) v = bf16_float(x[i]); else v = x[i];
       acc[i] = w * v;
     }
   } else {
 #pragma omp simd
     for (std::int64_t i = 0; i < n; ++i) {
       float v;
-      if constexpr (sizeof(T) == 2) v = widen(x[i]); else v = x[i];
+      if constexpr (sizeof(T) == 2) v = bf16_float(x[i]); else v = x[i];
       const float p = w * v;
       acc[i] = acc[i] + p;
     }
