@@ -74,7 +74,7 @@ class WeightedSum:
 
         Args:
             names: the arrays' names (the sums' names, once started).
-            arrays: contiguous float32 / bfloat16 CPU tensors (the caller checked), one per name.
+            arrays: contiguous float32 / bfloat16 CPU tensors, one per name.
             weight: the fold's weight.
             bound: the largest norm accepted (inf: none).
 
@@ -82,7 +82,8 @@ class WeightedSum:
             (whether it was folded, the squared norm of each array).
 
         Raises:
-            ValueError: not an exact sum, or arrays that do not match the started sums.
+            ValueError: not an exact sum, arrays of another dtype or layout, or arrays that do
+                not match the started sums.
         """
         if not self.exact:
             raise ValueError("WeightedSum.fold_checked: only an exact sum folds this way")
