@@ -215,21 +215,3 @@ def test_strided_first_fold_then_fast_folds() -> None:
         outs.append(rnd.finish()[0])
     for k in outs[0].params:
         assert torch.equal(outs[0].params[k], outs[1].params[k]), k
-
-
-def test_server_step_at_lr_one_skips_an_exact_multiply() -> None:
-    """`params + d` equals `params + 1.0 * d` bit for bit (signed zeros, NaN, Inf, subnormals)."""
-    state, _ = fed_round("fedavg", rounds=0)
-    assert state.config.server_lr == 1.0
-    d = {
-        k: torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
-        for k, v in state.params.items()
-    }
-    k0 = next(iter(d))
-    d[k0].view(-1)[:5] = torch.tensor([-0.0, float("nan"), float("inf"), 1e-45, -1e-45])
-    got = state.copy()
-    apply_server_step(got, d)
-    for k, v in state.params.items():
-        ref = v + 1.0 * d[k]
-        assert torch.equal(got.params[k].nan_to_num(7.0), ref.nan_to_num(7.0)), k
-        assert torch.equal(got.params[k].signbit(), ref.signbit()), k

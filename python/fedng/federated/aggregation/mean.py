@@ -41,5 +41,4 @@ def apply_server_step(state: ServerState[ServerConfig], step: Arrays) -> None:
             m = d.clone() if m is None else cfg.server_momentum * m + d
             state.buffers[key] = m
             d = m
-        # 1.0 * d is d bit for bit (NaN and signed zeros included): one op less per array
-        state.params[k] = state.params[k] + (d if cfg.server_lr == 1.0 else cfg.server_lr * d)
+        state.params[k] = state.params[k] + cfg.server_lr * d
