@@ -208,6 +208,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("nside"), py::arg("nacc"), py::arg("segs"), py::arg("chunk"),
       "accs[k] += weight * xs[k] (float32 or bfloat16), then an int8 payload's fold.");
   m.def(
+      "check_fold",
+      [](const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16, double weight,
+         double bound, bool first) {
+        std::vector<double> sq(xs.size());
+        const bool folded =
+            fedng::cpu::check_fold(xs, accs, n, bf16, weight, bound, first, sq.data());
+        return py::make_tuple(folded, sq);
+      },
+      kw, py::arg("xs"), py::arg("accs"), py::arg("n"), py::arg("bf16"), py::arg("weight"),
+      py::arg("bound"), py::arg("first"),
+      "(folded, squared norms): a plain update's norm check, then accs[k] (+)= weight * xs[k].");
+  m.def(
+      "exact_sum",
+      [](const std::vector<double>& x) { return fedng::cpu::exact_sum(x.data(), x.size()); },
+      kw, py::arg("x"), "The correctly rounded sum of finite doubles (math.fsum).");
+  m.def(
       "dots_f64",
       [](const Ptrs& xs, const Ptrs& ys, const Sizes& n) {
         std::vector<double> out(xs.size());

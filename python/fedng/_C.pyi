@@ -223,6 +223,24 @@ def int8_quantize_triangles(
     `tris` (flattened `(at, sat, n)` triples) of `vals` float32 [nvals], each with its diagonal
     and a certified bound on its rounding error's spectral norm (`fedng.curvature.quantize`)."""
 
+def check_fold(
+    *,
+    xs: Sequence[int],
+    accs: Sequence[int],
+    n: Sequence[int],
+    bf16: Sequence[int],
+    weight: float,
+    bound: float,
+    first: bool,
+) -> tuple[bool, list[float]]:
+    """A plain update's squared norms per array (`sum_squares`); when all are finite and the
+    square root of their `exact_sum` is at most `bound`, `accs[k] = weight * xs[k]` (first) or
+    `accs[k] + weight * xs[k]` (the product rounded to float32 first) and True; else False and
+    nothing written."""
+
+def exact_sum(*, x: Sequence[float]) -> float:
+    """The correctly rounded sum of finite doubles (`math.fsum`)."""
+
 def sum_squares(*, xs: Sequence[int], n: Sequence[int], bf16: Sequence[int]) -> list[float]:
     """Per array `xs[i]` [n[i]] (float32, or bfloat16 where `bf16[i]` is not 0), the sum of its
     squared entries (blocks of 1024 in float32, redone in float64 when that is not finite, added
