@@ -266,6 +266,7 @@ class FedNGConfig(CurvatureConfig):
     broadcast: str = "auto"
     broadcast_dtype: str = "fp32"
     sample_shrink: bool = False
+    server_decay: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -287,6 +288,7 @@ class FedNGConfig(CurvatureConfig):
         check(0 <= self.curvature_ema < 1, c, "curvature_ema", "in [0, 1)", self.curvature_ema)
         check_choice(c, "broadcast", self.broadcast, BROADCASTS)
         check_choice(c, "broadcast_dtype", self.broadcast_dtype, FLOAT_WIRE)
+        check(0 <= self.server_decay <= 1, c, "server_decay", "in [0, 1]", self.server_decay)
 
     def fast_check(self) -> bool:
         """ "auto": the one-pass checks for the pooled aggregations ("mean", "summable"), whose
