@@ -1,10 +1,11 @@
-"""FedNG's server-step decay (`FedNGConfig.server_decay`, `fedng.federated.algorithms.step_schedule`):
+"""FedNG's server-step decay (`FedNGConfig.server_decay`, `federated.algorithms.step_schedule`):
 the factor per round against a float64 reference, the step untouched without a plan and before the
 decay, the decayed step exactly the factor times the undecayed one, resume mid-decay bit for bit,
 and the drivers (simulator, Flower) telling the server their number of rounds."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_factor_per_round_matches_the_reference(rounds: int, fraction: float) ->
     got = [decay_factor(r, rounds, fraction) for r in range(rounds + 2)]
     want = [reference_factor(r, rounds, fraction) for r in range(rounds + 2)]
     assert got == pytest.approx(want, rel=1e-12, abs=0)
-    assert all(a >= b for a, b in zip(got, got[1:], strict=False))  # non-increasing
+    assert all(a >= b for a, b in itertools.pairwise(got))  # non-increasing
     assert 0 < got[rounds - 1] < 1 and got[rounds] == got[rounds - 1]  # past the plan: kept
     stable = [r for r in range(rounds) if got[r] == 1.0]
     assert stable == list(range(math.floor((1 - fraction) * rounds) + 1))  # before the decay

@@ -4,8 +4,8 @@ Warmup-stable-decay without the warmup: the server step keeps its size for the f
 `1 - fraction` of the rounds the server was told it will run (`server_init(..., num_rounds=R)`),
 then shrinks along a half cosine that would reach zero one round after the last:
 
-    rho(r)    = min(1, (R - r) / (fraction * R))    (the share of the decay still ahead at round r)
-    factor(r) = (1 - cos(pi * rho(r))) / 2          (1 before the decay, ~(pi rho / 2)^2 near the end)
+    rho(r)    = min(1, (R - r) / (fraction * R))   (the share of the decay still ahead)
+    factor(r) = (1 - cos(pi * rho(r))) / 2         (1 before the decay, ~(pi rho / 2)^2 at the end)
 
 for the 0-based round r (a round past the plan keeps the last round's factor). Under partial
 participation a late round moves the model toward the few sampled clients' optimum and away from
