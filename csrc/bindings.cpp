@@ -208,6 +208,22 @@ PYBIND11_MODULE(_C, m) {
       py::arg("nside"), py::arg("nacc"), py::arg("segs"), py::arg("chunk"),
       "accs[k] += weight * xs[k] (float32 or bfloat16), then an int8 payload's fold.");
   m.def(
+      "check_fold",
+      [](const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16, double weight,
+         double bound, bool first) {
+        std::vector<double> sq(xs.size());
+        const bool folded =
+            fedng::cpu::check_fold(xs, accs, n, bf16, weight, bound, first, sq.data());
+        return py::make_tuple(folded, sq);
+      },
+      kw, py::arg("xs"), py::arg("accs"), py::arg("n"), py::arg("bf16"), py::arg("weight"),
+      py::arg("bound"), py::arg("first"),
+      "(folded, squared norms): a plain update's norm check, then accs[k] (+)= weight * xs[k].");
+  m.def(
+      "exact_sum",
+      [](const std::vector<double>& x) { return fedng::cpu::exact_sum(x.data(), x.size()); },
+      kw, py::arg("x"), "The correctly rounded sum of finite doubles (math.fsum).");
+  m.def(
       "dots_f64",
       [](const Ptrs& xs, const Ptrs& ys, const Sizes& n) {
         std::vector<double> out(xs.size());
@@ -258,4 +274,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sums"), py::arg("nthreads"),
       "Fused K-FAC step of Linear layers: factor EMA update, then outs[i] <- G^-1 grads[i] A^-1"
       " (batch or dense form; form: int8 [N]; sums: float64 [2N], gradient sums and <out, grad>).");
+  m.def(
+      "trust_dots",
+      [](const Ptrs& params, const Ptrs& theta, const Ptrs& g_old, const Ptrs& grads,
+         const Sizes& n) {
+        double out[3];
+        fedng::cpu::trust_dots(params, theta, g_old, grads, n, out);
+        return std::vector<double>(out, out + 3);
+      },
+      nogil, kw, py::arg("params"), py::arg("theta"), py::arg("g_old"), py::arg("grads"),
+      py::arg("n"),
+      "The trust region's sums in float64: <g_old, params - theta>, <grads, params - theta>,"
+      " <grads, grads> over float32 arrays.");
 }

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _tols import assert_close
+from fedng.errors import CurvatureWarning
 from fedng.optim.fused_kfac import FusedKFAC
 from fedng.optim.natural_gradient import NaturalGradient
 from hypothesis import given, settings
@@ -301,6 +302,22 @@ def test_backward_weight_grads_formed_when_the_rows_do_not_explain_them() -> Non
         torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
 
 
+def snapshot(model: nn.Module, ng: NaturalGradient) -> list[Any]:
+    """What a step left: every `.grad` (copies), skipped, the reset count, the fallbacks."""
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    return [*grads, ng.last["skipped"], ng.stats["reset_blocks"], ng.last["fallbacks"]]
+
+
+def assert_same_records(a: list[list[Any]], b: list[list[Any]]) -> None:
+    """Two runs' `snapshot`s equal: tensors to 1e-10 (NaN where NaN), the rest exactly."""
+    for u, v in zip(a, b, strict=True):
+        for s, t in zip(u, v, strict=True):
+            if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor):
+                torch.testing.assert_close(s, t, rtol=1e-10, atol=1e-12, equal_nan=True)
+            else:
+                assert s == t
+
+
 @pytest.mark.filterwarnings("ignore::fedng.errors.CurvatureWarning")
 def test_backward_skipped_step_and_failed_block() -> None:
     """A NaN input skips the step (no weight gradient formed, all `.grad` None); an overflow
@@ -319,19 +336,57 @@ def test_backward_skipped_step_and_failed_block() -> None:
             loss = F.cross_entropy(m(x), y)
             ng.backward(loss) if how == "rows" else loss.backward()
             ng.step()
-            results.append(
-                [None if p.grad is None else p.grad.clone() for p in m.parameters()]
-                + [ng.last["skipped"], ng.stats["reset_blocks"], ng.last["fallbacks"]]
-            )
+            results.append(snapshot(m, ng))
             m.zero_grad()
     half = len(results) // 2
     assert results[1][-3] is True and results[3][-2] == 1  # skipped; a block failed and reset
-    for u, v in zip(results[:half], results[half:], strict=True):
-        for s, t in zip(u, v, strict=True):
-            if isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor):
-                torch.testing.assert_close(s, t, rtol=1e-10, atol=1e-12, equal_nan=True)
-            else:
-                assert s == t
+    assert_same_records(results[:half], results[half:])
+
+
+@pytest.mark.parametrize("kw", [{"damping": 1e-3, "kl_clip": None}, {}])
+def test_short_path_skips_and_falls_back_as_the_general_step(kw: dict[str, Any]) -> None:
+    """The common step's short path (`NaturalGradient._quick`, with or without an inversion): a
+    NaN input skips the step; finite gradients whose sum and outputs overflow are not skipped,
+    fall back and reset the block, as the general path does (gradients, counters, fallbacks,
+    warnings); so does an inverse whose products overflow (then on the general path)."""
+    model = mlp(WIDE)
+    results = []
+    quick = []
+    for how in ("fused", "general"):
+        m = copy.deepcopy(model)
+        ng = NaturalGradient(m, inverse_every=4, **kw)  # inversions at steps 0 and 4 only
+        if how == "general":
+            ng._fused = None
+        else:
+            inner = ng._quick
+
+            def counted(t: int, factor_step: bool, inverse_step: bool, inner: Any = inner) -> bool:
+                done = inner(t, factor_step, inverse_step)
+                quick.append(done)
+                return done
+
+            ng._quick = counted  # type: ignore[method-assign]
+        g = torch.Generator().manual_seed(2)
+        with pytest.warns(CurvatureWarning) as warned:
+            for t, scale in enumerate((1.0, float("nan"), 1.0, 1.0, 1.0)):
+                x = torch.randn(6, 7, generator=g, dtype=F64) * scale
+                y = torch.randint(0, 3, (6,), generator=g)
+                F.cross_entropy(m(x), y).backward()
+                if t == 2:  # finite entries whose sum (and outputs) overflow: not skipped
+                    next(m.parameters()).grad.fill_(1e308)  # type: ignore[union-attr]
+                if t == 3:  # an inverse whose products overflow
+                    ng.local_curvature.reps["kfac"].a_inv[1].fill_(1e308)  # type: ignore[attr-defined]
+                ng.step()
+                results.append(snapshot(m, ng))
+                m.zero_grad()
+        results.append(sorted(str(w.message)[:40] for w in warned))
+    # Step 0 (no curvature yet) and step 3 (a block reset at step 2) take the general path;
+    # steps 1, 2 and 4 (an inversion) the short one.
+    assert quick == [False, True, True, False, True]
+    half = len(results) // 2
+    assert results[1][-3] is True and results[2][-3] is False  # skipped; not skipped
+    assert results[2][-2] >= 1 and results[2][-1]  # step 2: outputs overflow, fall back, reset
+    assert_same_records(results[:half], results[half:])
 
 
 def test_backward_refuses_a_non_scalar_loss() -> None:

@@ -364,3 +364,59 @@ def test_a_skipped_step_is_not_compared_with() -> None:
     with pytest.warns(CurvatureWarning, match="skipped"):
         ng.step()
     assert ng.last["skipped"] and ng._trust._prev is None
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_dots_are_float64_dots(check: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trust region's `sum_i <a_i, b_i>`: float32 tensors in one native float64 call, others
+    (float64, non-contiguous) per tensor, both equal to the float64 dot to float64 round-off;
+    under `trusted.CHECK` the native call's contract is checked."""
+    from fedng.ops import trusted
+    from fedng.optim import trust
+
+    monkeypatch.setattr(trusted, "CHECK", check)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(s, generator=g) * 1e3 for s in ((7, 5), (5,), (0,), (40, 9))]
+    ys = [torch.randn(x.shape, generator=g) for x in xs]
+    pairs = zip(xs, ys, strict=True)
+    want = math.fsum(
+        float(torch.dot(x.double().reshape(-1), y.double().reshape(-1))) for x, y in pairs
+    )
+    assert trust._dot(xs, ys) == pytest.approx(want, rel=1e-12, abs=1e-9)
+    xd, yd = [x.double() for x in xs], [y.double() for y in ys]
+    assert trust._dot(xd, yd) == pytest.approx(want, rel=1e-12, abs=1e-9)
+    xt, yt = [xs[0].t()], [ys[0].t()]  # non-contiguous: the torch path
+    assert trust._dot(xt, yt) == pytest.approx(float((xs[0] * ys[0]).double().sum()), rel=1e-5)
+    assert trust._dot([], []) == 0.0
+    if check:
+        with pytest.raises(TypeError, match="contiguous float32"):
+            trust._dots_f64(xt, yt)
+        with pytest.raises(ValueError, match="sizes"):
+            trust._dots_f64([xs[0]], [ys[1]])
+
+
+def test_step_dots_native_equals_torch() -> None:
+    """The trust region's three sums of a step (`<g_old, δ>`, `<g, δ>`, `<g, g>` with δ the
+    float32 step): one native pass over float32 tensors, equal to the float64 sums of the torch
+    path's float32 δ; float64 or non-contiguous tensors take the torch path."""
+    from fedng.optim import trust
+
+    g = torch.Generator().manual_seed(4)
+    shapes = ((7, 5), (5,), (0,), (40, 9), (3,))
+    params = [torch.randn(s, generator=g) for s in shapes]
+    theta = [p + 1e-3 * torch.randn(p.shape, generator=g) for p in params]
+    g_old = [torch.randn(p.shape, generator=g) for p in params]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    delta = [(p - t).double() for p, t in zip(params, theta, strict=True)]
+
+    def f64(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+        return math.fsum(float((x.double() * y.double()).sum()) for x, y in zip(a, b, strict=True))
+
+    before, after, energy = trust._step_dots(params, theta, g_old, grads)
+    assert before == pytest.approx(f64(g_old, delta), rel=1e-12, abs=1e-12)
+    assert after == pytest.approx(f64(grads, delta), rel=1e-12, abs=1e-12)
+    assert energy == pytest.approx(f64(grads, grads), rel=1e-12)
+    wide = [[t.double() for t in ts] for ts in (params, theta, g_old, grads)]
+    b64, a64, e64 = trust._step_dots(*wide)
+    assert e64 is None
+    assert b64 == pytest.approx(before, rel=1e-6) and a64 == pytest.approx(after, rel=1e-6)

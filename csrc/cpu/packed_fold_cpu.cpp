@@ -13,15 +13,8 @@
 #include <vector>
 
 #include "fedng/errors.h"
+#include "fedng/fold_clones.h"
 
-// The hot loops are also compiled for AVX-512 and AVX2 + FMA and chosen at load time (the
-// extension is built for baseline x86-64).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FEDNG_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FEDNG_CLONES
-#endif
 
 namespace fedng::cpu {
 
@@ -92,13 +85,6 @@ double squares_f32(const float* x, std::int64_t n) {
   for (std::int64_t lo = 0; lo < n; lo += kBlock)
     s += block_squares(x + lo, n - lo < kBlock ? n - lo : kBlock);
   return s;
-}
-
-inline float bf16_float(std::uint16_t h) {
-  const std::uint32_t bits = static_cast<std::uint32_t>(h) << 16;
-  float v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
 }
 
 // A bf16 block widened in registers (no staging buffer: one read of the payload); the same

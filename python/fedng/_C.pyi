@@ -223,6 +223,24 @@ def int8_quantize_triangles(
     `tris` (flattened `(at, sat, n)` triples) of `vals` float32 [nvals], each with its diagonal
     and a certified bound on its rounding error's spectral norm (`fedng.curvature.quantize`)."""
 
+def check_fold(
+    *,
+    xs: Sequence[int],
+    accs: Sequence[int],
+    n: Sequence[int],
+    bf16: Sequence[int],
+    weight: float,
+    bound: float,
+    first: bool,
+) -> tuple[bool, list[float]]:
+    """A plain update's squared norms per array (`sum_squares`); when all are finite and the
+    square root of their `exact_sum` is at most `bound`, `accs[k] = weight * xs[k]` (first) or
+    `accs[k] + weight * xs[k]` (the product rounded to float32 first) and True; else False and
+    nothing written."""
+
+def exact_sum(*, x: Sequence[float]) -> float:
+    """The correctly rounded sum of finite doubles (`math.fsum`)."""
+
 def sum_squares(*, xs: Sequence[int], n: Sequence[int], bf16: Sequence[int]) -> list[float]:
     """Per array `xs[i]` [n[i]] (float32, or bfloat16 where `bf16[i]` is not 0), the sum of its
     squared entries (blocks of 1024 in float32, redone in float64 when that is not finite, added
@@ -263,3 +281,14 @@ def kfac_step(
     [2N] buffer: each gradient's sum (with `check_finite`, checked before any update: a non-finite
     one stops the call) and each `<outs[i], grads[i]>` (NaN where not preconditioned).
     """
+
+def trust_dots(
+    *,
+    params: Sequence[int],
+    theta: Sequence[int],
+    g_old: Sequence[int],
+    grads: Sequence[int],
+    n: Sequence[int],
+) -> list[float]:
+    """The trust region's sums over float32 arrays, products and sums in float64:
+    `[<g_old, params - theta>, <grads, params - theta>, <grads, grads>]`."""

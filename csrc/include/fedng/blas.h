@@ -80,6 +80,17 @@ inline void gemv(bool ta, int m, int n, double alpha, const double* a, int lda, 
   scipy_cblas_dgemv(FedngRowMajor, ta ? FedngTrans : FedngNoTrans, m, n, alpha, a, lda, x, 1,
                     beta, y, 1);
 }
+// gemv with y strided by incy (e.g. a column of a row-major matrix).
+inline void gemv_strided_y(bool ta, int m, int n, float alpha, const float* a, int lda,
+                           const float* x, float beta, float* y, int incy) {
+  scipy_cblas_sgemv(FedngRowMajor, ta ? FedngTrans : FedngNoTrans, m, n, alpha, a, lda, x, 1,
+                    beta, y, incy);
+}
+inline void gemv_strided_y(bool ta, int m, int n, double alpha, const double* a, int lda,
+                           const double* x, double beta, double* y, int incy) {
+  scipy_cblas_dgemv(FedngRowMajor, ta ? FedngTrans : FedngNoTrans, m, n, alpha, a, lda, x, 1,
+                    beta, y, incy);
+}
 // Row-major upper triangle of C [n, n] (leading dimension ldc) = alpha * A^T A + beta * C,
 // A [k, n] (leading dimension lda).
 inline void syrk_upper_ata(int n, int k, float alpha, const float* a, float beta, float* c,

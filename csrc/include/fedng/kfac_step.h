@@ -29,4 +29,10 @@ void kfac_step(DType dtype, const Ptrs& inputs, const Ptrs& output_grads, const 
                const std::vector<double>& g_scale, int update_factors, int precondition,
                int check_finite, std::int8_t* form, double* sums, int nthreads);
 
+// The trust region's three sums of a step, products and sums in float64, over N float32 arrays
+// of n_i entries: out[0] = sum <g_old_i, params_i - theta_i>, out[1] = sum <grads_i, params_i -
+// theta_i> (each difference rounded to float32 first), out[2] = sum <grads_i, grads_i>.
+void trust_dots(const Ptrs& params, const Ptrs& theta, const Ptrs& g_old, const Ptrs& grads,
+                const Sizes& n, double* out);
+
 }  // namespace fedng::cpu

@@ -2,6 +2,7 @@
 // Used by python/fedng/curvature/packed_fold.py, which validates every argument first; these
 // re-check only what could corrupt memory.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "fedng/tensor_ref.h"
@@ -60,5 +61,17 @@ void dots_f64(const Ptrs& xs, const Ptrs& ys, const Sizes& n, double* out);
 // out [n, n] (row-major) <- the symmetric matrix whose packed lower triangle (row by row) is
 // vec [n (n + 1) / 2]: every entry a copy (float32 or float64, `dtype`).
 void unpack_triangle(DType dtype, std::uintptr_t vec, std::uintptr_t out, std::int64_t n);
+
+// The correctly rounded sum of n finite doubles (Python's math.fsum, bit for bit).
+double exact_sum(const double* x, std::size_t n);
+
+// A plain update checked, then folded (csrc/cpu/check_fold_cpu.cpp): sq[k] = sum_squares of
+// xs[k] (float32, or bfloat16 where bf16[k] != 0); if every sq[k] is finite and
+// sqrt(exact_sum(sq)) <= bound (NaN bound: no bound), accs[k][i] = w * x (first) or
+// accs[k][i] + w * x with w = float(weight), the product rounded to float32 before the add
+// (torch's `_foreach_mul` then `_foreach_add_`, bit for bit), and true; else nothing written to
+// accs and false.
+bool check_fold(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16,
+                double weight, double bound, bool first, double* sq);
 
 }  // namespace fedng::cpu

@@ -1,6 +1,6 @@
 """Curvature: hooks that capture layer inputs and output gradients, and Fisher representations.
 
-- `CurvatureCapture`: forward hooks (and tensor hooks on outputs while recording) on any module
+- `CurvatureCapture`: forward hooks (and grad pre-hooks on outputs while recording) on any module
   tree; Linear, Conv1d, Conv2d, Embedding, LayerNorm/BatchNorm/GroupNorm/RMSNorm and
   MultiheadAttention (in-projection and its functionally called out_proj). It yields one
   statistics object per block: `KronStats`, `EmbeddingStats` or `ElementwiseStats`.

@@ -1,10 +1,10 @@
 """Module hooks that record layer inputs and output gradients, for any `nn.Module` tree.
 
 Cost when not recording: one attribute test in a forward hook per supported module, nothing in
-the backward pass (no backward hooks are registered: output gradients come from tensor hooks
-that the forward hook attaches only while recording). Tensor hooks also see the gradient of a
-layer's output as it was before any later in-place op (e.g. `ReLU(inplace=True)`), which module
-full-backward hooks refuse.
+the backward pass (no backward hooks are registered: output gradients come from pre-hooks on the
+output's autograd node, which the forward hook attaches only while recording; a tensor hook
+where the output has no node). These see the gradient of a layer's output as it was before any
+later in-place op (e.g. `ReLU(inplace=True)`), which module full-backward hooks refuse.
 """
 
 from __future__ import annotations
@@ -164,8 +164,20 @@ class CurvatureCapture:
             return
         rec = _Record(site, x, extra, self._forward)  # `collect` reads x under no_grad
         self._records.append(rec)
-        # torch declares Tensor.register_hook without annotations
-        y.register_hook(functools.partial(self._on_grad, rec))  # type: ignore[no-untyped-call]
+        node = y.grad_fn
+        if node is None:  # a leaf output: a tensor hook
+            # torch declares Tensor.register_hook without annotations
+            y.register_hook(functools.partial(self._on_grad, rec))  # type: ignore[no-untyped-call]
+            return
+        # A pre-hook on the node that made y sees the gradient of y as a tensor hook does (also
+        # before a later in-place op: that op gets a node of its own), registered natively at a
+        # quarter of `register_hook`'s cost (its Python wrapper, dict and handle).
+        node.register_prehook(functools.partial(self._on_node_grad, rec, y.output_nr))
+
+    def _on_node_grad(self, rec: _Record, nr: int, grads: tuple[torch.Tensor | None, ...]) -> None:
+        g = grads[nr]
+        if g is not None:
+            self._on_grad(rec, g)
 
     def _on_grad(self, rec: _Record, grad: torch.Tensor) -> None:
         g = grad.detach() if grad.requires_grad else grad

@@ -187,19 +187,22 @@ class KFAC(FisherRepresentation):
         dense = [i for i in live if self.specs[i].kind == "kron"]
         mats = [self.A[i] for i in dense] + [self.G[i] for i in live]
         res = trusted.damped_cholesky_inverse(mats, [da[i] for i in dense] + [dg[i] for i in live])
+        # Python lists first: indexing the result tensors entry by entry cost more than the
+        # inversion of a small MLP's factors.
+        res_status, res_used = res.status.tolist(), res.damping.tolist()
         a_new = dict(zip(dense, res.inverses[: len(dense)], strict=True))
-        a_status = dict(zip(dense, res.status[: len(dense)].tolist(), strict=True))
-        a_used = dict(zip(dense, res.damping[: len(dense)].tolist(), strict=True))
+        a_status = dict(zip(dense, res_status[: len(dense)], strict=True))
+        a_used = dict(zip(dense, res_used[: len(dense)], strict=True))
         names, status, used = [], [], []
         for k, i in enumerate(live):
             spec = self.specs[i]
             if spec.kind == "embedding":
                 a_new[i] = 1.0 / (self.A[i] + da[i])
                 a_status[i], a_used[i] = int(ops.CholeskyStatus.OK), da[i]
-            g_status = int(res.status[len(dense) + k])
+            g_status = res_status[len(dense) + k]
             names += [f"{spec.name}.A", f"{spec.name}.G"]
             status += [a_status[i], g_status]
-            used += [a_used[i], float(res.damping[len(dense) + k])]
+            used += [a_used[i], res_used[len(dense) + k]]
             if a_status[i] != _FAILED and g_status != _FAILED:
                 self.a_inv[i], self.g_inv[i] = a_new[i], res.inverses[len(dense) + k]
         return InverseReport(

@@ -30,6 +30,7 @@ Validation differs from the batch `round.server_step` only where streaming force
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
@@ -39,20 +40,25 @@ from typing import Any
 import torch
 
 from fedng.curvature.packed_fold import sum_squares
-from fedng.federated.algorithms.base import Accumulator, Algorithm, Answer, State
+from fedng.federated.aggregation.passes import sq_norms
+from fedng.federated.algorithms.base import Accumulator, Algorithm, Answer, MeanStep, State
 from fedng.federated.algorithms.curvature_payload import (
     signature,
     update_scales,
 )
 from fedng.federated.algorithms.registry import get_algorithm
-from fedng.federated.messages import ClientUpdate, ServerMessage
+from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
 from fedng.federated.validate import (
     REFERENCE_KEY,
     Rejected,
     curvature_ratio,
     delta_norm,
+    nan_reason,
+    plain_arrays,
+    plain_plan,
     reference_scale,
     safe_check,
+    store_sq_norms,
     too_large,
 )
 
@@ -126,6 +132,11 @@ class ServerRound:
         self.norm_ref: float | None = ref
         self.scale_ref: dict[str, float] | None = self.algo.reference_scales(state)
         self.probe_message: ServerMessage | None = None
+        # FedAvg-like rounds: a plain update is checked and folded in one native call
+        acc = self.acc
+        plan = plain_plan(state, self.algo) if isinstance(acc, MeanStep) else None
+        self._plain = plan if plan and isinstance(acc, MeanStep) and acc.deltas.exact else None
+        self._plain_names = [k for k, _ in plan or []]
         self._clock(t0, c0)
 
     def _clock(self, t0: float, c0: float) -> None:
@@ -166,6 +177,12 @@ class ServerRound:
         if cid in self.seen:
             return self._reject(cid, "a second update with this client id this round")
         self.seen.add(cid)
+        if self._plain is not None:
+            arrays = plain_arrays(self.state, update, self._plain)
+            if arrays is not None:
+                if self.warmup <= 0 or self.norm_ref is not None:
+                    return self._fold_plain(update, arrays)
+                return self._hold_plain(update, arrays)
         reason = safe_check(self.state, update, self.algo)
         if reason is not None:
             return self._reject(cid, reason)
@@ -186,6 +203,43 @@ class ServerRound:
                 self._release()
             return Verdict(cid, PENDING)
         return self._judge(update, nrm, scales)
+
+    def _hold_plain(self, update: ClientUpdate, arrays: list[torch.Tensor]) -> Verdict:
+        """`check_update`'s finiteness test of a plain update (one native pass) and its place in
+        the warm-up buffer: what the Python path does for it before a reference exists."""
+        names = self._plain_names
+        sqs = sq_norms(arrays)
+        store_sq_norms(update, names, sqs)
+        why = nan_reason("delta", names, sqs)
+        if why is not None:
+            return self._reject(update.client_id, why)
+        self.held.append((update, math.sqrt(math.fsum(sqs)), {}))
+        if len(self.held) >= self.warmup:
+            self._release()
+        return Verdict(update.client_id, PENDING)
+
+    def _fold_plain(self, update: ClientUpdate, arrays: list[torch.Tensor]) -> Verdict:
+        """`check_update`'s finiteness test, `_judge`'s norm check and the fold of a plain update
+        (see `plain_arrays`) in one native call: the same verdicts, reasons and sums."""
+        cid = update.client_id
+        ref, ratio = self.norm_ref, self.state.config.max_norm_ratio
+        bound = ratio * ref if ref is not None and ref > 0 else math.inf
+        w = float(update.num_examples) if self.total is None else update.num_examples / self.total
+        names = self._plain_names
+        assert isinstance(self.acc, MeanStep)
+        folded, sqs = self.acc.deltas.fold_checked(names, arrays, w, bound)
+        store_sq_norms(update, names, sqs)
+        why = nan_reason("delta", names, sqs)
+        if why is not None:
+            return self._reject(cid, why)
+        nrm = math.sqrt(math.fsum(sqs))
+        if not folded:
+            return self._reject(
+                cid, f"delta norm {nrm:.3g} exceeds {ratio:g} x the reference {ref or 0:.3g}"
+            )
+        self.weights[cid] = w
+        self.norms.append(nrm)
+        return Verdict(cid, ACCEPTED)
 
     def _needs_warmup(self, scales: dict[str, float]) -> bool:
         """Whether a reference is missing (and the warm-up buffer still open)."""
@@ -225,16 +279,21 @@ class ServerRound:
             )
         refs = self.scale_ref or {}
         cratio = curvature_ratio(ratio)
-        bad = [k for k in sorted(scales) if too_large(scales[k], refs.get(k), cratio)]
+        bad = [k for k, v in scales.items() if too_large(v, refs.get(k), cratio)]
         if bad:
-            k = bad[0]
+            k = min(bad)  # the first in sorted order, as the batch rule reports it
             return self._reject(
                 cid,
                 f"curvature scale {k} = {scales[k]:.3g} exceeds {cratio:g} x the reference"
                 f" {refs.get(k) or 0:.3g}",
             )
         w = float(update.num_examples) if self.total is None else update.num_examples / self.total
-        self.acc.fold(update, w)
+        arrays = None if self._plain is None else plain_arrays(self.state, update, self._plain)
+        folded = False
+        if arrays is not None and isinstance(self.acc, MeanStep):  # a held plain update
+            folded, _ = self.acc.deltas.fold_checked(self._plain_names, arrays, w, math.inf)
+        if not folded:
+            self.acc.fold(update, w)
         self.weights[cid] = w
         self.norms.append(nrm)
         return Verdict(cid, ACCEPTED)
@@ -305,7 +364,9 @@ class ServerRound:
         log: dict[str, Any] = {"rejected": self.rejected}
         accepted = list(self.weights)
         if accepted:
-            work = self.state.copy()
+            work = (
+                _shallow_copy(self.state) if isinstance(self.acc, MeanStep) else self.state.copy()
+            )
             work.log = {}
             try:
                 res = self.acc.finish(work, self._scale())
@@ -336,6 +397,19 @@ class ServerRound:
         self._clock(t0, c0)
         new.log["server_time_s"] = self.t_server
         return new, message
+
+
+def _shallow_copy(state: State) -> State:
+    """A copy sharing the state's tensors: for `MeanStep.finish`, whose server step assigns new
+    parameter and momentum tensors (`apply_server_step`) and never writes into the old ones."""
+    return ServerState(
+        round=state.round,
+        params=dict(state.params),
+        config=state.config,
+        buffers=dict(state.buffers),
+        meta=copy.deepcopy(state.meta),
+        log={},
+    )
 
 
 def _is_int(x: object) -> bool:

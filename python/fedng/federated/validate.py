@@ -161,6 +161,72 @@ def check_update(state: State, update: ClientUpdate, algo: Algorithm[Any]) -> st
     return reason
 
 
+PlainPlan = list[tuple[str, tuple[int, ...]]]
+"""The delta's names and shapes of an algorithm whose updates carry nothing else (`plain_plan`)."""
+
+_PLAIN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def plain_plan(state: State, algo: Algorithm[Any]) -> PlainPlan | None:
+    """The delta's names and shapes when the algorithm's updates are plain (no extras, and the
+    base rule for curvature: none): such an update is fully checked by `plain_arrays` plus the
+    norm checks of one native call (`WeightedSum.fold_checked`); None for any other algorithm."""
+    shapes, extras = _expected(state, algo)
+    if extras or type(algo).check_curvature is not Algorithm.check_curvature:
+        return None
+    return list(shapes.items())
+
+
+def plain_arrays(state: State, update: ClientUpdate, plan: PlainPlan) -> list[torch.Tensor] | None:
+    """The delta's arrays in `plan`'s order when the update passes every check of
+    `check_update` but finiteness (plain int fields, a dict meta, no extras, no curvature, the
+    plan's names and shapes, contiguous float32 / bfloat16 CPU arrays); None when anything
+    differs (`check_update` then gives the reason, or accepts a less common form)."""
+    n = update.num_examples
+    if (
+        type(update.round) is not int
+        or update.round != state.round
+        or type(n) is not int
+        or not 1 <= n <= state.config.max_num_examples
+        or type(update.meta) is not dict
+        or type(update.extras) is not dict
+        or update.extras
+        or type(update.curvature) is not dict
+        or update.curvature
+    ):
+        return None
+    delta = update.delta
+    if type(delta) is not dict or len(delta) != len(plan):
+        return None
+    out = []
+    tensor, dtypes = torch.Tensor, _PLAIN_DTYPES
+    for k, shape in plan:
+        t = delta.get(k)
+        if (
+            type(t) is not tensor
+            or t.shape != shape
+            or t.dtype not in dtypes
+            or not t.is_contiguous()
+            or not t.is_cpu
+        ):
+            return None
+        out.append(t)
+    return out
+
+
+def nan_reason(what: str, names: list[str], sqs: list[float]) -> str | None:
+    """`check_groups`' reason for the first array whose squared norm is not finite (or None)."""
+    for k, sq in zip(names, sqs, strict=True):
+        if not math.isfinite(sq):
+            return f"{what}: {k!r} has NaN/Inf"
+    return None
+
+
+def store_sq_norms(update: ClientUpdate, names: list[str], sqs: list[float]) -> None:
+    """Keeps the delta's squared norms on the update (`delta_norm` reads them)."""
+    setattr(update, _SQNORM_ATTR, dict(zip(names, sqs, strict=True)))
+
+
 def safe_check(state: State, update: ClientUpdate, algo: Algorithm[Any]) -> str | None:
     """`check_update`, with any exception a malformed payload provokes turned into its reason."""
     try:

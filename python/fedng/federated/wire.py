@@ -191,7 +191,7 @@ def packed_size(
             raise TypeError(f"packed_size: array {name!r} has dtype {dt}, not a wire dtype")
         dims = [int(x) for x in shape]
         n = dims[0] * (dims[0] + 1) // 2 if name in sym else math.prod(dims)
-        nbytes = n * torch.empty((), dtype=dt).element_size()
+        nbytes = n * dt.itemsize
         entries.append([name, _NAME_OF[dt], "sym" if name in sym else "dense", dims, nbytes])
         blob += nbytes
     return _PREFIX.size + len(_header(meta, entries)) + blob + _CRC.size

@@ -18,6 +18,7 @@ buffers that live across steps once and then passes pointers only.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -245,8 +246,11 @@ class KfacStepPlan:
     def matches(self, a_factors: list[torch.Tensor], g_factors: list[torch.Tensor]) -> bool:
         """Whether these are still the factor tensors the plan was built on."""
         a, g = self.factors
-        return all(x is y for x, y in zip(a, a_factors, strict=True)) and all(
-            x is y for x, y in zip(g, g_factors, strict=True)
+        return (
+            len(a) == len(a_factors)
+            and len(g) == len(g_factors)
+            and all(map(operator.is_, a, a_factors))
+            and all(map(operator.is_, g, g_factors))
         )
 
     def __call__(
@@ -285,10 +289,9 @@ class KfacStepPlan:
         if inverses is not None:
             # The tensors are held, so identity means the same memory (no id reuse).
             held = self._inv_held
-            if len(held) != 2 * len(inverses[0]) or not all(
-                x is y for x, y in zip(held, inverses[0] + inverses[1], strict=True)
-            ):
-                self._inv_held = inverses[0] + inverses[1]
+            now = inverses[0] + inverses[1]
+            if len(held) != len(now) or not all(map(operator.is_, held, now)):
+                self._inv_held = now
                 self._inv = (v.ptrs(inverses[0]), v.ptrs(inverses[1]))
         p, zeros = self._ptrs, self._zeros
         grads, outs = p["grads"], p["outs"]

@@ -123,6 +123,11 @@ class FusedKFAC:
         self._bf16_rows: dict[tuple[int, int], torch.Tensor] = {}  # (block, B) -> [B, n] buffer
         self.dot = math.nan
         """`sum_i <p_i, g_i>` of the last `step`'s fused preconditioning (NaN if none)."""
+        # Per-step lists that only change with the batch sizes (and the decay): the EMA and
+        # scale factors of `update` once every block has curvature, and the `_big` blocks.
+        self._scales: dict[tuple[float, tuple[int, ...]], tuple[list[float], ...]] = {}
+        self._bigs: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._batch: dict[tuple[int, ...], bool] = {}
 
     @classmethod
     def build(
@@ -401,10 +406,15 @@ class FusedKFAC:
 
     def batch_form(self, rows: Rows) -> bool:
         """Whether the batch form is cheaper for some block (`NaturalGradient._note_batch`)."""
-        return any(
-            batch_form_cheaper(x.shape[0], m, n)
-            for x, (m, n) in zip(rows.x, self.specs, strict=True)
-        )
+        sizes = tuple(x.shape[0] for x in rows.x)
+        got = self._batch.get(sizes)
+        if got is None:
+            if len(self._batch) > 16:  # ragged batch sizes: keep a few
+                self._batch.clear()
+            got = self._batch[sizes] = any(
+                batch_form_cheaper(b, m, n) for b, (m, n) in zip(sizes, self.specs, strict=True)
+            )
+        return got
 
     def update(
         self,
@@ -421,17 +431,15 @@ class FusedKFAC:
         With `check_finite`, False (nothing done) when a gathered gradient does not sum to a
         finite value."""
         kfac = self.kfac
+        sizes = tuple(x.shape[0] for x in rows.x)
         if factors:
-            old, new = ema_weights(kfac.counts, decay)
-            a_scale = [w / x.shape[0] for w, x in zip(new, rows.x, strict=True)]
-            g_scale = [
-                w * fisher_scale(x.shape[0], self.reduction)
-                for w, x in zip(new, rows.x, strict=True)
-            ]
+            old, a_scale, g_scale = self._ema_scales(decay, sizes)
         else:
             old = a_scale = g_scale = [0.0] * self.count
         inverses = (kfac.a_inv, kfac.g_inv) if precondition else None
-        big = self._big(rows, skip) if precondition else ()
+        big = self._big_cached(rows, sizes) if precondition and not skip else ()
+        if precondition and skip:
+            big = self._big(rows, skip)
         if check_finite and big and not math.isfinite(self._grad_sum(big)):
             return False
         plan = self.plan()
@@ -449,19 +457,50 @@ class FusedKFAC:
             own=own,
         )
         sums = plan.sums.tolist()
-        if check_finite and not math.isfinite(sum(sums[: self.count])):
+        count = self.count
+        if check_finite and not math.isfinite(sum(sums[:count])):
             return False
         for i in own:  # after the finiteness check: a skipped step changes nothing
             self._fold_bf16(rows, i, old[i], a_scale[i], g_scale[i])
-        self.dot = sum(sums[self.count :]) if precondition else math.nan
+        self.dot = sum(sums[count:]) if precondition else math.nan
         if big:
             self.dot += sum(self._precondition_big(rows, i) for i in big)
         if precondition and skip:  # the skipped blocks' dots read 0: only their finiteness
             self.dot += 0.0 * self._rows_only(rows, skip)
         if factors:
-            for i in range(self.count):
-                kfac.counts[i] += 1
+            kfac.counts[:] = [c + 1 for c in kfac.counts]
         return True
+
+    def _ema_scales(
+        self, decay: float | None, sizes: tuple[int, ...]
+    ) -> tuple[list[float], list[float], list[float]]:
+        """Per block the decay of the old factors and the scales of the batch's Grams (as
+        `KFAC.update`): cached per batch sizes once every block has curvature (then they depend
+        on nothing else) under an EMA decay."""
+        counts = self.kfac.counts
+        steady = decay is not None and all(counts)
+        key = (decay, sizes)
+        if steady:
+            got = self._scales.get(key)  # type: ignore[arg-type]
+            if got is not None:
+                return got  # type: ignore[return-value]
+        old, new = ema_weights(counts, decay)
+        a_scale = [w / b for w, b in zip(new, sizes, strict=True)]
+        g_scale = [w * fisher_scale(b, self.reduction) for w, b in zip(new, sizes, strict=True)]
+        if steady:
+            if len(self._scales) > 16:  # ragged batch sizes: keep a few
+                self._scales.clear()
+            self._scales[key] = (old, a_scale, g_scale)  # type: ignore[index]
+        return old, a_scale, g_scale
+
+    def _big_cached(self, rows: Rows, sizes: tuple[int, ...]) -> tuple[int, ...]:
+        """`_big(rows, ())`, cached per batch sizes (it depends on nothing else)."""
+        got = self._bigs.get(sizes)
+        if got is None:
+            if len(self._bigs) > 16:
+                self._bigs.clear()
+            got = self._bigs[sizes] = self._big(rows, ())
+        return got
 
     def _fold_bf16(self, rows: Rows, i: int, decay: float, a_scale: float, g_scale: float) -> None:
         """`A_i <- decay A_i + a_scale [x 1]^T [x 1]`, `G_i <- decay G_i + g_scale g^T g` (what
@@ -516,7 +555,11 @@ class FusedKFAC:
     def ready(self) -> bool:
         """Whether every block has curvature and an inverse."""
         kfac = self.kfac
-        return all(c > 0 for c in kfac.counts) and all(kfac.ready)
+        return (
+            all(kfac.counts)
+            and all(a is not None for a in kfac.a_inv)
+            and all(g is not None for g in kfac.g_inv)
+        )
 
     def step(
         self,

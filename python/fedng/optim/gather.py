@@ -64,6 +64,16 @@ class FlatGrads:
         self._fresh: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (block, weight, part)
         self._given: dict[int, torch.Tensor] = {}
         self._dst: list[torch.Tensor] = []  # the output parts `write_back` copies into `_src`
+        # Where no block owns only some rows of a parameter, `param_grads` order is every
+        # block's weight and bias: the gradients are then read in one list comprehension.
+        self._whole = [
+            q
+            for b in self.blocks
+            for q in (b.weight, b.bias)
+            if q is not None and b.w_rows is None and b.b_rows is None
+        ]
+        if len(self._whole) != sum(1 + (b.bias is not None) for b in self.blocks):
+            self._whole = []
 
     def _parts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if self._g_parts is None or self._p_parts is None:
@@ -86,9 +96,14 @@ class FlatGrads:
         if skip:
             return self._gather_skipping(set(skip))
         src: list[torch.Tensor] = []
-        for b in self.blocks:
-            if not b.param_grads(src):
+        if self._whole:
+            src = [q.grad for q in self._whole]  # type: ignore[misc]
+            if any(g is None for g in src):
                 return None
+        else:
+            for b in self.blocks:
+                if not b.param_grads(src):
+                    return None
         if src:
             torch._foreach_copy_(self._parts()[0], src)
         self._src, self._fresh, self._given = src, [], {}

@@ -94,7 +94,7 @@ from fedng.optim.damping import (
     predicted_reduction,
     reduction_ratio,
 )
-from fedng.optim.fused_kfac import BF16_MODES, FusedKFAC, FusedResult, Piece
+from fedng.optim.fused_kfac import BF16_MODES, FusedKFAC, FusedResult, Piece, Rows
 from fedng.optim.gather import FlatGrads
 from fedng.optim.safety import (
     Safety,
@@ -409,6 +409,15 @@ class NaturalGradient:
                 " returning the current batch's loss) on inverse steps"
             )
         fused = self._fused
+        if (
+            fused is not None
+            and not self._skipped
+            and self.damping_mode != "adaptive"
+            and self.source.mode == "local"
+            and fused.flat is self._flat
+            and self._quick(t, factor_step, inverse_step)
+        ):
+            return
         rows = (
             fused.take(self.capture, factor_step)
             if fused is not None and self.source.mode == "local" and fused.flat is self._flat
@@ -502,6 +511,25 @@ class NaturalGradient:
                     out=flat.outs if flat is not None and gathered is not None else None,
                 )
             )
+        self._finish(t, pre, report, grads, precond, rows, skip, pieces, adapt, closure, gathered)
+
+    def _finish(
+        self,
+        t: int,
+        pre: CurvatureSet | None,
+        report: InverseReport | None,
+        grads: list[torch.Tensor | None],
+        precond: list[torch.Tensor | None],
+        rows: Rows | None,
+        skip: tuple[int, ...],
+        pieces: list[Piece],
+        adapt: bool,
+        closure: Callable[[], torch.Tensor | float] | None,
+        gathered: list[torch.Tensor] | None,
+    ) -> None:
+        """The step after preconditioning: fallbacks, the KL scale, the adaptive damping, the
+        preconditioned gradients written into `.grad`, `last`."""
+        flat, fused, blocks = self._flat, self._fused, self.capture.blocks
         # All outputs in the flat buffer: one reduction is both their finiteness check and, with
         # the KL clip, sum <p, g> (an overflow or a non-finite output takes the exact path).
         dot = math.nan
@@ -524,13 +552,7 @@ class NaturalGradient:
         nu = 1.0
         if self.kl_clip is not None:  # the FedNG client's formula
             g_dot_p = dot if fast else sum(float((p * g).sum()) for _, g, p in live)
-            raw = self._raw_grads()
-            bound = self._bound(raw)
-            if g_dot_p > 0 and lr > 0:  # lr 0 (warm-up, a schedule's end): no step to bound
-                nu = min(1.0, math.sqrt(bound / (lr**2 * g_dot_p)))
-            if self._trust is not None and raw is not None:
-                taken = lr**2 * nu**2 * g_dot_p
-                self._trust.remember(self._block_params, raw, taken, nu < 1.0, lr**2 * g_dot_p)
+            nu = self._kl_scale(g_dot_p, lr)
         self.stats["clipped_steps"] += nu < 1.0
         rho = None
         if adapt and closure is not None and live:
@@ -549,6 +571,33 @@ class NaturalGradient:
                 blocks[i].grad_pairs(p, dst, src)
             if dst:
                 torch._foreach_copy_(dst, src)
+        preconditioned = list(self._names) if fast else [blocks[i].name for i, _, _ in live]
+        self._done(t, nu, rho, report, preconditioned, fallbacks)
+
+    def _kl_scale(self, g_dot_p: float, lr: float) -> float:
+        """The KL clip's scale ν of the preconditioned gradients (`kl_clip` set) from
+        `g_dot_p = sum <p, g>`, after the trust region observed the raw gradients; the step is
+        remembered for the next observation."""
+        nu = 1.0
+        raw = self._raw_grads()
+        bound = self._bound(raw)
+        if g_dot_p > 0 and lr > 0:  # lr 0 (warm-up, a schedule's end): no step to bound
+            nu = min(1.0, math.sqrt(bound / (lr**2 * g_dot_p)))
+        if self._trust is not None and raw is not None:
+            taken = lr**2 * nu**2 * g_dot_p
+            self._trust.remember(self._block_params, raw, taken, nu < 1.0, lr**2 * g_dot_p)
+        return nu
+
+    def _done(
+        self,
+        t: int,
+        nu: float,
+        rho: float | None,
+        report: InverseReport | None,
+        preconditioned: list[str],
+        fallbacks: dict[str, str],
+    ) -> None:
+        """`last`, the step counter and whether the next forward pass records."""
         self.last = {
             "step": t,
             "kl_scale": nu,
@@ -556,12 +605,60 @@ class NaturalGradient:
             "rho": rho,
             "trust_radius": None if self._trust is None else self._trust.radius,
             "inverse": report,
-            "preconditioned": list(self._names) if fast else [blocks[i].name for i, _, _ in live],
+            "preconditioned": preconditioned,
             "skipped": False,
             "fallbacks": fallbacks,
         }
         self.steps += 1
         self.capture.recording = self._batch_form or self.steps % self.factor_every == 0
+
+    def _quick(self, t: int, factor_step: bool, inverse_step: bool) -> bool:
+        """The common step in a few Python operations: the fused K-FAC step (`FusedKFAC.step`)
+        of the own curvature, every block ready, no left-out weight gradient, not adaptive.
+        Returns False, with nothing changed, when the step does not fit before the native call
+        (the general path then takes it); after it, a step with a non-finite output, an
+        inversion that escalated or failed, or a block without curvature finishes as the
+        general path does (`_finish`)."""
+        fused, flat = self._fused, self._flat
+        if fused is None or flat is None or flat.uncovered or not fused.ready():
+            return False
+        grads = flat.gather()
+        if grads is None:
+            return False
+        rows = fused.take(self.capture, factor_step)
+        if rows is None:
+            return False
+        factored = self.damping_mode != "tikhonov" or self._relative
+
+        def current() -> tuple[CurvatureSet | None, InverseReport | None]:
+            return self.source.current(inverse_step, self._damping_rule(), factored)
+
+        got: list[torch.Tensor | None] = list(grads)
+        args = (self.capture, current, rows, self.curvature_decay, inverse_step, got)
+        done = fused.step(*args, True, factor_step)
+        if done is None and all_finite([p.grad for p in self._params if p.grad is not None]):
+            done = fused.step(*args, False, factor_step)  # finite entries whose sum overflowed
+        if done is None:  # a non-finite gradient: nothing was updated
+            self._skip(t)
+            return True
+        pre, report, precond = done
+        if rows.records:  # as `_note_batch`: nothing recorded keeps the last answer
+            self._batch_form = fused.batch_form(rows)
+        dot = fused.dot
+        if (
+            not math.isfinite(dot)
+            or self._no_curvature
+            or pre is not self.local_curvature
+            or (report is not None and any(report.status.tolist()))  # not all OK
+            or not flat.holds_outputs(precond)
+        ):
+            self._finish(t, pre, report, got, precond, rows, (), [], False, None, grads)
+            return True
+        nu = 1.0 if self.kl_clip is None else self._kl_scale(dot, float(self._lr()))
+        self.stats["clipped_steps"] += nu < 1.0
+        flat.write_back(nu)
+        self._done(t, nu, None, report, list(self._names), {})
+        return True
 
     # --- internals ------------------------------------------------------------------------
 

@@ -127,7 +127,7 @@ def jittered(report: InverseReport | None) -> int:
     """How many matrices in `report` needed escalated damping."""
     if report is None:
         return 0
-    return int((report.status == int(ops.CholeskyStatus.JITTER)).sum())
+    return report.status.tolist().count(int(ops.CholeskyStatus.JITTER))
 
 
 def fall_back(

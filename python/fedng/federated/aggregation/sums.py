@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fedng._backend import native
 from fedng._typing import Arrays
 from fedng.curvature.packed_fold import fold_update
 from fedng.curvature.quantize import VEC_CHUNK, Segment, dequantize_add, fold_plan, payload_sizes
@@ -51,8 +52,9 @@ class WeightedSum:
         out = self.sums
         names = list(arrays)
         vals = [arrays[k].float() for k in names]
-        if not out:
-            out.update(zip(names, torch._foreach_mul(vals, weight), strict=True))
+        if not out:  # contiguous sums (a strided first array would pass on its strides)
+            firsts = [v.contiguous() for v in torch._foreach_mul(vals, weight)]
+            out.update(zip(names, firsts, strict=True))
         else:  # one dispatch per op for all arrays (small models are dispatch-bound)
             acc = [out[k] for k in names]
             if self.exact:  # w * x rounded, then added: mean_delta's arithmetic, bit for bit
@@ -61,6 +63,62 @@ class WeightedSum:
                 torch._foreach_add_(acc, vals, alpha=weight)
         self.total_weight += weight
         self.count += 1
+
+    def fold_checked(
+        self, names: Sequence[str], arrays: Sequence[torch.Tensor], weight: float, bound: float
+    ) -> tuple[bool, list[float]]:
+        """Measures, checks and (when it passes) folds one update in one native call
+        (`_C.check_fold`): the arrays' squared norms (`sum_squares`'s values), then, when all
+        are finite and the square root of their `math.fsum` is at most `bound`, `weight * x`
+        added with `fold`'s exact arithmetic (bit for bit). A rejected update changes nothing.
+
+        Args:
+            names: the arrays' names (the sums' names, once started).
+            arrays: contiguous float32 / bfloat16 CPU tensors, one per name.
+            weight: the fold's weight.
+            bound: the largest norm accepted (inf: none).
+
+        Returns:
+            (whether it was folded, the squared norm of each array).
+
+        Raises:
+            ValueError: not an exact sum, arrays of another dtype or layout, or arrays that do
+                not match the started sums.
+        """
+        if not self.exact:
+            raise ValueError("WeightedSum.fold_checked: only an exact sum folds this way")
+        first = not self.sums
+        if first:
+            accs = [torch.empty(x.shape, dtype=torch.float32) for x in arrays]
+        else:
+            accs = [self.sums[k] for k in names]
+            for i, a in enumerate(accs):  # a first fold of strided arrays keeps their strides
+                if not a.is_contiguous():
+                    accs[i] = self.sums[names[i]] = a.contiguous()
+        f32, bf16 = torch.float32, torch.bfloat16
+        xs: list[int] = []
+        ps: list[int] = []
+        sizes: list[int] = []
+        half: list[bool] = []
+        for a, x in zip(accs, arrays, strict=True):  # per-array cost matters on small models
+            dt, n = x.dtype, x.numel()
+            if (dt is not f32 and dt is not bf16) or not x.is_contiguous() or not x.is_cpu:
+                raise ValueError("WeightedSum.fold_checked: contiguous float32/bf16 CPU arrays")
+            if a.numel() != n:
+                raise ValueError("WeightedSum.fold_checked: arrays do not match the sums")
+            xs.append(x.data_ptr())
+            ps.append(a.data_ptr())
+            sizes.append(n)
+            half.append(dt is bf16)
+        folded, sqs = native.check_fold(
+            xs=xs, accs=ps, n=sizes, bf16=half, weight=weight, bound=bound, first=first
+        )
+        if folded:
+            if first:
+                self.sums.update(zip(names, accs, strict=True))
+            self.total_weight += weight
+            self.count += 1
+        return folded, sqs
 
     def fold_int8(
         self, payloads: Mapping[str, Int8Payload], weight: float, *, counted: bool = False
@@ -113,7 +171,7 @@ def fold_all(
             is also in `parts`).
         int8: name -> (int8 values, float32 scales, segments).
     """
-    ready = [not s.exact and bool(s.sums) and all(k in s.sums for k in a) for s, a in parts]
+    ready = [not s.exact and bool(s.sums) and s.sums.keys() >= a.keys() for s, a in parts]
     for (s, a), ok in zip(parts, ready, strict=True):
         if not ok:  # exact (bit-identical) or not started: a fold of its own
             s.fold(a, weight)
@@ -130,7 +188,9 @@ def fold_all(
                     f"fold_all: int8 sizes do not match the segments ({nq} values, {nside}"
                     f" scales and a sum of {nacc} expected)"
                 )
-            payload = (acc8, q.reshape(-1), side.reshape(-1), flat, VEC_CHUNK)
+            flat_q = q if q.dim() == 1 else q.reshape(-1)
+            flat_side = side if side.dim() == 1 else side.reshape(-1)
+            payload = (acc8, flat_q, flat_side, flat, VEC_CHUNK)
             if not counted:
                 int8_sum.total_weight += weight
                 int8_sum.count += 1
