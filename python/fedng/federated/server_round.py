@@ -367,9 +367,7 @@ class ServerRound:
         log: dict[str, Any] = {"rejected": self.rejected}
         accepted = list(self.weights)
         if accepted:
-            work = (
-                _shallow_copy(self.state) if type(self.acc) is MeanStep else self.state.copy()
-            )
+            work = _shallow_copy(self.state) if type(self.acc) is MeanStep else self.state.copy()
             work.log = {}
             try:
                 res = self.acc.finish(work, self._scale())
