@@ -70,6 +70,23 @@ def test_inplace_activation_after_layer() -> None:
     assert_rows_match_grads(run.cap, stats)
 
 
+@pytest.mark.parametrize("op", ["relu_", "add_"])
+def test_inplace_op_after_a_layer_whose_output_is_a_view(op: str) -> None:
+    """nn.Linear on [B, T, n] returns a view of its 2-D product; an in-place op after it takes
+    the view's node out of the graph: the rows still match the per-sample gradients."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 2)).double()
+    if op == "add_":
+        model[1] = _AddInPlace()
+    stats = run(model, torch.randn(4, 3, 5, dtype=F64))
+    assert all(s.g is not None for s in stats) and len(stats) == 2
+    assert_rows_match_grads(run.cap, stats)
+
+
+class _AddInPlace(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.add_(1.0).tanh()
+
+
 def explicit_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """[B, L, C*kh*kw] patches by slicing a zero-padded input (no unfold)."""
     ph, pw = conv.padding

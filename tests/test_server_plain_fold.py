@@ -94,6 +94,19 @@ def test_check_fold_rejects_without_writing() -> None:
         WeightedSum(exact=False).fold_checked(names, xs, 1.0, math.inf)
 
 
+def test_check_fold_checks_its_counts_before_any_pointer() -> None:
+    """Lists of the wrong length are one-line ValueErrors, not reads past their ends."""
+    x = torch.ones(4)
+    ok: dict[str, Any] = {"xs": [x.data_ptr()], "accs": [x.data_ptr()], "n": [4], "bf16": [0]}
+    for key in ("accs", "n", "bf16"):
+        with pytest.raises(ValueError, match=f"'{key}' has 0 entries"):
+            native.check_fold(**{**ok, key: []}, weight=1.0, bound=1.0, first=True)
+    with pytest.raises(ValueError, match="negative"):
+        native.check_fold(**{**ok, "n": [-1]}, weight=1.0, bound=1.0, first=True)
+    with pytest.raises(ValueError, match="null pointer"):
+        native.check_fold(**{**ok, "accs": [0]}, weight=1.0, bound=1.0, first=True)
+
+
 def _replay(u: ClientUpdate, cid: int, **change: Any) -> ClientUpdate:
     out = ClientUpdate.from_bytes(u.to_bytes())
     out.client_id = cid
@@ -138,6 +151,8 @@ def _hostile(ups: list[ClientUpdate]) -> list[ClientUpdate]:
         _replay(u, 113, delta={k: v for k, v in u.delta.items() if k != k0}),
         _replay(u, 0),  # a second reply under id 0
         with_delta(114, lambda k, v: v * 0.5),
+        with_delta(115, lambda k, v: v.to_sparse() if k == k0 else v),  # not strided
+        with_delta(116, lambda k, v: torch._neg_view(v) if k == k0 else v),  # lazy negation
     ]
     return out
 
@@ -173,10 +188,11 @@ def test_fast_round_equals_the_python_round(
 
     v_fast, s_fast = run(True, replies)
     # only the replies that are not plain took the Python checks
-    assert sorted(slow_checks) == [102, 103, 105, 106, 107, 108, 109, 110, 111, 112, 113]
+    assert sorted(slow_checks) == [102, 103, 105, 106, 107, 108, 109, 110, 111, 112, 113, 115, 116]
     v_slow, s_slow = run(False, replies)
     assert v_fast == v_slow
-    assert len(s_fast.log["accepted"]) == len(ups) + 4  # fp16, strided, bf16, 1/2
+    assert len(s_fast.log["accepted"]) == len(ups) + 5  # fp16, strided, bf16, 1/2, negated
+    assert 115 in s_fast.log["rejected"] and 116 in s_fast.log["accepted"]
     for k in s_slow.params:
         assert torch.equal(s_fast.params[k], s_slow.params[k]), k
     assert s_fast.meta == s_slow.meta and s_fast.log["rejected"] == s_slow.log["rejected"]

@@ -420,3 +420,20 @@ def test_step_dots_native_equals_torch() -> None:
     b64, a64, e64 = trust._step_dots(*wide)
     assert e64 is None
     assert b64 == pytest.approx(before, rel=1e-6) and a64 == pytest.approx(after, rel=1e-6)
+
+
+def test_trust_dots_checks_its_lists_before_reading() -> None:
+    """The native trust sums refuse lists of other lengths, negative sizes and null pointers
+    with a one-line ValueError (they are reached only through `_step_dots`' checked calls)."""
+    from fedng._backend import native
+
+    x = torch.ones(4)
+    ok: dict[str, list[int]] = {k: [x.data_ptr()] for k in ("params", "theta", "g_old", "grads")}
+    with pytest.raises(ValueError, match="'grads' has 0 entries"):
+        native.trust_dots(**{**ok, "grads": []}, n=[4])
+    with pytest.raises(ValueError, match="negative"):
+        native.trust_dots(**ok, n=[-1])
+    for key in ok:
+        with pytest.raises(ValueError, match=f"'{key}\\[0\\]' is a null pointer"):
+            native.trust_dots(**{**ok, key: [0]}, n=[4])
+    assert native.trust_dots(**ok, n=[4])[2] == 4.0  # <g, g> of four ones

@@ -83,7 +83,11 @@ double exact_sum(const double* x, std::size_t n) {
 bool check_fold(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16,
                 double weight, double bound, bool first, double* sq) {
   const char* op = "check_fold";
+  // every count and size before any pointer is read (check_ptrs indexes n)
   check_count(op, "accs", accs.size(), xs.size());
+  check_count(op, "n", n.size(), xs.size());
+  check_count(op, "bf16", bf16.size(), xs.size());
+  check_sizes(op, "n", n);
   check_ptrs(op, "accs", accs, n);
   sum_squares(xs, n, bf16, sq);  // checks xs, n, bf16
   for (std::size_t k = 0; k < xs.size(); ++k)

@@ -240,6 +240,9 @@ void trust_dots(const Ptrs& params, const Ptrs& theta, const Ptrs& g_old, const 
                             {"grads", grads.size()}, {"n", n.size()}})
     check_count(op, name, size, count);
   check_sizes(op, "n", n);
+  for (auto [name, ptrs] : {std::pair{"params", &params}, {"theta", &theta}, {"g_old", &g_old},
+                            {"grads", &grads}})
+    check_ptrs(op, name, *ptrs, n);
   double before[4] = {0, 0, 0, 0}, after[4] = {0, 0, 0, 0}, energy[4] = {0, 0, 0, 0};
   for (std::size_t i = 0; i < count; ++i) {
     const float* p = as<const float>(params[i]);

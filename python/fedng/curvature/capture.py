@@ -4,7 +4,9 @@ Cost when not recording: one attribute test in a forward hook per supported modu
 the backward pass (no backward hooks are registered: output gradients come from pre-hooks on the
 output's autograd node, which the forward hook attaches only while recording; a tensor hook
 where the output has no node). These see the gradient of a layer's output as it was before any
-later in-place op (e.g. `ReLU(inplace=True)`), which module full-backward hooks refuse.
+later in-place op (e.g. `ReLU(inplace=True)`), which module full-backward hooks refuse; for an
+output that is a view of its whole base (nn.Linear on [B, T, n] inputs), on the base's node, since
+an in-place op takes the view's own node out of the graph.
 """
 
 from __future__ import annotations
@@ -164,6 +166,17 @@ class CurvatureCapture:
             return
         rec = _Record(site, x, extra, self._forward)  # `collect` reads x under no_grad
         self._records.append(rec)
+        base = y._base
+        if _whole_view(y, base):
+            # A layer output that is a view of its whole base (nn.Linear on 3-D inputs): a later
+            # in-place op takes the view's node out of the graph, so the hook goes on the base's
+            # node, whose gradient is the view's before that op, in the base's shape.
+            assert base is not None and base.grad_fn is not None
+            shape = y.shape
+            base.grad_fn.register_prehook(
+                functools.partial(self._on_base_grad, rec, base.output_nr, shape)
+            )
+            return
         node = y.grad_fn
         if node is None:  # a leaf output: a tensor hook
             # torch declares Tensor.register_hook without annotations
@@ -178,6 +191,13 @@ class CurvatureCapture:
         g = grads[nr]
         if g is not None:
             self._on_grad(rec, g)
+
+    def _on_base_grad(
+        self, rec: _Record, nr: int, shape: torch.Size, grads: tuple[torch.Tensor | None, ...]
+    ) -> None:
+        g = grads[nr]
+        if g is not None:
+            self._on_grad(rec, g.reshape(shape))
 
     def _on_grad(self, rec: _Record, grad: torch.Tensor) -> None:
         g = grad.detach() if grad.requires_grad else grad
@@ -294,3 +314,16 @@ class CurvatureCapture:
             _merge(pieces[i], self.reduction) if i in pieces else None
             for i in range(len(self.blocks))
         ]
+
+
+def _whole_view(y: torch.Tensor, base: torch.Tensor | None) -> bool:
+    """Whether y is a reshaped view of all of a non-leaf base, element for element (so the
+    base's gradient, reshaped, is y's)."""
+    return (
+        base is not None
+        and base.grad_fn is not None
+        and base.numel() == y.numel()
+        and base.is_contiguous()
+        and y.is_contiguous()
+        and y.storage_offset() == base.storage_offset()
+    )

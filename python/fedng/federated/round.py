@@ -28,6 +28,7 @@ from fedng.federated.aggregation.stage import defend, holds_round
 from fedng.federated.algorithms.base import Algorithm, Answer, State, run_batch
 from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.algorithms.sample_noise import PARTICIPATION_KEY
+from fedng.federated.algorithms.step_schedule import NUM_ROUNDS_KEY
 from fedng.federated.client.privacy import privatize_update
 from fedng.federated.config.common import ClientConfig, ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
@@ -37,7 +38,10 @@ from fedng.federated.validate import REFERENCE_KEY, delta_norm, reference_of, va
 
 
 def server_init(
-    params: Arrays, config: ServerConfig, participation: float = 1.0
+    params: Arrays,
+    config: ServerConfig,
+    participation: float = 1.0,
+    num_rounds: int | None = None,
 ) -> tuple[State, ServerMessage]:
     """The initial server state and the first round's message.
 
@@ -47,6 +51,9 @@ def server_init(
         participation: the fraction of the clients the driver samples per round, in (0, 1];
             below 1 it is kept in `state.meta["participation"]` (FedNG's server step reads it:
             `fedng.federated.algorithms.sample_noise`).
+        num_rounds: the rounds the driver plans to run, or None (unknown); kept in
+            `state.meta["num_rounds"]` (FedNG's server step decays over the run's last rounds:
+            `fedng.federated.algorithms.step_schedule`; `plan_rounds` changes it).
 
     Returns:
         (state, message for round 0).
@@ -57,8 +64,22 @@ def server_init(
     state = ServerState(0, {k: v.detach().float().clone() for k, v in params.items()}, config)
     if participation < 1:
         state.meta[PARTICIPATION_KEY] = float(participation)
+    if num_rounds is not None:
+        plan_rounds(state, num_rounds)
     state = algo.init_state(state)
     return state, algo.broadcast(state).seal()
+
+
+def plan_rounds(state: State, num_rounds: int) -> None:
+    """Tells the server (in place) how many rounds the run will have in all, e.g. when a
+    resumed run is given more rounds than it was started with.
+
+    Raises:
+        ValueError: `num_rounds` not an int >= 1.
+    """
+    if isinstance(num_rounds, bool) or not isinstance(num_rounds, int) or num_rounds < 1:
+        raise ValueError(f"server_init: 'num_rounds' must be an int >= 1, got {num_rounds!r}")
+    state.meta[NUM_ROUNDS_KEY] = num_rounds
 
 
 def client_step(

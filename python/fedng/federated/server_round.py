@@ -134,8 +134,8 @@ class ServerRound:
         self.probe_message: ServerMessage | None = None
         # FedAvg-like rounds: a plain update is checked and folded in one native call
         acc = self.acc
-        plan = plain_plan(state, self.algo) if isinstance(acc, MeanStep) else None
-        self._plain = plan if plan and isinstance(acc, MeanStep) and acc.deltas.exact else None
+        plan = plain_plan(state, self.algo) if type(acc) is MeanStep else None
+        self._plain = plan if plan and type(acc) is MeanStep and acc.deltas.exact else None
         self._plain_names = [k for k, _ in plan or []]
         self._clock(t0, c0)
 
@@ -178,7 +178,10 @@ class ServerRound:
             return self._reject(cid, "a second update with this client id this round")
         self.seen.add(cid)
         if self._plain is not None:
-            arrays = plain_arrays(self.state, update, self._plain)
+            try:
+                arrays = plain_arrays(self.state, update, self._plain)
+            except Exception:  # whatever a payload provokes: the Python checks give the reason
+                arrays = None
             if arrays is not None:
                 if self.warmup <= 0 or self.norm_ref is not None:
                     return self._fold_plain(update, arrays)
@@ -364,9 +367,7 @@ class ServerRound:
         log: dict[str, Any] = {"rejected": self.rejected}
         accepted = list(self.weights)
         if accepted:
-            work = (
-                _shallow_copy(self.state) if isinstance(self.acc, MeanStep) else self.state.copy()
-            )
+            work = _shallow_copy(self.state) if type(self.acc) is MeanStep else self.state.copy()
             work.log = {}
             try:
                 res = self.acc.finish(work, self._scale())

@@ -30,7 +30,7 @@ from fedng.federated.config.common import ClientConfig, ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.report.history import History, RoundRecord, fill_round
 from fedng.federated.resume import MODEL_FILE, RunCheckpoint
-from fedng.federated.round import client_step, server_init, server_step
+from fedng.federated.round import client_step, plan_rounds, server_init, server_step
 from fedng.federated.server_round import stream_step
 from fedng.federated.tasks.base import FederatedTask
 from fedng.federated.wire import PayloadError
@@ -136,7 +136,7 @@ def simulate(
     algo.check_model(model)
     eval_model = task.model_fn(seed)
     state, message = server_init(
-        get_params(model), server_config, sampled_fraction(k, participation)
+        get_params(model), server_config, sampled_fraction(k, participation), rounds or None
     )
     rng = np.random.default_rng(seed)
     test_data, val_data = task.test_data(), task.validation_data()
@@ -162,6 +162,8 @@ def simulate(
     ckpt = RunCheckpoint(checkpoint_dir, hist, num_examples=[c.num_examples for c in task.clients])
     if resume and ckpt.exists():
         state, message = ckpt.restore(rounds, rng, client_states, model)
+        if rounds:  # the plan is this call's (more rounds than the checkpoint's run may follow)
+            plan_rounds(state, rounds)
     else:
         hist.rounds.append(record(0, state.params))
     cum = hist.rounds[-1].cum_bytes

@@ -199,15 +199,17 @@ def plain_arrays(state: State, update: ClientUpdate, plan: PlainPlan) -> list[to
     if type(delta) is not dict or len(delta) != len(plan):
         return None
     out = []
-    tensor, dtypes = torch.Tensor, _PLAIN_DTYPES
+    tensor, dtypes, strided = torch.Tensor, _PLAIN_DTYPES, torch.strided
     for k, shape in plan:
         t = delta.get(k)
         if (
             type(t) is not tensor
+            or t.layout is not strided  # sparse / mkldnn: is_contiguous or data_ptr raise
             or t.shape != shape
             or t.dtype not in dtypes
             or not t.is_contiguous()
             or not t.is_cpu
+            or t.is_neg()  # a lazy negation the native fold would not apply
         ):
             return None
         out.append(t)

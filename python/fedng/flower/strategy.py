@@ -41,7 +41,7 @@ from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.config.common import ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.report.history import History, RoundRecord, fill_round
-from fedng.federated.round import server_init, server_step
+from fedng.federated.round import plan_rounds, server_init, server_step
 from fedng.federated.server_round import ServerRound
 from fedng.federated.simulator import sample_clients, sampled_fraction
 from fedng.federated.wire import PayloadError
@@ -263,6 +263,7 @@ class FedNGStrategy(Strategy):
             record_to_arrays(initial_arrays),
             config,
             sampled_fraction(self.num_clients, self.participation),
+            rounds or None,
         )
         self._rng = np.random.default_rng(self.seed)
         result = Result(arrays=arrays_to_record(self.state.params))
@@ -278,6 +279,8 @@ class FedNGStrategy(Strategy):
             self.state, self.message = self.checkpoint.restore(
                 self._rng, self.history, identity, rounds
             )
+            if rounds:  # this call's plan (the run may be given more rounds than it had)
+                plan_rounds(self.state, rounds)
             result.arrays = arrays_to_record(self.state.params)
             logger.info("resumed after round %d", self.state.round)
         else:

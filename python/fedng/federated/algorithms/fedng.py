@@ -42,6 +42,7 @@ from fedng.federated.algorithms.fedng_server import (
     fold_global,
     global_scales,
     global_set,
+    scheduled_step,
 )
 from fedng.federated.client.layers import warn_unsupported_layers
 from fedng.federated.client.natural_gradient import (
@@ -194,7 +195,7 @@ class FedNG(Algorithm[FedNGConfig]):
         else:
             step = mean_delta(updates)
             state.log["aggregation"] = "mean"
-        apply_server_step(state, step)
+        apply_server_step(state, scheduled_step(state, step, opts.server_decay))
         if sets:
             fold_global(
                 state, CurvatureSet.combine(sets, weights_of(with_curv)), opts.curvature_ema

@@ -45,6 +45,7 @@ from fedng.federated.algorithms.curvature_payload import (
     wants_int8_payload,
 )
 from fedng.federated.algorithms.sample_noise import PARTICIPATION_KEY, SampleSpread
+from fedng.federated.algorithms.step_schedule import NUM_ROUNDS_KEY, decay_factor
 from fedng.federated.config.curvature import FedNGConfig
 from fedng.federated.messages import ClientUpdate, ServerMessage
 
@@ -134,6 +135,20 @@ def broadcast_factors(state: State, compression: str) -> tuple[Arrays, dict[str,
     if not wants_int8_payload(arrays, meta, compression):
         return dict(arrays), dict(meta)
     return quantize_arrays(arrays, meta)
+
+
+def scheduled_step(state: State, step: Arrays, fraction: float) -> Arrays:
+    """FedNG's server step times the decay factor of round `state.round` in the planned run
+    (`step_schedule`, logged as `step_decay`); the step itself (the same tensors) before the
+    decay, with `fraction` 0, or when the server was given no number of rounds."""
+    planned = state.meta.get(NUM_ROUNDS_KEY)
+    if planned is None or fraction <= 0:
+        return step
+    f = decay_factor(state.round, int(planned), fraction)
+    if f >= 1.0:
+        return step
+    state.log["step_decay"] = f
+    return {k: v * f for k, v in step.items()}
 
 
 class CurvatureSums:
@@ -310,6 +325,7 @@ class CurvatureSums:
             step = self.deltas.scaled(scale)
             state.log["aggregation"] = "mean"
         step = self._participation_step(state, step, scale)
+        step = scheduled_step(state, step, self.opts.server_decay)
         apply_server_step(state, step)
         if pooled is not None and self.pooled_arrays is not None:
             fold_global_packed(state, self.pooled_arrays, self.meta or {}, self.opts.curvature_ema)
