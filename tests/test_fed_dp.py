@@ -269,15 +269,19 @@ def test_distributed_dp_releases_no_metrics_and_no_dataset_size() -> None:
 def test_cli_dp_gives_fedng_absolute_damping_unless_the_user_set_damping() -> None:
     from fedng.cli import DP_FEDNG, dp_overrides
 
-    assert dp_overrides(["fedng", "fedavg"], {}) == {"fedng": DP_FEDNG}
+    off = {"server_decay": 0.0}  # and no server-step decay under DP unless the user set one
+    assert dp_overrides(["fedng", "fedavg"], {}) == {"fedng": {**DP_FEDNG, **off}}
     assert dp_overrides(["fedavg"], {}) == {}
     mine = {"fedng": {"lr": 0.1}}
-    assert dp_overrides(["fedng"], mine) == {"fedng": {**DP_FEDNG, "lr": 0.1}}
+    assert dp_overrides(["fedng"], mine) == {"fedng": {**DP_FEDNG, **off, "lr": 0.1}}
     assert mine == {"fedng": {"lr": 0.1}}  # not mutated
     for user in ({"*": {"damping": 0.5}}, {"fedng": {"damping_scale": "relative"}}):
-        assert dp_overrides(["fedng"], user) == user
+        assert dp_overrides(["fedng"], user) == {**user, "fedng": {**off, **user.get("fedng", {})}}
+    decayed = {"fedng": {"server_decay": 0.3}}
+    assert dp_overrides(["fedng"], decayed) == {"fedng": {**DP_FEDNG, "server_decay": 0.3}}
     _, sc = make_configs("fedng", dp_overrides(["fedng"], {})["fedng"])
     assert (sc.options.damping_scale, sc.options.damping) == ("absolute", 0.03)
+    assert sc.options.server_decay == 0.0  # type: ignore[attr-defined]
 
 
 def test_cli_dp_metric_fills_the_rest_of_the_metric_preset() -> None:

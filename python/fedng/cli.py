@@ -335,6 +335,7 @@ DP_METRIC_FEDNG: dict[str, Any] = {
     "damping_scale": "relative",
     "damping": 0.03,
     "lr": 0.2,
+    "server_decay": 0.0,
 }
 """FedNG with its DP clip and noise in the metric of its private input curvature
 (`aggregation.dp_metric`): each round the clients also release their K-FAC input factors' shapes
@@ -343,6 +344,8 @@ mean to its top 2 directions (`dp_curvature_pool="mean"`, post-processing); the 
 clipped in that metric and the noise is shaped by its inverse, and every client preconditions
 with the same public curvature (relative damping: the released shapes carry no scale), which
 pairs its step with the metric (docs/robustness_privacy.md, "Clipping in the curvature metric").
+The server step does not decay (`server_decay` 0, as for every FedNG run under --dp-epsilon):
+under DP the rounds are few and tuned, and the decay cost digits at ε=4 three points.
 It needs a curvature clip (`dp_curvature_clip`; the shapes' norm is at most sqrt(number of K-FAC
 blocks))."""
 
@@ -353,7 +356,8 @@ def dp_overrides(
     """`overrides` with `DP_FEDNG` under FedNG's own keys, where the user set neither damping
     key (for every algorithm, "*", or FedNG's own); where the user asked FedNG for
     `dp_metric=curvature`, with the rest of `DP_METRIC_FEDNG` under the keys the user left
-    unset instead."""
+    unset instead; and FedNG's server step without its decay (`server_decay` 0) unless the user
+    set one."""
     out = {k: dict(v) for k, v in overrides.items()}
     if "fedng" in algos:
         given = {**out.get("*", {}), **out.get("fedng", {})}
@@ -362,6 +366,8 @@ def dp_overrides(
             out["fedng"] = {**rest, **out.get("fedng", {})}
         elif not set(DP_FEDNG) & set(given):
             out["fedng"] = {**DP_FEDNG, **out.get("fedng", {})}
+        if "server_decay" not in given:  # under DP the rounds are few and tuned
+            out["fedng"] = {"server_decay": 0.0, **out.get("fedng", {})}
     return out
 
 
