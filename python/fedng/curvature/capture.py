@@ -167,14 +167,13 @@ class CurvatureCapture:
         rec = _Record(site, x, extra, self._forward)  # `collect` reads x under no_grad
         self._records.append(rec)
         base = y._base
-        if _whole_view(y, base):
+        base_node = None if base is None else base.grad_fn
+        if base is not None and base_node is not None and _whole_view(y, base):
             # A layer output that is a view of its whole base (nn.Linear on 3-D inputs): a later
             # in-place op takes the view's node out of the graph, so the hook goes on the base's
             # node, whose gradient is the view's before that op, in the base's shape.
-            assert base is not None and base.grad_fn is not None
-            shape = y.shape
-            base.grad_fn.register_prehook(
-                functools.partial(self._on_base_grad, rec, base.output_nr, shape)
+            base_node.register_prehook(
+                functools.partial(self._on_base_grad, rec, base.output_nr, y.shape)
             )
             return
         node = y.grad_fn
@@ -316,13 +315,11 @@ class CurvatureCapture:
         ]
 
 
-def _whole_view(y: torch.Tensor, base: torch.Tensor | None) -> bool:
-    """Whether y is a reshaped view of all of a non-leaf base, element for element (so the
-    base's gradient, reshaped, is y's)."""
+def _whole_view(y: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether y is a reshaped view of all of its base, element for element (so the base's
+    gradient, reshaped, is y's)."""
     return (
-        base is not None
-        and base.grad_fn is not None
-        and base.numel() == y.numel()
+        base.numel() == y.numel()
         and base.is_contiguous()
         and y.is_contiguous()
         and y.storage_offset() == base.storage_offset()
