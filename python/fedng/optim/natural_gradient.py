@@ -409,14 +409,7 @@ class NaturalGradient:
                 " returning the current batch's loss) on inverse steps"
             )
         fused = self._fused
-        if (
-            fused is not None
-            and not self._skipped
-            and self.damping_mode != "adaptive"
-            and self.source.mode == "local"
-            and fused.flat is self._flat
-            and self._quick(t, factor_step, inverse_step)
-        ):
+        if self._quick(t, factor_step, inverse_step):
             return
         rows = (
             fused.take(self.capture, factor_step)
@@ -620,7 +613,16 @@ class NaturalGradient:
         inversion that escalated or failed, or a block without curvature finishes as the
         general path does (`_finish`)."""
         fused, flat = self._fused, self._flat
-        if fused is None or flat is None or flat.uncovered or not fused.ready():
+        if (
+            fused is None
+            or flat is None
+            or fused.flat is not flat
+            or self._skipped
+            or self.damping_mode == "adaptive"
+            or self.source.mode != "local"
+            or flat.uncovered
+            or not fused.ready()
+        ):
             return False
         grads = flat.gather()
         if grads is None:

@@ -139,9 +139,9 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     if not a:
         return 0.0
     a, b = list(a), list(b)
-    if all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in a + b):
+    if _native32(a, b):  # the native call's contract, sizes included
         return _dots_f64(a, b)
-    parts = torch._foreach_mul(list(a), list(b))
+    parts = torch._foreach_mul(a, b)
     return float(torch.stack([p.sum(dtype=torch.float64) for p in parts]).sum())
 
 
