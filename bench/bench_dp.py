@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 from _resumable import Runs
-from fedng.cli import DP_METRIC_FEDNG
+from fedng.cli import DP_METRIC_FEDNG, dp_overrides
 from fedng.curvature import CurvatureSet
 from fedng.curvature.quantize import float_payload
 from fedng.federated.aggregation.dp import noise_multiplier_for
@@ -63,7 +63,9 @@ from fedng.federated.client import get_params
 from fedng.federated.config import make_configs
 from fedng.federated.report.threats import record_threats
 from fedng.federated.round import client_step, server_init
-from fedng.federated.simulator import simulate
+from fedng.federated.simulator import sample_size, sampled_fraction, simulate
+from fedng.federated.tasks.base import FederatedTask
+from fedng.federated.tasks.mnist1d import mnist1d_task
 from fedng.federated.tasks.registry import make_task
 from fedng.federated.validate import delta_norm
 
@@ -109,6 +111,26 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tasks", type=_list(str), default=["digits", "mnist1d"])
     p.add_argument("--clients", type=int, default=20)
+    p.add_argument(
+        "--participation",
+        type=float,
+        default=1.0,
+        help="fraction q of the clients sampled per round; the accountant composes T"
+        " Poisson-subsampled Gaussian mechanisms at the rate the simulator samples",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="Dirichlet label-skew concentration (default: the task's, 0.1); at hundreds of"
+        " clients 0.1 leaves some clients without examples",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=0,
+        help="MNIST-1D examples generated (80%% train, 20%% test; 0: the task's 5000)",
+    )
     p.add_argument(
         "--rounds",
         type=_list(int),
@@ -157,6 +179,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="digits, T 3, seed 0, ε 4 (smoke)")
     args = p.parse_args(argv)
+    if not 0 < args.participation <= 1:
+        p.error(f"--participation must be in (0, 1], got {args.participation}")
+    if args.samples < 0:
+        p.error(f"--samples must be >= 0, got {args.samples}")
+    if args.samples and not all(t.startswith("mnist1d") for t in args.tasks):
+        p.error("--samples applies only to the mnist1d tasks (the others' data is fixed)")
     if args.quick:
         args.tasks, args.rounds, args.seeds, args.epsilons = ["digits"], [3], [0], [4.0]
         args.clean_rounds = 3
@@ -215,12 +243,41 @@ def _released_norm(u: Any, release: str) -> float:
     return math.sqrt(sum(float((v.double() ** 2).sum()) for v in arrays.values()))
 
 
+def task_of(
+    name: str, clients: int, seed: int, samples: int = 0, alpha: float | None = None
+) -> FederatedTask:
+    """The task `name` with `clients` clients (Dirichlet `alpha`, None: the task's default); an
+    MNIST-1D task from `samples` generated examples when `samples` > 0 (the other tasks' data
+    is fixed).
+
+    Raises:
+        ValueError: `samples` > 0 for a task that is not MNIST-1D.
+    """
+    if not samples:
+        return make_task(name, num_clients=clients, alpha=alpha, seed=seed)
+    if name not in ("mnist1d", "mnist1d-cnn"):
+        raise ValueError(f"--samples applies only to the mnist1d tasks, not {name!r}")
+    return mnist1d_task(
+        num_clients=clients,
+        alpha=0.1 if alpha is None else alpha,
+        seed=seed,
+        num_samples=samples,
+        model="cnn" if name == "mnist1d-cnn" else "mlp",
+    )
+
+
 def clips(
-    task_name: str, algo: str, clients: int, seed: int, settings: dict[str, Any] | None = None
+    task_name: str,
+    algo: str,
+    clients: int,
+    seed: int,
+    settings: dict[str, Any] | None = None,
+    samples: int = 0,
+    alpha: float | None = None,
 ) -> tuple[float, float]:
     """The median round-0 delta norm and packed-curvature norm of the method's clients (under
-    `settings`)."""
-    task = make_task(task_name, num_clients=clients, seed=seed)
+    `settings`; all clients, whatever the participation)."""
+    task = task_of(task_name, clients, seed, samples, alpha)
     cc, sc = make_configs(algo, settings or {})
     cc = cc.replace(loss=task.loss)
     torch.manual_seed(seed)
@@ -244,26 +301,35 @@ def run_one(
     """One run of `cfg` at ε (inf: without DP, `cfg.rounds` rounds, no clip)."""
     algo = method.split("+")[0]
     metric = method.endswith("+metric")  # curvature released, deltas clipped in its metric
-    task = make_task(task_name, num_clients=args.clients, seed=seed)
+    task = task_of(task_name, args.clients, seed, args.samples, args.alpha)
+    k = len(task.clients)
     settings = cfg.settings()
     if metric and math.isfinite(eps):
         settings = {**DP_METRIC_FEDNG, **settings}
+    elif math.isfinite(eps):  # what `fedng simulate --dp-epsilon` runs (plain FedNG: absolute
+        # damping, no server-step decay; FedAvg unchanged)
+        settings = dp_overrides([algo], {algo: settings}).get(algo, settings)
     cc, sc = make_configs(algo, settings)
     dp = None
     if math.isfinite(eps):
-        c, cf = clips(task_name, algo, args.clients, seed, settings)
+        data = (args.samples, args.alpha)
+        c, cf = clips(task_name, algo, args.clients, seed, settings, *data)
         if method.endswith("+metric"):  # C: the update in the identity metric (no curvature
             # is public in round 0), which from round 1 on sets the delta's scale
-            c = clips(task_name, algo, args.clients, seed, {**settings, "precond": "none"})[0]
+            plain = {**settings, "precond": "none"}
+            c = clips(task_name, algo, args.clients, seed, plain, *data)[0]
         if method.endswith("+avgclip"):  # the same clip, so the same noise, as FedAvg
-            c = clips(task_name, "fedavg", args.clients, seed)[0]
+            c = clips(task_name, "fedavg", args.clients, seed, None, *data)[0]
         c, cf = c * cfg.mult, (cf if method.endswith("+curv") or metric else 0.0)
-        z = noise_multiplier_for(eps, args.delta, cfg.rounds, 1.0)
+        # the rate the simulator actually samples at (a fixed-size set of m clients a round;
+        # the accountant's Poisson sampling at that rate is the usual DP-FedAvg approximation)
+        q = sampled_fraction(k, args.participation)
+        z = noise_multiplier_for(eps, args.delta, cfg.rounds, q)
         knobs: dict[str, Any] = {
             "dp_clip": c,
             "dp_curvature_clip": cf,
             "dp_noise_multiplier": z,
-            "dp_clients": len(task.clients),
+            "dp_clients": sample_size(k, args.participation),
             "dp_seed": seed,
             "dp_clip_scope": cfg.scope,
         }
@@ -272,7 +338,7 @@ def run_one(
             "target_epsilon": eps,
             "delta": args.delta,
             "noise_multiplier": z,
-            "sampling_rate": 1.0,
+            "sampling_rate": q,
             "clip": c,
             "curvature_clip": cf,
             "mode": "central",
@@ -280,7 +346,7 @@ def run_one(
             "clip_mult": cfg.mult,
         }
     t0 = time.perf_counter()
-    h = simulate(task, cc, sc, rounds=cfg.rounds, seed=seed)
+    h = simulate(task, cc, sc, rounds=cfg.rounds, seed=seed, participation=args.participation)
     record_threats(h, None, dp)
     return {
         "task": task_name,
@@ -289,6 +355,10 @@ def run_one(
         "role": role,
         "target_epsilon": eps if math.isfinite(eps) else None,
         "seed": seed,
+        "clients": k,
+        "participation": args.participation,
+        "samples": args.samples,
+        "alpha": args.alpha,
         "final": h.final(),
         "val": h.rounds[-1].val_metric,
         "curve": [r.metric for r in h.rounds],
@@ -432,12 +502,33 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+SCALE: dict[str, Any] = {"clients": 20, "participation": 1.0, "samples": 0, "alpha": None}
+"""The protocol keys that set the scale of a run (with the defaults of files that predate them):
+the run keys leave them out, so one result file holds one scale."""
+
+
+def scale_clash(protocol: dict[str, Any] | None, args: argparse.Namespace) -> str | None:
+    """Why the runs recorded under `protocol` (a result file's) cannot be mixed with `args`'s
+    (another number of clients, participation or sample count), or None."""
+    if not protocol:
+        return None
+    for key, default in SCALE.items():
+        have, want = protocol.get(key, default), getattr(args, key)
+        if have != want:
+            return f"{key}: the file has {have}, this run {want}: give another --out"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Tunes (when the grid has more than one configuration), evaluates the winners on the
     seeds (skipping finished runs), writes JSON and markdown, prints the table."""
     args = parse(argv)
     torch.set_num_threads(1)
     store = Runs(Path(args.out), args.merge, _key)
+    clash = scale_clash(store.doc.get("protocol"), args)
+    if clash:
+        print(f"bench_dp: {args.out} holds runs of another scale ({clash})", file=sys.stderr)
+        return 2
     protocol = {k: v for k, v in vars(args).items() if k not in ("out", "merge")}
 
     def go(task: str, method: str, eps: float, seed: int, cfg: DpConfig, role: str) -> None:

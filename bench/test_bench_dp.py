@@ -122,3 +122,42 @@ def test_paired_comparison_is_per_seed_on_the_seeds_both_ran() -> None:
     sd = math.sqrt(((0.02 - 0.05 / 3) ** 2 + (-0.01 - 0.05 / 3) ** 2 + (0.04 - 0.05 / 3) ** 2) / 2)
     assert f"mean {0.05 / 3:+.4f} ± {sd / math.sqrt(3):.4f}" in line
     assert B.paired([r for r in runs if r["method"] != "fedavg"]) == []
+
+
+def test_subsampled_runs_are_accounted_at_the_rate_the_simulator_samples() -> None:
+    # 5 clients at participation 0.3 sample round(1.5) = 2 a round: the rate is 0.4, not 0.3
+    args = B.parse(["--clients", "5", "--participation", "0.3"])
+    r = B.run_one(args, "digits", "fedavg", 4.0, 0, B.DpConfig(2), "tune")
+    z = noise_multiplier_for(4.0, 1e-5, 2, 0.4)
+    assert r["dp"]["sampling_rate"] == 0.4 and r["dp"]["noise_multiplier"] == z
+    assert z < noise_multiplier_for(4.0, 1e-5, 2)  # amplification by subsampling
+    assert r["dp"]["epsilon"] == epsilon_spent(z, 1e-5, 2, 0.4)
+    assert 3.99 <= r["dp"]["epsilon"] <= 4.0
+    assert (r["clients"], r["participation"]) == (5, 0.3)
+
+
+def test_mnist1d_sample_count_and_alpha_are_options_of_the_data_only() -> None:
+    task = B.task_of("mnist1d", 4, 0, samples=600, alpha=1.0)
+    assert len(task.y_test) == 120  # 20% of the generated examples
+    assert sum(len(c.y) + len(c.y_val) for c in task.clients) == 480
+    assert task.name == "mnist1d(alpha=1)"
+    assert len(B.task_of("mnist1d", 4, 0).y_test) == 1000  # the task's default 5000
+    with pytest.raises(ValueError, match="only to the mnist1d tasks"):
+        B.task_of("digits", 4, 0, samples=600)
+    for bad in (
+        ["--samples", "600"],  # digits is among the default tasks
+        ["--tasks", "mnist1d", "--samples", "-1"],
+        ["--participation", "0"],
+        ["--participation", "1.5"],
+    ):
+        with pytest.raises(SystemExit):
+            B.parse(bad)
+
+
+def test_one_result_file_holds_one_scale() -> None:
+    args = B.parse(["--tasks", "mnist1d", "--clients", "200", "--samples", "20000"])
+    assert B.scale_clash(None, args) is None
+    same = {"clients": 200, "participation": 1.0, "samples": 20000, "alpha": None}
+    assert B.scale_clash(same, args) is None
+    assert "clients: the file has 20" in str(B.scale_clash({"clients": 20}, args))
+    assert "participation" in str(B.scale_clash({**same, "participation": 0.1}, args))
