@@ -46,8 +46,10 @@ from fedng.federated.algorithms.curvature_payload import (
     signature,
     update_scales,
 )
+from fedng.federated.algorithms.fedng_server import CurvatureSums
 from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
+from fedng.federated.summable_check import SummableFast, summable_plan
 from fedng.federated.validate import (
     REFERENCE_KEY,
     Rejected,
@@ -137,6 +139,9 @@ class ServerRound:
         plan = plain_plan(state, self.algo) if type(acc) is MeanStep else None
         self._plain = plan if plan and type(acc) is MeanStep and acc.deltas.exact else None
         self._plain_names = [k for k, _ in plan or []]
+        # FedNG-summable rounds: the replies that match the first accepted one's plan likewise
+        self._summable: SummableFast | None = None
+        self._summable_tried = False
         self._clock(t0, c0)
 
     def _clock(self, t0: float, c0: float) -> None:
@@ -186,6 +191,19 @@ class ServerRound:
                 if self.warmup <= 0 or self.norm_ref is not None:
                     return self._fold_plain(update, arrays)
                 return self._hold_plain(update, arrays)
+        fast = self._summable
+        if fast is not None and (
+            self.warmup <= 0 or (self.norm_ref is not None and self.scale_ref is not None)
+        ):  # judged on arrival (no warm-up hold): the fast path decides, or the checks below
+            try:
+                w = self._weight(update)
+                nrm = fast.try_fold(update, w, self.norm_ref, self.scale_ref)
+            except Exception:  # whatever a payload provokes: the Python checks give the reason
+                nrm = None
+            if nrm is not None:
+                self.weights[cid] = w
+                self.norms.append(nrm)
+                return Verdict(cid, ACCEPTED)
         reason = safe_check(self.state, update, self.algo)
         if reason is not None:
             return self._reject(cid, reason)
@@ -227,7 +245,7 @@ class ServerRound:
         cid = update.client_id
         ref, ratio = self.norm_ref, self.state.config.max_norm_ratio
         bound = ratio * ref if ref is not None and ref > 0 else math.inf
-        w = float(update.num_examples) if self.total is None else update.num_examples / self.total
+        w = self._weight(update)
         names = self._plain_names
         acc = cast(MeanStep, self.acc)  # the fast path is on only for a MeanStep (__init__)
         folded, sqs = acc.deltas.fold_checked(names, arrays, w, bound)
@@ -243,6 +261,11 @@ class ServerRound:
         self.weights[cid] = w
         self.norms.append(nrm)
         return Verdict(cid, ACCEPTED)
+
+    def _weight(self, update: ClientUpdate) -> float:
+        """The reply's fold weight: `n_k`, or `n_k / total` when the total is known."""
+        n = update.num_examples
+        return float(n) if self.total is None else n / self.total
 
     def _needs_warmup(self, scales: dict[str, float]) -> bool:
         """Whether a reference is missing (and the warm-up buffer still open)."""
@@ -290,13 +313,18 @@ class ServerRound:
                 f"curvature scale {k} = {scales[k]:.3g} exceeds {cratio:g} x the reference"
                 f" {refs.get(k) or 0:.3g}",
             )
-        w = float(update.num_examples) if self.total is None else update.num_examples / self.total
+        w = self._weight(update)
         arrays = None if self._plain is None else plain_arrays(self.state, update, self._plain)
         folded = False
         if arrays is not None and isinstance(self.acc, MeanStep):  # a held plain update
             folded, _ = self.acc.deltas.fold_checked(self._plain_names, arrays, w, math.inf)
         if not folded:
             self.acc.fold(update, w)
+            if not self._summable_tried:  # the round's first reply folded by the Python path
+                self._summable_tried = True
+                plan = summable_plan(self.state, self.algo, self.acc, update)
+                if plan is not None and isinstance(self.acc, CurvatureSums):
+                    self._summable = SummableFast(self.state, plan, self.acc)
         self.weights[cid] = w
         self.norms.append(nrm)
         return Verdict(cid, ACCEPTED)

@@ -167,6 +167,13 @@ PlainPlan = list[tuple[str, tuple[int, ...]]]
 _PLAIN_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def expected_shapes(
+    state: State, algo: Algorithm[Any]
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """The delta's and the extras' names and shapes `check_update` expects (its order)."""
+    return _expected(state, algo)
+
+
 def plain_plan(state: State, algo: Algorithm[Any]) -> PlainPlan | None:
     """The delta's names and shapes when the algorithm's updates are plain (no extras, and the
     base rule for curvature: none): such an update is fully checked by `plain_arrays` plus the

@@ -1,0 +1,230 @@
+"""FedNG-summable's fast path (`fedng.federated.summable_check`, `_C.summable_check_fold`): a
+reply that matches the round's plan is checked and folded in one native call, and must get the
+verdict, the reason and the sums of the Python path (`check_update`, the signature, `_judge`,
+`CurvatureSums.fold`) bit for bit; a reply the call declines leaves the sums untouched."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+from _fed import fed_round
+from fedng._backend import native
+from fedng.federated import ServerRound, server_round, validate
+from fedng.federated.messages import ClientUpdate
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _replay(u: ClientUpdate, cid: int, **change: Any) -> ClientUpdate:
+    out = ClientUpdate.from_bytes(u.to_bytes())
+    out.client_id = cid
+    for k, v in change.items():
+        setattr(out, k, v)
+    return out
+
+
+def _zoo(ups: list[ClientUpdate]) -> tuple[list[ClientUpdate], set[int]]:
+    """Honest summable replies interleaved with every malformed or outlying kind, and the ids
+    that must take the fast path (the honest ones, a scaled delta, a bf16 delta, a large c_k)."""
+    u = ups[0]
+    k0 = next(iter(u.delta))
+    f0 = next(iter(u.extras))
+
+    def part(cid: int, what: str, f: Any) -> ClientUpdate:
+        r = _replay(u, cid)
+        setattr(r, what, {k: f(k, v) for k, v in getattr(r, what).items()})
+        return r
+
+    def nan_at(first: str) -> Any:
+        def f(k: str, v: torch.Tensor) -> torch.Tensor:
+            v = v.clone()
+            if k == first:
+                v.view(-1)[-1] = float("nan")
+            return v
+
+        return f
+
+    def meta(cid: int, f: Any) -> ClientUpdate:
+        r = _replay(u, cid)
+        r.meta["curv"] = f(copy.deepcopy(r.meta["curv"]))
+        return r
+
+    def floaty(m: dict[str, Any]) -> dict[str, Any]:
+        m["layouts"][0][2] = float(m["layouts"][0][2])  # 8 -> 8.0: == but not the same JSON
+        return m
+
+    def scaled_side(factor: float, first_only: bool = True) -> Any:
+        def f(k: str, v: torch.Tensor) -> torch.Tensor:
+            if not k.endswith("/scale"):
+                return v
+            v = v.clone()
+            (v[:4] if first_only else v).mul_(factor)
+            return v
+
+        return f
+
+    out = [
+        part(100, "delta", nan_at(k0)),
+        part(101, "delta", lambda k, v: v * 1e4),  # too large
+    ]
+    out += [_replay(x, i) for i, x in enumerate(ups)]
+    out += [
+        part(102, "delta", nan_at(k0)),  # judged on arrival now
+        part(103, "extras", nan_at(f0)),  # NaN in c_k (bf16)
+        part(104, "delta", lambda k, v: v * 1e4),
+        part(105, "curvature", scaled_side(1e5)),  # a curvature scale too large
+        part(106, "curvature", scaled_side(-1.0)),  # negative scales: unsettled, checked
+        part(107, "curvature", scaled_side(float("nan"), first_only=False)),
+        part(108, "curvature", scaled_side(1e30, first_only=False)),  # above MAX_ABS
+        part(109, "delta", lambda k, v: v.half()),  # fp16: the Python path, accepted
+        part(110, "delta", lambda k, v: v.t().contiguous().t() if v.dim() == 2 else v),
+        part(111, "delta", lambda k, v: v.bfloat16()),  # fast, accepted
+        part(112, "delta", lambda k, v: v[:1] if k == k0 else v),  # wrong shape
+        part(113, "delta", lambda k, v: v.double()),
+        _replay(u, 114, num_examples=True),
+        _replay(u, 115, num_examples=0),
+        _replay(u, 116, round=u.round + 1),
+        _replay(u, 117, extras={k: v for k, v in u.extras.items() if k != f0}),
+        _replay(u, 118, extras={**u.extras, "x": torch.zeros(1)}),
+        _replay(u, 119, curvature={"kfac": u.curvature["kfac"]}),
+        part(120, "curvature", lambda k, v: v.to(torch.int16) if k == "kfac" else v),
+        part(121, "curvature", lambda k, v: v[:-1] if k == "kfac" else v),
+        meta(122, floaty),
+        meta(123, lambda m: dict(reversed(list(m.items())))),  # equal, other order: accepted
+        _replay(u, 124, meta=[]),
+        _replay(u, 0),  # a second reply under id 0
+        part(125, "delta", lambda k, v: v * 0.5),  # fast, accepted
+        part(126, "extras", lambda k, v: v * 1e3),  # c_k is not norm-checked: fast, accepted
+        part(127, "delta", lambda k, v: v.to_sparse() if k == k0 else v),
+        part(128, "delta", lambda k, v: torch._neg_view(v) if k == k0 else v),
+        part(129, "curvature", lambda k, v: v.reshape(2, -1) if k == "kfac" else v),  # 2-D q
+    ]
+    return out, {*range(len(ups)), 111, 125, 126, 129}
+
+
+def _round(
+    state: Any, replies: list[ClientUpdate], fast: bool, total: int | None
+) -> tuple[list[Any], Any, ServerRound]:
+    rnd = ServerRound(state, total_examples=total)
+    if not fast:
+        rnd._summable_tried = True  # no plan: every reply takes the Python path
+    verdicts = [rnd.add(copy.copy(r)) for r in replies]  # fresh: no cached norms
+    probe = rnd.probe()
+    assert probe is not None
+    by_id = {r.client_id: r for r in replies}
+    for cid in rnd.accepted_ids:
+        assert rnd.add_reply(rnd.algo.answer_probe(by_id[cid], probe)).status == "accepted"
+    return verdicts, rnd.finish()[0], rnd
+
+
+@pytest.mark.parametrize("total", [False, True])
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_fast_round_equals_the_python_round(
+    total: bool, rounds: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same replies with the fast path and without: the same verdicts and reasons,
+    bit-identical parameters, global curvature and logs; exactly the planned replies skipped
+    the Python checks. Round 0 has no reference: the first replies are held (warm-up)."""
+    state, ups = fed_round("fedng", {"aggregation": "summable"}, rounds=rounds)
+    assert ("reference" in state.meta) == (rounds > 0)
+    replies, fast_ids = _zoo(ups)
+    checked: list[int] = []
+    real = validate.safe_check
+
+    def counted(*a: Any) -> str | None:
+        checked.append(a[1].client_id)
+        return real(*a)
+
+    monkeypatch.setattr(server_round, "safe_check", counted)  # what ServerRound calls
+    n = 10_000 if total else None
+    v_fast, s_fast, rnd = _round(state, replies, True, n)
+    assert rnd._summable is not None
+    took_fast = {r.client_id for r in replies} - set(checked)
+    first = 1 if rounds else 2  # the plan comes from reply 0; in round 0 reply 1 is held
+    assert took_fast == fast_ids - set(range(first))
+    v_slow, s_slow, _ = _round(state, replies, False, n)
+    assert v_fast == v_slow
+    assert {v.client_id for v in v_fast if v.status == "rejected"} >= {102, 103, 104, 105, 107}
+    assert {109, 110, 111, 123, 125, 126, 129} <= set(s_fast.log["accepted"])
+    for part in ("params", "buffers"):
+        a, b = getattr(s_fast, part), getattr(s_slow, part)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    log_f = {k: v for k, v in s_fast.log.items() if k != "server_time_s"}
+    log_s = {k: v for k, v in s_slow.log.items() if k != "server_time_s"}
+    assert s_fast.meta == s_slow.meta and log_f == log_s
+
+
+def _call(**change: Any) -> tuple[int, float, list[float], torch.Tensor]:
+    """One `summable_check_fold` on a small synthetic reply (a 3 x 3 triangle payload)."""
+    x = torch.tensor([3.0, 4.0])
+    acc = torch.ones(2)
+    q = torch.tensor([0, 64, 0, -10, 5, 0], dtype=torch.int8)
+    side = torch.tensor([2.0, 1.0, 4.0, 0.01])  # D_i, then the certified delta
+    acc8 = torch.zeros(6)
+    args: dict[str, Any] = {
+        "xs": [x.data_ptr()],
+        "accs": [acc.data_ptr()],
+        "n": [2],
+        "bf16": [0],
+        "ndelta": 1,
+        "q": q.data_ptr(),
+        "side": side.data_ptr(),
+        "acc": acc8.data_ptr(),
+        "nq": 6,
+        "nside": 4,
+        "nacc": 6,
+        "segs": [0, 0, 0, 0, 3, 0],
+        "chunk": 64,
+        "max_abs": 1e18,
+        "pairs": [0, -1],
+        "divs": [3.0],
+        "bounds": [math.nan],
+        "weight": 0.5,
+        "norm_bound": math.inf,
+    }
+    args.update(change)
+    status, norm, sqs = native.summable_check_fold(**args)
+    return status, norm, sqs, torch.cat([acc, acc8])
+
+
+def test_check_fold_statuses_and_nothing_written_unless_folded() -> None:
+    status, norm, sqs, sums = _call()
+    assert (status, norm, sqs) == (0, 5.0, [25.0])
+    assert sums[:2].tolist() == [2.5, 3.0] and sums[2:].abs().sum() > 0
+    onep = torch.tensor(1.0) + torch.tensor(0.01)
+    trace = sum(float(torch.tensor(d) * onep) for d in (2.0, 1.0, 4.0))  # float32 D_i (1 + delta)
+    bad: dict[int, dict[str, Any]] = {
+        3: {"norm_bound": 4.99},  # the norm is 5
+        4: {"bounds": [trace / 3.0 * 0.999]},
+        2: {"max_abs": trace * 0.5},
+    }
+    for want, change in bad.items():
+        status, _, _, sums = _call(**change)
+        assert status == want, change
+        assert sums.tolist() == [1.0, 1.0] + [0.0] * 6, change  # untouched
+    assert _call(bounds=[trace / 3.0 * 1.001])[0] == 0
+    nan = torch.tensor([float("nan"), 1.0])
+    assert _call(xs=[nan.data_ptr()])[0] == 1
+    neg = torch.tensor([2.0, -1.0, 4.0, 0.01])
+    assert _call(side=neg.data_ptr())[0] == 2
+    cases: tuple[tuple[dict[str, Any], str], ...] = (
+        ({"pairs": [1, -1]}, "out of range"),
+        ({"pairs": [-1, 0]}, "out of range"),
+        ({"bounds": []}, "'bounds'"),
+        ({"ndelta": 2}, "ndelta"),
+        ({"segs": []}, "int8 payload"),
+        ({"nq": 5}, "runs past"),
+        ({"nacc": 5}, "runs past"),
+    )
+    for change, match in cases:
+        with pytest.raises(ValueError, match=match):
+            _call(**change)
