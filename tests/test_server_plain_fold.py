@@ -92,6 +92,11 @@ def test_check_fold_rejects_without_writing() -> None:
         acc.fold_checked(names, [xs[0].t(), xs[1]], 1.0, math.inf)
     with pytest.raises(ValueError, match="exact"):
         WeightedSum(exact=False).fold_checked(names, xs, 1.0, math.inf)
+    with pytest.raises(ValueError, match=r"no sum for \['c'\]"):  # a name the sums lack
+        acc.fold_checked(["a", "c"], xs, 1.0, math.inf)
+    with pytest.raises(ValueError, match="1 arrays for 2 names"):
+        acc.fold_checked(names, xs[:1], 1.0, math.inf)
+    assert acc.count == 2  # two folds passed; none of the errors folded anything
 
 
 def test_check_fold_checks_its_counts_before_any_pointer() -> None:

@@ -91,6 +91,12 @@ class WeightedSum:
         if first:
             accs = [torch.empty(x.shape, dtype=torch.float32) for x in arrays]
         else:
+            missing = [k for k in names if k not in self.sums]
+            if missing or len(names) != len(arrays):
+                raise ValueError(
+                    f"WeightedSum.fold_checked: arrays do not match the sums (no sum for"
+                    f" {missing[:3]}, or {len(arrays)} arrays for {len(names)} names)"
+                )
             accs = [self.sums[k] for k in names]
             for i, a in enumerate(accs):  # a first fold of strided arrays keeps their strides
                 if not a.is_contiguous():
