@@ -49,7 +49,11 @@ int summable_check_fold(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const 
     v /= divs[s];
     if (!std::isfinite(v) || v > bounds[s]) return kScaleBound;
   }
-  fold_update(xs, accs, n, bf16, weight, q, side, acc8, nq, nside, nacc, segs, chunk);
+  // The arrays last measured are still in cache: fold them first (the sums are independent,
+  // so the order changes no bit), then the payload.
+  const Ptrs rxs(xs.rbegin(), xs.rend()), raccs(accs.rbegin(), accs.rend());
+  const Sizes rn(n.rbegin(), n.rend()), rbf16(bf16.rbegin(), bf16.rend());
+  fold_update(rxs, raccs, rn, rbf16, weight, q, side, acc8, nq, nside, nacc, segs, chunk);
   return kFolded;
 }
 
