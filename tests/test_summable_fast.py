@@ -13,6 +13,9 @@ import pytest
 import torch
 from _fed import fed_round
 from fedng._backend import native
+from fedng.curvature.packed_fold import fold_update, payload_traces, sum_squares
+from fedng.curvature.quantize import VEC_CHUNK, fold_plan, quantize
+from fedng.curvature.spec import pack_triangle
 from fedng.federated import ServerRound, server_round, validate
 from fedng.federated.messages import ClientUpdate
 
@@ -228,3 +231,63 @@ def test_check_fold_statuses_and_nothing_written_unless_folded() -> None:
     for change, match in cases:
         with pytest.raises(ValueError, match=match):
             _call(**change)
+
+
+def test_check_fold_with_a_low_rank_segment_is_the_python_fold_and_scales() -> None:
+    """A payload of a triangle and a low-rank ("lrtri") factor: the traces are
+    `payload_traces`', each scale `(tr_a [* tr_b]) / div` flips between folded and rejected
+    exactly at its bound (the Python float arithmetic), and the fold is `fold_update`'s."""
+    gen = torch.Generator().manual_seed(1)
+    segs = [("tri", 6), ("lrtri", 260)]
+    mats = []
+    for n in (6, 260):
+        b = torch.randn(n, 40 if n > 6 else 3, generator=gen)
+        mats.append(pack_triangle(b @ b.T / n))
+    q, side = quantize(torch.cat(mats), segs)
+    flat, nacc, nq, nside = fold_plan(segs)
+    traces = payload_traces(q, side, flat, VEC_CHUNK)
+    assert traces is not None and len(traces) == 2
+    xs = [torch.randn(7, 3, generator=gen), torch.randn(5, generator=gen).bfloat16()]
+    pairs, divs = [0, 1, 0, -1, 1, -1], [1.0, 6.0, 260.0]
+    scales = [traces[0] * traces[1] / 1.0, traces[0] / 6.0, traces[1] / 260.0]
+
+    def run(bounds: list[float]) -> tuple[int, torch.Tensor, torch.Tensor]:
+        accs = [torch.ones(21), torch.ones(5)]
+        acc8 = torch.ones(nacc)
+        status, norm, sqs = native.summable_check_fold(
+            xs=[x.data_ptr() for x in xs],
+            accs=[a.data_ptr() for a in accs],
+            n=[21, 5],
+            bf16=[0, 1],
+            ndelta=1,
+            q=q.data_ptr(),
+            side=side.data_ptr(),
+            acc=acc8.data_ptr(),
+            nq=nq,
+            nside=nside,
+            nacc=nacc,
+            segs=list(flat),
+            chunk=VEC_CHUNK,
+            max_abs=1e18,
+            pairs=pairs,
+            divs=divs,
+            bounds=bounds,
+            weight=0.25,
+            norm_bound=math.inf,
+        )
+        assert sqs == sum_squares(xs)
+        assert status != 0 or norm == math.sqrt(math.fsum(sqs[:1]))
+        return status, torch.cat(accs), acc8
+
+    status, got, got8 = run(scales)  # value == bound passes
+    assert status == 0
+    accs = [torch.ones(21), torch.ones(5)]
+    ref8 = torch.ones(nacc)
+    fold_update(accs, [x.reshape(-1) for x in xs], 0.25, (ref8, q, side, flat, VEC_CHUNK))
+    assert torch.equal(got, torch.cat(accs)) and torch.equal(got8, ref8)
+    for i in range(3):
+        below = list(scales)
+        below[i] = math.nextafter(scales[i], 0.0)
+        status, got, got8 = run(below)
+        assert status == 4, i
+        assert torch.equal(got8, torch.ones(nacc)) and torch.equal(got, torch.ones(26))
