@@ -236,3 +236,31 @@ def test_strided_first_fold_then_fast_folds() -> None:
         outs.append(rnd.finish()[0])
     for k in outs[0].params:
         assert torch.equal(outs[0].params[k], outs[1].params[k]), k
+
+
+@pytest.mark.parametrize("lr", [1.0, 0.7, 1.0 / 3.0])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_server_step_is_the_per_parameter_formula_bit_for_bit(lr: float, momentum: float) -> None:
+    """`apply_server_step` (one `_foreach` dispatch for all float32 parameters without momentum)
+    gives `p + lr * d` of each parameter, as written per parameter; a float64 parameter takes
+    the per-parameter path and keeps its dtype promotion; `WeightedSum.scaled` is `v * scale`."""
+    state, _ = fed_round("fedavgm", {"server_momentum": momentum, "server_lr": lr}, rounds=0)
+    gen = torch.Generator().manual_seed(3)
+    step = {k: torch.randn(v.shape, generator=gen) * 1e-2 for k, v in state.params.items()}
+    acc = WeightedSum()
+    acc.fold(step, 1.0)
+    for k, v in acc.scaled(0.3).items():
+        assert torch.equal(v, acc.sums[k] * 0.3), k
+    new = state.copy()
+    apply_server_step(new, step)
+    for k, p in state.params.items():
+        want = p + lr * step[k]
+        if momentum > 0:  # a first momentum buffer is the step itself
+            assert torch.equal(new.buffers[f"m/{k}"], step[k]), k
+        assert torch.equal(new.params[k], want), k
+    k0 = next(iter(state.params))
+    mixed = state.copy()
+    mixed.params[k0] = mixed.params[k0].double()
+    apply_server_step(mixed, step)
+    assert mixed.params[k0].dtype == torch.float64
+    assert torch.equal(mixed.params[k0], state.params[k0].double() + lr * step[k0])

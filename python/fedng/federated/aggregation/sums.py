@@ -151,7 +151,8 @@ class WeightedSum:
         """The sums times `scale` (the sums themselves when `scale` is 1)."""
         if scale == 1.0:
             return self.sums
-        return {k: v * scale for k, v in self.sums.items()}
+        names, vals = list(self.sums), list(self.sums.values())
+        return dict(zip(names, torch._foreach_mul(vals, scale), strict=True))  # one dispatch
 
     @property
     def nbytes(self) -> int:
