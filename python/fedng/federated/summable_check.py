@@ -32,10 +32,10 @@ from fedng.federated.algorithms.curvature_payload import int8_scale_plan
 from fedng.federated.algorithms.fedng import FedNG
 from fedng.federated.algorithms.fedng_server import CurvatureSums
 from fedng.federated.messages import ClientUpdate
-from fedng.federated.validate import curvature_ratio, expected_shapes, store_sq_norms
+from fedng.federated.validate import curvature_ratio, expected_shapes
 
-_FOLDED, _NON_FINITE = 0, 1
-_FLOATS = (torch.float32, torch.bfloat16)
+_FOLDED = 0
+_F32_EPS = torch.finfo(torch.float32).eps
 
 
 @dataclass
@@ -44,7 +44,7 @@ class SummablePlan:
 
     Attributes:
         names: the delta's names, then the extras' (`fd/<param>`), in `check_update`'s order.
-        shapes: their shapes.
+        shapes: their shapes; `sizes` their entries.
         ndelta: how many of `names` are the delta's.
         kind: the int8 payload's kind; `scale_key` its scales' name.
         meta: the curvature metadata of the round's first accepted reply; `meta_repr` its repr
@@ -58,6 +58,7 @@ class SummablePlan:
 
     names: list[str]
     shapes: list[tuple[int, ...]]
+    sizes: list[int]
     ndelta: int
     kind: str
     scale_key: str
@@ -126,6 +127,7 @@ def summable_plan(
     return SummablePlan(
         names=names,
         shapes=[*shapes.values(), *extras.values()],
+        sizes=[s.numel() for s in live],
         ndelta=len(shapes),
         kind=kind,
         scale_key=kind + SCALE_SUFFIX,
@@ -146,34 +148,35 @@ def summable_plan(
 
 def _arrays(
     plan: SummablePlan, delta: object, extras: object
-) -> tuple[list[int], list[int], list[bool]] | None:
-    """(addresses, sizes, bfloat16 flags) of the reply's delta and extras arrays when they
-    are exactly the plan's (names, shapes, contiguous float32 / bfloat16 CPU tensors)."""
+) -> tuple[list[int], list[bool]] | None:
+    """(addresses, bfloat16 flags) of the reply's delta and extras arrays when they are exactly
+    the plan's (names, shapes, contiguous float32 / bfloat16 CPU tensors); their sizes are the
+    plan's."""
     if type(delta) is not dict or type(extras) is not dict:
         return None
-    if len(delta) + len(extras) != len(plan.names):
+    nd = plan.ndelta
+    if len(delta) != nd or len(extras) != len(plan.names) - nd:
         return None
     ptrs: list[int] = []
-    sizes: list[int] = []
     half: list[bool] = []
-    tensor, strided, bf16 = torch.Tensor, torch.strided, torch.bfloat16
-    nd = plan.ndelta
+    tensor, strided, f32, bf16 = torch.Tensor, torch.strided, torch.float32, torch.bfloat16
     for i, (k, shape) in enumerate(zip(plan.names, plan.shapes, strict=True)):
         t = delta.get(k) if i < nd else extras.get(k)
+        if type(t) is not tensor:
+            return None
+        dt = t.dtype
         if (
-            type(t) is not tensor
+            (dt is not f32 and dt is not bf16)
             or t.layout is not strided  # sparse / mkldnn: is_contiguous or data_ptr raise
             or t.shape != shape
-            or t.dtype not in _FLOATS
             or not t.is_contiguous()
             or not t.is_cpu
             or t.is_neg()  # a lazy negation the native kernels would not apply
         ):
             return None
         ptrs.append(t.data_ptr())
-        sizes.append(t.numel())
-        half.append(t.dtype is bf16)
-    return ptrs, sizes, half
+        half.append(dt is bf16)
+    return ptrs, half
 
 
 def _payload(plan: SummablePlan, curvature: object) -> tuple[int, int] | None:
@@ -248,13 +251,13 @@ class SummableFast:
         payload = _payload(plan, update.curvature)
         if arrays is None or payload is None:
             return None
-        ptrs, sizes, half = arrays
+        ptrs, half = arrays
         ratio = state.config.max_norm_ratio
         bound = ratio * norm_ref if norm_ref is not None and norm_ref > 0 else math.inf
-        status, norm, sqs = native.summable_check_fold(
+        status, norm, _ = native.summable_check_fold(
             xs=ptrs,
             accs=plan.accs,
-            n=sizes,
+            n=plan.sizes,
             bf16=half,
             ndelta=plan.ndelta,
             q=payload[0],
@@ -274,12 +277,11 @@ class SummableFast:
         )
         if status != _FOLDED:
             return None
-        store_sq_norms(update, plan.names[: plan.ndelta], sqs[: plan.ndelta])
         acc = self.acc
         for s in (acc.deltas, acc.contrib, acc.curv):  # `fold_all`'s counts
             s.total_weight += weight
             s.count += 1
-        acc.wire_eps = max(acc.wire_eps, torch.finfo(torch.float32).eps)
+        acc.wire_eps = max(acc.wire_eps, _F32_EPS)
         return float(norm)
 
     def _scale_bounds(self, refs: dict[str, float] | None) -> list[float]:
