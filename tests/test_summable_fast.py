@@ -11,13 +11,16 @@ from typing import Any
 
 import pytest
 import torch
-from _fed import fed_round
+from _fed import blobs_task, fed_round
 from fedng._backend import native
 from fedng.curvature.packed_fold import fold_update, payload_traces, sum_squares
 from fedng.curvature.quantize import VEC_CHUNK, fold_plan, quantize
 from fedng.curvature.spec import pack_triangle
 from fedng.federated import ServerRound, server_round, validate
+from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate
+from fedng.federated.simulator import simulate
+from fedng.federated.summable_check import SummableFast
 
 
 @pytest.fixture(autouse=True)
@@ -291,3 +294,35 @@ def test_check_fold_with_a_low_rank_segment_is_the_python_fold_and_scales() -> N
         status, got, got8 = run(below)
         assert status == 4, i
         assert torch.equal(got8, torch.ones(nacc)) and torch.equal(got, torch.ones(26))
+
+
+def test_streaming_simulation_is_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`simulate(streaming=True)` with FedNG-summable (the default aggregation) over a few
+    rounds: bit-identical losses and server logs with the fast path (which took most replies)
+    and without it."""
+    task = blobs_task(num_clients=5, n=40)
+    cc, sc = make_configs("fedng", {"local_steps": 3, "aggregation": "summable"})
+    folded: list[float] = []
+    real = SummableFast.try_fold
+
+    def counted(self: SummableFast, *a: Any) -> float | None:
+        got = real(self, *a)
+        if got is not None:
+            folded.append(got)
+        return got
+
+    monkeypatch.setattr(SummableFast, "try_fold", counted)
+    runs = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(server_round, "summable_plan", lambda *a: None)
+        hist = simulate(task, cc, sc, rounds=4, participation=1.0, seed=3, streaming=True)
+        runs.append(
+            [
+                (r.test_loss, {k: v for k, v in r.server_log.items() if k != "server_time_s"})
+                for r in hist.rounds
+            ]
+        )
+    assert runs[0] == runs[1]
+    assert runs[0][-1][1]["aggregation"] == "summable"
+    assert len(folded) >= 3 * 4  # rounds 1-3: all but the first reply (round 0: warm-up)
