@@ -6,6 +6,7 @@ verdict, the reason and the sums of the Python path (`check_update`, the signatu
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Any
 
@@ -21,11 +22,19 @@ from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.simulator import simulate
 from fedng.federated.summable_check import SummableFast
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
+
+
+@functools.cache
+def _summable_round() -> tuple[Any, list[ClientUpdate]]:
+    """A FedNG-summable server after one round (references set) and the next round's updates."""
+    return fed_round("fedng", {"aggregation": "summable"}, rounds=1)
 
 
 def _replay(u: ClientUpdate, cid: int, **change: Any) -> ClientUpdate:
@@ -326,3 +335,65 @@ def test_streaming_simulation_is_unchanged(monkeypatch: pytest.MonkeyPatch) -> N
     assert runs[0] == runs[1]
     assert runs[0][-1][1]["aggregation"] == "summable"
     assert len(folded) >= 3 * 4  # rounds 1-3: all but the first reply (round 0: warm-up)
+
+
+_MUTATIONS = ("none", "delta*", "ck*", "side*", "nan", "bf16", "fp16", "meta", "round")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 4),
+            st.sampled_from(_MUTATIONS),
+            st.sampled_from([0.5, 30.0, 1e3, 1e5, -1.0]),
+            st.integers(0, 7),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    st.booleans(),
+)
+def test_random_rounds_match_the_python_path(
+    plan: list[tuple[int, str, float, int]], total: bool
+) -> None:
+    """Random replies (honest ones, scaled deltas / contributions / int8 scales, a NaN in any
+    array, other dtypes, tweaked metadata, another round): the fast path and the Python path
+    give the same verdicts and bit-identical parameters and global curvature."""
+    state, ups = _summable_round()
+    replies = []
+    for cid, (src, what, factor, where) in enumerate(plan):
+        r = _replay(ups[src], cid)
+        if what == "delta*":
+            r.delta = {k: v * factor for k, v in r.delta.items()}
+        elif what == "ck*":
+            r.extras = {k: v * factor for k, v in r.extras.items()}
+        elif what == "side*":
+            r.curvature = {
+                k: v * factor if k.endswith("/scale") else v for k, v in r.curvature.items()
+            }
+        elif what == "nan":
+            arrays = [*r.delta.values(), *r.extras.values()]
+            arrays[where % len(arrays)].view(-1)[0] = float("nan")
+        elif what in ("bf16", "fp16"):
+            dt = torch.bfloat16 if what == "bf16" else torch.float16
+            r.delta = {k: v.to(dt) for k, v in r.delta.items()}
+        elif what == "meta":
+            r.meta["curv"]["rep_meta"]["kfac"]["x"] = where
+        elif what == "round":
+            r.round = r.round + where + 1
+        replies.append(r)
+    n = 10_000 if total else None
+    outs = []
+    for fast in (True, False):
+        rnd = ServerRound(state, total_examples=n)
+        if not fast:
+            rnd._summable_tried = True
+        verdicts = [rnd.add(copy.copy(r)) for r in replies]
+        outs.append((verdicts, rnd.finish()[0]))
+    (v_fast, s_fast), (v_slow, s_slow) = outs
+    assert v_fast == v_slow
+    for part in ("params", "buffers"):
+        a, b = getattr(s_fast, part), getattr(s_slow, part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert s_fast.meta == s_slow.meta
