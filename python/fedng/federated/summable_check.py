@@ -17,6 +17,7 @@ its reason: the same verdicts, reasons and bit-identical sums either way
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -131,7 +132,7 @@ def summable_plan(
         ndelta=len(shapes),
         kind=kind,
         scale_key=kind + SCALE_SUFFIX,
-        meta=meta,
+        meta=copy.deepcopy(meta),  # the reply's own dict may change after the round took it
         meta_repr=repr(meta),
         nq=nq,
         nside=nside,
