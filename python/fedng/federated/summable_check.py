@@ -50,7 +50,8 @@ class SummablePlan:
         kind: the int8 payload's kind; `scale_key` its scales' name.
         meta: the curvature metadata of the round's first accepted reply; `meta_repr` its repr
             (equality alone would take 1, 1.0 and True for one another).
-        nq: int8 values; `nside`: scales; `segs`: the fold's sextuples.
+        nq: int8 values; `nside`: scales; `nacc`: entries of the payload's float sum; `segs`:
+            the fold's sextuples.
         pairs: per curvature scale measure, its two trace indices (-1: one trace).
         divs: per measure, its divisor; `scale_names`: its name.
         accs: the running sums' data addresses, in `names` order; `acc8`: the payload's sum.
