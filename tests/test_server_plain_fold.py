@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import torch
-from _fed import fed_round
+from _fed import count_python_checks, fed_round, replay
 from fedng._backend import native
-from fedng.federated import ServerRound, server_round, validate
+from fedng.federated import ServerRound
 from fedng.federated.aggregation.mean import apply_server_step, mean_delta
 from fedng.federated.aggregation.sums import WeightedSum
 from fedng.federated.messages import ClientUpdate
@@ -112,21 +112,13 @@ def test_check_fold_checks_its_counts_before_any_pointer() -> None:
         native.check_fold(**{**ok, "accs": [0]}, weight=1.0, bound=1.0, first=True)
 
 
-def _replay(u: ClientUpdate, cid: int, **change: Any) -> ClientUpdate:
-    out = ClientUpdate.from_bytes(u.to_bytes())
-    out.client_id = cid
-    for k, v in change.items():
-        setattr(out, k, v)
-    return out
-
-
 def _hostile(ups: list[ClientUpdate]) -> list[ClientUpdate]:
     """Honest replies interleaved with every malformed or outlying kind a plain update can be."""
     u = ups[0]
     k0 = next(iter(u.delta))
 
     def with_delta(cid: int, f: Any) -> ClientUpdate:
-        r = _replay(u, cid)
+        r = replay(u, cid)
         r.delta = {k: f(k, v) for k, v in r.delta.items()}
         return r
 
@@ -140,21 +132,21 @@ def _hostile(ups: list[ClientUpdate]) -> list[ClientUpdate]:
         with_delta(100, nan_at),
         with_delta(101, lambda k, v: v * 1e4),  # too large (held first without a reference)
     ]
-    out += [_replay(x, i) for i, x in enumerate(ups)]
+    out += [replay(x, i) for i, x in enumerate(ups)]
     out += [
         with_delta(102, lambda k, v: v.half()),  # fp16: the Python path, accepted
         with_delta(103, lambda k, v: v.t().contiguous().t() if v.dim() == 2 else v),  # strided
         with_delta(104, lambda k, v: v.bfloat16()),  # bf16: accepted
         with_delta(105, lambda k, v: v[:1] if k == k0 else v),  # wrong shape
         with_delta(106, lambda k, v: v.double()),  # float64: not a wire dtype
-        _replay(u, 107, num_examples=True),
-        _replay(u, 108, num_examples=0),
-        _replay(u, 109, round=u.round + 1),
-        _replay(u, 110, extras={"x": torch.zeros(1)}),
-        _replay(u, 111, curvature={"x": torch.zeros(1)}),
-        _replay(u, 112, meta=[]),
-        _replay(u, 113, delta={k: v for k, v in u.delta.items() if k != k0}),
-        _replay(u, 0),  # a second reply under id 0
+        replay(u, 107, num_examples=True),
+        replay(u, 108, num_examples=0),
+        replay(u, 109, round=u.round + 1),
+        replay(u, 110, extras={"x": torch.zeros(1)}),
+        replay(u, 111, curvature={"x": torch.zeros(1)}),
+        replay(u, 112, meta=[]),
+        replay(u, 113, delta={k: v for k, v in u.delta.items() if k != k0}),
+        replay(u, 0),  # a second reply under id 0
         with_delta(114, lambda k, v: v * 0.5),
         with_delta(115, lambda k, v: v.to_sparse() if k == k0 else v),  # not strided
         with_delta(116, lambda k, v: torch._neg_view(v) if k == k0 else v),  # lazy negation
@@ -173,14 +165,7 @@ def test_fast_round_equals_the_python_round(
     state, ups = fed_round("fedavgm", {"server_momentum": 0.9}, rounds=rounds)
     assert ("reference" in state.meta) == (rounds > 0)
     replies = _hostile(ups)
-    slow_checks: list[int] = []
-    real = validate.safe_check
-
-    def counted(*a: Any) -> str | None:
-        slow_checks.append(a[1].client_id)
-        return real(*a)
-
-    monkeypatch.setattr(server_round, "safe_check", counted)  # what ServerRound calls
+    slow_checks = count_python_checks(monkeypatch)
 
     def run(fast: bool, rs: list[ClientUpdate]) -> tuple[list[Any], Any]:
         n = 1000 if total else None  # weights n_k / 1000, no rescaling at the end
@@ -223,7 +208,7 @@ def test_strided_first_fold_then_fast_folds() -> None:
     """A first reply with strided arrays (the Python fold keeps their strides in the sums), then
     plain ones (folded natively in memory order): the same parameters as the Python path."""
     state, ups = fed_round("fedavg", rounds=1)
-    first = _replay(ups[0], 50)
+    first = replay(ups[0], 50)
     first.delta = {k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in first.delta.items()}
     assert not all(v.is_contiguous() for v in first.delta.values())
     outs = []

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from _fed import blobs_task, fed_round
+from _fed import blobs_task, count_python_checks, fed_round, replay
 from fedng._backend import native
 from fedng.curvature.packed_fold import fold_update, payload_traces, sum_squares
 from fedng.curvature.quantize import VEC_CHUNK, fold_plan, quantize
 from fedng.curvature.spec import pack_triangle
-from fedng.federated import ServerRound, server_round, validate
+from fedng.federated import ServerRound, server_round
 from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.simulator import simulate
@@ -37,14 +37,6 @@ def _summable_round() -> tuple[Any, list[ClientUpdate]]:
     return fed_round("fedng", {"aggregation": "summable"}, rounds=1)
 
 
-def _replay(u: ClientUpdate, cid: int, **change: Any) -> ClientUpdate:
-    out = ClientUpdate.from_bytes(u.to_bytes())
-    out.client_id = cid
-    for k, v in change.items():
-        setattr(out, k, v)
-    return out
-
-
 def _zoo(ups: list[ClientUpdate]) -> tuple[list[ClientUpdate], set[int]]:
     """Honest summable replies interleaved with every malformed or outlying kind, and the ids
     that must take the fast path (the honest ones, a scaled delta, a bf16 delta, a large c_k)."""
@@ -53,7 +45,7 @@ def _zoo(ups: list[ClientUpdate]) -> tuple[list[ClientUpdate], set[int]]:
     f0 = next(iter(u.extras))
 
     def part(cid: int, what: str, f: Any) -> ClientUpdate:
-        r = _replay(u, cid)
+        r = replay(u, cid)
         setattr(r, what, {k: f(k, v) for k, v in getattr(r, what).items()})
         return r
 
@@ -67,7 +59,7 @@ def _zoo(ups: list[ClientUpdate]) -> tuple[list[ClientUpdate], set[int]]:
         return f
 
     def meta(cid: int, f: Any) -> ClientUpdate:
-        r = _replay(u, cid)
+        r = replay(u, cid)
         r.meta["curv"] = f(copy.deepcopy(r.meta["curv"]))
         return r
 
@@ -89,7 +81,7 @@ def _zoo(ups: list[ClientUpdate]) -> tuple[list[ClientUpdate], set[int]]:
         part(100, "delta", nan_at(k0)),
         part(101, "delta", lambda k, v: v * 1e4),  # too large
     ]
-    out += [_replay(x, i) for i, x in enumerate(ups)]
+    out += [replay(x, i) for i, x in enumerate(ups)]
     out += [
         part(102, "delta", nan_at(k0)),  # judged on arrival now
         part(103, "extras", nan_at(f0)),  # NaN in c_k (bf16)
@@ -103,18 +95,18 @@ def _zoo(ups: list[ClientUpdate]) -> tuple[list[ClientUpdate], set[int]]:
         part(111, "delta", lambda k, v: v.bfloat16()),  # fast, accepted
         part(112, "delta", lambda k, v: v[:1] if k == k0 else v),  # wrong shape
         part(113, "delta", lambda k, v: v.double()),
-        _replay(u, 114, num_examples=True),
-        _replay(u, 115, num_examples=0),
-        _replay(u, 116, round=u.round + 1),
-        _replay(u, 117, extras={k: v for k, v in u.extras.items() if k != f0}),
-        _replay(u, 118, extras={**u.extras, "x": torch.zeros(1)}),
-        _replay(u, 119, curvature={"kfac": u.curvature["kfac"]}),
+        replay(u, 114, num_examples=True),
+        replay(u, 115, num_examples=0),
+        replay(u, 116, round=u.round + 1),
+        replay(u, 117, extras={k: v for k, v in u.extras.items() if k != f0}),
+        replay(u, 118, extras={**u.extras, "x": torch.zeros(1)}),
+        replay(u, 119, curvature={"kfac": u.curvature["kfac"]}),
         part(120, "curvature", lambda k, v: v.to(torch.int16) if k == "kfac" else v),
         part(121, "curvature", lambda k, v: v[:-1] if k == "kfac" else v),
         meta(122, floaty),
         meta(123, lambda m: dict(reversed(list(m.items())))),  # equal, other order: accepted
-        _replay(u, 124, meta=[]),
-        _replay(u, 0),  # a second reply under id 0
+        replay(u, 124, meta=[]),
+        replay(u, 0),  # a second reply under id 0
         part(125, "delta", lambda k, v: v * 0.5),  # fast, accepted
         part(126, "extras", lambda k, v: v * 1e3),  # c_k is not norm-checked: fast, accepted
         part(127, "delta", lambda k, v: v.to_sparse() if k == k0 else v),
@@ -150,14 +142,7 @@ def test_fast_round_equals_the_python_round(
     state, ups = fed_round("fedng", {"aggregation": "summable"}, rounds=rounds)
     assert ("reference" in state.meta) == (rounds > 0)
     replies, fast_ids = _zoo(ups)
-    checked: list[int] = []
-    real = validate.safe_check
-
-    def counted(*a: Any) -> str | None:
-        checked.append(a[1].client_id)
-        return real(*a)
-
-    monkeypatch.setattr(server_round, "safe_check", counted)  # what ServerRound calls
+    checked = count_python_checks(monkeypatch)
     n = 10_000 if total else None
     v_fast, s_fast, rnd = _round(state, replies, True, n)
     assert rnd._summable is not None
@@ -363,7 +348,7 @@ def test_random_rounds_match_the_python_path(
     state, ups = _summable_round()
     replies = []
     for cid, (src, what, factor, where) in enumerate(plan):
-        r = _replay(ups[src], cid)
+        r = replay(ups[src], cid)
         if what == "delta*":
             r.delta = {k: v * factor for k, v in r.delta.items()}
         elif what == "ck*":

@@ -33,7 +33,7 @@ from fedng.federated.algorithms.curvature_payload import int8_scale_plan
 from fedng.federated.algorithms.fedng import FedNG
 from fedng.federated.algorithms.fedng_server import CurvatureSums
 from fedng.federated.messages import ClientUpdate
-from fedng.federated.validate import curvature_ratio, expected_shapes
+from fedng.federated.validate import curvature_ratio, expected_shapes, plain_fields
 
 _FOLDED = 0
 _F32_EPS = torch.finfo(torch.float32).eps
@@ -236,17 +236,9 @@ class SummableFast:
             scale_ref: the round's curvature-scale references (None: no bound).
         """
         plan, state = self.plan, self.state
-        n = update.num_examples
-        meta = update.meta
-        if (
-            type(update.round) is not int
-            or update.round != state.round
-            or type(n) is not int
-            or not 1 <= n <= state.config.max_num_examples
-            or type(meta) is not dict
-        ):
+        if not plain_fields(state, update):
             return None
-        curv = meta.get("curv")
+        curv = update.meta.get("curv")
         if type(curv) is not dict or curv != plan.meta or repr(curv) != plan.meta_repr:
             return None
         arrays = _arrays(plan, update.delta, update.extras)

@@ -184,18 +184,26 @@ def plain_plan(state: State, algo: Algorithm[Any]) -> PlainPlan | None:
     return list(shapes.items())
 
 
+def plain_fields(state: State, update: ClientUpdate) -> bool:
+    """Whether the update's round, `num_examples` and meta pass `check_update` as plain types
+    (exact ints, a dict): the common case, which a fast path may take without the checks."""
+    n = update.num_examples
+    return (
+        type(update.round) is int
+        and update.round == state.round
+        and type(n) is int
+        and 1 <= n <= state.config.max_num_examples
+        and type(update.meta) is dict
+    )
+
+
 def plain_arrays(state: State, update: ClientUpdate, plan: PlainPlan) -> list[torch.Tensor] | None:
     """The delta's arrays in `plan`'s order when the update passes every check of
     `check_update` but finiteness (plain int fields, a dict meta, no extras, no curvature, the
     plan's names and shapes, contiguous float32 / bfloat16 CPU arrays); None when anything
     differs (`check_update` then gives the reason, or accepts a less common form)."""
-    n = update.num_examples
     if (
-        type(update.round) is not int
-        or update.round != state.round
-        or type(n) is not int
-        or not 1 <= n <= state.config.max_num_examples
-        or type(update.meta) is not dict
+        not plain_fields(state, update)
         or type(update.extras) is not dict
         or update.extras
         or type(update.curvature) is not dict
