@@ -17,6 +17,7 @@ from fedng.federated import ServerRound
 from fedng.federated.aggregation.mean import apply_server_step, mean_delta
 from fedng.federated.aggregation.sums import WeightedSum
 from fedng.federated.messages import ClientUpdate
+from fedng.federated.server_round import non_finite
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -249,3 +250,21 @@ def test_server_step_is_the_per_parameter_formula_bit_for_bit(lr: float, momentu
     apply_server_step(mixed, step)
     assert mixed.params[k0].dtype == torch.float64
     assert torch.equal(mixed.params[k0], state.params[k0].double() + lr * step[k0])
+
+
+def test_non_finite_names_every_bad_float_array_in_order() -> None:
+    """`server_round.non_finite`: [] for a finite state (the one-call common case); else the
+    float arrays (params, then buffers; any float dtype) holding NaN/Inf, in that order."""
+    state, _ = fed_round("fedavgm", {"server_momentum": 0.9}, rounds=1)
+    assert non_finite(state) == []
+    bad = state.copy()
+    names = list(bad.params)
+    bad.params[names[1]] = bad.params[names[1]].clone()
+    bad.params[names[1]].view(-1)[0] = float("inf")
+    bad.buffers["x64"] = torch.tensor([1.0, float("nan")], dtype=torch.float64)
+    bad.buffers["count"] = torch.tensor([3])  # not a float array: never named
+    bad.buffers["h"] = torch.ones(2, dtype=torch.float16)
+    assert non_finite(bad) == [names[1], "x64"]
+    ok = state.copy()
+    ok.buffers["x64"] = torch.ones(2, dtype=torch.float64)  # the general path, all finite
+    assert non_finite(ok) == []

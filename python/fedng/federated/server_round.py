@@ -85,9 +85,15 @@ class Verdict:
 
 def non_finite(state: State) -> list[str]:
     """Names of the state's float arrays holding NaN or Inf."""
-    named = [(k, v) for k, v in {**state.params, **state.buffers}.items() if v.is_floating_point()]
-    fast = [(k, v) for k, v in named if v.dtype in (torch.float32, torch.bfloat16)]
-    sq = dict(zip([k for k, _ in fast], sum_squares([v for _, v in fast]), strict=True))
+    merged = {**state.params, **state.buffers}
+    f32, bf16 = torch.float32, torch.bfloat16
+    fast = [v for v in merged.values() if v.dtype is f32 or v.dtype is bf16]
+    sqs = sum_squares(fast)
+    if len(fast) == len(merged) and all(map(math.isfinite, sqs)):
+        return []  # the common case: every array float32 / bf16 and finite
+    named = [(k, v) for k, v in merged.items() if v.is_floating_point()]
+    keys = [k for k, v in merged.items() if v.dtype is f32 or v.dtype is bf16]
+    sq = dict(zip(keys, sqs, strict=True))
     return [  # float32 / bf16 in one native pass (NaN/Inf iff an entry is), others by torch
         k
         for k, v in named
