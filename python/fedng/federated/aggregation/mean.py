@@ -42,7 +42,7 @@ def apply_server_step(state: ServerState[ServerConfig], step: Arrays) -> None:
     f32 = torch.float32
     if cfg.server_momentum <= 0 and all(t.dtype == f32 for t in (*params, *ds)):
         if cfg.server_lr != 1.0:  # `1.0 * d` is d exactly: skipped
-            ds = torch._foreach_mul(ds, cfg.server_lr)
+            ds = list(torch._foreach_mul(ds, cfg.server_lr))
         # one dispatch for all parameters (small models are dispatch-bound): `p + lr * d`
         state.params.update(zip(names, torch._foreach_add(params, ds), strict=True))
         return
