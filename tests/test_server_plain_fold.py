@@ -268,3 +268,33 @@ def test_non_finite_names_every_bad_float_array_in_order() -> None:
     ok = state.copy()
     ok.buffers["x64"] = torch.ones(2, dtype=torch.float64)  # the general path, all finite
     assert non_finite(ok) == []
+
+
+def test_fold_plain_is_fold_checked_and_follows_replaced_sums() -> None:
+    """`WeightedSum.fold_plain` (the sums' addresses kept between folds) folds and rejects as
+    `fold_checked` does, bit for bit; a sum replaced by another tensor, or another names list,
+    is not folded into through a stale address."""
+    gen = torch.Generator().manual_seed(5)
+    names = ["a", "b", "c"]
+    shapes = [(6, 7), (7,), (1,)]
+    sizes = [42, 7, 1]
+    ref, fast = WeightedSum(), WeightedSum()
+    for step in range(6):
+        xs = [torch.randn(s, generator=gen) for s in shapes]
+        xs[1] = xs[1].bfloat16()
+        bound = math.inf if step != 3 else 1e-3  # step 3: above the bound, rejected
+        if step == 4:
+            xs[0][0, 0] = float("nan")
+        if step == 5:  # the sums replaced by copies (as a strided first fold does)
+            fast.sums = {k: v.clone() for k, v in fast.sums.items()}
+        got = fast.fold_plain(names, xs, sizes, 0.3, bound)
+        want = ref.fold_checked(names, xs, 0.3, bound)
+        assert got[0] == want[0] and repr(got[1]) == repr(want[1]), step  # NaN too
+        for k in names:
+            assert torch.equal(fast.sums[k], ref.sums[k]), (step, k)
+    assert fast.count == ref.count == 4 and fast.total_weight == ref.total_weight
+    other = list(names)  # another list object: the addresses are taken again
+    xs = [torch.ones(s) for s in shapes]
+    fast.fold_plain(other, xs, sizes, 1.0, math.inf)
+    ref.fold_checked(other, xs, 1.0, math.inf)
+    assert all(torch.equal(fast.sums[k], ref.sums[k]) for k in names)

@@ -145,6 +145,7 @@ class ServerRound:
         plan = plain_plan(state, self.algo) if type(acc) is MeanStep else None
         self._plain = plan if plan and type(acc) is MeanStep and acc.deltas.exact else None
         self._plain_names = [k for k, _ in plan or []]
+        self._plain_sizes = [math.prod(v) for _, v in plan or []]
         # FedNG-summable rounds: the replies that match the first accepted one's plan likewise
         self._summable: SummableFast | None = None
         self._summable_tried = False
@@ -254,7 +255,7 @@ class ServerRound:
         w = self._weight(update)
         names = self._plain_names
         acc = cast(MeanStep, self.acc)  # the fast path is on only for a MeanStep (__init__)
-        folded, sqs = acc.deltas.fold_checked(names, arrays, w, bound)
+        folded, sqs = acc.deltas.fold_plain(names, arrays, self._plain_sizes, w, bound)
         store_sq_norms(update, names, sqs)
         why = nan_reason("delta", names, sqs)
         if why is not None:

@@ -41,6 +41,7 @@ class WeightedSum:
         self.sums: Arrays = {}
         self.total_weight = 0.0
         self.count = 0
+        self._plain: tuple[Sequence[str], list[torch.Tensor], list[int]] | None = None
 
     def fold(self, arrays: Arrays, weight: float) -> None:
         """Adds `weight * arrays` (fp32) to the sums.
@@ -125,6 +126,59 @@ class WeightedSum:
             self.total_weight += weight
             self.count += 1
         return folded, sqs
+
+    def fold_plain(
+        self,
+        names: Sequence[str],
+        arrays: Sequence[torch.Tensor],
+        sizes: Sequence[int],
+        weight: float,
+        bound: float,
+    ) -> tuple[bool, list[float]]:
+        """`fold_checked` for a trusted caller (`ServerRound`'s plain path) whose arrays
+        `validate.plain_arrays` accepted: contiguous float32 / bfloat16 CPU tensors of the plan's
+        shapes, `sizes` their entries. Only their addresses and dtypes are read (the per-array
+        checks cost more than the fold on a small model); the sums' addresses are kept while
+        the sums are the same tensors, and checked against `sizes` when taken. The first fold,
+        or sums of other sizes, go through `fold_checked`.
+
+        Returns:
+            (whether it was folded, the squared norm of each array).
+        """
+        accs = self._plain_addresses(names)
+        if accs is None:
+            folded, sqs = self.fold_checked(names, arrays, weight, bound)
+            live = [a for k in names if (a := self.sums.get(k)) is not None]
+            if len(live) == len(names) and all(
+                a.is_contiguous() and a.numel() == n for a, n in zip(live, sizes, strict=True)
+            ):
+                self._plain = (names, live, [a.data_ptr() for a in live])
+            return folded, sqs
+        bf16 = torch.bfloat16
+        folded, sqs = native.check_fold(
+            xs=[x.data_ptr() for x in arrays],
+            accs=accs,
+            n=sizes,
+            bf16=[x.dtype is bf16 for x in arrays],
+            weight=weight,
+            bound=bound,
+            first=False,
+        )
+        if folded:
+            self.total_weight += weight
+            self.count += 1
+        return folded, sqs
+
+    def _plain_addresses(self, names: Sequence[str]) -> list[int] | None:
+        """The sums' addresses `fold_plain` took for this `names` object, while the sums are
+        still those tensors (None otherwise)."""
+        got = self._plain
+        if got is None or got[0] is not names or len(got[1]) != len(names):
+            return None
+        sums = self.sums
+        if not all(sums.get(k) is t for k, t in zip(names, got[1], strict=True)):
+            return None
+        return got[2]
 
     def fold_int8(
         self, payloads: Mapping[str, Int8Payload], weight: float, *, counted: bool = False
