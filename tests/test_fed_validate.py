@@ -203,6 +203,11 @@ def test_late_training_honest_scales_are_not_rejected() -> None:
     assert new.log["rejected"] == {}
     # the peak keeps the larger medians: G-based scales stay, A's are the max of both rounds
     assert new.meta[REFERENCE_KEY][PEAK_KEY]["kfac/0"] == floor["kfac/0"]
+    # no ratchet: an accepted attacker just under the bound every round leaves the peak where
+    # the honest medians put it (a median; the global curvature it inflates is not the floor)
+    inflated = _kfac_scaled(ups[-1], 1.0, 5e3)
+    state2, _ = server_step(state, [*late[:-1], inflated])
+    assert state2.log["rejected"] == {} and curvature_floor(state2) == curvature_floor(new)
     for planted, word in ((_kfac_scaled(ups[-1], 1.0, 1e6), "kfac/0"),
                           (_kfac_scaled(ups[-1], 1e6, 1e-6), "/A")):  # fmt: skip
         ok, rejected = validate_updates(state, [*late[:-1], planted], algo)
