@@ -17,9 +17,10 @@ from fedng._backend import native
 from fedng.curvature.packed_fold import fold_update, payload_traces, sum_squares
 from fedng.curvature.quantize import VEC_CHUNK, fold_plan, quantize
 from fedng.curvature.spec import pack_triangle
-from fedng.federated import ServerRound, server_round
+from fedng.federated import ServerRound, server_round, validate
 from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate
+from fedng.federated.round import server_step
 from fedng.federated.simulator import simulate
 from fedng.federated.summable_check import SummableFast
 from hypothesis import given, settings
@@ -192,7 +193,9 @@ def _call(**change: Any) -> tuple[int, float, list[float], torch.Tensor]:
         "norm_bound": math.inf,
     }
     args.update(change)
-    status, norm, sqs = native.summable_check_fold(**args)
+    status, norm, sqs, scales = native.summable_check_fold(**args)
+    if status in (0, 4):  # measured: the scale is the payload's trace over 3
+        assert len(scales) == 1 and math.isfinite(scales[0])
     return status, norm, sqs, torch.cat([acc, acc8])
 
 
@@ -251,7 +254,7 @@ def test_check_fold_with_a_low_rank_segment_is_the_python_fold_and_scales() -> N
     def run(bounds: list[float]) -> tuple[int, torch.Tensor, torch.Tensor]:
         accs = [torch.ones(21), torch.ones(5)]
         acc8 = torch.ones(nacc)
-        status, norm, sqs = native.summable_check_fold(
+        status, norm, sqs, measured = native.summable_check_fold(
             xs=[x.data_ptr() for x in xs],
             accs=[a.data_ptr() for a in accs],
             n=[21, 5],
@@ -274,6 +277,7 @@ def test_check_fold_with_a_low_rank_segment_is_the_python_fold_and_scales() -> N
         )
         assert sqs == sum_squares(xs)
         assert status != 0 or norm == math.sqrt(math.fsum(sqs[:1]))
+        assert status != 0 or measured == scales  # `_scales_of`'s doubles, bit for bit
         return status, torch.cat(accs), acc8
 
     status, got, got8 = run(scales)  # value == bound passes
@@ -382,3 +386,35 @@ def test_random_rounds_match_the_python_path(
         a, b = getattr(s_fast, part), getattr(s_slow, part)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert s_fast.meta == s_slow.meta
+
+
+def test_streaming_floors_scale_references_and_keeps_the_peak_as_the_batch_round() -> None:
+    """The streaming round applies the batch rule's floor (the run's peak round medians,
+    `validate.curvature_floor`) on both paths, and leaves the next round the references the
+    batch round does (`validate.reference_of`: median delta norm and the updated peak)."""
+    state, ups = fed_round("fedng", {"aggregation": "summable"}, rounds=1)
+    big = replay(ups[0], 50)
+    big.curvature = {k: v * 300.0 if k.endswith("/scale") else v for k, v in big.curvature.items()}
+    replies = [replay(u, i) for i, u in enumerate(ups)] + [big]
+    outs = {}
+    for floor in (False, True):
+        st = state.copy()
+        if floor:  # a peak 1e3 x every global scale: the outlier's bound rises 1e3-fold
+            glob = ServerRound(state).scale_ref or {}
+            st.meta[validate.REFERENCE_KEY] = {
+                **st.meta[validate.REFERENCE_KEY],
+                validate.PEAK_KEY: {k: 1e3 * v for k, v in glob.items()},
+            }
+        for fast in (True, False):
+            rnd = ServerRound(st)
+            if not fast:
+                rnd._summable_tried = True
+            verdicts = [rnd.add(copy.copy(r)).status for r in replies]
+            outs[floor, fast] = (verdicts, rnd.finish()[0].meta[validate.REFERENCE_KEY])
+        batch = server_step(st, [copy.copy(r) for r in replies])[0]
+        assert outs[floor, True] == outs[floor, False]
+        assert outs[floor, True][1] == batch.meta[validate.REFERENCE_KEY]
+        assert (50 in batch.log["rejected"]) is not floor
+    assert outs[False, True][0][-1] == "rejected" and outs[True, True][0][-1] == "accepted"
+    peak = outs[False, True][1][validate.PEAK_KEY]  # the first peak: this round's medians
+    assert set(peak) == set(ServerRound(state).scale_ref or {})

@@ -17,7 +17,7 @@ int summable_check_fold(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const 
                         std::int64_t chunk, double max_abs, const Sizes& pairs,
                         const std::vector<double>& divs, const std::vector<double>& bounds,
                         double weight, double norm_bound, double* sq, double* traces,
-                        double* norm) {
+                        double* norm, double* scales) {
   const char* op = "summable_check_fold";
   check_count(op, "accs", accs.size(), xs.size());
   check_count(op, "n", n.size(), xs.size());
@@ -47,6 +47,7 @@ int summable_check_fold(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const 
     v *= traces[pairs[2 * s]];
     if (pairs[2 * s + 1] >= 0) v *= traces[pairs[2 * s + 1]];
     v /= divs[s];
+    scales[s] = v;
     if (!std::isfinite(v) || v > bounds[s]) return kScaleBound;
   }
   // The arrays last measured are still in cache: fold them first (the sums are independent,

@@ -27,8 +27,9 @@ enum SummableStatus : int {
 // 2. traces = int8_payload_traces of the payload; kUnsettled if that fails or one exceeds
 //    `max_abs`;
 // 3. norm = sqrt(exact_sum(sq[0:ndelta])); kNormBound if not finite or above `norm_bound`;
-// 4. per curvature scale s: v = ((1.0 * traces[a_s]) [* traces[b_s] if b_s >= 0]) / divs[s]
-//    (pairs = (a_s, b_s)); kScaleBound if v is not finite or above bounds[s] (NaN: no bound);
+// 4. per curvature scale s: scales[s] = ((1.0 * traces[a_s]) [* traces[b_s] if b_s >= 0]) /
+//    divs[s] (pairs = (a_s, b_s)); kScaleBound if one is not finite or above bounds[s] (NaN: no
+//    bound);
 // 5. fold_update of the arrays and the payload with `weight`: kFolded.
 int summable_check_fold(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16,
                         std::int64_t ndelta, const std::int8_t* q, const float* side, float* acc8,
@@ -36,6 +37,6 @@ int summable_check_fold(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const 
                         std::int64_t chunk, double max_abs, const Sizes& pairs,
                         const std::vector<double>& divs, const std::vector<double>& bounds,
                         double weight, double norm_bound, double* sq, double* traces,
-                        double* norm);
+                        double* norm, double* scales);
 
 }  // namespace fedng::cpu

@@ -18,7 +18,9 @@ a list (SCAFFOLD, FedOpt, FedFisher, FedNG's exact merge) hold the accepted upda
 
 Validation differs from the batch `round.server_step` only where streaming forces it:
 - the norm and curvature-scale checks compare against the previous round's reference (the
-  median delta norm `state.meta["reference"]`, the server's global curvature); where none exists
+  median delta norm `state.meta["reference"]`, the server's global curvature; each curvature
+  scale's reference floored at the run's peak round median as in the batch rule, and the peak
+  kept for the next round as `validate.reference_of` keeps it); where none exists
   yet (the first round), the first `warmup` updates that pass the per-update checks are held
   (a bounded buffer) and their median becomes the round's reference;
 - a second update under a client id already seen this round is rejected (the first one, already
@@ -51,10 +53,13 @@ from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
 from fedng.federated.summable_check import SummableFast, summable_plan
 from fedng.federated.validate import (
+    PEAK_KEY,
     REFERENCE_KEY,
     Rejected,
+    curvature_floor,
     curvature_ratio,
     delta_norm,
+    floored_refs,
     nan_reason,
     plain_arrays,
     plain_plan,
@@ -139,6 +144,9 @@ class ServerRound:
         ref = state.meta.get(REFERENCE_KEY, {}).get("delta_norm")
         self.norm_ref: float | None = ref
         self.scale_ref: dict[str, float] | None = self.algo.reference_scales(state)
+        self.floor = curvature_floor(state)  # the run's peak round medians (the batch rule)
+        self._refs: tuple[object, dict[str, float]] | None = None
+        self.scales: dict[str, list[float]] = {}  # the accepted replies' curvature scales
         self.probe_message: ServerMessage | None = None
         # FedAvg-like rounds: a plain update is checked and folded in one native call
         acc = self.acc
@@ -204,12 +212,14 @@ class ServerRound:
         ):  # judged on arrival (no warm-up hold): the fast path decides, or the checks below
             try:
                 w = self._weight(update)
-                nrm = fast.try_fold(update, w, self.norm_ref, self.scale_ref)
+                got = fast.try_fold(update, w, self.norm_ref, self._scale_refs())
             except Exception:  # whatever a payload provokes: the Python checks give the reason
-                nrm = None
-            if nrm is not None:
+                got = None
+            if got is not None:
                 self.weights[cid] = w
-                self.norms.append(nrm)
+                self.norms.append(got[0])
+                for k, v in zip(fast.plan.scale_names, got[1], strict=True):
+                    self.scales.setdefault(k, []).append(v)
                 return Verdict(cid, ACCEPTED)
         reason = safe_check(self.state, update, self.algo)
         if reason is not None:
@@ -310,7 +320,7 @@ class ServerRound:
                 cid,
                 f"delta norm {nrm:.3g} exceeds {ratio:g} x the reference {self.norm_ref or 0:.3g}",
             )
-        refs = self.scale_ref or {}
+        refs = self._scale_refs()
         cratio = curvature_ratio(ratio)
         bad = [k for k, v in scales.items() if too_large(v, refs.get(k), cratio)]
         if bad:
@@ -334,7 +344,34 @@ class ServerRound:
                     self._summable = SummableFast(self.state, plan, self.acc)
         self.weights[cid] = w
         self.norms.append(nrm)
+        for k, v in scales.items():
+            self.scales.setdefault(k, []).append(v)
         return Verdict(cid, ACCEPTED)
+
+    def _scale_refs(self) -> dict[str, float]:
+        """The curvature-scale references the checks use: the round's own (`scale_ref`, from
+        the global curvature or the warm-up) floored at the run's peak round medians, as the
+        batch rule floors its (`validate.floored_refs`); made again only when `scale_ref` is."""
+        if self._refs is None or self._refs[0] is not self.scale_ref:
+            self._refs = (self.scale_ref, floored_refs(self.scale_ref, self.floor))
+        return self._refs[1]
+
+    def _reference(self) -> dict[str, Any]:
+        """The references to keep for the next round (`validate.reference_of`'s rule): with at
+        least 3 accepted updates, their median delta norm and the run's peak of each curvature
+        scale's round median (over at least 3 finite values); else the previous ones."""
+        out = dict(self.state.meta.get(REFERENCE_KEY, {}))
+        if len(self.norms) < 3:
+            return out
+        out["delta_norm"] = statistics.median(self.norms)
+        peak = dict(curvature_floor(self.state))
+        for key, vals in self.scales.items():
+            live = [v for v in vals if math.isfinite(v)]
+            if len(live) >= 3:
+                peak[key] = max(peak.get(key, 0.0), statistics.median(live))
+        if peak:
+            out[PEAK_KEY] = peak
+        return out
 
     # --- phase 2 (optional) -------------------------------------------------------------------
 
@@ -412,11 +449,7 @@ class ServerRound:
                 res, why = work, f"aggregation failed ({type(err).__name__}: {str(err)[:120]})"
             if why is None:
                 new = res
-                new.meta[REFERENCE_KEY] = (
-                    {"delta_norm": statistics.median(self.norms)}
-                    if len(self.norms) >= 3
-                    else dict(self.state.meta.get(REFERENCE_KEY, {}))
-                )
+                new.meta[REFERENCE_KEY] = self._reference()
             else:
                 log["rolled_back"] = why
                 accepted = []

@@ -53,7 +53,7 @@ class SummablePlan:
         nq: int8 values; `nside`: scales; `nacc`: entries of the payload's float sum; `segs`:
             the fold's sextuples.
         pairs: per curvature scale measure, its two trace indices (-1: one trace).
-        divs: per measure, its divisor; `scale_names`: its name.
+        divs: per measure, its divisor; `scale_names`: its name (`curvature_scales`' keys).
         accs: the running sums' data addresses, in `names` order; `acc8`: the payload's sum.
         sums: the sums themselves (kept alive with the addresses).
     """
@@ -225,15 +225,16 @@ class SummableFast:
         weight: float,
         norm_ref: float | None,
         scale_ref: dict[str, float] | None,
-    ) -> float | None:
-        """Checks and folds one reply; its delta norm when folded, None when it must take the
-        Python path (nothing written then).
+    ) -> tuple[float, list[float]] | None:
+        """Checks and folds one reply; (its delta norm, its curvature scales in `scale_names`
+        order) when folded, None when it must take the Python path (nothing written then).
 
         Args:
             update: the reply (its client id already handled by the caller).
             weight: its fold weight.
             norm_ref: the round's delta-norm reference (None: no bound).
-            scale_ref: the round's curvature-scale references (None: no bound).
+            scale_ref: the round's curvature-scale references, floored as the checks use them
+                (None: no bound).
         """
         plan, state = self.plan, self.state
         if not plain_fields(state, update):
@@ -248,7 +249,7 @@ class SummableFast:
         ptrs, half = arrays
         ratio = state.config.max_norm_ratio
         bound = ratio * norm_ref if norm_ref is not None and norm_ref > 0 else math.inf
-        status, norm, _ = native.summable_check_fold(
+        status, norm, _, scales = native.summable_check_fold(
             xs=ptrs,
             accs=plan.accs,
             n=plan.sizes,
@@ -276,7 +277,7 @@ class SummableFast:
             s.total_weight += weight
             s.count += 1
         acc.wire_eps = max(acc.wire_eps, _F32_EPS)
-        return float(norm)
+        return float(norm), scales
 
     def _scale_bounds(self, refs: dict[str, float] | None) -> list[float]:
         """Per scale measure, `curvature_ratio(ratio) * ref` (NaN without a positive ref: only

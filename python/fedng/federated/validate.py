@@ -181,6 +181,19 @@ def expected_shapes(
     return _expected(state, algo)
 
 
+def floored_refs(refs: Mapping[str, float] | None, floor: Mapping[str, float]) -> dict[str, float]:
+    """Every curvature-scale reference floored at the run's peak round median (`_floored` per
+    key, over the keys of either; `curvature_floor`): the batch rule's references, for a
+    streaming round whose own references come from the global curvature or its warm-up."""
+    got = refs or {}
+    out: dict[str, float] = {}
+    for k in {*got, *floor}:
+        r = _floored(got.get(k), floor.get(k))
+        if r is not None:
+            out[k] = r
+    return out
+
+
 def plain_plan(state: State, algo: Algorithm[Any]) -> PlainPlan | None:
     """The delta's names and shapes when the algorithm's updates are plain (no extras, and the
     base rule for curvature: none): such an update is fully checked by `plain_arrays` plus the
