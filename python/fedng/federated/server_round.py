@@ -13,8 +13,9 @@ This is what a deployment calls per reply (the Flower strategy does):
 
 Memory: summable algorithms (FedAvg and its momentum variant, FedNG with the "mean" or
 "summable" aggregation) hold only their running sums — O(model + curvature), flat in the number
-of clients — plus a few floats per client (its weight and delta norm). Algorithms that aggregate
-a list (SCAFFOLD, FedOpt, FedFisher, FedNG's exact merge) hold the accepted updates.
+of clients — plus a few floats per client (its weight, delta norm and curvature scales).
+Algorithms that aggregate a list (SCAFFOLD, FedOpt, FedFisher, FedNG's exact merge) hold the
+accepted updates.
 
 Validation differs from the batch `round.server_step` only where streaming forces it:
 - the norm and curvature-scale checks compare against the previous round's reference (the
