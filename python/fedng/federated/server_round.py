@@ -148,6 +148,7 @@ class ServerRound:
         self.floor = curvature_floor(state)  # the run's peak round medians (the batch rule)
         self._refs: tuple[object, dict[str, float]] | None = None
         self.scales: dict[str, list[float]] = {}  # the accepted replies' curvature scales
+        self._fast_scales: list[list[float]] = []  # those of the fast path's, per reply
         self.probe_message: ServerMessage | None = None
         # FedAvg-like rounds: a plain update is checked and folded in one native call
         acc = self.acc
@@ -219,8 +220,7 @@ class ServerRound:
             if got is not None:
                 self.weights[cid] = w
                 self.norms.append(got[0])
-                for k, v in zip(fast.plan.scale_names, got[1], strict=True):
-                    self.scales.setdefault(k, []).append(v)
+                self._fast_scales.append(got[1])  # in `fast.plan.scale_names` order
                 return Verdict(cid, ACCEPTED)
         reason = safe_check(self.state, update, self.algo)
         if reason is not None:
@@ -366,8 +366,13 @@ class ServerRound:
             return out
         out["delta_norm"] = statistics.median(self.norms)
         peak = dict(curvature_floor(self.state))
-        for key, vals in self.scales.items():
-            live = [v for v in vals if math.isfinite(v)]
+        scales: dict[str, list[float]] = dict(self.scales)
+        if self._summable is not None and self._fast_scales:  # one column per scale name
+            cols = zip(*self._fast_scales, strict=True)
+            for k, col in zip(self._summable.plan.scale_names, cols, strict=True):
+                scales[k] = [*scales.get(k, []), *col]
+        for key, vals in scales.items():
+            live = vals if all(map(math.isfinite, vals)) else [v for v in vals if math.isfinite(v)]
             if len(live) >= 3:
                 peak[key] = max(peak.get(key, 0.0), statistics.median(live))
         if peak:
