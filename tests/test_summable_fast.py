@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import random
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from fedng._backend import native
 from fedng.curvature.packed_fold import fold_update, payload_traces, sum_squares
 from fedng.curvature.quantize import VEC_CHUNK, fold_plan, quantize
 from fedng.curvature.spec import pack_triangle
-from fedng.federated import ServerRound, server_round, validate
+from fedng.federated import ServerRound, server_round, validate, wire
 from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.round import server_step
@@ -25,6 +27,7 @@ from fedng.federated.simulator import simulate
 from fedng.federated.summable_check import SummableFast
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_fed_fuzz import BAD_ID, _bytes_case, _mutate_arrays, _object_case, _set_path
 
 
 @pytest.fixture(autouse=True)
@@ -418,3 +421,57 @@ def test_streaming_floors_scale_references_and_keeps_the_peak_as_the_batch_round
     assert outs[False, True][0][-1] == "rejected" and outs[True, True][0][-1] == "accepted"
     peak = outs[False, True][1][validate.PEAK_KEY]  # the first peak: this round's medians
     assert set(peak) == set(ServerRound(state).scale_ref or {})
+
+
+def _fuzz_streaming(cases: int, seed: int) -> Counter[str]:
+    """Fuzzed summable replies (bit flips, truncation, junk metadata, mutated arrays, type
+    confusion: `test_fed_fuzz`'s generators) after the honest ones of a streaming round: the
+    fast path and the Python path give the same verdict and the same state, and never raise."""
+    rng = random.Random(seed)
+    state, ups = _summable_round()
+    template = replay(ups[0], BAD_ID).to_bytes()
+    outcomes: Counter[str] = Counter()
+    for _ in range(cases):
+        kind = rng.choice(["bytes", "meta", "arrays", "object"])
+        try:
+            if kind == "bytes":
+                bad = ClientUpdate.from_bytes(_bytes_case(rng, template))
+            elif kind in ("meta", "arrays"):
+                p = wire.unpack(template)
+                arrays, meta = dict(p.arrays), dict(p.meta)
+                if kind == "meta":
+                    _set_path(meta, rng)
+                else:
+                    _mutate_arrays(arrays, rng)
+                bad = ClientUpdate.from_bytes(wire.pack(arrays, meta=meta))
+            else:
+                bad = _object_case(rng, ClientUpdate.from_bytes(template))
+        except wire.PayloadError:
+            outcomes["decode rejected"] += 1
+            continue
+        got = []
+        for fast in (True, False):
+            rnd = ServerRound(state)
+            if not fast:
+                rnd._summable_tried = True
+            for i, u in enumerate(ups):
+                rnd.add(replay(u, i))
+            verdict = rnd.add(copy.copy(bad))
+            got.append((verdict, rnd.finish()[0]))
+        (v_fast, s_fast), (v_slow, s_slow) = got
+        assert v_fast == v_slow
+        assert all(torch.equal(s_fast.params[k], s_slow.params[k]) for k in s_slow.params)
+        assert all(torch.equal(s_fast.buffers[k], s_slow.buffers[k]) for k in s_slow.buffers)
+        outcomes[v_fast.status] += 1
+    return outcomes
+
+
+def test_fuzzed_replies_match_the_python_path() -> None:
+    outcomes = _fuzz_streaming(120, seed=0)
+    assert outcomes["rejected"] and outcomes["accepted"]
+
+
+@pytest.mark.slow
+def test_fuzzed_replies_match_the_python_path_slow() -> None:
+    outcomes = _fuzz_streaming(3000, seed=1)
+    assert sum(outcomes.values()) == 3000
