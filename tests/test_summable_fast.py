@@ -306,10 +306,10 @@ def test_streaming_simulation_is_unchanged(monkeypatch: pytest.MonkeyPatch) -> N
     folded: list[float] = []
     real = SummableFast.try_fold
 
-    def counted(self: SummableFast, *a: Any) -> float | None:
+    def counted(self: SummableFast, *a: Any) -> tuple[float, list[float]] | None:
         got = real(self, *a)
         if got is not None:
-            folded.append(got)
+            folded.append(got[0])
         return got
 
     monkeypatch.setattr(SummableFast, "try_fold", counted)
