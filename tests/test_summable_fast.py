@@ -20,6 +20,7 @@ from fedng.curvature.packed_fold import fold_update, payload_traces, sum_squares
 from fedng.curvature.quantize import VEC_CHUNK, fold_plan, quantize
 from fedng.curvature.spec import pack_triangle
 from fedng.federated import ServerRound, server_round, validate, wire
+from fedng.federated.algorithms.fedng_server import CurvatureSums
 from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.round import server_step
@@ -475,3 +476,25 @@ def test_fuzzed_replies_match_the_python_path() -> None:
 def test_fuzzed_replies_match_the_python_path_slow() -> None:
     outcomes = _fuzz_streaming(3000, seed=1)
     assert sum(outcomes.values()) == 3000
+
+
+def test_a_replaced_sum_is_never_folded_into_through_a_stale_address() -> None:
+    """Sums replaced by other tensors after the plan was made (no code path does it today):
+    the fast path declines and the Python path folds into the new tensors — the same state."""
+    state, ups = _summable_round()
+    outs = []
+    for fast in (True, False):
+        rnd = ServerRound(state)
+        if not fast:
+            rnd._summable_tried = True
+        rnd.add(replay(ups[0], 0))
+        acc = rnd.acc
+        assert isinstance(acc, CurvatureSums)
+        for part in (acc.deltas, acc.contrib, acc.curv):
+            part.sums = {k: v.clone() for k, v in part.sums.items()}
+        verdicts = [rnd.add(replay(u, i)).status for i, u in enumerate(ups[1:], start=1)]
+        assert verdicts == ["accepted"] * (len(ups) - 1)
+        outs.append(rnd.finish()[0])
+    for k in outs[1].params:
+        assert torch.equal(outs[0].params[k], outs[1].params[k]), k
+    assert all(torch.equal(outs[0].buffers[k], v) for k, v in outs[1].buffers.items())

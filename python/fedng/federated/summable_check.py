@@ -28,6 +28,7 @@ from fedng._backend import native
 from fedng.curvature.quantize import SCALE_SUFFIX, VEC_CHUNK, fold_plan
 from fedng.curvature.validation import MAX_ABS
 from fedng.federated.aggregation.summable import CONTRIB_PREFIX
+from fedng.federated.aggregation.sums import WeightedSum
 from fedng.federated.algorithms.base import Algorithm, State
 from fedng.federated.algorithms.curvature_payload import int8_scale_plan
 from fedng.federated.algorithms.fedng import FedNG
@@ -56,6 +57,8 @@ class SummablePlan:
         divs: per measure, its divisor; `scale_names`: its name (`curvature_scales`' keys).
         accs: the running sums' data addresses, in `names` order; `acc8`: the payload's sum.
         sums: the sums themselves (kept alive with the addresses).
+        owners: (WeightedSum, key) of each of `sums`: a reply takes the fast path only while
+            those are still the same tensors.
     """
 
     names: list[str]
@@ -76,6 +79,7 @@ class SummablePlan:
     accs: list[int]
     acc8: int
     sums: list[torch.Tensor]
+    owners: list[tuple[WeightedSum, str]]
 
 
 def summable_plan(
@@ -145,6 +149,11 @@ def summable_plan(
         accs=[s.data_ptr() for s in live],
         acc8=acc8.data_ptr(),
         sums=[*live, acc8],
+        owners=[
+            *((acc.deltas, k) for k in shapes),
+            *((acc.contrib, k[len(CONTRIB_PREFIX) :]) for k in extras),
+            (acc.curv, kind),
+        ],
     )
 
 
@@ -246,6 +255,8 @@ class SummableFast:
         payload = _payload(plan, update.curvature)
         if arrays is None or payload is None:
             return None
+        if not all(w.sums.get(k) is t for (w, k), t in zip(plan.owners, plan.sums, strict=True)):
+            return None  # a sum was replaced: its address is stale (the Python path folds)
         ptrs, half = arrays
         ratio = state.config.max_norm_ratio
         bound = ratio * norm_ref if norm_ref is not None and norm_ref > 0 else math.inf
