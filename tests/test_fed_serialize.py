@@ -241,11 +241,18 @@ def test_the_writer_is_stamped_and_checked() -> None:
 
 @pytest.mark.parametrize("version", [1, VERSION - 1, VERSION + 1, 255])
 def test_other_frame_versions_are_refused(version: int) -> None:
+    """An intact frame of another version names it; a flipped version byte (the checksum no
+    longer holds) is reported as corruption that may be another version."""
     data = bytearray(pack({"x": torch.zeros(2)}))
     data[4] = version
+    flipped = bytes(data)
+    body = bytes(data[:-4])
+    data[-4:] = struct.pack("<I", zlib.crc32(body))
     who = "older" if version < VERSION else "newer"
     with pytest.raises(PayloadError, match=f"version {version} \\(written by an? {who} fedng"):
         unpack(bytes(data))
+    with pytest.raises(PayloadError, match=f"checksum mismatch .* wire format version {version}"):
+        unpack(flipped)
 
 
 def test_simulator_rejects_a_client_of_another_protocol_and_goes_on() -> None:

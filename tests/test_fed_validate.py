@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from _fed import blobs_task, fed_round
+from _fed import blobs_task, fed_round, replay
 from _tols import tol
 from fedng.federated.algorithms.curvature_payload import (
     attach_curvature,
@@ -21,7 +21,14 @@ from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.round import client_step, server_init, server_step
 from fedng.federated.simulator import simulate
-from fedng.federated.validate import PEAK_KEY, REFERENCE_KEY, curvature_floor, validate_updates
+from fedng.federated.validate import (
+    PEAK_GROWTH,
+    PEAK_KEY,
+    PEAK_QUORUM,
+    REFERENCE_KEY,
+    curvature_floor,
+    validate_updates,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -212,3 +219,31 @@ def test_late_training_honest_scales_are_not_rejected() -> None:
                           (_kfac_scaled(ups[-1], 1e6, 1e-6), "/A")):  # fmt: skip
         ok, rejected = validate_updates(state, [*late[:-1], planted], algo)
         assert len(ok) == 5 and word in " ".join(rejected[planted.client_id]), rejected
+
+
+def test_a_colluding_majority_of_one_round_cannot_lift_the_peak_floor() -> None:
+    """A round whose sample is mostly colluders sets that round's median, but not the run's
+    floor: with fewer than `PEAK_QUORUM` updates it leaves the peak alone, and with a quorum it
+    raises it by at most `PEAK_GROWTH` x. A later lone attacker 1e9 x the honest scales is
+    rejected either way (before the quorum and growth bound, one 3-client round lifted the
+    floor 1e6-fold and let it through)."""
+    state, ups = fed_round("fedng", n=6, rounds=1)
+    floor = curvature_floor(state)
+    small = [ups[0], _kfac_scaled(ups[1], 1.0, 1e6), _kfac_scaled(ups[2], 1.0, 1e6)]
+    quorate = [ups[0], ups[1], *(_kfac_scaled(u, 1.0, 1e6) for u in ups[2:5])]
+    for colluding in (small, quorate):
+        s_a, _ = server_step(state, colluding)
+        lifted = curvature_floor(s_a)
+        assert s_a.log["rejected"] == {}  # they are the round's median: accepted in that round
+        assert all(lifted[k] <= PEAK_GROWTH * floor[k] for k in floor)
+        if len(colluding) < PEAK_QUORUM:
+            assert lifted == floor
+        else:
+            assert lifted["kfac/0"] > floor["kfac/0"]
+        r = s_a.round
+        honest = [replay(u, i, round=r) for i, u in enumerate(ups[:5])]
+        attacker = _kfac_scaled(ups[5], 1.0, 1e9)
+        attacker.round = r
+        attacker = replay(attacker, 5)
+        s_b, _ = server_step(s_a, [*honest, attacker])
+        assert set(s_b.log["rejected"]) == {5}, s_b.log["rejected"]

@@ -250,6 +250,10 @@ def test_server_step_is_the_per_parameter_formula_bit_for_bit(lr: float, momentu
     apply_server_step(mixed, step)
     assert mixed.params[k0].dtype == torch.float64
     assert torch.equal(mixed.params[k0], state.params[k0].double() + lr * step[k0])
+    empty = state.copy()  # nothing to step or scale: no-ops (torch's _foreach ops refuse [])
+    apply_server_step(empty, {})
+    assert all(torch.equal(empty.params[k], p) for k, p in state.params.items())
+    assert WeightedSum().scaled(0.5) == {}
 
 
 def test_non_finite_names_every_bad_float_array_in_order() -> None:

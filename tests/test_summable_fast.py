@@ -109,7 +109,7 @@ def _zoo(ups: list[ClientUpdate]) -> tuple[list[ClientUpdate], set[int]]:
         part(120, "curvature", lambda k, v: v.to(torch.int16) if k == "kfac" else v),
         part(121, "curvature", lambda k, v: v[:-1] if k == "kfac" else v),
         meta(122, floaty),
-        meta(123, lambda m: dict(reversed(list(m.items())))),  # equal, other order: accepted
+        meta(123, lambda m: dict(reversed(list(m.items())))),  # equal, other order: fast, accepted
         replay(u, 124, meta=[]),
         replay(u, 0),  # a second reply under id 0
         part(125, "delta", lambda k, v: v * 0.5),  # fast, accepted
@@ -118,7 +118,7 @@ def _zoo(ups: list[ClientUpdate]) -> tuple[list[ClientUpdate], set[int]]:
         part(128, "delta", lambda k, v: torch._neg_view(v) if k == k0 else v),
         part(129, "curvature", lambda k, v: v.reshape(2, -1) if k == "kfac" else v),  # 2-D q
     ]
-    return out, {*range(len(ups)), 111, 125, 126, 129}
+    return out, {*range(len(ups)), 111, 123, 125, 126, 129}
 
 
 def _round(
@@ -498,3 +498,50 @@ def test_a_replaced_sum_is_never_folded_into_through_a_stale_address() -> None:
     for k in outs[1].params:
         assert torch.equal(outs[0].params[k], outs[1].params[k]), k
     assert all(torch.equal(outs[0].buffers[k], v) for k, v in outs[1].buffers.items())
+
+
+def test_a_reply_aliasing_a_running_sum_takes_the_python_path(monkeypatch: Any) -> None:
+    """An in-process reply whose array IS a running sum (the fast fold's order would change
+    what it reads) is declined natively (`kAliased`) and folded by the Python path: the same
+    verdicts and bit-identical sums with the fast path on or off."""
+    state, ups = fed_round("fedng", {"aggregation": "summable"}, rounds=1)
+    total = sum(u.num_examples for u in ups) * 2
+    checked = count_python_checks(monkeypatch)
+
+    def run(fast: bool) -> tuple[list[str], dict[str, torch.Tensor]]:
+        rnd = ServerRound(state, total_examples=total)
+        if not fast:
+            rnd._summable_tried = True
+        verdicts = [rnd.add(replay(u, i)).status for i, u in enumerate(ups[:3])]
+        hostile = replay(ups[3], 50)
+        key = list(hostile.delta)[-1]
+        hostile.delta[key] = rnd.acc.contrib.sums[key]
+        verdicts.append(rnd.add(hostile).status)
+        sums = {n: t.clone() for s in (rnd.acc.deltas, rnd.acc.contrib) for n, t in s.sums.items()}
+        return verdicts, sums
+
+    (va, sa) = run(True)
+    assert checked == [0, 50]  # the plan's first reply, then the aliasing one: Python checks
+    (vb, sb) = run(False)
+    assert va == vb and sa.keys() == sb.keys()
+    assert all(torch.equal(sa[n], sb[n]) for n in sa)
+
+
+def test_a_first_reply_in_another_key_order_leaves_the_fast_path_on(monkeypatch: Any) -> None:
+    """The plan comes from the round's first reply; one whose curvature metadata lists its keys
+    in another order (the same metadata) must not send every later reply through the Python
+    checks; metadata that differs only in 1 vs 1.0 still does not match."""
+    state, ups = fed_round("fedng", {"aggregation": "summable"}, rounds=1)
+    checked = count_python_checks(monkeypatch)
+    rnd = ServerRound(state)
+    first = replay(ups[0], 0)
+    first.meta["curv"] = dict(reversed(list(first.meta["curv"].items())))
+    verdicts = [rnd.add(first)] + [rnd.add(replay(ups[i % 5], i)) for i in range(1, 12)]
+    assert all(v.status == "accepted" for v in verdicts)
+    assert checked == [0]
+    odd = replay(ups[1], 40)
+    layout = odd.meta["curv"]["layouts"][0]
+    assert type(layout[2]) is int
+    layout[2] = float(layout[2])  # equal as a dict, another type on the wire
+    rnd.add(odd)
+    assert checked == [0, 40]

@@ -10,6 +10,32 @@
 #include "fedng/packed_fold.h"
 
 namespace fedng::cpu {
+namespace {
+
+// Whether the byte ranges [a, a + na) and [b, b + nb) share a byte.
+bool overlaps(const void* a, std::int64_t na, const void* b, std::int64_t nb) {
+  const auto x = reinterpret_cast<std::uintptr_t>(a), y = reinterpret_cast<std::uintptr_t>(b);
+  return na > 0 && nb > 0 && x < y + static_cast<std::uintptr_t>(nb) &&
+         y < x + static_cast<std::uintptr_t>(na);
+}
+
+// Whether any input (xs, q, side) overlaps any sum (accs, acc8); sizes already checked.
+bool inputs_alias_sums(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16,
+                       const std::int8_t* q, const float* side, const float* acc8,
+                       std::int64_t nq, std::int64_t nside, std::int64_t nacc) {
+  const std::int64_t acc8_bytes = nacc * static_cast<std::int64_t>(sizeof(float));
+  auto hits_a_sum = [&](const void* p, std::int64_t bytes) {
+    if (overlaps(p, bytes, acc8, acc8_bytes)) return true;
+    for (std::size_t j = 0; j < accs.size(); ++j)
+      if (overlaps(p, bytes, reinterpret_cast<const void*>(accs[j]), 4 * n[j])) return true;
+    return false;
+  };
+  for (std::size_t k = 0; k < xs.size(); ++k)
+    if (hits_a_sum(reinterpret_cast<const void*>(xs[k]), (bf16[k] ? 2 : 4) * n[k])) return true;
+  return hits_a_sum(q, nq) || hits_a_sum(side, nside * static_cast<std::int64_t>(sizeof(float)));
+}
+
+}  // namespace
 
 int summable_check_fold(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16,
                         std::int64_t ndelta, const std::int8_t* q, const float* side, float* acc8,
@@ -33,6 +59,8 @@ int summable_check_fold(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const 
       fail(op, "'pairs' names a segment out of range");
   check_sizes(op, "n", n);
   check_ptrs(op, "accs", accs, n);
+  if (nq < 0 || nside < 0 || nacc < 0) fail(op, "negative payload sizes");
+  if (inputs_alias_sums(xs, accs, n, bf16, q, side, acc8, nq, nside, nacc)) return kAliased;
   sum_squares(xs, n, bf16, sq);  // checks xs, n, bf16
   for (std::size_t k = 0; k < xs.size(); ++k)
     if (!std::isfinite(sq[k])) return kNonFinite;
@@ -50,8 +78,8 @@ int summable_check_fold(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const 
     scales[s] = v;
     if (!std::isfinite(v) || v > bounds[s]) return kScaleBound;
   }
-  // The arrays last measured are still in cache: fold them first (the sums are independent,
-  // so the order changes no bit), then the payload.
+  // The arrays last measured are still in cache: fold them first (no input overlaps a sum,
+  // checked above, so the sums are independent and the order changes no bit), then the payload.
   const Ptrs rxs(xs.rbegin(), xs.rend()), raccs(accs.rbegin(), accs.rend());
   const Sizes rn(n.rbegin(), n.rend()), rbf16(bf16.rbegin(), bf16.rend());
   fold_update(rxs, raccs, rn, rbf16, weight, q, side, acc8, nq, nside, nacc, segs, chunk);

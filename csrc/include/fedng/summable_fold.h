@@ -17,12 +17,15 @@ enum SummableStatus : int {
   kUnsettled = 2,   // the int8 payload's scales do not settle its checks (read its entries)
   kNormBound = 3,   // the delta's norm is not finite or above `norm_bound`
   kScaleBound = 4,  // a curvature scale is not finite or above its bound
+  kAliased = 5,     // an input overlaps a sum it would be folded into (the caller decides)
 };
 
 // xs[k] (float32, or bfloat16 where bf16[k] != 0) [n[k]]: the delta's arrays (the first
 // `ndelta`), then the contribution's; accs[k] their float32 sums. q [nq] / side [nside]: an int8
 // payload of (form, at, qat, sat, n, k) sextuples `segs` (fedng/packed_fold.h), acc8 [nacc] its
 // float32 sum. In order, with nothing written before the last check:
+// 0. kAliased if an array or the payload overlaps one of the sums (accs, acc8): the fold's
+//    order would then change what it reads;
 // 1. sq[k] = sum_squares of xs[k]; kNonFinite if one is not finite;
 // 2. traces = int8_payload_traces of the payload; kUnsettled if that fails or one exceeds
 //    `max_abs`;

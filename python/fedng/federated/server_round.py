@@ -64,6 +64,7 @@ from fedng.federated.validate import (
     nan_reason,
     plain_arrays,
     plain_plan,
+    raised_peak,
     reference_scale,
     safe_check,
     store_sq_norms,
@@ -360,21 +361,17 @@ class ServerRound:
     def _reference(self) -> dict[str, Any]:
         """The references to keep for the next round (`validate.reference_of`'s rule): with at
         least 3 accepted updates, their median delta norm and the run's peak of each curvature
-        scale's round median (over at least 3 finite values); else the previous ones."""
+        scale's round median (`validate.raised_peak`); else the previous ones."""
         out = dict(self.state.meta.get(REFERENCE_KEY, {}))
         if len(self.norms) < 3:
             return out
         out["delta_norm"] = statistics.median(self.norms)
-        peak = dict(curvature_floor(self.state))
         scales: dict[str, list[float]] = dict(self.scales)
         if self._summable is not None and self._fast_scales:  # one column per scale name
             cols = zip(*self._fast_scales, strict=True)
             for k, col in zip(self._summable.plan.scale_names, cols, strict=True):
                 scales[k] = [*scales.get(k, []), *col]
-        for key, vals in scales.items():
-            live = vals if all(map(math.isfinite, vals)) else [v for v in vals if math.isfinite(v)]
-            if len(live) >= 3:
-                peak[key] = max(peak.get(key, 0.0), statistics.median(live))
+        peak = raised_peak(self.state, scales)
         if peak:
             out[PEAK_KEY] = peak
         return out

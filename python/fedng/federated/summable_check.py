@@ -18,6 +18,7 @@ its reason: the same verdicts, reasons and bit-identical sums either way
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,8 @@ class SummablePlan:
         ndelta: how many of `names` are the delta's.
         kind: the int8 payload's kind; `scale_key` its scales' name.
         meta: the curvature metadata of the round's first accepted reply; `meta_repr` its repr
-            (equality alone would take 1, 1.0 and True for one another).
+            (equality alone would take 1, 1.0 and True for one another), `meta_json` its
+            key-sorted JSON (the same metadata in another key order matches by that).
         nq: int8 values; `nside`: scales; `nacc`: entries of the payload's float sum; `segs`:
             the fold's sextuples.
         pairs: per curvature scale measure, its two trace indices (-1: one trace).
@@ -69,6 +71,7 @@ class SummablePlan:
     scale_key: str
     meta: dict[str, Any]
     meta_repr: str
+    meta_json: str
     nq: int
     nside: int
     nacc: int
@@ -139,6 +142,7 @@ def summable_plan(
         scale_key=kind + SCALE_SUFFIX,
         meta=copy.deepcopy(meta),  # the reply's own dict may change after the round took it
         meta_repr=repr(meta),
+        meta_json=_canonical(meta),
         nq=nq,
         nside=nside,
         nacc=nacc,
@@ -155,6 +159,12 @@ def summable_plan(
             (acc.curv, kind),
         ],
     )
+
+
+def _canonical(meta: dict[str, Any]) -> str:
+    """Key-sorted JSON of curvature metadata: 1, 1.0 and true stay apart, key order does not
+    matter."""
+    return json.dumps(meta, sort_keys=True, default=repr)
 
 
 def _arrays(
@@ -249,14 +259,19 @@ class SummableFast:
         if not plain_fields(state, update):
             return None
         curv = update.meta.get("curv")
-        if type(curv) is not dict or curv != plan.meta or repr(curv) != plan.meta_repr:
+        if type(curv) is not dict or curv != plan.meta:
             return None
+        if repr(curv) != plan.meta_repr and _canonical(curv) != plan.meta_json:
+            return None  # another key order is the same metadata (a first reply can't stall us)
         arrays = _arrays(plan, update.delta, update.extras)
         payload = _payload(plan, update.curvature)
         if arrays is None or payload is None:
             return None
-        if not all(w.sums.get(k) is t for (w, k), t in zip(plan.owners, plan.sums, strict=True)):
-            return None  # a sum was replaced: its address is stale (the Python path folds)
+        if not all(
+            w.sums.get(k) is t and t.data_ptr() == p
+            for (w, k), t, p in zip(plan.owners, plan.sums, (*plan.accs, plan.acc8), strict=True)
+        ):
+            return None  # a sum was replaced or moved: its address is stale (the Python path)
         ptrs, half = arrays
         ratio = state.config.max_norm_ratio
         bound = ratio * norm_ref if norm_ref is not None and norm_ref > 0 else math.inf

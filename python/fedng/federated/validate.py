@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -300,11 +300,35 @@ def curvature_floor(state: State) -> dict[str, float]:
     falls from ~0.9 (round 0) to ~5e-6 (round 29) while the clients that still have a loss keep
     early-training scales: 2e4-5e4 x the round's median (27 honest updates rejected over 5 seeds
     by `max_norm_ratio**2` = 1e4), yet at most 15x the peak median. The peak is a median of
-    accepted updates, so a minority cannot raise it, and it never ratchets with the global
-    curvature an accepted outlier would inflate.
+    accepted updates (never the global curvature an accepted outlier would inflate), and
+    `raised_peak` lets a round raise it only with a quorum and by a bounded factor: a coalition
+    that is the majority of one small sample cannot lift the floor for the rest of the run.
     """
     peak = state.meta.get(REFERENCE_KEY, {}).get(PEAK_KEY)
     return peak if isinstance(peak, dict) else {}
+
+
+PEAK_QUORUM = 5
+"""Accepted updates with a scale a round needs for its median to raise that scale's peak."""
+PEAK_GROWTH = 10.0
+"""The most one round raises a scale's peak by (a factor); honest curvature rises over rounds,
+an attack that wins one round's median must win it again and again to climb."""
+
+
+def raised_peak(state: State, scales: Mapping[str, Iterable[float]]) -> dict[str, float]:
+    """The run's peak round-median curvature scales after a round whose accepted updates had
+    `scales` (scale name -> values; non-finite values ignored): a scale with at least
+    `PEAK_QUORUM` values raises its peak to the round's median, by at most `PEAK_GROWTH` x (a
+    first or zero peak takes the median as it is)."""
+    peak = dict(curvature_floor(state))
+    for key, vals in scales.items():
+        live = [v for v in vals if math.isfinite(v)]
+        if len(live) < PEAK_QUORUM:
+            continue
+        med = statistics.median(live)
+        prev = peak.get(key)
+        peak[key] = med if prev is None or prev <= 0 else max(prev, min(med, PEAK_GROWTH * prev))
+    return peak
 
 
 def _floored(ref: float | None, floor: float | None) -> float | None:
@@ -456,18 +480,16 @@ def validate_updates(
 def reference_of(state: State, accepted: list[ClientUpdate]) -> dict[str, Any]:
     """The reference scales to keep for the next round: the accepted updates' median delta norm
     when there are at least 3 of them, else the previous one; and `PEAK_KEY`, the run's peak of
-    each curvature scale's round median over at least 3 accepted updates (`curvature_floor`;
-    absent while no round had curvature)."""
+    each curvature scale's round median (`raised_peak`; absent while no round had curvature)."""
     out = dict(state.meta.get(REFERENCE_KEY, {}))
     if len(accepted) < _MIN_FOR_MEDIAN:
         return out
     out["delta_norm"] = statistics.median(delta_norm(u) for u in accepted)
-    peak = dict(curvature_floor(state))
-    scales = [update_scales(u) for u in accepted]
-    for key in {k for s in scales for k in s}:
-        vals = [s[key] for s in scales if key in s and math.isfinite(s[key])]
-        if len(vals) >= _MIN_FOR_MEDIAN:
-            peak[key] = max(peak.get(key, 0.0), statistics.median(vals))
+    columns: dict[str, list[float]] = {}
+    for u in accepted:
+        for k, v in update_scales(u).items():
+            columns.setdefault(k, []).append(v)
+    peak = raised_peak(state, columns)
     if peak:
         out[PEAK_KEY] = peak
     return out

@@ -234,16 +234,18 @@ def unpack(data: bytes) -> Packed:
     magic, version, hlen = _PREFIX.unpack_from(buf)
     if magic != MAGIC:
         raise PayloadError(f"unpack: not a fedng payload (magic {magic!r})")
-    if version != VERSION:
+    body = buf[: -_CRC.size]
+    (crc,) = _CRC.unpack_from(buf, len(body))
+    intact = zlib.crc32(body) == crc
+    if version != VERSION and intact:  # a flipped version byte is corruption, said below
         who = "an older" if version < VERSION else "a newer"
         raise PayloadError(
             f"unpack: wire format version {version} (written by {who} fedng), this fedng"
             f" {WRITER[1]} reads version {VERSION}"
         )
-    body = buf[: -_CRC.size]
-    (crc,) = _CRC.unpack_from(buf, len(body))
-    if zlib.crc32(body) != crc:
-        raise PayloadError("unpack: checksum mismatch (corrupt or truncated payload)")
+    if not intact:
+        other = "" if version == VERSION else f", or of wire format version {version}"
+        raise PayloadError(f"unpack: checksum mismatch (corrupt or truncated payload{other})")
     try:
         return _decode(body, hlen)
     except PayloadError:
@@ -289,7 +291,7 @@ def _check_writer(writer: object) -> None:
     protocol, version = writer
     if protocol != PROTOCOL:
         raise PayloadError(
-            f"unpack: written by fedng {version:.40} speaking protocol {protocol}; {here}"
+            f"unpack: written by fedng {version:.40} speaking protocol {protocol!r:.20}; {here}"
         )
 
 
@@ -306,7 +308,9 @@ def _decode(buf: bytes, hlen: int) -> Packed:
         raise PayloadError("unpack: the header must be a JSON object")
     _check_writer(header.get("writer"))
     if set(header) != {"writer", "meta", "arrays"}:
-        raise PayloadError("unpack: the header must be an object with 'meta' and 'arrays'")
+        raise PayloadError(
+            "unpack: the header must be an object with 'writer', 'meta' and 'arrays'"
+        )
     entries, meta = header["arrays"], header["meta"]
     if not isinstance(entries, list) or not isinstance(meta, dict):
         raise PayloadError("unpack: header 'arrays' must be a list and 'meta' an object")

@@ -37,6 +37,8 @@ def apply_server_step(state: ServerState[ServerConfig], step: Arrays) -> None:
     """
     cfg = state.config
     names = list(step)
+    if not names:  # nothing to step (_foreach ops refuse an empty list)
+        return
     params = [state.params[k] for k in names]
     ds = list(step.values())
     f32 = torch.float32

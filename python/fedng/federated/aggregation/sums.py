@@ -109,7 +109,12 @@ class WeightedSum:
         half: list[bool] = []
         for a, x in zip(accs, arrays, strict=True):  # per-array cost matters on small models
             dt, n = x.dtype, x.numel()
-            if (dt is not f32 and dt is not bf16) or not x.is_contiguous() or not x.is_cpu:
+            if (
+                (dt is not f32 and dt is not bf16)
+                or not x.is_contiguous()
+                or x.is_neg()
+                or not x.is_cpu
+            ):
                 raise ValueError("WeightedSum.fold_checked: contiguous float32/bf16 CPU arrays")
             if a.numel() != n:
                 raise ValueError("WeightedSum.fold_checked: arrays do not match the sums")
@@ -176,7 +181,10 @@ class WeightedSum:
         if got is None or got[0] is not names or len(got[1]) != len(names):
             return None
         sums = self.sums
-        if not all(sums.get(k) is t for k, t in zip(names, got[1], strict=True)):
+        if not all(
+            sums.get(k) is t and t.data_ptr() == p  # an in-place set_ would move its memory
+            for k, t, p in zip(names, got[1], got[2], strict=True)
+        ):
             return None
         return got[2]
 
@@ -203,7 +211,7 @@ class WeightedSum:
 
     def scaled(self, scale: float) -> Arrays:
         """The sums times `scale` (the sums themselves when `scale` is 1)."""
-        if scale == 1.0:
+        if scale == 1.0 or not self.sums:  # _foreach ops refuse an empty list
             return self.sums
         names, vals = list(self.sums), list(self.sums.values())
         return dict(zip(names, torch._foreach_mul(vals, scale), strict=True))  # one dispatch
