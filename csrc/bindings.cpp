@@ -17,6 +17,7 @@
 #include "fedng/packed_fold.h"
 #include "fedng/int8_quantize.h"
 #include "fedng/small_spd_inverse.h"
+#include "fedng/summable_fold.h"
 
 namespace py = pybind11;
 using fedng::DType;
@@ -219,6 +220,28 @@ PYBIND11_MODULE(_C, m) {
       kw, py::arg("xs"), py::arg("accs"), py::arg("n"), py::arg("bf16"), py::arg("weight"),
       py::arg("bound"), py::arg("first"),
       "(folded, squared norms): a plain update's norm check, then accs[k] (+)= weight * xs[k].");
+  m.def(
+      "summable_check_fold",
+      [](const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16, std::int64_t ndelta,
+         Address q, Address side, Address acc, std::int64_t nq, std::int64_t nside,
+         std::int64_t nacc, const Sizes& segs, std::int64_t chunk, double max_abs,
+         const Sizes& pairs, const Floats& divs, const Floats& bounds, double weight,
+         double norm_bound) {
+        std::vector<double> sq(xs.size()), traces(segs.size() / 6), scales(divs.size());
+        double norm = 0.0;
+        const int status = fedng::cpu::summable_check_fold(
+            xs, accs, n, bf16, ndelta, reinterpret_cast<const std::int8_t*>(q),
+            reinterpret_cast<const float*>(side), reinterpret_cast<float*>(acc), nq, nside, nacc,
+            segs, chunk, max_abs, pairs, divs, bounds, weight, norm_bound, sq.data(),
+            traces.data(), &norm, scales.data());
+        return py::make_tuple(status, norm, sq, scales);
+      },
+      kw, py::arg("xs"), py::arg("accs"), py::arg("n"), py::arg("bf16"), py::arg("ndelta"),
+      py::arg("q"), py::arg("side"), py::arg("acc"), py::arg("nq"), py::arg("nside"),
+      py::arg("nacc"), py::arg("segs"), py::arg("chunk"), py::arg("max_abs"), py::arg("pairs"),
+      py::arg("divs"), py::arg("bounds"), py::arg("weight"), py::arg("norm_bound"),
+      "(status, delta norm, squared norms, curvature scales): a summable reply's checks, then its"
+      " fold (status 0).");
   m.def(
       "exact_sum",
       [](const std::vector<double>& x) { return fedng::cpu::exact_sum(x.data(), x.size()); },

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from fedng.federated import server_round, validate
 from fedng.federated.client import get_params
 from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate, ServerState
@@ -78,3 +79,27 @@ def fed_round(
     for _ in range(rounds):
         state, msg = server_step(state, updates())
     return state, updates()
+
+
+def count_python_checks(monkeypatch: Any) -> list[int]:
+    """The client ids of the replies `ServerRound` sends through the Python checks
+    (`validate.safe_check`), appended as they come (the fast paths skip them)."""
+    checked: list[int] = []
+    real = validate.safe_check
+
+    def counted(*a: Any) -> str | None:
+        checked.append(a[1].client_id)
+        return real(*a)
+
+    monkeypatch.setattr(server_round, "safe_check", counted)  # what ServerRound calls
+    return checked
+
+
+def replay(u: ClientUpdate, cid: int, **change: Any) -> ClientUpdate:
+    """A fresh copy of `u` decoded from its bytes (as a server receives it) under client id
+    `cid`, with the given attributes replaced."""
+    out = ClientUpdate.from_bytes(u.to_bytes())
+    out.client_id = cid
+    for k, v in change.items():
+        setattr(out, k, v)
+    return out

@@ -13,7 +13,7 @@ from fedng.curvature.spec import pack_triangle, unpack_triangle
 from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate, ServerMessage
 from fedng.federated.simulator import simulate
-from fedng.federated.wire import PayloadError, pack, unpack
+from fedng.federated.wire import PROTOCOL, VERSION, WRITER, PayloadError, pack, unpack
 
 
 @pytest.fixture(autouse=True)
@@ -160,10 +160,15 @@ def test_simulator_bytes_equal_serialized_lengths(algo: str, extra: dict) -> Non
         assert h.rounds[2].bytes_down > h.rounds[1].bytes_down  # the preconditioner after round 0
 
 
-def _frame(header: bytes, body: bytes = b"", version: int = 2) -> bytes:
+def _frame(header: bytes, body: bytes = b"", version: int = VERSION) -> bytes:
     """A frame with a valid checksum around any header and body."""
     data = struct.pack("<4sBI", b"FNGB", version, len(header)) + header + body
     return data + struct.pack("<I", zlib.crc32(data))
+
+
+def _signed(header: bytes, writer: object = WRITER) -> bytes:
+    """`header` (a JSON object starting with "meta") with a `writer` entry in front."""
+    return header.replace(b'{"meta"', b'{"writer":' + json.dumps(writer).encode() + b',"meta"', 1)
 
 
 @pytest.mark.parametrize(
@@ -190,7 +195,7 @@ def _frame(header: bytes, body: bytes = b"", version: int = 2) -> bytes:
 )
 def test_malformed_header_raises_payload_error(header: bytes) -> None:
     with pytest.raises(PayloadError):
-        unpack(_frame(header, bytes(8)))
+        unpack(_frame(_signed(header), bytes(8)))
 
 
 def test_checksum_and_frame_errors_are_payload_errors() -> None:
@@ -204,6 +209,70 @@ def test_checksum_and_frame_errors_are_payload_errors() -> None:
         unpack(b"1234")
     with pytest.raises(PayloadError):
         unpack("not bytes")  # type: ignore[arg-type]
-    short = struct.pack("<4sBI", b"FNGB", 2, 1000) + b"{}"
+    short = struct.pack("<4sBI", b"FNGB", VERSION, 1000) + b"{}"
     with pytest.raises(PayloadError, match="header"):
         unpack(short + struct.pack("<I", zlib.crc32(short)))
+
+
+def test_the_writer_is_stamped_and_checked() -> None:
+    """Every payload names its writer (protocol, fedng version); one from another protocol
+    (older or newer), with none (a version-2 writer's header), or with a malformed one is
+    refused with a reason naming both sides, before anything else in the header is read."""
+    good = _signed(b'{"meta":{"k":1},"arrays":[["x","fp32","dense",[2],8]]}')
+    assert unpack(_frame(good, bytes(8))).meta == {"k": 1}
+    data = pack({"x": torch.arange(3.0)}, meta={"k": 1})
+    header = json.loads(data[9 : 9 + struct.unpack_from("<I", data, 5)[0]])
+    assert header["writer"] == [PROTOCOL, WRITER[1]] and WRITER[1]
+    here = f"this fedng {WRITER[1]} speaks protocol {PROTOCOL}"
+    for protocol in (PROTOCOL - 1, PROTOCOL + 1):
+        other = _signed(b'{"meta":{},"arrays":[]}', [protocol, "9.9.9"])
+        with pytest.raises(PayloadError, match=f"fedng 9.9.9 speaking protocol {protocol}; {here}"):
+            unpack(_frame(other))
+    with pytest.raises(PayloadError, match=f"names no writer.*{here}"):
+        unpack(_frame(b'{"meta":{},"arrays":[]}'))
+    for bad in ([PROTOCOL], [str(PROTOCOL), "x"], [True, "x"], [float(PROTOCOL), "x"], {"p": 1}):
+        with pytest.raises(PayloadError, match="bad writer"):
+            unpack(_frame(_signed(b'{"meta":{},"arrays":[]}', bad)))
+    # the writer is judged first: a newer protocol's unknown header keys are not the reason
+    newer = _signed(b'{"meta":{},"arrays":[],"more":1}', [PROTOCOL + 1, "9.9.9"])
+    with pytest.raises(PayloadError, match="protocol"):
+        unpack(_frame(newer))
+
+
+@pytest.mark.parametrize("version", [1, VERSION - 1, VERSION + 1, 255])
+def test_other_frame_versions_are_refused(version: int) -> None:
+    """An intact frame of another version names it; a flipped version byte (the checksum no
+    longer holds) is reported as corruption that may be another version."""
+    data = bytearray(pack({"x": torch.zeros(2)}))
+    data[4] = version
+    flipped = bytes(data)
+    body = bytes(data[:-4])
+    data[-4:] = struct.pack("<I", zlib.crc32(body))
+    who = "older" if version < VERSION else "newer"
+    with pytest.raises(PayloadError, match=f"version {version} \\(written by an? {who} fedng"):
+        unpack(bytes(data))
+    with pytest.raises(PayloadError, match=f"checksum mismatch .* wire format version {version}"):
+        unpack(flipped)
+
+
+def test_simulator_rejects_a_client_of_another_protocol_and_goes_on() -> None:
+    """The server catches the refusal like any undecodable payload: logged with its reason, the
+    round goes on with the other clients."""
+    task = blobs_task(num_clients=4, n=40)
+    cc, sc = make_configs("fedavg", {"local_steps": 4, "lr": 0.1})
+    stamp = json.dumps(list(WRITER), separators=(",", ":")).encode()
+    old = json.dumps([PROTOCOL + 1, "9.9.9"], separators=(",", ":")).encode()
+
+    def other_writer(r: int, cid: int, data: bytes) -> bytes:
+        if cid != 1:
+            return data
+        hlen = struct.unpack_from("<I", data, 5)[0]
+        header = data[9 : 9 + hlen].replace(stamp, old, 1)
+        body = struct.pack("<4sBI", b"FNGB", VERSION, len(header)) + header
+        body += data[9 + hlen : -4]
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    h = simulate(task, cc, sc, rounds=2, participation=1.0, seed=0, tamper_bytes=other_writer)
+    for r in h.rounds[1:]:
+        assert set(r.rejected) == {"1"}
+        assert f"speaking protocol {PROTOCOL + 1}" in r.rejected["1"], r.rejected

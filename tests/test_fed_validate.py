@@ -3,17 +3,32 @@ and the server state is never corrupted."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 
 import pytest
 import torch
-from _fed import blobs_task
-from fedng.federated.algorithms.curvature_payload import attach_curvature, decoded_curvature
+from _fed import blobs_task, fed_round, replay
+from _tols import tol
+from fedng.federated.algorithms.curvature_payload import (
+    attach_curvature,
+    decoded_curvature,
+    update_scales,
+)
+from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.client import get_params
 from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate
 from fedng.federated.round import client_step, server_init, server_step
 from fedng.federated.simulator import simulate
+from fedng.federated.validate import (
+    PEAK_GROWTH,
+    PEAK_KEY,
+    PEAK_QUORUM,
+    REFERENCE_KEY,
+    curvature_floor,
+    validate_updates,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -155,3 +170,80 @@ def test_simulation_logs_rejections_and_keeps_learning() -> None:
     assert all(set(r.rejected) == {"0"} for r in h.rounds[1:])
     assert "NaN" in h.rounds[1].rejected["0"]
     assert h.final() > 0.8
+
+
+def _kfac_scaled(u: ClientUpdate, a: float, g: float) -> ClientUpdate:
+    """A copy of `u` as received, with every K-FAC factor A times `a` and G times `g`."""
+    u = ClientUpdate.from_bytes(u.to_bytes())
+    cs = decoded_curvature(u)
+    assert cs is not None
+    rep = cs.reps["kfac"]
+    rep.A = [x * a for x in rep.A]  # type: ignore[attr-defined]
+    rep.G = [x * g for x in rep.G]  # type: ignore[attr-defined]
+    attach_curvature(u, cs, "fp32")
+    return ClientUpdate.from_bytes(u.to_bytes())
+
+
+def test_late_training_honest_scales_are_not_rejected() -> None:
+    """Replays the late-training rounds of digits-cnn (Dirichlet 0.1; bench_stability p=1): most
+    clients fit their data and their G factors (so block traces) fall by ~1e5-1e6, one still
+    has a loss and keeps its early-training scales, 2e4-5e4 x the round's median there. The old
+    reference (the round's median alone) rejected it; the run's peak median floors the
+    reference now. Planted rescalings, 1e6 x the peak, are still rejected."""
+    state, ups = fed_round("fedng", n=6, rounds=1)
+    algo = get_algorithm("fedng")
+    # the floor after one round: the round-0 medians of the accepted updates' scales
+    _, first = fed_round("fedng", n=6, rounds=0)
+    keys = update_scales(first[0])
+    want = {k: statistics.median(update_scales(u)[k] for u in first) for k in keys}
+    floor = curvature_floor(state)
+    assert floor.keys() == want.keys() and any(k.endswith("/G") for k in floor)
+    for k, v in want.items():
+        # the server's scales are read from the payloads in float32 blocks (`fast_scales`)
+        assert floor[k] == pytest.approx(v, rel=tol(torch.float32, "sum_squares").rtol), k
+    late = [_kfac_scaled(u, 1.0, 1e-6) for u in ups[:-1]] + [ups[-1]]
+    med = statistics.median(update_scales(u)["kfac/0"] for u in late)
+    assert update_scales(late[-1])["kfac/0"] > 1e4 * med  # beyond the old check's 1e4
+    ok, rejected = validate_updates(state, late, algo)
+    assert rejected == {} and len(ok) == 6
+    new, _ = server_step(state, late)
+    assert new.log["rejected"] == {}
+    # the peak keeps the larger medians: G-based scales stay, A's are the max of both rounds
+    assert new.meta[REFERENCE_KEY][PEAK_KEY]["kfac/0"] == floor["kfac/0"]
+    # no ratchet: an accepted attacker just under the bound every round leaves the peak where
+    # the honest medians put it (a median; the global curvature it inflates is not the floor)
+    inflated = _kfac_scaled(ups[-1], 1.0, 5e3)
+    state2, _ = server_step(state, [*late[:-1], inflated])
+    assert state2.log["rejected"] == {} and curvature_floor(state2) == curvature_floor(new)
+    for planted, word in ((_kfac_scaled(ups[-1], 1.0, 1e6), "kfac/0"),
+                          (_kfac_scaled(ups[-1], 1e6, 1e-6), "/A")):  # fmt: skip
+        ok, rejected = validate_updates(state, [*late[:-1], planted], algo)
+        assert len(ok) == 5 and word in " ".join(rejected[planted.client_id]), rejected
+
+
+def test_a_colluding_majority_of_one_round_cannot_lift_the_peak_floor() -> None:
+    """A round whose sample is mostly colluders sets that round's median, but not the run's
+    floor: with fewer than `PEAK_QUORUM` updates it leaves the peak alone, and with a quorum it
+    raises it by at most `PEAK_GROWTH` x. A later lone attacker 1e9 x the honest scales is
+    rejected either way (before the quorum and growth bound, one 3-client round lifted the
+    floor 1e6-fold and let it through)."""
+    state, ups = fed_round("fedng", n=6, rounds=1)
+    floor = curvature_floor(state)
+    small = [ups[0], _kfac_scaled(ups[1], 1.0, 1e6), _kfac_scaled(ups[2], 1.0, 1e6)]
+    quorate = [ups[0], ups[1], *(_kfac_scaled(u, 1.0, 1e6) for u in ups[2:5])]
+    for colluding in (small, quorate):
+        s_a, _ = server_step(state, colluding)
+        lifted = curvature_floor(s_a)
+        assert s_a.log["rejected"] == {}  # they are the round's median: accepted in that round
+        assert all(lifted[k] <= PEAK_GROWTH * floor[k] for k in floor)
+        if len(colluding) < PEAK_QUORUM:
+            assert lifted == floor
+        else:
+            assert lifted["kfac/0"] > floor["kfac/0"]
+        r = s_a.round
+        honest = [replay(u, i, round=r) for i, u in enumerate(ups[:5])]
+        attacker = _kfac_scaled(ups[5], 1.0, 1e9)
+        attacker.round = r
+        attacker = replay(attacker, 5)
+        s_b, _ = server_step(s_a, [*honest, attacker])
+        assert set(s_b.log["rejected"]) == {5}, s_b.log["rejected"]

@@ -250,3 +250,21 @@ def test_update_rejects_bad_arguments() -> None:
         k.update([], decay=1.5)
     with pytest.raises(ValueError, match="'stats' must have 0 entries"):
         k.update([None])
+
+
+def test_probe_vectors_are_fixed_per_block_and_shared() -> None:
+    """`probe_vectors` (the batch-form test's vectors, also used by the fused step): shapes
+    [m], [n] in the representation's dtype, the same cached tensors on every call, the same
+    values in another instance, different per block."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    cap, _ = capture_stats(model, torch.randn(6, 5), torch.randint(0, 3, (6,)))
+    specs = [b.spec for b in cap.blocks]
+    a, b = KFAC(specs, F64), KFAC(specs, F64)
+    for i, s in enumerate(specs):
+        u, v = a.probe_vectors(i)
+        assert u.shape == (s.m,) and v.shape == (s.n,) and u.dtype == F64
+        assert a.probe_vectors(i)[0] is u  # cached: the fused plan keeps these tensors
+        assert torch.equal(b.probe_vectors(i)[0], u) and torch.equal(b.probe_vectors(i)[1], v)
+    assert KFAC(specs, torch.float32).probe_vectors(0)[0].dtype == torch.float32
+    assert not torch.equal(a.probe_vectors(0)[0][:3], a.probe_vectors(1)[0][:3])

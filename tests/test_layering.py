@@ -8,7 +8,7 @@ Layers of `python/fedng`, lowest first (a module imports its own layer or lower 
     {_typing, errors, _backend, reference, ops, _C} < curvature < optim < federated < flower < cli
 Inside `fedng.federated` (see `FEDERATED_LAYERS`):
     {wire, losses} < messages < {config, tasks} < {aggregation, client, checkpoint}
-    < algorithms < validate < server_round < round < report < resume < simulator
+    < algorithms < validate < {server_round, summable_check} < round < report < resume < simulator
 No module imports the package root `fedng`, and only cli.py imports fedng modules inside
 functions (for start-up speed): anywhere else a deferred import would hide a cycle.
 """
@@ -46,7 +46,7 @@ FEDERATED_LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"aggregation", "client", "checkpoint"}),
     frozenset({"algorithms"}),
     frozenset({"validate"}),
-    frozenset({"server_round"}),
+    frozenset({"server_round", "summable_check"}),
     frozenset({"round"}),
     frozenset({"report", "attacks"}),
     frozenset({"resume"}),

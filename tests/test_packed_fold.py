@@ -282,3 +282,40 @@ def test_bad_buffers_are_one_line_errors() -> None:
         int8_triangles(torch.zeros(3), q, torch.zeros(2), [0, 0, 2])
     with pytest.raises(ValueError, match="sum_squares"):
         sum_squares([torch.zeros(2, dtype=torch.int64)])
+
+
+def test_lazy_negations_are_folded_and_measured_by_value() -> None:
+    """A neg view (`torch._neg_view`: the bit set, the memory not negated) is read by value:
+    the kernels read raw memory, so it is materialized first; a neg-view sum or int8 payload
+    is refused (one line)."""
+    torch.manual_seed(0)
+    x = torch.randn(7)
+    neg, plain = torch._neg_view(x), -x
+    assert neg.is_neg() and torch.equal(neg, plain)
+    acc_a, acc_b = torch.zeros(7), torch.zeros(7)
+    fold_update([acc_a], [neg], 0.5, None)
+    fold_update([acc_b], [plain], 0.5, None)
+    assert torch.equal(acc_a, acc_b) and torch.equal(acc_a, -0.5 * x)
+    assert sum_squares([neg]) == sum_squares([plain])
+    with pytest.raises(ValueError, match="fold_update"):
+        fold_update([torch._neg_view(torch.zeros(7))], [x], 1.0, None)
+    q, side = torch.zeros(3, dtype=torch.int8), torch.ones(3)
+    with pytest.raises(ValueError, match="'side'"):
+        payload_axpy(torch.zeros(3), q, torch._neg_view(side), [0, 0, 0, 0, 2, 0], VEC_CHUNK, 1.0)
+
+
+def test_huge_segment_offsets_and_ranks_are_refused_not_wrapped() -> None:
+    """Offsets near 2**63 and ranks whose value counts overflow int64 are one-line errors (the
+    bounds are checked by differences: a sum would wrap past them)."""
+    acc, q, side = torch.zeros(3), torch.zeros(3, dtype=torch.int8), torch.ones(3)
+    big = 2**63 - 2
+    for segs in ([0, big, 0, 0, 2, 0], [0, 0, big, 0, 2, 0], [0, 0, 0, big, 2, 0]):
+        with pytest.raises(ValueError, match="runs past"):
+            payload_axpy(acc, q, side, segs, VEC_CHUNK, 1.0)
+    with pytest.raises(ValueError, match="huge"):  # 2 n k overflows int64
+        payload_axpy(acc, q, side, [2, 0, 0, 0, 3_000_000_000, 3_000_000_000], VEC_CHUNK, 1.0)
+    q = torch.tensor([5, -7, 127], dtype=torch.int8)
+    huge, usual = torch.zeros(3), torch.zeros(3)  # a huge chunk is one chunk, not a wrap
+    payload_axpy(huge, q, side, [1, 0, 0, 0, 3, 0], 2**63 - 1, 1.0)
+    payload_axpy(usual, q, side, [1, 0, 0, 0, 3, 0], VEC_CHUNK, 1.0)
+    assert torch.equal(huge, usual) and bool(usual.abs().sum() > 0)

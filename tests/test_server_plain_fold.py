@@ -11,12 +11,13 @@ from typing import Any
 
 import pytest
 import torch
-from _fed import fed_round
+from _fed import count_python_checks, fed_round, replay
 from fedng._backend import native
-from fedng.federated import ServerRound, server_round, validate
+from fedng.federated import ServerRound
 from fedng.federated.aggregation.mean import apply_server_step, mean_delta
 from fedng.federated.aggregation.sums import WeightedSum
 from fedng.federated.messages import ClientUpdate
+from fedng.federated.server_round import non_finite
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -92,6 +93,11 @@ def test_check_fold_rejects_without_writing() -> None:
         acc.fold_checked(names, [xs[0].t(), xs[1]], 1.0, math.inf)
     with pytest.raises(ValueError, match="exact"):
         WeightedSum(exact=False).fold_checked(names, xs, 1.0, math.inf)
+    with pytest.raises(ValueError, match=r"no sum for \['c'\]"):  # a name the sums lack
+        acc.fold_checked(["a", "c"], xs, 1.0, math.inf)
+    with pytest.raises(ValueError, match="1 arrays for 2 names"):
+        acc.fold_checked(names, xs[:1], 1.0, math.inf)
+    assert acc.count == 2  # two folds passed; none of the errors folded anything
 
 
 def test_check_fold_checks_its_counts_before_any_pointer() -> None:
@@ -107,21 +113,13 @@ def test_check_fold_checks_its_counts_before_any_pointer() -> None:
         native.check_fold(**{**ok, "accs": [0]}, weight=1.0, bound=1.0, first=True)
 
 
-def _replay(u: ClientUpdate, cid: int, **change: Any) -> ClientUpdate:
-    out = ClientUpdate.from_bytes(u.to_bytes())
-    out.client_id = cid
-    for k, v in change.items():
-        setattr(out, k, v)
-    return out
-
-
 def _hostile(ups: list[ClientUpdate]) -> list[ClientUpdate]:
     """Honest replies interleaved with every malformed or outlying kind a plain update can be."""
     u = ups[0]
     k0 = next(iter(u.delta))
 
     def with_delta(cid: int, f: Any) -> ClientUpdate:
-        r = _replay(u, cid)
+        r = replay(u, cid)
         r.delta = {k: f(k, v) for k, v in r.delta.items()}
         return r
 
@@ -135,21 +133,21 @@ def _hostile(ups: list[ClientUpdate]) -> list[ClientUpdate]:
         with_delta(100, nan_at),
         with_delta(101, lambda k, v: v * 1e4),  # too large (held first without a reference)
     ]
-    out += [_replay(x, i) for i, x in enumerate(ups)]
+    out += [replay(x, i) for i, x in enumerate(ups)]
     out += [
         with_delta(102, lambda k, v: v.half()),  # fp16: the Python path, accepted
         with_delta(103, lambda k, v: v.t().contiguous().t() if v.dim() == 2 else v),  # strided
         with_delta(104, lambda k, v: v.bfloat16()),  # bf16: accepted
         with_delta(105, lambda k, v: v[:1] if k == k0 else v),  # wrong shape
         with_delta(106, lambda k, v: v.double()),  # float64: not a wire dtype
-        _replay(u, 107, num_examples=True),
-        _replay(u, 108, num_examples=0),
-        _replay(u, 109, round=u.round + 1),
-        _replay(u, 110, extras={"x": torch.zeros(1)}),
-        _replay(u, 111, curvature={"x": torch.zeros(1)}),
-        _replay(u, 112, meta=[]),
-        _replay(u, 113, delta={k: v for k, v in u.delta.items() if k != k0}),
-        _replay(u, 0),  # a second reply under id 0
+        replay(u, 107, num_examples=True),
+        replay(u, 108, num_examples=0),
+        replay(u, 109, round=u.round + 1),
+        replay(u, 110, extras={"x": torch.zeros(1)}),
+        replay(u, 111, curvature={"x": torch.zeros(1)}),
+        replay(u, 112, meta=[]),
+        replay(u, 113, delta={k: v for k, v in u.delta.items() if k != k0}),
+        replay(u, 0),  # a second reply under id 0
         with_delta(114, lambda k, v: v * 0.5),
         with_delta(115, lambda k, v: v.to_sparse() if k == k0 else v),  # not strided
         with_delta(116, lambda k, v: torch._neg_view(v) if k == k0 else v),  # lazy negation
@@ -168,14 +166,7 @@ def test_fast_round_equals_the_python_round(
     state, ups = fed_round("fedavgm", {"server_momentum": 0.9}, rounds=rounds)
     assert ("reference" in state.meta) == (rounds > 0)
     replies = _hostile(ups)
-    slow_checks: list[int] = []
-    real = validate.safe_check
-
-    def counted(*a: Any) -> str | None:
-        slow_checks.append(a[1].client_id)
-        return real(*a)
-
-    monkeypatch.setattr(server_round, "safe_check", counted)  # what ServerRound calls
+    slow_checks = count_python_checks(monkeypatch)
 
     def run(fast: bool, rs: list[ClientUpdate]) -> tuple[list[Any], Any]:
         n = 1000 if total else None  # weights n_k / 1000, no rescaling at the end
@@ -218,7 +209,7 @@ def test_strided_first_fold_then_fast_folds() -> None:
     """A first reply with strided arrays (the Python fold keeps their strides in the sums), then
     plain ones (folded natively in memory order): the same parameters as the Python path."""
     state, ups = fed_round("fedavg", rounds=1)
-    first = _replay(ups[0], 50)
+    first = replay(ups[0], 50)
     first.delta = {k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in first.delta.items()}
     assert not all(v.is_contiguous() for v in first.delta.values())
     outs = []
@@ -231,3 +222,83 @@ def test_strided_first_fold_then_fast_folds() -> None:
         outs.append(rnd.finish()[0])
     for k in outs[0].params:
         assert torch.equal(outs[0].params[k], outs[1].params[k]), k
+
+
+@pytest.mark.parametrize("lr", [1.0, 0.7, 1.0 / 3.0])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_server_step_is_the_per_parameter_formula_bit_for_bit(lr: float, momentum: float) -> None:
+    """`apply_server_step` (one `_foreach` dispatch for all float32 parameters without momentum)
+    gives `p + lr * d` of each parameter, as written per parameter; a float64 parameter takes
+    the per-parameter path and keeps its dtype promotion; `WeightedSum.scaled` is `v * scale`."""
+    state, _ = fed_round("fedavgm", {"server_momentum": momentum, "server_lr": lr}, rounds=0)
+    gen = torch.Generator().manual_seed(3)
+    step = {k: torch.randn(v.shape, generator=gen) * 1e-2 for k, v in state.params.items()}
+    acc = WeightedSum()
+    acc.fold(step, 1.0)
+    for k, v in acc.scaled(0.3).items():
+        assert torch.equal(v, acc.sums[k] * 0.3), k
+    new = state.copy()
+    apply_server_step(new, step)
+    for k, p in state.params.items():
+        want = p + lr * step[k]
+        if momentum > 0:  # a first momentum buffer is the step itself
+            assert torch.equal(new.buffers[f"m/{k}"], step[k]), k
+        assert torch.equal(new.params[k], want), k
+    k0 = next(iter(state.params))
+    mixed = state.copy()
+    mixed.params[k0] = mixed.params[k0].double()
+    apply_server_step(mixed, step)
+    assert mixed.params[k0].dtype == torch.float64
+    assert torch.equal(mixed.params[k0], state.params[k0].double() + lr * step[k0])
+    empty = state.copy()  # nothing to step or scale: no-ops (torch's _foreach ops refuse [])
+    apply_server_step(empty, {})
+    assert all(torch.equal(empty.params[k], p) for k, p in state.params.items())
+    assert WeightedSum().scaled(0.5) == {}
+
+
+def test_non_finite_names_every_bad_float_array_in_order() -> None:
+    """`server_round.non_finite`: [] for a finite state (the one-call common case); else the
+    float arrays (params, then buffers; any float dtype) holding NaN/Inf, in that order."""
+    state, _ = fed_round("fedavgm", {"server_momentum": 0.9}, rounds=1)
+    assert non_finite(state) == []
+    bad = state.copy()
+    names = list(bad.params)
+    bad.params[names[1]] = bad.params[names[1]].clone()
+    bad.params[names[1]].view(-1)[0] = float("inf")
+    bad.buffers["x64"] = torch.tensor([1.0, float("nan")], dtype=torch.float64)
+    bad.buffers["count"] = torch.tensor([3])  # not a float array: never named
+    bad.buffers["h"] = torch.ones(2, dtype=torch.float16)
+    assert non_finite(bad) == [names[1], "x64"]
+    ok = state.copy()
+    ok.buffers["x64"] = torch.ones(2, dtype=torch.float64)  # the general path, all finite
+    assert non_finite(ok) == []
+
+
+def test_fold_plain_is_fold_checked_and_follows_replaced_sums() -> None:
+    """`WeightedSum.fold_plain` (the sums' addresses kept between folds) folds and rejects as
+    `fold_checked` does, bit for bit; a sum replaced by another tensor, or another names list,
+    is not folded into through a stale address."""
+    gen = torch.Generator().manual_seed(5)
+    names = ["a", "b", "c"]
+    shapes = [(6, 7), (7,), (1,)]
+    sizes = [42, 7, 1]
+    ref, fast = WeightedSum(), WeightedSum()
+    for step in range(6):
+        xs = [torch.randn(s, generator=gen) for s in shapes]
+        xs[1] = xs[1].bfloat16()
+        bound = math.inf if step != 3 else 1e-3  # step 3: above the bound, rejected
+        if step == 4:
+            xs[0][0, 0] = float("nan")
+        if step == 5:  # the sums replaced by copies (as a strided first fold does)
+            fast.sums = {k: v.clone() for k, v in fast.sums.items()}
+        got = fast.fold_plain(names, xs, sizes, 0.3, bound)
+        want = ref.fold_checked(names, xs, 0.3, bound)
+        assert got[0] == want[0] and repr(got[1]) == repr(want[1]), step  # NaN too
+        for k in names:
+            assert torch.equal(fast.sums[k], ref.sums[k]), (step, k)
+    assert fast.count == ref.count == 4 and fast.total_weight == ref.total_weight
+    other = list(names)  # another list object: the addresses are taken again
+    xs = [torch.ones(s) for s in shapes]
+    fast.fold_plain(other, xs, sizes, 1.0, math.inf)
+    ref.fold_checked(other, xs, 1.0, math.inf)
+    assert all(torch.equal(fast.sums[k], ref.sums[k]) for k in names)

@@ -193,15 +193,18 @@ void check_segments(const char* op, const Sizes& segs, std::int64_t nq, std::int
     std::int64_t floats = n * (n + 1) / 2, vals = floats, scales = n + 1;
     if (form == kVec) {
       floats = vals = n;
-      scales = (n + chunk - 1) / chunk;
+      scales = n / chunk + (n % chunk != 0);  // no n + chunk - 1: chunk may be huge
     } else if (form == kLowRank) {
       if (k > n) fail(op, "'segs' has a rank above its size");
+      if (n > 0 && k > (INT64_MAX / 2) / n) fail(op, "'segs' has a negative or huge entry");
       vals = 2 * n * k;
       scales = k + 1;
     } else if (form != kTri) {
       fail(op, "'segs' has an unknown form");
     }
-    if (at + floats > nacc || qat + vals > nq || sat + scales > nside)
+    // Differences, not sums: an offset near INT64_MAX must not wrap around past the check.
+    if (at > nacc || floats > nacc - at || qat > nq || vals > nq - qat || sat > nside ||
+        scales > nside - sat)
       fail(op, "'segs' runs past the buffers");
   }
 }

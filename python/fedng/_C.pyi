@@ -238,6 +238,36 @@ def check_fold(
     `accs[k] + weight * xs[k]` (the product rounded to float32 first) and True; else False and
     nothing written."""
 
+def summable_check_fold(
+    *,
+    xs: Sequence[int],
+    accs: Sequence[int],
+    n: Sequence[int],
+    bf16: Sequence[int],
+    ndelta: int,
+    q: int,
+    side: int,
+    acc: int,
+    nq: int,
+    nside: int,
+    nacc: int,
+    segs: Sequence[int],
+    chunk: int,
+    max_abs: float,
+    pairs: Sequence[int],
+    divs: Sequence[float],
+    bounds: Sequence[float],
+    weight: float,
+    norm_bound: float,
+) -> tuple[int, float, list[float], list[float]]:
+    """(status, delta norm, squared norms, curvature scales) of a summable reply
+    (csrc/include/fedng/summable_fold.h): the arrays' squared norms (`sum_squares`; status 1 if
+    one is not finite), the int8 payload's traces (`int8_payload_traces`; 2 if unsettled or
+    above `max_abs`), the norm of the first `ndelta` arrays (`exact_sum`; 3 if not finite or
+    above `norm_bound`), the curvature scales `traces[a] [* traces[b]] / div` per `pairs` (4 if
+    one is not finite or above its bound, NaN: none), then `fold_update` with `weight` (0).
+    Only 0 writes anything; the norm and the scales are set once measured."""
+
 def exact_sum(*, x: Sequence[float]) -> float:
     """The correctly rounded sum of finite doubles (`math.fsum`)."""
 

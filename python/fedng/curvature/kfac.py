@@ -211,7 +211,18 @@ class KFAC(FisherRepresentation):
 
     # --- application ------------------------------------------------------------------------
 
-    def _probe(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def probe_vectors(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i's fixed random test vectors `(u [m], v [n])` of the batch-form check
+        `u^T grad v == (Gb u) . (Ab v)` (see `_batch_rows`): drawn once per block from a fixed
+        seed, in the representation's dtype, and cached, so every caller running the same test
+        (the fused K-FAC step, `fedng.optim.fused_kfac`) uses the same vectors.
+
+        Args:
+            i: the block index.
+
+        Returns:
+            (u, v), shapes [m] and [n] of block i (the cached tensors: do not write into them).
+        """
         if i not in self._probes:
             gen = torch.Generator().manual_seed(_PROBE_SEED + i)
             s = self.specs[i]
@@ -237,7 +248,7 @@ class KFAC(FisherRepresentation):
         if g_loss is None:
             return None
         a, g = st.a_rows().to(self.dtype), g_loss.to(self.dtype)
-        u, v = self._probe(i)
+        u, v = self.probe_vectors(i)
         gu, av = g @ u, a @ v
         lhs, rhs = float(u @ (grad @ v)), float(gu @ av)
         tol = 1e-3 * float(torch.linalg.vector_norm(grad)) + 1e-5 * float((gu * av).abs().sum())

@@ -23,7 +23,7 @@ Triples = Sequence[int]
 
 
 def _sum_buffer(acc: torch.Tensor, n: int, what: str) -> None:
-    if acc.dtype != torch.float32 or not acc.is_contiguous() or not acc.is_cpu:
+    if acc.dtype != torch.float32 or not acc.is_contiguous() or not acc.is_cpu or acc.is_neg():
         raise ValueError(f"{what}: the sum must be a contiguous float32 CPU tensor")
     if acc.numel() != n:
         raise ValueError(f"{what}: the sum has {acc.numel()} entries, the payload {n}")
@@ -40,7 +40,7 @@ def bf16_axpy(accs: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], weight: 
         raise ValueError("bf16_axpy: as many sums as arrays expected")
     for acc, x in zip(accs, xs, strict=True):
         _sum_buffer(acc, x.numel(), "bf16_axpy")
-        if x.dtype != torch.bfloat16 or not x.is_contiguous() or not x.is_cpu:
+        if x.dtype != torch.bfloat16 or not x.is_contiguous() or not x.is_cpu or x.is_neg():
             raise ValueError("bf16_axpy: arrays must be contiguous bfloat16 CPU tensors")
     native.bf16_axpy(
         xs=[x.data_ptr() for x in xs],
@@ -56,9 +56,9 @@ n, k)` sextuples (form 0 a triangle, 1 a vector, 2 a low-rank factor of rank k).
 
 
 def _int8_buffers(what: str, q: torch.Tensor, side: torch.Tensor) -> None:
-    if q.dtype != torch.int8 or not q.is_contiguous() or not q.is_cpu:
+    if q.dtype != torch.int8 or not q.is_contiguous() or not q.is_cpu or q.is_neg():
         raise ValueError(f"{what}: 'q' must be a contiguous int8 CPU tensor")
-    if side.dtype != torch.float32 or not side.is_contiguous() or not side.is_cpu:
+    if side.dtype != torch.float32 or not side.is_contiguous() or not side.is_cpu or side.is_neg():
         raise ValueError(f"{what}: 'side' must be a contiguous float32 CPU tensor")
 
 
@@ -66,7 +66,7 @@ def _int8_fold_buffers(what: str, acc: torch.Tensor, q: torch.Tensor, side: torc
     """`_int8_buffers` plus the float32 sum an int8 payload folds into (its size is checked
     natively against the segments)."""
     _int8_buffers(what, q, side)
-    if acc.dtype != torch.float32 or not acc.is_contiguous() or not acc.is_cpu:
+    if acc.dtype != torch.float32 or not acc.is_contiguous() or not acc.is_cpu or acc.is_neg():
         raise ValueError(f"{what}: the sum must be a contiguous float32 CPU tensor")
 
 
@@ -147,7 +147,7 @@ def int8_triangles(vals: torch.Tensor, q: torch.Tensor, side: torch.Tensor, tris
         (q, torch.int8, "q"),
         (side, torch.float32, "side"),
     ):
-        if t.dtype != dt or not t.is_contiguous() or not t.is_cpu:
+        if t.dtype != dt or not t.is_contiguous() or not t.is_cpu or t.is_neg():
             raise ValueError(f"int8_triangles: {name!r} must be a contiguous {dt} CPU tensor")
     if q.numel() != vals.numel():
         raise ValueError("int8_triangles: 'q' and 'vals' differ in size")
@@ -176,7 +176,13 @@ def quantize_signed(x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Te
     Raises:
         ValueError: `x` not a contiguous float32 CPU vector, or `chunk` not positive.
     """
-    if x.dtype != torch.float32 or x.dim() != 1 or not x.is_contiguous() or not x.is_cpu:
+    if (
+        x.dtype != torch.float32
+        or x.dim() != 1
+        or not x.is_contiguous()
+        or not x.is_cpu
+        or x.is_neg()
+    ):
         raise ValueError("quantize_signed: 'x' must be a contiguous float32 CPU vector")
     if chunk <= 0:
         raise ValueError(f"quantize_signed: 'chunk' must be positive, got {chunk}")
@@ -223,14 +229,25 @@ def fold_update(
     f32, bf16 = torch.float32, torch.bfloat16
     for acc, x in zip(accs, xs, strict=True):  # per-array cost matters on small models
         dt = x.dtype
-        if (dt is not f32 and dt is not bf16) or not x.is_contiguous() or not x.is_cpu:
+        if (
+            (dt is not f32 and dt is not bf16)
+            or not x.is_contiguous()
+            or not x.is_cpu
+            or x.is_neg()
+        ):
             if not x.is_floating_point() or not x.is_cpu:
                 raise ValueError("fold_update: expected float CPU tensors")
-            x = x.float().contiguous()
+            x = x.resolve_neg().float().contiguous()  # the kernels read raw memory
             keep.append(x)
             dt = f32
         n = x.numel()
-        if acc.dtype is not f32 or acc.numel() != n or not acc.is_contiguous() or not acc.is_cpu:
+        if (
+            acc.dtype is not f32
+            or acc.numel() != n
+            or not acc.is_contiguous()
+            or not acc.is_cpu
+            or acc.is_neg()
+        ):
             _sum_buffer(acc, n, "fold_update")  # raises the error
         ptr_x.append(x.data_ptr())
         ptr_a.append(acc.data_ptr())
@@ -280,10 +297,10 @@ def sum_squares(ts: Sequence[torch.Tensor]) -> list[float]:
     half: list[bool] = []
     keep: list[torch.Tensor] = []  # float32 copies live until the call returns
     for t in ts:
-        if t.dtype not in _READ or not t.is_contiguous() or not t.is_cpu:
+        if t.dtype not in _READ or not t.is_contiguous() or not t.is_cpu or t.is_neg():
             if not t.is_floating_point() or not t.is_cpu:
                 raise ValueError("sum_squares: expected float CPU tensors")
-            t = t.float().contiguous()
+            t = t.resolve_neg().float().contiguous()  # the kernel reads raw memory
             keep.append(t)
         ptrs.append(t.data_ptr())
         sizes.append(t.numel())
@@ -325,7 +342,13 @@ def unpack_into(vec: torch.Tensor, n: int) -> torch.Tensor | None:
     when `vec` is not a contiguous float32/float64 CPU tensor of n (n + 1) / 2 entries (then
     the caller unpacks)."""
     code = _UNPACK_CODES.get(vec.dtype)
-    if code is None or not vec.is_contiguous() or not vec.is_cpu or vec.numel() != n * (n + 1) // 2:
+    if (
+        code is None
+        or not vec.is_contiguous()
+        or not vec.is_cpu
+        or vec.is_neg()
+        or vec.numel() != n * (n + 1) // 2
+    ):
         return None
     out = torch.empty(n, n, dtype=vec.dtype)
     native.unpack_triangle(dtype=code, vec=vec.data_ptr(), out=out.data_ptr(), n=n)

@@ -13,12 +13,15 @@ This is what a deployment calls per reply (the Flower strategy does):
 
 Memory: summable algorithms (FedAvg and its momentum variant, FedNG with the "mean" or
 "summable" aggregation) hold only their running sums — O(model + curvature), flat in the number
-of clients — plus a few floats per client (its weight and delta norm). Algorithms that aggregate
-a list (SCAFFOLD, FedOpt, FedFisher, FedNG's exact merge) hold the accepted updates.
+of clients — plus a few floats per client (its weight, delta norm and curvature scales).
+Algorithms that aggregate a list (SCAFFOLD, FedOpt, FedFisher, FedNG's exact merge) hold the
+accepted updates.
 
 Validation differs from the batch `round.server_step` only where streaming forces it:
 - the norm and curvature-scale checks compare against the previous round's reference (the
-  median delta norm `state.meta["reference"]`, the server's global curvature); where none exists
+  median delta norm `state.meta["reference"]`, the server's global curvature; each curvature
+  scale's reference floored at the run's peak round median as in the batch rule, and the peak
+  kept for the next round as `validate.reference_of` keeps it); where none exists
   yet (the first round), the first `warmup` updates that pass the per-update checks are held
   (a bounded buffer) and their median becomes the round's reference;
 - a second update under a client id already seen this round is rejected (the first one, already
@@ -46,16 +49,22 @@ from fedng.federated.algorithms.curvature_payload import (
     signature,
     update_scales,
 )
+from fedng.federated.algorithms.fedng_server import CurvatureSums
 from fedng.federated.algorithms.registry import get_algorithm
 from fedng.federated.messages import ClientUpdate, ServerMessage, ServerState
+from fedng.federated.summable_check import SummableFast, summable_plan
 from fedng.federated.validate import (
+    PEAK_KEY,
     REFERENCE_KEY,
     Rejected,
+    curvature_floor,
     curvature_ratio,
     delta_norm,
+    floored_refs,
     nan_reason,
     plain_arrays,
     plain_plan,
+    raised_peak,
     reference_scale,
     safe_check,
     store_sq_norms,
@@ -83,9 +92,15 @@ class Verdict:
 
 def non_finite(state: State) -> list[str]:
     """Names of the state's float arrays holding NaN or Inf."""
-    named = [(k, v) for k, v in {**state.params, **state.buffers}.items() if v.is_floating_point()]
-    fast = [(k, v) for k, v in named if v.dtype in (torch.float32, torch.bfloat16)]
-    sq = dict(zip([k for k, _ in fast], sum_squares([v for _, v in fast]), strict=True))
+    merged = {**state.params, **state.buffers}
+    f32, bf16 = torch.float32, torch.bfloat16
+    fast = [v for v in merged.values() if v.dtype is f32 or v.dtype is bf16]
+    sqs = sum_squares(fast)
+    if len(fast) == len(merged) and all(map(math.isfinite, sqs)):
+        return []  # the common case: every array float32 / bf16 and finite
+    named = [(k, v) for k, v in merged.items() if v.is_floating_point()]
+    keys = [k for k, v in merged.items() if v.dtype is f32 or v.dtype is bf16]
+    sq = dict(zip(keys, sqs, strict=True))
     return [  # float32 / bf16 in one native pass (NaN/Inf iff an entry is), others by torch
         k
         for k, v in named
@@ -131,12 +146,20 @@ class ServerRound:
         ref = state.meta.get(REFERENCE_KEY, {}).get("delta_norm")
         self.norm_ref: float | None = ref
         self.scale_ref: dict[str, float] | None = self.algo.reference_scales(state)
+        self.floor = curvature_floor(state)  # the run's peak round medians (the batch rule)
+        self._refs: tuple[object, dict[str, float]] | None = None
+        self.scales: dict[str, list[float]] = {}  # the accepted replies' curvature scales
+        self._fast_scales: list[list[float]] = []  # those of the fast path's, per reply
         self.probe_message: ServerMessage | None = None
         # FedAvg-like rounds: a plain update is checked and folded in one native call
         acc = self.acc
         plan = plain_plan(state, self.algo) if type(acc) is MeanStep else None
         self._plain = plan if plan and type(acc) is MeanStep and acc.deltas.exact else None
         self._plain_names = [k for k, _ in plan or []]
+        self._plain_sizes = [math.prod(v) for _, v in plan or []]
+        # FedNG-summable rounds: the replies that match the first accepted one's plan likewise
+        self._summable: SummableFast | None = None
+        self._summable_tried = False
         self._clock(t0, c0)
 
     def _clock(self, t0: float, c0: float) -> None:
@@ -186,6 +209,20 @@ class ServerRound:
                 if self.warmup <= 0 or self.norm_ref is not None:
                     return self._fold_plain(update, arrays)
                 return self._hold_plain(update, arrays)
+        fast = self._summable
+        if fast is not None and (
+            self.warmup <= 0 or (self.norm_ref is not None and self.scale_ref is not None)
+        ):  # judged on arrival (no warm-up hold): the fast path decides, or the checks below
+            try:
+                w = self._weight(update)
+                got = fast.try_fold(update, w, self.norm_ref, self._scale_refs())
+            except Exception:  # whatever a payload provokes: the Python checks give the reason
+                got = None
+            if got is not None:
+                self.weights[cid] = w
+                self.norms.append(got[0])
+                self._fast_scales.append(got[1])  # in `fast.plan.scale_names` order
+                return Verdict(cid, ACCEPTED)
         reason = safe_check(self.state, update, self.algo)
         if reason is not None:
             return self._reject(cid, reason)
@@ -227,10 +264,10 @@ class ServerRound:
         cid = update.client_id
         ref, ratio = self.norm_ref, self.state.config.max_norm_ratio
         bound = ratio * ref if ref is not None and ref > 0 else math.inf
-        w = float(update.num_examples) if self.total is None else update.num_examples / self.total
+        w = self._weight(update)
         names = self._plain_names
         acc = cast(MeanStep, self.acc)  # the fast path is on only for a MeanStep (__init__)
-        folded, sqs = acc.deltas.fold_checked(names, arrays, w, bound)
+        folded, sqs = acc.deltas.fold_plain(names, arrays, self._plain_sizes, w, bound)
         store_sq_norms(update, names, sqs)
         why = nan_reason("delta", names, sqs)
         if why is not None:
@@ -243,6 +280,11 @@ class ServerRound:
         self.weights[cid] = w
         self.norms.append(nrm)
         return Verdict(cid, ACCEPTED)
+
+    def _weight(self, update: ClientUpdate) -> float:
+        """The reply's fold weight: `n_k`, or `n_k / total` when the total is known."""
+        n = update.num_examples
+        return float(n) if self.total is None else n / self.total
 
     def _needs_warmup(self, scales: dict[str, float]) -> bool:
         """Whether a reference is missing (and the warm-up buffer still open)."""
@@ -280,7 +322,7 @@ class ServerRound:
                 cid,
                 f"delta norm {nrm:.3g} exceeds {ratio:g} x the reference {self.norm_ref or 0:.3g}",
             )
-        refs = self.scale_ref or {}
+        refs = self._scale_refs()
         cratio = curvature_ratio(ratio)
         bad = [k for k, v in scales.items() if too_large(v, refs.get(k), cratio)]
         if bad:
@@ -290,16 +332,49 @@ class ServerRound:
                 f"curvature scale {k} = {scales[k]:.3g} exceeds {cratio:g} x the reference"
                 f" {refs.get(k) or 0:.3g}",
             )
-        w = float(update.num_examples) if self.total is None else update.num_examples / self.total
+        w = self._weight(update)
         arrays = None if self._plain is None else plain_arrays(self.state, update, self._plain)
         folded = False
         if arrays is not None and isinstance(self.acc, MeanStep):  # a held plain update
             folded, _ = self.acc.deltas.fold_checked(self._plain_names, arrays, w, math.inf)
         if not folded:
             self.acc.fold(update, w)
+            if not self._summable_tried:  # the round's first reply folded by the Python path
+                self._summable_tried = True
+                plan = summable_plan(self.state, self.algo, self.acc, update)
+                if plan is not None and isinstance(self.acc, CurvatureSums):
+                    self._summable = SummableFast(self.state, plan, self.acc)
         self.weights[cid] = w
         self.norms.append(nrm)
+        for k, v in scales.items():
+            self.scales.setdefault(k, []).append(v)
         return Verdict(cid, ACCEPTED)
+
+    def _scale_refs(self) -> dict[str, float]:
+        """The curvature-scale references the checks use: the round's own (`scale_ref`, from
+        the global curvature or the warm-up) floored at the run's peak round medians, as the
+        batch rule floors its (`validate.floored_refs`); made again only when `scale_ref` is."""
+        if self._refs is None or self._refs[0] is not self.scale_ref:
+            self._refs = (self.scale_ref, floored_refs(self.scale_ref, self.floor))
+        return self._refs[1]
+
+    def _reference(self) -> dict[str, Any]:
+        """The references to keep for the next round (`validate.reference_of`'s rule): with at
+        least 3 accepted updates, their median delta norm and the run's peak of each curvature
+        scale's round median (`validate.raised_peak`); else the previous ones."""
+        out = dict(self.state.meta.get(REFERENCE_KEY, {}))
+        if len(self.norms) < 3:
+            return out
+        out["delta_norm"] = statistics.median(self.norms)
+        scales: dict[str, list[float]] = dict(self.scales)
+        if self._summable is not None and self._fast_scales:  # one column per scale name
+            cols = zip(*self._fast_scales, strict=True)
+            for k, col in zip(self._summable.plan.scale_names, cols, strict=True):
+                scales[k] = [*scales.get(k, []), *col]
+        peak = raised_peak(self.state, scales)
+        if peak:
+            out[PEAK_KEY] = peak
+        return out
 
     # --- phase 2 (optional) -------------------------------------------------------------------
 
@@ -377,11 +452,7 @@ class ServerRound:
                 res, why = work, f"aggregation failed ({type(err).__name__}: {str(err)[:120]})"
             if why is None:
                 new = res
-                new.meta[REFERENCE_KEY] = (
-                    {"delta_norm": statistics.median(self.norms)}
-                    if len(self.norms) >= 3
-                    else dict(self.state.meta.get(REFERENCE_KEY, {}))
-                )
+                new.meta[REFERENCE_KEY] = self._reference()
             else:
                 log["rolled_back"] = why
                 accepted = []

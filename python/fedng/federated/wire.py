@@ -1,16 +1,21 @@
 """A real byte serialization of named arrays: what a client or server would put on the wire.
 
-Wire format, version 2 (little-endian):
+Wire format, version 3 (little-endian):
 
     b"FNGB" | version: u8 | header length: u32 | header: UTF-8 JSON | blob | crc32: u32
 
 The trailing CRC-32 covers every byte before it (prefix, header and blob): any 1-, 2- or 3-bit
 error and any burst of up to 32 bits is detected on decode. It guards against corruption, not
 against a malicious sender (who can recompute it); `fedng.federated.validate` handles those.
-Version 1 (no checksum) is no longer accepted.
+Versions 1 (no checksum) and 2 (no writer) are no longer accepted.
 
-The header holds `meta` (JSON scalars, lists and dicts of scalars) and one entry per array:
-`[name, dtype, layout, shape, nbytes]`. The blob is the arrays' raw bytes in header order.
+The header holds `writer`, `meta` (JSON scalars, lists and dicts of scalars) and one entry per
+array: `[name, dtype, layout, shape, nbytes]`. The blob is the arrays' raw bytes in header order.
+`writer` is `[protocol, fedng version]` of the fedng that wrote the bytes: `PROTOCOL` numbers
+what payloads mean (array names, metadata, curvature layouts, shared-seed draws) and changes
+whenever two fedng builds would disagree on it, so a payload from a peer that speaks another
+protocol, or names none, is refused with one reason naming both sides, instead of being
+misread; the version string is only reported.
 `dtype` is one of `fp32`, `fp64`, `bf16`, `fp16`, `i64`, `i8`; `layout` is `dense`, or `sym` for a
 symmetric matrix [n, n] stored as its packed lower triangle (n (n + 1) / 2 values, row by row;
 `fedng.curvature.spec.pack_triangle`).
@@ -33,11 +38,18 @@ from typing import Any
 
 import torch
 
+from fedng._backend import native as _native
 from fedng._typing import Arrays
 from fedng.curvature.spec import pack_triangle, unpack_triangle
 
 MAGIC = b"FNGB"
-VERSION = 2
+VERSION = 3
+"""The frame's format version (the prefix byte)."""
+PROTOCOL = 1
+"""The message protocol this fedng speaks (the header's `writer`): bump it with any change that
+makes payloads of one fedng build mean something else to another."""
+WRITER: tuple[int, str] = (PROTOCOL, _native.__version__)
+"""(protocol, fedng version) stamped on every payload this process writes."""
 _PREFIX = struct.Struct("<4sBI")
 _CRC = struct.Struct("<I")
 MAX_HEADER_BYTES = 1 << 24
@@ -159,7 +171,9 @@ def pack(
 
 def _header(meta: Mapping[str, Any] | None, entries: list[list[Any]]) -> bytes:
     return json.dumps(
-        {"meta": dict(meta or {}), "arrays": entries}, separators=(",", ":"), allow_nan=True
+        {"writer": list(WRITER), "meta": dict(meta or {}), "arrays": entries},
+        separators=(",", ":"),
+        allow_nan=True,
     ).encode("utf-8")
 
 
@@ -220,12 +234,18 @@ def unpack(data: bytes) -> Packed:
     magic, version, hlen = _PREFIX.unpack_from(buf)
     if magic != MAGIC:
         raise PayloadError(f"unpack: not a fedng payload (magic {magic!r})")
-    if version != VERSION:
-        raise PayloadError(f"unpack: wire format version {version}, expected {VERSION}")
     body = buf[: -_CRC.size]
     (crc,) = _CRC.unpack_from(buf, len(body))
-    if zlib.crc32(body) != crc:
-        raise PayloadError("unpack: checksum mismatch (corrupt or truncated payload)")
+    intact = zlib.crc32(body) == crc
+    if version != VERSION and intact:  # a flipped version byte is corruption, said below
+        who = "an older" if version < VERSION else "a newer"
+        raise PayloadError(
+            f"unpack: wire format version {version} (written by {who} fedng), this fedng"
+            f" {WRITER[1]} reads version {VERSION}"
+        )
+    if not intact:
+        other = "" if version == VERSION else f", or of wire format version {version}"
+        raise PayloadError(f"unpack: checksum mismatch (corrupt or truncated payload{other})")
     try:
         return _decode(body, hlen)
     except PayloadError:
@@ -256,6 +276,25 @@ def _entry(entry: object) -> tuple[str, torch.dtype, str, list[int], int]:
     return name, WIRE_DTYPES[dname], layout, shape, nbytes
 
 
+def _check_writer(writer: object) -> None:
+    """Refuses a payload whose writer speaks another protocol than `PROTOCOL`, or names none."""
+    here = f"this fedng {WRITER[1]} speaks protocol {PROTOCOL}"
+    if writer is None:
+        raise PayloadError(f"unpack: the payload names no writer (fedng protocol); {here}")
+    if (
+        not isinstance(writer, list)
+        or len(writer) != 2
+        or not _is_int(writer[0])
+        or not isinstance(writer[1], str)
+    ):
+        raise PayloadError(f"unpack: bad writer {writer!r:.80}; {here}")
+    protocol, version = writer
+    if protocol != PROTOCOL:
+        raise PayloadError(
+            f"unpack: written by fedng {version:.40} speaking protocol {protocol!r:.20}; {here}"
+        )
+
+
 def _decode(buf: bytes, hlen: int) -> Packed:
     """The header and arrays of a checksummed frame (without its checksum)."""
     start = _PREFIX.size + hlen
@@ -265,8 +304,13 @@ def _decode(buf: bytes, hlen: int) -> Packed:
         header = json.loads(buf[_PREFIX.size : start].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise PayloadError(f"unpack: corrupt header ({type(err).__name__})") from err
-    if not isinstance(header, dict) or set(header) != {"meta", "arrays"}:
-        raise PayloadError("unpack: the header must be an object with 'meta' and 'arrays'")
+    if not isinstance(header, dict):
+        raise PayloadError("unpack: the header must be a JSON object")
+    _check_writer(header.get("writer"))
+    if set(header) != {"writer", "meta", "arrays"}:
+        raise PayloadError(
+            "unpack: the header must be an object with 'writer', 'meta' and 'arrays'"
+        )
     entries, meta = header["arrays"], header["meta"]
     if not isinstance(entries, list) or not isinstance(meta, dict):
         raise PayloadError("unpack: header 'arrays' must be a list and 'meta' an object")

@@ -33,6 +33,7 @@ from fedng.federated.messages import ServerMessage
 from fedng.federated.report.history import History
 from fedng.federated.resume import CHECKPOINT_FILE, MODEL_FILE
 from fedng.federated.tasks.base import FederatedTask
+from fedng.federated.wire import PayloadError
 
 HISTORY_FILE = "history.json"
 KIND = "fedng.flower"
@@ -86,7 +87,8 @@ class ServerCheckpoint:
 
         Raises:
             CheckpointError: corrupt, not a Flower server checkpoint, of another run (what
-                differs is named), or with more rounds than `rounds` (one line).
+                differs is named), with more rounds than `rounds`, or holding a broadcast of
+                another wire format (one line).
         """
         run = load_checkpoint(self.path).state
         if run.get("kind") != KIND:
@@ -105,9 +107,15 @@ class ServerCheckpoint:
                 f"resume: the checkpoint {str(self.path)!r} has {past.rounds[-1].round} rounds,"
                 f" more than num-server-rounds={rounds}"
             )
+        try:  # before anything is changed: a checkpoint that fails leaves the caller's run as is
+            message = ServerMessage.from_bytes(bytes(run["message"]))
+        except PayloadError as err:  # e.g. written by a fedng of another wire format
+            raise CheckpointError(
+                f"resume: the checkpoint {str(self.path)!r} holds a broadcast this fedng cannot"
+                f" read ({str(err)[:160]})"
+            ) from err
         history.rounds = past.rounds
         rng.bit_generator.state = run["sampler"]
-        message = ServerMessage.from_bytes(bytes(run["message"]))
         return server_state_from_dict(run["server"]), message
 
     def save_model(self, task: FederatedTask, seed: int, params: Arrays) -> Path:

@@ -163,7 +163,7 @@ class FusedKFAC:
         """The native plan over the current factor tensors (rebuilt if they were replaced)."""
         kfac = self.kfac
         if self._plan is None or not self._plan.matches(kfac.A, kfac.G):
-            probes = [kfac._probe(i) for i in range(self.count)]
+            probes = [kfac.probe_vectors(i) for i in range(self.count)]
             self._plan = KfacStepPlan(
                 kfac.A,
                 kfac.G,
@@ -383,7 +383,7 @@ class FusedKFAC:
         grad, out = self.flat.grads[i], self.flat.outs[i]
         x, g = rows.x[i], rows.g[i]
         k = x.shape[1]
-        u, v = kfac._probe(i)
+        u, v = kfac.probe_vectors(i)
         with torch.no_grad():
             gu = g @ u
             av = x @ v[:k] + v[k] if self.bias[i] else x @ v

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from fedng._typing import Arrays
 from fedng.federated.config.common import ServerConfig
 from fedng.federated.messages import ClientUpdate, ServerState
@@ -34,6 +36,18 @@ def apply_server_step(state: ServerState[ServerConfig], step: Arrays) -> None:
         step: the aggregated step per parameter.
     """
     cfg = state.config
+    names = list(step)
+    if not names:  # nothing to step (_foreach ops refuse an empty list)
+        return
+    params = [state.params[k] for k in names]
+    ds = list(step.values())
+    f32 = torch.float32
+    if cfg.server_momentum <= 0 and all(t.dtype == f32 for t in (*params, *ds)):
+        if cfg.server_lr != 1.0:  # `1.0 * d` is d exactly: skipped
+            ds = list(torch._foreach_mul(ds, cfg.server_lr))
+        # one dispatch for all parameters (small models are dispatch-bound): `p + lr * d`
+        state.params.update(zip(names, torch._foreach_add(params, ds), strict=True))
+        return
     for k, d in step.items():
         if cfg.server_momentum > 0:
             key = f"m/{k}"

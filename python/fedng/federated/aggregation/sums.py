@@ -41,6 +41,7 @@ class WeightedSum:
         self.sums: Arrays = {}
         self.total_weight = 0.0
         self.count = 0
+        self._plain: tuple[Sequence[str], list[torch.Tensor], list[int]] | None = None
 
     def fold(self, arrays: Arrays, weight: float) -> None:
         """Adds `weight * arrays` (fp32) to the sums.
@@ -91,6 +92,12 @@ class WeightedSum:
         if first:
             accs = [torch.empty(x.shape, dtype=torch.float32) for x in arrays]
         else:
+            missing = [k for k in names if k not in self.sums]
+            if missing or len(names) != len(arrays):
+                raise ValueError(
+                    f"WeightedSum.fold_checked: arrays do not match the sums (no sum for"
+                    f" {missing[:3]}, or {len(arrays)} arrays for {len(names)} names)"
+                )
             accs = [self.sums[k] for k in names]
             for i, a in enumerate(accs):  # a first fold of strided arrays keeps their strides
                 if not a.is_contiguous():
@@ -102,7 +109,12 @@ class WeightedSum:
         half: list[bool] = []
         for a, x in zip(accs, arrays, strict=True):  # per-array cost matters on small models
             dt, n = x.dtype, x.numel()
-            if (dt is not f32 and dt is not bf16) or not x.is_contiguous() or not x.is_cpu:
+            if (
+                (dt is not f32 and dt is not bf16)
+                or not x.is_contiguous()
+                or x.is_neg()
+                or not x.is_cpu
+            ):
                 raise ValueError("WeightedSum.fold_checked: contiguous float32/bf16 CPU arrays")
             if a.numel() != n:
                 raise ValueError("WeightedSum.fold_checked: arrays do not match the sums")
@@ -119,6 +131,62 @@ class WeightedSum:
             self.total_weight += weight
             self.count += 1
         return folded, sqs
+
+    def fold_plain(
+        self,
+        names: Sequence[str],
+        arrays: Sequence[torch.Tensor],
+        sizes: Sequence[int],
+        weight: float,
+        bound: float,
+    ) -> tuple[bool, list[float]]:
+        """`fold_checked` for a trusted caller (`ServerRound`'s plain path) whose arrays
+        `validate.plain_arrays` accepted: contiguous float32 / bfloat16 CPU tensors of the plan's
+        shapes, `sizes` their entries. Only their addresses and dtypes are read (the per-array
+        checks cost more than the fold on a small model); the sums' addresses are kept while
+        the sums are the same tensors, and checked against `sizes` when taken. The first fold,
+        or sums of other sizes, go through `fold_checked`.
+
+        Returns:
+            (whether it was folded, the squared norm of each array).
+        """
+        accs = self._plain_addresses(names)
+        if accs is None:
+            folded, sqs = self.fold_checked(names, arrays, weight, bound)
+            live = [a for k in names if (a := self.sums.get(k)) is not None]
+            if len(live) == len(names) and all(
+                a.is_contiguous() and a.numel() == n for a, n in zip(live, sizes, strict=True)
+            ):
+                self._plain = (names, live, [a.data_ptr() for a in live])
+            return folded, sqs
+        bf16 = torch.bfloat16
+        folded, sqs = native.check_fold(
+            xs=[x.data_ptr() for x in arrays],
+            accs=accs,
+            n=sizes,
+            bf16=[x.dtype is bf16 for x in arrays],
+            weight=weight,
+            bound=bound,
+            first=False,
+        )
+        if folded:
+            self.total_weight += weight
+            self.count += 1
+        return folded, sqs
+
+    def _plain_addresses(self, names: Sequence[str]) -> list[int] | None:
+        """The sums' addresses `fold_plain` took for this `names` object, while the sums are
+        still those tensors (None otherwise)."""
+        got = self._plain
+        if got is None or got[0] is not names or len(got[1]) != len(names):
+            return None
+        sums = self.sums
+        if not all(
+            sums.get(k) is t and t.data_ptr() == p  # an in-place set_ would move its memory
+            for k, t, p in zip(names, got[1], got[2], strict=True)
+        ):
+            return None
+        return got[2]
 
     def fold_int8(
         self, payloads: Mapping[str, Int8Payload], weight: float, *, counted: bool = False
@@ -143,9 +211,10 @@ class WeightedSum:
 
     def scaled(self, scale: float) -> Arrays:
         """The sums times `scale` (the sums themselves when `scale` is 1)."""
-        if scale == 1.0:
+        if scale == 1.0 or not self.sums:  # _foreach ops refuse an empty list
             return self.sums
-        return {k: v * scale for k, v in self.sums.items()}
+        names, vals = list(self.sums), list(self.sums.values())
+        return dict(zip(names, torch._foreach_mul(vals, scale), strict=True))  # one dispatch
 
     @property
     def nbytes(self) -> int:

@@ -466,6 +466,35 @@ def _int8_fast_scales(
     return _scales_of(plans, traces)
 
 
+def int8_scale_plan(
+    update: ClientUpdate,
+) -> tuple[str, list[Segment], list[tuple[str, tuple[int, ...], float]]] | None:
+    """What `check_curvature_payload(fast=True)` reads of an update whose whole curvature is
+    one int8 K-FAC payload with its scales: (the kind, its segments, the scale measures as
+    (name, segment indices, divisor)), the scales being the product of the segments' traces
+    (`quantize.side_traces`) over the divisor; None for any other payload.
+
+    Raises:
+        ValueError, KeyError, TypeError: metadata that does not parse (checked ones do).
+    """
+    meta = update.meta["curv"]
+    kinds = meta.get(META_KEY)
+    if not isinstance(kinds, list) or kinds != ["kfac"]:
+        return None
+    kind = "kfac"
+    if set(update.curvature) != {kind, kind + SCALE_SUFFIX}:
+        return None
+    key = _meta_key(update, meta)
+    plans = _plan(key)
+    segs = _int8_segments(key).get(kind)
+    if set(plans) != {kind} or segs is None or len(segs) != len(plans[kind].bounds):
+        return None
+    scales = plans[kind].scales
+    if any(not 1 <= len(idx) <= 2 for _, idx, _ in scales):
+        return None
+    return kind, segs, scales
+
+
 def _scales_of(plans: dict[str, _KindPlan], traces: dict[str, list[float]]) -> dict[str, float]:
     """The scale measures from every factor's trace (per kind, in plan order)."""
     out: dict[str, float] = {}
