@@ -96,6 +96,27 @@ def _object_case(rng: random.Random, u: ClientUpdate) -> ClientUpdate:
     return u
 
 
+def fuzzed_update(rng: random.Random, template: bytes) -> ClientUpdate:
+    """One planted payload made from an honest update's bytes: bit flips or truncation, junk
+    metadata, mutated arrays, or type confusion on the decoded object (chosen by `rng`).
+
+    Raises:
+        wire.PayloadError: the planted bytes do not decode (the server's first rejection).
+    """
+    kind = rng.choice(["bytes", "meta", "arrays", "object"])
+    if kind == "bytes":
+        return ClientUpdate.from_bytes(_bytes_case(rng, template))
+    if kind in ("meta", "arrays"):
+        p = wire.unpack(template)
+        arrays, meta = dict(p.arrays), dict(p.meta)
+        if kind == "meta":
+            _set_path(meta, rng)
+        else:
+            _mutate_arrays(arrays, rng)
+        return ClientUpdate.from_bytes(wire.pack(arrays, meta=meta))
+    return _object_case(rng, ClientUpdate.from_bytes(template))
+
+
 def run_fuzz(cases: int, seed: int = 0) -> Counter[str]:
     """Runs `cases` planted payloads against one FedNG round; returns the outcome counts."""
     torch.set_num_threads(1)
@@ -111,21 +132,8 @@ def run_fuzz(cases: int, seed: int = 0) -> Counter[str]:
         refs.append((state, ups[:3], template, ref, snapshot))
     for _ in range(cases):
         state, good, template, ref, snapshot = refs[rng.randrange(2)]
-        kind = rng.choice(["bytes", "meta", "arrays", "object"])
         try:
-            if kind == "bytes":
-                bad = ClientUpdate.from_bytes(_bytes_case(rng, template))
-            elif kind in ("meta", "arrays"):
-                p = wire.unpack(template)
-                arrays, meta = dict(p.arrays), dict(p.meta)
-                if kind == "meta":
-                    _set_path(meta, rng)
-                else:
-                    _mutate_arrays(arrays, rng)
-                data = wire.pack(arrays, meta=meta)
-                bad = ClientUpdate.from_bytes(data)
-            else:
-                bad = _object_case(rng, ClientUpdate.from_bytes(template))
+            bad = fuzzed_update(rng, template)
         except wire.PayloadError:
             outcomes["decode rejected"] += 1
             continue

@@ -28,7 +28,7 @@ from fedng.federated.simulator import simulate
 from fedng.federated.summable_check import SummableFast
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_fed_fuzz import BAD_ID, _bytes_case, _mutate_arrays, _object_case, _set_path
+from test_fed_fuzz import BAD_ID, fuzzed_update
 
 
 @pytest.fixture(autouse=True)
@@ -433,20 +433,8 @@ def _fuzz_streaming(cases: int, seed: int) -> Counter[str]:
     template = replay(ups[0], BAD_ID).to_bytes()
     outcomes: Counter[str] = Counter()
     for _ in range(cases):
-        kind = rng.choice(["bytes", "meta", "arrays", "object"])
         try:
-            if kind == "bytes":
-                bad = ClientUpdate.from_bytes(_bytes_case(rng, template))
-            elif kind in ("meta", "arrays"):
-                p = wire.unpack(template)
-                arrays, meta = dict(p.arrays), dict(p.meta)
-                if kind == "meta":
-                    _set_path(meta, rng)
-                else:
-                    _mutate_arrays(arrays, rng)
-                bad = ClientUpdate.from_bytes(wire.pack(arrays, meta=meta))
-            else:
-                bad = _object_case(rng, ClientUpdate.from_bytes(template))
+            bad = fuzzed_update(rng, template)
         except wire.PayloadError:
             outcomes["decode rejected"] += 1
             continue
