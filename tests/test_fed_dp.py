@@ -266,7 +266,7 @@ def test_distributed_dp_releases_no_metrics_and_no_dataset_size() -> None:
     assert [c.num_examples for c in central] == [r.num_examples for r in raw]
 
 
-def test_cli_dp_gives_fedng_absolute_damping_unless_the_user_set_damping() -> None:
+def test_cli_dp_gives_fedng_absolute_damping_in_sgd_units_unless_the_user_set_damping() -> None:
     from fedng.cli import DP_FEDNG, dp_overrides
 
     off = {"server_decay": 0.0}  # and no server-step decay under DP unless the user set one
@@ -279,9 +279,16 @@ def test_cli_dp_gives_fedng_absolute_damping_unless_the_user_set_damping() -> No
         assert dp_overrides(["fedng"], user) == {**user, "fedng": {**off, **user.get("fedng", {})}}
     decayed = {"fedng": {"server_decay": 0.3}}
     assert dp_overrides(["fedng"], decayed) == {"fedng": {**DP_FEDNG, "server_decay": 0.3}}
+    clipped = {"*": {"kl_clip": 1e-3}}  # a preset key the user set (for every algorithm) wins
+    out = dp_overrides(["fedng"], clipped)
+    assert out["fedng"] == {**{k: v for k, v in DP_FEDNG.items() if k != "kl_clip"}, **off}
+    _, sc = make_configs("fedng", out["fedng"] | out["*"])
+    assert sc.options.kl_clip == 1e-3  # type: ignore[attr-defined]
     _, sc = make_configs("fedng", dp_overrides(["fedng"], {})["fedng"])
-    assert (sc.options.damping_scale, sc.options.damping) == ("absolute", 0.03)
-    assert sc.options.server_decay == 0.0  # type: ignore[attr-defined]
+    opts = sc.options
+    assert (opts.damping_scale, opts.damping) == ("absolute", 10.0)  # type: ignore[attr-defined]
+    assert (opts.lr_units, opts.kl_clip) == ("sgd", 0.0)  # type: ignore[attr-defined]
+    assert opts.server_decay == 0.0  # type: ignore[attr-defined]
 
 
 def test_cli_dp_metric_fills_the_rest_of_the_metric_preset() -> None:

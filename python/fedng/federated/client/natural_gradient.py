@@ -96,6 +96,15 @@ def client_damping(curvature: CurvatureSet, options: FedNGConfig) -> Damping:
     }
 
 
+def step_config(config: ClientConfig, options: FedNGConfig) -> ClientConfig:
+    """`config` with the learning rate the local steps apply to the preconditioned gradient:
+    `lr` itself, or `lr λ` under `lr_units="sgd"` (the step `lr (F/λ + I)^-1 g`, SGD's at the
+    same `lr` as λ grows)."""
+    if options.lr_units == "sgd":
+        return config.replace(lr=config.lr * options.damping)
+    return config
+
+
 def use_preconditioner(ng: NaturalGradient, message: ServerMessage, options: FedNGConfig) -> str:
     """Points `ng` at the preconditioner `options.precond` asks for, as far as the message allows.
 
@@ -146,6 +155,7 @@ def natural_gradient_local(
     Returns:
         `LocalResult`.
     """
+    config = step_config(config, options)
     ng = NaturalGradient(
         model,
         curvature=curvature_mapping(options.curvature, model),

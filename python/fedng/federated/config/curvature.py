@@ -27,6 +27,9 @@ PSD by one Cholesky per factor), "fast" (K-FAC / diagonal payloads read in place
 finite, bounded, non-negative diagonal, `||M||_F <= tr M`; the pooled sum gets the full PSD test
 once per round), "auto" ("fast" where the server pools before solving, else "full")."""
 
+LR_UNITS: tuple[str, ...] = ("natural", "sgd")
+"""How FedNG's client reads `lr` (`FedNGConfig.lr_units`)."""
+
 PROBE_WIRE: tuple[str, ...] = (*FLOAT_WIRE, "int8")
 """Wire dtypes of the summable line search's probe (int8: per-64-entry float32 scales)."""
 
@@ -181,6 +184,14 @@ class FedNGConfig(CurvatureConfig):
             `tr(F_i) / d_i` (`"relative"`, the default: stable on any model without retuning).
         damping_scale: "relative" or "absolute" (how `damping` is read, as in
             `fedng.optim.NaturalGradient`).
+        lr_units: how the client reads `lr`: "natural" (the step is `lr (F + λI)^-1 g`) or
+            "sgd" (absolute damping only: `lr λ (F + λI)^-1 g = lr (F/λ + I)^-1 g`, so `lr`
+            keeps SGD's meaning and λ moves the client from the natural gradient (small λ) to
+            FedAvg's local SGD (λ → ∞) at the same `lr`). Under K-FAC's Tikhonov damping the
+            factors get `sqrt(λ)` each, so a λ above the output factors' eigenvalues but near
+            the input factors' leaves only the input-side whitening: the setting under
+            client-level DP (`cli.DP_FEDNG`, docs/robustness_privacy.md, "Damping as the
+            interpolation between NG and SGD").
         local_mix: weight of the client's own curvature in "global_local" (0..1).
         inverse_every: local steps between re-inversions of a local / mixed preconditioner.
         curvature_decay: EMA decay of the client's running curvature across its local steps.
@@ -265,6 +276,7 @@ class FedNGConfig(CurvatureConfig):
     precond: str = "global"
     damping: float = 1e-1
     damping_scale: str = "relative"
+    lr_units: str = "natural"
     local_mix: float = 0.5
     inverse_every: int = 5
     curvature_decay: float = 0.9
@@ -289,6 +301,14 @@ class FedNGConfig(CurvatureConfig):
         check_choice(c, "precond", self.precond, PRECONDITIONERS)
         check(self.damping > 0, c, "damping", "> 0", self.damping)
         check_choice(c, "damping_scale", self.damping_scale, DAMPING_SCALES)
+        check_choice(c, "lr_units", self.lr_units, LR_UNITS)
+        check(
+            self.lr_units == "natural" or self.damping_scale == "absolute",
+            c,
+            "lr_units",
+            '"natural" unless damping_scale is "absolute"',
+            self.lr_units,
+        )
         check(0 <= self.local_mix <= 1, c, "local_mix", "in [0, 1]", self.local_mix)
         check(self.inverse_every >= 1, c, "inverse_every", ">= 1", self.inverse_every)
         check(
