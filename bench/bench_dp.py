@@ -36,7 +36,8 @@ clients a round and the accountant composes T Poisson-subsampled Gaussian mechan
 rate, m/K; the server divides the noised sum by m), and for MNIST-1D `--samples N` generated
 examples and `--alpha` (at hundreds of clients the default Dirichlet 0.1 leaves clients without
 examples). Under DP plain "fedng" runs what `fedng simulate --dp-epsilon` runs
-(`cli.dp_overrides`: absolute damping 0.03 unless a damping key is set, no server-step decay).
+(`cli.dp_overrides`: `cli.DP_FEDNG`, absolute λ 10 in SGD units without the KL clip, unless a
+damping key is set; no server-step decay), so its lr means FedAvg's.
 
 Finished runs are appended to the JSON at once; a rerun skips them. One JSON holds one scale
 (clients, participation, samples, alpha): a different one needs another `--out`.
@@ -45,8 +46,8 @@ Usage: python bench/bench_dp.py [--quick] [--tasks digits,mnist1d] [--seeds 0,1,
 [--epsilons 1,4,8] [--rounds 5,10,20] [--knob METHOD:KEY=V1,V2 ...]. The issue-14 table:
 `--methods fedng+metric,fedavg --knob all:lr=0.01,0.02,0.05,0.1,0.2,0.5 --seeds 5,6,7,8,9`;
 at 200 clients: `--tasks mnist1d --clients 200 --samples 20000 --alpha 0.3 --methods
-fedng,fedavg --rounds 10,20 --knob fedavg:lr=0.05,0.2,0.5 --knob
-fedng:kl_clip=0.0003,0.001,0.003 --seeds 5,6,7,8,9` (docs/results/bench_dp.md).
+fedng,fedavg --rounds 10,20 --knob all:lr=0.05,0.2,0.5 --seeds 5,6,7,8,9`
+(docs/results/bench_dp.md).
 Writes bench/results/bench_dp.{json,md}.
 """
 
