@@ -19,7 +19,7 @@ from fedng._backend import native
 from fedng.curvature.packed_fold import fold_update, payload_traces, sum_squares
 from fedng.curvature.quantize import VEC_CHUNK, fold_plan, quantize
 from fedng.curvature.spec import pack_triangle
-from fedng.federated import ServerRound, server_round, validate, wire
+from fedng.federated import ServerRound, server_round, summable_check, validate, wire
 from fedng.federated.algorithms.fedng_server import CurvatureSums
 from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate
@@ -533,3 +533,66 @@ def test_a_first_reply_in_another_key_order_leaves_the_fast_path_on(monkeypatch:
     layout[2] = float(layout[2])  # equal as a dict, another type on the wire
     rnd.add(odd)
     assert checked == [0, 40]
+
+
+def _batched_round(
+    fast: bool, monkeypatch: pytest.MonkeyPatch, flush_order: int = 1
+) -> tuple[Any, list[int], list[int]]:
+    """2 * BATCH + 3 honest replies of distinct weights and sizes (a Python-path reply, fp16,
+    in the middle): the new state, the batch sizes `fold_batch` was given, and the peak of the
+    round's held bytes minus its sums'."""
+    state, ups = _summable_round()
+    n = 2 * summable_check.BATCH + 3
+    replies = []
+    for i in range(n):
+        r = replay(ups[i % len(ups)], i, num_examples=3 + 7 * i)
+        f = 1.0 + 0.37 * i
+        r.delta = {k: v * f for k, v in r.delta.items()}
+        r.extras = {k: (v.float() * (2.0 - f / n)).to(v.dtype) for k, v in r.extras.items()}
+        if i == summable_check.BATCH + 2:
+            r.delta = {k: v.half() for k, v in r.delta.items()}
+        replies.append(r)
+    sizes: list[int] = []
+    real_fold = native.fold_batch
+
+    def fold_batch(**kw: Any) -> None:
+        sizes.append(len(kw["weights"]))
+        if flush_order < 0:  # the mutation: the batch in reverse order
+            b, m = len(kw["weights"]), len(kw["accs"])
+            xs = kw["xs"]
+            kw["xs"] = [x for r in reversed(range(b)) for x in xs[r * m : (r + 1) * m]]
+            for key in ("weights", "q", "side"):
+                kw[key] = kw[key][::-1]
+        real_fold(**kw)
+
+    monkeypatch.setattr(native, "fold_batch", fold_batch)
+    rnd = ServerRound(state)
+    if not fast:
+        rnd._summable_tried = True
+    held: list[int] = []
+    for r in replies:
+        assert rnd.add(r).status == "accepted"
+        held.append(rnd.nbytes - rnd.acc.nbytes)
+    probe = rnd.probe()
+    assert probe is not None and rnd.nbytes == rnd.acc.nbytes  # flushed: nothing pending
+    for cid in rnd.accepted_ids:
+        rnd.add_reply(rnd.algo.answer_probe(replies[cid], probe))
+    return rnd.finish()[0], sizes, held
+
+
+def test_batched_folds_keep_the_arrival_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accepted replies are folded BATCH at a time (a full batch, a batch cut short by the
+    Python-path reply, the rest at the probe), and the round is the Python path's bit for bit;
+    with a batch folded in reverse order it is not (the test can fail)."""
+    fast, sizes, held = _batched_round(True, monkeypatch)
+    b = summable_check.BATCH
+    assert sizes == [b, 1, b]  # replies 1..B, B+1, then B+3.. after the fp16 reply B+2
+    one = max(held[1 : b + 1]) / b  # bytes of one reply held while pending
+    assert max(held) <= b * one * 1.001 and held[b] == 0  # bounded; none held after a flush
+    slow, _, _ = _batched_round(False, monkeypatch)
+    for part in ("params", "buffers"):
+        a, c = getattr(fast, part), getattr(slow, part)
+        assert all(torch.equal(a[k], c[k]) for k in c), part
+    assert fast.meta == slow.meta
+    mutated, _, _ = _batched_round(True, monkeypatch, flush_order=-1)
+    assert not all(torch.equal(mutated.buffers[k], v) for k, v in slow.buffers.items())

@@ -178,8 +178,8 @@ namespace {
 
 enum Form : std::int64_t { kTri = 0, kVec = 1, kLowRank = 2 };
 
-// (form, at, qat, sat, n, k) sextuples: each segment within the float sum, the int8 values and
-// the scales.
+}  // namespace
+
 void check_segments(const char* op, const Sizes& segs, std::int64_t nq, std::int64_t nside,
                     std::int64_t nacc, std::int64_t chunk) {
   if (nq < 0 || nside < 0 || nacc < 0) fail(op, "negative sizes");
@@ -208,8 +208,6 @@ void check_segments(const char* op, const Sizes& segs, std::int64_t nq, std::int
       fail(op, "'segs' runs past the buffers");
   }
 }
-
-}  // namespace
 
 void int8_payload_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
                        std::int64_t nside, std::int64_t nacc, const Sizes& segs,

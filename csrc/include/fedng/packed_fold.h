@@ -33,6 +33,10 @@ void sum_squares(const Ptrs& xs, const Sizes& n, const Sizes& bf16, double* out)
 // (sum_i D_i (1 + delta), float32 products summed in float64) or, low-rank, the digits
 // (||B~||_F^2 + n sigma in float64); false (traces unset) when a segment is a vector or a scale
 // is negative, NaN or infinite.
+// Throws (`op` names the caller) unless `segs` holds (form, at, qat, sat, n, k) sextuples of
+// known forms, each within nacc float sums, nq int8 values and nside scales (chunk > 0).
+void check_segments(const char* op, const Sizes& segs, std::int64_t nq, std::int64_t nside,
+                    std::int64_t nacc, std::int64_t chunk);
 void int8_payload_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
                        std::int64_t nside, std::int64_t nacc, const Sizes& segs,
                        std::int64_t chunk, double weight);

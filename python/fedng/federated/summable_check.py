@@ -13,6 +13,15 @@ sum), applies the same bounds, and folds it with `CurvatureSums.fold`'s kernel. 
 and any reply that call does not accept, takes the Python path, which gives the verdict and
 its reason: the same verdicts, reasons and bit-identical sums either way
 (tests/test_summable_fast.py).
+
+Deferred, batched folds: a reply's verdict is given on arrival (the checks run then), but the
+replies the fast path accepts are folded `BATCH` at a time in one native pass
+(`_C.fold_batch`), which reads and writes each running sum once per batch instead of once per
+reply: each sum entry still receives the same rounded products in the same order, so the sums
+are bit for bit those of folding each reply on arrival. Until its batch is folded the server
+keeps a reference to an accepted reply and reads its arrays later: a caller must not write
+into an update it has added (`ServerRound.add`). `SummableFast.flush` folds what is pending; the
+server calls it before anything reads the sums or another reply is folded by the Python path.
 """
 
 from __future__ import annotations
@@ -38,6 +47,9 @@ from fedng.federated.messages import ClientUpdate
 from fedng.federated.validate import curvature_ratio, expected_shapes, plain_fields
 
 _FOLDED = 0
+BATCH = 8
+"""Accepted replies folded per pass over the sums (bounded: the server holds at most this many
+replies' arrays, whatever the number of clients)."""
 _F32_EPS = torch.finfo(torch.float32).eps
 
 
@@ -222,6 +234,19 @@ def _payload(plan: SummablePlan, curvature: object) -> tuple[int, int] | None:
     return out[0], out[1]
 
 
+@dataclass
+class _Pending:
+    """An accepted reply whose fold is deferred: the reply (kept alive: its arrays are read when
+    the batch is folded), its weight, its arrays' addresses and bfloat16 flags, and its int8
+    values' and scales' addresses."""
+
+    update: ClientUpdate
+    weight: float
+    ptrs: list[int]
+    half: list[bool]
+    payload: tuple[int, int]
+
+
 class SummableFast:
     """A round's fast path for summable replies (see the module docstring).
 
@@ -237,6 +262,7 @@ class SummableFast:
         self.acc = acc
         self._bounds: list[float] = []
         self._refs: object = None
+        self.pending: list[_Pending] = []  # accepted, not yet folded, in arrival order
 
     def try_fold(
         self,
@@ -245,8 +271,9 @@ class SummableFast:
         norm_ref: float | None,
         scale_ref: dict[str, float] | None,
     ) -> tuple[float, list[float]] | None:
-        """Checks and folds one reply; (its delta norm, its curvature scales in `scale_names`
-        order) when folded, None when it must take the Python path (nothing written then).
+        """Checks one reply and, when it passes, queues its fold (see the module docstring);
+        (its delta norm, its curvature scales in `scale_names` order) when accepted, None when
+        it must take the Python path (nothing queued or written then).
 
         Args:
             update: the reply (its client id already handled by the caller).
@@ -295,15 +322,63 @@ class SummableFast:
             bounds=self._scale_bounds(scale_ref),
             weight=weight,
             norm_bound=bound,
+            fold=False,
         )
         if status != _FOLDED:
             return None
-        acc = self.acc
-        for s in (acc.deltas, acc.contrib, acc.curv):  # `fold_all`'s counts
-            s.total_weight += weight
-            s.count += 1
-        acc.wire_eps = max(acc.wire_eps, _F32_EPS)
+        if self.pending and self.pending[0].half != half:
+            self.flush()  # a batch folds arrays of one dtype pattern
+        self.pending.append(_Pending(update, weight, ptrs, half, payload))
+        if len(self.pending) >= BATCH:
+            self.flush()
         return float(norm), scales
+
+    @property
+    def nbytes(self) -> int:
+        """Tensor bytes of the accepted replies not yet folded."""
+        return sum(
+            v.numel() * v.element_size()
+            for p in self.pending
+            for part in (p.update.delta, p.update.curvature, p.update.extras)
+            for v in part.values()
+        )
+
+    def flush(self) -> None:
+        """Folds the pending replies into the sums, in arrival order, with `fold_all`'s counts:
+        one native pass; through the Python fold (`CurvatureSums.fold`) if a sum was replaced
+        since the replies were checked (its address is stale)."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        plan, acc = self.plan, self.acc
+        live = all(
+            w.sums.get(k) is t and t.data_ptr() == p
+            for (w, k), t, p in zip(plan.owners, plan.sums, (*plan.accs, plan.acc8), strict=True)
+        )
+        if not live:
+            for p in pending:
+                acc.fold(p.update, p.weight)
+            return
+        native.fold_batch(
+            xs=[x for p in pending for x in p.ptrs],
+            accs=plan.accs,
+            n=plan.sizes,
+            bf16=pending[0].half,
+            weights=[p.weight for p in pending],
+            q=[p.payload[0] for p in pending],
+            side=[p.payload[1] for p in pending],
+            acc=plan.acc8,
+            nq=plan.nq,
+            nside=plan.nside,
+            nacc=plan.nacc,
+            segs=plan.segs,
+            chunk=VEC_CHUNK,
+        )
+        for p in pending:
+            for s in (acc.deltas, acc.contrib, acc.curv):  # `fold_all`'s counts, in order
+                s.total_weight += p.weight
+                s.count += 1
+        acc.wire_eps = max(acc.wire_eps, _F32_EPS)
 
     def _scale_bounds(self, refs: dict[str, float] | None) -> list[float]:
         """Per scale measure, `curvature_ratio(ratio) * ref` (NaN without a positive ref: only
