@@ -136,14 +136,23 @@ def _round(
     return verdicts, rnd.finish()[0], rnd
 
 
+def _batching(mp: pytest.MonkeyPatch, on: bool) -> None:
+    """Fast-path folds batched (`summable_check.BATCH` replies per pass) even on the small test
+    model, or folded on arrival even on a large one."""
+    mp.setattr(summable_check, "BATCH_MIN_BYTES", 0 if on else 1 << 62)
+
+
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("total", [False, True])
 @pytest.mark.parametrize("rounds", [0, 1])
 def test_fast_round_equals_the_python_round(
-    total: bool, rounds: int, monkeypatch: pytest.MonkeyPatch
+    total: bool, rounds: int, batched: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same replies with the fast path and without: the same verdicts and reasons,
     bit-identical parameters, global curvature and logs; exactly the planned replies skipped
-    the Python checks. Round 0 has no reference: the first replies are held (warm-up)."""
+    the Python checks. Round 0 has no reference: the first replies are held (warm-up). Batched
+    or not, the folds keep the arrival order (Python-path replies flush the batch)."""
+    _batching(monkeypatch, batched)
     state, ups = fed_round("fedng", {"aggregation": "summable"}, rounds=rounds)
     assert ("reference" in state.meta) == (rounds > 0)
     replies, fast_ids = _zoo(ups)
@@ -151,6 +160,7 @@ def test_fast_round_equals_the_python_round(
     n = 10_000 if total else None
     v_fast, s_fast, rnd = _round(state, replies, True, n)
     assert rnd._summable is not None
+    assert rnd._summable.batch == (summable_check.BATCH if batched else 1)
     took_fast = {r.client_id for r in replies} - set(checked)
     first = 1 if rounds else 2  # the plan comes from reply 0; in round 0 reply 1 is held
     assert took_fast == fast_ids - set(range(first))
@@ -346,13 +356,20 @@ _MUTATIONS = ("none", "delta*", "ck*", "side*", "nan", "bf16", "fp16", "meta", "
         max_size=12,
     ),
     st.booleans(),
+    st.booleans(),
 )
 def test_random_rounds_match_the_python_path(
-    plan: list[tuple[int, str, float, int]], total: bool
+    plan: list[tuple[int, str, float, int]], total: bool, batched: bool
 ) -> None:
     """Random replies (honest ones, scaled deltas / contributions / int8 scales, a NaN in any
-    array, other dtypes, tweaked metadata, another round): the fast path and the Python path
-    give the same verdicts and bit-identical parameters and global curvature."""
+    array, other dtypes, tweaked metadata, another round): the fast path (batched or not) and
+    the Python path give the same verdicts and bit-identical parameters and global curvature."""
+    with pytest.MonkeyPatch.context() as mp:
+        _batching(mp, batched)
+        _random_round(plan, total)
+
+
+def _random_round(plan: list[tuple[int, str, float, int]], total: bool) -> None:
     state, ups = _summable_round()
     replies = []
     for cid, (src, what, factor, where) in enumerate(plan):
@@ -432,7 +449,7 @@ def _fuzz_streaming(cases: int, seed: int) -> Counter[str]:
     state, ups = _summable_round()
     template = replay(ups[0], BAD_ID).to_bytes()
     outcomes: Counter[str] = Counter()
-    for _ in range(cases):
+    for case in range(cases):
         try:
             bad = fuzzed_update(rng, template)
         except wire.PayloadError:
@@ -440,13 +457,15 @@ def _fuzz_streaming(cases: int, seed: int) -> Counter[str]:
             continue
         got = []
         for fast in (True, False):
-            rnd = ServerRound(state)
-            if not fast:
-                rnd._summable_tried = True
-            for i, u in enumerate(ups):
-                rnd.add(replay(u, i))
-            verdict = rnd.add(copy.copy(bad))
-            got.append((verdict, rnd.finish()[0]))
+            with pytest.MonkeyPatch.context() as mp:
+                _batching(mp, case % 2 == 1)  # every other case batched
+                rnd = ServerRound(state)
+                if not fast:
+                    rnd._summable_tried = True
+                for i, u in enumerate(ups):
+                    rnd.add(replay(u, i))
+                verdict = rnd.add(copy.copy(bad))
+                got.append((verdict, rnd.finish()[0]))
         (v_fast, s_fast), (v_slow, s_slow) = got
         assert v_fast == v_slow
         assert all(torch.equal(s_fast.params[k], s_slow.params[k]) for k in s_slow.params)
@@ -541,6 +560,7 @@ def _batched_round(
     """2 * BATCH + 3 honest replies of distinct weights and sizes (a Python-path reply, fp16,
     in the middle): the new state, the batch sizes `fold_batch` was given, and the peak of the
     round's held bytes minus its sums'."""
+    _batching(monkeypatch, True)
     state, ups = _summable_round()
     n = 2 * summable_check.BATCH + 3
     replies = []

@@ -15,10 +15,10 @@ This is what a deployment calls per reply (the Flower strategy does):
 Memory: summable algorithms (FedAvg and its momentum variant, FedNG with the "mean" or
 "summable" aggregation) hold only their running sums — O(model + curvature), flat in the number
 of clients — plus a few floats per client (its weight, delta norm and curvature scales).
-FedNG-summable replies that take the fast path are judged on arrival but folded in batches of
-`summable_check.BATCH` (one pass over the sums per batch, bit for bit the same sums): the round
-keeps a reference to up to that many accepted replies until they are folded, so a caller must
-not write into an update after adding it.
+FedNG-summable replies that take the fast path are judged on arrival; on a model whose sums
+outgrow a cache they are folded in batches of `summable_check.BATCH` (one pass over the sums
+per batch, bit for bit the same sums): the round keeps a reference to up to that many accepted
+replies until they are folded, so a caller must not write into an update after adding it.
 Algorithms that aggregate a list (SCAFFOLD, FedOpt, FedFisher, FedNG's exact merge) hold the
 accepted updates.
 
@@ -383,9 +383,10 @@ class ServerRound:
         return out
 
     def flush(self) -> None:
-        """Folds the replies the summable fast path accepted but has not folded yet (it folds
-        them in batches, `summable_check.BATCH`); `probe`, `finish` and the Python path's folds
-        call it, so only a caller that reads the accumulator's sums mid-round needs to."""
+        """Folds the replies the summable fast path accepted but has not folded yet (large
+        models' replies are folded in batches, `summable_check.BATCH`); `probe`, `finish` and
+        the Python path's folds call it, so only a caller that reads the accumulator's sums
+        mid-round needs to."""
         if self._summable is not None:
             self._summable.flush()
 
