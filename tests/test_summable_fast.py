@@ -308,10 +308,12 @@ def test_check_fold_with_a_low_rank_segment_is_the_python_fold_and_scales() -> N
         assert torch.equal(got8, torch.ones(nacc)) and torch.equal(got, torch.ones(26))
 
 
-def test_streaming_simulation_is_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("batched", [False, True])
+def test_streaming_simulation_is_unchanged(batched: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """`simulate(streaming=True)` with FedNG-summable (the default aggregation) over a few
-    rounds: bit-identical losses and server logs with the fast path (which took most replies)
-    and without it."""
+    rounds: bit-identical losses and server logs with the fast path (which took most replies;
+    its folds batched or not) and without it."""
+    _batching(monkeypatch, batched)
     task = blobs_task(num_clients=5, n=40)
     cc, sc = make_configs("fedng", {"local_steps": 3, "aggregation": "summable"})
     folded: list[float] = []
