@@ -560,8 +560,9 @@ def _batched_round(
     fast: bool, monkeypatch: pytest.MonkeyPatch, flush_order: int = 1
 ) -> tuple[Any, list[int], list[int]]:
     """2 * BATCH + 3 honest replies of distinct weights and sizes (a Python-path reply, fp16,
-    in the middle): the new state, the batch sizes `fold_batch` was given, and the peak of the
-    round's held bytes minus its sums'."""
+    in the middle): the new state, the batch sizes `fold_batch` was given, and the round's held
+    bytes minus its sums' after each reply. `flush_order` -1 folds each batch in reverse order,
+    0 makes `fold_batch` decline every batch."""
     _batching(monkeypatch, True)
     state, ups = _summable_round()
     n = 2 * summable_check.BATCH + 3
@@ -579,6 +580,8 @@ def _batched_round(
 
     def fold_batch(**kw: Any) -> None:
         sizes.append(len(kw["weights"]))
+        if flush_order == 0:
+            raise ValueError("fold_batch: declined")  # as its checks do, before any write
         if flush_order < 0:  # the mutation: the batch in reverse order
             b, m = len(kw["weights"]), len(kw["accs"])
             xs = kw["xs"]
@@ -618,3 +621,6 @@ def test_batched_folds_keep_the_arrival_order(monkeypatch: pytest.MonkeyPatch) -
     assert fast.meta == slow.meta
     mutated, _, _ = _batched_round(True, monkeypatch, flush_order=-1)
     assert not all(torch.equal(mutated.buffers[k], v) for k, v in slow.buffers.items())
+    declined, _, _ = _batched_round(True, monkeypatch, flush_order=0)  # the Python folds
+    assert all(torch.equal(declined.buffers[k], v) for k, v in slow.buffers.items())
+    assert all(torch.equal(declined.params[k], v) for k, v in slow.params.items())

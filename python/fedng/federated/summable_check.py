@@ -342,9 +342,12 @@ class SummableFast:
         if self.pending and self.pending[0].half != half:
             self.flush()  # a batch folds arrays of one dtype pattern
         self.pending.append(_Pending(update, weight, ptrs, half, payload))
-        if len(self.pending) >= self.batch:
-            self.flush()
         return float(norm), scales
+
+    @property
+    def full(self) -> bool:
+        """Whether a batch is complete (the caller then folds it, `flush`)."""
+        return len(self.pending) >= self.batch
 
     @property
     def nbytes(self) -> int:
@@ -359,7 +362,8 @@ class SummableFast:
     def flush(self) -> None:
         """Folds the pending replies into the sums, in arrival order, with `fold_all`'s counts:
         one native pass; through the Python fold (`CurvatureSums.fold`) if a sum was replaced
-        since the replies were checked (its address is stale)."""
+        since the replies were checked (its address is stale) or the native call declines
+        (it checks its arguments before writing anything)."""
         pending, self.pending = self.pending, []
         if not pending:
             return
@@ -368,25 +372,29 @@ class SummableFast:
             w.sums.get(k) is t and t.data_ptr() == p
             for (w, k), t, p in zip(plan.owners, plan.sums, (*plan.accs, plan.acc8), strict=True)
         )
+        if live:
+            try:
+                native.fold_batch(
+                    xs=[x for p in pending for x in p.ptrs],
+                    accs=plan.accs,
+                    n=plan.sizes,
+                    bf16=pending[0].half,
+                    weights=[p.weight for p in pending],
+                    q=[p.payload[0] for p in pending],
+                    side=[p.payload[1] for p in pending],
+                    acc=plan.acc8,
+                    nq=plan.nq,
+                    nside=plan.nside,
+                    nacc=plan.nacc,
+                    segs=plan.segs,
+                    chunk=VEC_CHUNK,
+                )
+            except ValueError:  # nothing written: the Python fold below
+                live = False
         if not live:
             for p in pending:
                 acc.fold(p.update, p.weight)
             return
-        native.fold_batch(
-            xs=[x for p in pending for x in p.ptrs],
-            accs=plan.accs,
-            n=plan.sizes,
-            bf16=pending[0].half,
-            weights=[p.weight for p in pending],
-            q=[p.payload[0] for p in pending],
-            side=[p.payload[1] for p in pending],
-            acc=plan.acc8,
-            nq=plan.nq,
-            nside=plan.nside,
-            nacc=plan.nacc,
-            segs=plan.segs,
-            chunk=VEC_CHUNK,
-        )
         self._count([p.weight for p in pending])
 
     def _count(self, weights: list[float]) -> None:
