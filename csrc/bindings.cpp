@@ -240,7 +240,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("q"), py::arg("side"), py::arg("acc"), py::arg("nq"), py::arg("nside"),
       py::arg("nacc"), py::arg("segs"), py::arg("chunk"), py::arg("max_abs"), py::arg("pairs"),
       py::arg("divs"), py::arg("bounds"), py::arg("weight"), py::arg("norm_bound"),
-      py::arg("fold") = true,
+      py::arg("fold"),
       "(status, delta norm, squared norms, curvature scales): a summable reply's checks, then its"
       " fold (status 0; with fold=False checked only).");
   m.def(

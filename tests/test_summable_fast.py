@@ -205,6 +205,7 @@ def _call(**change: Any) -> tuple[int, float, list[float], torch.Tensor]:
         "bounds": [math.nan],
         "weight": 0.5,
         "norm_bound": math.inf,
+        "fold": True,
     }
     args.update(change)
     status, norm, sqs, scales = native.summable_check_fold(**args)
@@ -229,6 +230,9 @@ def test_check_fold_statuses_and_nothing_written_unless_folded() -> None:
         assert status == want, change
         assert sums.tolist() == [1.0, 1.0] + [0.0] * 6, change  # untouched
     assert _call(bounds=[trace / 3.0 * 1.001])[0] == 0
+    status, norm, sqs, sums = _call(fold=False)  # checked only: the same measures, no write
+    assert (status, norm, sqs) == (0, 5.0, [25.0])
+    assert sums.tolist() == [1.0, 1.0] + [0.0] * 6
     nan = torch.tensor([float("nan"), 1.0])
     assert _call(xs=[nan.data_ptr()])[0] == 1
     neg = torch.tensor([2.0, -1.0, 4.0, 0.01])
@@ -288,6 +292,7 @@ def test_check_fold_with_a_low_rank_segment_is_the_python_fold_and_scales() -> N
             bounds=bounds,
             weight=0.25,
             norm_bound=math.inf,
+            fold=True,
         )
         assert sqs == sum_squares(xs)
         assert status != 0 or norm == math.sqrt(math.fsum(sqs[:1]))

@@ -259,7 +259,7 @@ def summable_check_fold(
     bounds: Sequence[float],
     weight: float,
     norm_bound: float,
-    fold: bool = True,
+    fold: bool,
 ) -> tuple[int, float, list[float], list[float]]:
     """(status, delta norm, squared norms, curvature scales) of a summable reply
     (csrc/include/fedng/summable_fold.h): the arrays' squared norms (`sum_squares`; status 1 if
