@@ -5,44 +5,20 @@
 // is added to the tile while it sits in L1: the sums cross memory once per batch.
 //
 // Bit for bit fold_update's result: each entry receives the same products, rounded the same
-// way, in the same order (reply 0's, then reply 1's, ...). The per-tile loops are fold_update's
-// expressions verbatim, compiled as it is (FEDNG_CLONES, -ffp-contract=fast: this file is built
-// with packed_fold_cpu.cpp's flags), so a contraction into an FMA happens in both or in neither.
-#include <cmath>
+// way, in the same order (reply 0's, then reply 1's, ...): the per-tile and per-row loops are
+// fold_update's own functions (fedng/packed_fold.h), so an FMA contraction is the same too.
 #include <cstdint>
 #include <vector>
 
 #include "fedng/errors.h"
-#include "fedng/fold_clones.h"
 #include "fedng/packed_fold.h"
 #include "fedng/summable_fold.h"
 
 namespace fedng::cpu {
+
 namespace {
 
-constexpr double kQmax = 127.0;
 constexpr std::int64_t kTile = 4096;  // floats of a flat sum kept in L1 across the batch
-
-// fold_update's f32_axpy / bf16_axpy_one, on one tile.
-FEDNG_CLONES void tile_f32(const float* x, float* acc, std::int64_t n, float w) {
-#pragma omp simd
-  for (std::int64_t i = 0; i < n; ++i) acc[i] += w * x[i];
-}
-
-FEDNG_CLONES void tile_bf16(const std::uint16_t* x, float* acc, std::int64_t n, float w) {
-#pragma omp simd
-  for (std::int64_t i = 0; i < n; ++i) acc[i] += w * bf16_float(x[i]);
-}
-
-// One row i of int8_payload_axpy's packed triangle (fold_triangle's inner loop): s the row
-// scales of that reply, qi its row of int8 values, ai the sum's row.
-FEDNG_CLONES void tri_row(const std::int8_t* qi, const float* s, float* ai, std::int64_t i,
-                          float w, float diag) {
-  const float si = s[i];
-#pragma omp simd
-  for (std::int64_t j = 0; j < i; ++j) ai[j] += w * ((si * s[j]) * static_cast<float>(qi[j]));
-  ai[i] += w * diag;
-}
 
 }  // namespace
 
@@ -77,9 +53,9 @@ void fold_batch(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& b
       for (std::size_t r = 0; r < b; ++r) {
         const std::uintptr_t x = xs[r * m + k];
         if (bf16[k] != 0)
-          tile_bf16(as<const std::uint16_t>(x) + lo, a + lo, len, w[r]);
+          bf16_axpy_one(as<const std::uint16_t>(x) + lo, a + lo, len, w[r]);
         else
-          tile_f32(as<const float>(x) + lo, a + lo, len, w[r]);
+          f32_axpy(as<const float>(x) + lo, a + lo, len, w[r]);
       }
     }
   }
@@ -100,17 +76,15 @@ void fold_batch(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& b
     std::vector<float> onep(b);
     for (std::size_t r = 0; r < b; ++r) {
       const float* sd = as<const float>(side[r]) + sat;
-      float* sr = scales.data() + r * static_cast<std::size_t>(len);
-      for (std::int64_t i = 0; i < len; ++i)
-        sr[i] = static_cast<float>(std::sqrt(static_cast<double>(sd[i]) / kQmax));
+      triangle_row_scales(sd, len, scales.data() + r * static_cast<std::size_t>(len));
       onep[r] = 1.0f + sd[len];
     }
     std::int64_t p = 0;
     for (std::int64_t i = 0; i < len; ++i) {
       for (std::size_t r = 0; r < b; ++r) {
         const float* sd = as<const float>(side[r]) + sat;
-        tri_row(as<const std::int8_t>(q[r]) + qat + p, scales.data() + r * len, acc + at + p, i,
-                w[r], sd[i] * onep[r]);
+        fold_triangle_row(as<const std::int8_t>(q[r]) + qat + p, scales.data() + r * len,
+                          acc + at + p, i, w[r], sd[i] * onep[r]);
       }
       p += i + 1;
     }

@@ -304,10 +304,7 @@ class SummableFast:
         payload = _payload(plan, update.curvature)
         if arrays is None or payload is None:
             return None
-        if not all(
-            w.sums.get(k) is t and t.data_ptr() == p
-            for (w, k), t, p in zip(plan.owners, plan.sums, (*plan.accs, plan.acc8), strict=True)
-        ):
+        if not self._live():
             return None  # a sum was replaced or moved: its address is stale (the Python path)
         ptrs, half = arrays
         ratio = state.config.max_norm_ratio
@@ -368,10 +365,7 @@ class SummableFast:
         if not pending:
             return
         plan, acc = self.plan, self.acc
-        live = all(
-            w.sums.get(k) is t and t.data_ptr() == p
-            for (w, k), t, p in zip(plan.owners, plan.sums, (*plan.accs, plan.acc8), strict=True)
-        )
+        live = self._live()
         if live:
             try:
                 native.fold_batch(
@@ -396,6 +390,14 @@ class SummableFast:
                 acc.fold(p.update, p.weight)
             return
         self._count([p.weight for p in pending])
+
+    def _live(self) -> bool:
+        """Whether the plan's sums are still the accumulator's, at the planned addresses."""
+        plan = self.plan
+        return all(
+            w.sums.get(k) is t and t.data_ptr() == p
+            for (w, k), t, p in zip(plan.owners, plan.sums, (*plan.accs, plan.acc8), strict=True)
+        )
 
     def _count(self, weights: list[float]) -> None:
         """`fold_all`'s counts of folded replies, in their order."""
