@@ -16,10 +16,10 @@ its reason: the same verdicts, reasons and bit-identical sums either way
 
 Deferred, batched folds: a reply's verdict is given on arrival (the checks run then), but when
 the running sums outgrow a cache (`BATCH_MIN_BYTES`) the replies the fast path accepts are
-folded `BATCH` at a time in one native pass
-(`_C.fold_batch`), which reads and writes each running sum once per batch instead of once per
-reply: each sum entry still receives the same rounded products in the same order, so the sums
-are bit for bit those of folding each reply on arrival. Until its batch is folded the server
+folded `BATCH` at a time in one native pass (`_C.fold_batch`), which reads and writes each
+running sum once per batch instead of once per reply: each sum entry still receives the same
+rounded products in the same order, so the sums are bit for bit those of folding each reply on
+arrival. Until its batch is folded the server
 keeps a reference to an accepted reply and reads its arrays later: a caller must not write
 into an update it has added (`ServerRound.add`). `SummableFast.flush` folds what is pending; the
 server calls it before anything reads the sums or another reply is folded by the Python path.
