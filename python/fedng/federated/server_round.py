@@ -227,7 +227,7 @@ class ServerRound:
                 self.weights[cid] = w
                 self.norms.append(got[0])
                 self._fast_scales.append(got[1])  # in `fast.plan.scale_names` order
-                if fast.full:  # its fold is queued: a complete batch is folded now
+                if len(fast.pending) >= fast.batch:  # a complete batch is folded now
                     fast.flush()
                 return Verdict(cid, ACCEPTED)
         reason = safe_check(self.state, update, self.algo)

@@ -333,18 +333,17 @@ class SummableFast:
         )
         if status != _FOLDED:
             return None
-        if self.batch <= 1:  # folded by that call
-            self._count([weight])
+        if self.batch <= 1:  # folded by that call: `fold_all`'s counts
+            acc = self.acc
+            for s in (acc.deltas, acc.contrib, acc.curv):
+                s.total_weight += weight
+                s.count += 1
+            acc.wire_eps = max(acc.wire_eps, _F32_EPS)
             return float(norm), scales
         if self.pending and self.pending[0].half != half:
             self.flush()  # a batch folds arrays of one dtype pattern
         self.pending.append(_Pending(update, weight, ptrs, half, payload))
         return float(norm), scales
-
-    @property
-    def full(self) -> bool:
-        """Whether a batch is complete (the caller then folds it, `flush`)."""
-        return len(self.pending) >= self.batch
 
     @property
     def nbytes(self) -> int:
