@@ -629,3 +629,35 @@ def test_batched_folds_keep_the_arrival_order(monkeypatch: pytest.MonkeyPatch) -
     declined, _, _ = _batched_round(True, monkeypatch, flush_order=0)  # the Python folds
     assert all(torch.equal(declined.buffers[k], v) for k, v in slow.buffers.items())
     assert all(torch.equal(declined.params[k], v) for k, v in slow.params.items())
+
+
+def test_an_update_written_into_before_its_fold_is_an_error_not_a_wrong_sum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pending reply's arrays are read when its batch is folded: an in-place write after `add`
+    raises at the fold (nothing folded), and a reply whose dict entry is replaced still folds the
+    array that was checked (the round keeps it alive)."""
+    _batching(monkeypatch, True)
+    state, ups = _summable_round()
+    replies = [replay(ups[i % len(ups)], i) for i in range(3)]
+    rnd = ServerRound(state)
+    for r in replies:
+        assert rnd.add(r).status == "accepted"
+    assert rnd._summable is not None and rnd._summable.pending  # the fast path holds replies
+    before = {k: v.clone() for k, v in rnd.acc.deltas.sums.items()}
+    replies[-1].delta[next(iter(replies[-1].delta))].mul_(2.0)
+    with pytest.raises(RuntimeError, match="written into after"):
+        rnd.flush()
+    assert all(torch.equal(rnd.acc.deltas.sums[k], v) for k, v in before.items())
+
+    def folded(replace: bool) -> dict[str, torch.Tensor]:
+        rnd = ServerRound(state)
+        for r in [replay(ups[i % len(ups)], i) for i in range(3)]:
+            assert rnd.add(r).status == "accepted"
+            if replace:  # the checked arrays are dropped by the reply
+                r.delta = {k: torch.full_like(v, 7.0) for k, v in r.delta.items()}
+        rnd.flush()
+        return {k: v.clone() for k, v in rnd.acc.deltas.sums.items()}
+
+    kept, plain = folded(True), folded(False)
+    assert all(torch.equal(kept[k], plain[k]) for k in plain)

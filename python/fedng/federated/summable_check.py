@@ -244,11 +244,14 @@ def _payload(plan: SummablePlan, curvature: object) -> tuple[int, int] | None:
 
 @dataclass
 class _Pending:
-    """An accepted reply whose fold is deferred: the reply (kept alive: its arrays are read when
-    the batch is folded), its weight, its arrays' addresses and bfloat16 flags, and its int8
-    values' and scales' addresses."""
+    """An accepted reply whose fold is deferred: the reply, its arrays (kept alive: the batch
+    reads them by address, even if the reply's dicts are changed) with their version counters
+    when checked, its weight, its arrays' addresses and bfloat16 flags, and its int8 values' and
+    scales' addresses."""
 
     update: ClientUpdate
+    arrays: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]
     weight: float
     ptrs: list[int]
     half: list[bool]
@@ -342,24 +345,35 @@ class SummableFast:
             return float(norm), scales
         if self.pending and self.pending[0].half != half:
             self.flush()  # a batch folds arrays of one dtype pattern
-        self.pending.append(_Pending(update, weight, ptrs, half, payload))
+        held = tuple(
+            v for part in (update.delta, update.extras, update.curvature) for v in part.values()
+        )  # all tensors: `_arrays` and `_payload` checked every entry
+        versions = tuple(t._version for t in held)
+        self.pending.append(_Pending(update, held, versions, weight, ptrs, half, payload))
         return float(norm), scales
 
     @property
     def nbytes(self) -> int:
         """Tensor bytes of the accepted replies not yet folded."""
-        return sum(
-            v.numel() * v.element_size()
-            for p in self.pending
-            for part in (p.update.delta, p.update.curvature, p.update.extras)
-            for v in part.values()
-        )
+        return sum(v.numel() * v.element_size() for p in self.pending for v in p.arrays)
 
     def flush(self) -> None:
         """Folds the pending replies into the sums, in arrival order, with `fold_all`'s counts:
         one native pass; through the Python fold (`CurvatureSums.fold`) if a sum was replaced
         since the replies were checked (its address is stale) or the native call declines
-        (it checks its arguments before writing anything)."""
+        (it checks its arguments before writing anything).
+
+        Raises:
+            RuntimeError: a pending reply's array was written into in place after it was
+                checked (torch's version counter moved); nothing is folded then.
+        """
+        for p in self.pending:  # torch bumps a tensor's version on every in-place write
+            if any(t._version != v for t, v in zip(p.arrays, p.versions, strict=True)):
+                raise RuntimeError(
+                    f"client {p.update.client_id!r}'s update was written into after "
+                    "ServerRound.add accepted it and before its fold; an added update must "
+                    "not be changed"
+                )
         pending, self.pending = self.pending, []
         if not pending:
             return
