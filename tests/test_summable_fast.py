@@ -631,33 +631,99 @@ def test_batched_folds_keep_the_arrival_order(monkeypatch: pytest.MonkeyPatch) -
     assert all(torch.equal(declined.params[k], v) for k, v in slow.params.items())
 
 
-def test_an_update_written_into_before_its_fold_is_an_error_not_a_wrong_sum(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A pending reply's arrays are read when its batch is folded: an in-place write after `add`
-    raises at the fold (nothing folded), and a reply whose dict entry is replaced still folds the
-    array that was checked (the round keeps it alive)."""
-    _batching(monkeypatch, True)
-    state, ups = _summable_round()
-    replies = [replay(ups[i % len(ups)], i) for i in range(3)]
+def _round_of(replies: list[Any], state: Any, change: Any = None) -> Any:
+    """A streaming round of `replies` (probe answered); `change(reply)` runs on each reply right
+    after its `add`."""
     rnd = ServerRound(state)
     for r in replies:
         assert rnd.add(r).status == "accepted"
-    assert rnd._summable is not None and rnd._summable.pending  # the fast path holds replies
-    before = {k: v.clone() for k, v in rnd.acc.deltas.sums.items()}
-    replies[-1].delta[next(iter(replies[-1].delta))].mul_(2.0)
-    with pytest.raises(RuntimeError, match="written into after"):
-        rnd.flush()
-    assert all(torch.equal(rnd.acc.deltas.sums[k], v) for k, v in before.items())
+        if change is not None:
+            change(r)
+    probe = rnd.probe()
+    if probe is not None:
+        for cid in rnd.accepted_ids:
+            rnd.add_reply(rnd.algo.answer_probe(replies[cid], probe))
+    return rnd.finish()[0]
 
-    def folded(replace: bool) -> dict[str, torch.Tensor]:
-        rnd = ServerRound(state)
-        for r in [replay(ups[i % len(ups)], i) for i in range(3)]:
-            assert rnd.add(r).status == "accepted"
-            if replace:  # the checked arrays are dropped by the reply
-                r.delta = {k: torch.full_like(v, 7.0) for k, v in r.delta.items()}
-        rnd.flush()
-        return {k: v.clone() for k, v in rnd.acc.deltas.sums.items()}
 
-    kept, plain = folded(True), folded(False)
-    assert all(torch.equal(kept[k], plain[k]) for k in plain)
+def _same(a: Any, b: Any) -> bool:
+    return (
+        all(torch.equal(a.params[k], v) for k, v in b.params.items())
+        and all(torch.equal(a.buffers[k], v) for k, v in b.buffers.items())
+        and a.meta == b.meta
+    )
+
+
+@pytest.mark.parametrize("how", ["inplace", "freed"])
+def test_an_update_changed_before_its_fold_is_left_out_as_if_never_sent(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pending reply's arrays are read when its batch is folded: one written into in place
+    (torch's version counter) or freed (its address) after `add` is left out at the fold, logged
+    as rejected, and the round is the round without it, bit for bit."""
+    _batching(monkeypatch, True)
+    state, ups = _summable_round()
+    replies = [replay(ups[i % len(ups)], i) for i in range(6)]
+    replies[5].delta = {k: v.clone() for k, v in replies[5].delta.items()}  # resizable storage
+
+    def change(r: Any) -> None:
+        if r.client_id != 5:  # 1-4 are folded as a batch at 4's add; 5 waits for the probe
+            return
+        t = next(iter(r.delta.values()))
+        if how == "inplace":
+            t.mul_(2.0)
+        else:  # the memory goes back; the checked address is stale
+            t.untyped_storage().resize_(0)
+
+    got = _round_of(replies, state, change)
+    assert "changed after it was accepted" in got.log["rejected"][5][0]
+    assert 5 not in got.log["accepted"]
+    without = _round_of([replay(ups[i % len(ups)], i) for i in range(5)], state)
+    assert _same(got, without)
+
+
+def test_a_pending_reply_folds_the_arrays_that_were_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The caller replacing a reply's dict entries after `add` changes nothing: the round kept the
+    checked arrays (alive, and for the Python fold too)."""
+    _batching(monkeypatch, True)
+    state, ups = _summable_round()
+
+    def replace_arrays(r: Any) -> None:
+        r.delta = {k: torch.full_like(v, 7.0) for k, v in r.delta.items()}
+        r.extras = {k: torch.full_like(v, 7.0) for k, v in r.extras.items()}
+
+    honest = _round_of([replay(ups[i % len(ups)], i) for i in range(6)], state)
+    kept = _round_of([replay(ups[i % len(ups)], i) for i in range(6)], state, replace_arrays)
+    assert _same(kept, honest)
+    real_fold = native.fold_batch
+
+    def declined(**kw: Any) -> None:
+        raise ValueError("fold_batch: declined")
+
+    monkeypatch.setattr(native, "fold_batch", declined)  # the Python folds read the same arrays
+    python = _round_of([replay(ups[i % len(ups)], i) for i in range(6)], state, replace_arrays)
+    monkeypatch.setattr(native, "fold_batch", real_fold)
+    assert _same(python, honest)
+
+
+def test_inference_mode_replies_keep_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arrays made under `torch.inference_mode()` have no version counter: still batched."""
+    _batching(monkeypatch, True)
+    state, ups = _summable_round()
+    with torch.inference_mode():
+        replies = [replay(ups[i % len(ups)], i) for i in range(6)]
+    assert next(iter(replies[1].delta.values())).is_inference()
+    calls: list[int] = []
+    real_fold = native.fold_batch
+
+    def fold_batch(**kw: Any) -> None:
+        calls.append(len(kw["weights"]))
+        real_fold(**kw)
+
+    monkeypatch.setattr(native, "fold_batch", fold_batch)
+    got = _round_of(replies, state)
+    assert sum(calls) == 5  # all but the plan's first reply
+    monkeypatch.setattr(native, "fold_batch", real_fold)
+    assert _same(got, _round_of([replay(ups[i % len(ups)], i) for i in range(6)], state))

@@ -289,7 +289,8 @@ def fold_batch(
     """B = len(weights) replies folded in one pass over the sums, bit for bit `fold_update` of
     reply 0, then reply 1, ...: reply r's arrays are `xs[r * m : (r + 1) * m]` (m = len(accs);
     float32, or bfloat16 where `bf16[k]`, alike for every reply), its int8 payload `q[r]`,
-    `side[r]` (the same `segs`), its weight `weights[r]`."""
+    `side[r]` (the same `segs`), its weight `weights[r]`. The inputs must not overlap the sums,
+    nor the sums each other (not checked here)."""
 
 def exact_sum(*, x: Sequence[float]) -> float:
     """The correctly rounded sum of finite doubles (`math.fsum`)."""

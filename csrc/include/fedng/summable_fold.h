@@ -50,7 +50,9 @@ int summable_check_fold(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const 
 // bf16[k] != 0: the same for every reply); accs [m] their float32 sums of n[k] entries. q [B],
 // side [B]: each reply's int8 payload (fold_update's q / side; the same segments `segs`),
 // folded into acc [nacc]. Everything is checked before anything is written; the inputs must not
-// overlap the sums (summable_check_fold's kAliased check).
+// overlap the sums (summable_check_fold's kAliased check), and the sums must not overlap each
+// other (the bit-for-bit promise assumes each entry has one owner; the caller's plan ensures it,
+// nothing here checks it).
 void fold_batch(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16,
                 const std::vector<double>& weights, const Ptrs& q, const Ptrs& side, float* acc,
                 std::int64_t nq, std::int64_t nside, std::int64_t nacc, const Sizes& segs,

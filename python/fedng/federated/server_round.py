@@ -18,7 +18,9 @@ of clients — plus a few floats per client (its weight, delta norm and curvatur
 FedNG-summable replies that take the fast path are judged on arrival; on a model whose sums
 outgrow a cache they are folded in batches of `summable_check.BATCH` (one pass over the sums
 per batch, bit for bit the same sums): the round keeps a reference to up to that many accepted
-replies until they are folded, so a caller must not write into an update after adding it.
+replies until they are folded, so a caller must not write into an update after adding it (a
+write torch sees leaves that reply out, logged as rejected; one through `.data` or numpy is not
+seen).
 Algorithms that aggregate a list (SCAFFOLD, FedOpt, FedFisher, FedNG's exact merge) hold the
 accepted updates.
 
@@ -228,7 +230,7 @@ class ServerRound:
                 self.norms.append(got[0])
                 self._fast_scales.append(got[1])  # in `fast.plan.scale_names` order
                 if len(fast.pending) >= fast.batch:  # a complete batch is folded now
-                    fast.flush()
+                    self.flush()
                 return Verdict(cid, ACCEPTED)
         reason = safe_check(self.state, update, self.algo)
         if reason is not None:
@@ -388,9 +390,16 @@ class ServerRound:
         """Folds the replies the summable fast path accepted but has not folded yet (large
         models' replies are folded in batches, `summable_check.BATCH`); `probe`, `finish` and
         the Python path's folds call it, so only a caller that reads the accumulator's sums
-        mid-round needs to."""
-        if self._summable is not None:
-            self._summable.flush()
+        mid-round needs to. A pending reply whose arrays changed since it was accepted (written
+        into through torch, freed or reallocated) is left out and logged as rejected."""
+        if self._summable is None:
+            return
+        for p in self._summable.flush():  # changed after it was accepted: left out
+            cid = p.update.client_id
+            del self.weights[cid]
+            self.norms.remove(p.norm)  # the medians see a multiset: any equal entry will do
+            self._fast_scales.remove(p.scales)
+            self._reject(cid, "its arrays changed after it was accepted, before its fold")
 
     # --- phase 2 (optional) -------------------------------------------------------------------
 

@@ -21,8 +21,10 @@ running sum once per batch instead of once per reply: each sum entry still recei
 rounded products in the same order, so the sums are bit for bit those of folding each reply on
 arrival. Until its batch is folded the server
 keeps a reference to an accepted reply and reads its arrays later: a caller must not write
-into an update it has added (`ServerRound.add`). `SummableFast.flush` folds what is pending; the
-server calls it before anything reads the sums or another reply is folded by the Python path.
+into an update it has added (`ServerRound.add`). A write torch sees (an in-place op, a freed or
+reallocated array) is caught at the fold, and the reply is then left out and logged as rejected;
+one through `.data`, numpy or a raw pointer is not. `SummableFast.flush` folds what is pending;
+the server calls it before anything reads the sums or another reply is folded by the Python path.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -244,18 +246,41 @@ def _payload(plan: SummablePlan, curvature: object) -> tuple[int, int] | None:
 
 @dataclass
 class _Pending:
-    """An accepted reply whose fold is deferred: the reply, its arrays (kept alive: the batch
-    reads them by address, even if the reply's dicts are changed) with their version counters
-    when checked, its weight, its arrays' addresses and bfloat16 flags, and its int8 values' and
-    scales' addresses."""
+    """An accepted reply whose fold is deferred.
+
+    Attributes:
+        update: the reply as checked: its dicts copied (shallow) on arrival, so that the Python
+            fold reads the arrays that were checked even if the caller's dicts change.
+        arrays: every array of the reply, kept alive (the batch reads them by address).
+        marks: per array, (version counter, address) when checked: an in-place write through
+            torch moves the first, a freed or reallocated array the second.
+        weight: its fold weight.
+        norm: its delta norm (as accepted).
+        scales: its curvature scales (as accepted, in `scale_names` order).
+        ptrs: the delta and extras arrays' addresses.
+        half: their bfloat16 flags.
+        payload: the int8 values' and scales' addresses.
+    """
 
     update: ClientUpdate
     arrays: tuple[torch.Tensor, ...]
-    versions: tuple[int, ...]
+    marks: tuple[tuple[int, int], ...]
     weight: float
+    norm: float
+    scales: list[float]
     ptrs: list[int]
     half: list[bool]
     payload: tuple[int, int]
+
+    def intact(self) -> bool:
+        """Whether every array is still what was checked (see `marks`)."""
+        return all(_mark(t) == m for t, m in zip(self.arrays, self.marks, strict=True))
+
+
+def _mark(t: torch.Tensor) -> tuple[int, int]:
+    """(version counter, address); inference tensors have no version counter (-1): outside
+    inference mode torch refuses in-place writes to them anyway."""
+    return (-1 if t.is_inference() else t._version), t.data_ptr()
 
 
 class SummableFast:
@@ -343,13 +368,13 @@ class SummableFast:
                 s.count += 1
             acc.wire_eps = max(acc.wire_eps, _F32_EPS)
             return float(norm), scales
-        if self.pending and self.pending[0].half != half:
-            self.flush()  # a batch folds arrays of one dtype pattern
-        held = tuple(
-            v for part in (update.delta, update.extras, update.curvature) for v in part.values()
-        )  # all tensors: `_arrays` and `_payload` checked every entry
-        versions = tuple(t._version for t in held)
-        self.pending.append(_Pending(update, held, versions, weight, ptrs, half, payload))
+        parts = (dict(update.delta), dict(update.extras), dict(update.curvature))
+        held = tuple(v for part in parts for v in part.values())  # all tensors: checked above
+        checked = replace(update, delta=parts[0], extras=parts[1], curvature=parts[2])
+        marks = tuple(_mark(t) for t in held)
+        self.pending.append(
+            _Pending(checked, held, marks, weight, float(norm), scales, ptrs, half, payload)
+        )
         return float(norm), scales
 
     @property
@@ -357,52 +382,64 @@ class SummableFast:
         """Tensor bytes of the accepted replies not yet folded."""
         return sum(v.numel() * v.element_size() for p in self.pending for v in p.arrays)
 
-    def flush(self) -> None:
+    def flush(self) -> list[_Pending]:
         """Folds the pending replies into the sums, in arrival order, with `fold_all`'s counts:
-        one native pass; through the Python fold (`CurvatureSums.fold`) if a sum was replaced
-        since the replies were checked (its address is stale) or the native call declines
-        (it checks its arguments before writing anything).
+        one native pass per run of replies with the same dtype pattern; through the Python fold
+        (`CurvatureSums.fold`) if a sum was replaced since the replies were checked (its
+        address is stale) or the native call declines (it checks its arguments before writing
+        anything). A reply is taken off `pending` only once folded, so an exception leaves the
+        rest for the next flush.
 
-        Raises:
-            RuntimeError: a pending reply's array was written into in place after it was
-                checked (torch's version counter moved); nothing is folded then.
+        Returns:
+            The pending replies left out because an array changed after it was checked (written
+            into in place, freed or reallocated: see `_Pending.marks`); the caller un-accepts
+            them. Writes torch does not see (through `.data`, numpy or raw pointers) are not
+            detected: an added update must not be changed.
         """
-        for p in self.pending:  # torch bumps a tensor's version on every in-place write
-            if any(t._version != v for t, v in zip(p.arrays, p.versions, strict=True)):
-                raise RuntimeError(
-                    f"client {p.update.client_id!r}'s update was written into after "
-                    "ServerRound.add accepted it and before its fold; an added update must "
-                    "not be changed"
+        changed = [p for p in self.pending if not p.intact()]
+        if changed:
+            self.pending = [p for p in self.pending if p.intact()]
+        while self.pending:
+            run = self.pending[
+                : next(
+                    (i for i, p in enumerate(self.pending) if p.half != self.pending[0].half),
+                    len(self.pending),
                 )
-        pending, self.pending = self.pending, []
-        if not pending:
-            return
-        plan, acc = self.plan, self.acc
-        live = self._live()
-        if live:
-            try:
-                native.fold_batch(
-                    xs=[x for p in pending for x in p.ptrs],
-                    accs=plan.accs,
-                    n=plan.sizes,
-                    bf16=pending[0].half,
-                    weights=[p.weight for p in pending],
-                    q=[p.payload[0] for p in pending],
-                    side=[p.payload[1] for p in pending],
-                    acc=plan.acc8,
-                    nq=plan.nq,
-                    nside=plan.nside,
-                    nacc=plan.nacc,
-                    segs=plan.segs,
-                    chunk=VEC_CHUNK,
-                )
-            except ValueError:  # nothing written: the Python fold below
-                live = False
-        if not live:
-            for p in pending:
-                acc.fold(p.update, p.weight)
-            return
-        self._count([p.weight for p in pending])
+            ]
+            if self._fold_run(run):
+                del self.pending[: len(run)]
+                self._count([p.weight for p in run])
+            else:  # the Python fold, one reply at a time
+                p = self.pending[0]
+                self.acc.fold(p.update, p.weight)
+                del self.pending[0]
+        return changed
+
+    def _fold_run(self, run: list[_Pending]) -> bool:
+        """One `fold_batch` of replies with one dtype pattern; False (nothing written) when a
+        sum was replaced or the call declines."""
+        plan = self.plan
+        if not self._live():
+            return False
+        try:
+            native.fold_batch(
+                xs=[x for p in run for x in p.ptrs],
+                accs=plan.accs,
+                n=plan.sizes,
+                bf16=run[0].half,
+                weights=[p.weight for p in run],
+                q=[p.payload[0] for p in run],
+                side=[p.payload[1] for p in run],
+                acc=plan.acc8,
+                nq=plan.nq,
+                nside=plan.nside,
+                nacc=plan.nacc,
+                segs=plan.segs,
+                chunk=VEC_CHUNK,
+            )
+        except ValueError:  # its checks come before any write
+            return False
+        return True
 
     def _live(self) -> bool:
         """Whether the plan's sums are still the accumulator's, at the planned addresses."""
