@@ -226,36 +226,22 @@ PYBIND11_MODULE(_C, m) {
          Address q, Address side, Address acc, std::int64_t nq, std::int64_t nside,
          std::int64_t nacc, const Sizes& segs, std::int64_t chunk, double max_abs,
          const Sizes& pairs, const Floats& divs, const Floats& bounds, double weight,
-         double norm_bound, bool fold) {
+         double norm_bound) {
         std::vector<double> sq(xs.size()), traces(segs.size() / 6), scales(divs.size());
         double norm = 0.0;
         const int status = fedng::cpu::summable_check_fold(
             xs, accs, n, bf16, ndelta, reinterpret_cast<const std::int8_t*>(q),
             reinterpret_cast<const float*>(side), reinterpret_cast<float*>(acc), nq, nside, nacc,
             segs, chunk, max_abs, pairs, divs, bounds, weight, norm_bound, sq.data(),
-            traces.data(), &norm, scales.data(), fold);
+            traces.data(), &norm, scales.data());
         return py::make_tuple(status, norm, sq, scales);
       },
       kw, py::arg("xs"), py::arg("accs"), py::arg("n"), py::arg("bf16"), py::arg("ndelta"),
       py::arg("q"), py::arg("side"), py::arg("acc"), py::arg("nq"), py::arg("nside"),
       py::arg("nacc"), py::arg("segs"), py::arg("chunk"), py::arg("max_abs"), py::arg("pairs"),
       py::arg("divs"), py::arg("bounds"), py::arg("weight"), py::arg("norm_bound"),
-      py::arg("fold"),
       "(status, delta norm, squared norms, curvature scales): a summable reply's checks, then its"
-      " fold (status 0; with fold=False checked only).");
-  m.def(
-      "fold_batch",
-      [](const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16,
-         const Floats& weights, const Ptrs& q, const Ptrs& side, Address acc, std::int64_t nq,
-         std::int64_t nside, std::int64_t nacc, const Sizes& segs, std::int64_t chunk) {
-        fedng::cpu::fold_batch(xs, accs, n, bf16, weights, q, side, reinterpret_cast<float*>(acc),
-                               nq, nside, nacc, segs, chunk);
-      },
-      nogil, kw, py::arg("xs"), py::arg("accs"), py::arg("n"), py::arg("bf16"),
-      py::arg("weights"), py::arg("q"), py::arg("side"), py::arg("acc"), py::arg("nq"),
-      py::arg("nside"), py::arg("nacc"), py::arg("segs"), py::arg("chunk"),
-      "Several replies folded into the same sums in one pass: fold_update of each in order, bit"
-      " for bit.");
+      " fold (status 0).");
   m.def(
       "exact_sum",
       [](const std::vector<double>& x) { return fedng::cpu::exact_sum(x.data(), x.size()); },

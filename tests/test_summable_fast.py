@@ -19,7 +19,7 @@ from fedng._backend import native
 from fedng.curvature.packed_fold import fold_update, payload_traces, sum_squares
 from fedng.curvature.quantize import VEC_CHUNK, fold_plan, quantize
 from fedng.curvature.spec import pack_triangle
-from fedng.federated import ServerRound, server_round, summable_check, validate, wire
+from fedng.federated import ServerRound, server_round, validate, wire
 from fedng.federated.algorithms.fedng_server import CurvatureSums
 from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate
@@ -136,23 +136,14 @@ def _round(
     return verdicts, rnd.finish()[0], rnd
 
 
-def _batching(mp: pytest.MonkeyPatch, on: bool) -> None:
-    """Fast-path folds batched (`summable_check.BATCH` replies per pass) even on the small test
-    model, or folded on arrival even on a large one."""
-    mp.setattr(summable_check, "BATCH_MIN_BYTES", 0 if on else 1 << 62)
-
-
-@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("total", [False, True])
 @pytest.mark.parametrize("rounds", [0, 1])
 def test_fast_round_equals_the_python_round(
-    total: bool, rounds: int, batched: bool, monkeypatch: pytest.MonkeyPatch
+    total: bool, rounds: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same replies with the fast path and without: the same verdicts and reasons,
     bit-identical parameters, global curvature and logs; exactly the planned replies skipped
-    the Python checks. Round 0 has no reference: the first replies are held (warm-up). Batched
-    or not, the folds keep the arrival order (Python-path replies flush the batch)."""
-    _batching(monkeypatch, batched)
+    the Python checks. Round 0 has no reference: the first replies are held (warm-up)."""
     state, ups = fed_round("fedng", {"aggregation": "summable"}, rounds=rounds)
     assert ("reference" in state.meta) == (rounds > 0)
     replies, fast_ids = _zoo(ups)
@@ -160,7 +151,6 @@ def test_fast_round_equals_the_python_round(
     n = 10_000 if total else None
     v_fast, s_fast, rnd = _round(state, replies, True, n)
     assert rnd._summable is not None
-    assert rnd._summable.batch == (summable_check.BATCH if batched else 1)
     took_fast = {r.client_id for r in replies} - set(checked)
     first = 1 if rounds else 2  # the plan comes from reply 0; in round 0 reply 1 is held
     assert took_fast == fast_ids - set(range(first))
@@ -205,7 +195,6 @@ def _call(**change: Any) -> tuple[int, float, list[float], torch.Tensor]:
         "bounds": [math.nan],
         "weight": 0.5,
         "norm_bound": math.inf,
-        "fold": True,
     }
     args.update(change)
     status, norm, sqs, scales = native.summable_check_fold(**args)
@@ -230,9 +219,6 @@ def test_check_fold_statuses_and_nothing_written_unless_folded() -> None:
         assert status == want, change
         assert sums.tolist() == [1.0, 1.0] + [0.0] * 6, change  # untouched
     assert _call(bounds=[trace / 3.0 * 1.001])[0] == 0
-    status, norm, sqs, sums = _call(fold=False)  # checked only: the same measures, no write
-    assert (status, norm, sqs) == (0, 5.0, [25.0])
-    assert sums.tolist() == [1.0, 1.0] + [0.0] * 6
     nan = torch.tensor([float("nan"), 1.0])
     assert _call(xs=[nan.data_ptr()])[0] == 1
     neg = torch.tensor([2.0, -1.0, 4.0, 0.01])
@@ -292,7 +278,6 @@ def test_check_fold_with_a_low_rank_segment_is_the_python_fold_and_scales() -> N
             bounds=bounds,
             weight=0.25,
             norm_bound=math.inf,
-            fold=True,
         )
         assert sqs == sum_squares(xs)
         assert status != 0 or norm == math.sqrt(math.fsum(sqs[:1]))
@@ -313,12 +298,10 @@ def test_check_fold_with_a_low_rank_segment_is_the_python_fold_and_scales() -> N
         assert torch.equal(got8, torch.ones(nacc)) and torch.equal(got, torch.ones(26))
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_streaming_simulation_is_unchanged(batched: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_streaming_simulation_is_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
     """`simulate(streaming=True)` with FedNG-summable (the default aggregation) over a few
-    rounds: bit-identical losses and server logs with the fast path (which took most replies;
-    its folds batched or not) and without it."""
-    _batching(monkeypatch, batched)
+    rounds: bit-identical losses and server logs with the fast path (which took most replies)
+    and without it."""
     task = blobs_task(num_clients=5, n=40)
     cc, sc = make_configs("fedng", {"local_steps": 3, "aggregation": "summable"})
     folded: list[float] = []
@@ -363,20 +346,13 @@ _MUTATIONS = ("none", "delta*", "ck*", "side*", "nan", "bf16", "fp16", "meta", "
         max_size=12,
     ),
     st.booleans(),
-    st.booleans(),
 )
 def test_random_rounds_match_the_python_path(
-    plan: list[tuple[int, str, float, int]], total: bool, batched: bool
+    plan: list[tuple[int, str, float, int]], total: bool
 ) -> None:
     """Random replies (honest ones, scaled deltas / contributions / int8 scales, a NaN in any
-    array, other dtypes, tweaked metadata, another round): the fast path (batched or not) and
-    the Python path give the same verdicts and bit-identical parameters and global curvature."""
-    with pytest.MonkeyPatch.context() as mp:
-        _batching(mp, batched)
-        _random_round(plan, total)
-
-
-def _random_round(plan: list[tuple[int, str, float, int]], total: bool) -> None:
+    array, other dtypes, tweaked metadata, another round): the fast path and the Python path
+    give the same verdicts and bit-identical parameters and global curvature."""
     state, ups = _summable_round()
     replies = []
     for cid, (src, what, factor, where) in enumerate(plan):
@@ -456,7 +432,7 @@ def _fuzz_streaming(cases: int, seed: int) -> Counter[str]:
     state, ups = _summable_round()
     template = replay(ups[0], BAD_ID).to_bytes()
     outcomes: Counter[str] = Counter()
-    for case in range(cases):
+    for _ in range(cases):
         try:
             bad = fuzzed_update(rng, template)
         except wire.PayloadError:
@@ -464,15 +440,13 @@ def _fuzz_streaming(cases: int, seed: int) -> Counter[str]:
             continue
         got = []
         for fast in (True, False):
-            with pytest.MonkeyPatch.context() as mp:
-                _batching(mp, case % 2 == 1)  # every other case batched
-                rnd = ServerRound(state)
-                if not fast:
-                    rnd._summable_tried = True
-                for i, u in enumerate(ups):
-                    rnd.add(replay(u, i))
-                verdict = rnd.add(copy.copy(bad))
-                got.append((verdict, rnd.finish()[0]))
+            rnd = ServerRound(state)
+            if not fast:
+                rnd._summable_tried = True
+            for i, u in enumerate(ups):
+                rnd.add(replay(u, i))
+            verdict = rnd.add(copy.copy(bad))
+            got.append((verdict, rnd.finish()[0]))
         (v_fast, s_fast), (v_slow, s_slow) = got
         assert v_fast == v_slow
         assert all(torch.equal(s_fast.params[k], s_slow.params[k]) for k in s_slow.params)
@@ -559,171 +533,3 @@ def test_a_first_reply_in_another_key_order_leaves_the_fast_path_on(monkeypatch:
     layout[2] = float(layout[2])  # equal as a dict, another type on the wire
     rnd.add(odd)
     assert checked == [0, 40]
-
-
-def _batched_round(
-    fast: bool, monkeypatch: pytest.MonkeyPatch, flush_order: int = 1
-) -> tuple[Any, list[int], list[int]]:
-    """2 * BATCH + 3 honest replies of distinct weights and sizes (a Python-path reply, fp16,
-    in the middle): the new state, the batch sizes `fold_batch` was given, and the round's held
-    bytes minus its sums' after each reply. `flush_order` -1 folds each batch in reverse order,
-    0 makes `fold_batch` decline every batch."""
-    _batching(monkeypatch, True)
-    state, ups = _summable_round()
-    n = 2 * summable_check.BATCH + 3
-    replies = []
-    for i in range(n):
-        r = replay(ups[i % len(ups)], i, num_examples=3 + 7 * i)
-        f = 1.0 + 0.37 * i
-        r.delta = {k: v * f for k, v in r.delta.items()}
-        r.extras = {k: (v.float() * (2.0 - f / n)).to(v.dtype) for k, v in r.extras.items()}
-        if i == summable_check.BATCH + 2:
-            r.delta = {k: v.half() for k, v in r.delta.items()}
-        replies.append(r)
-    sizes: list[int] = []
-    real_fold = native.fold_batch
-
-    def fold_batch(**kw: Any) -> None:
-        sizes.append(len(kw["weights"]))
-        if flush_order == 0:
-            raise ValueError("fold_batch: declined")  # as its checks do, before any write
-        if flush_order < 0:  # the mutation: the batch in reverse order
-            b, m = len(kw["weights"]), len(kw["accs"])
-            xs = kw["xs"]
-            kw["xs"] = [x for r in reversed(range(b)) for x in xs[r * m : (r + 1) * m]]
-            for key in ("weights", "q", "side"):
-                kw[key] = kw[key][::-1]
-        real_fold(**kw)
-
-    monkeypatch.setattr(native, "fold_batch", fold_batch)
-    rnd = ServerRound(state)
-    if not fast:
-        rnd._summable_tried = True
-    held: list[int] = []
-    for r in replies:
-        assert rnd.add(r).status == "accepted"
-        held.append(rnd.nbytes - rnd.acc.nbytes)
-    probe = rnd.probe()
-    assert probe is not None and rnd.nbytes == rnd.acc.nbytes  # flushed: nothing pending
-    for cid in rnd.accepted_ids:
-        rnd.add_reply(rnd.algo.answer_probe(replies[cid], probe))
-    return rnd.finish()[0], sizes, held
-
-
-def test_batched_folds_keep_the_arrival_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Accepted replies are folded BATCH at a time (a full batch, a batch cut short by the
-    Python-path reply, the rest at the probe), and the round is the Python path's bit for bit;
-    with a batch folded in reverse order it is not (the test can fail)."""
-    fast, sizes, held = _batched_round(True, monkeypatch)
-    b = summable_check.BATCH
-    assert sizes == [b, 1, b]  # replies 1..B, B+1, then B+3.. after the fp16 reply B+2
-    one = max(held[1 : b + 1]) / b  # bytes of one reply held while pending
-    assert max(held) <= b * one * 1.001 and held[b] == 0  # bounded; none held after a flush
-    slow, _, _ = _batched_round(False, monkeypatch)
-    for part in ("params", "buffers"):
-        a, c = getattr(fast, part), getattr(slow, part)
-        assert all(torch.equal(a[k], c[k]) for k in c), part
-    assert fast.meta == slow.meta
-    mutated, _, _ = _batched_round(True, monkeypatch, flush_order=-1)
-    assert not all(torch.equal(mutated.buffers[k], v) for k, v in slow.buffers.items())
-    declined, _, _ = _batched_round(True, monkeypatch, flush_order=0)  # the Python folds
-    assert all(torch.equal(declined.buffers[k], v) for k, v in slow.buffers.items())
-    assert all(torch.equal(declined.params[k], v) for k, v in slow.params.items())
-
-
-def _round_of(replies: list[Any], state: Any, change: Any = None) -> Any:
-    """A streaming round of `replies` (probe answered); `change(reply)` runs on each reply right
-    after its `add`."""
-    rnd = ServerRound(state)
-    for r in replies:
-        assert rnd.add(r).status == "accepted"
-        if change is not None:
-            change(r)
-    probe = rnd.probe()
-    if probe is not None:
-        for cid in rnd.accepted_ids:
-            rnd.add_reply(rnd.algo.answer_probe(replies[cid], probe))
-    return rnd.finish()[0]
-
-
-def _same(a: Any, b: Any) -> bool:
-    return (
-        all(torch.equal(a.params[k], v) for k, v in b.params.items())
-        and all(torch.equal(a.buffers[k], v) for k, v in b.buffers.items())
-        and a.meta == b.meta
-    )
-
-
-@pytest.mark.parametrize("how", ["inplace", "freed"])
-def test_an_update_changed_before_its_fold_is_left_out_as_if_never_sent(
-    how: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A pending reply's arrays are read when its batch is folded: one written into in place
-    (torch's version counter) or freed (its address) after `add` is left out at the fold, logged
-    as rejected, and the round is the round without it, bit for bit."""
-    _batching(monkeypatch, True)
-    state, ups = _summable_round()
-    replies = [replay(ups[i % len(ups)], i) for i in range(6)]
-    replies[5].delta = {k: v.clone() for k, v in replies[5].delta.items()}  # resizable storage
-
-    def change(r: Any) -> None:
-        if r.client_id != 5:  # 1-4 are folded as a batch at 4's add; 5 waits for the probe
-            return
-        t = next(iter(r.delta.values()))
-        if how == "inplace":
-            t.mul_(2.0)
-        else:  # the memory goes back; the checked address is stale
-            t.untyped_storage().resize_(0)
-
-    got = _round_of(replies, state, change)
-    assert "changed after it was accepted" in got.log["rejected"][5][0]
-    assert 5 not in got.log["accepted"]
-    without = _round_of([replay(ups[i % len(ups)], i) for i in range(5)], state)
-    assert _same(got, without)
-
-
-def test_a_pending_reply_folds_the_arrays_that_were_checked(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The caller replacing a reply's dict entries after `add` changes nothing: the round kept the
-    checked arrays (alive, and for the Python fold too)."""
-    _batching(monkeypatch, True)
-    state, ups = _summable_round()
-
-    def replace_arrays(r: Any) -> None:
-        r.delta = {k: torch.full_like(v, 7.0) for k, v in r.delta.items()}
-        r.extras = {k: torch.full_like(v, 7.0) for k, v in r.extras.items()}
-
-    honest = _round_of([replay(ups[i % len(ups)], i) for i in range(6)], state)
-    kept = _round_of([replay(ups[i % len(ups)], i) for i in range(6)], state, replace_arrays)
-    assert _same(kept, honest)
-    real_fold = native.fold_batch
-
-    def declined(**kw: Any) -> None:
-        raise ValueError("fold_batch: declined")
-
-    monkeypatch.setattr(native, "fold_batch", declined)  # the Python folds read the same arrays
-    python = _round_of([replay(ups[i % len(ups)], i) for i in range(6)], state, replace_arrays)
-    monkeypatch.setattr(native, "fold_batch", real_fold)
-    assert _same(python, honest)
-
-
-def test_inference_mode_replies_keep_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Arrays made under `torch.inference_mode()` have no version counter: still batched."""
-    _batching(monkeypatch, True)
-    state, ups = _summable_round()
-    with torch.inference_mode():
-        replies = [replay(ups[i % len(ups)], i) for i in range(6)]
-    assert next(iter(replies[1].delta.values())).is_inference()
-    calls: list[int] = []
-    real_fold = native.fold_batch
-
-    def fold_batch(**kw: Any) -> None:
-        calls.append(len(kw["weights"]))
-        real_fold(**kw)
-
-    monkeypatch.setattr(native, "fold_batch", fold_batch)
-    got = _round_of(replies, state)
-    assert sum(calls) == 5  # all but the plan's first reply
-    monkeypatch.setattr(native, "fold_batch", real_fold)
-    assert _same(got, _round_of([replay(ups[i % len(ups)], i) for i in range(6)], state))

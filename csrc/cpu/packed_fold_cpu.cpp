@@ -22,31 +22,20 @@ namespace {
 
 constexpr double kQmax = 127.0;
 
-}  // namespace
-
-FEDNG_CLONES void fold_triangle_row(const std::int8_t* qi, const float* s, float* ai,
-                                    std::int64_t i, float w, float diag) {
-  const float si = s[i];
-#pragma omp simd
-  for (std::int64_t j = 0; j < i; ++j) ai[j] += w * ((si * s[j]) * static_cast<float>(qi[j]));
-  ai[i] += w * diag;
-}
-
-void triangle_row_scales(const float* side, std::int64_t n, float* s) {
+// One packed lower triangle, row by row: the row's scale is folded into the weight once.
+FEDNG_CLONES void fold_triangle(const std::int8_t* q, const float* side, float* acc, std::int64_t n,
+                   float w, float* s) {
   for (std::int64_t i = 0; i < n; ++i)
     s[i] = static_cast<float>(std::sqrt(static_cast<double>(side[i]) / kQmax));
-}
-
-namespace {
-
-// One packed lower triangle, row by row.
-void fold_triangle(const std::int8_t* q, const float* side, float* acc, std::int64_t n, float w,
-                   float* s) {
-  triangle_row_scales(side, n, s);
   const float onep = 1.0f + side[n];
   std::int64_t p = 0;
   for (std::int64_t i = 0; i < n; ++i) {
-    fold_triangle_row(q + p, s, acc + p, i, w, side[i] * onep);
+    const float si = s[i];
+    const std::int8_t* qi = q + p;
+    float* ai = acc + p;
+#pragma omp simd
+    for (std::int64_t j = 0; j < i; ++j) ai[j] += w * ((si * s[j]) * static_cast<float>(qi[j]));
+    ai[i] += w * (side[i] * onep);
     p += i + 1;
   }
 }
@@ -189,8 +178,8 @@ namespace {
 
 enum Form : std::int64_t { kTri = 0, kVec = 1, kLowRank = 2 };
 
-}  // namespace
-
+// (form, at, qat, sat, n, k) sextuples: each segment within the float sum, the int8 values and
+// the scales.
 void check_segments(const char* op, const Sizes& segs, std::int64_t nq, std::int64_t nside,
                     std::int64_t nacc, std::int64_t chunk) {
   if (nq < 0 || nside < 0 || nacc < 0) fail(op, "negative sizes");
@@ -219,6 +208,8 @@ void check_segments(const char* op, const Sizes& segs, std::int64_t nq, std::int
       fail(op, "'segs' runs past the buffers");
   }
 }
+
+}  // namespace
 
 void int8_payload_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
                        std::int64_t nside, std::int64_t nacc, const Sizes& segs,
@@ -250,6 +241,8 @@ void int8_payload_axpy(const std::int8_t* q, const float* side, float* acc, std:
   }
 }
 
+namespace {
+
 FEDNG_CLONES void f32_axpy(const float* x, float* acc, std::int64_t n, float w) {
 #pragma omp simd
   for (std::int64_t i = 0; i < n; ++i) acc[i] += w * x[i];
@@ -259,6 +252,8 @@ FEDNG_CLONES void bf16_axpy_one(const std::uint16_t* x, float* acc, std::int64_t
 #pragma omp simd
   for (std::int64_t i = 0; i < n; ++i) acc[i] += w * bf16_float(x[i]);
 }
+
+}  // namespace
 
 void fold_update(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16,
                  double weight, const std::int8_t* q, const float* side, float* acc,

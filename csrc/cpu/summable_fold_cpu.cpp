@@ -43,7 +43,7 @@ int summable_check_fold(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const 
                         std::int64_t chunk, double max_abs, const Sizes& pairs,
                         const std::vector<double>& divs, const std::vector<double>& bounds,
                         double weight, double norm_bound, double* sq, double* traces,
-                        double* norm, double* scales, bool fold) {
+                        double* norm, double* scales) {
   const char* op = "summable_check_fold";
   check_count(op, "accs", accs.size(), xs.size());
   check_count(op, "n", n.size(), xs.size());
@@ -78,7 +78,6 @@ int summable_check_fold(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const 
     scales[s] = v;
     if (!std::isfinite(v) || v > bounds[s]) return kScaleBound;
   }
-  if (!fold) return kFolded;  // checked: the caller folds it (fold_batch)
   // The arrays last measured are still in cache: fold them first (no input overlaps a sum,
   // checked above, so the sums are independent and the order changes no bit), then the payload.
   const Ptrs rxs(xs.rbegin(), xs.rend()), raccs(accs.rbegin(), accs.rend());

@@ -259,7 +259,6 @@ def summable_check_fold(
     bounds: Sequence[float],
     weight: float,
     norm_bound: float,
-    fold: bool,
 ) -> tuple[int, float, list[float], list[float]]:
     """(status, delta norm, squared norms, curvature scales) of a summable reply
     (csrc/include/fedng/summable_fold.h): the arrays' squared norms (`sum_squares`; status 1 if
@@ -267,30 +266,7 @@ def summable_check_fold(
     above `max_abs`), the norm of the first `ndelta` arrays (`exact_sum`; 3 if not finite or
     above `norm_bound`), the curvature scales `traces[a] [* traces[b]] / div` per `pairs` (4 if
     one is not finite or above its bound, NaN: none), then `fold_update` with `weight` (0).
-    Only 0 writes anything; the norm and the scales are set once measured. With `fold` False
-    the reply is only checked (0: it passed; nothing written, `fold_batch` folds it later)."""
-
-def fold_batch(
-    *,
-    xs: Sequence[int],
-    accs: Sequence[int],
-    n: Sequence[int],
-    bf16: Sequence[int],
-    weights: Sequence[float],
-    q: Sequence[int],
-    side: Sequence[int],
-    acc: int,
-    nq: int,
-    nside: int,
-    nacc: int,
-    segs: Sequence[int],
-    chunk: int,
-) -> None:
-    """B = len(weights) replies folded in one pass over the sums, bit for bit `fold_update` of
-    reply 0, then reply 1, ...: reply r's arrays are `xs[r * m : (r + 1) * m]` (m = len(accs);
-    float32, or bfloat16 where `bf16[k]`, alike for every reply), its int8 payload `q[r]`,
-    `side[r]` (the same `segs`), its weight `weights[r]`. The inputs must not overlap the sums,
-    nor the sums each other (not checked here)."""
+    Only 0 writes anything; the norm and the scales are set once measured."""
 
 def exact_sum(*, x: Sequence[float]) -> float:
     """The correctly rounded sum of finite doubles (`math.fsum`)."""

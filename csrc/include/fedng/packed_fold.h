@@ -33,21 +33,6 @@ void sum_squares(const Ptrs& xs, const Sizes& n, const Sizes& bf16, double* out)
 // (sum_i D_i (1 + delta), float32 products summed in float64) or, low-rank, the digits
 // (||B~||_F^2 + n sigma in float64); false (traces unset) when a segment is a vector or a scale
 // is negative, NaN or infinite.
-// The loops of fold_update's folds, shared with fold_batch (fedng/summable_fold.h) so that both
-// compute every entry with the same code: acc[i] += w * x[i] over n float32 / bfloat16 entries;
-// row i of a packed triangle, ai[j] += w * ((s[i] s[j]) q_ij) for j < i, then ai[i] += w * diag
-// (diag = side[i] (1 + delta)), with the row scales s_i = float(sqrt(double(side[i]) / 127))
-// of triangle_row_scales.
-void f32_axpy(const float* x, float* acc, std::int64_t n, float w);
-void bf16_axpy_one(const std::uint16_t* x, float* acc, std::int64_t n, float w);
-void fold_triangle_row(const std::int8_t* qi, const float* s, float* ai, std::int64_t i, float w,
-                       float diag);
-void triangle_row_scales(const float* side, std::int64_t n, float* s);
-
-// Throws (`op` names the caller) unless `segs` holds (form, at, qat, sat, n, k) sextuples of
-// known forms, each within nacc float sums, nq int8 values and nside scales (chunk > 0).
-void check_segments(const char* op, const Sizes& segs, std::int64_t nq, std::int64_t nside,
-                    std::int64_t nacc, std::int64_t chunk);
 void int8_payload_axpy(const std::int8_t* q, const float* side, float* acc, std::int64_t nq,
                        std::int64_t nside, std::int64_t nacc, const Sizes& segs,
                        std::int64_t chunk, double weight);

@@ -33,29 +33,13 @@ enum SummableStatus : int {
 // 4. per curvature scale s: scales[s] = ((1.0 * traces[a_s]) [* traces[b_s] if b_s >= 0]) /
 //    divs[s] (pairs = (a_s, b_s)); kScaleBound if one is not finite or above bounds[s] (NaN: no
 //    bound);
-// 5. unless `fold` is false, fold_update of the arrays and the payload with `weight`; kFolded
-//    (with `fold` false: checked, nothing written; the caller folds it later, `fold_batch`).
+// 5. fold_update of the arrays and the payload with `weight`: kFolded.
 int summable_check_fold(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16,
                         std::int64_t ndelta, const std::int8_t* q, const float* side, float* acc8,
                         std::int64_t nq, std::int64_t nside, std::int64_t nacc, const Sizes& segs,
                         std::int64_t chunk, double max_abs, const Sizes& pairs,
                         const std::vector<double>& divs, const std::vector<double>& bounds,
                         double weight, double norm_bound, double* sq, double* traces,
-                        double* norm, double* scales, bool fold = true);
-
-// B = weights.size() replies folded into the same sums in one pass, bit for bit what B
-// fold_update calls (reply 0 first) would leave: every sum entry receives the same rounded
-// products in the same order, but each sum is read and written once per batch, not once per
-// reply. xs [B * m]: reply r's arrays at xs[r * m : (r + 1) * m] (float32, or bfloat16 where
-// bf16[k] != 0: the same for every reply); accs [m] their float32 sums of n[k] entries. q [B],
-// side [B]: each reply's int8 payload (fold_update's q / side; the same segments `segs`),
-// folded into acc [nacc]. Everything is checked before anything is written; the inputs must not
-// overlap the sums (summable_check_fold's kAliased check), and the sums must not overlap each
-// other (the bit-for-bit promise assumes each entry has one owner; the caller's plan ensures it,
-// nothing here checks it).
-void fold_batch(const Ptrs& xs, const Ptrs& accs, const Sizes& n, const Sizes& bf16,
-                const std::vector<double>& weights, const Ptrs& q, const Ptrs& side, float* acc,
-                std::int64_t nq, std::int64_t nside, std::int64_t nacc, const Sizes& segs,
-                std::int64_t chunk);
+                        double* norm, double* scales);
 
 }  // namespace fedng::cpu

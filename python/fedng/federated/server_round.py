@@ -5,7 +5,6 @@ This is what a deployment calls per reply (the Flower strategy does):
     rnd = ServerRound(state)                  # begins the round
     for update in replies_as_they_arrive:
         verdict = rnd.add(update)             # validate, then fold into running sums
-                                              #   (never write into an update once added)
     probe = rnd.probe()                       # optional second summable phase (or None)
     if probe is not None:                     # send it to rnd.accepted_ids; each client answers
         for reply in answers:                 #   algorithm.answer_probe(its own update, probe)
@@ -15,12 +14,6 @@ This is what a deployment calls per reply (the Flower strategy does):
 Memory: summable algorithms (FedAvg and its momentum variant, FedNG with the "mean" or
 "summable" aggregation) hold only their running sums — O(model + curvature), flat in the number
 of clients — plus a few floats per client (its weight, delta norm and curvature scales).
-FedNG-summable replies that take the fast path are judged on arrival; on a model whose sums
-outgrow a cache they are folded in batches of `summable_check.BATCH` (one pass over the sums
-per batch, bit for bit the same sums): the round keeps a reference to up to that many accepted
-replies until they are folded, so a caller must not write into an update after adding it (a
-write torch sees leaves that reply out, logged as rejected; one through `.data` or numpy is not
-seen).
 Algorithms that aggregate a list (SCAFFOLD, FedOpt, FedFisher, FedNG's exact merge) hold the
 accepted updates.
 
@@ -229,8 +222,6 @@ class ServerRound:
                 self.weights[cid] = w
                 self.norms.append(got[0])
                 self._fast_scales.append(got[1])  # in `fast.plan.scale_names` order
-                if len(fast.pending) >= fast.batch:  # a complete batch is folded now
-                    self.flush()
                 return Verdict(cid, ACCEPTED)
         reason = safe_check(self.state, update, self.algo)
         if reason is not None:
@@ -347,7 +338,6 @@ class ServerRound:
         if arrays is not None and isinstance(self.acc, MeanStep):  # a held plain update
             folded, _ = self.acc.deltas.fold_checked(self._plain_names, arrays, w, math.inf)
         if not folded:
-            self.flush()  # the fast path's deferred folds first: the arrival order
             self.acc.fold(update, w)
             if not self._summable_tried:  # the round's first reply folded by the Python path
                 self._summable_tried = True
@@ -386,21 +376,6 @@ class ServerRound:
             out[PEAK_KEY] = peak
         return out
 
-    def flush(self) -> None:
-        """Folds the replies the summable fast path accepted but has not folded yet (large
-        models' replies are folded in batches, `summable_check.BATCH`); `probe`, `finish` and
-        the Python path's folds call it, so only a caller that reads the accumulator's sums
-        mid-round needs to. A pending reply whose arrays changed since it was accepted (written
-        into through torch, freed or reallocated) is left out and logged as rejected."""
-        if self._summable is None:
-            return
-        for p in self._summable.flush():  # changed after it was accepted: left out
-            cid = p.update.client_id
-            del self.weights[cid]
-            self.norms.remove(p.norm)  # the medians see a multiset: any equal entry will do
-            self._fast_scales.remove(p.scales)
-            self._reject(cid, "its arrays changed after it was accepted, before its fold")
-
     # --- phase 2 (optional) -------------------------------------------------------------------
 
     def _scale(self) -> float:
@@ -415,7 +390,6 @@ class ServerRound:
         t0, c0 = time.perf_counter(), time.thread_time()
         if self.held:
             self._release(final=True)
-        self.flush()
         if self.probe_message is None and self.weights:
             msg = self.acc.probe(self.state, self._scale())
             self.probe_message = None if msg is None else msg.seal()
@@ -448,16 +422,14 @@ class ServerRound:
 
     @property
     def nbytes(self) -> int:
-        """Tensor bytes the round holds (running sums, plus any warm-up buffer and the summable
-        replies whose fold is pending)."""
+        """Tensor bytes the round holds (running sums, plus any warm-up buffer)."""
         held = sum(
             v.numel() * v.element_size()
             for u, _, _ in self.held
             for part in (u.delta, u.curvature, u.extras)
             for v in part.values()
         )
-        pending = 0 if self._summable is None else self._summable.nbytes
-        return self.acc.nbytes + held + pending
+        return self.acc.nbytes + held
 
     def finish(self) -> tuple[State, ServerMessage]:
         """Applies the round: (new state, message for the next round). The state's log holds
@@ -466,7 +438,6 @@ class ServerRound:
         t0, c0 = time.perf_counter(), time.thread_time()
         if self.held:
             self._release(final=True)
-        self.flush()
         new: State | None = None  # the state itself, copied only when the round changes nothing
         log: dict[str, Any] = {"rejected": self.rejected}
         accepted = list(self.weights)

@@ -13,18 +13,6 @@ sum), applies the same bounds, and folds it with `CurvatureSums.fold`'s kernel. 
 and any reply that call does not accept, takes the Python path, which gives the verdict and
 its reason: the same verdicts, reasons and bit-identical sums either way
 (tests/test_summable_fast.py).
-
-Deferred, batched folds: a reply's verdict is given on arrival (the checks run then), but when
-the running sums outgrow a cache (`BATCH_MIN_BYTES`) the replies the fast path accepts are
-folded `BATCH` at a time in one native pass (`_C.fold_batch`), which reads and writes each
-running sum once per batch instead of once per reply: each sum entry still receives the same
-rounded products in the same order, so the sums are bit for bit those of folding each reply on
-arrival. Until its batch is folded the server
-keeps a reference to an accepted reply and reads its arrays later: a caller must not write
-into an update it has added (`ServerRound.add`). A write torch sees (an in-place op, a freed or
-reallocated array) is caught at the fold, and the reply is then left out and logged as rejected;
-one through `.data`, numpy or a raw pointer is not. `SummableFast.flush` folds what is pending;
-the server calls it before anything reads the sums or another reply is folded by the Python path.
 """
 
 from __future__ import annotations
@@ -32,7 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,16 +38,6 @@ from fedng.federated.messages import ClientUpdate
 from fedng.federated.validate import curvature_ratio, expected_shapes, plain_fields
 
 _FOLDED = 0
-BATCH = 4
-"""Accepted replies folded per pass over the sums (bounded: the server holds at most this many
-replies' arrays, whatever the number of clients). 4 and 8 measured alike on the 670k-parameter
-MLP (a round's folds ~7-12% faster than one reply per pass); 16 less so (its replies' arrays no
-longer stay in cache until their batch is folded)."""
-BATCH_MIN_BYTES = 2 << 20
-"""Running sums below this size (bytes; a core's L2 cache) stay in cache between replies: there a
-batch saves no memory traffic and its bookkeeping costs more than it saves (the digits MLP's
-summable round is ~10% slower batched), so each reply is folded on arrival, in the same call
-as its checks."""
 _F32_EPS = torch.finfo(torch.float32).eps
 
 
@@ -244,45 +222,6 @@ def _payload(plan: SummablePlan, curvature: object) -> tuple[int, int] | None:
     return out[0], out[1]
 
 
-@dataclass
-class _Pending:
-    """An accepted reply whose fold is deferred.
-
-    Attributes:
-        update: the reply as checked: its dicts copied (shallow) on arrival, so that the Python
-            fold reads the arrays that were checked even if the caller's dicts change.
-        arrays: every array of the reply, kept alive (the batch reads them by address).
-        marks: per array, (version counter, address) when checked: an in-place write through
-            torch moves the first, a freed or reallocated array the second.
-        weight: its fold weight.
-        norm: its delta norm (as accepted).
-        scales: its curvature scales (as accepted, in `scale_names` order).
-        ptrs: the delta and extras arrays' addresses.
-        half: their bfloat16 flags.
-        payload: the int8 values' and scales' addresses.
-    """
-
-    update: ClientUpdate
-    arrays: tuple[torch.Tensor, ...]
-    marks: tuple[tuple[int, int], ...]
-    weight: float
-    norm: float
-    scales: list[float]
-    ptrs: list[int]
-    half: list[bool]
-    payload: tuple[int, int]
-
-    def intact(self) -> bool:
-        """Whether every array is still what was checked (see `marks`)."""
-        return all(_mark(t) == m for t, m in zip(self.arrays, self.marks, strict=True))
-
-
-def _mark(t: torch.Tensor) -> tuple[int, int]:
-    """(version counter, address); inference tensors have no version counter (-1): outside
-    inference mode torch refuses in-place writes to them anyway."""
-    return (-1 if t.is_inference() else t._version), t.data_ptr()
-
-
 class SummableFast:
     """A round's fast path for summable replies (see the module docstring).
 
@@ -298,9 +237,6 @@ class SummableFast:
         self.acc = acc
         self._bounds: list[float] = []
         self._refs: object = None
-        self.pending: list[_Pending] = []  # accepted, not yet folded, in arrival order
-        big = 4 * (sum(plan.sizes) + plan.nacc) >= BATCH_MIN_BYTES
-        self.batch = BATCH if big else 1  # 1: folded on arrival
 
     def try_fold(
         self,
@@ -309,9 +245,8 @@ class SummableFast:
         norm_ref: float | None,
         scale_ref: dict[str, float] | None,
     ) -> tuple[float, list[float]] | None:
-        """Checks one reply and, when it passes, queues its fold (see the module docstring);
-        (its delta norm, its curvature scales in `scale_names` order) when accepted, None when
-        it must take the Python path (nothing queued or written then).
+        """Checks and folds one reply; (its delta norm, its curvature scales in `scale_names`
+        order) when folded, None when it must take the Python path (nothing written then).
 
         Args:
             update: the reply (its client id already handled by the caller).
@@ -332,7 +267,10 @@ class SummableFast:
         payload = _payload(plan, update.curvature)
         if arrays is None or payload is None:
             return None
-        if not self._live():
+        if not all(
+            w.sums.get(k) is t and t.data_ptr() == p
+            for (w, k), t, p in zip(plan.owners, plan.sums, (*plan.accs, plan.acc8), strict=True)
+        ):
             return None  # a sum was replaced or moved: its address is stale (the Python path)
         ptrs, half = arrays
         ratio = state.config.max_norm_ratio
@@ -357,106 +295,15 @@ class SummableFast:
             bounds=self._scale_bounds(scale_ref),
             weight=weight,
             norm_bound=bound,
-            fold=self.batch <= 1,
         )
         if status != _FOLDED:
             return None
-        if self.batch <= 1:  # folded by that call: `fold_all`'s counts
-            acc = self.acc
-            for s in (acc.deltas, acc.contrib, acc.curv):
-                s.total_weight += weight
-                s.count += 1
-            acc.wire_eps = max(acc.wire_eps, _F32_EPS)
-            return float(norm), scales
-        parts = (dict(update.delta), dict(update.extras), dict(update.curvature))
-        held = tuple(v for part in parts for v in part.values())  # all tensors: checked above
-        checked = replace(update, delta=parts[0], extras=parts[1], curvature=parts[2])
-        marks = tuple(_mark(t) for t in held)
-        self.pending.append(
-            _Pending(checked, held, marks, weight, float(norm), scales, ptrs, half, payload)
-        )
-        return float(norm), scales
-
-    @property
-    def nbytes(self) -> int:
-        """Tensor bytes of the accepted replies not yet folded."""
-        return sum(v.numel() * v.element_size() for p in self.pending for v in p.arrays)
-
-    def flush(self) -> list[_Pending]:
-        """Folds the pending replies into the sums, in arrival order, with `fold_all`'s counts:
-        one native pass per run of replies with the same dtype pattern; through the Python fold
-        (`CurvatureSums.fold`) if a sum was replaced since the replies were checked (its
-        address is stale) or the native call declines (it checks its arguments before writing
-        anything). A reply is taken off `pending` only once folded, so an exception leaves the
-        rest for the next flush.
-
-        Returns:
-            The pending replies left out because an array changed after it was checked (written
-            into in place, freed or reallocated: see `_Pending.marks`); the caller un-accepts
-            them. Writes torch does not see (through `.data`, numpy or raw pointers) are not
-            detected: an added update must not be changed.
-        """
-        changed = [p for p in self.pending if not p.intact()]
-        if changed:
-            self.pending = [p for p in self.pending if p.intact()]
-        while self.pending:
-            run = self.pending[
-                : next(
-                    (i for i, p in enumerate(self.pending) if p.half != self.pending[0].half),
-                    len(self.pending),
-                )
-            ]
-            if self._fold_run(run):
-                del self.pending[: len(run)]
-                self._count([p.weight for p in run])
-            else:  # the Python fold, one reply at a time
-                p = self.pending[0]
-                self.acc.fold(p.update, p.weight)
-                del self.pending[0]
-        return changed
-
-    def _fold_run(self, run: list[_Pending]) -> bool:
-        """One `fold_batch` of replies with one dtype pattern; False (nothing written) when a
-        sum was replaced or the call declines."""
-        plan = self.plan
-        if not self._live():
-            return False
-        try:
-            native.fold_batch(
-                xs=[x for p in run for x in p.ptrs],
-                accs=plan.accs,
-                n=plan.sizes,
-                bf16=run[0].half,
-                weights=[p.weight for p in run],
-                q=[p.payload[0] for p in run],
-                side=[p.payload[1] for p in run],
-                acc=plan.acc8,
-                nq=plan.nq,
-                nside=plan.nside,
-                nacc=plan.nacc,
-                segs=plan.segs,
-                chunk=VEC_CHUNK,
-            )
-        except ValueError:  # its checks come before any write
-            return False
-        return True
-
-    def _live(self) -> bool:
-        """Whether the plan's sums are still the accumulator's, at the planned addresses."""
-        plan = self.plan
-        return all(
-            w.sums.get(k) is t and t.data_ptr() == p
-            for (w, k), t, p in zip(plan.owners, plan.sums, (*plan.accs, plan.acc8), strict=True)
-        )
-
-    def _count(self, weights: list[float]) -> None:
-        """`fold_all`'s counts of folded replies, in their order."""
         acc = self.acc
-        for w in weights:
-            for s in (acc.deltas, acc.contrib, acc.curv):
-                s.total_weight += w
-                s.count += 1
+        for s in (acc.deltas, acc.contrib, acc.curv):  # `fold_all`'s counts
+            s.total_weight += weight
+            s.count += 1
         acc.wire_eps = max(acc.wire_eps, _F32_EPS)
+        return float(norm), scales
 
     def _scale_bounds(self, refs: dict[str, float] | None) -> list[float]:
         """Per scale measure, `curvature_ratio(ratio) * ref` (NaN without a positive ref: only
