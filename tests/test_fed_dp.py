@@ -275,15 +275,20 @@ def test_cli_dp_gives_fedng_absolute_damping_in_sgd_units_unless_the_user_set_da
     mine = {"fedng": {"lr": 0.1}}
     assert dp_overrides(["fedng"], mine) == {"fedng": {**DP_FEDNG, **off, "lr": 0.1}}
     assert mine == {"fedng": {"lr": 0.1}}  # not mutated
-    for user in ({"*": {"damping": 0.5}}, {"fedng": {"damping_scale": "relative"}}):
-        assert dp_overrides(["fedng"], user) == {**user, "fedng": {**off, **user.get("fedng", {})}}
+    relative = {"fedng": {"damping_scale": "relative"}}  # the preset needs absolute damping
+    assert dp_overrides(["fedng"], relative) == {"fedng": {**off, "damping_scale": "relative"}}
+    lam = {"*": {"damping": 0.5}}  # λ alone: the preset with the user's λ
+    rest = {k: v for k, v in DP_FEDNG.items() if k != "damping"}
+    assert dp_overrides(["fedng"], lam) == {**lam, "fedng": {**rest, **off}}
     decayed = {"fedng": {"server_decay": 0.3}}
     assert dp_overrides(["fedng"], decayed) == {"fedng": {**DP_FEDNG, "server_decay": 0.3}}
     clipped = {"*": {"kl_clip": 1e-3}}  # a preset key the user set (for every algorithm) wins
     out = dp_overrides(["fedng"], clipped)
     assert out["fedng"] == {**{k: v for k, v in DP_FEDNG.items() if k != "kl_clip"}, **off}
-    _, sc = make_configs("fedng", out["fedng"] | out["*"])
-    assert sc.options.kl_clip == 1e-3  # type: ignore[attr-defined]
+    from fedng.cli import _configs
+
+    got = _configs(["fedng"], {"lr": 0.1}, out)["fedng"][1].options  # the CLI's own merge
+    assert (got.kl_clip, got.lr_units, got.damping) == (1e-3, "sgd", 10.0)  # type: ignore[attr-defined]
     _, sc = make_configs("fedng", dp_overrides(["fedng"], {})["fedng"])
     opts = sc.options
     assert (opts.damping_scale, opts.damping) == ("absolute", 10.0)  # type: ignore[attr-defined]

@@ -321,17 +321,17 @@ DP_FEDNG: dict[str, Any] = {
     "lr_units": "sgd",
     "kl_clip": 0.0,
 }
-"""FedNG's client step under --dp-epsilon unless --set gives a damping key: `lr (F/λ + I)^-1 g`
-with absolute λ 10 and no KL clip (`FedNGConfig.lr_units="sgd"`), so `--lr` means what it
-means for FedAvg. Under a Euclidean clip and isotropic noise a gradient-like release is the
-best per unit of clip, and each client's natural gradient stretches its own low-curvature
-directions, which the clip charges and the mean cancels; K-FAC's Tikhonov damping gives each
-factor sqrt(λ) ~ 3: far above the output factors' eigenvalues (<= 0.14 on MNIST-1D), near the
-input factors' largest (3-9), so the step keeps only the input-side whitening of the shared
-top directions. λ was tuned on bench_dp's tuning seed (MNIST-1D, 200 clients, ε=4, T=20;
-docs/robustness_privacy.md, "Damping as the interpolation between NG and SGD"). Relative
-damping with the KL clip keeps every local step's size in KL, so once the noise saturates the
-model the steps follow the noise (same section, "Tuning under DP")."""
+"""FedNG's client step under --dp-epsilon (the keys --set leaves unset; none under relative
+damping): `lr (F/λ + I)^-1 g` with absolute λ 10 and no KL clip (`FedNGConfig.lr_units="sgd"`),
+so `--lr` means what it means for FedAvg. Under a Euclidean clip and isotropic noise a
+gradient-like release is the best per unit of clip, and each client's natural gradient stretches
+its own low-curvature directions, which the clip charges and the mean cancels; K-FAC's Tikhonov
+damping gives each factor sqrt(λ) ~ 3: far above the output factors' eigenvalues (<= 0.14 on
+MNIST-1D), near the input factors' largest (3-9), so the step keeps only the input-side
+whitening of the shared top directions. λ was tuned on bench_dp's tuning seed (MNIST-1D, 200
+clients, ε=4, T=20; docs/robustness_privacy.md, "Damping as the interpolation between NG and
+SGD"). Relative damping with the KL clip keeps every local step's size in KL, so once the noise
+saturates the model the steps follow the noise (same section, "Tuning under DP")."""
 
 
 DP_METRIC_FEDNG: dict[str, Any] = {
@@ -365,8 +365,10 @@ blocks))."""
 def dp_overrides(
     algos: Sequence[str], overrides: dict[str, dict[str, Any]]
 ) -> dict[str, dict[str, Any]]:
-    """`overrides` with `DP_FEDNG` under FedNG's own keys the user left unset, where the user
-    set neither damping key (for every algorithm, "*", or FedNG's own); where the user asked
+    """`overrides` with `DP_FEDNG` under FedNG's own keys the user left unset (for every
+    algorithm, "*", or FedNG's own), unless the user asked for relative damping (`lr_units`
+    "sgd" needs absolute damping); so `--set fedng.damping=3` is λ 3 in the preset; where the
+    user asked
     FedNG for `dp_metric=curvature`, with the rest of `DP_METRIC_FEDNG` under the keys the
     user left unset instead; and FedNG's server step without its decay (`server_decay` 0)
     unless the user set one."""
@@ -376,7 +378,7 @@ def dp_overrides(
         if given.get("dp_metric") == "curvature":
             rest = {k: v for k, v in DP_METRIC_FEDNG.items() if k not in given}
             out["fedng"] = {**rest, **out.get("fedng", {})}
-        elif not {"damping", "damping_scale"} & set(given):
+        elif given.get("damping_scale", "absolute") == "absolute":
             rest = {k: v for k, v in DP_FEDNG.items() if k not in given}
             out["fedng"] = {**rest, **out.get("fedng", {})}
         if "server_decay" not in given:  # under DP the rounds are few and tuned
@@ -528,6 +530,9 @@ def simulate_command(args: argparse.Namespace) -> int:
         overrides = _settings(args.set)
         if args.dp_epsilon is not None:
             overrides = dp_overrides(algos, overrides)
+            if "fedng" in algos:
+                picked = {k: v for k, v in overrides.get("fedng", {}).items() if k != "lr"}
+                print(f"fedng simulate: FedNG under DP runs with {picked}", file=sys.stderr)
         configs = _configs(algos, base, overrides)
     except (ValueError, TypeError) as err:
         print(f"fedng simulate: {err}", file=sys.stderr)

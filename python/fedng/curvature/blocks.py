@@ -61,6 +61,11 @@ class Block:
         bg = self.bias.grad
         return None if bg is None else (self._w(wg), self._b(bg))
 
+    def grad_views(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Views of the block's part of `weight.grad` [rows, ...] and `bias.grad` [rows] (None
+        without a bias); None when a gradient is missing. Writing into them writes the grads."""
+        return self._grads()
+
     def _grads_to_write(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         grads = self._grads()
         if grads is None:

@@ -17,6 +17,7 @@ mode (`FedNGConfig.precond`) picks its source:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,10 +100,35 @@ def client_damping(curvature: CurvatureSet, options: FedNGConfig) -> Damping:
 def step_config(config: ClientConfig, options: FedNGConfig) -> ClientConfig:
     """`config` with the learning rate the local steps apply to the preconditioned gradient:
     `lr` itself, or `lr λ` under `lr_units="sgd"` (the step `lr (F/λ + I)^-1 g`, SGD's at the
-    same `lr` as λ grows)."""
+    same `lr` as λ grows), with the weight decay `wd / λ` so that it still decays by `lr wd`
+    (gradients left plain are divided by λ after each step: `unscale_plain`)."""
     if options.lr_units == "sgd":
-        return config.replace(lr=config.lr * options.damping)
+        lam = options.damping
+        return config.replace(lr=config.lr * lam, weight_decay=config.weight_decay / lam)
     return config
+
+
+def unscale_plain(ng: NaturalGradient, params: Sequence[torch.Tensor], lam: float) -> None:
+    """Divides by `lam` the gradients `ng`'s last step left plain (parameters outside every
+    curvature block, blocks not preconditioned: a skipped step, a fallback, `precond="none"`),
+    so that under `lr_units="sgd"`'s `lr λ` they take plain SGD's `lr g`.
+
+    Args:
+        ng: the natural-gradient preconditioner, right after `step()`.
+        params: the parameters the optimizer steps.
+        lam: the absolute damping λ.
+    """
+    done = set(ng.last.get("preconditioned", ()))
+    covered: set[int] = set()
+    plain: list[torch.Tensor] = []
+    for block in ng.capture.blocks:
+        covered.update(id(q) for q in (block.weight, block.bias) if q is not None)
+        views = block.grad_views() if block.name not in done else None
+        if views is not None:
+            plain.extend(v for v in views if v is not None)
+    plain.extend(p.grad for p in params if id(p) not in covered and p.grad is not None)
+    if plain:
+        torch._foreach_div_(plain, lam)
 
 
 def use_preconditioner(ng: NaturalGradient, message: ServerMessage, options: FedNGConfig) -> str:
@@ -186,10 +212,14 @@ def natural_gradient_local(
             if options.fisher_type == "mc":
                 ng.mc_backward(out, gen)
 
+        trained = [p for p in model.parameters() if p.requires_grad]
+
         def precondition(step: int) -> None:
             nonlocal clipped
             ng.step()
             clipped += 0.0 < ng.last["kl_scale"] < 1.0  # 0: a skipped step, not a clip
+            if options.lr_units == "sgd":
+                unscale_plain(ng, trained, options.damping)
 
         metrics = local_sgd(
             model,
