@@ -135,3 +135,19 @@ def test_cli_attack_robust_and_dp_end_to_end(tmp_path: Path) -> None:
     priv = row["privacy"]
     assert priv["rounds"] == 2 and 7.9 < priv["epsilon"] <= 8.0 + 1e-6
     assert priv["noise_multiplier"] > 0 and priv["mode"] == "central"
+
+
+@pytest.mark.parametrize("given", [[], ["--lr", "0.07"]])
+def test_cli_dp_metric_preset_lr_yields_to_an_explicit_lr(
+    given: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The metric preset's lr (0.2) applies unless --lr is given; the CLI says what FedNG runs."""
+    pytest.importorskip("dp_accounting")
+    args = ["simulate", "--task", "synthetic", "--clients", "5", "--rounds", "1", "--no-progress"]
+    args += ["--algorithms", "fedng", "--local-steps", "1", "--dp-epsilon", "8"]
+    args += ["--dp-curvature-clip", "1", "--set", "fedng.dp_metric=curvature", *given]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    hist = json.loads((tmp_path / "history_fedng_seed0.json").read_text())
+    want = 0.07 if given else 0.2
+    assert hist["client_config"]["lr"] == want
+    assert f"FedNG under DP runs with {{'lr': {want}," in capsys.readouterr().err

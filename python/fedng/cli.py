@@ -185,7 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_number(int, 1, strict=False), default=32, help="local batch size"
     )
     s.add_argument(
-        "--lr", type=_number(float, 0, strict=True), default=0.05, help="local learning rate"
+        "--lr",
+        type=_number(float, 0, strict=True),
+        default=argparse.SUPPRESS,
+        help=f"local learning rate (default {DEFAULT_LR}; FedNG's --dp-epsilon metric preset"
+        " has its own unless --lr is given)",
     )
     s.add_argument(
         "--set",
@@ -314,6 +318,9 @@ def _check_task_args(args: argparse.Namespace) -> str | None:
         return "--resume needs --out (the folder of the runs to continue)"
     return None
 
+
+DEFAULT_LR = 0.05
+"""`fedng simulate --lr`'s default."""
 
 DP_FEDNG: dict[str, Any] = {
     "damping_scale": "absolute",
@@ -515,7 +522,9 @@ def simulate_command(args: argparse.Namespace) -> int:
 
     algos = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     seeds: list[int] = args.seeds
-    base = {"lr": args.lr, "local_steps": args.local_steps, "batch_size": args.batch_size}
+    lr_given = getattr(args, "lr", None)
+    lr = DEFAULT_LR if lr_given is None else lr_given
+    base = {"lr": lr, "local_steps": args.local_steps, "batch_size": args.batch_size}
     if args.robust != "none":
         base["robust"] = args.robust
     problem = (
@@ -529,9 +538,13 @@ def simulate_command(args: argparse.Namespace) -> int:
     try:
         overrides = _settings(args.set)
         if args.dp_epsilon is not None:
+            user = overrides
             overrides = dp_overrides(algos, overrides)
+            set_lr = "lr" in {**user.get("*", {}), **user.get("fedng", {})}
+            if lr_given is not None and not set_lr:  # --lr wins over a preset's lr
+                overrides.get("fedng", {}).pop("lr", None)
             if "fedng" in algos:
-                picked = {k: v for k, v in overrides.get("fedng", {}).items() if k != "lr"}
+                picked = {"lr": lr, **overrides.get("fedng", {})}
                 print(f"fedng simulate: FedNG under DP runs with {picked}", file=sys.stderr)
         configs = _configs(algos, base, overrides)
     except (ValueError, TypeError) as err:
