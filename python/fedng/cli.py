@@ -374,11 +374,10 @@ def dp_overrides(
 ) -> dict[str, dict[str, Any]]:
     """`overrides` with `DP_FEDNG` under FedNG's own keys the user left unset (for every
     algorithm, "*", or FedNG's own), unless the user asked for relative damping (`lr_units`
-    "sgd" needs absolute damping); so `--set fedng.damping=3` is λ 3 in the preset; where the
-    user asked
-    FedNG for `dp_metric=curvature`, with the rest of `DP_METRIC_FEDNG` under the keys the
-    user left unset instead; and FedNG's server step without its decay (`server_decay` 0)
-    unless the user set one."""
+    "sgd" needs absolute damping), so `--set fedng.damping=3` is λ 3 in the preset; where the
+    user asked FedNG for `dp_metric=curvature`, with the rest of `DP_METRIC_FEDNG` under the
+    keys the user left unset instead; and FedNG's server step without its decay
+    (`server_decay` 0) unless the user set one."""
     out = {k: dict(v) for k, v in overrides.items()}
     if "fedng" in algos:
         given = {**out.get("*", {}), **out.get("fedng", {})}

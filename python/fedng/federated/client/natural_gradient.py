@@ -108,25 +108,28 @@ def step_config(config: ClientConfig, options: FedNGConfig) -> ClientConfig:
     return config
 
 
-def unscale_plain(ng: NaturalGradient, params: Sequence[torch.Tensor], lam: float) -> None:
-    """Divides by `lam` the gradients `ng`'s last step left plain (parameters outside every
-    curvature block, blocks not preconditioned: a skipped step, a fallback, `precond="none"`),
-    so that under `lr_units="sgd"`'s `lr λ` they take plain SGD's `lr g`.
+def outside_blocks(ng: NaturalGradient, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters among `params` that no curvature block of `ng` covers."""
+    covered = {id(q) for b in ng.capture.blocks for q in (b.weight, b.bias) if q is not None}
+    return [p for p in params if id(p) not in covered]
+
+
+def unscale_plain(ng: NaturalGradient, loose: Sequence[torch.Tensor], lam: float) -> None:
+    """Divides by `lam` the gradients `ng`'s last step left plain (the `loose` parameters outside
+    every curvature block, and blocks not preconditioned: a skipped step, a fallback,
+    `precond="none"`), so that under `lr_units="sgd"`'s `lr λ` they take plain SGD's `lr g`.
 
     Args:
         ng: the natural-gradient preconditioner, right after `step()`.
-        params: the parameters the optimizer steps.
+        loose: the trained parameters outside every block (`outside_blocks`).
         lam: the absolute damping λ.
     """
     done = set(ng.last.get("preconditioned", ()))
-    covered: set[int] = set()
-    plain: list[torch.Tensor] = []
+    plain = [p.grad for p in loose if p.grad is not None]
     for block in ng.capture.blocks:
-        covered.update(id(q) for q in (block.weight, block.bias) if q is not None)
         views = block.grad_views() if block.name not in done else None
         if views is not None:
             plain.extend(v for v in views if v is not None)
-    plain.extend(p.grad for p in params if id(p) not in covered and p.grad is not None)
     if plain:
         torch._foreach_div_(plain, lam)
 
@@ -212,14 +215,14 @@ def natural_gradient_local(
             if options.fisher_type == "mc":
                 ng.mc_backward(out, gen)
 
-        trained = [p for p in model.parameters() if p.requires_grad]
+        loose = outside_blocks(ng, [p for p in model.parameters() if p.requires_grad])
 
         def precondition(step: int) -> None:
             nonlocal clipped
             ng.step()
             clipped += 0.0 < ng.last["kl_scale"] < 1.0  # 0: a skipped step, not a clip
             if options.lr_units == "sgd":
-                unscale_plain(ng, trained, options.damping)
+                unscale_plain(ng, loose, options.damping)
 
         metrics = local_sgd(
             model,
