@@ -79,9 +79,10 @@ def test_every_size_across_kernel_switches(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [64, 65, 96, 97, 200])
+@pytest.mark.parametrize("n", [64, 65, 96, 97, 200, 333])
 def test_single_matrix_at_kernel_boundaries(dtype: torch.dtype, n: int) -> None:
-    """One matrix alone (threaded BLAS path) at each side of the kernel switches."""
+    """One matrix alone (threaded BLAS path) at each side of the kernel switches; 333 takes the
+    recursive solve (`solve_right_lower`) three levels down, with ragged halves."""
     mats = [_spd(n, dtype, torch.Generator().manual_seed(n))]
     _check_ok(damped_cholesky_inverse(mats, [0.2]), mats, [0.2], dtype)
 
@@ -210,7 +211,7 @@ def test_never_nan_unless_failed(
             assert (s == OK) == (lam == damping)
 
 
-@pytest.mark.parametrize("n", [8, 32, 64, 65, 80, 96, 97, 130])
+@pytest.mark.parametrize("n", [8, 32, 64, 65, 80, 96, 97, 130, 333])
 def test_ill_conditioned_float64_is_accurate(n: int) -> None:
     """Condition number 1e8 in float64: status OK and a Cholesky-grade inverse at every size.
 

@@ -19,6 +19,7 @@
 
 #include "fedng/blas.h"
 #include "fedng/dispatch.h"
+#include "fedng/mirror.h"
 #include "fedng/ops.h"
 #include "fedng/parallel.h"
 #include "fedng/small_spd_inverse.h"
@@ -28,12 +29,21 @@ namespace {
 
 constexpr int kBaseCase = 64;
 
-// Copies the lower triangle of a diagonal block onto its upper triangle.
+// Row-major B [m, n] <- B L^-1 with L [n, n] lower triangular, by halves of L: X2 = B2 L22^-1,
+// B1 -= X2 L21, X1 = B1 L11^-1. The same solve as one TRSM, but most of its flops in a GEMM:
+// OpenBLAS's TRSM runs at a third of GEMM speed at n ~ 500 here (mlp1024's factors).
 template <class T>
-void mirror_block(T* a, int n, int lda) {
-  for (int i = 1; i < n; ++i)
-    for (int j = 0; j < i; ++j)
-      a[static_cast<std::int64_t>(j) * lda + i] = a[static_cast<std::int64_t>(i) * lda + j];
+void solve_right_lower(int m, int n, const T* l, int ldl, T* b, int ldb) {
+  if (n <= kBaseCase) {
+    blas::trsm_right_lower(m, n, l, ldl, b, ldb);
+    return;
+  }
+  const int n1 = ((n / 2) + 7) / 8 * 8;
+  const int n2 = n - n1;
+  const T* l21 = l + static_cast<std::int64_t>(n1) * ldl;
+  solve_right_lower(m, n2, l21 + n1, ldl, b + n1, ldb);
+  blas::gemm(false, false, m, n1, n2, T(-1), b + n1, ldb, l21, ldl, T(1), b, ldb);
+  solve_right_lower(m, n1, l, ldl, b, ldb);
 }
 
 // Lower triangle of (L L^T)^-1 over L (row-major lower, leading dimension lda). `scratch` holds
@@ -51,9 +61,9 @@ void inverse_from_cholesky(T* a, int n, int lda, T* scratch) {
   T* a22 = a21 + n1;
   T* w = scratch;  // -inv(L22) Y [n2, n1]
   T* deeper = scratch + static_cast<std::int64_t>(n2) * n1;
-  blas::trsm_right_lower(n2, n1, a11, lda, a21, lda);  // Y = L21 L11^-1
+  solve_right_lower(n2, n1, a11, lda, a21, lda);  // Y = L21 L11^-1
   inverse_from_cholesky(a22, n2, lda, deeper);
-  mirror_block(a22, n2, lda);
+  mirror_strided<false>(a22, n2, lda);  // its upper triangle from the lower one
   blas::gemm(false, false, n2, n1, n2, T(-1), a22, lda, a21, lda, T(0), w, n1);
   inverse_from_cholesky(a11, n1, lda, deeper);
   blas::gemmt_lower(true, false, n1, n2, T(-1), a21, lda, w, n1, T(1), a11, lda);
