@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _tols import assert_close
+from fedng.curvature.kfac import KFAC
 from fedng.errors import CurvatureWarning
 from fedng.optim.fused_kfac import FusedKFAC
 from fedng.optim.natural_gradient import NaturalGradient
@@ -438,3 +439,23 @@ def test_backward_on_ragged_mlps_equals_the_general_step(
     pa, a, _ = run_rows(model, "rows", 2, batch, damping=1e-3, inverse_every=1)
     pb, b, _ = run_rows(model, "general", 2, batch, damping=1e-3, inverse_every=1)
     assert_same(a, b, pa, pb, trajectory=True)
+
+
+def test_fused_factors_are_mirrored_when_read() -> None:
+    """The fused step writes the factors' lower triangles only (`KFAC.lower_only`): the stored
+    upper triangles lag, reading `A` / `G` mirrors them (exactly symmetric, equal to the general
+    path's), and the inversion in between reads the lower triangles only (1e-12 throughout)."""
+    model = mlp([5, 7, 3])
+    fused_p, ng, _ = run(model, True, 4, 9)  # inverse_every 3: an inversion from lagging factors
+    general_p, ref, _ = run(model, False, 4, 9)
+    assert ng._fused is not None
+    kfac, kfac_ref = ng._fused.kfac, ref.local_curvature.reps["kfac"]
+    assert isinstance(kfac_ref, KFAC)
+    stored_g = kfac.stored()[1]
+    assert kfac._lagging and not torch.equal(stored_g[0], stored_g[0].T)
+    for got, exp in zip(kfac.A + kfac.G, kfac_ref.A + kfac_ref.G, strict=True):
+        assert torch.equal(got, got.T)
+        assert_close(got, exp, F64, "kfac_step")
+    assert not kfac._lagging and torch.equal(stored_g[0], stored_g[0].T)
+    for a, b in zip(fused_p, general_p, strict=True):
+        assert_close(a, b, F64, "kfac_step")

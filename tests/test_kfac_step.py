@@ -313,3 +313,23 @@ def test_check_finite_stops_before_any_update(bad: float) -> None:
     )
     assert res.form == [0, 0] and all(math.isnan(x) for x in res.dots)
     assert all(torch.equal(x, y) for x, y in zip(a + gf, before, strict=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_plan_lower_only_updates_the_lower_triangles(dtype: torch.dtype, decay: float) -> None:
+    """`lower_only`: the lower triangles (diagonal, bias row included) equal the full update's
+    (up to the BLAS triangle's rounding), the strict upper triangles keep their old values."""
+    shapes = [(6, 5, 7, True), (3, 6, 7, False), (9, 40, 5, True)]
+    d = layers(shapes, dtype, 5, True)
+    a1, g1 = [t.clone() for t in d["A"]], [t.clone() for t in d["G"]]
+    a2, g2 = [t.clone() for t in d["A"]], [t.clone() for t in d["G"]]
+    outs = [torch.empty(m, k + b, dtype=dtype) for m, k, _, b in shapes]
+    kw = {"decay": [decay] * 3, "a_scale": [0.25, 0.5, 1.0], "g_scale": [2.0, 3.0, 0.5]}
+    full = KfacStepPlan(a1, g1, d["W"], outs, d["u"], d["v"], [True, False, True])
+    lower = KfacStepPlan(a2, g2, d["W"], outs, d["u"], d["v"], [True, False, True])
+    full(d["x"], d["g"], **kw, update=True, inverses=None)  # type: ignore[arg-type]
+    lower(d["x"], d["g"], **kw, update=True, inverses=None, lower_only=True)  # type: ignore[arg-type]
+    for new, old, ref in zip(a2 + g2, d["A"] + d["G"], a1 + g1, strict=True):
+        assert_close(new.tril(), ref.tril(), dtype, "kfac_step")
+        assert torch.equal(new.triu(1), old.triu(1))

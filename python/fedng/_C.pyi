@@ -306,10 +306,11 @@ def kfac_step(
     """Fused K-FAC step of Linear layers (see `fedng.ops.kfac_step`).
 
     Per layer: `A <- decay A + a_scale [x 1]^T [x 1]`, `G <- decay G + g_scale g^T g` (if
-    `update_factors`), then `outs[i] <- g_inv grads[i] a_inv` (if `precondition`), by the batch
-    or the dense form; `form` is the address of an int8 [N] buffer (0/1/2), `sums` of a float64
-    [2N] buffer: each gradient's sum (with `check_finite`, checked before any update: a non-finite
-    one stops the call) and each `<outs[i], grads[i]>` (NaN where not preconditioned).
+    `update_factors`; 2: the lower triangles only, the upper ones left as they were), then
+    `outs[i] <- g_inv grads[i] a_inv` (if `precondition`), by the batch or the dense form; `form`
+    is the address of an int8 [N] buffer (0/1/2), `sums` of a float64 [2N] buffer: each
+    gradient's sum (with `check_finite`, checked before any update: a non-finite one stops the
+    call) and each `<outs[i], grads[i]>` (NaN where not preconditioned).
     """
 
 def trust_dots(

@@ -103,6 +103,17 @@ inline void syrk_upper_ata(int n, int k, double alpha, const double* a, double b
   scipy_cblas_dsyrk(FedngRowMajor, FedngUpper, FedngTrans, n, k, alpha, a, lda ? lda : n, beta, c,
                     ldc ? ldc : n);
 }
+// The same into the row-major lower triangle of C.
+inline void syrk_lower_ata(int n, int k, float alpha, const float* a, float beta, float* c,
+                           int lda = 0, int ldc = 0) {
+  scipy_cblas_ssyrk(FedngRowMajor, FedngLower, FedngTrans, n, k, alpha, a, lda ? lda : n, beta, c,
+                    ldc ? ldc : n);
+}
+inline void syrk_lower_ata(int n, int k, double alpha, const double* a, double beta, double* c,
+                           int lda = 0, int ldc = 0) {
+  scipy_cblas_dsyrk(FedngRowMajor, FedngLower, FedngTrans, n, k, alpha, a, lda ? lda : n, beta, c,
+                    ldc ? ldc : n);
+}
 // Row-major B [m, n] <- B L^-1 with L [n, n] lower triangular (leading dimensions ldl, ldb).
 inline void trsm_right_lower(int m, int n, const float* l, int ldl, float* b, int ldb) {
   scipy_cblas_strsm(FedngRowMajor, FedngRight, FedngLower, FedngNoTrans, FedngNonUnit, m, n, 1.0f,

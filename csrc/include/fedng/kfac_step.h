@@ -11,7 +11,9 @@ namespace fedng::cpu {
 // Per layer i (m_i outputs, n_i = k_i + bias_i columns, rows_i batch rows):
 //   inputs_i [rows_i, k_i] (the layer inputs, no ones column), output_grads_i [rows_i, m_i];
 //   update (update_factors != 0): A_i <- decay_i A_i + a_scale_i [x 1]^T [x 1],
-//                              G_i <- decay_i G_i + g_scale_i g^T g  (decay 0 overwrites);
+//                              G_i <- decay_i G_i + g_scale_i g^T g  (decay 0 overwrites;
+//                              update_factors 2: the lower triangles only, the upper ones are
+//                              left as they were);
 //   then precondition (precondition != 0): outs_i [m_i, n_i] = g_inv_i grads_i a_inv_i, by the batch
 //   form (g g_inv)^T ([x 1] a_inv) when rows (m^2+n^2+mn) < m n (m+n) and the probe check
 //   |u^T grads v - (g u).([x 1] v)| <= 1e-3 |grads| + 1e-5 sum|(g u)*([x 1] v)| holds

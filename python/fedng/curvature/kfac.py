@@ -77,6 +77,11 @@ class KFAC(FisherRepresentation):
         A: per block, [n, n] (or [n] for embeddings).
         G: per block, [m, m].
         a_inv, g_inv: the damped inverses from the last `inverse` (None before).
+
+    The fused step (`fedng.optim.fused_kfac`) updates the factors' lower triangles only and
+    marks the blocks (`lower_only`); reading `A` or `G` mirrors them first, so every reader sees
+    symmetric factors. The inversion reads the lower triangles only (`stored`): on the fused
+    path a factor is mirrored only when something else reads it.
     """
 
     kind = "kfac"
@@ -86,13 +91,56 @@ class KFAC(FisherRepresentation):
 
     def __init__(self, specs: Sequence[BlockSpec], dtype: torch.dtype = torch.float32) -> None:
         super().__init__(specs, dtype)
-        self.A: list[torch.Tensor] = [
+        self._lagging: set[int] = set()  # blocks whose upper triangles lag (`lower_only`)
+        self._A: list[torch.Tensor] = [
             torch.zeros((s.n, s.n) if s.kind == "kron" else (s.n,), dtype=dtype) for s in self.specs
         ]
-        self.G: list[torch.Tensor] = [torch.zeros(s.m, s.m, dtype=dtype) for s in self.specs]
+        self._G: list[torch.Tensor] = [torch.zeros(s.m, s.m, dtype=dtype) for s in self.specs]
         self.a_inv: list[torch.Tensor | None] = [None] * len(self.specs)
         self.g_inv: list[torch.Tensor | None] = [None] * len(self.specs)
         self._probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def A(self) -> list[torch.Tensor]:
+        """Per block, the input-side factor [n, n] (or [n] for embeddings), symmetric."""
+        self._mirror()
+        return self._A
+
+    @A.setter
+    def A(self, value: list[torch.Tensor]) -> None:
+        self._mirror()
+        self._A = value
+
+    @property
+    def G(self) -> list[torch.Tensor]:
+        """Per block, the output-side factor [m, m], symmetric."""
+        self._mirror()
+        return self._G
+
+    @G.setter
+    def G(self, value: list[torch.Tensor]) -> None:
+        self._mirror()
+        self._G = value
+
+    def stored(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The factor lists as stored, without mirroring: the lower triangles (and diagonals)
+        are current, the upper ones may lag (`lower_only`). For readers of the lower triangle
+        only, and for writers that only update it."""
+        return self._A, self._G
+
+    def lower_only(self, blocks: Sequence[int]) -> None:
+        """Marks blocks whose [n, n] and [m, m] factors were updated in their lower triangles
+        only: the next read of `A` or `G` copies those onto the upper triangles."""
+        self._lagging.update(blocks)
+
+    def _mirror(self) -> None:
+        if not self._lagging:
+            return
+        for i in sorted(self._lagging):
+            for f in (self._A[i], self._G[i]):
+                if f.dim() == 2:
+                    f.copy_(f.tril() + f.tril(-1).mT)  # exact: each entry copied, none summed
+        self._lagging.clear()
 
     @property
     def ready(self) -> list[bool]:
@@ -159,7 +207,7 @@ class KFAC(FisherRepresentation):
 
     def pi(self, i: int) -> float:
         """Factored-damping ratio `sqrt((tr(A)/n) / (tr(G)/m))` of block i (1 if degenerate)."""
-        a, g = self.A[i], self.G[i]
+        a, g = self._A[i], self._G[i]  # their diagonals only: never lagging
         ta = float(a.sum() if a.dim() == 1 else a.diagonal().sum()) / a.shape[0]
         tg = float(g.diagonal().sum()) / g.shape[0]
         p = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
@@ -185,7 +233,8 @@ class KFAC(FisherRepresentation):
             root = math.sqrt(lam[i])
             da[i], dg[i] = p * root, root / p
         dense = [i for i in live if self.specs[i].kind == "kron"]
-        mats = [self.A[i] for i in dense] + [self.G[i] for i in live]
+        # the inversion reads lower triangles only: no mirror of lagging factors (`stored`)
+        mats = [self._A[i] for i in dense] + [self._G[i] for i in live]
         res = trusted.damped_cholesky_inverse(mats, [da[i] for i in dense] + [dg[i] for i in live])
         # Python lists first: indexing the result tensors entry by entry cost more than the
         # inversion of a small MLP's factors.
@@ -197,7 +246,7 @@ class KFAC(FisherRepresentation):
         for k, i in enumerate(live):
             spec = self.specs[i]
             if spec.kind == "embedding":
-                a_new[i] = 1.0 / (self.A[i] + da[i])
+                a_new[i] = 1.0 / (self._A[i] + da[i])
                 a_status[i], a_used[i] = int(ops.CholeskyStatus.OK), da[i]
             g_status = res_status[len(dense) + k]
             names += [f"{spec.name}.A", f"{spec.name}.G"]
@@ -354,7 +403,7 @@ class KFAC(FisherRepresentation):
     def block_traces(self) -> list[float]:
         """`tr(A_i) tr(G_i)` per block: the trace of `A ⊗ G`."""
         out = []
-        for a, g in zip(self.A, self.G, strict=True):
+        for a, g in zip(self._A, self._G, strict=True):  # diagonals only: never lagging
             ta = float(a.sum()) if a.dim() == 1 else float(a.diagonal().sum())
             out.append(ta * float(g.diagonal().sum()))
         return out

@@ -266,12 +266,15 @@ class KfacStepPlan:
         check_finite: bool = False,
         skip: tuple[int, ...] = (),
         own: tuple[int, ...] = (),
+        lower_only: bool = False,
     ) -> None:
         """Updates the factors (if `update`), then preconditions `grads` into `outs` with
         `inverses` = (A^-1 list, G^-1 list) if given; with `check_finite`, nothing happens
         unless every gradient sums to a finite value (see `sums`). Layers in `skip` (sorted)
         are updated only: no sum, no output (their dot reads 0). Layers in `own` (sorted) are
-        not updated: the caller updates their factors."""
+        not updated: the caller updates their factors. With `lower_only` the update may leave
+        the factors' upper triangles as they were (the caller mirrors them before use:
+        `fedng.curvature.kfac.KFAC.lower_only`)."""
         if trusted.CHECK:
             self._checked(
                 inputs,
@@ -319,7 +322,7 @@ class KfacStepPlan:
             decay=decay,
             a_scale=a_scale,
             g_scale=g_scale,
-            update_factors=int(update),
+            update_factors=(2 if lower_only else 1) if update else 0,
             precondition=int(inverses is not None),
             check_finite=int(check_finite),
             form=self.form.data_ptr(),

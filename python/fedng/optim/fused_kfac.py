@@ -162,11 +162,12 @@ class FusedKFAC:
     def plan(self) -> KfacStepPlan:
         """The native plan over the current factor tensors (rebuilt if they were replaced)."""
         kfac = self.kfac
-        if self._plan is None or not self._plan.matches(kfac.A, kfac.G):
+        a, g = kfac.stored()  # not mirrored: the plan writes lower triangles (`update`)
+        if self._plan is None or not self._plan.matches(a, g):
             probes = [kfac.probe_vectors(i) for i in range(self.count)]
             self._plan = KfacStepPlan(
-                kfac.A,
-                kfac.G,
+                a,
+                g,
                 self.flat.grads,
                 self.flat.outs,
                 [u for u, _ in probes],
@@ -455,7 +456,10 @@ class FusedKFAC:
             check_finite=check_finite,
             skip=tuple(sorted(skip + big)) if big else skip,
             own=own,
+            lower_only=True,
         )
+        if factors:  # mirrored when something reads them (`KFAC.lower_only`)
+            kfac.lower_only([i for i in range(self.count) if i not in own])
         sums = plan.sums.tolist()
         count = self.count
         if check_finite and not math.isfinite(sum(sums[:count])):
@@ -518,10 +522,11 @@ class FusedKFAC:
             if self.bias[i]:
                 buf[:, k] = 1.0  # the ones column, exact in bf16
             self._bf16_rows[(i, b)] = buf
+        a_f, g_f = kfac.stored()  # these blocks are never lower-only (`update`'s `own`)
         with torch.no_grad():
             buf[:, :k].copy_(x)
-            bf16_gemm.gram(kfac.A[i], buf, alpha=a_scale, beta=decay)
-            bf16_gemm.gram(kfac.G[i], g.to(torch.bfloat16), alpha=g_scale, beta=decay)
+            bf16_gemm.gram(a_f[i], buf, alpha=a_scale, beta=decay)
+            bf16_gemm.gram(g_f[i], g.to(torch.bfloat16), alpha=g_scale, beta=decay)
 
     def _g_inv16(self, i: int) -> torch.Tensor:
         """Block i's `G^-1 ^T` rounded to bf16, cached until the inverse changes."""
