@@ -34,6 +34,7 @@ from fedng.curvature.layout import BlockLayout
 from fedng.curvature.packed_fold import sum_squares
 from fedng.curvature.quantize import SCALE_SUFFIX, dequantize_vector, quantize_vector
 from fedng.federated.aggregation.matvec import block_dots, block_vectors, fisher_matvecs
+from fedng.federated.aggregation.psd import shifted_cholesky
 from fedng.federated.wire import wire_dtype
 
 CONTRIB_PREFIX = "fd/"
@@ -188,10 +189,8 @@ def _kron_direction(
         b, a = p * root, root / p
         factors = []
         for f, damp in ((rep.A[j], b), (rep.G[j], a)):
-            shifted = f.clone()
-            shifted.diagonal().add_(damp)
-            low, info = torch.linalg.cholesky_ex(shifted)
-            if int(info) != 0:
+            low, info = shifted_cholesky(f, damp)
+            if info != 0:
                 return None
             factors.append(low)
         la, lg = factors
