@@ -15,6 +15,8 @@
 // errors (within ~2% of ||E||_2 on K-FAC factors) and grows by 5% until both factorizations
 // succeed; small matrices then shrink it by 3% steps (up to 8) while they still do.
 // Gershgorin's max row sum of |E| caps the bound (a bound that needs no proof).
+// The O(n^2) passes run vectorized where entries are independent (FEDNG_CLONES) and keep every
+// sum's order where they are not (independent chains interleaved): the bits do not depend on it.
 #include "fedng/int8_quantize.h"
 
 #include <algorithm>
@@ -24,6 +26,7 @@
 
 #include "fedng/blas.h"
 #include "fedng/errors.h"
+#include "fedng/fold_clones.h"
 
 namespace fedng::cpu {
 
@@ -42,6 +45,57 @@ struct Work {
   std::vector<double> col;
 };
 
+// col[j] += |l[j]| for j < len: independent entries (vectorized; the same sums).
+FEDNG_CLONES void add_abs(const float* l, double* col, std::int64_t len) {
+#pragma omp simd
+  for (std::int64_t j = 0; j < len; ++j) col[j] += std::fabs(static_cast<double>(l[j]));
+}
+
+// a[j] = float(s e[j]) for j < len (s = +-1: exact; vectorized).
+FEDNG_CLONES void signed_floats(const double* e, double s, float* a, std::int64_t len) {
+#pragma omp simd
+  for (std::int64_t j = 0; j < len; ++j) a[j] = static_cast<float>(s * e[j]);
+}
+
+// max_i sum_(j <= i) |L_ij| col_j over a row-major lower triangle, each row summed in ascending j
+// as one chain; four rows run side by side (independent chains: the latency of one add is paid
+// once per four entries, the sums are the same). Baseline code: no FMA contraction.
+double max_weighted_row(const float* l, const double* col, std::int64_t n) {
+  double big = 0.0;
+  std::int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const float* r0 = l + i * n;
+    const float* r1 = r0 + n;
+    const float* r2 = r1 + n;
+    const float* r3 = r2 + n;
+    double z0 = 0.0, z1 = 0.0, z2 = 0.0, z3 = 0.0;
+    for (std::int64_t j = 0; j <= i; ++j) {
+      const double c = col[j];
+      z0 += std::fabs(static_cast<double>(r0[j])) * c;
+      z1 += std::fabs(static_cast<double>(r1[j])) * c;
+      z2 += std::fabs(static_cast<double>(r2[j])) * c;
+      z3 += std::fabs(static_cast<double>(r3[j])) * c;
+    }
+    z1 += std::fabs(static_cast<double>(r1[i + 1])) * col[i + 1];
+    z2 += std::fabs(static_cast<double>(r2[i + 1])) * col[i + 1];
+    z3 += std::fabs(static_cast<double>(r3[i + 1])) * col[i + 1];
+    z2 += std::fabs(static_cast<double>(r2[i + 2])) * col[i + 2];
+    z3 += std::fabs(static_cast<double>(r3[i + 2])) * col[i + 2];
+    z3 += std::fabs(static_cast<double>(r3[i + 3])) * col[i + 3];
+    big = std::max(big, z0);
+    big = std::max(big, z1);
+    big = std::max(big, z2);
+    big = std::max(big, z3);
+  }
+  for (; i < n; ++i) {
+    const float* li = l + i * n;
+    double z = 0.0;
+    for (std::int64_t j = 0; j <= i; ++j) z += std::fabs(static_cast<double>(li[j])) * col[j];
+    big = std::max(big, z);
+  }
+  return big;
+}
+
 // Whether t I + s E is certified positive semi-definite up to *eta (lambda_min >= -*eta, set on
 // success) by a completed float32 Cholesky factorization; see the file comment. `e` holds E's
 // strict lower triangle row-major, `gersh` = max_i sum_j |E_ij|.
@@ -50,7 +104,7 @@ bool cholesky_ok(const std::vector<double>& e, Work& w, std::int64_t n, double s
   for (std::int64_t i = 0; i < n; ++i) {
     const double* ei = e.data() + i * n;
     float* ai = w.a.data() + i * n;
-    for (std::int64_t j = 0; j < i; ++j) ai[j] = static_cast<float>(s * ei[j]);
+    signed_floats(ei, s, ai, i);
     ai[i] = static_cast<float>(t);
   }
   const int ni = static_cast<int>(n);
@@ -60,17 +114,8 @@ bool cholesky_ok(const std::vector<double>& e, Work& w, std::int64_t n, double s
   // row i of R^T (row-major lower) holds column i of R: (|R^T| |R| 1)_i = sum_j |R_ji| c_j with
   // c_j = sum_k |R_jk| the row sums of R, i.e. the column sums of this lower triangle
   w.col.assign(static_cast<std::size_t>(n), 0.0);
-  for (std::int64_t i = 0; i < n; ++i) {
-    const float* li = w.a.data() + i * n;
-    for (std::int64_t j = 0; j <= i; ++j) w.col[j] += std::fabs(static_cast<double>(li[j]));
-  }
-  double big = 0.0;
-  for (std::int64_t i = 0; i < n; ++i) {
-    const float* li = w.a.data() + i * n;
-    double z = 0.0;
-    for (std::int64_t j = 0; j <= i; ++j) z += std::fabs(static_cast<double>(li[j])) * w.col[j];
-    big = std::max(big, z);
-  }
+  for (std::int64_t i = 0; i < n; ++i) add_abs(w.a.data() + i * n, w.col.data(), i + 1);
+  const double big = max_weighted_row(w.a.data(), w.col.data(), n);
   const double nn = static_cast<double>(n);
   const double gamma = (nn + 1.0) * kUnit32 / (1.0 - (nn + 1.0) * kUnit32);
   // the rounding of A to float32 (relative u; 2^-149 per entry where A' is subnormal)
@@ -104,28 +149,29 @@ double norm_bound(const std::vector<double>& e, Work& w, std::int64_t n, double 
   return std::min(gersh, std::max(t_p + eta_p, t + eta_m));
 }
 
-// round(x) half to even for the finite |x| <= 128 it is applied to: adding 1.5 2^52 leaves no
-// fraction bits (default rounding mode), as `std::nearbyint` (a library call on baseline x86-64)
-// would round; the sign of a zero may differ, which no caller can see.
-inline double round_small(double x) {
-  constexpr double kMagic = 0x1.8p52;
-  volatile double shifted = x + kMagic;  // volatile: the sum must be rounded, not folded away
-  return shifted - kMagic;
+// Row i of the correlations' strict lower triangle quantized: q[j] = clamp(round(127 c_ij),
+// +-127) (half to even; NaN c: -127, as std::max orders NaN; +-Inf: +-127) and e[j] = q[j] / 127
+// - c_ij, c_ij = m[j] di inv[j]. The clones round with an instruction; no product is contracted
+// into a sum here (a division precedes the only subtraction).
+FEDNG_CLONES void quantize_row(const float* m, const double* inv, double di, std::int8_t* q,
+                               double* e, std::int64_t len) {
+  for (std::int64_t j = 0; j < len; ++j) {
+    const double c = static_cast<double>(m[j]) * di * inv[j];
+    const double x = c * kQmax;
+    double r = -kQmax;  // NaN c: -127, as std::max orders NaN
+    if (x == x) {
+      r = std::nearbyint(x < -128.0 ? -128.0 : (x > 128.0 ? 128.0 : x));
+      r = r < -kQmax ? -kQmax : (r > kQmax ? kQmax : r);
+    }
+    q[j] = static_cast<std::int8_t>(r);
+    e[j] = r / kQmax - c;
+  }
 }
 
-// `q / 127 - c` of one entry, `q = clamp(round(127 c), +-127)` (NaN c: q = -127, as std::max
-// orders NaN; +-Inf: +-127).
-inline double quantize_entry(double c, std::int8_t* q) {
-  const double x = c * kQmax;
-  double r;
-  if (x != x) {
-    r = -kQmax;
-  } else {
-    r = round_small(x < -128.0 ? -128.0 : (x > 128.0 ? 128.0 : x));
-    r = r < -kQmax ? -kQmax : (r > kQmax ? kQmax : r);
-  }
-  *q = static_cast<std::int8_t>(r);
-  return r / kQmax - c;
+// rows[j] += |e[j]| for j < len (vectorized; the same sums).
+FEDNG_CLONES void add_abs_rows(const double* e, double* rows, std::int64_t len) {
+#pragma omp simd
+  for (std::int64_t j = 0; j < len; ++j) rows[j] += std::fabs(e[j]);
 }
 
 void quantize_triangle(const float* m, std::int8_t* q, float* side, std::int64_t n,
@@ -144,16 +190,17 @@ void quantize_triangle(const float* m, std::int8_t* q, float* side, std::int64_t
   std::int64_t p = 0;
   for (std::int64_t i = 0; i < n; ++i) {
     double* ei = e.data() + i * n;
-    const double di = inv[i];
-    for (std::int64_t j = 0; j < i; ++j)
-      ei[j] = quantize_entry(static_cast<double>(m[p + j]) * di * inv[j], q + p + j);
-    // the sums in the order they always had (the certificate starts from them)
+    quantize_row(m + p, inv.data(), inv[i], q + p, ei, i);
+    // the sums in the order they always had (the certificate starts from them): the column
+    // sums rows[j < i] vectorized, the two chains (fro2, rows[i]) side by side
+    add_abs_rows(ei, rows.data(), i);
+    double ri = rows[i];
     for (std::int64_t j = 0; j < i; ++j) {
       const double err = ei[j];
       fro2 += 2.0 * err * err;
-      rows[i] += std::fabs(err);
-      rows[j] += std::fabs(err);
+      ri += std::fabs(err);
     }
+    rows[i] = ri;
     p += i;
     q[p++] = 0;
   }
