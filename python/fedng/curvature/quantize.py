@@ -262,6 +262,9 @@ def quantize_vector(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (int8 [x.shape], float32 [ceil(x.numel() / VEC_CHUNK)]).
     """
     flat = x.detach().reshape(-1)
+    if flat.is_cpu and flat.is_floating_point():  # `quantize`'s one vector segment, no copies
+        q, scale = _quantize_vec(flat.resolve_neg())
+        return q.view(x.shape), scale
     q, scale = quantize(flat, [("vec", flat.numel())])
     return q.view(x.shape), scale
 
