@@ -1,5 +1,5 @@
 """The int8 triangles' values and certificate on sizes the vectorized passes split unevenly
-(rows taken four at a time, remainders, one clone per CPU): the values are the float64
+(column passes with remainders, one clone per CPU): the values are the float64
 reference's, and `delta` is a tight upper bound on `||C~ - C||_2`."""
 
 from __future__ import annotations

@@ -58,3 +58,11 @@ def test_psd_tests_pass_psd_and_name_the_indefinite(n: int) -> None:
         psd_tests([PsdCheck("good", good.clone(), 1e-6), PsdCheck("'bad block'", bad, 1e-6)])
     # the shift decides: a matrix PSD within it passes
     psd_tests([PsdCheck("shifted", bad, 60.0)])
+
+
+@pytest.mark.parametrize("shift", [float("inf"), float("nan")])
+def test_shifted_cholesky_gives_lapacks_verdict_on_a_non_finite_shift(shift: float) -> None:
+    m = _spd(LARGE, torch.float32, 4)  # a padded width
+    shifted = m.clone()
+    shifted.diagonal().add_(shift)
+    assert shifted_cholesky(m, shift)[1] == int(torch.linalg.cholesky_ex(shifted).info)

@@ -9,6 +9,7 @@ without inverting them (the same test: `M + shift I` has a Cholesky factor).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -30,7 +31,7 @@ PAD = 8
 """A matrix whose width is a multiple of PAD_EVERY (from LARGE up) is factorized inside a
 PAD-wider identity-padded copy: torch's CPU Cholesky (MKL) runs 2-4x slower when the leading
 dimension is such a multiple (cache-set conflicts; measured 512 wide: 1.6 ms against 0.7, 1024:
-18 ms against 4.6), and `chol([[M, 0], [0, I]]) = [[chol(M), 0], [0, I]]`."""
+18 ms against 4.4), and `chol([[M, 0], [0, I]]) = [[chol(M), 0], [0, I]]`."""
 
 
 def _padded(n: int) -> bool:
@@ -46,7 +47,7 @@ def shifted_cholesky(m: torch.Tensor, shift: float) -> tuple[torch.Tensor, int]:
         (L [n, n] (a view into the padded factor where padded), info).
     """
     n = m.shape[0]
-    if not _padded(n):
+    if not _padded(n) or not math.isfinite(shift):  # a non-finite shift: LAPACK's own verdict
         shifted = m.clone()
         shifted.diagonal().add_(shift)
         low, info = torch.linalg.cholesky_ex(shifted)
