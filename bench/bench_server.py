@@ -19,6 +19,12 @@ Also, for item 4 of issue 11: FedAvg's round against the bare weighted sum of th
 deltas (no validation; each decoded afresh for it, as for the server), folded in the same loop
 with `mean_delta`'s torch arithmetic (the target's reference), and, for information, against the
 same deltas folded in place by the native kernel (`packed_fold.fold_update`, no checks).
+And, for information, FedNG-summable's floor: what its round cannot do without — each reply's
+arrays (delta, `c_k`, the int8 factors) folded by the same native kernel without any check
+(each decoded afresh, in a loop of its own after the round: interleaved with the server's adds
+it slowed them ~5%), plus the LAPACK of the pooled solve alone (per block two
+Cholesky factorizations of the damped factors, as the server factorizes them, one GEMM and two
+triangular-solve pairs; inputs prepared outside the timer), against FedAvg's round.
 Times are wall time and the server thread's CPU time (`time.thread_time`).
 
 A cell whose estimated time (from K=10) exceeds `--budget-s` or whose held bytes exceed
@@ -39,8 +45,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fedng.curvature import KFAC
 from fedng.curvature.packed_fold import fold_update
+from fedng.curvature.quantize import SCALE_SUFFIX, VEC_CHUNK, fold_plan, payload_segments
+from fedng.federated.aggregation.matvec import block_vectors
+from fedng.federated.aggregation.psd import LARGE, PAD, PAD_EVERY
+from fedng.federated.aggregation.summable import CONTRIB_PREFIX
 from fedng.federated.aggregation.sums import WeightedSum
+from fedng.federated.algorithms.fedng_server import CurvatureSums
 from fedng.federated.client.params import get_params
 from fedng.federated.config import make_configs
 from fedng.federated.messages import ClientUpdate
@@ -95,10 +107,72 @@ def _clients(
     return state, ups, blobs
 
 
+class BareFold:
+    """A summable reply's arrays (delta, `c_k`, the int8 payload) folded into float32 sums by
+    `fold_update` alone: no check, no plan, no Python path (the floor of the server's fold)."""
+
+    def __init__(self) -> None:
+        self.sums: list[torch.Tensor] = []
+        self.payload: tuple[torch.Tensor, tuple[int, ...], str] | None = None
+        self.cpu_s = 0.0
+
+    def fold(self, u: ClientUpdate, weight: float) -> None:
+        xs = [*u.delta.values(), *(v for k, v in u.extras.items() if k.startswith(CONTRIB_PREFIX))]
+        meta = u.meta["curv"]
+        if not self.sums:
+            self.sums = [torch.zeros(v.shape, dtype=torch.float32) for v in xs]
+            kind = next(iter(meta["int8"]))
+            segs, nacc, _, _ = fold_plan(payload_segments(meta)[kind])
+            self.payload = (torch.zeros(nacc), segs, kind)
+        assert self.payload is not None
+        acc8, segs, kind = self.payload
+        q, side = u.curvature[kind], u.curvature[kind + SCALE_SUFFIX]
+        c0 = time.thread_time()
+        fold_update(self.sums, xs, weight, (acc8, q, side, segs, VEC_CHUNK))
+        self.cpu_s += time.thread_time() - c0
+
+
+def bare_solve_cpu_s(rnd: ServerRound) -> float | None:
+    """CPU time of the pooled solve's LAPACK alone (`summable._kron_direction`'s calls: per
+    block two Cholesky factorizations of the damped factors, padded as the server pads them,
+    one GEMM, two triangular-solve pairs) on the round's own pooled factors and mean; None when
+    the round took no K-FAC summable step."""
+    acc = rnd.acc
+    if not isinstance(acc, CurvatureSums) or acc.pooled is None or acc.direction is None:
+        return None
+    rep = acc.pooled.reps.get("kfac")
+    if not isinstance(rep, KFAC):
+        return None
+    ms = block_vectors(acc.pooled, acc.direction.mean)
+    jobs = []
+    for j, i in enumerate(acc.pooled.groups["kfac"]):
+        if acc.direction.blocks[i] is None:
+            continue
+        root = acc.direction.lams[i] ** 0.5
+        shifted = []
+        for f, damp in ((rep.A[j], root * rep.pi(j)), (rep.G[j], root / rep.pi(j))):
+            n = f.shape[0]
+            pad = PAD if n >= LARGE and n % PAD_EVERY == 0 else 0
+            buf = torch.eye(n + pad)
+            buf[:n, :n] = f
+            buf[:n, :n].diagonal().add_(damp)
+            shifted.append(buf)
+        jobs.append((shifted, ms[i].contiguous(), rep.A[j]))
+    c0 = time.thread_time()
+    for (sa, sg), m, a in jobs:
+        la = torch.linalg.cholesky_ex(sa).L[: a.shape[0], : a.shape[0]]
+        lg = torch.linalg.cholesky_ex(sg).L[: m.shape[0], : m.shape[0]]
+        t = torch.addmm(m, m, a, alpha=0.5)
+        v = torch.cholesky_solve(t, lg)
+        torch.cholesky_solve(v.T, la)
+    return time.thread_time() - c0
+
+
 def one_round(state: Any, ups: list[ClientUpdate], blobs: list[bytes], k: int) -> dict[str, Any]:
     """One streamed round of k replayed updates: server time (wall and CPU), held bytes, RSS
     growth, log; and the bare weighted sum of the same k deltas (FedAvg's fold without any
-    check), each decoded afresh for it as for the server, folded in the same loop."""
+    check), each decoded afresh for it as for the server, folded in the same loop; for a
+    summable round also its floor (`BareFold`, `bare_solve_cpu_s`)."""
     rss0 = _rss()
     peak_rss = 0
     peak_held = 0
@@ -106,6 +180,10 @@ def one_round(state: Any, ups: list[ClientUpdate], blobs: list[bytes], k: int) -
     acc = WeightedSum()
     nat: list[torch.Tensor] = []
     rnd = ServerRound(state)
+    summable = ups[0].meta.get("curv", {}).get("int8") and any(
+        key.startswith(CONTRIB_PREFIX) for key in ups[0].extras
+    )
+    bare_fold = BareFold() if summable else None
     for i in range(k):
         u = ClientUpdate.from_bytes(blobs[i % len(blobs)])
         u.client_id = i
@@ -115,7 +193,8 @@ def one_round(state: Any, ups: list[ClientUpdate], blobs: list[bytes], k: int) -
             for v in p.values()
         )
         rnd.add(u)
-        mine = ClientUpdate.from_bytes(blobs[i % len(blobs)]).delta  # as fresh as the server's
+        fresh = ClientUpdate.from_bytes(blobs[i % len(blobs)])  # as fresh as the server's
+        mine = fresh.delta
         t0, c0 = time.perf_counter(), time.thread_time()
         acc.fold(mine, 1.0 / k)
         bare += time.perf_counter() - t0
@@ -126,6 +205,7 @@ def one_round(state: Any, ups: list[ClientUpdate], blobs: list[bytes], k: int) -
         c0 = time.thread_time()
         fold_update(nat, vals, 1.0 / k)
         nat_cpu += time.thread_time() - c0
+        del fresh, mine
         peak_held = max(peak_held, rnd.nbytes + size)
         del u
         peak_rss = max(peak_rss, _rss() - rss0)
@@ -137,6 +217,10 @@ def one_round(state: Any, ups: list[ClientUpdate], blobs: list[bytes], k: int) -
             r.client_id = i
             rnd.add_reply(r)
     new, _ = rnd.finish()
+    solve = bare_solve_cpu_s(rnd) if bare_fold is not None else None
+    if bare_fold is not None:  # after the round: its own loop, not between the server's adds
+        for i in range(k):
+            bare_fold.fold(ClientUpdate.from_bytes(blobs[i % len(blobs)]), 1.0 / k)
     peak_rss = max(peak_rss, _rss() - rss0)
     log = {a: b for a, b in new.log.items() if a not in ("accepted", "rejected")}
     rejected = len(new.log.get("rejected", {}))
@@ -146,6 +230,8 @@ def one_round(state: Any, ups: list[ClientUpdate], blobs: list[bytes], k: int) -
         "bare_sum_s": bare,
         "bare_sum_cpu_s": bare_cpu,
         "native_sum_cpu_s": nat_cpu,
+        "bare_fold_cpu_s": bare_fold.cpu_s if bare_fold is not None else None,
+        "bare_solve_cpu_s": solve,
         "held_bytes": peak_held,
         "rss_growth": peak_rss,
         "rejected": rejected,
@@ -206,6 +292,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "repeats": reps,
                     }
                 )
+                for key in ("bare_fold_cpu_s", "bare_solve_cpu_s"):
+                    got = [r[key] for r in runs if r[key] is not None]
+                    if len(got) == len(runs):
+                        cell[key] = statistics.median(got)
                 if server == "fedavg":
                     cell["bare_sum_s"] = statistics.median(r["bare_sum_s"] for r in runs)
                     cell["bare_sum_cpu_s"] = statistics.median(r["bare_sum_cpu_s"] for r in runs)
@@ -266,6 +356,16 @@ def verdicts(cells: list[dict[str, Any]]) -> list[str]:
             out.append(
                 f"FedAvg round / bare weighted sum, {c['model']} K={c['K']}: {r:.2f}x"
                 f" (target <= 1.5x: {'met' if r <= 1.5 else 'MISSED'}); CPU time {cpu:.2f}x"
+            )
+    for c in cells:  # not a target: what the summable round cannot do without
+        f = _get(cells, c["model"], "fedavg", c["K"])
+        if "bare_solve_cpu_s" in c and f and "server_cpu_s" in f:
+            fold, solve, avg = c["bare_fold_cpu_s"], c["bare_solve_cpu_s"], f["server_cpu_s"]
+            out.append(
+                f"(info) {c['server']} floor, {c['model']} K={c['K']}: {c['K']} bare folds"
+                f" {fold * 1e3:.1f} ms + bare pooled solve {solve * 1e3:.1f} ms ="
+                f" {(fold + solve) / avg:.2f}x FedAvg's round (CPU {avg * 1e3:.1f} ms); the round"
+                f" itself {c['server_cpu_s'] / avg:.2f}x"
             )
     for c in cells:  # not a target: the bare sum above is torch's; this is our in-place kernel
         if c["server"] == "fedavg" and c.get("native_sum_cpu_s"):

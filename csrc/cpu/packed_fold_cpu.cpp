@@ -383,22 +383,21 @@ void dots_f64(const Ptrs& xs, const Ptrs& ys, const Sizes& n, double* out) {
 
 namespace {
 
-// Tiles of the lower triangle copied to both triangles: each tile's reads and its mirror's
-// writes stay within a few cache lines per row.
+// The lower triangle's rows copied in place (contiguous), eight at a time; then their mirror:
+// for each earlier row j, the 8 entries j of those rows written side by side into row j (one
+// cache line; the reads walk the 8 packed rows in order). 64 x 64 tiles written both ways took
+// 6.8x as long at n = 512 and 3.8x at 1024 (a power-of-two row stride maps a tile's mirror rows
+// to a few L1 sets); this is as fast or faster at every size measured (float32, 100-1025).
 template <typename T>
 void unpack_tiles(const T* vec, T* out, std::int64_t n) {
-  constexpr std::int64_t kTile = 64;
-  for (std::int64_t i0 = 0; i0 < n; i0 += kTile) {
-    const std::int64_t i1 = i0 + kTile < n ? i0 + kTile : n;
-    for (std::int64_t j0 = 0; j0 <= i0; j0 += kTile) {
-      for (std::int64_t i = i0; i < i1; ++i) {
-        const T* row = vec + i * (i + 1) / 2;
-        const std::int64_t j1 = j0 + kTile < i + 1 ? j0 + kTile : i + 1;
-        for (std::int64_t j = j0; j < j1; ++j) {
-          out[i * n + j] = row[j];
-          out[j * n + i] = row[j];
-        }
-      }
+  constexpr std::int64_t kRowsAtOnce = 8;
+  for (std::int64_t i0 = 0; i0 < n; i0 += kRowsAtOnce) {
+    const std::int64_t i1 = i0 + kRowsAtOnce < n ? i0 + kRowsAtOnce : n;
+    for (std::int64_t i = i0; i < i1; ++i)
+      std::memcpy(out + i * n, vec + i * (i + 1) / 2, static_cast<std::size_t>(i + 1) * sizeof(T));
+    for (std::int64_t j = 0; j < i1; ++j) {
+      T* oj = out + j * n;
+      for (std::int64_t i = j + 1 > i0 ? j + 1 : i0; i < i1; ++i) oj[i] = vec[i * (i + 1) / 2 + j];
     }
   }
 }

@@ -48,6 +48,7 @@ from fedng.curvature.packed_fold import (
     payload_axpy,
     payload_traces,
     quantize_signed,
+    sum_squares,
 )
 from fedng.curvature.packed_scale import scale_packed
 from fedng.curvature.spec import BlockSpec, pack_triangle, triangle_size, unpack_triangle
@@ -158,7 +159,7 @@ def _quantize_lowrank(vec: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Te
     k = min(LOWRANK_RANK, n)
     try:
         w, v = torch.linalg.eigh(m)
-        solved = bool(torch.isfinite(w).all()) and bool(torch.isfinite(v).all())
+        solved = all(map(math.isfinite, sum_squares([w, v])))  # NaN/Inf iff an entry is
     except RuntimeError:  # torch.linalg.LinAlgError (not re-exported to mypy) is one
         solved = False
     if not solved:
@@ -262,6 +263,9 @@ def quantize_vector(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (int8 [x.shape], float32 [ceil(x.numel() / VEC_CHUNK)]).
     """
     flat = x.detach().reshape(-1)
+    if flat.is_cpu and flat.is_floating_point():  # `quantize`'s one vector segment, no copies
+        q, scale = _quantize_vec(flat.resolve_neg())
+        return q.view(x.shape), scale
     q, scale = quantize(flat, [("vec", flat.numel())])
     return q.view(x.shape), scale
 

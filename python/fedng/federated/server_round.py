@@ -337,6 +337,11 @@ class ServerRound:
         folded = False
         if arrays is not None and isinstance(self.acc, MeanStep):  # a held plain update
             folded, _ = self.acc.deltas.fold_checked(self._plain_names, arrays, w, math.inf)
+        if not folded and self._summable is not None:  # a held reply after the plan's first
+            try:  # its checks passed above; the native call folds it (nothing written if not)
+                folded = self._summable.try_fold(update, w, self.norm_ref, refs) is not None
+            except Exception:  # whatever a payload provokes: the Python fold below
+                folded = False
         if not folded:
             self.acc.fold(update, w)
             if not self._summable_tried:  # the round's first reply folded by the Python path

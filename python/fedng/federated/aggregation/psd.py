@@ -9,6 +9,7 @@ without inverting them (the same test: `M + shift I` has a Cholesky factor).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,10 +26,46 @@ from fedng.curvature.validation import (
 LARGE = 128
 """Matrices at least this wide are factorized on their own (the others in one native call)."""
 
+PAD_EVERY = 32
+PAD = 8
+"""A matrix whose width is a multiple of PAD_EVERY (from LARGE up) is factorized inside a
+PAD-wider identity-padded copy: torch's CPU Cholesky (MKL) runs 2-4x slower when the leading
+dimension is such a multiple (cache-set conflicts; measured 512 wide: 1.6 ms against 0.7, 1024:
+18 ms against 4.4), and `chol([[M, 0], [0, I]]) = [[chol(M), 0], [0, I]]`."""
+
+
+def _padded(n: int) -> bool:
+    return n >= LARGE and n % PAD_EVERY == 0
+
+
+def shifted_cholesky(m: torch.Tensor, shift: float) -> tuple[torch.Tensor, int]:
+    """The lower Cholesky factor of `m + shift I` (m square, symmetric; not modified) and
+    LAPACK's status (0: it factorized), as `torch.linalg.cholesky_ex(m + shift I)` gives them
+    (the same up to rounding), padded as `PAD_EVERY` explains where that is faster.
+
+    Returns:
+        (L [n, n] (a view into the padded factor where padded), info).
+    """
+    n = m.shape[0]
+    if not _padded(n) or not math.isfinite(shift):  # a non-finite shift: LAPACK's own verdict
+        shifted = m.clone()
+        shifted.diagonal().add_(shift)
+        low, info = torch.linalg.cholesky_ex(shifted)
+        return low, int(info)
+    buf = torch.empty(n + PAD, n + PAD, dtype=m.dtype)  # no zero fill of the n x n part
+    buf[:n, :n] = m
+    buf[:n, :n].diagonal().add_(shift)
+    buf[:n, n:] = 0.0
+    buf[n:, :n] = 0.0
+    buf[n:, n:] = torch.eye(PAD, dtype=m.dtype)
+    low, info = torch.linalg.cholesky_ex(buf)
+    return low[:n, :n], int(info)
+
 
 def psd_tests(checks: Sequence[PsdCheck]) -> None:
     """`run_psd_checks(checks)`, each large matrix by one Cholesky factorization (its matrix,
-    a symmetrized copy the check owns, gets its shift added in place).
+    a symmetrized copy the check owns, gets its shift added in place, or is copied into a padded
+    buffer: `shifted_cholesky`).
 
     Raises:
         ValueError: naming the first matrix that is not PSD within its shift.
@@ -37,8 +74,12 @@ def psd_tests(checks: Sequence[PsdCheck]) -> None:
     run_psd_checks(small)
     for c in checks:
         if c.matrix.shape[0] >= LARGE:
-            c.matrix.diagonal().add_(c.shift)
-            if int(torch.linalg.cholesky_ex(c.matrix).info) != 0:
+            if _padded(c.matrix.shape[0]):  # factorized padded (a copy)
+                ok = shifted_cholesky(c.matrix, c.shift)[1] == 0
+            else:
+                c.matrix.diagonal().add_(c.shift)
+                ok = int(torch.linalg.cholesky_ex(c.matrix).info) == 0
+            if not ok:
                 raise ValueError(f"{c.label} is not positive semi-definite within tolerance")
 
 

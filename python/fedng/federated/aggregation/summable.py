@@ -34,6 +34,7 @@ from fedng.curvature.layout import BlockLayout
 from fedng.curvature.packed_fold import sum_squares
 from fedng.curvature.quantize import SCALE_SUFFIX, dequantize_vector, quantize_vector
 from fedng.federated.aggregation.matvec import block_dots, block_vectors, fisher_matvecs
+from fedng.federated.aggregation.psd import shifted_cholesky
 from fedng.federated.wire import wire_dtype
 
 CONTRIB_PREFIX = "fd/"
@@ -110,11 +111,12 @@ def pooled_direction(
     live = [i for i, lam in enumerate(lams) if lam > 0]
     m_blocks = block_vectors(pooled, mean)
     s_blocks = block_vectors(pooled, contrib)
-    c_blocks = m_blocks if center == "mean" else [torch.zeros_like(m) for m in m_blocks]
-    # S + lambda (c - M): the residual at M of the pooled system is this minus P M
+    # S + lambda (c - M): the residual at M of the pooled system is this minus P M; with c = M
+    # it is S itself (S + lambda 0 but for the sign of a zero; a non-finite M gives a
+    # non-finite d either way, through R0 - P M)
     r0: list[torch.Tensor | None] = [None] * len(lams)
     for i in live:
-        r0[i] = s_blocks[i] + lams[i] * (c_blocks[i] - m_blocks[i])
+        r0[i] = s_blocks[i] if center == "mean" else s_blocks[i] - lams[i] * m_blocks[i]
     d = _kron_direction(pooled, lams, m_blocks, r0)
     if d is None:  # other kinds, or a factor that needs the inverse's damping escalation
         pm = fisher_matvecs(pooled, [m_blocks[i] if i in live else None for i in range(len(lams))])
@@ -188,10 +190,8 @@ def _kron_direction(
         b, a = p * root, root / p
         factors = []
         for f, damp in ((rep.A[j], b), (rep.G[j], a)):
-            shifted = f.clone()
-            shifted.diagonal().add_(damp)
-            low, info = torch.linalg.cholesky_ex(shifted)
-            if int(info) != 0:
+            low, info = shifted_cholesky(f, damp)
+            if info != 0:
                 return None
             factors.append(low)
         la, lg = factors
