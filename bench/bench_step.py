@@ -31,6 +31,10 @@ then compete with torch's own threads for the two cores; unless the environment 
 otherwise this script sets OPENBLAS_THREAD_TIMEOUT=4 before fedng loads OpenBLAS (`--keep-env`
 keeps the default, to measure the difference).
 
+Also, for `ng-kfac`, its floor at the real shapes: `sgd-capture` (the SGD step with only the hooks
+that keep each layer's input and output gradient) plus the step's own arithmetic, each kind of op
+warm and alone, the faster of a torch loop and fedng's one ragged call (`op_floor_s`).
+
 Run: `python bench/bench_step.py [--quick] [--models mnist1d mlp1024 cnn] [--repeats N]`.
 """
 
@@ -229,6 +233,7 @@ def block_shapes(wl: Workload) -> list[tuple[int, int, int, int]]:
 
 METHODS = (
     "sgd",
+    "sgd-capture",
     "adam",
     "ng-diag",
     "ng-kfac",
@@ -331,6 +336,8 @@ def methods(
             extra = ng.step
         elif name == "kfac-torch-loop":
             extra = TorchLoopKFAC(model, DAMPING, DECAY, STEPS).step
+        elif name == "sgd-capture":
+            extra = CaptureOnly(model).clear
         out[name] = runner(model, opt, extra, batches, backward)
     return out
 
@@ -364,6 +371,88 @@ def check_same_step(wl: Workload, batch: tuple[torch.Tensor, torch.Tensor]) -> f
             f" differ by {err:.2e} (relative); not timing different things"
         )
     return err
+
+
+# --- the arithmetic floor of the K-FAC step at its real shapes ----------------------------------
+
+
+class CaptureOnly:
+    """The least a K-FAC step must add to an SGD step to see its rows: a forward hook per layer
+    that keeps the input and a pre-hook on the output's autograd node that keeps its gradient
+    (what `CurvatureCapture` registers), doing nothing else."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.kept: list[torch.Tensor] = []
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.register_forward_hook(self._forward)
+
+    def _forward(
+        self, module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor
+    ) -> None:
+        self.kept.append(args[0])
+        if out.grad_fn is not None:
+            out.grad_fn.register_prehook(self._grad)
+
+    def _grad(self, grads: tuple[torch.Tensor | None, ...]) -> None:
+        if grads[0] is not None:
+            self.kept.append(grads[0])
+
+    def clear(self) -> None:
+        self.kept.clear()
+
+
+def op_floor_s(shapes: list[tuple[int, int, int, int]], repeats: int) -> dict[str, float]:
+    """Per step, the K-FAC step's own arithmetic at the model's real shapes, each kind of op warm
+    and alone, the faster of torch's way (a loop of per-block ops) and fedng's (one ragged call
+    over every block, as the fused step makes): both factor updates per block
+    (`F.mul_(decay).addmm_(X^T X)` / `fedng.ops.kron_accumulate`), the preconditioning
+    (`G^-1 dW A^-1` or `(g G^-1)^T ([x 1] A^-1)`, whichever is cheaper / `kron_precondition`
+    choosing per block), the inverses (Cholesky and `cholesky_inverse` /
+    `damped_cholesky_inverse`) / STEPS. Nothing else the step does (gathering and writing back
+    gradients, its Python, checks) is counted."""
+    from fedng.ops import damped_cholesky_inverse, kron_accumulate, kron_precondition
+
+    gen = torch.Generator().manual_seed(3)
+    xs, gs, facs, inv_a, inv_g, ws, spds = [], [], [], [], [], [], []
+    for m, n, rows, _ in shapes:
+        x, g = torch.randn(rows, n, generator=gen), torch.randn(rows, m, generator=gen)
+        xs.append(x)
+        gs.append(g)
+        facs += [torch.eye(n), torch.eye(m)]
+        inv_a.append(torch.eye(n))
+        inv_g.append(torch.eye(m))
+        ws.append(torch.randn(m, n, generator=gen))
+        spds += [x.T @ x / rows + torch.eye(n), g.T @ g / rows + torch.eye(m)]
+    rows_in = [r for x, g in zip(xs, gs, strict=True) for r in (x, g)]
+
+    def upd_torch() -> None:
+        for f, r in zip(facs, rows_in, strict=True):
+            f.mul_(DECAY).addmm_(r.T, r, alpha=0.05)
+
+    def pre_torch() -> None:
+        for x, g, ai, gi, w in zip(xs, gs, inv_a, inv_g, ws, strict=True):
+            if 2 * x.shape[0] * (
+                gi.shape[0] ** 2 + ai.shape[0] ** 2 + w.numel()
+            ) < 2 * w.numel() * (w.shape[0] + w.shape[1]):
+                (g @ gi).T @ (x @ ai)
+            else:
+                gi @ w @ ai
+
+    fns: dict[str, Callable[[], object]] = {
+        "upd:torch": upd_torch,
+        "upd:fedng": lambda: kron_accumulate(facs, rows_in, DECAY),
+        "pre:torch": pre_torch,
+        "pre:fedng": lambda: kron_precondition(ws, inv_a, inv_g, inputs=xs, output_grads=gs),
+        "inv:torch": lambda: [torch.cholesky_inverse(torch.linalg.cholesky(s)) for s in spds],
+        "inv:fedng": lambda: damped_cholesky_inverse(spds, [DAMPING**0.5] * len(spds)),
+    }
+    t = {k: v.median for k, v in H.measure(fns, repeats=repeats, min_sample_s=0.01).items()}
+    return {
+        "update_s": min(t["upd:torch"], t["upd:fedng"]),
+        "precondition_s": min(t["pre:torch"], t["pre:fedng"]),
+        "inverse_s": min(t["inv:torch"], t["inv:fedng"]) / STEPS,
+    }
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -441,6 +530,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "value": value,
                         "pass": bool(ok),
                     }
+        if "sgd-capture" in times and "ng-kfac" in times:
+            parts = op_floor_s(shapes, repeats)
+            capture = times["sgd-capture"].median / STEPS
+            for r in rows:
+                if r["model"] == key and r["method"] == "ng-kfac":
+                    r["floor_parts_s"] = {"capture_s": capture - sgd, **parts}
+                    r["floor_s"] = capture + sum(parts.values())
+                    r["x_floor"] = r["floor_s"] / sgd
         print_rows([r for r in rows if r["model"] == key])
     end_peak = H.gemm_peak(2048, 3 if args.quick else 5)
     best = max(peak["gflops"], end_peak["gflops"])  # the less disturbed of the two
@@ -509,6 +606,16 @@ def render(rows: list[dict[str, Any]], peak: float, notes: list[str]) -> str:
         "FLOP bound = SGD step + the method's extra flops at the GEMM peak;"
         " 'vs loop' = torch-loop K-FAC time / this time"
     )
+    for r in rows:
+        if "x_floor" in r:
+            p = {k: v / (r["step_s"] / r["x_sgd"]) for k, v in r["floor_parts_s"].items()}
+            lines.append(
+                f"{r['model']} {r['method']}: floor at the real shapes {r['x_floor']:.2f}x SGD"
+                f" (capture hooks +{p['capture_s']:.2f}, factor updates +{p['update_s']:.2f},"
+                f" preconditioning +{p['precondition_s']:.2f}, inverses/{STEPS}"
+                f" +{p['inverse_s']:.2f}: each op warm and alone, the faster of torch's and"
+                " fedng's way)"
+            )
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
