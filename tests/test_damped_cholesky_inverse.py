@@ -103,6 +103,29 @@ def test_only_lower_triangle_is_read(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_only_lower_triangle_is_read_batched_and_escalated(dtype: torch.dtype) -> None:
+    """The fused K-FAC step leaves the factors' upper triangles stale and inverts them as they
+    are: the batched small-matrix path (many of one size) and the damping escalation (a
+    singular matrix at tiny damping) read the lower triangle only, too."""
+    gen = torch.Generator().manual_seed(14)
+    mats = [_spd(n, dtype, gen) for n in [4] * 9 + [7] * 5 + [33, 33]]
+    mats += [torch.ones(6, 6, dtype=dtype), torch.ones(70, 70, dtype=dtype)]  # escalate
+    damping = [0.1] * 16 + [1e-20, 1e-20]
+    dirty = []
+    for m in mats:
+        d = m.clone()
+        rows, cols = torch.triu_indices(m.shape[0], m.shape[0], 1)
+        d[rows, cols] = float("nan")
+        dirty.append(d)
+    clean = damped_cholesky_inverse(mats, damping, jitter_factor=1e20)
+    got = damped_cholesky_inverse(dirty, damping, jitter_factor=1e20)
+    assert got.status.tolist() == clean.status.tolist()
+    assert clean.status.tolist()[-2:] != [OK, OK]  # the escalation ran
+    assert torch.equal(got.damping, clean.damping)
+    assert all(torch.equal(a, b) for a, b in zip(got.inverses, clean.inverses, strict=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_inputs_are_not_modified(dtype: torch.dtype) -> None:
     """The op reads `mats` without writing to them."""
     gen = torch.Generator().manual_seed(5)

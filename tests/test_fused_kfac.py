@@ -462,3 +462,27 @@ def test_fused_factors_are_mirrored_when_read(monkeypatch: pytest.MonkeyPatch) -
     assert not kfac._lagging and torch.equal(stored_g[0], stored_g[0].T)
     for a, b in zip(fused_p, general_p, strict=True):
         assert_close(a, b, F64, "kfac_step")
+
+
+def test_lagging_factors_survive_pickle_and_old_pickles_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A KFAC pickled with lagging upper triangles mirrors them after loading; the state of one
+    pickled before `A` / `G` became properties (plain attributes, no `_lagging`) loads too."""
+    import pickle
+
+    monkeypatch.setattr(trusted, "CHECK", False)
+    model = mlp([5, 7, 3])
+    _, ng, _ = run(model, True, 2, 9)
+    assert ng._fused is not None
+    kfac = ng._fused.kfac
+    assert kfac._lagging
+    back = pickle.loads(pickle.dumps(kfac))
+    assert back._lagging == kfac._lagging
+    for got, exp in zip(back.A + back.G, kfac.A + kfac.G, strict=True):
+        assert torch.equal(got, exp) and torch.equal(got, got.T)
+    old = {k: v for k, v in kfac.__dict__.items() if k != "_lagging"}
+    old["A"], old["G"] = old.pop("_A"), old.pop("_G")
+    loaded = KFAC.__new__(KFAC)
+    loaded.__setstate__(old)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.A, kfac.A, strict=True))

@@ -81,7 +81,8 @@ class KFAC(FisherRepresentation):
     The fused step (`fedng.optim.fused_kfac`) updates the factors' lower triangles only and
     marks the blocks (`lower_only`); reading `A` or `G` mirrors them first, so every reader sees
     symmetric factors. The inversion reads the lower triangles only (`stored`): on the fused
-    path a factor is mirrored only when something else reads it.
+    path a factor is mirrored only when something else reads it. Read `A` / `G` afresh after
+    each step: a factor tensor kept from before a fused step may have a stale upper triangle.
     """
 
     kind = "kfac"
@@ -100,9 +101,19 @@ class KFAC(FisherRepresentation):
         self.g_inv: list[torch.Tensor | None] = [None] * len(self.specs)
         self._probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def __setstate__(self, state: dict[str, object]) -> None:
+        """Unpickles this class's state and that of objects pickled before the factors became
+        properties (plain `A` / `G` attributes, no `_lagging`)."""
+        for old, new in (("A", "_A"), ("G", "_G")):
+            if old in state:
+                state[new] = state.pop(old)
+        state.setdefault("_lagging", set())
+        self.__dict__.update(state)
+
     @property
     def A(self) -> list[torch.Tensor]:
-        """Per block, the input-side factor [n, n] (or [n] for embeddings), symmetric."""
+        """Per block, the input-side factor [n, n] (or [n] for embeddings), symmetric (a tensor
+        kept across a fused step may lag: read the property afresh)."""
         self._mirror()
         return self._A
 
@@ -113,7 +124,7 @@ class KFAC(FisherRepresentation):
 
     @property
     def G(self) -> list[torch.Tensor]:
-        """Per block, the output-side factor [m, m], symmetric."""
+        """Per block, the output-side factor [m, m], symmetric (as `A`: read it afresh)."""
         self._mirror()
         return self._G
 
