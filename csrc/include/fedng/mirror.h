@@ -5,6 +5,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
@@ -60,5 +61,49 @@ void mirror_strided(float* a, std::int64_t n, std::int64_t lda) {
     for (std::int64_t c = 0; c < r; ++c) one(r, c);
 }
 #endif
+
+// The panel form (kron_accumulate's panels): for the row-major [n, n] a, the lower panel rows
+// [j, n) x columns [j, j + w) is copied onto rows [j, j + w) x columns [j, n) (the w x w diagonal
+// block's lower triangle onto its upper one). Run right after the BLAS calls that wrote the
+// panel, its source is still in cache. For float, 8 destination rows at a time, 16 source rows
+// per step, so each destination cache line is written whole in one go (4 x 4 SSE transposes);
+// the strided source rows stay few enough to share cache sets at a 4 KiB row stride.
+template <class T>
+void mirror_panel_lower_to_upper(T* a, std::int64_t n, std::int64_t j, std::int64_t w) {
+  const std::int64_t jw = std::min(n, j + w);
+  std::int64_t c = j;
+#if defined(__SSE__)
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr std::int64_t kRows = 8, kStep = 16;
+    for (; c + kRows <= jw; c += kRows) {  // destination rows c .. c + 7
+      std::int64_t r = c + kRows;
+      for (; r + kStep <= n; r += kStep)  // source rows r .. r + 15
+        for (std::int64_t q = r; q < r + kStep; q += 4)
+          for (std::int64_t g = c; g < c + kRows; g += 4) {
+            const float* src = a + q * n + g;
+            float* dst = a + g * n + q;
+            __m128 r0 = _mm_loadu_ps(src), r1 = _mm_loadu_ps(src + n);
+            __m128 r2 = _mm_loadu_ps(src + 2 * n), r3 = _mm_loadu_ps(src + 3 * n);
+            _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+            _mm_storeu_ps(dst, r0);
+            _mm_storeu_ps(dst + n, r1);
+            _mm_storeu_ps(dst + 2 * n, r2);
+            _mm_storeu_ps(dst + 3 * n, r3);
+          }
+      for (std::int64_t cc = c; cc < c + kRows; ++cc) {  // the 8 x 8 diagonal block, the tail
+        for (std::int64_t rr = cc + 1; rr < c + kRows; ++rr) a[cc * n + rr] = a[rr * n + cc];
+        for (std::int64_t rr = r; rr < n; ++rr) a[cc * n + rr] = a[rr * n + cc];
+      }
+    }
+  }
+#endif
+  constexpr std::int64_t kTile = 32;  // the rest (double, or the last w % 8 columns) in tiles
+  for (std::int64_t r0 = c; r0 < n; r0 += kTile)
+    for (std::int64_t c0 = c; c0 < jw; c0 += kTile) {
+      const std::int64_t r1 = std::min(n, r0 + kTile), c1 = std::min(jw, c0 + kTile);
+      for (std::int64_t cc = c0; cc < c1; ++cc)
+        for (std::int64_t rr = std::max(r0, cc + 1); rr < r1; ++rr) a[cc * n + rr] = a[rr * n + cc];
+    }
+}
 
 }  // namespace fedng
