@@ -68,7 +68,7 @@ def test_matches_reference_per_matrix_scale(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [1, 7, 64, 65, 130, 300])
+@pytest.mark.parametrize("n", [1, 7, 64, 65, 130, 300, 1025])
 def test_large_and_odd_sizes(dtype: torch.dtype, n: int) -> None:
     """Sizes past BLAS block boundaries (and one threaded over several matrices) stay correct."""
     gen = torch.Generator().manual_seed(n)
@@ -84,11 +84,12 @@ def test_large_and_odd_sizes(dtype: torch.dtype, n: int) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("decay", [0.0, 1.0])
 @pytest.mark.parametrize("k", [1, 2, 31])
-@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 63, 64, 65, 96, 97])
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 23, 24, 25, 31, 32, 33, 63, 64, 65, 96, 97])
 def test_block_boundaries(dtype: torch.dtype, n: int, k: int, decay: float) -> None:
-    """Ragged n around the mirror's 32-wide tiles, k = 1, decay 0 and 1: both triangles are written.
+    """Ragged n around the mirror's 8-row groups, 16-row steps and 32-wide tiles, k = 1, decay 0
+    and 1: both triangles are written.
 
-    decay 0 starts from an all-NaN factor, so any lower entry the mirror missed (or any stale
+    decay 0 starts from an all-NaN factor, so any entry the mirror missed (or any stale
     entry read) shows up as NaN; decay 1 keeps a random symmetric factor and adds to it.
     """
     gen = torch.Generator().manual_seed(1000 * n + k)
