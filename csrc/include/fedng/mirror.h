@@ -63,10 +63,10 @@ void mirror_strided(float* a, std::int64_t n, std::int64_t lda) {
 #endif
 
 // a(i, j) <- a(j, i) for i < j: the upper triangle of the row-major [n, n] a from its lower one,
-// written front to back in groups of destination rows. For float, 8 destination rows at a time
-// and 16 source rows per step (4 x 4 SSE transposes), so each destination cache line is written
-// whole in one go and few strided source rows are live at a 4 KiB row stride: after an n ~ 1000
-// SYRK this cost half the time of mirror_strided's 32 x 32 tiles (kron_accumulate).
+// written front to back in groups of destination rows. For float, 8 rows at a time and 16 source
+// rows per step (4 x 4 SSE transposes), so each destination cache line is written whole in one go
+// and few strided source rows are live at a 4 KiB row stride. After a SYRK at n ~ 1000 (K-FAC
+// factors, kron_accumulate) this beat mirror_strided's 32 x 32 tiles and the scalar tiles.
 template <class T>
 void mirror_lower_to_upper_rows(T* a, std::int64_t n) {
   std::int64_t c = 0;
@@ -95,7 +95,7 @@ void mirror_lower_to_upper_rows(T* a, std::int64_t n) {
     }
   }
 #endif
-  // The rest (double, or the last n % 8 rows of a float matrix): 32 x 32 tiles.
+  // The rest (double, or a float matrix's last n % 8 rows): its trailing diagonal block.
   if (c < n) mirror_strided<false>(a + c * n + c, n - c, n);
 }
 
