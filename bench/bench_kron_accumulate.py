@@ -3,13 +3,19 @@
 Torch way: per factor `F.mul_(decay).addmm_(X.T, X, alpha=scale)` (a full GEMM). Work: n^2 k flops
 per factor (SYRK's count) for both, so the GFLOP/s ratio is the time ratio; GEMM does 2x the
 arithmetic, so torch's "% of peak" here understates its hardware efficiency by 2x.
+Info (not a target): the bare SYRK floor, OpenBLAS SSYRK alone on copies of the factors (the
+library fedng links, lower triangle, no mirror, no checks), timed in the same run; fedng's op
+adds the mirror onto the upper triangle (exact symmetry) to it.
 Run: `python bench/bench_kron_accumulate.py [--quick] [--workloads mlp transformer]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import sys
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -33,10 +39,37 @@ def torch_way(
     return factors
 
 
+def bare_syrk() -> Callable[[list[torch.Tensor], list[torch.Tensor], float, list[float]], None]:
+    """Per factor, the lower triangle of `F <- decay F + s X^T X` by the SYRK of the OpenBLAS
+    fedng links (scipy-openblas32), nothing else: the op's floor. Runs with torch's thread count."""
+    import scipy_openblas32
+
+    lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas.so"))
+    set_threads = lib.scipy_openblas_set_num_threads
+    fns = {torch.float32: (lib.scipy_cblas_ssyrk, ctypes.c_float)}
+    fns[torch.float64] = (lib.scipy_cblas_dsyrk, ctypes.c_double)
+    for fn, real in fns.values():
+        fn.restype = None
+        fn.argtypes = [ctypes.c_int] * 5 + [real, ctypes.c_void_p, ctypes.c_int, real]
+        fn.argtypes += [ctypes.c_void_p, ctypes.c_int]
+
+    def run(
+        factors: list[torch.Tensor], inputs: list[torch.Tensor], decay: float, scales: list[float]
+    ) -> None:
+        set_threads(torch.get_num_threads())
+        for f, x, s in zip(factors, inputs, scales, strict=True):
+            (k, n), syrk = x.shape, fns[f.dtype][0]
+            if n and k:  # row-major (101), lower (122), A^T A (112)
+                syrk(101, 122, 112, n, k, s, x.data_ptr(), n, decay, f.data_ptr(), n)
+
+    return run
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Checks, times and reports every selected workload."""
     dtype = H.dtype_of(args)
     rep = H.Report(OP, args, flops_note="n^2 k per factor (SYRK count, same for torch's GEMM)")
+    syrk = bare_syrk()
     for wl in W.select(args.workloads, args.quick):
         xs = W.kfac_inputs(wl, dtype)
         scales = [1.0 / max(x.shape[0], 1) for x in xs]
@@ -47,6 +80,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         ours_f = [f.clone() for f in init]
         torch_f = [f.clone() for f in init]
+        floor_f = [f.clone() for f in init]
         kron_accumulate(ours_f, xs, DECAY, scales)
         torch_way(torch_f, xs, DECAY, scales)
         refs = reference.kron_accumulate_ref(init, xs, DECAY, scales)
@@ -63,6 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             {
                 "ours": partial(kron_accumulate, ours_f, xs, DECAY, scales),
                 "torch": partial(torch_way, torch_f, xs, DECAY, scales),
+                "floor": partial(syrk, floor_f, xs, DECAY, scales),
             },
         )
         flops = float(sum(x.shape[1] ** 2 * x.shape[0] for x in xs))
@@ -78,7 +113,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "items": len(xs),
                 "rows": sorted(set(wl.factor_rows)),
                 "description": wl.description,
+                "syrk_floor_s": t["floor"].median,
+                "ratio_torch_over_floor": t["torch"].median / t["floor"].median,
             },
+        )
+        print(
+            f"   {'':<14} info: bare SYRK (no mirror) {H.fmt_time(t['floor'].median):>10}"
+            f"  torch/SYRK {t['torch'].median / t['floor'].median:5.2f}x",
+            flush=True,
         )
     return rep.finish()
 
