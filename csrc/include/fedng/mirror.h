@@ -29,6 +29,17 @@ void mirror_strided(T* a, std::int64_t n, std::int64_t lda) {
 }
 
 #if defined(__SSE__)
+// dst's 4 x 4 block <- src's transposed (both with leading dimension ld).
+inline void transpose4(const float* src, float* dst, std::int64_t ld) {
+  __m128 r0 = _mm_loadu_ps(src), r1 = _mm_loadu_ps(src + ld);
+  __m128 r2 = _mm_loadu_ps(src + 2 * ld), r3 = _mm_loadu_ps(src + 3 * ld);
+  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+  _mm_storeu_ps(dst, r0);
+  _mm_storeu_ps(dst + ld, r1);
+  _mm_storeu_ps(dst + 2 * ld, r2);
+  _mm_storeu_ps(dst + 3 * ld, r3);
+}
+
 template <bool to_lower>
 void mirror_strided(float* a, std::int64_t n, std::int64_t lda) {
   constexpr std::int64_t kTile = 32;
@@ -40,13 +51,7 @@ void mirror_strided(float* a, std::int64_t n, std::int64_t lda) {
         for (std::int64_t j = j0; j < std::min(j0 + kTile, i); j += 4) {  // block (i, j), j < i
           const float* src = to_lower ? a + j * lda + i : a + i * lda + j;
           float* dst = to_lower ? a + i * lda + j : a + j * lda + i;
-          __m128 r0 = _mm_loadu_ps(src), r1 = _mm_loadu_ps(src + lda);
-          __m128 r2 = _mm_loadu_ps(src + 2 * lda), r3 = _mm_loadu_ps(src + 3 * lda);
-          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-          _mm_storeu_ps(dst, r0);
-          _mm_storeu_ps(dst + lda, r1);
-          _mm_storeu_ps(dst + 2 * lda, r2);
-          _mm_storeu_ps(dst + 3 * lda, r3);
+          transpose4(src, dst, lda);
         }
     }
   // The 4 x 4 diagonal blocks and the last n - whole rows, entry by entry.
@@ -78,15 +83,7 @@ void mirror_lower_to_upper_rows(T* a, std::int64_t n) {
       for (; r + kStep <= n; r += kStep)  // source rows r .. r + 15
         for (std::int64_t q = r; q < r + kStep; q += 4)
           for (std::int64_t g = c; g < c + kRows; g += 4) {
-            const float* src = a + q * n + g;
-            float* dst = a + g * n + q;
-            __m128 r0 = _mm_loadu_ps(src), r1 = _mm_loadu_ps(src + n);
-            __m128 r2 = _mm_loadu_ps(src + 2 * n), r3 = _mm_loadu_ps(src + 3 * n);
-            _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-            _mm_storeu_ps(dst, r0);
-            _mm_storeu_ps(dst + n, r1);
-            _mm_storeu_ps(dst + 2 * n, r2);
-            _mm_storeu_ps(dst + 3 * n, r3);
+            transpose4(a + q * n + g, a + g * n + q, n);
           }
       for (std::int64_t cc = c; cc < c + kRows; ++cc) {  // the 8 x 8 diagonal block, the tail
         for (std::int64_t rr = cc + 1; rr < c + kRows; ++rr) a[cc * n + rr] = a[rr * n + cc];
