@@ -5,7 +5,8 @@ per factor (SYRK's count) for both, so the GFLOP/s ratio is the time ratio; GEMM
 arithmetic, so torch's "% of peak" here understates its hardware efficiency by 2x.
 Info (not a target): the bare SYRK floor, OpenBLAS SSYRK alone on copies of the factors (the
 library fedng links, lower triangle, no mirror, no checks), timed in the same run; fedng's op
-adds the mirror onto the upper triangle (exact symmetry) to it.
+adds the mirror onto the upper triangle (exact symmetry) to it. At more than one thread the SYRKs
+run one after another, threaded inside OpenBLAS: no floor for fedng's schedule there.
 Run: `python bench/bench_kron_accumulate.py [--quick] [--workloads mlp transformer]`.
 """
 
@@ -41,11 +42,13 @@ def torch_way(
 
 def bare_syrk() -> Callable[[list[torch.Tensor], list[torch.Tensor], float, list[float]], None]:
     """Per factor, the lower triangle of `F <- decay F + s X^T X` by the SYRK of the OpenBLAS
-    fedng links (scipy-openblas32), nothing else: the op's floor. Runs with torch's thread count."""
+    fedng links (scipy-openblas32), nothing else: the op's floor. Runs with torch's thread count
+    and restores OpenBLAS's previous one, which fedng caches."""
     import scipy_openblas32
 
     lib = ctypes.CDLL(os.path.join(scipy_openblas32.get_lib_dir(), "libscipy_openblas.so"))
     set_threads = lib.scipy_openblas_set_num_threads
+    get_threads = lib.scipy_openblas_get_num_threads
     fns = {torch.float32: (lib.scipy_cblas_ssyrk, ctypes.c_float)}
     fns[torch.float64] = (lib.scipy_cblas_dsyrk, ctypes.c_double)
     for fn, real in fns.values():
@@ -56,11 +59,15 @@ def bare_syrk() -> Callable[[list[torch.Tensor], list[torch.Tensor], float, list
     def run(
         factors: list[torch.Tensor], inputs: list[torch.Tensor], decay: float, scales: list[float]
     ) -> None:
+        before = get_threads()
         set_threads(torch.get_num_threads())
-        for f, x, s in zip(factors, inputs, scales, strict=True):
-            (k, n), syrk = x.shape, fns[f.dtype][0]
-            if n and k:  # row-major (101), lower (122), A^T A (112)
-                syrk(101, 122, 112, n, k, s, x.data_ptr(), n, decay, f.data_ptr(), n)
+        try:
+            for f, x, s in zip(factors, inputs, scales, strict=True):
+                (k, n), syrk = x.shape, fns[f.dtype][0]
+                if n and k:  # row-major (101), lower (122), A^T A (112)
+                    syrk(101, 122, 112, n, k, s, x.data_ptr(), n, decay, f.data_ptr(), n)
+        finally:  # fedng caches OpenBLAS's thread count: leave it as found
+            set_threads(before)
 
     return run
 
