@@ -49,7 +49,7 @@ from fedng.curvature import KFAC
 from fedng.curvature.packed_fold import fold_update
 from fedng.curvature.quantize import SCALE_SUFFIX, VEC_CHUNK, fold_plan, payload_segments
 from fedng.federated.aggregation.matvec import block_vectors
-from fedng.federated.aggregation.psd import LARGE, PAD, PAD_EVERY
+from fedng.federated.aggregation.psd import PAD, padded
 from fedng.federated.aggregation.summable import CONTRIB_PREFIX
 from fedng.federated.aggregation.sums import WeightedSum
 from fedng.federated.algorithms.fedng_server import CurvatureSums
@@ -152,7 +152,7 @@ def bare_solve_cpu_s(rnd: ServerRound) -> float | None:
         shifted = []
         for f, damp in ((rep.A[j], root * rep.pi(j)), (rep.G[j], root / rep.pi(j))):
             n = f.shape[0]
-            pad = PAD if n >= LARGE and n % PAD_EVERY == 0 else 0
+            pad = PAD if padded(n) else 0
             buf = torch.eye(n + pad)
             buf[:n, :n] = f
             buf[:n, :n].diagonal().add_(damp)

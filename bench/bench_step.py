@@ -411,6 +411,7 @@ def op_floor_s(shapes: list[tuple[int, int, int, int]], repeats: int) -> dict[st
     choosing per block), the inverses (Cholesky and `cholesky_inverse` /
     `damped_cholesky_inverse`) / STEPS. Nothing else the step does (gathering and writing back
     gradients, its Python, checks) is counted."""
+    from fedng.curvature.kfac import batch_form_cheaper
     from fedng.ops import damped_cholesky_inverse, kron_accumulate, kron_precondition
 
     gen = torch.Generator().manual_seed(3)
@@ -432,9 +433,7 @@ def op_floor_s(shapes: list[tuple[int, int, int, int]], repeats: int) -> dict[st
 
     def pre_torch() -> None:
         for x, g, ai, gi, w in zip(xs, gs, inv_a, inv_g, ws, strict=True):
-            if 2 * x.shape[0] * (
-                gi.shape[0] ** 2 + ai.shape[0] ** 2 + w.numel()
-            ) < 2 * w.numel() * (w.shape[0] + w.shape[1]):
+            if batch_form_cheaper(x.shape[0], w.shape[0], w.shape[1]):
                 (g @ gi).T @ (x @ ai)
             else:
                 gi @ w @ ai

@@ -486,3 +486,18 @@ def test_lagging_factors_survive_pickle_and_old_pickles_load(
     loaded = KFAC.__new__(KFAC)
     loaded.__setstate__(old)
     assert all(torch.equal(a, b) for a, b in zip(loaded.A, kfac.A, strict=True))
+
+
+def test_mirror_copies_entries_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a lagging factor copies each lower entry onto its mirror bit for bit (a -0.0
+    stays -0.0; nothing is summed)."""
+    monkeypatch.setattr(trusted, "CHECK", False)
+    _, ng, _ = run(mlp([5, 7, 3]), True, 2, 9)
+    assert ng._fused is not None
+    kfac = ng._fused.kfac
+    stored_a = kfac.stored()[0][0]
+    stored_a[3, 1] = -0.0
+    stored_a[1, 3] = 5.0  # stale
+    kfac.lower_only([0])
+    a = kfac.A[0]
+    assert a[1, 3].item() == 0.0 and torch.signbit(a[1, 3]) and torch.equal(a, a.T)

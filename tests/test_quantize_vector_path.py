@@ -23,3 +23,16 @@ def test_quantize_vector_is_quantize_of_one_vector(
         assert q.shape == inp.shape and q.dtype == torch.int8
         assert torch.equal(q.reshape(-1), ref_q)
         assert torch.equal(scale.view(torch.int32), ref_s.view(torch.int32))  # NaN scales too
+
+
+def test_quantize_reads_a_negated_view_as_its_values() -> None:
+    """`quantize`'s vector segments resolve a lazily negated view (the native call reads raw
+    memory): the same int8 values and scales as the materialized tensor."""
+    from fedng.curvature.quantize import quantize
+
+    x = torch.randn(300, generator=torch.Generator().manual_seed(7))
+    neg = x.neg().resolve_neg()
+    view = torch._neg_view(x)
+    got = quantize(view, [("vec", 300)])
+    exp = quantize(neg, [("vec", 300)])
+    assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])

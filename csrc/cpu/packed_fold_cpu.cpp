@@ -389,7 +389,7 @@ namespace {
 // 6.8x as long at n = 512 and 3.8x at 1024 (a power-of-two row stride maps a tile's mirror rows
 // to a few L1 sets); this is as fast or faster at every size measured (float32, 100-1025).
 template <typename T>
-void unpack_tiles(const T* vec, T* out, std::int64_t n) {
+void unpack_rows(const T* vec, T* out, std::int64_t n) {
   constexpr std::int64_t kRowsAtOnce = 8;
   for (std::int64_t i0 = 0; i0 < n; i0 += kRowsAtOnce) {
     const std::int64_t i1 = i0 + kRowsAtOnce < n ? i0 + kRowsAtOnce : n;
@@ -408,9 +408,9 @@ void unpack_triangle(DType dtype, std::uintptr_t vec, std::uintptr_t out, std::i
   if (n < 0 || n > 3037000499) fail("unpack_triangle", "bad size");
   if (n > 0 && (vec == 0 || out == 0)) fail("unpack_triangle", "null buffer");
   if (dtype == DType::Float32)
-    unpack_tiles(as<const float>(vec), as<float>(out), n);
+    unpack_rows(as<const float>(vec), as<float>(out), n);
   else
-    unpack_tiles(as<const double>(vec), as<double>(out), n);
+    unpack_rows(as<const double>(vec), as<double>(out), n);
 }
 
 }  // namespace fedng::cpu

@@ -149,8 +149,9 @@ class KFAC(FisherRepresentation):
             return
         for i in sorted(self._lagging):
             for f in (self._A[i], self._G[i]):
-                if f.dim() == 2:
-                    f.copy_(f.tril() + f.tril(-1).mT)  # exact: each entry copied, none summed
+                if f.dim() == 2:  # each upper entry a copy of its mirror (-0.0 stays -0.0)
+                    rows, cols = torch.triu_indices(f.shape[0], f.shape[0], 1)
+                    f[rows, cols] = f[cols, rows]
         self._lagging.clear()
 
     @property

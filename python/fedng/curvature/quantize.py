@@ -128,8 +128,8 @@ def _safe(scale: torch.Tensor) -> torch.Tensor:
 
 def _quantize_vec(vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale per `VEC_CHUNK` entries (`_quantize_vec_ref`'s float64 arithmetic, natively)."""
-    if vec.is_cpu:
-        return quantize_signed(vec.float().reshape(-1).contiguous(), VEC_CHUNK)
+    if vec.is_cpu:  # a lazily negated view resolved here: the native call reads raw memory
+        return quantize_signed(vec.resolve_neg().float().reshape(-1).contiguous(), VEC_CHUNK)
     return _quantize_vec_ref(vec)
 
 
@@ -264,7 +264,7 @@ def quantize_vector(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     flat = x.detach().reshape(-1)
     if flat.is_cpu and flat.is_floating_point():  # `quantize`'s one vector segment, no copies
-        q, scale = _quantize_vec(flat.resolve_neg())
+        q, scale = _quantize_vec(flat)
         return q.view(x.shape), scale
     q, scale = quantize(flat, [("vec", flat.numel())])
     return q.view(x.shape), scale

@@ -338,7 +338,7 @@ class ServerRound:
         if arrays is not None and isinstance(self.acc, MeanStep):  # a held plain update
             folded, _ = self.acc.deltas.fold_checked(self._plain_names, arrays, w, math.inf)
         if not folded and self._summable is not None:  # a held reply after the plan's first
-            try:  # its checks passed above; the native call folds it (nothing written if not)
+            try:  # the native call checks it again and folds it (nothing written if it declines)
                 folded = self._summable.try_fold(update, w, self.norm_ref, refs) is not None
             except Exception:  # whatever a payload provokes: the Python fold below
                 folded = False
