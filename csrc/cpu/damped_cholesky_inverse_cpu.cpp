@@ -63,7 +63,7 @@ void inverse_from_cholesky(T* a, int n, int lda, T* scratch) {
   T* deeper = scratch + static_cast<std::int64_t>(n2) * n1;
   solve_right_lower(n2, n1, a11, lda, a21, lda);  // Y = L21 L11^-1
   inverse_from_cholesky(a22, n2, lda, deeper);
-  mirror_strided<false>(a22, n2, lda);  // its upper triangle from the lower one
+  mirror_strided(a22, n2, lda);  // its upper triangle from the lower one
   blas::gemm(false, false, n2, n1, n2, T(-1), a22, lda, a21, lda, T(0), w, n1);
   inverse_from_cholesky(a11, n1, lda, deeper);
   blas::gemmt_lower(true, false, n1, n2, T(-1), a21, lda, w, n1, T(1), a11, lda);
@@ -97,7 +97,7 @@ bool try_invert(const T* in, T* out, std::int64_t n, double lambda) {
   scratch.resize(static_cast<std::size_t>(nn / 2 + n + 8));
   inverse_from_cholesky(out, ni, ni, scratch.data());
   if (!lower_finite(out, n)) return false;
-  mirror_lower_to_upper(out, n);
+  mirror_lower_to_upper_rows(out, n);
   return true;
 }
 

@@ -1,12 +1,10 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#endif
 
 #include "fedng/blas.h"
 #include "fedng/dispatch.h"
+#include "fedng/mirror.h"
 #include "fedng/kfac_step.h"
 #include "fedng/parallel.h"
 
@@ -24,35 +22,6 @@ T decayed(double decay, T f) {
   return decay == 0.0 ? T(0) : static_cast<T>(decay) * f;
 }
 
-// The upper triangle of a [n, n] onto its lower one: the tiled scalar copy (dispatch.h), and for
-// float 4 x 4 SSE transposes (a scalar strided copy of a ~100-wide factor cost as much as a
-// quarter of its SYRK).
-template <class T>
-void mirror(T* a, std::int64_t n) {
-  mirror_upper_to_lower(a, n);
-}
-#if defined(__SSE__)
-template <>
-void mirror<float>(float* a, std::int64_t n) {
-  const std::int64_t whole = n / 4 * 4;
-  for (std::int64_t i = 0; i < whole; i += 4) {
-    for (std::int64_t j = 0; j < i; j += 4) {  // lower block (i, j) <- upper block (j, i)^T
-      __m128 r0 = _mm_loadu_ps(a + j * n + i), r1 = _mm_loadu_ps(a + (j + 1) * n + i);
-      __m128 r2 = _mm_loadu_ps(a + (j + 2) * n + i), r3 = _mm_loadu_ps(a + (j + 3) * n + i);
-      _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-      _mm_storeu_ps(a + i * n + j, r0);
-      _mm_storeu_ps(a + (i + 1) * n + j, r1);
-      _mm_storeu_ps(a + (i + 2) * n + j, r2);
-      _mm_storeu_ps(a + (i + 3) * n + j, r3);
-    }
-    for (std::int64_t r = i + 1; r < i + 4; ++r)  // the diagonal block
-      for (std::int64_t c = i; c < r; ++c) a[r * n + c] = a[c * n + r];
-  }
-  for (std::int64_t r = whole; r < n; ++r)  // the last rows
-    for (std::int64_t c = 0; c < r; ++c) a[r * n + c] = a[c * n + r];
-}
-#endif
-
 // The ones column's products with x [rows, k]: x's column sums (one GEMV), y <- decay y + scale
 // 1^T x with y strided by incy.
 template <class T>
@@ -64,9 +33,10 @@ void bias_products(const T* x, int rows, int k, double decay, double sa, T* y, i
 }
 
 // A [n, n] <- decay A + scale [x 1]^T [x 1] with x [rows, k], n = k + bias; G likewise from g.
-// lower_only: the lower triangles only (their upper ones keep older values; the caller mirrors
-// them when it needs them, `fedng.curvature.kfac.KFAC`): a ~1000-wide factor's mirror costs a
-// sixth of its SYRK, and the inversion reads the lower triangle only.
+// SYRKs write the lower triangles; unless lower_only, those are then mirrored onto the upper
+// ones (mirror.h). lower_only leaves the upper triangles with older values (the caller mirrors
+// them when it needs them, `fedng.curvature.kfac.KFAC`): the inversion reads the lower triangle
+// only, and a ~1000-wide factor's mirror costs a sixth to a third of its SYRK.
 template <class T>
 void update(const T* x, const T* g, T* a, T* gf, int rows, int k, int m, bool bias, double decay,
             double sa, double sg, bool lower_only) {
@@ -76,31 +46,18 @@ void update(const T* x, const T* g, T* a, T* gf, int rows, int k, int m, bool bi
     for (std::int64_t e = 0; e < std::int64_t(m) * m; ++e) gf[e] = decayed(decay, gf[e]);
     return;
   }
-  if (lower_only) {
-    if (k > 0) {
-      blas::syrk_lower_ata(k, rows, static_cast<T>(sa), x, static_cast<T>(decay), a, k, n);
-      if (bias) bias_products(x, rows, k, decay, sa, a + std::int64_t(k) * n, 1);  // row k
-    }
-    if (bias)
-      a[std::int64_t(k) * n + k] =
-          decayed(decay, a[std::int64_t(k) * n + k]) + static_cast<T>(sa * rows);
-    if (m > 0) blas::syrk_lower_ata(m, rows, static_cast<T>(sg), g, static_cast<T>(decay), gf);
-    return;
+  if (k > 0) {
+    blas::syrk_lower_ata(k, rows, static_cast<T>(sa), x, static_cast<T>(decay), a, k, n);
+    // the ones column's products with x: x's column sums, into row k
+    if (bias) bias_products(x, rows, k, decay, sa, a + std::int64_t(k) * n, 1);
   }
-  if (k > 0)
-    blas::syrk_upper_ata(k, rows, static_cast<T>(sa), x, static_cast<T>(decay), a, k, n);
-  if (bias) {
-    // The ones column: its products with x are x's column sums (into the strided column), with
-    // itself `rows`.
-    if (k > 0) bias_products(x, rows, k, decay, sa, a + k, n);
+  if (bias)
     a[std::int64_t(k) * n + k] =
         decayed(decay, a[std::int64_t(k) * n + k]) + static_cast<T>(sa * rows);
-  }
-  mirror(a, n);
-  if (m > 0) {
-    blas::syrk_upper_ata(m, rows, static_cast<T>(sg), g, static_cast<T>(decay), gf);
-    mirror(gf, m);
-  }
+  if (m > 0) blas::syrk_lower_ata(m, rows, static_cast<T>(sg), g, static_cast<T>(decay), gf);
+  if (lower_only) return;
+  mirror_lower_to_upper_rows(a, n);
+  if (m > 0) mirror_lower_to_upper_rows(gf, m);
 }
 
 // sum_e a[e] * b[e] (b null: sum_e a[e]) in double, eight independent sums (a chained sum over a

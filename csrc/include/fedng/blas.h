@@ -91,25 +91,17 @@ inline void gemv_strided_y(bool ta, int m, int n, double alpha, const double* a,
   scipy_cblas_dgemv(FedngRowMajor, ta ? FedngTrans : FedngNoTrans, m, n, alpha, a, lda, x, 1,
                     beta, y, incy);
 }
-// Row-major upper (or, with lower, lower) triangle of C [n, n] (leading dimension ldc) =
-// alpha * A^T A + beta * C, A [k, n] (leading dimension lda).
-inline void syrk_ata(bool lower, int n, int k, float alpha, const float* a, float beta, float* c,
-                     int lda = 0, int ldc = 0) {
-  scipy_cblas_ssyrk(FedngRowMajor, lower ? FedngLower : FedngUpper, FedngTrans, n, k, alpha, a,
-                    lda ? lda : n, beta, c, ldc ? ldc : n);
+// Row-major lower triangle of C [n, n] (leading dimension ldc) = alpha * A^T A + beta * C,
+// A [k, n] (leading dimension lda); the upper triangle is not touched.
+inline void syrk_lower_ata(int n, int k, float alpha, const float* a, float beta, float* c,
+                           int lda = 0, int ldc = 0) {
+  scipy_cblas_ssyrk(FedngRowMajor, FedngLower, FedngTrans, n, k, alpha, a, lda ? lda : n, beta, c,
+                    ldc ? ldc : n);
 }
-inline void syrk_ata(bool lower, int n, int k, double alpha, const double* a, double beta,
-                     double* c, int lda = 0, int ldc = 0) {
-  scipy_cblas_dsyrk(FedngRowMajor, lower ? FedngLower : FedngUpper, FedngTrans, n, k, alpha, a,
-                    lda ? lda : n, beta, c, ldc ? ldc : n);
-}
-template <class T>
-void syrk_upper_ata(int n, int k, T alpha, const T* a, T beta, T* c, int lda = 0, int ldc = 0) {
-  syrk_ata(false, n, k, alpha, a, beta, c, lda, ldc);
-}
-template <class T>
-void syrk_lower_ata(int n, int k, T alpha, const T* a, T beta, T* c, int lda = 0, int ldc = 0) {
-  syrk_ata(true, n, k, alpha, a, beta, c, lda, ldc);
+inline void syrk_lower_ata(int n, int k, double alpha, const double* a, double beta, double* c,
+                           int lda = 0, int ldc = 0) {
+  scipy_cblas_dsyrk(FedngRowMajor, FedngLower, FedngTrans, n, k, alpha, a, lda ? lda : n, beta, c,
+                    ldc ? ldc : n);
 }
 // Row-major B [m, n] <- B L^-1 with L [n, n] lower triangular (leading dimensions ldl, ldb).
 inline void trsm_right_lower(int m, int n, const float* l, int ldl, float* b, int ldb) {

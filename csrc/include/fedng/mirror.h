@@ -1,7 +1,7 @@
-// Copies between the two triangles of a row-major symmetric matrix with a leading dimension (a
-// diagonal block of a larger matrix). The plain column walk reads a new cache line per entry; at
-// n ~ 1000 with a power-of-two stride the rows of a 4 x 4 block also share cache sets. So: 32 x 32
-// tiles, and for float 4 x 4 SSE transposes inside them.
+// Copies of a row-major symmetric matrix's lower triangle onto its upper one (also of a diagonal
+// block of a larger matrix, with a leading dimension). The plain column walk reads a new cache
+// line per entry; at n ~ 1000 with a power-of-two stride the rows of a 4 x 4 block also share
+// cache sets. So: 32 x 32 tiles, and for float 4 x 4 SSE transposes inside them.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -12,19 +12,16 @@
 
 namespace fedng {
 
-// to_lower: a(i, j) <- a(j, i) for j < i (the lower triangle from the upper one); else
-// a(j, i) <- a(i, j) (the upper from the lower). a is [n, n] with leading dimension lda.
-template <bool to_lower, class T>
+// a(j, i) <- a(i, j) for j < i: the upper triangle from the lower one. a is [n, n] with leading
+// dimension lda.
+template <class T>
 void mirror_strided(T* a, std::int64_t n, std::int64_t lda) {
   constexpr std::int64_t kTile = 32;
   for (std::int64_t i0 = 0; i0 < n; i0 += kTile)
     for (std::int64_t j0 = 0; j0 <= i0; j0 += kTile) {
       const std::int64_t i1 = std::min(n, i0 + kTile), j1 = std::min(n, j0 + kTile);
       for (std::int64_t i = i0; i < i1; ++i)
-        for (std::int64_t j = j0; j < std::min(j1, i); ++j) {
-          if constexpr (to_lower) a[i * lda + j] = a[j * lda + i];
-          else a[j * lda + i] = a[i * lda + j];
-        }
+        for (std::int64_t j = j0; j < std::min(j1, i); ++j) a[j * lda + i] = a[i * lda + j];
     }
 }
 
@@ -40,8 +37,7 @@ inline void transpose4(const float* src, float* dst, std::int64_t ld) {
   _mm_storeu_ps(dst + 3 * ld, r3);
 }
 
-template <bool to_lower>
-void mirror_strided(float* a, std::int64_t n, std::int64_t lda) {
+inline void mirror_strided(float* a, std::int64_t n, std::int64_t lda) {
   constexpr std::int64_t kTile = 32;
   const std::int64_t whole = n / 4 * 4;
   for (std::int64_t i0 = 0; i0 < whole; i0 += kTile)
@@ -49,16 +45,11 @@ void mirror_strided(float* a, std::int64_t n, std::int64_t lda) {
       const std::int64_t i1 = std::min(whole, i0 + kTile);
       for (std::int64_t i = i0; i < i1; i += 4)
         for (std::int64_t j = j0; j < std::min(j0 + kTile, i); j += 4) {  // block (i, j), j < i
-          const float* src = to_lower ? a + j * lda + i : a + i * lda + j;
-          float* dst = to_lower ? a + i * lda + j : a + j * lda + i;
-          transpose4(src, dst, lda);
+          transpose4(a + i * lda + j, a + j * lda + i, lda);
         }
     }
   // The 4 x 4 diagonal blocks and the last n - whole rows, entry by entry.
-  auto one = [&](std::int64_t i, std::int64_t j) {
-    if constexpr (to_lower) a[i * lda + j] = a[j * lda + i];
-    else a[j * lda + i] = a[i * lda + j];
-  };
+  auto one = [&](std::int64_t i, std::int64_t j) { a[j * lda + i] = a[i * lda + j]; };
   for (std::int64_t i = 0; i < whole; i += 4)
     for (std::int64_t r = i + 1; r < i + 4; ++r)
       for (std::int64_t c = i; c < r; ++c) one(r, c);
@@ -93,7 +84,7 @@ void mirror_lower_to_upper_rows(T* a, std::int64_t n) {
   }
 #endif
   // The rest (double, or a float matrix's last n % 8 rows): its trailing diagonal block.
-  if (c < n) mirror_strided<false>(a + c * n + c, n - c, n);
+  if (c < n) mirror_strided(a + c * n + c, n - c, n);
 }
 
 }  // namespace fedng
