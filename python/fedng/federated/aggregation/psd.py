@@ -39,17 +39,20 @@ def padded(n: int) -> bool:
     return n >= LARGE and n % PAD_EVERY == 0
 
 
-def shifted_cholesky(m: torch.Tensor, shift: float) -> tuple[torch.Tensor, int]:
-    """The lower Cholesky factor of `m + shift I` (m square, symmetric; not modified) and
-    LAPACK's status (0: it factorized), as `torch.linalg.cholesky_ex(m + shift I)` gives them
-    (the same up to rounding), padded as `PAD_EVERY` explains where that is faster.
+def shifted_cholesky(
+    m: torch.Tensor, shift: float, overwrite: bool = False
+) -> tuple[torch.Tensor, int]:
+    """The lower Cholesky factor of `m + shift I` (m square, symmetric) and LAPACK's status
+    (0: it factorized), as `torch.linalg.cholesky_ex(m + shift I)` gives them (the same up to
+    rounding), padded as `PAD_EVERY` explains where that is faster. `m` is not modified unless
+    `overwrite` (then an unpadded `m` gets the shift in place instead of a copy).
 
     Returns:
         (L [n, n] (a view into the padded factor where padded), info).
     """
     n = m.shape[0]
     if not padded(n) or not math.isfinite(shift):  # a non-finite shift: LAPACK's own verdict
-        shifted = m.clone()
+        shifted = m if overwrite else m.clone()
         shifted.diagonal().add_(shift)
         low, info = torch.linalg.cholesky_ex(shifted)
         return low, int(info)
@@ -73,15 +76,9 @@ def psd_tests(checks: Sequence[PsdCheck]) -> None:
     """
     small = [c for c in checks if c.matrix.shape[0] < LARGE]
     run_psd_checks(small)
-    for c in checks:
-        if c.matrix.shape[0] >= LARGE:
-            if padded(c.matrix.shape[0]):  # factorized padded (a copy)
-                ok = shifted_cholesky(c.matrix, c.shift)[1] == 0
-            else:
-                c.matrix.diagonal().add_(c.shift)
-                ok = int(torch.linalg.cholesky_ex(c.matrix).info) == 0
-            if not ok:
-                raise ValueError(f"{c.label} is not positive semi-definite within tolerance")
+    for c in checks:  # the check owns its matrix: shifted in place unless factorized padded
+        if c.matrix.shape[0] >= LARGE and shifted_cholesky(c.matrix, c.shift, overwrite=True)[1]:
+            raise ValueError(f"{c.label} is not positive semi-definite within tolerance")
 
 
 def unpacked_checks(pooled: CurvatureSet, tol: float, wire_eps: float) -> list[PsdCheck]:
